@@ -1,0 +1,1 @@
+//! `chia-bypass` will own bypass configuration and providers (issue 4). It is empty until then.

@@ -1,0 +1,42 @@
+//! How a task can fail, in a form that travels from a worker through the head to a driver.
+
+use crate::ids::TaskId;
+use serde::{Deserialize, Serialize};
+
+/// Why a task produced no value. Every variant names the function, so a driver can print it
+/// as it is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum TaskError {
+    /// The function returned `Err`; `message` is the error's `Display` text.
+    #[error("{function} returned an error: {message}")]
+    Application { function: String, message: String },
+    /// The function panicked; the worker caught it and kept serving.
+    #[error("{function} panicked: {message}")]
+    Panic { function: String, message: String },
+    /// An argument could not be decoded as the type the function takes.
+    #[error("{function}: argument {index} could not be decoded: {message}")]
+    BadArgument { function: String, index: usize, message: String },
+    /// The call had a different number of arguments than the function takes.
+    #[error("{function} takes {expected} argument(s), the call passed {found}")]
+    ArgumentCount { function: String, expected: usize, found: usize },
+    /// No node in the cluster registered a function with this name.
+    #[error("no node in the cluster has the function {function}; link it into the worker binary")]
+    UnknownFunction { function: String },
+    /// Nodes registered the name, but with another signature (different binaries).
+    #[error(
+        "function {function} has signature {expected} in the caller but {found:?} on the cluster's nodes; rebuild the worker with the same code"
+    )]
+    SignatureMismatch { function: String, expected: String, found: Vec<String> },
+    /// An `ObjectRef` argument failed, so this task never ran.
+    #[error("{function} did not run because its argument {dependency} failed: {cause}")]
+    DependencyFailed { function: String, dependency: TaskId, cause: Box<TaskError> },
+    /// An `ObjectRef` argument names an object the head does not hold (released or never submitted).
+    #[error("{function} did not run because its argument {dependency} is not known to the head")]
+    UnknownDependency { function: String, dependency: TaskId },
+    /// The node running the task disconnected before it finished.
+    #[error("{function}: the worker {node} running it was lost")]
+    WorkerLost { function: String, node: String },
+    /// The result could not be encoded on the worker.
+    #[error("{function}: its result could not be encoded: {message}")]
+    BadResult { function: String, message: String },
+}

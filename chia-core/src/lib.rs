@@ -1,0 +1,21 @@
+//! `chia-core` owns the plain data every chia process agrees on, with no I/O:
+//!
+//! - [`ids`]: typed ids for tasks, nodes and sessions;
+//! - [`resources`]: fixed-point resource amounts and resource sets (`adder=4,CPU=2`);
+//! - [`protocol`]: the versioned, length-capped, named-field MessagePack wire protocol;
+//! - [`error`]: the errors a task can end with, as they travel on the wire;
+//! - [`function`]: what identifies a remote function (name + signature hash) and its scheduling options.
+//!
+//! The runtime (`chia-runtime`) builds the head, workers and drivers on top of these types;
+//! nothing here knows about sockets, threads or time.
+
+pub mod error;
+pub mod function;
+pub mod ids;
+pub mod protocol;
+pub mod resources;
+
+pub use error::TaskError;
+pub use function::{FunctionKey, signature_hash};
+pub use ids::{NodeId, SessionId, TaskId};
+pub use resources::{ResourceAmount, ResourceError, Resources};

@@ -1,0 +1,175 @@
+//! The wire protocol between the head and its peers (workers and drivers).
+//!
+//! Each QUIC connection carries one bidirectional control stream of frames. A frame is a
+//! 4-byte big-endian length followed by that many bytes of MessagePack, encoded with field
+//! names (`rmp_serde::to_vec_named`) so fields can be added without breaking older peers.
+//! Frames longer than [`MAX_FRAME_BYTES`] are refused before anything is allocated. The first
+//! frame a peer sends is [`PeerToHead::Hello`] with its [`PROTOCOL_VERSION`]; the head answers
+//! [`HeadToPeer::Welcome`] or [`HeadToPeer::Rejected`] and acts on nothing before that.
+
+use crate::error::TaskError;
+use crate::function::FunctionKey;
+use crate::ids::{NodeId, SessionId, TaskId};
+use crate::resources::Resources;
+use serde::{Deserialize, Serialize};
+
+/// Bumped whenever a change is not backwards compatible.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The largest frame either side accepts: it bounds task arguments and results too.
+pub const MAX_FRAME_BYTES: usize = 512 << 20;
+
+/// The bytes of a serialized value (a task argument or result).
+pub type Value = Vec<u8>;
+
+/// One argument of a call: a value, or the result of another task (the head substitutes it
+/// when the task is dispatched, so values never go through the driver).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Arg {
+    Value(#[serde(with = "serde_bytes")] Value),
+    Ref(TaskId),
+}
+
+/// A call as the driver submits it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub task: TaskId,
+    pub function: FunctionKey,
+    pub args: Vec<Arg>,
+    /// Everything the task needs while it runs, `CPU` included.
+    pub request: Resources,
+    pub tag: Option<String>,
+    /// How often the task may be re-run after its worker is lost (`-1`: without limit).
+    pub max_retries: i32,
+}
+
+/// What a worker joining the cluster offers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerOffer {
+    pub resources: Resources,
+    pub functions: Vec<FunctionKey>,
+}
+
+/// How a task ended, as a worker reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Value(#[serde(with = "serde_bytes")] Value),
+    Failed(TaskError),
+}
+
+/// How a task ended, as the head tells its owner. Large values stay on the head until
+/// fetched, so a ref that is only passed on to other tasks never crosses to the driver.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Done {
+    Value(#[serde(with = "serde_bytes")] Value),
+    Stored { len: u64 },
+    Failed(TaskError),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerToHead {
+    Hello { protocol_version: u32, name: String, worker: Option<WorkerOffer> },
+    Submit(TaskSpec),
+    /// Every `ObjectRef` to these tasks was dropped.
+    Release { tasks: Vec<TaskId> },
+    /// Send me this task's value.
+    Fetch { task: TaskId },
+    /// A worker finished a task it was given.
+    Finished { task: TaskId, outcome: Outcome },
+    /// A running task is waiting for other tasks: its CPU may go to them.
+    Blocked { task: TaskId },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HeadToPeer {
+    Welcome { protocol_version: u32, session: SessionId, node: Option<NodeId>, node_name: String },
+    Rejected { reason: String },
+    /// Run this task (to a worker).
+    Execute { task: TaskId, function: String, args: Vec<ArgValue>, tag: Option<String> },
+    /// A task this session submitted ended.
+    Done { task: TaskId, done: Done },
+    /// No node connected now could ever run this task; it stays queued for one that can.
+    Infeasible { task: TaskId, reason: String },
+    /// Answer to [`PeerToHead::Fetch`].
+    Fetched { task: TaskId, outcome: Option<Outcome> },
+}
+
+/// An argument as the worker receives it: always a value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ArgValue(#[serde(with = "serde_bytes")] pub Value);
+
+/// What can go wrong reading or writing frames.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    FrameTooLarge { len: usize, max: usize },
+    #[error("malformed message: {0}")]
+    Malformed(#[from] rmp_serde::decode::Error),
+    #[error("message could not be encoded: {0}")]
+    Encode(#[from] rmp_serde::encode::Error),
+}
+
+/// Encodes `message` as one frame (length prefix included) and appends it to `out`, so a
+/// writer can batch many frames into one write.
+pub fn encode_frame<M: Serialize>(message: &M, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    if let Err(e) = rmp_serde::encode::write_named(out, message) {
+        out.truncate(start);
+        return Err(e.into());
+    }
+    let len = out.len() - start - 4;
+    if len > MAX_FRAME_BYTES {
+        out.truncate(start);
+        return Err(ProtocolError::FrameTooLarge { len, max: MAX_FRAME_BYTES });
+    }
+    out[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
+}
+
+/// Checks a frame's length prefix before its body is read.
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, ProtocolError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(ProtocolError::FrameTooLarge { len, max: MAX_FRAME_BYTES });
+    }
+    Ok(len)
+}
+
+/// Decodes one frame body.
+pub fn decode_body<'de, M: Deserialize<'de>>(body: &'de [u8]) -> Result<M, ProtocolError> {
+    Ok(rmp_serde::from_slice(body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_with_named_fields() {
+        let msg = PeerToHead::Submit(TaskSpec {
+            task: TaskId::new(SessionId(1), 2),
+            function: FunctionKey::new("simple_add", "0123456789abcdef"),
+            args: vec![Arg::Value(vec![1, 2, 3]), Arg::Ref(TaskId(9))],
+            request: Resources::parse("adder=1,CPU=1").unwrap(),
+            tag: Some("iter0".into()),
+            max_retries: 3,
+        });
+        let mut out = Vec::new();
+        encode_frame(&msg, &mut out).unwrap();
+        let len = frame_len(out[..4].try_into().unwrap()).unwrap();
+        assert_eq!(len, out.len() - 4);
+        // Field names travel, so a peer can add fields later.
+        assert!(out.windows(b"max_retries".len()).any(|w| w == b"max_retries"));
+        let back: PeerToHead = decode_body(&out[4..]).unwrap();
+        assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn oversized_and_malformed_frames_are_errors() {
+        assert!(matches!(frame_len((u32::MAX).to_be_bytes()), Err(ProtocolError::FrameTooLarge { .. })));
+        assert!(matches!(decode_body::<PeerToHead>(&[0xc1, 0xff, 0x00]), Err(ProtocolError::Malformed(_))));
+        assert!(matches!(decode_body::<PeerToHead>(b""), Err(ProtocolError::Malformed(_))));
+    }
+}
