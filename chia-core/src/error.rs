@@ -36,6 +36,9 @@ pub enum TaskError {
     /// The node running the task disconnected before it finished.
     #[error("{function}: the worker {node} running it was lost")]
     WorkerLost { function: String, node: String },
+    /// The call was rejected before it was sent (an argument failed to encode, a bad option).
+    #[error("{function}: invalid call: {message}")]
+    InvalidCall { function: String, message: String },
     /// The result could not be encoded on the worker.
     #[error("{function}: its result could not be encoded: {message}")]
     BadResult { function: String, message: String },

@@ -1,1 +1,54 @@
+//! `chia-runtime` owns everything that moves: the head scheduler, the worker agent, the driver
+//! client and the QUIC transport, and the user API built on them.
+//!
+//! Users depend on it under the name `chia`:
+//! `chia = { package = "chia-runtime", ... }`, define functions with
+//! [`#[chia::function]`](macro@function), connect with [`init`], and call them remotely:
+//!
+//! ```no_run
+//! # extern crate chia_runtime as chia;
+//! #[chia::function(resources(adder = 1))]
+//! fn simple_add(x: i64, y: i64) -> i64 {
+//!     x + y
+//! }
+//!
+//! # async fn demo() -> Result<(), chia::Error> {
+//! let cx = chia::init().await?; // embedded local cluster unless CHIA_ADDRESS is set
+//! let sum = simple_add::call(1, 2).tag("iter0").remote(&cx);
+//! let doubled = simple_add::remote(&cx, &sum, &sum); // chained: runs when `sum` is ready
+//! assert_eq!(doubled.get().await?, 6);
+//! # Ok(()) }
+//! ```
+//!
+//! The I/O-free parts live in [`scheduler`] (the head's state machine) and in `chia-core`
+//! (ids, resources, wire protocol).
 
+pub mod api;
+pub mod client;
+pub mod error;
+pub mod head;
+pub mod local;
+pub mod registry;
+pub mod scheduler;
+pub mod tls;
+pub mod transport;
+pub mod worker;
+mod worker_main;
+
+pub use api::{ArgInput, Call, Context, IntoArg, ObjectRef, get, wait};
+pub use chia_core::{ResourceAmount, Resources, TaskError, TaskId};
+pub use chia_macros::function;
+pub use error::Error;
+pub use local::{Init, LocalCluster, init};
+pub use worker_main::{init_logging, worker_main};
+
+/// Used by the code `#[chia::function]` generates; not a stable API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::registry::{
+        BoxFuture, FunctionSpec, Invoke, application_error, check_arg_count, decode_arg, encode_result,
+    };
+    pub use chia_core::TaskError;
+    pub use chia_core::protocol::{ArgValue, Value};
+    pub use inventory;
+}

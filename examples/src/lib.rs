@@ -1,1 +1,48 @@
+//! The functions the examples call. They live in this library so that both the example
+//! drivers and the examples' worker binary (`worker`) link them: a worker can only run the
+//! functions linked into it.
 
+use chia::Context;
+use serde::{Deserialize, Serialize};
+
+/// A value together with the node that computed it, so the examples can show placement.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Placed<T> {
+    pub value: T,
+    pub node: String,
+}
+
+/// Adds two numbers on a node that has an `adder`.
+#[chia::function(resources(adder = 1))]
+pub fn simple_add(cx: &Context, x: i64, y: i64) -> Placed<i64> {
+    Placed { value: x + y, node: cx.node_name().to_string() }
+}
+
+/// Multiplies on a node that has a `multiplier`; takes the output of `simple_add`, so the
+/// two chain.
+#[chia::function(resources(multiplier = 1))]
+pub fn simple_multiply(cx: &Context, sum: Placed<i64>, factor: i64) -> Placed<i64> {
+    Placed { value: sum.value * factor, node: cx.node_name().to_string() }
+}
+
+/// Squares a number on a node with an `adder`.
+#[chia::function(resources(adder = 1))]
+pub fn square(cx: &Context, x: i64) -> Placed<i64> {
+    Placed { value: x * x, node: cx.node_name().to_string() }
+}
+
+/// A nested call: dispatches `square` for 1..=n from inside a task and adds the results.
+/// Needs no `adder` itself, so it never competes with its children for one.
+#[chia::function(num_cpus = 0.5)]
+pub async fn sum_of_squares(cx: &Context, n: i64) -> Result<Placed<i64>, chia::Error> {
+    let children: Vec<_> = (1..=n).map(|x| square::remote(cx, x)).collect();
+    let mut total = 0;
+    for child in &children {
+        total += child.get().await?.value;
+    }
+    Ok(Placed { value: total, node: cx.node_name().to_string() })
+}
+
+/// Does nothing; a binary calls it so the linker keeps this library, and with it the
+/// registrations of the functions above.
+pub fn link() {}

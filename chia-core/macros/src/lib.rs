@@ -1,1 +1,519 @@
+//! The `#[chia::function]` attribute macro, re-exported by the runtime as `chia::function`.
+//!
+//! ```ignore
+//! #[chia::function(resources(adder = 1, "node:head" = 0.5), num_cpus = 2, max_retries = 3, name = "add")]
+//! fn simple_add(x: i64, y: i64) -> i64 { x + y }
+//! ```
+//!
+//! The function is emitted unchanged, so it stays callable locally. Next to it the macro emits
+//! a module with the same name (modules live in the type namespace, so both coexist) holding
+//! the remote handle:
+//!
+//! - `SPEC: ::chia::__private::FunctionSpec` — name, normalised signature (`add(i64,i64)->i64`,
+//!   the context parameter left out), the first 16 hex digits of its SHA-256, fixed-point
+//!   resources (1.0 = 10,000, parsed from the literal's text at compile time), `num_cpus`,
+//!   `max_retries`, the argument count and the invoker. A copy is submitted to `inventory`, so a
+//!   worker finds every function linked into its binary by name.
+//! - `call(args..) -> Call<T>`, `remote(cx, args..) -> ObjectRef<T>` and
+//!   `remote_blocking(cx, args..) -> Result<T, ::chia::Error>`, where each argument is
+//!   `impl IntoArg<ParamType>` and `T` is the value type: the return type, `()` when there is
+//!   none, or the `Ok` type of a `Result<T, E>` (whose `E` must implement `Display`).
+//! - `__invoke`, which checks the argument count, decodes each argument, calls the function
+//!   (passing the worker's context first when the function declares a `Context` or `&Context`
+//!   first parameter), awaits it when it is `async`, and encodes the result or the error.
+//!
+//! Items in the module are `pub` when the function is visible outside its module, otherwise
+//! `pub(super)`. All generated code names the runtime by absolute `::chia::` paths. The
+//! function must be a free function at module level (not inside a block or an `impl`).
 
+use proc_macro::TokenStream;
+use proc_macro2::{Span, TokenStream as TokenStream2};
+use quote::{ToTokens, format_ident, quote, quote_spanned};
+use sha2::{Digest, Sha256};
+use syn::ext::IdentExt;
+use syn::parse::{Parse, ParseStream};
+use syn::spanned::Spanned;
+use syn::{
+    Error, FnArg, GenericArgument, Ident, ItemFn, Lit, LitStr, Pat, PathArguments, ReturnType, Token, Type,
+    Visibility, parenthesized,
+};
+
+/// Registers a function for remote execution; see the crate documentation for the expansion.
+///
+/// Options (all optional): `resources(name = amount, "other:name" = amount, ..)`,
+/// `num_cpus = N` (default 1), `max_retries = N` (default 3, `-1` retries forever) and
+/// `name = "..."` (the stable name, default the function's identifier).
+#[proc_macro_attribute]
+pub fn function(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let item_fn = syn::parse_macro_input!(item as ItemFn);
+    match syn::parse::<Options>(attr).and_then(|options| expand(options, &item_fn)) {
+        Ok(tokens) => tokens.into(),
+        // Keep the function itself, so one mistake does not cascade into "not found" errors.
+        Err(error) => {
+            let mut tokens = error.to_compile_error();
+            item_fn.to_tokens(&mut tokens);
+            tokens.into()
+        }
+    }
+}
+
+const VALID_OPTIONS: &str = "valid options are `resources(name = amount, ..)`, `num_cpus = N`, \
+                             `max_retries = N` and `name = \"...\"`";
+
+/// Fixed-point scale of resource amounts: 1.0 = 10,000.
+const SCALE: u64 = 10_000;
+
+struct Options {
+    name: Option<String>,
+    resources: Vec<(String, u64)>,
+    num_cpus: u64,
+    max_retries: i32,
+}
+
+impl Parse for Options {
+    fn parse(input: ParseStream) -> syn::Result<Self> {
+        let mut options = Options { name: None, resources: Vec::new(), num_cpus: SCALE, max_retries: 3 };
+        let mut seen: Vec<String> = Vec::new();
+        while !input.is_empty() {
+            let key = input.call(Ident::parse_any)?;
+            let key_text = key.to_string();
+            if seen.contains(&key_text) {
+                return Err(Error::new_spanned(&key, format!("option `{key_text}` is given twice")));
+            }
+            match key_text.as_str() {
+                "resources" => {
+                    let content;
+                    parenthesized!(content in input);
+                    options.resources = parse_resources(&content)?;
+                }
+                "num_cpus" => {
+                    input.parse::<Token![=]>()?;
+                    options.num_cpus = parse_amount(input)?;
+                }
+                "max_retries" => {
+                    input.parse::<Token![=]>()?;
+                    options.max_retries = parse_max_retries(input)?;
+                }
+                "name" => {
+                    input.parse::<Token![=]>()?;
+                    let name: LitStr = input.parse()?;
+                    let text = name.value();
+                    if text.is_empty() || text.chars().any(char::is_whitespace) {
+                        return Err(Error::new_spanned(
+                            name,
+                            "the name must be non-empty and without whitespace",
+                        ));
+                    }
+                    options.name = Some(text);
+                }
+                _ => {
+                    return Err(Error::new_spanned(
+                        &key,
+                        format!("unknown option `{key_text}`; {VALID_OPTIONS}"),
+                    ));
+                }
+            }
+            seen.push(key_text);
+            if !input.is_empty() {
+                input.parse::<Token![,]>()?;
+            }
+        }
+        Ok(options)
+    }
+}
+
+/// Parses `name = amount, "other:name" = amount, ..` (the inside of `resources(..)`).
+fn parse_resources(input: ParseStream) -> syn::Result<Vec<(String, u64)>> {
+    let mut resources: Vec<(String, u64)> = Vec::new();
+    while !input.is_empty() {
+        let (name, span) = if input.peek(LitStr) {
+            let lit: LitStr = input.parse()?;
+            (lit.value(), lit.span())
+        } else {
+            let ident = input.call(Ident::parse_any).map_err(|e| {
+                Error::new(e.span(), "expected a resource name (an identifier or a string literal)")
+            })?;
+            (ident.unraw().to_string(), ident.span())
+        };
+        if name.is_empty() || name.contains([',', '=']) || name.chars().any(char::is_whitespace) {
+            return Err(Error::new(
+                span,
+                "a resource name must be non-empty, without ',', '=' or whitespace",
+            ));
+        }
+        if name.eq_ignore_ascii_case("cpu") {
+            return Err(Error::new(span, "request CPUs with the `num_cpus = N` option, not as a resource"));
+        }
+        if resources.iter().any(|(n, _)| *n == name) {
+            return Err(Error::new(span, format!("resource `{name}` is given twice")));
+        }
+        input.parse::<Token![=]>()?;
+        resources.push((name, parse_amount(input)?));
+        if !input.is_empty() {
+            input.parse::<Token![,]>()?;
+        }
+    }
+    Ok(resources)
+}
+
+/// Parses a non-negative int or float literal into fixed point, from its decimal text.
+fn parse_amount(input: ParseStream) -> syn::Result<u64> {
+    if input.peek(Token![-]) {
+        let minus: Token![-] = input.parse()?;
+        let lit: Lit = input.parse()?;
+        return Err(Error::new_spanned(quote!(#minus #lit), "amounts must be non-negative"));
+    }
+    let lit = parse_number(input)?;
+    let text = match &lit {
+        Lit::Int(int) => int.base10_digits().to_string(),
+        Lit::Float(float) => float.base10_digits().to_string(),
+        _ => unreachable!("parse_number returns numbers only"),
+    };
+    fixed_point(&text).map_err(|message| Error::new_spanned(&lit, message))
+}
+
+fn parse_number(input: ParseStream) -> syn::Result<Lit> {
+    let lit: Lit = input.parse().map_err(|e| Error::new(e.span(), "expected a number literal"))?;
+    match lit {
+        Lit::Int(_) | Lit::Float(_) => Ok(lit),
+        other => Err(Error::new_spanned(other, "expected a number literal")),
+    }
+}
+
+/// `"1.25"` → 12,500. Exact: no float arithmetic, at most 4 decimals.
+fn fixed_point(text: &str) -> Result<u64, String> {
+    let (whole, frac) = text.split_once('.').unwrap_or((text, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || !digits(whole) || !digits(frac) {
+        return Err("write the amount as a plain decimal number such as `2` or `0.25`".to_string());
+    }
+    if frac.len() > 4 {
+        return Err("amounts have at most 4 decimals".to_string());
+    }
+    let frac_units = format!("{frac:0<4}").parse::<u64>().unwrap_or(0);
+    whole
+        .parse::<u64>()
+        .ok()
+        .and_then(|w| w.checked_mul(SCALE))
+        .and_then(|w| w.checked_add(frac_units))
+        .ok_or_else(|| "amount is too large".to_string())
+}
+
+fn parse_max_retries(input: ParseStream) -> syn::Result<i32> {
+    let minus: Option<Token![-]> = input.parse()?;
+    let lit = parse_number(input)?;
+    let Lit::Int(int) = &lit else {
+        return Err(Error::new_spanned(lit, "`max_retries` must be an integer"));
+    };
+    let value = int.base10_parse::<i64>()?;
+    let value = if minus.is_some() { -value } else { value };
+    let error =
+        || Error::new_spanned(quote!(#minus #lit), "`max_retries` must be -1 (forever) or 0..=i32::MAX");
+    if value < -1 {
+        return Err(error());
+    }
+    i32::try_from(value).map_err(|_| error())
+}
+
+/// How the function takes the worker's context, if it does.
+enum ContextParam {
+    None,
+    ByRef,
+    ByValue,
+}
+
+/// A remote argument: its name and type.
+struct Param<'a> {
+    ident: Ident,
+    ty: &'a Type,
+}
+
+fn expand(options: Options, item: &ItemFn) -> syn::Result<TokenStream2> {
+    let sig = &item.sig;
+    let fn_ident = &sig.ident;
+    if !sig.generics.params.is_empty() || sig.generics.where_clause.is_some() {
+        return Err(Error::new_spanned(&sig.generics, "remote functions cannot be generic"));
+    }
+    if let Some(unsafety) = &sig.unsafety {
+        return Err(Error::new_spanned(unsafety, "remote functions cannot be `unsafe`"));
+    }
+    if let Some(variadic) = &sig.variadic {
+        return Err(Error::new_spanned(variadic, "remote functions cannot be variadic"));
+    }
+
+    let mut context = ContextParam::None;
+    let mut params = Vec::new();
+    for (index, arg) in sig.inputs.iter().enumerate() {
+        let arg = match arg {
+            FnArg::Receiver(receiver) => {
+                return Err(Error::new_spanned(
+                    receiver,
+                    "remote functions cannot take `self`; use a free function",
+                ));
+            }
+            FnArg::Typed(arg) => arg,
+        };
+        let ty = peel(&arg.ty);
+        if let Some(by_ref) = context_kind(ty)? {
+            if index != 0 {
+                return Err(Error::new_spanned(ty, "the `Context` parameter must be the first parameter"));
+            }
+            context = if by_ref { ContextParam::ByRef } else { ContextParam::ByValue };
+            continue;
+        }
+        let ident = match &*arg.pat {
+            Pat::Ident(pat) if pat.by_ref.is_none() && pat.subpat.is_none() => pat.ident.clone(),
+            pat => {
+                return Err(Error::new_spanned(
+                    pat,
+                    "parameters of remote functions must be plain identifiers such as `x: i64`",
+                ));
+            }
+        };
+        check_owned(ty, "parameter")?;
+        params.push(Param { ident, ty });
+    }
+
+    // The value type of a call, and whether the function returns `Result<T, E>`.
+    let (value_ty, returns_result) = match &sig.output {
+        ReturnType::Default => (quote!(()), false),
+        ReturnType::Type(_, ty) => {
+            let ty = peel(ty);
+            check_owned(ty, "return type")?;
+            match result_ok_type(ty)? {
+                Some(ok) => {
+                    check_owned(ok, "`Ok` type")?;
+                    (ok.to_token_stream(), true)
+                }
+                None => (ty.to_token_stream(), false),
+            }
+        }
+    };
+    let returns_unit = match &sig.output {
+        ReturnType::Default => true,
+        ReturnType::Type(_, ty) => matches!(peel(ty), Type::Tuple(tuple) if tuple.elems.is_empty()),
+    };
+
+    let name = options.name.unwrap_or_else(|| fn_ident.unraw().to_string());
+    let signature = {
+        let compact = |tokens: TokenStream2| tokens.to_string().split_whitespace().collect::<String>();
+        let args: Vec<String> = params.iter().map(|p| compact(p.ty.to_token_stream())).collect();
+        let output = match &sig.output {
+            ReturnType::Default => "()".to_string(),
+            ReturnType::Type(_, ty) => compact(ty.to_token_stream()),
+        };
+        format!("{name}({})->{output}", args.join(","))
+    };
+    let sig_hash: String =
+        Sha256::digest(signature.as_bytes())[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let resources = options.resources.iter().map(|(name, amount)| quote!((#name, #amount)));
+    let (num_cpus, max_retries) = (options.num_cpus, options.max_retries);
+    let arg_count = params.len();
+
+    let (mod_vis, item_vis) = match &item.vis {
+        Visibility::Inherited => (quote!(), quote!(pub(super))),
+        vis => (vis.to_token_stream(), quote!(pub)),
+    };
+    let cfgs = item.attrs.iter().filter(|attr| attr.path().is_ident("cfg"));
+    let mod_doc =
+        format!("Remote handle of [`{fn_ident}()`], registered as `{name}` (signature `{signature}`).");
+
+    // `call`/`remote` take each parameter as `impl IntoArg<Type>`.
+    let names: Vec<&Ident> = params.iter().map(|p| &p.ident).collect();
+    let inputs: Vec<TokenStream2> =
+        params.iter().map(|Param { ident, ty }| quote!(#ident: impl ::chia::IntoArg<#ty>)).collect();
+    let cx = if names.iter().any(|n| *n == "cx") { format_ident!("__chia_cx") } else { format_ident!("cx") };
+
+    // The invoker: decode each argument, call, encode.
+    let decoded: Vec<Ident> = (0..params.len()).map(|i| format_ident!("__chia_arg{i}")).collect();
+    let decodes = params.iter().zip(&decoded).enumerate().map(|(index, (Param { ty, .. }, local))| {
+        quote_spanned! {here(ty)=>
+            let #local: #ty = ::chia::__private::decode_arg(#name, #index, &__chia_args[#index])?;
+        }
+    });
+    let context_arg = match context {
+        ContextParam::None => quote!(),
+        ContextParam::ByRef => quote!(&__chia_cx,),
+        ContextParam::ByValue => quote!(__chia_cx,),
+    };
+    let mut call = quote!(super::#fn_ident(#context_arg #(#decoded),*));
+    if sig.asyncness.is_some() {
+        call = quote!(#call.await);
+    }
+    let finish = if returns_result {
+        quote_spanned! {here(&sig.output)=>
+            match #call {
+                ::std::result::Result::Ok(__chia_value) => ::chia::__private::encode_result(#name, &__chia_value),
+                ::std::result::Result::Err(__chia_error) => {
+                    ::std::result::Result::Err(::chia::__private::application_error(#name, &__chia_error))
+                }
+            }
+        }
+    } else if returns_unit {
+        quote!(#call; ::chia::__private::encode_result(#name, &()))
+    } else {
+        quote!(let __chia_out = #call; ::chia::__private::encode_result(#name, &__chia_out))
+    };
+    let body = quote! {
+        ::chia::__private::check_arg_count(#name, #arg_count, &__chia_args)?;
+        #(#decodes)*
+        #finish
+    };
+    let (invoke_variant, invoke_fn) = if sig.asyncness.is_some() {
+        let invoke_fn = quote! {
+            fn __invoke(
+                __chia_cx: ::chia::Context,
+                __chia_args: ::std::vec::Vec<::chia::__private::ArgValue>,
+            ) -> ::chia::__private::BoxFuture<
+                ::std::result::Result<::chia::__private::Value, ::chia::__private::TaskError>,
+            > {
+                ::std::boxed::Box::pin(async move { #body })
+            }
+        };
+        (quote!(Async), invoke_fn)
+    } else {
+        let invoke_fn = quote! {
+            fn __invoke(
+                __chia_cx: ::chia::Context,
+                __chia_args: ::std::vec::Vec<::chia::__private::ArgValue>,
+            ) -> ::std::result::Result<::chia::__private::Value, ::chia::__private::TaskError> {
+                #body
+            }
+        };
+        (quote!(Sync), invoke_fn)
+    };
+
+    Ok(quote! {
+        #item
+
+        #(#cfgs)*
+        #[doc = #mod_doc]
+        #[allow(non_snake_case, dead_code, clippy::too_many_arguments, clippy::used_underscore_binding)]
+        #mod_vis mod #fn_ident {
+            #[allow(unused_imports)]
+            use super::*;
+
+            const __SPEC: ::chia::__private::FunctionSpec = ::chia::__private::FunctionSpec {
+                name: #name,
+                signature: #signature,
+                sig_hash: #sig_hash,
+                resources: &[#(#resources),*],
+                num_cpus: #num_cpus,
+                max_retries: #max_retries,
+                arg_count: #arg_count,
+                invoke: ::chia::__private::Invoke::#invoke_variant(__invoke),
+            };
+
+            /// What the cluster knows about this function.
+            #item_vis static SPEC: ::chia::__private::FunctionSpec = __SPEC;
+
+            ::chia::__private::inventory::submit! { __SPEC }
+
+            /// Builds a call (set `.tag(..)` and other options, then `.remote(&cx)`).
+            #item_vis fn call(#(#inputs),*) -> ::chia::Call<#value_ty> {
+                ::chia::Call::new(&SPEC, ::std::vec![#(::chia::IntoArg::into_arg(#names)),*])
+            }
+
+            /// Submits the call; returns its `ObjectRef` at once.
+            #item_vis fn remote(#cx: &::chia::Context, #(#inputs),*) -> ::chia::ObjectRef<#value_ty> {
+                call(#(#names),*).remote(#cx)
+            }
+
+            /// Submits the call and blocks until its result is ready.
+            #item_vis fn remote_blocking(
+                #cx: &::chia::Context,
+                #(#inputs),*
+            ) -> ::std::result::Result<#value_ty, ::chia::Error> {
+                call(#(#names),*).remote_blocking(#cx)
+            }
+
+            #[allow(deprecated)]
+            #invoke_fn
+        }
+    })
+}
+
+/// A span that resolves names like the macro's own code but points at `tokens`, so type errors
+/// in the generated code (e.g. a type that cannot be decoded) are reported there.
+fn here(tokens: &impl Spanned) -> Span {
+    Span::call_site().located_at(tokens.span())
+}
+
+/// Strips invisible groups (from `macro_rules!` expansions) and parentheses around a type.
+fn peel(mut ty: &Type) -> &Type {
+    loop {
+        match ty {
+            Type::Group(group) => ty = &group.elem,
+            Type::Paren(paren) => ty = &paren.elem,
+            _ => return ty,
+        }
+    }
+}
+
+/// `Some(by_ref)` when `ty` is the runtime context: `Context`, `chia::Context` or a `&` to one.
+fn context_kind(ty: &Type) -> syn::Result<Option<bool>> {
+    let is_context = |ty: &Type| match peel(ty) {
+        Type::Path(path) => {
+            path.qself.is_none() && path.path.segments.last().is_some_and(|s| s.ident == "Context")
+        }
+        _ => false,
+    };
+    match ty {
+        Type::Reference(reference) if is_context(&reference.elem) => {
+            if reference.mutability.is_some() {
+                return Err(Error::new_spanned(
+                    ty,
+                    "take the context as `&Context` or `Context`, not `&mut`",
+                ));
+            }
+            Ok(Some(true))
+        }
+        ty if is_context(ty) => Ok(Some(false)),
+        _ => Ok(None),
+    }
+}
+
+/// Arguments and results cross processes, so they must be owned, nameable types.
+fn check_owned(ty: &Type, what: &str) -> syn::Result<()> {
+    match peel(ty) {
+        Type::Reference(_) => Err(Error::new_spanned(
+            ty,
+            format!(
+                "a remote function's {what} cannot be a reference; use an owned type (e.g. `String` for `&str`)"
+            ),
+        )),
+        Type::ImplTrait(_) => Err(Error::new_spanned(
+            ty,
+            format!("a remote function's {what} cannot be `impl Trait`; name a concrete type"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The `T` of a return type whose last path segment is `Result<T, ..>`.
+fn result_ok_type(ty: &Type) -> syn::Result<Option<&Type>> {
+    let Type::Path(path) = ty else { return Ok(None) };
+    let Some(last) = path.path.segments.last().filter(|s| s.ident == "Result") else { return Ok(None) };
+    if let PathArguments::AngleBracketed(args) = &last.arguments
+        && let Some(GenericArgument::Type(ok)) = args.args.first()
+    {
+        return Ok(Some(peel(ok)));
+    }
+    Err(Error::new_spanned(ty, "write the result type as `Result<T, E>` so the macro can find `T`"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixed_point;
+
+    #[test]
+    fn fixed_point_is_exact() {
+        assert_eq!(fixed_point("1"), Ok(10_000));
+        assert_eq!(fixed_point("0.5"), Ok(5_000));
+        assert_eq!(fixed_point("2.0001"), Ok(20_001));
+        assert_eq!(fixed_point("3."), Ok(30_000));
+        assert!(fixed_point("0.00001").is_err());
+        assert!(fixed_point("1e3").is_err());
+        assert!(fixed_point("99999999999999999999").is_err());
+    }
+}

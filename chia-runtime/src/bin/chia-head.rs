@@ -1,1 +1,82 @@
-fn main() {}
+//! `chia-head`: the cluster's scheduler and object store. It needs no user code.
+
+use chia_runtime::head::start_head;
+use chia_runtime::local::default_state_dir;
+use chia_runtime::tls::HeadCredentials;
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Runs the head of a chia cluster. On first start it creates the cluster's CA and
+/// credentials in the state directory and writes `cluster.yaml` there: give that file to
+/// workers (--cluster-file) and drivers (CHIA_CLUSTER_FILE); it is the cluster's secret.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct HeadArgs {
+    /// Address and UDP port to listen on.
+    #[arg(long, default_value = "0.0.0.0:7470")]
+    listen: SocketAddr,
+    /// Where credentials and the cluster file live (default: $CHIA_STATE_DIR or ~/.chia).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// The host:port peers should dial, written into cluster.yaml (default: the listen
+    /// address, with 0.0.0.0 replaced by 127.0.0.1).
+    #[arg(long)]
+    advertise: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let args = HeadArgs::parse();
+    chia_runtime::init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: HeadArgs) -> Result<(), String> {
+    let state_dir = args.state_dir.unwrap_or_else(default_state_dir);
+    let credentials = HeadCredentials::load_or_create(&state_dir).map_err(|e| e.to_string())?;
+    let head = start_head(args.listen, credentials).map_err(|e| e.to_string())?;
+    let address = args.advertise.unwrap_or_else(|| {
+        let mut address = head.address();
+        if address.ip().is_unspecified() {
+            tracing::info!("listening on all interfaces; pass --advertise HOST:PORT for other machines");
+            address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        address.to_string()
+    });
+    let cluster_file = state_dir.join("cluster.yaml");
+    head.cluster_credentials(&address).save(&cluster_file).map_err(|e| e.to_string())?;
+    println!("chia-head ready address={address} cluster_file={}", cluster_file.display());
+    wait_for_stop_signal().await;
+    tracing::info!("stopping");
+    head.shutdown();
+    Ok(())
+}
+
+async fn wait_for_stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,370 @@
+//! The user API: [`Context`], typed [`ObjectRef`]s, [`Call`] builders, [`get`] and [`wait`].
+
+use crate::client::{Client, SlotState};
+use crate::error::Error;
+use crate::registry::FunctionSpec;
+use chia_core::protocol::{Arg, PeerToHead, TaskSpec, Value};
+use chia_core::resources::CPU;
+use chia_core::{ResourceAmount, Resources, TaskError, TaskId};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::any::Any;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// A connection to a cluster: what remote calls are submitted through.
+///
+/// A driver gets one from [`crate::init`]; a function running on a worker receives one as its
+/// first parameter when it declares `cx: &chia::Context`, and uses it for nested calls.
+/// Cloning is cheap; the connection (and an embedded cluster) lives while a clone does.
+#[derive(Clone)]
+pub struct Context {
+    client: Arc<Client>,
+    running: Option<RunningTask>,
+    _keep_alive: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+/// The task a worker-side context belongs to, so a nested `get` can tell the head that the
+/// task is blocked (its CPU may then run the children it waits for).
+#[derive(Clone)]
+struct RunningTask {
+    task: TaskId,
+    blocked_sent: Arc<AtomicBool>,
+}
+
+impl Context {
+    pub(crate) fn new(client: Arc<Client>, keep_alive: Option<Arc<dyn Any + Send + Sync>>) -> Context {
+        Context { client, running: None, _keep_alive: keep_alive }
+    }
+
+    pub(crate) fn for_task(&self, task: TaskId) -> Context {
+        Context {
+            client: self.client.clone(),
+            running: Some(RunningTask { task, blocked_sent: Arc::new(AtomicBool::new(false)) }),
+            _keep_alive: self._keep_alive.clone(),
+        }
+    }
+
+    /// The node this context runs on: the worker's node name, or `driver-…` for a driver.
+    pub fn node_name(&self) -> &str {
+        self.client.node_name()
+    }
+
+    /// The task this context belongs to, when it runs inside a remote function.
+    pub fn current_task(&self) -> Option<TaskId> {
+        self.running.as_ref().map(|r| r.task)
+    }
+
+    /// Resolves `object`, waiting as long as it takes.
+    pub async fn get<T: DeserializeOwned>(&self, object: &ObjectRef<T>) -> Result<T, Error> {
+        object.get().await
+    }
+
+    /// Closes the connection; an embedded cluster stops when its last context is gone.
+    pub async fn shutdown(&self) {
+        self.client.shutdown().await;
+    }
+
+    pub(crate) fn client(&self) -> &Arc<Client> {
+        &self.client
+    }
+}
+
+struct RefInner {
+    task: TaskId,
+    client: Arc<Client>,
+    caller: Option<RunningTask>,
+}
+
+impl Drop for RefInner {
+    fn drop(&mut self) {
+        self.client.release(self.task);
+    }
+}
+
+/// The future result of a remote call, typed by the function's return value.
+///
+/// Pass it as an argument to another call to chain tasks (the value goes from task to task
+/// through the head, not through the driver). When the last clone is dropped the head frees
+/// the result.
+pub struct ObjectRef<T> {
+    inner: Arc<RefInner>,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for ObjectRef<T> {
+    fn clone(&self) -> Self {
+        ObjectRef { inner: self.inner.clone(), _type: PhantomData }
+    }
+}
+
+impl<T> std::fmt::Debug for ObjectRef<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ObjectRef({})", self.inner.task)
+    }
+}
+
+impl<T: DeserializeOwned> ObjectRef<T> {
+    /// The id of the task (and of its result).
+    pub fn id(&self) -> TaskId {
+        self.inner.task
+    }
+
+    /// Waits for the result and decodes it.
+    pub async fn get(&self) -> Result<T, Error> {
+        self.decode(self.raw(None).await?)
+    }
+
+    /// Like [`ObjectRef::get`], but gives up after `timeout` with [`Error::Timeout`], which
+    /// says so when no node can run the task.
+    pub async fn get_timeout(&self, timeout: Duration) -> Result<T, Error> {
+        self.decode(self.raw(Some(timeout)).await?)
+    }
+
+    /// Blocks the calling thread until the result is ready (for sync code; inside an async
+    /// function use `.get().await`).
+    pub fn get_blocking(&self) -> Result<T, Error> {
+        let client = self.inner.client.clone();
+        block_on(client.runtime(), self.get())?
+    }
+
+    fn decode(&self, value: Arc<Value>) -> Result<T, Error> {
+        rmp_serde::from_slice(&value).map_err(|e| Error::Decode {
+            task: self.inner.task,
+            type_name: std::any::type_name::<T>(),
+            message: e.to_string(),
+        })
+    }
+
+    async fn raw(&self, timeout: Option<Duration>) -> Result<Arc<Value>, Error> {
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let waiter = Arc::new(Notify::new());
+        loop {
+            let (state, infeasible) = self.inner.client.poll_slot(self.inner.task, &waiter, true);
+            match state {
+                SlotState::Value(value) => return Ok(value),
+                SlotState::Failed(error) => return Err(error),
+                SlotState::Pending | SlotState::Stored { .. } => {}
+            }
+            self.tell_head_blocked();
+            match deadline {
+                None => waiter.notified().await,
+                Some(deadline) => {
+                    if tokio::time::timeout_at(deadline, waiter.notified()).await.is_err() {
+                        return Err(Error::Timeout {
+                            task: self.inner.task,
+                            waited: timeout.unwrap_or_default(),
+                            infeasible,
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<T> ObjectRef<T> {
+    fn is_ready(&self, waiter: &Arc<Notify>) -> bool {
+        !matches!(self.inner.client.poll_slot(self.inner.task, waiter, false).0, SlotState::Pending)
+    }
+
+    fn tell_head_blocked(&self) {
+        if let Some(caller) = &self.inner.caller {
+            if !caller.blocked_sent.swap(true, Ordering::AcqRel) {
+                self.inner.client.send(&PeerToHead::Blocked { task: caller.task });
+            }
+        }
+    }
+}
+
+/// Resolves `object` (same as `object.get().await`).
+pub async fn get<T: DeserializeOwned>(object: &ObjectRef<T>) -> Result<T, Error> {
+    object.get().await
+}
+
+/// Waits until `num_returns` of `objects` are ready (finished, successfully or not) or
+/// `timeout` passes, and returns `(ready, pending)` in the order given, like `ray.wait`.
+/// `num_returns` larger than the number of objects waits for all of them.
+pub async fn wait<T>(
+    objects: &[ObjectRef<T>],
+    num_returns: usize,
+    timeout: Option<Duration>,
+) -> (Vec<ObjectRef<T>>, Vec<ObjectRef<T>>) {
+    let want = num_returns.min(objects.len());
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let waiter = Arc::new(Notify::new());
+    loop {
+        let ready = objects.iter().filter(|o| o.is_ready(&waiter)).count();
+        if ready >= want {
+            break;
+        }
+        if let Some(first) = objects.first() {
+            first.tell_head_blocked();
+        }
+        match deadline {
+            None => waiter.notified().await,
+            Some(deadline) => {
+                if tokio::time::timeout_at(deadline, waiter.notified()).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let (mut ready, mut pending) = (Vec::new(), Vec::new());
+    for object in objects {
+        if ready.len() < want.max(1) && object.is_ready(&waiter) {
+            ready.push(object.clone());
+        } else {
+            pending.push(object.clone());
+        }
+    }
+    (ready, pending)
+}
+
+/// One argument of a call, already encoded (or a ref to another task's result).
+pub struct ArgInput(Result<ArgKind, String>);
+
+enum ArgKind {
+    Value(Value),
+    Ref(Arc<RefInner>),
+}
+
+/// What can be passed where a function takes a `T`: a `T` itself, or an `ObjectRef<T>`.
+pub trait IntoArg<T> {
+    fn into_arg(self) -> ArgInput;
+}
+
+impl<T: Serialize> IntoArg<T> for T {
+    fn into_arg(self) -> ArgInput {
+        ArgInput(rmp_serde::to_vec_named(&self).map(ArgKind::Value).map_err(|e| e.to_string()))
+    }
+}
+
+impl<T> IntoArg<T> for ObjectRef<T> {
+    fn into_arg(self) -> ArgInput {
+        ArgInput(Ok(ArgKind::Ref(self.inner)))
+    }
+}
+
+impl<T> IntoArg<T> for &ObjectRef<T> {
+    fn into_arg(self) -> ArgInput {
+        ArgInput(Ok(ArgKind::Ref(self.inner.clone())))
+    }
+}
+
+/// A call being built: set a tag or options, then [`Call::remote`].
+///
+/// ```no_run
+/// # async fn demo(cx: &chia_runtime::Context) {}
+/// // simple_add::call(1, 2).tag("iter0").num_cpus(2.0).remote(&cx)
+/// ```
+#[must_use = "a call does nothing until .remote(&cx)"]
+pub struct Call<T> {
+    spec: &'static FunctionSpec,
+    args: Vec<ArgInput>,
+    tag: Option<String>,
+    request: Resources,
+    max_retries: i32,
+    invalid: Option<String>,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T: DeserializeOwned> Call<T> {
+    /// Used by `#[chia::function]`; users start from `my_function::call(..)`.
+    pub fn new(spec: &'static FunctionSpec, args: Vec<ArgInput>) -> Call<T> {
+        Call {
+            spec,
+            args,
+            tag: None,
+            request: spec.request(),
+            max_retries: spec.max_retries,
+            invalid: None,
+            _type: PhantomData,
+        }
+    }
+
+    /// Sets the per-call tag (CHIA's `_chia_tag`), used by the cache and bypass.
+    pub fn tag(mut self, tag: impl Into<String>) -> Self {
+        self.tag = Some(tag.into());
+        self
+    }
+
+    /// Overrides how many CPUs this call needs (0 allowed; at most 4 decimals).
+    pub fn num_cpus(self, cpus: f64) -> Self {
+        self.resource(CPU, cpus)
+    }
+
+    /// Overrides the amount of one resource for this call (0 removes it).
+    pub fn resource(mut self, name: &str, amount: f64) -> Self {
+        let result = ResourceAmount::from_f64(amount).and_then(|amount| self.request.set(name, amount));
+        if let Err(e) = result {
+            self.invalid.get_or_insert_with(|| format!("resource {name}: {e}"));
+        }
+        self
+    }
+
+    /// Overrides how many times this call is retried after a worker is lost (-1: no limit).
+    pub fn max_retries(mut self, retries: i32) -> Self {
+        self.max_retries = retries;
+        self
+    }
+
+    /// Submits the call and returns its `ObjectRef` at once.
+    pub fn remote(self, cx: &Context) -> ObjectRef<T> {
+        let client = cx.client().clone();
+        let task = client.next_task_id();
+        let mut keep_refs = Vec::new();
+        let mut args = Vec::with_capacity(self.args.len());
+        let mut invalid = self.invalid;
+        for (index, ArgInput(arg)) in self.args.into_iter().enumerate() {
+            match arg {
+                Ok(ArgKind::Value(value)) => args.push(Arg::Value(value)),
+                Ok(ArgKind::Ref(inner)) => {
+                    args.push(Arg::Ref(inner.task));
+                    keep_refs.push(inner);
+                }
+                Err(e) => {
+                    invalid.get_or_insert_with(|| format!("argument {index} could not be encoded: {e}"));
+                }
+            }
+        }
+        match invalid {
+            Some(message) => {
+                client.fail_locally(task, TaskError::InvalidCall { function: self.spec.name.into(), message })
+            }
+            None => client.submit(TaskSpec {
+                task,
+                function: self.spec.key(),
+                args,
+                request: self.request,
+                tag: self.tag,
+                max_retries: self.max_retries,
+            }),
+        }
+        // The submission is queued before any release of the argument refs, and the head
+        // holds the dependencies from the submission on, so dropping them now is safe.
+        drop(keep_refs);
+        ObjectRef { inner: Arc::new(RefInner { task, client, caller: cx.running.clone() }), _type: PhantomData }
+    }
+
+    /// Submits the call and blocks until its result is ready.
+    pub fn remote_blocking(self, cx: &Context) -> Result<T, Error> {
+        self.remote(cx).get_blocking()
+    }
+}
+
+/// Runs `future` to completion from synchronous code: on a blocking-pool thread, a thread
+/// outside any runtime, or a multi-threaded runtime's worker (via `block_in_place`).
+pub(crate) fn block_on<F: Future>(handle: &tokio::runtime::Handle, future: F) -> Result<F::Output, Error> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(current) if current.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => Err(Error::Setup(
+            "a blocking chia call was made on a current-thread tokio runtime; use `.await` instead".into(),
+        )),
+        Ok(_) => Ok(tokio::task::block_in_place(|| handle.block_on(future))),
+        Err(_) => Ok(handle.block_on(future)),
+    }
+}

@@ -1,0 +1,491 @@
+//! The head: accepts authenticated QUIC connections, keeps the result objects, and drives the
+//! I/O-free [`Scheduler`] with what peers send, carrying out the commands it returns.
+//!
+//! One core task owns all state (scheduler, sessions, objects); connection tasks only decode
+//! frames and forward them, so no lock is held across the cluster and the order of events is
+//! the order they reached the core.
+
+use crate::scheduler::{Command, Event, Scheduler};
+use crate::tls::{ClusterCredentials, HeadCredentials};
+use crate::transport::{FrameReader, FrameSender};
+use chia_core::protocol::{
+    Arg, ArgValue, Done, HeadToPeer, Outcome, PROTOCOL_VERSION, PeerToHead, TaskSpec, Value, WorkerOffer,
+    decode_body,
+};
+use chia_core::{NodeId, SessionId, TaskError, TaskId};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Results up to this size travel with the `Done` notice; larger ones wait on the head until
+/// the owner asks, so a ref that is only chained never crosses to the driver.
+pub const INLINE_RESULT_BYTES: usize = 256 << 10;
+
+/// How long a connected peer has to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The node name the head reserves for itself (services pinned with `node:head`).
+pub const HEAD_NODE_NAME: &str = "head";
+
+/// A running head.
+pub struct HeadHandle {
+    address: SocketAddr,
+    endpoint: quinn::Endpoint,
+    credentials: HeadCredentials,
+}
+
+impl HeadHandle {
+    /// The address the head listens on.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// The cluster file contents for peers that reach the head at `address`.
+    pub fn cluster_credentials(&self, address: &str) -> ClusterCredentials {
+        self.credentials.cluster(address)
+    }
+
+    /// Stops accepting and closes every connection.
+    pub fn shutdown(&self) {
+        self.endpoint.close(0u32.into(), b"head shutting down");
+    }
+
+    /// Resolves when the head has stopped.
+    pub async fn wait_stopped(&self) {
+        self.endpoint.wait_idle().await;
+    }
+}
+
+impl Drop for HeadHandle {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Starts a head listening on `listen` with `credentials`.
+pub fn start_head(listen: SocketAddr, credentials: HeadCredentials) -> Result<HeadHandle, crate::Error> {
+    let server = credentials.server_config().map_err(|e| crate::Error::Setup(e.to_string()))?;
+    let endpoint = quinn::Endpoint::server(server, listen)
+        .map_err(|e| crate::Error::Setup(format!("cannot listen on {listen}: {e}")))?;
+    let address = endpoint.local_addr().map_err(|e| crate::Error::Setup(e.to_string()))?;
+    let (events, event_rx) = mpsc::unbounded_channel();
+    tokio::spawn(HeadCore::new().run(event_rx));
+    tokio::spawn(accept_loop(endpoint.clone(), events));
+    tracing::info!("head listening on {address}");
+    Ok(HeadHandle { address, endpoint, credentials })
+}
+
+enum CoreEvent {
+    Joined { hello: Hello, sender: FrameSender, connection: quinn::Connection, accepted: tokio::sync::oneshot::Sender<SessionId> },
+    Message { session: SessionId, message: PeerToHead },
+    Closed { session: SessionId, reason: String },
+}
+
+struct Hello {
+    name: String,
+    worker: Option<WorkerOffer>,
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, events: mpsc::UnboundedSender<CoreEvent>) {
+    while let Some(incoming) = endpoint.accept().await {
+        tokio::spawn(serve_connection(incoming, events.clone()));
+    }
+}
+
+async fn serve_connection(incoming: quinn::Incoming, events: mpsc::UnboundedSender<CoreEvent>) {
+    let remote = incoming.remote_address();
+    let connection = match incoming.await {
+        Ok(connection) => connection,
+        Err(e) => {
+            tracing::warn!("rejected a connection from {remote}: authentication failed ({e})");
+            return;
+        }
+    };
+    let (send, recv) = match tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi()).await {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(e)) => {
+            tracing::debug!("{remote} closed before opening its control stream: {e}");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("{remote} opened no control stream in {HELLO_TIMEOUT:?}; closing");
+            connection.close(1u32.into(), b"no hello");
+            return;
+        }
+    };
+    let sender = FrameSender::spawn(send);
+    let mut reader = FrameReader::new(recv);
+    let reject = |reason: String| {
+        tracing::warn!("rejected {remote}: {reason}");
+        let _ = sender.send(&HeadToPeer::Rejected { reason });
+        sender.close();
+    };
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, reader.next_frame()).await {
+        Ok(Ok(Some(frame))) => decode_body::<PeerToHead>(frame),
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => return reject(format!("bad first frame: {e}")),
+        Err(_) => return reject(format!("no hello within {HELLO_TIMEOUT:?}")),
+    };
+    let hello = match hello {
+        Ok(PeerToHead::Hello { protocol_version, name, worker }) if protocol_version == PROTOCOL_VERSION => {
+            Hello { name, worker }
+        }
+        Ok(PeerToHead::Hello { protocol_version, .. }) => {
+            return reject(format!(
+                "protocol version {protocol_version} is not supported; this head speaks version {PROTOCOL_VERSION}"
+            ));
+        }
+        Ok(_) => return reject("the first message must be a hello".into()),
+        Err(e) => return reject(format!("malformed hello: {e}")),
+    };
+    let (accepted, session) = tokio::sync::oneshot::channel();
+    let joined = CoreEvent::Joined { hello, sender: sender.clone(), connection: connection.clone(), accepted };
+    if events.send(joined).is_err() {
+        return;
+    }
+    let Ok(session) = session.await else { return };
+    let reason = loop {
+        match reader.next_frame().await {
+            Ok(Some(frame)) => match decode_body::<PeerToHead>(frame) {
+                Ok(message) => {
+                    if events.send(CoreEvent::Message { session, message }).is_err() {
+                        break "the head is shutting down".to_string();
+                    }
+                }
+                Err(e) => break format!("malformed message: {e}"),
+            },
+            Ok(None) => break "closed by the peer".to_string(),
+            Err(e) => break e.to_string(),
+        }
+    };
+    connection.close(2u32.into(), reason.as_bytes());
+    let _ = events.send(CoreEvent::Closed { session, reason });
+}
+
+struct Session {
+    name: String,
+    node: Option<NodeId>,
+    sender: FrameSender,
+    connection: quinn::Connection,
+}
+
+/// A submitted task and, once it ends, its result.
+struct TaskRecord {
+    owner: SessionId,
+    function: String,
+    tag: Option<String>,
+    /// The arguments until dispatch (refs are resolved then).
+    args: Vec<Arg>,
+    deps: Vec<TaskId>,
+    running_on: Option<NodeId>,
+    outcome: Option<Outcome>,
+    /// The owner still holds an `ObjectRef` to it.
+    owner_holds: bool,
+    /// Submitted tasks that take this one as an argument and have not been dispatched yet.
+    dependents: u32,
+}
+
+struct HeadCore {
+    scheduler: Scheduler,
+    sessions: HashMap<SessionId, Session>,
+    nodes: HashMap<NodeId, SessionId>,
+    tasks: HashMap<TaskId, TaskRecord>,
+    next_session: u64,
+    next_node: u64,
+}
+
+impl HeadCore {
+    fn new() -> HeadCore {
+        HeadCore {
+            scheduler: Scheduler::new(),
+            sessions: HashMap::new(),
+            nodes: HashMap::new(),
+            tasks: HashMap::new(),
+            next_session: 1,
+            next_node: 1,
+        }
+    }
+
+    async fn run(mut self, mut events: mpsc::UnboundedReceiver<CoreEvent>) {
+        while let Some(event) = events.recv().await {
+            self.handle(event);
+            // Drain what is already queued before scheduling, so a burst of submissions is
+            // scheduled in one pass.
+            while let Ok(event) = events.try_recv() {
+                self.handle(event);
+            }
+        }
+    }
+
+    fn handle(&mut self, event: CoreEvent) {
+        match event {
+            CoreEvent::Joined { hello, sender, connection, accepted } => self.join(hello, sender, connection, accepted),
+            CoreEvent::Message { session, message } => self.message(session, message),
+            CoreEvent::Closed { session, reason } => self.close(session, &reason),
+        }
+    }
+
+    fn feed(&mut self, event: Event) {
+        self.scheduler.handle(Instant::now(), event);
+        let commands: Vec<Command> = self.scheduler.drain_commands().collect();
+        for command in commands {
+            self.execute(command);
+        }
+    }
+
+    fn join(
+        &mut self,
+        hello: Hello,
+        sender: FrameSender,
+        connection: quinn::Connection,
+        accepted: tokio::sync::oneshot::Sender<SessionId>,
+    ) {
+        let session = SessionId(self.next_session);
+        self.next_session += 1;
+        let (node, name) = match &hello.worker {
+            Some(_) => {
+                let node = NodeId(self.next_node);
+                self.next_node += 1;
+                (Some(node), self.unique_node_name(&hello.name))
+            }
+            None => (None, format!("driver-{}", session.0)),
+        };
+        let welcome =
+            HeadToPeer::Welcome { protocol_version: PROTOCOL_VERSION, session, node, node_name: name.clone() };
+        if sender.send(&welcome).is_err() || accepted.send(session).is_err() {
+            return;
+        }
+        tracing::info!(
+            "{name} joined from {} as {session}{}",
+            connection.remote_address(),
+            match &hello.worker {
+                Some(offer) => format!(" with {} and {} function(s)", offer.resources, offer.functions.len()),
+                None => String::new(),
+            }
+        );
+        self.sessions.insert(session, Session { name: name.clone(), node, sender, connection });
+        if let (Some(node), Some(offer)) = (node, hello.worker) {
+            self.nodes.insert(node, session);
+            self.feed(Event::NodeJoined { node, name, resources: offer.resources, functions: offer.functions });
+        }
+    }
+
+    fn unique_node_name(&self, wanted: &str) -> String {
+        let taken: HashSet<&str> = self.sessions.values().map(|s| s.name.as_str()).collect();
+        let base = if wanted.is_empty() || wanted == HEAD_NODE_NAME { "worker" } else { wanted };
+        if !taken.contains(base) {
+            return base.to_string();
+        }
+        (2..).map(|n| format!("{base}-{n}")).find(|name| !taken.contains(name.as_str())).expect("names run out")
+    }
+
+    fn message(&mut self, session: SessionId, message: PeerToHead) {
+        match message {
+            PeerToHead::Submit(spec) => self.submit(session, spec),
+            PeerToHead::Release { tasks } => {
+                for task in tasks {
+                    if let Some(record) = self.tasks.get_mut(&task) {
+                        if record.owner == session {
+                            record.owner_holds = false;
+                            self.maybe_free(task);
+                        }
+                    }
+                }
+            }
+            PeerToHead::Fetch { task } => {
+                let outcome = self.tasks.get(&task).and_then(|r| r.outcome.clone());
+                self.send(session, &HeadToPeer::Fetched { task, outcome });
+            }
+            PeerToHead::Finished { task, outcome } => self.finished(session, task, outcome),
+            PeerToHead::Blocked { task } => {
+                if self.runs_on_session(task, session) {
+                    self.feed(Event::TaskBlocked { task });
+                }
+            }
+            PeerToHead::Hello { .. } => tracing::warn!("{session} sent a second hello; ignored"),
+        }
+    }
+
+    fn runs_on_session(&self, task: TaskId, session: SessionId) -> bool {
+        let node = self.sessions.get(&session).and_then(|s| s.node);
+        node.is_some() && self.tasks.get(&task).is_some_and(|r| r.running_on == node)
+    }
+
+    fn submit(&mut self, session: SessionId, spec: TaskSpec) {
+        let task = spec.task;
+        if task.session() != session {
+            tracing::warn!("{session} submitted {task}, which belongs to another session; ignored");
+            return;
+        }
+        if self.tasks.contains_key(&task) {
+            tracing::warn!("{session} submitted {task} twice; the second is ignored");
+            return;
+        }
+        let deps: Vec<TaskId> = spec
+            .args
+            .iter()
+            .filter_map(|a| match a {
+                Arg::Ref(dep) => Some(*dep),
+                Arg::Value(_) => None,
+            })
+            .collect();
+        for dep in &deps {
+            if let Some(record) = self.tasks.get_mut(dep) {
+                record.dependents += 1;
+            }
+        }
+        self.tasks.insert(
+            task,
+            TaskRecord {
+                owner: session,
+                function: spec.function.name.clone(),
+                tag: spec.tag,
+                args: spec.args,
+                deps: deps.clone(),
+                running_on: None,
+                outcome: None,
+                owner_holds: true,
+                dependents: 0,
+            },
+        );
+        self.feed(Event::TaskSubmitted { task, function: spec.function, request: spec.request, deps });
+    }
+
+    fn finished(&mut self, session: SessionId, task: TaskId, outcome: Outcome) {
+        if !self.runs_on_session(task, session) {
+            tracing::warn!("{session} reported {task}, which it is not running; ignored");
+            return;
+        }
+        let error = match &outcome {
+            Outcome::Value(_) => None,
+            Outcome::Failed(error) => Some(error.clone()),
+        };
+        if let Some(record) = self.tasks.get_mut(&task) {
+            record.running_on = None;
+        }
+        self.settle(task, outcome);
+        self.feed(Event::TaskFinished { task, error });
+    }
+
+    /// Stores a task's outcome and tells its owner.
+    fn settle(&mut self, task: TaskId, outcome: Outcome) {
+        let Some(record) = self.tasks.get_mut(&task) else { return };
+        let done = match &outcome {
+            Outcome::Value(value) if value.len() <= INLINE_RESULT_BYTES => Done::Value(value.clone()),
+            Outcome::Value(value) => Done::Stored { len: value.len() as u64 },
+            Outcome::Failed(error) => Done::Failed(error.clone()),
+        };
+        record.outcome = Some(outcome);
+        let (owner, holds) = (record.owner, record.owner_holds);
+        if holds {
+            self.send(owner, &HeadToPeer::Done { task, done });
+        }
+        self.maybe_free(task);
+    }
+
+    fn execute(&mut self, command: Command) {
+        match command {
+            Command::Dispatch { task, node } => self.dispatch(task, node),
+            Command::Fail { task, error } => {
+                tracing::debug!("{task} failed before running: {error}");
+                self.release_deps(task);
+                self.settle(task, Outcome::Failed(error));
+            }
+            Command::Infeasible { task, reason } => {
+                tracing::warn!("{task} is infeasible for now: {reason}");
+                if let Some(owner) = self.tasks.get(&task).map(|r| r.owner) {
+                    self.send(owner, &HeadToPeer::Infeasible { task, reason });
+                }
+            }
+        }
+    }
+
+    fn dispatch(&mut self, task: TaskId, node: NodeId) {
+        let Some(session) = self.nodes.get(&node).copied() else {
+            tracing::error!("the scheduler dispatched {task} to {node}, which has no session");
+            return;
+        };
+        let Some(record) = self.tasks.get_mut(&task) else {
+            tracing::error!("the scheduler dispatched {task}, which the head does not hold");
+            return;
+        };
+        record.running_on = Some(node);
+        let args = std::mem::take(&mut record.args);
+        let (function, tag) = (record.function.clone(), record.tag.clone());
+        let mut values = Vec::with_capacity(args.len());
+        for arg in args {
+            match arg {
+                Arg::Value(value) => values.push(ArgValue(value)),
+                Arg::Ref(dep) => match self.tasks.get(&dep).and_then(|r| r.outcome.as_ref()) {
+                    Some(Outcome::Value(value)) => values.push(ArgValue(value.clone())),
+                    _ => {
+                        // The scheduler only dispatches once every dependency succeeded.
+                        tracing::error!("{task} was dispatched before its argument {dep} was ready");
+                        values.push(ArgValue(Value::new()));
+                    }
+                },
+            }
+        }
+        self.release_deps(task);
+        self.send(session, &HeadToPeer::Execute { task, function, args: values, tag });
+    }
+
+    /// The task no longer needs its dependencies' values.
+    fn release_deps(&mut self, task: TaskId) {
+        let deps = self.tasks.get_mut(&task).map(|r| std::mem::take(&mut r.deps)).unwrap_or_default();
+        for dep in deps {
+            if let Some(record) = self.tasks.get_mut(&dep) {
+                record.dependents = record.dependents.saturating_sub(1);
+                self.maybe_free(dep);
+            }
+        }
+    }
+
+    /// Frees a finished task's record once nobody can ask for its value any more.
+    fn maybe_free(&mut self, task: TaskId) {
+        let Some(record) = self.tasks.get(&task) else { return };
+        if record.owner_holds || record.dependents > 0 || record.outcome.is_none() {
+            return;
+        }
+        self.tasks.remove(&task);
+        self.feed(Event::TaskForgotten { task });
+    }
+
+    fn close(&mut self, session: SessionId, reason: &str) {
+        let Some(closed) = self.sessions.remove(&session) else { return };
+        tracing::info!("{} ({session}) left: {reason}", closed.name);
+        closed.sender.close();
+        closed.connection.close(0u32.into(), b"closed");
+        if let Some(node) = closed.node {
+            self.nodes.remove(&node);
+            self.feed(Event::NodeLost { node });
+        }
+        self.feed(Event::SessionClosed { session });
+        let owned: Vec<TaskId> = self.tasks.iter().filter(|(_, r)| r.owner == session).map(|(t, _)| *t).collect();
+        for task in owned {
+            if let Some(record) = self.tasks.get_mut(&task) {
+                record.owner_holds = false;
+                if record.outcome.is_none() && record.running_on.is_none() {
+                    // Dropped from the queue by SessionClosed: it will never end on its own.
+                    self.release_deps(task);
+                    self.tasks.remove(&task);
+                    continue;
+                }
+            }
+            self.maybe_free(task);
+        }
+    }
+
+    fn send(&self, session: SessionId, message: &HeadToPeer) {
+        if let Some(peer) = self.sessions.get(&session) {
+            if let Err(e) = peer.sender.send(message) {
+                tracing::error!("could not send to {}: {e}", peer.name);
+                if let HeadToPeer::Done { task, .. } | HeadToPeer::Fetched { task, .. } = message {
+                    let error = TaskError::BadResult { function: String::new(), message: e.to_string() };
+                    let _ = peer.sender.send(&HeadToPeer::Done { task: *task, done: Done::Failed(error) });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! The functions linked into this binary, collected at link time by `#[chia::function]`.
+//!
+//! Each use of the attribute macro submits one [`FunctionSpec`] with `inventory`; a worker
+//! announces all of them when it joins, and runs them by name.
+
+use crate::api::Context;
+use chia_core::protocol::{ArgValue, Value};
+use chia_core::{FunctionKey, ResourceAmount, Resources, TaskError};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::OnceLock;
+
+/// A boxed, sendable future (what an async function's invoker returns).
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// How the worker runs a function: sync functions on the blocking pool, async ones as tasks.
+#[derive(Clone, Copy)]
+pub enum Invoke {
+    Sync(fn(Context, Vec<ArgValue>) -> Result<Value, TaskError>),
+    Async(fn(Context, Vec<ArgValue>) -> BoxFuture<Result<Value, TaskError>>),
+}
+
+/// Everything the macro knows about one remote function. Amounts are fixed point (1.0 = 10,000),
+/// already validated at compile time.
+pub struct FunctionSpec {
+    pub name: &'static str,
+    /// The normalised signature text the hash is computed from, e.g. `add(i64,i64)->i64`.
+    pub signature: &'static str,
+    pub sig_hash: &'static str,
+    pub resources: &'static [(&'static str, u64)],
+    pub num_cpus: u64,
+    pub max_retries: i32,
+    pub arg_count: usize,
+    pub invoke: Invoke,
+}
+
+inventory::collect!(FunctionSpec);
+
+impl FunctionSpec {
+    pub fn key(&self) -> FunctionKey {
+        FunctionKey::new(self.name, self.sig_hash)
+    }
+
+    /// The default request of a call: the declared resources plus `CPU = num_cpus`.
+    pub fn request(&self) -> Resources {
+        let mut request = Resources::new();
+        for (name, fixed) in self.resources {
+            // Names were validated by the macro; a name the runtime still rejects is skipped
+            // rather than aborting a call, and the registry check below reports it at start.
+            let _ = request.set(name, ResourceAmount::from_fixed(*fixed));
+        }
+        let _ = request.set(chia_core::resources::CPU, ResourceAmount::from_fixed(self.num_cpus));
+        request
+    }
+}
+
+/// All functions linked into this binary, by name.
+pub fn functions() -> &'static HashMap<&'static str, &'static FunctionSpec> {
+    static ALL: OnceLock<HashMap<&'static str, &'static FunctionSpec>> = OnceLock::new();
+    ALL.get_or_init(|| {
+        let mut all = HashMap::new();
+        for spec in inventory::iter::<FunctionSpec> {
+            if let Some(previous) = all.insert(spec.name, spec) {
+                tracing::error!(
+                    "two remote functions are registered as {:?} ({} and {}); the second wins — give one a `name = \"...\"`",
+                    spec.name,
+                    previous.signature,
+                    spec.signature
+                );
+            }
+        }
+        all
+    })
+}
+
+/// Decodes argument `index` of `function` (called by macro-generated code).
+pub fn decode_arg<T: DeserializeOwned>(function: &str, index: usize, arg: &ArgValue) -> Result<T, TaskError> {
+    rmp_serde::from_slice(&arg.0).map_err(|e| TaskError::BadArgument {
+        function: function.to_string(),
+        index,
+        message: e.to_string(),
+    })
+}
+
+/// Encodes a function's result (called by macro-generated code).
+pub fn encode_result<T: Serialize>(function: &str, value: &T) -> Result<Value, TaskError> {
+    rmp_serde::to_vec_named(value)
+        .map_err(|e| TaskError::BadResult { function: function.to_string(), message: e.to_string() })
+}
+
+/// Turns a function's `Err` into the task's error, keeping the whole `Display` chain.
+pub fn application_error(function: &str, error: &dyn std::fmt::Display) -> TaskError {
+    TaskError::Application { function: function.to_string(), message: format!("{error:#}") }
+}
+
+/// Checks the argument count before decoding (called by macro-generated code).
+pub fn check_arg_count(function: &str, expected: usize, args: &[ArgValue]) -> Result<(), TaskError> {
+    if args.len() == expected {
+        Ok(())
+    } else {
+        Err(TaskError::ArgumentCount { function: function.to_string(), expected, found: args.len() })
+    }
+}

@@ -1,0 +1,767 @@
+//! The head's scheduler: which task runs on which node, and when.
+//!
+//! It owns everything placement needs: the dependency graph of submitted tasks (readiness and
+//! failure propagation), each node's resources and announced functions, and the queues of ready
+//! tasks. It does no I/O and reads no clock. Like quinn-proto or HyperQueue's reactor, the head
+//! feeds it [`Event`]s with the current time and carries out the [`Command`]s it queues (lease a
+//! task to a worker, tell a driver its task can never run, log that a task fits nowhere yet), so
+//! every decision is deterministic and testable without sockets or threads.
+//!
+//! Placement works on *shapes*: ready tasks with the same function and request wait in one FIFO
+//! queue, and each shape keeps the list of live nodes that could ever hold it. After every event
+//! one invariant holds: **a shape with queued tasks fits on none of its nodes right now.** So an
+//! event only has to look where it changed something: a task that becomes ready tries its own
+//! shape (and only if nothing of that shape is already waiting), resources freed on a node are
+//! offered to that node's shapes, oldest waiting task first, and a node that joins is offered
+//! everything it can run. No pass rescans queued tasks that cannot fit, and a task that fits
+//! nowhere never holds back smaller tasks queued behind it.
+
+mod pool;
+#[cfg(test)]
+mod tests;
+
+use chia_core::resources::NODE_PREFIX;
+use chia_core::{FunctionKey, NodeId, ResourceAmount, Resources, SessionId, TaskError, TaskId};
+use pool::{Names, Need, Pool, Slab};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::time::Instant;
+
+/// Something that happened, as the head tells the scheduler.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A worker connected. It advertises `resources` (plus `node:<name>` = 1, added here) and can
+    /// run exactly the `functions` it announced.
+    NodeJoined { node: NodeId, name: String, resources: Resources, functions: Vec<FunctionKey> },
+    /// A worker disconnected; what ran there is lost.
+    NodeLost { node: NodeId },
+    /// A session asks for `function` to run with `request` held, once every task in `deps` has
+    /// finished successfully.
+    TaskSubmitted { task: TaskId, function: FunctionKey, request: Resources, deps: Vec<TaskId> },
+    /// The node running `task` reports it ended: `error` is `None` on success.
+    TaskFinished { task: TaskId, error: Option<TaskError> },
+    /// The running task waits on other tasks (a nested get): its CPU is given back so the tasks it
+    /// waits on can run. It is not re-acquired; at finish only what is still held is returned.
+    TaskBlocked { task: TaskId },
+    /// The head freed this task's result: the scheduler may forget it, and later submissions that
+    /// depend on it fail with [`TaskError::UnknownDependency`].
+    TaskForgotten { task: TaskId },
+    /// The session that submitted tasks went away: its tasks that have not started are dropped
+    /// (silently, nobody is left to tell). Running ones finish normally.
+    SessionClosed { session: SessionId },
+}
+
+/// Something the head must do, in the order the scheduler decided it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Lease `task` to `node`; its requested resources are now held there.
+    Dispatch { task: TaskId, node: NodeId },
+    /// The task will never run; tell its owner.
+    Fail { task: TaskId, error: TaskError },
+    /// No connected node could ever run the task now. Reported once per task until it becomes
+    /// feasible and infeasible again; the task stays queued in case a capable node joins.
+    Infeasible { task: TaskId, reason: String },
+}
+
+/// Where a task is, as far as the scheduler knows (for tests and logs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskStatus {
+    /// Some dependency has not finished yet.
+    Waiting,
+    /// Ready, waiting for a node with room.
+    Queued,
+    /// Leased to `node`.
+    Running { node: NodeId },
+    /// Ended successfully.
+    Finished,
+    /// Ended with an error, or never ran.
+    Failed,
+}
+
+/// The head's scheduler; see the module documentation.
+pub struct Scheduler {
+    names: Names,
+    nodes: Slab<Node>,
+    node_index: HashMap<NodeId, usize>,
+    functions: Vec<Function>,
+    function_index: HashMap<FunctionKey, usize>,
+    functions_by_name: HashMap<String, Vec<usize>>,
+    shapes: Slab<Shape>,
+    shape_index: HashMap<ShapeKey, usize>,
+    tasks: HashMap<TaskId, Task>,
+    /// Submission counter: orders tasks across shapes, and tells a queue entry from a later task
+    /// that reuses the same id.
+    next_seq: u64,
+    /// Live entries over all shape queues.
+    queued: usize,
+    commands: Vec<Command>,
+    /// Tasks whose dependencies all finished during the current event, placed at its end.
+    ready: Vec<TaskId>,
+    /// Reused by [`Scheduler::fill_node`] so a pass does not allocate.
+    heap: BinaryHeap<Reverse<(u64, usize)>>,
+    last_event: Option<Instant>,
+}
+
+struct Node {
+    id: NodeId,
+    name: String,
+    /// As advertised (plus `node:<name>`), for messages.
+    capacity: Resources,
+    pool: Pool,
+    /// Interned functions it announced, sorted.
+    functions: Vec<usize>,
+    /// Shapes this node could hold when idle (it has the function and the capacity).
+    shapes: Vec<usize>,
+    running: HashSet<TaskId>,
+}
+
+struct Function {
+    key: FunctionKey,
+    /// Live nodes that announced it.
+    nodes: Vec<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct ShapeKey {
+    function: usize,
+    need: Need,
+}
+
+/// Tasks with the same function and request, which are interchangeable for placement.
+struct Shape {
+    key: ShapeKey,
+    /// As submitted, for messages.
+    request: Resources,
+    /// The CPU part of `key.need`, given back when a task blocks.
+    cpu: u64,
+    /// `(seq, task)` of ready tasks, oldest first. Entries of dropped tasks are skipped lazily.
+    queue: VecDeque<(u64, TaskId)>,
+    /// Live entries in `queue`.
+    queued: usize,
+    /// Live nodes that could hold it when idle; empty means infeasible.
+    capable: Vec<usize>,
+    /// Round-robin position in `capable`, so a fan-out spreads over nodes.
+    cursor: usize,
+    /// Unfinished tasks of this shape; at zero the shape is removed, so one-off requests do
+    /// not pile up.
+    refs: usize,
+}
+
+struct Task {
+    seq: u64,
+    state: State,
+    /// `(task, seq)` of unfinished tasks waiting on this one.
+    dependents: Vec<(TaskId, u64)>,
+    /// The head released it: remove it once it ends, and treat it as unknown to new dependents.
+    forgotten: bool,
+}
+
+enum State {
+    Waiting { shape: usize, missing: usize },
+    Queued { shape: usize },
+    Running { shape: usize, node: usize, cpu_released: bool },
+    Finished,
+    Failed(Box<TaskError>),
+}
+
+impl State {
+    fn shape(&self) -> Option<usize> {
+        match *self {
+            State::Waiting { shape, .. } | State::Queued { shape } | State::Running { shape, .. } => Some(shape),
+            State::Finished | State::Failed(_) => None,
+        }
+    }
+}
+
+impl Default for Scheduler {
+    fn default() -> Self {
+        Scheduler::new()
+    }
+}
+
+impl Scheduler {
+    pub fn new() -> Scheduler {
+        Scheduler {
+            names: Names::new(),
+            nodes: Slab::default(),
+            node_index: HashMap::new(),
+            functions: Vec::new(),
+            function_index: HashMap::new(),
+            functions_by_name: HashMap::new(),
+            shapes: Slab::default(),
+            shape_index: HashMap::new(),
+            tasks: HashMap::new(),
+            next_seq: 0,
+            queued: 0,
+            commands: Vec::new(),
+            ready: Vec::new(),
+            heap: BinaryHeap::new(),
+            last_event: None,
+        }
+    }
+
+    /// Applies one event; the commands it produces are queued for [`Scheduler::drain_commands`].
+    /// Nothing a peer can send makes this panic: unknown or duplicate ids are ignored.
+    pub fn handle(&mut self, now: Instant, event: Event) {
+        // Not used yet; heartbeats and lease timeouts will need it.
+        self.last_event = Some(now);
+        match event {
+            Event::NodeJoined { node, name, resources, functions } => {
+                self.node_joined(node, name, resources, functions)
+            }
+            Event::NodeLost { node } => self.node_lost(node),
+            Event::TaskSubmitted { task, function, request, deps } => self.submit(task, function, request, &deps),
+            Event::TaskFinished { task, error } => self.task_finished(task, error),
+            Event::TaskBlocked { task } => self.task_blocked(task),
+            Event::TaskForgotten { task } => self.task_forgotten(task),
+            Event::SessionClosed { session } => self.session_closed(session),
+        }
+    }
+
+    /// Takes the queued commands, in the order they were produced.
+    pub fn drain_commands(&mut self) -> std::vec::Drain<'_, Command> {
+        self.commands.drain(..)
+    }
+
+    /// Ready tasks waiting for a node with room (including infeasible ones).
+    pub fn queued_len(&self) -> usize {
+        self.queued
+    }
+
+    /// Connected nodes.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Tasks leased to `node`, sorted; empty for an unknown node.
+    pub fn running_on(&self, node: NodeId) -> Vec<TaskId> {
+        let mut running: Vec<TaskId> = self.node(node).map(|n| n.running.iter().copied().collect()).unwrap_or_default();
+        running.sort_unstable();
+        running
+    }
+
+    /// What `node` has free right now (including its `node:<name>` resource).
+    pub fn node_free(&self, node: NodeId) -> Option<Resources> {
+        self.node(node).map(|n| self.names.resources(n.pool.free()))
+    }
+
+    /// Where `task` is, or `None` if the scheduler does not know it (never submitted, or forgotten
+    /// after it ended).
+    pub fn task_status(&self, task: TaskId) -> Option<TaskStatus> {
+        Some(match &self.tasks.get(&task)?.state {
+            State::Waiting { .. } => TaskStatus::Waiting,
+            State::Queued { .. } => TaskStatus::Queued,
+            State::Running { node, .. } => TaskStatus::Running { node: self.nodes.get(*node)?.id },
+            State::Finished => TaskStatus::Finished,
+            State::Failed(_) => TaskStatus::Failed,
+        })
+    }
+
+    /// The time of the latest event.
+    pub fn last_event_at(&self) -> Option<Instant> {
+        self.last_event
+    }
+
+    fn node(&self, node: NodeId) -> Option<&Node> {
+        self.nodes.get(*self.node_index.get(&node)?)
+    }
+
+    // ---- nodes ----
+
+    fn node_joined(&mut self, id: NodeId, name: String, mut resources: Resources, functions: Vec<FunctionKey>) {
+        if self.node_index.contains_key(&id) {
+            return;
+        }
+        let affinity = format!("{NODE_PREFIX}{name}");
+        if !resources.contains(&affinity) {
+            // A name that is not a valid resource name only means the node cannot be pinned to.
+            let _ = resources.set(&affinity, ResourceAmount::whole(1));
+        }
+        let pool = Pool::new(&self.names.need(&resources));
+        let mut fns: Vec<usize> = functions.into_iter().map(|key| self.intern_function(key)).collect();
+        fns.sort_unstable();
+        fns.dedup();
+        let n = self.nodes.insert(Node {
+            id,
+            name,
+            capacity: resources,
+            pool,
+            functions: fns,
+            shapes: Vec::new(),
+            running: HashSet::new(),
+        });
+        self.node_index.insert(id, n);
+        let Some(node) = self.nodes.get_mut(n) else { return };
+        for &f in &node.functions {
+            self.functions[f].nodes.push(n);
+        }
+        for (s, shape) in self.shapes.iter_mut() {
+            if node.functions.binary_search(&shape.key.function).is_ok() && node.pool.could_hold(&shape.key.need) {
+                shape.capable.push(n);
+                node.shapes.push(s);
+            }
+        }
+        self.fill_node(n);
+    }
+
+    fn node_lost(&mut self, id: NodeId) {
+        let Some(n) = self.node_index.remove(&id) else { return };
+        let Some(node) = self.nodes.remove(n) else { return };
+        for &f in &node.functions {
+            self.functions[f].nodes.retain(|&x| x != n);
+        }
+        for &s in &node.shapes {
+            if let Some(shape) = self.shapes.get_mut(s) {
+                shape.capable.retain(|&x| x != n);
+            }
+        }
+        let mut running: Vec<TaskId> = node.running.into_iter().collect();
+        running.sort_unstable();
+        for task in running {
+            self.worker_lost(task, &node.name);
+        }
+        self.flush_ready();
+        for &s in &node.shapes {
+            if self.shapes.get(s).is_some_and(|shape| shape.capable.is_empty() && shape.queued > 0) {
+                self.report_infeasible(s, None);
+            }
+        }
+    }
+
+    /// A task's node went away while it ran. For now that fails it; retrying would re-queue it
+    /// here instead.
+    fn worker_lost(&mut self, task: TaskId, node_name: &str) {
+        let Some(shape) = self.tasks.get(&task).and_then(|t| t.state.shape()) else { return };
+        let error = TaskError::WorkerLost { function: self.function_name(shape), node: node_name.to_string() };
+        self.settle(task, Err(error), true);
+    }
+
+    // ---- functions and shapes ----
+
+    fn intern_function(&mut self, key: FunctionKey) -> usize {
+        if let Some(&f) = self.function_index.get(&key) {
+            return f;
+        }
+        let f = self.functions.len();
+        self.functions_by_name.entry(key.name.clone()).or_default().push(f);
+        self.function_index.insert(key.clone(), f);
+        self.functions.push(Function { key, nodes: Vec::new() });
+        f
+    }
+
+    fn function_name(&self, shape: usize) -> String {
+        self.shapes
+            .get(shape)
+            .and_then(|s| self.functions.get(s.key.function))
+            .map(|f| f.key.name.clone())
+            .unwrap_or_default()
+    }
+
+    /// Whether connected nodes can run `key` at all. With no node connected, anything may still
+    /// come, so the task waits.
+    fn check_function(&self, key: &FunctionKey) -> Result<(), TaskError> {
+        let announced = |f: &usize| !self.functions[*f].nodes.is_empty();
+        if self.nodes.is_empty() || self.function_index.get(key).is_some_and(announced) {
+            return Ok(());
+        }
+        let mut found: Vec<String> = self
+            .functions_by_name
+            .get(&key.name)
+            .into_iter()
+            .flatten()
+            .filter(|f| announced(f))
+            .map(|&f| self.functions[f].key.sig_hash.clone())
+            .collect();
+        found.sort_unstable();
+        if found.is_empty() {
+            Err(TaskError::UnknownFunction { function: key.name.clone() })
+        } else {
+            Err(TaskError::SignatureMismatch { function: key.name.clone(), expected: key.sig_hash.clone(), found })
+        }
+    }
+
+    /// The shape of `(function, request)`, created on first use, with one more reference.
+    fn shape_for(&mut self, function: usize, request: Resources) -> usize {
+        let key = ShapeKey { function, need: self.names.need(&request) };
+        if let Some(&s) = self.shape_index.get(&key)
+            && let Some(shape) = self.shapes.get_mut(s)
+        {
+            shape.refs += 1;
+            return s;
+        }
+        let cpu = key.need.iter().find(|&&(res, _)| res == Names::CPU).map_or(0, |&(_, amount)| amount);
+        let capable: Vec<usize> = self.functions[function]
+            .nodes
+            .iter()
+            .copied()
+            .filter(|&n| self.nodes.get(n).is_some_and(|node| node.pool.could_hold(&key.need)))
+            .collect();
+        let s = self.shapes.insert(Shape {
+            key: key.clone(),
+            request,
+            cpu,
+            queue: VecDeque::new(),
+            queued: 0,
+            capable,
+            cursor: 0,
+            refs: 1,
+        });
+        self.shape_index.insert(key, s);
+        if let Some(shape) = self.shapes.get(s) {
+            for &n in &shape.capable {
+                if let Some(node) = self.nodes.get_mut(n) {
+                    node.shapes.push(s);
+                }
+            }
+        }
+        s
+    }
+
+    /// Called once a task in `state` ended or was dropped: takes it off its shape's queue count
+    /// and drops its reference, removing the shape when nothing uses it any more.
+    fn leave_shape(&mut self, state: &State) {
+        let Some(s) = state.shape() else { return };
+        let Some(shape) = self.shapes.get_mut(s) else { return };
+        if let State::Queued { .. } = state {
+            shape.queued -= 1;
+            self.queued -= 1;
+            if shape.queue.len() > 2 * shape.queued + 64 {
+                shape.queue.retain(|&(seq, id)| is_queued(&self.tasks, id, seq));
+            }
+        }
+        shape.refs -= 1;
+        if shape.refs > 0 {
+            return;
+        }
+        if let Some(shape) = self.shapes.remove(s) {
+            self.shape_index.remove(&shape.key);
+            for n in shape.capable {
+                if let Some(node) = self.nodes.get_mut(n) {
+                    node.shapes.retain(|&x| x != s);
+                }
+            }
+        }
+    }
+
+    // ---- tasks ----
+
+    fn submit(&mut self, id: TaskId, function: FunctionKey, request: Resources, deps: &[TaskId]) {
+        if self.tasks.contains_key(&id) {
+            return; // A duplicate id: the first submission stands.
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if let Err(error) = self.check_function(&function).and_then(|()| self.check_deps(&function.name, deps)) {
+            self.commands.push(Command::Fail { task: id, error: error.clone() });
+            let state = State::Failed(Box::new(error));
+            self.tasks.insert(id, Task { seq, state, dependents: Vec::new(), forgotten: false });
+            return;
+        }
+        let function = self.intern_function(function);
+        let shape = self.shape_for(function, request);
+        let mut missing = 0;
+        for dep in deps {
+            if let Some(task) = self.tasks.get_mut(dep)
+                && task.state.shape().is_some()
+            {
+                task.dependents.push((id, seq));
+                missing += 1;
+            }
+        }
+        self.tasks.insert(id, Task { seq, state: State::Waiting { shape, missing }, dependents: Vec::new(), forgotten: false });
+        if missing == 0 {
+            self.ready.push(id);
+            self.flush_ready();
+        }
+    }
+
+    /// Fails a submission whose dependencies are unknown or failed already.
+    fn check_deps(&self, function: &str, deps: &[TaskId]) -> Result<(), TaskError> {
+        for &dep in deps {
+            match self.tasks.get(&dep) {
+                None => return Err(TaskError::UnknownDependency { function: function.to_string(), dependency: dep }),
+                Some(task) if task.forgotten => {
+                    return Err(TaskError::UnknownDependency { function: function.to_string(), dependency: dep });
+                }
+                Some(Task { state: State::Failed(error), .. }) => {
+                    let cause = root_cause(error);
+                    return Err(TaskError::DependencyFailed { function: function.to_string(), dependency: dep, cause });
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn task_finished(&mut self, id: TaskId, error: Option<TaskError>) {
+        let Some(task) = self.tasks.get(&id) else { return };
+        let State::Running { shape, node, cpu_released } = task.state else { return };
+        if let (Some(n), Some(s)) = (self.nodes.get_mut(node), self.shapes.get(shape)) {
+            n.pool.give_back(&s.key.need, cpu_released.then_some(Names::CPU));
+            n.running.remove(&id);
+        }
+        self.settle(id, error.map_or(Ok(()), Err), false);
+        // Tasks already queued get the freed room before the ones this finish made ready.
+        self.fill_node(node);
+        self.flush_ready();
+    }
+
+    fn task_blocked(&mut self, id: TaskId) {
+        let Some(task) = self.tasks.get_mut(&id) else { return };
+        let State::Running { shape, node, ref mut cpu_released } = task.state else { return };
+        if std::mem::replace(cpu_released, true) {
+            return; // Blocked before: its CPU is back already.
+        }
+        let cpu = self.shapes.get(shape).map_or(0, |s| s.cpu);
+        if cpu > 0
+            && let Some(n) = self.nodes.get_mut(node)
+        {
+            n.pool.give_back(&[(Names::CPU, cpu)], None);
+            self.fill_node(node);
+        }
+    }
+
+    fn task_forgotten(&mut self, id: TaskId) {
+        let Some(task) = self.tasks.get_mut(&id) else { return };
+        if task.state.shape().is_some() {
+            task.forgotten = true; // Still unfinished: it runs, then goes.
+        } else {
+            self.tasks.remove(&id);
+        }
+    }
+
+    fn session_closed(&mut self, session: SessionId) {
+        let mut dropped: Vec<(u64, TaskId)> = self
+            .tasks
+            .iter()
+            .filter(|(id, task)| {
+                id.session() == session && matches!(task.state, State::Waiting { .. } | State::Queued { .. })
+            })
+            .map(|(id, task)| (task.seq, *id))
+            .collect();
+        dropped.sort_unstable();
+        let mut orphans = Vec::new();
+        for (_, id) in dropped {
+            let Some(task) = self.tasks.remove(&id) else { continue };
+            self.leave_shape(&task.state);
+            orphans.extend(task.dependents.into_iter().map(|(dependent, seq)| (dependent, seq, id)));
+        }
+        // Tasks of other sessions that waited on a dropped task can never run.
+        for (dependent, seq, dependency) in orphans {
+            let Some(shape) = self.tasks.get(&dependent).filter(|t| t.seq == seq).and_then(|t| t.state.shape())
+            else {
+                continue;
+            };
+            let error = TaskError::UnknownDependency { function: self.function_name(shape), dependency };
+            self.settle(dependent, Err(error), true);
+        }
+    }
+
+    /// Records that the unfinished task `id` ended with `outcome` (announcing a failure to its
+    /// owner when the scheduler decided it), and carries the outcome down the dependency graph:
+    /// dependents whose last dependency succeeded go to `self.ready`, and a failure fails the
+    /// whole downstream chain. Iterative, so a long chain cannot overflow the stack.
+    fn settle(&mut self, id: TaskId, outcome: Result<(), TaskError>, announce: bool) {
+        let mut work = VecDeque::from([(id, outcome, announce)]);
+        while let Some((id, outcome, announce)) = work.pop_front() {
+            let Some(task) = self.tasks.get_mut(&id) else { continue };
+            if task.state.shape().is_none() {
+                continue; // Already ended (a task reached twice through two failed dependencies).
+            }
+            let (state, cause) = match outcome {
+                Ok(()) => (State::Finished, None),
+                Err(error) => {
+                    if announce {
+                        self.commands.push(Command::Fail { task: id, error: error.clone() });
+                    }
+                    let cause = root_cause(&error);
+                    (State::Failed(Box::new(error)), Some(cause))
+                }
+            };
+            let old = std::mem::replace(&mut task.state, state);
+            let dependents = std::mem::take(&mut task.dependents);
+            let forgotten = task.forgotten;
+            for (dependent, seq) in dependents {
+                let Some(task) = self.tasks.get_mut(&dependent).filter(|t| t.seq == seq) else { continue };
+                let State::Waiting { shape, missing } = &mut task.state else { continue };
+                match &cause {
+                    None => {
+                        *missing -= 1;
+                        if *missing == 0 {
+                            self.ready.push(dependent);
+                        }
+                    }
+                    Some(cause) => {
+                        let shape = *shape;
+                        let function = self.function_name(shape);
+                        let error = TaskError::DependencyFailed { function, dependency: id, cause: cause.clone() };
+                        work.push_back((dependent, Err(error), true));
+                    }
+                }
+            }
+            self.leave_shape(&old);
+            if forgotten {
+                self.tasks.remove(&id);
+            }
+        }
+    }
+
+    /// Queues the tasks in `self.ready` and places them where they fit now.
+    fn flush_ready(&mut self) {
+        let mut ready = std::mem::take(&mut self.ready);
+        for id in ready.drain(..) {
+            self.make_ready(id);
+        }
+        self.ready = ready;
+    }
+
+    fn make_ready(&mut self, id: TaskId) {
+        let Some(task) = self.tasks.get_mut(&id) else { return };
+        let State::Waiting { shape: s, missing: 0 } = task.state else { return };
+        task.state = State::Queued { shape: s };
+        let seq = task.seq;
+        let Some(shape) = self.shapes.get_mut(s) else { return };
+        shape.queue.push_back((seq, id));
+        shape.queued += 1;
+        self.queued += 1;
+        if shape.capable.is_empty() {
+            self.report_infeasible(s, Some(id));
+        } else if shape.queued == 1
+            && let Some(n) = self.pick_node(s)
+        {
+            // With older tasks of this shape queued, none of its nodes has room (the invariant),
+            // so only a lone task needs to look.
+            self.start(s, n);
+        }
+    }
+
+    /// The next node (round-robin from the shape's cursor) with room for the shape.
+    fn pick_node(&mut self, s: usize) -> Option<usize> {
+        let shape = self.shapes.get_mut(s)?;
+        let len = shape.capable.len();
+        for i in 0..len {
+            let pos = (shape.cursor + i) % len;
+            let n = shape.capable[pos];
+            if self.nodes.get(n).is_some_and(|node| node.pool.fits(&shape.key.need)) {
+                shape.cursor = (pos + 1) % len;
+                return Some(n);
+            }
+        }
+        None
+    }
+
+    /// Offers node `n`'s free room to the shapes it can run, oldest waiting task first, until
+    /// nothing queued fits there. Other nodes need no look: their room did not grow.
+    fn fill_node(&mut self, n: usize) {
+        let mut heap = std::mem::take(&mut self.heap);
+        heap.clear();
+        if let Some(node) = self.nodes.get(n) {
+            for &s in &node.shapes {
+                if let Some(shape) = self.shapes.get_mut(s)
+                    && shape.queued > 0
+                    && node.pool.fits(&shape.key.need)
+                    && let Some((seq, _)) = front(&mut shape.queue, &self.tasks)
+                {
+                    heap.push(Reverse((seq, s)));
+                }
+            }
+        }
+        while let Some(Reverse((_, s))) = heap.pop() {
+            // Another shape may have taken the room since this one was pushed; then it no longer
+            // fits here, and never will during this pass.
+            let fits = |sched: &Scheduler| {
+                sched.nodes.get(n).zip(sched.shapes.get(s)).is_some_and(|(node, shape)| node.pool.fits(&shape.key.need))
+            };
+            if !fits(self) {
+                continue;
+            }
+            self.start(s, n);
+            if fits(self)
+                && let Some(shape) = self.shapes.get_mut(s)
+                && let Some((seq, _)) = front(&mut shape.queue, &self.tasks)
+            {
+                heap.push(Reverse((seq, s)));
+            }
+        }
+        self.heap = heap;
+    }
+
+    /// Leases the oldest queued task of shape `s` to node `n`; the caller checked it fits.
+    fn start(&mut self, s: usize, n: usize) {
+        let (Some(shape), Some(node)) = (self.shapes.get_mut(s), self.nodes.get_mut(n)) else { return };
+        let Some((_, id)) = front(&mut shape.queue, &self.tasks) else { return };
+        shape.queue.pop_front();
+        shape.queued -= 1;
+        self.queued -= 1;
+        node.pool.take(&shape.key.need);
+        node.running.insert(id);
+        if let Some(task) = self.tasks.get_mut(&id) {
+            task.state = State::Running { shape: s, node: n, cpu_released: false };
+        }
+        self.commands.push(Command::Dispatch { task: id, node: node.id });
+    }
+
+    /// Reports `only`, or every queued task of shape `s`, as infeasible.
+    fn report_infeasible(&mut self, s: usize, only: Option<TaskId>) {
+        let Some(shape) = self.shapes.get(s) else { return };
+        let reason = self.infeasible_reason(shape);
+        let tasks: Vec<TaskId> = match only {
+            Some(id) => vec![id],
+            None => shape.queue.iter().filter(|&&(seq, id)| is_queued(&self.tasks, id, seq)).map(|&(_, id)| id).collect(),
+        };
+        for task in tasks {
+            self.commands.push(Command::Infeasible { task, reason: reason.clone() });
+        }
+    }
+
+    fn infeasible_reason(&self, shape: &Shape) -> String {
+        let function = &self.functions[shape.key.function];
+        if self.nodes.is_empty() {
+            return format!("{} requests {}, but no node is connected", function.key, shape.request);
+        }
+        if function.nodes.is_empty() {
+            return format!("no connected node has the function {}", function.key);
+        }
+        const SHOWN: usize = 3;
+        let mut short: Vec<String> = function
+            .nodes
+            .iter()
+            .filter_map(|&n| self.nodes.get(n))
+            .take(SHOWN)
+            .map(|node| format!("{} is short of {}", node.name, node.capacity.shortfall(&shape.request).join(", ")))
+            .collect();
+        if function.nodes.len() > SHOWN {
+            short.push(format!("and {} more", function.nodes.len() - SHOWN));
+        }
+        format!(
+            "{} requests {}, more than any connected node with this function has: {}",
+            function.key,
+            shape.request,
+            short.join("; ")
+        )
+    }
+}
+
+/// The oldest live entry of a shape's queue, dropping entries of tasks that left it.
+fn front(queue: &mut VecDeque<(u64, TaskId)>, tasks: &HashMap<TaskId, Task>) -> Option<(u64, TaskId)> {
+    while let Some(&(seq, id)) = queue.front() {
+        if is_queued(tasks, id, seq) {
+            return Some((seq, id));
+        }
+        queue.pop_front();
+    }
+    None
+}
+
+fn is_queued(tasks: &HashMap<TaskId, Task>, id: TaskId, seq: u64) -> bool {
+    tasks.get(&id).is_some_and(|t| t.seq == seq && matches!(t.state, State::Queued { .. }))
+}
+
+/// The cause a dependent's `DependencyFailed` carries: the original error, not a nesting of one
+/// `DependencyFailed` per hop, so errors stay small (and their `Drop` shallow) on long chains.
+fn root_cause(error: &TaskError) -> Box<TaskError> {
+    match error {
+        TaskError::DependencyFailed { cause, .. } => cause.clone(),
+        other => Box::new(other.clone()),
+    }
+}

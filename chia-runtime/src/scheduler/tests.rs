@@ -1,0 +1,503 @@
+//! Scenario tests: a small environment (like HyperQueue's test env) feeds events to a
+//! [`Scheduler`] and returns the commands each one produced. Deterministic: no network, no sleeps.
+
+use super::*;
+use chia_core::resources::CPU;
+
+/// The scheduler under test, with the helpers a scenario needs.
+struct Env {
+    sched: Scheduler,
+    now: Instant,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env { sched: Scheduler::new(), now: Instant::now() }
+    }
+
+    /// Applies `event` and returns what it produced.
+    fn event(&mut self, event: Event) -> Vec<Command> {
+        self.sched.handle(self.now, event);
+        self.sched.drain_commands().collect()
+    }
+
+    /// Node `id` named `w<id>`, with `resources` and functions named in `functions` (hash `h`).
+    fn join(&mut self, id: u64, resources: &str, functions: &[&str]) -> Vec<Command> {
+        let functions = functions.iter().map(|f| key(f)).collect();
+        self.join_with(id, resources, functions)
+    }
+
+    fn join_with(&mut self, id: u64, resources: &str, functions: Vec<FunctionKey>) -> Vec<Command> {
+        let resources = Resources::parse(resources).unwrap();
+        self.event(Event::NodeJoined { node: NodeId(id), name: format!("w{id}"), resources, functions })
+    }
+
+    fn lose(&mut self, id: u64) -> Vec<Command> {
+        self.event(Event::NodeLost { node: NodeId(id) })
+    }
+
+    fn submit(&mut self, task: TaskId, function: &str, request: &str, deps: &[TaskId]) -> Vec<Command> {
+        self.submit_key(task, key(function), request, deps)
+    }
+
+    fn submit_key(&mut self, task: TaskId, function: FunctionKey, request: &str, deps: &[TaskId]) -> Vec<Command> {
+        let request = Resources::parse(request).unwrap();
+        self.event(Event::TaskSubmitted { task, function, request, deps: deps.to_vec() })
+    }
+
+    fn finish(&mut self, task: TaskId) -> Vec<Command> {
+        self.event(Event::TaskFinished { task, error: None })
+    }
+
+    fn fail(&mut self, task: TaskId, error: TaskError) -> Vec<Command> {
+        self.event(Event::TaskFinished { task, error: Some(error) })
+    }
+
+    fn free(&self, node: u64) -> Resources {
+        self.sched.node_free(NodeId(node)).unwrap()
+    }
+}
+
+fn key(name: &str) -> FunctionKey {
+    FunctionKey::new(name, "h")
+}
+
+/// Task `seq` of session 1.
+fn t(seq: u64) -> TaskId {
+    TaskId::new(SessionId(1), seq)
+}
+
+fn dispatch(task: TaskId, node: u64) -> Command {
+    Command::Dispatch { task, node: NodeId(node) }
+}
+
+/// The tasks dispatched in `commands`, with their nodes.
+fn dispatched(commands: &[Command]) -> Vec<(TaskId, u64)> {
+    commands
+        .iter()
+        .filter_map(|c| match c {
+            Command::Dispatch { task, node } => Some((*task, node.0)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn res(text: &str) -> Resources {
+    Resources::parse(text).unwrap()
+}
+
+fn app_error(function: &str) -> TaskError {
+    TaskError::Application { function: function.into(), message: "boom".into() }
+}
+
+#[test]
+fn resources_are_matched_across_nodes() {
+    let mut env = Env::new();
+    env.join(1, "CPU=4", &["f"]);
+    env.join(2, "CPU=4,gpu=1", &["f"]);
+    assert_eq!(env.submit(t(1), "f", "CPU=1,gpu=1", &[]), [dispatch(t(1), 2)]);
+    // The only GPU is taken: the second GPU task waits instead of landing on node 1.
+    assert_eq!(env.submit(t(2), "f", "CPU=1,gpu=1", &[]), []);
+    assert_eq!(env.submit(t(3), "f", "CPU=3", &[]).len(), 1);
+    assert_eq!(env.sched.queued_len(), 1);
+    assert_eq!(env.finish(t(1)), [dispatch(t(2), 2)]);
+    assert_eq!(env.free(2), res("CPU=3,node:w2=1"));
+}
+
+#[test]
+fn a_node_runs_only_as_many_tasks_as_its_capacity_holds() {
+    let mut env = Env::new();
+    env.join(1, "adder=8,CPU=8", &["add"]);
+    let mut started = Vec::new();
+    for i in 0..5 {
+        started.extend(dispatched(&env.submit(t(i), "add", "adder=2", &[])));
+    }
+    assert_eq!(started, [(t(0), 1), (t(1), 1), (t(2), 1), (t(3), 1)]);
+    assert_eq!(env.free(1).get("adder"), ResourceAmount::ZERO);
+    assert_eq!(env.sched.task_status(t(4)), Some(TaskStatus::Queued));
+    assert_eq!(env.finish(t(2)), [dispatch(t(4), 1)]);
+    assert_eq!(env.sched.running_on(NodeId(1)), [t(0), t(1), t(3), t(4)]);
+    for i in [0, 1, 3, 4] {
+        env.finish(t(i));
+    }
+    assert_eq!(env.free(1), res("adder=8,CPU=8,node:w1=1"));
+}
+
+#[test]
+fn same_shape_tasks_start_in_submission_order() {
+    let mut env = Env::new();
+    env.join(1, "CPU=1", &["f"]);
+    for i in 0..4 {
+        env.submit(t(i), "f", "CPU=1", &[]);
+    }
+    for i in 0..3 {
+        assert_eq!(env.finish(t(i)), [dispatch(t(i + 1), 1)]);
+    }
+}
+
+#[test]
+fn a_big_task_does_not_block_smaller_ones_behind_it() {
+    let mut env = Env::new();
+    env.join(1, "CPU=4", &["f"]);
+    assert_eq!(env.submit(t(1), "f", "CPU=2", &[]), [dispatch(t(1), 1)]);
+    // Fits the node, but not now: it waits without being reported infeasible.
+    assert_eq!(env.submit(t(2), "f", "CPU=4", &[]), []);
+    assert_eq!(env.submit(t(3), "f", "CPU=1", &[]), [dispatch(t(3), 1)]);
+    assert_eq!(env.submit(t(4), "f", "CPU=1", &[]), [dispatch(t(4), 1)]);
+    assert_eq!(env.submit(t(5), "f", "CPU=1", &[]), []);
+    // One CPU free: the small task behind the big one takes it.
+    assert_eq!(env.finish(t(3)), [dispatch(t(5), 1)]);
+    assert_eq!(env.finish(t(1)), []);
+    assert_eq!(env.finish(t(4)), []);
+    assert_eq!(env.finish(t(5)), [dispatch(t(2), 1)]);
+    assert_eq!(env.sched.queued_len(), 0);
+}
+
+#[test]
+fn freed_room_goes_to_the_oldest_queued_task_that_fits() {
+    let mut env = Env::new();
+    env.join(1, "CPU=2", &["f", "g"]);
+    env.submit(t(1), "f", "CPU=2", &[]);
+    env.submit(t(2), "g", "CPU=1", &[]);
+    env.submit(t(3), "f", "CPU=1", &[]);
+    env.submit(t(4), "g", "CPU=1", &[]);
+    assert_eq!(env.finish(t(1)), [dispatch(t(2), 1), dispatch(t(3), 1)]);
+}
+
+#[test]
+fn infeasible_is_reported_once_and_the_task_runs_when_a_capable_node_joins() {
+    let mut env = Env::new();
+    env.join(1, "CPU=2", &["f"]);
+    let commands = env.submit(t(1), "f", "CPU=8", &[]);
+    let [Command::Infeasible { task, reason }] = &commands[..] else { panic!("{commands:?}") };
+    assert_eq!(*task, t(1));
+    assert!(reason.contains("f (signature h)") && reason.contains("CPU=8 (has 2)"), "{reason}");
+    assert!(matches!(&env.submit(t(2), "f", "CPU=8", &[])[..], [Command::Infeasible { task, .. }] if *task == t(2)));
+    // Unrelated activity does not repeat the report.
+    assert_eq!(env.submit(t(3), "f", "CPU=1", &[]), [dispatch(t(3), 1)]);
+    assert_eq!(env.finish(t(3)), []);
+    assert_eq!(env.join(2, "CPU=4", &["f"]), []);
+    assert_eq!(env.join(3, "CPU=16", &["g"]), []);
+    assert_eq!(env.join(4, "CPU=16", &["f"]), [dispatch(t(1), 4), dispatch(t(2), 4)]);
+}
+
+#[test]
+fn with_no_node_connected_tasks_wait_as_infeasible() {
+    let mut env = Env::new();
+    let commands = env.submit(t(1), "f", "CPU=1", &[]);
+    assert!(matches!(&commands[..], [Command::Infeasible { reason, .. }] if reason.contains("no node is connected")));
+    assert_eq!(env.join(1, "CPU=1", &["f"]), [dispatch(t(1), 1)]);
+}
+
+#[test]
+fn unknown_functions_and_signature_mismatches_fail_at_submit() {
+    let mut env = Env::new();
+    env.join_with(1, "CPU=1", vec![FunctionKey::new("f", "h1")]);
+    assert_eq!(
+        env.submit(t(1), "g", "CPU=1", &[]),
+        [Command::Fail { task: t(1), error: TaskError::UnknownFunction { function: "g".into() } }]
+    );
+    env.join_with(2, "CPU=1", vec![FunctionKey::new("f", "h3")]);
+    let mismatch = TaskError::SignatureMismatch {
+        function: "f".into(),
+        expected: "h2".into(),
+        found: vec!["h1".into(), "h3".into()],
+    };
+    assert_eq!(
+        env.submit_key(t(2), FunctionKey::new("f", "h2"), "CPU=1", &[]),
+        [Command::Fail { task: t(2), error: mismatch }]
+    );
+    assert_eq!(env.submit_key(t(3), FunctionKey::new("f", "h3"), "CPU=1", &[]), [dispatch(t(3), 2)]);
+    assert_eq!(env.sched.task_status(t(1)), Some(TaskStatus::Failed));
+}
+
+#[test]
+fn a_task_waits_for_its_dependencies() {
+    let mut env = Env::new();
+    env.join(1, "CPU=4", &["f"]);
+    env.submit(t(1), "f", "CPU=1", &[]);
+    env.submit(t(2), "f", "CPU=1", &[]);
+    assert_eq!(env.submit(t(3), "f", "CPU=1", &[t(1), t(2)]), []);
+    assert_eq!(env.sched.task_status(t(3)), Some(TaskStatus::Waiting));
+    assert_eq!(env.finish(t(1)), []);
+    assert_eq!(env.finish(t(2)), [dispatch(t(3), 1)]);
+    // A dependency that already finished counts as ready.
+    assert_eq!(env.submit(t(4), "f", "CPU=1", &[t(1)]), [dispatch(t(4), 1)]);
+}
+
+#[test]
+fn a_dependency_failure_propagates_down_the_chain() {
+    let mut env = Env::new();
+    env.join(1, "CPU=4", &["f", "g", "h"]);
+    env.submit(t(1), "f", "CPU=1", &[]);
+    env.submit(t(2), "g", "CPU=1", &[t(1)]);
+    env.submit(t(3), "h", "CPU=1", &[t(2)]);
+    env.submit(t(4), "h", "CPU=1", &[t(1), t(2)]);
+    let cause = Box::new(app_error("f"));
+    let failed = |task, function: &str, dependency| Command::Fail {
+        task,
+        error: TaskError::DependencyFailed { function: function.into(), dependency, cause: cause.clone() },
+    };
+    assert_eq!(
+        env.fail(t(1), app_error("f")),
+        [failed(t(2), "g", t(1)), failed(t(4), "h", t(1)), failed(t(3), "h", t(2))]
+    );
+    // Submitted after the failure: fails at once, with the original cause.
+    assert_eq!(env.submit(t(5), "g", "CPU=1", &[t(3)]), [failed(t(5), "g", t(3))]);
+    assert_eq!(env.free(1).get(CPU), ResourceAmount::whole(4));
+}
+
+#[test]
+fn a_long_failed_chain_neither_recurses_nor_nests() {
+    let mut env = Env::new();
+    env.join(1, "CPU=1", &["f"]);
+    env.submit(t(0), "f", "CPU=1", &[]);
+    for i in 1..20_000 {
+        env.submit(t(i), "f", "CPU=1", &[t(i - 1)]);
+    }
+    let commands = env.fail(t(0), app_error("f"));
+    assert_eq!(commands.len(), 19_999);
+    let Command::Fail { error: TaskError::DependencyFailed { cause, .. }, .. } = &commands[19_998] else { panic!() };
+    assert_eq!(**cause, app_error("f"));
+}
+
+#[test]
+fn unknown_or_forgotten_dependencies_fail() {
+    let mut env = Env::new();
+    env.join(1, "CPU=1", &["f"]);
+    let unknown = |task, dependency| Command::Fail {
+        task,
+        error: TaskError::UnknownDependency { function: "f".into(), dependency },
+    };
+    assert_eq!(env.submit(t(1), "f", "CPU=1", &[t(99)]), [unknown(t(1), t(99))]);
+    assert_eq!(env.submit(t(2), "f", "CPU=1", &[t(2)]), [unknown(t(2), t(2))]);
+    env.submit(t(3), "f", "CPU=1", &[]);
+    env.finish(t(3));
+    env.event(Event::TaskForgotten { task: t(3) });
+    assert_eq!(env.sched.task_status(t(3)), None);
+    assert_eq!(env.submit(t(4), "f", "CPU=1", &[t(3)]), [unknown(t(4), t(3))]);
+    // Forgotten while running: it still finishes, then is gone.
+    env.submit(t(5), "f", "CPU=1", &[]);
+    env.event(Event::TaskForgotten { task: t(5) });
+    assert_eq!(env.submit(t(6), "f", "CPU=1", &[t(5)]), [unknown(t(6), t(5))]);
+    env.finish(t(5));
+    assert_eq!(env.sched.task_status(t(5)), None);
+    assert_eq!(env.free(1).get(CPU), ResourceAmount::whole(1));
+}
+
+#[test]
+fn losing_a_node_fails_its_tasks_and_reports_stranded_ones() {
+    let mut env = Env::new();
+    env.join(1, "CPU=1", &["f"]);
+    env.join(2, "CPU=2,gpu=1", &["f"]);
+    assert_eq!(env.submit(t(1), "f", "CPU=1,gpu=1", &[]), [dispatch(t(1), 2)]);
+    assert_eq!(env.submit(t(2), "f", "CPU=1,gpu=1", &[]), []);
+    assert_eq!(env.submit(t(3), "f", "CPU=1", &[]), [dispatch(t(3), 1)]);
+    env.submit(t(4), "f", "CPU=1", &[t(1)]);
+    let commands = env.lose(2);
+    let lost = TaskError::WorkerLost { function: "f".into(), node: "w2".into() };
+    assert_eq!(commands[0], Command::Fail { task: t(1), error: lost.clone() });
+    assert_eq!(
+        commands[1],
+        Command::Fail {
+            task: t(4),
+            error: TaskError::DependencyFailed { function: "f".into(), dependency: t(1), cause: Box::new(lost) }
+        }
+    );
+    assert!(matches!(&commands[2..], [Command::Infeasible { task, reason }] if *task == t(2) && reason.contains("gpu=1 (has 0)")));
+    // The lost node's late report changes nothing.
+    assert_eq!(env.finish(t(1)), []);
+    assert_eq!(env.sched.node_count(), 1);
+    assert_eq!(env.join(3, "CPU=1,gpu=1", &["f"]), [dispatch(t(2), 3)]);
+    env.finish(t(2));
+    env.finish(t(2));
+    assert_eq!(env.free(3), res("CPU=1,gpu=1,node:w3=1"));
+    // Losing the last node with the function strands queued tasks again, once.
+    env.submit(t(5), "f", "CPU=1", &[]);
+    env.submit(t(6), "f", "CPU=1", &[]);
+    env.lose(3);
+    let commands = env.lose(1);
+    assert_eq!(commands.len(), 2, "{commands:?}");
+    assert!(matches!(&commands[1], Command::Infeasible { task, .. } if *task == t(6)));
+}
+
+#[test]
+fn duplicate_and_unknown_reports_are_ignored() {
+    let mut env = Env::new();
+    env.join(1, "CPU=2", &["f"]);
+    assert_eq!(env.submit(t(1), "f", "CPU=1", &[]), [dispatch(t(1), 1)]);
+    assert_eq!(env.submit(t(1), "f", "CPU=1", &[]), []);
+    assert_eq!(env.submit(t(1), "g", "CPU=5", &[t(77)]), []);
+    assert_eq!(env.finish(t(1)), []);
+    assert_eq!(env.finish(t(1)), []);
+    assert_eq!(env.fail(t(1), app_error("f")), []);
+    assert_eq!(env.sched.task_status(t(1)), Some(TaskStatus::Finished));
+    assert_eq!(env.free(1).get(CPU), ResourceAmount::whole(2));
+    for event in [
+        Event::TaskFinished { task: t(50), error: None },
+        Event::TaskBlocked { task: t(50) },
+        Event::TaskBlocked { task: t(1) },
+        Event::TaskForgotten { task: t(50) },
+        Event::NodeLost { node: NodeId(50) },
+        Event::SessionClosed { session: SessionId(50) },
+    ] {
+        assert_eq!(env.event(event), []);
+    }
+    // A second join with a known node id is ignored too.
+    assert_eq!(env.join(1, "CPU=64", &["f"]), []);
+    assert_eq!(env.free(1).get(CPU), ResourceAmount::whole(2));
+}
+
+#[test]
+fn a_blocked_task_gives_its_cpu_to_the_child_it_waits_on() {
+    let mut env = Env::new();
+    env.join(1, "CPU=1,mem=4", &["parent", "child"]);
+    assert_eq!(env.submit(t(1), "parent", "CPU=1,mem=1", &[]), [dispatch(t(1), 1)]);
+    assert_eq!(env.submit(t(2), "child", "CPU=1,mem=1", &[]), []);
+    assert_eq!(env.event(Event::TaskBlocked { task: t(1) }), [dispatch(t(2), 1)]);
+    assert_eq!(env.event(Event::TaskBlocked { task: t(1) }), []);
+    env.finish(t(2));
+    env.finish(t(1));
+    // Only what the parent still held came back: nothing above capacity.
+    assert_eq!(env.free(1), res("CPU=1,mem=4,node:w1=1"));
+}
+
+#[test]
+fn closing_a_session_drops_its_unstarted_tasks_only() {
+    let mut env = Env::new();
+    let u = |seq| TaskId::new(SessionId(2), seq);
+    env.join(1, "CPU=1", &["f"]);
+    assert_eq!(env.submit(t(1), "f", "CPU=1", &[]), [dispatch(t(1), 1)]);
+    env.submit(t(2), "f", "CPU=1", &[]);
+    env.submit(t(3), "f", "CPU=1", &[t(1)]);
+    env.submit(u(1), "f", "CPU=1", &[]);
+    env.submit(u(2), "f", "CPU=1", &[t(3)]);
+    assert_eq!(env.sched.queued_len(), 2);
+    assert_eq!(
+        env.event(Event::SessionClosed { session: SessionId(1) }),
+        [Command::Fail { task: u(2), error: TaskError::UnknownDependency { function: "f".into(), dependency: t(3) } }]
+    );
+    assert_eq!(env.sched.queued_len(), 1);
+    assert_eq!(env.sched.task_status(t(2)), None);
+    assert_eq!(env.sched.task_status(t(1)), Some(TaskStatus::Running { node: NodeId(1) }));
+    assert_eq!(env.finish(t(1)), [dispatch(u(1), 1)]);
+    assert_eq!(env.sched.task_status(t(1)), Some(TaskStatus::Finished));
+    // A dropped id may be submitted again, and its stale queue entry is not run twice.
+    assert_eq!(env.submit(t(2), "f", "CPU=1", &[]), []);
+    assert_eq!(env.finish(u(1)), [dispatch(t(2), 1)]);
+    assert_eq!(env.finish(t(2)), []);
+    assert_eq!(env.sched.queued_len(), 0);
+}
+
+#[test]
+fn a_fan_out_spreads_over_nodes() {
+    let mut env = Env::new();
+    for id in 1..=4 {
+        env.join(id, "CPU=4", &["f"]);
+    }
+    env.submit(t(0), "f", "CPU=1", &[]);
+    env.finish(t(0));
+    let mut per_node = [0; 5];
+    for i in 1..=8 {
+        for (_, node) in dispatched(&env.submit(t(i), "f", "CPU=1", &[])) {
+            per_node[node as usize] += 1;
+        }
+    }
+    assert_eq!(per_node, [0, 2, 2, 2, 2]);
+    // Children made ready together by one parent spread as well.
+    env.submit(t(100), "f", "CPU=1", &[]);
+    for i in 101..109 {
+        env.submit(t(i), "f", "CPU=1", &[t(100)]);
+    }
+    let commands = env.finish(t(100));
+    let mut nodes: Vec<u64> = dispatched(&commands).into_iter().map(|(_, n)| n).collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    assert_eq!(commands.len(), 8);
+    assert_eq!(nodes, [1, 2, 3, 4]);
+}
+
+#[test]
+fn fractional_requests_share_a_unit() {
+    let mut env = Env::new();
+    env.join(1, "CPU=1", &["f"]);
+    assert_eq!(env.submit(t(1), "f", "CPU=0.5", &[]), [dispatch(t(1), 1)]);
+    assert_eq!(env.submit(t(2), "f", "CPU=0.5", &[]), [dispatch(t(2), 1)]);
+    assert_eq!(env.submit(t(3), "f", "CPU=0.5", &[]), []);
+    assert_eq!(env.submit(t(4), "f", "CPU=0.25", &[]), []);
+    assert_eq!(env.finish(t(1)), [dispatch(t(3), 1)]);
+}
+
+#[test]
+fn a_task_can_be_pinned_to_a_node_by_name() {
+    let mut env = Env::new();
+    env.join(1, "CPU=4", &["f"]);
+    env.join(2, "CPU=4", &["f"]);
+    env.join(3, "CPU=4,node:w3=2", &["f"]);
+    for i in 0..2 {
+        assert_eq!(env.submit(t(i), "f", "node:w2=0.5", &[]), [dispatch(t(i), 2)]);
+    }
+    assert_eq!(env.free(3).get("node:w3"), ResourceAmount::whole(2));
+    let commands = env.submit(t(5), "f", "node:w9=1", &[]);
+    assert!(matches!(&commands[..], [Command::Infeasible { reason, .. }] if reason.contains("node:w9=1 (has 0)")));
+}
+
+#[test]
+fn shapes_are_dropped_when_no_task_uses_them() {
+    let mut env = Env::new();
+    env.join(1, "CPU=1", &["f"]);
+    for i in 0..100 {
+        env.submit(t(i), "f", &format!("mem={}", i + 1), &[]);
+    }
+    assert_eq!(env.sched.shapes.len(), 100);
+    env.event(Event::SessionClosed { session: SessionId(1) });
+    assert_eq!(env.sched.shapes.len(), 0);
+    assert!(env.sched.nodes.get(0).unwrap().shapes.is_empty());
+    env.join(2, "CPU=1,mem=200", &["f"]);
+    assert_eq!(env.submit(t(200), "f", "mem=2", &[]), [dispatch(t(200), 2)]);
+}
+
+/// Throughput check: `cargo test --release -- --ignored --nocapture throughput`.
+#[test]
+#[ignore]
+fn throughput() {
+    let mut sched = Scheduler::new();
+    let now = Instant::now();
+    for id in 0..1_000 {
+        let resources = res("CPU=8,adder=8");
+        let functions = vec![key("f")];
+        sched.handle(now, Event::NodeJoined { node: NodeId(id), name: format!("w{id}"), resources, functions });
+    }
+    let tasks = 1_000_000u64;
+    let request = res("CPU=1,adder=2");
+    let started = std::time::Instant::now();
+    for i in 0..tasks {
+        let event = Event::TaskSubmitted { task: t(i), function: key("f"), request: request.clone(), deps: vec![] };
+        sched.handle(now, event);
+    }
+    let submitted = started.elapsed();
+    let mut running: Vec<TaskId> = Vec::new();
+    let mut decisions = 0u64;
+    let mut next = 0;
+    loop {
+        for command in sched.drain_commands() {
+            if let Command::Dispatch { task, .. } = command {
+                running.push(task);
+                decisions += 1;
+            }
+        }
+        if next >= running.len() {
+            break;
+        }
+        let task = running[next];
+        next += 1;
+        sched.handle(now, Event::TaskFinished { task, error: None });
+    }
+    let total = started.elapsed();
+    assert_eq!(decisions, tasks);
+    println!(
+        "submit {:.0}/s, submit+dispatch+finish {:.0} tasks/s",
+        tasks as f64 / submitted.as_secs_f64(),
+        tasks as f64 / total.as_secs_f64()
+    );
+}

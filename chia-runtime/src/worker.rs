@@ -1,0 +1,104 @@
+//! The worker agent: joins the head with its resources and the functions linked into this
+//! binary, runs what the head sends, and reports each outcome. A function that fails or
+//! panics fails only its task; the worker keeps serving.
+
+use crate::api::Context;
+use crate::client::{Client, Execution};
+use crate::error::Error;
+use crate::registry::{self, Invoke};
+use crate::tls::ClusterCredentials;
+use chia_core::protocol::{Outcome, PeerToHead, WorkerOffer};
+use chia_core::{Resources, TaskError};
+use std::any::Any;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// A worker connected to a head.
+pub struct Worker {
+    context: Context,
+    stopped: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Worker {
+    /// Joins the cluster as `name` offering `resources` and every linked function.
+    pub async fn connect(credentials: &ClusterCredentials, name: &str, resources: Resources) -> Result<Worker, Error> {
+        let mut functions: Vec<_> = registry::functions().values().map(|spec| spec.key()).collect();
+        functions.sort();
+        let offer = WorkerOffer { resources, functions };
+        let (client, executions) = Client::connect(credentials, name, Some(offer)).await?;
+        let context = Context::new(client, None);
+        let (stop_tx, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(serve(context.clone(), executions, stop_tx));
+        Ok(Worker { context, stopped })
+    }
+
+    /// The name the head gave this node.
+    pub fn node_name(&self) -> &str {
+        self.context.node_name()
+    }
+
+    /// A context on this worker's connection.
+    pub fn context(&self) -> &Context {
+        &self.context
+    }
+
+    /// Resolves when the connection to the head has ended.
+    pub async fn stopped(&self) {
+        let mut stopped = self.stopped.clone();
+        let _ = stopped.wait_for(|s| *s).await;
+    }
+
+    /// Leaves the cluster.
+    pub async fn shutdown(&self) {
+        self.context.shutdown().await;
+    }
+}
+
+async fn serve(
+    context: Context,
+    mut executions: mpsc::UnboundedReceiver<Execution>,
+    stopped: tokio::sync::watch::Sender<bool>,
+) {
+    while let Some(execution) = executions.recv().await {
+        tokio::spawn(run(context.clone(), execution));
+    }
+    let _ = stopped.send(true);
+}
+
+async fn run(context: Context, execution: Execution) {
+    let Execution { task, function, args, tag: _ } = execution;
+    let client: Arc<Client> = context.client().clone();
+    let outcome = match registry::functions().get(function.as_str()) {
+        None => Outcome::Failed(TaskError::UnknownFunction { function }),
+        Some(spec) => {
+            let task_context = context.for_task(task);
+            let result = match spec.invoke {
+                Invoke::Sync(invoke) => tokio::task::spawn_blocking(move || invoke(task_context, args)).await,
+                Invoke::Async(invoke) => tokio::spawn(invoke(task_context, args)).await,
+            };
+            match result {
+                Ok(Ok(value)) => Outcome::Value(value),
+                Ok(Err(error)) => Outcome::Failed(error),
+                Err(join_error) if join_error.is_panic() => Outcome::Failed(TaskError::Panic {
+                    function: spec.name.to_string(),
+                    message: panic_message(join_error.into_panic()),
+                }),
+                Err(join_error) => Outcome::Failed(TaskError::Panic {
+                    function: spec.name.to_string(),
+                    message: format!("the task was aborted: {join_error}"),
+                }),
+            }
+        }
+    };
+    client.send(&PeerToHead::Finished { task, outcome });
+}
+
+fn panic_message(payload: Box<dyn Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(text) => *text,
+        Err(payload) => match payload.downcast::<&'static str>() {
+            Ok(text) => text.to_string(),
+            Err(_) => "(a panic with a non-text payload)".to_string(),
+        },
+    }
+}

@@ -1,0 +1,115 @@
+//! The command line of a worker binary. A user's worker is one line:
+//! `fn main() -> std::process::ExitCode { chia::worker_main() }`, linked with the crates that
+//! define the user's functions.
+
+use crate::local::{default_state_dir, env, with_default_cpus};
+use crate::tls::ClusterCredentials;
+use crate::worker::Worker;
+use chia_core::Resources;
+use clap::Parser;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Joins a chia cluster and runs the remote functions linked into this binary.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct WorkerArgs {
+    /// The cluster file written by chia-head (default: <state dir>/cluster.yaml).
+    #[arg(long, env = env::CLUSTER_FILE)]
+    cluster_file: Option<PathBuf>,
+    /// The head's address, host:port (default: the one in the cluster file).
+    #[arg(long, env = env::ADDRESS)]
+    address: Option<String>,
+    /// Resources this node offers, e.g. `adder=4,cpu=2` (CPU defaults to the core count).
+    #[arg(long, default_value = "")]
+    resources: String,
+    /// A YAML file with a `resources:` map (e.g. `resources: {adder: 4, fpga: 0.5}`), merged
+    /// under --resources.
+    #[arg(long)]
+    resources_file: Option<PathBuf>,
+    /// The node name (default: <hostname>-<pid>); the head adds a suffix if it is taken.
+    #[arg(long)]
+    name: Option<String>,
+}
+
+/// Sets up logging from `RUST_LOG` (default `info`) for binaries and examples.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Runs a worker from the command line until the head goes away or Ctrl-C.
+pub fn worker_main() -> ExitCode {
+    let args = WorkerArgs::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: WorkerArgs) -> Result<ExitCode, String> {
+    let resources = offered_resources(&args)?;
+    let file = args.cluster_file.unwrap_or_else(|| default_state_dir().join("cluster.yaml"));
+    let mut credentials = ClusterCredentials::load(&file).map_err(|e| e.to_string())?;
+    if let Some(address) = args.address {
+        credentials.address = address;
+    }
+    let name = args.name.unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+    let worker = Worker::connect(&credentials, &name, resources.clone()).await.map_err(|e| e.to_string())?;
+    println!("chia-worker ready node={} head={} resources={resources}", worker.node_name(), credentials.address);
+    tokio::select! {
+        _ = worker.stopped() => {
+            tracing::error!("lost the connection to the head at {}", credentials.address);
+            Ok(ExitCode::FAILURE)
+        }
+        _ = tokio::signal::ctrl_c() => {
+            worker.shutdown().await;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn offered_resources(args: &WorkerArgs) -> Result<Resources, String> {
+    let mut resources = Resources::new();
+    if let Some(path) = &args.resources_file {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct ResourcesFile {
+            resources: BTreeMap<String, f64>,
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let file: ResourcesFile = serde_saphyr::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        for (name, amount) in file.resources {
+            let amount = chia_core::ResourceAmount::from_f64(amount)
+                .map_err(|e| format!("{}: resource {name}: {e}", path.display()))?;
+            resources.set(&name, amount).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
+    let flags = Resources::parse(&args.resources).map_err(|e| format!("--resources {:?}: {e}", args.resources))?;
+    for (name, amount) in flags.iter() {
+        resources.set(name, amount).map_err(|e| e.to_string())?;
+    }
+    Ok(with_default_cpus(resources))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".to_string())
+}
