@@ -68,30 +68,64 @@ pub enum Done {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerToHead {
-    Hello { protocol_version: u32, name: String, worker: Option<WorkerOffer> },
+    Hello {
+        protocol_version: u32,
+        name: String,
+        worker: Option<WorkerOffer>,
+    },
     Submit(TaskSpec),
     /// Every `ObjectRef` to these tasks was dropped.
-    Release { tasks: Vec<TaskId> },
+    Release {
+        tasks: Vec<TaskId>,
+    },
     /// Send me this task's value.
-    Fetch { task: TaskId },
+    Fetch {
+        task: TaskId,
+    },
     /// A worker finished a task it was given.
-    Finished { task: TaskId, outcome: Outcome },
+    Finished {
+        task: TaskId,
+        outcome: Outcome,
+    },
     /// A running task is waiting for other tasks: its CPU may go to them.
-    Blocked { task: TaskId },
+    Blocked {
+        task: TaskId,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HeadToPeer {
-    Welcome { protocol_version: u32, session: SessionId, node: Option<NodeId>, node_name: String },
-    Rejected { reason: String },
+    Welcome {
+        protocol_version: u32,
+        session: SessionId,
+        node: Option<NodeId>,
+        node_name: String,
+    },
+    Rejected {
+        reason: String,
+    },
     /// Run this task (to a worker).
-    Execute { task: TaskId, function: String, args: Vec<ArgValue>, tag: Option<String> },
+    Execute {
+        task: TaskId,
+        function: String,
+        args: Vec<ArgValue>,
+        tag: Option<String>,
+    },
     /// A task this session submitted ended.
-    Done { task: TaskId, done: Done },
+    Done {
+        task: TaskId,
+        done: Done,
+    },
     /// No node connected now could ever run this task; it stays queued for one that can.
-    Infeasible { task: TaskId, reason: String },
+    Infeasible {
+        task: TaskId,
+        reason: String,
+    },
     /// Answer to [`PeerToHead::Fetch`].
-    Fetched { task: TaskId, outcome: Option<Outcome> },
+    Fetched {
+        task: TaskId,
+        outcome: Option<Outcome>,
+    },
 }
 
 /// An argument as the worker receives it: always a value.

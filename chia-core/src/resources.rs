@@ -181,7 +181,8 @@ impl Resources {
     pub fn parse(text: &str) -> Result<Resources, ResourceError> {
         let mut out = Resources::new();
         for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-            let (name, amount) = entry.split_once('=').ok_or_else(|| ResourceError::BadEntry(entry.to_string()))?;
+            let (name, amount) =
+                entry.split_once('=').ok_or_else(|| ResourceError::BadEntry(entry.to_string()))?;
             let name = Self::canonical_name(name.trim())?;
             if out.0.contains_key(&name) {
                 return Err(ResourceError::Duplicate(name));

@@ -173,10 +173,10 @@ impl<T> ObjectRef<T> {
     }
 
     fn tell_head_blocked(&self) {
-        if let Some(caller) = &self.inner.caller {
-            if !caller.blocked_sent.swap(true, Ordering::AcqRel) {
-                self.inner.client.send(&PeerToHead::Blocked { task: caller.task });
-            }
+        if let Some(caller) = &self.inner.caller
+            && !caller.blocked_sent.swap(true, Ordering::AcqRel)
+        {
+            self.inner.client.send(&PeerToHead::Blocked { task: caller.task });
         }
     }
 }
@@ -348,7 +348,10 @@ impl<T: DeserializeOwned> Call<T> {
         // The submission is queued before any release of the argument refs, and the head
         // holds the dependencies from the submission on, so dropping them now is safe.
         drop(keep_refs);
-        ObjectRef { inner: Arc::new(RefInner { task, client, caller: cx.running.clone() }), _type: PhantomData }
+        ObjectRef {
+            inner: Arc::new(RefInner { task, client, caller: cx.running.clone() }),
+            _type: PhantomData,
+        }
     }
 
     /// Submits the call and blocks until its result is ready.
@@ -361,9 +364,12 @@ impl<T: DeserializeOwned> Call<T> {
 /// outside any runtime, or a multi-threaded runtime's worker (via `block_in_place`).
 pub(crate) fn block_on<F: Future>(handle: &tokio::runtime::Handle, future: F) -> Result<F::Output, Error> {
     match tokio::runtime::Handle::try_current() {
-        Ok(current) if current.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => Err(Error::Setup(
-            "a blocking chia call was made on a current-thread tokio runtime; use `.await` instead".into(),
-        )),
+        Ok(current) if current.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => {
+            Err(Error::Setup(
+                "a blocking chia call was made on a current-thread tokio runtime; use `.await` instead"
+                    .into(),
+            ))
+        }
         Ok(_) => Ok(tokio::task::block_in_place(|| handle.block_on(future))),
         Err(_) => Ok(handle.block_on(future)),
     }

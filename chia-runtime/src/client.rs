@@ -8,7 +8,8 @@ use crate::error::Error;
 use crate::tls::{ClusterCredentials, HEAD_SERVER_NAME};
 use crate::transport::{FrameReader, FrameSender, TransportError};
 use chia_core::protocol::{
-    ArgValue, Done, HeadToPeer, Outcome, PROTOCOL_VERSION, PeerToHead, TaskSpec, Value, WorkerOffer, decode_body,
+    ArgValue, Done, HeadToPeer, Outcome, PROTOCOL_VERSION, PeerToHead, TaskSpec, Value, WorkerOffer,
+    decode_body,
 };
 use chia_core::{NodeId, SessionId, TaskError, TaskId};
 use dashmap::DashMap;
@@ -31,7 +32,9 @@ pub struct Execution {
 pub(crate) enum SlotState {
     Pending,
     /// The value is on the head; `fetching` once a Fetch was sent.
-    Stored { fetching: bool },
+    Stored {
+        fetching: bool,
+    },
     Value(Arc<Value>),
     Failed(Error),
 }
@@ -68,7 +71,8 @@ impl Client {
         offer: Option<WorkerOffer>,
     ) -> Result<(Arc<Client>, mpsc::UnboundedReceiver<Execution>), Error> {
         let address = credentials.address.clone();
-        let setup = |message: String| Error::Setup(format!("could not join the cluster at {address}: {message}"));
+        let setup =
+            |message: String| Error::Setup(format!("could not join the cluster at {address}: {message}"));
         let peer: SocketAddr = tokio::net::lookup_host(&address)
             .await
             .map_err(|e| setup(format!("cannot resolve the address: {e}")))?
@@ -86,7 +90,11 @@ impl Client {
         let (send, recv) = connection.open_bi().await.map_err(|e| setup(e.to_string()))?;
         let sender = FrameSender::spawn(send);
         sender
-            .send(&PeerToHead::Hello { protocol_version: PROTOCOL_VERSION, name: name.to_string(), worker: offer })
+            .send(&PeerToHead::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                name: name.to_string(),
+                worker: offer,
+            })
             .map_err(|e| setup(e.to_string()))?;
         let mut reader = FrameReader::new(recv);
         let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next_frame())
@@ -94,7 +102,9 @@ impl Client {
             .map_err(|_| setup("the head did not answer the hello".into()))?
             .map_err(|e| setup(e.to_string()))?
             .ok_or_else(|| setup("the head closed the connection during the hello".into()))?;
-        let (session, node, node_name) = match decode_body::<HeadToPeer>(first).map_err(|e| setup(e.to_string()))? {
+        let (session, node, node_name) = match decode_body::<HeadToPeer>(first)
+            .map_err(|e| setup(e.to_string()))?
+        {
             HeadToPeer::Welcome { session, node, node_name, .. } => (session, node, node_name),
             HeadToPeer::Rejected { reason } => return Err(setup(format!("the head rejected us: {reason}"))),
             other => return Err(setup(format!("unexpected first message {other:?}"))),
@@ -176,9 +186,17 @@ impl Client {
 
     /// Registers `waiter` on `task` unless it is already settled; returns the state seen.
     /// A `Stored` value triggers its fetch here, once.
-    pub(crate) fn poll_slot(&self, task: TaskId, waiter: &Arc<Notify>, fetch: bool) -> (SlotState, Option<String>) {
+    pub(crate) fn poll_slot(
+        &self,
+        task: TaskId,
+        waiter: &Arc<Notify>,
+        fetch: bool,
+    ) -> (SlotState, Option<String>) {
         let Some(mut slot) = self.slots.get_mut(&task) else {
-            return (SlotState::Failed(Error::Disconnected(format!("{task} is not known to this client"))), None);
+            return (
+                SlotState::Failed(Error::Disconnected(format!("{task} is not known to this client"))),
+                None,
+            );
         };
         if fetch && matches!(slot.state, SlotState::Stored { fetching: false }) {
             slot.state = SlotState::Stored { fetching: true };
@@ -237,12 +255,18 @@ impl Client {
     }
 }
 
-async fn read_loop(client: Arc<Client>, mut reader: FrameReader, executions: mpsc::UnboundedSender<Execution>) {
+async fn read_loop(
+    client: Arc<Client>,
+    mut reader: FrameReader,
+    executions: mpsc::UnboundedSender<Execution>,
+) {
     let reason = loop {
         let frame = match reader.next_frame().await {
             Ok(Some(frame)) => frame,
             Ok(None) => break "the head closed the connection".to_string(),
-            Err(TransportError::Read(quinn::ReadError::ConnectionLost(e))) => break format!("connection lost: {e}"),
+            Err(TransportError::Read(quinn::ReadError::ConnectionLost(e))) => {
+                break format!("connection lost: {e}");
+            }
             Err(e) => break e.to_string(),
         };
         let message = match decode_body::<HeadToPeer>(frame) {
@@ -273,7 +297,9 @@ async fn read_loop(client: Arc<Client>, mut reader: FrameReader, executions: mps
                 let state = match outcome {
                     Some(Outcome::Value(value)) => SlotState::Value(Arc::new(value)),
                     Some(Outcome::Failed(error)) => SlotState::Failed(error.into()),
-                    None => SlotState::Failed(Error::Disconnected(format!("the head no longer holds {task}"))),
+                    None => {
+                        SlotState::Failed(Error::Disconnected(format!("the head no longer holds {task}")))
+                    }
                 };
                 client.finish_slot(task, state);
             }

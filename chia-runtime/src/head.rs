@@ -33,6 +33,19 @@ pub struct HeadHandle {
     address: SocketAddr,
     endpoint: quinn::Endpoint,
     credentials: HeadCredentials,
+    events: mpsc::UnboundedSender<CoreEvent>,
+}
+
+/// What the head holds right now (for tests, logs and the benchmark).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeadStats {
+    pub sessions: usize,
+    pub nodes: usize,
+    /// Tasks the head keeps a record of: queued, running, or finished with a value someone
+    /// can still ask for.
+    pub tasks: usize,
+    /// Bytes of finished results held.
+    pub result_bytes: usize,
 }
 
 impl HeadHandle {
@@ -44,6 +57,13 @@ impl HeadHandle {
     /// The cluster file contents for peers that reach the head at `address`.
     pub fn cluster_credentials(&self, address: &str) -> ClusterCredentials {
         self.credentials.cluster(address)
+    }
+
+    /// A snapshot of what the head holds, taken after every event queued before it.
+    pub async fn stats(&self) -> Option<HeadStats> {
+        let (reply, stats) = tokio::sync::oneshot::channel();
+        self.events.send(CoreEvent::Stats { reply }).ok()?;
+        stats.await.ok()
     }
 
     /// Stops accepting and closes every connection.
@@ -71,15 +91,29 @@ pub fn start_head(listen: SocketAddr, credentials: HeadCredentials) -> Result<He
     let address = endpoint.local_addr().map_err(|e| crate::Error::Setup(e.to_string()))?;
     let (events, event_rx) = mpsc::unbounded_channel();
     tokio::spawn(HeadCore::new().run(event_rx));
-    tokio::spawn(accept_loop(endpoint.clone(), events));
+    tokio::spawn(accept_loop(endpoint.clone(), events.clone()));
     tracing::info!("head listening on {address}");
-    Ok(HeadHandle { address, endpoint, credentials })
+    Ok(HeadHandle { address, endpoint, credentials, events })
 }
 
 enum CoreEvent {
-    Joined { hello: Hello, sender: FrameSender, connection: quinn::Connection, accepted: tokio::sync::oneshot::Sender<SessionId> },
-    Message { session: SessionId, message: PeerToHead },
-    Closed { session: SessionId, reason: String },
+    Joined {
+        hello: Hello,
+        sender: FrameSender,
+        connection: quinn::Connection,
+        accepted: tokio::sync::oneshot::Sender<SessionId>,
+    },
+    Message {
+        session: SessionId,
+        message: PeerToHead,
+    },
+    Closed {
+        session: SessionId,
+        reason: String,
+    },
+    Stats {
+        reply: tokio::sync::oneshot::Sender<HeadStats>,
+    },
 }
 
 struct Hello {
@@ -140,7 +174,8 @@ async fn serve_connection(incoming: quinn::Incoming, events: mpsc::UnboundedSend
         Err(e) => return reject(format!("malformed hello: {e}")),
     };
     let (accepted, session) = tokio::sync::oneshot::channel();
-    let joined = CoreEvent::Joined { hello, sender: sender.clone(), connection: connection.clone(), accepted };
+    let joined =
+        CoreEvent::Joined { hello, sender: sender.clone(), connection: connection.clone(), accepted };
     if events.send(joined).is_err() {
         return;
     }
@@ -220,9 +255,28 @@ impl HeadCore {
 
     fn handle(&mut self, event: CoreEvent) {
         match event {
-            CoreEvent::Joined { hello, sender, connection, accepted } => self.join(hello, sender, connection, accepted),
+            CoreEvent::Joined { hello, sender, connection, accepted } => {
+                self.join(hello, sender, connection, accepted)
+            }
             CoreEvent::Message { session, message } => self.message(session, message),
             CoreEvent::Closed { session, reason } => self.close(session, &reason),
+            CoreEvent::Stats { reply } => {
+                let result_bytes = self
+                    .tasks
+                    .values()
+                    .map(|r| match &r.outcome {
+                        Some(Outcome::Value(value)) => value.len(),
+                        _ => 0,
+                    })
+                    .sum();
+                let stats = HeadStats {
+                    sessions: self.sessions.len(),
+                    nodes: self.nodes.len(),
+                    tasks: self.tasks.len(),
+                    result_bytes,
+                };
+                let _ = reply.send(stats);
+            }
         }
     }
 
@@ -251,8 +305,12 @@ impl HeadCore {
             }
             None => (None, format!("driver-{}", session.0)),
         };
-        let welcome =
-            HeadToPeer::Welcome { protocol_version: PROTOCOL_VERSION, session, node, node_name: name.clone() };
+        let welcome = HeadToPeer::Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            session,
+            node,
+            node_name: name.clone(),
+        };
         if sender.send(&welcome).is_err() || accepted.send(session).is_err() {
             return;
         }
@@ -267,7 +325,12 @@ impl HeadCore {
         self.sessions.insert(session, Session { name: name.clone(), node, sender, connection });
         if let (Some(node), Some(offer)) = (node, hello.worker) {
             self.nodes.insert(node, session);
-            self.feed(Event::NodeJoined { node, name, resources: offer.resources, functions: offer.functions });
+            self.feed(Event::NodeJoined {
+                node,
+                name,
+                resources: offer.resources,
+                functions: offer.functions,
+            });
         }
     }
 
@@ -277,7 +340,10 @@ impl HeadCore {
         if !taken.contains(base) {
             return base.to_string();
         }
-        (2..).map(|n| format!("{base}-{n}")).find(|name| !taken.contains(name.as_str())).expect("names run out")
+        (2..)
+            .map(|n| format!("{base}-{n}"))
+            .find(|name| !taken.contains(name.as_str()))
+            .expect("names run out")
     }
 
     fn message(&mut self, session: SessionId, message: PeerToHead) {
@@ -285,11 +351,11 @@ impl HeadCore {
             PeerToHead::Submit(spec) => self.submit(session, spec),
             PeerToHead::Release { tasks } => {
                 for task in tasks {
-                    if let Some(record) = self.tasks.get_mut(&task) {
-                        if record.owner == session {
-                            record.owner_holds = false;
-                            self.maybe_free(task);
-                        }
+                    if let Some(record) = self.tasks.get_mut(&task)
+                        && record.owner == session
+                    {
+                        record.owner_holds = false;
+                        self.maybe_free(task);
                     }
                 }
             }
@@ -462,7 +528,8 @@ impl HeadCore {
             self.feed(Event::NodeLost { node });
         }
         self.feed(Event::SessionClosed { session });
-        let owned: Vec<TaskId> = self.tasks.iter().filter(|(_, r)| r.owner == session).map(|(t, _)| *t).collect();
+        let owned: Vec<TaskId> =
+            self.tasks.iter().filter(|(_, r)| r.owner == session).map(|(t, _)| *t).collect();
         for task in owned {
             if let Some(record) = self.tasks.get_mut(&task) {
                 record.owner_holds = false;
@@ -478,13 +545,12 @@ impl HeadCore {
     }
 
     fn send(&self, session: SessionId, message: &HeadToPeer) {
-        if let Some(peer) = self.sessions.get(&session) {
-            if let Err(e) = peer.sender.send(message) {
-                tracing::error!("could not send to {}: {e}", peer.name);
-                if let HeadToPeer::Done { task, .. } | HeadToPeer::Fetched { task, .. } = message {
-                    let error = TaskError::BadResult { function: String::new(), message: e.to_string() };
-                    let _ = peer.sender.send(&HeadToPeer::Done { task: *task, done: Done::Failed(error) });
-                }
+        let Some(peer) = self.sessions.get(&session) else { return };
+        if let Err(e) = peer.sender.send(message) {
+            tracing::error!("could not send to {}: {e}", peer.name);
+            if let HeadToPeer::Done { task, .. } | HeadToPeer::Fetched { task, .. } = message {
+                let error = TaskError::BadResult { function: String::new(), message: e.to_string() };
+                let _ = peer.sender.send(&HeadToPeer::Done { task: *task, done: Done::Failed(error) });
             }
         }
     }

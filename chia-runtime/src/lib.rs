@@ -36,6 +36,8 @@ pub mod worker;
 mod worker_main;
 
 pub use api::{ArgInput, Call, Context, IntoArg, ObjectRef, get, wait};
+/// The plain data types (ids, resources, wire protocol) this runtime is built on.
+pub use chia_core as core;
 pub use chia_core::{ResourceAmount, Resources, TaskError, TaskId};
 pub use chia_macros::function;
 pub use error::Error;

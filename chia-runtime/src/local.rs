@@ -146,7 +146,9 @@ impl LocalCluster {
         let worker_resources: Vec<Resources> = workers.into_iter().map(with_default_cpus).collect();
         let mut started = Vec::with_capacity(worker_resources.len());
         for (index, resources) in worker_resources.iter().enumerate() {
-            started.push(Worker::connect(&credentials, &format!("local-{}", index + 1), resources.clone()).await?);
+            started.push(
+                Worker::connect(&credentials, &format!("local-{}", index + 1), resources.clone()).await?,
+            );
         }
         Ok(LocalCluster { head, workers: started, worker_resources, credentials })
     }
@@ -154,6 +156,11 @@ impl LocalCluster {
     /// The cluster file contents for connecting to this cluster.
     pub fn credentials(&self) -> &ClusterCredentials {
         &self.credentials
+    }
+
+    /// The head.
+    pub fn head(&self) -> &HeadHandle {
+        &self.head
     }
 
     /// The workers, in the order given.

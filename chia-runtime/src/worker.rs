@@ -5,7 +5,7 @@
 use crate::api::Context;
 use crate::client::{Client, Execution};
 use crate::error::Error;
-use crate::registry::{self, Invoke};
+use crate::registry::{self, FunctionSpec, Invoke};
 use crate::tls::ClusterCredentials;
 use chia_core::protocol::{Outcome, PeerToHead, WorkerOffer};
 use chia_core::{Resources, TaskError};
@@ -21,8 +21,24 @@ pub struct Worker {
 
 impl Worker {
     /// Joins the cluster as `name` offering `resources` and every linked function.
-    pub async fn connect(credentials: &ClusterCredentials, name: &str, resources: Resources) -> Result<Worker, Error> {
-        let mut functions: Vec<_> = registry::functions().values().map(|spec| spec.key()).collect();
+    pub async fn connect(
+        credentials: &ClusterCredentials,
+        name: &str,
+        resources: Resources,
+    ) -> Result<Worker, Error> {
+        Worker::connect_offering(credentials, name, resources, |_| true).await
+    }
+
+    /// Like [`Worker::connect`], but offers only the linked functions `offer` accepts (a node
+    /// that should not run some functions, whatever its resources).
+    pub async fn connect_offering(
+        credentials: &ClusterCredentials,
+        name: &str,
+        resources: Resources,
+        offer: impl Fn(&FunctionSpec) -> bool,
+    ) -> Result<Worker, Error> {
+        let mut functions: Vec<_> =
+            registry::functions().values().filter(|spec| offer(spec)).map(|spec| spec.key()).collect();
         functions.sort();
         let offer = WorkerOffer { resources, functions };
         let (client, executions) = Client::connect(credentials, name, Some(offer)).await?;
@@ -69,6 +85,7 @@ async fn run(context: Context, execution: Execution) {
     let Execution { task, function, args, tag: _ } = execution;
     let client: Arc<Client> = context.client().clone();
     let outcome = match registry::functions().get(function.as_str()) {
+        // The head only sends what this worker offered; this guards against a head bug.
         None => Outcome::Failed(TaskError::UnknownFunction { function }),
         Some(spec) => {
             let task_context = context.for_task(task);

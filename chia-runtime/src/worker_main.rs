@@ -69,7 +69,11 @@ async fn run(args: WorkerArgs) -> Result<ExitCode, String> {
     }
     let name = args.name.unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
     let worker = Worker::connect(&credentials, &name, resources.clone()).await.map_err(|e| e.to_string())?;
-    println!("chia-worker ready node={} head={} resources={resources}", worker.node_name(), credentials.address);
+    println!(
+        "chia-worker ready node={} head={} resources={resources}",
+        worker.node_name(),
+        credentials.address
+    );
     tokio::select! {
         _ = worker.stopped() => {
             tracing::error!("lost the connection to the head at {}", credentials.address);
@@ -91,14 +95,16 @@ fn offered_resources(args: &WorkerArgs) -> Result<Resources, String> {
             resources: BTreeMap<String, f64>,
         }
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let file: ResourcesFile = serde_saphyr::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let file: ResourcesFile =
+            serde_saphyr::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         for (name, amount) in file.resources {
             let amount = chia_core::ResourceAmount::from_f64(amount)
                 .map_err(|e| format!("{}: resource {name}: {e}", path.display()))?;
             resources.set(&name, amount).map_err(|e| format!("{}: {e}", path.display()))?;
         }
     }
-    let flags = Resources::parse(&args.resources).map_err(|e| format!("--resources {:?}: {e}", args.resources))?;
+    let flags =
+        Resources::parse(&args.resources).map_err(|e| format!("--resources {:?}: {e}", args.resources))?;
     for (name, amount) in flags.iter() {
         resources.set(name, amount).map_err(|e| e.to_string())?;
     }

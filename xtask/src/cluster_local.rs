@@ -83,7 +83,8 @@ fn plan_workers(args: &Args) -> Result<Vec<WorkerPlan>, String> {
             .collect());
     };
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let config: ClusterConfig = serde_saphyr::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let config: ClusterConfig =
+        serde_saphyr::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut plan = Vec::new();
     for (group_index, group) in config.workers.iter().enumerate() {
         let resources = group.resources.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
@@ -103,7 +104,17 @@ fn plan_workers(args: &Args) -> Result<Vec<WorkerPlan>, String> {
 async fn build(args: &Args) -> Result<PathBuf, String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut command = Command::new(&cargo);
-    command.args(["build", "--quiet", "-p", "chia-runtime", "--bin", "chia-head", "-p", "examples", "--bins"]);
+    command.args([
+        "build",
+        "--quiet",
+        "-p",
+        "chia-runtime",
+        "--bin",
+        "chia-head",
+        "-p",
+        "examples",
+        "--bins",
+    ]);
     if args.release {
         command.arg("--release");
     }
@@ -112,7 +123,8 @@ async fn build(args: &Args) -> Result<PathBuf, String> {
         return Err("cargo build failed".into());
     }
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace");
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target"));
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target"));
     Ok(target.join(if args.release { "release" } else { "debug" }))
 }
 
@@ -134,7 +146,14 @@ async fn start_and_run(
     let mut pending = Vec::new();
     for worker in plan {
         let mut command = Command::new(bin_dir.join(&args.worker_bin));
-        command.args(["--cluster-file", &cluster_file, "--name", &worker.name, "--resources", &worker.resources]);
+        command.args([
+            "--cluster-file",
+            &cluster_file,
+            "--name",
+            &worker.name,
+            "--resources",
+            &worker.resources,
+        ]);
         pending.push((worker.name.clone(), spawn_logged(command, &worker.name, logs, children)?));
     }
     for (name, ready) in pending {
@@ -152,10 +171,15 @@ async fn start_and_run(
         return Ok(ExitCode::SUCCESS);
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let path = std::env::join_paths(std::iter::once(bin_dir.to_path_buf()).chain(std::env::split_paths(&path)))
-        .map_err(|e| e.to_string())?;
+    let path =
+        std::env::join_paths(std::iter::once(bin_dir.to_path_buf()).chain(std::env::split_paths(&path)))
+            .map_err(|e| e.to_string())?;
     let mut command = Command::new(&args.command[0]);
-    command.args(&args.command[1..]).env("CHIA_ADDRESS", &address).env("CHIA_CLUSTER_FILE", &cluster_file).env("PATH", path);
+    command
+        .args(&args.command[1..])
+        .env("CHIA_ADDRESS", &address)
+        .env("CHIA_CLUSTER_FILE", &cluster_file)
+        .env("PATH", path);
     let mut child = command.spawn().map_err(|e| format!("cannot run {:?}: {e}", args.command[0]))?;
     let status = tokio::select! {
         status = child.wait() => status.map_err(|e| e.to_string())?,
@@ -214,7 +238,11 @@ async fn print_logs(mut logs: mpsc::UnboundedReceiver<String>) {
     }
 }
 
-async fn wait_ready(mut lines: mpsc::UnboundedReceiver<String>, name: &str, marker: &str) -> Result<String, String> {
+async fn wait_ready(
+    mut lines: mpsc::UnboundedReceiver<String>,
+    name: &str,
+    marker: &str,
+) -> Result<String, String> {
     let wait = async {
         while let Some(line) = lines.recv().await {
             if line.starts_with(marker) {
@@ -223,7 +251,9 @@ async fn wait_ready(mut lines: mpsc::UnboundedReceiver<String>, name: &str, mark
         }
         Err(format!("{name} exited before it was ready (see its log above)"))
     };
-    tokio::time::timeout(READY_TIMEOUT, wait).await.map_err(|_| format!("{name} was not ready within {READY_TIMEOUT:?}"))?
+    tokio::time::timeout(READY_TIMEOUT, wait)
+        .await
+        .map_err(|_| format!("{name} was not ready within {READY_TIMEOUT:?}"))?
 }
 
 fn field(line: &str, key: &str) -> Option<String> {

@@ -24,7 +24,7 @@ use chia_core::resources::NODE_PREFIX;
 use chia_core::{FunctionKey, NodeId, ResourceAmount, Resources, SessionId, TaskError, TaskId};
 use pool::{Names, Need, Pool, Slab};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::Instant;
 
 /// Something that happened, as the head tells the scheduler.
@@ -88,15 +88,20 @@ pub struct Scheduler {
     functions_by_name: HashMap<String, Vec<usize>>,
     shapes: Slab<Shape>,
     shape_index: HashMap<ShapeKey, usize>,
-    tasks: HashMap<TaskId, Task>,
-    /// Submission counter: orders tasks across shapes, and tells a queue entry from a later task
-    /// that reuses the same id.
+    /// The shape of the latest submission: a burst of identical submissions skips interning.
+    last_shape: Option<usize>,
+    /// Tasks live in a slab and refer to each other by slot, so only an event's own task id
+    /// is ever hashed.
+    tasks: Slab<Task>,
+    task_index: HashMap<TaskId, usize>,
+    /// Submission counter: orders tasks across shapes, and tells a task from a later one that
+    /// reuses its slot or id.
     next_seq: u64,
     /// Live entries over all shape queues.
     queued: usize,
     commands: Vec<Command>,
-    /// Tasks whose dependencies all finished during the current event, placed at its end.
-    ready: Vec<TaskId>,
+    /// Slots of tasks whose dependencies all finished during the current event, placed at its end.
+    ready: Vec<usize>,
     /// Reused by [`Scheduler::fill_node`] so a pass does not allocate.
     heap: BinaryHeap<Reverse<(u64, usize)>>,
     last_event: Option<Instant>,
@@ -112,7 +117,8 @@ struct Node {
     functions: Vec<usize>,
     /// Shapes this node could hold when idle (it has the function and the capacity).
     shapes: Vec<usize>,
-    running: HashSet<TaskId>,
+    /// Slots of the tasks leased here; each knows its position, so removal is O(1).
+    running: Vec<usize>,
 }
 
 struct Function {
@@ -134,8 +140,8 @@ struct Shape {
     request: Resources,
     /// The CPU part of `key.need`, given back when a task blocks.
     cpu: u64,
-    /// `(seq, task)` of ready tasks, oldest first. Entries of dropped tasks are skipped lazily.
-    queue: VecDeque<(u64, TaskId)>,
+    /// `(seq, slot)` of ready tasks, oldest first. Entries of dropped tasks are skipped lazily.
+    queue: VecDeque<(u64, usize)>,
     /// Live entries in `queue`.
     queued: usize,
     /// Live nodes that could hold it when idle; empty means infeasible.
@@ -148,26 +154,41 @@ struct Shape {
 }
 
 struct Task {
+    id: TaskId,
     seq: u64,
     state: State,
-    /// `(task, seq)` of unfinished tasks waiting on this one.
-    dependents: Vec<(TaskId, u64)>,
+    /// `(slot, seq)` of unfinished tasks waiting on this one.
+    dependents: Vec<(usize, u64)>,
     /// The head released it: remove it once it ends, and treat it as unknown to new dependents.
     forgotten: bool,
 }
 
 enum State {
-    Waiting { shape: usize, missing: usize },
-    Queued { shape: usize },
-    Running { shape: usize, node: usize, cpu_released: bool },
+    Waiting {
+        shape: usize,
+        missing: usize,
+    },
+    Queued {
+        shape: usize,
+    },
+    /// `pos` is the task's index in its node's `running`.
+    Running {
+        shape: usize,
+        node: usize,
+        pos: usize,
+        cpu_released: bool,
+    },
     Finished,
     Failed(Box<TaskError>),
 }
 
 impl State {
+    /// The shape of an unfinished task; `None` once it ended.
     fn shape(&self) -> Option<usize> {
         match *self {
-            State::Waiting { shape, .. } | State::Queued { shape } | State::Running { shape, .. } => Some(shape),
+            State::Waiting { shape, .. } | State::Queued { shape } | State::Running { shape, .. } => {
+                Some(shape)
+            }
             State::Finished | State::Failed(_) => None,
         }
     }
@@ -190,7 +211,9 @@ impl Scheduler {
             functions_by_name: HashMap::new(),
             shapes: Slab::default(),
             shape_index: HashMap::new(),
-            tasks: HashMap::new(),
+            last_shape: None,
+            tasks: Slab::default(),
+            task_index: HashMap::new(),
             next_seq: 0,
             queued: 0,
             commands: Vec::new(),
@@ -210,7 +233,9 @@ impl Scheduler {
                 self.node_joined(node, name, resources, functions)
             }
             Event::NodeLost { node } => self.node_lost(node),
-            Event::TaskSubmitted { task, function, request, deps } => self.submit(task, function, request, &deps),
+            Event::TaskSubmitted { task, function, request, deps } => {
+                self.submit(task, function, request, &deps)
+            }
             Event::TaskFinished { task, error } => self.task_finished(task, error),
             Event::TaskBlocked { task } => self.task_blocked(task),
             Event::TaskForgotten { task } => self.task_forgotten(task),
@@ -235,7 +260,9 @@ impl Scheduler {
 
     /// Tasks leased to `node`, sorted; empty for an unknown node.
     pub fn running_on(&self, node: NodeId) -> Vec<TaskId> {
-        let mut running: Vec<TaskId> = self.node(node).map(|n| n.running.iter().copied().collect()).unwrap_or_default();
+        let Some(node) = self.node(node) else { return Vec::new() };
+        let mut running: Vec<TaskId> =
+            node.running.iter().filter_map(|&t| Some(self.tasks.get(t)?.id)).collect();
         running.sort_unstable();
         running
     }
@@ -245,10 +272,10 @@ impl Scheduler {
         self.node(node).map(|n| self.names.resources(n.pool.free()))
     }
 
-    /// Where `task` is, or `None` if the scheduler does not know it (never submitted, or forgotten
-    /// after it ended).
+    /// Where `task` is, or `None` if the scheduler does not know it (never submitted, dropped with
+    /// its session, or forgotten after it ended).
     pub fn task_status(&self, task: TaskId) -> Option<TaskStatus> {
-        Some(match &self.tasks.get(&task)?.state {
+        Some(match &self.tasks.get(*self.task_index.get(&task)?)?.state {
             State::Waiting { .. } => TaskStatus::Waiting,
             State::Queued { .. } => TaskStatus::Queued,
             State::Running { node, .. } => TaskStatus::Running { node: self.nodes.get(*node)?.id },
@@ -266,9 +293,26 @@ impl Scheduler {
         self.nodes.get(*self.node_index.get(&node)?)
     }
 
+    /// The slot of the unfinished task `(slot, seq)` refers to, if it still exists.
+    fn unfinished(&self, slot: usize, seq: u64) -> Option<&Task> {
+        self.tasks.get(slot).filter(|t| t.seq == seq && t.state.shape().is_some())
+    }
+
+    fn remove_task(&mut self, slot: usize) -> Option<Task> {
+        let task = self.tasks.remove(slot)?;
+        self.task_index.remove(&task.id);
+        Some(task)
+    }
+
     // ---- nodes ----
 
-    fn node_joined(&mut self, id: NodeId, name: String, mut resources: Resources, functions: Vec<FunctionKey>) {
+    fn node_joined(
+        &mut self,
+        id: NodeId,
+        name: String,
+        mut resources: Resources,
+        functions: Vec<FunctionKey>,
+    ) {
         if self.node_index.contains_key(&id) {
             return;
         }
@@ -281,22 +325,25 @@ impl Scheduler {
         let mut fns: Vec<usize> = functions.into_iter().map(|key| self.intern_function(key)).collect();
         fns.sort_unstable();
         fns.dedup();
-        let n = self.nodes.insert(Node {
+        let node = Node {
             id,
             name,
             capacity: resources,
             pool,
             functions: fns,
             shapes: Vec::new(),
-            running: HashSet::new(),
-        });
+            running: Vec::new(),
+        };
+        let n = self.nodes.insert(node);
         self.node_index.insert(id, n);
         let Some(node) = self.nodes.get_mut(n) else { return };
         for &f in &node.functions {
             self.functions[f].nodes.push(n);
         }
         for (s, shape) in self.shapes.iter_mut() {
-            if node.functions.binary_search(&shape.key.function).is_ok() && node.pool.could_hold(&shape.key.need) {
+            if node.functions.binary_search(&shape.key.function).is_ok()
+                && node.pool.could_hold(&shape.key.need)
+            {
                 shape.capable.push(n);
                 node.shapes.push(s);
             }
@@ -315,9 +362,10 @@ impl Scheduler {
                 shape.capable.retain(|&x| x != n);
             }
         }
-        let mut running: Vec<TaskId> = node.running.into_iter().collect();
+        let mut running: Vec<(TaskId, usize)> =
+            node.running.iter().filter_map(|&t| Some((self.tasks.get(t)?.id, t))).collect();
         running.sort_unstable();
-        for task in running {
+        for (_, task) in running {
             self.worker_lost(task, &node.name);
         }
         self.flush_ready();
@@ -328,12 +376,13 @@ impl Scheduler {
         }
     }
 
-    /// A task's node went away while it ran. For now that fails it; retrying would re-queue it
-    /// here instead.
-    fn worker_lost(&mut self, task: TaskId, node_name: &str) {
-        let Some(shape) = self.tasks.get(&task).and_then(|t| t.state.shape()) else { return };
-        let error = TaskError::WorkerLost { function: self.function_name(shape), node: node_name.to_string() };
-        self.settle(task, Err(error), true);
+    /// The node running task `slot` went away. For now that fails the task; retrying would
+    /// re-queue it here instead.
+    fn worker_lost(&mut self, slot: usize, node_name: &str) {
+        let Some(shape) = self.tasks.get(slot).and_then(|t| t.state.shape()) else { return };
+        let error =
+            TaskError::WorkerLost { function: self.function_name(shape), node: node_name.to_string() };
+        self.settle(slot, Err(error), true);
     }
 
     // ---- functions and shapes ----
@@ -376,17 +425,29 @@ impl Scheduler {
         if found.is_empty() {
             Err(TaskError::UnknownFunction { function: key.name.clone() })
         } else {
-            Err(TaskError::SignatureMismatch { function: key.name.clone(), expected: key.sig_hash.clone(), found })
+            Err(TaskError::SignatureMismatch {
+                function: key.name.clone(),
+                expected: key.sig_hash.clone(),
+                found,
+            })
         }
     }
 
-    /// The shape of `(function, request)`, created on first use, with one more reference.
-    fn shape_for(&mut self, function: usize, request: Resources) -> usize {
+    /// The latest submission's shape, when this one has the same function and request and that
+    /// function is still runnable (so the function check would pass too).
+    fn same_shape_as_last(&self, function: &FunctionKey, request: &Resources) -> Option<usize> {
+        let s = self.last_shape?;
+        let shape = self.shapes.get(s)?;
+        let f = self.functions.get(shape.key.function)?;
+        let runnable = !f.nodes.is_empty() || self.nodes.is_empty();
+        (runnable && f.key == *function && shape.request == *request).then_some(s)
+    }
+
+    /// The shape of `(function, request)`, created on first use.
+    fn shape_for(&mut self, function: FunctionKey, request: Resources) -> usize {
+        let function = self.intern_function(function);
         let key = ShapeKey { function, need: self.names.need(&request) };
-        if let Some(&s) = self.shape_index.get(&key)
-            && let Some(shape) = self.shapes.get_mut(s)
-        {
-            shape.refs += 1;
+        if let Some(&s) = self.shape_index.get(&key) {
             return s;
         }
         let cpu = key.need.iter().find(|&&(res, _)| res == Names::CPU).map_or(0, |&(_, amount)| amount);
@@ -396,7 +457,7 @@ impl Scheduler {
             .copied()
             .filter(|&n| self.nodes.get(n).is_some_and(|node| node.pool.could_hold(&key.need)))
             .collect();
-        let s = self.shapes.insert(Shape {
+        let shape = Shape {
             key: key.clone(),
             request,
             cpu,
@@ -404,8 +465,9 @@ impl Scheduler {
             queued: 0,
             capable,
             cursor: 0,
-            refs: 1,
-        });
+            refs: 0,
+        };
+        let s = self.shapes.insert(shape);
         self.shape_index.insert(key, s);
         if let Some(shape) = self.shapes.get(s) {
             for &n in &shape.capable {
@@ -426,7 +488,7 @@ impl Scheduler {
             shape.queued -= 1;
             self.queued -= 1;
             if shape.queue.len() > 2 * shape.queued + 64 {
-                shape.queue.retain(|&(seq, id)| is_queued(&self.tasks, id, seq));
+                shape.queue.retain(|&(seq, slot)| is_queued(&self.tasks, slot, seq));
             }
         }
         shape.refs -= 1;
@@ -446,72 +508,114 @@ impl Scheduler {
     // ---- tasks ----
 
     fn submit(&mut self, id: TaskId, function: FunctionKey, request: Resources, deps: &[TaskId]) {
-        if self.tasks.contains_key(&id) {
+        if self.task_index.contains_key(&id) {
             return; // A duplicate id: the first submission stands.
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        if let Err(error) = self.check_function(&function).and_then(|()| self.check_deps(&function.name, deps)) {
+        let cached = self.same_shape_as_last(&function, &request);
+        let checked = if cached.is_some() { Ok(()) } else { self.check_function(&function) };
+        if let Err(error) = checked.and_then(|()| self.check_deps(&function.name, deps)) {
             self.commands.push(Command::Fail { task: id, error: error.clone() });
-            let state = State::Failed(Box::new(error));
-            self.tasks.insert(id, Task { seq, state, dependents: Vec::new(), forgotten: false });
+            self.insert_task(id, seq, State::Failed(Box::new(error)));
             return;
         }
-        let function = self.intern_function(function);
-        let shape = self.shape_for(function, request);
-        let mut missing = 0;
+        let shape = match cached {
+            Some(s) => s,
+            None => self.shape_for(function, request),
+        };
+        self.last_shape = Some(shape);
+        if let Some(shape) = self.shapes.get_mut(shape) {
+            shape.refs += 1;
+        }
+        let slot = self.insert_task(id, seq, State::Waiting { shape, missing: 0 });
+        let mut unfinished = 0;
         for dep in deps {
-            if let Some(task) = self.tasks.get_mut(dep)
+            if let Some(&d) = self.task_index.get(dep)
+                && let Some(task) = self.tasks.get_mut(d)
                 && task.state.shape().is_some()
             {
-                task.dependents.push((id, seq));
-                missing += 1;
+                task.dependents.push((slot, seq));
+                unfinished += 1;
             }
         }
-        self.tasks.insert(id, Task { seq, state: State::Waiting { shape, missing }, dependents: Vec::new(), forgotten: false });
-        if missing == 0 {
-            self.ready.push(id);
+        if unfinished == 0 {
+            self.ready.push(slot);
             self.flush_ready();
+        } else if let Some(Task { state: State::Waiting { missing, .. }, .. }) = self.tasks.get_mut(slot) {
+            *missing = unfinished;
         }
+    }
+
+    fn insert_task(&mut self, id: TaskId, seq: u64, state: State) -> usize {
+        let slot = self.tasks.insert(Task { id, seq, state, dependents: Vec::new(), forgotten: false });
+        self.task_index.insert(id, slot);
+        slot
     }
 
     /// Fails a submission whose dependencies are unknown or failed already.
     fn check_deps(&self, function: &str, deps: &[TaskId]) -> Result<(), TaskError> {
         for &dep in deps {
-            match self.tasks.get(&dep) {
-                None => return Err(TaskError::UnknownDependency { function: function.to_string(), dependency: dep }),
-                Some(task) if task.forgotten => {
-                    return Err(TaskError::UnknownDependency { function: function.to_string(), dependency: dep });
-                }
-                Some(Task { state: State::Failed(error), .. }) => {
-                    let cause = root_cause(error);
-                    return Err(TaskError::DependencyFailed { function: function.to_string(), dependency: dep, cause });
-                }
-                Some(_) => {}
+            let unknown = || TaskError::UnknownDependency { function: function.to_string(), dependency: dep };
+            let task =
+                self.task_index.get(&dep).and_then(|&slot| self.tasks.get(slot)).ok_or_else(unknown)?;
+            if task.forgotten {
+                return Err(unknown());
+            }
+            if let State::Failed(error) = &task.state {
+                let cause = root_cause(error);
+                return Err(TaskError::DependencyFailed {
+                    function: function.to_string(),
+                    dependency: dep,
+                    cause,
+                });
             }
         }
         Ok(())
     }
 
     fn task_finished(&mut self, id: TaskId, error: Option<TaskError>) {
-        let Some(task) = self.tasks.get(&id) else { return };
-        let State::Running { shape, node, cpu_released } = task.state else { return };
+        let Some(&slot) = self.task_index.get(&id) else { return };
+        let Some(&Task { state: State::Running { shape, node, pos, cpu_released }, .. }) =
+            self.tasks.get(slot)
+        else {
+            return; // Not running: unknown, a duplicate report, or from a node already lost.
+        };
+        self.unlist_running(node, pos);
         if let (Some(n), Some(s)) = (self.nodes.get_mut(node), self.shapes.get(shape)) {
             n.pool.give_back(&s.key.need, cpu_released.then_some(Names::CPU));
-            n.running.remove(&id);
         }
-        self.settle(id, error.map_or(Ok(()), Err), false);
+        self.settle(slot, error.map_or(Ok(()), Err), false);
         // Tasks already queued get the freed room before the ones this finish made ready.
         self.fill_node(node);
         self.flush_ready();
     }
 
+    /// Takes the task at `pos` off node `n`'s running list, keeping the moved task's `pos` right.
+    fn unlist_running(&mut self, n: usize, pos: usize) {
+        let Some(node) = self.nodes.get_mut(n) else { return };
+        if pos >= node.running.len() {
+            return;
+        }
+        node.running.swap_remove(pos);
+        if let Some(&moved) = node.running.get(pos)
+            && let Some(Task { state: State::Running { pos: moved_pos, .. }, .. }) = self.tasks.get_mut(moved)
+        {
+            *moved_pos = pos;
+        }
+    }
+
     fn task_blocked(&mut self, id: TaskId) {
-        let Some(task) = self.tasks.get_mut(&id) else { return };
-        let State::Running { shape, node, ref mut cpu_released } = task.state else { return };
+        let Some(&slot) = self.task_index.get(&id) else { return };
+        let Some(Task { state: State::Running { shape, node, cpu_released, .. }, .. }) =
+            self.tasks.get_mut(slot)
+        else {
+            return;
+        };
         if std::mem::replace(cpu_released, true) {
             return; // Blocked before: its CPU is back already.
         }
+        let (shape, node) = (*shape, *node);
         let cpu = self.shapes.get(shape).map_or(0, |s| s.cpu);
         if cpu > 0
             && let Some(n) = self.nodes.get_mut(node)
@@ -522,52 +626,53 @@ impl Scheduler {
     }
 
     fn task_forgotten(&mut self, id: TaskId) {
-        let Some(task) = self.tasks.get_mut(&id) else { return };
+        let Some(&slot) = self.task_index.get(&id) else { return };
+        let Some(task) = self.tasks.get_mut(slot) else { return };
         if task.state.shape().is_some() {
             task.forgotten = true; // Still unfinished: it runs, then goes.
         } else {
-            self.tasks.remove(&id);
+            self.remove_task(slot);
         }
     }
 
+    /// Drops the session's unstarted tasks. Scans all tasks, which is fine for a rare event.
     fn session_closed(&mut self, session: SessionId) {
-        let mut dropped: Vec<(u64, TaskId)> = self
+        let mut dropped: Vec<(u64, usize)> = self
             .tasks
             .iter()
-            .filter(|(id, task)| {
-                id.session() == session && matches!(task.state, State::Waiting { .. } | State::Queued { .. })
+            .filter(|(_, t)| {
+                t.id.session() == session && matches!(t.state, State::Waiting { .. } | State::Queued { .. })
             })
-            .map(|(id, task)| (task.seq, *id))
+            .map(|(slot, t)| (t.seq, slot))
             .collect();
         dropped.sort_unstable();
         let mut orphans = Vec::new();
-        for (_, id) in dropped {
-            let Some(task) = self.tasks.remove(&id) else { continue };
+        for (_, slot) in dropped {
+            let Some(task) = self.remove_task(slot) else { continue };
             self.leave_shape(&task.state);
-            orphans.extend(task.dependents.into_iter().map(|(dependent, seq)| (dependent, seq, id)));
+            orphans.extend(task.dependents.into_iter().map(|(dependent, seq)| (dependent, seq, task.id)));
         }
         // Tasks of other sessions that waited on a dropped task can never run.
         for (dependent, seq, dependency) in orphans {
-            let Some(shape) = self.tasks.get(&dependent).filter(|t| t.seq == seq).and_then(|t| t.state.shape())
-            else {
-                continue;
-            };
+            let Some(shape) = self.unfinished(dependent, seq).and_then(|t| t.state.shape()) else { continue };
             let error = TaskError::UnknownDependency { function: self.function_name(shape), dependency };
             self.settle(dependent, Err(error), true);
         }
     }
 
-    /// Records that the unfinished task `id` ended with `outcome` (announcing a failure to its
-    /// owner when the scheduler decided it), and carries the outcome down the dependency graph:
-    /// dependents whose last dependency succeeded go to `self.ready`, and a failure fails the
-    /// whole downstream chain. Iterative, so a long chain cannot overflow the stack.
-    fn settle(&mut self, id: TaskId, outcome: Result<(), TaskError>, announce: bool) {
-        let mut work = VecDeque::from([(id, outcome, announce)]);
-        while let Some((id, outcome, announce)) = work.pop_front() {
-            let Some(task) = self.tasks.get_mut(&id) else { continue };
+    /// Records that the unfinished task in `slot` ended with `outcome` (announcing a failure to
+    /// its owner when the scheduler decided it), and carries the outcome down the dependency
+    /// graph: dependents whose last dependency succeeded go to `self.ready`, and a failure fails
+    /// the whole downstream chain. Iterative, so a long chain cannot overflow the stack.
+    fn settle(&mut self, slot: usize, outcome: Result<(), TaskError>, announce: bool) {
+        let mut work = VecDeque::new();
+        let mut next = Some((slot, outcome, announce));
+        while let Some((slot, outcome, announce)) = next.take().or_else(|| work.pop_front()) {
+            let Some(task) = self.tasks.get_mut(slot) else { continue };
             if task.state.shape().is_none() {
                 continue; // Already ended (a task reached twice through two failed dependencies).
             }
+            let id = task.id;
             let (state, cause) = match outcome {
                 Ok(()) => (State::Finished, None),
                 Err(error) => {
@@ -582,7 +687,7 @@ impl Scheduler {
             let dependents = std::mem::take(&mut task.dependents);
             let forgotten = task.forgotten;
             for (dependent, seq) in dependents {
-                let Some(task) = self.tasks.get_mut(&dependent).filter(|t| t.seq == seq) else { continue };
+                let Some(task) = self.tasks.get_mut(dependent).filter(|t| t.seq == seq) else { continue };
                 let State::Waiting { shape, missing } = &mut task.state else { continue };
                 match &cause {
                     None => {
@@ -594,14 +699,15 @@ impl Scheduler {
                     Some(cause) => {
                         let shape = *shape;
                         let function = self.function_name(shape);
-                        let error = TaskError::DependencyFailed { function, dependency: id, cause: cause.clone() };
+                        let error =
+                            TaskError::DependencyFailed { function, dependency: id, cause: cause.clone() };
                         work.push_back((dependent, Err(error), true));
                     }
                 }
             }
             self.leave_shape(&old);
             if forgotten {
-                self.tasks.remove(&id);
+                self.remove_task(slot);
             }
         }
     }
@@ -609,23 +715,23 @@ impl Scheduler {
     /// Queues the tasks in `self.ready` and places them where they fit now.
     fn flush_ready(&mut self) {
         let mut ready = std::mem::take(&mut self.ready);
-        for id in ready.drain(..) {
-            self.make_ready(id);
+        for slot in ready.drain(..) {
+            self.make_ready(slot);
         }
         self.ready = ready;
     }
 
-    fn make_ready(&mut self, id: TaskId) {
-        let Some(task) = self.tasks.get_mut(&id) else { return };
+    fn make_ready(&mut self, slot: usize) {
+        let Some(task) = self.tasks.get_mut(slot) else { return };
         let State::Waiting { shape: s, missing: 0 } = task.state else { return };
         task.state = State::Queued { shape: s };
         let seq = task.seq;
         let Some(shape) = self.shapes.get_mut(s) else { return };
-        shape.queue.push_back((seq, id));
+        shape.queue.push_back((seq, slot));
         shape.queued += 1;
         self.queued += 1;
         if shape.capable.is_empty() {
-            self.report_infeasible(s, Some(id));
+            self.report_infeasible(s, Some(slot));
         } else if shape.queued == 1
             && let Some(n) = self.pick_node(s)
         {
@@ -666,17 +772,18 @@ impl Scheduler {
                 }
             }
         }
+        let fits = |sched: &Scheduler, s: usize| {
+            let (node, shape) = (sched.nodes.get(n), sched.shapes.get(s));
+            node.zip(shape).is_some_and(|(node, shape)| node.pool.fits(&shape.key.need))
+        };
         while let Some(Reverse((_, s))) = heap.pop() {
             // Another shape may have taken the room since this one was pushed; then it no longer
-            // fits here, and never will during this pass.
-            let fits = |sched: &Scheduler| {
-                sched.nodes.get(n).zip(sched.shapes.get(s)).is_some_and(|(node, shape)| node.pool.fits(&shape.key.need))
-            };
-            if !fits(self) {
+            // fits here, and will not during this pass.
+            if !fits(self, s) {
                 continue;
             }
             self.start(s, n);
-            if fits(self)
+            if fits(self, s)
                 && let Some(shape) = self.shapes.get_mut(s)
                 && let Some((seq, _)) = front(&mut shape.queue, &self.tasks)
             {
@@ -689,28 +796,34 @@ impl Scheduler {
     /// Leases the oldest queued task of shape `s` to node `n`; the caller checked it fits.
     fn start(&mut self, s: usize, n: usize) {
         let (Some(shape), Some(node)) = (self.shapes.get_mut(s), self.nodes.get_mut(n)) else { return };
-        let Some((_, id)) = front(&mut shape.queue, &self.tasks) else { return };
+        let Some((_, slot)) = front(&mut shape.queue, &self.tasks) else { return };
+        let Some(task) = self.tasks.get_mut(slot) else { return };
         shape.queue.pop_front();
         shape.queued -= 1;
         self.queued -= 1;
         node.pool.take(&shape.key.need);
-        node.running.insert(id);
-        if let Some(task) = self.tasks.get_mut(&id) {
-            task.state = State::Running { shape: s, node: n, cpu_released: false };
-        }
-        self.commands.push(Command::Dispatch { task: id, node: node.id });
+        task.state = State::Running { shape: s, node: n, pos: node.running.len(), cpu_released: false };
+        node.running.push(slot);
+        self.commands.push(Command::Dispatch { task: task.id, node: node.id });
     }
 
-    /// Reports `only`, or every queued task of shape `s`, as infeasible.
-    fn report_infeasible(&mut self, s: usize, only: Option<TaskId>) {
+    /// Reports the task in slot `only`, or every queued task of shape `s`, as infeasible.
+    fn report_infeasible(&mut self, s: usize, only: Option<usize>) {
         let Some(shape) = self.shapes.get(s) else { return };
         let reason = self.infeasible_reason(shape);
-        let tasks: Vec<TaskId> = match only {
-            Some(id) => vec![id],
-            None => shape.queue.iter().filter(|&&(seq, id)| is_queued(&self.tasks, id, seq)).map(|&(_, id)| id).collect(),
+        let slots: Vec<usize> = match only {
+            Some(slot) => vec![slot],
+            None => shape
+                .queue
+                .iter()
+                .filter(|&&(seq, slot)| is_queued(&self.tasks, slot, seq))
+                .map(|e| e.1)
+                .collect(),
         };
-        for task in tasks {
-            self.commands.push(Command::Infeasible { task, reason: reason.clone() });
+        for slot in slots {
+            if let Some(task) = self.tasks.get(slot) {
+                self.commands.push(Command::Infeasible { task: task.id, reason: reason.clone() });
+            }
         }
     }
 
@@ -728,7 +841,9 @@ impl Scheduler {
             .iter()
             .filter_map(|&n| self.nodes.get(n))
             .take(SHOWN)
-            .map(|node| format!("{} is short of {}", node.name, node.capacity.shortfall(&shape.request).join(", ")))
+            .map(|node| {
+                format!("{} is short of {}", node.name, node.capacity.shortfall(&shape.request).join(", "))
+            })
             .collect();
         if function.nodes.len() > SHOWN {
             short.push(format!("and {} more", function.nodes.len() - SHOWN));
@@ -743,18 +858,18 @@ impl Scheduler {
 }
 
 /// The oldest live entry of a shape's queue, dropping entries of tasks that left it.
-fn front(queue: &mut VecDeque<(u64, TaskId)>, tasks: &HashMap<TaskId, Task>) -> Option<(u64, TaskId)> {
-    while let Some(&(seq, id)) = queue.front() {
-        if is_queued(tasks, id, seq) {
-            return Some((seq, id));
+fn front(queue: &mut VecDeque<(u64, usize)>, tasks: &Slab<Task>) -> Option<(u64, usize)> {
+    while let Some(&(seq, slot)) = queue.front() {
+        if is_queued(tasks, slot, seq) {
+            return Some((seq, slot));
         }
         queue.pop_front();
     }
     None
 }
 
-fn is_queued(tasks: &HashMap<TaskId, Task>, id: TaskId, seq: u64) -> bool {
-    tasks.get(&id).is_some_and(|t| t.seq == seq && matches!(t.state, State::Queued { .. }))
+fn is_queued(tasks: &Slab<Task>, slot: usize, seq: u64) -> bool {
+    tasks.get(slot).is_some_and(|t| t.seq == seq && matches!(t.state, State::Queued { .. }))
 }
 
 /// The cause a dependent's `DependencyFailed` carries: the original error, not a nesting of one

@@ -77,7 +77,12 @@ pub(super) struct Pool {
 
 impl Pool {
     pub(super) fn new(capacity: &[(ResIdx, u64)]) -> Pool {
-        Pool { slots: capacity.iter().map(|&(res, amount)| Slot { res, capacity: amount, free: amount }).collect() }
+        Pool {
+            slots: capacity
+                .iter()
+                .map(|&(res, amount)| Slot { res, capacity: amount, free: amount })
+                .collect(),
+        }
     }
 
     fn slot(&self, res: ResIdx) -> Option<&Slot> {
@@ -174,6 +179,10 @@ impl<T> Slab<T> {
 
     pub(super) fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = (usize, &T)> {
+        self.items.iter().enumerate().filter_map(|(idx, item)| Some((idx, item.as_ref()?)))
     }
 
     pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (usize, &mut T)> {

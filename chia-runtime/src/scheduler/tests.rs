@@ -40,7 +40,13 @@ impl Env {
         self.submit_key(task, key(function), request, deps)
     }
 
-    fn submit_key(&mut self, task: TaskId, function: FunctionKey, request: &str, deps: &[TaskId]) -> Vec<Command> {
+    fn submit_key(
+        &mut self,
+        task: TaskId,
+        function: FunctionKey,
+        request: &str,
+        deps: &[TaskId],
+    ) -> Vec<Command> {
         let request = Resources::parse(request).unwrap();
         self.event(Event::TaskSubmitted { task, function, request, deps: deps.to_vec() })
     }
@@ -172,7 +178,8 @@ fn infeasible_is_reported_once_and_the_task_runs_when_a_capable_node_joins() {
     let [Command::Infeasible { task, reason }] = &commands[..] else { panic!("{commands:?}") };
     assert_eq!(*task, t(1));
     assert!(reason.contains("f (signature h)") && reason.contains("CPU=8 (has 2)"), "{reason}");
-    assert!(matches!(&env.submit(t(2), "f", "CPU=8", &[])[..], [Command::Infeasible { task, .. }] if *task == t(2)));
+    let commands = env.submit(t(2), "f", "CPU=8", &[]);
+    assert!(matches!(&commands[..], [Command::Infeasible { task, .. }] if *task == t(2)));
     // Unrelated activity does not repeat the report.
     assert_eq!(env.submit(t(3), "f", "CPU=1", &[]), [dispatch(t(3), 1)]);
     assert_eq!(env.finish(t(3)), []);
@@ -185,7 +192,8 @@ fn infeasible_is_reported_once_and_the_task_runs_when_a_capable_node_joins() {
 fn with_no_node_connected_tasks_wait_as_infeasible() {
     let mut env = Env::new();
     let commands = env.submit(t(1), "f", "CPU=1", &[]);
-    assert!(matches!(&commands[..], [Command::Infeasible { reason, .. }] if reason.contains("no node is connected")));
+    let [Command::Infeasible { reason, .. }] = &commands[..] else { panic!("{commands:?}") };
+    assert!(reason.contains("no node is connected"), "{reason}");
     assert_eq!(env.join(1, "CPU=1", &["f"]), [dispatch(t(1), 1)]);
 }
 
@@ -257,7 +265,9 @@ fn a_long_failed_chain_neither_recurses_nor_nests() {
     }
     let commands = env.fail(t(0), app_error("f"));
     assert_eq!(commands.len(), 19_999);
-    let Command::Fail { error: TaskError::DependencyFailed { cause, .. }, .. } = &commands[19_998] else { panic!() };
+    let Command::Fail { error: TaskError::DependencyFailed { cause, .. }, .. } = &commands[19_998] else {
+        panic!()
+    };
     assert_eq!(**cause, app_error("f"));
 }
 
@@ -301,10 +311,16 @@ fn losing_a_node_fails_its_tasks_and_reports_stranded_ones() {
         commands[1],
         Command::Fail {
             task: t(4),
-            error: TaskError::DependencyFailed { function: "f".into(), dependency: t(1), cause: Box::new(lost) }
+            error: TaskError::DependencyFailed {
+                function: "f".into(),
+                dependency: t(1),
+                cause: Box::new(lost)
+            }
         }
     );
-    assert!(matches!(&commands[2..], [Command::Infeasible { task, reason }] if *task == t(2) && reason.contains("gpu=1 (has 0)")));
+    let [Command::Infeasible { task, reason }] = &commands[2..] else { panic!("{commands:?}") };
+    assert_eq!(*task, t(2));
+    assert!(reason.contains("gpu=1 (has 0)"), "{reason}");
     // The lost node's late report changes nothing.
     assert_eq!(env.finish(t(1)), []);
     assert_eq!(env.sched.node_count(), 1);
@@ -375,7 +391,10 @@ fn closing_a_session_drops_its_unstarted_tasks_only() {
     assert_eq!(env.sched.queued_len(), 2);
     assert_eq!(
         env.event(Event::SessionClosed { session: SessionId(1) }),
-        [Command::Fail { task: u(2), error: TaskError::UnknownDependency { function: "f".into(), dependency: t(3) } }]
+        [Command::Fail {
+            task: u(2),
+            error: TaskError::UnknownDependency { function: "f".into(), dependency: t(3) }
+        }]
     );
     assert_eq!(env.sched.queued_len(), 1);
     assert_eq!(env.sched.task_status(t(2)), None);
@@ -439,7 +458,9 @@ fn a_task_can_be_pinned_to_a_node_by_name() {
     }
     assert_eq!(env.free(3).get("node:w3"), ResourceAmount::whole(2));
     let commands = env.submit(t(5), "f", "node:w9=1", &[]);
-    assert!(matches!(&commands[..], [Command::Infeasible { reason, .. }] if reason.contains("node:w9=1 (has 0)")));
+    assert!(
+        matches!(&commands[..], [Command::Infeasible { reason, .. }] if reason.contains("node:w9=1 (has 0)"))
+    );
 }
 
 #[test]
@@ -457,47 +478,113 @@ fn shapes_are_dropped_when_no_task_uses_them() {
     assert_eq!(env.submit(t(200), "f", "mem=2", &[]), [dispatch(t(200), 2)]);
 }
 
-/// Throughput check: `cargo test --release -- --ignored --nocapture throughput`.
-#[test]
-#[ignore]
-fn throughput() {
-    let mut sched = Scheduler::new();
-    let now = Instant::now();
-    for id in 0..1_000 {
-        let resources = res("CPU=8,adder=8");
-        let functions = vec![key("f")];
-        sched.handle(now, Event::NodeJoined { node: NodeId(id), name: format!("w{id}"), resources, functions });
+/// Checks the scheduler's bookkeeping against a recomputation from its tasks.
+fn check_invariants(sched: &Scheduler) {
+    for (n, node) in sched.nodes.iter() {
+        let mut expected = node.capacity.clone();
+        for &slot in &node.running {
+            let task = sched.tasks.get(slot).unwrap();
+            let State::Running { shape, node: on, cpu_released, .. } = task.state else {
+                panic!("not running")
+            };
+            assert_eq!(on, n);
+            let mut held = sched.shapes.get(shape).unwrap().request.clone();
+            if cpu_released {
+                held.set(CPU, ResourceAmount::ZERO).unwrap();
+            }
+            assert!(expected.covers(&held), "node {} over-committed", node.name);
+            expected.take(&held);
+        }
+        let free = sched.node_free(node.id).unwrap();
+        assert!(expected.iter().all(|(name, amount)| free.get(name) == amount), "{free} != {expected}");
     }
-    let tasks = 1_000_000u64;
-    let request = res("CPU=1,adder=2");
-    let started = std::time::Instant::now();
-    for i in 0..tasks {
-        let event = Event::TaskSubmitted { task: t(i), function: key("f"), request: request.clone(), deps: vec![] };
-        sched.handle(now, event);
-    }
-    let submitted = started.elapsed();
-    let mut running: Vec<TaskId> = Vec::new();
-    let mut decisions = 0u64;
-    let mut next = 0;
-    loop {
-        for command in sched.drain_commands() {
-            if let Command::Dispatch { task, .. } = command {
-                running.push(task);
-                decisions += 1;
+    let mut queued = 0;
+    for (s, shape) in sched.shapes.iter() {
+        let live = shape.queue.iter().filter(|&&(seq, slot)| is_queued(&sched.tasks, slot, seq)).count();
+        assert_eq!(live, shape.queued);
+        queued += live;
+        let refs = sched.tasks.iter().filter(|(_, t)| t.state.shape() == Some(s)).count();
+        assert_eq!(refs, shape.refs);
+        let mut capable: Vec<usize> = sched
+            .nodes
+            .iter()
+            .filter(|(_, node)| {
+                node.functions.contains(&shape.key.function) && node.pool.could_hold(&shape.key.need)
+            })
+            .map(|(n, _)| n)
+            .collect();
+        capable.sort_unstable();
+        let mut listed = shape.capable.clone();
+        listed.sort_unstable();
+        assert_eq!(listed, capable);
+        if shape.queued > 0 {
+            for &n in &shape.capable {
+                assert!(!sched.nodes.get(n).unwrap().pool.fits(&shape.key.need), "queued shape fits a node");
             }
         }
-        if next >= running.len() {
-            break;
-        }
-        let task = running[next];
-        next += 1;
-        sched.handle(now, Event::TaskFinished { task, error: None });
     }
-    let total = started.elapsed();
-    assert_eq!(decisions, tasks);
-    println!(
-        "submit {:.0}/s, submit+dispatch+finish {:.0} tasks/s",
-        tasks as f64 / submitted.as_secs_f64(),
-        tasks as f64 / total.as_secs_f64()
-    );
+    assert_eq!(queued, sched.queued);
+    for (slot, task) in sched.tasks.iter() {
+        assert_eq!(sched.task_index.get(&task.id), Some(&slot));
+    }
+    assert_eq!(sched.task_index.len(), sched.tasks.len());
+}
+
+/// Random event sequences (seeded, so reproducible) keep the bookkeeping consistent, never
+/// over-commit a node and never panic.
+#[test]
+fn random_events_keep_the_books_straight() {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut rand = move |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    let mut env = Env::new();
+    let mut running: Vec<TaskId> = Vec::new();
+    let mut submitted: Vec<TaskId> = Vec::new();
+    let shapes = ["CPU=1", "CPU=2", "CPU=0.5,gpu=1", "CPU=1,mem=3", "", "CPU=9"];
+    let nodes = ["CPU=2", "CPU=4,gpu=1", "CPU=1,mem=4", "CPU=8,gpu=2,mem=8"];
+    for step in 0..20_000u64 {
+        let commands = match rand(20) {
+            0 => env.join(step, nodes[rand(4) as usize], [&["f", "g"][..], &["f"], &["g"]][rand(3) as usize]),
+            1 => {
+                let ids: Vec<NodeId> = env.sched.node_index.keys().copied().collect();
+                if ids.is_empty() { Vec::new() } else { env.lose(ids[rand(ids.len() as u64) as usize].0) }
+            }
+            2..=9 => {
+                let task = TaskId::new(SessionId(rand(3)), step);
+                let recent = submitted.len().min(30) as u64;
+                let deps: Vec<TaskId> = (0..rand(3))
+                    .map(|_| match rand(recent + 1) {
+                        0 => t(rand(step + 1)),
+                        back => submitted[submitted.len() - back as usize],
+                    })
+                    .collect();
+                submitted.push(task);
+                let function = ["f", "f", "g", "h"][rand(4) as usize];
+                env.submit(task, function, shapes[rand(shapes.len() as u64) as usize], &deps)
+            }
+            10..=15 if !running.is_empty() => {
+                let task = running.swap_remove(rand(running.len() as u64) as usize);
+                if rand(4) == 0 { env.fail(task, app_error("f")) } else { env.finish(task) }
+            }
+            16 if !running.is_empty() => env.event(Event::TaskBlocked { task: running[0] }),
+            17 => env.event(Event::TaskForgotten { task: TaskId::new(SessionId(rand(3)), rand(step + 1)) }),
+            18 if rand(10) == 0 => env.event(Event::SessionClosed { session: SessionId(rand(3)) }),
+            _ => env.finish(TaskId::new(SessionId(rand(3)), rand(step + 1))),
+        };
+        for command in commands {
+            if let Command::Dispatch { task, node } = command {
+                assert_eq!(env.sched.task_status(task), Some(TaskStatus::Running { node }));
+                running.push(task);
+            }
+        }
+        running.retain(|&task| matches!(env.sched.task_status(task), Some(TaskStatus::Running { .. })));
+        if step % 50 == 0 {
+            check_invariants(&env.sched);
+        }
+    }
+    check_invariants(&env.sched);
 }
