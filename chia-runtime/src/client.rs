@@ -248,7 +248,7 @@ impl Client {
 
     /// Closes the connection (pending results fail with `Disconnected`).
     pub async fn shutdown(&self) {
-        self.sender.close();
+        self.sender.close_and_flush().await;
         self.connection.close(0u32.into(), b"bye");
         self.mark_closed("this client shut down".into());
         self.endpoint.wait_idle().await;

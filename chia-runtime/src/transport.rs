@@ -33,7 +33,12 @@ struct SenderShared {
     pending: Mutex<Vec<u8>>,
     wake: Notify,
     closed: AtomicBool,
+    /// Set once the writer has ended (everything flushed and acknowledged, or the stream failed).
+    finished: tokio::sync::watch::Sender<bool>,
 }
+
+/// How long a closing writer waits for the peer to acknowledge the last frames.
+const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The sending half of a control stream. Cheap to clone; all clones feed one writer task.
 #[derive(Clone)]
@@ -48,32 +53,12 @@ impl FrameSender {
             pending: Mutex::new(Vec::with_capacity(64 << 10)),
             wake: Notify::new(),
             closed: AtomicBool::new(false),
+            finished: tokio::sync::watch::Sender::new(false),
         });
         let writer = shared.clone();
         tokio::spawn(async move {
-            let mut batch = Vec::with_capacity(64 << 10);
-            loop {
-                writer.wake.notified().await;
-                loop {
-                    std::mem::swap(&mut batch, &mut *lock(&writer.pending));
-                    if batch.is_empty() {
-                        break;
-                    }
-                    if let Err(e) = stream.write_all(&batch).await {
-                        tracing::debug!("control stream write failed: {e}");
-                        writer.closed.store(true, Ordering::Release);
-                        return;
-                    }
-                    batch.clear();
-                    if batch.capacity() > 4 << 20 {
-                        batch.shrink_to(64 << 10);
-                    }
-                }
-                if writer.closed.load(Ordering::Acquire) {
-                    let _ = stream.finish();
-                    return;
-                }
-            }
+            write_loop(&writer, &mut stream).await;
+            writer.finished.send_replace(true);
         });
         FrameSender { shared }
     }
@@ -95,8 +80,45 @@ impl FrameSender {
         self.shared.wake.notify_one();
     }
 
+    /// Like [`FrameSender::close`], and waits until the peer has everything (or the stream
+    /// failed), so closing the connection afterwards loses nothing.
+    pub async fn close_and_flush(&self) {
+        self.close();
+        let mut finished = self.shared.finished.subscribe();
+        let _ = finished.wait_for(|f| *f).await;
+    }
+
     pub fn is_closed(&self) -> bool {
         self.shared.closed.load(Ordering::Acquire)
+    }
+}
+
+async fn write_loop(shared: &SenderShared, stream: &mut quinn::SendStream) {
+    let mut batch = Vec::with_capacity(64 << 10);
+    loop {
+        shared.wake.notified().await;
+        loop {
+            std::mem::swap(&mut batch, &mut *lock(&shared.pending));
+            if batch.is_empty() {
+                break;
+            }
+            if let Err(e) = stream.write_all(&batch).await {
+                tracing::debug!("control stream write failed: {e}");
+                shared.closed.store(true, Ordering::Release);
+                return;
+            }
+            batch.clear();
+            if batch.capacity() > 4 << 20 {
+                batch.shrink_to(64 << 10);
+            }
+        }
+        if shared.closed.load(Ordering::Acquire) {
+            // Finishing only queues the end; wait until the peer has read it all, or a
+            // connection closed right after this would drop the last frames.
+            let _ = stream.finish();
+            let _ = tokio::time::timeout(FLUSH_TIMEOUT, stream.stopped()).await;
+            return;
+        }
     }
 }
 
