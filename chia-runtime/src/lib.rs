@@ -12,12 +12,15 @@
 //!     x + y
 //! }
 //!
-//! # async fn demo() -> Result<(), chia::Error> {
-//! let cx = chia::init().await?; // embedded local cluster unless CHIA_ADDRESS is set
-//! let sum = simple_add::call(1, 2).tag("iter0").remote(&cx);
-//! let doubled = simple_add::remote(&cx, &sum, &sum); // chained: runs when `sum` is ready
-//! assert_eq!(doubled.get().await?, 6);
-//! # Ok(()) }
+//! #[tokio::main]
+//! async fn main() -> Result<(), chia::Error> {
+//!     // An embedded local cluster (2 workers with an adder each) unless CHIA_ADDRESS is set.
+//!     let cx = chia::Init::new().local_resources("adder=1").connect().await?;
+//!     let sum = simple_add::call(1, 2).tag("iter0").remote(&cx);
+//!     let doubled = simple_add::remote(&cx, &sum, &sum); // chained: runs when `sum` is ready
+//!     assert_eq!(doubled.get().await?, 6);
+//!     Ok(())
+//! }
 //! ```
 //!
 //! The I/O-free parts live in [`scheduler`] (the head's state machine) and in `chia-core`

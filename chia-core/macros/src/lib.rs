@@ -1,6 +1,6 @@
 //! The `#[chia::function]` attribute macro, re-exported by the runtime as `chia::function`.
 //!
-//! ```ignore
+//! ```text
 //! #[chia::function(resources(adder = 1, "node:head" = 0.5), num_cpus = 2, max_retries = 3, name = "add")]
 //! fn simple_add(x: i64, y: i64) -> i64 { x + y }
 //! ```
