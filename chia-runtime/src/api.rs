@@ -148,9 +148,11 @@ impl<T: DeserializeOwned> ObjectRef<T> {
             match state {
                 SlotState::Value(value) => return Ok(value),
                 SlotState::Failed(error) => return Err(error),
-                SlotState::Pending | SlotState::Stored { .. } => {}
+                // Only a task still to run can need this worker's CPU; a stored value is
+                // merely being fetched.
+                SlotState::Pending => self.tell_head_blocked(),
+                SlotState::Stored { .. } => {}
             }
-            self.tell_head_blocked();
             match deadline {
                 None => waiter.notified().await,
                 Some(deadline) => {
@@ -176,7 +178,8 @@ impl<T> ObjectRef<T> {
         if let Some(caller) = &self.inner.caller
             && !caller.blocked_sent.swap(true, Ordering::AcqRel)
         {
-            self.inner.client.send(&PeerToHead::Blocked { task: caller.task });
+            // Only a hint to the scheduler; if it cannot be sent the connection is gone.
+            let _ = self.inner.client.send(&PeerToHead::Blocked { task: caller.task });
         }
     }
 }

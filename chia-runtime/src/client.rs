@@ -178,10 +178,8 @@ impl Client {
         }
     }
 
-    pub(crate) fn send(&self, message: &PeerToHead) {
-        if let Err(e) = self.sender.send(message) {
-            tracing::error!("could not send a message to the head: {e}");
-        }
+    pub(crate) fn send(&self, message: &PeerToHead) -> Result<(), chia_core::protocol::ProtocolError> {
+        self.sender.send(message)
     }
 
     /// Registers `waiter` on `task` unless it is already settled; returns the state seen.
@@ -200,7 +198,7 @@ impl Client {
         };
         if fetch && matches!(slot.state, SlotState::Stored { fetching: false }) {
             slot.state = SlotState::Stored { fetching: true };
-            let _ = self.sender.send(&PeerToHead::Fetch { task });
+            let _ = self.send(&PeerToHead::Fetch { task });
         }
         let waiting = match slot.state {
             SlotState::Pending => true,
@@ -286,7 +284,7 @@ async fn read_loop(
                         slot.state = state;
                         if !slot.waiters.is_empty() {
                             slot.state = SlotState::Stored { fetching: true };
-                            client.send(&PeerToHead::Fetch { task });
+                            let _ = client.send(&PeerToHead::Fetch { task });
                         }
                     }
                 } else {

@@ -494,7 +494,17 @@ impl HeadCore {
             }
         }
         self.release_deps(task);
-        self.send(session, &HeadToPeer::Execute { task, function, args: values, tag });
+        let name = function.clone();
+        let execute = HeadToPeer::Execute { task, function, args: values, tag };
+        let Some(Err(e)) = self.sessions.get(&session).map(|peer| peer.sender.send(&execute)) else { return };
+        // The arguments together exceed what a frame may carry: the task can never be sent.
+        let error =
+            TaskError::InvalidCall { function: name, message: format!("its arguments cannot be sent: {e}") };
+        if let Some(record) = self.tasks.get_mut(&task) {
+            record.running_on = None;
+        }
+        self.feed(Event::TaskFinished { task, error: Some(error.clone()) });
+        self.settle(task, Outcome::Failed(error));
     }
 
     /// The task no longer needs its dependencies' values.

@@ -116,7 +116,7 @@ impl HeadCredentials {
             let text = std::fs::read_to_string(&path).map_err(|e| file_error(e.to_string()))?;
             return serde_saphyr::from_str(&text).map_err(|e| file_error(e.to_string()));
         }
-        std::fs::create_dir_all(state_dir).map_err(|e| file_error(e.to_string()))?;
+        create_private_dir(state_dir).map_err(|e| file_error(e.to_string()))?;
         let creds = HeadCredentials::generate()?;
         let text = serde_saphyr::to_string(&creds).map_err(|e| file_error(e.to_string()))?;
         write_private(&path, &text).map_err(|e| file_error(e.to_string()))?;
@@ -156,6 +156,15 @@ impl ClusterCredentials {
         let text = serde_saphyr::to_string(self).map_err(|e| file_error(e.to_string()))?;
         write_private(path, &text).map_err(|e| file_error(e.to_string()))
     }
+}
+
+/// Creates `dir` (and its parents) readable only by its owner.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
 }
 
 /// Writes `text` to `path` with mode 0600, atomically (temp file + rename), so a reader never

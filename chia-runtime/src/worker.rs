@@ -83,6 +83,7 @@ async fn serve(
 
 async fn run(context: Context, execution: Execution) {
     let Execution { task, function, args, tag: _ } = execution;
+    let reported_name = function.clone();
     let client: Arc<Client> = context.client().clone();
     let outcome = match registry::functions().get(function.as_str()) {
         // The head only sends what this worker offered; this guards against a head bug.
@@ -107,7 +108,14 @@ async fn run(context: Context, execution: Execution) {
             }
         }
     };
-    client.send(&PeerToHead::Finished { task, outcome });
+    if let Err(e) = client.send(&PeerToHead::Finished { task, outcome }) {
+        // The result cannot travel (larger than a frame may be): fail the task instead of
+        // leaving it running forever.
+        let error = TaskError::BadResult { function: reported_name, message: e.to_string() };
+        if let Err(e) = client.send(&PeerToHead::Finished { task, outcome: Outcome::Failed(error) }) {
+            tracing::error!("could not report {task} to the head: {e}");
+        }
+    }
 }
 
 fn panic_message(payload: Box<dyn Any + Send>) -> String {

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 /// Joins a chia cluster and runs the remote functions linked into this binary.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct WorkerArgs {
     /// The cluster file written by chia-head (default: <state dir>/cluster.yaml).
     #[arg(long, env = env::CLUSTER_FILE)]
@@ -33,17 +33,18 @@ struct WorkerArgs {
     name: Option<String>,
 }
 
-/// Sets up logging from `RUST_LOG` (default `info`) for binaries and examples.
-pub fn init_logging() {
+/// Sets up logging to stderr from `RUST_LOG`, or `default_filter` (e.g. `"info"`, `"warn"`)
+/// when it is not set. Does nothing if a logger is already installed.
+pub fn init_logging(default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 /// Runs a worker from the command line until the head goes away or Ctrl-C.
 pub fn worker_main() -> ExitCode {
     let args = WorkerArgs::parse();
-    init_logging();
+    init_logging("info");
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {

@@ -137,7 +137,7 @@ fn sync_parent(cx: &Context, x: i64) -> Result<i64, Error> {
 }
 
 async fn cluster(workers: &[&str]) -> (LocalCluster, Context) {
-    chia::init_logging();
+    chia::init_logging("warn");
     let cluster =
         LocalCluster::start(workers.iter().map(|w| resources(w)).collect()).await.expect("cluster starts");
     let cx = cluster.driver().await.expect("driver connects");

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 /// credentials in the state directory and writes `cluster.yaml` there: give that file to
 /// workers (--cluster-file) and drivers (CHIA_CLUSTER_FILE); it is the cluster's secret.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct HeadArgs {
     /// Address and UDP port to listen on.
     #[arg(long, default_value = "0.0.0.0:7470")]
@@ -28,7 +28,7 @@ struct HeadArgs {
 
 fn main() -> ExitCode {
     let args = HeadArgs::parse();
-    chia_runtime::init_logging();
+    chia_runtime::init_logging("info");
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {

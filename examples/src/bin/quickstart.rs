@@ -8,7 +8,7 @@ use std::time::Instant;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    chia::init_logging();
+    chia::init_logging("warn");
     let started = Instant::now();
     let cx = chia::Init::new().local_workers(2).local_resources("adder=2,multiplier=1").connect().await?;
     println!("connected as {} in {:?}", cx.node_name(), started.elapsed());
