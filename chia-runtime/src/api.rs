@@ -41,6 +41,12 @@ impl Context {
         Context { client, running: None, _keep_alive: keep_alive }
     }
 
+    /// A context on an existing client connection (e.g. one made with
+    /// [`Client::connect`](crate::client::Client::connect) from explicit credentials).
+    pub fn from_client(client: Arc<Client>) -> Context {
+        Context::new(client, None)
+    }
+
     pub(crate) fn for_task(&self, task: TaskId) -> Context {
         Context {
             client: self.client.clone(),

@@ -258,6 +258,7 @@ async fn read_loop(
     mut reader: FrameReader,
     executions: mpsc::UnboundedSender<Execution>,
 ) {
+    let mut last_infeasible: Option<String> = None;
     let reason = loop {
         let frame = match reader.next_frame().await {
             Ok(Some(frame)) => frame,
@@ -302,7 +303,10 @@ async fn read_loop(
                 client.finish_slot(task, state);
             }
             HeadToPeer::Infeasible { task, reason } => {
-                tracing::warn!("{task} cannot run on any node now: {reason}");
+                if last_infeasible.as_deref() != Some(reason.as_str()) {
+                    tracing::warn!("{task} (and others like it) cannot run on any node now: {reason}");
+                    last_infeasible = Some(reason.clone());
+                }
                 if let Some(mut slot) = client.slots.get_mut(&task) {
                     slot.infeasible = Some(reason);
                 }

@@ -228,6 +228,7 @@ struct HeadCore {
     tasks: HashMap<TaskId, TaskRecord>,
     next_session: u64,
     next_node: u64,
+    last_infeasible: Option<String>,
 }
 
 impl HeadCore {
@@ -239,6 +240,7 @@ impl HeadCore {
             tasks: HashMap::new(),
             next_session: 1,
             next_node: 1,
+            last_infeasible: None,
         }
     }
 
@@ -459,7 +461,11 @@ impl HeadCore {
                 self.settle(task, Outcome::Failed(error));
             }
             Command::Infeasible { task, reason } => {
-                tracing::warn!("{task} is infeasible for now: {reason}");
+                // Many tasks of one shape share a reason: say it once, not once per task.
+                if self.last_infeasible.as_deref() != Some(reason.as_str()) {
+                    tracing::warn!("{task} (and others like it) cannot run on any node now: {reason}");
+                    self.last_infeasible = Some(reason.clone());
+                }
                 if let Some(owner) = self.tasks.get(&task).map(|r| r.owner) {
                     self.send(owner, &HeadToPeer::Infeasible { task, reason });
                 }

@@ -45,6 +45,9 @@ pub use chia_core::{ResourceAmount, Resources, TaskError, TaskId};
 pub use chia_macros::function;
 pub use error::Error;
 pub use local::{Init, LocalCluster, init};
+/// A byte buffer that serializes as one binary blob: use it (not `Vec<u8>`, which serde
+/// encodes element by element) for large binary arguments and results.
+pub use serde_bytes::ByteBuf as Bytes;
 pub use worker_main::{init_logging, worker_main};
 
 /// Used by the code `#[chia::function]` generates; not a stable API.

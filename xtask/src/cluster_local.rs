@@ -122,10 +122,7 @@ async fn build(args: &Args) -> Result<PathBuf, String> {
     if !status.success() {
         return Err("cargo build failed".into());
     }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace");
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace.join("target"));
-    Ok(target.join(if args.release { "release" } else { "debug" }))
+    Ok(crate::target_dir().join(if args.release { "release" } else { "debug" }))
 }
 
 async fn start_and_run(

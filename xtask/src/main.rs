@@ -5,7 +5,11 @@
 //! how to connect, streams every process's log with a prefix, and stops them all on Ctrl-C.
 //! With `-- COMMAND ...` it runs the command against the cluster instead, tears the cluster
 //! down and exits with the command's status.
+//!
+//! `cargo xtask bench` builds `chia-head` and `chia-bench` in release mode and prints the
+//! benchmark's figures (`--json`, `--only`, `--scale` are passed through).
 
+mod bench;
 mod cluster_local;
 
 use clap::{Parser, Subcommand};
@@ -22,6 +26,15 @@ struct Cli {
 enum Task {
     /// Start a head and workers as local processes (and optionally run a command against them).
     ClusterLocal(cluster_local::Args),
+    /// Build in release mode and print the benchmark figures (see `chia-bench --help`).
+    Bench(bench::Args),
+}
+
+/// Where cargo puts this workspace's binaries (`CARGO_TARGET_DIR`, else `<workspace>/target`).
+fn target_dir() -> std::path::PathBuf {
+    let workspace =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace");
+    std::env::var_os("CARGO_TARGET_DIR").map(Into::into).unwrap_or_else(|| workspace.join("target"))
 }
 
 fn main() -> ExitCode {
@@ -35,6 +48,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.task {
         Task::ClusterLocal(args) => runtime.block_on(cluster_local::run(args)),
+        Task::Bench(args) => runtime.block_on(bench::run(args)),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,438 @@
+//! `chia-bench`: the figures `cargo xtask bench` prints, measured through the public API as a
+//! user calls it (run it through `cargo xtask bench`, which builds it in release mode).
+//!
+//! Each figure is one line `name value unit`; `--json` prints the same as JSON. Figures whose
+//! feature has not landed yet are printed as `n/a` with the reason.
+
+use chia::core::{FunctionKey, NodeId, TaskId};
+use chia::scheduler::{Command, Event, Scheduler};
+use chia::{Bytes, Context, LocalCluster, Resources};
+use clap::Parser;
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command as Process, Stdio};
+use std::sync::LazyLock;
+use std::time::Instant;
+use tokio::sync::Notify;
+
+#[derive(Parser, Debug)]
+#[command(about = "chia-rs benchmark (run it through `cargo xtask bench`)")]
+struct Args {
+    /// Print JSON instead of lines.
+    #[arg(long)]
+    json: bool,
+    /// Only the figures whose names start with one of these (comma-separated), e.g. `sync,async`.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Multiply every count by this (e.g. 0.1 for a quick run).
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// The release `chia-head` binary (for the head memory figure).
+    #[arg(long)]
+    head_bin: Option<PathBuf>,
+    /// Internal: run as the child process whose start-up is measured.
+    #[arg(long, hide = true)]
+    first_task_child: bool,
+}
+
+#[chia::function]
+fn empty() {}
+
+#[chia::function]
+fn increment(x: u64) -> u64 {
+    x + 1
+}
+
+#[chia::function]
+fn make_bytes(len: usize) -> Bytes {
+    Bytes::from(vec![7u8; len])
+}
+
+#[chia::function]
+fn byte_len(data: Bytes) -> usize {
+    data.len()
+}
+
+static RELEASE_HOLD: LazyLock<Notify> = LazyLock::new(Notify::new);
+
+/// Occupies a worker's CPU until the benchmark lets it go.
+#[chia::function]
+async fn hold() {
+    RELEASE_HOLD.notified().await;
+}
+
+struct Figure {
+    name: &'static str,
+    value: Option<f64>,
+    unit: &'static str,
+    note: Option<String>,
+}
+
+struct Bench {
+    args: Args,
+    figures: Vec<Figure>,
+}
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+impl Bench {
+    fn wants(&self, names: &[&str]) -> bool {
+        self.args.only.is_empty()
+            || names.iter().any(|name| self.args.only.iter().any(|prefix| name.starts_with(prefix.as_str())))
+    }
+
+    fn count(&self, n: usize) -> usize {
+        ((n as f64 * self.args.scale).round() as usize).max(1)
+    }
+
+    fn push(&mut self, figure: Figure) {
+        if !self.args.json {
+            match (figure.value, &figure.note) {
+                (Some(value), _) => println!("{} {} {}", figure.name, format_value(value), figure.unit),
+                (None, note) => {
+                    println!("{} n/a {} ({})", figure.name, figure.unit, note.as_deref().unwrap_or(""))
+                }
+            }
+        }
+        self.figures.push(figure);
+    }
+
+    fn record(&mut self, name: &'static str, value: f64, unit: &'static str) {
+        self.push(Figure { name, value: Some(value), unit, note: None });
+    }
+
+    fn not_yet(&mut self, name: &'static str, unit: &'static str, why: &str) {
+        if self.wants(&[name]) {
+            self.push(Figure { name, value: None, unit, note: Some(why.to_string()) });
+        }
+    }
+}
+
+fn format_value(value: f64) -> String {
+    if value >= 100.0 { format!("{value:.0}") } else { format!("{value:.2}") }
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    chia::init_logging("error");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let result = if args.first_task_child {
+        runtime.block_on(first_task_child())
+    } else {
+        let mut bench = Bench { args, figures: Vec::new() };
+        if !bench.args.json {
+            println!("# {}", machine());
+        }
+        runtime.block_on(run(&mut bench)).map(|()| {
+            if bench.args.json {
+                println!("{}", to_json(&bench.figures));
+            }
+        })
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chia-bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(bench: &mut Bench) -> BenchResult<()> {
+    if bench.wants(&["time_to_first_task_ms"]) {
+        let ms = time_to_first_task()?;
+        bench.record("time_to_first_task_ms", ms, "ms");
+    }
+    if bench.wants(&["sync_task_p50_us", "sync_task_p99_us"]) {
+        let (p50, p99) = sync_round_trips(bench.count(1_000)).await?;
+        bench.record("sync_task_p50_us", p50, "us");
+        bench.record("sync_task_p99_us", p99, "us");
+    }
+    if bench.wants(&["async_tasks_per_s"]) {
+        let rate = async_tasks(bench.count(100_000)).await?;
+        bench.record("async_tasks_per_s", rate, "tasks/s");
+    }
+    if bench.wants(&["chain_tasks_per_s"]) {
+        let rate = chain(bench.count(10_000)).await?;
+        bench.record("chain_tasks_per_s", rate, "tasks/s");
+    }
+    bench.not_yet("service_call_p50_us", "us", "named services land with issue 3");
+    bench.not_yet("service_calls_per_s", "calls/s", "named services land with issue 3");
+    if bench.wants(&["large_result_mb_per_s", "large_arg_mb_per_s"]) {
+        let (result, arg) = large_values(bench.count(100) << 20).await?;
+        bench.record("large_result_mb_per_s", result, "MB/s");
+        bench.record("large_arg_mb_per_s", arg, "MB/s");
+    }
+    for (name, unit) in [
+        ("cache_write_1k_per_s", "writes/s"),
+        ("cache_read_1k_per_s", "reads/s"),
+        ("cache_write_1m_mb_per_s", "MB/s"),
+        ("cache_warm_start_10k_ms", "ms"),
+        ("cache_warm_start_1m_ms", "ms"),
+        ("cache_has_p50_us", "us"),
+    ] {
+        bench.not_yet(name, unit, "the cache lands with issue 3");
+    }
+    if bench.wants(&["head_rss_mb_100k_queued", "head_bytes_per_queued_task"]) {
+        match bench.args.head_bin.clone() {
+            Some(head_bin) => {
+                let (mb, per_task) = head_memory(&head_bin, bench.count(100_000)).await?;
+                bench.record("head_rss_mb_100k_queued", mb, "MB");
+                bench.record("head_bytes_per_queued_task", per_task, "B");
+            }
+            None => bench.not_yet(
+                "head_rss_mb_100k_queued",
+                "MB",
+                "needs --head-bin (cargo xtask bench passes it)",
+            ),
+        }
+    }
+    if bench.wants(&["scheduler_decisions_per_s_1000_workers"]) {
+        let rate = scheduler_decisions(1_000, bench.count(1_000_000));
+        bench.record("scheduler_decisions_per_s_1000_workers", rate, "decisions/s");
+    }
+    Ok(())
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kib| kib / (1024.0 * 1024.0))
+        .unwrap_or(0.0);
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|v| v.split_once(':')).map(|(_, m)| m.trim()))
+        .unwrap_or("unknown CPU");
+    format!("machine: {cores} cores, {mem_gib:.1} GiB, {model}; release build")
+}
+
+fn to_json(figures: &[Figure]) -> String {
+    let figures: Vec<serde_json::Value> = figures
+        .iter()
+        .map(|f| serde_json::json!({ "name": f.name, "value": f.value, "unit": f.unit, "note": f.note }))
+        .collect();
+    serde_json::json!({ "machine": machine(), "figures": figures }).to_string()
+}
+
+fn resources(text: &str) -> Resources {
+    Resources::parse(text).expect("benchmark resources parse")
+}
+
+/// Process start to first result: a fresh process starts an embedded cluster and runs one task.
+fn time_to_first_task() -> BenchResult<f64> {
+    let mut samples = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let mut child = Process::new(std::env::current_exe()?)
+            .arg("--first-task-child")
+            .env_remove("CHIA_ADDRESS")
+            .env_remove("CHIA_CLUSTER_FILE")
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let elapsed = started.elapsed();
+        child.wait()?;
+        if line.trim() != "first-result" {
+            return Err(format!("the child printed {line:?}").into());
+        }
+        samples.push(elapsed.as_secs_f64() * 1e3);
+    }
+    Ok(percentile(&mut samples, 0.5))
+}
+
+async fn first_task_child() -> BenchResult<()> {
+    let cx = chia::Init::new().local_workers(1).connect().await?;
+    empty::remote(&cx).get().await?;
+    println!("first-result");
+    cx.shutdown().await;
+    Ok(())
+}
+
+async fn cluster(workers: usize) -> Result<(LocalCluster, Context), chia::Error> {
+    let cluster = LocalCluster::start(vec![resources(""); workers]).await?;
+    let cx = cluster.driver().await?;
+    Ok((cluster, cx))
+}
+
+async fn sync_round_trips(calls: usize) -> Result<(f64, f64), chia::Error> {
+    let (_cluster, cx) = cluster(1).await?;
+    for _ in 0..200 {
+        empty::remote(&cx).get().await?;
+    }
+    let mut samples = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let started = Instant::now();
+        empty::remote(&cx).get().await?;
+        samples.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok((percentile(&mut samples, 0.5), percentile(&mut samples, 0.99)))
+}
+
+async fn async_tasks(tasks: usize) -> Result<f64, chia::Error> {
+    let (_cluster, cx) = cluster(2).await?;
+    for _ in 0..200 {
+        empty::remote(&cx).get().await?;
+    }
+    let started = Instant::now();
+    let refs: Vec<_> = (0..tasks).map(|_| empty::remote(&cx)).collect();
+    for r in &refs {
+        r.get().await?;
+    }
+    Ok(tasks as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn chain(length: usize) -> BenchResult<f64> {
+    let (_cluster, cx) = cluster(1).await?;
+    increment::remote(&cx, 0).get().await?;
+    let started = Instant::now();
+    let mut last = increment::remote(&cx, 0);
+    for _ in 1..length {
+        last = increment::remote(&cx, &last);
+    }
+    let value = last.get().await?;
+    let elapsed = started.elapsed();
+    if value != length as u64 {
+        return Err(format!("the chain computed {value}, expected {length}").into());
+    }
+    Ok(length as f64 / elapsed.as_secs_f64())
+}
+
+async fn large_values(len: usize) -> BenchResult<(f64, f64)> {
+    let (_cluster, cx) = cluster(1).await?;
+    let mut result_rates = Vec::new();
+    let mut arg_rates = Vec::new();
+    let payload = Bytes::from(vec![3u8; len]);
+    for _ in 0..3 {
+        let started = Instant::now();
+        let value = make_bytes::remote(&cx, len).get().await?;
+        result_rates.push(len as f64 / started.elapsed().as_secs_f64() / 1e6);
+        if value.len() != len {
+            return Err("the large result came back with the wrong length".into());
+        }
+        drop(value);
+        let started = Instant::now();
+        let echoed = byte_len::remote(&cx, payload.clone()).get().await?;
+        arg_rates.push(len as f64 / started.elapsed().as_secs_f64() / 1e6);
+        if echoed != len {
+            return Err("the large argument arrived with the wrong length".into());
+        }
+    }
+    Ok((percentile(&mut result_rates, 0.5), percentile(&mut arg_rates, 0.5)))
+}
+
+/// The head's resident memory with `tasks` queued behind a task that holds the only CPU.
+async fn head_memory(head_bin: &Path, tasks: usize) -> BenchResult<(f64, f64)> {
+    let state = tempfile::tempdir()?;
+    let mut head = Process::new(head_bin)
+        .args(["--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(state.path())
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let result = measure_head(&mut head, tasks).await;
+    let _ = head.kill();
+    let _ = head.wait();
+    result
+}
+
+async fn measure_head(head: &mut std::process::Child, tasks: usize) -> BenchResult<(f64, f64)> {
+    let mut line = String::new();
+    BufReader::new(head.stdout.take().ok_or("no stdout")?).read_line(&mut line)?;
+    let file =
+        line.split_whitespace().find_map(|p| p.strip_prefix("cluster_file=")).ok_or("no ready line")?;
+    let credentials = chia::tls::ClusterCredentials::load(Path::new(file))?;
+    let worker = chia::worker::Worker::connect(&credentials, "bench", resources("CPU=1")).await?;
+    let (client, _) = chia::client::Client::connect(&credentials, "driver", None).await?;
+    let cx = Context::from_client(client);
+    let held = hold::remote(&cx);
+    // A zero-CPU probe runs past the queue; its result proves the head has taken in
+    // everything submitted before it.
+    let probe = || async { empty::call().num_cpus(0.0).remote(&cx).get().await };
+    probe().await?;
+    let before = rss_bytes(head.id())?;
+    let queued: Vec<_> = (0..tasks).map(|_| empty::remote(&cx)).collect();
+    probe().await?;
+    let after = rss_bytes(head.id())?;
+    RELEASE_HOLD.notify_one();
+    held.get().await?;
+    drop(queued);
+    cx.shutdown().await;
+    worker.shutdown().await;
+    Ok((after as f64 / 1e6, after.saturating_sub(before) as f64 / tasks as f64))
+}
+
+fn rss_bytes(pid: u32) -> BenchResult<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or("no VmRSS")?;
+    Ok(kib * 1024)
+}
+
+/// The scheduler state machine alone: `nodes` nodes, `tasks` identical tasks submitted at once,
+/// then every finish frees room for the next dispatch. Dispatch decisions per second over the
+/// whole run, submissions included; events are built before the clock starts.
+fn scheduler_decisions(nodes: u64, tasks: usize) -> f64 {
+    let mut scheduler = Scheduler::new();
+    let now = Instant::now();
+    let function = FunctionKey::new("f", "0000000000000000");
+    for id in 0..nodes {
+        scheduler.handle(
+            now,
+            Event::NodeJoined {
+                node: NodeId(id),
+                name: format!("w{id}"),
+                resources: resources("CPU=8,adder=8"),
+                functions: vec![function.clone()],
+            },
+        );
+    }
+    let request = resources("CPU=1,adder=2");
+    let submits: Vec<Event> = (0..tasks as u64)
+        .map(|i| Event::TaskSubmitted {
+            task: TaskId(i),
+            function: function.clone(),
+            request: request.clone(),
+            deps: Vec::new(),
+        })
+        .collect();
+    let started = Instant::now();
+    let mut running: VecDeque<TaskId> = VecDeque::new();
+    let mut decisions = 0usize;
+    let mut take_dispatches = |scheduler: &mut Scheduler, running: &mut VecDeque<TaskId>| {
+        for command in scheduler.drain_commands() {
+            if let Command::Dispatch { task, .. } = command {
+                running.push_back(task);
+                decisions += 1;
+            }
+        }
+    };
+    for event in submits {
+        scheduler.handle(now, event);
+        take_dispatches(&mut scheduler, &mut running);
+    }
+    while let Some(task) = running.pop_front() {
+        scheduler.handle(now, Event::TaskFinished { task, error: None });
+        scheduler.handle(now, Event::TaskForgotten { task });
+        take_dispatches(&mut scheduler, &mut running);
+    }
+    let elapsed = started.elapsed();
+    debug_assert_eq!(decisions, tasks);
+    decisions as f64 / elapsed.as_secs_f64()
+}
+
+fn percentile(samples: &mut [f64], q: f64) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    let index = ((samples.len() as f64 - 1.0) * q).round() as usize;
+    samples.get(index).copied().unwrap_or(f64::NAN)
+}
