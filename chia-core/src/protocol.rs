@@ -128,6 +128,45 @@ pub enum HeadToPeer {
     },
 }
 
+/// Borrowing twins of the [`HeadToPeer`] messages that carry values, so the head can send a
+/// stored value without copying it first. Variants are encoded by name, so each encodes to
+/// exactly the bytes of its owned twin and peers decode it as a [`HeadToPeer`].
+#[derive(Clone, Debug, Serialize)]
+pub enum HeadToPeerRef<'a> {
+    Execute { task: TaskId, function: &'a str, args: Vec<ValueRef<'a>>, tag: Option<&'a str> },
+    Done { task: TaskId, done: DoneRef<'a> },
+    Fetched { task: TaskId, outcome: Option<OutcomeRef<'a>> },
+}
+
+/// A borrowed [`Value`].
+#[derive(Clone, Copy, Debug, Serialize)]
+#[serde(transparent)]
+pub struct ValueRef<'a>(#[serde(with = "serde_bytes")] pub &'a [u8]);
+
+/// The borrowed twin of [`Done`].
+#[derive(Clone, Copy, Debug, Serialize)]
+pub enum DoneRef<'a> {
+    Value(ValueRef<'a>),
+    Stored { len: u64 },
+    Failed(&'a TaskError),
+}
+
+/// The borrowed twin of [`Outcome`].
+#[derive(Clone, Copy, Debug, Serialize)]
+pub enum OutcomeRef<'a> {
+    Value(ValueRef<'a>),
+    Failed(&'a TaskError),
+}
+
+impl Outcome {
+    pub fn as_ref(&self) -> OutcomeRef<'_> {
+        match self {
+            Outcome::Value(value) => OutcomeRef::Value(ValueRef(value)),
+            Outcome::Failed(error) => OutcomeRef::Failed(error),
+        }
+    }
+}
+
 /// An argument as the worker receives it: always a value.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -198,6 +237,50 @@ mod tests {
         assert!(out.windows(b"max_retries".len()).any(|w| w == b"max_retries"));
         let back: PeerToHead = decode_body(&out[4..]).unwrap();
         assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn borrowed_messages_encode_as_their_owned_twins() {
+        let error = TaskError::UnknownFunction { function: "f".into() };
+        let value = vec![9u8; 300];
+        let pairs: Vec<(HeadToPeerRef<'_>, HeadToPeer)> = vec![
+            (
+                HeadToPeerRef::Execute {
+                    task: TaskId(1),
+                    function: "f",
+                    args: vec![ValueRef(&value), ValueRef(&[])],
+                    tag: Some("iter0"),
+                },
+                HeadToPeer::Execute {
+                    task: TaskId(1),
+                    function: "f".into(),
+                    args: vec![ArgValue(value.clone()), ArgValue(Vec::new())],
+                    tag: Some("iter0".into()),
+                },
+            ),
+            (
+                HeadToPeerRef::Done { task: TaskId(2), done: DoneRef::Value(ValueRef(&value)) },
+                HeadToPeer::Done { task: TaskId(2), done: Done::Value(value.clone()) },
+            ),
+            (
+                HeadToPeerRef::Done { task: TaskId(3), done: DoneRef::Stored { len: 7 } },
+                HeadToPeer::Done { task: TaskId(3), done: Done::Stored { len: 7 } },
+            ),
+            (
+                HeadToPeerRef::Fetched { task: TaskId(4), outcome: Some(OutcomeRef::Failed(&error)) },
+                HeadToPeer::Fetched { task: TaskId(4), outcome: Some(Outcome::Failed(error.clone())) },
+            ),
+            (
+                HeadToPeerRef::Fetched { task: TaskId(5), outcome: None },
+                HeadToPeer::Fetched { task: TaskId(5), outcome: None },
+            ),
+        ];
+        for (borrowed, owned) in pairs {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            encode_frame(&borrowed, &mut a).unwrap();
+            encode_frame(&owned, &mut b).unwrap();
+            assert_eq!(a, b, "{owned:?}");
+        }
     }
 
     #[test]

@@ -9,8 +9,8 @@ use crate::scheduler::{Command, Event, Scheduler};
 use crate::tls::{ClusterCredentials, HeadCredentials};
 use crate::transport::{FrameReader, FrameSender};
 use chia_core::protocol::{
-    Arg, ArgValue, Done, HeadToPeer, Outcome, PROTOCOL_VERSION, PeerToHead, TaskSpec, Value, WorkerOffer,
-    decode_body,
+    Arg, Done, DoneRef, HeadToPeer, HeadToPeerRef, Outcome, PROTOCOL_VERSION, PeerToHead, TaskSpec, ValueRef,
+    WorkerOffer, decode_body,
 };
 use chia_core::{NodeId, SessionId, TaskError, TaskId};
 use std::collections::{HashMap, HashSet};
@@ -362,8 +362,8 @@ impl HeadCore {
                 }
             }
             PeerToHead::Fetch { task } => {
-                let outcome = self.tasks.get(&task).and_then(|r| r.outcome.clone());
-                self.send(session, &HeadToPeer::Fetched { task, outcome });
+                let outcome = self.tasks.get(&task).and_then(|r| r.outcome.as_ref()).map(Outcome::as_ref);
+                self.send_value(session, task, &HeadToPeerRef::Fetched { task, outcome });
             }
             PeerToHead::Finished { task, outcome } => self.finished(session, task, outcome),
             PeerToHead::Blocked { task } => {
@@ -439,15 +439,15 @@ impl HeadCore {
     /// Stores a task's outcome and tells its owner.
     fn settle(&mut self, task: TaskId, outcome: Outcome) {
         let Some(record) = self.tasks.get_mut(&task) else { return };
-        let done = match &outcome {
-            Outcome::Value(value) if value.len() <= INLINE_RESULT_BYTES => Done::Value(value.clone()),
-            Outcome::Value(value) => Done::Stored { len: value.len() as u64 },
-            Outcome::Failed(error) => Done::Failed(error.clone()),
-        };
         record.outcome = Some(outcome);
         let (owner, holds) = (record.owner, record.owner_holds);
-        if holds {
-            self.send(owner, &HeadToPeer::Done { task, done });
+        if holds && let Some(outcome) = self.tasks.get(&task).and_then(|r| r.outcome.as_ref()) {
+            let done = match outcome {
+                Outcome::Value(value) if value.len() <= INLINE_RESULT_BYTES => DoneRef::Value(ValueRef(value)),
+                Outcome::Value(value) => DoneRef::Stored { len: value.len() as u64 },
+                Outcome::Failed(error) => DoneRef::Failed(error),
+            };
+            self.send_value(owner, task, &HeadToPeerRef::Done { task, done });
         }
         self.maybe_free(task);
     }
@@ -484,25 +484,28 @@ impl HeadCore {
         };
         record.running_on = Some(node);
         let args = std::mem::take(&mut record.args);
-        let (function, tag) = (record.function.clone(), record.tag.clone());
-        let mut values = Vec::with_capacity(args.len());
-        for arg in args {
-            match arg {
-                Arg::Value(value) => values.push(ArgValue(value)),
-                Arg::Ref(dep) => match self.tasks.get(&dep).and_then(|r| r.outcome.as_ref()) {
-                    Some(Outcome::Value(value)) => values.push(ArgValue(value.clone())),
+        let Some(record) = self.tasks.get(&task) else { return };
+        // Argument values are borrowed where they are stored: nothing is copied before encoding.
+        let values: Vec<ValueRef<'_>> = args
+            .iter()
+            .map(|arg| match arg {
+                Arg::Value(value) => ValueRef(value),
+                Arg::Ref(dep) => match self.tasks.get(dep).and_then(|r| r.outcome.as_ref()) {
+                    Some(Outcome::Value(value)) => ValueRef(value),
                     _ => {
                         // The scheduler only dispatches once every dependency succeeded.
                         tracing::error!("{task} was dispatched before its argument {dep} was ready");
-                        values.push(ArgValue(Value::new()));
+                        ValueRef(&[])
                     }
                 },
-            }
-        }
+            })
+            .collect();
+        let execute =
+            HeadToPeerRef::Execute { task, function: &record.function, args: values, tag: record.tag.as_deref() };
+        let sent = self.sessions.get(&session).map(|peer| peer.sender.send(&execute));
+        let name = record.function.clone();
         self.release_deps(task);
-        let name = function.clone();
-        let execute = HeadToPeer::Execute { task, function, args: values, tag };
-        let Some(Err(e)) = self.sessions.get(&session).map(|peer| peer.sender.send(&execute)) else { return };
+        let Some(Err(e)) = sent else { return };
         // The arguments together exceed what a frame may carry: the task can never be sent.
         let error =
             TaskError::InvalidCall { function: name, message: format!("its arguments cannot be sent: {e}") };
@@ -564,10 +567,18 @@ impl HeadCore {
         let Some(peer) = self.sessions.get(&session) else { return };
         if let Err(e) = peer.sender.send(message) {
             tracing::error!("could not send to {}: {e}", peer.name);
-            if let HeadToPeer::Done { task, .. } | HeadToPeer::Fetched { task, .. } = message {
-                let error = TaskError::BadResult { function: String::new(), message: e.to_string() };
-                let _ = peer.sender.send(&HeadToPeer::Done { task: *task, done: Done::Failed(error) });
-            }
+        }
+    }
+
+    /// Sends a message carrying `task`'s value; if it cannot be encoded, the owner learns
+    /// that instead of waiting forever.
+    fn send_value(&self, session: SessionId, task: TaskId, message: &HeadToPeerRef<'_>) {
+        let Some(peer) = self.sessions.get(&session) else { return };
+        if let Err(e) = peer.sender.send(message) {
+            tracing::error!("could not send the value of {task} to {}: {e}", peer.name);
+            let function = self.tasks.get(&task).map(|r| r.function.clone()).unwrap_or_default();
+            let error = TaskError::BadResult { function, message: e.to_string() };
+            let _ = peer.sender.send(&HeadToPeer::Done { task, done: Done::Failed(error) });
         }
     }
 }

@@ -1,10 +1,12 @@
 //! Framed messages over one QUIC stream.
 //!
-//! [`FrameSender`] encodes messages straight into a shared buffer that one writer task
-//! flushes, so many small messages leave in one write and no message is allocated twice.
-//! [`FrameReader`] reads frames out of a reusable buffer and checks every length prefix
-//! against [`MAX_FRAME_BYTES`](chia_core::protocol::MAX_FRAME_BYTES) before reading the body.
+//! [`FrameSender`] queues encoded frames for one writer task: small frames are packed together
+//! so a burst leaves in one write, large ones are handed to QUIC as they are (no copy).
+//! [`FrameReader`] reads small frames out of a reusable buffer and large ones straight into a
+//! buffer of their own; every length prefix is checked against
+//! [`MAX_FRAME_BYTES`](chia_core::protocol::MAX_FRAME_BYTES) before the body is read.
 
+use bytes::Bytes;
 use chia_core::protocol::{ProtocolError, encode_frame, frame_len};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,28 +19,44 @@ pub enum TransportError {
     Protocol(#[from] ProtocolError),
     #[error("stream read failed: {0}")]
     Read(#[from] quinn::ReadError),
-    #[error("stream write failed: {0}")]
-    Write(#[from] quinn::WriteError),
     #[error("the peer closed the stream in the middle of a frame")]
     Truncated,
-    #[error("connection failed: {0}")]
-    Connection(#[from] quinn::ConnectionError),
-    #[error("could not connect to {address}: {message}")]
-    Connect { address: String, message: String },
-    #[error("the connection is closed")]
-    Closed,
+}
+
+/// Frames at least this large travel as their own chunk instead of being packed.
+const LARGE_FRAME: usize = 64 << 10;
+
+/// How long a closing writer waits for the peer to acknowledge the last frames.
+const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Frames waiting for the writer, in order.
+#[derive(Default)]
+struct Pending {
+    chunks: Vec<Bytes>,
+    /// Small frames packed together after the last chunk.
+    packed: Vec<u8>,
+}
+
+impl Pending {
+    fn take(&mut self) -> Vec<Bytes> {
+        self.seal_packed();
+        std::mem::take(&mut self.chunks)
+    }
+
+    fn seal_packed(&mut self) {
+        if !self.packed.is_empty() {
+            self.chunks.push(Bytes::from(std::mem::take(&mut self.packed)));
+        }
+    }
 }
 
 struct SenderShared {
-    pending: Mutex<Vec<u8>>,
+    pending: Mutex<Pending>,
     wake: Notify,
     closed: AtomicBool,
     /// Set once the writer has ended (everything flushed and acknowledged, or the stream failed).
     finished: tokio::sync::watch::Sender<bool>,
 }
-
-/// How long a closing writer waits for the peer to acknowledge the last frames.
-const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The sending half of a control stream. Cheap to clone; all clones feed one writer task.
 #[derive(Clone)]
@@ -50,7 +68,7 @@ impl FrameSender {
     /// Starts the writer task for `stream`.
     pub fn spawn(mut stream: quinn::SendStream) -> FrameSender {
         let shared = Arc::new(SenderShared {
-            pending: Mutex::new(Vec::with_capacity(64 << 10)),
+            pending: Mutex::new(Pending::default()),
             wake: Notify::new(),
             closed: AtomicBool::new(false),
             finished: tokio::sync::watch::Sender::new(false),
@@ -69,7 +87,18 @@ impl FrameSender {
         if self.shared.closed.load(Ordering::Acquire) {
             return Ok(());
         }
-        encode_frame(message, &mut lock(&self.shared.pending))?;
+        // Encode outside the lock, so a large message does not hold up other senders.
+        let mut frame = Vec::with_capacity(256);
+        encode_frame(message, &mut frame)?;
+        {
+            let mut pending = lock(&self.shared.pending);
+            if frame.len() >= LARGE_FRAME {
+                pending.seal_packed();
+                pending.chunks.push(Bytes::from(frame));
+            } else {
+                pending.packed.extend_from_slice(&frame);
+            }
+        }
         self.shared.wake.notify_one();
         Ok(())
     }
@@ -94,22 +123,17 @@ impl FrameSender {
 }
 
 async fn write_loop(shared: &SenderShared, stream: &mut quinn::SendStream) {
-    let mut batch = Vec::with_capacity(64 << 10);
     loop {
         shared.wake.notified().await;
         loop {
-            std::mem::swap(&mut batch, &mut *lock(&shared.pending));
-            if batch.is_empty() {
+            let mut chunks = lock(&shared.pending).take();
+            if chunks.is_empty() {
                 break;
             }
-            if let Err(e) = stream.write_all(&batch).await {
+            if let Err(e) = stream.write_all_chunks(&mut chunks).await {
                 tracing::debug!("control stream write failed: {e}");
                 shared.closed.store(true, Ordering::Release);
                 return;
-            }
-            batch.clear();
-            if batch.capacity() > 4 << 20 {
-                batch.shrink_to(64 << 10);
             }
         }
         if shared.closed.load(Ordering::Acquire) {
@@ -122,10 +146,10 @@ async fn write_loop(shared: &SenderShared, stream: &mut quinn::SendStream) {
     }
 }
 
-fn lock(buffer: &Mutex<Vec<u8>>) -> std::sync::MutexGuard<'_, Vec<u8>> {
-    // A panic while holding the lock leaves only whole frames in the buffer (encode_frame
-    // truncates on failure), so the data is still good.
-    buffer.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+fn lock(pending: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
+    // A panic while holding the lock leaves only whole frames queued (frames are encoded
+    // before the lock is taken), so the data is still good.
+    pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The receiving half of a control stream.
@@ -134,28 +158,55 @@ pub struct FrameReader {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// The body of the last large frame.
+    large: Vec<u8>,
 }
 
 const READ_CHUNK: usize = 256 << 10;
 
 impl FrameReader {
     pub fn new(stream: quinn::RecvStream) -> FrameReader {
-        FrameReader { stream, buf: vec![0; READ_CHUNK], start: 0, end: 0 }
+        FrameReader { stream, buf: vec![0; READ_CHUNK], start: 0, end: 0, large: Vec::new() }
     }
 
     /// The next frame's body, or `None` when the peer finished the stream between frames.
     pub async fn next_frame(&mut self) -> Result<Option<&[u8]>, TransportError> {
+        // The previous large body has been consumed by now: do not keep it around.
+        if self.large.capacity() > 0 {
+            self.large = Vec::new();
+        }
         if !self.fill(4).await? {
             return if self.start == self.end { Ok(None) } else { Err(TransportError::Truncated) };
         }
         let prefix: [u8; 4] = self.buf[self.start..self.start + 4].try_into().expect("4 bytes were filled");
         let len = frame_len(prefix)?;
-        if !self.fill(4 + len).await? {
+        self.start += 4;
+        if len > READ_CHUNK {
+            self.read_large(len).await?;
+            return Ok(Some(&self.large));
+        }
+        if !self.fill(len).await? {
             return Err(TransportError::Truncated);
         }
-        let body_start = self.start + 4;
-        self.start = body_start + len;
+        let body_start = self.start;
+        self.start += len;
         Ok(Some(&self.buf[body_start..body_start + len]))
+    }
+
+    /// Reads a large body into its own buffer, taking QUIC's chunks as they come (no zeroing,
+    /// one copy).
+    async fn read_large(&mut self, len: usize) -> Result<(), TransportError> {
+        self.large = Vec::with_capacity(len);
+        let buffered = (self.end - self.start).min(len);
+        self.large.extend_from_slice(&self.buf[self.start..self.start + buffered]);
+        self.start += buffered;
+        while self.large.len() < len {
+            match self.stream.read_chunk(len - self.large.len(), true).await? {
+                Some(chunk) => self.large.extend_from_slice(&chunk.bytes),
+                None => return Err(TransportError::Truncated),
+            }
+        }
+        Ok(())
     }
 
     /// Reads until `need` unread bytes are buffered; false if the stream ended first.
@@ -164,20 +215,10 @@ impl FrameReader {
             if self.start == self.end {
                 self.start = 0;
                 self.end = 0;
-                if self.buf.len() > 4 * READ_CHUNK && need <= READ_CHUNK {
-                    self.buf.truncate(READ_CHUNK);
-                    self.buf.shrink_to_fit();
-                }
             } else if self.buf.len() - self.start < need {
                 self.buf.copy_within(self.start..self.end, 0);
                 self.end -= self.start;
                 self.start = 0;
-            }
-            if self.buf.len() < need {
-                self.buf.resize(need, 0);
-            }
-            if self.end == self.buf.len() {
-                self.buf.resize(self.buf.len() + READ_CHUNK, 0);
             }
             match self.stream.read(&mut self.buf[self.end..]).await? {
                 Some(n) => self.end += n,

@@ -7,10 +7,14 @@ use crate::client::{Client, Execution};
 use crate::error::Error;
 use crate::registry::{self, FunctionSpec, Invoke};
 use crate::tls::ClusterCredentials;
-use chia_core::protocol::{Outcome, PeerToHead, WorkerOffer};
-use chia_core::{Resources, TaskError};
+use chia_core::protocol::{Outcome, PeerToHead, Value, WorkerOffer};
+use chia_core::{Resources, TaskError, TaskId};
 use std::any::Any;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use tokio::sync::mpsc;
 
 /// A worker connected to a head.
@@ -76,44 +80,71 @@ async fn serve(
     stopped: tokio::sync::watch::Sender<bool>,
 ) {
     while let Some(execution) = executions.recv().await {
-        tokio::spawn(run(context.clone(), execution));
+        start(&context, execution);
     }
     let _ = stopped.send(true);
 }
 
-async fn run(context: Context, execution: Execution) {
+/// Starts one execution: a sync function on the blocking pool, an async one as a task. Each
+/// reports its own outcome when it ends, so no task waits in between.
+fn start(context: &Context, execution: Execution) {
     let Execution { task, function, args, tag: _ } = execution;
-    let reported_name = function.clone();
     let client: Arc<Client> = context.client().clone();
-    let outcome = match registry::functions().get(function.as_str()) {
+    let Some(spec) = registry::functions().get(function.as_str()).copied() else {
         // The head only sends what this worker offered; this guards against a head bug.
-        None => Outcome::Failed(TaskError::UnknownFunction { function }),
-        Some(spec) => {
-            let task_context = context.for_task(task);
-            let result = match spec.invoke {
-                Invoke::Sync(invoke) => tokio::task::spawn_blocking(move || invoke(task_context, args)).await,
-                Invoke::Async(invoke) => tokio::spawn(invoke(task_context, args)).await,
-            };
-            match result {
-                Ok(Ok(value)) => Outcome::Value(value),
-                Ok(Err(error)) => Outcome::Failed(error),
-                Err(join_error) if join_error.is_panic() => Outcome::Failed(TaskError::Panic {
-                    function: spec.name.to_string(),
-                    message: panic_message(join_error.into_panic()),
-                }),
-                Err(join_error) => Outcome::Failed(TaskError::Panic {
-                    function: spec.name.to_string(),
-                    message: format!("the task was aborted: {join_error}"),
-                }),
-            }
-        }
+        report(&client, task, &function, Outcome::Failed(TaskError::UnknownFunction { function: function.clone() }));
+        return;
     };
+    let task_context = context.for_task(task);
+    match spec.invoke {
+        Invoke::Sync(invoke) => {
+            tokio::task::spawn_blocking(move || {
+                let result = std::panic::catch_unwind(AssertUnwindSafe(|| invoke(task_context, args)));
+                report(&client, task, spec.name, outcome(spec, result));
+            });
+        }
+        Invoke::Async(invoke) => {
+            tokio::spawn(async move {
+                let result = CatchUnwind(invoke(task_context, args)).await;
+                report(&client, task, spec.name, outcome(spec, result));
+            });
+        }
+    }
+}
+
+fn outcome(spec: &FunctionSpec, result: std::thread::Result<Result<Value, TaskError>>) -> Outcome {
+    match result {
+        Ok(Ok(value)) => Outcome::Value(value),
+        Ok(Err(error)) => Outcome::Failed(error),
+        Err(panic) => {
+            Outcome::Failed(TaskError::Panic { function: spec.name.to_string(), message: panic_message(panic) })
+        }
+    }
+}
+
+fn report(client: &Client, task: TaskId, function: &str, outcome: Outcome) {
     if let Err(e) = client.send(&PeerToHead::Finished { task, outcome }) {
         // The result cannot travel (larger than a frame may be): fail the task instead of
         // leaving it running forever.
-        let error = TaskError::BadResult { function: reported_name, message: e.to_string() };
+        let error = TaskError::BadResult { function: function.to_string(), message: e.to_string() };
         if let Err(e) = client.send(&PeerToHead::Finished { task, outcome: Outcome::Failed(error) }) {
             tracing::error!("could not report {task} to the head: {e}");
+        }
+    }
+}
+
+/// Resolves to the future's output, or to the panic it raised while being polled.
+struct CatchUnwind<F>(F);
+
+impl<F: Future + Unpin> Future for CatchUnwind<F> {
+    type Output = std::thread::Result<F::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| Pin::new(inner).poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Err(panic) => Poll::Ready(Err(panic)),
         }
     }
 }

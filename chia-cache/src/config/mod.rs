@@ -1,0 +1,294 @@
+//! The `cache:` section of the bypass/cache YAML: which functions' outputs are cached, and for
+//! which call tags.
+//!
+//! ```yaml
+//! cache:
+//!   run_verilator_test:
+//!     cache: true
+//!     tags: ["iter.*"]      # optional: only calls whose whole tag matches one pattern
+//!   build_megaboom: true    # shorthand: cache every call
+//! bypass:                   # other sections of the same file are not read here
+//!   simple_add: true
+//! ```
+//!
+//! Reading rules, those of the original `_load_cache_config` unless noted:
+//! - `fn: true` caches every call; `fn: {cache: true, tags: ...}` caches the calls whose tag
+//!   matches; `tags:` is one pattern or a list of them; `tags: []` caches nothing.
+//! - `fn: false`, `fn: {cache: false}` or a mapping without `cache:` leaves the function out.
+//! - A spec of another type (a string, a number, a list) is ignored, as in the original, with
+//!   a warning.
+//! - A pattern must match the *whole* tag (Python's `re.fullmatch`). Patterns use Rust `regex`
+//!   syntax, which is Python's minus look-around and backreferences; an invalid pattern is an
+//!   error at load naming the file, the function and the pattern (the original failed only
+//!   when a call was checked).
+//! - Stricter than the original, which took Python truthiness: the inner `cache:` must be a
+//!   boolean (YAML 1.1 spellings such as `yes`/`no` included, as PyYAML read them), and each tag
+//!   pattern a string; anything else is an error naming the function rather than a silent
+//!   guess. A `cache:` section that is empty (null) is an empty configuration (the original
+//!   crashed); one that is not a mapping is an error.
+
+mod yaml_value;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+use crate::CacheError;
+use yaml_value::YamlValue;
+
+/// Which functions are cached, and for which tags. Serializes as a map from function name to
+/// [`CacheRule`], with patterns as their source strings (compiled again on deserialize), so it
+/// can be shipped to other processes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CacheConfig {
+    functions: BTreeMap<String, CacheRule>,
+}
+
+/// How one configured function is cached.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheRule {
+    /// Every call (configured without `tags:`).
+    All,
+    /// Only calls with a tag that one of the patterns matches in full.
+    Tags(TagPatterns),
+}
+
+/// Tag patterns, kept both as written and compiled to match a whole tag.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(try_from = "Vec<String>", into = "Vec<String>")]
+pub struct TagPatterns {
+    sources: Vec<String>,
+    /// `^(?:source)$` for each source, in the same order.
+    anchored: Vec<Regex>,
+}
+
+/// A tag pattern that does not compile.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid tag pattern {pattern:?}: {source}")]
+pub struct InvalidPattern {
+    pub pattern: String,
+    pub source: regex::Error,
+}
+
+impl CacheConfig {
+    /// An empty configuration: nothing is cached.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads the `cache:` section of a YAML document. `origin` names the document in errors
+    /// and logs (usually its path).
+    pub fn from_yaml_str(text: &str, origin: &str) -> Result<Self, CacheError> {
+        let document: Option<ConfigDocument> =
+            serde_saphyr::from_str(text).map_err(|error| CacheError::ConfigParse {
+                origin: origin.to_owned(),
+                line: error.location().map(|location| location.line()),
+                message: error.to_string(),
+            })?;
+        match document.and_then(|document| document.cache) {
+            None | Some(YamlValue::Null) => Ok(Self::new()),
+            Some(section) => parse_section(&section, origin),
+        }
+    }
+
+    /// Reads the `cache:` section of the YAML file at `path`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, CacheError> {
+        let path = path.as_ref();
+        let text = fs::read_to_string(path)
+            .map_err(|source| CacheError::ConfigRead { path: path.to_owned(), source })?;
+        Self::from_yaml_str(&text, &path.display().to_string())
+    }
+
+    /// Should `function`'s output be cached on a call tagged `tag`? False for a function that is
+    /// not configured, and for an untagged call to a function configured with `tags:`.
+    pub fn is_cached(&self, function: &str, tag: Option<&str>) -> bool {
+        self.functions.get(function).is_some_and(|rule| rule.admits(tag))
+    }
+
+    /// The rule for `function`, if it is cached at all.
+    pub fn rule(&self, function: &str) -> Option<&CacheRule> {
+        self.functions.get(function)
+    }
+
+    /// Sets the rule for `function`, returning the one it replaces.
+    pub fn insert(&mut self, function: impl Into<String>, rule: CacheRule) -> Option<CacheRule> {
+        self.functions.insert(function.into(), rule)
+    }
+
+    /// Configured functions and their rules, by name.
+    pub fn functions(&self) -> impl Iterator<Item = (&str, &CacheRule)> {
+        self.functions.iter().map(|(name, rule)| (name.as_str(), rule))
+    }
+
+    pub fn len(&self) -> usize {
+        self.functions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.functions.is_empty()
+    }
+}
+
+impl CacheRule {
+    /// Whether a call tagged `tag` is cached under this rule.
+    pub fn admits(&self, tag: Option<&str>) -> bool {
+        match (self, tag) {
+            (CacheRule::All, _) => true,
+            (CacheRule::Tags(_), None) => false,
+            (CacheRule::Tags(patterns), Some(tag)) => patterns.matches(tag),
+        }
+    }
+}
+
+impl TagPatterns {
+    /// Compiles each pattern to match a whole tag.
+    pub fn new<I, S>(patterns: I) -> Result<Self, InvalidPattern>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let sources: Vec<String> = patterns.into_iter().map(Into::into).collect();
+        let anchored = sources.iter().map(|source| compile_whole_match(source)).collect::<Result<_, _>>()?;
+        Ok(Self { sources, anchored })
+    }
+
+    /// The patterns as written.
+    pub fn patterns(&self) -> &[String] {
+        &self.sources
+    }
+
+    /// True if one pattern matches all of `tag`.
+    pub fn matches(&self, tag: &str) -> bool {
+        self.anchored.iter().any(|pattern| pattern.is_match(tag))
+    }
+}
+
+impl PartialEq for TagPatterns {
+    fn eq(&self, other: &Self) -> bool {
+        self.sources == other.sources
+    }
+}
+
+impl TryFrom<Vec<String>> for TagPatterns {
+    type Error = InvalidPattern;
+
+    fn try_from(sources: Vec<String>) -> Result<Self, InvalidPattern> {
+        Self::new(sources)
+    }
+}
+
+impl From<TagPatterns> for Vec<String> {
+    fn from(patterns: TagPatterns) -> Self {
+        patterns.sources
+    }
+}
+
+/// `re.fullmatch` semantics. The pattern is compiled alone first so that one which only parses
+/// because of the wrapper (`a)|(b` would become `^(?:a)|(b)$`) is still rejected.
+fn compile_whole_match(source: &str) -> Result<Regex, InvalidPattern> {
+    let invalid = |error| InvalidPattern { pattern: source.to_owned(), source: error };
+    Regex::new(source).map_err(invalid)?;
+    Regex::new(&format!("^(?:{source})$")).map_err(invalid)
+}
+
+/// The top level of the YAML file. Other sections (`bypass:`, ...) are skipped unread.
+#[derive(Deserialize)]
+struct ConfigDocument {
+    #[serde(default)]
+    cache: Option<YamlValue>,
+}
+
+fn parse_section(section: &YamlValue, origin: &str) -> Result<CacheConfig, CacheError> {
+    let YamlValue::Mapping(entries) = section else {
+        return Err(shape_error(
+            origin,
+            None,
+            format!("the `cache:` section must map function names to settings, not {}", section.describe()),
+        ));
+    };
+    let mut config = CacheConfig::new();
+    for (key, spec) in entries {
+        let Some(function) = key.as_str() else {
+            tracing::warn!(origin, key = %key.describe(), "cache config: ignoring a key that is not a function name");
+            continue;
+        };
+        if let Some(rule) = parse_function(function, spec, origin)? {
+            match &rule {
+                CacheRule::All => tracing::info!(origin, function, "cache: every call"),
+                CacheRule::Tags(patterns) => {
+                    tracing::info!(origin, function, tags = ?patterns.patterns(), "cache: calls with matching tags")
+                }
+            }
+            config.insert(function, rule);
+        }
+    }
+    Ok(config)
+}
+
+/// The rule for one function, `None` if it is not cached.
+fn parse_function(function: &str, spec: &YamlValue, origin: &str) -> Result<Option<CacheRule>, CacheError> {
+    let (enabled, tags) = match spec {
+        YamlValue::Bool(enabled) => (*enabled, None),
+        YamlValue::Mapping(_) => (parse_flag(function, spec.get("cache"), origin)?, spec.get("tags")),
+        other => {
+            tracing::warn!(
+                origin,
+                function,
+                spec = %other.describe(),
+                "cache config: ignoring a function whose setting is neither true/false nor a mapping"
+            );
+            return Ok(None);
+        }
+    };
+    if !enabled {
+        return Ok(None);
+    }
+    let sources = match tags {
+        None | Some(YamlValue::Null) => return Ok(Some(CacheRule::All)),
+        Some(YamlValue::String(pattern)) => vec![pattern.clone()],
+        Some(YamlValue::Sequence(items)) => items
+            .iter()
+            .map(|item| {
+                item.as_str().map(str::to_owned).ok_or_else(|| {
+                    shape_error(origin, Some(function), format!("each tag pattern must be a string, not {}", item.describe()))
+                })
+            })
+            .collect::<Result<_, _>>()?,
+        Some(other) => {
+            return Err(shape_error(
+                origin,
+                Some(function),
+                format!("`tags:` must be a pattern or a list of patterns, not {}", other.describe()),
+            ));
+        }
+    };
+    let patterns = TagPatterns::new(sources).map_err(|invalid| CacheError::InvalidTagPattern {
+        origin: origin.to_owned(),
+        function: function.to_owned(),
+        pattern: invalid.pattern,
+        source: invalid.source,
+    })?;
+    Ok(Some(CacheRule::Tags(patterns)))
+}
+
+/// The inner `cache:` flag; absent or null means off, as `spec.get("cache", False)` did.
+fn parse_flag(function: &str, flag: Option<&YamlValue>, origin: &str) -> Result<bool, CacheError> {
+    match flag {
+        None | Some(YamlValue::Null) => Ok(false),
+        Some(YamlValue::Bool(enabled)) => Ok(*enabled),
+        Some(other) => Err(shape_error(
+            origin,
+            Some(function),
+            format!("`cache:` must be true or false, not {}", other.describe()),
+        )),
+    }
+}
+
+fn shape_error(origin: &str, function: Option<&str>, message: String) -> CacheError {
+    CacheError::ConfigShape { origin: origin.to_owned(), function: function.map(str::to_owned), message }
+}
