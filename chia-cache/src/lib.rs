@@ -1,1 +1,40 @@
-//! `chia-cache` will own the persistent, head-pinned result cache (issue 3). It is empty until then.
+//! `chia-cache` owns the storage engine and the configuration of chia's result cache, with no
+//! network and no dependency on the runtime:
+//!
+//! - [`CacheStore`]: an LRU, byte-budgeted, on-disk key/value store of opaque serialized values
+//!   (bytes in, bytes out; values are never decoded), one checksummed file per tag, with
+//!   crash-consistent writes and a warm start from the files a previous run left.
+//! - [`CacheConfig`]: the `cache:` section of the bypass/cache YAML, which says which
+//!   functions' outputs are written to the cache, and for which call tags.
+//! - [`parse_budget`]: a budget given as a number and units (`4`, `"GB"`) in bytes.
+//!
+//! Serving the store as a named, head-pinned service is a layer above this crate.
+//!
+//! ```
+//! use chia_cache::{CacheStore, StoreOptions, parse_budget};
+//!
+//! # fn main() -> Result<(), chia_cache::CacheError> {
+//! let dir = tempfile::tempdir().expect("temporary directory");
+//! let store = CacheStore::open(dir.path(), parse_budget(64.0, "MiB")?, StoreOptions::default())?;
+//!
+//! assert!(store.write("iter0", b"serialized output")?);
+//! assert_eq!(store.read("iter0").as_deref(), Some(&b"serialized output"[..]));
+//! assert_eq!(store.read("iter1"), None);
+//! drop(store);
+//!
+//! // A later run finds the entry again.
+//! let store = CacheStore::open(dir.path(), parse_budget(64.0, "MiB")?, StoreOptions::default())?;
+//! assert!(store.has("iter0"));
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod config;
+mod error;
+mod store;
+pub mod units;
+
+pub use config::{CacheConfig, CacheRule, InvalidPattern, TagPatterns};
+pub use error::CacheError;
+pub use store::{CacheStore, Durability, ENTRY_EXTENSION, MAX_TAG_LEN, StoreOptions, entry_file_name};
+pub use units::parse_budget;

@@ -1,9 +1,9 @@
 //! The head: accepts authenticated QUIC connections, keeps the result objects, and drives the
 //! I/O-free [`Scheduler`] with what peers send, carrying out the commands it returns.
 //!
-//! One core task owns all state (scheduler, sessions, objects); connection tasks only decode
-//! frames and forward them, so no lock is held across the cluster and the order of events is
-//! the order they reached the core.
+//! One [`HeadCore`] owns all state (scheduler, sessions, objects) behind one mutex. Connection
+//! tasks decode frames without it and then apply each message under it; nothing inside awaits,
+//! so the lock is held for microseconds, and a message costs no hand-off to another task.
 
 use crate::scheduler::{Command, Event, Scheduler};
 use crate::tls::{ClusterCredentials, HeadCredentials};
@@ -16,7 +16,7 @@ use chia_core::{NodeId, SessionId, TaskError, TaskId};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Results up to this size travel with the `Done` notice; larger ones wait on the head until
 /// the owner asks, so a ref that is only chained never crosses to the driver.
@@ -33,7 +33,15 @@ pub struct HeadHandle {
     address: SocketAddr,
     endpoint: quinn::Endpoint,
     credentials: HeadCredentials,
-    events: mpsc::UnboundedSender<CoreEvent>,
+    core: SharedCore,
+}
+
+type SharedCore = Arc<Mutex<HeadCore>>;
+
+fn lock(core: &SharedCore) -> MutexGuard<'_, HeadCore> {
+    // The core does not panic on peer input; if a bug ever made it panic, keep serving the
+    // state as it is rather than taking the whole head down.
+    core.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// What the head holds right now (for tests, logs and the benchmark).
@@ -59,11 +67,9 @@ impl HeadHandle {
         self.credentials.cluster(address)
     }
 
-    /// A snapshot of what the head holds, taken after every event queued before it.
-    pub async fn stats(&self) -> Option<HeadStats> {
-        let (reply, stats) = tokio::sync::oneshot::channel();
-        self.events.send(CoreEvent::Stats { reply }).ok()?;
-        stats.await.ok()
+    /// A snapshot of what the head holds now.
+    pub fn stats(&self) -> HeadStats {
+        lock(&self.core).stats()
     }
 
     /// Stops accepting and closes every connection.
@@ -89,31 +95,10 @@ pub fn start_head(listen: SocketAddr, credentials: HeadCredentials) -> Result<He
     let endpoint = quinn::Endpoint::server(server, listen)
         .map_err(|e| crate::Error::Setup(format!("cannot listen on {listen}: {e}")))?;
     let address = endpoint.local_addr().map_err(|e| crate::Error::Setup(e.to_string()))?;
-    let (events, event_rx) = mpsc::unbounded_channel();
-    tokio::spawn(HeadCore::new().run(event_rx));
-    tokio::spawn(accept_loop(endpoint.clone(), events.clone()));
+    let core = Arc::new(Mutex::new(HeadCore::new()));
+    tokio::spawn(accept_loop(endpoint.clone(), core.clone()));
     tracing::info!("head listening on {address}");
-    Ok(HeadHandle { address, endpoint, credentials, events })
-}
-
-enum CoreEvent {
-    Joined {
-        hello: Hello,
-        sender: FrameSender,
-        connection: quinn::Connection,
-        accepted: tokio::sync::oneshot::Sender<SessionId>,
-    },
-    Message {
-        session: SessionId,
-        message: PeerToHead,
-    },
-    Closed {
-        session: SessionId,
-        reason: String,
-    },
-    Stats {
-        reply: tokio::sync::oneshot::Sender<HeadStats>,
-    },
+    Ok(HeadHandle { address, endpoint, credentials, core })
 }
 
 struct Hello {
@@ -121,13 +106,13 @@ struct Hello {
     worker: Option<WorkerOffer>,
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, events: mpsc::UnboundedSender<CoreEvent>) {
+async fn accept_loop(endpoint: quinn::Endpoint, core: SharedCore) {
     while let Some(incoming) = endpoint.accept().await {
-        tokio::spawn(serve_connection(incoming, events.clone()));
+        tokio::spawn(serve_connection(incoming, core.clone()));
     }
 }
 
-async fn serve_connection(incoming: quinn::Incoming, events: mpsc::UnboundedSender<CoreEvent>) {
+async fn serve_connection(incoming: quinn::Incoming, core: SharedCore) {
     let remote = incoming.remote_address();
     let connection = match incoming.await {
         Ok(connection) => connection,
@@ -173,21 +158,11 @@ async fn serve_connection(incoming: quinn::Incoming, events: mpsc::UnboundedSend
         Ok(_) => return reject("the first message must be a hello".into()),
         Err(e) => return reject(format!("malformed hello: {e}")),
     };
-    let (accepted, session) = tokio::sync::oneshot::channel();
-    let joined =
-        CoreEvent::Joined { hello, sender: sender.clone(), connection: connection.clone(), accepted };
-    if events.send(joined).is_err() {
-        return;
-    }
-    let Ok(session) = session.await else { return };
+    let session = lock(&core).join(hello, sender.clone(), connection.clone());
     let reason = loop {
         match reader.next_frame().await {
             Ok(Some(frame)) => match decode_body::<PeerToHead>(frame) {
-                Ok(message) => {
-                    if events.send(CoreEvent::Message { session, message }).is_err() {
-                        break "the head is shutting down".to_string();
-                    }
-                }
+                Ok(message) => lock(&core).message(session, message),
                 Err(e) => break format!("malformed message: {e}"),
             },
             Ok(None) => break "closed by the peer".to_string(),
@@ -195,7 +170,7 @@ async fn serve_connection(incoming: quinn::Incoming, events: mpsc::UnboundedSend
         }
     };
     connection.close(2u32.into(), reason.as_bytes());
-    let _ = events.send(CoreEvent::Closed { session, reason });
+    lock(&core).close(session, &reason);
 }
 
 struct Session {
@@ -244,42 +219,16 @@ impl HeadCore {
         }
     }
 
-    async fn run(mut self, mut events: mpsc::UnboundedReceiver<CoreEvent>) {
-        while let Some(event) = events.recv().await {
-            self.handle(event);
-            // Drain what is already queued before scheduling, so a burst of submissions is
-            // scheduled in one pass.
-            while let Ok(event) = events.try_recv() {
-                self.handle(event);
-            }
-        }
-    }
-
-    fn handle(&mut self, event: CoreEvent) {
-        match event {
-            CoreEvent::Joined { hello, sender, connection, accepted } => {
-                self.join(hello, sender, connection, accepted)
-            }
-            CoreEvent::Message { session, message } => self.message(session, message),
-            CoreEvent::Closed { session, reason } => self.close(session, &reason),
-            CoreEvent::Stats { reply } => {
-                let result_bytes = self
-                    .tasks
-                    .values()
-                    .map(|r| match &r.outcome {
-                        Some(Outcome::Value(value)) => value.len(),
-                        _ => 0,
-                    })
-                    .sum();
-                let stats = HeadStats {
-                    sessions: self.sessions.len(),
-                    nodes: self.nodes.len(),
-                    tasks: self.tasks.len(),
-                    result_bytes,
-                };
-                let _ = reply.send(stats);
-            }
-        }
+    fn stats(&self) -> HeadStats {
+        let result_bytes = self
+            .tasks
+            .values()
+            .map(|r| match &r.outcome {
+                Some(Outcome::Value(value)) => value.len(),
+                _ => 0,
+            })
+            .sum();
+        HeadStats { sessions: self.sessions.len(), nodes: self.nodes.len(), tasks: self.tasks.len(), result_bytes }
     }
 
     fn feed(&mut self, event: Event) {
@@ -290,13 +239,7 @@ impl HeadCore {
         }
     }
 
-    fn join(
-        &mut self,
-        hello: Hello,
-        sender: FrameSender,
-        connection: quinn::Connection,
-        accepted: tokio::sync::oneshot::Sender<SessionId>,
-    ) {
+    fn join(&mut self, hello: Hello, sender: FrameSender, connection: quinn::Connection) -> SessionId {
         let session = SessionId(self.next_session);
         self.next_session += 1;
         let (node, name) = match &hello.worker {
@@ -313,8 +256,8 @@ impl HeadCore {
             node,
             node_name: name.clone(),
         };
-        if sender.send(&welcome).is_err() || accepted.send(session).is_err() {
-            return;
+        if let Err(e) = sender.send(&welcome) {
+            tracing::error!("could not welcome {name}: {e}");
         }
         tracing::info!(
             "{name} joined from {} as {session}{}",
@@ -327,13 +270,9 @@ impl HeadCore {
         self.sessions.insert(session, Session { name: name.clone(), node, sender, connection });
         if let (Some(node), Some(offer)) = (node, hello.worker) {
             self.nodes.insert(node, session);
-            self.feed(Event::NodeJoined {
-                node,
-                name,
-                resources: offer.resources,
-                functions: offer.functions,
-            });
+            self.feed(Event::NodeJoined { node, name, resources: offer.resources, functions: offer.functions });
         }
+        session
     }
 
     fn unique_node_name(&self, wanted: &str) -> String {

@@ -1,0 +1,212 @@
+//! Tests that need to reach inside the I/O paths: injected write failures (disk full at
+//! different stages) and pauses that hold a read or write in the middle of its file I/O while
+//! other operations run. The public behaviour is tested in `tests/`.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread;
+
+use super::naming::{self, FileKind};
+use super::{CacheStore, IoStage, StoreOptions};
+use crate::CacheError;
+
+pub(crate) type Hook = Arc<dyn Fn(IoStage, &str) -> io::Result<()> + Send + Sync>;
+
+impl CacheStore {
+    fn set_test_hook(&self, hook: impl Fn(IoStage, &str) -> io::Result<()> + Send + Sync + 'static) {
+        *self.test_hook.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(hook));
+    }
+
+    fn clear_test_hook(&self) {
+        *self.test_hook.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    pub(super) fn run_hook(&self, stage: IoStage, tag: &str) -> io::Result<()> {
+        let hook = self.test_hook.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        hook.map_or(Ok(()), |hook| hook(stage, tag))
+    }
+}
+
+fn disk_full() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENOSPC)
+}
+
+fn temp_files(store: &CacheStore) -> Vec<String> {
+    std::fs::read_dir(store.dir())
+        .expect("list cache dir")
+        .map(|entry| entry.expect("dir entry").file_name())
+        .filter(|name| naming::classify(name) == FileKind::Temp)
+        .map(|name| name.to_string_lossy().into_owned())
+        .collect()
+}
+
+fn entry_files(store: &CacheStore) -> usize {
+    std::fs::read_dir(store.dir())
+        .expect("list cache dir")
+        .filter(|entry| naming::classify(&entry.as_ref().expect("dir entry").file_name()) == FileKind::Entry)
+        .count()
+}
+
+/// A store with entries "a" and "b" (100-byte payloads, 32 + 1 + 100 bytes each) in a budget
+/// that has room for exactly two of them.
+fn store_with_two_entries(dir: &tempfile::TempDir) -> CacheStore {
+    let store = CacheStore::open(dir.path(), 2 * 133, StoreOptions::default()).expect("open");
+    assert!(store.write("a", &[b'a'; 100]).expect("write a"));
+    assert!(store.write("b", &[b'b'; 100]).expect("write b"));
+    store
+}
+
+/// After a failed write of `tag`, the store must be exactly as before.
+fn assert_unchanged_after_failed_write(store: &CacheStore, result: Result<bool, CacheError>) {
+    assert!(matches!(result, Err(CacheError::Write { .. })), "{result:?}");
+    assert_eq!(temp_files(store), Vec::<String>::new(), "a failed write left a temporary file");
+    assert_eq!(store.keys(), ["a", "b"]);
+    assert_eq!(store.size_bytes(), 2 * 133);
+    assert_eq!(entry_files(store), 2);
+    assert_eq!(store.read("a").as_deref(), Some(&[b'a'; 100][..]));
+    assert_eq!(store.read("b").as_deref(), Some(&[b'b'; 100][..]));
+}
+
+#[test]
+fn cache_store_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<CacheStore>();
+}
+
+#[test]
+fn disk_full_in_the_middle_of_the_payload_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = store_with_two_entries(&dir);
+    store.set_test_hook(|stage, _| if stage == IoStage::PayloadHalfWritten { Err(disk_full()) } else { Ok(()) });
+
+    // A new tag (which would evict "a") and an overwrite of "a" both fail cleanly.
+    let new_tag = store.write("c", &[b'c'; 100]);
+    assert_unchanged_after_failed_write(&store, new_tag);
+    let overwrite = store.write("a", &[b'x'; 100]);
+    assert_unchanged_after_failed_write(&store, overwrite);
+
+    // Once the disk has room again, writes work.
+    store.clear_test_hook();
+    assert!(store.write("c", &[b'c'; 100]).expect("write c"));
+    // The checks above read "a" then "b", so "a" was the least recently used.
+    assert_eq!(store.keys(), ["b", "c"]);
+}
+
+#[test]
+fn a_failed_fsync_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = store_with_two_entries(&dir);
+    store.set_test_hook(|stage, _| if stage == IoStage::SyncTemp { Err(io::Error::other("EIO")) } else { Ok(()) });
+    let result = store.write("c", &[b'c'; 100]);
+    assert_unchanged_after_failed_write(&store, result);
+}
+
+#[test]
+fn a_failed_rename_evicts_nothing_and_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = store_with_two_entries(&dir);
+    store.set_test_hook(|stage, _| if stage == IoStage::Commit { Err(disk_full()) } else { Ok(()) });
+    let result = store.write("c", &[b'c'; 100]);
+    assert_unchanged_after_failed_write(&store, result);
+}
+
+/// A hook that parks the first call at `stage` until released, announcing that it parked.
+struct Pause {
+    parked: mpsc::Receiver<()>,
+    release: mpsc::Sender<()>,
+}
+
+fn pause_at(store: &CacheStore, stage: IoStage, tag: &'static str) -> Pause {
+    let (parked_tx, parked_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let release_rx = Mutex::new(release_rx);
+    let armed = AtomicBool::new(true);
+    store.set_test_hook(move |at, at_tag| {
+        if at == stage && at_tag == tag && armed.swap(false, Ordering::SeqCst) {
+            parked_tx.send(()).expect("test is waiting");
+            release_rx.lock().unwrap_or_else(PoisonError::into_inner).recv().expect("test releases");
+        }
+        Ok(())
+    });
+    Pause { parked: parked_rx, release: release_tx }
+}
+
+#[test]
+fn a_write_in_progress_does_not_block_other_operations() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(CacheStore::open(dir.path(), 1 << 20, StoreOptions::default()).expect("open"));
+    assert!(store.write("small", b"before").expect("write"));
+    let pause = pause_at(&store, IoStage::PayloadHalfWritten, "big");
+
+    let writer = thread::spawn({
+        let store = Arc::clone(&store);
+        move || store.write("big", &vec![7u8; 512 << 10])
+    });
+    pause.parked.recv().expect("writer parked mid-payload");
+
+    // The big write is stuck half-way through its file; everything else goes on.
+    assert!(!store.has("big"));
+    assert_eq!(store.read("small").as_deref(), Some(&b"before"[..]));
+    assert!(store.write("small", b"after").expect("write while big is in flight"));
+    assert!(store.write("other", b"x").expect("write while big is in flight"));
+    assert!(store.evict("other"));
+    assert_eq!(store.keys(), ["small"]);
+
+    pause.release.send(()).expect("writer waits");
+    assert!(writer.join().expect("writer thread").expect("big write"));
+    assert_eq!(store.keys(), ["small", "big"]);
+    assert_eq!(store.read("big").map(|value| value.len()), Some(512 << 10));
+}
+
+#[test]
+fn a_read_in_progress_returns_the_value_it_opened_despite_overwrite_and_evict() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(CacheStore::open(dir.path(), 1 << 20, StoreOptions::default()).expect("open"));
+    let old_value = vec![1u8; 200 << 10];
+    assert!(store.write("t", &old_value).expect("write"));
+    let pause = pause_at(&store, IoStage::ReadOpened, "t");
+
+    let reader = thread::spawn({
+        let store = Arc::clone(&store);
+        move || store.read("t")
+    });
+    pause.parked.recv().expect("reader parked with the file open");
+
+    // Neither waits for the reader; the reader's handle keeps the old file alive.
+    assert!(store.write("t", &[2u8; 100]).expect("overwrite"));
+    assert_eq!(store.read("t").as_deref(), Some(&[2u8; 100][..]));
+    assert!(store.evict("t"));
+
+    pause.release.send(()).expect("reader waits");
+    assert_eq!(reader.join().expect("reader thread"), Some(old_value));
+    assert!(!store.has("t"));
+    assert_eq!(temp_files(&store), Vec::<String>::new());
+}
+
+#[test]
+fn a_damaged_read_does_not_drop_a_value_written_meanwhile() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(CacheStore::open(dir.path(), 1 << 20, StoreOptions::default()).expect("open"));
+    assert!(store.write("t", &[1u8; 1000]).expect("write"));
+    let pause = pause_at(&store, IoStage::ReadOpened, "t");
+
+    let reader = thread::spawn({
+        let store = Arc::clone(&store);
+        move || store.read("t")
+    });
+    pause.parked.recv().expect("reader parked with the file open");
+
+    // Damage the file the reader has open, then replace it with a new value.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(store.entry_path("t"))
+        .and_then(|file| file.set_len(500))
+        .expect("truncate the open file");
+    assert!(store.write("t", &[2u8; 1000]).expect("overwrite"));
+
+    pause.release.send(()).expect("reader waits");
+    assert_eq!(reader.join().expect("reader thread"), None, "the damaged old file is a miss");
+    assert_eq!(store.read("t").as_deref(), Some(&[2u8; 1000][..]), "the new value survives");
+}
