@@ -24,8 +24,9 @@ pub enum CacheError {
     #[error("cannot read cache config {path}: {source}")]
     ConfigRead { path: PathBuf, source: io::Error },
 
-    /// The configuration is not YAML, or its top level is not a mapping.
-    #[error("cache config {origin} cannot be parsed{}: {message}", line_suffix(*line))]
+    /// The configuration is not YAML, or its top level is not a mapping. `message` (the YAML
+    /// parser's) shows the line and column with a snippet; `line` repeats the line for code.
+    #[error("cache config {origin} cannot be parsed: {message}")]
     ConfigParse { origin: String, line: Option<u64>, message: String },
 
     /// The `cache:` section parses but a value has a type the section does not allow.
@@ -52,10 +53,6 @@ pub enum CacheError {
     /// store's previous contents are unchanged.
     #[error("cannot write cache entry {tag:?} to {path}: {source}")]
     Write { tag: String, path: PathBuf, source: io::Error },
-}
-
-fn line_suffix(line: Option<u64>) -> String {
-    line.map(|line| format!(" (line {line})")).unwrap_or_default()
 }
 
 fn function_prefix(function: Option<&str>) -> String {

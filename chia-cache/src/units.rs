@@ -38,8 +38,8 @@ pub fn unit_multiplier(units: &str) -> Option<u64> {
 pub fn parse_budget(size: f64, units: &str) -> Result<u64, CacheError> {
     let multiplier = unit_multiplier(units)
         .ok_or_else(|| CacheError::UnknownUnits { units: units.to_owned(), choices: UNIT_NAMES.to_vec() })?;
-    // `!(size >= 0.0)` also rejects NaN, which every comparison answers false to.
-    if !size.is_finite() || !(size >= 0.0) {
+    // `is_finite` is false for NaN too.
+    if !size.is_finite() || size < 0.0 {
         return Err(CacheError::InvalidSize { size });
     }
     let bytes = size * multiplier as f64;

@@ -158,7 +158,9 @@ fn yaml_1_1_booleans_read_as_pyyaml_read_them() {
 
 #[test]
 fn is_cached_follows_the_original() {
-    let config = load("cache:\n  all: true\n  tagged:\n    cache: true\n    tags: ['iter.*']\n  none:\n    cache: true\n    tags: []\n");
+    let config = load(
+        "cache:\n  all: true\n  tagged:\n    cache: true\n    tags: ['iter.*']\n  none:\n    cache: true\n    tags: []\n",
+    );
     // No tag patterns: every call, tagged or not.
     assert!(config.is_cached("all", None));
     assert!(config.is_cached("all", Some("anything")));
@@ -211,11 +213,12 @@ fn yaml_that_does_not_parse_names_the_file_and_line() {
     match &error {
         CacheError::ConfigParse { origin, line, .. } => {
             assert_eq!(origin, ORIGIN);
-            assert!(line.is_some(), "{error}");
+            assert_eq!(*line, Some(3), "{error}");
         }
         other => panic!("expected ConfigParse, got {other:?}"),
     }
-    assert!(error.to_string().contains(ORIGIN), "{error}");
+    let message = error.to_string();
+    assert!(message.contains(ORIGIN) && message.contains("line 3"), "{message}");
 }
 
 #[test]
@@ -238,7 +241,9 @@ fn values_of_the_wrong_type_name_the_function() {
 
 #[test]
 fn other_sections_are_ignored_and_missing_or_empty_sections_mean_nothing_is_cached() {
-    let config = load("bypass:\n  simple_add: true\n  summarize:\n    bypass: true\n    data: /tmp/x.md\ncache:\n  f: true\n");
+    let config = load(
+        "bypass:\n  simple_add: true\n  summarize:\n    bypass: true\n    data: /tmp/x.md\ncache:\n  f: true\n",
+    );
     assert_eq!(config.len(), 1);
     for yaml in ["", "# nothing\n", "bypass:\n  f: true\n", "cache:\n", "cache: {}\n"] {
         assert!(load(yaml).is_empty(), "{yaml:?}");

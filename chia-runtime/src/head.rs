@@ -15,8 +15,8 @@ use chia_core::protocol::{
 use chia_core::{NodeId, SessionId, TaskError, TaskId};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// Results up to this size travel with the `Done` notice; larger ones wait on the head until
 /// the owner asks, so a ref that is only chained never crosses to the driver.
@@ -228,7 +228,12 @@ impl HeadCore {
                 _ => 0,
             })
             .sum();
-        HeadStats { sessions: self.sessions.len(), nodes: self.nodes.len(), tasks: self.tasks.len(), result_bytes }
+        HeadStats {
+            sessions: self.sessions.len(),
+            nodes: self.nodes.len(),
+            tasks: self.tasks.len(),
+            result_bytes,
+        }
     }
 
     fn feed(&mut self, event: Event) {
@@ -270,7 +275,12 @@ impl HeadCore {
         self.sessions.insert(session, Session { name: name.clone(), node, sender, connection });
         if let (Some(node), Some(offer)) = (node, hello.worker) {
             self.nodes.insert(node, session);
-            self.feed(Event::NodeJoined { node, name, resources: offer.resources, functions: offer.functions });
+            self.feed(Event::NodeJoined {
+                node,
+                name,
+                resources: offer.resources,
+                functions: offer.functions,
+            });
         }
         session
     }
@@ -382,7 +392,9 @@ impl HeadCore {
         let (owner, holds) = (record.owner, record.owner_holds);
         if holds && let Some(outcome) = self.tasks.get(&task).and_then(|r| r.outcome.as_ref()) {
             let done = match outcome {
-                Outcome::Value(value) if value.len() <= INLINE_RESULT_BYTES => DoneRef::Value(ValueRef(value)),
+                Outcome::Value(value) if value.len() <= INLINE_RESULT_BYTES => {
+                    DoneRef::Value(ValueRef(value))
+                }
                 Outcome::Value(value) => DoneRef::Stored { len: value.len() as u64 },
                 Outcome::Failed(error) => DoneRef::Failed(error),
             };
@@ -439,8 +451,12 @@ impl HeadCore {
                 },
             })
             .collect();
-        let execute =
-            HeadToPeerRef::Execute { task, function: &record.function, args: values, tag: record.tag.as_deref() };
+        let execute = HeadToPeerRef::Execute {
+            task,
+            function: &record.function,
+            args: values,
+            tag: record.tag.as_deref(),
+        };
         let sent = self.sessions.get(&session).map(|peer| peer.sender.send(&execute));
         let name = record.function.clone();
         self.release_deps(task);

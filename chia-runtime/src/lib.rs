@@ -48,7 +48,7 @@ pub use local::{Init, LocalCluster, init};
 /// A byte buffer that serializes as one binary blob: use it (not `Vec<u8>`, which serde
 /// encodes element by element) for large binary arguments and results.
 pub use serde_bytes::ByteBuf as Bytes;
-pub use worker_main::{init_logging, worker_main};
+pub use worker_main::{init_logging, run_main, worker_main};
 
 /// Used by the code `#[chia::function]` generates; not a stable API.
 #[doc(hidden)]

@@ -92,7 +92,12 @@ fn start(context: &Context, execution: Execution) {
     let client: Arc<Client> = context.client().clone();
     let Some(spec) = registry::functions().get(function.as_str()).copied() else {
         // The head only sends what this worker offered; this guards against a head bug.
-        report(&client, task, &function, Outcome::Failed(TaskError::UnknownFunction { function: function.clone() }));
+        report(
+            &client,
+            task,
+            &function,
+            Outcome::Failed(TaskError::UnknownFunction { function: function.clone() }),
+        );
         return;
     };
     let task_context = context.for_task(task);
@@ -116,9 +121,10 @@ fn outcome(spec: &FunctionSpec, result: std::thread::Result<Result<Value, TaskEr
     match result {
         Ok(Ok(value)) => Outcome::Value(value),
         Ok(Err(error)) => Outcome::Failed(error),
-        Err(panic) => {
-            Outcome::Failed(TaskError::Panic { function: spec.name.to_string(), message: panic_message(panic) })
-        }
+        Err(panic) => Outcome::Failed(TaskError::Panic {
+            function: spec.name.to_string(),
+            message: panic_message(panic),
+        }),
     }
 }
 

@@ -45,6 +45,12 @@ pub fn init_logging(default_filter: &str) {
 pub fn worker_main() -> ExitCode {
     let args = WorkerArgs::parse();
     init_logging("info");
+    run_main(run(args))
+}
+
+/// Runs a binary's async `main` on a multi-threaded tokio runtime; an error is printed as
+/// `error: ...` and ends the process with a failing status.
+pub fn run_main(main: impl Future<Output = Result<ExitCode, String>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -52,13 +58,10 @@ pub fn worker_main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
-        Ok(code) => code,
-        Err(message) => {
-            eprintln!("error: {message}");
-            ExitCode::FAILURE
-        }
-    }
+    runtime.block_on(main).unwrap_or_else(|message| {
+        eprintln!("error: {message}");
+        ExitCode::FAILURE
+    })
 }
 
 async fn run(args: WorkerArgs) -> Result<ExitCode, String> {

@@ -39,22 +39,10 @@ fn target_dir() -> std::path::PathBuf {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("xtask: cannot start the tokio runtime: {e}");
-            return ExitCode::FAILURE;
+    chia::run_main(async move {
+        match cli.task {
+            Task::ClusterLocal(args) => cluster_local::run(args).await,
+            Task::Bench(args) => bench::run(args).await,
         }
-    };
-    let result = match cli.task {
-        Task::ClusterLocal(args) => runtime.block_on(cluster_local::run(args)),
-        Task::Bench(args) => runtime.block_on(bench::run(args)),
-    };
-    match result {
-        Ok(code) => code,
-        Err(message) => {
-            eprintln!("xtask: {message}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }

@@ -255,7 +255,11 @@ fn parse_function(function: &str, spec: &YamlValue, origin: &str) -> Result<Opti
             .iter()
             .map(|item| {
                 item.as_str().map(str::to_owned).ok_or_else(|| {
-                    shape_error(origin, Some(function), format!("each tag pattern must be a string, not {}", item.describe()))
+                    shape_error(
+                        origin,
+                        Some(function),
+                        format!("each tag pattern must be a string, not {}", item.describe()),
+                    )
                 })
             })
             .collect::<Result<_, _>>()?,

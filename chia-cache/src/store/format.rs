@@ -102,7 +102,8 @@ pub(crate) fn read_prefix(reader: &mut impl Read) -> Result<EntryPrefix, PrefixE
             "format version {version}; this build reads version {FORMAT_VERSION}"
         )));
     }
-    let field_u32 = |at: usize| u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]]);
+    let field_u32 =
+        |at: usize| u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]]);
     let flags = u16::from_le_bytes([header[10], header[11]]);
     let tag_len = field_u32(12) as usize;
     let mut payload_len_bytes = [0u8; 8];

@@ -1,21 +1,4 @@
 //! [`CacheStore`]: an LRU, byte-budgeted, on-disk key/value store of opaque values.
-//!
-//! # Concurrency
-//!
-//! One mutex guards the index. It is held only for bookkeeping and the constant-time metadata
-//! calls that must agree with it (open, rename), never while payload bytes move or an fsync
-//! runs, so a large read or write does not stall small operations:
-//!
-//! - `write` writes and syncs a temporary file without the lock, then under the lock renames
-//!   it over the entry's file, updates the index and renames evicted files aside; evicted files
-//!   are deleted after the lock is released. The rename is the linearization point.
-//! - `read` looks the tag up and opens its file under the lock, then reads and verifies without
-//!   it. Because every rename happens under the lock, the handle is the file the index named;
-//!   if the entry is overwritten or evicted meanwhile, the handle still reads that complete
-//!   older file (an open file outlives its name), so a read returns the old value or the new
-//!   one, never a mix.
-//! - An entry found damaged is dropped only if its generation is still the one the read saw,
-//!   so a concurrent overwrite is never dropped by mistake.
 
 mod dir_lock;
 mod format;
@@ -60,8 +43,44 @@ pub use options::{Durability, StoreOptions};
 ///   order of their modification times, reading headers only.
 /// - **Exclusive**: one store per directory at a time (an advisory lock, on Unix).
 ///
-/// `CacheStore` is `Send + Sync`; share it with an `Arc`. See the [module docs](self) for how
-/// concurrent operations interleave.
+/// `CacheStore` is `Send + Sync`; share it with an `Arc`.
+///
+/// # Concurrency
+///
+/// One mutex guards the index. It is held only for bookkeeping and the constant-time metadata
+/// calls that must agree with it (open, rename), never while payload bytes move or an fsync
+/// runs, so a large read or write does not stall small operations:
+///
+/// - `write` writes and syncs a temporary file without the lock, then under the lock renames
+///   it over the entry's file, updates the index and renames evicted files aside; evicted files
+///   are deleted after the lock is released. The rename is the linearization point.
+/// - `read` looks the tag up and opens its file under the lock, then reads and verifies without
+///   it. Because every rename happens under the lock, the handle is the file the index named;
+///   if the entry is overwritten or evicted meanwhile, the handle still reads that complete
+///   older file (an open file outlives its name), so a read returns the old value or the new
+///   one, never a mix.
+/// - An entry found damaged is dropped only if its generation is still the one the read saw,
+///   so a concurrent overwrite is never dropped by mistake.
+/// - With [`Durability::Full`], the directory fsync runs after the lock is released: readers
+///   see an entry from its rename on, and `write` returns once it is durable.
+///
+/// # File format
+///
+/// `<slug>_<16 hex digits of SHA-256(tag)>.chia`, version 1, integers little-endian:
+///
+/// ```text
+/// offset  size  field
+///      0     8  magic "CHIACHE\0"
+///      8     2  format version (1)
+///     10     2  flags, 0 in version 1
+///     12     4  tag length in bytes (at most MAX_TAG_LEN)
+///     16     8  payload length in bytes
+///     24     4  header checksum: CRC-32 of bytes 0..24 and the tag
+///     28     4  entry checksum: CRC-32 of bytes 0..24, the tag and the payload
+///     32        tag (UTF-8), then the payload
+/// ```
+///
+/// Temporary files are `.chia-tmp-<pid>-<n>.tmp`; the lock file is `.chia-cache.lock`.
 ///
 /// [`read`]: CacheStore::read
 /// [`has`]: CacheStore::has
@@ -155,7 +174,12 @@ impl CacheStore {
         }
         let size = format::entry_file_len(tag.len(), payload.len());
         if size > self.budget {
-            tracing::warn!(tag, size, budget = self.budget, "cache: entry is larger than the whole budget; not caching");
+            tracing::warn!(
+                tag,
+                size,
+                budget = self.budget,
+                "cache: entry is larger than the whole budget; not caching"
+            );
             return Ok(false);
         }
         let temp_path = self.next_temp_path();
@@ -167,7 +191,9 @@ impl CacheStore {
         let final_path = self.entry_path(tag);
         let detached = {
             let mut index = self.lock_index();
-            if let Err(source) = self.run_hook(IoStage::Commit, tag).and_then(|()| fs::rename(&temp_path, &final_path)) {
+            if let Err(source) =
+                self.run_hook(IoStage::Commit, tag).and_then(|()| fs::rename(&temp_path, &final_path))
+            {
                 drop(index);
                 self.remove_quietly(&temp_path);
                 return Err(CacheError::Write { tag: tag.to_owned(), path: final_path, source });
@@ -213,7 +239,10 @@ impl CacheStore {
             }
         };
 
-        let outcome = self.run_hook(IoStage::ReadOpened, tag).map_err(ReadFailure::Io).and_then(|()| read_entry(&mut file, tag));
+        let outcome = self
+            .run_hook(IoStage::ReadOpened, tag)
+            .map_err(ReadFailure::Io)
+            .and_then(|()| read_entry(&mut file, tag));
         match outcome {
             Ok(payload) => {
                 // Persist the recency so a warm start restores it; best effort.
@@ -313,6 +342,7 @@ impl CacheStore {
     fn write_temp_file(&self, temp_path: &Path, tag: &str, payload: &[u8]) -> io::Result<()> {
         let mut file = OpenOptions::new().write(true).create_new(true).open(temp_path)?;
         file.write_all(&format::encode_prefix(tag, payload))?;
+        // Two writes rather than one only so that tests can fail a write half-way through.
         let (first_half, second_half) = payload.split_at(payload.len() / 2);
         file.write_all(first_half)?;
         self.run_hook(IoStage::PayloadHalfWritten, tag)?;
@@ -399,7 +429,10 @@ fn read_entry(file: &mut File, tag: &str) -> Result<Vec<u8>, ReadFailure> {
     payload.try_reserve_exact(payload_len).map_err(|error| ReadFailure::Io(io::Error::other(error)))?;
     file.take(prefix.payload_len).read_to_end(&mut payload)?;
     if payload.len() != payload_len {
-        return Err(ReadFailure::Damaged(format!("payload truncated at {} of {payload_len} bytes", payload.len())));
+        return Err(ReadFailure::Damaged(format!(
+            "payload truncated at {} of {payload_len} bytes",
+            payload.len()
+        )));
     }
     if !prefix.payload_matches(&payload) {
         return Err(ReadFailure::Damaged("checksum mismatch".to_owned()));

@@ -79,7 +79,9 @@ fn cache_store_is_send_and_sync() {
 fn disk_full_in_the_middle_of_the_payload_leaves_nothing_behind() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = store_with_two_entries(&dir);
-    store.set_test_hook(|stage, _| if stage == IoStage::PayloadHalfWritten { Err(disk_full()) } else { Ok(()) });
+    store.set_test_hook(
+        |stage, _| if stage == IoStage::PayloadHalfWritten { Err(disk_full()) } else { Ok(()) },
+    );
 
     // A new tag (which would evict "a") and an overwrite of "a" both fail cleanly.
     let new_tag = store.write("c", &[b'c'; 100]);
@@ -98,7 +100,9 @@ fn disk_full_in_the_middle_of_the_payload_leaves_nothing_behind() {
 fn a_failed_fsync_leaves_nothing_behind() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = store_with_two_entries(&dir);
-    store.set_test_hook(|stage, _| if stage == IoStage::SyncTemp { Err(io::Error::other("EIO")) } else { Ok(()) });
+    store.set_test_hook(
+        |stage, _| if stage == IoStage::SyncTemp { Err(io::Error::other("EIO")) } else { Ok(()) },
+    );
     let result = store.write("c", &[b'c'; 100]);
     assert_unchanged_after_failed_write(&store, result);
 }

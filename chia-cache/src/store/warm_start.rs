@@ -44,7 +44,8 @@ enum Inspection {
 /// Scans `dir`, removes leftovers of interrupted writes, and returns the index of the valid
 /// entries, evicting least recently used ones beyond `budget`.
 pub(crate) fn load(dir: &Path, budget: u64) -> Result<WarmStart, CacheError> {
-    let listing = fs::read_dir(dir).map_err(|source| CacheError::OpenDirectory { dir: dir.to_owned(), source })?;
+    let listing =
+        fs::read_dir(dir).map_err(|source| CacheError::OpenDirectory { dir: dir.to_owned(), source })?;
     let mut warm = WarmStart::default();
     let mut found = Vec::new();
     for dir_entry in listing {
@@ -101,7 +102,9 @@ pub(crate) fn load(dir: &Path, budget: u64) -> Result<WarmStart, CacheError> {
         let path = dir.join(naming::entry_file_name(&tag));
         match fs::remove_file(&path) {
             Ok(()) => warm.evicted_over_budget += 1,
-            Err(error) => tracing::warn!(path = %path.display(), %error, "cache warm start: cannot remove an evicted entry"),
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "cache warm start: cannot remove an evicted entry")
+            }
         }
     }
     Ok(warm)
@@ -135,7 +138,12 @@ fn inspect(dir_entry: &DirEntry) -> Inspection {
                 naming::entry_file_name(&prefix.tag)
             ))));
         }
-        Ok(Ok(FoundEntry { tag: prefix.tag, size: metadata.len(), modified: metadata.modified()?, file_name: name.clone() }))
+        Ok(Ok(FoundEntry {
+            tag: prefix.tag,
+            size: metadata.len(),
+            modified: metadata.modified()?,
+            file_name: name.clone(),
+        }))
     };
     match read() {
         Ok(Ok(entry)) => Inspection::Found(entry),

@@ -41,7 +41,8 @@ fn accounted_size_is_the_file_length() {
     store.write("a", &[0u8; 1000]).expect("write a");
     store.write("bb", &[0u8; 10]).expect("write bb");
     assert_eq!(store.size_bytes(), entry_size("a", 1000) + entry_size("bb", 10));
-    let on_disk: u64 = entry_files(dir.path()).iter().map(|path| path.metadata().expect("metadata").len()).sum();
+    let on_disk: u64 =
+        entry_files(dir.path()).iter().map(|path| path.metadata().expect("metadata").len()).sum();
     assert_eq!(store.size_bytes(), on_disk);
 }
 

@@ -20,11 +20,13 @@ pub fn open(dir: &Path, budget: u64) -> CacheStore {
 }
 
 pub fn open_fast(dir: &Path, budget: u64) -> CacheStore {
-    CacheStore::open(dir, budget, StoreOptions::default().with_durability(Durability::None)).expect("open cache store")
+    CacheStore::open(dir, budget, StoreOptions::default().with_durability(Durability::None))
+        .expect("open cache store")
 }
 
 /// A payload that says which tag and version it was written for, and whose filler is derived
 /// from both, so a reader can tell a complete value of the right tag from anything else.
+/// `len` below the self-description (18 bytes + the tag) is rounded up to it.
 pub fn payload(tag: &str, version: u64, len: usize) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(len.max(header_len(tag)));
     bytes.extend_from_slice(&(tag.len() as u16).to_le_bytes());
@@ -40,7 +42,8 @@ pub fn payload(tag: &str, version: u64, len: usize) -> Vec<u8> {
 
 /// The version `bytes` was written with, if it is a complete payload written for `tag`.
 pub fn verify_payload(tag: &str, bytes: &[u8]) -> Result<u64, String> {
-    let tag_len = usize::from(u16::from_le_bytes(bytes.get(0..2).ok_or("too short")?.try_into().map_err(|_| "len")?));
+    let tag_len =
+        usize::from(u16::from_le_bytes(bytes.get(0..2).ok_or("too short")?.try_into().map_err(|_| "len")?));
     let found_tag = bytes.get(2..2 + tag_len).ok_or("too short for its tag")?;
     if found_tag != tag.as_bytes() {
         return Err(format!("written for tag {:?}", String::from_utf8_lossy(found_tag)));
@@ -66,8 +69,9 @@ fn header_len(tag: &str) -> usize {
 }
 
 fn seed(tag: &str, version: u64) -> u64 {
-    tag.bytes().fold(version ^ 0x9E37_79B9_7F4A_7C15, |state, byte| (state ^ u64::from(byte)).wrapping_mul(0x100_0000_01B3))
-        | 1
+    tag.bytes().fold(version ^ 0x9E37_79B9_7F4A_7C15, |state, byte| {
+        (state ^ u64::from(byte)).wrapping_mul(0x100_0000_01B3)
+    }) | 1
 }
 
 fn next_byte(state: &mut u64) -> u8 {

@@ -29,23 +29,10 @@ struct HeadArgs {
 fn main() -> ExitCode {
     let args = HeadArgs::parse();
     chia_runtime::init_logging("info");
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("error: cannot start the tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("error: {message}");
-            ExitCode::FAILURE
-        }
-    }
+    chia_runtime::run_main(run(args))
 }
 
-async fn run(args: HeadArgs) -> Result<(), String> {
+async fn run(args: HeadArgs) -> Result<ExitCode, String> {
     let state_dir = args.state_dir.unwrap_or_else(default_state_dir);
     let credentials = HeadCredentials::load_or_create(&state_dir).map_err(|e| e.to_string())?;
     let head = start_head(args.listen, credentials).map_err(|e| e.to_string())?;
@@ -63,7 +50,7 @@ async fn run(args: HeadArgs) -> Result<(), String> {
     wait_for_stop_signal().await;
     tracing::info!("stopping");
     head.shutdown();
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn wait_for_stop_signal() {
