@@ -91,6 +91,10 @@ pub enum PeerToHead {
     Blocked {
         task: TaskId,
     },
+    /// Answer with [`HeadToPeer::Pong`] (liveness and latency checks).
+    Ping {
+        nonce: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +129,10 @@ pub enum HeadToPeer {
     Fetched {
         task: TaskId,
         outcome: Option<Outcome>,
+    },
+    /// Answer to [`PeerToHead::Ping`].
+    Pong {
+        nonce: u64,
     },
 }
 

@@ -70,6 +70,11 @@ impl Context {
         object.get().await
     }
 
+    /// Measures one round trip to the head (a liveness check).
+    pub async fn ping(&self) -> Result<Duration, Error> {
+        self.client.ping().await
+    }
+
     /// Closes the connection; an embedded cluster stops when its last context is gone.
     pub async fn shutdown(&self) {
         self.client.shutdown().await;

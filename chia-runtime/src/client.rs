@@ -54,6 +54,8 @@ pub struct Client {
     slots: DashMap<TaskId, Slot>,
     closed: AtomicBool,
     close_reason: Mutex<Option<String>>,
+    pings: DashMap<u64, tokio::sync::oneshot::Sender<()>>,
+    next_ping: AtomicU64,
     connection: quinn::Connection,
     endpoint: quinn::Endpoint,
     runtime: tokio::runtime::Handle,
@@ -118,6 +120,8 @@ impl Client {
             slots: DashMap::new(),
             closed: AtomicBool::new(false),
             close_reason: Mutex::new(None),
+            pings: DashMap::new(),
+            next_ping: AtomicU64::new(1),
             connection,
             endpoint,
             runtime: tokio::runtime::Handle::current(),
@@ -230,6 +234,7 @@ impl Client {
         *self.close_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
         self.closed.store(true, Ordering::Release);
         let error = self.disconnected();
+        self.pings.clear();
         for mut slot in self.slots.iter_mut() {
             if matches!(slot.state, SlotState::Pending | SlotState::Stored { .. }) {
                 slot.state = SlotState::Failed(error.clone());
@@ -238,6 +243,21 @@ impl Client {
                 }
             }
         }
+    }
+
+    /// One round trip to the head; fails if the connection is gone.
+    pub async fn ping(&self) -> Result<Duration, Error> {
+        let nonce = self.next_ping.fetch_add(1, Ordering::Relaxed);
+        let (pong, answered) = tokio::sync::oneshot::channel();
+        self.pings.insert(nonce, pong);
+        let started = std::time::Instant::now();
+        if self.closed.load(Ordering::Acquire) || self.send(&PeerToHead::Ping { nonce }).is_err() {
+            self.pings.remove(&nonce);
+            return Err(self.disconnected());
+        }
+        // The sender is dropped when the connection closes, which ends the wait.
+        answered.await.map_err(|_| self.disconnected())?;
+        Ok(started.elapsed())
     }
 
     pub fn is_closed(&self) -> bool {
@@ -314,6 +334,11 @@ async fn read_loop(
             HeadToPeer::Execute { task, function, args, tag } => {
                 if executions.send(Execution { task, function, args, tag }).is_err() {
                     tracing::error!("{task} was sent to a process that runs no worker; ignoring it");
+                }
+            }
+            HeadToPeer::Pong { nonce } => {
+                if let Some((_, pong)) = client.pings.remove(&nonce) {
+                    let _ = pong.send(());
                 }
             }
             HeadToPeer::Welcome { .. } | HeadToPeer::Rejected { .. } => {

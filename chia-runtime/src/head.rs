@@ -320,6 +320,7 @@ impl HeadCore {
                     self.feed(Event::TaskBlocked { task });
                 }
             }
+            PeerToHead::Ping { nonce } => self.send(session, &HeadToPeer::Pong { nonce }),
             PeerToHead::Hello { .. } => tracing::warn!("{session} sent a second hello; ignored"),
         }
     }

@@ -342,3 +342,14 @@ async fn bad_calls_are_rejected_before_sending() {
         other => panic!("expected an invalid call, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_answers_while_the_head_lives_and_fails_after() {
+    let (cluster, cx) = cluster(&["adder=1"]).await;
+    cx.ping().await.expect("the head answers");
+    let pending = gated::remote(&cx, "never-opened".to_string());
+    cluster.shutdown();
+    assert!(matches!(cx.ping().await, Err(Error::Disconnected(_))));
+    // Nothing hangs: a result that can no longer arrive is an error too.
+    assert!(matches!(pending.get().await, Err(Error::Disconnected(_))));
+}

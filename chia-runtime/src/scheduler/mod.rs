@@ -22,7 +22,7 @@ mod tests;
 
 use chia_core::resources::NODE_PREFIX;
 use chia_core::{FunctionKey, NodeId, ResourceAmount, Resources, SessionId, TaskError, TaskId};
-use pool::{Names, Need, Pool, Slab};
+use pool::{Names, Need, Pool, Slab, TaskIndex};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::Instant;
@@ -91,9 +91,9 @@ pub struct Scheduler {
     /// The shape of the latest submission: a burst of identical submissions skips interning.
     last_shape: Option<usize>,
     /// Tasks live in a slab and refer to each other by slot, so only an event's own task id
-    /// is ever hashed.
+    /// is ever looked up.
     tasks: Slab<Task>,
-    task_index: HashMap<TaskId, usize>,
+    task_index: TaskIndex,
     /// Submission counter: orders tasks across shapes, and tells a task from a later one that
     /// reuses its slot or id.
     next_seq: u64,
@@ -213,7 +213,7 @@ impl Scheduler {
             shape_index: HashMap::new(),
             last_shape: None,
             tasks: Slab::default(),
-            task_index: HashMap::new(),
+            task_index: TaskIndex::default(),
             next_seq: 0,
             queued: 0,
             commands: Vec::new(),

@@ -7,8 +7,8 @@
 //! array of slots, so checking, taking and returning are a few integer comparisons.
 
 use chia_core::resources::CPU;
-use chia_core::{ResourceAmount, Resources};
-use std::collections::HashMap;
+use chia_core::{ResourceAmount, Resources, SessionId, TaskId};
+use std::collections::{HashMap, VecDeque};
 
 /// An interned resource name.
 pub(super) type ResIdx = u32;
@@ -190,6 +190,198 @@ impl<T> Slab<T> {
     }
 }
 
+/// Task id → slot. A session numbers its tasks with a counter, so each session keeps a window
+/// over consecutive sequence numbers: a lookup is an index into it, without hashing, and tasks
+/// submitted one after another sit next to each other in memory (a hash map of a million tasks
+/// misses the cache on every lookup). Ids far from their session's window (out of order, or left
+/// behind while the session moved on) go to a hash map instead, so memory stays proportional to
+/// the tasks known whatever ids a peer sends.
+pub(super) struct TaskIndex {
+    windows: Vec<Window>,
+    by_session: HashMap<u64, usize>,
+    /// The window used last, tried before `by_session`: events mostly come in runs of one session.
+    last: usize,
+    sparse: HashMap<TaskId, usize>,
+    /// When `windows` grows to this many, empty ones are dropped.
+    sweep_at: usize,
+}
+
+/// The slots of one session's tasks with sequence numbers `base..base + slots.len()`.
+struct Window {
+    session: u64,
+    base: u64,
+    /// [`VACANT`] where no task is; never starts or ends with it.
+    slots: VecDeque<usize>,
+    live: usize,
+}
+
+const VACANT: usize = usize::MAX;
+
+impl Window {
+    /// A window with `live` tasks spans at most this many sequence numbers.
+    fn max_span(live: usize) -> u64 {
+        2 * live as u64 + 64
+    }
+
+    fn get(&self, seq: u64) -> Option<&usize> {
+        let offset = usize::try_from(seq.checked_sub(self.base)?).ok()?;
+        self.slots.get(offset).filter(|&&slot| slot != VACANT)
+    }
+
+    /// Records `seq` → `slot` (`seq` is not in the window), unless that would stretch the window
+    /// too far; tasks it evicts from its front to make room go to `sparse`. Returns whether it
+    /// took `seq`.
+    fn insert(&mut self, seq: u64, slot: usize, sparse: &mut HashMap<TaskId, usize>) -> bool {
+        if self.live == 0 {
+            self.slots.clear();
+            self.base = seq;
+        }
+        let end = self.base + self.slots.len() as u64;
+        if seq < self.base {
+            if end - seq > Window::max_span(self.live + 1) {
+                return false;
+            }
+            for _ in seq + 1..self.base {
+                self.slots.push_front(VACANT);
+            }
+            self.slots.push_front(slot);
+            self.base = seq;
+        } else if seq < end {
+            let Some(entry) = self.slots.get_mut((seq - self.base) as usize) else { return false };
+            debug_assert_eq!(*entry, VACANT);
+            *entry = slot;
+        } else {
+            if seq - end > Window::max_span(self.live) {
+                return false; // Far ahead: an outlier, not the session moving on.
+            }
+            // Moving on: tasks left behind at the front make way, so a long-running task does
+            // not stretch the window over everything submitted after it.
+            while self.live > 0 && seq + 1 - self.base > Window::max_span(self.live + 1) {
+                if let Some(old) = self.slots.pop_front()
+                    && old != VACANT
+                {
+                    sparse.insert(TaskId::new(SessionId(self.session), self.base), old);
+                    self.live -= 1;
+                }
+                self.base += 1;
+                self.trim();
+            }
+            if self.live == 0 {
+                self.base = seq;
+            }
+            let end = self.base + self.slots.len() as u64;
+            for _ in end..seq {
+                self.slots.push_back(VACANT);
+            }
+            self.slots.push_back(slot);
+        }
+        self.live += 1;
+        true
+    }
+
+    fn remove(&mut self, seq: u64) -> Option<usize> {
+        let offset = usize::try_from(seq.checked_sub(self.base)?).ok()?;
+        let entry = self.slots.get_mut(offset)?;
+        if *entry == VACANT {
+            return None;
+        }
+        let slot = std::mem::replace(entry, VACANT);
+        self.live -= 1;
+        self.trim();
+        if self.slots.capacity() > 4096 && self.slots.capacity() > 8 * self.slots.len() {
+            self.slots.shrink_to(2 * self.slots.len());
+        }
+        Some(slot)
+    }
+
+    /// Drops vacant entries at both ends.
+    fn trim(&mut self) {
+        while self.slots.front() == Some(&VACANT) {
+            self.slots.pop_front();
+            self.base += 1;
+        }
+        while self.slots.back() == Some(&VACANT) {
+            self.slots.pop_back();
+        }
+    }
+}
+
+impl Default for TaskIndex {
+    fn default() -> Self {
+        TaskIndex {
+            windows: Vec::new(),
+            by_session: HashMap::new(),
+            last: 0,
+            sparse: HashMap::new(),
+            sweep_at: 16,
+        }
+    }
+}
+
+impl TaskIndex {
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.windows.iter().map(|w| w.live).sum::<usize>() + self.sparse.len()
+    }
+
+    fn window(&self, session: u64) -> Option<usize> {
+        match self.windows.get(self.last) {
+            Some(w) if w.session == session => Some(self.last),
+            _ => self.by_session.get(&session).copied(),
+        }
+    }
+
+    pub(super) fn get(&self, id: &TaskId) -> Option<&usize> {
+        if let Some(w) = self.window(id.session().0)
+            && let Some(slot) = self.windows[w].get(id.seq())
+        {
+            return Some(slot);
+        }
+        if self.sparse.is_empty() { None } else { self.sparse.get(id) }
+    }
+
+    pub(super) fn contains_key(&self, id: &TaskId) -> bool {
+        self.get(id).is_some()
+    }
+
+    /// Records `id` → `slot`; `id` must not be known yet.
+    pub(super) fn insert(&mut self, id: TaskId, slot: usize) {
+        let session = id.session().0;
+        let w = match self.window(session) {
+            Some(w) => w,
+            None => self.add_window(session),
+        };
+        self.last = w;
+        if !self.windows[w].insert(id.seq(), slot, &mut self.sparse) {
+            self.sparse.insert(id, slot);
+        }
+    }
+
+    pub(super) fn remove(&mut self, id: &TaskId) -> Option<usize> {
+        if let Some(w) = self.window(id.session().0) {
+            self.last = w;
+            if let Some(slot) = self.windows[w].remove(id.seq()) {
+                return Some(slot);
+            }
+        }
+        if self.sparse.is_empty() { None } else { self.sparse.remove(id) }
+    }
+
+    fn add_window(&mut self, session: u64) -> usize {
+        if self.windows.len() >= self.sweep_at {
+            // Sessions come and go: forget the windows of those with no task left.
+            self.windows.retain(|w| w.live > 0);
+            self.by_session =
+                self.windows.iter().enumerate().map(|(w, window)| (window.session, w)).collect();
+            self.sweep_at = 16.max(2 * self.windows.len());
+        }
+        let w = self.windows.len();
+        self.windows.push(Window { session, base: 0, slots: VecDeque::new(), live: 0 });
+        self.by_session.insert(session, w);
+        w
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,5 +402,83 @@ mod tests {
         assert_eq!(names.resources(pool.free()), Resources::parse("adder=8,CPU=2").unwrap());
         let gpu = names.need(&Resources::parse("gpu=1").unwrap());
         assert!(!pool.could_hold(&gpu));
+    }
+
+    /// The index agrees with a plain map whatever order ids come and go in, and keeps its
+    /// windows short.
+    #[test]
+    fn task_index_matches_a_map() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = move |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        let mut index = TaskIndex::default();
+        let mut model: HashMap<TaskId, usize> = HashMap::new();
+        let mut next = [0u64; 4];
+        for step in 0..200_000usize {
+            let session = rand(4);
+            let id = match rand(10) {
+                // Mostly each session's next id, sometimes one out of order or far away.
+                0..=5 => {
+                    next[session as usize] += 1;
+                    TaskId::new(SessionId(session), next[session as usize])
+                }
+                6 => TaskId::new(SessionId(session), next[session as usize].saturating_sub(rand(200))),
+                7 => TaskId::new(SessionId(session), rand(1 << 40)),
+                _ => {
+                    // Remove a known id: the oldest ones mostly, a recent one sometimes.
+                    let back = if rand(3) == 0 { 50 } else { 400 };
+                    let seq = next[session as usize].saturating_sub(rand(back));
+                    let id = TaskId::new(SessionId(session), seq);
+                    assert_eq!(index.remove(&id), model.remove(&id));
+                    continue;
+                }
+            };
+            assert_eq!(index.get(&id), model.get(&id));
+            if !model.contains_key(&id) {
+                index.insert(id, step);
+                model.insert(id, step);
+            }
+            if step % 1000 == 0 {
+                assert_eq!(index.len(), model.len());
+                for (id, slot) in &model {
+                    assert_eq!(index.get(id), Some(slot));
+                }
+                for w in &index.windows {
+                    assert!(w.slots.len() as u64 <= Window::max_span(w.live));
+                    assert_eq!(w.slots.iter().filter(|&&s| s != VACANT).count(), w.live);
+                }
+            }
+        }
+        let ids: Vec<TaskId> = model.keys().copied().collect();
+        for id in ids {
+            assert_eq!(index.remove(&id), model.remove(&id));
+            assert_eq!(index.remove(&id), None);
+        }
+        assert_eq!(index.len(), 0);
+    }
+
+    #[test]
+    fn task_index_keeps_consecutive_ids_in_windows() {
+        let mut index = TaskIndex::default();
+        let id = |seq| TaskId::new(SessionId(7), seq);
+        // A long-running task at the front does not hold the window back.
+        index.insert(id(0), 0);
+        for seq in 1..10_000 {
+            index.insert(id(seq), seq as usize);
+            assert_eq!(index.remove(&id(seq)), Some(seq as usize));
+        }
+        assert!(index.windows[0].slots.len() <= 2);
+        assert_eq!(index.get(&id(0)), Some(&0));
+        assert_eq!(index.remove(&id(0)), Some(0));
+        assert_eq!(index.len(), 0);
+        for seq in 0..1000 {
+            index.insert(id(seq), seq as usize);
+        }
+        assert!(index.sparse.is_empty());
+        assert_eq!(index.windows[0].slots.len(), 1000);
     }
 }

@@ -102,6 +102,11 @@ impl Bench {
         self.push(Figure { name, value: Some(value), unit, note: None });
     }
 
+    /// Records a figure with a note that travels with it (shown in `--json`).
+    fn record_noted(&mut self, name: &'static str, value: f64, unit: &'static str, note: &str) {
+        self.push(Figure { name, value: Some(value), unit, note: Some(note.to_string()) });
+    }
+
     fn not_yet(&mut self, name: &'static str, unit: &'static str, why: &str) {
         if self.wants(&[name]) {
             self.push(Figure { name, value: None, unit, note: Some(why.to_string()) });
@@ -149,6 +154,15 @@ async fn run(bench: &mut Bench) -> BenchResult<()> {
         bench.record("sync_task_p50_us", p50, "us");
         bench.record("sync_task_p99_us", p99, "us");
     }
+    if bench.wants(&["head_round_trip_p50_us"]) {
+        let p50 = head_round_trips(bench.count(1_000)).await?;
+        bench.record_noted(
+            "head_round_trip_p50_us",
+            p50,
+            "us",
+            "diagnostic: one driver-head QUIC round trip",
+        );
+    }
     if bench.wants(&["async_tasks_per_s"]) {
         let rate = async_tasks(bench.count(100_000)).await?;
         bench.record("async_tasks_per_s", rate, "tasks/s");
@@ -164,15 +178,8 @@ async fn run(bench: &mut Bench) -> BenchResult<()> {
         bench.record("large_result_mb_per_s", result, "MB/s");
         bench.record("large_arg_mb_per_s", arg, "MB/s");
     }
-    for (name, unit) in [
-        ("cache_write_1k_per_s", "writes/s"),
-        ("cache_read_1k_per_s", "reads/s"),
-        ("cache_write_1m_mb_per_s", "MB/s"),
-        ("cache_warm_start_10k_ms", "ms"),
-        ("cache_warm_start_1m_ms", "ms"),
-        ("cache_has_p50_us", "us"),
-    ] {
-        bench.not_yet(name, unit, "the cache lands with issue 3");
+    if bench.wants(&["cache_"]) {
+        cache_figures(bench)?;
     }
     if bench.wants(&["head_rss_mb_100k_queued", "head_bytes_per_queued_task"]) {
         match bench.args.head_bin.clone() {
@@ -276,6 +283,18 @@ async fn sync_round_trips(calls: usize) -> Result<(f64, f64), chia::Error> {
     Ok((percentile(&mut samples, 0.5), percentile(&mut samples, 0.99)))
 }
 
+async fn head_round_trips(pings: usize) -> Result<f64, chia::Error> {
+    let (_cluster, cx) = cluster(1).await?;
+    for _ in 0..200 {
+        cx.ping().await?;
+    }
+    let mut samples = Vec::with_capacity(pings);
+    for _ in 0..pings {
+        samples.push(cx.ping().await?.as_secs_f64() * 1e6);
+    }
+    Ok(percentile(&mut samples, 0.5))
+}
+
 async fn async_tasks(tasks: usize) -> Result<f64, chia::Error> {
     let (_cluster, cx) = cluster(2).await?;
     for _ in 0..200 {
@@ -367,6 +386,87 @@ async fn measure_head(head: &mut std::process::Child, tasks: usize) -> BenchResu
     cx.shutdown().await;
     worker.shutdown().await;
     Ok((after as f64 / 1e6, after.saturating_sub(before) as f64 / tasks as f64))
+}
+
+/// The cache figures. Until the cache service lands they measure the storage engine
+/// (`chia_cache::CacheStore`) directly, with its default durability (fsync of file and
+/// directory per write).
+fn cache_figures(bench: &mut Bench) -> BenchResult<()> {
+    use chia_cache::{CacheStore, StoreOptions};
+    const NOTE: &str = "CacheStore directly (no service hop yet), default durability";
+    let small = bench.count(10_000);
+    let large = bench.count(200);
+    let dir = tempfile::tempdir()?;
+    let store = CacheStore::open(dir.path(), 64 << 30, StoreOptions::default())?;
+    let payload = vec![5u8; 1024];
+    let tags: Vec<String> = (0..small).map(|i| format!("iter{}_call{}", i / 100, i % 100)).collect();
+    if bench.wants(&[
+        "cache_write_1k_per_s",
+        "cache_read_1k_per_s",
+        "cache_has_p50_us",
+        "cache_warm_start_10k",
+    ]) {
+        let started = Instant::now();
+        for tag in &tags {
+            store.write(tag, &payload)?;
+        }
+        bench.record_noted(
+            "cache_write_1k_per_s",
+            small as f64 / started.elapsed().as_secs_f64(),
+            "writes/s",
+            NOTE,
+        );
+        let started = Instant::now();
+        for tag in &tags {
+            if store.read(tag).is_none() {
+                return Err(format!("cache entry {tag} was not read back").into());
+            }
+        }
+        bench.record_noted(
+            "cache_read_1k_per_s",
+            small as f64 / started.elapsed().as_secs_f64(),
+            "reads/s",
+            NOTE,
+        );
+        let mut samples: Vec<f64> = tags
+            .iter()
+            .take(1_000)
+            .map(|tag| {
+                let started = Instant::now();
+                std::hint::black_box(store.has(tag));
+                started.elapsed().as_secs_f64() * 1e6
+            })
+            .collect();
+        bench.record_noted("cache_has_p50_us", percentile(&mut samples, 0.5), "us", NOTE);
+        drop(store);
+        let started = Instant::now();
+        let reopened = CacheStore::open(dir.path(), 64 << 30, StoreOptions::default())?;
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        if reopened.len() != small {
+            return Err(format!("the warm start found {} entries, expected {small}", reopened.len()).into());
+        }
+        bench.record_noted("cache_warm_start_10k_ms", ms, "ms", NOTE);
+    }
+    if bench.wants(&["cache_write_1m_mb_per_s", "cache_warm_start_1m"]) {
+        let dir = tempfile::tempdir()?;
+        let store = CacheStore::open(dir.path(), 64 << 30, StoreOptions::default())?;
+        let payload = vec![6u8; 1 << 20];
+        let started = Instant::now();
+        for i in 0..large {
+            store.write(&format!("big{i}"), &payload)?;
+        }
+        let rate = (large << 20) as f64 / started.elapsed().as_secs_f64() / 1e6;
+        bench.record_noted("cache_write_1m_mb_per_s", rate, "MB/s", NOTE);
+        drop(store);
+        let started = Instant::now();
+        let reopened = CacheStore::open(dir.path(), 64 << 30, StoreOptions::default())?;
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        if reopened.len() != large {
+            return Err(format!("the warm start found {} entries, expected {large}", reopened.len()).into());
+        }
+        bench.record_noted("cache_warm_start_1m_ms", ms, "ms", NOTE);
+    }
+    Ok(())
 }
 
 fn rss_bytes(pid: u32) -> BenchResult<u64> {
