@@ -353,3 +353,16 @@ async fn ping_answers_while_the_head_lives_and_fails_after() {
     // Nothing hangs: a result that can no longer arrive is an error too.
     assert!(matches!(pending.get().await, Err(Error::Disconnected(_))));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_calls_work_from_plain_threads() {
+    let (_cluster, cx) = cluster(&["adder=1"]).await;
+    let thread_cx = cx.clone();
+    let answer = std::thread::spawn(move || {
+        let first = increment::remote_blocking(&thread_cx, 40)?;
+        increment::remote(&thread_cx, first).get_blocking()
+    })
+    .join()
+    .expect("the thread does not panic");
+    assert_eq!(answer.unwrap(), 42);
+}

@@ -145,3 +145,37 @@ async fn reports_about_tasks_a_peer_does_not_run_are_ignored() {
     assert_eq!(pending.get().await.unwrap(), 5, "only the node running a task can finish it");
     still_serves(&cluster).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arguments_of_the_wrong_type_fail_the_task_not_the_worker() {
+    use chia::core::protocol::{Arg, Done, TaskSpec};
+    let cluster = cluster().await;
+    let (_connection, send, mut reader) = raw_connect(cluster.credentials()).await;
+    let sender = FrameSender::spawn(send);
+    sender.send(&hello(PROTOCOL_VERSION)).unwrap();
+    let Some(HeadToPeer::Welcome { session, .. }) = next_message(&mut reader).await else {
+        panic!("expected a welcome")
+    };
+    // `echo` takes an i64; send it a string.
+    let task = chia::TaskId::new(session, 1);
+    sender
+        .send(&PeerToHead::Submit(TaskSpec {
+            task,
+            function: echo::SPEC.key(),
+            args: vec![Arg::Value(rmp_serde::to_vec_named("not a number").unwrap())],
+            request: chia::Resources::parse("CPU=1").unwrap(),
+            tag: None,
+            max_retries: 0,
+        }))
+        .unwrap();
+    match next_message(&mut reader).await {
+        Some(HeadToPeer::Done {
+            task: done,
+            done: Done::Failed(chia::TaskError::BadArgument { function, index, .. }),
+        }) => {
+            assert_eq!((done, function.as_str(), index), (task, "echo", 0));
+        }
+        other => panic!("expected a bad-argument failure, got {other:?}"),
+    }
+    still_serves(&cluster).await;
+}

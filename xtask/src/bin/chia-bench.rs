@@ -36,6 +36,8 @@ struct Args {
     first_task_child: bool,
 }
 
+/// An empty task. Deliberately a plain (sync) function, as most users write them: it runs on
+/// the worker's blocking pool, which costs a thread hand-off per task.
 #[chia::function]
 fn empty() {}
 
