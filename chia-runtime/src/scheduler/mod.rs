@@ -157,8 +157,7 @@ struct Task {
     id: TaskId,
     seq: u64,
     state: State,
-    /// `(slot, seq)` of unfinished tasks waiting on this one.
-    dependents: Vec<(usize, u64)>,
+    dependents: Dependents,
     /// The head released it: remove it once it ends, and treat it as unknown to new dependents.
     forgotten: bool,
 }
@@ -175,7 +174,7 @@ enum State {
     Running {
         shape: usize,
         node: usize,
-        pos: usize,
+        pos: u32,
         cpu_released: bool,
     },
     Finished,
@@ -191,6 +190,25 @@ impl State {
             }
             State::Finished | State::Failed(_) => None,
         }
+    }
+}
+
+/// `(slot, seq)` of unfinished tasks waiting on a task. Boxed, as most tasks have none: a smaller
+/// [`Task`] is less memory to touch per task.
+#[derive(Default)]
+#[allow(
+    clippy::box_collection,
+    reason = "8 bytes per task instead of 24; an allocation only for tasks with dependents"
+)]
+struct Dependents(Option<Box<Vec<(usize, u64)>>>);
+
+impl Dependents {
+    fn push(&mut self, dependent: (usize, u64)) {
+        self.0.get_or_insert_default().push(dependent);
+    }
+
+    fn take(&mut self) -> Vec<(usize, u64)> {
+        self.0.take().map_or_else(Vec::new, |dependents| *dependents)
     }
 }
 
@@ -540,15 +558,15 @@ impl Scheduler {
             }
         }
         if unfinished == 0 {
-            self.ready.push(slot);
-            self.flush_ready();
+            self.make_ready(slot); // `self.ready` is empty between events.
         } else if let Some(Task { state: State::Waiting { missing, .. }, .. }) = self.tasks.get_mut(slot) {
             *missing = unfinished;
         }
     }
 
     fn insert_task(&mut self, id: TaskId, seq: u64, state: State) -> usize {
-        let slot = self.tasks.insert(Task { id, seq, state, dependents: Vec::new(), forgotten: false });
+        let slot =
+            self.tasks.insert(Task { id, seq, state, dependents: Dependents::default(), forgotten: false });
         self.task_index.insert(id, slot);
         slot
     }
@@ -592,8 +610,9 @@ impl Scheduler {
     }
 
     /// Takes the task at `pos` off node `n`'s running list, keeping the moved task's `pos` right.
-    fn unlist_running(&mut self, n: usize, pos: usize) {
+    fn unlist_running(&mut self, n: usize, pos: u32) {
         let Some(node) = self.nodes.get_mut(n) else { return };
+        let pos = pos as usize;
         if pos >= node.running.len() {
             return;
         }
@@ -601,7 +620,7 @@ impl Scheduler {
         if let Some(&moved) = node.running.get(pos)
             && let Some(Task { state: State::Running { pos: moved_pos, .. }, .. }) = self.tasks.get_mut(moved)
         {
-            *moved_pos = pos;
+            *moved_pos = pos as u32;
         }
     }
 
@@ -648,9 +667,10 @@ impl Scheduler {
         dropped.sort_unstable();
         let mut orphans = Vec::new();
         for (_, slot) in dropped {
-            let Some(task) = self.remove_task(slot) else { continue };
+            let Some(mut task) = self.remove_task(slot) else { continue };
             self.leave_shape(&task.state);
-            orphans.extend(task.dependents.into_iter().map(|(dependent, seq)| (dependent, seq, task.id)));
+            orphans
+                .extend(task.dependents.take().into_iter().map(|(dependent, seq)| (dependent, seq, task.id)));
         }
         // Tasks of other sessions that waited on a dropped task can never run.
         for (dependent, seq, dependency) in orphans {
@@ -665,6 +685,22 @@ impl Scheduler {
     /// graph: dependents whose last dependency succeeded go to `self.ready`, and a failure fails
     /// the whole downstream chain. Iterative, so a long chain cannot overflow the stack.
     fn settle(&mut self, slot: usize, outcome: Result<(), TaskError>, announce: bool) {
+        // The common case, a success nobody waits on, skips the propagation machinery.
+        if outcome.is_ok()
+            && let Some(task) = self.tasks.get_mut(slot)
+            && task.dependents.0.is_none()
+        {
+            if task.state.shape().is_none() {
+                return;
+            }
+            let old = std::mem::replace(&mut task.state, State::Finished);
+            let forgotten = task.forgotten;
+            self.leave_shape(&old);
+            if forgotten {
+                self.remove_task(slot);
+            }
+            return;
+        }
         let mut work = VecDeque::new();
         let mut next = Some((slot, outcome, announce));
         while let Some((slot, outcome, announce)) = next.take().or_else(|| work.pop_front()) {
@@ -684,7 +720,7 @@ impl Scheduler {
                 }
             };
             let old = std::mem::replace(&mut task.state, state);
-            let dependents = std::mem::take(&mut task.dependents);
+            let dependents = task.dependents.take();
             let forgotten = task.forgotten;
             for (dependent, seq) in dependents {
                 let Some(task) = self.tasks.get_mut(dependent).filter(|t| t.seq == seq) else { continue };
@@ -759,6 +795,22 @@ impl Scheduler {
     /// Offers node `n`'s free room to the shapes it can run, oldest waiting task first, until
     /// nothing queued fits there. Other nodes need no look: their room did not grow.
     fn fill_node(&mut self, n: usize) {
+        let Some(node) = self.nodes.get(n) else { return };
+        let waiting_and_fits = |shape: &Shape| shape.queued > 0 && node.pool.fits(&shape.key.need);
+        let mut candidates =
+            node.shapes.iter().copied().filter(|&s| self.shapes.get(s).is_some_and(waiting_and_fits));
+        let Some(only) = candidates.next() else { return };
+        if candidates.next().is_none() {
+            // One shape can use the room: no ordering between shapes needed.
+            while self
+                .nodes
+                .get(n)
+                .zip(self.shapes.get(only))
+                .is_some_and(|(node, shape)| shape.queued > 0 && node.pool.fits(&shape.key.need))
+                && self.start(only, n)
+            {}
+            return;
+        }
         let mut heap = std::mem::take(&mut self.heap);
         heap.clear();
         if let Some(node) = self.nodes.get(n) {
@@ -779,10 +831,9 @@ impl Scheduler {
         while let Some(Reverse((_, s))) = heap.pop() {
             // Another shape may have taken the room since this one was pushed; then it no longer
             // fits here, and will not during this pass.
-            if !fits(self, s) {
+            if !fits(self, s) || !self.start(s, n) {
                 continue;
             }
-            self.start(s, n);
             if fits(self, s)
                 && let Some(shape) = self.shapes.get_mut(s)
                 && let Some((seq, _)) = front(&mut shape.queue, &self.tasks)
@@ -794,17 +845,20 @@ impl Scheduler {
     }
 
     /// Leases the oldest queued task of shape `s` to node `n`; the caller checked it fits.
-    fn start(&mut self, s: usize, n: usize) {
-        let (Some(shape), Some(node)) = (self.shapes.get_mut(s), self.nodes.get_mut(n)) else { return };
-        let Some((_, slot)) = front(&mut shape.queue, &self.tasks) else { return };
-        let Some(task) = self.tasks.get_mut(slot) else { return };
+    /// Returns false if nothing was queued.
+    fn start(&mut self, s: usize, n: usize) -> bool {
+        let (Some(shape), Some(node)) = (self.shapes.get_mut(s), self.nodes.get_mut(n)) else { return false };
+        let Some((_, slot)) = front(&mut shape.queue, &self.tasks) else { return false };
+        let Some(task) = self.tasks.get_mut(slot) else { return false };
         shape.queue.pop_front();
         shape.queued -= 1;
         self.queued -= 1;
         node.pool.take(&shape.key.need);
-        task.state = State::Running { shape: s, node: n, pos: node.running.len(), cpu_released: false };
+        let pos = u32::try_from(node.running.len()).unwrap_or(u32::MAX);
+        task.state = State::Running { shape: s, node: n, pos, cpu_released: false };
         node.running.push(slot);
         self.commands.push(Command::Dispatch { task: task.id, node: node.id });
+        true
     }
 
     /// Reports the task in slot `only`, or every queued task of shape `s`, as infeasible.

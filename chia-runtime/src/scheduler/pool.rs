@@ -85,43 +85,53 @@ impl Pool {
         }
     }
 
-    fn slot(&self, res: ResIdx) -> Option<&Slot> {
-        self.slots.binary_search_by_key(&res, |s| s.res).ok().map(|i| &self.slots[i])
+    /// Whether every `(res, amount)` of `need` has a slot for which `ok(slot, amount)`. Both
+    /// lists are sorted by name, so one pass over each finds the slots.
+    fn all(&self, need: &[(ResIdx, u64)], ok: impl Fn(&Slot, u64) -> bool) -> bool {
+        let mut slots = self.slots.iter();
+        need.iter().all(|&(res, amount)| {
+            slots.by_ref().find(|s| s.res >= res).is_some_and(|s| s.res == res && ok(s, amount))
+        })
     }
 
-    fn slot_mut(&mut self, res: ResIdx) -> Option<&mut Slot> {
-        self.slots.binary_search_by_key(&res, |s| s.res).ok().map(|i| &mut self.slots[i])
+    /// Applies `apply` to the slot of each `(res, amount)` of `need` the pool has.
+    fn each(&mut self, need: &[(ResIdx, u64)], mut apply: impl FnMut(&mut Slot, ResIdx, u64)) {
+        let mut i = 0;
+        for &(res, amount) in need {
+            while self.slots.get(i).is_some_and(|s| s.res < res) {
+                i += 1;
+            }
+            match self.slots.get_mut(i) {
+                Some(slot) if slot.res == res => apply(slot, res, amount),
+                Some(_) => {}
+                None => return,
+            }
+        }
     }
 
     /// True when `need` would fit if nothing else ran here.
     pub(super) fn could_hold(&self, need: &[(ResIdx, u64)]) -> bool {
-        need.iter().all(|&(res, amount)| self.slot(res).is_some_and(|s| s.capacity >= amount))
+        self.all(need, |s, amount| s.capacity >= amount)
     }
 
     /// True when `need` fits in what is free now.
     pub(super) fn fits(&self, need: &[(ResIdx, u64)]) -> bool {
-        need.iter().all(|&(res, amount)| self.slot(res).is_some_and(|s| s.free >= amount))
+        self.all(need, |s, amount| s.free >= amount)
     }
 
     /// Removes `need` from the free amounts; the caller has checked [`Pool::fits`].
     pub(super) fn take(&mut self, need: &[(ResIdx, u64)]) {
-        for &(res, amount) in need {
-            if let Some(slot) = self.slot_mut(res) {
-                slot.free = slot.free.saturating_sub(amount);
-            }
-        }
+        self.each(need, |slot, _, amount| slot.free = slot.free.saturating_sub(amount));
     }
 
     /// Returns `need` except the resource `except` (already returned), never above capacity,
     /// so a bug elsewhere can not make a node look bigger than it is.
     pub(super) fn give_back(&mut self, need: &[(ResIdx, u64)], except: Option<ResIdx>) {
-        for &(res, amount) in need {
-            if Some(res) != except
-                && let Some(slot) = self.slot_mut(res)
-            {
+        self.each(need, |slot, res, amount| {
+            if Some(res) != except {
                 slot.free = slot.free.saturating_add(amount).min(slot.capacity);
             }
-        }
+        });
     }
 
     /// The free amounts, by interned name.
@@ -130,47 +140,96 @@ impl Pool {
     }
 }
 
-/// A vector whose indices stay valid while other entries come and go; freed indices are reused.
+/// A vector whose indices stay valid while other entries come and go; freed indices are reused,
+/// most recently freed first. The free list runs through the vacant entries themselves, so
+/// removing never allocates.
+///
+/// Entries live in segments of [`SEGMENT`] that never move: growing adds a segment instead of
+/// copying everything into a buffer twice the size, so a burst of a million tasks never stalls
+/// an event on a copy of tens of megabytes, and each allocation stays small.
 pub(super) struct Slab<T> {
-    items: Vec<Option<T>>,
-    vacant: Vec<usize>,
+    segments: Vec<Vec<Entry<T>>>,
+    /// The most recently freed index, [`NONE`] if none.
+    free: usize,
     len: usize,
 }
 
+/// Entries per segment.
+const SEGMENT: usize = 1024;
+
+enum Entry<T> {
+    Occupied(T),
+    /// The next free index, [`NONE`] if none.
+    Vacant(usize),
+}
+
+const NONE: usize = usize::MAX;
+
 impl<T> Default for Slab<T> {
     fn default() -> Self {
-        Slab { items: Vec::new(), vacant: Vec::new(), len: 0 }
+        Slab { segments: Vec::new(), free: NONE, len: 0 }
     }
 }
 
 impl<T> Slab<T> {
+    fn entry(&self, idx: usize) -> Option<&Entry<T>> {
+        self.segments.get(idx / SEGMENT)?.get(idx % SEGMENT)
+    }
+
+    fn entry_mut(&mut self, idx: usize) -> Option<&mut Entry<T>> {
+        self.segments.get_mut(idx / SEGMENT)?.get_mut(idx % SEGMENT)
+    }
+
     pub(super) fn insert(&mut self, item: T) -> usize {
         self.len += 1;
-        match self.vacant.pop() {
-            Some(idx) => {
-                self.items[idx] = Some(item);
-                idx
+        let idx = self.free;
+        if let Some(entry) = self.segments.get_mut(idx / SEGMENT).and_then(|s| s.get_mut(idx % SEGMENT)) {
+            if let Entry::Vacant(next) = *entry {
+                self.free = next;
             }
-            None => {
-                self.items.push(Some(item));
-                self.items.len() - 1
+            *entry = Entry::Occupied(item);
+            return idx;
+        }
+        let segments = self.segments.len();
+        match self.segments.last_mut() {
+            Some(last) if last.len() < SEGMENT => {
+                last.push(Entry::Occupied(item));
+                (segments - 1) * SEGMENT + last.len() - 1
+            }
+            _ => {
+                // The first segment grows as needed, so small slabs stay small.
+                let mut segment = Vec::with_capacity(if segments == 0 { 0 } else { SEGMENT });
+                segment.push(Entry::Occupied(item));
+                self.segments.push(segment);
+                segments * SEGMENT
             }
         }
     }
 
     pub(super) fn remove(&mut self, idx: usize) -> Option<T> {
-        let item = self.items.get_mut(idx)?.take()?;
-        self.vacant.push(idx);
+        let free = self.free;
+        let entry = self.entry_mut(idx)?;
+        if let Entry::Vacant(_) = entry {
+            return None;
+        }
+        let Entry::Occupied(item) = std::mem::replace(entry, Entry::Vacant(free)) else { return None };
+        self.free = idx;
         self.len -= 1;
         Some(item)
     }
 
     pub(super) fn get(&self, idx: usize) -> Option<&T> {
-        self.items.get(idx)?.as_ref()
+        match self.entry(idx)? {
+            Entry::Occupied(item) => Some(item),
+            Entry::Vacant(_) => None,
+        }
     }
 
     pub(super) fn get_mut(&mut self, idx: usize) -> Option<&mut T> {
-        self.items.get_mut(idx)?.as_mut()
+        match self.entry_mut(idx)? {
+            Entry::Occupied(item) => Some(item),
+            Entry::Vacant(_) => None,
+        }
     }
 
     pub(super) fn len(&self) -> usize {
@@ -182,11 +241,17 @@ impl<T> Slab<T> {
     }
 
     pub(super) fn iter(&self) -> impl Iterator<Item = (usize, &T)> {
-        self.items.iter().enumerate().filter_map(|(idx, item)| Some((idx, item.as_ref()?)))
+        self.segments.iter().flatten().enumerate().filter_map(|(idx, entry)| match entry {
+            Entry::Occupied(item) => Some((idx, item)),
+            Entry::Vacant(_) => None,
+        })
     }
 
     pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (usize, &mut T)> {
-        self.items.iter_mut().enumerate().filter_map(|(idx, item)| Some((idx, item.as_mut()?)))
+        self.segments.iter_mut().flatten().enumerate().filter_map(|(idx, entry)| match entry {
+            Entry::Occupied(item) => Some((idx, item)),
+            Entry::Vacant(_) => None,
+        })
     }
 }
 
@@ -288,8 +353,8 @@ impl Window {
         let slot = std::mem::replace(entry, VACANT);
         self.live -= 1;
         self.trim();
-        if self.slots.capacity() > 4096 && self.slots.capacity() > 8 * self.slots.len() {
-            self.slots.shrink_to(2 * self.slots.len());
+        if self.live == 0 && self.slots.capacity() > 4096 {
+            self.slots = VecDeque::new(); // A burst ended: give its memory back.
         }
         Some(slot)
     }
@@ -402,6 +467,44 @@ mod tests {
         assert_eq!(names.resources(pool.free()), Resources::parse("adder=8,CPU=2").unwrap());
         let gpu = names.need(&Resources::parse("gpu=1").unwrap());
         assert!(!pool.could_hold(&gpu));
+        // A resource the pool lacks is skipped, not taken for the next one.
+        let odd = names.need(&Resources::parse("zz=1,adder=3,gpu=1,CPU=1").unwrap());
+        assert!(!pool.fits(&odd) && !pool.could_hold(&odd));
+        pool.take(&odd);
+        assert_eq!(names.resources(pool.free()), Resources::parse("adder=5,CPU=1").unwrap());
+        pool.give_back(&odd, None);
+        assert_eq!(names.resources(pool.free()), Resources::parse("adder=8,CPU=2").unwrap());
+    }
+
+    #[test]
+    fn slab_reuses_indices_across_segments() {
+        let mut slab = Slab::default();
+        let n = 3 * SEGMENT + 5;
+        for i in 0..n {
+            assert_eq!(slab.insert(i), i);
+        }
+        assert_eq!(slab.len(), n);
+        assert_eq!(slab.get(SEGMENT), Some(&SEGMENT));
+        assert_eq!(slab.remove(SEGMENT), Some(SEGMENT));
+        assert_eq!(slab.remove(SEGMENT), None);
+        assert_eq!(slab.remove(7), Some(7));
+        assert_eq!(slab.get(7), None);
+        assert_eq!(slab.get(n), None);
+        assert_eq!(slab.remove(n + 1), None);
+        // Most recently freed first, then new indices at the end.
+        assert_eq!(slab.insert(100), 7);
+        assert_eq!(slab.insert(101), SEGMENT);
+        assert_eq!(slab.insert(102), n);
+        *slab.get_mut(n).unwrap() += 1;
+        assert_eq!(slab.get(n), Some(&103));
+        let items: Vec<(usize, usize)> = slab.iter().map(|(i, &v)| (i, v)).collect();
+        assert_eq!(items.len(), n + 1);
+        assert_eq!(items[7], (7, 100));
+        assert!(items.iter().enumerate().all(|(pos, &(i, _))| pos == i));
+        for (_, v) in slab.iter_mut() {
+            *v = 0;
+        }
+        assert!(slab.iter().all(|(_, &v)| v == 0));
     }
 
     /// The index agrees with a plain map whatever order ids come and go in, and keeps its
@@ -420,17 +523,17 @@ mod tests {
         let mut next = [0u64; 4];
         for step in 0..200_000usize {
             let session = rand(4);
-            let id = match rand(10) {
+            let id = match rand(20) {
                 // Mostly each session's next id, sometimes one out of order or far away.
-                0..=5 => {
+                0..=7 => {
                     next[session as usize] += 1;
                     TaskId::new(SessionId(session), next[session as usize])
                 }
-                6 => TaskId::new(SessionId(session), next[session as usize].saturating_sub(rand(200))),
-                7 => TaskId::new(SessionId(session), rand(1 << 40)),
+                8 => TaskId::new(SessionId(session), next[session as usize].saturating_sub(rand(200))),
+                9 => TaskId::new(SessionId(session), rand(1 << 40)),
                 _ => {
-                    // Remove a known id: the oldest ones mostly, a recent one sometimes.
-                    let back = if rand(3) == 0 { 50 } else { 400 };
+                    // Remove an id: a recent one mostly, which leaves stragglers, sometimes any.
+                    let back = [20, 20, 20, 100, next[session as usize] + 1][rand(5) as usize];
                     let seq = next[session as usize].saturating_sub(rand(back));
                     let id = TaskId::new(SessionId(session), seq);
                     assert_eq!(index.remove(&id), model.remove(&id));
@@ -438,9 +541,16 @@ mod tests {
                 }
             };
             assert_eq!(index.get(&id), model.get(&id));
-            if !model.contains_key(&id) {
+            let mut inserted = false;
+            if let std::collections::hash_map::Entry::Vacant(entry) = model.entry(id) {
                 index.insert(id, step);
-                model.insert(id, step);
+                entry.insert(step);
+                inserted = true;
+            }
+            let w = &index.windows[index.last];
+            if inserted && id.seq() == next[session as usize] && w.get(id.seq()).is_some() {
+                // The window moved on: whatever stayed behind, it stays short.
+                assert!(w.slots.len() as u64 <= Window::max_span(w.live));
             }
             if step % 1000 == 0 {
                 assert_eq!(index.len(), model.len());
@@ -448,7 +558,6 @@ mod tests {
                     assert_eq!(index.get(id), Some(slot));
                 }
                 for w in &index.windows {
-                    assert!(w.slots.len() as u64 <= Window::max_span(w.live));
                     assert_eq!(w.slots.iter().filter(|&&s| s != VACANT).count(), w.live);
                 }
             }
