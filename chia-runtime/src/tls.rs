@@ -190,6 +190,10 @@ fn transport_config() -> quinn::TransportConfig {
     transport.stream_receive_window(quinn::VarInt::from_u32(64 << 20));
     transport.receive_window(quinn::VarInt::from_u32(128 << 20));
     transport.send_window(128 << 20);
+    // The protocol uses exactly one bidirectional stream, opened by the peer: refusing more
+    // keeps a peer from tying up a receive window per extra stream.
+    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1));
+    transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     transport.keep_alive_interval(Some(std::time::Duration::from_secs(5)));
     transport.max_idle_timeout(Some(quinn::VarInt::from_u32(30_000).into()));
     transport
