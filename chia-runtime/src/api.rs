@@ -230,7 +230,7 @@ pub async fn wait<T>(
     }
     let (mut ready, mut pending) = (Vec::new(), Vec::new());
     for object in objects {
-        if ready.len() < want.max(1) && object.is_ready(&waiter) {
+        if ready.len() < want && object.is_ready(&waiter) {
             ready.push(object.clone());
         } else {
             pending.push(object.clone());
