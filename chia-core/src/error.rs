@@ -39,6 +39,10 @@ pub enum TaskError {
     /// The call was rejected before it was sent (an argument failed to encode, a bad option).
     #[error("{function}: invalid call: {message}")]
     InvalidCall { function: String, message: String },
+    /// The service a call was addressed to is not running (stopped, never started, or its node
+    /// was lost).
+    #[error("service {service} is not available: {message}")]
+    ServiceUnavailable { service: String, message: String },
     /// The result could not be encoded on the worker.
     #[error("{function}: its result could not be encoded: {message}")]
     BadResult { function: String, message: String },

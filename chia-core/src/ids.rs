@@ -30,6 +30,12 @@ typed_id!(
     "node"
 );
 
+typed_id!(
+    /// A running service instance. Assigned by the head when the service is started.
+    ServiceId,
+    "service"
+);
+
 /// A task, and the object its result becomes. Chosen by the submitting session without a
 /// round trip: the high 24 bits are the session, the low 40 bits a per-session counter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

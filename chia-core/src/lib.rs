@@ -17,5 +17,5 @@ pub mod resources;
 
 pub use error::TaskError;
 pub use function::{FunctionKey, signature_hash};
-pub use ids::{NodeId, SessionId, TaskId};
+pub use ids::{NodeId, ServiceId, SessionId, TaskId};
 pub use resources::{ResourceAmount, ResourceError, Resources};

@@ -9,7 +9,7 @@
 
 use crate::error::TaskError;
 use crate::function::FunctionKey;
-use crate::ids::{NodeId, SessionId, TaskId};
+use crate::ids::{NodeId, ServiceId, SessionId, TaskId};
 use crate::resources::Resources;
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +48,42 @@ pub struct TaskSpec {
 pub struct WorkerOffer {
     pub resources: Resources,
     pub functions: Vec<FunctionKey>,
+    /// Service types this worker can host (name = the type's name).
+    #[serde(default)]
+    pub services: Vec<FunctionKey>,
+    /// This worker runs inside the head process and is the `head` node.
+    #[serde(default)]
+    pub head_node: bool,
+}
+
+/// A running service, as the head describes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    pub id: ServiceId,
+    pub name: String,
+    pub namespace: String,
+    pub type_name: String,
+    pub sig_hash: String,
+    /// The node hosting it.
+    pub node: String,
+    pub detached: bool,
+}
+
+/// A request to start a service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStart {
+    /// Answered like a task: `Done` with the [`ServiceInfo`], or the error.
+    pub task: TaskId,
+    pub service_type: FunctionKey,
+    pub name: String,
+    pub namespace: String,
+    /// Outlives the session that started it (until stopped or the cluster ends).
+    pub detached: bool,
+    /// A running service with the same name and type is returned instead of an error.
+    pub get_if_exists: bool,
+    /// What the instance holds on its node while it lives.
+    pub request: Resources,
+    pub args: Vec<Arg>,
 }
 
 /// How a task ended, as a worker reports it.
@@ -95,6 +131,27 @@ pub enum PeerToHead {
     Ping {
         nonce: u64,
     },
+    StartService(ServiceStart),
+    /// Answered as `Done { task }` with an `Option<ServiceInfo>`.
+    LookupService {
+        task: TaskId,
+        name: String,
+        namespace: String,
+    },
+    /// A method call; answered as `Done { task }` with the method's value.
+    CallService {
+        task: TaskId,
+        service: ServiceId,
+        /// The service's name, for errors about a service that is gone.
+        name: String,
+        method: String,
+        args: Vec<Arg>,
+    },
+    /// Answered as `Done { task }` with `()`; stopping a service that is gone is not an error.
+    StopService {
+        task: TaskId,
+        service: ServiceId,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,6 +191,24 @@ pub enum HeadToPeer {
     Pong {
         nonce: u64,
     },
+    /// Construct a service instance (to its host). Its outcome is reported as `Finished { task }`.
+    StartInstance {
+        task: TaskId,
+        service: ServiceId,
+        type_name: String,
+        args: Vec<ArgValue>,
+    },
+    /// Run a method of an instance this host holds; reported as `Finished { task }`.
+    CallInstance {
+        task: TaskId,
+        service: ServiceId,
+        method: String,
+        args: Vec<ArgValue>,
+    },
+    /// Drop an instance.
+    StopInstance {
+        service: ServiceId,
+    },
 }
 
 /// Borrowing twins of the [`HeadToPeer`] messages that carry values, so the head can send a
@@ -144,6 +219,8 @@ pub enum HeadToPeerRef<'a> {
     Execute { task: TaskId, function: &'a str, args: Vec<ValueRef<'a>>, tag: Option<&'a str> },
     Done { task: TaskId, done: DoneRef<'a> },
     Fetched { task: TaskId, outcome: Option<OutcomeRef<'a>> },
+    StartInstance { task: TaskId, service: ServiceId, type_name: &'a str, args: Vec<ValueRef<'a>> },
+    CallInstance { task: TaskId, service: ServiceId, method: &'a str, args: Vec<ValueRef<'a>> },
 }
 
 /// A borrowed [`Value`].

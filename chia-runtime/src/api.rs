@@ -338,49 +338,53 @@ impl<T: DeserializeOwned> Call<T> {
 
     /// Submits the call and returns its `ObjectRef` at once.
     pub fn remote(self, cx: &Context) -> ObjectRef<T> {
-        let client = cx.client().clone();
-        let task = client.next_task_id();
-        let mut keep_refs = Vec::new();
-        let mut args = Vec::with_capacity(self.args.len());
-        let mut invalid = self.invalid;
-        for (index, ArgInput(arg)) in self.args.into_iter().enumerate() {
-            match arg {
-                Ok(ArgKind::Value(value)) => args.push(Arg::Value(value)),
-                Ok(ArgKind::Ref(inner)) => {
-                    args.push(Arg::Ref(inner.task));
-                    keep_refs.push(inner);
-                }
-                Err(e) => {
-                    invalid.get_or_insert_with(|| format!("argument {index} could not be encoded: {e}"));
-                }
-            }
-        }
-        match invalid {
-            Some(message) => {
-                client.fail_locally(task, TaskError::InvalidCall { function: self.spec.name.into(), message })
-            }
-            None => client.submit(TaskSpec {
-                task,
-                function: self.spec.key(),
-                args,
-                request: self.request,
-                tag: self.tag,
-                max_retries: self.max_retries,
-            }),
-        }
-        // The submission is queued before any release of the argument refs, and the head
-        // holds the dependencies from the submission on, so dropping them now is safe.
-        drop(keep_refs);
-        ObjectRef {
-            inner: Arc::new(RefInner { task, client, caller: cx.running.clone() }),
-            _type: PhantomData,
-        }
+        let Call { spec, args, tag, request, max_retries, invalid, .. } = self;
+        send_request(cx, spec.name, args, invalid, |task, args| {
+            PeerToHead::Submit(TaskSpec { task, function: spec.key(), args, request, tag, max_retries })
+        })
     }
 
     /// Submits the call and blocks until its result is ready.
     pub fn remote_blocking(self, cx: &Context) -> Result<T, Error> {
         self.remote(cx).get_blocking()
     }
+}
+
+/// Sends a request whose arguments are `args` — a task submission, a service start or a
+/// method call — and returns the ref to its answer. `function` names it in errors.
+pub(crate) fn send_request<T>(
+    cx: &Context,
+    function: &str,
+    args: Vec<ArgInput>,
+    mut invalid: Option<String>,
+    build: impl FnOnce(TaskId, Vec<Arg>) -> PeerToHead,
+) -> ObjectRef<T> {
+    let client = cx.client().clone();
+    let task = client.next_task_id();
+    let mut keep_refs = Vec::new();
+    let mut encoded = Vec::with_capacity(args.len());
+    for (index, ArgInput(arg)) in args.into_iter().enumerate() {
+        match arg {
+            Ok(ArgKind::Value(value)) => encoded.push(Arg::Value(value)),
+            Ok(ArgKind::Ref(inner)) => {
+                encoded.push(Arg::Ref(inner.task));
+                keep_refs.push(inner);
+            }
+            Err(e) => {
+                invalid.get_or_insert_with(|| format!("argument {index} could not be encoded: {e}"));
+            }
+        }
+    }
+    match invalid {
+        Some(message) => {
+            client.fail_locally(task, TaskError::InvalidCall { function: function.into(), message })
+        }
+        None => client.request(task, function, &build(task, encoded)),
+    }
+    // The request is queued before any release of the argument refs, and the head holds the
+    // dependencies from the request on, so dropping them now is safe.
+    drop(keep_refs);
+    ObjectRef { inner: Arc::new(RefInner { task, client, caller: cx.running.clone() }), _type: PhantomData }
 }
 
 /// Runs `future` to completion from synchronous code: on a blocking-pool thread, a thread

@@ -8,10 +8,9 @@ use crate::error::Error;
 use crate::tls::{ClusterCredentials, HEAD_SERVER_NAME};
 use crate::transport::{FrameReader, FrameSender, TransportError};
 use chia_core::protocol::{
-    ArgValue, Done, HeadToPeer, Outcome, PROTOCOL_VERSION, PeerToHead, TaskSpec, Value, WorkerOffer,
-    decode_body,
+    ArgValue, Done, HeadToPeer, Outcome, PROTOCOL_VERSION, PeerToHead, Value, WorkerOffer, decode_body,
 };
-use chia_core::{NodeId, SessionId, TaskError, TaskId};
+use chia_core::{NodeId, ServiceId, SessionId, TaskError, TaskId};
 use dashmap::DashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,13 +18,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 
-/// A task the head asks this process (a worker) to run.
+/// Work the head asks this process (a worker) to do.
 #[derive(Debug)]
-pub struct Execution {
-    pub task: TaskId,
-    pub function: String,
-    pub args: Vec<ArgValue>,
-    pub tag: Option<String>,
+pub enum Execution {
+    /// Run a function.
+    Task { task: TaskId, function: String, args: Vec<ArgValue>, tag: Option<String> },
+    /// Construct a service instance.
+    StartInstance { task: TaskId, service: ServiceId, type_name: String, args: Vec<ArgValue> },
+    /// Call a method of an instance held here.
+    CallInstance { task: TaskId, service: ServiceId, method: String, args: Vec<ArgValue> },
+    /// Drop an instance.
+    StopInstance { service: ServiceId },
 }
 
 #[derive(Clone)]
@@ -154,15 +157,16 @@ impl Client {
     }
 
     /// Sends a submission and opens its slot.
-    pub(crate) fn submit(&self, spec: TaskSpec) {
-        let task = spec.task;
+    /// Opens a pending slot for `task` and sends `message`, which the head answers with
+    /// `Done { task }` (a submission, a service start, lookup, call or stop).
+    pub(crate) fn request(&self, task: TaskId, function: &str, message: &PeerToHead) {
         self.slots.insert(task, Slot { state: SlotState::Pending, infeasible: None, waiters: Vec::new() });
         if self.closed.load(Ordering::Acquire) {
             self.finish_slot(task, SlotState::Failed(self.disconnected()));
             return;
         }
-        if let Err(e) = self.sender.send(&PeerToHead::Submit(spec)) {
-            let error = TaskError::InvalidCall { function: String::new(), message: e.to_string() };
+        if let Err(e) = self.sender.send(message) {
+            let error = TaskError::InvalidCall { function: function.to_string(), message: e.to_string() };
             self.finish_slot(task, SlotState::Failed(error.into()));
         }
     }
@@ -332,10 +336,15 @@ async fn read_loop(
                 }
             }
             HeadToPeer::Execute { task, function, args, tag } => {
-                if executions.send(Execution { task, function, args, tag }).is_err() {
-                    tracing::error!("{task} was sent to a process that runs no worker; ignoring it");
-                }
+                forward(&executions, Execution::Task { task, function, args, tag })
             }
+            HeadToPeer::StartInstance { task, service, type_name, args } => {
+                forward(&executions, Execution::StartInstance { task, service, type_name, args })
+            }
+            HeadToPeer::CallInstance { task, service, method, args } => {
+                forward(&executions, Execution::CallInstance { task, service, method, args })
+            }
+            HeadToPeer::StopInstance { service } => forward(&executions, Execution::StopInstance { service }),
             HeadToPeer::Pong { nonce } => {
                 if let Some((_, pong)) = client.pings.remove(&nonce) {
                     let _ = pong.send(());
@@ -348,4 +357,10 @@ async fn read_loop(
     };
     tracing::debug!("client {}: {reason}", client.session);
     client.mark_closed(reason);
+}
+
+fn forward(executions: &mpsc::UnboundedSender<Execution>, work: Execution) {
+    if let Err(e) = executions.send(work) {
+        tracing::error!("the head sent work to a process that runs no worker; ignoring {:?}", e.0);
+    }
 }

@@ -5,6 +5,8 @@
 //! tasks decode frames without it and then apply each message under it; nothing inside awaits,
 //! so the lock is held for microseconds, and a message costs no hand-off to another task.
 
+mod services;
+
 use crate::scheduler::{Command, Event, Scheduler};
 use crate::tls::{ClusterCredentials, HeadCredentials};
 use crate::transport::{FrameReader, FrameSender};
@@ -13,6 +15,7 @@ use chia_core::protocol::{
     WorkerOffer, decode_body,
 };
 use chia_core::{NodeId, SessionId, TaskError, TaskId};
+use services::{Services, instance_function, ref_args};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -34,6 +37,8 @@ pub struct HeadHandle {
     endpoint: quinn::Endpoint,
     credentials: HeadCredentials,
     core: SharedCore,
+    /// The head's own node, which hosts services pinned to `node:head`.
+    head_node: Option<crate::worker::Worker>,
 }
 
 type SharedCore = Arc<Mutex<HeadCore>>;
@@ -89,8 +94,11 @@ impl Drop for HeadHandle {
     }
 }
 
-/// Starts a head listening on `listen` with `credentials`.
-pub fn start_head(listen: SocketAddr, credentials: HeadCredentials) -> Result<HeadHandle, crate::Error> {
+/// Starts a head listening on `listen` with `credentials`, with its own node (`head`) joined.
+pub async fn start_head(
+    listen: SocketAddr,
+    credentials: HeadCredentials,
+) -> Result<HeadHandle, crate::Error> {
     let server = credentials.server_config().map_err(|e| crate::Error::Setup(e.to_string()))?;
     let endpoint = quinn::Endpoint::server(server, listen)
         .map_err(|e| crate::Error::Setup(format!("cannot listen on {listen}: {e}")))?;
@@ -98,7 +106,18 @@ pub fn start_head(listen: SocketAddr, credentials: HeadCredentials) -> Result<He
     let core = Arc::new(Mutex::new(HeadCore::new()));
     tokio::spawn(accept_loop(endpoint.clone(), core.clone()));
     tracing::info!("head listening on {address}");
-    Ok(HeadHandle { address, endpoint, credentials, core })
+    let mut head = HeadHandle { address, endpoint, credentials, core, head_node: None };
+    let mut loopback = address;
+    if loopback.ip().is_unspecified() {
+        loopback.set_ip(if address.is_ipv6() {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        });
+    }
+    let own = head.cluster_credentials(&loopback.to_string());
+    head.head_node = Some(crate::worker::Worker::connect_head_node(&own).await?);
+    Ok(head)
 }
 
 struct Hello {
@@ -194,6 +213,18 @@ struct TaskRecord {
     owner_holds: bool,
     /// Submitted tasks that take this one as an argument and have not been dispatched yet.
     dependents: u32,
+    kind: TaskKind,
+}
+
+/// What a task record stands for.
+enum TaskKind {
+    /// A function call, placed by the scheduler.
+    Function,
+    /// The placement of a service instance; it runs (holding its resources) until the service
+    /// stops.
+    ServiceStart(chia_core::ServiceId),
+    /// A method call, sent to the instance's node once `missing` arguments are ready.
+    ServiceCall { service: chia_core::ServiceId, name: String, method: String, missing: usize },
 }
 
 struct HeadCore {
@@ -204,6 +235,7 @@ struct HeadCore {
     next_session: u64,
     next_node: u64,
     last_infeasible: Option<String>,
+    services: Services,
 }
 
 impl HeadCore {
@@ -216,6 +248,7 @@ impl HeadCore {
             next_session: 1,
             next_node: 1,
             last_infeasible: None,
+            services: Services::default(),
         }
     }
 
@@ -251,7 +284,13 @@ impl HeadCore {
             Some(_) => {
                 let node = NodeId(self.next_node);
                 self.next_node += 1;
-                (Some(node), self.unique_node_name(&hello.name))
+                let head_node = hello.worker.as_ref().is_some_and(|offer| offer.head_node);
+                let name = if head_node && !self.sessions.values().any(|s| s.name == HEAD_NODE_NAME) {
+                    HEAD_NODE_NAME.to_string()
+                } else {
+                    self.unique_node_name(&hello.name)
+                };
+                (Some(node), name)
             }
             None => (None, format!("driver-{}", session.0)),
         };
@@ -268,19 +307,21 @@ impl HeadCore {
             "{name} joined from {} as {session}{}",
             connection.remote_address(),
             match &hello.worker {
-                Some(offer) => format!(" with {} and {} function(s)", offer.resources, offer.functions.len()),
+                Some(offer) => format!(
+                    " with {}, {} function(s) and {} service type(s)",
+                    offer.resources,
+                    offer.functions.len(),
+                    offer.services.len()
+                ),
                 None => String::new(),
             }
         );
         self.sessions.insert(session, Session { name: name.clone(), node, sender, connection });
         if let (Some(node), Some(offer)) = (node, hello.worker) {
             self.nodes.insert(node, session);
-            self.feed(Event::NodeJoined {
-                node,
-                name,
-                resources: offer.resources,
-                functions: offer.functions,
-            });
+            let mut functions = offer.functions;
+            functions.extend(offer.services.iter().map(instance_function));
+            self.feed(Event::NodeJoined { node, name, resources: offer.resources, functions });
         }
         session
     }
@@ -321,6 +362,14 @@ impl HeadCore {
                 }
             }
             PeerToHead::Ping { nonce } => self.send(session, &HeadToPeer::Pong { nonce }),
+            PeerToHead::StartService(start) => self.start_service(session, start),
+            PeerToHead::LookupService { task, name, namespace } => {
+                self.lookup_service(session, task, &name, &namespace)
+            }
+            PeerToHead::CallService { task, service, name, method, args } => {
+                self.call_service(session, task, service, &name, method, args)
+            }
+            PeerToHead::StopService { task, service } => self.stop_service_request(session, task, service),
             PeerToHead::Hello { .. } => tracing::warn!("{session} sent a second hello; ignored"),
         }
     }
@@ -340,19 +389,8 @@ impl HeadCore {
             tracing::warn!("{session} submitted {task} twice; the second is ignored");
             return;
         }
-        let deps: Vec<TaskId> = spec
-            .args
-            .iter()
-            .filter_map(|a| match a {
-                Arg::Ref(dep) => Some(*dep),
-                Arg::Value(_) => None,
-            })
-            .collect();
-        for dep in &deps {
-            if let Some(record) = self.tasks.get_mut(dep) {
-                record.dependents += 1;
-            }
-        }
+        let deps = ref_args(&spec.args);
+        self.hold_deps(&deps);
         self.tasks.insert(
             task,
             TaskRecord {
@@ -365,9 +403,19 @@ impl HeadCore {
                 outcome: None,
                 owner_holds: true,
                 dependents: 0,
+                kind: TaskKind::Function,
             },
         );
         self.feed(Event::TaskSubmitted { task, function: spec.function, request: spec.request, deps });
+    }
+
+    /// Keeps the values of `deps` until the task that takes them is sent.
+    fn hold_deps(&mut self, deps: &[TaskId]) {
+        for dep in deps {
+            if let Some(record) = self.tasks.get_mut(dep) {
+                record.dependents += 1;
+            }
+        }
     }
 
     fn finished(&mut self, session: SessionId, task: TaskId, outcome: Outcome) {
@@ -375,15 +423,23 @@ impl HeadCore {
             tracing::warn!("{session} reported {task}, which it is not running; ignored");
             return;
         }
-        let error = match &outcome {
-            Outcome::Value(_) => None,
-            Outcome::Failed(error) => Some(error.clone()),
-        };
-        if let Some(record) = self.tasks.get_mut(&task) {
-            record.running_on = None;
+        let Some(record) = self.tasks.get_mut(&task) else { return };
+        match record.kind {
+            TaskKind::ServiceStart(service) => self.instance_started(task, service, outcome),
+            TaskKind::ServiceCall { .. } => {
+                record.running_on = None;
+                self.settle(task, outcome);
+            }
+            TaskKind::Function => {
+                record.running_on = None;
+                let error = match &outcome {
+                    Outcome::Value(_) => None,
+                    Outcome::Failed(error) => Some(error.clone()),
+                };
+                self.settle(task, outcome);
+                self.feed(Event::TaskFinished { task, error });
+            }
         }
-        self.settle(task, outcome);
-        self.feed(Event::TaskFinished { task, error });
     }
 
     /// Stores a task's outcome and tells its owner.
@@ -401,6 +457,7 @@ impl HeadCore {
             };
             self.send_value(owner, task, &HeadToPeerRef::Done { task, done });
         }
+        self.dependency_settled(task);
         self.maybe_free(task);
     }
 
@@ -408,9 +465,12 @@ impl HeadCore {
         match command {
             Command::Dispatch { task, node } => self.dispatch(task, node),
             Command::Fail { task, error } => {
-                tracing::debug!("{task} failed before running: {error}");
+                tracing::debug!("{task} failed: {error}");
                 self.release_deps(task);
-                self.settle(task, Outcome::Failed(error));
+                match self.tasks.get(&task).map(|r| &r.kind) {
+                    Some(TaskKind::ServiceStart(service)) => self.instance_failed(*service, error),
+                    _ => self.settle(task, Outcome::Failed(error)),
+                }
             }
             Command::Infeasible { task, reason } => {
                 // Many tasks of one shape share a reason: say it once, not once per task.
@@ -434,24 +494,13 @@ impl HeadCore {
             tracing::error!("the scheduler dispatched {task}, which the head does not hold");
             return;
         };
+        if let TaskKind::ServiceStart(service) = record.kind {
+            return self.dispatch_instance(task, service, node, session);
+        }
         record.running_on = Some(node);
         let args = std::mem::take(&mut record.args);
+        let values = self.arg_values(task, &args);
         let Some(record) = self.tasks.get(&task) else { return };
-        // Argument values are borrowed where they are stored: nothing is copied before encoding.
-        let values: Vec<ValueRef<'_>> = args
-            .iter()
-            .map(|arg| match arg {
-                Arg::Value(value) => ValueRef(value),
-                Arg::Ref(dep) => match self.tasks.get(dep).and_then(|r| r.outcome.as_ref()) {
-                    Some(Outcome::Value(value)) => ValueRef(value),
-                    _ => {
-                        // The scheduler only dispatches once every dependency succeeded.
-                        tracing::error!("{task} was dispatched before its argument {dep} was ready");
-                        ValueRef(&[])
-                    }
-                },
-            })
-            .collect();
         let execute = HeadToPeerRef::Execute {
             task,
             function: &record.function,
@@ -470,6 +519,24 @@ impl HeadCore {
         }
         self.feed(Event::TaskFinished { task, error: Some(error.clone()) });
         self.settle(task, Outcome::Failed(error));
+    }
+
+    /// The values of `task`'s arguments, borrowed where they are stored: nothing is copied
+    /// before encoding.
+    fn arg_values<'a>(&'a self, task: TaskId, args: &'a [Arg]) -> Vec<ValueRef<'a>> {
+        args.iter()
+            .map(|arg| match arg {
+                Arg::Value(value) => ValueRef(value),
+                Arg::Ref(dep) => match self.tasks.get(dep).and_then(|r| r.outcome.as_ref()) {
+                    Some(Outcome::Value(value)) => ValueRef(value),
+                    _ => {
+                        // Tasks are only sent once every argument succeeded.
+                        tracing::error!("{task} was sent before its argument {dep} was ready");
+                        ValueRef(&[])
+                    }
+                },
+            })
+            .collect()
     }
 
     /// The task no longer needs its dependencies' values.
@@ -498,7 +565,9 @@ impl HeadCore {
         tracing::info!("{} ({session}) left: {reason}", closed.name);
         closed.sender.close();
         closed.connection.close(0u32.into(), b"closed");
+        self.stop_services_of(session);
         if let Some(node) = closed.node {
+            self.fail_calls_on(node, &closed.name);
             self.nodes.remove(&node);
             self.feed(Event::NodeLost { node });
         }

@@ -33,6 +33,7 @@ pub mod head;
 pub mod local;
 pub mod registry;
 pub mod scheduler;
+pub mod service;
 pub mod tls;
 pub mod transport;
 pub mod worker;
@@ -41,20 +42,23 @@ mod worker_main;
 pub use api::{ArgInput, Call, Context, IntoArg, ObjectRef, get, wait};
 /// The plain data types (ids, resources, wire protocol) this runtime is built on.
 pub use chia_core as core;
+pub use chia_core::protocol::ServiceInfo;
 pub use chia_core::{ResourceAmount, Resources, TaskError, TaskId};
-pub use chia_macros::function;
+pub use chia_macros::{function, service};
 pub use error::Error;
 pub use local::{Init, LocalCluster, init};
 /// A byte buffer that serializes as one binary blob: use it (not `Vec<u8>`, which serde
 /// encodes element by element) for large binary arguments and results.
 pub use serde_bytes::ByteBuf as Bytes;
+pub use service::{ServiceHandle, ServiceOptions, lookup_info, stop_service};
 pub use worker_main::{init_logging, run_main, worker_main};
 
 /// Used by the code `#[chia::function]` generates; not a stable API.
 #[doc(hidden)]
 pub mod __private {
     pub use crate::registry::{
-        BoxFuture, FunctionSpec, Invoke, application_error, check_arg_count, decode_arg, encode_result,
+        BoxFuture, FunctionSpec, Invoke, ServiceInstance, ServiceSpec, SharedInstance, application_error,
+        check_arg_count, decode_arg, encode_result, run_blocking,
     };
     pub use chia_core::TaskError;
     pub use chia_core::protocol::{ArgValue, Value};

@@ -141,7 +141,7 @@ impl LocalCluster {
     /// entry's resources (plus `CPU` = the machine's cores when not given).
     pub async fn start(workers: Vec<Resources>) -> Result<LocalCluster, Error> {
         let head_credentials = HeadCredentials::generate().map_err(|e| Error::Setup(e.to_string()))?;
-        let head = start_head("127.0.0.1:0".parse().expect("literal address"), head_credentials)?;
+        let head = start_head("127.0.0.1:0".parse().expect("literal address"), head_credentials).await?;
         let credentials = head.cluster_credentials(&head.address().to_string());
         let worker_resources: Vec<Resources> = workers.into_iter().map(with_default_cpus).collect();
         let mut started = Vec::with_capacity(worker_resources.len());

@@ -104,3 +104,78 @@ pub fn check_arg_count(function: &str, expected: usize, args: &[ArgValue]) -> Re
         Err(TaskError::ArgumentCount { function: function.to_string(), expected, found: args.len() })
     }
 }
+
+/// A service instance as the host keeps it.
+pub type ServiceInstance = Box<dyn std::any::Any + Send>;
+
+/// An instance shared by its calls; the mutex makes calls run one at a time.
+pub type SharedInstance = std::sync::Arc<tokio::sync::Mutex<ServiceInstance>>;
+
+/// Everything `#[chia::service]` knows about one service type.
+pub struct ServiceSpec {
+    pub type_name: &'static str,
+    /// The normalised constructor and method signatures the hash is computed from.
+    pub signature: &'static str,
+    pub sig_hash: &'static str,
+    pub construct: ConstructInstance,
+    pub call: CallInstance,
+}
+
+/// Builds an instance from the constructor's arguments.
+pub type ConstructInstance = fn(Context, Vec<ArgValue>) -> BoxFuture<Result<ServiceInstance, TaskError>>;
+
+/// Runs the method named by the `String` on an instance.
+pub type CallInstance =
+    fn(SharedInstance, Context, String, Vec<ArgValue>) -> BoxFuture<Result<Value, TaskError>>;
+
+inventory::collect!(ServiceSpec);
+
+impl ServiceSpec {
+    /// The key under which nodes offer this type and the scheduler places its instances.
+    pub fn key(&self) -> FunctionKey {
+        FunctionKey::new(self.type_name, self.sig_hash)
+    }
+}
+
+/// All service types linked into this binary, by type name.
+pub fn services() -> &'static HashMap<&'static str, &'static ServiceSpec> {
+    static ALL: OnceLock<HashMap<&'static str, &'static ServiceSpec>> = OnceLock::new();
+    ALL.get_or_init(|| {
+        let mut all = HashMap::new();
+        for spec in inventory::iter::<ServiceSpec> {
+            if all.insert(spec.type_name, spec).is_some() {
+                tracing::error!(
+                    "two service types are registered as {:?}; the second wins — give one a `name = \"...\"`",
+                    spec.type_name
+                );
+            }
+        }
+        all
+    })
+}
+
+/// Runs a sync service method on the blocking pool (called by macro-generated code), so a slow
+/// method does not stall the async runtime. A panic becomes a `Panic` error; the host fills in
+/// the method's name.
+pub async fn run_blocking(
+    call: impl FnOnce() -> Result<Value, TaskError> + Send + 'static,
+) -> Result<Value, TaskError> {
+    match tokio::task::spawn_blocking(call).await {
+        Ok(result) => result,
+        Err(join_error) if join_error.is_panic() => {
+            Err(TaskError::Panic { function: String::new(), message: panic_message(join_error.into_panic()) })
+        }
+        Err(join_error) => Err(TaskError::Panic { function: String::new(), message: join_error.to_string() }),
+    }
+}
+
+/// The text of a panic payload.
+pub fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(text) => *text,
+        Err(payload) => match payload.downcast::<&'static str>() {
+            Ok(text) => text.to_string(),
+            Err(_) => "(a panic with a non-text payload)".to_string(),
+        },
+    }
+}

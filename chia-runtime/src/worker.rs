@@ -5,11 +5,13 @@
 use crate::api::Context;
 use crate::client::{Client, Execution};
 use crate::error::Error;
-use crate::registry::{self, FunctionSpec, Invoke};
+use crate::head::HEAD_NODE_NAME;
+use crate::registry::{self, FunctionSpec, Invoke, ServiceSpec, SharedInstance, panic_message};
 use crate::tls::ClusterCredentials;
-use chia_core::protocol::{Outcome, PeerToHead, Value, WorkerOffer};
-use chia_core::{Resources, TaskError, TaskId};
-use std::any::Any;
+use chia_core::protocol::{ArgValue, Outcome, PeerToHead, Value, WorkerOffer};
+use chia_core::resources::NODE_PREFIX;
+use chia_core::{FunctionKey, ResourceAmount, Resources, ServiceId, TaskError, TaskId};
+use dashmap::DashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -34,7 +36,8 @@ impl Worker {
     }
 
     /// Like [`Worker::connect`], but offers only the linked functions `offer` accepts (a node
-    /// that should not run some functions, whatever its resources).
+    /// that should not run some functions, whatever its resources). Every linked service
+    /// type is offered.
     pub async fn connect_offering(
         credentials: &ClusterCredentials,
         name: &str,
@@ -44,7 +47,22 @@ impl Worker {
         let mut functions: Vec<_> =
             registry::functions().values().filter(|spec| offer(spec)).map(|spec| spec.key()).collect();
         functions.sort();
-        let offer = WorkerOffer { resources, functions };
+        let offer = WorkerOffer { resources, functions, services: service_keys(), head_node: false };
+        Worker::join(credentials, name, offer).await
+    }
+
+    /// The head's own node: it runs inside the head process, hosts services pinned to the head
+    /// (`node:head`) and runs no functions.
+    pub async fn connect_head_node(credentials: &ClusterCredentials) -> Result<Worker, Error> {
+        let resources = Resources::new()
+            .with(&format!("{NODE_PREFIX}{HEAD_NODE_NAME}"), ResourceAmount::whole(1))
+            .map_err(|e| Error::Setup(e.to_string()))?;
+        let offer =
+            WorkerOffer { resources, functions: Vec::new(), services: service_keys(), head_node: true };
+        Worker::join(credentials, HEAD_NODE_NAME, offer).await
+    }
+
+    async fn join(credentials: &ClusterCredentials, name: &str, offer: WorkerOffer) -> Result<Worker, Error> {
         let (client, executions) = Client::connect(credentials, name, Some(offer)).await?;
         let context = Context::new(client, None);
         let (stop_tx, stopped) = tokio::sync::watch::channel(false);
@@ -74,21 +92,48 @@ impl Worker {
     }
 }
 
+fn service_keys() -> Vec<FunctionKey> {
+    let mut keys: Vec<_> = registry::services().values().map(|spec| spec.key()).collect();
+    keys.sort();
+    keys
+}
+
 async fn serve(
     context: Context,
     mut executions: mpsc::UnboundedReceiver<Execution>,
     stopped: tokio::sync::watch::Sender<bool>,
 ) {
+    let instances: Arc<DashMap<ServiceId, (&'static ServiceSpec, SharedInstance)>> = Arc::default();
     while let Some(execution) = executions.recv().await {
-        start(&context, execution);
+        match execution {
+            Execution::Task { task, function, args, tag: _ } => start(&context, task, function, args),
+            Execution::StartInstance { task, service, type_name, args } => {
+                tokio::spawn(start_instance(
+                    context.clone(),
+                    instances.clone(),
+                    task,
+                    service,
+                    type_name,
+                    args,
+                ));
+            }
+            Execution::CallInstance { task, service, method, args } => {
+                call_instance(&context, &instances, task, service, method, args)
+            }
+            Execution::StopInstance { service } => {
+                // Calls still running hold the instance; it is dropped when the last one ends.
+                instances.remove(&service);
+            }
+        }
     }
+    // The head is gone: so are the services it placed here.
+    instances.clear();
     let _ = stopped.send(true);
 }
 
-/// Starts one execution: a sync function on the blocking pool, an async one as a task. Each
-/// reports its own outcome when it ends, so no task waits in between.
-fn start(context: &Context, execution: Execution) {
-    let Execution { task, function, args, tag: _ } = execution;
+/// Starts one task: a sync function on the blocking pool, an async one as a task. Each reports
+/// its own outcome when it ends, so no task waits in between.
+fn start(context: &Context, task: TaskId, function: String, args: Vec<ArgValue>) {
     let client: Arc<Client> = context.client().clone();
     let Some(spec) = registry::functions().get(function.as_str()).copied() else {
         // The head only sends what this worker offered; this guards against a head bug.
@@ -114,6 +159,73 @@ fn start(context: &Context, execution: Execution) {
                 report(&client, task, spec.name, outcome(spec, result));
             });
         }
+    }
+}
+
+async fn start_instance(
+    context: Context,
+    instances: Arc<DashMap<ServiceId, (&'static ServiceSpec, SharedInstance)>>,
+    task: TaskId,
+    service: ServiceId,
+    type_name: String,
+    args: Vec<ArgValue>,
+) {
+    let client = context.client().clone();
+    let constructor = format!("{type_name}.new");
+    let Some(spec) = registry::services().get(type_name.as_str()).copied() else {
+        let error = TaskError::UnknownFunction { function: constructor.clone() };
+        return report(&client, task, &constructor, Outcome::Failed(error));
+    };
+    let outcome = match CatchUnwind((spec.construct)(context.for_task(task), args)).await {
+        Ok(Ok(instance)) => {
+            instances.insert(service, (spec, Arc::new(tokio::sync::Mutex::new(instance))));
+            Outcome::Value(Value::new())
+        }
+        Ok(Err(error)) => Outcome::Failed(name_panic(error, &constructor)),
+        Err(panic) => {
+            Outcome::Failed(TaskError::Panic { function: constructor.clone(), message: panic_message(panic) })
+        }
+    };
+    report(&client, task, &constructor, outcome);
+}
+
+fn call_instance(
+    context: &Context,
+    instances: &DashMap<ServiceId, (&'static ServiceSpec, SharedInstance)>,
+    task: TaskId,
+    service: ServiceId,
+    method: String,
+    args: Vec<ArgValue>,
+) {
+    let client = context.client().clone();
+    let Some((spec, instance)) = instances.get(&service).map(|entry| entry.value().clone()) else {
+        let error = TaskError::ServiceUnavailable {
+            service: service.to_string(),
+            message: format!("this node ({}) holds no such instance", context.node_name()),
+        };
+        return report(&client, task, &method, Outcome::Failed(error));
+    };
+    let call_context = context.for_task(task);
+    tokio::spawn(async move {
+        let name = format!("{}.{method}", spec.type_name);
+        let outcome = match CatchUnwind((spec.call)(instance, call_context, method, args)).await {
+            Ok(Ok(value)) => Outcome::Value(value),
+            Ok(Err(error)) => Outcome::Failed(name_panic(error, &name)),
+            Err(panic) => {
+                Outcome::Failed(TaskError::Panic { function: name.clone(), message: panic_message(panic) })
+            }
+        };
+        report(&client, task, &name, outcome);
+    });
+}
+
+/// A panic caught by `run_blocking` does not know which method it was in.
+fn name_panic(error: TaskError, function: &str) -> TaskError {
+    match error {
+        TaskError::Panic { function: unnamed, message } if unnamed.is_empty() => {
+            TaskError::Panic { function: function.to_string(), message }
+        }
+        other => other,
     }
 }
 
@@ -152,15 +264,5 @@ impl<F: Future + Unpin> Future for CatchUnwind<F> {
             Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
             Err(panic) => Poll::Ready(Err(panic)),
         }
-    }
-}
-
-fn panic_message(payload: Box<dyn Any + Send>) -> String {
-    match payload.downcast::<String>() {
-        Ok(text) => *text,
-        Err(payload) => match payload.downcast::<&'static str>() {
-            Ok(text) => text.to_string(),
-            Err(_) => "(a panic with a non-text payload)".to_string(),
-        },
     }
 }

@@ -302,6 +302,8 @@ async fn a_signature_mismatch_names_the_function() {
     let offer = chia::core::protocol::WorkerOffer {
         resources: resources("adder=1,CPU=1"),
         functions: vec![chia::core::FunctionKey::new("increment", "00000000deadbeef")],
+        services: Vec::new(),
+        head_node: false,
     };
     let (_other, _executions) =
         chia::client::Client::connect(cluster.credentials(), "other-build", Some(offer)).await.unwrap();

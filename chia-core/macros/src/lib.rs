@@ -1,4 +1,5 @@
-//! The `#[chia::function]` attribute macro, re-exported by the runtime as `chia::function`.
+//! The `#[chia::function]` and `#[chia::service]` attribute macros, re-exported by the runtime as
+//! `chia::function` and `chia::service` (the latter is described in the `service` module).
 //!
 //! ```text
 //! #[chia::function(resources(adder = 1, "node:head" = 0.5), num_cpus = 2, max_retries = 3, name = "add")]
@@ -26,16 +27,18 @@
 //! `pub(super)`. All generated code names the runtime by absolute `::chia::` paths. The
 //! function must be a free function at module level (not inside a block or an `impl`).
 
+mod service;
+mod signature;
+
 use proc_macro::TokenStream;
-use proc_macro2::{Span, TokenStream as TokenStream2};
-use quote::{ToTokens, format_ident, quote, quote_spanned};
-use sha2::{Digest, Sha256};
+use proc_macro2::TokenStream as TokenStream2;
+use quote::{ToTokens, format_ident, quote};
 use syn::ext::IdentExt;
 use syn::parse::{Parse, ParseStream};
-use syn::spanned::Spanned;
-use syn::{
-    Error, FnArg, GenericArgument, Ident, ItemFn, Lit, LitStr, Pat, PathArguments, ReturnType, Token, Type,
-    Visibility, parenthesized,
+use syn::{Error, Ident, ItemFn, Lit, LitStr, Token, Visibility, parenthesized};
+
+use crate::signature::{
+    Param, Params, Subject, analyze_output, analyze_params, compact, decode_args, finish, sig_hash,
 };
 
 /// Registers a function for remote execution; see the crate documentation for the expansion.
@@ -52,6 +55,38 @@ pub fn function(attr: TokenStream, item: TokenStream) -> TokenStream {
         Err(error) => {
             let mut tokens = error.to_compile_error();
             item_fn.to_tokens(&mut tokens);
+            tokens.into()
+        }
+    }
+}
+
+/// Makes a stateful remote service (like a Ray actor) of an inherent `impl` block; see the
+/// `service` module for the expansion.
+///
+/// The block needs a `pub fn new(..)` constructor (sync or async, optionally taking
+/// `cx: &chia::Context` first, returning `Self` or `Result<Self, E>`). Every `pub fn` with a
+/// `&self` or `&mut self` receiver is a remote method, callable through the generated
+/// `<Type>Handle`. The only option is `name = "..."` (the stable type name, default the type's
+/// identifier).
+#[proc_macro_attribute]
+pub fn service(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let item_impl = match syn::parse::<syn::Item>(item) {
+        Ok(syn::Item::Impl(item_impl)) => item_impl,
+        Ok(other) => {
+            let mut tokens =
+                Error::new_spanned(&other, "`#[chia::service]` goes on an inherent `impl Type { .. }` block")
+                    .to_compile_error();
+            other.to_tokens(&mut tokens);
+            return tokens.into();
+        }
+        Err(error) => return error.to_compile_error().into(),
+    };
+    match syn::parse::<service::Options>(attr).and_then(|options| service::expand(options, &item_impl)) {
+        Ok(tokens) => tokens.into(),
+        // Keep the impl block itself, so one mistake does not cascade into "not found" errors.
+        Err(error) => {
+            let mut tokens = error.to_compile_error();
+            item_impl.to_tokens(&mut tokens);
             tokens.into()
         }
     }
@@ -96,15 +131,7 @@ impl Parse for Options {
                 }
                 "name" => {
                     input.parse::<Token![=]>()?;
-                    let name: LitStr = input.parse()?;
-                    let text = name.value();
-                    if text.is_empty() || text.chars().any(char::is_whitespace) {
-                        return Err(Error::new_spanned(
-                            name,
-                            "the name must be non-empty and without whitespace",
-                        ));
-                    }
-                    options.name = Some(text);
+                    options.name = Some(parse_name(input)?);
                 }
                 _ => {
                     return Err(Error::new_spanned(
@@ -120,6 +147,16 @@ impl Parse for Options {
         }
         Ok(options)
     }
+}
+
+/// Parses the string literal of a `name = "..."` option: non-empty, without whitespace.
+fn parse_name(input: ParseStream) -> syn::Result<String> {
+    let name: LitStr = input.parse()?;
+    let text = name.value();
+    if text.is_empty() || text.chars().any(char::is_whitespace) {
+        return Err(Error::new_spanned(name, "the name must be non-empty and without whitespace"));
+    }
+    Ok(text)
 }
 
 /// Parses `name = amount, "other:name" = amount, ..` (the inside of `resources(..)`).
@@ -215,19 +252,6 @@ fn parse_max_retries(input: ParseStream) -> syn::Result<i32> {
     i32::try_from(value).map_err(|_| error())
 }
 
-/// How the function takes the worker's context, if it does.
-enum ContextParam {
-    None,
-    ByRef,
-    ByValue,
-}
-
-/// A remote argument: its name and type.
-struct Param<'a> {
-    ident: Ident,
-    ty: &'a Type,
-}
-
 fn expand(options: Options, item: &ItemFn) -> syn::Result<TokenStream2> {
     let sig = &item.sig;
     let fn_ident = &sig.ident;
@@ -241,71 +265,17 @@ fn expand(options: Options, item: &ItemFn) -> syn::Result<TokenStream2> {
         return Err(Error::new_spanned(variadic, "remote functions cannot be variadic"));
     }
 
-    let mut context = ContextParam::None;
-    let mut params = Vec::new();
-    for (index, arg) in sig.inputs.iter().enumerate() {
-        let arg = match arg {
-            FnArg::Receiver(receiver) => {
-                return Err(Error::new_spanned(
-                    receiver,
-                    "remote functions cannot take `self`; use a free function",
-                ));
-            }
-            FnArg::Typed(arg) => arg,
-        };
-        let ty = peel(&arg.ty);
-        if let Some(by_ref) = context_kind(ty)? {
-            if index != 0 {
-                return Err(Error::new_spanned(ty, "the `Context` parameter must be the first parameter"));
-            }
-            context = if by_ref { ContextParam::ByRef } else { ContextParam::ByValue };
-            continue;
-        }
-        let ident = match &*arg.pat {
-            Pat::Ident(pat) if pat.by_ref.is_none() && pat.subpat.is_none() => pat.ident.clone(),
-            pat => {
-                return Err(Error::new_spanned(
-                    pat,
-                    "parameters of remote functions must be plain identifiers such as `x: i64`",
-                ));
-            }
-        };
-        check_owned(ty, "parameter")?;
-        params.push(Param { ident, ty });
-    }
-
-    // The value type of a call, and whether the function returns `Result<T, E>`.
-    let (value_ty, returns_result) = match &sig.output {
-        ReturnType::Default => (quote!(()), false),
-        ReturnType::Type(_, ty) => {
-            let ty = peel(ty);
-            check_owned(ty, "return type")?;
-            match result_ok_type(ty)? {
-                Some(ok) => {
-                    check_owned(ok, "`Ok` type")?;
-                    (ok.to_token_stream(), true)
-                }
-                None => (ty.to_token_stream(), false),
-            }
-        }
-    };
-    let returns_unit = match &sig.output {
-        ReturnType::Default => true,
-        ReturnType::Type(_, ty) => matches!(peel(ty), Type::Tuple(tuple) if tuple.elems.is_empty()),
-    };
+    let subject = Subject { noun: "remote function", context_place: "the first parameter", self_ty: None };
+    let Params { context, params } = analyze_params(&sig.inputs, &subject)?;
+    let output = analyze_output(&sig.output, &subject)?;
+    let value_ty = &output.value_ty;
 
     let name = options.name.unwrap_or_else(|| fn_ident.unraw().to_string());
     let signature = {
-        let compact = |tokens: TokenStream2| tokens.to_string().split_whitespace().collect::<String>();
         let args: Vec<String> = params.iter().map(|p| compact(p.ty.to_token_stream())).collect();
-        let output = match &sig.output {
-            ReturnType::Default => "()".to_string(),
-            ReturnType::Type(_, ty) => compact(ty.to_token_stream()),
-        };
-        format!("{name}({})->{output}", args.join(","))
+        format!("{name}({})->{}", args.join(","), output.text)
     };
-    let sig_hash: String =
-        Sha256::digest(signature.as_bytes())[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let sig_hash = sig_hash(&signature);
     let resources = options.resources.iter().map(|(name, amount)| quote!((#name, #amount)));
     let (num_cpus, max_retries) = (options.num_cpus, options.max_retries);
     let arg_count = params.len();
@@ -325,38 +295,16 @@ fn expand(options: Options, item: &ItemFn) -> syn::Result<TokenStream2> {
     let cx = if names.iter().any(|n| *n == "cx") { format_ident!("__chia_cx") } else { format_ident!("cx") };
 
     // The invoker: decode each argument, call, encode.
-    let decoded: Vec<Ident> = (0..params.len()).map(|i| format_ident!("__chia_arg{i}")).collect();
-    let decodes = params.iter().zip(&decoded).enumerate().map(|(index, (Param { ty, .. }, local))| {
-        quote_spanned! {here(ty)=>
-            let #local: #ty = ::chia::__private::decode_arg(#name, #index, &__chia_args[#index])?;
-        }
-    });
-    let context_arg = match context {
-        ContextParam::None => quote!(),
-        ContextParam::ByRef => quote!(&__chia_cx,),
-        ContextParam::ByValue => quote!(__chia_cx,),
-    };
+    let (decoded, decodes) = decode_args(&params, &name, &format_ident!("__chia_args"));
+    let context_arg = context.arg(&format_ident!("__chia_cx"));
     let mut call = quote!(super::#fn_ident(#context_arg #(#decoded),*));
     if sig.asyncness.is_some() {
         call = quote!(#call.await);
     }
-    let finish = if returns_result {
-        quote_spanned! {here(&sig.output)=>
-            match #call {
-                ::std::result::Result::Ok(__chia_value) => ::chia::__private::encode_result(#name, &__chia_value),
-                ::std::result::Result::Err(__chia_error) => {
-                    ::std::result::Result::Err(::chia::__private::application_error(#name, &__chia_error))
-                }
-            }
-        }
-    } else if returns_unit {
-        quote!(#call; ::chia::__private::encode_result(#name, &()))
-    } else {
-        quote!(let __chia_out = #call; ::chia::__private::encode_result(#name, &__chia_out))
-    };
+    let finish = finish(&call, &name, &output);
     let body = quote! {
         ::chia::__private::check_arg_count(#name, #arg_count, &__chia_args)?;
-        #(#decodes)*
+        #decodes
         #finish
     };
     let (invoke_variant, invoke_fn) = if sig.asyncness.is_some() {
@@ -431,75 +379,6 @@ fn expand(options: Options, item: &ItemFn) -> syn::Result<TokenStream2> {
             #invoke_fn
         }
     })
-}
-
-/// A span that resolves names like the macro's own code but points at `tokens`, so type errors
-/// in the generated code (e.g. a type that cannot be decoded) are reported there.
-fn here(tokens: &impl Spanned) -> Span {
-    Span::call_site().located_at(tokens.span())
-}
-
-/// Strips invisible groups (from `macro_rules!` expansions) and parentheses around a type.
-fn peel(mut ty: &Type) -> &Type {
-    loop {
-        match ty {
-            Type::Group(group) => ty = &group.elem,
-            Type::Paren(paren) => ty = &paren.elem,
-            _ => return ty,
-        }
-    }
-}
-
-/// `Some(by_ref)` when `ty` is the runtime context: `Context`, `chia::Context` or a `&` to one.
-fn context_kind(ty: &Type) -> syn::Result<Option<bool>> {
-    let is_context = |ty: &Type| match peel(ty) {
-        Type::Path(path) => {
-            path.qself.is_none() && path.path.segments.last().is_some_and(|s| s.ident == "Context")
-        }
-        _ => false,
-    };
-    match ty {
-        Type::Reference(reference) if is_context(&reference.elem) => {
-            if reference.mutability.is_some() {
-                return Err(Error::new_spanned(
-                    ty,
-                    "take the context as `&Context` or `Context`, not `&mut`",
-                ));
-            }
-            Ok(Some(true))
-        }
-        ty if is_context(ty) => Ok(Some(false)),
-        _ => Ok(None),
-    }
-}
-
-/// Arguments and results cross processes, so they must be owned, nameable types.
-fn check_owned(ty: &Type, what: &str) -> syn::Result<()> {
-    match peel(ty) {
-        Type::Reference(_) => Err(Error::new_spanned(
-            ty,
-            format!(
-                "a remote function's {what} cannot be a reference; use an owned type (e.g. `String` for `&str`)"
-            ),
-        )),
-        Type::ImplTrait(_) => Err(Error::new_spanned(
-            ty,
-            format!("a remote function's {what} cannot be `impl Trait`; name a concrete type"),
-        )),
-        _ => Ok(()),
-    }
-}
-
-/// The `T` of a return type whose last path segment is `Result<T, ..>`.
-fn result_ok_type(ty: &Type) -> syn::Result<Option<&Type>> {
-    let Type::Path(path) = ty else { return Ok(None) };
-    let Some(last) = path.path.segments.last().filter(|s| s.ident == "Result") else { return Ok(None) };
-    if let PathArguments::AngleBracketed(args) = &last.arguments
-        && let Some(GenericArgument::Type(ok)) = args.args.first()
-    {
-        return Ok(Some(peel(ok)));
-    }
-    Err(Error::new_spanned(ty, "write the result type as `Result<T, E>` so the macro can find `T`"))
 }
 
 #[cfg(test)]

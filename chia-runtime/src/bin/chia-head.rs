@@ -35,7 +35,7 @@ fn main() -> ExitCode {
 async fn run(args: HeadArgs) -> Result<ExitCode, String> {
     let state_dir = args.state_dir.unwrap_or_else(default_state_dir);
     let credentials = HeadCredentials::load_or_create(&state_dir).map_err(|e| e.to_string())?;
-    let head = start_head(args.listen, credentials).map_err(|e| e.to_string())?;
+    let head = start_head(args.listen, credentials).await.map_err(|e| e.to_string())?;
     let address = args.advertise.unwrap_or_else(|| {
         let mut address = head.address();
         if address.ip().is_unspecified() {

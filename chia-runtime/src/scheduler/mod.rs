@@ -51,6 +51,10 @@ pub enum Event {
     SessionClosed { session: SessionId },
 }
 
+/// Functions whose names start with this place service instances (see `head::services`);
+/// a node that offers only those does not run tasks.
+pub const SERVICE_FUNCTION_PREFIX: &str = "service:";
+
 /// Something the head must do, in the order the scheduler decided it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
@@ -428,7 +432,7 @@ impl Scheduler {
     /// come, so the task waits.
     fn check_function(&self, key: &FunctionKey) -> Result<(), TaskError> {
         let announced = |f: &usize| !self.functions[*f].nodes.is_empty();
-        if self.nodes.is_empty() || self.function_index.get(key).is_some_and(announced) {
+        if self.function_index.get(key).is_some_and(announced) || !self.any_node_runs_tasks() {
             return Ok(());
         }
         let mut found: Vec<String> = self
@@ -449,6 +453,15 @@ impl Scheduler {
                 found,
             })
         }
+    }
+
+    /// Whether some node runs functions at all, not only service instances (the head's own
+    /// node). Until one does, a function nobody offers may still come with the first worker.
+    /// Only asked when a submission's function is not offered, so the scan is off the fast path.
+    fn any_node_runs_tasks(&self) -> bool {
+        self.nodes.iter().any(|(_, node)| {
+            node.functions.iter().any(|&f| !self.functions[f].key.name.starts_with(SERVICE_FUNCTION_PREFIX))
+        })
     }
 
     /// The latest submission's shape, when this one has the same function and request and that

@@ -56,6 +56,19 @@ fn byte_len(data: Bytes) -> usize {
     data.len()
 }
 
+/// A service with one empty method (a plain, sync method, as with `empty`).
+#[derive(Default)]
+pub struct Echo;
+
+#[chia::service]
+impl Echo {
+    pub fn new() -> Self {
+        Echo
+    }
+
+    pub fn nothing(&self) {}
+}
+
 static RELEASE_HOLD: LazyLock<Notify> = LazyLock::new(Notify::new);
 
 /// Occupies a worker's CPU until the benchmark lets it go.
@@ -173,8 +186,11 @@ async fn run(bench: &mut Bench) -> BenchResult<()> {
         let rate = chain(bench.count(10_000)).await?;
         bench.record("chain_tasks_per_s", rate, "tasks/s");
     }
-    bench.not_yet("service_call_p50_us", "us", "named services land with issue 3");
-    bench.not_yet("service_calls_per_s", "calls/s", "named services land with issue 3");
+    if bench.wants(&["service_call_p50_us", "service_calls_per_s"]) {
+        let (p50, rate) = service_calls(bench.count(1_000), bench.count(10_000)).await?;
+        bench.record("service_call_p50_us", p50, "us");
+        bench.record("service_calls_per_s", rate, "calls/s");
+    }
     if bench.wants(&["large_result_mb_per_s", "large_arg_mb_per_s"]) {
         let (result, arg) = large_values(bench.count(100) << 20).await?;
         bench.record("large_result_mb_per_s", result, "MB/s");
@@ -308,6 +324,28 @@ async fn async_tasks(tasks: usize) -> Result<f64, chia::Error> {
         r.get().await?;
     }
     Ok(tasks as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn service_calls(sequential: usize, pipelined: usize) -> BenchResult<(f64, f64)> {
+    let (_cluster, cx) = cluster(1).await?;
+    let echo = EchoHandle::start(&cx, chia::ServiceOptions::named("bench-echo")).await?;
+    for _ in 0..200 {
+        echo.nothing().get().await?;
+    }
+    let mut samples = Vec::with_capacity(sequential);
+    for _ in 0..sequential {
+        let started = Instant::now();
+        echo.nothing().get().await?;
+        samples.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    let started = Instant::now();
+    let calls: Vec<_> = (0..pipelined).map(|_| echo.nothing()).collect();
+    for call in &calls {
+        call.get().await?;
+    }
+    let rate = pipelined as f64 / started.elapsed().as_secs_f64();
+    echo.stop().await?;
+    Ok((percentile(&mut samples, 0.5), rate))
 }
 
 async fn chain(length: usize) -> BenchResult<f64> {

@@ -1,0 +1,444 @@
+//! The head's side of services: the registry of running instances by name, starting them
+//! through the scheduler (an instance is a task that holds its resources until stopped),
+//! routing method calls to the node that hosts them, and stopping them.
+
+use super::*;
+use chia_core::protocol::{ServiceInfo, ServiceStart};
+use chia_core::{FunctionKey, ServiceId};
+
+/// The scheduler places instances of a service type as tasks of this function key, which
+/// nodes offer for every service type they link.
+pub(super) fn instance_function(service_type: &FunctionKey) -> FunctionKey {
+    FunctionKey::new(
+        format!("{}{}", crate::scheduler::SERVICE_FUNCTION_PREFIX, service_type.name),
+        service_type.sig_hash.clone(),
+    )
+}
+
+pub(super) struct ServiceRecord {
+    info: ServiceInfo,
+    owner: SessionId,
+    /// The task that placed the instance; it holds the instance's resources while it lives.
+    creation: TaskId,
+    host: Option<NodeId>,
+    ready: bool,
+    /// Requests (`get_if_exists` starts) answered once the instance is ready.
+    waiters: Vec<(SessionId, TaskId)>,
+}
+
+#[derive(Default)]
+pub(super) struct Services {
+    records: HashMap<ServiceId, ServiceRecord>,
+    names: HashMap<(String, String), ServiceId>,
+    /// Calls waiting for an argument task, by that task.
+    waiting_calls: HashMap<TaskId, Vec<TaskId>>,
+    next: u64,
+}
+
+impl HeadCore {
+    /// Answers a request (start, lookup, stop) with a value, or an error.
+    fn reply<T: serde::Serialize>(&self, session: SessionId, task: TaskId, answer: Result<&T, TaskError>) {
+        let done = match answer.and_then(|value| {
+            rmp_serde::to_vec_named(value).map_err(|e| TaskError::BadResult {
+                function: "service request".into(),
+                message: e.to_string(),
+            })
+        }) {
+            Ok(value) => Done::Value(value),
+            Err(error) => Done::Failed(error),
+        };
+        self.send(session, &HeadToPeer::Done { task, done });
+    }
+
+    pub(super) fn start_service(&mut self, session: SessionId, start: ServiceStart) {
+        let task = start.task;
+        if task.session() != session || self.tasks.contains_key(&task) {
+            tracing::warn!("{session} sent a service start with a task id it may not use ({task}); ignored");
+            return;
+        }
+        let key = (start.namespace.clone(), start.name.clone());
+        if let Some((existing, record)) =
+            self.services.names.get(&key).and_then(|id| self.services.records.get(id).map(|r| (*id, r)))
+        {
+            let same_type = record.info.type_name == start.service_type.name
+                && record.info.sig_hash == start.service_type.sig_hash;
+            let refusal = if !start.get_if_exists {
+                Some(format!(
+                    "a service named {:?} already runs in namespace {:?}",
+                    start.name, start.namespace
+                ))
+            } else if !same_type {
+                Some(format!(
+                    "the service {:?} in namespace {:?} is a {} (signature {}), not a {} (signature {})",
+                    start.name,
+                    start.namespace,
+                    record.info.type_name,
+                    record.info.sig_hash,
+                    start.service_type.name,
+                    start.service_type.sig_hash
+                ))
+            } else {
+                None
+            };
+            match refusal {
+                Some(message) => {
+                    let error = TaskError::InvalidCall {
+                        function: format!("{}.new", start.service_type.name),
+                        message,
+                    };
+                    self.reply::<()>(session, task, Err(error));
+                }
+                None if record.ready => {
+                    let info = record.info.clone();
+                    self.reply(session, task, Ok(&info));
+                }
+                None => {
+                    if let Some(record) = self.services.records.get_mut(&existing) {
+                        record.waiters.push((session, task));
+                    }
+                }
+            }
+            return;
+        }
+        self.services.next += 1;
+        let id = ServiceId(self.services.next);
+        let info = ServiceInfo {
+            id,
+            name: start.name,
+            namespace: start.namespace,
+            type_name: start.service_type.name.clone(),
+            sig_hash: start.service_type.sig_hash.clone(),
+            node: String::new(),
+            detached: start.detached,
+        };
+        tracing::info!("starting service {:?} ({}) as {id}", info.name, info.type_name);
+        self.services.names.insert(key, id);
+        self.services.records.insert(
+            id,
+            ServiceRecord {
+                info,
+                owner: session,
+                creation: task,
+                host: None,
+                ready: false,
+                waiters: Vec::new(),
+            },
+        );
+        let deps = ref_args(&start.args);
+        self.hold_deps(&deps);
+        let function = instance_function(&start.service_type);
+        self.tasks.insert(
+            task,
+            TaskRecord {
+                owner: session,
+                function: format!("{}.new", start.service_type.name),
+                tag: None,
+                args: start.args,
+                deps: deps.clone(),
+                running_on: None,
+                outcome: None,
+                owner_holds: true,
+                dependents: 0,
+                kind: TaskKind::ServiceStart(id),
+            },
+        );
+        self.feed(Event::TaskSubmitted { task, function, request: start.request, deps });
+    }
+
+    /// The scheduler placed an instance: ask its node to construct it.
+    pub(super) fn dispatch_instance(
+        &mut self,
+        task: TaskId,
+        service: ServiceId,
+        node: NodeId,
+        session: SessionId,
+    ) {
+        let node_name = self.sessions.get(&session).map(|s| s.name.clone()).unwrap_or_default();
+        let Some(record) = self.services.records.get_mut(&service) else {
+            // Stopped before it was placed: give the resources straight back.
+            self.finish_instance_task(task);
+            return;
+        };
+        record.host = Some(node);
+        record.info.node = node_name;
+        let type_name = record.info.type_name.clone();
+        let Some(task_record) = self.tasks.get_mut(&task) else { return };
+        task_record.running_on = Some(node);
+        let args = std::mem::take(&mut task_record.args);
+        let values = self.arg_values(task, &args);
+        let message = HeadToPeerRef::StartInstance { task, service, type_name: &type_name, args: values };
+        let sent = self.sessions.get(&session).map(|peer| peer.sender.send(&message));
+        self.release_deps(task);
+        if let Some(Err(e)) = sent {
+            let error = TaskError::InvalidCall {
+                function: format!("{type_name}.new"),
+                message: format!("its arguments cannot be sent: {e}"),
+            };
+            self.instance_failed(service, error);
+        }
+    }
+
+    /// The host reported the constructor's outcome.
+    pub(super) fn instance_started(&mut self, task: TaskId, service: ServiceId, outcome: Outcome) {
+        if let Outcome::Failed(error) = outcome {
+            return self.instance_failed(service, error);
+        }
+        let Some(record) = self.services.records.get_mut(&service) else {
+            // Stopped while it was being constructed.
+            self.finish_instance_task(task);
+            return;
+        };
+        record.ready = true;
+        let info = record.info.clone();
+        let mut answer = std::mem::take(&mut record.waiters);
+        answer.push((record.owner, task));
+        tracing::info!("service {:?} ({}) runs on {}", info.name, info.type_name, info.node);
+        for (session, request) in answer {
+            self.reply(session, request, Ok(&info));
+        }
+    }
+
+    /// The instance could not be placed or constructed, or its node was lost.
+    pub(super) fn instance_failed(&mut self, service: ServiceId, error: TaskError) {
+        let Some(record) = self.services.records.remove(&service) else { return };
+        let key = (record.info.namespace.clone(), record.info.name.clone());
+        if self.services.names.get(&key) == Some(&service) {
+            self.services.names.remove(&key);
+        }
+        tracing::warn!("service {:?} ({}) ended: {error}", record.info.name, record.info.type_name);
+        let mut answer = record.waiters;
+        if !record.ready {
+            answer.push((record.owner, record.creation));
+        }
+        for (session, request) in answer {
+            self.reply::<()>(session, request, Err(error.clone()));
+        }
+        if record.host.is_some() {
+            self.finish_instance_task(record.creation);
+        } else if let Some(task) = self.tasks.get_mut(&record.creation) {
+            // Never placed (the scheduler failed it): only the record is left to free.
+            task.owner_holds = false;
+            task.outcome = Some(Outcome::Failed(error));
+            self.maybe_free(record.creation);
+        }
+    }
+
+    /// Ends the task that held an instance's resources.
+    fn finish_instance_task(&mut self, task: TaskId) {
+        let Some(record) = self.tasks.get_mut(&task) else { return };
+        let was_running = record.running_on.take().is_some();
+        record.owner_holds = false;
+        record.outcome.get_or_insert(Outcome::Value(Vec::new()));
+        if was_running {
+            self.feed(Event::TaskFinished { task, error: None });
+        }
+        self.maybe_free(task);
+    }
+
+    pub(super) fn lookup_service(&mut self, session: SessionId, task: TaskId, name: &str, namespace: &str) {
+        let found = self
+            .services
+            .names
+            .get(&(namespace.to_string(), name.to_string()))
+            .and_then(|id| self.services.records.get(id))
+            .filter(|record| record.ready)
+            .map(|record| record.info.clone());
+        self.reply(session, task, Ok(&found));
+    }
+
+    pub(super) fn stop_service_request(&mut self, session: SessionId, task: TaskId, service: ServiceId) {
+        self.stop_service(service, "stopped");
+        self.reply(session, task, Ok(&()));
+    }
+
+    pub(super) fn stop_service(&mut self, service: ServiceId, why: &str) {
+        let Some(record) = self.services.records.get(&service) else { return };
+        let host_session = record.host.and_then(|node| self.nodes.get(&node).copied());
+        if let Some(session) = host_session {
+            self.send(session, &HeadToPeer::StopInstance { service });
+        }
+        let error =
+            TaskError::ServiceUnavailable { service: record.info.name.clone(), message: why.to_string() };
+        tracing::info!("service {:?} ({}) {why}", record.info.name, record.info.type_name);
+        self.instance_failed(service, error);
+    }
+
+    pub(super) fn call_service(
+        &mut self,
+        session: SessionId,
+        task: TaskId,
+        service: ServiceId,
+        name: &str,
+        method: String,
+        args: Vec<Arg>,
+    ) {
+        if task.session() != session || self.tasks.contains_key(&task) {
+            tracing::warn!("{session} sent a service call with a task id it may not use ({task}); ignored");
+            return;
+        }
+        let function = match self.services.records.get(&service) {
+            Some(record) => format!("{}.{method}", record.info.type_name),
+            None => format!("{name}.{method}"),
+        };
+        let deps = ref_args(&args);
+        self.hold_deps(&deps);
+        self.tasks.insert(
+            task,
+            TaskRecord {
+                owner: session,
+                function,
+                tag: None,
+                args,
+                deps: deps.clone(),
+                running_on: None,
+                outcome: None,
+                owner_holds: true,
+                dependents: 0,
+                kind: TaskKind::ServiceCall { service, name: name.to_string(), method, missing: 0 },
+            },
+        );
+        let mut missing = 0;
+        for dep in deps {
+            let state =
+                self.tasks.get(&dep).map(|r| r.outcome.as_ref().map(|o| matches!(o, Outcome::Value(_))));
+            match state {
+                None => {
+                    return self.fail_call(task, |function| TaskError::UnknownDependency {
+                        function,
+                        dependency: dep,
+                    });
+                }
+                Some(Some(true)) => {}
+                Some(Some(false)) => return self.fail_call_on_dependency(task, dep),
+                Some(None) => {
+                    missing += 1;
+                    self.services.waiting_calls.entry(dep).or_default().push(task);
+                }
+            }
+        }
+        if let Some(TaskRecord { kind: TaskKind::ServiceCall { missing: count, .. }, .. }) =
+            self.tasks.get_mut(&task)
+        {
+            *count = missing;
+        }
+        if missing == 0 {
+            self.forward_call(task);
+        }
+    }
+
+    /// Sends a call whose arguments are all ready to the instance's node.
+    fn forward_call(&mut self, task: TaskId) {
+        let Some(TaskRecord { kind: TaskKind::ServiceCall { service, name, .. }, .. }) =
+            self.tasks.get(&task)
+        else {
+            return;
+        };
+        let (service, name) = (*service, name.clone());
+        let host = self.services.records.get(&service).filter(|r| r.ready).and_then(|r| r.host);
+        let Some((node, session)) = host.and_then(|node| self.nodes.get(&node).map(|s| (node, *s))) else {
+            return self.fail_call(task, |_| TaskError::ServiceUnavailable {
+                service: name,
+                message: "it is not running (stopped, never started, or its node was lost)".into(),
+            });
+        };
+        let Some(record) = self.tasks.get_mut(&task) else { return };
+        record.running_on = Some(node);
+        let args = std::mem::take(&mut record.args);
+        let TaskKind::ServiceCall { method, .. } = &record.kind else { return };
+        let method = method.clone();
+        let values = self.arg_values(task, &args);
+        let message = HeadToPeerRef::CallInstance { task, service, method: &method, args: values };
+        let sent = self.sessions.get(&session).map(|peer| peer.sender.send(&message));
+        self.release_deps(task);
+        if let Some(Err(e)) = sent {
+            if let Some(record) = self.tasks.get_mut(&task) {
+                record.running_on = None;
+            }
+            let message = format!("its arguments cannot be sent: {e}");
+            self.fail_call(task, |function| TaskError::InvalidCall { function, message });
+        }
+    }
+
+    fn fail_call(&mut self, task: TaskId, error: impl FnOnce(String) -> TaskError) {
+        let function = self.tasks.get(&task).map(|r| r.function.clone()).unwrap_or_default();
+        self.release_deps(task);
+        self.settle(task, Outcome::Failed(error(function)));
+    }
+
+    fn fail_call_on_dependency(&mut self, task: TaskId, dep: TaskId) {
+        let cause = match self.tasks.get(&dep).and_then(|r| r.outcome.as_ref()) {
+            Some(Outcome::Failed(error)) => error.clone(),
+            _ => TaskError::UnknownDependency { function: String::new(), dependency: dep },
+        };
+        self.fail_call(task, |function| TaskError::DependencyFailed {
+            function,
+            dependency: dep,
+            cause: Box::new(cause),
+        });
+    }
+
+    /// `task` ended: calls waiting for it may go now (or fail with it).
+    pub(super) fn dependency_settled(&mut self, task: TaskId) {
+        let Some(calls) = self.services.waiting_calls.remove(&task) else { return };
+        let succeeded =
+            matches!(self.tasks.get(&task).and_then(|r| r.outcome.as_ref()), Some(Outcome::Value(_)));
+        for call in calls {
+            let Some(record) = self.tasks.get_mut(&call) else { continue };
+            if record.outcome.is_some() {
+                continue;
+            }
+            if !succeeded {
+                self.fail_call_on_dependency(call, task);
+                continue;
+            }
+            if let TaskKind::ServiceCall { missing, .. } = &mut record.kind {
+                *missing = missing.saturating_sub(1);
+                if *missing == 0 {
+                    self.forward_call(call);
+                }
+            }
+        }
+    }
+
+    /// A node is gone: the calls it was running fail (its instances fail through the
+    /// scheduler, which fails their placing tasks).
+    pub(super) fn fail_calls_on(&mut self, node: NodeId, node_name: &str) {
+        let lost: Vec<TaskId> = self
+            .tasks
+            .iter()
+            .filter(|(_, r)| r.running_on == Some(node) && matches!(r.kind, TaskKind::ServiceCall { .. }))
+            .map(|(task, _)| *task)
+            .collect();
+        for task in lost {
+            if let Some(record) = self.tasks.get_mut(&task) {
+                record.running_on = None;
+            }
+            let node = node_name.to_string();
+            self.fail_call(task, |function| TaskError::WorkerLost { function, node });
+        }
+    }
+
+    /// Services that belong to a session's job end with it; detached ones stay.
+    pub(super) fn stop_services_of(&mut self, session: SessionId) {
+        let owned: Vec<ServiceId> = self
+            .services
+            .records
+            .iter()
+            .filter(|(_, r)| r.owner == session && !r.info.detached)
+            .map(|(id, _)| *id)
+            .collect();
+        for service in owned {
+            self.stop_service(service, "ended with the job that started it");
+        }
+    }
+}
+
+/// The tasks an argument list refers to.
+pub(super) fn ref_args(args: &[Arg]) -> Vec<TaskId> {
+    args.iter()
+        .filter_map(|a| match a {
+            Arg::Ref(dep) => Some(*dep),
+            Arg::Value(_) => None,
+        })
+        .collect()
+}

@@ -1,0 +1,222 @@
+//! Services: stateful objects hosted on one node whose methods are called remotely, one call
+//! at a time (the runtime's "actors"). Define one with `#[chia::service]` on an `impl` block;
+//! it generates a typed `<Type>Handle` whose `start`, `lookup` and methods use the untyped
+//! [`ServiceHandle`] below.
+//!
+//! Names are resolved by the head every time ([`ServiceHandle::lookup`]), so a handle found
+//! by name is never a stale process-local copy; a missing service is `None`, not an error.
+
+use crate::api::{ArgInput, Context, ObjectRef, send_request};
+use crate::error::Error;
+use crate::head::HEAD_NODE_NAME;
+use crate::registry::ServiceSpec;
+use chia_core::protocol::{PeerToHead, ServiceInfo, ServiceStart};
+use chia_core::resources::{CPU, NODE_PREFIX};
+use chia_core::{ResourceAmount, Resources, ServiceId, TaskError};
+use serde::de::DeserializeOwned;
+
+/// The namespace used when none is given.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// How to start a service: its name, namespace, lifetime and placement.
+///
+/// ```
+/// # extern crate chia_runtime as chia;
+/// let options = chia::ServiceOptions::named("results").namespace("co-design").detached().get_if_exists().on_head();
+/// ```
+#[derive(Clone, Debug)]
+pub struct ServiceOptions {
+    name: String,
+    namespace: String,
+    detached: bool,
+    get_if_exists: bool,
+    request: Resources,
+    invalid: Option<String>,
+}
+
+impl ServiceOptions {
+    /// A service called `name`, in the default namespace, ending with the job that starts it,
+    /// placed on any node that links its type (it holds no CPU unless asked to).
+    pub fn named(name: impl Into<String>) -> ServiceOptions {
+        ServiceOptions {
+            name: name.into(),
+            namespace: DEFAULT_NAMESPACE.to_string(),
+            detached: false,
+            get_if_exists: false,
+            request: Resources::new(),
+            invalid: None,
+        }
+    }
+
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// Outlive the job (driver) that starts it, until stopped or the cluster ends.
+    pub fn detached(mut self) -> Self {
+        self.detached = true;
+        self
+    }
+
+    /// If a service with this name and type already runs, return it instead of failing.
+    pub fn get_if_exists(mut self) -> Self {
+        self.get_if_exists = true;
+        self
+    }
+
+    /// Hold `amount` of `name` while the service lives (placement by resources).
+    pub fn resource(mut self, name: &str, amount: f64) -> Self {
+        let result = ResourceAmount::from_f64(amount).and_then(|amount| self.request.set(name, amount));
+        if let Err(e) = result {
+            self.invalid.get_or_insert_with(|| format!("resource {name}: {e}"));
+        }
+        self
+    }
+
+    /// Hold `cpus` CPUs while the service lives (default 0).
+    pub fn num_cpus(self, cpus: f64) -> Self {
+        self.resource(CPU, cpus)
+    }
+
+    /// Pin the service to the node called `node`.
+    pub fn on_node(mut self, node: &str) -> Self {
+        // A sliver of the node's affinity resource: pins without limiting how many services
+        // the node may host.
+        let result = self.request.set(&format!("{NODE_PREFIX}{node}"), ResourceAmount::from_fixed(1));
+        if let Err(e) = result {
+            self.invalid.get_or_insert_with(|| format!("node {node:?}: {e}"));
+        }
+        self
+    }
+
+    /// Pin the service to the head node (where the cluster's state directory is).
+    pub fn on_head(self) -> Self {
+        self.on_node(HEAD_NODE_NAME)
+    }
+}
+
+/// A running service, untyped. The generated `<Type>Handle` wraps one.
+#[derive(Clone)]
+pub struct ServiceHandle {
+    info: ServiceInfo,
+    cx: Context,
+}
+
+impl std::fmt::Debug for ServiceHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceHandle").field("info", &self.info).finish()
+    }
+}
+
+impl ServiceHandle {
+    /// Starts a service of type `spec` (used by the generated `<Type>Handle::start`).
+    pub async fn start(
+        cx: &Context,
+        spec: &'static ServiceSpec,
+        options: ServiceOptions,
+        args: Vec<ArgInput>,
+    ) -> Result<ServiceHandle, Error> {
+        let ServiceOptions { name, namespace, detached, get_if_exists, request, invalid } = options;
+        let started: ObjectRef<ServiceInfo> =
+            send_request(cx, &format!("{}.new", spec.type_name), args, invalid, |task, args| {
+                PeerToHead::StartService(ServiceStart {
+                    task,
+                    service_type: spec.key(),
+                    name,
+                    namespace,
+                    detached,
+                    get_if_exists,
+                    request,
+                    args,
+                })
+            });
+        let info = started.get().await?;
+        Ok(ServiceHandle { info, cx: cx.clone() })
+    }
+
+    /// Asks the head for the running service `name` (in `namespace`, default `"default"`);
+    /// `None` when there is none. A service of another type under that name is an error.
+    pub async fn lookup(
+        cx: &Context,
+        spec: &'static ServiceSpec,
+        name: &str,
+        namespace: Option<&str>,
+    ) -> Result<Option<ServiceHandle>, Error> {
+        let found = lookup_info(cx, name, namespace).await?;
+        let Some(info) = found else { return Ok(None) };
+        if info.type_name != spec.type_name || info.sig_hash != spec.sig_hash {
+            return Err(Error::Task(TaskError::InvalidCall {
+                function: format!("{}.lookup", spec.type_name),
+                message: format!(
+                    "the service {:?} is a {} (signature {}), not a {} (signature {})",
+                    info.name, info.type_name, info.sig_hash, spec.type_name, spec.sig_hash
+                ),
+            }));
+        }
+        Ok(Some(ServiceHandle { info, cx: cx.clone() }))
+    }
+
+    /// Calls `method`; the value arrives through the returned ref like a task's.
+    pub fn call<T: DeserializeOwned>(&self, method: &str, args: Vec<ArgInput>) -> ObjectRef<T> {
+        let function = format!("{}.{method}", self.info.type_name);
+        let (service, name) = (self.info.id, self.info.name.clone());
+        send_request(&self.cx, &function, args, None, |task, args| PeerToHead::CallService {
+            task,
+            service,
+            name,
+            method: method.to_string(),
+            args,
+        })
+    }
+
+    /// Stops the service; its name is free again afterwards. Stopping twice is not an error.
+    pub async fn stop(&self) -> Result<(), Error> {
+        stop(&self.cx, self.info.id).await
+    }
+
+    pub fn info(&self) -> &ServiceInfo {
+        &self.info
+    }
+
+    pub fn name(&self) -> &str {
+        &self.info.name
+    }
+
+    /// The node hosting the service.
+    pub fn node(&self) -> &str {
+        &self.info.node
+    }
+
+    pub fn id(&self) -> ServiceId {
+        self.info.id
+    }
+}
+
+/// Looks up any service by name, whatever its type.
+pub async fn lookup_info(
+    cx: &Context,
+    name: &str,
+    namespace: Option<&str>,
+) -> Result<Option<ServiceInfo>, Error> {
+    let (name, namespace) = (name.to_string(), namespace.unwrap_or(DEFAULT_NAMESPACE).to_string());
+    let found: ObjectRef<Option<ServiceInfo>> = send_request(cx, "lookup", Vec::new(), None, |task, _| {
+        PeerToHead::LookupService { task, name, namespace }
+    });
+    found.get().await
+}
+
+/// Stops the service called `name` (in `namespace`, default `"default"`), if it runs.
+/// Returns whether one was running.
+pub async fn stop_service(cx: &Context, name: &str, namespace: Option<&str>) -> Result<bool, Error> {
+    match lookup_info(cx, name, namespace).await? {
+        Some(info) => stop(cx, info.id).await.map(|()| true),
+        None => Ok(false),
+    }
+}
+
+async fn stop(cx: &Context, service: ServiceId) -> Result<(), Error> {
+    let stopped: ObjectRef<()> =
+        send_request(cx, "stop", Vec::new(), None, |task, _| PeerToHead::StopService { task, service });
+    stopped.get().await
+}

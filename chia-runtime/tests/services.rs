@@ -1,0 +1,230 @@
+//! Named services over real loopback QUIC: a head (with its own `head` node) and workers in
+//! this process, driven through the public API.
+
+extern crate chia_runtime as chia;
+
+use chia::{Context, Error, LocalCluster, Resources, ServiceOptions, TaskError};
+use std::sync::LazyLock;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// Bounds a test that would otherwise hang; never used to wait for something to happen.
+const BOUND: Duration = Duration::from_secs(60);
+
+pub struct Counter {
+    total: i64,
+    history: Vec<i64>,
+}
+
+#[chia::service]
+impl Counter {
+    pub fn new(start: i64) -> Self {
+        Counter { total: start, history: Vec::new() }
+    }
+
+    pub fn add(&mut self, x: i64) -> i64 {
+        self.total += x;
+        self.history.push(x);
+        self.total
+    }
+
+    pub async fn total(&self) -> i64 {
+        self.total
+    }
+
+    pub fn history(&self) -> Vec<i64> {
+        self.history.clone()
+    }
+
+    pub fn boom(&mut self, message: String) -> i64 {
+        panic!("{message}")
+    }
+
+    pub fn where_am_i(&self, cx: &Context) -> String {
+        cx.node_name().to_string()
+    }
+
+    /// Waits for a permit the test hands out, so a call can be kept running.
+    pub async fn wait_for_permit(&mut self) -> i64 {
+        PERMITS.acquire().await.expect("permits stay open").forget();
+        self.total
+    }
+}
+
+static PERMITS: LazyLock<Semaphore> = LazyLock::new(|| Semaphore::new(0));
+
+/// Finds a counter by name from inside a task, the way a bypass provider would.
+#[chia::function]
+async fn read_counter_from_a_worker(cx: &Context, name: String) -> Result<Option<i64>, Error> {
+    match CounterHandle::lookup(cx, &name, None).await? {
+        Some(counter) => Ok(Some(counter.total().get().await?)),
+        None => Ok(None),
+    }
+}
+
+#[chia::function]
+fn plus_one(x: i64) -> i64 {
+    x + 1
+}
+
+fn resources(text: &str) -> Resources {
+    Resources::parse(text).expect("test resources parse")
+}
+
+async fn cluster(workers: &[&str]) -> (LocalCluster, Context) {
+    chia::init_logging("warn");
+    let cluster =
+        LocalCluster::start(workers.iter().map(|w| resources(w)).collect()).await.expect("cluster starts");
+    let cx = cluster.driver().await.expect("driver connects");
+    (cluster, cx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_keeps_state_and_runs_calls_one_at_a_time_in_order() {
+    let (_cluster, cx) = cluster(&["CPU=2"]).await;
+    let counter = CounterHandle::start(&cx, ServiceOptions::named("counter"), 10).await.unwrap();
+    let sums: Vec<_> = (1..=20).map(|x| counter.add(x)).collect();
+    let mut expected = 10;
+    for (x, sum) in (1..=20).zip(&sums) {
+        expected += x;
+        assert_eq!(sum.get().await.unwrap(), expected);
+    }
+    assert_eq!(counter.history().get().await.unwrap(), (1..=20).collect::<Vec<_>>());
+    // A ref to a task's result is a valid argument: the call waits for it.
+    let six = plus_one::remote(&cx, 5);
+    assert_eq!(counter.add(&six).get().await.unwrap(), expected + 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_are_resolved_by_name_from_another_driver_and_from_a_worker() {
+    let (cluster, cx) = cluster(&["CPU=2"]).await;
+    let counter =
+        CounterHandle::start(&cx, ServiceOptions::named("shared").namespace("team"), 1).await.unwrap();
+    counter.add(41).get().await.unwrap();
+
+    let other = cluster.driver().await.unwrap();
+    let found = CounterHandle::lookup(&other, "shared", Some("team")).await.unwrap().expect("found by name");
+    assert_eq!(found.total().get().await.unwrap(), 42);
+    assert!(
+        CounterHandle::lookup(&other, "shared", None).await.unwrap().is_none(),
+        "namespaces separate names"
+    );
+    assert!(CounterHandle::lookup(&other, "nobody", Some("team")).await.unwrap().is_none());
+
+    assert_eq!(read_counter_from_a_worker::remote(&cx, "missing".to_string()).get().await.unwrap(), None);
+    let team = CounterHandle::start(&cx, ServiceOptions::named("from-worker"), 7).await.unwrap();
+    assert_eq!(
+        read_counter_from_a_worker::remote(&cx, "from-worker".to_string()).get().await.unwrap(),
+        Some(7)
+    );
+    team.stop().await.unwrap();
+}
+
+/// Waits until the head has dropped the session of a driver that shut down.
+async fn until_sessions(cluster: &LocalCluster, sessions: usize) {
+    tokio::time::timeout(BOUND, async {
+        while cluster.head().stats().sessions != sessions {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the head notices the driver left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detached_service_outlives_its_driver_and_a_job_scoped_one_does_not() {
+    let (cluster, first) = cluster(&["CPU=2"]).await;
+    let detached = CounterHandle::start(&first, ServiceOptions::named("kept").detached(), 5).await.unwrap();
+    CounterHandle::start(&first, ServiceOptions::named("scoped"), 6).await.unwrap();
+    detached.add(1).get().await.unwrap();
+    let sessions_before = cluster.head().stats().sessions;
+    first.shutdown().await;
+    until_sessions(&cluster, sessions_before - 1).await;
+
+    let second = cluster.driver().await.unwrap();
+    let kept = CounterHandle::lookup(&second, "kept", None).await.unwrap().expect("a detached service stays");
+    assert_eq!(kept.total().get().await.unwrap(), 6);
+    assert!(CounterHandle::lookup(&second, "scoped", None).await.unwrap().is_none(), "it ended with its job");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_if_exists_returns_the_running_service_and_names_do_not_collide() {
+    let (_cluster, cx) = cluster(&["CPU=2"]).await;
+    let first = CounterHandle::start(&cx, ServiceOptions::named("once").detached(), 1).await.unwrap();
+    first.add(1).get().await.unwrap();
+    let again = CounterHandle::start(&cx, ServiceOptions::named("once").get_if_exists(), 100).await.unwrap();
+    assert_eq!(again.service().id(), first.service().id());
+    assert_eq!(again.total().get().await.unwrap(), 2, "the running instance, not a new one");
+    match CounterHandle::start(&cx, ServiceOptions::named("once"), 1).await {
+        Err(Error::Task(TaskError::InvalidCall { function, message })) => {
+            assert_eq!(function, "Counter.new");
+            assert!(message.contains("already runs"), "{message}");
+        }
+        other => panic!("expected a name collision, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_frees_the_name_and_later_calls_fail_clearly() {
+    let (_cluster, cx) = cluster(&["CPU=2"]).await;
+    let counter = CounterHandle::start(&cx, ServiceOptions::named("temp"), 0).await.unwrap();
+    counter.stop().await.unwrap();
+    counter.stop().await.unwrap();
+    assert!(CounterHandle::lookup(&cx, "temp", None).await.unwrap().is_none());
+    match counter.add(1).get().await {
+        Err(Error::Task(TaskError::ServiceUnavailable { service, .. })) => assert_eq!(service, "temp"),
+        other => panic!("expected an unavailable service, got {other:?}"),
+    }
+    let fresh = CounterHandle::start(&cx, ServiceOptions::named("temp"), 50).await.unwrap();
+    assert_eq!(fresh.add(1).get().await.unwrap(), 51);
+    assert!(chia::stop_service(&cx, "temp", None).await.unwrap());
+    assert!(!chia::stop_service(&cx, "temp", None).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_method_fails_that_call_and_the_service_keeps_serving() {
+    let (_cluster, cx) = cluster(&["CPU=2"]).await;
+    let counter = CounterHandle::start(&cx, ServiceOptions::named("fragile"), 3).await.unwrap();
+    match counter.boom("kaboom".to_string()).get().await {
+        Err(Error::Task(TaskError::Panic { function, message })) => {
+            assert_eq!(function, "Counter.boom");
+            assert_eq!(message, "kaboom");
+        }
+        other => panic!("expected a panic error, got {other:?}"),
+    }
+    assert_eq!(counter.add(1).get().await.unwrap(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_are_placed_by_resources_or_pinned_to_the_head() {
+    let (_cluster, cx) = cluster(&["CPU=2", "CPU=2,gpu=1"]).await;
+    let on_head = CounterHandle::start(&cx, ServiceOptions::named("h").on_head(), 0).await.unwrap();
+    assert_eq!(on_head.service().node(), "head");
+    assert_eq!(on_head.where_am_i().get().await.unwrap(), "head");
+    let on_gpu = CounterHandle::start(&cx, ServiceOptions::named("g").resource("gpu", 1.0), 0).await.unwrap();
+    assert_eq!(on_gpu.service().node(), "local-2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_node_fails_its_service_calls_and_releases_the_name() {
+    let (cluster, cx) = cluster(&["CPU=2,svc=1"]).await;
+    let counter =
+        CounterHandle::start(&cx, ServiceOptions::named("doomed").resource("svc", 1.0), 0).await.unwrap();
+    assert_eq!(counter.service().node(), "local-1");
+    let waiting = counter.wait_for_permit();
+    // The call is running once a later call has to queue behind it; shut the node down then.
+    cluster.workers()[0].shutdown().await;
+    match waiting.get().await {
+        Err(Error::Task(TaskError::WorkerLost { function, node })) => {
+            assert_eq!(function, "Counter.wait_for_permit");
+            assert_eq!(node, "local-1");
+        }
+        Err(Error::Task(TaskError::ServiceUnavailable { .. })) => {}
+        other => panic!("expected the call to fail with its node, got {other:?}"),
+    }
+    assert!(CounterHandle::lookup(&cx, "doomed", None).await.unwrap().is_none(), "the name is released");
+    match counter.add(1).get().await {
+        Err(Error::Task(TaskError::ServiceUnavailable { .. })) => {}
+        other => panic!("expected an unavailable service, got {other:?}"),
+    }
+}
