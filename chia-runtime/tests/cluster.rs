@@ -5,19 +5,16 @@
 
 extern crate chia_runtime as chia;
 
-use chia::{Context, Error, LocalCluster, Resources, TaskError};
+mod common;
+
+use common::{BOUND, cluster, resources};
+
+use chia::{Context, Error, TaskError};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, Semaphore};
-
-/// Bounds a test that would otherwise hang; never used to wait for something to happen.
-const BOUND: Duration = Duration::from_secs(60);
-
-fn resources(text: &str) -> Resources {
-    Resources::parse(text).expect("test resources parse")
-}
 
 /// A named gate shared by a test and the tasks it starts: tasks count themselves in, then
 /// wait for a permit the test hands out.
@@ -134,14 +131,6 @@ fn child(i: i64) -> i64 {
 #[chia::function(num_cpus = 0)]
 fn sync_parent(cx: &Context, x: i64) -> Result<i64, Error> {
     Ok(increment::remote_blocking(cx, x)? * 2)
-}
-
-async fn cluster(workers: &[&str]) -> (LocalCluster, Context) {
-    chia::init_logging("warn");
-    let cluster =
-        LocalCluster::start(workers.iter().map(|w| resources(w)).collect()).await.expect("cluster starts");
-    let cx = cluster.driver().await.expect("driver connects");
-    (cluster, cx)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,13 +3,13 @@
 
 extern crate chia_runtime as chia;
 
-use chia::{Context, Error, LocalCluster, Resources, ServiceOptions, TaskError};
-use std::sync::LazyLock;
-use std::time::Duration;
-use tokio::sync::Semaphore;
+mod common;
 
-/// Bounds a test that would otherwise hang; never used to wait for something to happen.
-const BOUND: Duration = Duration::from_secs(60);
+use common::{BOUND, cluster};
+
+use chia::{Context, Error, LocalCluster, ServiceOptions, TaskError};
+use std::sync::LazyLock;
+use tokio::sync::Semaphore;
 
 pub struct Counter {
     total: i64,
@@ -65,18 +65,6 @@ async fn read_counter_from_a_worker(cx: &Context, name: String) -> Result<Option
 #[chia::function]
 fn plus_one(x: i64) -> i64 {
     x + 1
-}
-
-fn resources(text: &str) -> Resources {
-    Resources::parse(text).expect("test resources parse")
-}
-
-async fn cluster(workers: &[&str]) -> (LocalCluster, Context) {
-    chia::init_logging("warn");
-    let cluster =
-        LocalCluster::start(workers.iter().map(|w| resources(w)).collect()).await.expect("cluster starts");
-    let cx = cluster.driver().await.expect("driver connects");
-    (cluster, cx)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
