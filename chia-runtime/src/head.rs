@@ -491,7 +491,10 @@ impl HeadCore {
             return;
         };
         let Some(record) = self.tasks.get_mut(&task) else {
-            tracing::error!("the scheduler dispatched {task}, which the head does not hold");
+            // Freed while it waited (a service stopped before it was placed): hand the
+            // resources straight back.
+            tracing::debug!("{task} was placed after it was dropped; releasing its resources");
+            self.feed(Event::TaskFinished { task, error: None });
             return;
         };
         if let TaskKind::ServiceStart(service) = record.kind {

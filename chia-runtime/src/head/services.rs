@@ -184,7 +184,13 @@ impl HeadCore {
             return self.instance_failed(service, error);
         }
         let Some(record) = self.services.records.get_mut(&service) else {
-            // Stopped while it was being constructed.
+            // Stopped while it was being constructed: the stop may have reached the host before
+            // the instance existed, so say it again.
+            let host =
+                self.tasks.get(&task).and_then(|r| r.running_on).and_then(|node| self.nodes.get(&node));
+            if let Some(&session) = host {
+                self.send(session, &HeadToPeer::StopInstance { service });
+            }
             self.finish_instance_task(task);
             return;
         };
