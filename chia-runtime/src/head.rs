@@ -1,7 +1,7 @@
 //! The head: accepts authenticated QUIC connections, keeps the result objects, and drives the
 //! I/O-free [`Scheduler`] with what peers send, carrying out the commands it returns.
 //!
-//! One [`HeadCore`] owns all state (scheduler, sessions, objects) behind one mutex. Connection
+//! One `HeadCore` owns all state (scheduler, sessions, objects) behind one mutex. Connection
 //! tasks decode frames without it and then apply each message under it; nothing inside awaits,
 //! so the lock is held for microseconds, and a message costs no hand-off to another task.
 

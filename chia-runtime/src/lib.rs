@@ -24,7 +24,7 @@
 //! ```
 //!
 //! Stateful services (`#[chia::service]` on an `impl` block, started with [`ServiceOptions`]
-//! and resolved by name through the head) are described in [`service`].
+//! and resolved by name through the head) are described in [`mod@service`].
 //!
 //! The I/O-free parts live in [`scheduler`] (the head's state machine) and in `chia-core`
 //! (ids, resources, wire protocol).
