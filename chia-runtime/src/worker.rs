@@ -103,7 +103,7 @@ async fn serve(
     mut executions: mpsc::UnboundedReceiver<Execution>,
     stopped: tokio::sync::watch::Sender<bool>,
 ) {
-    let instances: Arc<DashMap<ServiceId, (&'static ServiceSpec, SharedInstance)>> = Arc::default();
+    let instances: Arc<DashMap<ServiceId, InstanceQueue>> = Arc::default();
     while let Some(execution) = executions.recv().await {
         match execution {
             Execution::Task { task, function, args, tag: _ } => start(&context, task, function, args),
@@ -164,7 +164,7 @@ fn start(context: &Context, task: TaskId, function: String, args: Vec<ArgValue>)
 
 async fn start_instance(
     context: Context,
-    instances: Arc<DashMap<ServiceId, (&'static ServiceSpec, SharedInstance)>>,
+    instances: Arc<DashMap<ServiceId, InstanceQueue>>,
     task: TaskId,
     service: ServiceId,
     type_name: String,
@@ -178,7 +178,14 @@ async fn start_instance(
     };
     let outcome = match CatchUnwind((spec.construct)(context.for_task(task), args)).await {
         Ok(Ok(instance)) => {
-            instances.insert(service, (spec, Arc::new(tokio::sync::Mutex::new(instance))));
+            let (queue, calls) = mpsc::unbounded_channel();
+            tokio::spawn(run_instance(
+                spec,
+                Arc::new(tokio::sync::Mutex::new(instance)),
+                calls,
+                client.clone(),
+            ));
+            instances.insert(service, queue);
             Outcome::Value(Value::new())
         }
         Ok(Err(error)) => Outcome::Failed(name_panic(error, &constructor)),
@@ -189,26 +196,49 @@ async fn start_instance(
     report(&client, task, &constructor, outcome);
 }
 
+/// The calls waiting for one instance, in the order the head sent them.
+type InstanceQueue = mpsc::UnboundedSender<QueuedCall>;
+
+struct QueuedCall {
+    task: TaskId,
+    method: String,
+    args: Vec<ArgValue>,
+    context: Context,
+}
+
 fn call_instance(
     context: &Context,
-    instances: &DashMap<ServiceId, (&'static ServiceSpec, SharedInstance)>,
+    instances: &DashMap<ServiceId, InstanceQueue>,
     task: TaskId,
     service: ServiceId,
     method: String,
     args: Vec<ArgValue>,
 ) {
-    let client = context.client().clone();
-    let Some((spec, instance)) = instances.get(&service).map(|entry| entry.value().clone()) else {
+    let call = QueuedCall { task, method, args, context: context.for_task(task) };
+    let refused = match instances.get(&service) {
+        Some(queue) => queue.send(call).err().map(|e| e.0),
+        None => Some(call),
+    };
+    if let Some(call) = refused {
         let error = TaskError::ServiceUnavailable {
             service: service.to_string(),
             message: format!("this node ({}) holds no such instance", context.node_name()),
         };
-        return report(&client, task, &method, Outcome::Failed(error));
-    };
-    let call_context = context.for_task(task);
-    tokio::spawn(async move {
+        report(context.client(), call.task, &call.method, Outcome::Failed(error));
+    }
+}
+
+/// Runs an instance's calls one at a time, in arrival order; ends (dropping the instance) when
+/// the instance is stopped and its queued calls are done.
+async fn run_instance(
+    spec: &'static ServiceSpec,
+    instance: SharedInstance,
+    mut calls: mpsc::UnboundedReceiver<QueuedCall>,
+    client: Arc<Client>,
+) {
+    while let Some(QueuedCall { task, method, args, context }) = calls.recv().await {
         let name = format!("{}.{method}", spec.type_name);
-        let outcome = match CatchUnwind((spec.call)(instance, call_context, method, args)).await {
+        let outcome = match CatchUnwind((spec.call)(instance.clone(), context, method, args)).await {
             Ok(Ok(value)) => Outcome::Value(value),
             Ok(Err(error)) => Outcome::Failed(name_panic(error, &name)),
             Err(panic) => {
@@ -216,7 +246,7 @@ fn call_instance(
             }
         };
         report(&client, task, &name, outcome);
-    });
+    }
 }
 
 /// A panic caught by `run_blocking` does not know which method it was in.
