@@ -152,6 +152,22 @@ pub enum PeerToHead {
         task: TaskId,
         service: ServiceId,
     },
+    /// Sent by a service's constructor (`task` is the task constructing it): from now on,
+    /// every successful task result that a rule matches is passed to `method(tag, value)` of
+    /// that service, where the result lands (the cache's automatic write).
+    WatchResults {
+        task: TaskId,
+        method: String,
+        rules: Vec<WatchRule>,
+    },
+}
+
+/// Which results a service watches: a function's, for every call (`tags: None`) or for calls
+/// whose tag one of the patterns matches in full.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchRule {
+    pub function: String,
+    pub tags: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -70,6 +70,21 @@ impl Context {
         object.get().await
     }
 
+    /// From a service's constructor: have the head pass every successful result that one of
+    /// `rules` matches to `method(tag, value)` of this service, where the result lands.
+    pub fn watch_results(
+        &self,
+        method: &str,
+        rules: Vec<chia_core::protocol::WatchRule>,
+    ) -> Result<(), Error> {
+        let Some(task) = self.current_task() else {
+            return Err(Error::Setup("watch_results is only for a service's constructor".into()));
+        };
+        self.client
+            .send(&PeerToHead::WatchResults { task, method: method.to_string(), rules })
+            .map_err(|e| Error::Setup(e.to_string()))
+    }
+
     /// Measures one round trip to the head (a liveness check).
     pub async fn ping(&self) -> Result<Duration, Error> {
         self.client.ping().await

@@ -370,6 +370,9 @@ impl HeadCore {
                 self.call_service(session, task, service, &name, method, args)
             }
             PeerToHead::StopService { task, service } => self.stop_service_request(session, task, service),
+            PeerToHead::WatchResults { task, method, rules } => {
+                self.watch_results(session, task, method, rules)
+            }
             PeerToHead::Hello { .. } => tracing::warn!("{session} sent a second hello; ignored"),
         }
     }
@@ -433,7 +436,11 @@ impl HeadCore {
             TaskKind::Function => {
                 record.running_on = None;
                 let error = match &outcome {
-                    Outcome::Value(_) => None,
+                    Outcome::Value(value) => {
+                        let (function, tag) = (record.function.clone(), record.tag.clone());
+                        self.deliver_to_watchers(&function, tag.as_deref(), value);
+                        None
+                    }
                     Outcome::Failed(error) => Some(error.clone()),
                 };
                 self.settle(task, outcome);
@@ -445,6 +452,9 @@ impl HeadCore {
     /// Stores a task's outcome and tells its owner.
     fn settle(&mut self, task: TaskId, outcome: Outcome) {
         let Some(record) = self.tasks.get_mut(&task) else { return };
+        if let (services::HEAD_SESSION, Outcome::Failed(error)) = (record.owner, &outcome) {
+            tracing::warn!("{} failed: {error}", record.function);
+        }
         record.outcome = Some(outcome);
         let (owner, holds) = (record.owner, record.owner_holds);
         if holds && let Some(outcome) = self.tasks.get(&task).and_then(|r| r.outcome.as_ref()) {

@@ -29,7 +29,11 @@
 //! The I/O-free parts live in [`scheduler`] (the head's state machine) and in `chia-core`
 //! (ids, resources, wire protocol).
 
+// The attribute macros name the runtime `::chia`; inside this crate that is the crate itself.
+extern crate self as chia;
+
 pub mod api;
+pub mod cache;
 pub mod client;
 pub mod error;
 pub mod head;

@@ -26,9 +26,21 @@ pub(super) struct ServiceRecord {
     waiters: Vec<(SessionId, TaskId)>,
 }
 
+/// Results a service asked for (see [`PeerToHead::WatchResults`]).
+struct Watch {
+    method: String,
+    /// Which function's results, for which tags: the cache's own matching rules.
+    rules: chia_cache::CacheConfig,
+}
+
+/// The owner of the head's own requests (results passed to watching services).
+pub(super) const HEAD_SESSION: SessionId = SessionId(0);
+
 #[derive(Default)]
 pub(super) struct Services {
     records: HashMap<ServiceId, ServiceRecord>,
+    watches: HashMap<ServiceId, Watch>,
+    next_internal_task: u64,
     names: HashMap<(String, String), ServiceId>,
     /// Calls waiting for an argument task, by that task.
     waiting_calls: HashMap<TaskId, Vec<TaskId>>,
@@ -204,8 +216,85 @@ impl HeadCore {
         }
     }
 
+    /// A service's constructor asks for the results its rules match.
+    pub(super) fn watch_results(
+        &mut self,
+        session: SessionId,
+        task: TaskId,
+        method: String,
+        rules: Vec<chia_core::protocol::WatchRule>,
+    ) {
+        let service = match self.tasks.get(&task).map(|r| &r.kind) {
+            Some(TaskKind::ServiceStart(service)) if self.runs_on_session(task, session) => *service,
+            _ => {
+                tracing::warn!(
+                    "{session} asked to watch results for {task}, which is not a service it constructs"
+                );
+                return;
+            }
+        };
+        let mut config = chia_cache::CacheConfig::default();
+        for rule in rules {
+            let matcher = match rule.tags {
+                None => chia_cache::CacheRule::All,
+                Some(patterns) => match chia_cache::TagPatterns::new(patterns) {
+                    Ok(patterns) => chia_cache::CacheRule::Tags(patterns),
+                    Err(e) => {
+                        tracing::error!("{service}: tag patterns for {} are invalid: {e}", rule.function);
+                        continue;
+                    }
+                },
+            };
+            config.insert(rule.function, matcher);
+        }
+        self.services.watches.insert(service, Watch { method, rules: config });
+    }
+
+    /// A task succeeded: pass its value to the services watching such results. The value is
+    /// sent from here, where it landed, so it never travels to a driver and back.
+    pub(super) fn deliver_to_watchers(&mut self, function: &str, tag: Option<&str>, value: &[u8]) {
+        let Some(tag) = tag else { return };
+        if self.services.watches.is_empty() {
+            return;
+        }
+        let matching: Vec<(ServiceId, String)> = self
+            .services
+            .watches
+            .iter()
+            .filter(|(_, watch)| watch.rules.is_cached(function, Some(tag)))
+            .map(|(service, watch)| (*service, watch.method.clone()))
+            .collect();
+        for (service, method) in matching {
+            let (Ok(tag_arg), Ok(value_arg)) =
+                (rmp_serde::to_vec_named(tag), rmp_serde::to_vec_named(serde_bytes::Bytes::new(value)))
+            else {
+                continue;
+            };
+            self.services.next_internal_task += 1;
+            let task = TaskId::new(HEAD_SESSION, self.services.next_internal_task);
+            let name = self.services.records.get(&service).map(|r| r.info.name.clone()).unwrap_or_default();
+            self.tasks.insert(
+                task,
+                TaskRecord {
+                    owner: HEAD_SESSION,
+                    function: format!("{name}.{method} of {tag:?}"),
+                    tag: None,
+                    args: vec![Arg::Value(tag_arg), Arg::Value(value_arg)],
+                    deps: Vec::new(),
+                    running_on: None,
+                    outcome: None,
+                    owner_holds: false,
+                    dependents: 0,
+                    kind: TaskKind::ServiceCall { service, name, method, missing: 0 },
+                },
+            );
+            self.forward_call(task);
+        }
+    }
+
     /// The instance could not be placed or constructed, or its node was lost.
     pub(super) fn instance_failed(&mut self, service: ServiceId, error: TaskError) {
+        self.services.watches.remove(&service);
         let Some(record) = self.services.records.remove(&service) else { return };
         let key = (record.info.namespace.clone(), record.info.name.clone());
         if self.services.names.get(&key) == Some(&service) {

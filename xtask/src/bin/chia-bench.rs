@@ -197,7 +197,7 @@ async fn run(bench: &mut Bench) -> BenchResult<()> {
         bench.record("large_arg_mb_per_s", arg, "MB/s");
     }
     if bench.wants(&SMALL_CACHE_FIGURES) || bench.wants(&LARGE_CACHE_FIGURES) {
-        cache_figures(bench)?;
+        cache_figures(bench).await?;
     }
     if bench.wants(&["head_rss_mb_100k_queued", "head_bytes_per_queued_task"]) {
         match bench.args.head_bin.clone() {
@@ -432,79 +432,79 @@ const SMALL_CACHE_FIGURES: [&str; 4] =
     ["cache_write_1k_per_s", "cache_read_1k_per_s", "cache_has_p50_us", "cache_warm_start_10k_ms"];
 const LARGE_CACHE_FIGURES: [&str; 2] = ["cache_write_1m_mb_per_s", "cache_warm_start_1m_ms"];
 
-/// The cache figures. Until the cache service lands they measure the storage engine
-/// (`chia_cache::CacheStore`) directly, with its default durability (fsync of file and
-/// directory per write).
-fn cache_figures(bench: &mut Bench) -> BenchResult<()> {
-    use chia_cache::{CacheStore, StoreOptions};
-    const NOTE: &str = "CacheStore directly (no service hop yet), default durability";
+/// The cache figures, through the cache service as users call it (on the embedded cluster,
+/// the cache pinned to the head node, default durability: fsync of file and directory per
+/// write). Throughput figures pipeline their calls; `has` is one call at a time.
+async fn cache_figures(bench: &mut Bench) -> BenchResult<()> {
+    use chia::cache::{start_cache, stop_cache};
     let small = bench.count(10_000);
     let large = bench.count(200);
-    let dir = tempfile::tempdir()?;
-    let store = CacheStore::open(dir.path(), 64 << 30, StoreOptions::default())?;
-    let payload = vec![5u8; 1024];
-    let tags: Vec<String> = (0..small).map(|i| format!("iter{}_call{}", i / 100, i % 100)).collect();
+    let (_cluster, cx) = cluster(1).await?;
     if bench.wants(&SMALL_CACHE_FIGURES) {
+        let dir = tempfile::tempdir()?;
+        let cache = start_cache(&cx, 64.0, "GiB", dir.path(), None, None).await?;
+        let payload = Bytes::from(vec![5u8; 1024]);
+        let tags: Vec<String> = (0..small).map(|i| format!("iter{}_call{}", i / 100, i % 100)).collect();
         let started = Instant::now();
-        for tag in &tags {
-            store.write(tag, &payload)?;
+        let writes: Vec<_> =
+            tags.iter().map(|tag| cache.handle().write(tag.clone(), payload.clone())).collect();
+        for write in &writes {
+            write.get().await?;
         }
-        bench.record_noted(
-            "cache_write_1k_per_s",
-            small as f64 / started.elapsed().as_secs_f64(),
-            "writes/s",
-            NOTE,
-        );
+        bench.record("cache_write_1k_per_s", small as f64 / started.elapsed().as_secs_f64(), "writes/s");
         let started = Instant::now();
-        for tag in &tags {
-            if store.read(tag).is_none() {
-                return Err(format!("cache entry {tag} was not read back").into());
+        let reads: Vec<_> = tags.iter().map(|tag| cache.handle().read(tag.clone())).collect();
+        for read in &reads {
+            if read.get().await?.is_none() {
+                return Err("a cache entry was not read back".into());
             }
         }
-        bench.record_noted(
-            "cache_read_1k_per_s",
-            small as f64 / started.elapsed().as_secs_f64(),
-            "reads/s",
-            NOTE,
-        );
-        let mut samples: Vec<f64> = tags
-            .iter()
-            .take(1_000)
-            .map(|tag| {
-                let started = Instant::now();
-                std::hint::black_box(store.has(tag));
-                started.elapsed().as_secs_f64() * 1e6
-            })
-            .collect();
-        bench.record_noted("cache_has_p50_us", percentile(&mut samples, 0.5), "us", NOTE);
-        drop(store);
-        bench.record_noted("cache_warm_start_10k_ms", warm_start_ms(dir.path(), small)?, "ms", NOTE);
+        bench.record("cache_read_1k_per_s", small as f64 / started.elapsed().as_secs_f64(), "reads/s");
+        let mut samples = Vec::with_capacity(1_000);
+        for tag in tags.iter().take(1_000) {
+            let started = Instant::now();
+            cache.has(tag).await?;
+            samples.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+        bench.record("cache_has_p50_us", percentile(&mut samples, 0.5), "us");
+        stop_cache(&cx, None).await?;
+        let started = Instant::now();
+        let cache = start_cache(&cx, 64.0, "GiB", dir.path(), None, None).await?;
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        check_entries(&cache, small).await?;
+        bench.record("cache_warm_start_10k_ms", ms, "ms");
+        stop_cache(&cx, None).await?;
     }
     if bench.wants(&LARGE_CACHE_FIGURES) {
         let dir = tempfile::tempdir()?;
-        let store = CacheStore::open(dir.path(), 64 << 30, StoreOptions::default())?;
-        let payload = vec![6u8; 1 << 20];
+        let cache = start_cache(&cx, 64.0, "GiB", dir.path(), None, None).await?;
+        let payload = Bytes::from(vec![6u8; 1 << 20]);
         let started = Instant::now();
-        for i in 0..large {
-            store.write(&format!("big{i}"), &payload)?;
+        let writes: Vec<_> =
+            (0..large).map(|i| cache.handle().write(format!("big{i}"), payload.clone())).collect();
+        for write in &writes {
+            write.get().await?;
         }
         let rate = (large << 20) as f64 / started.elapsed().as_secs_f64() / 1e6;
-        bench.record_noted("cache_write_1m_mb_per_s", rate, "MB/s", NOTE);
-        drop(store);
-        bench.record_noted("cache_warm_start_1m_ms", warm_start_ms(dir.path(), large)?, "ms", NOTE);
+        bench.record("cache_write_1m_mb_per_s", rate, "MB/s");
+        stop_cache(&cx, None).await?;
+        let started = Instant::now();
+        let cache = start_cache(&cx, 64.0, "GiB", dir.path(), None, None).await?;
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        check_entries(&cache, large).await?;
+        bench.record("cache_warm_start_1m_ms", ms, "ms");
+        stop_cache(&cx, None).await?;
     }
     Ok(())
 }
 
-/// Time to open a store on `dir`, which must find `expected` entries.
-fn warm_start_ms(dir: &Path, expected: usize) -> BenchResult<f64> {
-    let started = Instant::now();
-    let reopened = chia_cache::CacheStore::open(dir, 64 << 30, chia_cache::StoreOptions::default())?;
-    let ms = started.elapsed().as_secs_f64() * 1e3;
-    if reopened.len() != expected {
-        return Err(format!("the warm start found {} entries, expected {expected}", reopened.len()).into());
+/// A warm-started cache must have found every entry.
+async fn check_entries(cache: &chia::cache::Cache, expected: usize) -> BenchResult<()> {
+    let found = cache.keys().await?.len();
+    if found != expected {
+        return Err(format!("the warm start found {found} entries, expected {expected}").into());
     }
-    Ok(ms)
+    Ok(())
 }
 
 fn rss_bytes(pid: u32) -> BenchResult<u64> {

@@ -1,0 +1,222 @@
+//! The result cache as a service: `chia-cache`'s store, named, detached and pinned to the head
+//! node, so every driver and worker resolves the same one by name (through the head).
+//!
+//! Writing is automatic: a function configured `cache: true` (YAML `cache:` section) whose
+//! call carries a matching tag has its successful result written when it lands on the head,
+//! even if no driver ever asks for it. Reading is explicit: [`Cache::read`] (or a bypass
+//! provider). Values are the serialized bytes the runtime already has; the cache never decodes
+//! or re-encodes them.
+//!
+//! ```no_run
+//! # extern crate chia_runtime as chia;
+//! # async fn demo(cx: &chia::Context) -> Result<(), chia::Error> {
+//! let cache = chia::cache::start_cache(cx, 4.0, "GB", "/data/chia_cache", Some("loop.yaml".as_ref()), None).await?;
+//! cache.write("iter0", &vec![1u32, 2, 3]).await?;
+//! let hit: Option<Vec<u32>> = cache.read("iter0").await?;
+//! assert_eq!(hit, Some(vec![1, 2, 3]));
+//! # Ok(()) }
+//! ```
+
+use crate::api::Context;
+use crate::error::Error;
+use crate::service::ServiceOptions;
+use crate::{Bytes, TaskError};
+use chia_cache::{CacheConfig, CacheError, CacheRule, CacheStore, StoreOptions, parse_budget};
+use chia_core::protocol::WatchRule;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::path::Path;
+
+/// The name the cache service is registered under (as in the original).
+pub const CACHE_SERVICE_NAME: &str = "ChiaCacheStore";
+
+/// The cache instance: the store and the static `cache:` configuration.
+pub struct CacheService {
+    store: CacheStore,
+    config: CacheConfig,
+}
+
+#[crate::service(name = "chia.Cache")]
+impl CacheService {
+    /// Opens (warm-starts) the store in `dir` on the hosting node and registers the automatic
+    /// write of the configured functions' results.
+    pub fn new(cx: &Context, dir: String, budget: u64, config: CacheConfig) -> Result<Self, CacheError> {
+        let store = CacheStore::open(&dir, budget, StoreOptions::default())?;
+        tracing::info!("cache in {dir}: {} entries, {} of {budget} bytes", store.len(), store.size_bytes());
+        let rules = watch_rules(&config);
+        if !rules.is_empty()
+            && let Err(e) = cx.watch_results("write", rules)
+        {
+            tracing::error!("the cache could not register its automatic writes: {e}");
+        }
+        Ok(CacheService { store, config })
+    }
+
+    /// Stores `value` (serialized bytes) under `tag`; false if it is larger than the budget.
+    pub fn write(&mut self, tag: String, value: Bytes) -> Result<bool, CacheError> {
+        self.store.write(&tag, &value)
+    }
+
+    /// The value under `tag`, marking it most recently used; `None` on a miss.
+    pub fn read(&mut self, tag: String) -> Option<Bytes> {
+        self.store.read(&tag).map(Bytes::from)
+    }
+
+    pub fn has(&self, tag: String) -> bool {
+        self.store.has(&tag)
+    }
+
+    pub fn evict(&mut self, tag: String) -> bool {
+        self.store.evict(&tag)
+    }
+
+    pub fn flush(&mut self) {
+        self.store.flush()
+    }
+
+    /// Tags in LRU order, oldest first.
+    pub fn keys(&self) -> Vec<String> {
+        self.store.keys()
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.store.size_bytes()
+    }
+
+    pub fn get_config(&self) -> CacheConfig {
+        self.config.clone()
+    }
+}
+
+fn watch_rules(config: &CacheConfig) -> Vec<WatchRule> {
+    config
+        .functions()
+        .map(|(function, rule)| WatchRule {
+            function: function.to_string(),
+            tags: match rule {
+                CacheRule::All => None,
+                CacheRule::Tags(patterns) => Some(patterns.patterns().to_vec()),
+            },
+        })
+        .collect()
+}
+
+/// A handle on the running cache, with typed reads and writes.
+#[derive(Clone, Debug)]
+pub struct Cache {
+    service: CacheServiceHandle,
+}
+
+fn cache_error(error: CacheError) -> Error {
+    Error::Setup(format!("cache: {error}"))
+}
+
+/// Starts the cache on the head node, or returns the running one (idempotent): `size` × `units`
+/// (B, KB, MB, GB, TB or KiB…TiB, all powers of 1024) in `cache_dir` on the head, with the
+/// `cache:` section of `yaml_path` (read here, on the caller).
+pub async fn start_cache(
+    cx: &Context,
+    size: f64,
+    units: &str,
+    cache_dir: impl AsRef<Path>,
+    yaml_path: Option<&Path>,
+    namespace: Option<&str>,
+) -> Result<Cache, Error> {
+    let budget = parse_budget(size, units).map_err(cache_error)?;
+    let config = match yaml_path {
+        Some(path) => CacheConfig::from_file(path).map_err(cache_error)?,
+        None => CacheConfig::default(),
+    };
+    let mut options = ServiceOptions::named(CACHE_SERVICE_NAME).detached().get_if_exists().on_head();
+    if let Some(namespace) = namespace {
+        options = options.namespace(namespace);
+    }
+    let dir = cache_dir.as_ref().to_string_lossy().into_owned();
+    let service = CacheServiceHandle::start(cx, options, dir, budget, config).await?;
+    Ok(Cache { service })
+}
+
+/// The running cache, looked up by name through the head every time; `None` if there is none.
+pub async fn get_active_cache(cx: &Context, namespace: Option<&str>) -> Result<Option<Cache>, Error> {
+    Ok(CacheServiceHandle::lookup(cx, CACHE_SERVICE_NAME, namespace).await?.map(|service| Cache { service }))
+}
+
+/// Stops the cache (its files stay for the next start). Returns whether one was running.
+pub async fn stop_cache(cx: &Context, namespace: Option<&str>) -> Result<bool, Error> {
+    crate::service::stop_service(cx, CACHE_SERVICE_NAME, namespace).await
+}
+
+/// Whether `function`'s result is cached for a call tagged `tag`, by the running cache's
+/// configuration (false when no cache runs).
+pub async fn is_cached(cx: &Context, function: &str, tag: Option<&str>) -> Result<bool, Error> {
+    match get_active_cache(cx, None).await? {
+        Some(cache) => Ok(cache.get_config().await?.is_cached(function, tag)),
+        None => Ok(false),
+    }
+}
+
+impl Cache {
+    /// Stores `value` under `tag`. False when it is larger than the whole budget.
+    pub async fn write<T: Serialize>(&self, tag: &str, value: &T) -> Result<bool, Error> {
+        let bytes = rmp_serde::to_vec_named(value).map_err(|e| {
+            Error::Task(TaskError::InvalidCall {
+                function: "chia.Cache.write".into(),
+                message: e.to_string(),
+            })
+        })?;
+        self.service.write(tag.to_string(), Bytes::from(bytes)).get().await
+    }
+
+    /// The value under `tag` (one round trip, no has/read race); `None` on a miss.
+    pub async fn read<T: DeserializeOwned>(&self, tag: &str) -> Result<Option<T>, Error> {
+        let Some(bytes) = self.service.read(tag.to_string()).get().await? else { return Ok(None) };
+        rmp_serde::from_slice(&bytes).map(Some).map_err(|e| Error::Decode {
+            task: chia_core::TaskId(0),
+            type_name: std::any::type_name::<T>(),
+            message: format!("cache entry {tag:?}: {e}"),
+        })
+    }
+
+    /// The stored bytes under `tag`, as the runtime serialized them.
+    pub async fn read_bytes(&self, tag: &str) -> Result<Option<Bytes>, Error> {
+        self.service.read(tag.to_string()).get().await
+    }
+
+    /// Whether `tag` is stored (does not change its recency).
+    pub async fn has(&self, tag: &str) -> Result<bool, Error> {
+        self.service.has(tag.to_string()).get().await
+    }
+
+    pub async fn evict(&self, tag: &str) -> Result<bool, Error> {
+        self.service.evict(tag.to_string()).get().await
+    }
+
+    /// Removes every entry.
+    pub async fn flush(&self) -> Result<(), Error> {
+        self.service.flush().get().await
+    }
+
+    /// Tags in LRU order, oldest first.
+    pub async fn keys(&self) -> Result<Vec<String>, Error> {
+        self.service.keys().get().await
+    }
+
+    pub async fn size_bytes(&self) -> Result<u64, Error> {
+        self.service.size_bytes().get().await
+    }
+
+    /// The `cache:` configuration the cache was started with.
+    pub async fn get_config(&self) -> Result<CacheConfig, Error> {
+        self.service.get_config().get().await
+    }
+
+    /// The underlying service handle.
+    pub fn service(&self) -> &crate::ServiceHandle {
+        self.service.service()
+    }
+
+    /// The typed service handle, whose methods return `ObjectRef`s (to pipeline many calls).
+    pub fn handle(&self) -> &CacheServiceHandle {
+        &self.service
+    }
+}

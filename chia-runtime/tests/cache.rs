@@ -1,0 +1,148 @@
+//! The cache as a named, detached, head-pinned service, and its automatic writes.
+
+extern crate chia_runtime as chia;
+
+mod common;
+
+use chia::Context;
+use chia::cache::{get_active_cache, is_cached, start_cache, stop_cache};
+use common::cluster;
+
+#[chia::function]
+fn produce(x: u64) -> Vec<u64> {
+    vec![x; 4]
+}
+
+#[chia::function]
+fn untagged_is_fine(x: u64) -> u64 {
+    x
+}
+
+#[chia::function]
+fn always_fails(x: u64) -> Result<u64, String> {
+    Err(format!("no {x}"))
+}
+
+/// Reads a cached value from inside a task, the way a bypass provider would.
+#[chia::function]
+async fn read_from_a_worker(cx: &Context, tag: String) -> Result<Option<Vec<u64>>, chia::Error> {
+    match get_active_cache(cx, None).await? {
+        Some(cache) => cache.read(&tag).await,
+        None => Ok(None),
+    }
+}
+
+const YAML: &str = "cache:\n  produce:\n    cache: true\n    tags: [\"iter.*\"]\n  untagged_is_fine: true\n  always_fails: true\n";
+
+fn config_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("loop.yaml");
+    std::fs::write(&path, YAML).expect("write the YAML");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_writes_and_reads_typed_values() {
+    let (_cluster, cx) = cluster(&["CPU=2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = start_cache(&cx, 1.0, "MiB", dir.path().join("cache"), None, None).await.unwrap();
+    assert_eq!(cache.service().node(), "head", "the cache is pinned to the head");
+    assert!(cache.write("a", &vec![1u32, 2, 3]).await.unwrap());
+    assert!(cache.write("b", &"text".to_string()).await.unwrap());
+    assert_eq!(cache.read::<Vec<u32>>("a").await.unwrap(), Some(vec![1, 2, 3]));
+    assert_eq!(cache.read::<String>("missing").await.unwrap(), None);
+    assert!(cache.has("b").await.unwrap());
+    // `a` was read last, so `b` is now the least recently used.
+    assert_eq!(cache.keys().await.unwrap(), vec!["b".to_string(), "a".to_string()]);
+    assert!(cache.evict("b").await.unwrap());
+    assert!(!cache.has("b").await.unwrap());
+    assert!(cache.size_bytes().await.unwrap() > 0);
+    cache.flush().await.unwrap();
+    assert!(cache.keys().await.unwrap().is_empty());
+    // Larger than the whole budget: not stored.
+    assert!(!cache.write("huge", &chia::Bytes::from(vec![0u8; 2 << 20])).await.unwrap());
+    // A wrong type is a decode error, never wrong data.
+    cache.write("n", &7u64).await.unwrap();
+    assert!(matches!(cache.read::<String>("n").await, Err(chia::Error::Decode { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_is_found_by_name_from_workers_and_other_drivers_and_outlives_its_driver() {
+    let (cluster, first) = cluster(&["CPU=2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = start_cache(&first, 1.0, "MiB", dir.path(), None, None).await.unwrap();
+    cache.write("iter0", &vec![5u64, 6]).await.unwrap();
+    // Idempotent: a second start returns the running cache.
+    let again = start_cache(&first, 1.0, "MiB", dir.path(), None, None).await.unwrap();
+    assert_eq!(again.service().id(), cache.service().id());
+    assert_eq!(
+        read_from_a_worker::remote(&first, "iter0".to_string()).get().await.unwrap(),
+        Some(vec![5, 6])
+    );
+    first.shutdown().await;
+
+    let second = cluster.driver().await.unwrap();
+    let found = get_active_cache(&second, None).await.unwrap().expect("the cache outlives its driver");
+    assert_eq!(found.read::<Vec<u64>>("iter0").await.unwrap(), Some(vec![5, 6]));
+    assert!(stop_cache(&second, None).await.unwrap());
+    assert!(get_active_cache(&second, None).await.unwrap().is_none());
+    // A new cache on the same directory warm-starts with the entry.
+    let restarted = start_cache(&second, 1.0, "MiB", dir.path(), None, None).await.unwrap();
+    assert_eq!(restarted.read::<Vec<u64>>("iter0").await.unwrap(), Some(vec![5, 6]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_of_configured_tagged_calls_are_written_automatically() {
+    let (_cluster, cx) = cluster(&["CPU=2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = config_file(dir.path());
+    assert!(!is_cached(&cx, "produce", Some("iter0")).await.unwrap(), "no cache running yet");
+    let cache = start_cache(&cx, 1.0, "MiB", dir.path().join("c"), Some(&yaml), None).await.unwrap();
+    assert!(is_cached(&cx, "produce", Some("iter3")).await.unwrap());
+    assert!(!is_cached(&cx, "produce", Some("other")).await.unwrap());
+    assert!(!is_cached(&cx, "produce", None).await.unwrap());
+
+    assert_eq!(produce::call(1).tag("iter0").remote(&cx).get().await.unwrap(), vec![1; 4]);
+    produce::call(2).tag("other").remote(&cx).get().await.unwrap();
+    produce::remote(&cx, 3).get().await.unwrap();
+    untagged_is_fine::call(4).tag("any-tag").remote(&cx).get().await.unwrap();
+    assert!(always_fails::call(5).tag("failed").remote(&cx).get().await.is_err());
+    // The driver never asks for this one's value; it is cached all the same.
+    let unread = produce::call(6).tag("iter6").remote(&cx);
+    let (ready, _) = chia::wait(std::slice::from_ref(&unread), 1, None).await;
+    assert_eq!(ready.len(), 1);
+
+    let mut keys = cache.keys().await.unwrap();
+    keys.sort();
+    assert_eq!(keys, vec!["any-tag".to_string(), "iter0".to_string(), "iter6".to_string()]);
+    assert_eq!(cache.read::<Vec<u64>>("iter0").await.unwrap(), Some(vec![1; 4]));
+    assert_eq!(cache.read::<Vec<u64>>("iter6").await.unwrap(), Some(vec![6; 4]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automatic_writes_evict_the_least_recently_used() {
+    let (_cluster, cx) = cluster(&["CPU=2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = config_file(dir.path());
+    // Room for two or three entries of this size (each file is about 40 bytes).
+    let cache = start_cache(&cx, 100.0, "B", dir.path().join("c"), Some(&yaml), None).await.unwrap();
+    for i in 0..6 {
+        produce::call(i).tag(format!("iter{i}")).remote(&cx).get().await.unwrap();
+    }
+    let keys = cache.keys().await.unwrap();
+    assert!(keys.len() < 6 && !keys.is_empty(), "{keys:?}");
+    assert_eq!(keys.last().map(String::as_str), Some("iter5"), "the newest stays: {keys:?}");
+    assert!(!keys.contains(&"iter0".to_string()), "the oldest went first: {keys:?}");
+    assert!(cache.size_bytes().await.unwrap() <= 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_cache_settings_are_clear_errors() {
+    let (_cluster, cx) = cluster(&["CPU=2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let error = start_cache(&cx, 1.0, "parsecs", dir.path(), None, None).await.unwrap_err().to_string();
+    assert!(error.contains("parsecs") && error.contains("GIB"), "{error}");
+    let yaml = dir.path().join("bad.yaml");
+    std::fs::write(&yaml, "cache:\n  produce:\n    cache: true\n    tags: [\"iter(\"]\n").unwrap();
+    let error = start_cache(&cx, 1.0, "MiB", dir.path(), Some(&yaml), None).await.unwrap_err().to_string();
+    assert!(error.contains("produce") && error.contains("iter("), "{error}");
+}
