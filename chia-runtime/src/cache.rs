@@ -36,7 +36,9 @@ pub struct CacheService {
     config: CacheConfig,
 }
 
-#[crate::service(name = "chia.Cache")]
+// Concurrent: the store is safe to share and does its file I/O outside its index lock, so a
+// large read or write does not hold up small ones.
+#[crate::service(name = "chia.Cache", concurrent)]
 impl CacheService {
     /// Opens (warm-starts) the store in `dir` on the hosting node and registers the automatic
     /// write of the configured functions' results.
@@ -53,12 +55,12 @@ impl CacheService {
     }
 
     /// Stores `value` (serialized bytes) under `tag`; false if it is larger than the budget.
-    pub fn write(&mut self, tag: String, value: Bytes) -> Result<bool, CacheError> {
+    pub fn write(&self, tag: String, value: Bytes) -> Result<bool, CacheError> {
         self.store.write(&tag, &value)
     }
 
     /// The value under `tag`, marking it most recently used; `None` on a miss.
-    pub fn read(&mut self, tag: String) -> Option<Bytes> {
+    pub fn read(&self, tag: String) -> Option<Bytes> {
         self.store.read(&tag).map(Bytes::from)
     }
 
@@ -66,11 +68,11 @@ impl CacheService {
         self.store.has(&tag)
     }
 
-    pub fn evict(&mut self, tag: String) -> bool {
+    pub fn evict(&self, tag: String) -> bool {
         self.store.evict(&tag)
     }
 
-    pub fn flush(&mut self) {
+    pub fn flush(&self) {
         self.store.flush()
     }
 

@@ -438,7 +438,7 @@ impl HeadCore {
                 let error = match &outcome {
                     Outcome::Value(value) => {
                         let (function, tag) = (record.function.clone(), record.tag.clone());
-                        self.deliver_to_watchers(&function, tag.as_deref(), value);
+                        self.deliver_to_watchers(task, &function, tag.as_deref(), value);
                         None
                     }
                     Outcome::Failed(error) => Some(error.clone()),
@@ -456,19 +456,26 @@ impl HeadCore {
             tracing::warn!("{} failed: {error}", record.function);
         }
         record.outcome = Some(outcome);
-        let (owner, holds) = (record.owner, record.owner_holds);
-        if holds && let Some(outcome) = self.tasks.get(&task).and_then(|r| r.outcome.as_ref()) {
-            let done = match outcome {
-                Outcome::Value(value) if value.len() <= INLINE_RESULT_BYTES => {
-                    DoneRef::Value(ValueRef(value))
-                }
-                Outcome::Value(value) => DoneRef::Stored { len: value.len() as u64 },
-                Outcome::Failed(error) => DoneRef::Failed(error),
-            };
-            self.send_value(owner, task, &HeadToPeerRef::Done { task, done });
+        // A result being written to a watching service (the cache) is announced once the
+        // write is done, so whoever sees the result also finds it cached.
+        if !self.services.announce_waits(task) {
+            self.announce(task);
         }
+        self.written_for_watcher(task);
         self.dependency_settled(task);
         self.maybe_free(task);
+    }
+
+    /// Tells a task's owner how it ended.
+    fn announce(&self, task: TaskId) {
+        let Some(record) = self.tasks.get(&task) else { return };
+        let Some(outcome) = record.outcome.as_ref().filter(|_| record.owner_holds) else { return };
+        let done = match outcome {
+            Outcome::Value(value) if value.len() <= INLINE_RESULT_BYTES => DoneRef::Value(ValueRef(value)),
+            Outcome::Value(value) => DoneRef::Stored { len: value.len() as u64 },
+            Outcome::Failed(error) => DoneRef::Failed(error),
+        };
+        self.send_value(record.owner, task, &HeadToPeerRef::Done { task, done });
     }
 
     fn execute(&mut self, command: Command) {
@@ -566,7 +573,11 @@ impl HeadCore {
     /// Frees a finished task's record once nobody can ask for its value any more.
     fn maybe_free(&mut self, task: TaskId) {
         let Some(record) = self.tasks.get(&task) else { return };
-        if record.owner_holds || record.dependents > 0 || record.outcome.is_none() {
+        if record.owner_holds
+            || record.dependents > 0
+            || record.outcome.is_none()
+            || self.services.announce_waits(task)
+        {
             return;
         }
         self.tasks.remove(&task);

@@ -119,6 +119,9 @@ pub struct ServiceSpec {
     pub sig_hash: &'static str,
     pub construct: ConstructInstance,
     pub call: CallInstance,
+    /// Calls run at the same time (`#[chia::service(concurrent)]`) rather than one at a time
+    /// in arrival order.
+    pub concurrent: bool,
 }
 
 /// Builds an instance from the constructor's arguments.

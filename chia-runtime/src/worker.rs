@@ -228,25 +228,40 @@ fn call_instance(
     }
 }
 
-/// Runs an instance's calls one at a time, in arrival order; ends (dropping the instance) when
-/// the instance is stopped and its queued calls are done.
+/// Runs an instance's calls in arrival order: one at a time, or all at once for a concurrent
+/// service. Ends (dropping the instance) when the instance is stopped and its calls are done.
 async fn run_instance(
     spec: &'static ServiceSpec,
     instance: SharedInstance,
     mut calls: mpsc::UnboundedReceiver<QueuedCall>,
     client: Arc<Client>,
 ) {
-    while let Some(QueuedCall { task, method, args, context }) = calls.recv().await {
-        let name = format!("{}.{method}", spec.type_name);
-        let outcome = match CatchUnwind((spec.call)(instance.clone(), context, method, args)).await {
-            Ok(Ok(value)) => Outcome::Value(value),
-            Ok(Err(error)) => Outcome::Failed(name_panic(error, &name)),
-            Err(panic) => {
-                Outcome::Failed(TaskError::Panic { function: name.clone(), message: panic_message(panic) })
-            }
-        };
-        report(&client, task, &name, outcome);
+    while let Some(call) = calls.recv().await {
+        let run = run_call(spec, instance.clone(), call, client.clone());
+        if spec.concurrent {
+            tokio::spawn(run);
+        } else {
+            run.await;
+        }
     }
+}
+
+async fn run_call(
+    spec: &'static ServiceSpec,
+    instance: SharedInstance,
+    call: QueuedCall,
+    client: Arc<Client>,
+) {
+    let QueuedCall { task, method, args, context } = call;
+    let name = format!("{}.{method}", spec.type_name);
+    let outcome = match CatchUnwind((spec.call)(instance, context, method, args)).await {
+        Ok(Ok(value)) => Outcome::Value(value),
+        Ok(Err(error)) => Outcome::Failed(name_panic(error, &name)),
+        Err(panic) => {
+            Outcome::Failed(TaskError::Panic { function: name.clone(), message: panic_message(panic) })
+        }
+    };
+    report(&client, task, &name, outcome);
 }
 
 /// A panic caught by `run_blocking` does not know which method it was in.

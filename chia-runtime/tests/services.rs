@@ -53,6 +53,31 @@ impl Counter {
 
 static PERMITS: LazyLock<Semaphore> = LazyLock::new(|| Semaphore::new(0));
 
+/// A service whose calls run at the same time.
+#[derive(Default)]
+pub struct Board {
+    hits: std::sync::atomic::AtomicU64,
+}
+
+static BOARD_PERMITS: LazyLock<Semaphore> = LazyLock::new(|| Semaphore::new(0));
+
+#[chia::service(concurrent)]
+impl Board {
+    pub fn new() -> Self {
+        Board::default()
+    }
+
+    /// A slow call: waits for a permit the test hands out.
+    pub async fn slow(&self) -> u64 {
+        BOARD_PERMITS.acquire().await.expect("permits stay open").forget();
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn hit(&self) -> u64 {
+        self.hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
+    }
+}
+
 /// Finds a counter by name from inside a task, the way a bypass provider would.
 #[chia::function]
 async fn read_counter_from_a_worker(cx: &Context, name: String) -> Result<Option<i64>, Error> {
@@ -215,4 +240,17 @@ async fn a_lost_node_fails_its_service_calls_and_releases_the_name() {
         Err(Error::Task(TaskError::ServiceUnavailable { .. })) => {}
         other => panic!("expected an unavailable service, got {other:?}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_service_does_not_hold_small_calls_behind_a_slow_one() {
+    let (_cluster, cx) = cluster(&["CPU=2"]).await;
+    let board = BoardHandle::start(&cx, ServiceOptions::named("board")).await.unwrap();
+    let slow = board.slow();
+    // These complete while the slow call is still waiting for its permit.
+    for expected in 1..=5 {
+        assert_eq!(board.hit().get().await.unwrap(), expected);
+    }
+    BOARD_PERMITS.add_permits(1);
+    assert_eq!(slow.get().await.unwrap(), 5);
 }

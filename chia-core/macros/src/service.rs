@@ -45,24 +45,32 @@ const RESERVED: [&str; 5] = ["start", "lookup", "service", "stop", "clone"];
 
 pub(crate) struct Options {
     name: Option<String>,
+    /// Calls run at the same time (methods take `&self`) instead of one at a time.
+    concurrent: bool,
 }
 
 impl Parse for Options {
     fn parse(input: ParseStream) -> syn::Result<Self> {
-        let mut options = Options { name: None };
+        let mut options = Options { name: None, concurrent: false };
         while !input.is_empty() {
             let key = input.call(Ident::parse_any)?;
-            if key != "name" {
+            if key == "concurrent" {
+                if options.concurrent {
+                    return Err(Error::new_spanned(&key, "option `concurrent` is given twice"));
+                }
+                options.concurrent = true;
+            } else if key == "name" {
+                if options.name.is_some() {
+                    return Err(Error::new_spanned(&key, "option `name` is given twice"));
+                }
+                input.parse::<Token![=]>()?;
+                options.name = Some(parse_name(input)?);
+            } else {
                 return Err(Error::new_spanned(
                     &key,
-                    format!("unknown option `{key}`; the only option is `name = \"...\"`"),
+                    format!("unknown option `{key}`; the options are `name = \"...\"` and `concurrent`"),
                 ));
             }
-            if options.name.is_some() {
-                return Err(Error::new_spanned(&key, "option `name` is given twice"));
-            }
-            input.parse::<Token![=]>()?;
-            options.name = Some(parse_name(input)?);
             if !input.is_empty() {
                 input.parse::<Token![,]>()?;
             }
@@ -185,8 +193,18 @@ pub(crate) fn expand(options: Options, item: &ItemImpl) -> syn::Result<TokenStre
     let sig_hash = sig_hash(&signature);
     let cfgs: Vec<&Attribute> = item.attrs.iter().filter(|attr| attr.path().is_ident("cfg")).collect();
 
-    let construct = construct_fn(&constructor, self_ty, &type_name);
-    let call = call_fn(&methods, self_ty, &type_name);
+    if options.concurrent
+        && let Some(method) = methods.iter().find(|m| m.receiver == Some(true))
+    {
+        return Err(Error::new_spanned(
+            &method.method.sig,
+            "the methods of a `concurrent` service run at the same time: take `&self` (use interior \
+             mutability for state), or drop `concurrent` to have calls run one at a time",
+        ));
+    }
+    let concurrent = options.concurrent;
+    let construct = construct_fn(&constructor, self_ty, &type_name, concurrent);
+    let call = call_fn(&methods, self_ty, &type_name, concurrent);
     let handle_impl = handle_impl(&constructor, &methods, self_ty, &handle);
     let handle_doc = format!(
         "Remote handle of a running [`{type_ident}`] service, registered as `{type_name}` \
@@ -212,6 +230,7 @@ pub(crate) fn expand(options: Options, item: &ItemImpl) -> syn::Result<TokenStre
                 sig_hash: #sig_hash,
                 construct: __chia_construct,
                 call: __chia_call,
+                concurrent: #concurrent,
             };
 
             static __CHIA_SERVICE_SPEC: ::chia::__private::ServiceSpec = __CHIA_SERVICE_SPEC_VALUE;
@@ -330,7 +349,7 @@ fn remote_method<'a>(
 }
 
 /// `__chia_construct`: decode the arguments, call `new`, box the instance.
-fn construct_fn(constructor: &Callable, self_ty: &Type, type_name: &str) -> TokenStream2 {
+fn construct_fn(constructor: &Callable, self_ty: &Type, type_name: &str, concurrent: bool) -> TokenStream2 {
     let function = format!("{type_name}.new");
     let arg_count = constructor.params.params.len();
     let (decoded, decodes) =
@@ -354,8 +373,15 @@ fn construct_fn(constructor: &Callable, self_ty: &Type, type_name: &str) -> Toke
         call
     };
     let typed_value = quote_spanned!(constructor.output.span=> let __chia_service: #self_ty = #value;);
-    let boxed = quote_spanned! {here(self_ty)=>
-        ::std::boxed::Box::new(__chia_service) as ::chia::__private::ServiceInstance
+    // A concurrent service's calls share the instance: they take an `Arc` of it out of the lock.
+    let boxed = if concurrent {
+        quote_spanned! {here(self_ty)=>
+            ::std::boxed::Box::new(::std::sync::Arc::new(__chia_service)) as ::chia::__private::ServiceInstance
+        }
+    } else {
+        quote_spanned! {here(self_ty)=>
+            ::std::boxed::Box::new(__chia_service) as ::chia::__private::ServiceInstance
+        }
     };
     quote! {
         #[allow(deprecated, clippy::used_underscore_binding)]
@@ -376,7 +402,7 @@ fn construct_fn(constructor: &Callable, self_ty: &Type, type_name: &str) -> Toke
 }
 
 /// `__chia_call`: dispatch on the method name, lock the instance, decode, call, encode.
-fn call_fn(methods: &[Callable], self_ty: &Type, type_name: &str) -> TokenStream2 {
+fn call_fn(methods: &[Callable], self_ty: &Type, type_name: &str, concurrent: bool) -> TokenStream2 {
     let arms = methods.iter().map(|method| {
         let name = method.name();
         let function = format!("{type_name}.{name}");
@@ -401,7 +427,37 @@ fn call_fn(methods: &[Callable], self_ty: &Type, type_name: &str) -> TokenStream
             call = quote!(#call.await);
         }
         let finish = finish(&call, &function, &method.output);
-        let run = if method.is_async() {
+        let shared = quote_spanned! {here(self_ty)=>
+            let __chia_shared: ::std::sync::Arc<#self_ty> = {
+                let __chia_guard = __chia_instance.lock().await;
+                (&**__chia_guard)
+                    .downcast_ref::<::std::sync::Arc<#self_ty>>()
+                    .cloned()
+                    .ok_or_else(|| ::chia::__private::TaskError::InvalidCall {
+                        function: ::std::string::String::from(#function),
+                        message: ::std::string::String::from(#not_instance),
+                    })?
+            };
+        };
+        let run = if concurrent && method.is_async() {
+            // The lock is held only to clone the `Arc`: calls run at the same time.
+            quote! {
+                #shared
+                let __chia_this: &#self_ty = &__chia_shared;
+                #decodes
+                #finish
+            }
+        } else if concurrent {
+            quote! {
+                #shared
+                ::chia::__private::run_blocking(move || {
+                    let __chia_this: &#self_ty = &__chia_shared;
+                    #decodes
+                    #finish
+                })
+                .await
+            }
+        } else if method.is_async() {
             // Holds the guard across the await: one call at a time per instance.
             quote! {
                 let #mut_token __chia_guard = __chia_instance.lock().await;

@@ -40,6 +40,10 @@ pub(super) const HEAD_SESSION: SessionId = SessionId(0);
 pub(super) struct Services {
     records: HashMap<ServiceId, ServiceRecord>,
     watches: HashMap<ServiceId, Watch>,
+    /// Results whose announcement waits for this many writes to watching services.
+    pending_writes: HashMap<TaskId, usize>,
+    /// Each such write, and the result it is for.
+    writes: HashMap<TaskId, TaskId>,
     next_internal_task: u64,
     names: HashMap<(String, String), ServiceId>,
     /// Calls waiting for an argument task, by that task.
@@ -47,7 +51,26 @@ pub(super) struct Services {
     next: u64,
 }
 
+impl Services {
+    /// Whether `task`'s announcement waits for writes to watching services.
+    pub(super) fn announce_waits(&self, task: TaskId) -> bool {
+        self.pending_writes.contains_key(&task)
+    }
+}
+
 impl HeadCore {
+    /// A write to a watching service ended: the result it was for may be announced now.
+    pub(super) fn written_for_watcher(&mut self, write: TaskId) {
+        let Some(result) = self.services.writes.remove(&write) else { return };
+        let Some(pending) = self.services.pending_writes.get_mut(&result) else { return };
+        *pending -= 1;
+        if *pending == 0 {
+            self.services.pending_writes.remove(&result);
+            self.announce(result);
+            self.maybe_free(result);
+        }
+    }
+
     /// Answers a request (start, lookup, stop) with a value, or an error.
     fn reply<T: serde::Serialize>(&self, session: SessionId, task: TaskId, answer: Result<&T, TaskError>) {
         let done = match answer.and_then(|value| {
@@ -251,8 +274,15 @@ impl HeadCore {
     }
 
     /// A task succeeded: pass its value to the services watching such results. The value is
-    /// sent from here, where it landed, so it never travels to a driver and back.
-    pub(super) fn deliver_to_watchers(&mut self, function: &str, tag: Option<&str>, value: &[u8]) {
+    /// sent from here, where it landed, so it never travels to a driver and back; the result
+    /// is announced to its owner once the writes are done.
+    pub(super) fn deliver_to_watchers(
+        &mut self,
+        result: TaskId,
+        function: &str,
+        tag: Option<&str>,
+        value: &[u8],
+    ) {
         let Some(tag) = tag else { return };
         if self.services.watches.is_empty() {
             return;
@@ -288,6 +318,8 @@ impl HeadCore {
                     kind: TaskKind::ServiceCall { service, name, method, missing: 0 },
                 },
             );
+            *self.services.pending_writes.entry(result).or_default() += 1;
+            self.services.writes.insert(task, result);
             self.forward_call(task);
         }
     }
