@@ -160,6 +160,11 @@ pub enum PeerToHead {
         method: String,
         rules: Vec<WatchRule>,
     },
+    /// A host dropped an instance it was told to stop (after its running calls ended), so
+    /// what it held (files, ports) is free.
+    InstanceStopped {
+        service: ServiceId,
+    },
 }
 
 /// Which results a service watches: a function's, for every call (`tags: None`) or for calls

@@ -373,6 +373,7 @@ impl HeadCore {
             PeerToHead::WatchResults { task, method, rules } => {
                 self.watch_results(session, task, method, rules)
             }
+            PeerToHead::InstanceStopped { service } => self.instance_stopped(session, service),
             PeerToHead::Hello { .. } => tracing::warn!("{session} sent a second hello; ignored"),
         }
     }

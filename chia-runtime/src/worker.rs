@@ -179,12 +179,8 @@ async fn start_instance(
     let outcome = match CatchUnwind((spec.construct)(context.for_task(task), args)).await {
         Ok(Ok(instance)) => {
             let (queue, calls) = mpsc::unbounded_channel();
-            tokio::spawn(run_instance(
-                spec,
-                Arc::new(tokio::sync::Mutex::new(instance)),
-                calls,
-                client.clone(),
-            ));
+            let instance = Arc::new(tokio::sync::Mutex::new(instance));
+            tokio::spawn(run_instance(spec, service, instance, calls, client.clone()));
             instances.insert(service, queue);
             Outcome::Value(Value::new())
         }
@@ -232,18 +228,29 @@ fn call_instance(
 /// service. Ends (dropping the instance) when the instance is stopped and its calls are done.
 async fn run_instance(
     spec: &'static ServiceSpec,
+    service: ServiceId,
     instance: SharedInstance,
     mut calls: mpsc::UnboundedReceiver<QueuedCall>,
     client: Arc<Client>,
 ) {
-    while let Some(call) = calls.recv().await {
-        let run = run_call(spec, instance.clone(), call, client.clone());
-        if spec.concurrent {
-            tokio::spawn(run);
-        } else {
-            run.await;
+    let mut running = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            call = calls.recv() => match call {
+                Some(call) if spec.concurrent => {
+                    running.spawn(run_call(spec, instance.clone(), call, client.clone()));
+                }
+                Some(call) => run_call(spec, instance.clone(), call, client.clone()).await,
+                None => break,
+            },
+            // Reap finished concurrent calls as they end.
+            Some(_) = running.join_next(), if !running.is_empty() => {}
         }
     }
+    while running.join_next().await.is_some() {}
+    // The last reference: whatever the instance held (files, locks) is released here.
+    drop(instance);
+    let _ = client.send(&PeerToHead::InstanceStopped { service });
 }
 
 async fn run_call(

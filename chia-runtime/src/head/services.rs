@@ -24,6 +24,9 @@ pub(super) struct ServiceRecord {
     ready: bool,
     /// Requests (`get_if_exists` starts) answered once the instance is ready.
     waiters: Vec<(SessionId, TaskId)>,
+    /// Stop requests answered once the host has dropped the instance.
+    stoppers: Vec<(SessionId, TaskId)>,
+    stopping: bool,
 }
 
 /// Results a service asked for (see [`PeerToHead::WatchResults`]).
@@ -157,6 +160,8 @@ impl HeadCore {
                 host: None,
                 ready: false,
                 waiters: Vec::new(),
+                stoppers: Vec::new(),
+                stopping: false,
             },
         );
         let deps = ref_args(&start.args);
@@ -334,11 +339,15 @@ impl HeadCore {
         }
         tracing::warn!("service {:?} ({}) ended: {error}", record.info.name, record.info.type_name);
         let mut answer = record.waiters;
-        if !record.ready {
+        if !record.ready && !record.stopping {
             answer.push((record.owner, record.creation));
         }
         for (session, request) in answer {
             self.reply::<()>(session, request, Err(error.clone()));
+        }
+        // Whoever asked for the stop gets what they wanted: the service is gone.
+        for (session, request) in record.stoppers {
+            self.reply(session, request, Ok(&()));
         }
         if record.host.is_some() {
             self.finish_instance_task(record.creation);
@@ -373,20 +382,50 @@ impl HeadCore {
         self.reply(session, task, Ok(&found));
     }
 
+    /// Stops a service; answered once it is gone (its host dropped the instance).
     pub(super) fn stop_service_request(&mut self, session: SessionId, task: TaskId, service: ServiceId) {
-        self.stop_service(service, "stopped");
-        self.reply(session, task, Ok(&()));
+        match self.services.records.get_mut(&service) {
+            Some(record) => {
+                record.stoppers.push((session, task));
+                self.stop_service(service, "stopped");
+            }
+            None => self.reply(session, task, Ok(&())),
+        }
     }
 
+    /// Stops a service. A running instance is asked to stop and the service ends when its
+    /// host confirms (its name stays taken until then, so a new instance cannot collide with
+    /// what the old one still holds); one not running yet ends at once.
     pub(super) fn stop_service(&mut self, service: ServiceId, why: &str) {
-        let Some(record) = self.services.records.get(&service) else { return };
-        let host_session = record.host.and_then(|node| self.nodes.get(&node).copied());
-        if let Some(session) = host_session {
-            self.send(session, &HeadToPeer::StopInstance { service });
-        }
+        let Some(record) = self.services.records.get_mut(&service) else { return };
+        let host_session =
+            record.host.filter(|_| record.ready).and_then(|node| self.nodes.get(&node).copied());
+        tracing::info!("service {:?} ({}) {why}", record.info.name, record.info.type_name);
         let error =
             TaskError::ServiceUnavailable { service: record.info.name.clone(), message: why.to_string() };
-        tracing::info!("service {:?} ({}) {why}", record.info.name, record.info.type_name);
+        match host_session {
+            Some(session) => {
+                // New calls are refused from now on; the ones already sent finish first.
+                record.ready = false;
+                if !record.stopping {
+                    record.stopping = true;
+                    self.send(session, &HeadToPeer::StopInstance { service });
+                }
+            }
+            None if record.stopping => {}
+            None => self.instance_failed(service, error),
+        }
+    }
+
+    /// The host dropped a stopped instance.
+    pub(super) fn instance_stopped(&mut self, session: SessionId, service: ServiceId) {
+        let Some(record) = self.services.records.get(&service) else { return };
+        if record.host.and_then(|node| self.nodes.get(&node)) != Some(&session) {
+            tracing::warn!("{session} reported stopping {service}, which it does not host; ignored");
+            return;
+        }
+        let error =
+            TaskError::ServiceUnavailable { service: record.info.name.clone(), message: "stopped".into() };
         self.instance_failed(service, error);
     }
 
