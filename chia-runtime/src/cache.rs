@@ -27,6 +27,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::path::Path;
 
+pub use chia_cache::Durability;
+
 /// The name the cache service is registered under (as in the original).
 pub const CACHE_SERVICE_NAME: &str = "ChiaCacheStore";
 
@@ -42,8 +44,14 @@ pub struct CacheService {
 impl CacheService {
     /// Opens (warm-starts) the store in `dir` on the hosting node and registers the automatic
     /// write of the configured functions' results.
-    pub fn new(cx: &Context, dir: String, budget: u64, config: CacheConfig) -> Result<Self, CacheError> {
-        let store = CacheStore::open(&dir, budget, StoreOptions::default())?;
+    pub fn new(
+        cx: &Context,
+        dir: String,
+        budget: u64,
+        config: CacheConfig,
+        durability: Durability,
+    ) -> Result<Self, CacheError> {
+        let store = CacheStore::open(&dir, budget, StoreOptions::default().with_durability(durability))?;
         tracing::info!("cache in {dir}: {} entries, {} of {budget} bytes", store.len(), store.size_bytes());
         let rules = watch_rules(&config);
         if !rules.is_empty()
@@ -115,7 +123,8 @@ fn cache_error(error: CacheError) -> Error {
 
 /// Starts the cache on the head node, or returns the running one (idempotent): `size` × `units`
 /// (B, KB, MB, GB, TB or KiB…TiB, all powers of 1024) in `cache_dir` on the head, with the
-/// `cache:` section of `yaml_path` (read here, on the caller).
+/// `cache:` section of `yaml_path` (read here, on the caller). Every write is fsynced with its
+/// directory ([`Durability::Full`]); see [`start_cache_with`] to choose otherwise.
 pub async fn start_cache(
     cx: &Context,
     size: f64,
@@ -123,6 +132,21 @@ pub async fn start_cache(
     cache_dir: impl AsRef<Path>,
     yaml_path: Option<&Path>,
     namespace: Option<&str>,
+) -> Result<Cache, Error> {
+    start_cache_with(cx, size, units, cache_dir, yaml_path, namespace, Durability::default()).await
+}
+
+/// [`start_cache`] with a chosen fsync policy: `Full` (file and directory, a finished write
+/// survives power loss), `Data` (file only) or `None` (a crash of the machine may lose recent
+/// entries; a process crash loses nothing). No policy ever exposes a partial entry.
+pub async fn start_cache_with(
+    cx: &Context,
+    size: f64,
+    units: &str,
+    cache_dir: impl AsRef<Path>,
+    yaml_path: Option<&Path>,
+    namespace: Option<&str>,
+    durability: Durability,
 ) -> Result<Cache, Error> {
     let budget = parse_budget(size, units).map_err(cache_error)?;
     let config = match yaml_path {
@@ -134,7 +158,7 @@ pub async fn start_cache(
         options = options.namespace(namespace);
     }
     let dir = cache_dir.as_ref().to_string_lossy().into_owned();
-    let service = CacheServiceHandle::start(cx, options, dir, budget, config).await?;
+    let service = CacheServiceHandle::start(cx, options, dir, budget, config, durability).await?;
     Ok(Cache { service })
 }
 

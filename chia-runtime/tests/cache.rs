@@ -123,8 +123,19 @@ async fn automatic_writes_evict_the_least_recently_used() {
     let (_cluster, cx) = cluster(&["CPU=2"]).await;
     let dir = tempfile::tempdir().unwrap();
     let yaml = config_file(dir.path());
-    // Room for two or three entries of this size (each file is about 40 bytes).
-    let cache = start_cache(&cx, 100.0, "B", dir.path().join("c"), Some(&yaml), None).await.unwrap();
+    // Room for two or three entries of this size (each file is about 40 bytes); no fsync needed
+    // to test eviction.
+    let cache = chia::cache::start_cache_with(
+        &cx,
+        100.0,
+        "B",
+        dir.path().join("c"),
+        Some(&yaml),
+        None,
+        chia::cache::Durability::None,
+    )
+    .await
+    .unwrap();
     for i in 0..6 {
         produce::call(i).tag(format!("iter{i}")).remote(&cx).get().await.unwrap();
     }
