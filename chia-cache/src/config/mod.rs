@@ -27,7 +27,7 @@
 //!   guess. A `cache:` section that is empty (null) is an empty configuration (the original
 //!   crashed); one that is not a mapping is an error.
 
-mod yaml_value;
+pub mod yaml_value;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -1,13 +1,13 @@
-//! A minimal untyped YAML value, so the `cache:` section can be read with the original's
-//! dynamic rules (a function's spec may be a bool or a mapping, `tags` a string or a list)
-//! instead of a rigid schema that would reject what the original accepted.
+//! A minimal untyped YAML value, so the `cache:` and `bypass:` sections can be read with the
+//! original's dynamic rules (a function's spec may be a bool or a mapping, `tags` a string or
+//! a list) instead of a rigid schema that would reject what the original accepted.
 
 use std::fmt;
 
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
 #[derive(Clone, Debug, PartialEq)]
-pub(crate) enum YamlValue {
+pub enum YamlValue {
     Null,
     Bool(bool),
     Int(i128),
@@ -19,7 +19,7 @@ pub(crate) enum YamlValue {
 }
 
 impl YamlValue {
-    pub(crate) fn as_str(&self) -> Option<&str> {
+    pub fn as_str(&self) -> Option<&str> {
         match self {
             YamlValue::String(text) => Some(text),
             _ => None,
@@ -28,7 +28,7 @@ impl YamlValue {
 
     /// The value of `key` in a mapping (the last one if repeated), `None` if absent or if
     /// `self` is not a mapping.
-    pub(crate) fn get(&self, key: &str) -> Option<&YamlValue> {
+    pub fn get(&self, key: &str) -> Option<&YamlValue> {
         match self {
             YamlValue::Mapping(entries) => {
                 entries.iter().rev().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v)
@@ -38,7 +38,7 @@ impl YamlValue {
     }
 
     /// What the value is, for error messages ("a number (5)").
-    pub(crate) fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         match self {
             YamlValue::Null => "null".to_owned(),
             YamlValue::Bool(flag) => format!("a boolean ({flag})"),

@@ -1,0 +1,276 @@
+//! The `bypass:` section of the bypass/cache YAML: which functions are bypassed, for which call
+//! tags, and which recorded file is served in their place.
+//!
+//! ```yaml
+//! bypass:
+//!   simple_add:                  # bypass every call
+//!     bypass: true
+//!   run_verilator_test:
+//!     bypass: true
+//!     tags: ["iter0_.*"]         # optional: only calls whose whole tag matches one pattern
+//!   simple_multiply: true        # shorthand: bypass every call
+//!   summarize_perf:
+//!     bypass: true
+//!     data: /path/to/recorded_perf.md   # served as the result (a string)
+//! cache:                         # other sections of the same file are not read here
+//!   simple_add: true
+//! ```
+//!
+//! Reading rules, the same as the `cache:` section's (`chia_cache::CacheConfig`):
+//! - `fn: true` bypasses every call; `fn: {bypass: true, tags: ...}` bypasses the calls whose
+//!   tag matches; `tags:` is one pattern or a list of them; `tags: []` bypasses nothing.
+//! - `fn: false`, `fn: {bypass: false}` or a mapping without `bypass:` leaves the function out,
+//!   and its other settings are not checked.
+//! - A spec of another type (a string, a number, a list) is ignored with a warning.
+//! - A pattern must match the *whole* tag (Python's `re.fullmatch`), in Rust `regex` syntax; an
+//!   invalid pattern is an error at load naming the file, the function and the pattern.
+//! - The inner `bypass:` must be a boolean (YAML 1.1 spellings such as `yes`/`no` included, as
+//!   PyYAML read them), each tag pattern a string, and `data:` a non-empty string; anything else
+//!   is an error naming the function. `data:` is kept as written: a relative path is relative to
+//!   the working directory of the process that serves it.
+//! - A `bypass:` section that is empty (null) is an empty configuration; one that is not a
+//!   mapping is an error.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use chia_cache::TagPatterns;
+use serde::{Deserialize, Serialize};
+
+use crate::BypassError;
+// One YAML reading for the file both sections live in (PyYAML-style booleans included).
+use chia_cache::config::yaml_value::YamlValue;
+
+/// Which functions are bypassed, for which tags, and with which recorded data. The default is
+/// the configuration of a run without YAML: nothing is bypassed.
+///
+/// Serializes as a map from function name to [`BypassRule`], with patterns as their source
+/// strings (compiled again on deserialize), so the runtime can ship it to workers.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct BypassConfig {
+    functions: BTreeMap<String, BypassRule>,
+}
+
+/// How one bypassed function is bypassed. Only functions with `bypass: true` have a rule.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BypassRule {
+    /// `None`: every call, tagged or not. Otherwise only calls with a tag that one of the
+    /// patterns matches in full.
+    pub tags: Option<TagPatterns>,
+    /// The recorded file served as the result when no provider is registered.
+    pub data: Option<PathBuf>,
+}
+
+impl BypassConfig {
+    /// An empty configuration: nothing is bypassed.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads the `bypass:` section of a YAML document. `origin` names the document in errors
+    /// and logs (usually its path).
+    pub fn from_yaml_str(text: &str, origin: &str) -> Result<Self, BypassError> {
+        let document: Option<ConfigDocument> =
+            serde_saphyr::from_str(text).map_err(|error| BypassError::ConfigParse {
+                origin: origin.to_owned(),
+                line: error.location().map(|location| location.line()),
+                message: error.to_string(),
+            })?;
+        match document.and_then(|document| document.bypass) {
+            None | Some(YamlValue::Null) => Ok(Self::new()),
+            Some(section) => parse_section(&section, origin),
+        }
+    }
+
+    /// Reads the `bypass:` section of the YAML file at `path`.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, BypassError> {
+        let path = path.as_ref();
+        let text = fs::read_to_string(path)
+            .map_err(|source| BypassError::ConfigRead { path: path.to_owned(), source })?;
+        Self::from_yaml_str(&text, &path.display().to_string())
+    }
+
+    /// Does the configuration bypass `function` on a call tagged `tag`? The configuration's part
+    /// of the bypass decision: the function is `bypass: true`, and if it has `tags:`, the call
+    /// has a tag that one of them matches. Whether a provider or `data:` exists, and the
+    /// registered condition, are checked by the runtime.
+    pub fn matches(&self, function: &str, tag: Option<&str>) -> bool {
+        self.functions.get(function).is_some_and(|rule| rule.admits(tag))
+    }
+
+    /// The rule for `function`, if it is bypassed at all.
+    pub fn rule(&self, function: &str) -> Option<&BypassRule> {
+        self.functions.get(function)
+    }
+
+    /// Sets the rule for `function`, returning the one it replaces.
+    pub fn insert(&mut self, function: impl Into<String>, rule: BypassRule) -> Option<BypassRule> {
+        self.functions.insert(function.into(), rule)
+    }
+
+    /// Bypassed functions and their rules, by name.
+    pub fn functions(&self) -> impl Iterator<Item = (&str, &BypassRule)> {
+        self.functions.iter().map(|(name, rule)| (name.as_str(), rule))
+    }
+
+    /// Every `data:` path of a bypassed function, once each: the only files the file server
+    /// may serve, so a worker cannot ask the head for anything else.
+    pub fn data_paths(&self) -> BTreeSet<&Path> {
+        self.functions.values().filter_map(|rule| rule.data.as_deref()).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.functions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.functions.is_empty()
+    }
+}
+
+impl BypassRule {
+    /// Whether a call tagged `tag` is bypassed under this rule.
+    pub fn admits(&self, tag: Option<&str>) -> bool {
+        match (&self.tags, tag) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(patterns), Some(tag)) => patterns.matches(tag),
+        }
+    }
+}
+
+/// The top level of the YAML file. Other sections (`cache:`, ...) are skipped unread.
+#[derive(Deserialize)]
+struct ConfigDocument {
+    #[serde(default)]
+    bypass: Option<YamlValue>,
+}
+
+fn parse_section(section: &YamlValue, origin: &str) -> Result<BypassConfig, BypassError> {
+    let YamlValue::Mapping(entries) = section else {
+        return Err(shape_error(
+            origin,
+            None,
+            format!("the `bypass:` section must map function names to settings, not {}", section.describe()),
+        ));
+    };
+    let mut config = BypassConfig::new();
+    for (key, spec) in entries {
+        let Some(function) = key.as_str() else {
+            tracing::warn!(origin, key = %key.describe(), "bypass config: ignoring a key that is not a function name");
+            continue;
+        };
+        if let Some(rule) = parse_function(function, spec, origin)? {
+            tracing::info!(
+                origin,
+                function,
+                tags = ?rule.tags.as_ref().map(TagPatterns::patterns),
+                data = ?rule.data,
+                "bypass: configured"
+            );
+            config.insert(function, rule);
+        }
+    }
+    Ok(config)
+}
+
+/// The rule for one function, `None` if it is not bypassed.
+fn parse_function(function: &str, spec: &YamlValue, origin: &str) -> Result<Option<BypassRule>, BypassError> {
+    let (enabled, tags, data) = match spec {
+        YamlValue::Bool(enabled) => (*enabled, None, None),
+        YamlValue::Mapping(_) => {
+            (parse_flag(function, spec.get("bypass"), origin)?, spec.get("tags"), spec.get("data"))
+        }
+        other => {
+            tracing::warn!(
+                origin,
+                function,
+                spec = %other.describe(),
+                "bypass config: ignoring a function whose setting is neither true/false nor a mapping"
+            );
+            return Ok(None);
+        }
+    };
+    if !enabled {
+        return Ok(None);
+    }
+    Ok(Some(BypassRule {
+        tags: parse_tags(function, tags, origin)?,
+        data: parse_data(function, data, origin)?,
+    }))
+}
+
+/// The inner `bypass:` flag; absent or null means off.
+fn parse_flag(function: &str, flag: Option<&YamlValue>, origin: &str) -> Result<bool, BypassError> {
+    match flag {
+        None | Some(YamlValue::Null) => Ok(false),
+        Some(YamlValue::Bool(enabled)) => Ok(*enabled),
+        Some(other) => Err(shape_error(
+            origin,
+            Some(function),
+            format!("`bypass:` must be true or false, not {}", other.describe()),
+        )),
+    }
+}
+
+/// `tags:` as patterns; absent or null means every call.
+fn parse_tags(
+    function: &str,
+    tags: Option<&YamlValue>,
+    origin: &str,
+) -> Result<Option<TagPatterns>, BypassError> {
+    let sources = match tags {
+        None | Some(YamlValue::Null) => return Ok(None),
+        Some(YamlValue::String(pattern)) => vec![pattern.clone()],
+        Some(YamlValue::Sequence(items)) => items
+            .iter()
+            .map(|item| {
+                item.as_str().map(str::to_owned).ok_or_else(|| {
+                    shape_error(
+                        origin,
+                        Some(function),
+                        format!("each tag pattern must be a string, not {}", item.describe()),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(other) => {
+            return Err(shape_error(
+                origin,
+                Some(function),
+                format!("`tags:` must be a pattern or a list of patterns, not {}", other.describe()),
+            ));
+        }
+    };
+    let patterns = TagPatterns::new(sources).map_err(|invalid| BypassError::InvalidTagPattern {
+        origin: origin.to_owned(),
+        function: function.to_owned(),
+        pattern: invalid.pattern,
+        source: invalid.source,
+    })?;
+    Ok(Some(patterns))
+}
+
+/// `data:` as a path; absent or null means none. An empty string is rejected rather than read
+/// as the current directory, which cannot be served.
+fn parse_data(
+    function: &str,
+    data: Option<&YamlValue>,
+    origin: &str,
+) -> Result<Option<PathBuf>, BypassError> {
+    match data {
+        None | Some(YamlValue::Null) => Ok(None),
+        Some(YamlValue::String(path)) if !path.is_empty() => Ok(Some(PathBuf::from(path))),
+        Some(other) => Err(shape_error(
+            origin,
+            Some(function),
+            format!("`data:` must be the path of a file, not {}", other.describe()),
+        )),
+    }
+}
+
+fn shape_error(origin: &str, function: Option<&str>, message: String) -> BypassError {
+    BypassError::ConfigShape { origin: origin.to_owned(), function: function.map(str::to_owned), message }
+}

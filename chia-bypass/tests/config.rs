@@ -1,0 +1,317 @@
+//! The YAML `bypass:` section: the user guide's examples, the configuration's part of the bypass
+//! decision, and the errors.
+
+use std::path::Path;
+
+use chia_bypass::{BypassConfig, BypassError, BypassRule, TagPatterns};
+
+const ORIGIN: &str = "loop.yaml";
+
+/// The user guide's example, plus a disabled function.
+const GUIDE: &str = r#"
+bypass:
+  # Bypass every call to this function.
+  simple_add:
+    bypass: true
+  # Bypass only calls whose _chia_tag matches one of these patterns.
+  run_verilator_test:
+    bypass: true
+    tags: ["iter0_.*"]
+  # Shorthand: bypass: true with no extra options.
+  simple_multiply: true
+  summarize_perf:
+    bypass: true
+    data: /path/to/recorded_perf.md # served to the worker as a string
+  not_this: {bypass: false}
+"#;
+
+fn load(yaml: &str) -> BypassConfig {
+    BypassConfig::from_yaml_str(yaml, ORIGIN).unwrap_or_else(|error| panic!("{yaml}\n-> {error}"))
+}
+
+fn load_error(yaml: &str) -> BypassError {
+    match BypassConfig::from_yaml_str(yaml, ORIGIN) {
+        Ok(config) => panic!("{yaml}\n-> parsed as {config:?}"),
+        Err(error) => error,
+    }
+}
+
+fn patterns(config: &BypassConfig, function: &str) -> Vec<String> {
+    match config.rule(function).map(|rule| &rule.tags) {
+        Some(Some(patterns)) => patterns.patterns().to_vec(),
+        other => panic!("{function}: expected tag patterns, got {other:?}"),
+    }
+}
+
+fn names(config: &BypassConfig) -> Vec<&str> {
+    config.functions().map(|(name, _)| name).collect()
+}
+
+// ---------------------------------------------------------------------------- the guide
+
+#[test]
+fn the_guide_example_parses() {
+    let config = load(GUIDE);
+    assert_eq!(names(&config), ["run_verilator_test", "simple_add", "simple_multiply", "summarize_perf"]);
+    assert_eq!(config.rule("simple_add"), Some(&BypassRule::default()));
+    assert_eq!(config.rule("simple_multiply"), Some(&BypassRule::default()));
+    assert_eq!(patterns(&config, "run_verilator_test"), ["iter0_.*"]);
+    let summarize = config.rule("summarize_perf").expect("summarize_perf is bypassed");
+    assert_eq!(summarize.tags, None);
+    assert_eq!(summarize.data.as_deref(), Some(Path::new("/path/to/recorded_perf.md")));
+    assert_eq!(config.rule("not_this"), None);
+}
+
+#[test]
+fn the_guide_example_decides_as_documented() {
+    let config = load(GUIDE);
+    // No `tags:`: every call, tagged or not.
+    for function in ["simple_add", "simple_multiply", "summarize_perf"] {
+        assert!(config.matches(function, None), "{function}");
+        assert!(config.matches(function, Some("anything")), "{function}");
+    }
+    // `tags:`: only tagged calls that match.
+    assert!(config.matches("run_verilator_test", Some("iter0_call1")));
+    assert!(!config.matches("run_verilator_test", Some("iter1_call1")));
+    assert!(!config.matches("run_verilator_test", None));
+    // Not listed, or `bypass: false`: runs normally.
+    assert!(!config.matches("not_this", None));
+    assert!(!config.matches("not_this", Some("iter0_call1")));
+    assert!(!config.matches("never_mentioned", None));
+}
+
+#[test]
+fn data_paths_lists_each_bypassed_functions_file_once() {
+    let config = load(
+        r#"
+bypass:
+  a: {bypass: true, data: /rec/a.md}
+  b: {bypass: true, data: /rec/a.md}
+  c: {bypass: true, data: rec/c.txt}
+  off: {bypass: false, data: /etc/passwd}
+  none: true
+"#,
+    );
+    let paths: Vec<&Path> = config.data_paths().into_iter().collect();
+    assert_eq!(paths, [Path::new("/rec/a.md"), Path::new("rec/c.txt")]);
+    assert!(load(GUIDE).data_paths().contains(Path::new("/path/to/recorded_perf.md")));
+}
+
+#[test]
+fn no_yaml_means_nothing_is_bypassed() {
+    let config = BypassConfig::default();
+    assert!(config.is_empty());
+    assert_eq!(config.len(), 0);
+    assert!(!config.matches("simple_add", None));
+    assert!(config.data_paths().is_empty());
+    for yaml in ["", "# nothing\n", "cache:\n  f: true\n", "bypass:\n", "bypass: {}\n"] {
+        assert!(load(yaml).is_empty(), "{yaml:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------- reading rules
+
+#[test]
+fn tags_may_be_one_string_or_a_list() {
+    let config = load(
+        r#"
+bypass:
+  one:
+    bypass: true
+    tags: "iter0_.*"
+  many:
+    bypass: true
+    tags:
+      - "iter0_.*"
+      - "final"
+"#,
+    );
+    assert_eq!(patterns(&config, "one"), ["iter0_.*"]);
+    assert_eq!(patterns(&config, "many"), ["iter0_.*", "final"]);
+    assert!(config.matches("one", Some("iter0_x")));
+    assert!(config.matches("many", Some("final")));
+    assert!(config.matches("many", Some("iter0_3")));
+    assert!(!config.matches("many", Some("iter1_3")));
+}
+
+#[test]
+fn patterns_must_match_the_whole_tag() {
+    let config = load(
+        "bypass:\n  f:\n    bypass: true\n    tags: ['iter']\n  g:\n    bypass: true\n    tags: 'iter[13]_.*'\n",
+    );
+    assert!(config.matches("f", Some("iter")));
+    assert!(!config.matches("f", Some("iter1")));
+    assert!(!config.matches("f", Some("xiter")));
+    assert!(config.matches("g", Some("iter1_call0")));
+    assert!(config.matches("g", Some("iter3_x")));
+    assert!(!config.matches("g", Some("iter2_x")));
+    assert!(!config.matches("g", Some("iter1")));
+}
+
+#[test]
+fn an_empty_tag_list_bypasses_nothing_and_null_tags_bypass_everything() {
+    let config =
+        load("bypass:\n  none:\n    bypass: true\n    tags: []\n  all:\n    bypass: true\n    tags:\n");
+    assert!(!config.matches("none", Some("iter0")));
+    assert!(!config.matches("none", None));
+    assert!(config.matches("all", None));
+    assert!(config.matches("all", Some("iter0")));
+}
+
+#[test]
+fn disabled_functions_are_omitted_and_their_settings_unchecked() {
+    let config = load(
+        r#"
+bypass:
+  off_shorthand: false
+  off_explicit:
+    bypass: false
+    tags: ["(unclosed"]
+    data: 5
+  off_by_default:
+    tags: ["x"]
+  enabled: true
+"#,
+    );
+    assert_eq!(names(&config), ["enabled"]);
+    assert!(!config.matches("off_explicit", Some("x")));
+    assert!(!config.matches("off_by_default", Some("x")));
+}
+
+#[test]
+fn spec_values_of_other_types_are_ignored() {
+    let config =
+        load("bypass:\n  a_string: \"true\"\n  a_number: 1\n  a_list: [true]\n  a_null:\n  kept: true\n");
+    assert_eq!(names(&config), ["kept"]);
+}
+
+#[test]
+fn yaml_1_1_booleans_read_as_pyyaml_read_them() {
+    let config = load("bypass:\n  shorthand: yes\n  nested:\n    bypass: on\n  off: no\n");
+    assert!(config.matches("shorthand", None));
+    assert!(config.matches("nested", None));
+    assert!(!config.matches("off", None));
+}
+
+// ---------------------------------------------------------------------------- the example file
+
+#[test]
+fn the_bypass_cache_example_file_has_both_sections() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bypass_cache.yaml");
+
+    let bypass = BypassConfig::from_file(&path).expect("bypass section");
+    assert_eq!(names(&bypass), ["expensive_step"]);
+    assert_eq!(patterns(&bypass, "expensive_step"), ["iter[13]_.*"]);
+    assert!(bypass.matches("expensive_step", Some("iter1_call0")));
+    assert!(bypass.matches("expensive_step", Some("iter3_call2")));
+    assert!(!bypass.matches("expensive_step", Some("iter2_call0")));
+    assert!(!bypass.matches("expensive_step", None));
+
+    // The same file's `cache:` section, read by its own parser, writes every iteration.
+    let cache = chia_cache::CacheConfig::from_file(&path).expect("cache section");
+    assert_eq!(cache.len(), 1);
+    assert!(cache.is_cached("expensive_step", Some("iter2_call0")));
+    assert!(!cache.is_cached("expensive_step", Some("final")));
+}
+
+#[test]
+fn from_file_uses_the_path_as_origin() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("loop.yaml");
+    std::fs::write(&path, "bypass:\n  f:\n    bypass: true\n    tags: ['(']\n").expect("write yaml");
+    let error = BypassConfig::from_file(&path).expect_err("invalid pattern");
+    assert!(error.to_string().contains(&path.display().to_string()), "{error}");
+}
+
+#[test]
+fn from_file_names_a_missing_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let error = BypassConfig::from_file(dir.path().join("absent.yaml")).expect_err("missing file");
+    assert!(matches!(error, BypassError::ConfigRead { .. }), "{error:?}");
+    assert!(error.to_string().contains("absent.yaml"), "{error}");
+}
+
+// ---------------------------------------------------------------------------- errors
+
+#[test]
+fn yaml_that_does_not_parse_names_the_file_and_line() {
+    let error = load_error("bypass:\n  f: true\n  g: [unclosed\n");
+    match &error {
+        BypassError::ConfigParse { origin, line, .. } => {
+            assert_eq!(origin, ORIGIN);
+            assert_eq!(*line, Some(3), "{error}");
+        }
+        other => panic!("expected ConfigParse, got {other:?}"),
+    }
+    let message = error.to_string();
+    assert!(message.contains(ORIGIN) && message.contains("line 3"), "{message}");
+}
+
+#[test]
+fn an_invalid_pattern_names_the_file_the_function_and_the_pattern() {
+    for yaml in [
+        "bypass:\n  run_test:\n    bypass: true\n    tags: ['ok', 'iter(']\n",
+        // Only valid once wrapped for whole-match anchoring: still rejected.
+        "bypass:\n  run_test:\n    bypass: true\n    tags: 'a)|(b'\n",
+    ] {
+        let error = load_error(yaml);
+        let BypassError::InvalidTagPattern { origin, function, pattern, .. } = &error else {
+            panic!("expected InvalidTagPattern, got {error:?}");
+        };
+        assert_eq!((origin.as_str(), function.as_str()), (ORIGIN, "run_test"));
+        let message = error.to_string();
+        for part in [ORIGIN, "run_test", pattern.as_str()] {
+            assert!(message.contains(part), "{message}");
+        }
+    }
+}
+
+#[test]
+fn values_of_the_wrong_type_name_the_file_the_function_and_the_key() {
+    for (yaml, key) in [
+        ("bypass:\n  f:\n    bypass: 1\n", "`bypass:`"),
+        ("bypass:\n  f:\n    bypass: 'true'\n", "`bypass:`"),
+        ("bypass:\n  f:\n    bypass: true\n    data: 5\n", "`data:`"),
+        ("bypass:\n  f:\n    bypass: true\n    data: [a.md]\n", "`data:`"),
+        ("bypass:\n  f:\n    bypass: true\n    data: ''\n", "`data:`"),
+        ("bypass:\n  f:\n    bypass: true\n    tags: 5\n", "`tags:`"),
+        ("bypass:\n  f:\n    bypass: true\n    tags: {a: b}\n", "`tags:`"),
+        ("bypass:\n  f:\n    bypass: true\n    tags: ['ok', 5]\n", "tag pattern"),
+    ] {
+        let error = load_error(yaml);
+        assert!(
+            matches!(&error, BypassError::ConfigShape { function: Some(function), .. } if function == "f"),
+            "{yaml}: {error:?}"
+        );
+        let message = error.to_string();
+        for part in [ORIGIN, "\"f\"", key] {
+            assert!(message.contains(part), "{yaml}: {message}");
+        }
+    }
+    let error = load_error("bypass: [f, g]\n");
+    assert!(matches!(error, BypassError::ConfigShape { function: None, .. }), "{error:?}");
+    assert!(error.to_string().contains("`bypass:` section"), "{error}");
+}
+
+// ---------------------------------------------------------------------------- shipping
+
+#[test]
+fn config_round_trips_through_serde() {
+    let config = load(GUIDE);
+    let bytes = rmp_serde::to_vec_named(&config).expect("encode");
+    let decoded: BypassConfig = rmp_serde::from_slice(&bytes).expect("decode");
+    assert_eq!(decoded, config);
+    assert!(decoded.matches("run_verilator_test", Some("iter0_a")));
+    assert!(!decoded.matches("run_verilator_test", Some("iter0")));
+    assert_eq!(decoded.data_paths(), config.data_paths());
+}
+
+#[test]
+fn rules_can_be_built_in_code() {
+    let mut config = BypassConfig::new();
+    let rule = BypassRule { tags: Some(TagPatterns::new(["iter[13]_.*"]).expect("valid")), data: None };
+    assert_eq!(config.insert("f", rule.clone()), None);
+    assert!(config.matches("f", Some("iter3_x")));
+    assert_eq!(config.insert("f", BypassRule::default()), Some(rule));
+    assert!(config.matches("f", None));
+}
