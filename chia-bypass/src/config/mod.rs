@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::BypassError;
 // One YAML reading for the file both sections live in (PyYAML-style booleans included).
+use chia_cache::config::section;
 use chia_cache::config::yaml_value::YamlValue;
 
 /// Which functions are bypassed, for which tags, and with which recorded data. The default is
@@ -72,16 +73,29 @@ impl BypassConfig {
     /// Reads the `bypass:` section of a YAML document. `origin` names the document in errors
     /// and logs (usually its path).
     pub fn from_yaml_str(text: &str, origin: &str) -> Result<Self, BypassError> {
-        let document: Option<ConfigDocument> =
-            serde_saphyr::from_str(text).map_err(|error| BypassError::ConfigParse {
-                origin: origin.to_owned(),
-                line: error.location().map(|location| location.line()),
-                message: error.to_string(),
-            })?;
-        match document.and_then(|document| document.bypass) {
-            None | Some(YamlValue::Null) => Ok(Self::new()),
-            Some(section) => parse_section(&section, origin),
+        let problem = |problem| config_error(origin, problem);
+        let Some(section) = section::read_section(text, "bypass").map_err(problem)? else {
+            return Ok(Self::new());
+        };
+        let mut config = BypassConfig::new();
+        for (function, settings) in
+            section::enabled_functions(&section, "bypass", "bypass", origin).map_err(problem)?
+        {
+            let setting = |key| settings.and_then(|s| s.get(key));
+            let rule = BypassRule {
+                tags: section::tag_patterns(function, setting("tags")).map_err(problem)?,
+                data: parse_data(function, setting("data")).map_err(problem)?,
+            };
+            tracing::info!(
+                origin,
+                function,
+                tags = ?rule.tags.as_ref().map(TagPatterns::patterns),
+                data = ?rule.data,
+                "bypass: configured"
+            );
+            config.insert(function, rule);
         }
+        Ok(config)
     }
 
     /// Reads the `bypass:` section of the YAML file at `path`.
@@ -141,136 +155,29 @@ impl BypassRule {
     }
 }
 
-/// The top level of the YAML file. Other sections (`cache:`, ...) are skipped unread.
-#[derive(Deserialize)]
-struct ConfigDocument {
-    #[serde(default)]
-    bypass: Option<YamlValue>,
-}
-
-fn parse_section(section: &YamlValue, origin: &str) -> Result<BypassConfig, BypassError> {
-    let YamlValue::Mapping(entries) = section else {
-        return Err(shape_error(
-            origin,
-            None,
-            format!("the `bypass:` section must map function names to settings, not {}", section.describe()),
-        ));
-    };
-    let mut config = BypassConfig::new();
-    for (key, spec) in entries {
-        let Some(function) = key.as_str() else {
-            tracing::warn!(origin, key = %key.describe(), "bypass config: ignoring a key that is not a function name");
-            continue;
-        };
-        if let Some(rule) = parse_function(function, spec, origin)? {
-            tracing::info!(
-                origin,
-                function,
-                tags = ?rule.tags.as_ref().map(TagPatterns::patterns),
-                data = ?rule.data,
-                "bypass: configured"
-            );
-            config.insert(function, rule);
-        }
-    }
-    Ok(config)
-}
-
-/// The rule for one function, `None` if it is not bypassed.
-fn parse_function(function: &str, spec: &YamlValue, origin: &str) -> Result<Option<BypassRule>, BypassError> {
-    let (enabled, tags, data) = match spec {
-        YamlValue::Bool(enabled) => (*enabled, None, None),
-        YamlValue::Mapping(_) => {
-            (parse_flag(function, spec.get("bypass"), origin)?, spec.get("tags"), spec.get("data"))
-        }
-        other => {
-            tracing::warn!(
-                origin,
-                function,
-                spec = %other.describe(),
-                "bypass config: ignoring a function whose setting is neither true/false nor a mapping"
-            );
-            return Ok(None);
-        }
-    };
-    if !enabled {
-        return Ok(None);
-    }
-    Ok(Some(BypassRule {
-        tags: parse_tags(function, tags, origin)?,
-        data: parse_data(function, data, origin)?,
-    }))
-}
-
-/// The inner `bypass:` flag; absent or null means off.
-fn parse_flag(function: &str, flag: Option<&YamlValue>, origin: &str) -> Result<bool, BypassError> {
-    match flag {
-        None | Some(YamlValue::Null) => Ok(false),
-        Some(YamlValue::Bool(enabled)) => Ok(*enabled),
-        Some(other) => Err(shape_error(
-            origin,
-            Some(function),
-            format!("`bypass:` must be true or false, not {}", other.describe()),
-        )),
-    }
-}
-
-/// `tags:` as patterns; absent or null means every call.
-fn parse_tags(
-    function: &str,
-    tags: Option<&YamlValue>,
-    origin: &str,
-) -> Result<Option<TagPatterns>, BypassError> {
-    let sources = match tags {
-        None | Some(YamlValue::Null) => return Ok(None),
-        Some(YamlValue::String(pattern)) => vec![pattern.clone()],
-        Some(YamlValue::Sequence(items)) => items
-            .iter()
-            .map(|item| {
-                item.as_str().map(str::to_owned).ok_or_else(|| {
-                    shape_error(
-                        origin,
-                        Some(function),
-                        format!("each tag pattern must be a string, not {}", item.describe()),
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-        Some(other) => {
-            return Err(shape_error(
-                origin,
-                Some(function),
-                format!("`tags:` must be a pattern or a list of patterns, not {}", other.describe()),
-            ));
-        }
-    };
-    let patterns = TagPatterns::new(sources).map_err(|invalid| BypassError::InvalidTagPattern {
-        origin: origin.to_owned(),
-        function: function.to_owned(),
-        pattern: invalid.pattern,
-        source: invalid.source,
-    })?;
-    Ok(Some(patterns))
-}
-
 /// `data:` as a path; absent or null means none. An empty string is rejected rather than read
 /// as the current directory, which cannot be served.
-fn parse_data(
-    function: &str,
-    data: Option<&YamlValue>,
-    origin: &str,
-) -> Result<Option<PathBuf>, BypassError> {
+fn parse_data(function: &str, data: Option<&YamlValue>) -> Result<Option<PathBuf>, section::Problem> {
     match data {
         None | Some(YamlValue::Null) => Ok(None),
         Some(YamlValue::String(path)) if !path.is_empty() => Ok(Some(PathBuf::from(path))),
-        Some(other) => Err(shape_error(
-            origin,
-            Some(function),
-            format!("`data:` must be the path of a file, not {}", other.describe()),
-        )),
+        Some(other) => Err(section::Problem::Shape {
+            function: Some(function.to_owned()),
+            message: format!("`data:` must be the path of a file, not {}", other.describe()),
+        }),
     }
 }
 
-fn shape_error(origin: &str, function: Option<&str>, message: String) -> BypassError {
-    BypassError::ConfigShape { origin: origin.to_owned(), function: function.map(str::to_owned), message }
+/// Names the file in a section problem.
+fn config_error(origin: &str, problem: section::Problem) -> BypassError {
+    let origin = origin.to_owned();
+    match problem {
+        section::Problem::Parse { line, message } => BypassError::ConfigParse { origin, line, message },
+        section::Problem::Shape { function, message } => {
+            BypassError::ConfigShape { origin, function, message }
+        }
+        section::Problem::InvalidTagPattern { function, pattern, source } => {
+            BypassError::InvalidTagPattern { origin, function, pattern, source }
+        }
+    }
 }

@@ -27,6 +27,7 @@
 //!   guess. A `cache:` section that is empty (null) is an empty configuration (the original
 //!   crashed); one that is not a mapping is an error.
 
+pub mod section;
 pub mod yaml_value;
 
 use std::collections::BTreeMap;
@@ -37,7 +38,6 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 use crate::CacheError;
-use yaml_value::YamlValue;
 
 /// Which functions are cached, and for which tags. Serializes as a map from function name to
 /// [`CacheRule`], with patterns as their source strings (compiled again on deserialize), so it
@@ -84,16 +84,29 @@ impl CacheConfig {
     /// Reads the `cache:` section of a YAML document. `origin` names the document in errors
     /// and logs (usually its path).
     pub fn from_yaml_str(text: &str, origin: &str) -> Result<Self, CacheError> {
-        let document: Option<ConfigDocument> =
-            serde_saphyr::from_str(text).map_err(|error| CacheError::ConfigParse {
-                origin: origin.to_owned(),
-                line: error.location().map(|location| location.line()),
-                message: error.to_string(),
-            })?;
-        match document.and_then(|document| document.cache) {
-            None | Some(YamlValue::Null) => Ok(Self::new()),
-            Some(section) => parse_section(&section, origin),
+        let problem = |problem| config_error(origin, problem);
+        let Some(section) = section::read_section(text, "cache").map_err(problem)? else {
+            return Ok(Self::new());
+        };
+        let mut config = CacheConfig::new();
+        for (function, settings) in
+            section::enabled_functions(&section, "cache", "cache", origin).map_err(problem)?
+        {
+            let rule = match section::tag_patterns(function, settings.and_then(|s| s.get("tags")))
+                .map_err(problem)?
+            {
+                None => CacheRule::All,
+                Some(patterns) => CacheRule::Tags(patterns),
+            };
+            match &rule {
+                CacheRule::All => tracing::info!(origin, function, "cache: every call"),
+                CacheRule::Tags(patterns) => {
+                    tracing::info!(origin, function, tags = ?patterns.patterns(), "cache: calls with matching tags")
+                }
+            }
+            config.insert(function, rule);
         }
+        Ok(config)
     }
 
     /// Reads the `cache:` section of the YAML file at `path`.
@@ -196,103 +209,16 @@ fn compile_whole_match(source: &str) -> Result<Regex, InvalidPattern> {
     Regex::new(&format!("^(?:{source})$")).map_err(invalid)
 }
 
-/// The top level of the YAML file. Other sections (`bypass:`, ...) are skipped unread.
-#[derive(Deserialize)]
-struct ConfigDocument {
-    #[serde(default)]
-    cache: Option<YamlValue>,
-}
-
-fn parse_section(section: &YamlValue, origin: &str) -> Result<CacheConfig, CacheError> {
-    let YamlValue::Mapping(entries) = section else {
-        return Err(shape_error(
-            origin,
-            None,
-            format!("the `cache:` section must map function names to settings, not {}", section.describe()),
-        ));
-    };
-    let mut config = CacheConfig::new();
-    for (key, spec) in entries {
-        let Some(function) = key.as_str() else {
-            tracing::warn!(origin, key = %key.describe(), "cache config: ignoring a key that is not a function name");
-            continue;
-        };
-        if let Some(rule) = parse_function(function, spec, origin)? {
-            match &rule {
-                CacheRule::All => tracing::info!(origin, function, "cache: every call"),
-                CacheRule::Tags(patterns) => {
-                    tracing::info!(origin, function, tags = ?patterns.patterns(), "cache: calls with matching tags")
-                }
-            }
-            config.insert(function, rule);
+/// Names the file in a section problem.
+fn config_error(origin: &str, problem: section::Problem) -> CacheError {
+    let origin = origin.to_owned();
+    match problem {
+        section::Problem::Parse { line, message } => CacheError::ConfigParse { origin, line, message },
+        section::Problem::Shape { function, message } => {
+            CacheError::ConfigShape { origin, function, message }
+        }
+        section::Problem::InvalidTagPattern { function, pattern, source } => {
+            CacheError::InvalidTagPattern { origin, function, pattern, source }
         }
     }
-    Ok(config)
-}
-
-/// The rule for one function, `None` if it is not cached.
-fn parse_function(function: &str, spec: &YamlValue, origin: &str) -> Result<Option<CacheRule>, CacheError> {
-    let (enabled, tags) = match spec {
-        YamlValue::Bool(enabled) => (*enabled, None),
-        YamlValue::Mapping(_) => (parse_flag(function, spec.get("cache"), origin)?, spec.get("tags")),
-        other => {
-            tracing::warn!(
-                origin,
-                function,
-                spec = %other.describe(),
-                "cache config: ignoring a function whose setting is neither true/false nor a mapping"
-            );
-            return Ok(None);
-        }
-    };
-    if !enabled {
-        return Ok(None);
-    }
-    let sources = match tags {
-        None | Some(YamlValue::Null) => return Ok(Some(CacheRule::All)),
-        Some(YamlValue::String(pattern)) => vec![pattern.clone()],
-        Some(YamlValue::Sequence(items)) => items
-            .iter()
-            .map(|item| {
-                item.as_str().map(str::to_owned).ok_or_else(|| {
-                    shape_error(
-                        origin,
-                        Some(function),
-                        format!("each tag pattern must be a string, not {}", item.describe()),
-                    )
-                })
-            })
-            .collect::<Result<_, _>>()?,
-        Some(other) => {
-            return Err(shape_error(
-                origin,
-                Some(function),
-                format!("`tags:` must be a pattern or a list of patterns, not {}", other.describe()),
-            ));
-        }
-    };
-    let patterns = TagPatterns::new(sources).map_err(|invalid| CacheError::InvalidTagPattern {
-        origin: origin.to_owned(),
-        function: function.to_owned(),
-        pattern: invalid.pattern,
-        source: invalid.source,
-    })?;
-    Ok(Some(CacheRule::Tags(patterns)))
-}
-
-/// The inner `cache:` flag; absent or null means off, as `spec.get("cache", False)` did.
-fn parse_flag(function: &str, flag: Option<&YamlValue>, origin: &str) -> Result<bool, CacheError> {
-    match flag {
-        None | Some(YamlValue::Null) => Ok(false),
-        Some(YamlValue::Bool(enabled)) => Ok(*enabled),
-        Some(other) => Err(shape_error(
-            origin,
-            Some(function),
-            format!("`cache:` must be true or false, not {}", other.describe()),
-        )),
-    }
-}
-
-fn shape_error(origin: &str, function: Option<&str>, message: String) -> CacheError {
-    CacheError::ConfigShape { origin: origin.to_owned(), function: function.map(str::to_owned), message }
 }
