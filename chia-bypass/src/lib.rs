@@ -1,12 +1,14 @@
 //! `chia-bypass` owns chia's bypass: replacing a function's computation with pre-recorded data
-//! while the call is still dispatched with its usual resources. For now it holds the
-//! configuration, with no network and no dependency on the runtime:
+//! while the call is still dispatched with its usual resources. It holds what needs no network
+//! and no runtime:
 //!
 //! - [`BypassConfig`]: the `bypass:` section of the bypass/cache YAML, which says which
 //!   functions are bypassed, for which call tags, and which recorded file (`data:`) to serve.
+//! - [`BypassPlan`]: the configuration plus the providers and conditions registered for the
+//!   job, and [`BypassPlan::verdict`], the decision for one call in the original's order.
 //!
-//! Providers (the worker-side replacement functions and conditions) and the runtime
-//! integration (the bypass decision at dispatch, the head-pinned file server) come next.
+//! The runtime (`chia::bypass`) runs the decision at dispatch, the providers on workers and the
+//! head-pinned file server.
 //!
 //! ```
 //! use chia_bypass::BypassConfig;
@@ -40,7 +42,9 @@
 
 pub mod config;
 mod error;
+pub mod plan;
 
 pub use chia_cache::TagPatterns;
 pub use config::{BypassConfig, BypassRule};
 pub use error::BypassError;
+pub use plan::{BypassPlan, Decision, RunReason, Verdict};

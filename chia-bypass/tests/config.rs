@@ -224,6 +224,24 @@ fn from_file_uses_the_path_as_origin() {
 }
 
 #[test]
+fn from_file_resolves_relative_data_paths_against_the_file_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("loop.yaml");
+    std::fs::write(
+        &path,
+        "bypass:\n  rel:\n    bypass: true\n    data: recorded/perf.md\n  abs:\n    bypass: true\n    data: /srv/perf.md\n",
+    )
+    .expect("write yaml");
+    let config = BypassConfig::from_file(&path).expect("loads");
+    let data = |function| config.rule(function).and_then(|rule| rule.data.clone());
+    assert_eq!(data("rel"), Some(dir.path().join("recorded/perf.md")));
+    assert_eq!(data("abs"), Some(std::path::PathBuf::from("/srv/perf.md")));
+    // From a string there is no directory: the path stays as written.
+    let config = load("bypass:\n  rel:\n    bypass: true\n    data: recorded/perf.md\n");
+    assert_eq!(config.rule("rel").and_then(|rule| rule.data.clone()), Some("recorded/perf.md".into()));
+}
+
+#[test]
 fn from_file_names_a_missing_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let error = BypassConfig::from_file(dir.path().join("absent.yaml")).expect_err("missing file");

@@ -46,4 +46,8 @@ pub enum TaskError {
     /// The result could not be encoded on the worker.
     #[error("{function}: its result could not be encoded: {message}")]
     BadResult { function: String, message: String },
+    /// The call was bypassed and what replaced it failed: the provider returned an error, is
+    /// not linked into the worker, or the recorded `data:` file could not be read.
+    #[error("{function} (bypassed by {provider}): {message}")]
+    BypassFailed { function: String, provider: String, message: String },
 }

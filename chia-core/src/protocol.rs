@@ -41,6 +41,33 @@ pub struct TaskSpec {
     pub tag: Option<String>,
     /// How often the task may be re-run after its worker is lost (`-1`: without limit).
     pub max_retries: i32,
+    /// The caller decided to bypass this call: the worker runs this instead of the function.
+    #[serde(default)]
+    pub bypass: Option<BypassSpec>,
+    /// The job the call belongs to when it is made from inside another task (a nested call):
+    /// the session of the driver that started the chain. `None`: the submitting session's own.
+    #[serde(default)]
+    pub job: Option<SessionId>,
+}
+
+/// What replaces a bypassed call on the worker: the named provider, or (without one) the
+/// default provider, which returns the `data` file's contents read on the head.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BypassSpec {
+    pub provider: Option<String>,
+    /// The `data:` path of the function's bypass rule, passed to the provider.
+    pub data: Option<String>,
+}
+
+/// Settings of a job that every task of it sees, nested calls included (today: its bypass
+/// plan). Opaque to the head, which only stores and forwards them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSettings {
+    pub job: SessionId,
+    /// Grows with every change, so a worker can keep the decoded settings of a revision.
+    pub revision: u64,
+    #[serde(with = "serde_bytes")]
+    pub settings: Value,
 }
 
 /// What a worker joining the cluster offers.
@@ -165,6 +192,9 @@ pub enum PeerToHead {
     InstanceStopped {
         service: ServiceId,
     },
+    /// Replaces the settings of this session's job (`job` must be the session itself); the
+    /// head sends them with every task of the job.
+    SetJobSettings(JobSettings),
 }
 
 /// Which results a service watches: a function's, for every call (`tags: None`) or for calls
@@ -192,6 +222,11 @@ pub enum HeadToPeer {
         function: String,
         args: Vec<ArgValue>,
         tag: Option<String>,
+        #[serde(default)]
+        bypass: Option<BypassSpec>,
+        /// The settings of the task's job, if its driver set any.
+        #[serde(default)]
+        job: Option<JobSettings>,
     },
     /// A task this session submitted ended.
     Done {
@@ -237,11 +272,42 @@ pub enum HeadToPeer {
 /// exactly the bytes of its owned twin and peers decode it as a [`HeadToPeer`].
 #[derive(Clone, Debug, Serialize)]
 pub enum HeadToPeerRef<'a> {
-    Execute { task: TaskId, function: &'a str, args: Vec<ValueRef<'a>>, tag: Option<&'a str> },
-    Done { task: TaskId, done: DoneRef<'a> },
-    Fetched { task: TaskId, outcome: Option<OutcomeRef<'a>> },
-    StartInstance { task: TaskId, service: ServiceId, type_name: &'a str, args: Vec<ValueRef<'a>> },
-    CallInstance { task: TaskId, service: ServiceId, method: &'a str, args: Vec<ValueRef<'a>> },
+    Execute {
+        task: TaskId,
+        function: &'a str,
+        args: Vec<ValueRef<'a>>,
+        tag: Option<&'a str>,
+        bypass: Option<&'a BypassSpec>,
+        job: Option<JobSettingsRef<'a>>,
+    },
+    Done {
+        task: TaskId,
+        done: DoneRef<'a>,
+    },
+    Fetched {
+        task: TaskId,
+        outcome: Option<OutcomeRef<'a>>,
+    },
+    StartInstance {
+        task: TaskId,
+        service: ServiceId,
+        type_name: &'a str,
+        args: Vec<ValueRef<'a>>,
+    },
+    CallInstance {
+        task: TaskId,
+        service: ServiceId,
+        method: &'a str,
+        args: Vec<ValueRef<'a>>,
+    },
+}
+
+/// The borrowed twin of [`JobSettings`].
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct JobSettingsRef<'a> {
+    pub job: SessionId,
+    pub revision: u64,
+    pub settings: ValueRef<'a>,
 }
 
 /// A borrowed [`Value`].
@@ -334,6 +400,8 @@ mod tests {
             request: Resources::parse("adder=1,CPU=1").unwrap(),
             tag: Some("iter0".into()),
             max_retries: 3,
+            bypass: Some(BypassSpec { provider: Some("provider_42".into()), data: None }),
+            job: Some(SessionId(4)),
         });
         let mut out = Vec::new();
         encode_frame(&msg, &mut out).unwrap();
@@ -349,6 +417,7 @@ mod tests {
     fn borrowed_messages_encode_as_their_owned_twins() {
         let error = TaskError::UnknownFunction { function: "f".into() };
         let value = vec![9u8; 300];
+        let bypass = BypassSpec { provider: None, data: Some("/recorded/perf.md".into()) };
         let pairs: Vec<(HeadToPeerRef<'_>, HeadToPeer)> = vec![
             (
                 HeadToPeerRef::Execute {
@@ -356,12 +425,16 @@ mod tests {
                     function: "f",
                     args: vec![ValueRef(&value), ValueRef(&[])],
                     tag: Some("iter0"),
+                    bypass: Some(&bypass),
+                    job: Some(JobSettingsRef { job: SessionId(3), revision: 2, settings: ValueRef(&value) }),
                 },
                 HeadToPeer::Execute {
                     task: TaskId(1),
                     function: "f".into(),
                     args: vec![ArgValue(value.clone()), ArgValue(Vec::new())],
                     tag: Some("iter0".into()),
+                    bypass: Some(bypass.clone()),
+                    job: Some(JobSettings { job: SessionId(3), revision: 2, settings: value.clone() }),
                 },
             ),
             (

@@ -1,8 +1,10 @@
 //! The user API: [`Context`], typed [`ObjectRef`]s, [`Call`] builders, [`get`] and [`wait`].
 
+use crate::bypass::JobLink;
 use crate::client::{Client, SlotState};
 use crate::error::Error;
 use crate::registry::FunctionSpec;
+use chia_bypass::{Decision, RunReason};
 use chia_core::protocol::{Arg, PeerToHead, TaskSpec, Value};
 use chia_core::resources::CPU;
 use chia_core::{ResourceAmount, Resources, TaskError, TaskId};
@@ -25,6 +27,7 @@ use tokio::sync::Notify;
 pub struct Context {
     client: Arc<Client>,
     running: Option<RunningTask>,
+    job: JobLink,
     _keep_alive: Option<Arc<dyn Any + Send + Sync>>,
 }
 
@@ -38,7 +41,7 @@ struct RunningTask {
 
 impl Context {
     pub(crate) fn new(client: Arc<Client>, keep_alive: Option<Arc<dyn Any + Send + Sync>>) -> Context {
-        Context { client, running: None, _keep_alive: keep_alive }
+        Context { client, running: None, job: JobLink::own(), _keep_alive: keep_alive }
     }
 
     /// A context on an existing client connection (e.g. one made with
@@ -51,8 +54,19 @@ impl Context {
         Context {
             client: self.client.clone(),
             running: Some(RunningTask { task, blocked_sent: Arc::new(AtomicBool::new(false)) }),
+            job: self.job.clone(),
             _keep_alive: self._keep_alive.clone(),
         }
+    }
+
+    /// This context, making its calls as part of `job` (a task's context on a worker).
+    pub(crate) fn in_job(mut self, job: JobLink) -> Context {
+        self.job = job;
+        self
+    }
+
+    pub(crate) fn job(&self) -> &JobLink {
+        &self.job
     }
 
     /// The node this context runs on: the worker's node name, or `driver-…` for a driver.
@@ -100,7 +114,7 @@ impl Context {
     }
 }
 
-struct RefInner {
+pub(crate) struct RefInner {
     task: TaskId,
     client: Arc<Client>,
     caller: Option<RunningTask>,
@@ -131,6 +145,13 @@ impl<T> Clone for ObjectRef<T> {
 impl<T> std::fmt::Debug for ObjectRef<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "ObjectRef({})", self.inner.task)
+    }
+}
+
+impl<T> ObjectRef<T> {
+    /// A typed view of the ref an untyped argument holds.
+    pub(crate) fn from_inner(inner: Arc<RefInner>) -> ObjectRef<T> {
+        ObjectRef { inner, _type: PhantomData }
     }
 }
 
@@ -255,9 +276,9 @@ pub async fn wait<T>(
 }
 
 /// One argument of a call, already encoded (or a ref to another task's result).
-pub struct ArgInput(Result<ArgKind, String>);
+pub struct ArgInput(pub(crate) Result<ArgKind, String>);
 
-enum ArgKind {
+pub(crate) enum ArgKind {
     Value(Value),
     Ref(Arc<RefInner>),
 }
@@ -352,11 +373,42 @@ impl<T: DeserializeOwned> Call<T> {
     }
 
     /// Submits the call and returns its `ObjectRef` at once.
+    ///
+    /// When the job has a bypass plan that bypasses this call and registers a condition for
+    /// it, the condition runs here first, on this thread (see [`crate::bypass`]).
     pub fn remote(self, cx: &Context) -> ObjectRef<T> {
-        let Call { spec, args, tag, request, max_retries, invalid, .. } = self;
-        send_request(cx, spec.name, args, invalid, |task, args| {
-            PeerToHead::Submit(TaskSpec { task, function: spec.key(), args, request, tag, max_retries })
-        })
+        self.remote_with_decision(cx).0
+    }
+
+    /// Like [`Call::remote`], and says how the call was dispatched: run for real (and why), or
+    /// bypassed (and by what).
+    pub fn remote_with_decision(self, cx: &Context) -> (ObjectRef<T>, Decision) {
+        let Call { spec, mut args, tag, request, max_retries, mut invalid, .. } = self;
+        let (decision, bypass) = match invalid {
+            // An invalid call fails as it is; there is nothing to decide.
+            Some(_) => (Decision::Run(RunReason::NotBypassed), None),
+            None => match crate::bypass::decide(cx, spec.name, tag.as_deref(), &mut args) {
+                Ok(decided) => decided,
+                Err(message) => {
+                    invalid = Some(message);
+                    (Decision::Run(RunReason::NotBypassed), None)
+                }
+            },
+        };
+        let job = cx.job.nested_in();
+        let object = send_request(cx, spec.name, args, invalid, |task, args| {
+            PeerToHead::Submit(TaskSpec {
+                task,
+                function: spec.key(),
+                args,
+                request,
+                tag,
+                max_retries,
+                bypass,
+                job,
+            })
+        });
+        (object, decision)
     }
 
     /// Submits the call and blocks until its result is ready.

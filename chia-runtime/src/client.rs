@@ -8,7 +8,8 @@ use crate::error::Error;
 use crate::tls::{ClusterCredentials, HEAD_SERVER_NAME};
 use crate::transport::{FrameReader, FrameSender, TransportError};
 use chia_core::protocol::{
-    ArgValue, Done, HeadToPeer, Outcome, PROTOCOL_VERSION, PeerToHead, Value, WorkerOffer, decode_body,
+    ArgValue, BypassSpec, Done, HeadToPeer, JobSettings, Outcome, PROTOCOL_VERSION, PeerToHead, Value,
+    WorkerOffer, decode_body,
 };
 use chia_core::{NodeId, ServiceId, SessionId, TaskError, TaskId};
 use dashmap::DashMap;
@@ -21,8 +22,16 @@ use tokio::sync::{Notify, mpsc};
 /// Work the head asks this process (a worker) to do.
 #[derive(Debug)]
 pub enum Execution {
-    /// Run a function.
-    Task { task: TaskId, function: String, args: Vec<ArgValue>, tag: Option<String> },
+    /// Run a function, or what replaces it when `bypass` is set; `job` carries the settings
+    /// of the job the task belongs to.
+    Task {
+        task: TaskId,
+        function: String,
+        args: Vec<ArgValue>,
+        tag: Option<String>,
+        bypass: Option<BypassSpec>,
+        job: Option<JobSettings>,
+    },
     /// Construct a service instance.
     StartInstance { task: TaskId, service: ServiceId, type_name: String, args: Vec<ArgValue> },
     /// Call a method of an instance held here.
@@ -335,8 +344,8 @@ async fn read_loop(
                     slot.infeasible = Some(reason);
                 }
             }
-            HeadToPeer::Execute { task, function, args, tag } => {
-                forward(&executions, Execution::Task { task, function, args, tag })
+            HeadToPeer::Execute { task, function, args, tag, bypass, job } => {
+                forward(&executions, Execution::Task { task, function, args, tag, bypass, job })
             }
             HeadToPeer::StartInstance { task, service, type_name, args } => {
                 forward(&executions, Execution::StartInstance { task, service, type_name, args })

@@ -11,8 +11,8 @@ use crate::scheduler::{Command, Event, Scheduler};
 use crate::tls::{ClusterCredentials, HeadCredentials};
 use crate::transport::{FrameReader, FrameSender};
 use chia_core::protocol::{
-    Arg, Done, DoneRef, HeadToPeer, HeadToPeerRef, Outcome, PROTOCOL_VERSION, PeerToHead, TaskSpec, ValueRef,
-    WorkerOffer, decode_body,
+    Arg, BypassSpec, Done, DoneRef, HeadToPeer, HeadToPeerRef, JobSettings, JobSettingsRef, Outcome,
+    PROTOCOL_VERSION, PeerToHead, TaskSpec, ValueRef, WorkerOffer, decode_body,
 };
 use chia_core::{NodeId, SessionId, TaskError, TaskId};
 use services::{Services, instance_function, ref_args};
@@ -207,6 +207,11 @@ struct TaskRecord {
     /// The arguments until dispatch (refs are resolved then).
     args: Vec<Arg>,
     deps: Vec<TaskId>,
+    /// The job whose settings the task is sent with: its owner's, or for a nested call its
+    /// driver's.
+    job: SessionId,
+    /// What replaces the function, when the caller bypassed the call (boxed: most are not).
+    bypass: Option<Box<BypassSpec>>,
     running_on: Option<NodeId>,
     outcome: Option<Outcome>,
     /// The owner still holds an `ObjectRef` to it.
@@ -236,6 +241,8 @@ struct HeadCore {
     next_node: u64,
     last_infeasible: Option<String>,
     services: Services,
+    /// Settings of jobs (by driver session) that their tasks carry.
+    jobs: HashMap<SessionId, JobSettings>,
 }
 
 impl HeadCore {
@@ -249,6 +256,7 @@ impl HeadCore {
             next_node: 1,
             last_infeasible: None,
             services: Services::default(),
+            jobs: HashMap::new(),
         }
     }
 
@@ -374,6 +382,7 @@ impl HeadCore {
                 self.watch_results(session, task, method, rules)
             }
             PeerToHead::InstanceStopped { service } => self.instance_stopped(session, service),
+            PeerToHead::SetJobSettings(settings) => self.set_job_settings(session, settings),
             PeerToHead::Hello { .. } => tracing::warn!("{session} sent a second hello; ignored"),
         }
     }
@@ -403,6 +412,8 @@ impl HeadCore {
                 tag: spec.tag,
                 args: spec.args,
                 deps: deps.clone(),
+                job: spec.job.unwrap_or(session),
+                bypass: spec.bypass.map(Box::new),
                 running_on: None,
                 outcome: None,
                 owner_holds: true,
@@ -522,11 +533,18 @@ impl HeadCore {
         let args = std::mem::take(&mut record.args);
         let values = self.arg_values(task, &args);
         let Some(record) = self.tasks.get(&task) else { return };
+        let job = self.jobs.get(&record.job).map(|job| JobSettingsRef {
+            job: job.job,
+            revision: job.revision,
+            settings: ValueRef(&job.settings),
+        });
         let execute = HeadToPeerRef::Execute {
             task,
             function: &record.function,
             args: values,
             tag: record.tag.as_deref(),
+            bypass: record.bypass.as_deref(),
+            job,
         };
         let sent = self.sessions.get(&session).map(|peer| peer.sender.send(&execute));
         let name = record.function.clone();
@@ -585,8 +603,20 @@ impl HeadCore {
         self.feed(Event::TaskForgotten { task });
     }
 
+    fn set_job_settings(&mut self, session: SessionId, settings: JobSettings) {
+        if settings.job != session {
+            tracing::warn!("{session} sent settings for the job of {}; ignored", settings.job);
+            return;
+        }
+        let newer = self.jobs.get(&session).is_none_or(|current| current.revision < settings.revision);
+        if newer {
+            self.jobs.insert(session, settings);
+        }
+    }
+
     fn close(&mut self, session: SessionId, reason: &str) {
         let Some(closed) = self.sessions.remove(&session) else { return };
+        self.jobs.remove(&session);
         tracing::info!("{} ({session}) left: {reason}", closed.name);
         closed.sender.close();
         closed.connection.close(0u32.into(), b"closed");

@@ -33,6 +33,7 @@
 extern crate self as chia;
 
 pub mod api;
+pub mod bypass;
 pub mod cache;
 pub mod client;
 pub mod error;
@@ -51,7 +52,7 @@ pub use api::{ArgInput, Call, Context, IntoArg, ObjectRef, get, wait};
 pub use chia_core as core;
 pub use chia_core::protocol::ServiceInfo;
 pub use chia_core::{ResourceAmount, Resources, TaskError, TaskId};
-pub use chia_macros::{function, service};
+pub use chia_macros::{condition, function, provider, service};
 pub use error::Error;
 pub use local::{Init, LocalCluster, init};
 /// A byte buffer that serializes as one binary blob: use it (not `Vec<u8>`, which serde

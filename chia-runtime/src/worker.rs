@@ -3,6 +3,7 @@
 //! panics fails only its task; the worker keeps serving.
 
 use crate::api::Context;
+use crate::bypass::{PlanCache, provide};
 use crate::client::{Client, Execution};
 use crate::error::Error;
 use crate::head::HEAD_NODE_NAME;
@@ -104,9 +105,30 @@ async fn serve(
     stopped: tokio::sync::watch::Sender<bool>,
 ) {
     let instances: Arc<DashMap<ServiceId, InstanceQueue>> = Arc::default();
+    let mut plans = PlanCache::default();
     while let Some(execution) = executions.recv().await {
         match execution {
-            Execution::Task { task, function, args, tag: _ } => start(&context, task, function, args),
+            Execution::Task { task, function, args, tag, bypass, job } => {
+                let context = match plans.link(job) {
+                    Ok(Some(job)) => context.for_task(task).in_job(job),
+                    Ok(None) => context.for_task(task),
+                    Err(message) => {
+                        let error = TaskError::InvalidCall { function: function.clone(), message };
+                        report(context.client(), task, &function, Outcome::Failed(error));
+                        continue;
+                    }
+                };
+                match bypass {
+                    Some(bypass) => {
+                        tokio::spawn(async move {
+                            let client = context.client().clone();
+                            let name = function.clone();
+                            report(&client, task, &name, provide(context, function, tag, args, bypass).await);
+                        });
+                    }
+                    None => start(context, task, function, args),
+                }
+            }
             Execution::StartInstance { task, service, type_name, args } => {
                 tokio::spawn(start_instance(
                     context.clone(),
@@ -131,10 +153,10 @@ async fn serve(
     let _ = stopped.send(true);
 }
 
-/// Starts one task: a sync function on the blocking pool, an async one as a task. Each reports
-/// its own outcome when it ends, so no task waits in between.
-fn start(context: &Context, task: TaskId, function: String, args: Vec<ArgValue>) {
-    let client: Arc<Client> = context.client().clone();
+/// Starts one task in `task_context`: a sync function on the blocking pool, an async one as a
+/// task. Each reports its own outcome when it ends, so no task waits in between.
+fn start(task_context: Context, task: TaskId, function: String, args: Vec<ArgValue>) {
+    let client: Arc<Client> = task_context.client().clone();
     let Some(spec) = registry::functions().get(function.as_str()).copied() else {
         // The head only sends what this worker offered; this guards against a head bug.
         report(
@@ -145,7 +167,6 @@ fn start(context: &Context, task: TaskId, function: String, args: Vec<ArgValue>)
         );
         return;
     };
-    let task_context = context.for_task(task);
     match spec.invoke {
         Invoke::Sync(invoke) => {
             tokio::task::spawn_blocking(move || {
@@ -304,7 +325,7 @@ fn report(client: &Client, task: TaskId, function: &str, outcome: Outcome) {
 }
 
 /// Resolves to the future's output, or to the panic it raised while being polled.
-struct CatchUnwind<F>(F);
+pub(crate) struct CatchUnwind<F>(pub(crate) F);
 
 impl<F: Future + Unpin> Future for CatchUnwind<F> {
     type Output = std::thread::Result<F::Output>;

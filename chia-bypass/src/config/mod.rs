@@ -26,8 +26,9 @@
 //!   invalid pattern is an error at load naming the file, the function and the pattern.
 //! - The inner `bypass:` must be a boolean (YAML 1.1 spellings such as `yes`/`no` included, as
 //!   PyYAML read them), each tag pattern a string, and `data:` a non-empty string; anything else
-//!   is an error naming the function. `data:` is kept as written: a relative path is relative to
-//!   the working directory of the process that serves it.
+//!   is an error naming the function. A relative `data:` path read by
+//!   [`BypassConfig::from_file`] is relative to the YAML file's directory; one read from a
+//!   string is kept as written. The file is read on the head node, so the path names a file there.
 //! - A `bypass:` section that is empty (null) is an empty configuration; one that is not a
 //!   mapping is an error.
 
@@ -99,11 +100,20 @@ impl BypassConfig {
     }
 
     /// Reads the `bypass:` section of the YAML file at `path`.
+    /// A relative `data:` path is taken relative to the file's directory, so a configuration
+    /// and its recorded data can move together.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, BypassError> {
         let path = path.as_ref();
         let text = fs::read_to_string(path)
             .map_err(|source| BypassError::ConfigRead { path: path.to_owned(), source })?;
-        Self::from_yaml_str(&text, &path.display().to_string())
+        let mut config = Self::from_yaml_str(&text, &path.display().to_string())?;
+        let directory = path.parent().unwrap_or(Path::new(""));
+        for rule in config.functions.values_mut() {
+            if let Some(data) = rule.data.as_mut().filter(|data| data.is_relative()) {
+                *data = directory.join(&*data);
+            }
+        }
+        Ok(config)
     }
 
     /// Does the configuration bypass `function` on a call tagged `tag`? The configuration's part

@@ -27,6 +27,7 @@
 //! `pub(super)`. All generated code names the runtime by absolute `::chia::` paths. The
 //! function must be a free function at module level (not inside a block or an `impl`).
 
+mod bypass;
 mod service;
 mod signature;
 
@@ -87,6 +88,35 @@ pub fn service(attr: TokenStream, item: TokenStream) -> TokenStream {
         Err(error) => {
             let mut tokens = error.to_compile_error();
             item_impl.to_tokens(&mut tokens);
+            tokens.into()
+        }
+    }
+}
+
+/// Registers a bypass provider under a name (option `name = "..."`, default the function's
+/// identifier): `fn(call: &chia::bypass::BypassCall) -> T` (or `async`, or `Result<T, E>`),
+/// where `T` is the bypassed function's value type or `chia::bypass::Provided`. The module
+/// of the same name holds `PROVIDER`, which `Bypass::set_provider` takes.
+#[proc_macro_attribute]
+pub fn provider(attr: TokenStream, item: TokenStream) -> TokenStream {
+    expand_bypass(bypass::Kind::Provider, attr, item)
+}
+
+/// Registers a bypass condition under a name (option `name = "..."`): `fn(call:
+/// &chia::bypass::BypassCall) -> bool` (or `async`, or `Result<bool, E>`). The module of the
+/// same name holds `CONDITION`, which `Bypass::set_cond` takes.
+#[proc_macro_attribute]
+pub fn condition(attr: TokenStream, item: TokenStream) -> TokenStream {
+    expand_bypass(bypass::Kind::Condition, attr, item)
+}
+
+fn expand_bypass(kind: bypass::Kind, attr: TokenStream, item: TokenStream) -> TokenStream {
+    let item_fn = syn::parse_macro_input!(item as ItemFn);
+    match syn::parse::<bypass::Options>(attr).and_then(|options| bypass::expand(kind, options, &item_fn)) {
+        Ok(tokens) => tokens.into(),
+        Err(error) => {
+            let mut tokens = error.to_compile_error();
+            item_fn.to_tokens(&mut tokens);
             tokens.into()
         }
     }

@@ -1,0 +1,522 @@
+//! Bypass at run time: replacing a call's computation with a provider while the call is still
+//! dispatched with its function's resources, as configured by the `bypass:` YAML section.
+//!
+//! - The **caller** decides ([`Call::remote`](crate::Call::remote)): the function is
+//!   `bypass: true`, it has a provider or a `data:` file, its tag matches the `tags:` (if any),
+//!   and the registered condition (if any) returns true, in that order. The decision travels
+//!   with the submission.
+//! - The **worker** chosen for the call runs the named provider instead of the function (or,
+//!   without one, returns the `data:` file's text, read on the head through the file server).
+//! - The configuration belongs to the **job**: [`Bypass`] installs it on the driver's context,
+//!   the head ships it with every task of the job, and calls made inside those tasks decide
+//!   exactly as the driver does.
+//!
+//! Rust cannot send closures to other machines, so providers and conditions are functions
+//! registered by name with [`#[chia::provider]`](macro@crate::provider) and
+//! [`#[chia::condition]`](macro@crate::condition); every binary that may run them (workers for
+//! providers, callers for conditions) links them, as it links the remote functions.
+//!
+//! ```no_run
+//! # extern crate chia_runtime as chia;
+//! use chia::bypass::{Bypass, BypassCall};
+//!
+//! #[chia::function(resources(adder = 1))]
+//! fn simple_add(x: i64, y: i64) -> i64 {
+//!     x + y
+//! }
+//!
+//! /// Answers every bypassed call with 42, on the worker the real call would have used.
+//! #[chia::provider]
+//! fn provider_42(_call: &BypassCall) -> i64 {
+//!     42
+//! }
+//!
+//! # async fn demo(cx: &chia::Context) -> Result<(), chia::Error> {
+//! let bypass = Bypass::load(cx, Some("loop.yaml".as_ref())).await?; // `simple_add: true`
+//! bypass.set_provider("simple_add", &provider_42::PROVIDER)?;
+//! assert_eq!(simple_add::remote(cx, 1, 2).get().await?, 42);
+//! # Ok(()) }
+//! # fn main() {}
+//! ```
+//!
+//! With no YAML (`Bypass::load(cx, None)`), nothing is installed and dispatch does not look
+//! at bypass at all.
+
+mod files;
+mod replay;
+
+pub use chia_bypass::{BypassConfig, BypassPlan, Decision, RunReason};
+pub use files::{BypassFiles, BypassFilesHandle};
+
+use crate::api::{ArgInput, ArgKind, Context, ObjectRef};
+use crate::error::Error;
+use crate::registry::panic_message;
+use crate::service::ServiceOptions;
+use crate::worker::CatchUnwind;
+use chia_bypass::Verdict;
+use chia_core::protocol::{ArgValue, BypassSpec, JobSettings, Outcome, PeerToHead, Value};
+use chia_core::{SessionId, TaskError};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+/// A boxed, sendable future borrowing from its caller (what providers and conditions return).
+pub type BoxFutureRef<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A provider registered with `#[chia::provider]`: `run` returns the serialized value or the
+/// error's text.
+pub struct ProviderSpec {
+    pub name: &'static str,
+    pub run: for<'a> fn(&'a BypassCall) -> BoxFutureRef<'a, Result<Value, String>>,
+}
+
+/// A condition registered with `#[chia::condition]`.
+pub struct ConditionSpec {
+    pub name: &'static str,
+    pub check: for<'a> fn(&'a BypassCall) -> BoxFutureRef<'a, Result<bool, String>>,
+}
+
+inventory::collect!(ProviderSpec);
+inventory::collect!(ConditionSpec);
+
+/// Providers linked into this binary, by name.
+pub fn providers() -> &'static HashMap<&'static str, &'static ProviderSpec> {
+    static ALL: OnceLock<HashMap<&'static str, &'static ProviderSpec>> = OnceLock::new();
+    ALL.get_or_init(|| by_name(inventory::iter::<ProviderSpec>.into_iter().map(|spec| (spec.name, spec))))
+}
+
+/// Conditions linked into this binary, by name.
+pub fn conditions() -> &'static HashMap<&'static str, &'static ConditionSpec> {
+    static ALL: OnceLock<HashMap<&'static str, &'static ConditionSpec>> = OnceLock::new();
+    ALL.get_or_init(|| by_name(inventory::iter::<ConditionSpec>.into_iter().map(|spec| (spec.name, spec))))
+}
+
+fn by_name<T>(specs: impl Iterator<Item = (&'static str, T)>) -> HashMap<&'static str, T> {
+    let mut all = HashMap::new();
+    for (name, spec) in specs {
+        if all.insert(name, spec).is_some() {
+            tracing::error!(
+                "two bypass providers or conditions are registered as {name:?}; the second wins — give one a `name = \"...\"`"
+            );
+        }
+    }
+    all
+}
+
+/// What a provider returns when its value is already serialized (e.g. bytes read from the
+/// cache): passed on unchanged. A provider may also return any `Serialize` value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Provided(Value);
+
+impl Provided {
+    /// Bytes that already are a serialized value of the function's return type; a mismatch
+    /// is a decode error at `get`.
+    pub fn encoded(bytes: impl Into<Vec<u8>>) -> Provided {
+        Provided(bytes.into())
+    }
+
+    /// Serializes `value` as the runtime serializes results.
+    pub fn value<T: Serialize + ?Sized>(value: &T) -> Result<Provided, Error> {
+        rmp_serde::to_vec_named(value).map(Provided).map_err(|e| Error::Setup(format!("cannot encode: {e}")))
+    }
+}
+
+/// What a provider's value can be: a [`Provided`] (passed on as it is) or any `Serialize`.
+pub trait IntoProvided {
+    fn into_provided(self) -> Result<Value, String>;
+}
+
+impl IntoProvided for Provided {
+    fn into_provided(self) -> Result<Value, String> {
+        Ok(self.0)
+    }
+}
+
+impl<T: Serialize> IntoProvided for T {
+    fn into_provided(self) -> Result<Value, String> {
+        rmp_serde::to_vec_named(&self).map_err(|e| format!("its value could not be encoded: {e}"))
+    }
+}
+
+/// What a provider and a condition receive: the call's tag, its `data:` path and its
+/// arguments (the original's `(tag, data_path, *args)`), and a context to reach the cluster.
+pub struct BypassCall {
+    function: String,
+    tag: Option<String>,
+    data: Option<PathBuf>,
+    args: Vec<ArgKind>,
+    file_server: Option<String>,
+    context: Context,
+}
+
+impl BypassCall {
+    /// The bypassed function's name.
+    pub fn function(&self) -> &str {
+        &self.function
+    }
+
+    /// The call's tag (`_chia_tag`).
+    pub fn tag(&self) -> Option<&str> {
+        self.tag.as_deref()
+    }
+
+    /// The function's `data:` path, as the configuration names it (a file on the head node).
+    pub fn data_path(&self) -> Option<&Path> {
+        self.data.as_deref()
+    }
+
+    pub fn arg_count(&self) -> usize {
+        self.args.len()
+    }
+
+    /// Argument `index`, decoded as `T`. On the caller (a condition) an argument that is an
+    /// `ObjectRef` is waited for; on the worker (a provider) every argument is a value.
+    pub async fn arg<T: DeserializeOwned>(&self, index: usize) -> Result<T, Error> {
+        let bad = |message: String| {
+            Error::Task(TaskError::BadArgument { function: self.function.clone(), index, message })
+        };
+        match self.args.get(index) {
+            None => Err(bad(format!("the call has {} argument(s)", self.args.len()))),
+            Some(ArgKind::Value(value)) => rmp_serde::from_slice(value).map_err(|e| bad(e.to_string())),
+            Some(ArgKind::Ref(inner)) => ObjectRef::<T>::from_inner(inner.clone()).get().await,
+        }
+    }
+
+    /// The serialized bytes of argument `index`, when it is a value (not a pending ref).
+    pub fn encoded_arg(&self, index: usize) -> Option<&[u8]> {
+        match self.args.get(index)? {
+            ArgKind::Value(value) => Some(value),
+            ArgKind::Ref(_) => None,
+        }
+    }
+
+    /// A context on the cluster (to call the cache, other services or functions).
+    pub fn context(&self) -> &Context {
+        &self.context
+    }
+
+    /// The text of the function's `data:` file, read on the head node.
+    pub async fn read_data(&self) -> Result<String, Error> {
+        let path = self.data.as_deref().ok_or_else(|| {
+            Error::Setup(format!("{} has no `data:` path in the bypass configuration", self.function))
+        })?;
+        let bytes = self.read_file(path).await?;
+        String::from_utf8(bytes)
+            .map_err(|e| Error::Setup(format!("data file {} is not UTF-8 text: {e}", path.display())))
+    }
+
+    /// The bytes of `path`, read on the head node by the job's file server. Only the `data:`
+    /// files the job's configuration names can be read.
+    pub async fn read_file(&self, path: &Path) -> Result<Vec<u8>, Error> {
+        let name = self.file_server.as_deref().ok_or_else(|| {
+            Error::Setup(format!(
+                "cannot read {}: the job's bypass configuration names no `data:` files, so no file server runs",
+                path.display()
+            ))
+        })?;
+        let server = BypassFilesHandle::lookup(&self.context, name, None).await?.ok_or_else(|| {
+            Error::Task(TaskError::ServiceUnavailable {
+                service: name.to_string(),
+                message: "the bypass file server is gone (its driver ended)".into(),
+            })
+        })?;
+        Ok(server.read(path.to_string_lossy().into_owned()).get().await?.into_vec())
+    }
+}
+
+// ---------------------------------------------------------------------------- the job's plan
+
+/// Which job a context's calls belong to, and so which bypass plan they follow.
+#[derive(Clone)]
+pub(crate) enum JobLink {
+    /// The context's own session is the job (a driver): the plan its [`Bypass`] installs.
+    Own(Arc<OwnJob>),
+    /// A task's context: the job the task belongs to, with its plan as the head sent it.
+    Task { job: SessionId, plan: Option<Arc<BypassPlan>> },
+}
+
+#[derive(Default)]
+pub(crate) struct OwnJob {
+    plan: RwLock<Option<Arc<BypassPlan>>>,
+    revision: AtomicU64,
+}
+
+impl JobLink {
+    pub(crate) fn own() -> JobLink {
+        JobLink::Own(Arc::default())
+    }
+
+    /// The plan calls follow; `None` (no YAML, or nothing bypassed) skips bypass entirely.
+    pub(crate) fn plan(&self) -> Option<Arc<BypassPlan>> {
+        match self {
+            JobLink::Own(own) => own.plan.read().unwrap_or_else(|p| p.into_inner()).clone(),
+            JobLink::Task { plan, .. } => plan.clone(),
+        }
+    }
+
+    /// The job a submission names: a nested call belongs to its parent's job.
+    pub(crate) fn nested_in(&self) -> Option<SessionId> {
+        match self {
+            JobLink::Own(_) => None,
+            JobLink::Task { job, .. } => Some(*job),
+        }
+    }
+}
+
+/// Decodes the job settings the head sent with a task, keeping the latest revision of each job
+/// so a worker decodes (and compiles the patterns of) a plan once, not once per task.
+#[derive(Default)]
+pub(crate) struct PlanCache {
+    plans: HashMap<SessionId, (u64, Arc<BypassPlan>)>,
+}
+
+/// More jobs than this seen by one worker: start over (a job's plan is decoded again on its
+/// next task), so a long-lived worker does not keep every job it ever served.
+const PLAN_CACHE_JOBS: usize = 256;
+
+impl PlanCache {
+    pub(crate) fn link(&mut self, settings: Option<JobSettings>) -> Result<Option<JobLink>, String> {
+        let Some(JobSettings { job, revision, settings }) = settings else { return Ok(None) };
+        if let Some((cached, plan)) = self.plans.get(&job)
+            && *cached == revision
+        {
+            return Ok(Some(JobLink::Task { job, plan: Some(plan.clone()) }));
+        }
+        let plan: BypassPlan = rmp_serde::from_slice(&settings)
+            .map_err(|e| format!("the job's bypass plan could not be decoded (driver and worker built from different code?): {e}"))?;
+        let plan = Arc::new(plan);
+        if self.plans.len() >= PLAN_CACHE_JOBS {
+            self.plans.clear();
+        }
+        self.plans.insert(job, (revision, plan.clone()));
+        Ok(Some(JobLink::Task { job, plan: Some(plan) }))
+    }
+}
+
+// ---------------------------------------------------------------------------- the Bypass object
+
+/// The bypass of a job: loaded from the YAML on the driver, with providers and conditions
+/// registered per function. Every change is sent to the head at once, so calls submitted
+/// afterwards (and calls nested in them) follow it.
+pub struct Bypass {
+    cx: Context,
+    own: Arc<OwnJob>,
+    plan: Mutex<BypassPlan>,
+}
+
+impl Bypass {
+    /// Reads the `bypass:` section of `yaml_path` (relative `data:` paths are relative to the
+    /// file) and installs it on `cx`'s job. `None` is a bypass that does nothing.
+    pub async fn load(cx: &Context, yaml_path: Option<&Path>) -> Result<Bypass, Error> {
+        let config = match yaml_path {
+            Some(path) => BypassConfig::from_file(path).map_err(|e| Error::Setup(e.to_string()))?,
+            None => BypassConfig::default(),
+        };
+        Bypass::with_config(cx, config).await
+    }
+
+    /// Installs `config` on `cx`'s job. With `data:` files, starts the job's file server on the
+    /// head node (it ends with the driver).
+    pub async fn with_config(cx: &Context, config: BypassConfig) -> Result<Bypass, Error> {
+        let JobLink::Own(own) = cx.job().clone() else {
+            return Err(Error::Setup(
+                "a bypass is installed by the driver; calls inside tasks follow their driver's".into(),
+            ));
+        };
+        let mut plan = BypassPlan::new(config);
+        let data_paths: Vec<String> =
+            plan.config.data_paths().iter().map(|path| path.to_string_lossy().into_owned()).collect();
+        if !data_paths.is_empty() {
+            let generation = own.revision.load(Ordering::Relaxed);
+            let name = format!("chia.bypass.files.{}.{generation}", cx.client().session().0);
+            let options = ServiceOptions::named(&name).on_head();
+            BypassFilesHandle::start(cx, options, data_paths).await?;
+            plan.file_server = Some(name);
+        }
+        let bypass = Bypass { cx: cx.clone(), own, plan: Mutex::new(plan) };
+        bypass.publish()?;
+        Ok(bypass)
+    }
+
+    /// Runs `provider` instead of `function` on bypassed calls (`#[chia::provider]` makes
+    /// `my_provider::PROVIDER`).
+    pub fn set_provider(&self, function: &str, provider: &'static ProviderSpec) -> Result<(), Error> {
+        self.change(|plan| {
+            plan.providers.insert(function.to_string(), provider.name.to_string());
+        })
+    }
+
+    /// Bypasses `function`'s calls only when `condition` returns true; it runs on the caller,
+    /// last (`#[chia::condition]` makes `my_condition::CONDITION`).
+    pub fn set_cond(&self, function: &str, condition: &'static ConditionSpec) -> Result<(), Error> {
+        self.change(|plan| {
+            plan.conditions.insert(function.to_string(), condition.name.to_string());
+        })
+    }
+
+    /// The populate-then-replay workflow in one line: `function`'s bypassed calls return the
+    /// value the cache (the default namespace's) holds under their tag, and are bypassed only
+    /// when it holds one; other calls run (and are cached, if configured).
+    pub fn replay_from_cache(&self, function: &str) -> Result<(), Error> {
+        self.change(|plan| {
+            plan.providers.insert(function.to_string(), replay::cache_replay::PROVIDER.name.to_string());
+            plan.conditions.insert(function.to_string(), replay::cache_hit::CONDITION.name.to_string());
+        })
+    }
+
+    /// The plan calls follow now.
+    pub fn plan(&self) -> BypassPlan {
+        self.plan.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn change(&self, edit: impl FnOnce(&mut BypassPlan)) -> Result<(), Error> {
+        edit(&mut self.plan.lock().unwrap_or_else(|p| p.into_inner()));
+        self.publish()
+    }
+
+    /// Installs the plan on the driver and sends it to the head, before any later submission
+    /// (both travel on the one control stream, in order).
+    fn publish(&self) -> Result<(), Error> {
+        let plan = self.plan();
+        let installed = (!plan.is_empty()).then(|| Arc::new(plan));
+        if let Some(plan) = &installed {
+            let settings = rmp_serde::to_vec_named(&**plan)
+                .map_err(|e| Error::Setup(format!("the bypass plan cannot be encoded: {e}")))?;
+            let revision = self.own.revision.fetch_add(1, Ordering::Relaxed) + 1;
+            let job = self.cx.client().session();
+            self.cx
+                .client()
+                .send(&PeerToHead::SetJobSettings(JobSettings { job, revision, settings }))
+                .map_err(|e| Error::Disconnected(e.to_string()))?;
+        }
+        *self.own.plan.write().unwrap_or_else(|p| p.into_inner()) = installed;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------- the decision
+
+/// Decides a call on the caller. `Err` makes the call invalid (a condition that is not linked
+/// here, or that cannot run on this thread).
+pub(crate) fn decide(
+    cx: &Context,
+    function: &str,
+    tag: Option<&str>,
+    args: &mut Vec<ArgInput>,
+) -> Result<(Decision, Option<BypassSpec>), String> {
+    let Some(plan) = cx.job().plan() else { return Ok((Decision::Run(RunReason::NotBypassed), None)) };
+    let (provider, data, condition) = match plan.verdict(function, tag) {
+        Verdict::Run(reason) => {
+            if reason == RunReason::NoProvider {
+                warn_no_provider_once(function);
+            }
+            return Ok((Decision::Run(reason), None));
+        }
+        Verdict::Bypass { provider, data, condition } => (provider, data, condition),
+    };
+    let spec = BypassSpec {
+        provider: provider.map(str::to_string),
+        data: data.map(|path| path.to_string_lossy().into_owned()),
+    };
+    if let Some(name) = condition {
+        let Some(condition) = conditions().get(name).copied() else {
+            return Err(format!(
+                "its bypass condition {name} is not linked into this binary ({}); define it with #[chia::condition] in a crate this binary links",
+                cx.node_name()
+            ));
+        };
+        // An argument that failed to encode makes the call invalid; it is reported as such.
+        if args.iter().any(|arg| arg.0.is_err()) {
+            return Ok((Decision::Run(RunReason::NotBypassed), None));
+        }
+        let call = BypassCall {
+            function: function.to_string(),
+            tag: tag.map(str::to_string),
+            data: data.map(Path::to_path_buf),
+            args: std::mem::take(args).into_iter().filter_map(|arg| arg.0.ok()).collect(),
+            file_server: plan.file_server.clone(),
+            context: cx.clone(),
+        };
+        let checked = crate::api::block_on(cx.client().runtime(), CatchUnwind((condition.check)(&call)));
+        *args = call.args.into_iter().map(|arg| ArgInput(Ok(arg))).collect();
+        let failed = |message: String| {
+            tracing::warn!("bypass condition {name} of {function} failed, so the call runs: {message}");
+            Ok((Decision::Run(RunReason::ConditionFailed { condition: name.to_string(), message }), None))
+        };
+        match checked.map_err(|e| e.to_string())? {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => {
+                return Ok((Decision::Run(RunReason::ConditionFalse { condition: name.to_string() }), None));
+            }
+            Ok(Err(message)) => return failed(message),
+            Err(panic) => return failed(format!("panicked: {}", panic_message(panic))),
+        }
+    }
+    Ok((Decision::Bypassed { provider: spec.provider.clone(), data: spec.data.clone() }, Some(spec)))
+}
+
+/// `bypass: true` without a provider or data: said once per function and process, not per call.
+fn warn_no_provider_once(function: &str) {
+    static WARNED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
+    if warned.get_or_insert_default().insert(function.to_string()) {
+        tracing::warn!(
+            "{function} is `bypass: true` but has no provider and no `data:` path, so it runs for real; register one with Bypass::set_provider"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------- on the worker
+
+/// Runs what replaces a bypassed call on the worker and says how it ended.
+pub(crate) async fn provide(
+    context: Context,
+    function: String,
+    tag: Option<String>,
+    args: Vec<ArgValue>,
+    spec: BypassSpec,
+) -> Outcome {
+    let file_server = context.job().plan().and_then(|plan| plan.file_server.clone());
+    let call = BypassCall {
+        function,
+        tag,
+        data: spec.data.map(PathBuf::from),
+        args: args.into_iter().map(|arg| ArgKind::Value(arg.0)).collect(),
+        file_server,
+        context,
+    };
+    let (provider, result) = match spec.provider.as_deref() {
+        Some(name) => match providers().get(name) {
+            Some(provider) => (name.to_string(), CatchUnwind((provider.run)(&call)).await),
+            None => (
+                name.to_string(),
+                Ok(Err(format!(
+                    "the provider is not linked into the worker binary on node {}; define it with #[chia::provider] in a crate the worker links",
+                    call.context.node_name()
+                ))),
+            ),
+        },
+        None => ("the file server".to_string(), CatchUnwind(Box::pin(serve_data(&call))).await),
+    };
+    match result {
+        Ok(Ok(value)) => Outcome::Value(value),
+        Ok(Err(message)) => {
+            Outcome::Failed(TaskError::BypassFailed { function: call.function, provider, message })
+        }
+        Err(panic) => Outcome::Failed(TaskError::BypassFailed {
+            function: call.function,
+            provider,
+            message: format!("panicked: {}", panic_message(panic)),
+        }),
+    }
+}
+
+/// The default provider: the `data:` file's text.
+async fn serve_data(call: &BypassCall) -> Result<Value, String> {
+    call.read_data().await.map_err(|e| e.to_string())?.into_provided()
+}
