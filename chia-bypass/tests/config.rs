@@ -197,7 +197,7 @@ fn yaml_1_1_booleans_read_as_pyyaml_read_them() {
 
 #[test]
 fn the_bypass_cache_example_file_has_both_sections() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bypass_cache.yaml");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/bypass_cache/bypass_cache.yaml");
 
     let bypass = BypassConfig::from_file(&path).expect("bypass section");
     assert_eq!(names(&bypass), ["expensive_step"]);

@@ -79,6 +79,7 @@ impl HeadHandle {
 
     /// Stops accepting and closes every connection.
     pub fn shutdown(&self) {
+        lock(&self.core).shutting_down = true;
         self.endpoint.close(0u32.into(), b"head shutting down");
     }
 
@@ -243,6 +244,8 @@ struct HeadCore {
     services: Services,
     /// Settings of jobs (by driver session) that their tasks carry.
     jobs: HashMap<SessionId, JobSettings>,
+    /// The head is closing every connection: what ends now ends on purpose, not by failure.
+    shutting_down: bool,
 }
 
 impl HeadCore {
@@ -257,6 +260,7 @@ impl HeadCore {
             last_infeasible: None,
             services: Services::default(),
             jobs: HashMap::new(),
+            shutting_down: false,
         }
     }
 

@@ -43,6 +43,18 @@ pub async fn sum_of_squares(cx: &Context, n: i64) -> Result<Placed<i64>, chia::E
     Ok(Placed { value: total, node: cx.node_name().to_string() })
 }
 
+/// How long one [`expensive_step`] takes: long enough to see, short enough to run twice.
+pub const EXPENSIVE_STEP: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// One expensive step of a loop (a build, a simulation): about a second, and it says so on
+/// the node's standard output when it really runs, so a replayed run shows none of these lines.
+#[chia::function]
+pub fn expensive_step(iteration: u32, call: u32, x: i64) -> i64 {
+    println!("[REAL RUN] iter{iteration} call{call}");
+    std::thread::sleep(EXPENSIVE_STEP);
+    x * x
+}
+
 /// Does nothing; a binary calls it so the linker keeps this library, and with it the
 /// registrations of the functions above.
 pub fn link() {}

@@ -394,7 +394,7 @@ fn expand(options: Options, item: &ItemFn) -> syn::Result<TokenStream2> {
 
             /// Submits the call; returns its `ObjectRef` at once.
             #item_vis fn remote(#cx: &::chia::Context, #(#inputs),*) -> ::chia::ObjectRef<#value_ty> {
-                call(#(#names),*).remote(#cx)
+                self::call(#(#names),*).remote(#cx)
             }
 
             /// Submits the call and blocks until its result is ready.
@@ -402,7 +402,7 @@ fn expand(options: Options, item: &ItemFn) -> syn::Result<TokenStream2> {
                 #cx: &::chia::Context,
                 #(#inputs),*
             ) -> ::std::result::Result<#value_ty, ::chia::Error> {
-                call(#(#names),*).remote_blocking(#cx)
+                self::call(#(#names),*).remote_blocking(#cx)
             }
 
             #[allow(deprecated)]

@@ -341,7 +341,11 @@ impl HeadCore {
         if self.services.names.get(&key) == Some(&service) {
             self.services.names.remove(&key);
         }
-        tracing::warn!("service {:?} ({}) ended: {error}", record.info.name, record.info.type_name);
+        if self.shutting_down {
+            tracing::debug!("service {:?} ({}) ended with the head", record.info.name, record.info.type_name);
+        } else {
+            tracing::warn!("service {:?} ({}) ended: {error}", record.info.name, record.info.type_name);
+        }
         let mut answer = record.waiters;
         if !record.ready && !record.stopping {
             answer.push((record.owner, record.creation));
