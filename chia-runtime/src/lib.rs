@@ -25,6 +25,8 @@
 //!
 //! Stateful services (`#[chia::service]` on an `impl` block, started with [`ServiceOptions`]
 //! and resolved by name through the head) are described in [`mod@service`].
+//! The result cache is [`mod@cache`]; replaying recorded or cached results instead of running
+//! a function (`bypass:`) is [`mod@bypass`].
 //!
 //! The I/O-free parts live in [`scheduler`] (the head's state machine) and in `chia-core`
 //! (ids, resources, wire protocol).

@@ -1,5 +1,6 @@
-//! The `#[chia::function]` and `#[chia::service]` attribute macros, re-exported by the runtime as
-//! `chia::function` and `chia::service` (the latter is described in the `service` module).
+//! The `#[chia::function]`, `#[chia::service]`, `#[chia::provider]` and `#[chia::condition]`
+//! attribute macros, re-exported by the runtime under those names (`service` is described in
+//! the `service` module, the bypass pair in the `bypass` module).
 //!
 //! ```text
 //! #[chia::function(resources(adder = 1, "node:head" = 0.5), num_cpus = 2, max_retries = 3, name = "add")]
