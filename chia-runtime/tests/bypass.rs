@@ -378,3 +378,24 @@ async fn provider_failures_are_clear_errors() {
     let error = simple_add::remote(&cx, 1, 2).get_timeout(common::BOUND).await.unwrap_err();
     assert!(matches!(error, chia::Error::Decode { .. }), "{error:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bypassed_results_are_cached_like_real_ones() {
+    let (_cluster, cx) = cluster(WORKERS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dir.path().join("loop.yaml");
+    std::fs::write(
+        &yaml,
+        "cache:\n  simple_add: true\nbypass:\n  simple_add:\n    bypass: true\n    tags: [\"replayed\"]\n",
+    )
+    .unwrap();
+    let cache =
+        chia::cache::start_cache(&cx, 1.0, "MiB", dir.path().join("cache"), Some(&yaml), None).await.unwrap();
+    let bypass = Bypass::load(&cx, Some(&yaml)).await.unwrap();
+    bypass.set_provider("simple_add", &provider_42::PROVIDER).unwrap();
+    assert_eq!(add(&cx, Some("replayed")).await, 42);
+    assert_eq!(add(&cx, Some("real")).await, 3);
+    // The result is announced only after the cache stored it, so no waiting is needed here.
+    assert_eq!(cache.read::<i64>("replayed").await.unwrap(), Some(42));
+    assert_eq!(cache.read::<i64>("real").await.unwrap(), Some(3));
+}

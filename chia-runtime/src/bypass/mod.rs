@@ -448,7 +448,12 @@ pub(crate) fn decide(
             tracing::warn!("bypass condition {name} of {function} failed, so the call runs: {message}");
             Ok((Decision::Run(RunReason::ConditionFailed { condition: name.to_string(), message }), None))
         };
-        match checked.map_err(|e| e.to_string())? {
+        let checked = checked.map_err(|_| {
+            format!(
+                "its bypass condition {name} runs before the call is sent, blocking this thread, which a current-thread tokio runtime cannot do; use a multi-threaded runtime (`#[tokio::main]`, or `flavor = \"multi_thread\"` in tests)"
+            )
+        })?;
+        match checked {
             Ok(Ok(true)) => {}
             Ok(Ok(false)) => {
                 return Ok((Decision::Run(RunReason::ConditionFalse { condition: name.to_string() }), None));
