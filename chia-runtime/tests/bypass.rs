@@ -399,3 +399,14 @@ async fn bypassed_results_are_cached_like_real_ones() {
     assert_eq!(cache.read::<i64>("replayed").await.unwrap(), Some(42));
     assert_eq!(cache.read::<i64>("real").await.unwrap(), Some(3));
 }
+
+/// A condition blocks the caller's thread, which a current-thread runtime cannot give up.
+#[tokio::test(flavor = "current_thread")]
+async fn a_condition_on_a_current_thread_runtime_is_a_clear_error() {
+    let (_cluster, cx) = cluster(WORKERS).await;
+    let bypass = bypass(&cx, "bypass:\n  simple_add: true\n").await;
+    bypass.set_provider("simple_add", &provider_42::PROVIDER).unwrap();
+    bypass.set_cond("simple_add", &always_true::CONDITION).unwrap();
+    let error = simple_add::remote(&cx, 1, 2).get_timeout(common::BOUND).await.unwrap_err().to_string();
+    assert!(error.contains("always_true") && error.contains("multi-threaded runtime"), "{error}");
+}
