@@ -3,6 +3,7 @@
 use crate::bypass::JobLink;
 use crate::client::{Client, SlotState};
 use crate::error::Error;
+use crate::process::TaskControl;
 use crate::registry::FunctionSpec;
 use chia_bypass::{Decision, RunReason};
 use chia_core::protocol::{Arg, PeerToHead, TaskSpec, Value};
@@ -37,6 +38,7 @@ pub struct Context {
 struct RunningTask {
     task: TaskId,
     blocked_sent: Arc<AtomicBool>,
+    control: Arc<TaskControl>,
 }
 
 impl Context {
@@ -50,10 +52,10 @@ impl Context {
         Context::new(client, None)
     }
 
-    pub(crate) fn for_task(&self, task: TaskId) -> Context {
+    pub(crate) fn for_task(&self, task: TaskId, control: Arc<TaskControl>) -> Context {
         Context {
             client: self.client.clone(),
-            running: Some(RunningTask { task, blocked_sent: Arc::new(AtomicBool::new(false)) }),
+            running: Some(RunningTask { task, blocked_sent: Arc::new(AtomicBool::new(false)), control }),
             job: self.job.clone(),
             _keep_alive: self._keep_alive.clone(),
         }
@@ -77,6 +79,45 @@ impl Context {
     /// The task this context belongs to, when it runs inside a remote function.
     pub fn current_task(&self) -> Option<TaskId> {
         self.running.as_ref().map(|r| r.task)
+    }
+
+    /// Whether the task this context belongs to was cancelled (always false outside a task).
+    /// A long computation checks it to stop early; its child processes are killed anyway.
+    pub fn is_cancelled(&self) -> bool {
+        self.running.as_ref().is_some_and(|running| running.control.is_cancelled())
+    }
+
+    /// Resolves when the task this context belongs to is cancelled (never outside a task), to
+    /// `select!` against a long wait.
+    pub async fn cancelled(&self) {
+        match &self.running {
+            Some(running) => running.control.cancelled().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Starts an external program as a child of the current task, in a process group of its
+    /// own: when the task is cancelled, ends, or its worker stops, the whole group (the program
+    /// and everything it started) is killed, so no tool outlives its task. Outside a task the
+    /// child only gets its own group and is killed when the returned handle is dropped.
+    ///
+    /// ```no_run
+    /// # extern crate chia_runtime as chia;
+    /// #[chia::function]
+    /// async fn build(cx: &chia::Context, target: String) -> Result<bool, std::io::Error> {
+    ///     let mut make = tokio::process::Command::new("make");
+    ///     let status = cx.spawn(make.arg(&target))?.wait().await?;
+    ///     Ok(status.success())
+    /// }
+    /// # fn main() {}
+    /// ```
+    pub fn spawn(&self, command: &mut tokio::process::Command) -> std::io::Result<tokio::process::Child> {
+        crate::process::spawn(self.running.as_ref().map(|r| &*r.control), command)
+    }
+
+    /// [`Context::spawn`] for a `std::process::Command` (in a sync function).
+    pub fn spawn_std(&self, command: &mut std::process::Command) -> std::io::Result<std::process::Child> {
+        crate::process::spawn_std(self.running.as_ref().map(|r| &*r.control), command)
     }
 
     /// Resolves `object`, waiting as long as it takes.

@@ -41,6 +41,7 @@ pub mod client;
 pub mod error;
 pub mod head;
 pub mod local;
+pub mod process;
 pub mod registry;
 pub mod scheduler;
 pub mod service;

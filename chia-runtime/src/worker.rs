@@ -7,6 +7,7 @@ use crate::bypass::{PlanCache, provide};
 use crate::client::{Client, Execution};
 use crate::error::Error;
 use crate::head::HEAD_NODE_NAME;
+use crate::process::TaskControl;
 use crate::registry::{self, FunctionSpec, Invoke, ServiceSpec, SharedInstance, panic_message};
 use crate::tls::ClusterCredentials;
 use chia_core::protocol::{ArgValue, Outcome, PeerToHead, Value, WorkerOffer};
@@ -91,6 +92,86 @@ impl Worker {
     pub async fn shutdown(&self) {
         self.context.shutdown().await;
     }
+
+    /// Leaves the cluster and waits until the tasks' child processes have been killed, so a
+    /// process exiting right after leaves none behind.
+    pub async fn leave(&self) {
+        self.shutdown().await;
+        self.stopped().await;
+    }
+}
+
+/// How a worker that lost its head (or cannot reach it yet) tries again: the first retry after
+/// `first`, doubling up to `max`, each with up to 25 % random jitter so that the workers of a
+/// cluster do not all knock at once.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    pub first: std::time::Duration,
+    pub max: std::time::Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { first: std::time::Duration::from_millis(100), max: std::time::Duration::from_secs(5) }
+    }
+}
+
+impl Backoff {
+    /// The wait before retry number `attempt` (0-based).
+    pub fn delay(&self, attempt: u32) -> std::time::Duration {
+        let base = self.first.saturating_mul(1 << attempt.min(16)).min(self.max);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.subsec_nanos());
+        base + base.mul_f64(f64::from(nanos % 1000) / 4000.0)
+    }
+}
+
+/// Keeps a worker joined to the head at `credentials.address` until `until` resolves: when the
+/// connection cannot be made or is lost (the head restarted, the network failed), it retries
+/// with `backoff` and joins again as a new node — with the same credentials, a restarted head
+/// on the same state directory accepts it. `joined` is called with each new connection.
+pub async fn stay_joined(
+    credentials: &ClusterCredentials,
+    name: &str,
+    resources: Resources,
+    backoff: Backoff,
+    joined: impl Fn(&Worker),
+    until: impl Future<Output = ()>,
+) {
+    let mut until = std::pin::pin!(until);
+    let mut attempt = 0;
+    loop {
+        let wait = match Worker::connect(credentials, name, resources.clone()).await {
+            Ok(worker) => {
+                attempt = 0;
+                joined(&worker);
+                tokio::select! {
+                    _ = worker.stopped() => {
+                        tracing::warn!("lost the connection to the head at {}; joining again", credentials.address);
+                        backoff.delay(0)
+                    }
+                    _ = &mut until => {
+                        worker.leave().await;
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                let delay = backoff.delay(attempt);
+                attempt = attempt.saturating_add(1);
+                tracing::warn!(
+                    "cannot join the head at {}: {e}; retrying in {delay:.1?}",
+                    credentials.address
+                );
+                delay
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = &mut until => return,
+        }
+    }
 }
 
 fn service_keys() -> Vec<FunctionKey> {
@@ -105,13 +186,16 @@ async fn serve(
     stopped: tokio::sync::watch::Sender<bool>,
 ) {
     let instances: Arc<DashMap<ServiceId, InstanceQueue>> = Arc::default();
+    let running: RunningTasks = Arc::default();
     let mut plans = PlanCache::default();
     while let Some(execution) = executions.recv().await {
         match execution {
             Execution::Task { task, function, args, tag, bypass, job } => {
+                let entry = RunningEntry::new(&running, task);
+                let context = context.for_task(task, entry.control.clone());
                 let context = match plans.link(job) {
-                    Ok(Some(job)) => context.for_task(task).in_job(job),
-                    Ok(None) => context.for_task(task),
+                    Ok(Some(job)) => context.in_job(job),
+                    Ok(None) => context,
                     Err(message) => {
                         let error = TaskError::InvalidCall { function: function.clone(), message };
                         report(context.client(), task, &function, Outcome::Failed(error));
@@ -124,9 +208,10 @@ async fn serve(
                             let client = context.client().clone();
                             let name = function.clone();
                             report(&client, task, &name, provide(context, function, tag, args, bypass).await);
+                            drop(entry);
                         });
                     }
-                    None => start(context, task, function, args),
+                    None => start(context, entry, task, function, args),
                 }
             }
             Execution::StartInstance { task, service, type_name, args } => {
@@ -148,14 +233,18 @@ async fn serve(
             }
         }
     }
-    // The head is gone: so are the services it placed here.
+    // The head is gone: so are the services it placed here, and what the running tasks
+    // started (their results could not be delivered anyway).
     instances.clear();
+    for entry in running.iter() {
+        entry.value().cancel(true);
+    }
     let _ = stopped.send(true);
 }
 
 /// Starts one task in `task_context`: a sync function on the blocking pool, an async one as a
 /// task. Each reports its own outcome when it ends, so no task waits in between.
-fn start(task_context: Context, task: TaskId, function: String, args: Vec<ArgValue>) {
+fn start(task_context: Context, entry: RunningEntry, task: TaskId, function: String, args: Vec<ArgValue>) {
     let client: Arc<Client> = task_context.client().clone();
     let Some(spec) = registry::functions().get(function.as_str()).copied() else {
         // The head only sends what this worker offered; this guards against a head bug.
@@ -172,12 +261,14 @@ fn start(task_context: Context, task: TaskId, function: String, args: Vec<ArgVal
             tokio::task::spawn_blocking(move || {
                 let result = std::panic::catch_unwind(AssertUnwindSafe(|| invoke(task_context, args)));
                 report(&client, task, spec.name, outcome(spec, result));
+                drop(entry);
             });
         }
         Invoke::Async(invoke) => {
             tokio::spawn(async move {
                 let result = CatchUnwind(invoke(task_context, args)).await;
                 report(&client, task, spec.name, outcome(spec, result));
+                drop(entry);
             });
         }
     }
@@ -197,7 +288,8 @@ async fn start_instance(
         let error = TaskError::UnknownFunction { function: constructor.clone() };
         return report(&client, task, &constructor, Outcome::Failed(error));
     };
-    let outcome = match CatchUnwind((spec.construct)(context.for_task(task), args)).await {
+    let outcome = match CatchUnwind((spec.construct)(context.for_task(task, TaskControl::new()), args)).await
+    {
         Ok(Ok(instance)) => {
             let (queue, calls) = mpsc::unbounded_channel();
             let instance = Arc::new(tokio::sync::Mutex::new(instance));
@@ -211,6 +303,32 @@ async fn start_instance(
         }
     };
     report(&client, task, &constructor, outcome);
+}
+
+/// The tasks running on this worker, so a cancellation or the loss of the head reaches them.
+type RunningTasks = Arc<DashMap<TaskId, Arc<TaskControl>>>;
+
+/// A task's entry in [`RunningTasks`]. Dropped once its outcome is reported, it kills the child
+/// processes the task left running: no tool outlives its task.
+struct RunningEntry {
+    table: RunningTasks,
+    task: TaskId,
+    control: Arc<TaskControl>,
+}
+
+impl RunningEntry {
+    fn new(table: &RunningTasks, task: TaskId) -> RunningEntry {
+        let control = TaskControl::new();
+        table.insert(task, control.clone());
+        RunningEntry { table: table.clone(), task, control }
+    }
+}
+
+impl Drop for RunningEntry {
+    fn drop(&mut self) {
+        self.table.remove(&self.task);
+        self.control.kill_children();
+    }
 }
 
 /// The calls waiting for one instance, in the order the head sent them.
@@ -231,7 +349,7 @@ fn call_instance(
     method: String,
     args: Vec<ArgValue>,
 ) {
-    let call = QueuedCall { task, method, args, context: context.for_task(task) };
+    let call = QueuedCall { task, method, args, context: context.for_task(task, TaskControl::new()) };
     let refused = match instances.get(&service) {
         Some(queue) => queue.send(call).err().map(|e| e.0),
         None => Some(call),

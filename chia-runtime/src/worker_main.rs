@@ -4,7 +4,7 @@
 
 use crate::local::{default_state_dir, env, with_default_cpus};
 use crate::tls::ClusterCredentials;
-use crate::worker::Worker;
+use crate::worker::{Backoff, Worker, stay_joined};
 use chia_core::Resources;
 use clap::Parser;
 use std::collections::BTreeMap;
@@ -31,6 +31,10 @@ struct WorkerArgs {
     /// The node name (default: <hostname>-<pid>); the head adds a suffix if it is taken.
     #[arg(long)]
     name: Option<String>,
+    /// Exit when the connection to the head is lost, instead of joining again (with backoff)
+    /// once a head is back on the same address.
+    #[arg(long)]
+    exit_on_head_loss: bool,
 }
 
 /// Sets up logging to stderr from `RUST_LOG`, or `default_filter` (e.g. `"info"`, `"warn"`)
@@ -78,21 +82,44 @@ async fn run(args: WorkerArgs) -> Result<ExitCode, String> {
         credentials.address = address;
     }
     let name = args.name.unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+    let ready = |worker: &Worker| {
+        println!(
+            "chia-worker ready node={} head={} resources={resources}",
+            worker.node_name(),
+            credentials.address
+        );
+    };
+    if !args.exit_on_head_loss {
+        let until = async {
+            if let Err(e) = shutdown_signal().await {
+                tracing::error!("cannot wait for a shutdown signal: {e}");
+                std::future::pending::<()>().await;
+            }
+        };
+        stay_joined(&credentials, &name, resources.clone(), Backoff::default(), ready, until).await;
+        return Ok(ExitCode::SUCCESS);
+    }
     let worker = Worker::connect(&credentials, &name, resources.clone()).await.map_err(|e| e.to_string())?;
-    println!(
-        "chia-worker ready node={} head={} resources={resources}",
-        worker.node_name(),
-        credentials.address
-    );
+    ready(&worker);
     tokio::select! {
         _ = worker.stopped() => {
             tracing::error!("lost the connection to the head at {}", credentials.address);
             Ok(ExitCode::FAILURE)
         }
-        _ = tokio::signal::ctrl_c() => {
-            worker.shutdown().await;
+        result = shutdown_signal() => {
+            result.map_err(|e| format!("cannot wait for a shutdown signal: {e}"))?;
+            worker.leave().await;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Ctrl-C or SIGTERM (what `kill`, systemd and `cargo xtask cluster-local` send).
+async fn shutdown_signal() -> std::io::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result,
+        _ = terminate.recv() => Ok(()),
     }
 }
 
