@@ -141,7 +141,6 @@ pub struct Scheduler {
     ready: Vec<usize>,
     /// Reused by [`Scheduler::fill_node`] and [`Scheduler::place`] so a pass does not allocate.
     heap: BinaryHeap<Reverse<(u64, usize)>>,
-    /// The latest event's time; events never move it back.
     last_event: Option<Instant>,
     /// Ends of the list of nodes by the time they were last heard (see [`Node::older`]):
     /// [`NO_NODE`] when no node is connected.
@@ -336,8 +335,6 @@ impl Scheduler {
     /// Applies one event; the commands it produces are queued for [`Scheduler::drain_commands`].
     /// Nothing a peer can send makes this panic: unknown or duplicate ids are ignored.
     pub fn handle(&mut self, now: Instant, event: Event) {
-        // A clock that never runs back keeps the list of nodes by last-heard time in order.
-        let now = self.last_event.map_or(now, |last| last.max(now));
         self.last_event = Some(now);
         match event {
             Event::NodeJoined { node, name, resources, functions } => {
@@ -357,8 +354,9 @@ impl Scheduler {
     }
 
     /// Declares every node not heard from for `timeout` or longer at `now` lost, as if
-    /// [`Event::NodeLost`] came for it, and queues [`Command::NodeExpired`] for each before
-    /// the commands its loss produces. Looks only at the nodes it expires and one more.
+    /// [`Event::NodeLost`] came for all of them at once, and queues [`Command::NodeExpired`] for
+    /// each before the commands their loss produces. Looks only at the nodes it expires and
+    /// one more.
     pub fn expire_silent(&mut self, now: Instant, timeout: Duration) {
         let mut silent = Vec::new();
         let mut n = self.oldest_heard;
@@ -477,13 +475,13 @@ impl Scheduler {
             functions: fns,
             shapes: Vec::new(),
             running: Vec::new(),
-            heard: now,
+            heard: now, // Set again by `link_heard`.
             older: NO_NODE,
             newer: NO_NODE,
         };
         let n = self.nodes.insert(node);
         self.node_index.insert(id, n);
-        self.link_heard(n);
+        self.link_heard(n, now);
         let Some(node) = self.nodes.get_mut(n) else { return };
         for &f in &node.functions {
             self.functions[f].nodes.push(n);
@@ -563,17 +561,19 @@ impl Scheduler {
         let Some(&n) = self.node_index.get(&id) else { return };
         if n != self.newest_heard {
             self.unlink_heard(n);
-            self.link_heard(n);
-        }
-        if let Some(node) = self.nodes.get_mut(n) {
-            node.heard = now; // Not before any other node's time: the clock never runs back.
+            self.link_heard(n, now);
+        } else if let Some(node) = self.nodes.get_mut(n) {
+            node.heard = node.heard.max(now);
         }
     }
 
-    /// Appends node `n` to the list by last-heard time.
-    fn link_heard(&mut self, n: usize) {
+    /// Appends node `n`, heard at `now`, to the list by last-heard time. An event dated before
+    /// the newest node was heard counts as at that time, so the list stays in order.
+    fn link_heard(&mut self, n: usize, now: Instant) {
         let newest = self.newest_heard;
+        let heard = self.nodes.get(newest).map_or(now, |node| node.heard.max(now));
         let Some(node) = self.nodes.get_mut(n) else { return };
+        node.heard = heard;
         node.older = newest;
         node.newer = NO_NODE;
         match self.nodes.get_mut(newest) {

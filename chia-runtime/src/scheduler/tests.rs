@@ -847,10 +847,25 @@ fn hearing_from_a_node_moves_its_deadline() {
     env.wait(10);
     assert_eq!(env.expire(100), [Command::NodeExpired { node: NodeId(1) }]);
     assert_eq!(env.sched.node_count(), 1);
-    // An event dated before the latest one counts as at the latest: a node never looks
-    // older than it is, nor older than nodes heard before it.
+    // An event dated in the past does not make a node look older than it is, nor older than
+    // nodes heard before it.
     env.sched.handle(start, Event::NodeHeard { node: NodeId(3) });
     assert_eq!(env.sched.next_expiry(timeout), Some(start + Duration::from_millis(120)));
+    env.join(4, "CPU=1", &["f"]);
+    env.sched.handle(start, Event::NodeHeard { node: NodeId(3) });
+    env.sched.handle(
+        start,
+        Event::NodeJoined {
+            node: NodeId(5),
+            name: "w5".into(),
+            resources: res("CPU=1"),
+            functions: vec![key("f")],
+        },
+    );
+    // Both count as heard when node 4 joined, and come after it in the list.
+    assert_eq!(env.sched.next_expiry(timeout), Some(env.now + timeout));
+    env.wait(100);
+    assert_eq!(env.expire(100), [4, 3, 5].map(|id| Command::NodeExpired { node: NodeId(id) }));
 }
 
 #[test]
