@@ -33,9 +33,20 @@ pub enum TaskError {
     /// An `ObjectRef` argument names an object the head does not hold (released or never submitted).
     #[error("{function} did not run because its argument {dependency} is not known to the head")]
     UnknownDependency { function: String, dependency: TaskId },
-    /// The node running the task disconnected before it finished.
-    #[error("{function}: the worker {node} running it was lost")]
-    WorkerLost { function: String, node: String },
+    /// The node running the task disconnected (or went silent) before it finished, and no
+    /// retries were left; `attempts` counts the runs, this one included.
+    #[error(
+        "{function}: the worker {node} running it was lost (attempt {attempts}): it died or disconnected before the task finished, and no retries were left"
+    )]
+    WorkerLost {
+        function: String,
+        node: String,
+        #[serde(default)]
+        attempts: u32,
+    },
+    /// The task was cancelled before it finished (or before it started).
+    #[error("{function} was cancelled")]
+    Cancelled { function: String },
     /// The call was rejected before it was sent (an argument failed to encode, a bad option).
     #[error("{function}: invalid call: {message}")]
     InvalidCall { function: String, message: String },

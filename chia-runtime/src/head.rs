@@ -7,7 +7,7 @@
 
 mod services;
 
-use crate::scheduler::{Command, Event, Scheduler};
+use crate::scheduler::{Command, Event, Scheduler, TaskStatus};
 use crate::tls::{ClusterCredentials, HeadCredentials};
 use crate::transport::{FrameReader, FrameSender};
 use chia_core::protocol::{
@@ -205,7 +205,8 @@ struct TaskRecord {
     owner: SessionId,
     function: String,
     tag: Option<String>,
-    /// The arguments until dispatch (refs are resolved then).
+    /// The arguments (refs are resolved at each dispatch), kept until the task ends: if its
+    /// node is lost, it is sent again.
     args: Vec<Arg>,
     deps: Vec<TaskId>,
     /// The job whose settings the task is sent with: its owner's, or for a nested call its
@@ -217,7 +218,7 @@ struct TaskRecord {
     outcome: Option<Outcome>,
     /// The owner still holds an `ObjectRef` to it.
     owner_holds: bool,
-    /// Submitted tasks that take this one as an argument and have not been dispatched yet.
+    /// Submitted tasks that take this one as an argument and have not ended yet.
     dependents: u32,
     kind: TaskKind,
 }
@@ -425,10 +426,18 @@ impl HeadCore {
                 kind: TaskKind::Function,
             },
         );
-        self.feed(Event::TaskSubmitted { task, function: spec.function, request: spec.request, deps });
+        self.feed(Event::TaskSubmitted {
+            task,
+            function: spec.function,
+            request: spec.request,
+            deps,
+            max_retries: spec.max_retries,
+            // Not in the protocol yet: application errors are final.
+            retry_exceptions: false,
+        });
     }
 
-    /// Keeps the values of `deps` until the task that takes them is sent.
+    /// Keeps the values of `deps` until the task that takes them ends: it may be sent again.
     fn hold_deps(&mut self, deps: &[TaskId]) {
         for dep in deps {
             if let Some(record) = self.tasks.get_mut(dep) {
@@ -443,6 +452,7 @@ impl HeadCore {
             return;
         }
         let Some(record) = self.tasks.get_mut(&task) else { return };
+        let Some(node) = record.running_on else { return };
         match record.kind {
             TaskKind::ServiceStart(service) => self.instance_started(task, service, outcome),
             TaskKind::ServiceCall { .. } => {
@@ -451,16 +461,30 @@ impl HeadCore {
             }
             TaskKind::Function => {
                 record.running_on = None;
-                let error = match &outcome {
+                match outcome {
                     Outcome::Value(value) => {
                         let (function, tag) = (record.function.clone(), record.tag.clone());
-                        self.deliver_to_watchers(task, &function, tag.as_deref(), value);
-                        None
+                        self.deliver_to_watchers(task, &function, tag.as_deref(), &value);
+                        // Stored before the scheduler hears, so dependents it starts find it.
+                        self.settle(task, Outcome::Value(value));
+                        self.feed(Event::TaskFinished { task, node, error: None });
                     }
-                    Outcome::Failed(error) => Some(error.clone()),
-                };
-                self.settle(task, outcome);
-                self.feed(Event::TaskFinished { task, error });
+                    Outcome::Failed(error) => {
+                        // The scheduler decides first: the task may run again, or end otherwise
+                        // than its node says (cancelled; then it has told the owner already).
+                        self.feed(Event::TaskFinished { task, node, error: Some(error.clone()) });
+                        let again = matches!(
+                            self.scheduler.task_status(task),
+                            Some(TaskStatus::Queued | TaskStatus::Running { .. })
+                        );
+                        let settled = self.tasks.get(&task).is_none_or(|r| r.outcome.is_some());
+                        if again {
+                            tracing::debug!("{task} failed on {node} and is queued again: {error}");
+                        } else if !settled {
+                            self.settle(task, Outcome::Failed(error));
+                        }
+                    }
+                }
             }
         }
     }
@@ -472,6 +496,9 @@ impl HeadCore {
             tracing::warn!("{} failed: {error}", record.function);
         }
         record.outcome = Some(outcome);
+        // It ended, so it is not sent again: its arguments and the values it took can go.
+        record.args = Vec::new();
+        self.release_deps(task);
         // A result being written to a watching service (the cache) is announced once the
         // write is done, so whoever sees the result also finds it cached.
         if !self.services.announce_waits(task) {
@@ -496,7 +523,7 @@ impl HeadCore {
 
     fn execute(&mut self, command: Command) {
         match command {
-            Command::Dispatch { task, node } => self.dispatch(task, node),
+            Command::Dispatch { task, node, attempt } => self.dispatch(task, node, attempt),
             Command::Fail { task, error } => {
                 tracing::debug!("{task} failed: {error}");
                 self.release_deps(task);
@@ -515,10 +542,23 @@ impl HeadCore {
                     self.send(owner, &HeadToPeer::Infeasible { task, reason });
                 }
             }
+            Command::Cancel { task, node, force } => {
+                // Nothing asks for cancellation yet, and the protocol has no message for it: the
+                // task runs to its end, which the scheduler then records as cancelled.
+                let how = if force { "force-" } else { "" };
+                tracing::info!("{task} is to be {how}cancelled on {node}; it runs to its end for now");
+            }
+            Command::NodeExpired { node } => {
+                if let Some(&session) = self.nodes.get(&node) {
+                    // The scheduler has written the node off already; close what is left of it.
+                    tracing::warn!("{node} was not heard from in time; closing its connection");
+                    self.close(session, "not heard from in time");
+                }
+            }
         }
     }
 
-    fn dispatch(&mut self, task: TaskId, node: NodeId) {
+    fn dispatch(&mut self, task: TaskId, node: NodeId, attempt: u32) {
         let Some(session) = self.nodes.get(&node).copied() else {
             tracing::error!("the scheduler dispatched {task} to {node}, which has no session");
             return;
@@ -527,16 +567,18 @@ impl HeadCore {
             // Freed while it waited (a service stopped before it was placed): hand the
             // resources straight back.
             tracing::debug!("{task} was placed after it was dropped; releasing its resources");
-            self.feed(Event::TaskFinished { task, error: None });
+            self.feed(Event::TaskFinished { task, node, error: None });
             return;
         };
         if let TaskKind::ServiceStart(service) = record.kind {
             return self.dispatch_instance(task, service, node, session);
         }
+        if attempt > 1 {
+            tracing::debug!("{task} ({}) runs again, on {node} (attempt {attempt})", record.function);
+        }
         record.running_on = Some(node);
-        let args = std::mem::take(&mut record.args);
-        let values = self.arg_values(task, &args);
         let Some(record) = self.tasks.get(&task) else { return };
+        let values = self.arg_values(task, &record.args);
         let job = self.jobs.get(&record.job).map(|job| JobSettingsRef {
             job: job.job,
             revision: job.revision,
@@ -552,7 +594,6 @@ impl HeadCore {
         };
         let sent = self.sessions.get(&session).map(|peer| peer.sender.send(&execute));
         let name = record.function.clone();
-        self.release_deps(task);
         let Some(Err(e)) = sent else { return };
         // The arguments together exceed what a frame may carry: the task can never be sent.
         let error =
@@ -560,7 +601,7 @@ impl HeadCore {
         if let Some(record) = self.tasks.get_mut(&task) {
             record.running_on = None;
         }
-        self.feed(Event::TaskFinished { task, error: Some(error.clone()) });
+        self.feed(Event::TaskFinished { task, node, error: Some(error.clone()) });
         self.settle(task, Outcome::Failed(error));
     }
 
@@ -627,6 +668,13 @@ impl HeadCore {
         self.stop_services_of(session);
         if let Some(node) = closed.node {
             self.fail_calls_on(node, &closed.name);
+            // The scheduler runs its tasks again or fails them; until one is sent again it runs
+            // nowhere (so its owner leaving drops it).
+            for record in self.tasks.values_mut() {
+                if record.running_on == Some(node) && matches!(record.kind, TaskKind::Function) {
+                    record.running_on = None;
+                }
+            }
             self.nodes.remove(&node);
             self.feed(Event::NodeLost { node });
         }

@@ -315,13 +315,15 @@ async fn a_signature_mismatch_names_the_function() {
 async fn a_lost_worker_fails_its_running_tasks() {
     let (cluster, cx) = cluster(&["adder=1,CPU=1"]).await;
     let gate = gate("lost");
-    let running = gated::remote(&cx, "lost".to_string());
+    // Not retried: with retries it would wait for another node with an adder.
+    let running = gated::call("lost".to_string()).max_retries(0).remote(&cx);
     gate.until(|g| g.started.load(Ordering::SeqCst) == 1).await;
     cluster.workers()[0].shutdown().await;
     match running.get().await {
-        Err(Error::Task(TaskError::WorkerLost { function, node })) => {
+        Err(Error::Task(TaskError::WorkerLost { function, node, attempts })) => {
             assert_eq!(function, "gated");
             assert_eq!(node, "local-1");
+            assert_eq!(attempts, 1);
         }
         other => panic!("expected a worker-lost error, got {other:?}"),
     }

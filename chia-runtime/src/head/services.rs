@@ -184,7 +184,15 @@ impl HeadCore {
                 kind: TaskKind::ServiceStart(id),
             },
         );
-        self.feed(Event::TaskSubmitted { task, function, request: start.request, deps });
+        // An instance is not started again elsewhere: its state died with its node.
+        self.feed(Event::TaskSubmitted {
+            task,
+            function,
+            request: start.request,
+            deps,
+            max_retries: 0,
+            retry_exceptions: false,
+        });
     }
 
     /// The scheduler placed an instance: ask its node to construct it.
@@ -370,11 +378,11 @@ impl HeadCore {
     /// Ends the task that held an instance's resources.
     fn finish_instance_task(&mut self, task: TaskId) {
         let Some(record) = self.tasks.get_mut(&task) else { return };
-        let was_running = record.running_on.take().is_some();
+        let running_on = record.running_on.take();
         record.owner_holds = false;
         record.outcome.get_or_insert(Outcome::Value(Vec::new()));
-        if was_running {
-            self.feed(Event::TaskFinished { task, error: None });
+        if let Some(node) = running_on {
+            self.feed(Event::TaskFinished { task, node, error: None });
         }
         self.maybe_free(task);
     }
@@ -590,7 +598,8 @@ impl HeadCore {
                 record.running_on = None;
             }
             let node = node_name.to_string();
-            self.fail_call(task, |function| TaskError::WorkerLost { function, node });
+            // Calls are not retried: an instance's state lived on that node.
+            self.fail_call(task, |function| TaskError::WorkerLost { function, node, attempts: 1 });
         }
     }
 

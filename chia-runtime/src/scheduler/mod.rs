@@ -15,6 +15,14 @@
 //! offered to that node's shapes, oldest waiting task first, and a node that joins is offered
 //! everything it can run. No pass rescans queued tasks that cannot fit, and a task that fits
 //! nowhere never holds back smaller tasks queued behind it.
+//!
+//! Failures: a node that is lost (it disconnected, or [`Scheduler::expire_silent`] found it
+//! silent) takes its resources with it, and each task it ran goes back to the front of its
+//! shape's queue while it has attempts left (`max_retries`), else fails with
+//! [`TaskError::WorkerLost`]; a task may ask for application errors to be retried the same
+//! way. Only the node a task is leased to may end it: a report from an earlier attempt's node
+//! is stale and ignored. A cancelled task that runs is asked to stop and ends
+//! [`TaskError::Cancelled`] whatever happens next; one that has not started ends at once.
 
 mod pool;
 #[cfg(test)]
@@ -25,7 +33,7 @@ use chia_core::{FunctionKey, NodeId, ResourceAmount, Resources, SessionId, TaskE
 use pool::{Names, Need, Pool, Slab, TaskIndex};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Something that happened, as the head tells the scheduler.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,13 +41,31 @@ pub enum Event {
     /// A worker connected. It advertises `resources` (plus `node:<name>` = 1, added here) and can
     /// run exactly the `functions` it announced.
     NodeJoined { node: NodeId, name: String, resources: Resources, functions: Vec<FunctionKey> },
-    /// A worker disconnected; what ran there is lost.
+    /// A worker disconnected; it and what ran there are lost. Its tasks run again elsewhere
+    /// while they have attempts left.
     NodeLost { node: NodeId },
+    /// The head heard from `node` (any frame or a ping) at the event's time; see
+    /// [`Scheduler::expire_silent`].
+    NodeHeard { node: NodeId },
     /// A session asks for `function` to run with `request` held, once every task in `deps` has
-    /// finished successfully.
-    TaskSubmitted { task: TaskId, function: FunctionKey, request: Resources, deps: Vec<TaskId> },
-    /// The node running `task` reports it ended: `error` is `None` on success.
-    TaskFinished { task: TaskId, error: Option<TaskError> },
+    /// finished successfully. If its node is lost, it runs again up to `max_retries` times
+    /// (any negative value: without limit); with `retry_exceptions`, so does an
+    /// [`TaskError::Application`] error.
+    TaskSubmitted {
+        task: TaskId,
+        function: FunctionKey,
+        request: Resources,
+        deps: Vec<TaskId>,
+        max_retries: i32,
+        retry_exceptions: bool,
+    },
+    /// `node` reports that `task` ended: `error` is `None` on success. Ignored unless the task
+    /// is leased to `node` right now.
+    TaskFinished { task: TaskId, node: NodeId, error: Option<TaskError> },
+    /// Someone asked for `task` to be cancelled: it fails with [`TaskError::Cancelled`] at once
+    /// if it has not started, and its node is told to stop it if it runs (`force`: without
+    /// waiting for it to reach a point where it can stop cleanly).
+    TaskCancelled { task: TaskId, force: bool },
     /// The running task waits on other tasks (a nested get): its CPU is given back so the tasks it
     /// waits on can run. It is not re-acquired; at finish only what is still held is returned.
     TaskBlocked { task: TaskId },
@@ -58,13 +84,20 @@ pub const SERVICE_FUNCTION_PREFIX: &str = "service:";
 /// Something the head must do, in the order the scheduler decided it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
-    /// Lease `task` to `node`; its requested resources are now held there.
-    Dispatch { task: TaskId, node: NodeId },
+    /// Lease `task` to `node`; its requested resources are now held there. `attempt` counts
+    /// the task's runs, 1 for the first.
+    Dispatch { task: TaskId, node: NodeId, attempt: u32 },
     /// The task will never run; tell its owner.
     Fail { task: TaskId, error: TaskError },
     /// No connected node could ever run the task now. Reported once per task until it becomes
     /// feasible and infeasible again; the task stays queued in case a capable node joins.
     Infeasible { task: TaskId, reason: String },
+    /// Ask `node`, which runs `task`, to stop it (`force`: at once). The task ends cancelled
+    /// when the node reports it or is lost, so its resources stay held until then.
+    Cancel { task: TaskId, node: NodeId, force: bool },
+    /// `node` was silent too long and is lost now (its tasks are handled as for
+    /// [`Event::NodeLost`]); close its connection.
+    NodeExpired { node: NodeId },
 }
 
 /// Where a task is, as far as the scheduler knows (for tests and logs).
@@ -106,10 +139,20 @@ pub struct Scheduler {
     commands: Vec<Command>,
     /// Slots of tasks whose dependencies all finished during the current event, placed at its end.
     ready: Vec<usize>,
-    /// Reused by [`Scheduler::fill_node`] so a pass does not allocate.
+    /// Reused by [`Scheduler::fill_node`] and [`Scheduler::place`] so a pass does not allocate.
     heap: BinaryHeap<Reverse<(u64, usize)>>,
     last_event: Option<Instant>,
+    /// Ends of the list of nodes by the time they were last heard (see [`Node::older`]):
+    /// [`NO_NODE`] when no node is connected.
+    oldest_heard: usize,
+    newest_heard: usize,
 }
+
+/// No node: ends the list of nodes by last-heard time.
+const NO_NODE: usize = usize::MAX;
+
+/// [`Task::max_attempts`] of a task that may run again without limit.
+const UNLIMITED: u32 = u32::MAX;
 
 struct Node {
     id: NodeId,
@@ -123,6 +166,12 @@ struct Node {
     shapes: Vec<usize>,
     /// Slots of the tasks leased here; each knows its position, so removal is O(1).
     running: Vec<usize>,
+    /// When the head last heard from it (or when it joined).
+    heard: Instant,
+    /// Neighbours in the list of nodes ordered by `heard`, oldest first: hearing from a node
+    /// moves it to the end, so finding the silent ones only looks at the front.
+    older: usize,
+    newer: usize,
 }
 
 struct Function {
@@ -162,8 +211,43 @@ struct Task {
     seq: u64,
     state: State,
     dependents: Dependents,
+    /// Times it was dispatched.
+    attempts: u32,
+    /// Dispatches allowed in all (`max_retries + 1`), or [`UNLIMITED`].
+    max_attempts: u32,
+    /// An application error runs it again too, while attempts remain.
+    retry_exceptions: bool,
     /// The head released it: remove it once it ends, and treat it as unknown to new dependents.
     forgotten: bool,
+}
+
+impl Task {
+    fn attempts_left(&self) -> bool {
+        self.max_attempts == UNLIMITED || self.attempts < self.max_attempts
+    }
+}
+
+/// What a task may do after a failed attempt, as submitted.
+#[derive(Clone, Copy)]
+struct Retry {
+    max_attempts: u32,
+    exceptions: bool,
+}
+
+impl Retry {
+    /// Any negative `max_retries` means no limit: a peer cannot make it mean anything else.
+    fn new(max_retries: i32, exceptions: bool) -> Retry {
+        let max_attempts = u32::try_from(max_retries).map_or(UNLIMITED, |retries| retries + 1);
+        Retry { max_attempts, exceptions }
+    }
+}
+
+/// Whether a running task's node was asked to cancel it, and how firmly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Cancel {
+    No,
+    Asked,
+    Forced,
 }
 
 enum State {
@@ -180,6 +264,7 @@ enum State {
         node: usize,
         pos: u32,
         cpu_released: bool,
+        cancel: Cancel,
     },
     Finished,
     Failed(Box<TaskError>),
@@ -242,27 +327,56 @@ impl Scheduler {
             ready: Vec::new(),
             heap: BinaryHeap::new(),
             last_event: None,
+            oldest_heard: NO_NODE,
+            newest_heard: NO_NODE,
         }
     }
 
     /// Applies one event; the commands it produces are queued for [`Scheduler::drain_commands`].
     /// Nothing a peer can send makes this panic: unknown or duplicate ids are ignored.
     pub fn handle(&mut self, now: Instant, event: Event) {
-        // Not used yet; heartbeats and lease timeouts will need it.
         self.last_event = Some(now);
         match event {
             Event::NodeJoined { node, name, resources, functions } => {
-                self.node_joined(node, name, resources, functions)
+                self.node_joined(now, node, name, resources, functions)
             }
-            Event::NodeLost { node } => self.node_lost(node),
-            Event::TaskSubmitted { task, function, request, deps } => {
-                self.submit(task, function, request, &deps)
+            Event::NodeLost { node } => self.nodes_lost(&[node]),
+            Event::NodeHeard { node } => self.node_heard(node, now),
+            Event::TaskSubmitted { task, function, request, deps, max_retries, retry_exceptions } => {
+                self.submit(task, function, request, &deps, Retry::new(max_retries, retry_exceptions))
             }
-            Event::TaskFinished { task, error } => self.task_finished(task, error),
+            Event::TaskFinished { task, node, error } => self.task_finished(task, node, error),
+            Event::TaskCancelled { task, force } => self.task_cancelled(task, force),
             Event::TaskBlocked { task } => self.task_blocked(task),
             Event::TaskForgotten { task } => self.task_forgotten(task),
             Event::SessionClosed { session } => self.session_closed(session),
         }
+    }
+
+    /// Declares every node not heard from for `timeout` or longer at `now` lost, as if
+    /// [`Event::NodeLost`] came for all of them at once, and queues [`Command::NodeExpired`] for
+    /// each before the commands their loss produces. Looks only at the nodes it expires and
+    /// one more.
+    pub fn expire_silent(&mut self, now: Instant, timeout: Duration) {
+        let mut silent = Vec::new();
+        let mut n = self.oldest_heard;
+        while let Some(node) = self.nodes.get(n) {
+            if node.heard.checked_add(timeout).is_none_or(|deadline| deadline > now) {
+                break;
+            }
+            silent.push(node.id);
+            self.commands.push(Command::NodeExpired { node: node.id });
+            n = node.newer;
+        }
+        if !silent.is_empty() {
+            self.nodes_lost(&silent);
+        }
+    }
+
+    /// When [`Scheduler::expire_silent`] with `timeout` will next find a silent node, if
+    /// nothing is heard before; `None` with no node connected.
+    pub fn next_expiry(&self, timeout: Duration) -> Option<Instant> {
+        self.nodes.get(self.oldest_heard)?.heard.checked_add(timeout)
     }
 
     /// Takes the queued commands, in the order they were produced.
@@ -306,6 +420,11 @@ impl Scheduler {
         })
     }
 
+    /// How many times `task` was dispatched, or `None` if the scheduler does not know it.
+    pub fn attempts(&self, task: TaskId) -> Option<u32> {
+        Some(self.tasks.get(*self.task_index.get(&task)?)?.attempts)
+    }
+
     /// The time of the latest event.
     pub fn last_event_at(&self) -> Option<Instant> {
         self.last_event
@@ -330,6 +449,7 @@ impl Scheduler {
 
     fn node_joined(
         &mut self,
+        now: Instant,
         id: NodeId,
         name: String,
         mut resources: Resources,
@@ -355,9 +475,13 @@ impl Scheduler {
             functions: fns,
             shapes: Vec::new(),
             running: Vec::new(),
+            heard: now, // Set again by `link_heard`.
+            older: NO_NODE,
+            newer: NO_NODE,
         };
         let n = self.nodes.insert(node);
         self.node_index.insert(id, n);
+        self.link_heard(n, now);
         let Some(node) = self.nodes.get_mut(n) else { return };
         for &f in &node.functions {
             self.functions[f].nodes.push(n);
@@ -373,38 +497,104 @@ impl Scheduler {
         self.fill_node(n);
     }
 
-    fn node_lost(&mut self, id: NodeId) {
-        let Some(n) = self.node_index.remove(&id) else { return };
-        let Some(node) = self.nodes.remove(n) else { return };
-        for &f in &node.functions {
-            self.functions[f].nodes.retain(|&x| x != n);
+    /// Nodes that went away at once, with their resources. All are gone before any of their
+    /// tasks is placed again, so none lands on a node lost in the same breath.
+    fn nodes_lost(&mut self, ids: &[NodeId]) {
+        let mut running: Vec<(u64, usize, usize)> = Vec::new();
+        let mut shapes = Vec::new();
+        let mut names = Vec::new();
+        for id in ids {
+            let Some(n) = self.node_index.remove(id) else { continue };
+            self.unlink_heard(n);
+            let Some(node) = self.nodes.remove(n) else { continue };
+            for &f in &node.functions {
+                self.functions[f].nodes.retain(|&x| x != n);
+            }
+            for &s in &node.shapes {
+                if let Some(shape) = self.shapes.get_mut(s) {
+                    shape.capable.retain(|&x| x != n);
+                }
+            }
+            let name = names.len();
+            running.extend(node.running.iter().filter_map(|&t| Some((self.tasks.get(t)?.seq, t, name))));
+            shapes.extend(node.shapes);
+            names.push(node.name);
         }
-        for &s in &node.shapes {
-            if let Some(shape) = self.shapes.get_mut(s) {
-                shape.capable.retain(|&x| x != n);
+        // Oldest first: failures are announced in submission order.
+        running.sort_unstable();
+        let mut again = Vec::new();
+        for (_, task, name) in running {
+            if self.worker_lost(task, &names[name]) {
+                again.push(task);
             }
         }
-        let mut running: Vec<(TaskId, usize)> =
-            node.running.iter().filter_map(|&t| Some((self.tasks.get(t)?.id, t))).collect();
-        running.sort_unstable();
-        for (_, task) in running {
-            self.worker_lost(task, &node.name);
-        }
+        self.run_again(&again);
         self.flush_ready();
-        for &s in &node.shapes {
+        // Several lost nodes may have shared a shape: report its stranded tasks once.
+        shapes.sort_unstable();
+        shapes.dedup();
+        for s in shapes {
             if self.shapes.get(s).is_some_and(|shape| shape.capable.is_empty() && shape.queued > 0) {
                 self.report_infeasible(s, None);
             }
         }
     }
 
-    /// The node running task `slot` went away. For now that fails the task; retrying would
-    /// re-queue it here instead.
-    fn worker_lost(&mut self, slot: usize, node_name: &str) {
-        let Some(shape) = self.tasks.get(slot).and_then(|t| t.state.shape()) else { return };
-        let error =
-            TaskError::WorkerLost { function: self.function_name(shape), node: node_name.to_string() };
+    /// The node running task `slot` went away, and its resources with it. Returns true when the
+    /// task is to run again; otherwise it ended (cancelled, or out of attempts).
+    fn worker_lost(&mut self, slot: usize, node_name: &str) -> bool {
+        let Some(task) = self.tasks.get(slot) else { return false };
+        let State::Running { shape, cancel, .. } = task.state else { return false };
+        let function = self.function_name(shape);
+        let error = if cancel != Cancel::No {
+            TaskError::Cancelled { function }
+        } else if task.attempts_left() {
+            return true;
+        } else {
+            TaskError::WorkerLost { function, node: node_name.to_string(), attempts: task.attempts }
+        };
         self.settle(slot, Err(error), true);
+        false
+    }
+
+    fn node_heard(&mut self, id: NodeId, now: Instant) {
+        let Some(&n) = self.node_index.get(&id) else { return };
+        if n != self.newest_heard {
+            self.unlink_heard(n);
+            self.link_heard(n, now);
+        } else if let Some(node) = self.nodes.get_mut(n) {
+            node.heard = node.heard.max(now);
+        }
+    }
+
+    /// Appends node `n`, heard at `now`, to the list by last-heard time. An event dated before
+    /// the newest node was heard counts as at that time, so the list stays in order.
+    fn link_heard(&mut self, n: usize, now: Instant) {
+        let newest = self.newest_heard;
+        let heard = self.nodes.get(newest).map_or(now, |node| node.heard.max(now));
+        let Some(node) = self.nodes.get_mut(n) else { return };
+        node.heard = heard;
+        node.older = newest;
+        node.newer = NO_NODE;
+        match self.nodes.get_mut(newest) {
+            Some(previous) => previous.newer = n,
+            None => self.oldest_heard = n,
+        }
+        self.newest_heard = n;
+    }
+
+    /// Takes node `n` out of the list by last-heard time.
+    fn unlink_heard(&mut self, n: usize) {
+        let Some(node) = self.nodes.get(n) else { return };
+        let (older, newer) = (node.older, node.newer);
+        match self.nodes.get_mut(older) {
+            Some(node) => node.newer = newer,
+            None => self.oldest_heard = newer,
+        }
+        match self.nodes.get_mut(newer) {
+            Some(node) => node.older = older,
+            None => self.newest_heard = older,
+        }
     }
 
     // ---- functions and shapes ----
@@ -538,7 +728,14 @@ impl Scheduler {
 
     // ---- tasks ----
 
-    fn submit(&mut self, id: TaskId, function: FunctionKey, request: Resources, deps: &[TaskId]) {
+    fn submit(
+        &mut self,
+        id: TaskId,
+        function: FunctionKey,
+        request: Resources,
+        deps: &[TaskId],
+        retry: Retry,
+    ) {
         if self.task_index.contains_key(&id) {
             return; // A duplicate id: the first submission stands.
         }
@@ -548,7 +745,7 @@ impl Scheduler {
         let checked = if cached.is_some() { Ok(()) } else { self.check_function(&function) };
         if let Err(error) = checked.and_then(|()| self.check_deps(&function.name, deps)) {
             self.commands.push(Command::Fail { task: id, error: error.clone() });
-            self.insert_task(id, seq, State::Failed(Box::new(error)));
+            self.insert_task(id, seq, State::Failed(Box::new(error)), retry);
             return;
         }
         let shape = match cached {
@@ -559,7 +756,7 @@ impl Scheduler {
         if let Some(shape) = self.shapes.get_mut(shape) {
             shape.refs += 1;
         }
-        let slot = self.insert_task(id, seq, State::Waiting { shape, missing: 0 });
+        let slot = self.insert_task(id, seq, State::Waiting { shape, missing: 0 }, retry);
         let mut unfinished = 0;
         for dep in deps {
             if let Some(&d) = self.task_index.get(dep)
@@ -577,9 +774,17 @@ impl Scheduler {
         }
     }
 
-    fn insert_task(&mut self, id: TaskId, seq: u64, state: State) -> usize {
-        let slot =
-            self.tasks.insert(Task { id, seq, state, dependents: Dependents::default(), forgotten: false });
+    fn insert_task(&mut self, id: TaskId, seq: u64, state: State, retry: Retry) -> usize {
+        let slot = self.tasks.insert(Task {
+            id,
+            seq,
+            state,
+            dependents: Dependents::default(),
+            attempts: 0,
+            max_attempts: retry.max_attempts,
+            retry_exceptions: retry.exceptions,
+            forgotten: false,
+        });
         self.task_index.insert(id, slot);
         slot
     }
@@ -605,21 +810,65 @@ impl Scheduler {
         Ok(())
     }
 
-    fn task_finished(&mut self, id: TaskId, error: Option<TaskError>) {
+    fn task_finished(&mut self, id: TaskId, reporter: NodeId, error: Option<TaskError>) {
         let Some(&slot) = self.task_index.get(&id) else { return };
-        let Some(&Task { state: State::Running { shape, node, pos, cpu_released }, .. }) =
+        let Some(task @ &Task { state: State::Running { shape, node, pos, cpu_released, cancel }, .. }) =
             self.tasks.get(slot)
         else {
             return; // Not running: unknown, a duplicate report, or from a node already lost.
         };
+        if self.nodes.get(node).map(|n| n.id) != Some(reporter) {
+            return; // From a node it is not leased to: an earlier attempt's, already written off.
+        }
+        let again = cancel == Cancel::No
+            && task.retry_exceptions
+            && task.attempts_left()
+            && matches!(error, Some(TaskError::Application { .. }));
         self.unlist_running(node, pos);
         if let (Some(n), Some(s)) = (self.nodes.get_mut(node), self.shapes.get(shape)) {
             n.pool.give_back(&s.key.need, cpu_released.then_some(Names::CPU));
         }
-        self.settle(slot, error.map_or(Ok(()), Err), false);
+        if again {
+            // Queued before the freed room is offered, so it may take it back as the oldest.
+            let fresh = self.requeue(slot);
+            self.fill_node(node);
+            self.place(fresh.as_slice());
+            return;
+        }
+        if cancel != Cancel::No {
+            // Whatever it reported, it was cancelled: the owner hears that instead.
+            let function = self.function_name(shape);
+            self.settle(slot, Err(TaskError::Cancelled { function }), true);
+        } else {
+            self.settle(slot, error.map_or(Ok(()), Err), false);
+        }
         // Tasks already queued get the freed room before the ones this finish made ready.
         self.fill_node(node);
         self.flush_ready();
+    }
+
+    fn task_cancelled(&mut self, id: TaskId, force: bool) {
+        let Some(&slot) = self.task_index.get(&id) else { return };
+        let Some(task) = self.tasks.get(slot) else { return };
+        match task.state {
+            State::Waiting { shape, .. } | State::Queued { shape } => {
+                let function = self.function_name(shape);
+                self.settle(slot, Err(TaskError::Cancelled { function }), true);
+            }
+            State::Running { node, cancel, .. } => {
+                let wanted = if force { Cancel::Forced } else { Cancel::Asked };
+                if cancel >= wanted {
+                    return; // Asked before, at least as firmly.
+                }
+                if let Some(Task { state: State::Running { cancel, .. }, .. }) = self.tasks.get_mut(slot) {
+                    *cancel = wanted;
+                }
+                if let Some(node) = self.nodes.get(node) {
+                    self.commands.push(Command::Cancel { task: id, node: node.id, force });
+                }
+            }
+            State::Finished | State::Failed(_) => {}
+        }
     }
 
     /// Takes the task at `pos` off node `n`'s running list, keeping the moved task's `pos` right.
@@ -761,6 +1010,58 @@ impl Scheduler {
         }
     }
 
+    /// Puts tasks that ran (their leases are gone), oldest first in `slots`, back in front of
+    /// their shapes' queues, and places them where they fit now.
+    fn run_again(&mut self, slots: &[usize]) {
+        let mut fresh = Vec::new();
+        // The youngest goes to the front first, so the oldest ends up there.
+        for &slot in slots.iter().rev() {
+            fresh.extend(self.requeue(slot));
+        }
+        self.place(&fresh);
+    }
+
+    /// Queues the running task in `slot` again, in front of its shape's queue: it left that
+    /// queue before anything now in it was queued, so it stays ahead of younger tasks. Returns
+    /// its shape if nothing else of it was queued; then nothing checked yet where it fits.
+    fn requeue(&mut self, slot: usize) -> Option<usize> {
+        let task = self.tasks.get_mut(slot)?;
+        let State::Running { shape: s, .. } = task.state else { return None };
+        task.state = State::Queued { shape: s };
+        let seq = task.seq;
+        let shape = self.shapes.get_mut(s)?;
+        shape.queue.push_front((seq, slot));
+        shape.queued += 1;
+        self.queued += 1;
+        (shape.queued == 1).then_some(s)
+    }
+
+    /// Starts queued tasks of `shapes` wherever they fit, oldest first across them, until none
+    /// fits anywhere. For shapes that just got queued tasks while no node's room grew: other
+    /// shapes still fit nowhere, and these have to look at every node they could use.
+    fn place(&mut self, shapes: &[usize]) {
+        let mut heap = std::mem::take(&mut self.heap);
+        heap.clear();
+        for &s in shapes {
+            if let Some(shape) = self.shapes.get_mut(s)
+                && let Some((seq, _)) = front(&mut shape.queue, &self.tasks)
+            {
+                heap.push(Reverse((seq, s)));
+            }
+        }
+        while let Some(Reverse((_, s))) = heap.pop() {
+            // Room only shrinks during the pass: a shape that fits nowhere now is done.
+            let Some(n) = self.pick_node(s) else { continue };
+            if self.start(s, n)
+                && let Some(shape) = self.shapes.get_mut(s)
+                && let Some((seq, _)) = front(&mut shape.queue, &self.tasks)
+            {
+                heap.push(Reverse((seq, s)));
+            }
+        }
+        self.heap = heap;
+    }
+
     /// Queues the tasks in `self.ready` and places them where they fit now.
     fn flush_ready(&mut self) {
         let mut ready = std::mem::take(&mut self.ready);
@@ -868,9 +1169,10 @@ impl Scheduler {
         self.queued -= 1;
         node.pool.take(&shape.key.need);
         let pos = u32::try_from(node.running.len()).unwrap_or(u32::MAX);
-        task.state = State::Running { shape: s, node: n, pos, cpu_released: false };
+        task.state = State::Running { shape: s, node: n, pos, cpu_released: false, cancel: Cancel::No };
+        task.attempts = task.attempts.saturating_add(1);
         node.running.push(slot);
-        self.commands.push(Command::Dispatch { task: task.id, node: node.id });
+        self.commands.push(Command::Dispatch { task: task.id, node: node.id, attempt: task.attempts });
         true
     }
 

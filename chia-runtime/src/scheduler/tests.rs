@@ -3,6 +3,7 @@
 
 use super::*;
 use chia_core::resources::CPU;
+use std::time::Duration;
 
 /// The scheduler under test, with the helpers a scenario needs.
 struct Env {
@@ -36,6 +37,7 @@ impl Env {
         self.event(Event::NodeLost { node: NodeId(id) })
     }
 
+    /// Submits a task that is never retried: scenarios about retries say how many they allow.
     fn submit(&mut self, task: TaskId, function: &str, request: &str, deps: &[TaskId]) -> Vec<Command> {
         self.submit_key(task, key(function), request, deps)
     }
@@ -48,15 +50,70 @@ impl Env {
         deps: &[TaskId],
     ) -> Vec<Command> {
         let request = Resources::parse(request).unwrap();
-        self.event(Event::TaskSubmitted { task, function, request, deps: deps.to_vec() })
+        self.event(Event::TaskSubmitted {
+            task,
+            function,
+            request,
+            deps: deps.to_vec(),
+            max_retries: 0,
+            retry_exceptions: false,
+        })
     }
 
+    fn submit_retrying(
+        &mut self,
+        task: TaskId,
+        function: &str,
+        request: &str,
+        max_retries: i32,
+        retry_exceptions: bool,
+    ) -> Vec<Command> {
+        let request = Resources::parse(request).unwrap();
+        let function = key(function);
+        let deps = Vec::new();
+        self.event(Event::TaskSubmitted { task, function, request, deps, max_retries, retry_exceptions })
+    }
+
+    /// The node `task` is leased to, as the node that reports it; one no task runs on if none.
+    fn lease(&self, task: TaskId) -> NodeId {
+        match self.sched.task_status(task) {
+            Some(TaskStatus::Running { node }) => node,
+            _ => NodeId(u64::MAX),
+        }
+    }
+
+    /// `task` succeeded, as reported by the node it is leased to.
     fn finish(&mut self, task: TaskId) -> Vec<Command> {
-        self.event(Event::TaskFinished { task, error: None })
+        let node = self.lease(task);
+        self.finish_on(task, node.0)
     }
 
+    fn finish_on(&mut self, task: TaskId, node: u64) -> Vec<Command> {
+        self.event(Event::TaskFinished { task, node: NodeId(node), error: None })
+    }
+
+    /// `task` failed with `error`, as reported by the node it is leased to.
     fn fail(&mut self, task: TaskId, error: TaskError) -> Vec<Command> {
-        self.event(Event::TaskFinished { task, error: Some(error) })
+        let node = self.lease(task);
+        self.event(Event::TaskFinished { task, node, error: Some(error) })
+    }
+
+    fn cancel(&mut self, task: TaskId, force: bool) -> Vec<Command> {
+        self.event(Event::TaskCancelled { task, force })
+    }
+
+    fn heard(&mut self, node: u64) -> Vec<Command> {
+        self.event(Event::NodeHeard { node: NodeId(node) })
+    }
+
+    /// Moves the clock on by `ms` milliseconds.
+    fn wait(&mut self, ms: u64) {
+        self.now += Duration::from_millis(ms);
+    }
+
+    fn expire(&mut self, timeout_ms: u64) -> Vec<Command> {
+        self.sched.expire_silent(self.now, Duration::from_millis(timeout_ms));
+        self.sched.drain_commands().collect()
     }
 
     fn free(&self, node: u64) -> Resources {
@@ -73,8 +130,14 @@ fn t(seq: u64) -> TaskId {
     TaskId::new(SessionId(1), seq)
 }
 
+/// The first dispatch of `task` to `node`.
 fn dispatch(task: TaskId, node: u64) -> Command {
-    Command::Dispatch { task, node: NodeId(node) }
+    retry(task, node, 1)
+}
+
+/// Dispatch number `attempt` of `task`, to `node`.
+fn retry(task: TaskId, node: u64, attempt: u32) -> Command {
+    Command::Dispatch { task, node: NodeId(node), attempt }
 }
 
 /// The tasks dispatched in `commands`, with their nodes.
@@ -82,7 +145,7 @@ fn dispatched(commands: &[Command]) -> Vec<(TaskId, u64)> {
     commands
         .iter()
         .filter_map(|c| match c {
-            Command::Dispatch { task, node } => Some((*task, node.0)),
+            Command::Dispatch { task, node, .. } => Some((*task, node.0)),
             _ => None,
         })
         .collect()
@@ -305,7 +368,7 @@ fn losing_a_node_fails_its_tasks_and_reports_stranded_ones() {
     assert_eq!(env.submit(t(3), "f", "CPU=1", &[]), [dispatch(t(3), 1)]);
     env.submit(t(4), "f", "CPU=1", &[t(1)]);
     let commands = env.lose(2);
-    let lost = TaskError::WorkerLost { function: "f".into(), node: "w2".into() };
+    let lost = TaskError::WorkerLost { function: "f".into(), node: "w2".into(), attempts: 1 };
     assert_eq!(commands[0], Command::Fail { task: t(1), error: lost.clone() });
     assert_eq!(
         commands[1],
@@ -322,7 +385,7 @@ fn losing_a_node_fails_its_tasks_and_reports_stranded_ones() {
     assert_eq!(*task, t(2));
     assert!(reason.contains("gpu=1 (has 0)"), "{reason}");
     // The lost node's late report changes nothing.
-    assert_eq!(env.finish(t(1)), []);
+    assert_eq!(env.finish_on(t(1), 2), []);
     assert_eq!(env.sched.node_count(), 1);
     assert_eq!(env.join(3, "CPU=1,gpu=1", &["f"]), [dispatch(t(2), 3)]);
     env.finish(t(2));
@@ -350,7 +413,10 @@ fn duplicate_and_unknown_reports_are_ignored() {
     assert_eq!(env.sched.task_status(t(1)), Some(TaskStatus::Finished));
     assert_eq!(env.free(1).get(CPU), ResourceAmount::whole(2));
     for event in [
-        Event::TaskFinished { task: t(50), error: None },
+        Event::TaskFinished { task: t(50), node: NodeId(1), error: None },
+        Event::TaskCancelled { task: t(50), force: true },
+        Event::TaskCancelled { task: t(1), force: true },
+        Event::NodeHeard { node: NodeId(50) },
         Event::TaskBlocked { task: t(50) },
         Event::TaskBlocked { task: t(1) },
         Event::TaskForgotten { task: t(50) },
@@ -478,6 +544,357 @@ fn shapes_are_dropped_when_no_task_uses_them() {
     assert_eq!(env.submit(t(200), "f", "mem=2", &[]), [dispatch(t(200), 2)]);
 }
 
+fn cancelled(function: &str) -> TaskError {
+    TaskError::Cancelled { function: function.into() }
+}
+
+fn worker_lost(node: &str, attempts: u32) -> TaskError {
+    TaskError::WorkerLost { function: "f".into(), node: node.into(), attempts }
+}
+
+fn dependency_failed(task: TaskId, dependency: TaskId, cause: TaskError) -> Command {
+    Command::Fail {
+        task,
+        error: TaskError::DependencyFailed { function: "f".into(), dependency, cause: Box::new(cause) },
+    }
+}
+
+#[test]
+fn a_running_task_on_a_lost_node_runs_again_elsewhere_in_submission_order() {
+    let mut env = Env::new();
+    env.join(1, "CPU=1", &["f"]);
+    env.join(2, "CPU=1", &["f"]);
+    assert_eq!(env.submit_retrying(t(1), "f", "CPU=1", 3, false), [dispatch(t(1), 1)]);
+    // It runs, and waits on a child: its CPU goes to the next task on the same node.
+    assert_eq!(env.event(Event::TaskBlocked { task: t(1) }), []);
+    assert_eq!(env.submit_retrying(t(2), "f", "CPU=1", 3, false), [dispatch(t(2), 2)]);
+    assert_eq!(env.submit_retrying(t(3), "f", "CPU=1", 3, false), [dispatch(t(3), 1)]);
+    assert_eq!(env.submit(t(4), "f", "CPU=1", &[]), []);
+    // Node 2 is full: both go back to the queue, ahead of the younger t4.
+    assert_eq!(env.lose(1), []);
+    assert_eq!(env.sched.task_status(t(1)), Some(TaskStatus::Queued));
+    assert_eq!(env.sched.attempts(t(1)), Some(1));
+    assert_eq!(env.sched.queued_len(), 3);
+    assert_eq!(env.finish(t(2)), [retry(t(1), 2, 2)]);
+    assert_eq!(env.finish(t(1)), [retry(t(3), 2, 2)]);
+    assert_eq!(env.finish(t(3)), [dispatch(t(4), 2)]);
+    assert_eq!(env.sched.task_status(t(1)), Some(TaskStatus::Finished));
+    assert_eq!(env.sched.attempts(t(1)), Some(2));
+    check_invariants(&env.sched);
+}
+
+#[test]
+fn a_task_lost_right_after_its_dispatch_runs_again() {
+    let mut env = Env::new();
+    env.join(1, "CPU=1", &["f"]);
+    env.join(2, "CPU=1", &["f"]);
+    assert_eq!(env.submit_retrying(t(1), "f", "CPU=1", 3, false), [dispatch(t(1), 1)]);
+    // No report yet: the node is lost with the lease; the idle node takes the task at once.
+    assert_eq!(env.lose(1), [retry(t(1), 2, 2)]);
+    // Alone and lost again, it waits for a node; the next one to join runs it.
+    let commands = env.lose(2);
+    assert!(matches!(&commands[..], [Command::Infeasible { task, .. }] if *task == t(1)), "{commands:?}");
+    assert_eq!(env.join(3, "CPU=1", &["f"]), [retry(t(1), 3, 3)]);
+    assert_eq!(env.finish(t(1)), []);
+    assert_eq!(env.sched.task_status(t(1)), Some(TaskStatus::Finished));
+}
+
+#[test]
+fn without_retries_a_lost_task_fails_after_one_attempt() {
+    let mut env = Env::new();
+    env.join(1, "CPU=1", &["f"]);
+    env.join(2, "CPU=1", &["f"]);
+    assert_eq!(env.submit_retrying(t(1), "f", "CPU=1", 0, true), [dispatch(t(1), 1)]);
+    env.submit(t(2), "f", "CPU=1", &[t(1)]);
+    assert_eq!(
+        env.lose(1),
+        [
+            Command::Fail { task: t(1), error: worker_lost("w1", 1) },
+            dependency_failed(t(2), t(1), worker_lost("w1", 1)),
+        ]
+    );
+    assert_eq!(env.sched.attempts(t(1)), Some(1));
+    assert_eq!(env.free(2), res("CPU=1,node:w2=1"));
+}
+
+#[test]
+fn retries_run_out_after_max_retries_plus_one_attempts() {
+    let mut env = Env::new();
+    env.join(1, "CPU=1", &["f"]);
+    assert_eq!(env.submit_retrying(t(1), "f", "CPU=1", 2, false), [dispatch(t(1), 1)]);
+    for id in 2..=3 {
+        env.join(id, "CPU=1", &["f"]);
+        assert_eq!(env.lose(id - 1), [retry(t(1), id, id as u32)]);
+    }
+    env.join(4, "CPU=1", &["f"]);
+    let lost = worker_lost("w3", 3);
+    assert_eq!(env.lose(3), [Command::Fail { task: t(1), error: lost.clone() }]);
+    assert_eq!(env.sched.task_status(t(1)), Some(TaskStatus::Failed));
+    assert_eq!(env.free(4), res("CPU=1,node:w4=1"));
+    let message = lost.to_string();
+    assert!(message.contains("w3") && message.contains("attempt 3") && message.contains("died"), "{message}");
+}
+
+#[test]
+fn a_negative_max_retries_retries_without_limit() {
+    let mut env = Env::new();
+    env.join(1, "CPU=2", &["f"]);
+    assert_eq!(env.submit_retrying(t(1), "f", "CPU=1", -1, false), [dispatch(t(1), 1)]);
+    // Other negative values a peer may send mean the same.
+    assert_eq!(env.submit_retrying(t(2), "f", "CPU=1", i32::MIN, false), [dispatch(t(2), 1)]);
+    for id in 2..=6 {
+        env.join(id, "CPU=2", &["f"]);
+        let attempt = id as u32;
+        assert_eq!(env.lose(id - 1), [retry(t(1), id, attempt), retry(t(2), id, attempt)]);
+    }
+    assert_eq!(env.finish(t(1)), []);
+    assert_eq!(env.finish(t(2)), []);
+    assert_eq!(env.sched.attempts(t(2)), Some(6));
+    assert_eq!(env.sched.task_status(t(2)), Some(TaskStatus::Finished));
+}
+
+#[test]
+fn reports_from_a_node_the_task_is_not_leased_to_are_ignored() {
+    let mut env = Env::new();
+    env.join(1, "CPU=1", &["f"]);
+    env.join(2, "CPU=2", &["f"]);
+    assert_eq!(env.submit_retrying(t(1), "f", "CPU=2", 3, false), [dispatch(t(1), 2)]);
+    assert_eq!(env.submit_retrying(t(2), "f", "CPU=1", 3, false), [dispatch(t(2), 1)]);
+    // Lost while no other node has room: t2's old node reports while t2 is queued.
+    assert_eq!(env.lose(1), []);
+    assert_eq!(env.finish_on(t(2), 1), []);
+    assert_eq!(env.sched.task_status(t(2)), Some(TaskStatus::Queued));
+    assert_eq!(env.finish(t(1)), [retry(t(2), 2, 2)]);
+    env.join(3, "CPU=1", &["f"]);
+    // Now leased to node 2: the lost node's late report, or a report from any other node, is stale.
+    assert_eq!(env.finish_on(t(2), 1), []);
+    assert_eq!(
+        env.event(Event::TaskFinished { task: t(2), node: NodeId(3), error: Some(app_error("f")) }),
+        []
+    );
+    assert_eq!(env.sched.task_status(t(2)), Some(TaskStatus::Running { node: NodeId(2) }));
+    assert_eq!(env.submit(t(3), "f", "CPU=1", &[]), [dispatch(t(3), 3)]);
+    assert_eq!(env.submit(t(4), "f", "CPU=1", &[]), [dispatch(t(4), 2)]);
+    assert_eq!(env.finish_on(t(2), 2), []);
+    // A second report from the right node does not give the resources back twice.
+    assert_eq!(env.finish_on(t(2), 2), []);
+    assert_eq!(env.free(2).get(CPU), ResourceAmount::whole(1));
+    assert_eq!(env.sched.task_status(t(2)), Some(TaskStatus::Finished));
+    check_invariants(&env.sched);
+}
+
+#[test]
+fn application_errors_run_again_only_with_retry_exceptions() {
+    let mut env = Env::new();
+    env.join(1, "CPU=1", &["f"]);
+    assert_eq!(env.submit_retrying(t(1), "f", "CPU=1", 1, true), [dispatch(t(1), 1)]);
+    env.submit(t(2), "f", "CPU=1", &[t(1)]);
+    assert_eq!(env.submit(t(3), "f", "CPU=1", &[]), []);
+    // It goes back to the front of the queue, so it takes its room back before t3.
+    assert_eq!(env.fail(t(1), app_error("f")), [retry(t(1), 1, 2)]);
+    assert_eq!(env.sched.task_status(t(2)), Some(TaskStatus::Waiting));
+    // Out of attempts: the error stands (the head has it from the node), and t2 fails with it.
+    assert_eq!(
+        env.fail(t(1), app_error("f")),
+        [dependency_failed(t(2), t(1), app_error("f")), dispatch(t(3), 1)]
+    );
+    assert_eq!(env.sched.task_status(t(1)), Some(TaskStatus::Failed));
+    // Without retry_exceptions, or with another kind of error, the first failure is final.
+    env.finish(t(3));
+    assert_eq!(env.submit_retrying(t(4), "f", "CPU=1", 5, false), [dispatch(t(4), 1)]);
+    assert_eq!(env.fail(t(4), app_error("f")), []);
+    assert_eq!(env.sched.task_status(t(4)), Some(TaskStatus::Failed));
+    assert_eq!(env.submit_retrying(t(5), "f", "CPU=1", 5, true), [dispatch(t(5), 1)]);
+    let panic = TaskError::Panic { function: "f".into(), message: "oops".into() };
+    assert_eq!(env.fail(t(5), panic), []);
+    assert_eq!(env.sched.task_status(t(5)), Some(TaskStatus::Failed));
+    assert_eq!(env.sched.attempts(t(5)), Some(1));
+    assert_eq!(env.free(1), res("CPU=1,node:w1=1"));
+}
+
+#[test]
+fn cancelling_a_task_that_has_not_started_fails_it_and_its_dependents() {
+    let mut env = Env::new();
+    env.join(1, "CPU=1", &["f"]);
+    assert_eq!(env.submit(t(1), "f", "CPU=1", &[]), [dispatch(t(1), 1)]);
+    assert_eq!(env.submit(t(2), "f", "CPU=1", &[]), []);
+    env.submit(t(3), "f", "CPU=1", &[t(1)]);
+    env.submit(t(4), "f", "CPU=1", &[t(3)]);
+    assert_eq!(env.cancel(t(2), false), [Command::Fail { task: t(2), error: cancelled("f") }]);
+    assert_eq!(env.sched.queued_len(), 0);
+    assert_eq!(
+        env.cancel(t(3), false),
+        [Command::Fail { task: t(3), error: cancelled("f") }, dependency_failed(t(4), t(3), cancelled("f"))]
+    );
+    // Cancelling again, or cancelling what ended or is unknown, does nothing.
+    assert_eq!(env.cancel(t(3), true), []);
+    assert_eq!(env.cancel(t(99), true), []);
+    assert_eq!(env.finish(t(1)), []);
+    assert_eq!(env.cancel(t(1), true), []);
+    assert_eq!(env.sched.task_status(t(1)), Some(TaskStatus::Finished));
+    // A later task on the cancelled one fails at once.
+    assert_eq!(env.submit(t(5), "f", "CPU=1", &[t(4)]), [dependency_failed(t(5), t(4), cancelled("f"))]);
+    check_invariants(&env.sched);
+}
+
+#[test]
+fn a_cancelled_running_task_ends_cancelled_whatever_it_reports() {
+    let mut env = Env::new();
+    env.join(1, "CPU=1", &["f"]);
+    assert_eq!(env.submit_retrying(t(1), "f", "CPU=1", 3, true), [dispatch(t(1), 1)]);
+    env.submit(t(2), "f", "CPU=1", &[t(1)]);
+    assert_eq!(env.submit(t(3), "f", "CPU=1", &[]), []);
+    let cancel = |force| Command::Cancel { task: t(1), node: NodeId(1), force };
+    assert_eq!(env.cancel(t(1), false), [cancel(false)]);
+    assert_eq!(env.cancel(t(1), false), []);
+    // Asking again more firmly is passed on, once.
+    assert_eq!(env.cancel(t(1), true), [cancel(true)]);
+    assert_eq!(env.cancel(t(1), true), []);
+    assert_eq!(env.cancel(t(1), false), []);
+    // It holds its resources until its node reports.
+    assert_eq!(env.sched.task_status(t(1)), Some(TaskStatus::Running { node: NodeId(1) }));
+    assert_eq!(
+        env.finish(t(1)),
+        [
+            Command::Fail { task: t(1), error: cancelled("f") },
+            dependency_failed(t(2), t(1), cancelled("f")),
+            dispatch(t(3), 1),
+        ]
+    );
+    // Retried application errors are not retried once cancelled.
+    env.finish(t(3));
+    assert_eq!(env.submit_retrying(t(4), "f", "CPU=1", 3, true), [dispatch(t(4), 1)]);
+    assert_eq!(env.cancel(t(4), true), [Command::Cancel { task: t(4), node: NodeId(1), force: true }]);
+    assert_eq!(env.fail(t(4), app_error("f")), [Command::Fail { task: t(4), error: cancelled("f") }]);
+    assert_eq!(env.sched.attempts(t(4)), Some(1));
+    assert_eq!(env.free(1), res("CPU=1,node:w1=1"));
+}
+
+#[test]
+fn a_cancelled_task_whose_node_is_lost_ends_cancelled() {
+    let mut env = Env::new();
+    env.join(1, "CPU=1", &["f"]);
+    assert_eq!(env.submit_retrying(t(1), "f", "CPU=1", -1, false), [dispatch(t(1), 1)]);
+    env.cancel(t(1), false);
+    assert_eq!(env.lose(1), [Command::Fail { task: t(1), error: cancelled("f") }]);
+    assert_eq!(env.join(2, "CPU=1", &["f"]), []);
+    assert_eq!(env.sched.task_status(t(1)), Some(TaskStatus::Failed));
+}
+
+#[test]
+fn silent_nodes_expire_and_their_tasks_run_again() {
+    let mut env = Env::new();
+    let start = env.now;
+    let timeout = Duration::from_millis(1000);
+    assert_eq!(env.sched.next_expiry(timeout), None);
+    for id in 1..=3 {
+        env.join(id, "CPU=1", &["f"]);
+    }
+    assert_eq!(env.submit_retrying(t(1), "f", "CPU=1", 3, false), [dispatch(t(1), 1)]);
+    assert_eq!(env.submit_retrying(t(2), "f", "CPU=1", 3, false), [dispatch(t(2), 2)]);
+    assert_eq!(env.sched.next_expiry(timeout), Some(start + timeout));
+    env.wait(600);
+    assert_eq!(env.heard(2), []);
+    env.heard(3);
+    env.heard(99);
+    assert_eq!(env.sched.next_expiry(timeout), Some(start + timeout));
+    env.wait(399);
+    assert_eq!(env.expire(1000), []);
+    env.wait(1);
+    // Node 1 has been silent for the whole timeout; the others were heard since.
+    assert_eq!(env.expire(1000), [Command::NodeExpired { node: NodeId(1) }, retry(t(1), 3, 2)]);
+    assert_eq!(env.sched.node_count(), 2);
+    assert_eq!(env.sched.next_expiry(timeout), Some(start + Duration::from_millis(1600)));
+    assert_eq!(env.expire(1000), []);
+    // Its late report and its heartbeat are too late: it stays lost.
+    assert_eq!(env.finish_on(t(1), 1), []);
+    assert_eq!(env.heard(1), []);
+    assert_eq!(env.sched.task_status(t(1)), Some(TaskStatus::Running { node: NodeId(3) }));
+    env.wait(600);
+    let commands = env.expire(1000);
+    let [
+        Command::NodeExpired { node: NodeId(2) },
+        Command::NodeExpired { node: NodeId(3) },
+        Command::Infeasible { task: first, .. },
+        Command::Infeasible { task: second, .. },
+    ] = &commands[..]
+    else {
+        panic!("{commands:?}")
+    };
+    assert_eq!((*first, *second), (t(1), t(2)));
+    assert_eq!(env.sched.next_expiry(timeout), None);
+    assert_eq!(env.join(4, "CPU=1", &["f"]), [retry(t(1), 4, 3)]);
+    assert_eq!(env.sched.next_expiry(timeout), Some(env.now + timeout));
+}
+
+#[test]
+fn hearing_from_a_node_moves_its_deadline() {
+    let mut env = Env::new();
+    let start = env.now;
+    let timeout = Duration::from_millis(100);
+    for id in 1..=3 {
+        env.join(id, "CPU=1", &["f"]);
+    }
+    env.wait(10);
+    env.heard(1);
+    env.wait(10);
+    env.heard(3);
+    // Node 2 is the oldest now, then 1, then 3.
+    assert_eq!(env.sched.next_expiry(timeout), Some(start + timeout));
+    env.wait(80);
+    assert_eq!(env.expire(100), [Command::NodeExpired { node: NodeId(2) }]);
+    assert_eq!(env.sched.next_expiry(timeout), Some(start + Duration::from_millis(110)));
+    env.wait(10);
+    assert_eq!(env.expire(100), [Command::NodeExpired { node: NodeId(1) }]);
+    assert_eq!(env.sched.node_count(), 1);
+    // An event dated in the past does not make a node look older than it is, nor older than
+    // nodes heard before it.
+    env.sched.handle(start, Event::NodeHeard { node: NodeId(3) });
+    assert_eq!(env.sched.next_expiry(timeout), Some(start + Duration::from_millis(120)));
+    env.join(4, "CPU=1", &["f"]);
+    env.sched.handle(start, Event::NodeHeard { node: NodeId(3) });
+    env.sched.handle(
+        start,
+        Event::NodeJoined {
+            node: NodeId(5),
+            name: "w5".into(),
+            resources: res("CPU=1"),
+            functions: vec![key("f")],
+        },
+    );
+    // Both count as heard when node 4 joined, and come after it in the list.
+    assert_eq!(env.sched.next_expiry(timeout), Some(env.now + timeout));
+    env.wait(100);
+    assert_eq!(env.expire(100), [4, 3, 5].map(|id| Command::NodeExpired { node: NodeId(id) }));
+}
+
+#[test]
+fn a_lost_nodes_resources_are_not_counted_any_more() {
+    let mut env = Env::new();
+    env.join(1, "CPU=4,gpu=1", &["f"]);
+    env.join(2, "CPU=1", &["f"]);
+    assert_eq!(env.submit_retrying(t(1), "f", "CPU=1,gpu=1", 3, false), [dispatch(t(1), 1)]);
+    let commands = env.lose(1);
+    let [Command::Infeasible { task, reason }] = &commands[..] else { panic!("{commands:?}") };
+    assert_eq!(*task, t(1));
+    assert!(reason.contains("gpu=1 (has 0)"), "{reason}");
+    assert_eq!(env.sched.node_free(NodeId(1)), None);
+    let commands = env.submit(t(2), "f", "CPU=2", &[]);
+    assert!(
+        matches!(&commands[..], [Command::Infeasible { reason, .. }] if reason.contains("CPU=2 (has 1)")),
+        "{commands:?}"
+    );
+    assert_eq!(env.free(2), res("CPU=1,node:w2=1"));
+    assert_eq!(env.join(3, "CPU=2,gpu=1", &["f"]), [retry(t(1), 3, 2)]);
+    check_invariants(&env.sched);
+}
+
+#[test]
+fn task_records_stay_small() {
+    // Every submitted task has one; the benchmark's decision rate depends on touching little.
+    assert!(std::mem::size_of::<Task>() <= 64, "{}", std::mem::size_of::<Task>());
+}
+
 /// Checks the scheduler's bookkeeping against a recomputation from its tasks.
 fn check_invariants(sched: &Scheduler) {
     for (n, node) in sched.nodes.iter() {
@@ -526,8 +943,19 @@ fn check_invariants(sched: &Scheduler) {
     assert_eq!(queued, sched.queued);
     for (slot, task) in sched.tasks.iter() {
         assert_eq!(sched.task_index.get(&task.id), Some(&slot));
+        assert!(task.max_attempts == UNLIMITED || task.attempts <= task.max_attempts);
     }
     assert_eq!(sched.task_index.len(), sched.tasks.len());
+    // The list by last-heard time holds every node once, oldest first, linked both ways.
+    let (mut n, mut older, mut listed) = (sched.oldest_heard, NO_NODE, 0);
+    while let Some(node) = sched.nodes.get(n) {
+        assert_eq!(node.older, older);
+        if let Some(previous) = sched.nodes.get(older) {
+            assert!(previous.heard <= node.heard);
+        }
+        (older, n, listed) = (n, node.newer, listed + 1);
+    }
+    assert_eq!((n, older, listed), (NO_NODE, sched.newest_heard, sched.nodes.len()));
 }
 
 /// Random event sequences (seeded, so reproducible) keep the bookkeeping consistent, never
@@ -544,10 +972,14 @@ fn random_events_keep_the_books_straight() {
     let mut env = Env::new();
     let mut running: Vec<TaskId> = Vec::new();
     let mut submitted: Vec<TaskId> = Vec::new();
+    // Commands of the kinds the mix must reach: retries, cancels, expiries, cancelled and lost
+    // tasks (after one attempt and after several).
+    let mut reached = [0usize; 7];
     let shapes = ["CPU=1", "CPU=2", "CPU=0.5,gpu=1", "CPU=1,mem=3", "", "CPU=9"];
     let nodes = ["CPU=2", "CPU=4,gpu=1", "CPU=1,mem=4", "CPU=8,gpu=2,mem=8"];
     for step in 0..20_000u64 {
-        let commands = match rand(20) {
+        env.wait(rand(3));
+        let commands = match rand(24) {
             0 => env.join(step, nodes[rand(4) as usize], [&["f", "g"][..], &["f"], &["g"]][rand(3) as usize]),
             1 => {
                 let ids: Vec<NodeId> = env.sched.node_index.keys().copied().collect();
@@ -564,7 +996,18 @@ fn random_events_keep_the_books_straight() {
                     .collect();
                 submitted.push(task);
                 let function = ["f", "f", "g", "h"][rand(4) as usize];
-                env.submit(task, function, shapes[rand(shapes.len() as u64) as usize], &deps)
+                let request = Resources::parse(shapes[rand(shapes.len() as u64) as usize]).unwrap();
+                let max_retries = [-1, 0, 1, 3][rand(4) as usize];
+                let retry_exceptions = rand(2) == 0;
+                let (function, deps) = (key(function), deps.clone());
+                env.event(Event::TaskSubmitted {
+                    task,
+                    function,
+                    request,
+                    deps,
+                    max_retries,
+                    retry_exceptions,
+                })
             }
             10..=15 if !running.is_empty() => {
                 let task = running.swap_remove(rand(running.len() as u64) as usize);
@@ -573,13 +1016,39 @@ fn random_events_keep_the_books_straight() {
             16 if !running.is_empty() => env.event(Event::TaskBlocked { task: running[0] }),
             17 => env.event(Event::TaskForgotten { task: TaskId::new(SessionId(rand(3)), rand(step + 1)) }),
             18 if rand(10) == 0 => env.event(Event::SessionClosed { session: SessionId(rand(3)) }),
+            19 => {
+                let task = match running.len() as u64 {
+                    0 => TaskId::new(SessionId(rand(3)), rand(step + 1)),
+                    len => running[rand(len) as usize],
+                };
+                env.cancel(task, rand(2) == 0)
+            }
+            20 => {
+                let ids: Vec<NodeId> = env.sched.node_index.keys().copied().collect();
+                if ids.is_empty() { Vec::new() } else { env.heard(ids[rand(ids.len() as u64) as usize].0) }
+            }
+            21 if rand(5) == 0 => env.expire(30),
+            // A report from any node, mostly one the task is not leased to.
+            22 => env.finish_on(TaskId::new(SessionId(rand(3)), rand(step + 1)), rand(step + 1)),
             _ => env.finish(TaskId::new(SessionId(rand(3)), rand(step + 1))),
         };
         for command in commands {
-            if let Command::Dispatch { task, node } = command {
-                assert_eq!(env.sched.task_status(task), Some(TaskStatus::Running { node }));
-                running.push(task);
-            }
+            let seen = match command {
+                Command::Dispatch { task, node, attempt } => {
+                    assert_eq!(env.sched.task_status(task), Some(TaskStatus::Running { node }));
+                    assert_eq!(env.sched.attempts(task), Some(attempt));
+                    running.push(task);
+                    usize::from(attempt > 1)
+                }
+                Command::Cancel { .. } => 2,
+                Command::NodeExpired { .. } => 3,
+                Command::Fail { error: TaskError::Cancelled { .. }, .. } => 4,
+                Command::Fail { error: TaskError::WorkerLost { attempts, .. }, .. } => {
+                    5 + usize::from(attempts > 1)
+                }
+                _ => 0,
+            };
+            reached[seen] += 1;
         }
         running.retain(|&task| matches!(env.sched.task_status(task), Some(TaskStatus::Running { .. })));
         if step % 50 == 0 {
@@ -587,4 +1056,5 @@ fn random_events_keep_the_books_straight() {
         }
     }
     check_invariants(&env.sched);
+    assert!(reached[1..].iter().all(|&n| n > 0), "{reached:?}");
 }

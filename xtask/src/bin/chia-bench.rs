@@ -542,15 +542,17 @@ fn scheduler_decisions(nodes: u64, tasks: usize) -> f64 {
             function: function.clone(),
             request: request.clone(),
             deps: Vec::new(),
+            max_retries: 3,
+            retry_exceptions: false,
         })
         .collect();
     let started = Instant::now();
-    let mut running: VecDeque<TaskId> = VecDeque::new();
+    let mut running: VecDeque<(TaskId, NodeId)> = VecDeque::new();
     let mut decisions = 0usize;
-    let mut take_dispatches = |scheduler: &mut Scheduler, running: &mut VecDeque<TaskId>| {
+    let mut take_dispatches = |scheduler: &mut Scheduler, running: &mut VecDeque<(TaskId, NodeId)>| {
         for command in scheduler.drain_commands() {
-            if let Command::Dispatch { task, .. } = command {
-                running.push_back(task);
+            if let Command::Dispatch { task, node, .. } = command {
+                running.push_back((task, node));
                 decisions += 1;
             }
         }
@@ -559,8 +561,8 @@ fn scheduler_decisions(nodes: u64, tasks: usize) -> f64 {
         scheduler.handle(now, event);
         take_dispatches(&mut scheduler, &mut running);
     }
-    while let Some(task) = running.pop_front() {
-        scheduler.handle(now, Event::TaskFinished { task, error: None });
+    while let Some((task, node)) = running.pop_front() {
+        scheduler.handle(now, Event::TaskFinished { task, node, error: None });
         scheduler.handle(now, Event::TaskForgotten { task });
         take_dispatches(&mut scheduler, &mut running);
     }
