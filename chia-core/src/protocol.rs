@@ -44,6 +44,10 @@ pub struct TaskSpec {
     /// The caller decided to bypass this call: the worker runs this instead of the function.
     #[serde(default)]
     pub bypass: Option<BypassSpec>,
+    /// Re-run the task when it fails with an application error (`Err` or panic), while
+    /// `max_retries` allows; otherwise only a lost worker makes it run again.
+    #[serde(default)]
+    pub retry_exceptions: bool,
     /// The job the call belongs to when it is made from inside another task (a nested call):
     /// the session of the driver that started the chain. `None`: the submitting session's own.
     #[serde(default)]
@@ -195,6 +199,14 @@ pub enum PeerToHead {
     /// Replaces the settings of this session's job (`job` must be the session itself); the
     /// head sends them with every task of the job.
     SetJobSettings(JobSettings),
+    /// Cancel a task this session submitted: dropped if it has not started, told to stop if it
+    /// runs (`force`: its child processes are killed at once). It ends with `Cancelled`.
+    Cancel {
+        task: TaskId,
+        force: bool,
+    },
+    /// A worker is alive (sent every `heartbeat_ms` the head asked for in its welcome).
+    Heartbeat,
 }
 
 /// Which results a service watches: a function's, for every call (`tags: None`) or for calls
@@ -212,6 +224,10 @@ pub enum HeadToPeer {
         session: SessionId,
         node: Option<NodeId>,
         node_name: String,
+        /// A worker sends [`PeerToHead::Heartbeat`] this often (milliseconds; 0: never). The
+        /// head writes off a worker it has not heard from for a few of these.
+        #[serde(default)]
+        heartbeat_ms: u64,
     },
     Rejected {
         reason: String,
@@ -264,6 +280,12 @@ pub enum HeadToPeer {
     /// Drop an instance.
     StopInstance {
         service: ServiceId,
+    },
+    /// Stop running `task` (to the worker running it): its context reports it cancelled and
+    /// its child processes get SIGTERM, then SIGKILL after a grace period (at once if `force`).
+    Cancel {
+        task: TaskId,
+        force: bool,
     },
 }
 
@@ -400,6 +422,7 @@ mod tests {
             request: Resources::parse("adder=1,CPU=1").unwrap(),
             tag: Some("iter0".into()),
             max_retries: 3,
+            retry_exceptions: true,
             bypass: Some(BypassSpec { provider: Some("provider_42".into()), data: None }),
             job: Some(SessionId(4)),
         });

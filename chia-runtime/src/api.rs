@@ -258,6 +258,27 @@ impl<T: DeserializeOwned> ObjectRef<T> {
 }
 
 impl<T> ObjectRef<T> {
+    /// Cancels the call: if it has not started it never will; if it runs, its context reports
+    /// it cancelled ([`Context::is_cancelled`]) and its child processes get SIGTERM, then
+    /// SIGKILL after [`CANCEL_GRACE`](crate::process::CANCEL_GRACE). Either way `get` returns
+    /// `TaskError::Cancelled`, and it is never retried. A call that already ended keeps its
+    /// result.
+    pub fn cancel(&self) -> Result<(), Error> {
+        self.send_cancel(false)
+    }
+
+    /// Like [`ObjectRef::cancel`], but the child processes are killed at once.
+    pub fn force_cancel(&self) -> Result<(), Error> {
+        self.send_cancel(true)
+    }
+
+    fn send_cancel(&self, force: bool) -> Result<(), Error> {
+        let client = &self.inner.client;
+        client
+            .send(&PeerToHead::Cancel { task: self.inner.task, force })
+            .map_err(|e| Error::Disconnected(e.to_string()))
+    }
+
     fn is_ready(&self, waiter: &Arc<Notify>) -> bool {
         !matches!(self.inner.client.poll_slot(self.inner.task, waiter, false).0, SlotState::Pending)
     }
@@ -369,6 +390,7 @@ pub struct Call<T> {
     tag: Option<String>,
     request: Resources,
     max_retries: i32,
+    retry_exceptions: bool,
     invalid: Option<String>,
     _type: PhantomData<fn() -> T>,
 }
@@ -382,6 +404,7 @@ impl<T: DeserializeOwned> Call<T> {
             tag: None,
             request: spec.request(),
             max_retries: spec.max_retries,
+            retry_exceptions: spec.retry_exceptions,
             invalid: None,
             _type: PhantomData,
         }
@@ -407,9 +430,18 @@ impl<T: DeserializeOwned> Call<T> {
         self
     }
 
-    /// Overrides how many times this call is retried after a worker is lost (-1: no limit).
+    /// Overrides how many times this call runs again after its worker is lost (default 3, as in
+    /// Ray; -1: no limit; 0: never). When the attempts run out, `get` says the worker died and
+    /// how many attempts were made.
     pub fn max_retries(mut self, retries: i32) -> Self {
         self.max_retries = retries;
+        self
+    }
+
+    /// Whether an application error (an `Err`, a panic) also makes this call run again, within
+    /// `max_retries` (default: the function's `retry_exceptions`, itself default false).
+    pub fn retry_exceptions(mut self, retry: bool) -> Self {
+        self.retry_exceptions = retry;
         self
     }
 
@@ -424,7 +456,7 @@ impl<T: DeserializeOwned> Call<T> {
     /// Like [`Call::remote`], and says how the call was dispatched: run for real (and why), or
     /// bypassed (and by what).
     pub fn remote_with_decision(self, cx: &Context) -> (ObjectRef<T>, Decision) {
-        let Call { spec, mut args, tag, request, max_retries, mut invalid, .. } = self;
+        let Call { spec, mut args, tag, request, max_retries, retry_exceptions, mut invalid, .. } = self;
         let (decision, bypass) = match invalid {
             // An invalid call fails as it is; there is nothing to decide.
             Some(_) => (Decision::Run(RunReason::NotBypassed), None),
@@ -445,6 +477,7 @@ impl<T: DeserializeOwned> Call<T> {
                 request,
                 tag,
                 max_retries,
+                retry_exceptions,
                 bypass,
                 job,
             })

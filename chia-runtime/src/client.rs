@@ -38,6 +38,22 @@ pub enum Execution {
     CallInstance { task: TaskId, service: ServiceId, method: String, args: Vec<ArgValue> },
     /// Drop an instance.
     StopInstance { service: ServiceId },
+    /// Cancel a running task.
+    Cancel { task: TaskId, force: bool },
+}
+
+/// Tells the head this worker is alive, as often as it asked, until the connection ends. A
+/// frozen process (SIGSTOP, a stalled machine) stops sending, which is how the head notices.
+async fn send_heartbeats(client: std::sync::Weak<Client>, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(client) = client.upgrade() else { return };
+        if client.is_closed() || client.send(&PeerToHead::Heartbeat).is_err() {
+            return;
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -116,10 +132,12 @@ impl Client {
             .map_err(|_| setup("the head did not answer the hello".into()))?
             .map_err(|e| setup(e.to_string()))?
             .ok_or_else(|| setup("the head closed the connection during the hello".into()))?;
-        let (session, node, node_name) = match decode_body::<HeadToPeer>(first)
+        let (session, node, node_name, heartbeat_ms) = match decode_body::<HeadToPeer>(first)
             .map_err(|e| setup(e.to_string()))?
         {
-            HeadToPeer::Welcome { session, node, node_name, .. } => (session, node, node_name),
+            HeadToPeer::Welcome { session, node, node_name, heartbeat_ms, .. } => {
+                (session, node, node_name, heartbeat_ms)
+            }
             HeadToPeer::Rejected { reason } => return Err(setup(format!("the head rejected us: {reason}"))),
             other => return Err(setup(format!("unexpected first message {other:?}"))),
         };
@@ -138,6 +156,9 @@ impl Client {
             endpoint,
             runtime: tokio::runtime::Handle::current(),
         });
+        if heartbeat_ms > 0 {
+            tokio::spawn(send_heartbeats(Arc::downgrade(&client), Duration::from_millis(heartbeat_ms)));
+        }
         let (executions, execution_rx) = mpsc::unbounded_channel();
         tokio::spawn(read_loop(client.clone(), reader, executions));
         Ok((client, execution_rx))
@@ -354,6 +375,7 @@ async fn read_loop(
                 forward(&executions, Execution::CallInstance { task, service, method, args })
             }
             HeadToPeer::StopInstance { service } => forward(&executions, Execution::StopInstance { service }),
+            HeadToPeer::Cancel { task, force } => forward(&executions, Execution::Cancel { task, force }),
             HeadToPeer::Pong { nonce } => {
                 if let Some((_, pong)) = client.pings.remove(&nonce) {
                     let _ = pong.send(());

@@ -5,6 +5,7 @@
 //! tasks decode frames without it and then apply each message under it; nothing inside awaits,
 //! so the lock is held for microseconds, and a message costs no hand-off to another task.
 
+mod persist;
 mod services;
 
 use crate::scheduler::{Command, Event, Scheduler, TaskStatus};
@@ -95,17 +96,50 @@ impl Drop for HeadHandle {
     }
 }
 
+/// How a head detects failures and what it keeps across restarts.
+#[derive(Clone, Debug)]
+pub struct HeadOptions {
+    /// How often workers send a heartbeat.
+    pub heartbeat: Duration,
+    /// A worker not heard from for this long (a frozen process, a cut network) is written off:
+    /// nothing more is scheduled there, its tasks run again elsewhere, its connection is closed.
+    pub heartbeat_timeout: Duration,
+    /// Where the specifications of detached services are kept, so that a head restarted on the
+    /// same directory starts them again (the cache with its entries). `None`: not kept.
+    pub state_dir: Option<std::path::PathBuf>,
+}
+
+impl Default for HeadOptions {
+    fn default() -> Self {
+        HeadOptions {
+            heartbeat: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(10),
+            state_dir: None,
+        }
+    }
+}
+
 /// Starts a head listening on `listen` with `credentials`, with its own node (`head`) joined.
 pub async fn start_head(
     listen: SocketAddr,
     credentials: HeadCredentials,
 ) -> Result<HeadHandle, crate::Error> {
+    start_head_with(listen, credentials, HeadOptions::default()).await
+}
+
+/// [`start_head`] with explicit [`HeadOptions`].
+pub async fn start_head_with(
+    listen: SocketAddr,
+    credentials: HeadCredentials,
+    options: HeadOptions,
+) -> Result<HeadHandle, crate::Error> {
     let server = credentials.server_config().map_err(|e| crate::Error::Setup(e.to_string()))?;
     let endpoint = quinn::Endpoint::server(server, listen)
         .map_err(|e| crate::Error::Setup(format!("cannot listen on {listen}: {e}")))?;
     let address = endpoint.local_addr().map_err(|e| crate::Error::Setup(e.to_string()))?;
-    let core = Arc::new(Mutex::new(HeadCore::new()));
+    let core = Arc::new(Mutex::new(HeadCore::new(options)));
     tokio::spawn(accept_loop(endpoint.clone(), core.clone()));
+    tokio::spawn(expire_silent_nodes(Arc::downgrade(&core)));
     tracing::info!("head listening on {address}");
     let mut head = HeadHandle { address, endpoint, credentials, core, head_node: None };
     let mut loopback = address;
@@ -118,7 +152,20 @@ pub async fn start_head(
     }
     let own = head.cluster_credentials(&loopback.to_string());
     head.head_node = Some(crate::worker::Worker::connect_head_node(&own).await?);
+    lock(&head.core).restart_persisted_services();
     Ok(head)
+}
+
+/// Writes off workers that went silent, checking a few times per heartbeat timeout. Ends with
+/// the head.
+async fn expire_silent_nodes(core: std::sync::Weak<Mutex<HeadCore>>) {
+    let Some(timeout) = core.upgrade().map(|core| lock(&core).options.heartbeat_timeout) else { return };
+    let mut ticks = tokio::time::interval((timeout / 4).max(Duration::from_millis(10)));
+    loop {
+        ticks.tick().await;
+        let Some(core) = core.upgrade() else { return };
+        lock(&core).expire_silent_nodes(timeout);
+    }
 }
 
 struct Hello {
@@ -247,11 +294,16 @@ struct HeadCore {
     jobs: HashMap<SessionId, JobSettings>,
     /// The head is closing every connection: what ends now ends on purpose, not by failure.
     shutting_down: bool,
+    options: HeadOptions,
+    /// Detached services to start again after a restart (with a state directory).
+    persisted: Option<persist::ServiceStore>,
 }
 
 impl HeadCore {
-    fn new() -> HeadCore {
+    fn new(options: HeadOptions) -> HeadCore {
         HeadCore {
+            persisted: options.state_dir.as_deref().map(persist::ServiceStore::open),
+            options,
             scheduler: Scheduler::new(),
             sessions: HashMap::new(),
             nodes: HashMap::new(),
@@ -282,8 +334,18 @@ impl HeadCore {
         }
     }
 
+    fn expire_silent_nodes(&mut self, timeout: Duration) {
+        self.scheduler.expire_silent(Instant::now(), timeout);
+        self.run_commands();
+    }
+
     fn feed(&mut self, event: Event) {
         self.scheduler.handle(Instant::now(), event);
+        self.run_commands();
+    }
+
+    /// Carries out what the scheduler decided, in order.
+    fn run_commands(&mut self) {
         let commands: Vec<Command> = self.scheduler.drain_commands().collect();
         for command in commands {
             self.execute(command);
@@ -312,6 +374,7 @@ impl HeadCore {
             session,
             node,
             node_name: name.clone(),
+            heartbeat_ms: if node.is_some() { self.options.heartbeat.as_millis() as u64 } else { 0 },
         };
         if let Err(e) = sender.send(&welcome) {
             tracing::error!("could not welcome {name}: {e}");
@@ -352,6 +415,10 @@ impl HeadCore {
     }
 
     fn message(&mut self, session: SessionId, message: PeerToHead) {
+        if let Some(node) = self.sessions.get(&session).and_then(|s| s.node) {
+            // Any frame shows the node is alive; heartbeats only fill the silences.
+            self.scheduler.handle(Instant::now(), Event::NodeHeard { node });
+        }
         match message {
             PeerToHead::Submit(spec) => self.submit(session, spec),
             PeerToHead::Release { tasks } => {
@@ -388,6 +455,16 @@ impl HeadCore {
             }
             PeerToHead::InstanceStopped { service } => self.instance_stopped(session, service),
             PeerToHead::SetJobSettings(settings) => self.set_job_settings(session, settings),
+            PeerToHead::Cancel { task, force } => {
+                if self
+                    .tasks
+                    .get(&task)
+                    .is_some_and(|r| r.owner == session && matches!(r.kind, TaskKind::Function))
+                {
+                    self.feed(Event::TaskCancelled { task, force });
+                }
+            }
+            PeerToHead::Heartbeat => {}
             PeerToHead::Hello { .. } => tracing::warn!("{session} sent a second hello; ignored"),
         }
     }
@@ -433,7 +510,7 @@ impl HeadCore {
             deps,
             max_retries: spec.max_retries,
             // Not in the protocol yet: application errors are final.
-            retry_exceptions: false,
+            retry_exceptions: spec.retry_exceptions,
         });
     }
 
@@ -461,7 +538,12 @@ impl HeadCore {
             }
             TaskKind::Function => {
                 record.running_on = None;
+                let cancelled = self.scheduler.is_cancelled(task);
                 match outcome {
+                    // Its owner asked for it to stop: it ends cancelled, whatever it returned.
+                    Outcome::Value(_) if cancelled => {
+                        self.feed(Event::TaskFinished { task, node, error: None })
+                    }
                     Outcome::Value(value) => {
                         let (function, tag) = (record.function.clone(), record.tag.clone());
                         self.deliver_to_watchers(task, &function, tag.as_deref(), &value);
@@ -543,10 +625,10 @@ impl HeadCore {
                 }
             }
             Command::Cancel { task, node, force } => {
-                // Nothing asks for cancellation yet, and the protocol has no message for it: the
-                // task runs to its end, which the scheduler then records as cancelled.
-                let how = if force { "force-" } else { "" };
-                tracing::info!("{task} is to be {how}cancelled on {node}; it runs to its end for now");
+                // It ends when its node reports it; the scheduler records it as cancelled then.
+                if let Some(&session) = self.nodes.get(&node) {
+                    self.send(session, &HeadToPeer::Cancel { task, force });
+                }
             }
             Command::NodeExpired { node } => {
                 if let Some(&session) = self.nodes.get(&node) {
@@ -689,6 +771,10 @@ impl HeadCore {
                     self.release_deps(task);
                     self.tasks.remove(&task);
                     continue;
+                }
+                if record.outcome.is_none() && matches!(record.kind, TaskKind::Function) {
+                    // Nobody is left to want its result: stop it, and the tools it runs.
+                    self.feed(Event::TaskCancelled { task, force: false });
                 }
             }
             self.maybe_free(task);

@@ -33,6 +33,8 @@ pub struct FunctionSpec {
     pub resources: &'static [(&'static str, u64)],
     pub num_cpus: u64,
     pub max_retries: i32,
+    /// Application errors (an `Err`, a panic) also make the call run again.
+    pub retry_exceptions: bool,
     pub arg_count: usize,
     pub invoke: Invoke,
 }

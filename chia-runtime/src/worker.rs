@@ -227,6 +227,13 @@ async fn serve(
             Execution::CallInstance { task, service, method, args } => {
                 call_instance(&context, &instances, task, service, method, args)
             }
+            Execution::Cancel { task, force } => match running.get(&task) {
+                Some(control) => {
+                    tracing::info!("cancelling {task}{}", if force { " (forced)" } else { "" });
+                    control.cancel(force);
+                }
+                None => tracing::debug!("asked to cancel {task}, which no longer runs here"),
+            },
             Execution::StopInstance { service } => {
                 // Calls still running hold the instance; it is dropped when the last one ends.
                 instances.remove(&service);

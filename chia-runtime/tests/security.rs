@@ -166,6 +166,7 @@ async fn arguments_of_the_wrong_type_fail_the_task_not_the_worker() {
             request: chia::Resources::parse("CPU=1").unwrap(),
             tag: None,
             max_retries: 0,
+            retry_exceptions: false,
             bypass: None,
             job: None,
         }))

@@ -46,7 +46,9 @@ use crate::signature::{
 /// Registers a function for remote execution; see the crate documentation for the expansion.
 ///
 /// Options (all optional): `resources(name = amount, "other:name" = amount, ..)`,
-/// `num_cpus = N` (default 1), `max_retries = N` (default 3, `-1` retries forever) and
+/// `num_cpus = N` (default 1), `max_retries = N` (default 3, `-1` retries forever; how often a
+/// call runs again after its worker is lost), `retry_exceptions = true` (an `Err` or panic
+/// also runs it again, within `max_retries`) and
 /// `name = "..."` (the stable name, default the function's identifier).
 #[proc_macro_attribute]
 pub fn function(attr: TokenStream, item: TokenStream) -> TokenStream {
@@ -124,7 +126,7 @@ fn expand_bypass(kind: bypass::Kind, attr: TokenStream, item: TokenStream) -> To
 }
 
 const VALID_OPTIONS: &str = "valid options are `resources(name = amount, ..)`, `num_cpus = N`, \
-                             `max_retries = N` and `name = \"...\"`";
+                             `max_retries = N`, `retry_exceptions = true` and `name = \"...\"`";
 
 /// Fixed-point scale of resource amounts: 1.0 = 10,000.
 const SCALE: u64 = 10_000;
@@ -134,11 +136,18 @@ struct Options {
     resources: Vec<(String, u64)>,
     num_cpus: u64,
     max_retries: i32,
+    retry_exceptions: bool,
 }
 
 impl Parse for Options {
     fn parse(input: ParseStream) -> syn::Result<Self> {
-        let mut options = Options { name: None, resources: Vec::new(), num_cpus: SCALE, max_retries: 3 };
+        let mut options = Options {
+            name: None,
+            resources: Vec::new(),
+            num_cpus: SCALE,
+            max_retries: 3,
+            retry_exceptions: false,
+        };
         let mut seen: Vec<String> = Vec::new();
         while !input.is_empty() {
             let key = input.call(Ident::parse_any)?;
@@ -159,6 +168,10 @@ impl Parse for Options {
                 "max_retries" => {
                     input.parse::<Token![=]>()?;
                     options.max_retries = parse_max_retries(input)?;
+                }
+                "retry_exceptions" => {
+                    input.parse::<Token![=]>()?;
+                    options.retry_exceptions = input.parse::<syn::LitBool>()?.value;
                 }
                 "name" => {
                     input.parse::<Token![=]>()?;
@@ -308,7 +321,8 @@ fn expand(options: Options, item: &ItemFn) -> syn::Result<TokenStream2> {
     };
     let sig_hash = sig_hash(&signature);
     let resources = options.resources.iter().map(|(name, amount)| quote!((#name, #amount)));
-    let (num_cpus, max_retries) = (options.num_cpus, options.max_retries);
+    let (num_cpus, max_retries, retry_exceptions) =
+        (options.num_cpus, options.max_retries, options.retry_exceptions);
     let arg_count = params.len();
 
     let (mod_vis, item_vis) = match &item.vis {
@@ -379,6 +393,7 @@ fn expand(options: Options, item: &ItemFn) -> syn::Result<TokenStream2> {
                 resources: &[#(#resources),*],
                 num_cpus: #num_cpus,
                 max_retries: #max_retries,
+                retry_exceptions: #retry_exceptions,
                 arg_count: #arg_count,
                 invoke: ::chia::__private::Invoke::#invoke_variant(__invoke),
             };

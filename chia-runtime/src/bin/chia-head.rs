@@ -1,12 +1,13 @@
 //! `chia-head`: the cluster's scheduler and object store. It needs no user code.
 
-use chia_runtime::head::start_head;
+use chia_runtime::head::{HeadOptions, start_head_with};
 use chia_runtime::local::default_state_dir;
 use chia_runtime::tls::HeadCredentials;
 use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 /// Runs the head of a chia cluster. On first start it creates the cluster's CA and
 /// credentials in the state directory and writes `cluster.yaml` there: give that file to
@@ -24,6 +25,10 @@ struct HeadArgs {
     /// address, with 0.0.0.0 replaced by 127.0.0.1).
     #[arg(long)]
     advertise: Option<String>,
+    /// Seconds without a heartbeat after which a worker is written off and its tasks run
+    /// elsewhere (workers send one every second).
+    #[arg(long, default_value_t = 10.0)]
+    heartbeat_timeout: f64,
 }
 
 fn main() -> ExitCode {
@@ -35,7 +40,19 @@ fn main() -> ExitCode {
 async fn run(args: HeadArgs) -> Result<ExitCode, String> {
     let state_dir = args.state_dir.unwrap_or_else(default_state_dir);
     let credentials = HeadCredentials::load_or_create(&state_dir).map_err(|e| e.to_string())?;
-    let head = start_head(args.listen, credentials).await.map_err(|e| e.to_string())?;
+    let heartbeat_timeout = Duration::try_from_secs_f64(args.heartbeat_timeout)
+        .ok()
+        .filter(|t| *t >= Duration::from_millis(100))
+        .ok_or_else(|| {
+            format!("--heartbeat-timeout {} must be at least 0.1 seconds", args.heartbeat_timeout)
+        })?;
+    let options = HeadOptions {
+        heartbeat: (heartbeat_timeout / 10).clamp(Duration::from_millis(10), Duration::from_secs(1)),
+        heartbeat_timeout,
+        // Detached services (the cache) are started again by a head restarted on this directory.
+        state_dir: Some(state_dir.clone()),
+    };
+    let head = start_head_with(args.listen, credentials, options).await.map_err(|e| e.to_string())?;
     let address = args.advertise.unwrap_or_else(|| {
         let mut address = head.address();
         if address.ip().is_unspecified() {

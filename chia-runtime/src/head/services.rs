@@ -27,6 +27,8 @@ pub(super) struct ServiceRecord {
     /// Stop requests answered once the host has dropped the instance.
     stoppers: Vec<(SessionId, TaskId)>,
     stopping: bool,
+    /// How to start it again after a head restart (detached services with value arguments).
+    persist: Option<super::persist::PersistedService>,
 }
 
 /// Results a service asked for (see [`PeerToHead::WatchResults`]).
@@ -140,6 +142,7 @@ impl HeadCore {
         }
         self.services.next += 1;
         let id = ServiceId(self.services.next);
+        let persist = self.persisted.as_ref().and_then(|_| super::persist::PersistedService::of(&start));
         let info = ServiceInfo {
             id,
             name: start.name,
@@ -162,6 +165,7 @@ impl HeadCore {
                 waiters: Vec::new(),
                 stoppers: Vec::new(),
                 stopping: false,
+                persist,
             },
         );
         let deps = ref_args(&start.args);
@@ -245,6 +249,9 @@ impl HeadCore {
             return;
         };
         record.ready = true;
+        if let (Some(store), Some(spec)) = (self.persisted.as_mut(), record.persist.clone()) {
+            store.insert(spec);
+        }
         let info = record.info.clone();
         let mut answer = std::mem::take(&mut record.waiters);
         answer.push((record.owner, task));
@@ -352,6 +359,10 @@ impl HeadCore {
         if self.shutting_down {
             tracing::debug!("service {:?} ({}) ended with the head", record.info.name, record.info.type_name);
         } else {
+            // Stopped or lost: a restarted head must not bring it back.
+            if let (Some(store), Some(_)) = (self.persisted.as_mut(), &record.persist) {
+                store.remove(&record.info.namespace, &record.info.name);
+            }
             tracing::warn!("service {:?} ({}) ended: {error}", record.info.name, record.info.type_name);
         }
         let mut answer = record.waiters;
@@ -372,6 +383,22 @@ impl HeadCore {
             task.owner_holds = false;
             task.outcome = Some(Outcome::Failed(error));
             self.maybe_free(record.creation);
+        }
+    }
+
+    /// Starts again the detached services a previous head on the same state directory ran.
+    pub(super) fn restart_persisted_services(&mut self) {
+        let Some(store) = &self.persisted else { return };
+        let services: Vec<_> = store.services().cloned().collect();
+        for service in services {
+            tracing::info!(
+                "starting {:?} ({}) again, as before the restart",
+                service.name,
+                service.service_type.name
+            );
+            self.services.next_internal_task += 1;
+            let task = TaskId::new(HEAD_SESSION, self.services.next_internal_task);
+            self.start_service(HEAD_SESSION, service.start(task));
         }
     }
 

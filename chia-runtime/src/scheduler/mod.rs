@@ -420,6 +420,12 @@ impl Scheduler {
         })
     }
 
+    /// Whether `task` runs and was asked to stop: whatever it reports, it ends cancelled.
+    pub fn is_cancelled(&self, task: TaskId) -> bool {
+        let Some(&slot) = self.task_index.get(&task) else { return false };
+        matches!(self.tasks.get(slot), Some(Task { state: State::Running { cancel, .. }, .. }) if *cancel != Cancel::No)
+    }
+
     /// How many times `task` was dispatched, or `None` if the scheduler does not know it.
     pub fn attempts(&self, task: TaskId) -> Option<u32> {
         Some(self.tasks.get(*self.task_index.get(&task)?)?.attempts)
