@@ -39,6 +39,90 @@ fn leave_a_child_running_sync(cx: &Context) -> Result<u32, std::io::Error> {
     Ok(pid)
 }
 
+/// Starts a process tree that would sleep for minutes, records its pids in `pid_file`, then
+/// waits for it: only cancellation ends it early.
+#[chia::function]
+async fn run_a_long_tree(cx: &Context, pid_file: String) -> Result<String, std::io::Error> {
+    let script = format!(
+        "echo $$ > {pid_file}.tmp; sleep 300 & echo $! >> {pid_file}.tmp; mv {pid_file}.tmp {pid_file}; wait"
+    );
+    let status = cx.spawn(tokio::process::Command::new("sh").args(["-c", &script]))?.wait().await?;
+    Ok(format!("the tree ended: {status}, cancelled: {}", cx.is_cancelled()))
+}
+
+/// Needs a resource no node has, so it stays queued.
+#[chia::function(resources(unobtainium = 1))]
+fn never_placed() -> u32 {
+    7
+}
+
+/// The pids `run_a_long_tree` wrote, once the file exists (it is renamed into place whole).
+async fn pids_in(path: &std::path::Path) -> Vec<u32> {
+    let deadline = tokio::time::Instant::now() + common::BOUND;
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return text.lines().map(|line| line.trim().parse().expect("a pid")).collect();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{} was never written", path.display());
+}
+
+fn is_cancelled(error: &chia::Error) -> bool {
+    matches!(error, chia::Error::Task(chia::TaskError::Cancelled { .. }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_queued_task_drops_it() {
+    let (_cluster, cx) = cluster(&["CPU=2"]).await;
+    let queued = never_placed::remote(&cx);
+    queued.cancel().unwrap();
+    let error = queued.get_timeout(common::BOUND).await.unwrap_err();
+    assert!(is_cancelled(&error), "{error:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_running_task_kills_its_process_tree() {
+    let (_cluster, cx) = cluster(&["CPU=2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pids");
+    let running = run_a_long_tree::remote(&cx, pid_file.display().to_string());
+    let pids = pids_in(&pid_file).await;
+    assert_eq!(pids.len(), 2);
+    running.cancel().unwrap();
+    let error = running.get_timeout(common::BOUND).await.unwrap_err();
+    assert!(is_cancelled(&error), "{error:?}");
+    assert!(all_stop(&pids).await, "the tree survived its cancelled task");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_cancel_kills_at_once_and_a_cancelled_task_keeps_no_result() {
+    let (_cluster, cx) = cluster(&["CPU=2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pids");
+    let running = run_a_long_tree::remote(&cx, pid_file.display().to_string());
+    let pids = pids_in(&pid_file).await;
+    running.force_cancel().unwrap();
+    // The function returns normally once its tool is killed; the caller still sees Cancelled.
+    let error = running.get_timeout(common::BOUND).await.unwrap_err();
+    assert!(is_cancelled(&error), "{error:?}");
+    assert!(all_stop(&pids).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_driver_that_leaves_takes_its_running_tools_with_it() {
+    let (cluster, cx) = cluster(&["CPU=2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pids");
+    let leaving = cluster.driver().await.unwrap();
+    let _running = run_a_long_tree::remote(&leaving, pid_file.display().to_string());
+    let pids = pids_in(&pid_file).await;
+    leaving.shutdown().await;
+    assert!(all_stop(&pids).await, "the departed driver's tool still runs");
+    // The cluster goes on serving the other driver.
+    leave_a_child_running_sync::remote(&cx).get_timeout(common::BOUND).await.unwrap();
+}
+
 /// Running, or a zombie that nobody has reaped yet (which runs nothing).
 fn is_running(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
