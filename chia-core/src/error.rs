@@ -36,7 +36,7 @@ pub enum TaskError {
     /// The node running the task disconnected (or went silent) before it finished, and no
     /// retries were left; `attempts` counts the runs, this one included.
     #[error(
-        "{function}: the worker {node} running it was lost (attempt {attempts}): it died or disconnected before the task finished, and no retries were left"
+        "{function}: the worker {node} running it died or disconnected before the task finished; {attempts} attempt(s) made, no retries left (see max_retries)"
     )]
     WorkerLost {
         function: String,

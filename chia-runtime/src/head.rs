@@ -633,7 +633,11 @@ impl HeadCore {
             Command::NodeExpired { node } => {
                 if let Some(&session) = self.nodes.get(&node) {
                     // The scheduler has written the node off already; close what is left of it.
-                    tracing::warn!("{node} was not heard from in time; closing its connection");
+                    let name = self.sessions.get(&session).map_or("?", |s| s.name.as_str());
+                    tracing::warn!(
+                        "worker {name} ({node}) was not heard from for {:?}; its tasks run elsewhere, closing its connection",
+                        self.options.heartbeat_timeout
+                    );
                     self.close(session, "not heard from in time");
                 }
             }

@@ -55,6 +55,16 @@ pub fn expensive_step(iteration: u32, call: u32, x: i64) -> i64 {
     x * x
 }
 
+/// A stand-in for a simulator run that takes `millis` milliseconds and yields `x * x`. Any
+/// number of attempts gives the same answer, so a run that is repeated after its worker died
+/// is indistinguishable from one that was not.
+#[chia::function]
+pub fn simulate(x: i64, millis: u64) -> i64 {
+    println!("[SIMULATE] {x}");
+    std::thread::sleep(std::time::Duration::from_millis(millis));
+    x * x
+}
+
 /// Does nothing; a binary calls it so the linker keeps this library, and with it the
 /// registrations of the functions above.
 pub fn link() {}
