@@ -238,7 +238,7 @@ async fn chaos_every_result_arrives_once_and_right_while_workers_die_and_return(
     chia::init_logging("error");
     const TASKS: i64 = 300;
     const KILLS: usize = 6;
-    let seed = std::env::var("CHIA_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_c4a0_5u64);
+    let seed = std::env::var("CHIA_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_c4a0_u64);
     eprintln!("chaos seed {seed:#x} (set CHIA_CHAOS_SEED to replay)");
     let mut random = Seeded(seed);
     let dir = tempfile::tempdir().unwrap();
