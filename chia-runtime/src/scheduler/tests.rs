@@ -632,7 +632,10 @@ fn retries_run_out_after_max_retries_plus_one_attempts() {
     assert_eq!(env.sched.task_status(t(1)), Some(TaskStatus::Failed));
     assert_eq!(env.free(4), res("CPU=1,node:w4=1"));
     let message = lost.to_string();
-    assert!(message.contains("w3") && message.contains("3 attempt(s) made") && message.contains("died"), "{message}");
+    assert!(
+        message.contains("w3") && message.contains("3 attempt(s) made") && message.contains("died"),
+        "{message}"
+    );
 }
 
 #[test]
