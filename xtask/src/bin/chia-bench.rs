@@ -46,6 +46,12 @@ fn increment(x: u64) -> u64 {
     x + 1
 }
 
+/// Answers a bypassed `increment` without running it.
+#[chia::provider]
+fn constant_provider(_call: &chia::bypass::BypassCall) -> u64 {
+    7
+}
+
 #[chia::function]
 fn make_bytes(len: usize) -> Bytes {
     Bytes::from(vec![7u8; len])
@@ -195,6 +201,12 @@ async fn run(bench: &mut Bench) -> BenchResult<()> {
         let (result, arg) = large_values(bench.count(100) << 20).await?;
         bench.record("large_result_mb_per_s", result, "MB/s");
         bench.record("large_arg_mb_per_s", arg, "MB/s");
+    }
+    if bench.wants(&BYPASS_FIGURES) {
+        let (bypassed, replayed, rate) = bypass_figures(bench.count(1_000), bench.count(10_000)).await?;
+        bench.record("bypass_call_p50_us", bypassed, "us");
+        bench.record("bypass_replay_p50_us", replayed, "us");
+        bench.record("bypassed_tasks_per_s", rate, "tasks/s");
     }
     if bench.wants(&SMALL_CACHE_FIGURES) || bench.wants(&LARGE_CACHE_FIGURES) {
         cache_figures(bench).await?;
@@ -435,6 +447,54 @@ const LARGE_CACHE_FIGURES: [&str; 2] = ["cache_write_1m_mb_per_s", "cache_warm_s
 /// The cache figures, through the cache service as users call it (on the embedded cluster,
 /// the cache pinned to the head node, default durability: fsync of file and directory per
 /// write). Throughput figures pipeline their calls; `has` is one call at a time.
+const BYPASS_FIGURES: [&str; 3] = ["bypass_call_p50_us", "bypass_replay_p50_us", "bypassed_tasks_per_s"];
+
+/// A bypassed call (a provider on the worker instead of the function), one at a time; a call
+/// replayed from the cache (condition `has` on the driver, then the cached bytes read on the
+/// worker), one at a time; and bypassed calls pipelined.
+async fn bypass_figures(calls: usize, pipelined: usize) -> BenchResult<(f64, f64, f64)> {
+    use chia::bypass::{Bypass, BypassConfig};
+    let (_cluster, cx) = cluster(1).await?;
+    let config = BypassConfig::from_yaml_str("bypass:\n  increment: true\n", "bench")?;
+    let bypass = Bypass::with_config(&cx, config).await?;
+    bypass.set_provider("increment", &constant_provider::PROVIDER)?;
+    let mut samples = Vec::with_capacity(calls);
+    for x in 0..calls as u64 {
+        let started = Instant::now();
+        if increment::remote(&cx, x).get().await? != 7 {
+            return Err("a bypassed call ran for real".into());
+        }
+        samples.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    let bypassed = percentile(&mut samples, 0.5);
+    let started = Instant::now();
+    let refs: Vec<_> = (0..pipelined as u64).map(|x| increment::remote(&cx, x)).collect();
+    for object in &refs {
+        object.get().await?;
+    }
+    let rate = pipelined as f64 / started.elapsed().as_secs_f64();
+
+    let dir = tempfile::tempdir()?;
+    let cache =
+        chia::cache::start_cache_with(&cx, 1.0, "GiB", dir.path(), None, None, chia::cache::Durability::None)
+            .await?;
+    let tags: Vec<String> = (0..calls).map(|i| format!("iter{i}")).collect();
+    for (x, tag) in tags.iter().enumerate() {
+        cache.write(tag, &(x as u64 + 1)).await?;
+    }
+    bypass.replay_from_cache("increment")?;
+    let mut samples = Vec::with_capacity(calls);
+    for (x, tag) in tags.iter().enumerate() {
+        let started = Instant::now();
+        let (object, decision) = increment::call(0).tag(tag).remote_with_decision(&cx);
+        if object.get().await? != x as u64 + 1 || !decision.is_bypassed() {
+            return Err("a replayed call did not return the cached value".into());
+        }
+        samples.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok((bypassed, percentile(&mut samples, 0.5), rate))
+}
+
 async fn cache_figures(bench: &mut Bench) -> BenchResult<()> {
     use chia::cache::{start_cache, stop_cache};
     let small = bench.count(10_000);
