@@ -115,6 +115,10 @@ pub struct ServiceStart {
     /// What the instance holds on its node while it lives.
     pub request: Resources,
     pub args: Vec<Arg>,
+    /// How often the head re-creates the instance on another node when its node is lost
+    /// (`-1`: without limit; `0`: never). The new instance starts from its constructor.
+    #[serde(default)]
+    pub max_restarts: i32,
 }
 
 /// How a task ended, as a worker reports it.

@@ -31,6 +31,7 @@ pub struct ServiceOptions {
     detached: bool,
     get_if_exists: bool,
     request: Resources,
+    max_restarts: i32,
     invalid: Option<String>,
 }
 
@@ -44,8 +45,19 @@ impl ServiceOptions {
             detached: false,
             get_if_exists: false,
             request: Resources::new(),
+            max_restarts: 0,
             invalid: None,
         }
+    }
+
+    /// When the service's node is lost, re-create it on another eligible node, up to `restarts`
+    /// times (`-1`: without limit; default 0: its calls fail and the name is released). The
+    /// new instance starts from its constructor (state kept only in memory is gone); the name,
+    /// id and existing handles stay valid, and calls made meanwhile wait for it. Needs
+    /// constructor arguments that are values (not `ObjectRef`s).
+    pub fn max_restarts(mut self, restarts: i32) -> Self {
+        self.max_restarts = restarts;
+        self
     }
 
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
@@ -117,7 +129,8 @@ impl ServiceHandle {
         options: ServiceOptions,
         args: Vec<ArgInput>,
     ) -> Result<ServiceHandle, Error> {
-        let ServiceOptions { name, namespace, detached, get_if_exists, request, invalid } = options;
+        let ServiceOptions { name, namespace, detached, get_if_exists, request, max_restarts, invalid } =
+            options;
         let started: ObjectRef<ServiceInfo> =
             send_request(cx, &format!("{}.new", spec.type_name), args, invalid, |task, args| {
                 PeerToHead::StartService(ServiceStart {
@@ -129,6 +142,7 @@ impl ServiceHandle {
                     get_if_exists,
                     request,
                     args,
+                    max_restarts,
                 })
             });
         let info = started.get().await?;

@@ -255,3 +255,33 @@ async fn a_concurrent_service_does_not_hold_small_calls_behind_a_slow_one() {
     BOARD_PERMITS.add_permits(1);
     assert_eq!(slow.get().await.unwrap(), 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_with_max_restarts_is_recreated_elsewhere_and_its_handle_keeps_working() {
+    let (cluster, cx) = cluster(&["CPU=2,svc=1", "CPU=2,svc=1"]).await;
+    let options = ServiceOptions::named("phoenix").resource("svc", 1.0).max_restarts(1);
+    let counter = CounterHandle::start(&cx, options, 10).await.unwrap();
+    assert_eq!(counter.add(5).get().await.unwrap(), 15);
+    let (lost, other) = match counter.service().node() {
+        "local-1" => (0, 1),
+        _ => (1, 0),
+    };
+    let sessions = cluster.head().stats().sessions;
+    cluster.workers()[lost].shutdown().await;
+    until_sessions(&cluster, sessions - 1).await;
+    // The same handle reaches the new instance (a call made while it starts waits for it);
+    // it starts from its constructor, so the state kept in memory is gone.
+    assert_eq!(counter.add(1).get_timeout(BOUND).await.unwrap(), 11);
+    assert_eq!(counter.where_am_i().get().await.unwrap(), cluster.workers()[other].node_name());
+    let found = CounterHandle::lookup(&cx, "phoenix", None).await.unwrap().expect("the name stays");
+    assert_eq!(found.service().id(), counter.service().id());
+
+    // Its one restart is used: losing this node too ends it and frees the name.
+    cluster.workers()[other].shutdown().await;
+    until_sessions(&cluster, sessions - 2).await;
+    assert!(CounterHandle::lookup(&cx, "phoenix", None).await.unwrap().is_none());
+    assert!(matches!(
+        counter.add(1).get_timeout(BOUND).await,
+        Err(Error::Task(TaskError::ServiceUnavailable { .. }))
+    ));
+}

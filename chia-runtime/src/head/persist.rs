@@ -28,6 +28,8 @@ pub(crate) struct PersistedService {
     /// The constructor's arguments, encoded.
     #[serde(with = "values")]
     pub args: Vec<Vec<u8>>,
+    #[serde(default)]
+    pub max_restarts: i32,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -43,6 +45,12 @@ impl PersistedService {
         if !start.detached {
             return None;
         }
+        PersistedService::from_values(start)
+    }
+
+    /// The specification of `start` if every argument is a value, so it can be started again
+    /// without the tasks the refs name.
+    pub(crate) fn from_values(start: &ServiceStart) -> Option<PersistedService> {
         let args = start
             .args
             .iter()
@@ -57,6 +65,7 @@ impl PersistedService {
             namespace: start.namespace.clone(),
             request: start.request.clone(),
             args,
+            max_restarts: start.max_restarts,
         })
     }
 
@@ -71,6 +80,7 @@ impl PersistedService {
             get_if_exists: true,
             request: self.request.clone(),
             args: self.args.iter().cloned().map(Arg::Value).collect(),
+            max_restarts: self.max_restarts,
         }
     }
 }
@@ -183,6 +193,7 @@ mod tests {
             get_if_exists: false,
             request: Resources::parse("node:head=0.001").unwrap(),
             args,
+            max_restarts: 0,
         }
     }
 

@@ -29,6 +29,17 @@ pub(super) struct ServiceRecord {
     stopping: bool,
     /// How to start it again after a head restart (detached services with value arguments).
     persist: Option<super::persist::PersistedService>,
+    /// How to re-create it when its node is lost (`max_restarts`), and how often still.
+    restart: Option<Restart>,
+    /// Being re-created after its node was lost: calls wait in `parked` until it is ready.
+    restarting: bool,
+    parked: Vec<TaskId>,
+}
+
+pub(super) struct Restart {
+    spec: super::persist::PersistedService,
+    /// Restarts left; negative: without limit.
+    left: i32,
 }
 
 /// Results a service asked for (see [`PeerToHead::WatchResults`]).
@@ -143,6 +154,17 @@ impl HeadCore {
         self.services.next += 1;
         let id = ServiceId(self.services.next);
         let persist = self.persisted.as_ref().and_then(|_| super::persist::PersistedService::of(&start));
+        let restart = match (start.max_restarts, super::persist::PersistedService::from_values(&start)) {
+            (0, _) => None,
+            (left, Some(spec)) => Some(Restart { spec, left }),
+            (_, None) => {
+                tracing::warn!(
+                    "service {:?} cannot be restarted (max_restarts): its constructor takes ObjectRef arguments",
+                    start.name
+                );
+                None
+            }
+        };
         let info = ServiceInfo {
             id,
             name: start.name,
@@ -166,6 +188,9 @@ impl HeadCore {
                 stoppers: Vec::new(),
                 stopping: false,
                 persist,
+                restart,
+                restarting: false,
+                parked: Vec::new(),
             },
         );
         let deps = ref_args(&start.args);
@@ -249,15 +274,23 @@ impl HeadCore {
             return;
         };
         record.ready = true;
+        record.restarting = false;
+        let parked = std::mem::take(&mut record.parked);
         if let (Some(store), Some(spec)) = (self.persisted.as_mut(), record.persist.clone()) {
             store.insert(spec);
         }
         let info = record.info.clone();
         let mut answer = std::mem::take(&mut record.waiters);
-        answer.push((record.owner, task));
+        // A restart's own request is the head's: nobody waits for its answer.
+        if task.session() != HEAD_SESSION {
+            answer.push((record.owner, task));
+        }
         tracing::info!("service {:?} ({}) runs on {}", info.name, info.type_name, info.node);
         for (session, request) in answer {
             self.reply(session, request, Ok(&info));
+        }
+        for call in parked {
+            self.forward_call(call);
         }
     }
 
@@ -351,7 +384,22 @@ impl HeadCore {
     /// The instance could not be placed or constructed, or its node was lost.
     pub(super) fn instance_failed(&mut self, service: ServiceId, error: TaskError) {
         self.services.watches.remove(&service);
+        let restart = self.services.records.get(&service).is_some_and(|record| {
+            !self.shutting_down
+                && !record.stopping
+                && matches!(error, TaskError::WorkerLost { .. })
+                && record.restart.as_ref().is_some_and(|restart| restart.left != 0)
+        });
+        if restart {
+            return self.restart_instance(service, error);
+        }
         let Some(record) = self.services.records.remove(&service) else { return };
+        for call in record.parked {
+            self.fail_call(call, |_| TaskError::ServiceUnavailable {
+                service: record.info.name.clone(),
+                message: format!("it could not be restarted: {error}"),
+            });
+        }
         let key = (record.info.namespace.clone(), record.info.name.clone());
         if self.services.names.get(&key) == Some(&service) {
             self.services.names.remove(&key);
@@ -363,7 +411,11 @@ impl HeadCore {
             if let (Some(store), Some(_)) = (self.persisted.as_mut(), &record.persist) {
                 store.remove(&record.info.namespace, &record.info.name);
             }
-            tracing::warn!("service {:?} ({}) ended: {error}", record.info.name, record.info.type_name);
+            if record.stopping {
+                tracing::info!("service {:?} ({}) stopped", record.info.name, record.info.type_name);
+            } else {
+                tracing::warn!("service {:?} ({}) ended: {error}", record.info.name, record.info.type_name);
+            }
         }
         let mut answer = record.waiters;
         if !record.ready && !record.stopping {
@@ -376,14 +428,69 @@ impl HeadCore {
         for (session, request) in record.stoppers {
             self.reply(session, request, Ok(&()));
         }
-        if record.host.is_some() {
-            self.finish_instance_task(record.creation);
-        } else if let Some(task) = self.tasks.get_mut(&record.creation) {
+        self.end_creation_task(record.creation, record.host.is_some(), error);
+    }
+
+    /// Ends the task that placed an instance that is gone.
+    fn end_creation_task(&mut self, creation: TaskId, placed: bool, error: TaskError) {
+        if placed {
+            self.finish_instance_task(creation);
+        } else if let Some(task) = self.tasks.get_mut(&creation) {
             // Never placed (the scheduler failed it): only the record is left to free.
             task.owner_holds = false;
             task.outcome = Some(Outcome::Failed(error));
-            self.maybe_free(record.creation);
+            self.maybe_free(creation);
         }
+    }
+
+    /// Its node was lost and it may restart: place a new instance under the same id and name,
+    /// from its constructor; calls wait for it.
+    fn restart_instance(&mut self, service: ServiceId, error: TaskError) {
+        self.services.next_internal_task += 1;
+        let task = TaskId::new(HEAD_SESSION, self.services.next_internal_task);
+        let Some(record) = self.services.records.get_mut(&service) else { return };
+        let Some(restart) = record.restart.as_mut() else { return };
+        if restart.left > 0 {
+            restart.left -= 1;
+        }
+        let (spec, left) = (restart.spec.clone(), restart.left);
+        let old_creation = std::mem::replace(&mut record.creation, task);
+        let placed = record.host.take().is_some();
+        record.ready = false;
+        record.restarting = true;
+        record.info.node = String::new();
+        let left = if left < 0 { "no limit".to_string() } else { format!("{left} more") };
+        tracing::warn!(
+            "service {:?} ({}) lost its node ({error}); starting it again elsewhere ({left} restart(s) allowed)",
+            record.info.name,
+            record.info.type_name
+        );
+        self.end_creation_task(old_creation, placed, error);
+        self.tasks.insert(
+            task,
+            TaskRecord {
+                owner: HEAD_SESSION,
+                function: format!("{}.new", spec.service_type.name),
+                tag: None,
+                args: spec.args.into_iter().map(Arg::Value).collect(),
+                deps: Vec::new(),
+                job: HEAD_SESSION,
+                bypass: None,
+                running_on: None,
+                outcome: None,
+                owner_holds: true,
+                dependents: 0,
+                kind: TaskKind::ServiceStart(service),
+            },
+        );
+        self.feed(Event::TaskSubmitted {
+            task,
+            function: instance_function(&spec.service_type),
+            request: spec.request,
+            deps: Vec::new(),
+            max_retries: 0,
+            retry_exceptions: false,
+        });
     }
 
     /// Starts again the detached services a previous head on the same state directory ran.
@@ -545,6 +652,13 @@ impl HeadCore {
             return;
         };
         let (service, name) = (*service, name.clone());
+        if let Some(record) = self.services.records.get_mut(&service)
+            && record.restarting
+        {
+            // Its node was lost and a new instance is on its way: the call waits for it.
+            record.parked.push(task);
+            return;
+        }
         let host = self.services.records.get(&service).filter(|r| r.ready).and_then(|r| r.host);
         let Some((node, session)) = host.and_then(|node| self.nodes.get(&node).map(|s| (node, *s))) else {
             return self.fail_call(task, |_| TaskError::ServiceUnavailable {
