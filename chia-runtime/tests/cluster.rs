@@ -95,6 +95,16 @@ fn fails(reason: String) -> Result<i64, std::io::Error> {
     Err(std::io::Error::other(reason))
 }
 
+/// Fails until it has been attempted `failures` times under `key`, then succeeds.
+#[chia::function(retry_exceptions = true)]
+fn flaky(key: String, failures: usize) -> Result<usize, String> {
+    static ATTEMPTS: LazyLock<Mutex<HashMap<String, usize>>> = LazyLock::new(Mutex::default);
+    let mut attempts = ATTEMPTS.lock().unwrap();
+    let attempt = attempts.entry(key).or_default();
+    *attempt += 1;
+    if *attempt <= failures { Err(format!("attempt {attempt} fails")) } else { Ok(*attempt) }
+}
+
 #[chia::function]
 fn panics(message: String) -> i64 {
     panic!("{message}")
@@ -364,4 +374,23 @@ async fn blocking_calls_work_from_plain_threads() {
     .join()
     .expect("the thread does not panic");
     assert_eq!(answer.unwrap(), 42);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_exceptions_reruns_failed_calls_within_max_retries() {
+    let (_cluster, cx) = cluster(&["CPU=2"]).await;
+    // The function opts in: two failures, then the third attempt succeeds.
+    assert_eq!(flaky::remote(&cx, "a".to_string(), 2).get_timeout(BOUND).await.unwrap(), 3);
+    // More failures than max_retries allows: the last error is the answer.
+    let error =
+        flaky::call("b".to_string(), 5).max_retries(1).remote(&cx).get_timeout(BOUND).await.unwrap_err();
+    assert!(error.to_string().contains("attempt 2 fails"), "{error}");
+    // A call can opt out: its first error is final.
+    let error = flaky::call("c".to_string(), 1)
+        .retry_exceptions(false)
+        .remote(&cx)
+        .get_timeout(BOUND)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("attempt 1 fails"), "{error}");
 }
