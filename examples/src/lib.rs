@@ -43,7 +43,7 @@ pub async fn sum_of_squares(cx: &Context, n: i64) -> Result<Placed<i64>, chia::E
     Ok(Placed { value: total, node: cx.node_name().to_string() })
 }
 
-/// How long one [`expensive_step`] takes: long enough to see, short enough to run twice.
+/// How long one [`expensive_step()`] takes: long enough to see, short enough to run twice.
 pub const EXPENSIVE_STEP: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One expensive step of a loop (a build, a simulation): about a second, and it says so on
