@@ -236,6 +236,16 @@ fn from_file_resolves_relative_data_paths_against_the_file_directory() {
     let data = |function| config.rule(function).and_then(|rule| rule.data.clone());
     assert_eq!(data("rel"), Some(dir.path().join("recorded/perf.md")));
     assert_eq!(data("abs"), Some(std::path::PathBuf::from("/srv/perf.md")));
+    // A configuration named by a relative path still yields absolute data paths (the head
+    // reading them may run in another directory).
+    let here = tempfile::tempdir_in(std::env::current_dir().unwrap()).expect("tempdir here");
+    std::fs::write(here.path().join("loop.yaml"), "bypass:\n  rel:\n    bypass: true\n    data: perf.md\n")
+        .expect("write yaml");
+    let relative = Path::new(here.path().file_name().unwrap()).join("loop.yaml");
+    let config = BypassConfig::from_file(&relative).expect("loads");
+    let data = config.rule("rel").and_then(|rule| rule.data.clone()).unwrap();
+    assert!(data.is_absolute(), "{}", data.display());
+    assert_eq!(std::fs::canonicalize(data.parent().unwrap()).unwrap(), here.path().canonicalize().unwrap());
     // From a string there is no directory: the path stays as written.
     let config = load("bypass:\n  rel:\n    bypass: true\n    data: recorded/perf.md\n");
     assert_eq!(config.rule("rel").and_then(|rule| rule.data.clone()), Some("recorded/perf.md".into()));

@@ -14,7 +14,7 @@ use crate::resources::Resources;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a change is not backwards compatible.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The largest frame either side accepts: it bounds task arguments and results too.
 pub const MAX_FRAME_BYTES: usize = 512 << 20;

@@ -137,6 +137,9 @@ pub async fn start_head_with(
     let endpoint = quinn::Endpoint::server(server, listen)
         .map_err(|e| crate::Error::Setup(format!("cannot listen on {listen}: {e}")))?;
     let address = endpoint.local_addr().map_err(|e| crate::Error::Setup(e.to_string()))?;
+    if let Some(state_dir) = &options.state_dir {
+        crate::bypass::protect_from_file_servers(state_dir);
+    }
     let core = Arc::new(Mutex::new(HeadCore::new(options)));
     tokio::spawn(accept_loop(endpoint.clone(), core.clone()));
     tokio::spawn(expire_silent_nodes(Arc::downgrade(&core)));
@@ -245,6 +248,9 @@ struct Session {
     node: Option<NodeId>,
     sender: FrameSender,
     connection: quinn::Connection,
+    /// Bytes received on the connection when the expiry timer last looked: a node in the
+    /// middle of sending a large frame is alive although no whole frame arrived for a while.
+    received: u64,
 }
 
 /// A submitted task and, once it ends, its result.
@@ -335,7 +341,18 @@ impl HeadCore {
     }
 
     fn expire_silent_nodes(&mut self, timeout: Duration) {
-        self.scheduler.expire_silent(Instant::now(), timeout);
+        let now = Instant::now();
+        for session in self.sessions.values_mut() {
+            let Some(node) = session.node else { continue };
+            let received = session.connection.stats().udp_rx.bytes;
+            // The head's own node lives and dies with this process: it is never written off.
+            let in_process = session.name == HEAD_NODE_NAME;
+            if received != session.received || in_process {
+                session.received = received;
+                self.scheduler.handle(now, Event::NodeHeard { node });
+            }
+        }
+        self.scheduler.expire_silent(now, timeout);
         self.run_commands();
     }
 
@@ -392,7 +409,8 @@ impl HeadCore {
                 None => String::new(),
             }
         );
-        self.sessions.insert(session, Session { name: name.clone(), node, sender, connection });
+        let received = connection.stats().udp_rx.bytes;
+        self.sessions.insert(session, Session { name: name.clone(), node, sender, connection, received });
         if let (Some(node), Some(offer)) = (node, hello.worker) {
             self.nodes.insert(node, session);
             let mut functions = offer.functions;
@@ -415,7 +433,11 @@ impl HeadCore {
     }
 
     fn message(&mut self, session: SessionId, message: PeerToHead) {
-        if let Some(node) = self.sessions.get(&session).and_then(|s| s.node) {
+        let Some(peer) = self.sessions.get(&session) else {
+            // Closed (written off) between the frame's decoding and now: nothing it says counts.
+            return;
+        };
+        if let Some(node) = peer.node {
             // Any frame shows the node is alive; heartbeats only fill the silences.
             self.scheduler.handle(Instant::now(), Event::NodeHeard { node });
         }
@@ -610,7 +632,7 @@ impl HeadCore {
                 tracing::debug!("{task} failed: {error}");
                 self.release_deps(task);
                 match self.tasks.get(&task).map(|r| &r.kind) {
-                    Some(TaskKind::ServiceStart(service)) => self.instance_failed(*service, error),
+                    Some(TaskKind::ServiceStart(service)) => self.instance_task_failed(task, *service, error),
                     _ => self.settle(task, Outcome::Failed(error)),
                 }
             }
@@ -620,7 +642,10 @@ impl HeadCore {
                     tracing::warn!("{task} (and others like it) cannot run on any node now: {reason}");
                     self.last_infeasible = Some(reason.clone());
                 }
-                if let Some(owner) = self.tasks.get(&task).map(|r| r.owner) {
+                if let Some((owner, kind)) = self.tasks.get(&task).map(|r| (r.owner, &r.kind)) {
+                    if let TaskKind::ServiceStart(service) = *kind {
+                        self.instance_unplaceable(service, &reason);
+                    }
                     self.send(owner, &HeadToPeer::Infeasible { task, reason });
                 }
             }

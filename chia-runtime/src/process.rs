@@ -21,8 +21,38 @@ pub const CANCEL_GRACE: Duration = Duration::from_secs(5);
 pub(crate) struct TaskControl {
     cancelled: AtomicBool,
     notify: Notify,
-    /// Process group ids (each child's pid) of the children still to be cleaned up.
-    groups: Mutex<Vec<i32>>,
+    /// The process groups of the children still to be cleaned up.
+    groups: Mutex<Vec<Group>>,
+}
+
+/// A child's process group: its id (the child's pid) and when the child started, so a pid the
+/// system gave to another process meanwhile is not signalled.
+struct Group {
+    id: i32,
+    started: Option<u64>,
+}
+
+impl Group {
+    /// Still ours to signal: the leader is the child we started, or it has exited and members
+    /// of its group may remain (a group id is not reused while the group exists).
+    fn is_ours(&self) -> bool {
+        match start_time(self.id) {
+            Some(started) => self.started == Some(started),
+            None => true,
+        }
+    }
+
+    fn exists(&self) -> bool {
+        // SAFETY: signal 0 only checks that the group exists and may be signalled.
+        unsafe { libc::killpg(self.id, 0) == 0 }
+    }
+}
+
+/// When process `pid` started (clock ticks since boot, `/proc/<pid>/stat` field 22).
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name start with field 3 (the state).
+    stat.rsplit_once(") ")?.1.split(' ').nth(22 - 3)?.parse().ok()
 }
 
 impl TaskControl {
@@ -68,20 +98,24 @@ impl TaskControl {
     }
 
     fn signal_children(&self, signal: i32) {
-        for &group in self.groups.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            signal_group(group, signal);
+        for group in self.groups.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|g| g.is_ours()) {
+            signal_group(group.id, signal);
         }
     }
 
     fn track(&self, pid: Option<u32>) -> io::Result<()> {
         let pid = pid.ok_or_else(|| io::Error::other("the child exited before it could be tracked"))?;
-        let group = i32::try_from(pid).map_err(io::Error::other)?;
+        let id = i32::try_from(pid).map_err(io::Error::other)?;
+        let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        // Checked under the lock `cancel` signals under, so no child slips between the two.
         if self.is_cancelled() {
             // Started after the cancellation: it must not survive it.
-            signal_group(group, libc::SIGKILL);
+            signal_group(id, libc::SIGKILL);
             return Err(io::Error::other("the task is cancelled"));
         }
-        self.groups.lock().unwrap_or_else(|p| p.into_inner()).push(group);
+        // Groups that are gone need no cleanup: a task that runs many tools keeps a short list.
+        groups.retain(Group::exists);
+        groups.push(Group { id, started: start_time(id) });
         Ok(())
     }
 }

@@ -142,7 +142,11 @@ pub async fn stay_joined(
     let mut until = std::pin::pin!(until);
     let mut attempt = 0;
     loop {
-        let wait = match Worker::connect(credentials, name, resources.clone()).await {
+        let connected = tokio::select! {
+            connected = Worker::connect(credentials, name, resources.clone()) => connected,
+            _ = &mut until => return,
+        };
+        let wait = match connected {
             Ok(worker) => {
                 attempt = 0;
                 joined(&worker);
@@ -207,8 +211,9 @@ async fn serve(
                         tokio::spawn(async move {
                             let client = context.client().clone();
                             let name = function.clone();
-                            report(&client, task, &name, provide(context, function, tag, args, bypass).await);
+                            let outcome = provide(context, function, tag, args, bypass).await;
                             drop(entry);
+                            report(&client, task, &name, outcome);
                         });
                     }
                     None => start(context, entry, task, function, args),
@@ -267,15 +272,15 @@ fn start(task_context: Context, entry: RunningEntry, task: TaskId, function: Str
         Invoke::Sync(invoke) => {
             tokio::task::spawn_blocking(move || {
                 let result = std::panic::catch_unwind(AssertUnwindSafe(|| invoke(task_context, args)));
-                report(&client, task, spec.name, outcome(spec, result));
                 drop(entry);
+                report(&client, task, spec.name, outcome(spec, result));
             });
         }
         Invoke::Async(invoke) => {
             tokio::spawn(async move {
                 let result = CatchUnwind(invoke(task_context, args)).await;
-                report(&client, task, spec.name, outcome(spec, result));
                 drop(entry);
+                report(&client, task, spec.name, outcome(spec, result));
             });
         }
     }
@@ -295,17 +300,22 @@ async fn start_instance(
         let error = TaskError::UnknownFunction { function: constructor.clone() };
         return report(&client, task, &constructor, Outcome::Failed(error));
     };
-    let outcome = match CatchUnwind((spec.construct)(context.for_task(task, TaskControl::new()), args)).await
-    {
+    // What the constructor starts lives as long as the instance.
+    let control = TaskControl::new();
+    let outcome = match CatchUnwind((spec.construct)(context.for_task(task, control.clone()), args)).await {
         Ok(Ok(instance)) => {
             let (queue, calls) = mpsc::unbounded_channel();
             let instance = Arc::new(tokio::sync::Mutex::new(instance));
-            tokio::spawn(run_instance(spec, service, instance, calls, client.clone()));
+            tokio::spawn(run_instance(spec, service, instance, calls, client.clone(), control));
             instances.insert(service, queue);
             Outcome::Value(Value::new())
         }
-        Ok(Err(error)) => Outcome::Failed(name_panic(error, &constructor)),
+        Ok(Err(error)) => {
+            control.kill_children();
+            Outcome::Failed(name_panic(error, &constructor))
+        }
         Err(panic) => {
+            control.kill_children();
             Outcome::Failed(TaskError::Panic { function: constructor.clone(), message: panic_message(panic) })
         }
     };
@@ -315,8 +325,8 @@ async fn start_instance(
 /// The tasks running on this worker, so a cancellation or the loss of the head reaches them.
 type RunningTasks = Arc<DashMap<TaskId, Arc<TaskControl>>>;
 
-/// A task's entry in [`RunningTasks`]. Dropped once its outcome is reported, it kills the child
-/// processes the task left running: no tool outlives its task.
+/// A task's entry in [`RunningTasks`]. Dropped when the task ends, before its outcome is
+/// reported, it kills the child processes the task left running: no tool outlives its task.
 struct RunningEntry {
     table: RunningTasks,
     task: TaskId,
@@ -333,7 +343,8 @@ impl RunningEntry {
 
 impl Drop for RunningEntry {
     fn drop(&mut self) {
-        self.table.remove(&self.task);
+        // A later attempt of the same task may run here already: remove only this one's entry.
+        self.table.remove_if(&self.task, |_, control| Arc::ptr_eq(control, &self.control));
         self.control.kill_children();
     }
 }
@@ -346,6 +357,8 @@ struct QueuedCall {
     method: String,
     args: Vec<ArgValue>,
     context: Context,
+    /// What the call starts ends with it.
+    control: Arc<TaskControl>,
 }
 
 fn call_instance(
@@ -356,7 +369,8 @@ fn call_instance(
     method: String,
     args: Vec<ArgValue>,
 ) {
-    let call = QueuedCall { task, method, args, context: context.for_task(task, TaskControl::new()) };
+    let control = TaskControl::new();
+    let call = QueuedCall { task, method, args, context: context.for_task(task, control.clone()), control };
     let refused = match instances.get(&service) {
         Some(queue) => queue.send(call).err().map(|e| e.0),
         None => Some(call),
@@ -378,6 +392,7 @@ async fn run_instance(
     instance: SharedInstance,
     mut calls: mpsc::UnboundedReceiver<QueuedCall>,
     client: Arc<Client>,
+    constructed: Arc<TaskControl>,
 ) {
     let mut running = tokio::task::JoinSet::new();
     loop {
@@ -394,8 +409,9 @@ async fn run_instance(
         }
     }
     while running.join_next().await.is_some() {}
-    // The last reference: whatever the instance held (files, locks) is released here.
+    // The last reference: whatever the instance held (files, locks, processes) is released here.
     drop(instance);
+    constructed.kill_children();
     let _ = client.send(&PeerToHead::InstanceStopped { service });
 }
 
@@ -405,9 +421,11 @@ async fn run_call(
     call: QueuedCall,
     client: Arc<Client>,
 ) {
-    let QueuedCall { task, method, args, context } = call;
+    let QueuedCall { task, method, args, context, control } = call;
     let name = format!("{}.{method}", spec.type_name);
-    let outcome = match CatchUnwind((spec.call)(instance, context, method, args)).await {
+    let result = CatchUnwind((spec.call)(instance, context, method, args)).await;
+    control.kill_children();
+    let outcome = match result {
         Ok(Ok(value)) => Outcome::Value(value),
         Ok(Err(error)) => Outcome::Failed(name_panic(error, &name)),
         Err(panic) => {

@@ -410,3 +410,26 @@ async fn a_condition_on_a_current_thread_runtime_is_a_clear_error() {
     let error = simple_add::remote(&cx, 1, 2).get_timeout(common::BOUND).await.unwrap_err().to_string();
     assert!(error.contains("always_true") && error.contains("multi-threaded runtime"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_bypass_off_reaches_nested_calls_too() {
+    let (_cluster, cx) = cluster(WORKERS).await;
+    let bypass = bypass(&cx, "bypass:\n  simple_add: true\n").await;
+    bypass.set_provider("simple_add", &provider_42::PROVIDER).unwrap();
+    let nested = || outer::remote(&cx, "a".to_string(), "b".to_string());
+    assert_eq!(nested().get_timeout(common::BOUND).await.unwrap(), (42, 42));
+    // A new, empty configuration replaces the job's: nested calls run for real again.
+    let _off = Bypass::load(&cx, None).await.unwrap();
+    assert_eq!(add(&cx, None).await, 3);
+    assert_eq!(nested().get_timeout(common::BOUND).await.unwrap(), (3, 7));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_server_refuses_directories_even_when_configured() {
+    let (_cluster, cx) = cluster(WORKERS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!("bypass:\n  summarize_perf:\n    bypass: true\n    data: {}\n", dir.path().display());
+    let _bypass = bypass(&cx, &yaml).await;
+    let error = summarize_perf::remote(&cx).get_timeout(common::BOUND).await.unwrap_err().to_string();
+    assert!(error.contains("not a regular file"), "{error}");
+}

@@ -50,22 +50,44 @@ async fn run_a_long_tree(cx: &Context, pid_file: String) -> Result<String, std::
     Ok(format!("the tree ended: {status}, cancelled: {}", cx.is_cancelled()))
 }
 
+/// Like `run_a_long_tree`, but the tree ignores SIGTERM: the shell writes `marker` when it gets
+/// one and keeps waiting, and its child ignores it.
+#[chia::function]
+async fn run_a_stubborn_tree(
+    cx: &Context,
+    pid_file: String,
+    marker: String,
+) -> Result<String, std::io::Error> {
+    let script = format!(
+        "trap 'echo term > {marker}.tmp; mv {marker}.tmp {marker}' TERM; (trap '' TERM; exec sleep 300) & child=$!; \
+         echo $$ > {pid_file}.tmp; echo $child >> {pid_file}.tmp; mv {pid_file}.tmp {pid_file}; \
+         while kill -0 $child 2>/dev/null; do wait $child; done"
+    );
+    let status = cx.spawn(tokio::process::Command::new("sh").args(["-c", &script]))?.wait().await?;
+    Ok(format!("the tree ended: {status}"))
+}
+
 /// Needs a resource no node has, so it stays queued.
 #[chia::function(resources(unobtainium = 1))]
 fn never_placed() -> u32 {
     7
 }
 
-/// The pids `run_a_long_tree` wrote, once the file exists (it is renamed into place whole).
-async fn pids_in(path: &std::path::Path) -> Vec<u32> {
+/// The text of `path` once it exists (the scripts rename their files into place whole).
+async fn file_text(path: &std::path::Path) -> String {
     let deadline = tokio::time::Instant::now() + common::BOUND;
     while tokio::time::Instant::now() < deadline {
         if let Ok(text) = std::fs::read_to_string(path) {
-            return text.lines().map(|line| line.trim().parse().expect("a pid")).collect();
+            return text;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("{} was never written", path.display());
+}
+
+/// The pids a script wrote to `path`.
+async fn pids_in(path: &std::path::Path) -> Vec<u32> {
+    file_text(path).await.lines().map(|line| line.trim().parse().expect("a pid")).collect()
 }
 
 fn is_cancelled(error: &chia::Error) -> bool {
@@ -96,17 +118,34 @@ async fn cancelling_a_running_task_kills_its_process_tree() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn force_cancel_kills_at_once_and_a_cancelled_task_keeps_no_result() {
+async fn a_tool_that_ignores_sigterm_is_killed_after_the_grace_period() {
     let (_cluster, cx) = cluster(&["CPU=2"]).await;
     let dir = tempfile::tempdir().unwrap();
-    let pid_file = dir.path().join("pids");
-    let running = run_a_long_tree::remote(&cx, pid_file.display().to_string());
+    let (pid_file, marker) = (dir.path().join("pids"), dir.path().join("terminated"));
+    let running =
+        run_a_stubborn_tree::remote(&cx, pid_file.display().to_string(), marker.display().to_string());
+    let pids = pids_in(&pid_file).await;
+    running.cancel().unwrap();
+    // The polite request arrives (the shell notes it and carries on)...
+    file_text(&marker).await;
+    // ...and since the tree ignores it, SIGKILL follows once the grace period is over.
+    assert!(all_stop(&pids).await, "a tree that ignores SIGTERM survived its cancellation");
+    assert!(is_cancelled(&running.get_timeout(common::BOUND).await.unwrap_err()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_cancel_kills_without_asking_first() {
+    let (_cluster, cx) = cluster(&["CPU=2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (pid_file, marker) = (dir.path().join("pids"), dir.path().join("terminated"));
+    let running =
+        run_a_stubborn_tree::remote(&cx, pid_file.display().to_string(), marker.display().to_string());
     let pids = pids_in(&pid_file).await;
     running.force_cancel().unwrap();
-    // The function returns normally once its tool is killed; the caller still sees Cancelled.
-    let error = running.get_timeout(common::BOUND).await.unwrap_err();
-    assert!(is_cancelled(&error), "{error:?}");
+    // The function returns once its tool is killed; the caller still sees Cancelled.
+    assert!(is_cancelled(&running.get_timeout(common::BOUND).await.unwrap_err()));
     assert!(all_stop(&pids).await);
+    assert!(!marker.exists(), "a forced cancel sent SIGTERM first");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -285,3 +285,102 @@ async fn a_service_with_max_restarts_is_recreated_elsewhere_and_its_handle_keeps
         Err(Error::Task(TaskError::ServiceUnavailable { .. }))
     ));
 }
+
+/// Counts constructions; the first one waits for a gate that is never opened, so the node it
+/// runs on can be lost mid-construction.
+pub struct SlowToBuild {
+    n: i64,
+}
+
+static SLOW_BUILDS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+static SLOW_STARTED: Semaphore = Semaphore::const_new(0);
+static NEVER_OPENS: Semaphore = Semaphore::const_new(0);
+
+#[chia::service]
+impl SlowToBuild {
+    pub async fn new(cx: &Context, n: i64) -> Self {
+        let first = {
+            let mut builds = SLOW_BUILDS.lock().unwrap();
+            builds.push(cx.node_name().to_string());
+            builds.len() == 1
+        };
+        SLOW_STARTED.add_permits(1);
+        if first {
+            let _ = NEVER_OPENS.acquire().await;
+        }
+        SlowToBuild { n }
+    }
+
+    pub fn get(&self) -> i64 {
+        self.n
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_lost_during_construction_restarts_the_service_and_answers_its_start() {
+    let (cluster, cx) = cluster(&["CPU=2,slow=1", "CPU=2,slow=1"]).await;
+    let driver = cx.clone();
+    let start = tokio::spawn(async move {
+        let options = ServiceOptions::named("slow").resource("slow", 1.0).max_restarts(1);
+        SlowToBuildHandle::start(&driver, options, 7).await
+    });
+    SLOW_STARTED.acquire().await.unwrap().forget();
+    let first_node = SLOW_BUILDS.lock().unwrap()[0].clone();
+    let lost = cluster.workers().iter().position(|w| w.node_name() == first_node).unwrap();
+    cluster.workers()[lost].shutdown().await;
+    let handle = tokio::time::timeout(BOUND, start).await.expect("start() is answered").unwrap().unwrap();
+    assert_eq!(handle.service().node(), cluster.workers()[1 - lost].node_name());
+    assert_eq!(handle.get().get().await.unwrap(), 7);
+}
+
+/// Its constructor waits for the test; its drop is reported.
+pub struct HeldOpen;
+
+static HELD_STARTED: Semaphore = Semaphore::const_new(0);
+static HELD_GATE: Semaphore = Semaphore::const_new(0);
+static HELD_DROPPED: Semaphore = Semaphore::const_new(0);
+
+impl Drop for HeldOpen {
+    fn drop(&mut self) {
+        HELD_DROPPED.add_permits(1);
+    }
+}
+
+#[chia::service]
+impl HeldOpen {
+    pub async fn new() -> Self {
+        HELD_STARTED.add_permits(1);
+        HELD_GATE.acquire().await.unwrap().forget();
+        HeldOpen
+    }
+
+    pub fn ping(&self) -> i64 {
+        1
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_whose_job_ended_during_construction_is_dropped_and_frees_its_node() {
+    let (cluster, cx) = cluster(&["CPU=2,held=1"]).await;
+    let leaving = cluster.driver().await.unwrap();
+    let sessions = cluster.head().stats().sessions;
+    let starter = leaving.clone();
+    let _start = tokio::spawn(async move {
+        HeldOpenHandle::start(&starter, ServiceOptions::named("held").resource("held", 1.0)).await
+    });
+    HELD_STARTED.acquire().await.unwrap().forget();
+    leaving.shutdown().await;
+    until_sessions(&cluster, sessions - 1).await;
+    // The constructor finishes after its job ended: the host is told to drop the instance.
+    HELD_GATE.add_permits(1);
+    tokio::time::timeout(BOUND, HELD_DROPPED.acquire())
+        .await
+        .expect("the instance is dropped")
+        .unwrap()
+        .forget();
+    // And its resource is free again for the next service.
+    HELD_GATE.add_permits(1);
+    let next = HeldOpenHandle::start(&cx, ServiceOptions::named("held-again").resource("held", 1.0));
+    let next = tokio::time::timeout(BOUND, next).await.expect("the resource was freed").unwrap();
+    assert_eq!(next.ping().get().await.unwrap(), 1);
+}

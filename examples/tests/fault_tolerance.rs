@@ -148,8 +148,9 @@ async fn a_killed_worker_tasks_finish_elsewhere_or_fail_when_retries_are_off() {
     let third = WorkerProcess::start(&head.cluster_file, "third", "CPU=1");
     let calls: Vec<_> =
         (0..2).map(|call| expensive_step::call(1, call, 3).max_retries(0).remote(&cx)).collect();
-    third.wait_for_line("[REAL RUN]");
-    second.wait_for_line("[REAL RUN]");
+    // Both calls run (one per worker) before the kill: lines of this round only.
+    third.wait_for_line("[REAL RUN] iter1");
+    second.wait_for_line("[REAL RUN] iter1");
     third.kill();
     let outcomes = [get(&calls[0]).await, get(&calls[1]).await];
     let lost: Vec<String> =

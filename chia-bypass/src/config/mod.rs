@@ -107,7 +107,10 @@ impl BypassConfig {
         let text = fs::read_to_string(path)
             .map_err(|source| BypassError::ConfigRead { path: path.to_owned(), source })?;
         let mut config = Self::from_yaml_str(&text, &path.display().to_string())?;
-        let directory = path.parent().unwrap_or(Path::new(""));
+        // Absolute, so the head (which serves the files) does not read them relative to its own
+        // working directory.
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let directory = absolute.parent().unwrap_or(Path::new(""));
         for rule in config.functions.values_mut() {
             if let Some(data) = rule.data.as_mut().filter(|data| data.is_relative()) {
                 *data = directory.join(&*data);

@@ -93,8 +93,14 @@ pub(crate) fn expand(kind: Kind, options: Options, item: &ItemFn) -> syn::Result
         ReturnType::Type(_, ty) => result_ok_type(ty)?.is_some(),
     };
     let span = here(&sig.output);
-    let awaited = if sig.asyncness.is_some() { quote!(.await) } else { quote!() };
-    let call = quote!(super::#fn_ident(__chia_call) #awaited);
+    let call = match (sig.asyncness.is_some(), kind) {
+        (true, _) => quote!(super::#fn_ident(__chia_call).await),
+        // A sync provider may block (read files, run a tool): it must not stall the worker's
+        // async threads, which also carry its heartbeats.
+        (false, Kind::Provider) => quote!(::chia::bypass::run_sync(|| super::#fn_ident(__chia_call))),
+        // A condition runs on the caller's thread, which `remote` already blocks.
+        (false, Kind::Condition) => quote!(super::#fn_ident(__chia_call)),
+    };
     let finish = match kind {
         Kind::Provider => quote_spanned! {span=> ::chia::bypass::IntoProvided::into_provided(__chia_value) },
         Kind::Condition => {

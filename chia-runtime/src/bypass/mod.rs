@@ -46,6 +46,7 @@ mod files;
 mod replay;
 
 pub use chia_bypass::{BypassConfig, BypassPlan, Decision, RunReason};
+pub(crate) use files::protect as protect_from_file_servers;
 pub use files::{BypassFiles, BypassFilesHandle};
 
 use crate::api::{ArgInput, ArgKind, Context, ObjectRef};
@@ -106,6 +107,17 @@ fn by_name<T>(specs: impl Iterator<Item = (&'static str, T)>) -> HashMap<&'stati
         }
     }
     all
+}
+
+/// Runs a sync provider (called by `#[chia::provider]` code) without stalling the runtime's
+/// other tasks: on a multi-threaded runtime the thread hands its other work off first.
+pub fn run_sync<T>(provider: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(provider)
+        }
+        _ => provider(),
+    }
 }
 
 /// What a provider returns when its value is already serialized (e.g. bytes read from the
@@ -285,7 +297,7 @@ impl PlanCache {
         if let Some((cached, plan)) = self.plans.get(&job)
             && *cached == revision
         {
-            return Ok(Some(JobLink::Task { job, plan: Some(plan.clone()) }));
+            return Ok(Some(JobLink::Task { job, plan: (!plan.is_empty()).then(|| plan.clone()) }));
         }
         let plan: BypassPlan = rmp_serde::from_slice(&settings)
             .map_err(|e| format!("the job's bypass plan could not be decoded (driver and worker built from different code?): {e}"))?;
@@ -294,7 +306,7 @@ impl PlanCache {
             self.plans.clear();
         }
         self.plans.insert(job, (revision, plan.clone()));
-        Ok(Some(JobLink::Task { job, plan: Some(plan) }))
+        Ok(Some(JobLink::Task { job, plan: (!plan.is_empty()).then_some(plan) }))
     }
 }
 
@@ -380,12 +392,14 @@ impl Bypass {
     }
 
     /// Installs the plan on the driver and sends it to the head, before any later submission
-    /// (both travel on the one control stream, in order).
+    /// (both travel on the one control stream, in order). An empty plan is sent too, so that
+    /// switching bypass off also reaches calls made inside tasks; with nothing ever configured
+    /// nothing is sent.
     fn publish(&self) -> Result<(), Error> {
         let plan = self.plan();
-        let installed = (!plan.is_empty()).then(|| Arc::new(plan));
-        if let Some(plan) = &installed {
-            let settings = rmp_serde::to_vec_named(&**plan)
+        let revision = self.own.revision.load(Ordering::Relaxed);
+        if !plan.is_empty() || revision > 0 {
+            let settings = rmp_serde::to_vec_named(&plan)
                 .map_err(|e| Error::Setup(format!("the bypass plan cannot be encoded: {e}")))?;
             let revision = self.own.revision.fetch_add(1, Ordering::Relaxed) + 1;
             let job = self.cx.client().session();
@@ -394,6 +408,7 @@ impl Bypass {
                 .send(&PeerToHead::SetJobSettings(JobSettings { job, revision, settings }))
                 .map_err(|e| Error::Disconnected(e.to_string()))?;
         }
+        let installed = (!plan.is_empty()).then(|| Arc::new(plan));
         *self.own.plan.write().unwrap_or_else(|p| p.into_inner()) = installed;
         Ok(())
     }

@@ -34,6 +34,9 @@ pub(super) struct ServiceRecord {
     /// Being re-created after its node was lost: calls wait in `parked` until it is ready.
     restarting: bool,
     parked: Vec<TaskId>,
+    /// Why the new instance cannot be placed now (no eligible node): calls fail with it
+    /// instead of waiting without end.
+    unplaceable: Option<String>,
 }
 
 pub(super) struct Restart {
@@ -191,6 +194,7 @@ impl HeadCore {
                 restart,
                 restarting: false,
                 parked: Vec::new(),
+                unplaceable: None,
             },
         );
         let deps = ref_args(&start.args);
@@ -240,6 +244,7 @@ impl HeadCore {
         };
         record.host = Some(node);
         record.info.node = node_name;
+        record.unplaceable = None;
         let type_name = record.info.type_name.clone();
         let Some(task_record) = self.tasks.get_mut(&task) else { return };
         task_record.running_on = Some(node);
@@ -259,12 +264,13 @@ impl HeadCore {
 
     /// The host reported the constructor's outcome.
     pub(super) fn instance_started(&mut self, task: TaskId, service: ServiceId, outcome: Outcome) {
-        if let Outcome::Failed(error) = outcome {
-            return self.instance_failed(service, error);
+        let current = self.services.records.get(&service).is_some_and(|record| record.creation == task);
+        if let (true, Outcome::Failed(error)) = (current, &outcome) {
+            return self.instance_failed(service, error.clone());
         }
-        let Some(record) = self.services.records.get_mut(&service) else {
+        let Some(record) = self.services.records.get_mut(&service).filter(|_| current) else {
             // Stopped while it was being constructed: the stop may have reached the host before
-            // the instance existed, so say it again.
+            // the instance existed, so say it again (harmless if construction failed).
             let host =
                 self.tasks.get(&task).and_then(|r| r.running_on).and_then(|node| self.nodes.get(&node));
             if let Some(&session) = host {
@@ -428,7 +434,38 @@ impl HeadCore {
         for (session, request) in record.stoppers {
             self.reply(session, request, Ok(&()));
         }
+        let constructing = record.host.is_some() && !record.ready && !record.stopping;
+        if constructing && !matches!(error, TaskError::WorkerLost { .. }) {
+            // Its node is still constructing it: the constructor's report (see
+            // `instance_started`) drops the instance and ends the task then, so what it holds
+            // is released on the node before the head counts its resources as free.
+            tracing::debug!("{} will be dropped once constructed", record.info.name);
+            return;
+        }
         self.end_creation_task(record.creation, record.host.is_some(), error);
+    }
+
+    /// The scheduler failed an instance's placement task (its node was lost, or it can never
+    /// run).
+    pub(super) fn instance_task_failed(&mut self, task: TaskId, service: ServiceId, error: TaskError) {
+        if self.services.records.get(&service).is_some_and(|record| record.creation == task) {
+            return self.instance_failed(service, error);
+        }
+        // The service is gone already (stopped while being constructed): only the task is left.
+        self.end_creation_task(task, false, error);
+    }
+
+    /// No node can hold a new instance now; callers waiting for a restart learn why.
+    pub(super) fn instance_unplaceable(&mut self, service: ServiceId, reason: &str) {
+        let Some(record) = self.services.records.get_mut(&service).filter(|r| r.restarting) else { return };
+        record.unplaceable = Some(reason.to_string());
+        let (name, parked) = (record.info.name.clone(), std::mem::take(&mut record.parked));
+        for call in parked {
+            self.fail_call(call, |_| TaskError::ServiceUnavailable {
+                service: name.clone(),
+                message: format!("it is being restarted, but no node can hold it now: {reason}"),
+            });
+        }
     }
 
     /// Ends the task that placed an instance that is gone.
@@ -455,6 +492,11 @@ impl HeadCore {
         }
         let (spec, left) = (restart.spec.clone(), restart.left);
         let old_creation = std::mem::replace(&mut record.creation, task);
+        if !record.ready && old_creation.session() != HEAD_SESSION {
+            // Lost while its first instance was being built: the start request is answered
+            // when the new one is ready.
+            record.waiters.push((record.owner, old_creation));
+        }
         let placed = record.host.take().is_some();
         record.ready = false;
         record.restarting = true;
@@ -655,6 +697,12 @@ impl HeadCore {
         if let Some(record) = self.services.records.get_mut(&service)
             && record.restarting
         {
+            if let Some(reason) = record.unplaceable.clone() {
+                return self.fail_call(task, |_| TaskError::ServiceUnavailable {
+                    service: name,
+                    message: format!("it is being restarted, but no node can hold it now: {reason}"),
+                });
+            }
             // Its node was lost and a new instance is on its way: the call waits for it.
             record.parked.push(task);
             return;
