@@ -276,6 +276,33 @@ struct TaskRecord {
     kind: TaskKind,
 }
 
+impl TaskRecord {
+    /// A record of a request `owner` made, not placed yet, held by its owner, taking `args`
+    /// (whose refs are `deps`); part of the owner's own job, not bypassed.
+    fn new(
+        owner: SessionId,
+        function: String,
+        args: Vec<Arg>,
+        deps: Vec<TaskId>,
+        kind: TaskKind,
+    ) -> TaskRecord {
+        TaskRecord {
+            owner,
+            function,
+            tag: None,
+            args,
+            deps,
+            job: owner,
+            bypass: None,
+            running_on: None,
+            outcome: None,
+            owner_holds: true,
+            dependents: 0,
+            kind,
+        }
+    }
+}
+
 /// What a task record stands for.
 enum TaskKind {
     /// A function call, placed by the scheduler.
@@ -508,23 +535,19 @@ impl HeadCore {
         }
         let deps = ref_args(&spec.args);
         self.hold_deps(&deps);
-        self.tasks.insert(
-            task,
-            TaskRecord {
-                owner: session,
-                function: spec.function.name.clone(),
-                tag: spec.tag,
-                args: spec.args,
-                deps: deps.clone(),
-                job: spec.job.unwrap_or(session),
-                bypass: spec.bypass.map(Box::new),
-                running_on: None,
-                outcome: None,
-                owner_holds: true,
-                dependents: 0,
-                kind: TaskKind::Function,
-            },
-        );
+        let record = TaskRecord {
+            tag: spec.tag,
+            job: spec.job.unwrap_or(session),
+            bypass: spec.bypass.map(Box::new),
+            ..TaskRecord::new(
+                session,
+                spec.function.name.clone(),
+                spec.args,
+                deps.clone(),
+                TaskKind::Function,
+            )
+        };
+        self.tasks.insert(task, record);
         self.feed(Event::TaskSubmitted {
             task,
             function: spec.function,

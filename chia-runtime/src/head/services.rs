@@ -197,31 +197,31 @@ impl HeadCore {
                 unplaceable: None,
             },
         );
-        let deps = ref_args(&start.args);
+        self.place_instance(task, session, id, &start.service_type, start.request, start.args);
+    }
+
+    /// Asks the scheduler to place an instance of `service_type` for `service`, as the task
+    /// `task` of `owner`, holding `request` while it lives.
+    fn place_instance(
+        &mut self,
+        task: TaskId,
+        owner: SessionId,
+        service: ServiceId,
+        service_type: &FunctionKey,
+        request: chia_core::Resources,
+        args: Vec<Arg>,
+    ) {
+        let deps = ref_args(&args);
         self.hold_deps(&deps);
-        let function = instance_function(&start.service_type);
-        self.tasks.insert(
-            task,
-            TaskRecord {
-                owner: session,
-                function: format!("{}.new", start.service_type.name),
-                tag: None,
-                args: start.args,
-                deps: deps.clone(),
-                job: session,
-                bypass: None,
-                running_on: None,
-                outcome: None,
-                owner_holds: true,
-                dependents: 0,
-                kind: TaskKind::ServiceStart(id),
-            },
-        );
-        // An instance is not started again elsewhere: its state died with its node.
+        let constructor = format!("{}.new", service_type.name);
+        let record = TaskRecord::new(owner, constructor, args, deps.clone(), TaskKind::ServiceStart(service));
+        self.tasks.insert(task, record);
+        // The task is never retried: an instance's state dies with its node (`max_restarts`
+        // starts a new one from its constructor instead).
         self.feed(Event::TaskSubmitted {
             task,
-            function,
-            request: start.request,
+            function: instance_function(service_type),
+            request,
             deps,
             max_retries: 0,
             retry_exceptions: false,
@@ -364,23 +364,12 @@ impl HeadCore {
             self.services.next_internal_task += 1;
             let task = TaskId::new(HEAD_SESSION, self.services.next_internal_task);
             let name = self.services.records.get(&service).map(|r| r.info.name.clone()).unwrap_or_default();
-            self.tasks.insert(
-                task,
-                TaskRecord {
-                    owner: HEAD_SESSION,
-                    function: format!("{name}.{method} of {tag:?}"),
-                    tag: None,
-                    args: vec![Arg::Value(tag_arg), Arg::Value(value_arg)],
-                    deps: Vec::new(),
-                    job: HEAD_SESSION,
-                    bypass: None,
-                    running_on: None,
-                    outcome: None,
-                    owner_holds: false,
-                    dependents: 0,
-                    kind: TaskKind::ServiceCall { service, name, method, missing: 0 },
-                },
-            );
+            let function = format!("{name}.{method} of {tag:?}");
+            let args = vec![Arg::Value(tag_arg), Arg::Value(value_arg)];
+            let kind = TaskKind::ServiceCall { service, name, method, missing: 0 };
+            let record = TaskRecord::new(HEAD_SESSION, function, args, Vec::new(), kind);
+            // Nobody holds the answer: the record goes as soon as the write ends.
+            self.tasks.insert(task, TaskRecord { owner_holds: false, ..record });
             *self.services.pending_writes.entry(result).or_default() += 1;
             self.services.writes.insert(task, result);
             self.forward_call(task);
@@ -508,31 +497,8 @@ impl HeadCore {
             record.info.type_name
         );
         self.end_creation_task(old_creation, placed, error);
-        self.tasks.insert(
-            task,
-            TaskRecord {
-                owner: HEAD_SESSION,
-                function: format!("{}.new", spec.service_type.name),
-                tag: None,
-                args: spec.args.into_iter().map(Arg::Value).collect(),
-                deps: Vec::new(),
-                job: HEAD_SESSION,
-                bypass: None,
-                running_on: None,
-                outcome: None,
-                owner_holds: true,
-                dependents: 0,
-                kind: TaskKind::ServiceStart(service),
-            },
-        );
-        self.feed(Event::TaskSubmitted {
-            task,
-            function: instance_function(&spec.service_type),
-            request: spec.request,
-            deps: Vec::new(),
-            max_retries: 0,
-            retry_exceptions: false,
-        });
+        let args = spec.args.into_iter().map(Arg::Value).collect();
+        self.place_instance(task, HEAD_SESSION, service, &spec.service_type, spec.request, args);
     }
 
     /// Starts again the detached services a previous head on the same state directory ran.
@@ -640,23 +606,8 @@ impl HeadCore {
         };
         let deps = ref_args(&args);
         self.hold_deps(&deps);
-        self.tasks.insert(
-            task,
-            TaskRecord {
-                owner: session,
-                function,
-                tag: None,
-                args,
-                deps: deps.clone(),
-                job: session,
-                bypass: None,
-                running_on: None,
-                outcome: None,
-                owner_holds: true,
-                dependents: 0,
-                kind: TaskKind::ServiceCall { service, name: name.to_string(), method, missing: 0 },
-            },
-        );
+        let kind = TaskKind::ServiceCall { service, name: name.to_string(), method, missing: 0 };
+        self.tasks.insert(task, TaskRecord::new(session, function, args, deps.clone(), kind));
         let mut missing = 0;
         for dep in deps {
             let state =
