@@ -51,7 +51,8 @@ pub fn init_logging(default_filter: &str) {
         .try_init();
 }
 
-/// Runs a worker from the command line until the head goes away or Ctrl-C.
+/// Runs a worker from the command line until Ctrl-C or SIGTERM; a lost head is joined again
+/// when it is back (`--exit-on-head-loss` exits instead).
 pub fn worker_main() -> ExitCode {
     let args = WorkerArgs::parse();
     init_logging("info");
