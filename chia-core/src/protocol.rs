@@ -14,7 +14,7 @@ use crate::resources::Resources;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a change is not backwards compatible.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The largest frame either side accepts: it bounds task arguments and results too.
 pub const MAX_FRAME_BYTES: usize = 512 << 20;
@@ -153,9 +153,12 @@ pub enum PeerToHead {
     Fetch {
         task: TaskId,
     },
-    /// A worker finished a task it was given.
+    /// A worker finished a task it was given: `attempt` is the one its `Execute` named (0 for
+    /// service instances and calls), so a report of an earlier attempt is told from the current.
     Finished {
         task: TaskId,
+        #[serde(default)]
+        attempt: u32,
         outcome: Outcome,
     },
     /// A running task is waiting for other tasks: its CPU may go to them.
@@ -236,9 +239,12 @@ pub enum HeadToPeer {
     Rejected {
         reason: String,
     },
-    /// Run this task (to a worker).
+    /// Run this task (to a worker). `attempt` counts its runs (1 for the first) and comes back
+    /// in [`PeerToHead::Finished`].
     Execute {
         task: TaskId,
+        #[serde(default)]
+        attempt: u32,
         function: String,
         args: Vec<ArgValue>,
         tag: Option<String>,
@@ -300,6 +306,7 @@ pub enum HeadToPeer {
 pub enum HeadToPeerRef<'a> {
     Execute {
         task: TaskId,
+        attempt: u32,
         function: &'a str,
         args: Vec<ValueRef<'a>>,
         tag: Option<&'a str>,
@@ -449,6 +456,7 @@ mod tests {
             (
                 HeadToPeerRef::Execute {
                     task: TaskId(1),
+                    attempt: 2,
                     function: "f",
                     args: vec![ValueRef(&value), ValueRef(&[])],
                     tag: Some("iter0"),
@@ -457,6 +465,7 @@ mod tests {
                 },
                 HeadToPeer::Execute {
                     task: TaskId(1),
+                    attempt: 2,
                     function: "f".into(),
                     args: vec![ArgValue(value.clone()), ArgValue(Vec::new())],
                     tag: Some("iter0".into()),

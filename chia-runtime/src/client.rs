@@ -26,6 +26,8 @@ pub enum Execution {
     /// of the job the task belongs to.
     Task {
         task: TaskId,
+        /// Which run of the task this is; reported back with its outcome.
+        attempt: u32,
         function: String,
         args: Vec<ArgValue>,
         tag: Option<String>,
@@ -365,8 +367,8 @@ async fn read_loop(
                     slot.infeasible = Some(reason);
                 }
             }
-            HeadToPeer::Execute { task, function, args, tag, bypass, job } => {
-                forward(&executions, Execution::Task { task, function, args, tag, bypass, job })
+            HeadToPeer::Execute { task, attempt, function, args, tag, bypass, job } => {
+                forward(&executions, Execution::Task { task, attempt, function, args, tag, bypass, job })
             }
             HeadToPeer::StartInstance { task, service, type_name, args } => {
                 forward(&executions, Execution::StartInstance { task, service, type_name, args })

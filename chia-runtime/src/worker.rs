@@ -194,7 +194,8 @@ async fn serve(
     let mut plans = PlanCache::default();
     while let Some(execution) = executions.recv().await {
         match execution {
-            Execution::Task { task, function, args, tag, bypass, job } => {
+            Execution::Task { task, attempt, function, args, tag, bypass, job } => {
+                let lease = Lease { task, attempt };
                 let entry = RunningEntry::new(&running, task);
                 let context = context.for_task(task, entry.control.clone());
                 let context = match plans.link(job) {
@@ -202,7 +203,7 @@ async fn serve(
                     Ok(None) => context,
                     Err(message) => {
                         let error = TaskError::InvalidCall { function: function.clone(), message };
-                        report(context.client(), task, &function, Outcome::Failed(error));
+                        report(context.client(), lease, &function, Outcome::Failed(error));
                         continue;
                     }
                 };
@@ -213,10 +214,10 @@ async fn serve(
                             let name = function.clone();
                             let outcome = provide(context, function, tag, args, bypass).await;
                             drop(entry);
-                            report(&client, task, &name, outcome);
+                            report(&client, lease, &name, outcome);
                         });
                     }
-                    None => start(context, entry, task, function, args),
+                    None => start(context, entry, lease, function, args),
                 }
             }
             Execution::StartInstance { task, service, type_name, args } => {
@@ -256,13 +257,13 @@ async fn serve(
 
 /// Starts one task in `task_context`: a sync function on the blocking pool, an async one as a
 /// task. Each reports its own outcome when it ends, so no task waits in between.
-fn start(task_context: Context, entry: RunningEntry, task: TaskId, function: String, args: Vec<ArgValue>) {
+fn start(task_context: Context, entry: RunningEntry, lease: Lease, function: String, args: Vec<ArgValue>) {
     let client: Arc<Client> = task_context.client().clone();
     let Some(spec) = registry::functions().get(function.as_str()).copied() else {
         // The head only sends what this worker offered; this guards against a head bug.
         report(
             &client,
-            task,
+            lease,
             &function,
             Outcome::Failed(TaskError::UnknownFunction { function: function.clone() }),
         );
@@ -273,14 +274,14 @@ fn start(task_context: Context, entry: RunningEntry, task: TaskId, function: Str
             tokio::task::spawn_blocking(move || {
                 let result = std::panic::catch_unwind(AssertUnwindSafe(|| invoke(task_context, args)));
                 drop(entry);
-                report(&client, task, spec.name, outcome(spec, result));
+                report(&client, lease, spec.name, outcome(spec, result));
             });
         }
         Invoke::Async(invoke) => {
             tokio::spawn(async move {
                 let result = CatchUnwind(invoke(task_context, args)).await;
                 drop(entry);
-                report(&client, task, spec.name, outcome(spec, result));
+                report(&client, lease, spec.name, outcome(spec, result));
             });
         }
     }
@@ -298,7 +299,7 @@ async fn start_instance(
     let constructor = format!("{type_name}.new");
     let Some(spec) = registry::services().get(type_name.as_str()).copied() else {
         let error = TaskError::UnknownFunction { function: constructor.clone() };
-        return report(&client, task, &constructor, Outcome::Failed(error));
+        return report(&client, Lease::instance(task), &constructor, Outcome::Failed(error));
     };
     // What the constructor starts lives as long as the instance.
     let control = TaskControl::new();
@@ -319,7 +320,7 @@ async fn start_instance(
             Outcome::Failed(TaskError::Panic { function: constructor.clone(), message: panic_message(panic) })
         }
     };
-    report(&client, task, &constructor, outcome);
+    report(&client, Lease::instance(task), &constructor, outcome);
 }
 
 /// The tasks running on this worker, so a cancellation or the loss of the head reaches them.
@@ -380,7 +381,7 @@ fn call_instance(
             service: service.to_string(),
             message: format!("this node ({}) holds no such instance", context.node_name()),
         };
-        report(context.client(), call.task, &call.method, Outcome::Failed(error));
+        report(context.client(), Lease::instance(call.task), &call.method, Outcome::Failed(error));
     }
 }
 
@@ -432,7 +433,7 @@ async fn run_call(
             Outcome::Failed(TaskError::Panic { function: name.clone(), message: panic_message(panic) })
         }
     };
-    report(&client, task, &name, outcome);
+    report(&client, Lease::instance(task), &name, outcome);
 }
 
 /// A panic caught by `run_blocking` does not know which method it was in.
@@ -456,12 +457,27 @@ fn outcome(spec: &FunctionSpec, result: std::thread::Result<Result<Value, TaskEr
     }
 }
 
-fn report(client: &Client, task: TaskId, function: &str, outcome: Outcome) {
-    if let Err(e) = client.send(&PeerToHead::Finished { task, outcome }) {
+/// Which run of which task an outcome is for.
+#[derive(Clone, Copy, Debug)]
+struct Lease {
+    task: TaskId,
+    attempt: u32,
+}
+
+impl Lease {
+    /// Service instances and calls run once: their reports carry attempt 0.
+    fn instance(task: TaskId) -> Lease {
+        Lease { task, attempt: 0 }
+    }
+}
+
+fn report(client: &Client, lease: Lease, function: &str, outcome: Outcome) {
+    let Lease { task, attempt } = lease;
+    if let Err(e) = client.send(&PeerToHead::Finished { task, attempt, outcome }) {
         // The result cannot travel (larger than a frame may be): fail the task instead of
         // leaving it running forever.
         let error = TaskError::BadResult { function: function.to_string(), message: e.to_string() };
-        if let Err(e) = client.send(&PeerToHead::Finished { task, outcome: Outcome::Failed(error) }) {
+        if let Err(e) = client.send(&PeerToHead::Finished { task, attempt, outcome: Outcome::Failed(error) }) {
             tracing::error!("could not report {task} to the head: {e}");
         }
     }

@@ -1,0 +1,764 @@
+//! The head core: every decision the head makes, as one state machine with no I/O.
+//!
+//! The driver (the runtime's `head` module) accepts and authenticates connections, decodes
+//! frames and feeds them here with the time: [`HeadCore::open_session`], [`HeadCore::handle`],
+//! [`HeadCore::heard`], [`HeadCore::close_session`], and [`HeadCore::handle_timeout`] when the
+//! deadline of [`HeadCore::poll_timeout`] passes. What the head must do in return — frames to
+//! send (already encoded, so a stored value is copied once, straight into its frame),
+//! connections to close, state to save — waits in an outbox drained with
+//! [`HeadCore::poll_action`], in the order it was decided.
+
+use crate::outbox::{Action, Outbox};
+use crate::persist::PersistedService;
+use crate::scheduler::{Command, Event, Scheduler, TaskStatus};
+use crate::services::{HEAD_SESSION, Services, instance_function, ref_args};
+use chia_core::protocol::{
+    Arg, BypassSpec, Done, DoneRef, HeadToPeer, HeadToPeerRef, JobSettings, JobSettingsRef, Outcome,
+    PROTOCOL_VERSION, PeerToHead, TaskSpec, ValueRef,
+};
+use chia_core::{HEAD_NODE_NAME, NodeId, SessionId, TaskError, TaskId};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+/// Results up to this size travel with the `Done` notice; larger ones wait on the head until
+/// the owner asks, so a ref that is only chained never crosses to the driver.
+pub const INLINE_RESULT_BYTES: usize = 256 << 10;
+
+/// What the head holds right now (for tests, logs and the benchmark).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeadStats {
+    pub sessions: usize,
+    pub nodes: usize,
+    /// Tasks the head keeps a record of: queued, running, or finished with a value someone
+    /// can still ask for.
+    pub tasks: usize,
+    /// Bytes of finished results held.
+    pub result_bytes: usize,
+}
+
+/// How the core detects failures and what it keeps.
+#[derive(Clone, Debug)]
+pub struct CoreOptions {
+    /// How often workers send a heartbeat (told to each in its welcome).
+    pub heartbeat: Duration,
+    /// A worker not heard from for this long is written off: nothing more is scheduled there,
+    /// its tasks run again elsewhere, its connection is closed.
+    pub heartbeat_timeout: Duration,
+    /// Keep the specifications of detached services ([`Action::SaveServices`]) so a restarted
+    /// head can start them again ([`HeadCore::restore_services`]).
+    pub keep_services: bool,
+}
+
+impl Default for CoreOptions {
+    fn default() -> Self {
+        CoreOptions {
+            heartbeat: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(10),
+            keep_services: false,
+        }
+    }
+}
+
+/// Why a peer's first message does not open a session; the driver sends it back as
+/// [`HeadToPeer::Rejected`] and closes the connection.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct Rejection {
+    pub reason: String,
+}
+
+pub(crate) struct Session {
+    name: String,
+    node: Option<NodeId>,
+}
+
+/// A submitted task and, once it ends, its result.
+pub(crate) struct TaskRecord {
+    pub(crate) owner: SessionId,
+    pub(crate) function: String,
+    pub(crate) tag: Option<String>,
+    /// The arguments (refs are resolved at each dispatch), kept until the task ends: if its
+    /// node is lost, it is sent again.
+    pub(crate) args: Vec<Arg>,
+    pub(crate) deps: Vec<TaskId>,
+    /// The job whose settings the task is sent with: its owner's, or for a nested call its
+    /// driver's.
+    pub(crate) job: SessionId,
+    /// What replaces the function, when the caller bypassed the call (boxed: most are not).
+    pub(crate) bypass: Option<Box<BypassSpec>>,
+    pub(crate) running_on: Option<NodeId>,
+    /// The run it is on (functions only; 1 for the first): a report of another is stale.
+    pub(crate) attempt: u32,
+    pub(crate) outcome: Option<Outcome>,
+    /// The owner still holds an `ObjectRef` to it.
+    pub(crate) owner_holds: bool,
+    /// Submitted tasks that take this one as an argument and have not ended yet.
+    pub(crate) dependents: u32,
+    pub(crate) kind: TaskKind,
+}
+
+impl TaskRecord {
+    /// A record of a request `owner` made, not placed yet, held by its owner, taking `args`
+    /// (whose refs are `deps`); part of the owner's own job, not bypassed.
+    pub(crate) fn new(
+        owner: SessionId,
+        function: String,
+        args: Vec<Arg>,
+        deps: Vec<TaskId>,
+        kind: TaskKind,
+    ) -> TaskRecord {
+        TaskRecord {
+            owner,
+            function,
+            tag: None,
+            args,
+            deps,
+            job: owner,
+            bypass: None,
+            running_on: None,
+            attempt: 0,
+            outcome: None,
+            owner_holds: true,
+            dependents: 0,
+            kind,
+        }
+    }
+}
+
+/// What a task record stands for.
+pub(crate) enum TaskKind {
+    /// A function call, placed by the scheduler.
+    Function,
+    /// The placement of a service instance; it runs (holding its resources) until the service
+    /// stops.
+    ServiceStart(chia_core::ServiceId),
+    /// A method call, sent to the instance's node once `missing` arguments are ready.
+    ServiceCall { service: chia_core::ServiceId, name: String, method: String, missing: usize },
+}
+
+/// The head's state and decisions; see the module documentation.
+pub struct HeadCore {
+    pub(crate) scheduler: Scheduler,
+    pub(crate) sessions: HashMap<SessionId, Session>,
+    /// The session of each node, and the head's own node (never written off).
+    pub(crate) nodes: HashMap<NodeId, SessionId>,
+    pub(crate) head_node: Option<NodeId>,
+    pub(crate) tasks: HashMap<TaskId, TaskRecord>,
+    pub(crate) next_session: u64,
+    pub(crate) next_node: u64,
+    pub(crate) last_infeasible: Option<String>,
+    pub(crate) services: Services,
+    /// Settings of jobs (by driver session) that their tasks carry.
+    pub(crate) jobs: HashMap<SessionId, JobSettings>,
+    /// The head is closing every connection: what ends now ends on purpose, not by failure.
+    pub(crate) shutting_down: bool,
+    pub(crate) options: CoreOptions,
+    /// Detached services to start again after a restart, by (namespace, name), when kept.
+    pub(crate) persisted: Option<BTreeMap<(String, String), PersistedService>>,
+    pub(crate) outbox: Outbox,
+    /// The time of the input being handled: everything decided meanwhile happens then.
+    pub(crate) now: Instant,
+}
+
+impl HeadCore {
+    /// A head with no session yet, at `now`.
+    pub fn new(now: Instant, options: CoreOptions) -> HeadCore {
+        HeadCore {
+            persisted: options.keep_services.then(BTreeMap::new),
+            options,
+            scheduler: Scheduler::new(),
+            sessions: HashMap::new(),
+            nodes: HashMap::new(),
+            head_node: None,
+            tasks: HashMap::new(),
+            next_session: 1,
+            next_node: 1,
+            last_infeasible: None,
+            services: Services::default(),
+            jobs: HashMap::new(),
+            shutting_down: false,
+            outbox: Outbox::default(),
+            now,
+        }
+    }
+
+    /// A snapshot of what the head holds now.
+    pub fn stats(&self) -> HeadStats {
+        let result_bytes = self
+            .tasks
+            .values()
+            .map(|r| match &r.outcome {
+                Some(Outcome::Value(value)) => value.len(),
+                _ => 0,
+            })
+            .sum();
+        HeadStats {
+            sessions: self.sessions.len(),
+            nodes: self.nodes.len(),
+            tasks: self.tasks.len(),
+            result_bytes,
+        }
+    }
+
+    /// The scheduler inside, for queries (tests, the simulator's invariants).
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
+    /// The options the core was made with.
+    pub fn options(&self) -> &CoreOptions {
+        &self.options
+    }
+
+    /// The name the head gave a session (`driver-N`, a worker's unique node name).
+    pub fn session_name(&self, session: SessionId) -> Option<&str> {
+        self.sessions.get(&session).map(|s| s.name.as_str())
+    }
+
+    /// The next thing the head must do, in the order it was decided.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.outbox.pop()
+    }
+
+    /// When [`HeadCore::handle_timeout`] must next run, if nothing else happens before: the
+    /// moment the longest-silent worker would be written off.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.scheduler.next_expiry(self.options.heartbeat_timeout)
+    }
+
+    /// The deadline of [`HeadCore::poll_timeout`] passed: writes off the workers not heard
+    /// from in time.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
+        // The head's own node lives and dies with this process: it is never written off.
+        if let Some(node) = self.head_node {
+            self.scheduler.handle(now, Event::NodeHeard { node });
+        }
+        self.scheduler.expire_silent(now, self.options.heartbeat_timeout);
+        self.run_commands();
+    }
+
+    /// Bytes arrived from `session` although no whole frame did (a large one is on its way):
+    /// the node is alive.
+    pub fn heard(&mut self, now: Instant, session: SessionId) {
+        self.now = now;
+        if let Some(node) = self.sessions.get(&session).and_then(|s| s.node) {
+            self.scheduler.handle(now, Event::NodeHeard { node });
+        }
+    }
+
+    /// The head is stopping: services that end now end on purpose, not by failure.
+    pub fn shut_down(&mut self) {
+        self.shutting_down = true;
+    }
+
+    /// Sets the time of the input being handled.
+    pub(crate) fn set_now(&mut self, now: Instant) {
+        self.now = now;
+    }
+
+    pub(crate) fn feed(&mut self, event: Event) {
+        self.scheduler.handle(self.now, event);
+        self.run_commands();
+    }
+
+    /// Carries out what the scheduler decided, in order.
+    fn run_commands(&mut self) {
+        let commands: Vec<Command> = self.scheduler.drain_commands().collect();
+        for command in commands {
+            self.execute(command);
+        }
+    }
+
+    /// A peer's first message: a [`PeerToHead::Hello`] of this protocol version opens its
+    /// session (a worker's also joins its node) and queues its welcome. `remote` names the
+    /// peer in logs.
+    pub fn open_session(&mut self, now: Instant, remote: &str, first: PeerToHead) -> Result<SessionId, Rejection> {
+        self.now = now;
+        let (name, worker) = match first {
+            PeerToHead::Hello { protocol_version, name, worker } if protocol_version == PROTOCOL_VERSION => {
+                (name, worker)
+            }
+            PeerToHead::Hello { protocol_version, .. } => {
+                return Err(Rejection {
+                    reason: format!(
+                        "protocol version {protocol_version} is not supported; this head speaks version {PROTOCOL_VERSION}"
+                    ),
+                });
+            }
+            _ => return Err(Rejection { reason: "the first message must be a hello".into() }),
+        };
+        let session = SessionId(self.next_session);
+        self.next_session += 1;
+        let (node, name) = match &worker {
+            Some(offer) => {
+                let node = NodeId(self.next_node);
+                self.next_node += 1;
+                let name = if offer.head_node && self.head_node.is_none() {
+                    self.head_node = Some(node);
+                    HEAD_NODE_NAME.to_string()
+                } else {
+                    self.unique_node_name(&name)
+                };
+                (Some(node), name)
+            }
+            None => (None, format!("driver-{}", session.0)),
+        };
+        let welcome = HeadToPeer::Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            session,
+            node,
+            node_name: name.clone(),
+            heartbeat_ms: if node.is_some() { self.options.heartbeat.as_millis() as u64 } else { 0 },
+        };
+        self.outbox.send(session, &welcome);
+        tracing::info!(
+            "{name} joined from {remote} as {session}{}",
+            match &worker {
+                Some(offer) => format!(
+                    " with {}, {} function(s) and {} service type(s)",
+                    offer.resources,
+                    offer.functions.len(),
+                    offer.services.len()
+                ),
+                None => String::new(),
+            }
+        );
+        self.sessions.insert(session, Session { name: name.clone(), node });
+        if let (Some(node), Some(offer)) = (node, worker) {
+            self.nodes.insert(node, session);
+            let mut functions = offer.functions;
+            functions.extend(offer.services.iter().map(instance_function));
+            self.feed(Event::NodeJoined { node, name, resources: offer.resources, functions });
+        }
+        Ok(session)
+    }
+
+    fn unique_node_name(&self, wanted: &str) -> String {
+        let taken: HashSet<&str> = self.sessions.values().map(|s| s.name.as_str()).collect();
+        let base = if wanted.is_empty() || wanted == HEAD_NODE_NAME { "worker" } else { wanted };
+        if !taken.contains(base) {
+            return base.to_string();
+        }
+        (2..)
+            .map(|n| format!("{base}-{n}"))
+            .find(|name| !taken.contains(name.as_str()))
+            .expect("names run out")
+    }
+
+    /// A message from an open session. Nothing a peer sends makes this panic; what it may not
+    /// do is ignored with a log line.
+    pub fn handle(&mut self, now: Instant, session: SessionId, message: PeerToHead) {
+        self.now = now;
+        let Some(peer) = self.sessions.get(&session) else {
+            // Closed (written off) between the frame's decoding and now: nothing it says counts.
+            return;
+        };
+        if let Some(node) = peer.node {
+            // Any frame shows the node is alive; heartbeats only fill the silences.
+            self.scheduler.handle(now, Event::NodeHeard { node });
+        }
+        match message {
+            PeerToHead::Submit(spec) => self.submit(session, spec),
+            PeerToHead::Release { tasks } => {
+                for task in tasks {
+                    if let Some(record) = self.tasks.get_mut(&task)
+                        && record.owner == session
+                    {
+                        record.owner_holds = false;
+                        self.maybe_free(task);
+                    }
+                }
+            }
+            PeerToHead::Fetch { task } => {
+                let outcome = self.tasks.get(&task).and_then(|r| r.outcome.as_ref()).map(Outcome::as_ref);
+                let sent = self.outbox.send_checked(session, &HeadToPeerRef::Fetched { task, outcome });
+                self.value_not_sent(session, task, sent);
+            }
+            PeerToHead::Finished { task, attempt, outcome } => self.finished(session, task, attempt, outcome),
+            PeerToHead::Blocked { task } => {
+                if self.runs_on_session(task, session) {
+                    self.feed(Event::TaskBlocked { task });
+                }
+            }
+            PeerToHead::Ping { nonce } => self.outbox.send(session, &HeadToPeer::Pong { nonce }),
+            PeerToHead::StartService(start) => self.start_service(session, start),
+            PeerToHead::LookupService { task, name, namespace } => {
+                self.lookup_service(session, task, &name, &namespace)
+            }
+            PeerToHead::CallService { task, service, name, method, args } => {
+                self.call_service(session, task, service, &name, method, args)
+            }
+            PeerToHead::StopService { task, service } => self.stop_service_request(session, task, service),
+            PeerToHead::WatchResults { task, method, rules } => {
+                self.watch_results(session, task, method, rules)
+            }
+            PeerToHead::InstanceStopped { service } => self.instance_stopped(session, service),
+            PeerToHead::SetJobSettings(settings) => self.set_job_settings(session, settings),
+            PeerToHead::Cancel { task, force } => {
+                if self
+                    .tasks
+                    .get(&task)
+                    .is_some_and(|r| r.owner == session && matches!(r.kind, TaskKind::Function))
+                {
+                    self.feed(Event::TaskCancelled { task, force });
+                }
+            }
+            PeerToHead::Heartbeat => {}
+            PeerToHead::Hello { .. } => tracing::warn!("{session} sent a second hello; ignored"),
+        }
+    }
+
+    pub(crate) fn runs_on_session(&self, task: TaskId, session: SessionId) -> bool {
+        let node = self.sessions.get(&session).and_then(|s| s.node);
+        node.is_some() && self.tasks.get(&task).is_some_and(|r| r.running_on == node)
+    }
+
+    fn submit(&mut self, session: SessionId, spec: TaskSpec) {
+        let task = spec.task;
+        if task.session() != session {
+            tracing::warn!("{session} submitted {task}, which belongs to another session; ignored");
+            return;
+        }
+        if self.tasks.contains_key(&task) {
+            tracing::warn!("{session} submitted {task} twice; the second is ignored");
+            return;
+        }
+        let deps = ref_args(&spec.args);
+        self.hold_deps(&deps);
+        let record = TaskRecord {
+            tag: spec.tag,
+            job: spec.job.unwrap_or(session),
+            bypass: spec.bypass.map(Box::new),
+            ..TaskRecord::new(
+                session,
+                spec.function.name.clone(),
+                spec.args,
+                deps.clone(),
+                TaskKind::Function,
+            )
+        };
+        self.tasks.insert(task, record);
+        self.feed(Event::TaskSubmitted {
+            task,
+            function: spec.function,
+            request: spec.request,
+            deps,
+            max_retries: spec.max_retries,
+            // Not in the protocol yet: application errors are final.
+            retry_exceptions: spec.retry_exceptions,
+        });
+    }
+
+    /// Keeps the values of `deps` until the task that takes them ends: it may be sent again.
+    pub(crate) fn hold_deps(&mut self, deps: &[TaskId]) {
+        for dep in deps {
+            if let Some(record) = self.tasks.get_mut(dep) {
+                record.dependents += 1;
+            }
+        }
+    }
+
+    fn finished(&mut self, session: SessionId, task: TaskId, attempt: u32, outcome: Outcome) {
+        if !self.runs_on_session(task, session) {
+            tracing::warn!("{session} reported {task}, which it is not running; ignored");
+            return;
+        }
+        let Some(record) = self.tasks.get_mut(&task) else { return };
+        let Some(node) = record.running_on else { return };
+        if record.attempt != attempt {
+            // An earlier run on the same node (it was written off, thawed and joined again as
+            // the same session cannot, but a restarted attempt can land on the same node).
+            tracing::warn!(
+                "{session} reported attempt {attempt} of {task}, which runs attempt {} now; ignored",
+                record.attempt
+            );
+            return;
+        }
+        match record.kind {
+            TaskKind::ServiceStart(service) => self.instance_started(task, service, outcome),
+            TaskKind::ServiceCall { .. } => {
+                record.running_on = None;
+                self.settle(task, outcome);
+            }
+            TaskKind::Function => {
+                record.running_on = None;
+                let cancelled = self.scheduler.is_cancelled(task);
+                match outcome {
+                    // Its owner asked for it to stop: it ends cancelled, whatever it returned.
+                    Outcome::Value(_) if cancelled => {
+                        self.feed(Event::TaskFinished { task, node, error: None })
+                    }
+                    Outcome::Value(value) => {
+                        let (function, tag) = (record.function.clone(), record.tag.clone());
+                        self.deliver_to_watchers(task, &function, tag.as_deref(), &value);
+                        // Stored before the scheduler hears, so dependents it starts find it.
+                        self.settle(task, Outcome::Value(value));
+                        self.feed(Event::TaskFinished { task, node, error: None });
+                    }
+                    Outcome::Failed(error) => {
+                        // The scheduler decides first: the task may run again, or end otherwise
+                        // than its node says (cancelled; then it has told the owner already).
+                        self.feed(Event::TaskFinished { task, node, error: Some(error.clone()) });
+                        let again = matches!(
+                            self.scheduler.task_status(task),
+                            Some(TaskStatus::Queued | TaskStatus::Running { .. })
+                        );
+                        let settled = self.tasks.get(&task).is_none_or(|r| r.outcome.is_some());
+                        if again {
+                            tracing::debug!("{task} failed on {node} and is queued again: {error}");
+                        } else if !settled {
+                            self.settle(task, Outcome::Failed(error));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stores a task's outcome and tells its owner.
+    pub(crate) fn settle(&mut self, task: TaskId, outcome: Outcome) {
+        let Some(record) = self.tasks.get_mut(&task) else { return };
+        if let (HEAD_SESSION, Outcome::Failed(error)) = (record.owner, &outcome) {
+            tracing::warn!("{} failed: {error}", record.function);
+        }
+        record.outcome = Some(outcome);
+        // It ended, so it is not sent again: its arguments and the values it took can go.
+        record.args = Vec::new();
+        self.release_deps(task);
+        // A result being written to a watching service (the cache) is announced once the
+        // write is done, so whoever sees the result also finds it cached.
+        if !self.services.announce_waits(task) {
+            self.announce(task);
+        }
+        self.written_for_watcher(task);
+        self.dependency_settled(task);
+        self.maybe_free(task);
+    }
+
+    /// Tells a task's owner how it ended.
+    pub(crate) fn announce(&mut self, task: TaskId) {
+        let Some(record) = self.tasks.get(&task) else { return };
+        let Some(outcome) = record.outcome.as_ref().filter(|_| record.owner_holds) else { return };
+        let done = match outcome {
+            Outcome::Value(value) if value.len() <= INLINE_RESULT_BYTES => DoneRef::Value(ValueRef(value)),
+            Outcome::Value(value) => DoneRef::Stored { len: value.len() as u64 },
+            Outcome::Failed(error) => DoneRef::Failed(error),
+        };
+        let owner = record.owner;
+        let sent = self.outbox.send_checked(owner, &HeadToPeerRef::Done { task, done });
+        self.value_not_sent(owner, task, sent);
+    }
+
+    fn execute(&mut self, command: Command) {
+        match command {
+            Command::Dispatch { task, node, attempt } => self.dispatch(task, node, attempt),
+            Command::Fail { task, error } => {
+                tracing::debug!("{task} failed: {error}");
+                self.release_deps(task);
+                match self.tasks.get(&task).map(|r| &r.kind) {
+                    Some(TaskKind::ServiceStart(service)) => self.instance_task_failed(task, *service, error),
+                    _ => self.settle(task, Outcome::Failed(error)),
+                }
+            }
+            Command::Infeasible { task, reason } => {
+                // Many tasks of one shape share a reason: say it once, not once per task.
+                if self.last_infeasible.as_deref() != Some(reason.as_str()) {
+                    tracing::warn!("{task} (and others like it) cannot run on any node now: {reason}");
+                    self.last_infeasible = Some(reason.clone());
+                }
+                if let Some((owner, kind)) = self.tasks.get(&task).map(|r| (r.owner, &r.kind)) {
+                    if let TaskKind::ServiceStart(service) = *kind {
+                        self.instance_unplaceable(service, &reason);
+                    }
+                    self.outbox.send(owner, &HeadToPeer::Infeasible { task, reason });
+                }
+            }
+            Command::Cancel { task, node, force } => {
+                // It ends when its node reports it; the scheduler records it as cancelled then.
+                if let Some(&session) = self.nodes.get(&node) {
+                    self.outbox.send(session, &HeadToPeer::Cancel { task, force });
+                }
+            }
+            Command::NodeExpired { node } => {
+                if let Some(&session) = self.nodes.get(&node) {
+                    // The scheduler has written the node off already; close what is left of it.
+                    let name = self.sessions.get(&session).map_or("?", |s| s.name.as_str());
+                    tracing::warn!(
+                        "worker {name} ({node}) was not heard from for {:?}; its tasks run elsewhere, closing its connection",
+                        self.options.heartbeat_timeout
+                    );
+                    self.close(session, "not heard from in time");
+                }
+            }
+        }
+    }
+
+    fn dispatch(&mut self, task: TaskId, node: NodeId, attempt: u32) {
+        let Some(session) = self.nodes.get(&node).copied() else {
+            tracing::error!("the scheduler dispatched {task} to {node}, which has no session");
+            return;
+        };
+        let Some(record) = self.tasks.get_mut(&task) else {
+            // Freed while it waited (a service stopped before it was placed): hand the
+            // resources straight back.
+            tracing::debug!("{task} was placed after it was dropped; releasing its resources");
+            self.feed(Event::TaskFinished { task, node, error: None });
+            return;
+        };
+        if let TaskKind::ServiceStart(service) = record.kind {
+            return self.dispatch_instance(task, service, node, session);
+        }
+        if attempt > 1 {
+            tracing::debug!("{task} ({}) runs again, on {node} (attempt {attempt})", record.function);
+        }
+        record.running_on = Some(node);
+        record.attempt = attempt;
+        let Some(record) = self.tasks.get(&task) else { return };
+        let values = arg_values(&self.tasks, task, &record.args);
+        let job = self.jobs.get(&record.job).map(|job| JobSettingsRef {
+            job: job.job,
+            revision: job.revision,
+            settings: ValueRef(&job.settings),
+        });
+        let execute = HeadToPeerRef::Execute {
+            task,
+            attempt,
+            function: &record.function,
+            args: values,
+            tag: record.tag.as_deref(),
+            bypass: record.bypass.as_deref(),
+            job,
+        };
+        let sent = self.outbox.send_checked(session, &execute);
+        let name = record.function.clone();
+        let Err(e) = sent else { return };
+        // The arguments together exceed what a frame may carry: the task can never be sent.
+        let error =
+            TaskError::InvalidCall { function: name, message: format!("its arguments cannot be sent: {e}") };
+        if let Some(record) = self.tasks.get_mut(&task) {
+            record.running_on = None;
+        }
+        self.feed(Event::TaskFinished { task, node, error: Some(error.clone()) });
+        self.settle(task, Outcome::Failed(error));
+    }
+
+    /// The task no longer needs its dependencies' values.
+    pub(crate) fn release_deps(&mut self, task: TaskId) {
+        let deps = self.tasks.get_mut(&task).map(|r| std::mem::take(&mut r.deps)).unwrap_or_default();
+        for dep in deps {
+            if let Some(record) = self.tasks.get_mut(&dep) {
+                record.dependents = record.dependents.saturating_sub(1);
+                self.maybe_free(dep);
+            }
+        }
+    }
+
+    /// Frees a finished task's record once nobody can ask for its value any more.
+    pub(crate) fn maybe_free(&mut self, task: TaskId) {
+        let Some(record) = self.tasks.get(&task) else { return };
+        if record.owner_holds
+            || record.dependents > 0
+            || record.outcome.is_none()
+            || self.services.announce_waits(task)
+        {
+            return;
+        }
+        self.tasks.remove(&task);
+        self.feed(Event::TaskForgotten { task });
+    }
+
+    fn set_job_settings(&mut self, session: SessionId, settings: JobSettings) {
+        if settings.job != session {
+            tracing::warn!("{session} sent settings for the job of {}; ignored", settings.job);
+            return;
+        }
+        let newer = self.jobs.get(&session).is_none_or(|current| current.revision < settings.revision);
+        if newer {
+            self.jobs.insert(session, settings);
+        }
+    }
+
+    /// The peer's connection ended (it closed, failed, or sent what cannot be read): what it
+    /// ran is lost, what it owned is dropped or stopped. Nothing happens for a session that is
+    /// closed already.
+    pub fn close_session(&mut self, now: Instant, session: SessionId, reason: &str) {
+        self.now = now;
+        self.close(session, reason);
+    }
+
+    fn close(&mut self, session: SessionId, reason: &str) {
+        let Some(closed) = self.sessions.remove(&session) else { return };
+        self.jobs.remove(&session);
+        tracing::info!("{} ({session}) left: {reason}", closed.name);
+        self.outbox.close(session, reason);
+        self.stop_services_of(session);
+        if let Some(node) = closed.node {
+            self.fail_calls_on(node, &closed.name);
+            // The scheduler runs its tasks again or fails them; until one is sent again it runs
+            // nowhere (so its owner leaving drops it).
+            for record in self.tasks.values_mut() {
+                if record.running_on == Some(node) && matches!(record.kind, TaskKind::Function) {
+                    record.running_on = None;
+                }
+            }
+            self.nodes.remove(&node);
+            self.feed(Event::NodeLost { node });
+        }
+        self.feed(Event::SessionClosed { session });
+        let mut owned: Vec<TaskId> =
+            self.tasks.iter().filter(|(_, r)| r.owner == session).map(|(t, _)| *t).collect();
+        // In submission order, whatever the map's: one input sequence, one output sequence.
+        owned.sort_unstable();
+        for task in owned {
+            if let Some(record) = self.tasks.get_mut(&task) {
+                record.owner_holds = false;
+                if record.outcome.is_none() && record.running_on.is_none() {
+                    // Dropped from the queue by SessionClosed: it will never end on its own.
+                    self.release_deps(task);
+                    self.tasks.remove(&task);
+                    continue;
+                }
+                if record.outcome.is_none() && matches!(record.kind, TaskKind::Function) {
+                    // Nobody is left to want its result: stop it, and the tools it runs.
+                    self.feed(Event::TaskCancelled { task, force: false });
+                }
+            }
+            self.maybe_free(task);
+        }
+    }
+
+    /// A message carrying `task`'s value could not be encoded (larger than a frame may be):
+    /// its receiver learns that instead of waiting forever.
+    pub(crate) fn value_not_sent(
+        &mut self,
+        session: SessionId,
+        task: TaskId,
+        sent: Result<(), chia_core::protocol::ProtocolError>,
+    ) {
+        let Err(e) = sent else { return };
+        tracing::error!("could not send the value of {task} to {session}: {e}");
+        let function = self.tasks.get(&task).map(|r| r.function.clone()).unwrap_or_default();
+        let error = TaskError::BadResult { function, message: e.to_string() };
+        self.outbox.send(session, &HeadToPeer::Done { task, done: Done::Failed(error) });
+    }
+}
+
+/// The values of `task`'s arguments, borrowed where they are stored: nothing is copied
+/// before encoding.
+pub(crate) fn arg_values<'a>(tasks: &'a HashMap<TaskId, TaskRecord>, task: TaskId, args: &'a [Arg]) -> Vec<ValueRef<'a>> {
+    args.iter()
+        .map(|arg| match arg {
+            Arg::Value(value) => ValueRef(value),
+            Arg::Ref(dep) => match tasks.get(dep).and_then(|r| r.outcome.as_ref()) {
+                Some(Outcome::Value(value)) => ValueRef(value),
+                _ => {
+                    // Tasks are only sent once every argument succeeded.
+                    tracing::error!("{task} was sent before its argument {dep} was ready");
+                    ValueRef(&[])
+                }
+            },
+        })
+        .collect()
+}
+

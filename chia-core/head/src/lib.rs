@@ -1,0 +1,24 @@
+//! `chia-head-core` owns every decision the head makes, with no I/O: it depends on no async
+//! runtime, socket, TLS or file crate (CI checks its `cargo tree`).
+//!
+//! - [`HeadCore`]: sessions and jobs, task records, results and their refcounts, the service
+//!   registry and call routing, service restarts, job settings and result watches — one state
+//!   machine shaped like quinn-proto: inputs with the time passed in
+//!   ([`HeadCore::open_session`], [`HeadCore::handle`], [`HeadCore::close_session`],
+//!   [`HeadCore::handle_timeout`]), an outbox of [`Action`]s (encoded frames to send,
+//!   connections to close, state to keep) and a timer deadline ([`HeadCore::poll_timeout`]) out.
+//! - [`scheduler`]: the placement state machine inside it (which task runs on which node).
+//! - [`PersistedService`]: what the head keeps of a detached service to start it again.
+//!
+//! The runtime's head (`chia_runtime::head`) is the thin driver around it: it accepts and
+//! authenticates QUIC connections, decodes frames, feeds the core and carries out its actions.
+
+mod core;
+mod outbox;
+mod persist;
+pub mod scheduler;
+mod services;
+
+pub use crate::core::{CoreOptions, HeadCore, HeadStats, INLINE_RESULT_BYTES, Rejection};
+pub use outbox::Action;
+pub use persist::PersistedService;

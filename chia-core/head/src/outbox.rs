@@ -1,0 +1,67 @@
+//! What the head core asks its driver to do: a queue of [`Action`]s, in the order decided.
+
+use crate::persist::PersistedService;
+use chia_core::SessionId;
+use chia_core::protocol::{ProtocolError, encode_frame};
+use serde::Serialize;
+use std::collections::VecDeque;
+
+/// One thing the driver must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Send this frame (length prefix included, a `HeadToPeer` message) on the session's
+    /// control stream.
+    Send { to: SessionId, frame: Vec<u8> },
+    /// Flush what was sent to the session, then close its connection; the core has forgotten
+    /// it already.
+    Close { session: SessionId, reason: String },
+    /// The detached services to start again after a restart are now these (all of them).
+    SaveServices(Vec<PersistedService>),
+}
+
+impl Action {
+    /// The message of a [`Action::Send`], decoded (for tests and the simulator).
+    pub fn decoded(&self) -> Option<(SessionId, chia_core::protocol::HeadToPeer)> {
+        match self {
+            Action::Send { to, frame } => {
+                Some((*to, chia_core::protocol::decode_body(frame.get(4..)?).ok()?))
+            }
+            _ => None,
+        }
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Outbox {
+    actions: VecDeque<Action>,
+}
+
+impl Outbox {
+    /// Queues `message` for `to`. A message that cannot be encoded (only one carrying a value
+    /// can be too large) is an error the caller handles.
+    pub(crate) fn send_checked<M: Serialize>(&mut self, to: SessionId, message: &M) -> Result<(), ProtocolError> {
+        let mut frame = Vec::with_capacity(128);
+        encode_frame(message, &mut frame)?;
+        self.actions.push_back(Action::Send { to, frame });
+        Ok(())
+    }
+
+    /// Queues a message that carries no value, so it always encodes.
+    pub(crate) fn send<M: Serialize>(&mut self, to: SessionId, message: &M) {
+        if let Err(e) = self.send_checked(to, message) {
+            tracing::error!("could not encode a message to {to}: {e}");
+        }
+    }
+
+    pub(crate) fn close(&mut self, session: SessionId, reason: &str) {
+        self.actions.push_back(Action::Close { session, reason: reason.to_string() });
+    }
+
+    pub(crate) fn push(&mut self, action: Action) {
+        self.actions.push_back(action);
+    }
+
+    pub(crate) fn pop(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+}
