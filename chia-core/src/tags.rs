@@ -72,4 +72,3 @@ fn compile_whole_match(source: &str) -> Result<Regex, InvalidPattern> {
     Regex::new(source).map_err(invalid)?;
     Regex::new(&format!("^(?:{source})$")).map_err(invalid)
 }
-

@@ -28,8 +28,8 @@
 //! The result cache is [`mod@cache`]; replaying recorded or cached results instead of running
 //! a function (`bypass:`) is [`mod@bypass`].
 //!
-//! The I/O-free parts live in [`scheduler`] (the head's state machine) and in `chia-core`
-//! (ids, resources, wire protocol).
+//! The I/O-free parts live in `chia-head-core` (the head's state machine, [`scheduler`]
+//! included) and in `chia-core` (ids, resources, wire protocol).
 
 // The attribute macros name the runtime `::chia`; inside this crate that is the crate itself.
 extern crate self as chia;
@@ -43,7 +43,8 @@ pub mod head;
 pub mod local;
 pub mod process;
 pub mod registry;
-pub mod scheduler;
+/// The head's placement state machine (re-exported from `chia-head-core`).
+pub use chia_head_core::scheduler;
 pub mod service;
 pub mod tls;
 pub mod transport;

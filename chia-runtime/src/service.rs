@@ -8,8 +8,8 @@
 
 use crate::api::{ArgInput, Context, ObjectRef, send_request};
 use crate::error::Error;
-use crate::head::HEAD_NODE_NAME;
 use crate::registry::ServiceSpec;
+use chia_core::HEAD_NODE_NAME;
 use chia_core::protocol::{PeerToHead, ServiceInfo, ServiceStart};
 use chia_core::resources::{CPU, NODE_PREFIX};
 use chia_core::{ResourceAmount, Resources, ServiceId, TaskError};

@@ -90,6 +90,15 @@ impl FrameSender {
         // Encode outside the lock, so a large message does not hold up other senders.
         let mut frame = Vec::with_capacity(256);
         encode_frame(message, &mut frame)?;
+        self.send_frame(frame);
+        Ok(())
+    }
+
+    /// Queues one frame encoded already (length prefix included), as the head core makes them.
+    pub fn send_frame(&self, frame: Vec<u8>) {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return;
+        }
         {
             let mut pending = lock(&self.shared.pending);
             if frame.len() >= LARGE_FRAME {
@@ -100,7 +109,6 @@ impl FrameSender {
             }
         }
         self.shared.wake.notify_one();
-        Ok(())
     }
 
     /// Flushes what is queued, then finishes the stream.

@@ -6,10 +6,10 @@ use crate::api::Context;
 use crate::bypass::{PlanCache, provide};
 use crate::client::{Client, Execution};
 use crate::error::Error;
-use crate::head::HEAD_NODE_NAME;
 use crate::process::TaskControl;
 use crate::registry::{self, FunctionSpec, Invoke, ServiceSpec, SharedInstance, panic_message};
 use crate::tls::ClusterCredentials;
+use chia_core::HEAD_NODE_NAME;
 use chia_core::protocol::{ArgValue, Outcome, PeerToHead, Value, WorkerOffer};
 use chia_core::resources::NODE_PREFIX;
 use chia_core::{FunctionKey, ResourceAmount, Resources, ServiceId, TaskError, TaskId};
@@ -477,7 +477,8 @@ fn report(client: &Client, lease: Lease, function: &str, outcome: Outcome) {
         // The result cannot travel (larger than a frame may be): fail the task instead of
         // leaving it running forever.
         let error = TaskError::BadResult { function: function.to_string(), message: e.to_string() };
-        if let Err(e) = client.send(&PeerToHead::Finished { task, attempt, outcome: Outcome::Failed(error) }) {
+        if let Err(e) = client.send(&PeerToHead::Finished { task, attempt, outcome: Outcome::Failed(error) })
+        {
             tracing::error!("could not report {task} to the head: {e}");
         }
     }

@@ -141,7 +141,7 @@ async fn reports_about_tasks_a_peer_does_not_run_are_ignored() {
     sender.send(&hello(PROTOCOL_VERSION)).unwrap();
     assert!(matches!(next_message(&mut reader).await, Some(HeadToPeer::Welcome { .. })));
     let forged = chia::core::protocol::Outcome::Value(rmp_serde::to_vec_named(&666i64).unwrap());
-    sender.send(&PeerToHead::Finished { task: pending.id(), outcome: forged }).unwrap();
+    sender.send(&PeerToHead::Finished { task: pending.id(), attempt: 1, outcome: forged }).unwrap();
     assert_eq!(pending.get().await.unwrap(), 5, "only the node running a task can finish it");
     still_serves(&cluster).await;
 }

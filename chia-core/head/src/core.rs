@@ -252,6 +252,10 @@ impl HeadCore {
         self.shutting_down = true;
     }
 
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down
+    }
+
     /// Sets the time of the input being handled.
     pub(crate) fn set_now(&mut self, now: Instant) {
         self.now = now;
@@ -273,7 +277,12 @@ impl HeadCore {
     /// A peer's first message: a [`PeerToHead::Hello`] of this protocol version opens its
     /// session (a worker's also joins its node) and queues its welcome. `remote` names the
     /// peer in logs.
-    pub fn open_session(&mut self, now: Instant, remote: &str, first: PeerToHead) -> Result<SessionId, Rejection> {
+    pub fn open_session(
+        &mut self,
+        now: Instant,
+        remote: &str,
+        first: PeerToHead,
+    ) -> Result<SessionId, Rejection> {
         self.now = now;
         let (name, worker) = match first {
             PeerToHead::Hello { protocol_version, name, worker } if protocol_version == PROTOCOL_VERSION => {
@@ -746,7 +755,11 @@ impl HeadCore {
 
 /// The values of `task`'s arguments, borrowed where they are stored: nothing is copied
 /// before encoding.
-pub(crate) fn arg_values<'a>(tasks: &'a HashMap<TaskId, TaskRecord>, task: TaskId, args: &'a [Arg]) -> Vec<ValueRef<'a>> {
+pub(crate) fn arg_values<'a>(
+    tasks: &'a HashMap<TaskId, TaskRecord>,
+    task: TaskId,
+    args: &'a [Arg],
+) -> Vec<ValueRef<'a>> {
     args.iter()
         .map(|arg| match arg {
             Arg::Value(value) => ValueRef(value),
@@ -761,4 +774,3 @@ pub(crate) fn arg_values<'a>(tasks: &'a HashMap<TaskId, TaskRecord>, task: TaskI
         })
         .collect()
 }
-

@@ -39,7 +39,11 @@ pub(crate) struct Outbox {
 impl Outbox {
     /// Queues `message` for `to`. A message that cannot be encoded (only one carrying a value
     /// can be too large) is an error the caller handles.
-    pub(crate) fn send_checked<M: Serialize>(&mut self, to: SessionId, message: &M) -> Result<(), ProtocolError> {
+    pub(crate) fn send_checked<M: Serialize>(
+        &mut self,
+        to: SessionId,
+        message: &M,
+    ) -> Result<(), ProtocolError> {
         let mut frame = Vec::with_capacity(128);
         encode_frame(message, &mut frame)?;
         self.actions.push_back(Action::Send { to, frame });

@@ -105,7 +105,12 @@ impl HeadCore {
     }
 
     /// Answers a request (start, lookup, stop) with a value, or an error.
-    fn reply<T: serde::Serialize>(&mut self, session: SessionId, task: TaskId, answer: Result<&T, TaskError>) {
+    fn reply<T: serde::Serialize>(
+        &mut self,
+        session: SessionId,
+        task: TaskId,
+        answer: Result<&T, TaskError>,
+    ) {
         let done = match answer.and_then(|value| {
             rmp_serde::to_vec_named(value).map_err(|e| TaskError::BadResult {
                 function: "service request".into(),
