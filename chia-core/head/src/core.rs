@@ -774,3 +774,6 @@ pub(crate) fn arg_values<'a>(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests;

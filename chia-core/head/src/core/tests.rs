@@ -1,0 +1,406 @@
+//! The head core driven directly, Pair-style: a test environment opens sessions, feeds
+//! messages with a manual clock and records every frame the core decides to send.
+
+use super::*;
+use chia_core::protocol::{Arg, ServiceInfo, ServiceStart, WorkerOffer};
+use chia_core::{FunctionKey, Resources, ServiceId};
+
+const SIG: &str = "0123456789abcdef";
+
+struct Env {
+    core: HeadCore,
+    now: Instant,
+    /// Frames sent so far and not yet looked at, decoded, in order.
+    sent: Vec<(SessionId, HeadToPeer)>,
+    closed: Vec<SessionId>,
+    saved: Vec<Vec<PersistedService>>,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env::with(CoreOptions::default())
+    }
+
+    fn with(options: CoreOptions) -> Env {
+        let now = Instant::now();
+        Env {
+            core: HeadCore::new(now, options),
+            now,
+            sent: Vec::new(),
+            closed: Vec::new(),
+            saved: Vec::new(),
+        }
+    }
+
+    fn collect(&mut self) {
+        while let Some(action) = self.core.poll_action() {
+            match action {
+                Action::Send { to, frame } => {
+                    let message =
+                        chia_core::protocol::decode_body(&frame[4..]).expect("the core encodes frames");
+                    self.sent.push((to, message));
+                }
+                Action::Close { session, .. } => self.closed.push(session),
+                Action::SaveServices(services) => self.saved.push(services),
+            }
+        }
+    }
+
+    fn open(&mut self, name: &str, worker: Option<WorkerOffer>) -> SessionId {
+        let hello = PeerToHead::Hello { protocol_version: PROTOCOL_VERSION, name: name.into(), worker };
+        let session = self.core.open_session(self.now, "test", hello).expect("a hello of this version");
+        self.collect();
+        let welcome = self.to(session);
+        assert!(
+            matches!(welcome[..], [HeadToPeer::Welcome { session: s, .. }] if s == session),
+            "{welcome:?}"
+        );
+        session
+    }
+
+    fn driver(&mut self) -> SessionId {
+        self.open("driver", None)
+    }
+
+    fn worker(&mut self, name: &str, resources: &str, functions: &[&str]) -> SessionId {
+        let offer = WorkerOffer {
+            resources: Resources::parse(resources).expect("valid resources"),
+            functions: functions.iter().map(|f| FunctionKey::new(*f, SIG)).collect(),
+            services: vec![FunctionKey::new("Counter", SIG)],
+            head_node: false,
+        };
+        self.open(name, Some(offer))
+    }
+
+    fn send(&mut self, from: SessionId, message: PeerToHead) {
+        self.core.handle(self.now, from, message);
+        self.collect();
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+    }
+
+    fn timeout(&mut self) {
+        self.core.handle_timeout(self.now);
+        self.collect();
+    }
+
+    /// The messages sent to `session` since the last look.
+    fn to(&mut self, session: SessionId) -> Vec<HeadToPeer> {
+        let (mine, rest) = std::mem::take(&mut self.sent).into_iter().partition(|(to, _)| *to == session);
+        self.sent = rest;
+        mine.into_iter().map(|(_, message)| message).collect()
+    }
+
+    fn submit(&mut self, driver: SessionId, seq: u64, function: &str, args: Vec<Arg>) -> TaskId {
+        let task = TaskId::new(driver, seq);
+        self.send(driver, PeerToHead::Submit(spec(task, function, args)));
+        task
+    }
+}
+
+fn spec(task: TaskId, function: &str, args: Vec<Arg>) -> TaskSpec {
+    TaskSpec {
+        task,
+        function: FunctionKey::new(function, SIG),
+        args,
+        request: Resources::parse("CPU=1").expect("valid"),
+        tag: None,
+        max_retries: 3,
+        bypass: None,
+        retry_exceptions: false,
+        job: None,
+    }
+}
+
+fn value(n: u8) -> Vec<u8> {
+    vec![n; 3]
+}
+
+/// The `(task, attempt)` of every `Execute` among `messages`.
+fn executes(messages: &[HeadToPeer]) -> Vec<(TaskId, u32)> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            HeadToPeer::Execute { task, attempt, .. } => Some((*task, *attempt)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn dones(messages: &[HeadToPeer]) -> Vec<(TaskId, Done)> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            HeadToPeer::Done { task, done } => Some((*task, done.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_task_runs_on_a_worker_and_its_owner_gets_the_value() {
+    let mut env = Env::new();
+    let worker = env.worker("w", "CPU=1", &["f"]);
+    let driver = env.driver();
+    let task = env.submit(driver, 1, "f", vec![Arg::Value(value(1))]);
+    let sent = env.to(worker);
+    assert_eq!(executes(&sent), [(task, 1)]);
+    let HeadToPeer::Execute { args, .. } = &sent[0] else { unreachable!() };
+    assert_eq!(args[0].0, value(1));
+    env.send(worker, PeerToHead::Finished { task, attempt: 1, outcome: Outcome::Value(value(2)) });
+    assert_eq!(dones(&env.to(driver)), [(task, Done::Value(value(2)))]);
+    assert_eq!(env.core.stats().tasks, 1, "the owner still holds it");
+    env.send(driver, PeerToHead::Release { tasks: vec![task] });
+    assert_eq!(env.core.stats(), HeadStats { sessions: 2, nodes: 1, tasks: 0, result_bytes: 0 });
+}
+
+#[test]
+fn a_chained_argument_is_substituted_and_a_large_result_waits_for_a_fetch() {
+    let mut env = Env::new();
+    let worker = env.worker("w", "CPU=1", &["f"]);
+    let driver = env.driver();
+    let first = env.submit(driver, 1, "f", vec![]);
+    let second = env.submit(driver, 2, "f", vec![Arg::Ref(first)]);
+    env.to(worker);
+    let large = vec![7u8; INLINE_RESULT_BYTES + 1];
+    env.send(
+        worker,
+        PeerToHead::Finished { task: first, attempt: 1, outcome: Outcome::Value(large.clone()) },
+    );
+    assert_eq!(dones(&env.to(driver)), [(first, Done::Stored { len: large.len() as u64 })]);
+    let sent = env.to(worker);
+    let [HeadToPeer::Execute { task, args, .. }] = &sent[..] else { panic!("{sent:?}") };
+    assert_eq!((*task, &args[0].0), (second, &large));
+    env.send(driver, PeerToHead::Fetch { task: first });
+    let fetched = env.to(driver);
+    assert!(
+        matches!(&fetched[..], [HeadToPeer::Fetched { outcome: Some(Outcome::Value(v)), .. }] if *v == large)
+    );
+}
+
+#[test]
+fn a_report_of_an_earlier_attempt_is_ignored() {
+    let mut env = Env::new();
+    let worker = env.worker("w", "CPU=1", &["f"]);
+    let driver = env.driver();
+    let task = TaskId::new(driver, 1);
+    env.send(driver, PeerToHead::Submit(TaskSpec { retry_exceptions: true, ..spec(task, "f", vec![]) }));
+    assert_eq!(executes(&env.to(worker)), [(task, 1)]);
+    let failure = TaskError::Application { function: "f".into(), message: "flaky".into() };
+    env.send(worker, PeerToHead::Finished { task, attempt: 1, outcome: Outcome::Failed(failure) });
+    assert_eq!(executes(&env.to(worker)), [(task, 2)], "retried on the only node");
+    // A duplicate of the first attempt's report arrives late: it must not end the second.
+    env.send(worker, PeerToHead::Finished { task, attempt: 1, outcome: Outcome::Value(value(1)) });
+    assert!(dones(&env.to(driver)).is_empty());
+    env.send(worker, PeerToHead::Finished { task, attempt: 2, outcome: Outcome::Value(value(2)) });
+    assert_eq!(dones(&env.to(driver)), [(task, Done::Value(value(2)))]);
+}
+
+#[test]
+fn a_silent_worker_is_written_off_at_the_deadline_and_its_task_runs_elsewhere() {
+    let timeout = Duration::from_secs(10);
+    let mut env = Env::with(CoreOptions { heartbeat_timeout: timeout, ..CoreOptions::default() });
+    let first = env.worker("a", "CPU=1", &["f"]);
+    let driver = env.driver();
+    let task = env.submit(driver, 1, "f", vec![]);
+    assert_eq!(executes(&env.to(first)), [(task, 1)]);
+    let second = env.worker("b", "CPU=1", &["f"]);
+    assert_eq!(env.core.poll_timeout(), Some(env.now + timeout), "the first worker's deadline");
+    env.advance(Duration::from_secs(6));
+    env.send(second, PeerToHead::Heartbeat);
+    env.advance(Duration::from_secs(4));
+    env.timeout();
+    assert_eq!(env.closed, [first]);
+    assert_eq!(executes(&env.to(second)), [(task, 2)]);
+    assert_eq!(env.core.poll_timeout(), Some(env.now + Duration::from_secs(6)), "now the second's");
+    // What the written-off worker says afterwards does not count.
+    env.send(first, PeerToHead::Finished { task, attempt: 1, outcome: Outcome::Value(value(1)) });
+    assert!(dones(&env.to(driver)).is_empty());
+}
+
+#[test]
+fn bytes_still_arriving_keep_a_worker_alive_and_the_head_node_never_expires() {
+    let timeout = Duration::from_secs(10);
+    let mut env = Env::with(CoreOptions { heartbeat_timeout: timeout, ..CoreOptions::default() });
+    let offer = WorkerOffer {
+        resources: Resources::parse("CPU=1").expect("valid"),
+        functions: vec![],
+        services: vec![],
+        head_node: true,
+    };
+    let head = env.open("anything", Some(offer));
+    assert_eq!(env.core.session_name(head), Some(HEAD_NODE_NAME));
+    let worker = env.worker("w", "CPU=1", &["f"]);
+    env.advance(timeout);
+    env.core.heard(env.now, worker);
+    env.timeout();
+    env.advance(timeout);
+    env.core.heard(env.now, worker);
+    env.timeout();
+    assert!(env.closed.is_empty());
+    assert_eq!(env.core.stats().nodes, 2);
+}
+
+#[test]
+fn a_departed_drivers_running_task_is_cancelled_and_its_queued_ones_dropped() {
+    let mut env = Env::new();
+    let worker = env.worker("w", "CPU=1", &["f"]);
+    let driver = env.driver();
+    let running = env.submit(driver, 1, "f", vec![]);
+    let queued = env.submit(driver, 2, "f", vec![]);
+    assert_eq!(executes(&env.to(worker)), [(running, 1)]);
+    env.core.close_session(env.now, driver, "gone");
+    env.collect();
+    assert_eq!(env.closed, [driver]);
+    let sent = env.to(worker);
+    assert!(matches!(sent[..], [HeadToPeer::Cancel { task, force: false }] if task == running), "{sent:?}");
+    let cancelled = TaskError::Cancelled { function: "f".into() };
+    env.send(worker, PeerToHead::Finished { task: running, attempt: 1, outcome: Outcome::Failed(cancelled) });
+    assert!(executes(&env.to(worker)).is_empty(), "{queued} was dropped, not started");
+    assert_eq!(env.core.stats().tasks, 0);
+    assert_eq!(env.core.scheduler().node_free(NodeId(1)), Resources::parse("CPU=1,node:w=1").ok());
+}
+
+#[test]
+fn peers_cannot_act_for_others() {
+    let mut env = Env::new();
+    let worker = env.worker("w", "CPU=1", &["f"]);
+    let driver = env.driver();
+    let other = env.driver();
+    // A task id of another session, a report of a task the worker does not run, a release of
+    // someone else's result: all ignored.
+    env.send(other, PeerToHead::Submit(spec(TaskId::new(driver, 9), "f", vec![])));
+    assert!(env.to(worker).is_empty());
+    let task = env.submit(driver, 1, "f", vec![]);
+    env.to(worker);
+    env.send(other, PeerToHead::Finished { task, attempt: 1, outcome: Outcome::Value(value(1)) });
+    env.send(worker, PeerToHead::Finished { task, attempt: 1, outcome: Outcome::Value(value(2)) });
+    env.send(other, PeerToHead::Release { tasks: vec![task] });
+    assert_eq!(dones(&env.to(driver)), [(task, Done::Value(value(2)))]);
+    assert_eq!(env.core.stats().tasks, 1);
+}
+
+#[test]
+fn a_hello_of_another_version_or_no_hello_is_rejected() {
+    let mut env = Env::new();
+    let old = PeerToHead::Hello { protocol_version: PROTOCOL_VERSION - 1, name: "old".into(), worker: None };
+    let rejection = env.core.open_session(env.now, "test", old).unwrap_err();
+    assert!(
+        rejection.reason.contains(&format!("this head speaks version {PROTOCOL_VERSION}")),
+        "{rejection}"
+    );
+    assert!(env.core.open_session(env.now, "test", PeerToHead::Heartbeat).is_err());
+    env.collect();
+    assert!(env.sent.is_empty());
+    assert_eq!(env.core.stats().sessions, 0);
+}
+
+#[test]
+fn arguments_too_large_for_a_frame_fail_the_task_instead_of_sending_it() {
+    let mut env = Env::new();
+    let worker = env.worker("w", "CPU=1", &["f"]);
+    let driver = env.driver();
+    let half = vec![0u8; chia_core::protocol::MAX_FRAME_BYTES / 2 + 1];
+    let task = env.submit(driver, 1, "f", vec![Arg::Value(half.clone()), Arg::Value(half)]);
+    assert!(executes(&env.to(worker)).is_empty());
+    let done = dones(&env.to(driver));
+    assert!(
+        matches!(&done[..], [(t, Done::Failed(TaskError::InvalidCall { .. }))] if *t == task),
+        "{done:?}"
+    );
+    assert_eq!(env.core.scheduler().node_free(NodeId(1)), Resources::parse("CPU=1,node:w=1").ok());
+}
+
+fn counter_start(task: TaskId, detached: bool) -> ServiceStart {
+    ServiceStart {
+        task,
+        service_type: FunctionKey::new("Counter", SIG),
+        name: "counter".into(),
+        namespace: "default".into(),
+        detached,
+        get_if_exists: false,
+        request: Resources::parse("CPU=0.1").expect("valid"),
+        args: vec![Arg::Value(value(0))],
+        max_restarts: 0,
+    }
+}
+
+fn service_info(done: &Done) -> ServiceInfo {
+    let Done::Value(bytes) = done else { panic!("{done:?}") };
+    rmp_serde::from_slice(bytes).expect("a ServiceInfo")
+}
+
+#[test]
+fn a_detached_service_is_kept_once_ready_and_its_calls_go_to_its_host() {
+    let mut env = Env::with(CoreOptions { keep_services: true, ..CoreOptions::default() });
+    let worker = env.worker("w", "CPU=1", &[]);
+    let driver = env.driver();
+    let start = TaskId::new(driver, 1);
+    env.send(driver, PeerToHead::StartService(counter_start(start, true)));
+    let sent = env.to(worker);
+    let [HeadToPeer::StartInstance { task, service, type_name, .. }] = &sent[..] else { panic!("{sent:?}") };
+    assert_eq!((*task, type_name.as_str()), (start, "Counter"));
+    let service: ServiceId = *service;
+    assert!(env.saved.is_empty(), "kept only once it runs");
+    env.send(worker, PeerToHead::Finished { task: start, attempt: 0, outcome: Outcome::Value(Vec::new()) });
+    let info = service_info(&dones(&env.to(driver))[0].1);
+    assert_eq!((info.id, info.node.as_str()), (service, "w"));
+    assert_eq!(env.saved.len(), 1);
+    assert_eq!(env.saved[0][0].name, "counter");
+    // A second start of the same name is refused; a lookup finds the first.
+    let again = TaskId::new(driver, 2);
+    env.send(driver, PeerToHead::StartService(counter_start(again, true)));
+    assert!(matches!(dones(&env.to(driver))[..], [(_, Done::Failed(TaskError::InvalidCall { .. }))]));
+    let call = TaskId::new(driver, 3);
+    let method = "add".to_string();
+    let args = vec![Arg::Value(value(5))];
+    env.send(driver, PeerToHead::CallService { task: call, service, name: "counter".into(), method, args });
+    let sent = env.to(worker);
+    assert!(
+        matches!(&sent[..], [HeadToPeer::CallInstance { task, method, .. }] if *task == call && method == "add")
+    );
+    env.send(worker, PeerToHead::Finished { task: call, attempt: 0, outcome: Outcome::Value(value(5)) });
+    assert_eq!(dones(&env.to(driver)), [(call, Done::Value(value(5)))]);
+    // Stopping: the host is asked, and the service ends (and is forgotten) when it confirms.
+    let stop = TaskId::new(driver, 4);
+    env.send(driver, PeerToHead::StopService { task: stop, service });
+    assert!(matches!(env.to(worker)[..], [HeadToPeer::StopInstance { .. }]));
+    env.send(worker, PeerToHead::InstanceStopped { service });
+    assert_eq!(dones(&env.to(driver)).len(), 1);
+    assert_eq!(env.saved.last().map(Vec::len), Some(0));
+    assert_eq!(env.core.scheduler().node_free(NodeId(1)), Resources::parse("CPU=1,node:w=1").ok());
+}
+
+#[test]
+fn a_call_to_a_service_on_a_lost_node_fails_and_the_name_is_free_again() {
+    let mut env = Env::new();
+    let worker = env.worker("w", "CPU=1", &[]);
+    let driver = env.driver();
+    let start = TaskId::new(driver, 1);
+    env.send(driver, PeerToHead::StartService(counter_start(start, false)));
+    let sent = env.to(worker);
+    let [HeadToPeer::StartInstance { service, .. }] = &sent[..] else { panic!("{sent:?}") };
+    let service = *service;
+    env.send(worker, PeerToHead::Finished { task: start, attempt: 0, outcome: Outcome::Value(Vec::new()) });
+    env.to(driver);
+    let call = TaskId::new(driver, 2);
+    let method = "add".to_string();
+    env.send(
+        driver,
+        PeerToHead::CallService { task: call, service, name: "counter".into(), method, args: vec![] },
+    );
+    env.core.close_session(env.now, worker, "gone");
+    env.collect();
+    let done = dones(&env.to(driver));
+    assert!(matches!(&done[..], [(t, Done::Failed(TaskError::WorkerLost { .. }))] if *t == call), "{done:?}");
+    let lookup = TaskId::new(driver, 3);
+    env.send(
+        driver,
+        PeerToHead::LookupService { task: lookup, name: "counter".into(), namespace: "default".into() },
+    );
+    let done = dones(&env.to(driver));
+    let Done::Value(found) = &done[0].1 else { panic!("{done:?}") };
+    assert_eq!(rmp_serde::from_slice::<Option<ServiceInfo>>(found).expect("an answer"), None);
+}
