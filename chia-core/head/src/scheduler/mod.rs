@@ -24,13 +24,15 @@
 //! is stale and ignored. A cancelled task that runs is asked to stop and ends
 //! [`TaskError::Cancelled`] whatever happens next; one that has not started ends at once.
 
+mod index;
 mod pool;
 #[cfg(test)]
 mod tests;
 
 use chia_core::resources::NODE_PREFIX;
 use chia_core::{FunctionKey, NodeId, ResourceAmount, Resources, SessionId, TaskError, TaskId};
-use pool::{Names, Need, Pool, Slab, TaskIndex};
+use index::{FunctionSlot, IndexVec, NodeSlot, ShapeSlot, Slab, TaskSlot};
+use pool::{Names, Need, Pool, TaskIndex};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -118,18 +120,18 @@ pub enum TaskStatus {
 /// The head's scheduler; see the module documentation.
 pub struct Scheduler {
     names: Names,
-    nodes: Slab<Node>,
-    node_index: HashMap<NodeId, usize>,
-    functions: Vec<Function>,
-    function_index: HashMap<FunctionKey, usize>,
-    functions_by_name: HashMap<String, Vec<usize>>,
-    shapes: Slab<Shape>,
-    shape_index: HashMap<ShapeKey, usize>,
+    nodes: Slab<NodeSlot, Node>,
+    node_index: HashMap<NodeId, NodeSlot>,
+    functions: IndexVec<FunctionSlot, Function>,
+    function_index: HashMap<FunctionKey, FunctionSlot>,
+    functions_by_name: HashMap<String, Vec<FunctionSlot>>,
+    shapes: Slab<ShapeSlot, Shape>,
+    shape_index: HashMap<ShapeKey, ShapeSlot>,
     /// The shape of the latest submission: a burst of identical submissions skips interning.
-    last_shape: Option<usize>,
+    last_shape: Option<ShapeSlot>,
     /// Tasks live in a slab and refer to each other by slot, so only an event's own task id
     /// is ever looked up.
-    tasks: Slab<Task>,
+    tasks: Slab<TaskSlot, Task>,
     task_index: TaskIndex,
     /// Submission counter: orders tasks across shapes, and tells a task from a later one that
     /// reuses its slot or id.
@@ -138,18 +140,15 @@ pub struct Scheduler {
     queued: usize,
     commands: Vec<Command>,
     /// Slots of tasks whose dependencies all finished during the current event, placed at its end.
-    ready: Vec<usize>,
+    ready: Vec<TaskSlot>,
     /// Reused by [`Scheduler::fill_node`] and [`Scheduler::place`] so a pass does not allocate.
-    heap: BinaryHeap<Reverse<(u64, usize)>>,
+    heap: BinaryHeap<Reverse<(u64, ShapeSlot)>>,
     last_event: Option<Instant>,
     /// Ends of the list of nodes by the time they were last heard (see [`Node::older`]):
-    /// [`NO_NODE`] when no node is connected.
-    oldest_heard: usize,
-    newest_heard: usize,
+    /// `None` when no node is connected.
+    oldest_heard: Option<NodeSlot>,
+    newest_heard: Option<NodeSlot>,
 }
-
-/// No node: ends the list of nodes by last-heard time.
-const NO_NODE: usize = usize::MAX;
 
 /// [`Task::max_attempts`] of a task that may run again without limit.
 const UNLIMITED: u32 = u32::MAX;
@@ -161,28 +160,29 @@ struct Node {
     capacity: Resources,
     pool: Pool,
     /// Interned functions it announced, sorted.
-    functions: Vec<usize>,
+    functions: Vec<FunctionSlot>,
     /// Shapes this node could hold when idle (it has the function and the capacity).
-    shapes: Vec<usize>,
+    shapes: Vec<ShapeSlot>,
     /// Slots of the tasks leased here; each knows its position, so removal is O(1).
-    running: Vec<usize>,
+    running: Vec<TaskSlot>,
     /// When the head last heard from it (or when it joined).
     heard: Instant,
     /// Neighbours in the list of nodes ordered by `heard`, oldest first: hearing from a node
-    /// moves it to the end, so finding the silent ones only looks at the front.
-    older: usize,
-    newer: usize,
+    /// moves it to the end, so finding the silent ones only looks at the front. `None` at the
+    /// ends: an `Option<NodeSlot>` costs a word more per node, off the hot path.
+    older: Option<NodeSlot>,
+    newer: Option<NodeSlot>,
 }
 
 struct Function {
     key: FunctionKey,
     /// Live nodes that announced it.
-    nodes: Vec<usize>,
+    nodes: Vec<NodeSlot>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct ShapeKey {
-    function: usize,
+    function: FunctionSlot,
     need: Need,
 }
 
@@ -194,11 +194,11 @@ struct Shape {
     /// The CPU part of `key.need`, given back when a task blocks.
     cpu: u64,
     /// `(seq, slot)` of ready tasks, oldest first. Entries of dropped tasks are skipped lazily.
-    queue: VecDeque<(u64, usize)>,
+    queue: VecDeque<(u64, TaskSlot)>,
     /// Live entries in `queue`.
     queued: usize,
     /// Live nodes that could hold it when idle; empty means infeasible.
-    capable: Vec<usize>,
+    capable: Vec<NodeSlot>,
     /// Round-robin position in `capable`, so a fan-out spreads over nodes.
     cursor: usize,
     /// Unfinished tasks of this shape; at zero the shape is removed, so one-off requests do
@@ -252,16 +252,16 @@ enum Cancel {
 
 enum State {
     Waiting {
-        shape: usize,
+        shape: ShapeSlot,
         missing: usize,
     },
     Queued {
-        shape: usize,
+        shape: ShapeSlot,
     },
     /// `pos` is the task's index in its node's `running`.
     Running {
-        shape: usize,
-        node: usize,
+        shape: ShapeSlot,
+        node: NodeSlot,
         pos: u32,
         cpu_released: bool,
         cancel: Cancel,
@@ -272,7 +272,7 @@ enum State {
 
 impl State {
     /// The shape of an unfinished task; `None` once it ended.
-    fn shape(&self) -> Option<usize> {
+    fn shape(&self) -> Option<ShapeSlot> {
         match *self {
             State::Waiting { shape, .. } | State::Queued { shape } | State::Running { shape, .. } => {
                 Some(shape)
@@ -289,14 +289,14 @@ impl State {
     clippy::box_collection,
     reason = "8 bytes per task instead of 24; an allocation only for tasks with dependents"
 )]
-struct Dependents(Option<Box<Vec<(usize, u64)>>>);
+struct Dependents(Option<Box<Vec<(TaskSlot, u64)>>>);
 
 impl Dependents {
-    fn push(&mut self, dependent: (usize, u64)) {
+    fn push(&mut self, dependent: (TaskSlot, u64)) {
         self.0.get_or_insert_default().push(dependent);
     }
 
-    fn take(&mut self) -> Vec<(usize, u64)> {
+    fn take(&mut self) -> Vec<(TaskSlot, u64)> {
         self.0.take().map_or_else(Vec::new, |dependents| *dependents)
     }
 }
@@ -313,7 +313,7 @@ impl Scheduler {
             names: Names::new(),
             nodes: Slab::default(),
             node_index: HashMap::new(),
-            functions: Vec::new(),
+            functions: IndexVec::default(),
             function_index: HashMap::new(),
             functions_by_name: HashMap::new(),
             shapes: Slab::default(),
@@ -327,8 +327,8 @@ impl Scheduler {
             ready: Vec::new(),
             heap: BinaryHeap::new(),
             last_event: None,
-            oldest_heard: NO_NODE,
-            newest_heard: NO_NODE,
+            oldest_heard: None,
+            newest_heard: None,
         }
     }
 
@@ -359,14 +359,14 @@ impl Scheduler {
     /// one more.
     pub fn expire_silent(&mut self, now: Instant, timeout: Duration) {
         let mut silent = Vec::new();
-        let mut n = self.oldest_heard;
-        while let Some(node) = self.nodes.get(n) {
+        let mut next = self.oldest_heard;
+        while let Some(node) = next.and_then(|n| self.nodes.get(n)) {
             if node.heard.checked_add(timeout).is_none_or(|deadline| deadline > now) {
                 break;
             }
             silent.push(node.id);
             self.commands.push(Command::NodeExpired { node: node.id });
-            n = node.newer;
+            next = node.newer;
         }
         if !silent.is_empty() {
             self.nodes_lost(&silent);
@@ -376,7 +376,7 @@ impl Scheduler {
     /// When [`Scheduler::expire_silent`] with `timeout` will next find a silent node, if
     /// nothing is heard before; `None` with no node connected.
     pub fn next_expiry(&self, timeout: Duration) -> Option<Instant> {
-        self.nodes.get(self.oldest_heard)?.heard.checked_add(timeout)
+        self.nodes.get(self.oldest_heard?)?.heard.checked_add(timeout)
     }
 
     /// Takes the queued commands, in the order they were produced.
@@ -440,12 +440,12 @@ impl Scheduler {
         self.nodes.get(*self.node_index.get(&node)?)
     }
 
-    /// The slot of the unfinished task `(slot, seq)` refers to, if it still exists.
-    fn unfinished(&self, slot: usize, seq: u64) -> Option<&Task> {
+    /// The unfinished task `(slot, seq)` refers to, if it still exists.
+    fn unfinished(&self, slot: TaskSlot, seq: u64) -> Option<&Task> {
         self.tasks.get(slot).filter(|t| t.seq == seq && t.state.shape().is_some())
     }
 
-    fn remove_task(&mut self, slot: usize) -> Option<Task> {
+    fn remove_task(&mut self, slot: TaskSlot) -> Option<Task> {
         let task = self.tasks.remove(slot)?;
         self.task_index.remove(&task.id);
         Some(task)
@@ -470,7 +470,7 @@ impl Scheduler {
             let _ = resources.set(&affinity, ResourceAmount::whole(1));
         }
         let pool = Pool::new(&self.names.need(&resources));
-        let mut fns: Vec<usize> = functions.into_iter().map(|key| self.intern_function(key)).collect();
+        let mut fns: Vec<FunctionSlot> = functions.into_iter().map(|key| self.intern_function(key)).collect();
         fns.sort_unstable();
         fns.dedup();
         let node = Node {
@@ -482,8 +482,8 @@ impl Scheduler {
             shapes: Vec::new(),
             running: Vec::new(),
             heard: now, // Set again by `link_heard`.
-            older: NO_NODE,
-            newer: NO_NODE,
+            older: None,
+            newer: None,
         };
         let n = self.nodes.insert(node);
         self.node_index.insert(id, n);
@@ -506,7 +506,7 @@ impl Scheduler {
     /// Nodes that went away at once, with their resources. All are gone before any of their
     /// tasks is placed again, so none lands on a node lost in the same breath.
     fn nodes_lost(&mut self, ids: &[NodeId]) {
-        let mut running: Vec<(u64, usize, usize)> = Vec::new();
+        let mut running: Vec<(u64, TaskSlot, usize)> = Vec::new();
         let mut shapes = Vec::new();
         let mut names = Vec::new();
         for id in ids {
@@ -548,7 +548,7 @@ impl Scheduler {
 
     /// The node running task `slot` went away, and its resources with it. Returns true when the
     /// task is to run again; otherwise it ended (cancelled, or out of attempts).
-    fn worker_lost(&mut self, slot: usize, node_name: &str) -> bool {
+    fn worker_lost(&mut self, slot: TaskSlot, node_name: &str) -> bool {
         let Some(task) = self.tasks.get(slot) else { return false };
         let State::Running { shape, cancel, .. } = task.state else { return false };
         let function = self.function_name(shape);
@@ -565,7 +565,7 @@ impl Scheduler {
 
     fn node_heard(&mut self, id: NodeId, now: Instant) {
         let Some(&n) = self.node_index.get(&id) else { return };
-        if n != self.newest_heard {
+        if Some(n) != self.newest_heard {
             self.unlink_heard(n);
             self.link_heard(n, now);
         } else if let Some(node) = self.nodes.get_mut(n) {
@@ -575,29 +575,29 @@ impl Scheduler {
 
     /// Appends node `n`, heard at `now`, to the list by last-heard time. An event dated before
     /// the newest node was heard counts as at that time, so the list stays in order.
-    fn link_heard(&mut self, n: usize, now: Instant) {
+    fn link_heard(&mut self, n: NodeSlot, now: Instant) {
         let newest = self.newest_heard;
-        let heard = self.nodes.get(newest).map_or(now, |node| node.heard.max(now));
+        let heard = newest.and_then(|p| self.nodes.get(p)).map_or(now, |node| node.heard.max(now));
         let Some(node) = self.nodes.get_mut(n) else { return };
         node.heard = heard;
         node.older = newest;
-        node.newer = NO_NODE;
-        match self.nodes.get_mut(newest) {
-            Some(previous) => previous.newer = n,
-            None => self.oldest_heard = n,
+        node.newer = None;
+        match newest.and_then(|p| self.nodes.get_mut(p)) {
+            Some(previous) => previous.newer = Some(n),
+            None => self.oldest_heard = Some(n),
         }
-        self.newest_heard = n;
+        self.newest_heard = Some(n);
     }
 
     /// Takes node `n` out of the list by last-heard time.
-    fn unlink_heard(&mut self, n: usize) {
+    fn unlink_heard(&mut self, n: NodeSlot) {
         let Some(node) = self.nodes.get(n) else { return };
         let (older, newer) = (node.older, node.newer);
-        match self.nodes.get_mut(older) {
+        match older.and_then(|o| self.nodes.get_mut(o)) {
             Some(node) => node.newer = newer,
             None => self.oldest_heard = newer,
         }
-        match self.nodes.get_mut(newer) {
+        match newer.and_then(|o| self.nodes.get_mut(o)) {
             Some(node) => node.older = older,
             None => self.newest_heard = older,
         }
@@ -605,18 +605,18 @@ impl Scheduler {
 
     // ---- functions and shapes ----
 
-    fn intern_function(&mut self, key: FunctionKey) -> usize {
+    fn intern_function(&mut self, key: FunctionKey) -> FunctionSlot {
         if let Some(&f) = self.function_index.get(&key) {
             return f;
         }
-        let f = self.functions.len();
-        self.functions_by_name.entry(key.name.clone()).or_default().push(f);
-        self.function_index.insert(key.clone(), f);
-        self.functions.push(Function { key, nodes: Vec::new() });
+        let name = key.name.clone();
+        let f = self.functions.push(Function { key: key.clone(), nodes: Vec::new() });
+        self.functions_by_name.entry(name).or_default().push(f);
+        self.function_index.insert(key, f);
         f
     }
 
-    fn function_name(&self, shape: usize) -> String {
+    fn function_name(&self, shape: ShapeSlot) -> String {
         self.shapes
             .get(shape)
             .and_then(|s| self.functions.get(s.key.function))
@@ -627,7 +627,7 @@ impl Scheduler {
     /// Whether connected nodes can run `key` at all. With no node connected, anything may still
     /// come, so the task waits.
     fn check_function(&self, key: &FunctionKey) -> Result<(), TaskError> {
-        let announced = |f: &usize| !self.functions[*f].nodes.is_empty();
+        let announced = |f: &FunctionSlot| !self.functions[*f].nodes.is_empty();
         if self.function_index.get(key).is_some_and(announced) || !self.any_node_runs_tasks() {
             return Ok(());
         }
@@ -662,7 +662,7 @@ impl Scheduler {
 
     /// The latest submission's shape, when this one has the same function and request and that
     /// function is still runnable (so the function check would pass too).
-    fn same_shape_as_last(&self, function: &FunctionKey, request: &Resources) -> Option<usize> {
+    fn same_shape_as_last(&self, function: &FunctionKey, request: &Resources) -> Option<ShapeSlot> {
         let s = self.last_shape?;
         let shape = self.shapes.get(s)?;
         let f = self.functions.get(shape.key.function)?;
@@ -671,14 +671,14 @@ impl Scheduler {
     }
 
     /// The shape of `(function, request)`, created on first use.
-    fn shape_for(&mut self, function: FunctionKey, request: Resources) -> usize {
+    fn shape_for(&mut self, function: FunctionKey, request: Resources) -> ShapeSlot {
         let function = self.intern_function(function);
         let key = ShapeKey { function, need: self.names.need(&request) };
         if let Some(&s) = self.shape_index.get(&key) {
             return s;
         }
         let cpu = key.need.iter().find(|&&(res, _)| res == Names::CPU).map_or(0, |&(_, amount)| amount);
-        let capable: Vec<usize> = self.functions[function]
+        let capable: Vec<NodeSlot> = self.functions[function]
             .nodes
             .iter()
             .copied()
@@ -780,7 +780,7 @@ impl Scheduler {
         }
     }
 
-    fn insert_task(&mut self, id: TaskId, seq: u64, state: State, retry: Retry) -> usize {
+    fn insert_task(&mut self, id: TaskId, seq: u64, state: State, retry: Retry) -> TaskSlot {
         let slot = self.tasks.insert(Task {
             id,
             seq,
@@ -878,7 +878,7 @@ impl Scheduler {
     }
 
     /// Takes the task at `pos` off node `n`'s running list, keeping the moved task's `pos` right.
-    fn unlist_running(&mut self, n: usize, pos: u32) {
+    fn unlist_running(&mut self, n: NodeSlot, pos: u32) {
         let Some(node) = self.nodes.get_mut(n) else { return };
         let pos = pos as usize;
         if pos >= node.running.len() {
@@ -924,7 +924,7 @@ impl Scheduler {
 
     /// Drops the session's unstarted tasks. Scans all tasks, which is fine for a rare event.
     fn session_closed(&mut self, session: SessionId) {
-        let mut dropped: Vec<(u64, usize)> = self
+        let mut dropped: Vec<(u64, TaskSlot)> = self
             .tasks
             .iter()
             .filter(|(_, t)| {
@@ -952,7 +952,7 @@ impl Scheduler {
     /// its owner when the scheduler decided it), and carries the outcome down the dependency
     /// graph: dependents whose last dependency succeeded go to `self.ready`, and a failure fails
     /// the whole downstream chain. Iterative, so a long chain cannot overflow the stack.
-    fn settle(&mut self, slot: usize, outcome: Result<(), TaskError>, announce: bool) {
+    fn settle(&mut self, slot: TaskSlot, outcome: Result<(), TaskError>, announce: bool) {
         // The common case, a success nobody waits on, skips the propagation machinery.
         if outcome.is_ok()
             && let Some(task) = self.tasks.get_mut(slot)
@@ -1018,7 +1018,7 @@ impl Scheduler {
 
     /// Puts tasks that ran (their leases are gone), oldest first in `slots`, back in front of
     /// their shapes' queues, and places them where they fit now.
-    fn run_again(&mut self, slots: &[usize]) {
+    fn run_again(&mut self, slots: &[TaskSlot]) {
         let mut fresh = Vec::new();
         // The youngest goes to the front first, so the oldest ends up there.
         for &slot in slots.iter().rev() {
@@ -1030,7 +1030,7 @@ impl Scheduler {
     /// Queues the running task in `slot` again, in front of its shape's queue: it left that
     /// queue before anything now in it was queued, so it stays ahead of younger tasks. Returns
     /// its shape if nothing else of it was queued; then nothing checked yet where it fits.
-    fn requeue(&mut self, slot: usize) -> Option<usize> {
+    fn requeue(&mut self, slot: TaskSlot) -> Option<ShapeSlot> {
         let task = self.tasks.get_mut(slot)?;
         let State::Running { shape: s, .. } = task.state else { return None };
         task.state = State::Queued { shape: s };
@@ -1045,7 +1045,7 @@ impl Scheduler {
     /// Starts queued tasks of `shapes` wherever they fit, oldest first across them, until none
     /// fits anywhere. For shapes that just got queued tasks while no node's room grew: other
     /// shapes still fit nowhere, and these have to look at every node they could use.
-    fn place(&mut self, shapes: &[usize]) {
+    fn place(&mut self, shapes: &[ShapeSlot]) {
         let mut heap = std::mem::take(&mut self.heap);
         heap.clear();
         for &s in shapes {
@@ -1077,7 +1077,7 @@ impl Scheduler {
         self.ready = ready;
     }
 
-    fn make_ready(&mut self, slot: usize) {
+    fn make_ready(&mut self, slot: TaskSlot) {
         let Some(task) = self.tasks.get_mut(slot) else { return };
         let State::Waiting { shape: s, missing: 0 } = task.state else { return };
         task.state = State::Queued { shape: s };
@@ -1098,7 +1098,7 @@ impl Scheduler {
     }
 
     /// The next node (round-robin from the shape's cursor) with room for the shape.
-    fn pick_node(&mut self, s: usize) -> Option<usize> {
+    fn pick_node(&mut self, s: ShapeSlot) -> Option<NodeSlot> {
         let shape = self.shapes.get_mut(s)?;
         let len = shape.capable.len();
         for i in 0..len {
@@ -1114,7 +1114,7 @@ impl Scheduler {
 
     /// Offers node `n`'s free room to the shapes it can run, oldest waiting task first, until
     /// nothing queued fits there. Other nodes need no look: their room did not grow.
-    fn fill_node(&mut self, n: usize) {
+    fn fill_node(&mut self, n: NodeSlot) {
         let Some(node) = self.nodes.get(n) else { return };
         let waiting_and_fits = |shape: &Shape| shape.queued > 0 && node.pool.fits(&shape.key.need);
         let mut candidates =
@@ -1144,7 +1144,7 @@ impl Scheduler {
                 }
             }
         }
-        let fits = |sched: &Scheduler, s: usize| {
+        let fits = |sched: &Scheduler, s: ShapeSlot| {
             let (node, shape) = (sched.nodes.get(n), sched.shapes.get(s));
             node.zip(shape).is_some_and(|(node, shape)| node.pool.fits(&shape.key.need))
         };
@@ -1166,7 +1166,7 @@ impl Scheduler {
 
     /// Leases the oldest queued task of shape `s` to node `n`; the caller checked it fits.
     /// Returns false if nothing was queued.
-    fn start(&mut self, s: usize, n: usize) -> bool {
+    fn start(&mut self, s: ShapeSlot, n: NodeSlot) -> bool {
         let (Some(shape), Some(node)) = (self.shapes.get_mut(s), self.nodes.get_mut(n)) else { return false };
         let Some((_, slot)) = front(&mut shape.queue, &self.tasks) else { return false };
         let Some(task) = self.tasks.get_mut(slot) else { return false };
@@ -1183,10 +1183,10 @@ impl Scheduler {
     }
 
     /// Reports the task in slot `only`, or every queued task of shape `s`, as infeasible.
-    fn report_infeasible(&mut self, s: usize, only: Option<usize>) {
+    fn report_infeasible(&mut self, s: ShapeSlot, only: Option<TaskSlot>) {
         let Some(shape) = self.shapes.get(s) else { return };
         let reason = self.infeasible_reason(shape);
-        let slots: Vec<usize> = match only {
+        let slots: Vec<TaskSlot> = match only {
             Some(slot) => vec![slot],
             None => shape
                 .queue
@@ -1233,7 +1233,7 @@ impl Scheduler {
 }
 
 /// The oldest live entry of a shape's queue, dropping entries of tasks that left it.
-fn front(queue: &mut VecDeque<(u64, usize)>, tasks: &Slab<Task>) -> Option<(u64, usize)> {
+fn front(queue: &mut VecDeque<(u64, TaskSlot)>, tasks: &Slab<TaskSlot, Task>) -> Option<(u64, TaskSlot)> {
     while let Some(&(seq, slot)) = queue.front() {
         if is_queued(tasks, slot, seq) {
             return Some((seq, slot));
@@ -1243,7 +1243,7 @@ fn front(queue: &mut VecDeque<(u64, usize)>, tasks: &Slab<Task>) -> Option<(u64,
     None
 }
 
-fn is_queued(tasks: &Slab<Task>, slot: usize, seq: u64) -> bool {
+fn is_queued(tasks: &Slab<TaskSlot, Task>, slot: TaskSlot, seq: u64) -> bool {
     tasks.get(slot).is_some_and(|t| t.seq == seq && matches!(t.state, State::Queued { .. }))
 }
 

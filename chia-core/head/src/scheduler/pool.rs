@@ -5,7 +5,10 @@
 //! amounts back would allocate a `String` per name. Here every name is interned once to a small
 //! index, a request becomes a short slice sorted by that index, and a node's amounts a sorted
 //! array of slots, so checking, taking and returning are a few integer comparisons.
+//!
+//! [`TaskIndex`], which finds a task's slot from its id without hashing, lives here too.
 
+use super::index::TaskSlot;
 use chia_core::resources::CPU;
 use chia_core::{ResourceAmount, Resources, SessionId, TaskId};
 use std::collections::{HashMap, VecDeque};
@@ -75,6 +78,9 @@ pub(super) struct Pool {
     slots: Box<[Slot]>,
 }
 
+/// `#[inline]` on the hot methods: they are called from the scheduler's module, and without it
+/// whether they are inlined there depends on how rustc happens to split the crate into codegen
+/// units.
 impl Pool {
     pub(super) fn new(capacity: &[(ResIdx, u64)]) -> Pool {
         Pool {
@@ -87,6 +93,7 @@ impl Pool {
 
     /// Whether every `(res, amount)` of `need` has a slot for which `ok(slot, amount)`. Both
     /// lists are sorted by name, so one pass over each finds the slots.
+    #[inline]
     fn all(&self, need: &[(ResIdx, u64)], ok: impl Fn(&Slot, u64) -> bool) -> bool {
         let mut slots = self.slots.iter();
         need.iter().all(|&(res, amount)| {
@@ -95,6 +102,7 @@ impl Pool {
     }
 
     /// Applies `apply` to the slot of each `(res, amount)` of `need` the pool has.
+    #[inline]
     fn each(&mut self, need: &[(ResIdx, u64)], mut apply: impl FnMut(&mut Slot, ResIdx, u64)) {
         let mut i = 0;
         for &(res, amount) in need {
@@ -110,22 +118,26 @@ impl Pool {
     }
 
     /// True when `need` would fit if nothing else ran here.
+    #[inline]
     pub(super) fn could_hold(&self, need: &[(ResIdx, u64)]) -> bool {
         self.all(need, |s, amount| s.capacity >= amount)
     }
 
     /// True when `need` fits in what is free now.
+    #[inline]
     pub(super) fn fits(&self, need: &[(ResIdx, u64)]) -> bool {
         self.all(need, |s, amount| s.free >= amount)
     }
 
     /// Removes `need` from the free amounts; the caller has checked [`Pool::fits`].
+    #[inline]
     pub(super) fn take(&mut self, need: &[(ResIdx, u64)]) {
         self.each(need, |slot, _, amount| slot.free = slot.free.saturating_sub(amount));
     }
 
     /// Returns `need` except the resource `except` (already returned), never above capacity,
     /// so a bug elsewhere can not make a node look bigger than it is.
+    #[inline]
     pub(super) fn give_back(&mut self, need: &[(ResIdx, u64)], except: Option<ResIdx>) {
         self.each(need, |slot, res, amount| {
             if Some(res) != except {
@@ -140,121 +152,6 @@ impl Pool {
     }
 }
 
-/// A vector whose indices stay valid while other entries come and go; freed indices are reused,
-/// most recently freed first. The free list runs through the vacant entries themselves, so
-/// removing never allocates.
-///
-/// Entries live in segments of [`SEGMENT`] that never move: growing adds a segment instead of
-/// copying everything into a buffer twice the size, so a burst of a million tasks never stalls
-/// an event on a copy of tens of megabytes, and each allocation stays small.
-pub(super) struct Slab<T> {
-    segments: Vec<Vec<Entry<T>>>,
-    /// The most recently freed index, [`NONE`] if none.
-    free: usize,
-    len: usize,
-}
-
-/// Entries per segment.
-const SEGMENT: usize = 1024;
-
-enum Entry<T> {
-    Occupied(T),
-    /// The next free index, [`NONE`] if none.
-    Vacant(usize),
-}
-
-const NONE: usize = usize::MAX;
-
-impl<T> Default for Slab<T> {
-    fn default() -> Self {
-        Slab { segments: Vec::new(), free: NONE, len: 0 }
-    }
-}
-
-impl<T> Slab<T> {
-    fn entry(&self, idx: usize) -> Option<&Entry<T>> {
-        self.segments.get(idx / SEGMENT)?.get(idx % SEGMENT)
-    }
-
-    fn entry_mut(&mut self, idx: usize) -> Option<&mut Entry<T>> {
-        self.segments.get_mut(idx / SEGMENT)?.get_mut(idx % SEGMENT)
-    }
-
-    pub(super) fn insert(&mut self, item: T) -> usize {
-        self.len += 1;
-        let idx = self.free;
-        if let Some(entry) = self.segments.get_mut(idx / SEGMENT).and_then(|s| s.get_mut(idx % SEGMENT)) {
-            if let Entry::Vacant(next) = *entry {
-                self.free = next;
-            }
-            *entry = Entry::Occupied(item);
-            return idx;
-        }
-        let segments = self.segments.len();
-        match self.segments.last_mut() {
-            Some(last) if last.len() < SEGMENT => {
-                last.push(Entry::Occupied(item));
-                (segments - 1) * SEGMENT + last.len() - 1
-            }
-            _ => {
-                // The first segment grows as needed, so small slabs stay small.
-                let mut segment = Vec::with_capacity(if segments == 0 { 0 } else { SEGMENT });
-                segment.push(Entry::Occupied(item));
-                self.segments.push(segment);
-                segments * SEGMENT
-            }
-        }
-    }
-
-    pub(super) fn remove(&mut self, idx: usize) -> Option<T> {
-        let free = self.free;
-        let entry = self.entry_mut(idx)?;
-        if let Entry::Vacant(_) = entry {
-            return None;
-        }
-        let Entry::Occupied(item) = std::mem::replace(entry, Entry::Vacant(free)) else { return None };
-        self.free = idx;
-        self.len -= 1;
-        Some(item)
-    }
-
-    pub(super) fn get(&self, idx: usize) -> Option<&T> {
-        match self.entry(idx)? {
-            Entry::Occupied(item) => Some(item),
-            Entry::Vacant(_) => None,
-        }
-    }
-
-    pub(super) fn get_mut(&mut self, idx: usize) -> Option<&mut T> {
-        match self.entry_mut(idx)? {
-            Entry::Occupied(item) => Some(item),
-            Entry::Vacant(_) => None,
-        }
-    }
-
-    pub(super) fn len(&self) -> usize {
-        self.len
-    }
-
-    pub(super) fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub(super) fn iter(&self) -> impl Iterator<Item = (usize, &T)> {
-        self.segments.iter().flatten().enumerate().filter_map(|(idx, entry)| match entry {
-            Entry::Occupied(item) => Some((idx, item)),
-            Entry::Vacant(_) => None,
-        })
-    }
-
-    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (usize, &mut T)> {
-        self.segments.iter_mut().flatten().enumerate().filter_map(|(idx, entry)| match entry {
-            Entry::Occupied(item) => Some((idx, item)),
-            Entry::Vacant(_) => None,
-        })
-    }
-}
-
 /// Task id → slot. A session numbers its tasks with a counter, so each session keeps a window
 /// over consecutive sequence numbers: a lookup is an index into it, without hashing, and tasks
 /// submitted one after another sit next to each other in memory (a hash map of a million tasks
@@ -266,7 +163,7 @@ pub(super) struct TaskIndex {
     by_session: HashMap<u64, usize>,
     /// The window used last, tried before `by_session`: events mostly come in runs of one session.
     last: usize,
-    sparse: HashMap<TaskId, usize>,
+    sparse: HashMap<TaskId, TaskSlot>,
     /// When `windows` grows to this many, empty ones are dropped.
     sweep_at: usize,
 }
@@ -275,12 +172,10 @@ pub(super) struct TaskIndex {
 struct Window {
     session: u64,
     base: u64,
-    /// [`VACANT`] where no task is; never starts or ends with it.
-    slots: VecDeque<usize>,
+    /// [`TaskSlot::NONE`] where no task is; never starts or ends with it.
+    slots: VecDeque<TaskSlot>,
     live: usize,
 }
-
-const VACANT: usize = usize::MAX;
 
 impl Window {
     /// A window with `live` tasks spans at most this many sequence numbers.
@@ -288,15 +183,15 @@ impl Window {
         2 * live as u64 + 64
     }
 
-    fn get(&self, seq: u64) -> Option<&usize> {
+    fn get(&self, seq: u64) -> Option<&TaskSlot> {
         let offset = usize::try_from(seq.checked_sub(self.base)?).ok()?;
-        self.slots.get(offset).filter(|&&slot| slot != VACANT)
+        self.slots.get(offset).filter(|&&slot| slot != TaskSlot::NONE)
     }
 
     /// Records `seq` → `slot` (`seq` is not in the window), unless that would stretch the window
     /// too far; tasks it evicts from its front to make room go to `sparse`. Returns whether it
     /// took `seq`.
-    fn insert(&mut self, seq: u64, slot: usize, sparse: &mut HashMap<TaskId, usize>) -> bool {
+    fn insert(&mut self, seq: u64, slot: TaskSlot, sparse: &mut HashMap<TaskId, TaskSlot>) -> bool {
         if self.live == 0 {
             self.slots.clear();
             self.base = seq;
@@ -307,13 +202,13 @@ impl Window {
                 return false;
             }
             for _ in seq + 1..self.base {
-                self.slots.push_front(VACANT);
+                self.slots.push_front(TaskSlot::NONE);
             }
             self.slots.push_front(slot);
             self.base = seq;
         } else if seq < end {
             let Some(entry) = self.slots.get_mut((seq - self.base) as usize) else { return false };
-            debug_assert_eq!(*entry, VACANT);
+            debug_assert_eq!(*entry, TaskSlot::NONE);
             *entry = slot;
         } else {
             if seq - end > Window::max_span(self.live) {
@@ -323,7 +218,7 @@ impl Window {
             // not stretch the window over everything submitted after it.
             while self.live > 0 && seq + 1 - self.base > Window::max_span(self.live + 1) {
                 if let Some(old) = self.slots.pop_front()
-                    && old != VACANT
+                    && old != TaskSlot::NONE
                 {
                     sparse.insert(TaskId::new(SessionId(self.session), self.base), old);
                     self.live -= 1;
@@ -336,7 +231,7 @@ impl Window {
             }
             let end = self.base + self.slots.len() as u64;
             for _ in end..seq {
-                self.slots.push_back(VACANT);
+                self.slots.push_back(TaskSlot::NONE);
             }
             self.slots.push_back(slot);
         }
@@ -344,13 +239,13 @@ impl Window {
         true
     }
 
-    fn remove(&mut self, seq: u64) -> Option<usize> {
+    fn remove(&mut self, seq: u64) -> Option<TaskSlot> {
         let offset = usize::try_from(seq.checked_sub(self.base)?).ok()?;
         let entry = self.slots.get_mut(offset)?;
-        if *entry == VACANT {
+        if *entry == TaskSlot::NONE {
             return None;
         }
-        let slot = std::mem::replace(entry, VACANT);
+        let slot = std::mem::replace(entry, TaskSlot::NONE);
         self.live -= 1;
         self.trim();
         if self.live == 0 && self.slots.capacity() > 4096 {
@@ -361,11 +256,11 @@ impl Window {
 
     /// Drops vacant entries at both ends.
     fn trim(&mut self) {
-        while self.slots.front() == Some(&VACANT) {
+        while self.slots.front() == Some(&TaskSlot::NONE) {
             self.slots.pop_front();
             self.base += 1;
         }
-        while self.slots.back() == Some(&VACANT) {
+        while self.slots.back() == Some(&TaskSlot::NONE) {
             self.slots.pop_back();
         }
     }
@@ -396,7 +291,9 @@ impl TaskIndex {
         }
     }
 
-    pub(super) fn get(&self, id: &TaskId) -> Option<&usize> {
+    /// A reference, as `Option<&TaskSlot>` fits in one register where `Option<TaskSlot>` needs
+    /// two: this is called once or more per event.
+    pub(super) fn get(&self, id: &TaskId) -> Option<&TaskSlot> {
         if let Some(w) = self.window(id.session().0)
             && let Some(slot) = self.windows[w].get(id.seq())
         {
@@ -410,7 +307,7 @@ impl TaskIndex {
     }
 
     /// Records `id` → `slot`; `id` must not be known yet.
-    pub(super) fn insert(&mut self, id: TaskId, slot: usize) {
+    pub(super) fn insert(&mut self, id: TaskId, slot: TaskSlot) {
         let session = id.session().0;
         let w = match self.window(session) {
             Some(w) => w,
@@ -422,7 +319,7 @@ impl TaskIndex {
         }
     }
 
-    pub(super) fn remove(&mut self, id: &TaskId) -> Option<usize> {
+    pub(super) fn remove(&mut self, id: &TaskId) -> Option<TaskSlot> {
         if let Some(w) = self.window(id.session().0) {
             self.last = w;
             if let Some(slot) = self.windows[w].remove(id.seq()) {
@@ -450,6 +347,7 @@ impl TaskIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scheduler::index::Idx;
 
     #[test]
     fn pool_fits_takes_and_caps_returns() {
@@ -476,37 +374,6 @@ mod tests {
         assert_eq!(names.resources(pool.free()), Resources::parse("adder=8,CPU=2").unwrap());
     }
 
-    #[test]
-    fn slab_reuses_indices_across_segments() {
-        let mut slab = Slab::default();
-        let n = 3 * SEGMENT + 5;
-        for i in 0..n {
-            assert_eq!(slab.insert(i), i);
-        }
-        assert_eq!(slab.len(), n);
-        assert_eq!(slab.get(SEGMENT), Some(&SEGMENT));
-        assert_eq!(slab.remove(SEGMENT), Some(SEGMENT));
-        assert_eq!(slab.remove(SEGMENT), None);
-        assert_eq!(slab.remove(7), Some(7));
-        assert_eq!(slab.get(7), None);
-        assert_eq!(slab.get(n), None);
-        assert_eq!(slab.remove(n + 1), None);
-        // Most recently freed first, then new indices at the end.
-        assert_eq!(slab.insert(100), 7);
-        assert_eq!(slab.insert(101), SEGMENT);
-        assert_eq!(slab.insert(102), n);
-        *slab.get_mut(n).unwrap() += 1;
-        assert_eq!(slab.get(n), Some(&103));
-        let items: Vec<(usize, usize)> = slab.iter().map(|(i, &v)| (i, v)).collect();
-        assert_eq!(items.len(), n + 1);
-        assert_eq!(items[7], (7, 100));
-        assert!(items.iter().enumerate().all(|(pos, &(i, _))| pos == i));
-        for (_, v) in slab.iter_mut() {
-            *v = 0;
-        }
-        assert!(slab.iter().all(|(_, &v)| v == 0));
-    }
-
     /// The index agrees with a plain map whatever order ids come and go in, and keeps its
     /// windows short.
     #[test]
@@ -519,7 +386,7 @@ mod tests {
             state % n
         };
         let mut index = TaskIndex::default();
-        let mut model: HashMap<TaskId, usize> = HashMap::new();
+        let mut model: HashMap<TaskId, TaskSlot> = HashMap::new();
         let mut next = [0u64; 4];
         for step in 0..200_000usize {
             let session = rand(4);
@@ -543,8 +410,8 @@ mod tests {
             assert_eq!(index.get(&id), model.get(&id));
             let mut inserted = false;
             if let std::collections::hash_map::Entry::Vacant(entry) = model.entry(id) {
-                index.insert(id, step);
-                entry.insert(step);
+                index.insert(id, TaskSlot::new(step));
+                entry.insert(TaskSlot::new(step));
                 inserted = true;
             }
             let w = &index.windows[index.last];
@@ -558,7 +425,7 @@ mod tests {
                     assert_eq!(index.get(id), Some(slot));
                 }
                 for w in &index.windows {
-                    assert_eq!(w.slots.iter().filter(|&&s| s != VACANT).count(), w.live);
+                    assert_eq!(w.slots.iter().filter(|&&s| s != TaskSlot::NONE).count(), w.live);
                 }
             }
         }
@@ -574,18 +441,19 @@ mod tests {
     fn task_index_keeps_consecutive_ids_in_windows() {
         let mut index = TaskIndex::default();
         let id = |seq| TaskId::new(SessionId(7), seq);
+        let slot = |seq| TaskSlot::new(seq as usize);
         // A long-running task at the front does not hold the window back.
-        index.insert(id(0), 0);
+        index.insert(id(0), slot(0));
         for seq in 1..10_000 {
-            index.insert(id(seq), seq as usize);
-            assert_eq!(index.remove(&id(seq)), Some(seq as usize));
+            index.insert(id(seq), slot(seq));
+            assert_eq!(index.remove(&id(seq)), Some(slot(seq)));
         }
         assert!(index.windows[0].slots.len() <= 2);
-        assert_eq!(index.get(&id(0)), Some(&0));
-        assert_eq!(index.remove(&id(0)), Some(0));
+        assert_eq!(index.get(&id(0)), Some(&slot(0)));
+        assert_eq!(index.remove(&id(0)), Some(slot(0)));
         assert_eq!(index.len(), 0);
         for seq in 0..1000 {
-            index.insert(id(seq), seq as usize);
+            index.insert(id(seq), slot(seq));
         }
         assert!(index.sparse.is_empty());
         assert_eq!(index.windows[0].slots.len(), 1000);
