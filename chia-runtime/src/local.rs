@@ -1,40 +1,23 @@
 //! Connecting a program to a cluster: [`init`] joins the cluster named by the environment, or
 //! starts an embedded local cluster (a real head and real workers in this process, talking
-//! authenticated QUIC over loopback, the same code paths as a real cluster).
+//! authenticated QUIC over loopback, the same code paths as a real cluster). And
+//! [`HeadWithNode`]: a head with its own node, as every head process runs it.
 
-use crate::api::Context;
-use crate::client::Client;
+use crate::driver::client::Client;
+use crate::driver::context::Context;
 use crate::error::Error;
-use crate::head::{HeadHandle, start_head};
-use crate::tls::{ClusterCredentials, HeadCredentials};
+use crate::head::{HeadHandle, HeadOptions, start_head_with};
+use crate::net::tls::{ClusterCredentials, HeadCredentials};
 use crate::worker::Worker;
-use chia_core::resources::CPU;
-use chia_core::{ResourceAmount, Resources};
+use chia_core::Resources;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Environment variables read by [`init`].
-pub mod env {
-    /// `host:port` of the head (overrides the address in the cluster file).
-    pub const ADDRESS: &str = "CHIA_ADDRESS";
-    /// Path of the cluster file the head wrote (`<state dir>/cluster.yaml`).
-    pub const CLUSTER_FILE: &str = "CHIA_CLUSTER_FILE";
-    /// The head's state directory (default `~/.chia`).
-    pub const STATE_DIR: &str = "CHIA_STATE_DIR";
-    /// Embedded cluster: number of workers.
-    pub const LOCAL_WORKERS: &str = "CHIA_LOCAL_WORKERS";
-    /// Embedded cluster: resources of each worker, e.g. `demo=1,adder=2`.
-    pub const LOCAL_RESOURCES: &str = "CHIA_LOCAL_RESOURCES";
-}
-
-/// The default state directory of a head: `$CHIA_STATE_DIR`, else `~/.chia`.
-pub fn default_state_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os(env::STATE_DIR) {
-        return PathBuf::from(dir);
-    }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
-    home.join(".chia")
-}
+pub use crate::env;
+pub use crate::env::default_state_dir;
+pub use crate::worker::with_default_cpus;
 
 /// Joins the cluster named by `CHIA_CLUSTER_FILE`/`CHIA_ADDRESS`, or starts an embedded local
 /// cluster when neither is set (`CHIA_LOCAL_WORKERS`, `CHIA_LOCAL_RESOURCES` shape it).
@@ -100,7 +83,7 @@ impl Init {
         let cluster = LocalCluster::start(vec![resources; workers]).await?;
         tracing::info!(
             "started an embedded cluster at {} with {workers} worker(s), each {}",
-            cluster.head.address(),
+            cluster.head().address(),
             cluster.worker_resources.first().map(ToString::to_string).unwrap_or_default()
         );
         let (client, _) = Client::connect(&cluster.credentials, "driver", None).await?;
@@ -128,9 +111,55 @@ fn credentials_from_env() -> Result<Option<ClusterCredentials>, Error> {
     Ok(Some(credentials))
 }
 
+/// A head and its own node (`head`, an in-process worker on loopback that hosts the services
+/// pinned to the head and runs no functions): what the `chia-head` binary and the embedded
+/// cluster run. The head itself knows nothing of workers; this puts the two together.
+pub struct HeadWithNode {
+    head: HeadHandle,
+    node: Worker,
+}
+
+impl HeadWithNode {
+    /// Starts a head on `listen` and joins its own node to it. The head's state directory (if
+    /// any) is protected: the node's built-in services (the bypass file server) never read it.
+    pub async fn start(
+        listen: SocketAddr,
+        credentials: HeadCredentials,
+        options: HeadOptions,
+    ) -> Result<HeadWithNode, Error> {
+        let protected_dirs = options.state_dir.iter().cloned().collect();
+        let head = start_head_with(listen, credentials, options).await?;
+        let own = head.cluster_credentials(&loopback(head.address()).to_string());
+        let node = Worker::connect_head_node(&own, protected_dirs).await?;
+        Ok(HeadWithNode { head, node })
+    }
+
+    /// The head.
+    pub fn head(&self) -> &HeadHandle {
+        &self.head
+    }
+
+    /// The head's own node.
+    pub fn node(&self) -> &Worker {
+        &self.node
+    }
+}
+
+/// The address a process on this machine dials to reach a head listening on `address`.
+fn loopback(mut address: SocketAddr) -> SocketAddr {
+    if address.ip().is_unspecified() {
+        address.set_ip(if address.is_ipv6() {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        });
+    }
+    address
+}
+
 /// A head and workers running in this process over loopback QUIC.
 pub struct LocalCluster {
-    head: HeadHandle,
+    head: HeadWithNode,
     workers: Vec<Worker>,
     worker_resources: Vec<Resources>,
     credentials: ClusterCredentials,
@@ -141,8 +170,9 @@ impl LocalCluster {
     /// entry's resources (plus `CPU` = the machine's cores when not given).
     pub async fn start(workers: Vec<Resources>) -> Result<LocalCluster, Error> {
         let head_credentials = HeadCredentials::generate().map_err(|e| Error::Setup(e.to_string()))?;
-        let head = start_head("127.0.0.1:0".parse().expect("literal address"), head_credentials).await?;
-        let credentials = head.cluster_credentials(&head.address().to_string());
+        let listen = "127.0.0.1:0".parse().expect("literal address");
+        let head = HeadWithNode::start(listen, head_credentials, HeadOptions::default()).await?;
+        let credentials = head.head().cluster_credentials(&head.head().address().to_string());
         let worker_resources: Vec<Resources> = workers.into_iter().map(with_default_cpus).collect();
         let mut started = Vec::with_capacity(worker_resources.len());
         for (index, resources) in worker_resources.iter().enumerate() {
@@ -160,7 +190,7 @@ impl LocalCluster {
 
     /// The head.
     pub fn head(&self) -> &HeadHandle {
-        &self.head
+        self.head.head()
     }
 
     /// The workers, in the order given.
@@ -176,16 +206,6 @@ impl LocalCluster {
 
     /// Stops the head (which disconnects everyone).
     pub fn shutdown(&self) {
-        self.head.shutdown();
+        self.head.head().shutdown();
     }
-}
-
-/// Adds `CPU` = the number of cores when the resources do not say.
-pub fn with_default_cpus(mut resources: Resources) -> Resources {
-    if !resources.contains(CPU) {
-        let cores = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
-        // Cannot fail: CPU is a valid name.
-        let _ = resources.set(CPU, ResourceAmount::whole(cores));
-    }
-    resources
 }

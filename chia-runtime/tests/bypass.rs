@@ -310,6 +310,29 @@ async fn a_custom_provider_reads_through_the_file_server_and_only_configured_fil
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_server_never_reads_the_head_state_directory_even_when_configured() {
+    chia::init_logging("warn");
+    let state = tempfile::tempdir().unwrap();
+    let credentials = chia::tls::HeadCredentials::load_or_create(state.path()).unwrap();
+    let options =
+        chia::head::HeadOptions { state_dir: Some(state.path().to_path_buf()), ..Default::default() };
+    let head = chia::HeadWithNode::start("127.0.0.1:0".parse().unwrap(), credentials, options).await.unwrap();
+    let members = head.head().cluster_credentials(&head.head().address().to_string());
+    let _worker = chia::worker::Worker::connect(&members, "w", common::resources(WORKERS[0])).await.unwrap();
+    let (client, _) = chia::client::Client::connect(&members, "driver", None).await.unwrap();
+    let cx = Context::from_client(client);
+    let secret = state.path().join("secret.md");
+    std::fs::write(&secret, "the CA key").unwrap();
+    let _bypass = bypass(
+        &cx,
+        &format!("bypass:\n  summarize_perf:\n    bypass: true\n    data: {}\n", secret.display()),
+    )
+    .await;
+    let error = summarize_perf::remote(&cx).get_timeout(common::BOUND).await.unwrap_err().to_string();
+    assert!(error.contains("state directory, which is never served"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_condition_gates_the_bypass() {
     let (_cluster, cx) = cluster(WORKERS).await;
     let bypass = bypass(&cx, "bypass:\n  simple_add: true\n").await;

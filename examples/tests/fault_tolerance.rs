@@ -3,7 +3,8 @@
 
 use chia::Context;
 use chia::client::Client;
-use chia::head::{HeadHandle, HeadOptions, start_head_with};
+use chia::head::{HeadHandle, HeadOptions};
+use chia::local::HeadWithNode;
 use chia::tls::{ClusterCredentials, HeadCredentials};
 use examples::{expensive_step, simulate};
 use std::io::BufRead;
@@ -89,9 +90,10 @@ impl Drop for WorkerProcess {
     }
 }
 
-/// A head in this process with its cluster file written for the worker processes.
+/// A head in this process (with its own node) and its cluster file written for the worker
+/// processes.
 struct Head {
-    handle: HeadHandle,
+    running: HeadWithNode,
     state_dir: PathBuf,
     cluster_file: PathBuf,
 }
@@ -101,9 +103,9 @@ impl Head {
         let credentials = HeadCredentials::load_or_create(state_dir).expect("credentials");
         // A restarted head takes over its predecessor's port once the old socket is gone.
         let deadline = tokio::time::Instant::now() + BOUND;
-        let handle = loop {
-            match start_head_with(listen, credentials.clone(), options(state_dir)).await {
-                Ok(handle) => break handle,
+        let running = loop {
+            match HeadWithNode::start(listen, credentials.clone(), options(state_dir)).await {
+                Ok(running) => break running,
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     tracing::debug!("head not started yet: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -112,8 +114,13 @@ impl Head {
             }
         };
         let cluster_file = state_dir.join("cluster.yaml");
+        let handle = running.head();
         handle.cluster_credentials(&handle.address().to_string()).save(&cluster_file).expect("cluster file");
-        Head { handle, state_dir: state_dir.to_path_buf(), cluster_file }
+        Head { running, state_dir: state_dir.to_path_buf(), cluster_file }
+    }
+
+    fn handle(&self) -> &HeadHandle {
+        self.running.head()
     }
 
     async fn driver(&self) -> Context {
@@ -189,7 +196,7 @@ async fn a_frozen_worker_is_written_off_and_delivers_nothing_when_it_thaws() {
     for (x, object) in (0..4).zip(&more) {
         assert_eq!(get(object).await.unwrap(), x * x);
     }
-    assert_eq!(head.handle.stats().nodes, 3, "head + healthy + the thawed worker as a new node");
+    assert_eq!(head.handle().stats().nodes, 3, "head + healthy + the thawed worker as a new node");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,7 +204,7 @@ async fn a_restarted_head_gets_its_workers_and_its_cache_back() {
     chia::init_logging("warn");
     let dir = tempfile::tempdir().unwrap();
     let head = Head::start(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
-    let address = head.handle.address();
+    let address = head.handle().address();
     let worker = WorkerProcess::start(&head.cluster_file, "survivor", "CPU=2");
     let cx = head.driver().await;
     let cache =
@@ -207,8 +214,8 @@ async fn a_restarted_head_gets_its_workers_and_its_cache_back() {
     let in_flight = expensive_step::remote(&cx, 9, 9, 9);
     worker.wait_for_line("[REAL RUN]");
 
-    head.handle.shutdown();
-    head.handle.wait_stopped().await;
+    head.handle().shutdown();
+    head.handle().wait_stopped().await;
     let state_dir = head.state_dir.clone();
     drop(head);
     // The old driver learns that its head is gone instead of waiting forever.
@@ -272,6 +279,6 @@ async fn chaos_every_result_arrives_once_and_right_while_workers_die_and_return(
     // The releases travel before the ping on the same stream: once it is answered, the head
     // has applied them.
     cx.ping().await.unwrap();
-    let stats = head.handle.stats();
+    let stats = head.handle().stats();
     assert_eq!((stats.tasks, stats.result_bytes), (0, 0), "{stats:?}");
 }

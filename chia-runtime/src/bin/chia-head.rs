@@ -1,7 +1,7 @@
 //! `chia-head`: the cluster's scheduler and object store. It needs no user code.
 
-use chia_runtime::head::{HeadOptions, start_head_with};
-use chia_runtime::local::default_state_dir;
+use chia_runtime::head::HeadOptions;
+use chia_runtime::local::{HeadWithNode, default_state_dir};
 use chia_runtime::tls::HeadCredentials;
 use clap::Parser;
 use std::net::SocketAddr;
@@ -52,7 +52,8 @@ async fn run(args: HeadArgs) -> Result<ExitCode, String> {
         // Detached services (the cache) are started again by a head restarted on this directory.
         state_dir: Some(state_dir.clone()),
     };
-    let head = start_head_with(args.listen, credentials, options).await.map_err(|e| e.to_string())?;
+    let started = HeadWithNode::start(args.listen, credentials, options).await.map_err(|e| e.to_string())?;
+    let head = started.head();
     let address = args.advertise.unwrap_or_else(|| {
         let mut address = head.address();
         if address.ip().is_unspecified() {

@@ -10,11 +10,16 @@
 //! What must be durable before peers may see its effects (the services file) is written by a
 //! thread of its own, outside the lock; until it is on disk, the frames decided after it wait,
 //! so nobody is told of a service that a restarted head would not know.
+//!
+//! The head's own node (`head`, which hosts services pinned to the head) is a worker like any
+//! other and is started by whoever starts the head: [`HeadWithNode`](crate::local::HeadWithNode).
+//! This module depends on the network layer only.
 
 mod persist;
 
-use crate::tls::{ClusterCredentials, HeadCredentials};
-use crate::transport::{FrameReader, FrameSender};
+use crate::error::Error;
+use crate::net::tls::{ClusterCredentials, HeadCredentials};
+use crate::net::transport::{FrameReader, FrameSender};
 use chia_core::SessionId;
 use chia_core::protocol::{HeadToPeer, PeerToHead, decode_body};
 use chia_head_core::{Action, CoreOptions, HeadCore, PersistedService};
@@ -35,8 +40,6 @@ pub struct HeadHandle {
     endpoint: quinn::Endpoint,
     credentials: HeadCredentials,
     shared: Arc<Shared>,
-    /// The head's own node, which hosts services pinned to `node:head`.
-    head_node: Option<crate::worker::Worker>,
 }
 
 /// How a head detects failures and what it keeps across restarts.
@@ -48,7 +51,8 @@ pub struct HeadOptions {
     /// nothing more is scheduled there, its tasks run again elsewhere, its connection is closed.
     pub heartbeat_timeout: Duration,
     /// Where the specifications of detached services are kept, so that a head restarted on the
-    /// same directory starts them again (the cache with its entries). `None`: not kept.
+    /// same directory starts them again (the cache with its entries) once its own node has
+    /// joined. `None`: not kept.
     pub state_dir: Option<std::path::PathBuf>,
 }
 
@@ -94,27 +98,23 @@ impl Drop for HeadHandle {
     }
 }
 
-/// Starts a head listening on `listen` with `credentials`, with its own node (`head`) joined.
-pub async fn start_head(
-    listen: SocketAddr,
-    credentials: HeadCredentials,
-) -> Result<HeadHandle, crate::Error> {
+/// Starts a head listening on `listen` with `credentials`. Its own node is not joined yet:
+/// [`HeadWithNode`](crate::local::HeadWithNode) starts both.
+pub async fn start_head(listen: SocketAddr, credentials: HeadCredentials) -> Result<HeadHandle, Error> {
     start_head_with(listen, credentials, HeadOptions::default()).await
 }
 
-/// [`start_head`] with explicit [`HeadOptions`].
+/// [`start_head`] with explicit [`HeadOptions`]. The services kept in the state directory
+/// start again when the head's own node joins: those pinned to the head need it.
 pub async fn start_head_with(
     listen: SocketAddr,
     credentials: HeadCredentials,
     options: HeadOptions,
-) -> Result<HeadHandle, crate::Error> {
-    let server = credentials.server_config().map_err(|e| crate::Error::Setup(e.to_string()))?;
+) -> Result<HeadHandle, Error> {
+    let server = credentials.server_config().map_err(|e| Error::Setup(e.to_string()))?;
     let endpoint = quinn::Endpoint::server(server, listen)
-        .map_err(|e| crate::Error::Setup(format!("cannot listen on {listen}: {e}")))?;
-    let address = endpoint.local_addr().map_err(|e| crate::Error::Setup(e.to_string()))?;
-    if let Some(state_dir) = &options.state_dir {
-        crate::bypass::protect_from_file_servers(state_dir);
-    }
+        .map_err(|e| Error::Setup(format!("cannot listen on {listen}: {e}")))?;
+    let address = endpoint.local_addr().map_err(|e| Error::Setup(e.to_string()))?;
     let service_file = options.state_dir.as_deref().map(persist::ServiceFile::in_dir);
     let core_options = CoreOptions {
         heartbeat: options.heartbeat,
@@ -122,23 +122,11 @@ pub async fn start_head_with(
         keep_services: service_file.is_some(),
     };
     let kept = service_file.as_ref().map(persist::ServiceFile::read).unwrap_or_default();
-    let shared = Shared::new(HeadCore::new(Instant::now(), core_options), service_file);
+    let shared = Shared::new(HeadCore::new(Instant::now(), core_options), service_file, kept);
     tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
     tokio::spawn(run_timer(Arc::downgrade(&shared), shared.timer.clone()));
     tracing::info!("head listening on {address}");
-    let mut head = HeadHandle { address, endpoint, credentials, shared, head_node: None };
-    let mut loopback = address;
-    if loopback.ip().is_unspecified() {
-        loopback.set_ip(if address.is_ipv6() {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        } else {
-            std::net::Ipv4Addr::LOCALHOST.into()
-        });
-    }
-    let own = head.cluster_credentials(&loopback.to_string());
-    head.head_node = Some(crate::worker::Worker::connect_head_node(&own).await?);
-    head.shared.apply(|core| core.restore_services(Instant::now(), kept));
-    Ok(head)
+    Ok(HeadHandle { address, endpoint, credentials, shared })
 }
 
 /// The core and the connections its sessions run on.
@@ -159,6 +147,8 @@ struct State {
     /// so no peer hears of what is not durable yet.
     saving: bool,
     held: VecDeque<Action>,
+    /// The services kept from before a restart, started again when the head's own node joins.
+    kept: Vec<PersistedService>,
 }
 
 struct Peer {
@@ -170,7 +160,11 @@ struct Peer {
 }
 
 impl Shared {
-    fn new(core: HeadCore, service_file: Option<persist::ServiceFile>) -> Arc<Shared> {
+    fn new(
+        core: HeadCore,
+        service_file: Option<persist::ServiceFile>,
+        kept: Vec<PersistedService>,
+    ) -> Arc<Shared> {
         Arc::new_cyclic(|weak: &Weak<Shared>| {
             let saver = service_file.map(|file| {
                 let (saves, pending) = std::sync::mpsc::channel::<Vec<PersistedService>>();
@@ -188,6 +182,7 @@ impl Shared {
                     armed: None,
                     saving: false,
                     held: VecDeque::new(),
+                    kept,
                 }),
                 timer: Arc::new(tokio::sync::Notify::new()),
                 saver,
@@ -357,11 +352,20 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     };
     let opened = {
         let mut state = shared.lock();
-        let opened = state.core.open_session(Instant::now(), &remote.to_string(), first);
+        let now = Instant::now();
+        let claims_head_node =
+            matches!(&first, PeerToHead::Hello { worker: Some(offer), .. } if offer.head_node);
+        let opened = state.core.open_session(now, &remote.to_string(), first);
         if let Ok(session) = opened {
             let received = connection.stats().udp_rx.bytes;
             let peer = Peer { sender: sender.clone(), connection: connection.clone(), received };
             state.peers.insert(session, peer);
+            // The core names only the first node that claims to be the head's own `head`.
+            let is_head_node = claims_head_node && state.core.session_name(session) == Some(HEAD_NODE_NAME);
+            if is_head_node && !state.kept.is_empty() {
+                let kept = std::mem::take(&mut state.kept);
+                state.core.restore_services(now, kept);
+            }
         }
         shared.carry_out(&mut state);
         opened

@@ -2,9 +2,9 @@
 //! `fn main() -> std::process::ExitCode { chia::worker_main() }`, linked with the crates that
 //! define the user's functions.
 
-use crate::local::{default_state_dir, env, with_default_cpus};
-use crate::tls::ClusterCredentials;
-use crate::worker::{Backoff, Worker, stay_joined};
+use crate::env::{self, default_state_dir};
+use crate::net::tls::ClusterCredentials;
+use crate::worker::{Backoff, Worker, stay_joined, with_default_cpus};
 use chia_core::Resources;
 use clap::Parser;
 use std::collections::BTreeMap;

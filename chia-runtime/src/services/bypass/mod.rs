@@ -46,25 +46,23 @@ mod files;
 mod replay;
 
 pub use chia_bypass::{BypassConfig, BypassPlan, Decision, RunReason};
-pub(crate) use files::protect as protect_from_file_servers;
 pub use files::{BypassFiles, BypassFilesHandle};
 
-use crate::api::{ArgInput, ArgKind, Context, ObjectRef};
+use crate::driver::context::{ArgInput, ArgKind, Context, ObjectRef};
+use crate::driver::job::{JobLink, OwnJob};
 use crate::error::Error;
-use crate::registry::panic_message;
-use crate::service::ServiceOptions;
-use crate::worker::CatchUnwind;
+use crate::services::service::ServiceOptions;
+use crate::util::{CatchUnwind, block_on, panic_message};
 use chia_bypass::Verdict;
+use chia_core::TaskError;
 use chia_core::protocol::{ArgValue, BypassSpec, JobSettings, Outcome, PeerToHead, Value};
-use chia_core::{SessionId, TaskError};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// A boxed, sendable future borrowing from its caller (what providers and conditions return).
 pub type BoxFutureRef<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -241,75 +239,6 @@ impl BypassCall {
     }
 }
 
-// ---------------------------------------------------------------------------- the job's plan
-
-/// Which job a context's calls belong to, and so which bypass plan they follow.
-#[derive(Clone)]
-pub(crate) enum JobLink {
-    /// The context's own session is the job (a driver): the plan its [`Bypass`] installs.
-    Own(Arc<OwnJob>),
-    /// A task's context: the job the task belongs to, with its plan as the head sent it.
-    Task { job: SessionId, plan: Option<Arc<BypassPlan>> },
-}
-
-#[derive(Default)]
-pub(crate) struct OwnJob {
-    plan: RwLock<Option<Arc<BypassPlan>>>,
-    revision: AtomicU64,
-}
-
-impl JobLink {
-    pub(crate) fn own() -> JobLink {
-        JobLink::Own(Arc::default())
-    }
-
-    /// The plan calls follow; `None` (no YAML, or nothing bypassed) skips bypass entirely.
-    pub(crate) fn plan(&self) -> Option<Arc<BypassPlan>> {
-        match self {
-            JobLink::Own(own) => own.plan.read().unwrap_or_else(|p| p.into_inner()).clone(),
-            JobLink::Task { plan, .. } => plan.clone(),
-        }
-    }
-
-    /// The job a submission names: a nested call belongs to its parent's job.
-    pub(crate) fn nested_in(&self) -> Option<SessionId> {
-        match self {
-            JobLink::Own(_) => None,
-            JobLink::Task { job, .. } => Some(*job),
-        }
-    }
-}
-
-/// Decodes the job settings the head sent with a task, keeping the latest revision of each job
-/// so a worker decodes (and compiles the patterns of) a plan once, not once per task.
-#[derive(Default)]
-pub(crate) struct PlanCache {
-    plans: HashMap<SessionId, (u64, Arc<BypassPlan>)>,
-}
-
-/// More jobs than this seen by one worker: start over (a job's plan is decoded again on its
-/// next task), so a long-lived worker does not keep every job it ever served.
-const PLAN_CACHE_JOBS: usize = 256;
-
-impl PlanCache {
-    pub(crate) fn link(&mut self, settings: Option<JobSettings>) -> Result<Option<JobLink>, String> {
-        let Some(JobSettings { job, revision, settings }) = settings else { return Ok(None) };
-        if let Some((cached, plan)) = self.plans.get(&job)
-            && *cached == revision
-        {
-            return Ok(Some(JobLink::Task { job, plan: (!plan.is_empty()).then(|| plan.clone()) }));
-        }
-        let plan: BypassPlan = rmp_serde::from_slice(&settings)
-            .map_err(|e| format!("the job's bypass plan could not be decoded (driver and worker built from different code?): {e}"))?;
-        let plan = Arc::new(plan);
-        if self.plans.len() >= PLAN_CACHE_JOBS {
-            self.plans.clear();
-        }
-        self.plans.insert(job, (revision, plan.clone()));
-        Ok(Some(JobLink::Task { job, plan: (!plan.is_empty()).then_some(plan) }))
-    }
-}
-
 // ---------------------------------------------------------------------------- the Bypass object
 
 /// The bypass of a job: loaded from the YAML on the driver, with providers and conditions
@@ -344,7 +273,7 @@ impl Bypass {
         let data_paths: Vec<String> =
             plan.config.data_paths().iter().map(|path| path.to_string_lossy().into_owned()).collect();
         if !data_paths.is_empty() {
-            let generation = own.revision.load(Ordering::Relaxed);
+            let generation = own.revision();
             let name = format!("chia.bypass.files.{}.{generation}", cx.client().session().0);
             let options = ServiceOptions::named(&name).on_head();
             BypassFilesHandle::start(cx, options, data_paths).await?;
@@ -397,19 +326,17 @@ impl Bypass {
     /// nothing is sent.
     fn publish(&self) -> Result<(), Error> {
         let plan = self.plan();
-        let revision = self.own.revision.load(Ordering::Relaxed);
-        if !plan.is_empty() || revision > 0 {
+        if !plan.is_empty() || self.own.revision() > 0 {
             let settings = rmp_serde::to_vec_named(&plan)
                 .map_err(|e| Error::Setup(format!("the bypass plan cannot be encoded: {e}")))?;
-            let revision = self.own.revision.fetch_add(1, Ordering::Relaxed) + 1;
+            let revision = self.own.next_revision();
             let job = self.cx.client().session();
             self.cx
                 .client()
                 .send(&PeerToHead::SetJobSettings(JobSettings { job, revision, settings }))
                 .map_err(|e| Error::Disconnected(e.to_string()))?;
         }
-        let installed = (!plan.is_empty()).then(|| Arc::new(plan));
-        *self.own.plan.write().unwrap_or_else(|p| p.into_inner()) = installed;
+        self.own.install((!plan.is_empty()).then(|| Arc::new(plan)));
         Ok(())
     }
 }
@@ -457,7 +384,7 @@ pub(crate) fn decide(
             file_server: plan.file_server.clone(),
             context: cx.clone(),
         };
-        let checked = crate::api::block_on(cx.client().runtime(), CatchUnwind((condition.check)(&call)));
+        let checked = block_on(cx.client().runtime(), CatchUnwind((condition.check)(&call)));
         *args = call.args.into_iter().map(|arg| ArgInput(Ok(arg))).collect();
         let failed = |message: String| {
             tracing::warn!("bypass condition {name} of {function} failed, so the call runs: {message}");

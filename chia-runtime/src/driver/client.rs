@@ -5,8 +5,8 @@
 //! waiters; the reader task fills slots as `Done`/`Fetched` frames arrive.
 
 use crate::error::Error;
-use crate::tls::{ClusterCredentials, HEAD_SERVER_NAME};
-use crate::transport::{FrameReader, FrameSender, TransportError};
+use crate::net::tls::{ClusterCredentials, HEAD_SERVER_NAME};
+use crate::net::transport::{FrameReader, FrameSender, TransportError};
 use chia_core::protocol::{
     ArgValue, BypassSpec, Done, HeadToPeer, JobSettings, Outcome, PROTOCOL_VERSION, PeerToHead, Value,
     WorkerOffer, decode_body,

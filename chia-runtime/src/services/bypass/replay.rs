@@ -4,7 +4,8 @@
 //! [`Bypass::replay_from_cache`]: super::Bypass::replay_from_cache
 
 use super::{BypassCall, Provided};
-use crate::cache::get_active_cache;
+use crate::error::Error;
+use crate::services::cache::get_active_cache;
 
 /// The cached bytes under the call's tag, passed on without decoding (the reader's `get`
 /// decodes them as the function's type).
@@ -23,7 +24,7 @@ pub(super) async fn cache_replay(call: &BypassCall) -> Result<Provided, String> 
 
 /// Whether the cache holds a value under the call's tag (false without a tag or a cache).
 #[chia::condition(name = "chia.cache_hit")]
-pub(super) async fn cache_hit(call: &BypassCall) -> Result<bool, crate::Error> {
+pub(super) async fn cache_hit(call: &BypassCall) -> Result<bool, Error> {
     let Some(tag) = call.tag() else { return Ok(false) };
     match get_active_cache(call.context(), None).await? {
         Some(cache) => cache.has(tag).await,

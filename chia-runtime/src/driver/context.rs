@@ -1,19 +1,19 @@
-//! The user API: [`Context`], typed [`ObjectRef`]s, [`Call`] builders, [`get`] and [`wait`].
+//! A connection as user code holds it: [`Context`], typed [`ObjectRef`]s with [`get`] and
+//! [`wait`], the arguments of a call ([`IntoArg`]), and sending a request made of them. The
+//! builder of function calls, which also decides bypass, is [`Call`](crate::Call), one layer up.
 
-use crate::bypass::JobLink;
-use crate::client::{Client, SlotState};
+use crate::driver::client::{Client, SlotState};
+use crate::driver::job::JobLink;
+use crate::driver::process::TaskControl;
 use crate::error::Error;
-use crate::process::TaskControl;
-use crate::registry::FunctionSpec;
-use chia_bypass::{Decision, RunReason};
-use chia_core::protocol::{Arg, PeerToHead, TaskSpec, Value};
-use chia_core::resources::CPU;
-use chia_core::{ResourceAmount, Resources, TaskError, TaskId};
+use crate::util::block_on;
+use chia_core::protocol::{Arg, PeerToHead, Value};
+use chia_core::{TaskError, TaskId};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::any::Any;
-use std::future::Future;
 use std::marker::PhantomData;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -29,6 +29,9 @@ pub struct Context {
     client: Arc<Client>,
     running: Option<RunningTask>,
     job: JobLink,
+    /// Directories of this node that its built-in services never read (on the head's node:
+    /// the head's state directory).
+    protected_dirs: Arc<[PathBuf]>,
     _keep_alive: Option<Arc<dyn Any + Send + Sync>>,
 }
 
@@ -43,7 +46,24 @@ struct RunningTask {
 
 impl Context {
     pub(crate) fn new(client: Arc<Client>, keep_alive: Option<Arc<dyn Any + Send + Sync>>) -> Context {
-        Context { client, running: None, job: JobLink::own(), _keep_alive: keep_alive }
+        Context {
+            client,
+            running: None,
+            job: JobLink::own(),
+            protected_dirs: Arc::new([]),
+            _keep_alive: keep_alive,
+        }
+    }
+
+    /// This context, on a node whose built-in services must never read `dirs`.
+    pub(crate) fn protecting(mut self, dirs: Vec<PathBuf>) -> Context {
+        self.protected_dirs = dirs.into();
+        self
+    }
+
+    /// Directories of this node that its built-in services never read.
+    pub(crate) fn protected_dirs(&self) -> &[PathBuf] {
+        &self.protected_dirs
     }
 
     /// A context on an existing client connection (e.g. one made with
@@ -57,6 +77,7 @@ impl Context {
             client: self.client.clone(),
             running: Some(RunningTask { task, blocked_sent: Arc::new(AtomicBool::new(false)), control }),
             job: self.job.clone(),
+            protected_dirs: self.protected_dirs.clone(),
             _keep_alive: self._keep_alive.clone(),
         }
     }
@@ -112,12 +133,12 @@ impl Context {
     /// # fn main() {}
     /// ```
     pub fn spawn(&self, command: &mut tokio::process::Command) -> std::io::Result<tokio::process::Child> {
-        crate::process::spawn(self.running.as_ref().map(|r| &*r.control), command)
+        crate::driver::process::spawn(self.running.as_ref().map(|r| &*r.control), command)
     }
 
     /// [`Context::spawn`] for a `std::process::Command` (in a sync function).
     pub fn spawn_std(&self, command: &mut std::process::Command) -> std::io::Result<std::process::Child> {
-        crate::process::spawn_std(self.running.as_ref().map(|r| &*r.control), command)
+        crate::driver::process::spawn_std(self.running.as_ref().map(|r| &*r.control), command)
     }
 
     /// Resolves `object`, waiting as long as it takes.
@@ -368,129 +389,6 @@ impl<T> IntoArg<T> for &ObjectRef<T> {
     }
 }
 
-/// A call being built: set a tag or options, then [`Call::remote`].
-///
-/// ```no_run
-/// # extern crate chia_runtime as chia;
-/// #[chia::function(resources(adder = 1))]
-/// fn simple_add(x: i64, y: i64) -> i64 {
-///     x + y
-/// }
-///
-/// # async fn demo(cx: &chia::Context) -> Result<(), chia::Error> {
-/// let sum = simple_add::call(1, 2).tag("iter0").num_cpus(2.0).resource("adder", 0.5).remote(cx);
-/// assert_eq!(sum.get().await?, 3);
-/// # Ok(()) }
-/// # fn main() {}
-/// ```
-#[must_use = "a call does nothing until .remote(&cx)"]
-pub struct Call<T> {
-    spec: &'static FunctionSpec,
-    args: Vec<ArgInput>,
-    tag: Option<String>,
-    request: Resources,
-    max_retries: i32,
-    retry_exceptions: bool,
-    invalid: Option<String>,
-    _type: PhantomData<fn() -> T>,
-}
-
-impl<T: DeserializeOwned> Call<T> {
-    /// Used by `#[chia::function]`; users start from `my_function::call(..)`.
-    pub fn new(spec: &'static FunctionSpec, args: Vec<ArgInput>) -> Call<T> {
-        Call {
-            spec,
-            args,
-            tag: None,
-            request: spec.request(),
-            max_retries: spec.max_retries,
-            retry_exceptions: spec.retry_exceptions,
-            invalid: None,
-            _type: PhantomData,
-        }
-    }
-
-    /// Sets the per-call tag (CHIA's `_chia_tag`), used by the cache and bypass.
-    pub fn tag(mut self, tag: impl Into<String>) -> Self {
-        self.tag = Some(tag.into());
-        self
-    }
-
-    /// Overrides how many CPUs this call needs (0 allowed; at most 4 decimals).
-    pub fn num_cpus(self, cpus: f64) -> Self {
-        self.resource(CPU, cpus)
-    }
-
-    /// Overrides the amount of one resource for this call (0 removes it).
-    pub fn resource(mut self, name: &str, amount: f64) -> Self {
-        let result = ResourceAmount::from_f64(amount).and_then(|amount| self.request.set(name, amount));
-        if let Err(e) = result {
-            self.invalid.get_or_insert_with(|| format!("resource {name}: {e}"));
-        }
-        self
-    }
-
-    /// Overrides how many times this call runs again after its worker is lost (default 3, as in
-    /// Ray; -1: no limit; 0: never). When the attempts run out, `get` says the worker died and
-    /// how many attempts were made.
-    pub fn max_retries(mut self, retries: i32) -> Self {
-        self.max_retries = retries;
-        self
-    }
-
-    /// Whether an application error (an `Err`, a panic) also makes this call run again, within
-    /// `max_retries` (default: the function's `retry_exceptions`, itself default false).
-    pub fn retry_exceptions(mut self, retry: bool) -> Self {
-        self.retry_exceptions = retry;
-        self
-    }
-
-    /// Submits the call and returns its `ObjectRef` at once.
-    ///
-    /// When the job has a bypass plan that bypasses this call and registers a condition for
-    /// it, the condition runs here first, on this thread (see [`crate::bypass`]).
-    pub fn remote(self, cx: &Context) -> ObjectRef<T> {
-        self.remote_with_decision(cx).0
-    }
-
-    /// Like [`Call::remote`], and says how the call was dispatched: run for real (and why), or
-    /// bypassed (and by what).
-    pub fn remote_with_decision(self, cx: &Context) -> (ObjectRef<T>, Decision) {
-        let Call { spec, mut args, tag, request, max_retries, retry_exceptions, mut invalid, .. } = self;
-        let (decision, bypass) = match invalid {
-            // An invalid call fails as it is; there is nothing to decide.
-            Some(_) => (Decision::Run(RunReason::NotBypassed), None),
-            None => match crate::bypass::decide(cx, spec.name, tag.as_deref(), &mut args) {
-                Ok(decided) => decided,
-                Err(message) => {
-                    invalid = Some(message);
-                    (Decision::Run(RunReason::NotBypassed), None)
-                }
-            },
-        };
-        let job = cx.job.nested_in();
-        let object = send_request(cx, spec.name, args, invalid, |task, args| {
-            PeerToHead::Submit(TaskSpec {
-                task,
-                function: spec.key(),
-                args,
-                request,
-                tag,
-                max_retries,
-                retry_exceptions,
-                bypass,
-                job,
-            })
-        });
-        (object, decision)
-    }
-
-    /// Submits the call and blocks until its result is ready.
-    pub fn remote_blocking(self, cx: &Context) -> Result<T, Error> {
-        self.remote(cx).get_blocking()
-    }
-}
-
 /// Sends a request whose arguments are `args` — a task submission, a service start or a
 /// method call — and returns the ref to its answer. `function` names it in errors.
 pub(crate) fn send_request<T>(
@@ -526,19 +424,4 @@ pub(crate) fn send_request<T>(
     // dependencies from the request on, so dropping them now is safe.
     drop(keep_refs);
     ObjectRef { inner: Arc::new(RefInner { task, client, caller: cx.running.clone() }), _type: PhantomData }
-}
-
-/// Runs `future` to completion from synchronous code: on a blocking-pool thread, a thread
-/// outside any runtime, or a multi-threaded runtime's worker (via `block_in_place`).
-pub(crate) fn block_on<F: Future>(handle: &tokio::runtime::Handle, future: F) -> Result<F::Output, Error> {
-    match tokio::runtime::Handle::try_current() {
-        Ok(current) if current.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => {
-            Err(Error::Setup(
-                "a blocking chia call was made on a current-thread tokio runtime; use `.await` instead"
-                    .into(),
-            ))
-        }
-        Ok(_) => Ok(tokio::task::block_in_place(|| handle.block_on(future))),
-        Err(_) => Ok(handle.block_on(future)),
-    }
 }

@@ -3,7 +3,8 @@
 //! Each use of the attribute macro submits one [`FunctionSpec`] with `inventory`; a worker
 //! announces all of them when it joins, and runs them by name.
 
-use crate::api::Context;
+use crate::driver::context::Context;
+pub use crate::util::panic_message;
 use chia_core::protocol::{ArgValue, Value};
 use chia_core::{FunctionKey, ResourceAmount, Resources, TaskError};
 use serde::Serialize;
@@ -171,16 +172,5 @@ pub async fn run_blocking(
             Err(TaskError::Panic { function: String::new(), message: panic_message(join_error.into_panic()) })
         }
         Err(join_error) => Err(TaskError::Panic { function: String::new(), message: join_error.to_string() }),
-    }
-}
-
-/// The text of a panic payload.
-pub fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    match payload.downcast::<String>() {
-        Ok(text) => *text,
-        Err(payload) => match payload.downcast::<&'static str>() {
-            Ok(text) => text.to_string(),
-            Err(_) => "(a panic with a non-text payload)".to_string(),
-        },
     }
 }

@@ -6,9 +6,9 @@
 //! Names are resolved by the head every time ([`ServiceHandle::lookup`]), so a handle found
 //! by name is never a stale process-local copy; a missing service is `None`, not an error.
 
-use crate::api::{ArgInput, Context, ObjectRef, send_request};
+use crate::driver::context::{ArgInput, Context, ObjectRef, send_request};
+use crate::driver::registry::ServiceSpec;
 use crate::error::Error;
-use crate::registry::ServiceSpec;
 use chia_core::HEAD_NODE_NAME;
 use chia_core::protocol::{PeerToHead, ServiceInfo, ServiceStart};
 use chia_core::resources::{CPU, NODE_PREFIX};

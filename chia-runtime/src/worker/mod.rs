@@ -2,24 +2,27 @@
 //! binary, runs what the head sends, and reports each outcome. A function that fails or
 //! panics fails only its task; the worker keeps serving.
 
-use crate::api::Context;
-use crate::bypass::{PlanCache, provide};
-use crate::client::{Client, Execution};
+use crate::driver::client::{Client, Execution};
+use crate::driver::context::Context;
+use crate::driver::job::PlanCache;
+use crate::driver::process::TaskControl;
+use crate::driver::registry::{self, FunctionSpec, Invoke, ServiceSpec, SharedInstance};
 use crate::error::Error;
-use crate::process::TaskControl;
-use crate::registry::{self, FunctionSpec, Invoke, ServiceSpec, SharedInstance, panic_message};
-use crate::tls::ClusterCredentials;
+use crate::net::tls::ClusterCredentials;
+use crate::services::bypass::provide;
+use crate::util::{CatchUnwind, panic_message};
 use chia_core::HEAD_NODE_NAME;
 use chia_core::protocol::{ArgValue, Outcome, PeerToHead, Value, WorkerOffer};
-use chia_core::resources::NODE_PREFIX;
+use chia_core::resources::{CPU, NODE_PREFIX};
 use chia_core::{FunctionKey, ResourceAmount, Resources, ServiceId, TaskError, TaskId};
 use dashmap::DashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::task::Poll;
 use tokio::sync::mpsc;
+
+pub(crate) mod main;
 
 /// A worker connected to a head.
 pub struct Worker {
@@ -50,23 +53,33 @@ impl Worker {
             registry::functions().values().filter(|spec| offer(spec)).map(|spec| spec.key()).collect();
         functions.sort();
         let offer = WorkerOffer { resources, functions, services: service_keys(), head_node: false };
-        Worker::join(credentials, name, offer).await
+        Worker::join(credentials, name, offer, Vec::new()).await
     }
 
     /// The head's own node: it runs inside the head process, hosts services pinned to the head
-    /// (`node:head`) and runs no functions.
-    pub async fn connect_head_node(credentials: &ClusterCredentials) -> Result<Worker, Error> {
+    /// (`node:head`) and runs no functions. The built-in services it hosts never read
+    /// `protected_dirs` (the head's state directory, with its CA key), whatever a driver asks.
+    /// [`HeadWithNode`](crate::local::HeadWithNode) starts a head with this node.
+    pub async fn connect_head_node(
+        credentials: &ClusterCredentials,
+        protected_dirs: Vec<PathBuf>,
+    ) -> Result<Worker, Error> {
         let resources = Resources::new()
             .with(&format!("{NODE_PREFIX}{HEAD_NODE_NAME}"), ResourceAmount::whole(1))
             .map_err(|e| Error::Setup(e.to_string()))?;
         let offer =
             WorkerOffer { resources, functions: Vec::new(), services: service_keys(), head_node: true };
-        Worker::join(credentials, HEAD_NODE_NAME, offer).await
+        Worker::join(credentials, HEAD_NODE_NAME, offer, protected_dirs).await
     }
 
-    async fn join(credentials: &ClusterCredentials, name: &str, offer: WorkerOffer) -> Result<Worker, Error> {
+    async fn join(
+        credentials: &ClusterCredentials,
+        name: &str,
+        offer: WorkerOffer,
+        protected_dirs: Vec<PathBuf>,
+    ) -> Result<Worker, Error> {
         let (client, executions) = Client::connect(credentials, name, Some(offer)).await?;
-        let context = Context::new(client, None);
+        let context = Context::new(client, None).protecting(protected_dirs);
         let (stop_tx, stopped) = tokio::sync::watch::channel(false);
         tokio::spawn(serve(context.clone(), executions, stop_tx));
         Ok(Worker { context, stopped })
@@ -176,6 +189,16 @@ pub async fn stay_joined(
             _ = &mut until => return,
         }
     }
+}
+
+/// Adds `CPU` = the number of cores when the resources do not say.
+pub fn with_default_cpus(mut resources: Resources) -> Resources {
+    if !resources.contains(CPU) {
+        let cores = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
+        // Cannot fail: CPU is a valid name.
+        let _ = resources.set(CPU, ResourceAmount::whole(cores));
+    }
+    resources
 }
 
 fn service_keys() -> Vec<FunctionKey> {
@@ -480,22 +503,6 @@ fn report(client: &Client, lease: Lease, function: &str, outcome: Outcome) {
         if let Err(e) = client.send(&PeerToHead::Finished { task, attempt, outcome: Outcome::Failed(error) })
         {
             tracing::error!("could not report {task} to the head: {e}");
-        }
-    }
-}
-
-/// Resolves to the future's output, or to the panic it raised while being polled.
-pub(crate) struct CatchUnwind<F>(pub(crate) F);
-
-impl<F: Future + Unpin> Future for CatchUnwind<F> {
-    type Output = std::thread::Result<F::Output>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
-        let inner = &mut self.0;
-        match std::panic::catch_unwind(AssertUnwindSafe(|| Pin::new(inner).poll(cx))) {
-            Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
-            Err(panic) => Poll::Ready(Err(panic)),
         }
     }
 }

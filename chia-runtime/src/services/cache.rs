@@ -17,14 +17,15 @@
 //! # Ok(()) }
 //! ```
 
-use crate::api::Context;
+use crate::driver::context::Context;
 use crate::error::Error;
-use crate::service::ServiceOptions;
-use crate::{Bytes, TaskError};
+use crate::services::service::{ServiceHandle, ServiceOptions, stop_service};
 use chia_cache::{CacheConfig, CacheError, CacheRule, CacheStore, StoreOptions, parse_budget};
+use chia_core::TaskError;
 use chia_core::protocol::WatchRule;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_bytes::ByteBuf as Bytes;
 use std::path::Path;
 
 pub use chia_cache::Durability;
@@ -40,7 +41,7 @@ pub struct CacheService {
 
 // Concurrent: the store is safe to share and does its file I/O outside its index lock, so a
 // large read or write does not hold up small ones.
-#[crate::service(name = "chia.Cache", concurrent)]
+#[chia::service(name = "chia.Cache", concurrent)]
 impl CacheService {
     /// Opens (warm-starts) the store in `dir` on the hosting node and registers the automatic
     /// write of the configured functions' results.
@@ -169,7 +170,7 @@ pub async fn get_active_cache(cx: &Context, namespace: Option<&str>) -> Result<O
 
 /// Stops the cache (its files stay for the next start). Returns whether one was running.
 pub async fn stop_cache(cx: &Context, namespace: Option<&str>) -> Result<bool, Error> {
-    crate::service::stop_service(cx, CACHE_SERVICE_NAME, namespace).await
+    stop_service(cx, CACHE_SERVICE_NAME, namespace).await
 }
 
 /// Whether `function`'s result is cached for a call tagged `tag`, by the running cache's
@@ -237,7 +238,7 @@ impl Cache {
     }
 
     /// The underlying service handle.
-    pub fn service(&self) -> &crate::ServiceHandle {
+    pub fn service(&self) -> &ServiceHandle {
         self.service.service()
     }
 

@@ -1,0 +1,137 @@
+//! [`Call`]: a function call being built — its tag, resources and retries — and sent. Sending
+//! is where the caller decides bypass, so `Call` sits above the services ([`crate::bypass`]),
+//! which are themselves built on the [`Context`] a call is submitted through.
+
+use crate::driver::context::{ArgInput, Context, ObjectRef, send_request};
+use crate::driver::registry::FunctionSpec;
+use crate::error::Error;
+use crate::services::bypass;
+use chia_bypass::{Decision, RunReason};
+use chia_core::protocol::{PeerToHead, TaskSpec};
+use chia_core::resources::CPU;
+use chia_core::{ResourceAmount, Resources};
+use serde::de::DeserializeOwned;
+use std::marker::PhantomData;
+
+/// A call being built: set a tag or options, then [`Call::remote`].
+///
+/// ```no_run
+/// # extern crate chia_runtime as chia;
+/// #[chia::function(resources(adder = 1))]
+/// fn simple_add(x: i64, y: i64) -> i64 {
+///     x + y
+/// }
+///
+/// # async fn demo(cx: &chia::Context) -> Result<(), chia::Error> {
+/// let sum = simple_add::call(1, 2).tag("iter0").num_cpus(2.0).resource("adder", 0.5).remote(cx);
+/// assert_eq!(sum.get().await?, 3);
+/// # Ok(()) }
+/// # fn main() {}
+/// ```
+#[must_use = "a call does nothing until .remote(&cx)"]
+pub struct Call<T> {
+    spec: &'static FunctionSpec,
+    args: Vec<ArgInput>,
+    tag: Option<String>,
+    request: Resources,
+    max_retries: i32,
+    retry_exceptions: bool,
+    invalid: Option<String>,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T: DeserializeOwned> Call<T> {
+    /// Used by `#[chia::function]`; users start from `my_function::call(..)`.
+    pub fn new(spec: &'static FunctionSpec, args: Vec<ArgInput>) -> Call<T> {
+        Call {
+            spec,
+            args,
+            tag: None,
+            request: spec.request(),
+            max_retries: spec.max_retries,
+            retry_exceptions: spec.retry_exceptions,
+            invalid: None,
+            _type: PhantomData,
+        }
+    }
+
+    /// Sets the per-call tag (CHIA's `_chia_tag`), used by the cache and bypass.
+    pub fn tag(mut self, tag: impl Into<String>) -> Self {
+        self.tag = Some(tag.into());
+        self
+    }
+
+    /// Overrides how many CPUs this call needs (0 allowed; at most 4 decimals).
+    pub fn num_cpus(self, cpus: f64) -> Self {
+        self.resource(CPU, cpus)
+    }
+
+    /// Overrides the amount of one resource for this call (0 removes it).
+    pub fn resource(mut self, name: &str, amount: f64) -> Self {
+        let result = ResourceAmount::from_f64(amount).and_then(|amount| self.request.set(name, amount));
+        if let Err(e) = result {
+            self.invalid.get_or_insert_with(|| format!("resource {name}: {e}"));
+        }
+        self
+    }
+
+    /// Overrides how many times this call runs again after its worker is lost (default 3, as in
+    /// Ray; -1: no limit; 0: never). When the attempts run out, `get` says the worker died and
+    /// how many attempts were made.
+    pub fn max_retries(mut self, retries: i32) -> Self {
+        self.max_retries = retries;
+        self
+    }
+
+    /// Whether an application error (an `Err`, a panic) also makes this call run again, within
+    /// `max_retries` (default: the function's `retry_exceptions`, itself default false).
+    pub fn retry_exceptions(mut self, retry: bool) -> Self {
+        self.retry_exceptions = retry;
+        self
+    }
+
+    /// Submits the call and returns its `ObjectRef` at once.
+    ///
+    /// When the job has a bypass plan that bypasses this call and registers a condition for
+    /// it, the condition runs here first, on this thread (see [`crate::bypass`]).
+    pub fn remote(self, cx: &Context) -> ObjectRef<T> {
+        self.remote_with_decision(cx).0
+    }
+
+    /// Like [`Call::remote`], and says how the call was dispatched: run for real (and why), or
+    /// bypassed (and by what).
+    pub fn remote_with_decision(self, cx: &Context) -> (ObjectRef<T>, Decision) {
+        let Call { spec, mut args, tag, request, max_retries, retry_exceptions, mut invalid, .. } = self;
+        let (decision, bypass) = match invalid {
+            // An invalid call fails as it is; there is nothing to decide.
+            Some(_) => (Decision::Run(RunReason::NotBypassed), None),
+            None => match bypass::decide(cx, spec.name, tag.as_deref(), &mut args) {
+                Ok(decided) => decided,
+                Err(message) => {
+                    invalid = Some(message);
+                    (Decision::Run(RunReason::NotBypassed), None)
+                }
+            },
+        };
+        let job = cx.job().nested_in();
+        let object = send_request(cx, spec.name, args, invalid, |task, args| {
+            PeerToHead::Submit(TaskSpec {
+                task,
+                function: spec.key(),
+                args,
+                request,
+                tag,
+                max_retries,
+                retry_exceptions,
+                bypass,
+                job,
+            })
+        });
+        (object, decision)
+    }
+
+    /// Submits the call and blocks until its result is ready.
+    pub fn remote_blocking(self, cx: &Context) -> Result<T, Error> {
+        self.remote(cx).get_blocking()
+    }
+}
