@@ -144,6 +144,9 @@ pub enum PeerToHead {
         name: String,
         worker: Option<WorkerOffer>,
     },
+    /// Instead of a hello, as a peer's first message to a head restarted from its journal:
+    /// take up the session it had before (see [`ResumeSession`]).
+    Resume(ResumeSession),
     Submit(TaskSpec),
     /// Every `ObjectRef` to these tasks was dropped.
     Release {
@@ -216,6 +219,33 @@ pub enum PeerToHead {
     Heartbeat,
 }
 
+/// A peer takes up its session again after the head restarted from its journal (its welcome
+/// named the journal). Everything the peer sent after the `resumed_through`-th frame of the
+/// session (answered in the welcome) is sent again, so nothing that was in flight is lost.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeSession {
+    pub protocol_version: u32,
+    pub session: SessionId,
+    /// The `journal_id` of the welcome that opened the session: a head that started afresh
+    /// (another journal) does not know the session and refuses it.
+    pub journal_id: u64,
+    /// A worker's tasks it still runs or finished since it lost the head, with their
+    /// attempts: a task the head had sent it that is not among them is sent again.
+    #[serde(default)]
+    pub known: Vec<TaskAttempt>,
+    /// The tasks whose outcome the peer still waits for: those that ended meanwhile are
+    /// announced again.
+    #[serde(default)]
+    pub waiting: Vec<TaskId>,
+}
+
+/// One run of a task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TaskAttempt {
+    pub task: TaskId,
+    pub attempt: u32,
+}
+
 /// Which results a service watches: a function's, for every call (`tags: None`) or for calls
 /// whose tag one of the patterns matches in full.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -235,6 +265,14 @@ pub enum HeadToPeer {
         /// head writes off a worker it has not heard from for a few of these.
         #[serde(default)]
         heartbeat_ms: u64,
+        /// Set when the head keeps a journal: its id, which a peer names to take up its session
+        /// after a head restart ([`PeerToHead::Resume`]).
+        #[serde(default)]
+        journal_id: Option<u64>,
+        /// On a resumed session: how many frames of the session the head has; the peer sends
+        /// again what it sent after them.
+        #[serde(default)]
+        resumed_through: u64,
     },
     Rejected {
         reason: String,

@@ -8,13 +8,14 @@
 //! connections to close, state to save — waits in an outbox drained with
 //! [`HeadCore::poll_action`], in the order it was decided.
 
+use crate::journal::{JournalEntry, changes_state};
 use crate::outbox::{Action, Outbox};
 use crate::persist::PersistedService;
 use crate::scheduler::{Command, Event, Scheduler, TaskStatus};
 use crate::services::{HEAD_SESSION, Services, instance_function, ref_args};
 use chia_core::protocol::{
     Arg, BypassSpec, Done, DoneRef, HeadToPeer, HeadToPeerRef, JobSettings, JobSettingsRef, Outcome,
-    PROTOCOL_VERSION, PeerToHead, TaskSpec, ValueRef,
+    PROTOCOL_VERSION, PeerToHead, ResumeSession, TaskSpec, ValueRef,
 };
 use chia_core::{HEAD_NODE_NAME, NodeId, SessionId, TaskError, TaskId};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -47,6 +48,14 @@ pub struct CoreOptions {
     /// Keep the specifications of detached services ([`Action::SaveServices`]) so a restarted
     /// head can start them again ([`HeadCore::restore_services`]).
     pub keep_services: bool,
+    /// Set when the head keeps a journal: the journal's id (the same across the restarts that
+    /// recover from it), told to every peer so it can take up its session after a restart. The core then queues an [`Action::Keep`] for every state
+    /// change, before the actions it causes.
+    pub journal_id: Option<u64>,
+    /// How long a head recovered from its journal keeps the sessions of the previous run for
+    /// their peers to take up again; a peer that stays away longer loses its session (its tasks
+    /// run elsewhere, its results are freed).
+    pub resume_grace: Duration,
 }
 
 impl Default for CoreOptions {
@@ -55,6 +64,8 @@ impl Default for CoreOptions {
             heartbeat: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(10),
             keep_services: false,
+            journal_id: None,
+            resume_grace: Duration::from_secs(60),
         }
     }
 }
@@ -68,8 +79,20 @@ pub struct Rejection {
 }
 
 pub(crate) struct Session {
-    name: String,
-    node: Option<NodeId>,
+    pub(crate) name: String,
+    pub(crate) node: Option<NodeId>,
+    /// Messages handled from the session so far (the sequence number of the last one).
+    pub(crate) frames: u64,
+    /// Recovered from the journal and not taken up again yet: until this deadline its frames
+    /// wait in `held`, then the session is closed.
+    pub(crate) detached_until: Option<Instant>,
+    pub(crate) held: Vec<Vec<u8>>,
+}
+
+impl Session {
+    fn new(name: String, node: Option<NodeId>) -> Session {
+        Session { name, node, frames: 0, detached_until: None, held: Vec::new() }
+    }
 }
 
 /// A submitted task and, once it ends, its result.
@@ -217,25 +240,42 @@ impl HeadCore {
 
     /// The next thing the head must do, in the order it was decided.
     pub fn poll_action(&mut self) -> Option<Action> {
-        self.outbox.pop()
+        loop {
+            let action = self.outbox.pop()?;
+            if let Action::Send { to, frame } = action {
+                match self.sessions.get_mut(&to) {
+                    Some(session) if session.detached_until.is_some() => session.held.push(frame),
+                    _ => return Some(Action::Send { to, frame }),
+                }
+                continue;
+            }
+            return Some(action);
+        }
     }
 
     /// When [`HeadCore::handle_timeout`] must next run, if nothing else happens before: the
     /// moment the longest-silent worker would be written off.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.scheduler.next_expiry(self.options.heartbeat_timeout)
+        let expiry = self.scheduler.next_expiry(self.options.heartbeat_timeout);
+        let grace = self.sessions.values().filter_map(|s| s.detached_until).min();
+        expiry.into_iter().chain(grace).min()
     }
 
     /// The deadline of [`HeadCore::poll_timeout`] passed: writes off the workers not heard
     /// from in time.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = now;
-        // The head's own node lives and dies with this process: it is never written off.
-        if let Some(node) = self.head_node {
+        // The head's own node lives and dies with this process: it is never written off; nor is
+        // a node waiting to be taken up again (its grace period decides).
+        let mut exempt: Vec<NodeId> = self.head_node.into_iter().collect();
+        exempt.extend(self.sessions.values().filter(|s| s.detached_until.is_some()).filter_map(|s| s.node));
+        exempt.sort_unstable();
+        for node in exempt {
             self.scheduler.handle(now, Event::NodeHeard { node });
         }
         self.scheduler.expire_silent(now, self.options.heartbeat_timeout);
         self.run_commands();
+        self.end_expired_graces(now);
     }
 
     /// Bytes arrived from `session` although no whole frame did (a large one is on its way):
@@ -284,9 +324,20 @@ impl HeadCore {
         first: PeerToHead,
     ) -> Result<SessionId, Rejection> {
         self.now = now;
+        let kept = self.options.journal_id.is_some().then(|| first.clone());
         let (name, worker) = match first {
             PeerToHead::Hello { protocol_version, name, worker } if protocol_version == PROTOCOL_VERSION => {
                 (name, worker)
+            }
+            PeerToHead::Resume(resume) if resume.protocol_version == PROTOCOL_VERSION => {
+                return self.resume(resume);
+            }
+            PeerToHead::Resume(ResumeSession { protocol_version, .. }) => {
+                return Err(Rejection {
+                    reason: format!(
+                        "protocol version {protocol_version} is not supported; this head speaks version {PROTOCOL_VERSION}"
+                    ),
+                });
             }
             PeerToHead::Hello { protocol_version, .. } => {
                 return Err(Rejection {
@@ -299,6 +350,9 @@ impl HeadCore {
         };
         let session = SessionId(self.next_session);
         self.next_session += 1;
+        if let Some(hello) = kept {
+            self.outbox.push(Action::Keep(JournalEntry::Opened { session, hello }));
+        }
         let (node, name) = match &worker {
             Some(offer) => {
                 let node = NodeId(self.next_node);
@@ -319,6 +373,8 @@ impl HeadCore {
             node,
             node_name: name.clone(),
             heartbeat_ms: if node.is_some() { self.options.heartbeat.as_millis() as u64 } else { 0 },
+            journal_id: self.options.journal_id,
+            resumed_through: 0,
         };
         self.outbox.send(session, &welcome);
         tracing::info!(
@@ -333,12 +389,16 @@ impl HeadCore {
                 None => String::new(),
             }
         );
-        self.sessions.insert(session, Session { name: name.clone(), node });
+        self.sessions.insert(session, Session::new(name.clone(), node));
         if let (Some(node), Some(offer)) = (node, worker) {
             self.nodes.insert(node, session);
             let mut functions = offer.functions;
             functions.extend(offer.services.iter().map(instance_function));
             self.feed(Event::NodeJoined { node, name, resources: offer.resources, functions });
+            if self.head_node == Some(node) && !self.services.to_restore.is_empty() {
+                let kept = std::mem::take(&mut self.services.to_restore);
+                self.restore_services(now, kept);
+            }
         }
         Ok(session)
     }
@@ -359,10 +419,15 @@ impl HeadCore {
     /// do is ignored with a log line.
     pub fn handle(&mut self, now: Instant, session: SessionId, message: PeerToHead) {
         self.now = now;
-        let Some(peer) = self.sessions.get(&session) else {
+        let Some(peer) = self.sessions.get_mut(&session) else {
             // Closed (written off) between the frame's decoding and now: nothing it says counts.
             return;
         };
+        peer.frames += 1;
+        if self.options.journal_id.is_some() && changes_state(&message) {
+            let seq = peer.frames;
+            self.outbox.push(Action::Keep(JournalEntry::Message { session, seq, message: message.clone() }));
+        }
         if let Some(node) = peer.node {
             // Any frame shows the node is alive; heartbeats only fill the silences.
             self.scheduler.handle(now, Event::NodeHeard { node });
@@ -414,7 +479,9 @@ impl HeadCore {
                 }
             }
             PeerToHead::Heartbeat => {}
-            PeerToHead::Hello { .. } => tracing::warn!("{session} sent a second hello; ignored"),
+            PeerToHead::Hello { .. } | PeerToHead::Resume(_) => {
+                tracing::warn!("{session} sent a second hello; ignored")
+            }
         }
     }
 
@@ -623,7 +690,26 @@ impl HeadCore {
         }
         record.running_on = Some(node);
         record.attempt = attempt;
-        let Some(record) = self.tasks.get(&task) else { return };
+        let Err(e) = self.send_execute(task, session) else { return };
+        // The arguments together exceed what a frame may carry: the task can never be sent.
+        let name = self.tasks.get(&task).map(|r| r.function.clone()).unwrap_or_default();
+        let error =
+            TaskError::InvalidCall { function: name, message: format!("its arguments cannot be sent: {e}") };
+        if let Some(record) = self.tasks.get_mut(&task) {
+            record.running_on = None;
+        }
+        self.feed(Event::TaskFinished { task, node, error: Some(error.clone()) });
+        self.settle(task, Outcome::Failed(error));
+    }
+
+    /// Sends `task` to `session`, its node, for the attempt it records.
+    pub(crate) fn send_execute(
+        &mut self,
+        task: TaskId,
+        session: SessionId,
+    ) -> Result<(), chia_core::protocol::ProtocolError> {
+        let Some(record) = self.tasks.get(&task) else { return Ok(()) };
+        let attempt = record.attempt;
         let values = arg_values(&self.tasks, task, &record.args);
         let job = self.jobs.get(&record.job).map(|job| JobSettingsRef {
             job: job.job,
@@ -639,17 +725,7 @@ impl HeadCore {
             bypass: record.bypass.as_deref(),
             job,
         };
-        let sent = self.outbox.send_checked(session, &execute);
-        let name = record.function.clone();
-        let Err(e) = sent else { return };
-        // The arguments together exceed what a frame may carry: the task can never be sent.
-        let error =
-            TaskError::InvalidCall { function: name, message: format!("its arguments cannot be sent: {e}") };
-        if let Some(record) = self.tasks.get_mut(&task) {
-            record.running_on = None;
-        }
-        self.feed(Event::TaskFinished { task, node, error: Some(error.clone()) });
-        self.settle(task, Outcome::Failed(error));
+        self.outbox.send_checked(session, &execute)
     }
 
     /// The task no longer needs its dependencies' values.
@@ -696,8 +772,14 @@ impl HeadCore {
         self.close(session, reason);
     }
 
-    fn close(&mut self, session: SessionId, reason: &str) {
+    pub(crate) fn close(&mut self, session: SessionId, reason: &str) {
         let Some(closed) = self.sessions.remove(&session) else { return };
+        if self.options.journal_id.is_some() {
+            self.outbox.push(Action::Keep(JournalEntry::Closed { session, reason: reason.to_string() }));
+        }
+        if closed.node.is_some() && closed.node == self.head_node {
+            self.head_node = None;
+        }
         self.jobs.remove(&session);
         tracing::info!("{} ({session}) left: {reason}", closed.name);
         self.outbox.close(session, reason);

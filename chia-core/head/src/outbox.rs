@@ -17,6 +17,9 @@ pub enum Action {
     Close { session: SessionId, reason: String },
     /// The detached services to start again after a restart are now these (all of them).
     SaveServices(Vec<PersistedService>),
+    /// Append this to the journal (only when the head keeps one). What follows it in the
+    /// outbox was decided because of it: a frame must not leave before its cause is durable.
+    Keep(crate::journal::JournalEntry),
 }
 
 impl Action {

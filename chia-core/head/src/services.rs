@@ -81,6 +81,8 @@ pub(crate) struct Services {
     names: HashMap<(String, String), ServiceId>,
     /// Calls waiting for an argument task, by that task.
     waiting_calls: HashMap<TaskId, Vec<TaskId>>,
+    /// Services kept by a previous run, started once the head's own node joins.
+    pub(crate) to_restore: Vec<PersistedService>,
     next: u64,
 }
 
@@ -532,8 +534,20 @@ impl HeadCore {
 
     /// Starts again the detached services a previous head on the same state directory ran
     /// (as its last [`crate::Action::SaveServices`] listed them).
+    ///
+    /// Until the head's own node joins they wait (those pinned to the head need it; placing
+    /// them before would only report them unplaceable).
     pub fn restore_services(&mut self, now: std::time::Instant, services: Vec<PersistedService>) {
         self.set_now(now);
+        if self.head_node.is_none() {
+            self.services.to_restore.extend(services);
+            return;
+        }
+        if self.options().journal_id.is_some() {
+            self.outbox.push(crate::Action::Keep(crate::journal::JournalEntry::Restored {
+                services: services.clone(),
+            }));
+        }
         if let Some(store) = self.persisted.as_mut() {
             for service in &services {
                 store.insert((service.namespace.clone(), service.name.clone()), service.clone());
@@ -717,7 +731,7 @@ impl HeadCore {
         }
     }
 
-    fn fail_call(&mut self, task: TaskId, error: impl FnOnce(String) -> TaskError) {
+    pub(crate) fn fail_call(&mut self, task: TaskId, error: impl FnOnce(String) -> TaskError) {
         let function = self.tasks.get(&task).map(|r| r.function.clone()).unwrap_or_default();
         self.release_deps(task);
         self.settle(task, Outcome::Failed(error(function)));

@@ -2,7 +2,8 @@
 //! messages with a manual clock and records every frame the core decides to send.
 
 use super::*;
-use chia_core::protocol::{Arg, ServiceInfo, ServiceStart, WorkerOffer};
+use crate::journal::JournalEntry;
+use chia_core::protocol::{Arg, ResumeSession, ServiceInfo, ServiceStart, TaskAttempt, WorkerOffer};
 use chia_core::{FunctionKey, Resources, ServiceId};
 
 const SIG: &str = "0123456789abcdef";
@@ -14,6 +15,8 @@ struct Env {
     sent: Vec<(SessionId, HeadToPeer)>,
     closed: Vec<SessionId>,
     saved: Vec<Vec<PersistedService>>,
+    /// The journal entries kept so far.
+    kept: Vec<JournalEntry>,
 }
 
 impl Env {
@@ -29,6 +32,7 @@ impl Env {
             sent: Vec::new(),
             closed: Vec::new(),
             saved: Vec::new(),
+            kept: Vec::new(),
         }
     }
 
@@ -42,6 +46,7 @@ impl Env {
                 }
                 Action::Close { session, .. } => self.closed.push(session),
                 Action::SaveServices(services) => self.saved.push(services),
+                Action::Keep(entry) => self.kept.push(entry),
             }
         }
     }
@@ -403,4 +408,173 @@ fn a_call_to_a_service_on_a_lost_node_fails_and_the_name_is_free_again() {
     let done = dones(&env.to(driver));
     let Done::Value(found) = &done[0].1 else { panic!("{done:?}") };
     assert_eq!(rmp_serde::from_slice::<Option<ServiceInfo>>(found).expect("an answer"), None);
+}
+
+fn journaled() -> CoreOptions {
+    CoreOptions { journal_id: Some(77), resume_grace: Duration::from_secs(60), ..CoreOptions::default() }
+}
+
+impl Env {
+    /// The head is killed now and started again from what it kept: a new environment around
+    /// the recovered core, a little later.
+    fn restart(&self) -> Env {
+        let now = self.now + Duration::from_secs(2);
+        let (core, _) = HeadCore::recover(now, journaled(), self.kept.clone());
+        let mut env = Env { core, now, ..Env::with(journaled()) };
+        env.kept = self.kept.clone();
+        env.collect();
+        env
+    }
+
+    fn resume(&mut self, session: SessionId, known: Vec<TaskAttempt>, waiting: Vec<TaskId>) -> u64 {
+        let resume =
+            ResumeSession { protocol_version: PROTOCOL_VERSION, session, journal_id: 77, known, waiting };
+        let resumed = self.core.open_session(self.now, "test", PeerToHead::Resume(resume));
+        assert_eq!(resumed, Ok(session));
+        self.collect();
+        let sent = self.to(session);
+        let Some(HeadToPeer::Welcome { resumed_through, .. }) = sent.first() else { panic!("{sent:?}") };
+        let through = *resumed_through;
+        self.sent.extend(sent.into_iter().skip(1).map(|m| (session, m)));
+        through
+    }
+}
+
+#[test]
+fn only_state_changes_are_kept_and_frames_are_counted() {
+    let mut env = Env::with(journaled());
+    let worker = env.worker("w", "CPU=1", &["f"]);
+    let driver = env.driver();
+    env.send(driver, PeerToHead::Ping { nonce: 1 });
+    let task = env.submit(driver, 1, "f", vec![]);
+    env.send(worker, PeerToHead::Heartbeat);
+    env.send(worker, PeerToHead::Finished { task, attempt: 1, outcome: Outcome::Value(value(1)) });
+    let kinds: Vec<String> = env
+        .kept
+        .iter()
+        .map(|entry| match entry {
+            JournalEntry::Opened { session, .. } => format!("opened {}", session.0),
+            JournalEntry::Message { session, seq, .. } => format!("message {}#{seq}", session.0),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(kinds, ["opened 1", "opened 2", "message 2#2", "message 1#2"]);
+}
+
+#[test]
+fn a_restarted_head_keeps_queued_and_running_tasks_and_answers_resumed_peers() {
+    let mut env = Env::with(journaled());
+    let worker = env.worker("w", "CPU=1", &["f"]);
+    let driver = env.driver();
+    let done = env.submit(driver, 1, "f", vec![]);
+    let running = env.submit(driver, 2, "f", vec![]);
+    let queued = env.submit(driver, 3, "f", vec![Arg::Ref(running)]);
+    assert_eq!(executes(&env.to(worker)), [(done, 1)]);
+    env.send(worker, PeerToHead::Finished { task: done, attempt: 1, outcome: Outcome::Value(value(1)) });
+    assert_eq!(executes(&env.to(worker)), [(running, 1)]);
+
+    let mut env = env.restart();
+    assert_eq!(env.core.stats().tasks, 3);
+    assert!(env.sent.is_empty(), "nobody is connected yet");
+    // The worker still runs `running` and finished nothing meanwhile; the driver waits for all.
+    let through = env.resume(worker, vec![TaskAttempt { task: running, attempt: 1 }], vec![]);
+    assert_eq!(through, 1, "the head has its one frame, the report of `done`");
+    assert!(executes(&env.to(worker)).is_empty(), "nothing lost in flight");
+    env.resume(driver, vec![], vec![done, running, queued]);
+    assert_eq!(dones(&env.to(driver)), [(done, Done::Value(value(1)))]);
+    env.send(worker, PeerToHead::Finished { task: running, attempt: 1, outcome: Outcome::Value(value(2)) });
+    assert_eq!(dones(&env.to(driver)), [(running, Done::Value(value(2)))]);
+    let sent = env.to(worker);
+    assert_eq!(executes(&sent), [(queued, 1)]);
+    let HeadToPeer::Execute { args, .. } = &sent[0] else { unreachable!() };
+    assert_eq!(args[0].0, value(2), "the recovered result is passed on");
+}
+
+#[test]
+fn a_task_lost_on_its_way_to_a_worker_is_sent_again_when_it_resumes() {
+    let mut env = Env::with(journaled());
+    let worker = env.worker("w", "CPU=1", &["f"]);
+    let driver = env.driver();
+    let task = env.submit(driver, 1, "f", vec![Arg::Value(value(4))]);
+    let mut env = env.restart();
+    // The Execute died with the head: the worker does not know the task.
+    env.resume(worker, vec![], vec![]);
+    let sent = env.to(worker);
+    assert_eq!(executes(&sent), [(task, 1)]);
+    let HeadToPeer::Execute { args, .. } = &sent[0] else { unreachable!() };
+    assert_eq!(args[0].0, value(4));
+}
+
+#[test]
+fn a_peer_that_stays_away_past_the_grace_period_loses_its_session_and_its_tasks_run_elsewhere() {
+    let mut env = Env::with(journaled());
+    let lost = env.worker("a", "CPU=1", &["f"]);
+    let driver = env.driver();
+    let task = env.submit(driver, 1, "f", vec![]);
+    let mut env = env.restart();
+    env.resume(driver, vec![], vec![task]);
+    let other = env.worker("b", "CPU=1", &["f"]);
+    assert!(executes(&env.to(other)).is_empty(), "the task still runs on a, which may come back");
+    assert_eq!(env.core.poll_timeout(), Some(env.now + Duration::from_secs(10)), "b's heartbeat deadline");
+    env.advance(Duration::from_secs(9));
+    env.send(other, PeerToHead::Heartbeat);
+    env.timeout();
+    assert!(env.closed.is_empty(), "a is not written off by heartbeat while it may come back");
+    env.advance(Duration::from_secs(51));
+    env.send(other, PeerToHead::Heartbeat);
+    env.timeout();
+    assert_eq!(env.closed, [lost]);
+    assert_eq!(executes(&env.to(other)), [(task, 2)]);
+    let late = ResumeSession {
+        protocol_version: PROTOCOL_VERSION,
+        session: lost,
+        journal_id: 77,
+        known: vec![],
+        waiting: vec![],
+    };
+    let refused = env.core.open_session(env.now, "test", PeerToHead::Resume(late)).unwrap_err();
+    assert!(refused.reason.contains("grace period"), "{refused}");
+}
+
+#[test]
+fn a_session_of_another_journal_or_a_live_one_cannot_be_taken_up() {
+    let mut env = Env::with(journaled());
+    let driver = env.driver();
+    let mut env = env.restart();
+    let other = ResumeSession {
+        protocol_version: PROTOCOL_VERSION,
+        session: driver,
+        journal_id: 5,
+        known: vec![],
+        waiting: vec![],
+    };
+    assert!(env.core.open_session(env.now, "test", PeerToHead::Resume(other.clone())).is_err());
+    env.resume(driver, vec![], vec![]);
+    let again = ResumeSession { journal_id: 77, ..other };
+    assert!(env.core.open_session(env.now, "test", PeerToHead::Resume(again)).is_err(), "taken already");
+}
+
+#[test]
+fn a_recovered_head_rebuilds_the_same_state_from_its_own_journal() {
+    // Two restarts in a row: the second replays what the first kept too.
+    let mut env = Env::with(journaled());
+    let worker = env.worker("w", "CPU=2", &["f"]);
+    let driver = env.driver();
+    let first = env.submit(driver, 1, "f", vec![]);
+    let mut env = env.restart();
+    env.resume(worker, vec![TaskAttempt { task: first, attempt: 1 }], vec![]);
+    env.resume(driver, vec![], vec![first]);
+    let second = env.submit(driver, 2, "f", vec![]);
+    assert_eq!(executes(&env.to(worker)), [(second, 1)]);
+    let mut env = env.restart();
+    assert_eq!(env.core.stats().tasks, 2);
+    env.resume(
+        worker,
+        vec![TaskAttempt { task: first, attempt: 1 }, TaskAttempt { task: second, attempt: 1 }],
+        vec![],
+    );
+    env.resume(driver, vec![], vec![first, second]);
+    env.send(worker, PeerToHead::Finished { task: second, attempt: 1, outcome: Outcome::Value(value(2)) });
+    env.send(worker, PeerToHead::Finished { task: first, attempt: 1, outcome: Outcome::Value(value(1)) });
+    assert_eq!(dones(&env.to(driver)), [(second, Done::Value(value(2))), (first, Done::Value(value(1)))]);
 }

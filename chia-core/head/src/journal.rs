@@ -1,0 +1,245 @@
+//! The head core's side of the journal: which inputs change state (and so are kept), how a
+//! head rebuilds its state from them after a restart, and how the peers of the previous run
+//! take up their sessions again.
+//!
+//! The journal holds the core's *inputs*, not its state: the core is deterministic (its
+//! counters assign the same ids, its loops do not follow hash-map order), so replaying the
+//! kept inputs in order rebuilds exactly the state the previous run had — task records,
+//! results, the scheduler's placements, services, job settings. Time is not kept: the only
+//! decision that depends on it, writing off a silent worker, is kept as the session's close.
+//! Frames the replay produces are dropped; those were sent before the crash, or their loss is
+//! made up for when the peer resumes (a worker gets again the tasks it does not know, a driver
+//! the outcomes it still waits for).
+//!
+//! After the replay every session of the previous run is *detached*: nothing is sent to it
+//! (frames wait), its node is not written off by heartbeat, and it has the grace period
+//! ([`CoreOptions::resume_grace`]) to come back with [`PeerToHead::Resume`]; a session still
+//! away then is closed as if its peer had left.
+
+use crate::core::{CoreOptions, HeadCore, Rejection, TaskKind};
+use crate::outbox::Action;
+use crate::persist::PersistedService;
+use crate::scheduler::Event;
+use chia_core::protocol::{HeadToPeer, PROTOCOL_VERSION, PeerToHead, ResumeSession};
+use chia_core::{SessionId, TaskError, TaskId};
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::time::Instant;
+
+/// One input the head keeps, in the order it was handled.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JournalEntry {
+    /// A session opened with this hello and was given this id.
+    Opened { session: SessionId, hello: PeerToHead },
+    /// The `seq`-th message of a session (only messages that change state are kept).
+    Message { session: SessionId, seq: u64, message: PeerToHead },
+    /// A session ended (its peer left, or the head wrote it off).
+    Closed { session: SessionId, reason: String },
+    /// Detached services were started again from what the previous run kept.
+    Restored { services: Vec<PersistedService> },
+    /// A detached session was taken up again after a restart.
+    Resumed { session: SessionId },
+}
+
+/// Whether handling `message` can change the head's state, so it must be kept. Queries
+/// (fetch, lookup, ping) and liveness (heartbeats) need not be: a resumed peer sends again
+/// whatever the head does not have.
+pub fn changes_state(message: &PeerToHead) -> bool {
+    !matches!(
+        message,
+        PeerToHead::Fetch { .. }
+            | PeerToHead::Ping { .. }
+            | PeerToHead::Heartbeat
+            | PeerToHead::LookupService { .. }
+            | PeerToHead::Hello { .. }
+            | PeerToHead::Resume(_)
+    )
+}
+
+/// What a replay found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Entries applied.
+    pub entries: usize,
+    /// Sessions of the previous run now waiting for their peers.
+    pub detached: usize,
+    /// Task records recovered (queued, running, or holding a result).
+    pub tasks: usize,
+}
+
+impl HeadCore {
+    /// A head rebuilt at `now` from the entries a previous run kept, in order. The sessions of
+    /// that run wait for their peers until `now + options.resume_grace`; the previous run's
+    /// own node (which died with it) is gone.
+    pub fn recover(
+        now: Instant,
+        options: CoreOptions,
+        entries: impl IntoIterator<Item = JournalEntry>,
+    ) -> (HeadCore, Recovery) {
+        let journal_id = options.journal_id;
+        let mut core = HeadCore::new(now, CoreOptions { journal_id: None, ..options });
+        let mut applied = 0;
+        for entry in entries {
+            applied += 1;
+            match entry {
+                JournalEntry::Opened { session, hello } => match core.open_session(now, "journal", hello) {
+                    Ok(opened) if opened == session => {}
+                    Ok(opened) => {
+                        tracing::error!(
+                            "journal: {session} was opened again as {opened}; the journal does not match this head"
+                        )
+                    }
+                    Err(rejection) => {
+                        tracing::error!("journal: {session} could not be opened again: {rejection}")
+                    }
+                },
+                JournalEntry::Message { session, seq, message } => {
+                    if let Some(peer) = core.sessions.get_mut(&session) {
+                        // Messages that were not kept came in between: count them too.
+                        peer.frames = seq - 1;
+                    }
+                    core.handle(now, session, message);
+                }
+                JournalEntry::Closed { session, reason } => core.close_session(now, session, &reason),
+                JournalEntry::Restored { services } => core.restore_services(now, services),
+                JournalEntry::Resumed { session } => {
+                    if let Some(peer) = core.sessions.get_mut(&session) {
+                        peer.detached_until = None;
+                    }
+                }
+            }
+            // What the previous run sent was sent then.
+            while core.outbox.pop().is_some() {}
+        }
+        core.options.journal_id = journal_id;
+        let deadline = now + core.options.resume_grace;
+        if let Some(own) = core.head_node.and_then(|node| core.nodes.get(&node).copied()) {
+            // It ran in the process that died: what it hosted is lost (services restart from
+            // their constructors, as after any node loss).
+            core.close(own, "the head restarted");
+        }
+        let mut detached = 0;
+        for session in core.sessions.values_mut() {
+            session.detached_until = Some(deadline);
+            detached += 1;
+        }
+        // Whatever the close above decided for the peers, all away now, waits for them in
+        // their sessions (`poll_action` holds frames of detached sessions).
+        let recovery = Recovery { entries: applied, detached, tasks: core.tasks.len() };
+        tracing::info!(
+            "recovered {} journal entries: {} task(s), {} session(s) waiting to be taken up again",
+            recovery.entries,
+            recovery.tasks,
+            recovery.detached
+        );
+        (core, recovery)
+    }
+
+    /// A peer of the previous run takes up its session.
+    pub(crate) fn resume(&mut self, resume: ResumeSession) -> Result<SessionId, Rejection> {
+        let ResumeSession { session, journal_id, known, waiting, .. } = resume;
+        if self.options.journal_id != Some(journal_id) {
+            return Err(Rejection {
+                reason: format!(
+                    "{session} belongs to another journal of the head (this one keeps {}); join afresh",
+                    self.options.journal_id.map_or("no journal".to_string(), |id| format!("journal {id}"))
+                ),
+            });
+        }
+        let Some(peer) = self.sessions.get_mut(&session).filter(|s| s.detached_until.is_some()) else {
+            return Err(Rejection {
+                reason: format!(
+                    "{session} cannot be taken up: it is not waiting for its peer (it ended, the grace period passed, or it is taken)"
+                ),
+            });
+        };
+        peer.detached_until = None;
+        let held = std::mem::take(&mut peer.held);
+        let (name, node, frames) = (peer.name.clone(), peer.node, peer.frames);
+        self.outbox.push(Action::Keep(JournalEntry::Resumed { session }));
+        tracing::info!("{name} ({session}) took up its session again");
+        let welcome = HeadToPeer::Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            session,
+            node,
+            node_name: name.clone(),
+            heartbeat_ms: if node.is_some() { self.options.heartbeat.as_millis() as u64 } else { 0 },
+            journal_id: self.options.journal_id,
+            resumed_through: frames,
+        };
+        self.outbox.send(session, &welcome);
+        for frame in held {
+            self.outbox.push(Action::Send { to: session, frame });
+        }
+        if let Some(node) = node {
+            self.scheduler.handle(self.now, Event::NodeHeard { node });
+            self.resend_unknown(session, node, known.iter().map(|k| (k.task, k.attempt)).collect());
+        }
+        let mut waiting = waiting;
+        waiting.sort_unstable();
+        waiting.dedup();
+        for task in waiting {
+            if self.tasks.get(&task).is_some_and(|r| r.owner == session && r.outcome.is_some()) {
+                self.announce(task);
+            }
+        }
+        Ok(session)
+    }
+
+    /// What the head had sent a resumed worker but the worker does not know (lost in flight
+    /// when the head died) is sent again: tasks run, calls and instance starts that cannot be
+    /// sent again (their arguments were handed over) fail.
+    fn resend_unknown(&mut self, session: SessionId, node: chia_core::NodeId, known: HashSet<(TaskId, u32)>) {
+        let mut unknown: Vec<TaskId> = self
+            .tasks
+            .iter()
+            .filter(|(task, r)| r.running_on == Some(node) && !known.contains(&(**task, r.attempt)))
+            .map(|(task, _)| *task)
+            .collect();
+        unknown.sort_unstable();
+        for task in unknown {
+            let Some(record) = self.tasks.get(&task) else { continue };
+            match &record.kind {
+                TaskKind::Function => {
+                    tracing::info!(
+                        "{task} was lost on its way to {session} when the head stopped; sent again"
+                    );
+                    if let Err(e) = self.send_execute(task, session) {
+                        tracing::error!("{task} could not be sent again: {e}");
+                    }
+                }
+                TaskKind::ServiceCall { name, .. } => {
+                    let error = TaskError::ServiceUnavailable {
+                        service: name.clone(),
+                        message: "the call was lost on its way to the service when the head restarted".into(),
+                    };
+                    self.fail_call(task, |_| error);
+                }
+                TaskKind::ServiceStart(service) => {
+                    let service = *service;
+                    let error = TaskError::WorkerLost {
+                        function: record.function.clone(),
+                        node: self.session_name(session).unwrap_or_default().to_string(),
+                        attempts: 1,
+                    };
+                    self.instance_task_failed(task, service, error);
+                }
+            }
+        }
+    }
+
+    /// Sessions whose peers did not come back in time are closed, as if they had left.
+    pub(crate) fn end_expired_graces(&mut self, now: Instant) {
+        let mut expired: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.detached_until.is_some_and(|deadline| deadline <= now))
+            .map(|(session, _)| *session)
+            .collect();
+        expired.sort_unstable();
+        for session in expired {
+            let grace = self.options.resume_grace;
+            self.close(session, &format!("did not come back within {grace:?} of the head's restart"));
+        }
+    }
+}
