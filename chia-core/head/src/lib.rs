@@ -8,17 +8,27 @@
 //!   [`HeadCore::handle_timeout`]), an outbox of [`Action`]s (encoded frames to send,
 //!   connections to close, state to keep) and a timer deadline ([`HeadCore::poll_timeout`]) out.
 //! - [`scheduler`]: the placement state machine inside it (which task runs on which node).
+//! - [`journal`]: which inputs the head keeps ([`Action::Keep`]), and [`HeadCore::recover`],
+//!   which rebuilds a head from them after a restart while the previous run's peers take up
+//!   their sessions again.
 //! - [`PersistedService`]: what the head keeps of a detached service to start it again.
 //!
 //! The runtime's head (`chia_runtime::head`) is the thin driver around it: it accepts and
 //! authenticates QUIC connections, decodes frames, feeds the core and carries out its actions.
 
 mod core;
+mod inspect;
+pub mod journal;
 mod outbox;
 mod persist;
 pub mod scheduler;
 mod services;
+/// A deterministic simulator of a whole cluster around the real core, seeded and replayable.
+pub mod sim;
+#[cfg(test)]
+mod planted;
 
 pub use crate::core::{CoreOptions, HeadCore, HeadStats, INLINE_RESULT_BYTES, Rejection};
+pub use journal::{JournalEntry, Recovery};
 pub use outbox::Action;
 pub use persist::PersistedService;

@@ -1,0 +1,786 @@
+//! A simulated driver: submits tasks (values and refs to its earlier tasks as arguments),
+//! cancels some, fetches large values, releases what it is done with, and starts, calls, looks
+//! up and stops services. It knows what every task must return (see [`super::model`]) and checks
+//! each answer as it arrives: one outcome per task, the right value, and only failures that
+//! something in the run explains.
+
+use super::model::{
+    self, Catalog, Expected, ExpectedFailure, FUNCTIONS, GHOST, METHODS, NAMESPACES, SERVICE_NAMES,
+};
+use super::net::Micros;
+use super::rng::Rng;
+use super::worker::{Effects, TaskFacts};
+use crate::INLINE_RESULT_BYTES;
+use chia_core::protocol::{
+    Arg, Done, Outcome, PROTOCOL_VERSION, PeerToHead, ServiceInfo, ServiceStart, TaskSpec,
+};
+use chia_core::{Resources, ServiceId, SessionId, TaskError, TaskId};
+use std::collections::{BTreeMap, VecDeque};
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum DriverTimer {
+    Tick,
+}
+
+/// What a driver may do, from the run's configuration.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Habits {
+    pub(crate) window: usize,
+    pub(crate) services: bool,
+    pub(crate) constructor_failures: bool,
+    pub(crate) refs_to_call_results: bool,
+    /// Faults are injected: lost workers explain `WorkerLost`.
+    pub(crate) faults: bool,
+    /// How long an infeasible task may wait for a node before the driver gives up on it.
+    pub(crate) patience: Micros,
+    /// [`KnownBug::CallResultAsArgument`] is counted, not a failure.
+    pub(crate) tolerate_call_refs: bool,
+}
+
+enum Kind {
+    Function { function: u8, request: u8, max_retries: i32, retry_exceptions: bool, expected: Expected },
+    ServiceStart { namespace: u8, name: u8, request: u8, get_if_exists: bool, fails: bool },
+    ServiceCall { digest: u64, len: u32 },
+    ServiceStop,
+    Lookup { namespace: u8, name: u8 },
+}
+
+#[derive(Debug)]
+enum State {
+    Pending,
+    /// Told `Stored`: the value waits on the head, and the driver asked for it.
+    Fetching {
+        len: u64,
+    },
+    Succeeded,
+    Failed(Box<TaskError>),
+}
+
+struct DriverTask {
+    kind: Kind,
+    /// Sequence numbers of the driver's own tasks passed as refs.
+    deps: Box<[u64]>,
+    state: State,
+    /// The driver still holds its `ObjectRef`.
+    held: bool,
+    /// Released before it ended: it may end unannounced.
+    released_early: bool,
+    cancelled: bool,
+    outcomes: u8,
+}
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+pub(crate) struct SimDriver {
+    pub(crate) index: usize,
+    pub(crate) conn: usize,
+    pub(crate) session: Option<SessionId>,
+    /// Its connection is gone (the driver crashed); nothing it does counts any more.
+    pub(crate) dead: bool,
+    rng: Rng,
+    habits: Habits,
+    /// By sequence number - 1.
+    tasks: Vec<DriverTask>,
+    /// Sequence numbers of held refs, in no order (chosen at random).
+    held: Vec<u64>,
+    /// Tasks whose answer the driver still waits for.
+    awaiting: usize,
+    awaiting_functions: usize,
+    infeasible: VecDeque<(Micros, u64)>,
+    services: BTreeMap<ServiceId, String>,
+    stops_sent: bool,
+    /// Drained: every answer in, everything released, its services stopped.
+    pub(crate) finished: bool,
+    pub(crate) submitted: u64,
+    pub(crate) outcomes: u64,
+    /// Occurrences of tolerated known bugs it saw.
+    pub(crate) known_bugs: u64,
+}
+
+fn root_cause(error: &TaskError) -> &TaskError {
+    match error {
+        TaskError::DependencyFailed { cause, .. } => cause,
+        other => other,
+    }
+}
+
+/// Whether `cause` is what a task that depended on one failing with `dependency_error` may
+/// carry: the scheduler passes the root cause on, service calls the dependency's own error.
+fn same_cause(dependency_error: &TaskError, cause: &TaskError) -> bool {
+    root_cause(dependency_error) == cause || dependency_error == cause
+}
+
+impl SimDriver {
+    pub(crate) fn new(index: usize, conn: usize, rng: Rng, habits: Habits) -> SimDriver {
+        SimDriver {
+            index,
+            conn,
+            session: None,
+            dead: false,
+            rng,
+            habits,
+            tasks: Vec::new(),
+            held: Vec::new(),
+            awaiting: 0,
+            awaiting_functions: 0,
+            infeasible: VecDeque::new(),
+            services: BTreeMap::new(),
+            stops_sent: false,
+            finished: false,
+            submitted: 0,
+            outcomes: 0,
+            known_bugs: 0,
+        }
+    }
+
+    pub(crate) fn hello(&self) -> PeerToHead {
+        PeerToHead::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            name: format!("d{}", self.index),
+            worker: None,
+        }
+    }
+
+    fn task(&self, seq: u64) -> Option<&DriverTask> {
+        self.tasks.get(usize::try_from(seq).ok()?.checked_sub(1)?)
+    }
+
+    fn task_mut(&mut self, seq: u64) -> Option<&mut DriverTask> {
+        self.tasks.get_mut(usize::try_from(seq).ok()?.checked_sub(1)?)
+    }
+
+    /// What a worker must know of function task `seq` to check it was given the right thing.
+    pub(crate) fn function_facts(&self, seq: u64, catalog: &Catalog) -> Option<TaskFacts> {
+        match self.task(seq)?.kind {
+            Kind::Function { function, request, .. } => Some(TaskFacts {
+                function: usize::from(function),
+                request: catalog.requests[usize::from(request)].clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// How many times function task `seq` may be dispatched in all, if bounded.
+    pub(crate) fn max_attempts(&self, seq: u64) -> Option<u32> {
+        match self.task(seq)?.kind {
+            Kind::Function { max_retries, .. } => u32::try_from(max_retries).ok().map(|r| r + 1),
+            _ => None,
+        }
+    }
+
+    /// The request of the instance service start `seq` asked for.
+    pub(crate) fn start_request<'c>(&self, seq: u64, catalog: &'c Catalog) -> Option<&'c Resources> {
+        match self.task(seq)?.kind {
+            Kind::ServiceStart { request, .. } => Some(&catalog.service_requests[usize::from(request)]),
+            _ => None,
+        }
+    }
+
+    /// Whether `seq` is a service start, lookup (answered with a [`ServiceInfo`]) or stop.
+    pub(crate) fn is_service_request(&self, seq: u64) -> bool {
+        self.task(seq).is_some_and(|t| matches!(t.kind, Kind::ServiceStart { .. } | Kind::Lookup { .. }))
+    }
+
+    fn next_id(&mut self) -> Option<(u64, TaskId)> {
+        let session = self.session?;
+        let seq = self.tasks.len() as u64 + 1;
+        Some((seq, TaskId::new(session, seq)))
+    }
+
+    fn add(&mut self, kind: Kind, deps: Vec<u64>) {
+        let function = matches!(kind, Kind::Function { .. });
+        self.tasks.push(DriverTask {
+            kind,
+            deps: deps.into_boxed_slice(),
+            state: State::Pending,
+            held: true,
+            released_early: false,
+            cancelled: false,
+            outcomes: 0,
+        });
+        self.held.push(self.tasks.len() as u64);
+        self.awaiting += 1;
+        if function {
+            self.awaiting_functions += 1;
+            self.submitted += 1;
+        }
+    }
+
+    /// The digest of held task `seq`'s value as it will be if it succeeds, when its value may be
+    /// passed to a task.
+    fn ref_digest(&self, seq: u64) -> Option<u64> {
+        match self.task(seq)?.kind {
+            Kind::Function { function, expected, .. } if usize::from(function) != GHOST => {
+                Some(expected.digest)
+            }
+            Kind::ServiceCall { digest, .. } if self.habits.refs_to_call_results => Some(digest),
+            _ => None,
+        }
+    }
+
+    /// Arguments for a new task: values, and refs to held results of this driver.
+    fn arguments(&mut self, max: u64) -> (Vec<Arg>, Vec<u64>, Vec<u64>) {
+        let (mut args, mut deps, mut digests) = (Vec::new(), Vec::new(), Vec::new());
+        let session = self.session.unwrap_or(SessionId(0));
+        for _ in 0..self.rng.below(max + 1) {
+            if !self.held.is_empty() && self.rng.chance(400) {
+                let seq = self.held[self.rng.below(self.held.len() as u64) as usize];
+                if let Some(digest) = self.ref_digest(seq) {
+                    args.push(Arg::Ref(TaskId::new(session, seq)));
+                    deps.push(seq);
+                    digests.push(digest);
+                    continue;
+                }
+            }
+            let len = self.rng.below(12) as usize;
+            let value = self.rng.bytes(len);
+            digests.push(model::digest(&value));
+            args.push(Arg::Value(value));
+        }
+        (args, deps, digests)
+    }
+
+    fn submit_function(&mut self, fx: &mut Effects<DriverTimer>, catalog: &Catalog) {
+        let Some((_, task)) = self.next_id() else { return };
+        let function = if self.rng.chance(5) { GHOST } else { self.rng.weighted(&catalog.function_weights) };
+        let request = self.rng.weighted(&catalog.request_weights);
+        let retry_exceptions = self.rng.chance(300);
+        // Unlimited retries of application errors would run a function that always fails
+        // for ever; nobody who means to wait for the result asks for that.
+        let unlimited = if retry_exceptions { 0 } else { 1 };
+        let max_retries = [0, 1, 3, -1][self.rng.weighted(&[3, 3, 3, unlimited])];
+        let (args, deps, digests) = self.arguments(3);
+        let expected = if function == GHOST {
+            Expected { digest: 0, len: 0, failure: ExpectedFailure::Always }
+        } else {
+            model::expect(function, &digests)
+        };
+        fx.sends.push(PeerToHead::Submit(TaskSpec {
+            task,
+            function: catalog.functions[function].clone(),
+            args,
+            request: catalog.requests[request].clone(),
+            tag: self.rng.chance(100).then(|| format!("t{}", task.seq() % 7)),
+            max_retries,
+            bypass: None,
+            retry_exceptions,
+            job: None,
+        }));
+        let kind = Kind::Function {
+            function: function as u8,
+            request: request as u8,
+            max_retries,
+            retry_exceptions,
+            expected,
+        };
+        self.add(kind, deps);
+    }
+
+    fn start_service(&mut self, fx: &mut Effects<DriverTimer>, catalog: &Catalog) {
+        let Some((_, task)) = self.next_id() else { return };
+        let namespace = self.rng.below(NAMESPACES.len() as u64) as u8;
+        let name = self.rng.below(SERVICE_NAMES.len() as u64) as u8;
+        let request = self.rng.below(catalog.service_requests.len() as u64) as u8;
+        let get_if_exists = self.rng.chance(500);
+        let fails = self.habits.constructor_failures && self.rng.chance(80);
+        let (ns, n) = (NAMESPACES[usize::from(namespace)], SERVICE_NAMES[usize::from(name)]);
+        fx.sends.push(PeerToHead::StartService(ServiceStart {
+            task,
+            service_type: catalog.service.clone(),
+            name: n.to_string(),
+            namespace: ns.to_string(),
+            detached: false,
+            get_if_exists,
+            request: catalog.service_requests[usize::from(request)].clone(),
+            args: model::constructor_args(ns, n, fails).into_iter().map(Arg::Value).collect(),
+            max_restarts: [0, 1, -1][self.rng.weighted(&[2, 2, 1])],
+        }));
+        self.add(Kind::ServiceStart { namespace, name, request, get_if_exists, fails }, Vec::new());
+    }
+
+    fn call_service(&mut self, fx: &mut Effects<DriverTimer>) {
+        if self.services.is_empty() {
+            return;
+        }
+        let pick = self.rng.below(self.services.len() as u64) as usize;
+        let Some((&service, name)) = self.services.iter().nth(pick) else { return };
+        let name = name.clone();
+        let Some((_, task)) = self.next_id() else { return };
+        let method = self.rng.below(METHODS.len() as u64) as usize;
+        let (args, deps, digests) = self.arguments(2);
+        let (digest, len) = model::expect_method(method, &digests);
+        fx.sends.push(PeerToHead::CallService {
+            task,
+            service,
+            name,
+            method: METHODS[method].to_string(),
+            args,
+        });
+        self.add(Kind::ServiceCall { digest, len }, deps);
+    }
+
+    fn stop_service(&mut self, fx: &mut Effects<DriverTimer>, service: ServiceId) {
+        let Some((_, task)) = self.next_id() else { return };
+        fx.sends.push(PeerToHead::StopService { task, service });
+        self.add(Kind::ServiceStop, Vec::new());
+    }
+
+    fn lookup(&mut self, fx: &mut Effects<DriverTimer>) {
+        let Some((_, task)) = self.next_id() else { return };
+        let namespace = self.rng.below(NAMESPACES.len() as u64) as u8;
+        let name = self.rng.below(SERVICE_NAMES.len() as u64) as u8;
+        fx.sends.push(PeerToHead::LookupService {
+            task,
+            name: SERVICE_NAMES[usize::from(name)].to_string(),
+            namespace: NAMESPACES[usize::from(namespace)].to_string(),
+        });
+        self.add(Kind::Lookup { namespace, name }, Vec::new());
+    }
+
+    fn take_held(&mut self, at: usize) -> u64 {
+        let seq = self.held.swap_remove(at);
+        if let Some(task) = self.task_mut(seq) {
+            task.held = false;
+        }
+        seq
+    }
+
+    /// Drops held refs: settled ones beyond what it keeps for arguments, and now and then a
+    /// pending one whose result it no longer wants (it may then end unannounced).
+    fn release(&mut self, fx: &mut Effects<DriverTimer>, session: SessionId, keep: usize, catalog: &Catalog) {
+        let mut released = Vec::new();
+        let mut tries = 0;
+        while self.held.len() > keep && tries < 4 * self.held.len() {
+            tries += 1;
+            let at = self.rng.below(self.held.len() as u64) as usize;
+            let settled = self
+                .task(self.held[at])
+                .is_some_and(|t| matches!(t.state, State::Succeeded | State::Failed(_)));
+            if settled {
+                released.push(self.take_held(at));
+            }
+        }
+        if !self.held.is_empty() && self.rng.chance(5) {
+            let at = self.rng.below(self.held.len() as u64) as usize;
+            let seq = self.held[at];
+            // Only tasks that will run some day: nobody is left to cancel an infeasible one.
+            let runs = self.task(seq).is_some_and(|t| match t.kind {
+                Kind::Function { function, request, .. } => {
+                    matches!(t.state, State::Pending)
+                        && usize::from(function) != GHOST
+                        && catalog.feasible(usize::from(request))
+                }
+                _ => false,
+            });
+            if runs {
+                self.take_held(at);
+                if let Some(task) = self.task_mut(seq) {
+                    task.released_early = true;
+                }
+                self.awaiting -= 1;
+                self.awaiting_functions -= 1;
+                released.push(seq);
+            }
+        }
+        if !released.is_empty() {
+            fx.sends.push(PeerToHead::Release {
+                tasks: released.into_iter().map(|s| TaskId::new(session, s)).collect(),
+            });
+        }
+    }
+
+    fn cancel(&mut self, fx: &mut Effects<DriverTimer>, session: SessionId, seq: u64) {
+        let force = self.rng.chance(300);
+        let Some(task) = self.task_mut(seq) else { return };
+        if task.held
+            && !task.cancelled
+            && matches!(task.state, State::Pending)
+            && matches!(task.kind, Kind::Function { .. })
+        {
+            task.cancelled = true;
+            fx.sends.push(PeerToHead::Cancel { task: TaskId::new(session, seq), force });
+        }
+    }
+
+    /// One round of the driver's program. `budget` is what is left of the run's tasks.
+    pub(crate) fn tick(
+        &mut self,
+        fx: &mut Effects<DriverTimer>,
+        now: Micros,
+        budget: &mut u64,
+        catalog: &Catalog,
+    ) {
+        if self.finished || self.dead {
+            return;
+        }
+        let Some(session) = self.session else {
+            fx.timers.push((1_000, DriverTimer::Tick));
+            return;
+        };
+        // Tasks no node could run for a while are given up on, as a user's `get_timeout` would.
+        while let Some(&(since, seq)) = self.infeasible.front() {
+            if now < since + self.habits.patience {
+                break;
+            }
+            self.infeasible.pop_front();
+            self.cancel(fx, session, seq);
+        }
+        if *budget > 0 {
+            let room = self.habits.window.saturating_sub(self.awaiting_functions);
+            let most = (self.habits.window as u64 / 4).max(1);
+            let burst = (self.rng.range(1, most) as usize).min(room) as u64;
+            for _ in 0..burst.min(*budget) {
+                self.submit_function(fx, catalog);
+                *budget -= 1;
+            }
+            if !self.held.is_empty() && self.rng.chance(30) {
+                let seq = self.held[self.rng.below(self.held.len() as u64) as usize];
+                self.cancel(fx, session, seq);
+            }
+            if self.habits.services {
+                if self.rng.chance(20) {
+                    self.start_service(fx, catalog);
+                }
+                if self.rng.chance(40) {
+                    self.call_service(fx);
+                }
+                if self.rng.chance(6) && !self.services.is_empty() {
+                    let pick = self.rng.below(self.services.len() as u64) as usize;
+                    if let Some(&service) = self.services.keys().nth(pick) {
+                        self.stop_service(fx, service);
+                    }
+                }
+                if self.rng.chance(8) {
+                    self.lookup(fx);
+                }
+            }
+            let keep = self.rng.range(4, 32) as usize;
+            self.release(fx, session, keep, catalog);
+        } else if self.awaiting == 0 {
+            // Draining: every answer is in. Let go of everything, then stop the services it
+            // knows, so an idle cluster holds nothing.
+            self.release(fx, session, 0, catalog);
+            if !self.stops_sent {
+                self.stops_sent = true;
+                let services: Vec<ServiceId> = self.services.keys().copied().collect();
+                for service in services {
+                    self.stop_service(fx, service);
+                }
+            }
+            if self.awaiting == 0 && self.held.is_empty() {
+                self.finished = true;
+                return;
+            }
+        }
+        fx.timers.push((self.rng.range(2_000, 40_000), DriverTimer::Tick));
+    }
+
+    /// It still waits for answers (or has not joined yet).
+    pub(crate) fn busy(&self) -> bool {
+        !self.dead && !self.finished && (self.awaiting > 0 || self.session.is_none())
+    }
+
+    pub(crate) fn welcome(&mut self, session: SessionId, node: Option<chia_core::NodeId>) -> Result {
+        if self.session.is_some() {
+            return Err(format!("driver {} got a second welcome", self.index));
+        }
+        if node.is_some() {
+            return Err(format!("driver {} joined without an offer but was given a node", self.index));
+        }
+        self.session = Some(session);
+        Ok(())
+    }
+
+    pub(crate) fn infeasible(&mut self, now: Micros, task: TaskId) {
+        let seq = task.seq();
+        if self.task(seq).is_some_and(|t| matches!(t.state, State::Pending)) {
+            self.infeasible.push_back((now, seq));
+        }
+    }
+
+    fn deps_failed(&self, task: &DriverTask) -> Option<u64> {
+        task.deps.iter().copied().find(|&d| self.task(d).is_some_and(|t| matches!(t.state, State::Failed(_))))
+    }
+
+    /// An outcome arrived for `task`.
+    pub(crate) fn done(&mut self, fx: &mut Effects<DriverTimer>, task_id: TaskId, done: Done) -> Result {
+        let seq = task_id.seq();
+        let me = self.index;
+        if Some(task_id.session()) != self.session {
+            // Not one of its ids (see `KnownBug::AnswerForRestartTask`): a client has no slot
+            // for it and drops it.
+            return Ok(());
+        }
+        let Some(task) = self.task(seq) else {
+            return Err(format!("driver {me} was told {task_id} ended, which it never submitted"));
+        };
+        if task.outcomes > 0 {
+            return Err(format!(
+                "driver {me} was told twice how {task_id} ended (now: {done:?}, before: {:?})",
+                task.state
+            ));
+        }
+        let faults = self.habits.faults;
+        let mut known = 0;
+        let verdict: Result<State> = match (&task.kind, done) {
+            (Kind::Function { expected, .. }, Done::Value(value)) => {
+                if value.len() > INLINE_RESULT_BYTES {
+                    Err(format!(
+                        "{} bytes came inline, above the {INLINE_RESULT_BYTES}-byte limit",
+                        value.len()
+                    ))
+                } else {
+                    self.check_value(task, *expected, &value).map(|()| State::Succeeded)
+                }
+            }
+            (Kind::Function { expected, .. }, Done::Stored { len }) => {
+                if len <= INLINE_RESULT_BYTES as u64 {
+                    Err(format!("a {len}-byte value was stored instead of sent inline"))
+                } else if len != u64::from(expected.len) || expected.failure == ExpectedFailure::Always {
+                    Err(format!("a {len}-byte value was stored where {expected:?} was expected"))
+                } else {
+                    fx.sends.push(PeerToHead::Fetch { task: task_id });
+                    Ok(State::Fetching { len })
+                }
+            }
+            (
+                Kind::Function { function, max_retries, retry_exceptions, expected, .. },
+                Done::Failed(error),
+            ) => {
+                let explained = match &error {
+                    TaskError::Application { .. } => match expected.failure {
+                        ExpectedFailure::Always => true,
+                        ExpectedFailure::FirstAttempt => !(*retry_exceptions && *max_retries != 0),
+                        ExpectedFailure::Never => false,
+                    },
+                    TaskError::Cancelled { .. } => task.cancelled,
+                    TaskError::WorkerLost { attempts, .. } => {
+                        faults && u32::try_from(*max_retries).is_ok_and(|r| *attempts == r + 1)
+                    }
+                    TaskError::DependencyFailed { dependency, cause, .. } => {
+                        dependency.session() == task_id.session()
+                            && task.deps.contains(&dependency.seq())
+                            && match self.task(dependency.seq()).map(|d| &d.state) {
+                                Some(State::Failed(dep_error)) => same_cause(dep_error, cause),
+                                // Told before the dependency's own failure, or it was released:
+                                // checked once the run has drained.
+                                Some(State::Pending) => true,
+                                _ => false,
+                            }
+                    }
+                    // Whether any node offered the function is the world's check, at the head.
+                    TaskError::UnknownFunction { .. } | TaskError::SignatureMismatch { .. } => true,
+                    TaskError::UnknownDependency { dependency, .. } => {
+                        let call = dependency.session() == task_id.session()
+                            && self
+                                .task(dependency.seq())
+                                .is_some_and(|d| matches!(d.kind, Kind::ServiceCall { .. }));
+                        call && self.habits.tolerate_call_refs
+                    }
+                    _ => false,
+                };
+                if let TaskError::UnknownDependency { .. } = &error
+                    && explained
+                {
+                    known += 1;
+                }
+                let name = FUNCTIONS.get(usize::from(*function)).map_or("ghost", |f| f.name);
+                let on_call = match &error {
+                    TaskError::UnknownDependency { dependency, .. } => self
+                        .task(dependency.seq())
+                        .is_some_and(|d| matches!(d.kind, Kind::ServiceCall { .. })),
+                    _ => false,
+                };
+                if explained {
+                    Ok(State::Failed(Box::new(error)))
+                } else {
+                    Err(format!(
+                        "{name} (max_retries {max_retries}, retry_exceptions {retry_exceptions}, {}cancelled, expected {expected:?}) failed with {error:?}, which nothing in the run explains{}",
+                        if task.cancelled { "" } else { "not " },
+                        if on_call {
+                            " (its dependency is a service call: known bug CallResultAsArgument)"
+                        } else {
+                            ""
+                        }
+                    ))
+                }
+            }
+            (Kind::ServiceStart { namespace, name, get_if_exists, fails, .. }, Done::Value(bytes)) => {
+                match rmp_serde::from_slice::<ServiceInfo>(&bytes) {
+                    Err(e) => Err(format!("the answer to a service start is not a ServiceInfo: {e}")),
+                    Ok(info) => {
+                        let (ns, n) =
+                            (NAMESPACES[usize::from(*namespace)], SERVICE_NAMES[usize::from(*name)]);
+                        if info.namespace != ns || info.name != n {
+                            Err(format!("started {ns}/{n} but was answered with {info:?}"))
+                        } else if *fails && !*get_if_exists {
+                            Err(format!(
+                                "{ns}/{n} was reported started although its constructor always fails: {info:?}"
+                            ))
+                        } else {
+                            self.services.insert(info.id, info.name);
+                            Ok(State::Succeeded)
+                        }
+                    }
+                }
+            }
+            (Kind::ServiceStart { .. }, Done::Failed(error)) => match error {
+                TaskError::InvalidCall { .. }
+                | TaskError::ServiceUnavailable { .. }
+                | TaskError::Application { .. }
+                | TaskError::UnknownFunction { .. }
+                | TaskError::SignatureMismatch { .. } => Ok(State::Failed(Box::new(error))),
+                TaskError::WorkerLost { .. } if faults => Ok(State::Failed(Box::new(error))),
+                other => Err(format!("a service start failed with {other:?}")),
+            },
+            (Kind::ServiceCall { digest, len, .. }, Done::Value(value)) => {
+                if (model::digest(&value), value.len() as u32) != (*digest, *len) {
+                    Err(format!(
+                        "a service call returned {} bytes that are not what the method computes",
+                        value.len()
+                    ))
+                } else if let Some(dep) = self.deps_failed(task) {
+                    Err(format!("a service call returned a value although its argument task {dep} failed"))
+                } else {
+                    Ok(State::Succeeded)
+                }
+            }
+            (Kind::ServiceCall { .. }, Done::Failed(error)) => match &error {
+                TaskError::ServiceUnavailable { .. } | TaskError::DependencyFailed { .. } => {
+                    Ok(State::Failed(Box::new(error)))
+                }
+                TaskError::WorkerLost { .. } if faults => Ok(State::Failed(Box::new(error))),
+                other => Err(format!("a service call failed with {other:?}")),
+            },
+            (Kind::ServiceStop, Done::Value(_)) => Ok(State::Succeeded),
+            (Kind::Lookup { namespace, name }, Done::Value(bytes)) => {
+                match rmp_serde::from_slice::<Option<ServiceInfo>>(&bytes) {
+                    Err(e) => Err(format!("the answer to a lookup is not an Option<ServiceInfo>: {e}")),
+                    Ok(found) => {
+                        let (ns, n) =
+                            (NAMESPACES[usize::from(*namespace)], SERVICE_NAMES[usize::from(*name)]);
+                        match found {
+                            Some(info) if info.namespace != ns || info.name != n => {
+                                Err(format!("looked up {ns}/{n} but found {info:?}"))
+                            }
+                            Some(info) => {
+                                self.services.insert(info.id, info.name);
+                                Ok(State::Succeeded)
+                            }
+                            None => Ok(State::Succeeded),
+                        }
+                    }
+                }
+            }
+            (_, done) => Err(format!("an unexpected answer {done:?}")),
+        };
+        let state = verdict.map_err(|why| format!("driver {me}, {task_id}: {why}"))?;
+        self.outcomes += 1;
+        self.known_bugs += known;
+        let Some(task) = self.task_mut(seq) else { return Ok(()) };
+        task.outcomes += 1;
+        let settled = !matches!(state, State::Fetching { .. });
+        task.state = state;
+        let counted = !task.released_early;
+        let function = matches!(task.kind, Kind::Function { .. });
+        if settled && counted {
+            self.awaiting -= 1;
+            if function {
+                self.awaiting_functions -= 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_value(&self, task: &DriverTask, expected: Expected, value: &[u8]) -> Result {
+        if expected.failure == ExpectedFailure::Always {
+            return Err(format!(
+                "got a value ({} bytes) where the function fails on every attempt",
+                value.len()
+            ));
+        }
+        if (model::digest(value), value.len() as u32) != (expected.digest, expected.len) {
+            return Err(format!(
+                "got {} bytes (digest {:016x}) where {} bytes (digest {:016x}) were expected",
+                value.len(),
+                model::digest(value),
+                expected.len,
+                expected.digest
+            ));
+        }
+        if let Some(dep) = self.deps_failed(task) {
+            return Err(format!("got a value although its argument task #{dep} failed"));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn fetched(&mut self, task_id: TaskId, outcome: Option<Outcome>) -> Result {
+        let seq = task_id.seq();
+        let me = self.index;
+        let Some(task) = self.task(seq) else {
+            return Err(format!("driver {me} was sent {task_id}'s value, which it never submitted"));
+        };
+        let (State::Fetching { len }, Kind::Function { expected, .. }) = (&task.state, &task.kind) else {
+            return Err(format!(
+                "driver {me} was sent {task_id}'s value without asking (it is {:?})",
+                task.state
+            ));
+        };
+        let verdict = match outcome {
+            Some(Outcome::Value(value)) if value.len() as u64 == *len => {
+                self.check_value(task, *expected, &value)
+            }
+            Some(Outcome::Value(value)) => Err(format!("announced {len} bytes, fetched {}", value.len())),
+            other => Err(format!("a value it still holds was fetched as {other:?}")),
+        };
+        verdict.map_err(|why| format!("driver {me}, fetching {task_id}: {why}"))?;
+        if let Some(task) = self.task_mut(seq) {
+            task.state = State::Succeeded;
+            if !task.released_early {
+                self.awaiting -= 1;
+                self.awaiting_functions -= 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Once the run has drained: every task it still wanted was answered once, and each
+    /// `DependencyFailed` names a dependency that did fail, with its cause.
+    pub(crate) fn final_check(&self) -> Result {
+        let me = self.index;
+        let session = self.session.unwrap_or(SessionId(0));
+        for (i, task) in self.tasks.iter().enumerate() {
+            let id = TaskId::new(session, i as u64 + 1);
+            if !task.released_early && !matches!(task.state, State::Succeeded | State::Failed(_)) {
+                return Err(format!("driver {me}: {id} never got its outcome ({:?})", task.state));
+            }
+            if let State::Failed(error) = &task.state
+                && let TaskError::DependencyFailed { dependency, cause, .. } = &**error
+                && let Some(dep) = self.task(dependency.seq())
+            {
+                match &dep.state {
+                    State::Failed(dep_error) if same_cause(dep_error, cause) => {}
+                    State::Pending if dep.released_early => {}
+                    other => {
+                        return Err(format!(
+                            "driver {me}: {id} failed because {dependency} failed with {cause:?}, but that ended {other:?}"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Up to `max` tasks it still waits for, for a message about a run that does not drain.
+    pub(crate) fn waiting_for(&self, max: usize) -> Vec<TaskId> {
+        let session = self.session.unwrap_or(SessionId(0));
+        self.tasks
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| !t.released_early && !matches!(t.state, State::Succeeded | State::Failed(_)))
+            .take(max)
+            .map(|(i, _)| TaskId::new(session, i as u64 + 1))
+            .collect()
+    }
+}

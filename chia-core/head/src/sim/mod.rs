@@ -1,0 +1,292 @@
+//! A deterministic simulator of a whole cluster around the real [`HeadCore`](crate::HeadCore) (and the real
+//! scheduler inside it), in the style of FoundationDB's simulation and TigerBeetle's VOPR: one
+//! `u64` seed decides everything, a run takes no wall-clock time, and a failing seed replays
+//! the same run step for step.
+//!
+//! What it models:
+//!
+//! - **Workers** join with random resources (`CPU`, `adder`, `gpu`, `svc`), a random subset of
+//!   a fixed set of functions and the one service type (now and then from another build, so with
+//!   another signature hash), heartbeat, run what they are sent for a random time and report
+//!   it (values derived from the function and its arguments, application errors for some
+//!   inputs, some only on a first attempt), tell the head when a task blocks (its CPU returns),
+//!   finish cancelled tasks early (or not: some never look), host service instances and serve
+//!   their calls. Worker slot 0 offers everything, so every task that can run some day does.
+//! - **Drivers** submit tasks with value and ref arguments, random retry policies, cancel some,
+//!   give up on tasks reported infeasible, fetch values announced as `Stored`, release refs
+//!   (some before the task ended), and start, call, look up and stop services.
+//! - **The network**: each connection delivers in order per direction (a QUIC stream), with
+//!   random delays that interleave connections arbitrarily. Large frames arrive slowly and the
+//!   head hears their first bytes ([`HeadCore::heard`](crate::HeadCore::heard)).
+//! - **Faults** (with [`Config::faults`]): a worker process dies (its connection closes:
+//!   `close_session`) and starts again later as a new node; a worker freezes for less or more
+//!   than the heartbeat timeout (the head writes it off in `handle_timeout` and closes it; when
+//!   it thaws, what it sends on the closed connection is dropped, or fed to the core as a late
+//!   frame that must change nothing, and it joins again as a new session); a driver dies and
+//!   another run of the program takes over what was left to submit.
+//! - **Time** is virtual: `Instant::now()` once, then `base + offset`. The head's timer is
+//!   honoured: whenever the next event would come after [`HeadCore::poll_timeout`](crate::HeadCore::poll_timeout),
+//!   [`HeadCore::handle_timeout`](crate::HeadCore::handle_timeout) runs first, at the deadline.
+//!
+//! What it checks, at each step (a peer's checks as the message arrives, the cluster's as the
+//! head sends it, a sweep of the core's own consistency after every step or spaced out for
+//! large runs) and once the cluster is idle: every task of a live driver gets exactly one
+//! outcome and it is the right one (the right value, or a failure something in the run
+//! explains: a failing input, a cancel, a lost worker once retries ran out, a failed
+//! dependency with its cause, a function no open node offers); no worker is ever given more
+//! than its resources, a function it does not offer with the caller's signature, or a call for
+//! an instance it does not serve; a task runs on one live node at a time with growing attempt
+//! numbers within its `max_retries`; the head names one live instance per service name and
+//! never an older one again; a frame from a closed session changes nothing; and when the
+//! cluster is idle every node's free resources equal its capacity and the head holds no task.
+//!
+//! Replaying a seed: a [`Failure`] prints its seed, step and the command that runs it again,
+//! `cargo xtask simulate --seed S ...`, or from a test `sim::run(&Config { seed: S, .. })` with
+//! the configuration it printed. Head crashes are not modelled yet: the head lives in
+//! `World::head` and every peer re-joins over a fresh connection already, so a restart
+//! (with a journal to recover from) slots in as "cut every connection, build a new core".
+
+mod driver;
+mod model;
+mod net;
+mod rng;
+mod worker;
+mod world;
+
+#[cfg(test)]
+mod tests;
+
+pub use rng::Rng;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+/// Bugs in the core that this simulator found and that are not fixed yet. A run that
+/// tolerates one ([`Config::tolerate`]) counts each occurrence in [`Report::known_bugs`]
+/// instead of failing, so that seeds can explore past it; the tests check that each still
+/// reproduces when it is not tolerated, and fail once it is fixed (then remove it here).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum KnownBug {
+    /// `services.rs`, `instance_failed`: when a restarted instance fails before it was ready,
+    /// the owner is answered for `record.creation`, which after a restart is the head's own
+    /// task (`task-0.N`), not one the owner submitted.
+    AnswerForRestartTask,
+    /// `core.rs`, `Command::Infeasible`: a restart that fits no node is reported to its owner,
+    /// the head itself (`session-0`), a session that does not exist.
+    InfeasibleToHeadSession,
+    /// A function task that takes a service call's result as an argument (the API allows any
+    /// `ObjectRef`) fails with `UnknownDependency`: calls are task records of the core, but the
+    /// scheduler never hears of them, and `check_deps` looks the dependency up there.
+    CallResultAsArgument,
+    /// `services.rs`, `instance_failed`: when a constructor fails, the instance counts as
+    /// "still being constructed" (`host` set, not ready, not stopping) and the creation task is
+    /// left for a constructor report that already came: the task record and the instance's
+    /// resources on its node are kept until the node is lost.
+    FailedConstructorKeepsResources,
+}
+
+/// Every known bug: what the tests tolerate.
+pub const KNOWN_BUGS: &[KnownBug] = &[
+    KnownBug::AnswerForRestartTask,
+    KnownBug::InfeasibleToHeadSession,
+    KnownBug::CallResultAsArgument,
+    KnownBug::FailedConstructorKeepsResources,
+];
+
+/// One simulated run: a seed and the shape of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub seed: u64,
+    pub workers: usize,
+    pub drivers: usize,
+    /// Function tasks the drivers submit in all (service requests come on top).
+    pub tasks: u64,
+    /// Crash and freeze workers, crash drivers.
+    pub faults: bool,
+    /// Drivers start, call, look up and stop services.
+    pub services: bool,
+    /// Some service constructors fail.
+    pub constructor_failures: bool,
+    /// Drivers pass results of service calls as arguments to functions (the API allows it).
+    pub refs_to_call_results: bool,
+    /// Check that no other instance of a service name is constructed and serving on an open
+    /// node when the head names one (not only that the head's registry names one).
+    pub strict_service_names: bool,
+    pub heartbeat: Duration,
+    pub heartbeat_timeout: Duration,
+    /// The mean time between two faults.
+    pub fault_interval: Duration,
+    /// Tasks each driver keeps in flight at most.
+    pub window: usize,
+    /// Of frames arriving on connections the head closed, how many (per mille) are still fed to
+    /// the core, as when a frame was decoded just before the close.
+    pub late_frames_per_mille: u32,
+    /// Sweep the core's consistency after every step (else spaced out by the head's size).
+    pub check_every_step: bool,
+    /// Known core bugs counted instead of failing the run.
+    pub tolerate: Vec<KnownBug>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            seed: 0,
+            workers: 6,
+            drivers: 3,
+            tasks: 150,
+            faults: true,
+            services: true,
+            constructor_failures: true,
+            refs_to_call_results: true,
+            strict_service_names: true,
+            heartbeat: Duration::from_millis(100),
+            heartbeat_timeout: Duration::from_millis(400),
+            fault_interval: Duration::from_millis(150),
+            window: 12,
+            late_frames_per_mille: 500,
+            check_every_step: true,
+            tolerate: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// A configuration for a large run: tasks kept in flight in proportion to the workers, the
+    /// core's consistency swept in proportion to its size instead of after every step.
+    pub fn at_scale(seed: u64, workers: usize, drivers: usize, tasks: u64) -> Config {
+        let drivers = drivers.max(1);
+        Config {
+            seed,
+            workers,
+            drivers,
+            tasks,
+            window: (workers * 4 / drivers).max(64),
+            check_every_step: workers <= 64 && tasks <= 10_000,
+            ..Config::default()
+        }
+    }
+
+    /// The steps after which a run that has not drained is a failure.
+    fn max_steps(&self) -> u64 {
+        2_000_000 + 200 * self.tasks + 20_000 * self.workers as u64
+    }
+
+    /// The virtual time after which a run that has not drained is a failure.
+    fn max_virtual_time(&self) -> Duration {
+        Duration::from_secs(3_600) + self.heartbeat_timeout * 100
+    }
+
+    /// How to run this configuration again: the `cargo xtask simulate` command, with a flag
+    /// for each setting that differs from [`Config::at_scale`].
+    pub fn replay(&self) -> String {
+        let base = Config::at_scale(self.seed, self.workers, self.drivers, self.tasks);
+        let mut command = format!(
+            "cargo xtask simulate --seed {} --workers {} --drivers {} --tasks {}",
+            self.seed, self.workers, self.drivers, self.tasks
+        );
+        let mut flag = |differs: bool, text: String| {
+            if differs {
+                command.push(' ');
+                command.push_str(&text);
+            }
+        };
+        flag(!self.faults, "--no-faults".into());
+        flag(!self.services, "--no-services".into());
+        flag(!self.constructor_failures, "--no-constructor-failures".into());
+        flag(!self.refs_to_call_results, "--no-call-refs".into());
+        flag(!self.strict_service_names, "--no-strict-service-names".into());
+        flag(self.heartbeat != base.heartbeat, format!("--heartbeat-ms {}", self.heartbeat.as_millis()));
+        flag(
+            self.heartbeat_timeout != base.heartbeat_timeout,
+            format!("--heartbeat-timeout-ms {}", self.heartbeat_timeout.as_millis()),
+        );
+        flag(
+            self.fault_interval != base.fault_interval,
+            format!("--fault-interval-ms {}", self.fault_interval.as_millis()),
+        );
+        flag(self.window != base.window, format!("--window {}", self.window));
+        flag(
+            self.late_frames_per_mille != base.late_frames_per_mille,
+            format!("--late-frames-per-mille {}", self.late_frames_per_mille),
+        );
+        flag(self.check_every_step && !base.check_every_step, "--check-every-step".into());
+        flag(!self.tolerate.is_empty(), "--tolerate-known-bugs".into());
+        // Whole-millisecond durations and all-or-no known bugs are what the flags can say.
+        let whole_ms = |d: Duration| d.as_micros().is_multiple_of(1000);
+        let expressible = whole_ms(self.heartbeat)
+            && whole_ms(self.heartbeat_timeout)
+            && whole_ms(self.fault_interval)
+            && (self.tolerate.is_empty() || self.tolerate == KNOWN_BUGS)
+            && (self.check_every_step || !base.check_every_step);
+        if expressible { command } else { format!("sim::run(&{self:?})") }
+    }
+}
+
+/// Faults injected and their effects.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Faults {
+    pub worker_crashes: u64,
+    pub freezes: u64,
+    /// Workers the head wrote off (it closed their connection).
+    pub written_off: u64,
+    pub driver_crashes: u64,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub seed: u64,
+    /// Inputs to the head and peer actions, one event each.
+    pub steps: u64,
+    /// Placement decisions the head sent out (`Execute` and `StartInstance`).
+    pub dispatches: u64,
+    /// The most tasks the scheduler held queued at once.
+    pub largest_queue: usize,
+    /// Virtual time from the first event to the idle cluster.
+    pub elapsed: Duration,
+    /// Function tasks submitted.
+    pub tasks: u64,
+    /// Outcomes drivers received.
+    pub outcomes: u64,
+    /// Actions the head emitted.
+    pub frames: u64,
+    pub faults: Faults,
+    /// Frames from closed sessions fed to the core (each changed nothing).
+    pub late_frames: u64,
+    /// Frames the head addressed to sessions it had closed (dropped, as the runtime does).
+    pub sends_after_close: u64,
+    /// Occurrences of tolerated known bugs.
+    pub known_bugs: BTreeMap<KnownBug, u64>,
+    /// A digest of every action the head emitted, in order: one seed, one digest.
+    pub digest: u64,
+}
+
+/// A broken invariant: where, and how to see it again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub seed: u64,
+    pub step: u64,
+    /// Virtual time of the step.
+    pub at: Duration,
+    pub message: String,
+    /// The command that replays the run.
+    pub replay: String,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "simulation seed {} failed at step {} ({:?} virtual): {}\n  replay: {}",
+            self.seed, self.step, self.at, self.message, self.replay
+        )
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// Runs one simulation to the idle cluster, checking every invariant on the way.
+pub fn run(config: &Config) -> Result<Report, Failure> {
+    world::World::new(config).run()
+}

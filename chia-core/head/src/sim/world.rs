@@ -1,0 +1,1170 @@
+//! The simulated cluster around one real [`HeadCore`]: connections and their ordered lanes,
+//! the event loop on a virtual clock, faults, and the invariants that span more than one
+//! peer (leases, attempts, who is told what, service names, and the idle cluster at the end).
+
+use super::driver::{DriverTimer, Habits, SimDriver};
+use super::model::{self, Catalog};
+use super::net::{Lane, Micros, Queue};
+use super::rng::{Rng, mix64};
+use super::worker::{Effects, Link, Placement, SimWorker, WorkerTimer};
+use super::{Config, Failure, KnownBug, Report};
+use crate::outbox::Action;
+use crate::{CoreOptions, HeadCore};
+use chia_core::protocol::{Done, HeadToPeer, PeerToHead, ServiceInfo};
+use chia_core::{Resources, ServiceId, SessionId, TaskError, TaskId};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+/// The owner of the head's own tasks (service restarts).
+const HEAD_SESSION: SessionId = SessionId(0);
+
+/// Frames at least this large take long enough to arrive that the head hears their first
+/// bytes before the whole frame ([`HeadCore::heard`]).
+const LARGE_FRAME: usize = 64 << 10;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Peer {
+    Worker(usize),
+    Driver(usize),
+}
+
+struct Conn {
+    peer: Peer,
+    session: Option<SessionId>,
+    /// The head holds the session open.
+    open: bool,
+    /// The connection is gone (the peer crashed): nothing more travels on it either way.
+    cut: bool,
+    to_head: Lane,
+    to_peer: Lane,
+}
+
+enum Event {
+    ToHead {
+        conn: usize,
+        message: PeerToHead,
+    },
+    /// The first bytes of a large frame arrived.
+    Heard {
+        conn: usize,
+    },
+    ToPeer {
+        conn: usize,
+        message: HeadToPeer,
+    },
+    /// The head closed the connection: after what it sent before, the peer learns it is gone.
+    ClosedByHead {
+        conn: usize,
+    },
+    Worker {
+        slot: usize,
+        life: u32,
+        timer: WorkerTimer,
+    },
+    Driver {
+        index: usize,
+        timer: DriverTimer,
+    },
+    StartDriver {
+        index: usize,
+    },
+    Fault,
+    Thaw {
+        slot: usize,
+        freeze: u64,
+    },
+}
+
+impl Event {
+    /// Messages that count for "the network is quiet": everything but heartbeats.
+    fn busy(&self) -> bool {
+        match self {
+            Event::ToHead { message, .. } => !matches!(message, PeerToHead::Heartbeat),
+            Event::ToPeer { .. } | Event::ClosedByHead { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// What the simulator recorded of a service instance when it was first placed.
+struct ServiceMeta {
+    request: Resources,
+}
+
+pub(super) struct World {
+    cfg: Config,
+    catalog: Catalog,
+    base: Instant,
+    now: Micros,
+    step: u64,
+    head: HeadCore,
+    queue: Queue<Event>,
+    conns: Vec<Conn>,
+    sessions: HashMap<SessionId, usize>,
+    workers: Vec<SimWorker>,
+    /// Events of frozen workers, in arrival order, run when they thaw; with the freeze's number.
+    frozen: Vec<Option<(u64, VecDeque<Event>)>>,
+    freezes: u64,
+    drivers: Vec<SimDriver>,
+    habits: Habits,
+    net: Rng,
+    faults_rng: Rng,
+    /// Tasks not submitted yet.
+    budget: u64,
+    /// Every task is submitted: the run ends once the cluster is idle. Drivers are no longer
+    /// crashed (a driver that waits for an answer that never comes must not be hidden by
+    /// its death), and workers only until `faults_until`.
+    draining: bool,
+    faults_until: Micros,
+    /// The last time a driver was answered: a drain that answers nobody for long has lost a
+    /// task (placements alone are no progress: a task may be retried without end).
+    last_progress: Micros,
+    unfinished_drivers: usize,
+    /// Messages (not heartbeats) in flight.
+    busy: usize,
+    /// The worker connection each task was last sent to, until it reports or is closed.
+    leases: HashMap<TaskId, usize>,
+    attempts: HashMap<TaskId, u32>,
+    services: HashMap<ServiceId, ServiceMeta>,
+    /// Creation tasks of instances whose constructor failed, and the service.
+    failed_constructions: HashMap<TaskId, ServiceId>,
+    /// The newest instance the head named for each `namespace/name`.
+    named: HashMap<String, ServiceId>,
+    /// What the open worker sessions offer: function name → signature → nodes.
+    offered: HashMap<String, BTreeMap<String, usize>>,
+    /// Open worker sessions that offer some function (not only services).
+    task_nodes: usize,
+    open_workers: usize,
+    open_sessions: usize,
+    fx_worker: Effects<WorkerTimer>,
+    fx_driver: Effects<DriverTimer>,
+    next_sweep: u64,
+    report: Report,
+}
+
+type Step<T = ()> = Result<T, String>;
+
+impl World {
+    pub(super) fn new(cfg: &Config) -> World {
+        let catalog = Catalog::new();
+        let base = Instant::now();
+        let options = CoreOptions {
+            heartbeat: cfg.heartbeat,
+            heartbeat_timeout: cfg.heartbeat_timeout,
+            keep_services: false,
+            ..CoreOptions::default()
+        };
+        let workers: Vec<SimWorker> = (0..cfg.workers.max(1))
+            .map(|slot| {
+                let mut rng = Rng::derive(cfg.seed, 1, slot as u64);
+                let offer = catalog.offer(slot, &mut rng);
+                SimWorker::new(slot, offer, rng)
+            })
+            .collect();
+        let timeout = cfg.heartbeat_timeout.as_micros() as Micros;
+        let habits = Habits {
+            window: cfg.window.max(1),
+            services: cfg.services,
+            constructor_failures: cfg.constructor_failures,
+            refs_to_call_results: cfg.refs_to_call_results,
+            faults: cfg.faults,
+            patience: (4 * timeout).max(1_000_000),
+            tolerate_call_refs: cfg.tolerate.contains(&KnownBug::CallResultAsArgument),
+        };
+        World {
+            frozen: workers.iter().map(|_| None).collect(),
+            freezes: 0,
+            workers,
+            catalog,
+            base,
+            now: 0,
+            step: 0,
+            head: HeadCore::new(base, options),
+            queue: Queue::new(),
+            conns: Vec::new(),
+            sessions: HashMap::new(),
+            drivers: Vec::new(),
+            habits,
+            net: Rng::derive(cfg.seed, 2, 0),
+            faults_rng: Rng::derive(cfg.seed, 3, 0),
+            budget: cfg.tasks,
+            draining: false,
+            faults_until: Micros::MAX,
+            last_progress: 0,
+            unfinished_drivers: 0,
+            busy: 0,
+            leases: HashMap::new(),
+            attempts: HashMap::new(),
+            services: HashMap::new(),
+            named: HashMap::new(),
+            failed_constructions: HashMap::new(),
+            offered: HashMap::new(),
+            task_nodes: 0,
+            open_workers: 0,
+            open_sessions: 0,
+            fx_worker: Effects::default(),
+            fx_driver: Effects::default(),
+            next_sweep: 0,
+            report: Report { seed: cfg.seed, ..Report::default() },
+            cfg: cfg.clone(),
+        }
+    }
+
+    fn instant(&self, at: Micros) -> Instant {
+        self.base + Duration::from_micros(at)
+    }
+
+    /// `at` in virtual microseconds, rounded up so that "at" is never before it.
+    fn micros(&self, at: Instant) -> Micros {
+        let nanos = at.saturating_duration_since(self.base).as_nanos();
+        nanos.div_ceil(1000) as Micros
+    }
+
+    fn fail(&self, message: String) -> Failure {
+        Failure {
+            seed: self.cfg.seed,
+            step: self.step,
+            at: Duration::from_micros(self.now),
+            message,
+            replay: self.cfg.replay(),
+        }
+    }
+
+    pub(super) fn run(mut self) -> Result<Report, Failure> {
+        self.boot();
+        let max_steps = self.cfg.max_steps();
+        let max_time = self.cfg.max_virtual_time().as_micros() as Micros;
+        loop {
+            if self.draining && self.unfinished_drivers == 0 && self.busy == 0 && self.workers_settled() {
+                break;
+            }
+            let stalled = self.draining && self.now > self.last_progress + self.stall_limit();
+            if self.step >= max_steps || self.now >= max_time || stalled {
+                let message = self.not_draining();
+                return Err(self.fail(message));
+            }
+            self.step += 1;
+            let checked = self.advance().and_then(|()| self.check_step());
+            checked.map_err(|message| self.fail(message))?;
+        }
+        self.idle_checks().map_err(|message| self.fail(message))?;
+        self.report.steps = self.step;
+        self.report.elapsed = Duration::from_micros(self.now);
+        self.report.tasks = self.drivers.iter().map(|d| d.submitted).sum();
+        self.report.outcomes = self.drivers.iter().map(|d| d.outcomes).sum();
+        Ok(self.report)
+    }
+
+    /// How long a draining run may go without answering a driver: longer
+    /// than anything the model lets take (the slowest task, a freeze, a restart, a driver's
+    /// patience with an infeasible task).
+    fn stall_limit(&self) -> Micros {
+        let timeout = self.cfg.heartbeat_timeout.as_micros() as Micros;
+        (20 * timeout).max(10_000_000) + self.habits.patience
+    }
+
+    fn boot(&mut self) {
+        for slot in 0..self.workers.len() {
+            let at = self.net.range(0, 50_000);
+            let life = self.workers[slot].life;
+            self.queue.push(at, Event::Worker { slot, life, timer: WorkerTimer::Restart });
+        }
+        for _ in 0..self.cfg.drivers.max(1) {
+            let at = self.net.range(0, 100_000);
+            self.spawn_driver(at);
+        }
+        if self.cfg.faults {
+            let gap = self.fault_gap();
+            self.queue.push(gap, Event::Fault);
+        }
+    }
+
+    fn fault_gap(&mut self) -> Micros {
+        let mean = self.cfg.fault_interval.as_micros() as Micros;
+        self.faults_rng.range(mean / 2, mean * 3 / 2)
+    }
+
+    fn spawn_driver(&mut self, at: Micros) {
+        let index = self.drivers.len();
+        let conn = self.new_conn(Peer::Driver(index));
+        let rng = Rng::derive(self.cfg.seed, 4, index as u64);
+        self.drivers.push(SimDriver::new(index, conn, rng, self.habits));
+        self.unfinished_drivers += 1;
+        self.queue.push(at, Event::StartDriver { index });
+    }
+
+    fn new_conn(&mut self, peer: Peer) -> usize {
+        self.conns.push(Conn {
+            peer,
+            session: None,
+            open: false,
+            cut: false,
+            to_head: Lane::default(),
+            to_peer: Lane::default(),
+        });
+        self.conns.len() - 1
+    }
+
+    fn delay(&mut self) -> Micros {
+        // Mostly a LAN's latency, now and then a slow path.
+        if self.net.chance(50) { self.net.range(2_000, 30_000) } else { self.net.range(50, 2_000) }
+    }
+
+    fn send_to_head(&mut self, conn: usize, message: PeerToHead) {
+        if self.conns[conn].cut {
+            return;
+        }
+        let mut delay = self.delay();
+        if let PeerToHead::Finished { outcome: chia_core::protocol::Outcome::Value(value), .. } = &message
+            && value.len() >= LARGE_FRAME
+        {
+            // About 10 MB/s: the head hears the first bytes long before the frame is whole.
+            let transfer = value.len() as Micros / 10;
+            self.queue.push(self.now + delay, Event::Heard { conn });
+            delay += transfer;
+        }
+        let at = self.conns[conn].to_head.arrival(self.now, delay);
+        let event = Event::ToHead { conn, message };
+        self.busy += usize::from(event.busy());
+        self.queue.push(at, event);
+    }
+
+    fn send_to_peer(&mut self, conn: usize, event: Event) {
+        let delay = self.delay();
+        let at = self.conns[conn].to_peer.arrival(self.now, delay);
+        self.busy += usize::from(event.busy());
+        self.queue.push(at, event);
+    }
+
+    /// One step: the head's timer if it is due first, else the next event.
+    fn advance(&mut self) -> Step {
+        let next = self.queue.peek_time();
+        let deadline = self.head.poll_timeout().map(|t| self.micros(t));
+        if let Some(deadline) = deadline
+            && next.is_none_or(|next| deadline <= next)
+        {
+            self.now = self.now.max(deadline);
+            self.head.handle_timeout(self.instant(self.now));
+            self.drain_outbox()?;
+            if let Some(again) = self.head.poll_timeout().map(|t| self.micros(t))
+                && again <= self.now
+            {
+                return Err(format!(
+                    "handle_timeout at {:?} left its deadline in the past ({:?})",
+                    Duration::from_micros(self.now),
+                    Duration::from_micros(again)
+                ));
+            }
+            return Ok(());
+        }
+        let Some((at, event)) = self.queue.pop() else {
+            return Err("nothing is left to happen, yet the run has not drained".into());
+        };
+        self.now = at;
+        if event.busy() {
+            self.busy -= 1;
+        }
+        self.handle(event)
+    }
+
+    fn handle(&mut self, event: Event) -> Step {
+        match event {
+            Event::ToHead { conn, message } => self.deliver_to_head(conn, message),
+            Event::Heard { conn } => {
+                if let Some(session) = self.conns[conn].session.filter(|_| self.conns[conn].open) {
+                    self.head.heard(self.instant(self.now), session);
+                }
+                Ok(())
+            }
+            Event::ToPeer { conn, message } => self.deliver_to_peer(conn, message),
+            Event::ClosedByHead { conn } => match self.conns[conn].peer {
+                Peer::Worker(slot) => {
+                    if self.frozen[slot].is_some() {
+                        self.defer(slot, Event::ClosedByHead { conn });
+                    } else if self.workers[slot].conn() == Some(conn) {
+                        self.worker_lost_head(slot);
+                    }
+                    Ok(())
+                }
+                Peer::Driver(index) => Err(format!("the head closed the connection of driver {index}")),
+            },
+            Event::Worker { slot, life, timer } => {
+                if self.frozen[slot].is_some() {
+                    self.defer(slot, Event::Worker { slot, life, timer });
+                    return Ok(());
+                }
+                let worker = &mut self.workers[slot];
+                if worker.life != life {
+                    return Ok(()); // Set by an earlier life of the process.
+                }
+                if let WorkerTimer::Restart = timer {
+                    if worker.link == Link::Down {
+                        let conn = self.new_conn(Peer::Worker(slot));
+                        let hello = self.workers[slot].start(conn, &self.catalog);
+                        self.send_to_head(conn, hello);
+                    }
+                    return Ok(());
+                }
+                let mut fx = std::mem::take(&mut self.fx_worker);
+                worker.timer(&mut fx, timer);
+                self.apply_worker(slot, fx);
+                Ok(())
+            }
+            Event::Driver { index, timer: DriverTimer::Tick } => {
+                let mut fx = std::mem::take(&mut self.fx_driver);
+                let driver = &mut self.drivers[index];
+                let was_finished = driver.finished || driver.dead;
+                driver.tick(&mut fx, self.now, &mut self.budget, &self.catalog);
+                if !was_finished && driver.finished {
+                    self.unfinished_drivers -= 1;
+                }
+                self.apply_driver(index, fx);
+                if self.budget == 0 && !self.draining {
+                    self.draining = true;
+                    let timeout = self.cfg.heartbeat_timeout.as_micros() as Micros;
+                    self.faults_until = self.now + 10 * timeout;
+                }
+                Ok(())
+            }
+            Event::StartDriver { index } => {
+                let hello = self.drivers[index].hello();
+                let conn = self.drivers[index].conn;
+                self.send_to_head(conn, hello);
+                Ok(())
+            }
+            Event::Fault => {
+                // Faults go on while there is work they can disturb; the release of what the
+                // drivers hold and the idle cluster after it are fault-free.
+                let disturbing = self.now < self.faults_until && self.drivers.iter().any(SimDriver::busy);
+                if !self.draining || disturbing {
+                    self.inject_fault()?;
+                    let gap = self.fault_gap();
+                    self.queue.push(self.now + gap, Event::Fault);
+                }
+                Ok(())
+            }
+            Event::Thaw { slot, freeze } => {
+                // A crash during the freeze ended it already; a later freeze has its own thaw.
+                if self.frozen[slot].as_ref().is_none_or(|(number, _)| *number != freeze) {
+                    return Ok(());
+                }
+                let Some((_, deferred)) = self.frozen[slot].take() else { return Ok(()) };
+                for event in deferred {
+                    self.handle(event)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn defer(&mut self, slot: usize, event: Event) {
+        if let Some((_, queue)) = self.frozen[slot].as_mut() {
+            queue.push_back(event);
+        }
+    }
+
+    fn apply_worker(&mut self, slot: usize, mut fx: Effects<WorkerTimer>) {
+        self.failed_constructions.extend(self.workers[slot].failed_constructions.drain(..));
+        let worker = &self.workers[slot];
+        let (conn, life) = (worker.conn(), worker.life);
+        for message in fx.sends.drain(..) {
+            let Some(conn) = conn else { continue };
+            if let PeerToHead::Finished { task, .. } = &message
+                && self.leases.get(task) == Some(&conn)
+            {
+                self.leases.remove(task);
+            }
+            self.send_to_head(conn, message);
+        }
+        for (delay, timer) in fx.timers.drain(..) {
+            self.queue.push(self.now + delay, Event::Worker { slot, life, timer });
+        }
+        self.fx_worker = fx;
+    }
+
+    fn apply_driver(&mut self, index: usize, mut fx: Effects<DriverTimer>) {
+        let conn = self.drivers[index].conn;
+        for message in fx.sends.drain(..) {
+            self.send_to_head(conn, message);
+        }
+        for (delay, timer) in fx.timers.drain(..) {
+            self.queue.push(self.now + delay, Event::Driver { index, timer });
+        }
+        self.fx_driver = fx;
+    }
+
+    fn deliver_to_head(&mut self, conn: usize, message: PeerToHead) -> Step {
+        let now = self.instant(self.now);
+        let c = &self.conns[conn];
+        match (c.session, c.open) {
+            (None, _) if c.cut => Ok(()), // The hello died with its connection.
+            (None, _) => {
+                let remote = format!("sim-conn-{conn}");
+                let session = self
+                    .head
+                    .open_session(now, &remote, message)
+                    .map_err(|e| format!("a hello was rejected: {e}"))?;
+                let c = &mut self.conns[conn];
+                c.session = Some(session);
+                c.open = true;
+                self.sessions.insert(session, conn);
+                self.open_sessions += 1;
+                if let Peer::Worker(slot) = c.peer {
+                    self.node_opened(slot, 1);
+                }
+                self.drain_outbox()
+            }
+            (Some(session), true) => {
+                self.head.handle(now, session, message);
+                self.drain_outbox()
+            }
+            (Some(session), false) => {
+                // A frame from a connection the head closed, decoded before the close took
+                // effect (a race the real driver has): it must change nothing.
+                if c.cut || !self.net.chance(self.cfg.late_frames_per_mille) {
+                    return Ok(());
+                }
+                self.report.late_frames += 1;
+                let what = format!("{message:?}");
+                self.head.handle(now, session, message);
+                if let Some(action) = self.head.poll_action() {
+                    return Err(format!(
+                        "a frame from closed {session} ({}) made the head act: {action:?}",
+                        what.chars().take(120).collect::<String>()
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Counts what worker `slot`'s open session offers (`delta` 1 when opened, -1 when closed).
+    fn node_opened(&mut self, slot: usize, delta: isize) {
+        let keys = self.workers[slot].offer.scheduler_keys(&self.catalog);
+        let runs_tasks = !self.workers[slot].offer.function_keys(&self.catalog).is_empty();
+        for key in keys {
+            let count = self.offered.entry(key.name).or_default().entry(key.sig_hash).or_default();
+            *count = count.checked_add_signed(delta).unwrap_or(0);
+        }
+        self.task_nodes = self.task_nodes.checked_add_signed(if runs_tasks { delta } else { 0 }).unwrap_or(0);
+        self.open_workers = self.open_workers.checked_add_signed(delta).unwrap_or(0);
+    }
+
+    /// The head no longer holds `conn`'s session (it closed it, or was told it closed).
+    fn session_closed(&mut self, conn: usize) {
+        let c = &mut self.conns[conn];
+        if !c.open {
+            return;
+        }
+        c.open = false;
+        self.open_sessions -= 1;
+        if let Peer::Worker(slot) = c.peer {
+            self.node_opened(slot, -1);
+        }
+        // Whatever that node ran may go elsewhere now.
+        self.leases.retain(|_, leased| *leased != conn);
+    }
+
+    fn drain_outbox(&mut self) -> Step {
+        while let Some(action) = self.head.poll_action() {
+            self.report.frames += 1;
+            match action {
+                Action::Send { to, ref frame } => {
+                    self.report.digest = mix64(self.report.digest ^ mix64(to.0) ^ model::digest(frame));
+                    let Some((_, message)) = action.decoded() else {
+                        return Err(format!("the head sent {to} a frame that does not decode as HeadToPeer"));
+                    };
+                    let Some(&conn) = self.sessions.get(&to) else {
+                        let why = format!("the head sent {message:?} to {to}, a session it never opened");
+                        if to == HEAD_SESSION && matches!(message, HeadToPeer::Infeasible { .. }) {
+                            self.known(KnownBug::InfeasibleToHeadSession, why)?;
+                            continue;
+                        }
+                        return Err(why);
+                    };
+                    if !self.conns[conn].open {
+                        // The runtime finds no connection and drops it.
+                        self.report.sends_after_close += 1;
+                        continue;
+                    }
+                    self.check_sent(conn, to, &message)?;
+                    if !self.conns[conn].cut {
+                        self.send_to_peer(conn, Event::ToPeer { conn, message });
+                    }
+                }
+                Action::Close { session, reason } => {
+                    self.report.digest =
+                        mix64(self.report.digest ^ mix64(!session.0) ^ model::digest(reason.as_bytes()));
+                    let Some(&conn) = self.sessions.get(&session) else {
+                        return Err(format!("the head closed {session}, a session it never opened"));
+                    };
+                    if let Peer::Driver(index) = self.conns[conn].peer
+                        && !self.conns[conn].cut
+                    {
+                        return Err(format!("the head closed driver {index}'s connection ({reason})"));
+                    }
+                    if self.conns[conn].open && !self.conns[conn].cut {
+                        self.report.faults.written_off += 1;
+                        self.send_to_peer(conn, Event::ClosedByHead { conn });
+                    }
+                    self.session_closed(conn);
+                }
+                Action::SaveServices(services) => {
+                    self.report.digest = mix64(self.report.digest ^ services.len() as u64);
+                }
+                // The simulator runs without a journal (journal_id: None): nothing is kept.
+                Action::Keep(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// A known core bug happened: counted when the run tolerates it, else a failure.
+    fn known(&mut self, bug: KnownBug, why: String) -> Step {
+        if !self.cfg.tolerate.contains(&bug) {
+            return Err(format!("{why} (known bug {bug:?})"));
+        }
+        *self.report.known_bugs.entry(bug).or_default() += 1;
+        Ok(())
+    }
+
+    fn owner(&self, task: TaskId) -> Option<&SimDriver> {
+        let conn = *self.sessions.get(&task.session())?;
+        match self.conns[conn].peer {
+            Peer::Driver(index) => self.drivers.get(index),
+            Peer::Worker(_) => None,
+        }
+    }
+
+    /// Checks a message as the head sends it, against what the whole cluster knows.
+    fn check_sent(&mut self, conn: usize, to: SessionId, message: &HeadToPeer) -> Step {
+        let to_worker = matches!(self.conns[conn].peer, Peer::Worker(_));
+        match message {
+            HeadToPeer::Execute { task, attempt, .. } => {
+                let Some(owner) = self.owner(*task) else {
+                    return Err(format!("the head sent {task} to run, but no driver submitted it"));
+                };
+                if !to_worker {
+                    return Err(format!("the head sent {task} to run on {to}, which is not a worker"));
+                }
+                if let Some(&leased) = self.leases.get(task)
+                    && leased != conn
+                    && self.conns[leased].open
+                {
+                    return Err(format!(
+                        "attempt {attempt} of {task} was sent to {to} while it still runs on {:?}",
+                        self.conns[leased].session
+                    ));
+                }
+                let previous = self.attempts.get(task).copied().unwrap_or(0);
+                if *attempt <= previous {
+                    return Err(format!("{task} was sent as attempt {attempt} after attempt {previous}"));
+                }
+                if let Some(max) = owner.max_attempts(task.seq())
+                    && *attempt > max
+                {
+                    return Err(format!(
+                        "{task} was sent as attempt {attempt}, but it may run {max} time(s) at most"
+                    ));
+                }
+                self.attempts.insert(*task, *attempt);
+                self.leases.insert(*task, conn);
+                self.report.dispatches += 1;
+            }
+            HeadToPeer::StartInstance { task, service, .. } => {
+                if !to_worker {
+                    return Err(format!("the head asked {to}, which is not a worker, to host {service}"));
+                }
+                if !self.services.contains_key(service) {
+                    let request = match self.owner(*task) {
+                        Some(owner) => owner.start_request(task.seq(), &self.catalog).cloned(),
+                        None => None,
+                    };
+                    let Some(request) = request else {
+                        return Err(format!(
+                            "the head placed {service} for {task}, which is no service start{}",
+                            if task.session() == HEAD_SESSION {
+                                " (a restart of a service never placed)"
+                            } else {
+                                ""
+                            }
+                        ));
+                    };
+                    self.services.insert(*service, ServiceMeta { request });
+                }
+                self.report.dispatches += 1;
+            }
+            HeadToPeer::Done { task, done } => {
+                if task.session() != to {
+                    let why =
+                        format!("the head told {to} how {task} ended, but {task} is not its task: {done:?}");
+                    if task.session() == HEAD_SESSION {
+                        // Delivered all the same: the driver finds no such task and must not
+                        // mistake it for one of its own.
+                        return self.known(KnownBug::AnswerForRestartTask, why);
+                    }
+                    return Err(why);
+                }
+                self.check_done(*task, done)?;
+                self.last_progress = self.now;
+            }
+            HeadToPeer::Fetched { task, .. } | HeadToPeer::Infeasible { task, .. }
+                if task.session() != to =>
+            {
+                return Err(format!("the head sent {to} news of {task}, which is not its task: {message:?}"));
+            }
+            HeadToPeer::CallInstance { .. } | HeadToPeer::StopInstance { .. } | HeadToPeer::Cancel { .. }
+                if !to_worker =>
+            {
+                return Err(format!("the head sent a worker's message to driver session {to}: {message:?}"));
+            }
+            // The handshake, pongs and journal notices: nothing the cluster can check.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn check_done(&mut self, task: TaskId, done: &Done) -> Step {
+        match done {
+            Done::Failed(TaskError::UnknownFunction { function }) => {
+                let offering: usize = self.offered.get(function).map_or(0, |sigs| sigs.values().sum());
+                if offering > 0 || self.task_nodes == 0 {
+                    return Err(format!(
+                        "{task} failed with UnknownFunction({function}) while {offering} open node(s) offer it and {} run tasks",
+                        self.task_nodes
+                    ));
+                }
+            }
+            Done::Failed(TaskError::SignatureMismatch { function, expected, found }) => {
+                let sigs = self.offered.get(function);
+                let offered: Vec<String> =
+                    sigs.into_iter().flatten().filter(|&(_, &n)| n > 0).map(|(sig, _)| sig.clone()).collect();
+                if offered.contains(expected) || &offered != found {
+                    return Err(format!(
+                        "{task} failed with SignatureMismatch({function}: {expected}, found {found:?}) while open nodes offer {offered:?}"
+                    ));
+                }
+            }
+            Done::Value(bytes) if self.owner(task).is_some_and(|d| d.is_service_request(task.seq())) => {
+                let info = match rmp_serde::from_slice::<ServiceInfo>(bytes) {
+                    Ok(info) => Some(info),
+                    Err(_) => rmp_serde::from_slice::<Option<ServiceInfo>>(bytes).ok().flatten(),
+                };
+                if let Some(info) = info {
+                    self.check_service_named(task, &info)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The head named `info` as the service under its name: its host serves it, no other open
+    /// node serves another instance under that name, and the head never goes back to an older
+    /// instance of a name.
+    fn check_service_named(&mut self, task: TaskId, info: &ServiceInfo) -> Step {
+        let name = format!("{}/{}", info.namespace, info.name);
+        let open = |w: &SimWorker| w.conn().is_some_and(|c| self.conns[c].open);
+        let host = self.workers.iter().find(|w| open(w) && w.node().is_some_and(|(_, n)| n == info.node));
+        match host {
+            Some(host) if host.serves(info.id) => {}
+            Some(host) => {
+                return Err(format!(
+                    "{task} was answered with {name} = {} on {}, which does not serve it: {}",
+                    info.id,
+                    info.node,
+                    host.summary()
+                ));
+            }
+            None => {
+                return Err(format!(
+                    "{task} was answered with {name} = {} on {}, which is no open node",
+                    info.id, info.node
+                ));
+            }
+        }
+        if self.cfg.strict_service_names {
+            for worker in self.workers.iter().filter(|w| open(w)) {
+                if let Some((other, _)) = worker.serving().find(|&(id, n)| n == name && id != info.id) {
+                    return Err(format!(
+                        "{task} was answered with {name} = {}, while {other} of the same name still serves on an open node: {}",
+                        info.id,
+                        worker.summary()
+                    ));
+                }
+            }
+        }
+        let newest = self.named.entry(name.clone()).or_insert(info.id);
+        if info.id < *newest {
+            return Err(format!(
+                "{task} was answered with {name} = {}, after {} had been named",
+                info.id, *newest
+            ));
+        }
+        *newest = info.id;
+        Ok(())
+    }
+
+    fn deliver_to_peer(&mut self, conn: usize, message: HeadToPeer) -> Step {
+        if self.conns[conn].cut {
+            return Ok(());
+        }
+        match self.conns[conn].peer {
+            Peer::Worker(slot) => {
+                if self.frozen[slot].is_some() {
+                    self.defer(slot, Event::ToPeer { conn, message });
+                    return Ok(());
+                }
+                if self.workers[slot].conn() != Some(conn) {
+                    return Ok(()); // For an earlier life of the process.
+                }
+                let mut fx = std::mem::take(&mut self.fx_worker);
+                let result = self.worker_message(slot, &mut fx, message);
+                self.apply_worker(slot, fx);
+                result
+            }
+            Peer::Driver(index) => {
+                if self.drivers[index].dead {
+                    return Ok(());
+                }
+                let mut fx = std::mem::take(&mut self.fx_driver);
+                let driver = &mut self.drivers[index];
+                let result = match message {
+                    HeadToPeer::Welcome { session, node, .. } => {
+                        let welcomed = driver.welcome(session, node);
+                        fx.timers.push((0, DriverTimer::Tick));
+                        welcomed
+                    }
+                    HeadToPeer::Done { task, done } => driver.done(&mut fx, task, done),
+                    HeadToPeer::Fetched { task, outcome } => driver.fetched(task, outcome),
+                    HeadToPeer::Infeasible { task, .. } => {
+                        driver.infeasible(self.now, task);
+                        Ok(())
+                    }
+                    other @ (HeadToPeer::Execute { .. }
+                    | HeadToPeer::StartInstance { .. }
+                    | HeadToPeer::CallInstance { .. }
+                    | HeadToPeer::StopInstance { .. }
+                    | HeadToPeer::Cancel { .. }
+                    | HeadToPeer::Rejected { .. }) => Err(format!("driver {index} was sent {other:?}")),
+                    // Pongs and journal notices ask nothing of a driver.
+                    _ => Ok(()),
+                };
+                self.apply_driver(index, fx);
+                result
+            }
+        }
+    }
+
+    fn worker_message(&mut self, slot: usize, fx: &mut Effects<WorkerTimer>, message: HeadToPeer) -> Step {
+        match message {
+            HeadToPeer::Welcome { session, node, node_name, heartbeat_ms, .. } => {
+                self.workers[slot].welcome(fx, session, node, node_name, heartbeat_ms)
+            }
+            HeadToPeer::Execute { task, attempt, function, args, .. } => {
+                let facts = self.owner(task).and_then(|d| d.function_facts(task.seq(), &self.catalog));
+                let Some(facts) = facts else {
+                    return Err(format!(
+                        "worker {slot} was sent {task}, which is no function task of a driver"
+                    ));
+                };
+                self.workers[slot].execute(fx, task, attempt, &function, args, &facts)
+            }
+            HeadToPeer::StartInstance { task, service, type_name, args } => {
+                let Some(meta) = self.services.get(&service) else {
+                    return Err(format!("worker {slot} was asked to host {service}, which no start placed"));
+                };
+                let request = meta.request.clone();
+                let placement = Placement { task, service, type_name: &type_name, args, request: &request };
+                self.workers[slot].start_instance(fx, &self.catalog, placement)
+            }
+            HeadToPeer::CallInstance { task, service, method, args } => {
+                self.workers[slot].call_instance(fx, task, service, &method, args)
+            }
+            HeadToPeer::StopInstance { service } => {
+                self.workers[slot].stop_instance(fx, service);
+                Ok(())
+            }
+            HeadToPeer::Cancel { task, force } => {
+                self.workers[slot].cancel(fx, task, force);
+                Ok(())
+            }
+            other @ (HeadToPeer::Done { .. }
+            | HeadToPeer::Fetched { .. }
+            | HeadToPeer::Infeasible { .. }
+            | HeadToPeer::Rejected { .. }) => Err(format!("worker {slot} was sent {other:?}")),
+            // Pongs and journal notices ask nothing of a worker.
+            _ => Ok(()),
+        }
+    }
+
+    /// The worker learned the head closed its connection: it starts over, as a new node.
+    fn worker_lost_head(&mut self, slot: usize) {
+        self.workers[slot].reset();
+        let backoff = self.net.range(100_000, 400_000);
+        let life = self.workers[slot].life;
+        self.queue.push(self.now + backoff, Event::Worker { slot, life, timer: WorkerTimer::Restart });
+    }
+
+    fn inject_fault(&mut self) -> Step {
+        let kind = self.faults_rng.weighted(&[30, 20, 25, 10]);
+        let now = self.instant(self.now);
+        match kind {
+            0..=2 => {
+                let slot = self.faults_rng.below(self.workers.len() as u64) as usize;
+                let Some(conn) = self.workers[slot].conn() else { return Ok(()) };
+                if kind == 0 {
+                    // The process dies: its connection with it.
+                    self.report.faults.worker_crashes += 1;
+                    self.frozen[slot] = None;
+                    self.conns[conn].cut = true;
+                    if let Some(session) = self.conns[conn].session.filter(|_| self.conns[conn].open) {
+                        self.head.close_session(now, session, "connection lost");
+                        self.drain_outbox()?;
+                        self.session_closed(conn);
+                    }
+                    self.workers[slot].reset();
+                    let life = self.workers[slot].life;
+                    let back = self.faults_rng.range(50_000, 1_000_000);
+                    self.queue
+                        .push(self.now + back, Event::Worker { slot, life, timer: WorkerTimer::Restart });
+                } else if self.frozen[slot].is_none() && self.workers[slot].session().is_some() {
+                    // Frozen (SIGSTOP, a stalled machine): silent for a while, shorter or longer
+                    // than the heartbeat timeout.
+                    self.report.faults.freezes += 1;
+                    let timeout = self.cfg.heartbeat_timeout.as_micros() as Micros;
+                    let length = if kind == 1 {
+                        self.faults_rng.range(timeout / 10, timeout * 7 / 10)
+                    } else {
+                        self.faults_rng.range(timeout * 12 / 10, timeout * 3)
+                    };
+                    self.freezes += 1;
+                    self.frozen[slot] = Some((self.freezes, VecDeque::new()));
+                    let freeze = self.freezes;
+                    self.queue.push(self.now + length, Event::Thaw { slot, freeze });
+                }
+            }
+            _ if self.draining => {}
+            _ => {
+                let alive: Vec<usize> = self
+                    .drivers
+                    .iter()
+                    .filter(|d| !d.dead && !d.finished && d.session.is_some())
+                    .map(|d| d.index)
+                    .collect();
+                if alive.is_empty() {
+                    return Ok(());
+                }
+                let index = alive[self.faults_rng.below(alive.len() as u64) as usize];
+                self.report.faults.driver_crashes += 1;
+                let driver = &mut self.drivers[index];
+                driver.dead = true;
+                self.unfinished_drivers -= 1;
+                let conn = driver.conn;
+                self.conns[conn].cut = true;
+                if let Some(session) = self.conns[conn].session.filter(|_| self.conns[conn].open) {
+                    self.head.close_session(now, session, "driver gone");
+                    self.drain_outbox()?;
+                    self.session_closed(conn);
+                }
+                // Another run of the program takes over what was left to submit.
+                let later = self.faults_rng.range(10_000, 500_000);
+                self.spawn_driver(self.now + later);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every worker is joined, awake and runs nothing.
+    fn workers_settled(&self) -> bool {
+        self.workers.iter().zip(&self.frozen).all(|(w, frozen)| {
+            frozen.is_none()
+                && w.is_idle()
+                && w.conn().is_some_and(|c| self.conns[c].open)
+                && w.session().is_some()
+        })
+    }
+
+    fn check_step(&mut self) -> Step {
+        #[cfg(test)]
+        if crate::planted::sabotaged(crate::planted::Sabotage::HeadForgetsATask)
+            && self.step.is_multiple_of(200)
+        {
+            let awaited = self.head.held_tasks().into_iter().find(|&task| {
+                self.owner(task).is_some_and(|d| !d.dead && d.waiting_for(usize::MAX).contains(&task))
+            });
+            if let Some(task) = awaited {
+                self.head.forget_record(task);
+                crate::planted::sabotage(None);
+            }
+        }
+        let queued = self.head.scheduler().queued_len();
+        self.report.largest_queue = self.report.largest_queue.max(queued);
+        if !self.cfg.check_every_step && self.step < self.next_sweep {
+            return Ok(());
+        }
+        // A sweep costs about as much as the head holds: spaced out so that, unless every step
+        // is checked, sweeping takes about as long as the steps between two sweeps.
+        self.next_sweep = self.step + (self.head.task_count() + self.workers.len()) as u64 / 4 + 1;
+        self.head.check_consistency()?;
+        if self.head.session_count() != self.open_sessions {
+            return Err(format!(
+                "the head holds {} sessions, the network {} open ones",
+                self.head.session_count(),
+                self.open_sessions
+            ));
+        }
+        if self.head.node_count() != self.open_workers {
+            return Err(format!(
+                "the head holds {} nodes, the network {} open worker sessions",
+                self.head.node_count(),
+                self.open_workers
+            ));
+        }
+        for worker in &self.workers {
+            let Some((node, name)) = worker.node() else { continue };
+            if !worker.conn().is_some_and(|c| self.conns[c].open) {
+                continue;
+            }
+            let capacity = with_affinity(&worker.offer.capacity, name);
+            match self.head.scheduler().node_free(node) {
+                Some(free) if capacity.covers(&free) => {}
+                Some(free) => {
+                    return Err(format!(
+                        "{name} ({node}) has {free} free, more than its capacity {capacity}"
+                    ));
+                }
+                None => return Err(format!("{name} ({node}) is open but unknown to the scheduler")),
+            }
+        }
+        Ok(())
+    }
+
+    /// The cluster is idle: every driver got what it wanted and let go of it, nothing runs.
+    fn idle_checks(&mut self) -> Step {
+        self.head.check_consistency()?;
+        for driver in self.drivers.iter().filter(|d| !d.dead) {
+            driver.final_check()?;
+        }
+        let known: u64 = self.drivers.iter().map(|d| d.known_bugs).sum();
+        if known > 0 {
+            *self.report.known_bugs.entry(KnownBug::CallResultAsArgument).or_default() += known;
+        }
+        // Records the head keeps of instances whose constructor failed, and what they hold.
+        let mut leaked: HashMap<chia_core::NodeId, Resources> = HashMap::new();
+        let mut leaks = 0;
+        for task in self.head.held_tasks() {
+            let Some(&service) = self.failed_constructions.get(&task) else { continue };
+            let why = format!(
+                "the cluster is idle, yet the head keeps {} of a failed constructor",
+                self.head.describe_task(task).unwrap_or_default()
+            );
+            self.known(KnownBug::FailedConstructorKeepsResources, why)?;
+            leaks += 1;
+            if let (Some(node), Some(meta)) = (self.head.task_node(task), self.services.get(&service)) {
+                let held = leaked.entry(node).or_default();
+                for (name, amount) in meta.request.iter() {
+                    let total = held.get(name).checked_add(amount).unwrap_or(amount);
+                    let _ = held.set(name, total);
+                }
+            }
+        }
+        for worker in &self.workers {
+            let Some((node, name)) = worker.node() else { continue };
+            let mut capacity = with_affinity(&worker.offer.capacity, name);
+            if let Some(held) = leaked.get(&node) {
+                // Not `Resources::take`: it keeps zero amounts, and the sets would not compare equal.
+                for (name, amount) in held.iter() {
+                    let _ = capacity.set(name, capacity.get(name).saturating_sub(amount));
+                }
+            }
+            let free = self.head.scheduler().node_free(node);
+            if free.as_ref() != Some(&capacity) {
+                return Err(format!(
+                    "the cluster is idle, but {name} ({node}) has {} free of {capacity}; the head holds {} task(s): {}",
+                    free.map_or("nothing".into(), |f| f.to_string()),
+                    self.head.task_count(),
+                    self.held_summary()
+                ));
+            }
+        }
+        if self.head.task_count() != leaks {
+            return Err(format!(
+                "the cluster is idle and every driver released everything, yet the head holds {} task record(s): {}",
+                self.head.task_count(),
+                self.held_summary()
+            ));
+        }
+        if self.head.scheduler().queued_len() != 0 {
+            return Err(format!(
+                "the cluster is idle, yet {} task(s) are queued",
+                self.head.scheduler().queued_len()
+            ));
+        }
+        // The drivers leave; nothing of theirs may stay behind.
+        let now = self.instant(self.now);
+        for index in 0..self.drivers.len() {
+            let conn = self.drivers[index].conn;
+            if let Some(session) = self.conns[conn].session.filter(|_| self.conns[conn].open) {
+                self.conns[conn].cut = true;
+                self.head.close_session(now, session, "the program ended");
+                self.drain_outbox()?;
+                self.session_closed(conn);
+            }
+        }
+        if self.head.task_count() != leaks || self.head.session_count() != self.open_workers {
+            return Err(format!(
+                "after every driver left, the head holds {} task(s) and {} session(s) ({} workers): {}",
+                self.head.task_count(),
+                self.head.session_count(),
+                self.open_workers,
+                self.held_summary()
+            ));
+        }
+        self.head.check_consistency()
+    }
+
+    fn held_summary(&self) -> String {
+        let held = self.head.held_tasks();
+        let shown: Vec<String> = held.iter().take(8).filter_map(|&t| self.head.describe_task(t)).collect();
+        format!("{}{}", shown.join("; "), if held.len() > 8 { "; ..." } else { "" })
+    }
+
+    /// Why the run did not drain in time, with what is still waiting.
+    fn not_draining(&self) -> String {
+        let mut waiting = Vec::new();
+        for driver in self.drivers.iter().filter(|d| !d.dead && !d.finished) {
+            for task in driver.waiting_for(4) {
+                let head = self.head.describe_task(task).unwrap_or_else(|| "unknown to the head".into());
+                let scheduler = self.head.scheduler().task_status(task);
+                waiting.push(format!("{task} (driver {}): {head}; scheduler: {scheduler:?}", driver.index));
+            }
+        }
+        let workers: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|w| !w.is_idle() || w.session().is_none())
+            .take(4)
+            .map(|w| w.summary())
+            .collect();
+        format!(
+            "the run did not drain after {} steps ({} tasks left to submit, {} driver(s) unfinished, {} message(s) in flight, {} event(s) queued); waiting: [{}]; workers: [{}]",
+            self.step,
+            self.budget,
+            self.unfinished_drivers,
+            self.busy,
+            self.queue.len(),
+            waiting.join(" | "),
+            workers.join(" | ")
+        )
+    }
+}
+
+/// A node's capacity as the scheduler counts it: with its `node:<name>` resource.
+fn with_affinity(capacity: &Resources, name: &str) -> Resources {
+    let affinity = format!("{}{name}", chia_core::resources::NODE_PREFIX);
+    if capacity.contains(&affinity) {
+        return capacity.clone();
+    }
+    capacity.clone().with(&affinity, chia_core::ResourceAmount::whole(1)).unwrap_or_else(|_| capacity.clone())
+}
