@@ -273,6 +273,10 @@ pub enum HeadToPeer {
         /// again what it sent after them.
         #[serde(default)]
         resumed_through: u64,
+        /// With a journal: how long a restarted head waits for the peer to take up its
+        /// session (milliseconds), so the peer knows how long trying is worth it.
+        #[serde(default)]
+        resume_grace_ms: u64,
     },
     Rejected {
         reason: String,
@@ -310,6 +314,11 @@ pub enum HeadToPeer {
     /// Answer to [`PeerToHead::Ping`].
     Pong {
         nonce: u64,
+    },
+    /// The head's journal holds this session's messages up to the `through`-th: a peer need
+    /// not keep them to send again after a head restart.
+    Durable {
+        through: u64,
     },
     /// Construct a service instance (to its host). Its outcome is reported as `Finished { task }`.
     StartInstance {

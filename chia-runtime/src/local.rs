@@ -68,7 +68,9 @@ impl Init {
     /// Connects (or starts the embedded cluster).
     pub async fn connect(self) -> Result<Context, Error> {
         if let Some(credentials) = credentials_from_env()? {
-            let (client, _) = Client::connect(&credentials, "driver", None).await?;
+            // A head that is restarting is waited for, as its drivers already connected do.
+            let (client, _) =
+                Client::connect_patiently(&credentials, "driver", None, DRIVER_PATIENCE).await?;
             return Ok(Context::new(client, None));
         }
         let workers = match std::env::var(env::LOCAL_WORKERS) {
@@ -90,6 +92,9 @@ impl Init {
         Ok(Context::new(client, Some(Arc::new(cluster))))
     }
 }
+
+/// How long `init` waits for a head it cannot reach yet (its default grace period).
+const DRIVER_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn credentials_from_env() -> Result<Option<ClusterCredentials>, Error> {
     let address = std::env::var(env::ADDRESS).ok().filter(|a| !a.is_empty());

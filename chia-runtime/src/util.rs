@@ -1,6 +1,6 @@
-//! Two things every layer needs when it runs user code: catching a panic (a function, a
-//! service method, a bypass provider or condition that panics fails only its call), and
-//! running a future to completion from synchronous code.
+//! What every layer needs: catching a panic (a function, a service method, a bypass provider
+//! or condition that panics fails only its call), running a future to completion from
+//! synchronous code, and how to wait between tries to reach the head.
 
 use crate::error::Error;
 use std::future::Future;
@@ -47,5 +47,31 @@ pub(crate) fn block_on<F: Future>(handle: &tokio::runtime::Handle, future: F) ->
         }
         Ok(_) => Ok(tokio::task::block_in_place(|| handle.block_on(future))),
         Err(_) => Ok(handle.block_on(future)),
+    }
+}
+
+/// How a peer that lost its head (or cannot reach it yet) tries again: the first retry after
+/// `first`, doubling up to `max`, each with up to 25 % random jitter so that the workers of a
+/// cluster do not all knock at once.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    pub first: std::time::Duration,
+    pub max: std::time::Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { first: std::time::Duration::from_millis(100), max: std::time::Duration::from_secs(5) }
+    }
+}
+
+impl Backoff {
+    /// The wait before retry number `attempt` (0-based).
+    pub fn delay(&self, attempt: u32) -> std::time::Duration {
+        let base = self.first.saturating_mul(1 << attempt.min(16)).min(self.max);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.subsec_nanos());
+        base + base.mul_f64(f64::from(nanos % 1000) / 4000.0)
     }
 }

@@ -25,6 +25,7 @@ fn options(state_dir: &Path) -> HeadOptions {
         heartbeat: Duration::from_millis(100),
         heartbeat_timeout: HEARTBEAT_TIMEOUT,
         state_dir: Some(state_dir.to_path_buf()),
+        resume_grace: BOUND,
     }
 }
 
@@ -200,7 +201,7 @@ async fn a_frozen_worker_is_written_off_and_delivers_nothing_when_it_thaws() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_head_gets_its_workers_and_its_cache_back() {
+async fn a_restarted_head_takes_up_its_driver_its_worker_and_its_cache() {
     chia::init_logging("warn");
     let dir = tempfile::tempdir().unwrap();
     let head = Head::start(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
@@ -210,7 +211,8 @@ async fn a_restarted_head_gets_its_workers_and_its_cache_back() {
     let cache =
         chia::cache::start_cache(&cx, 1.0, "MiB", dir.path().join("cache"), None, None).await.unwrap();
     cache.write("iter0", &vec![1u32, 2, 3]).await.unwrap();
-    assert_eq!(get(&simulate::remote(&cx, 5, 1)).await.unwrap(), 25);
+    let finished = simulate::remote(&cx, 5, 1);
+    assert_eq!(get(&finished).await.unwrap(), 25);
     let in_flight = expensive_step::remote(&cx, 9, 9, 9);
     worker.wait_for_line("[REAL RUN]");
 
@@ -218,15 +220,21 @@ async fn a_restarted_head_gets_its_workers_and_its_cache_back() {
     head.handle().wait_stopped().await;
     let state_dir = head.state_dir.clone();
     drop(head);
-    // The old driver learns that its head is gone instead of waiting forever.
-    assert!(matches!(get(&in_flight).await, Err(chia::Error::Disconnected(_))));
+    // Submitted while the head is away: kept by the driver and sent once it is back.
+    let during = simulate::remote(&cx, 7, 1);
 
     let head = Head::start(&state_dir, address).await;
-    worker.wait_for_line("chia-worker ready");
-    let cx = head.driver().await;
+    // The driver and the worker take up their sessions: the call that ran through the restart
+    // delivers its result, the one made meanwhile runs, and the worker did not join anew.
+    assert_eq!(get(&in_flight).await.unwrap(), 81);
+    assert_eq!(get(&during).await.unwrap(), 49);
+    assert_eq!(get(&finished).await.unwrap(), 25);
+    assert_eq!(head.handle().stats().nodes, 2, "head + the survivor, as the same node");
     let cache = chia::cache::get_active_cache(&cx, None).await.unwrap().expect("the cache is back");
     assert_eq!(cache.read::<Vec<u32>>("iter0").await.unwrap(), Some(vec![1, 2, 3]));
-    assert_eq!(get(&simulate::remote(&cx, 6, 1)).await.unwrap(), 36);
+    // A driver that comes now joins as usual.
+    let late = head.driver().await;
+    assert_eq!(get(&simulate::remote(&late, 6, 1)).await.unwrap(), 36);
 }
 
 /// A small deterministic generator (xorshift64*), so a failing chaos run can be replayed.
@@ -281,4 +289,106 @@ async fn chaos_every_result_arrives_once_and_right_while_workers_die_and_return(
     cx.ping().await.unwrap();
     let stats = head.handle().stats();
     assert_eq!((stats.tasks, stats.result_bytes), (0, 0), "{stats:?}");
+}
+
+/// A `chia-head` process, which the test can SIGKILL.
+struct HeadProcess {
+    child: Child,
+}
+
+impl HeadProcess {
+    /// The `chia-head` binary that `cargo test --workspace` builds beside this test's binary.
+    fn binary() -> Option<PathBuf> {
+        let test = std::env::current_exe().ok()?;
+        let binary = test.parent()?.parent()?.join("chia-head");
+        binary.exists().then_some(binary)
+    }
+
+    fn start(binary: &Path, state_dir: &Path, listen: SocketAddr) -> HeadProcess {
+        let mut child = Command::new(binary)
+            .args(["--listen", &listen.to_string(), "--heartbeat-timeout", "3", "--resume-grace", "30"])
+            .arg("--state-dir")
+            .arg(state_dir)
+            .env("RUST_LOG", std::env::var("CHIA_TEST_HEAD_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("chia-head starts");
+        let stdout = child.stdout.take().expect("piped");
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let ready = lines.by_ref().map_while(Result::ok).find(|line| line.contains("chia-head ready"));
+        assert!(ready.is_some(), "chia-head printed no ready line");
+        // Keep reading, so the head never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        HeadProcess { child }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for HeadProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A free UDP port on the loopback, for a head that must come back on the same address.
+fn free_port() -> SocketAddr {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("a loopback port");
+    socket.local_addr().expect("bound")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_killed_mid_run_and_restarted_loses_no_task_and_runs_none_twice() {
+    chia::init_logging("error");
+    let Some(binary) = HeadProcess::binary() else {
+        eprintln!(
+            "SKIPPED: no chia-head binary beside the test (run `cargo test --workspace`, which builds it)"
+        );
+        return;
+    };
+    const TASKS: i64 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let listen = free_port();
+    let mut head = HeadProcess::start(&binary, dir.path(), listen);
+    let cluster_file = dir.path().join("cluster.yaml");
+    let workers: Vec<WorkerProcess> =
+        (0..4).map(|i| WorkerProcess::start(&cluster_file, &format!("w{i}"), "CPU=2")).collect();
+    let credentials = ClusterCredentials::load(&cluster_file).unwrap();
+    let (client, _) = Client::connect(&credentials, "driver", None).await.expect("driver connects");
+    let cx = Context::from_client(client);
+
+    let calls: Vec<_> = (0..TASKS).map(|x| simulate::remote(&cx, x, 100)).collect();
+    for (x, call) in (0..TASKS / 3).zip(&calls) {
+        assert_eq!(get(call).await.unwrap(), x * x, "task {x} before the kill");
+    }
+    head.kill();
+    // A driver started while the head is away connects once it is back.
+    let late = tokio::spawn(async move {
+        let (client, _) =
+            Client::connect_patiently(&credentials, "late", None, BOUND).await.expect("connects");
+        let cx = Context::from_client(client);
+        get(&simulate::remote(&cx, 1000, 1)).await
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _head = HeadProcess::start(&binary, dir.path(), listen);
+
+    for (x, call) in (0..TASKS).zip(&calls) {
+        assert_eq!(get(call).await.unwrap(), x * x, "task {x}");
+    }
+    assert_eq!(late.await.unwrap().unwrap(), 1000 * 1000);
+    // Every task's side effect happened once: no worker died, so nothing ran twice.
+    let mut runs = std::collections::HashMap::<i64, usize>::new();
+    for worker in &workers {
+        for line in worker.lines.try_iter() {
+            if let Some(x) = line.strip_prefix("[SIMULATE] ").and_then(|x| x.parse().ok()) {
+                *runs.entry(x).or_default() += 1;
+            }
+        }
+    }
+    let twice: Vec<_> = runs.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "tasks that ran more than once: {twice:?}");
+    assert_eq!(runs.len() as i64, TASKS + 1, "every task ran");
 }

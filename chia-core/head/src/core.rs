@@ -175,6 +175,9 @@ pub struct HeadCore {
     pub(crate) jobs: HashMap<SessionId, JobSettings>,
     /// The head is closing every connection: what ends now ends on purpose, not by failure.
     pub(crate) shutting_down: bool,
+    /// The previous run's own node is being closed after a restart: the services it hosted
+    /// died with that head, and are kept to start again.
+    pub(crate) head_died: bool,
     pub(crate) options: CoreOptions,
     /// Detached services to start again after a restart, by (namespace, name), when kept.
     pub(crate) persisted: Option<BTreeMap<(String, String), PersistedService>>,
@@ -200,6 +203,7 @@ impl HeadCore {
             services: Services::default(),
             jobs: HashMap::new(),
             shutting_down: false,
+            head_died: false,
             outbox: Outbox::default(),
             now,
         }
@@ -292,6 +296,11 @@ impl HeadCore {
         self.shutting_down = true;
     }
 
+    /// What a welcome says of the grace period: 0 without a journal (nothing to resume).
+    pub(crate) fn resume_grace_ms(&self) -> u64 {
+        self.options.journal_id.map_or(0, |_| self.options.resume_grace.as_millis() as u64)
+    }
+
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down
     }
@@ -373,8 +382,10 @@ impl HeadCore {
             node,
             node_name: name.clone(),
             heartbeat_ms: if node.is_some() { self.options.heartbeat.as_millis() as u64 } else { 0 },
-            journal_id: self.options.journal_id,
+            // The head's own node dies with the head: it has no session to take up.
+            journal_id: self.options.journal_id.filter(|_| node.is_none() || node != self.head_node),
             resumed_through: 0,
+            resume_grace_ms: self.resume_grace_ms(),
         };
         self.outbox.send(session, &welcome);
         tracing::info!(

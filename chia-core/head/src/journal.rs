@@ -116,7 +116,9 @@ impl HeadCore {
         if let Some(own) = core.head_node.and_then(|node| core.nodes.get(&node).copied()) {
             // It ran in the process that died: what it hosted is lost (services restart from
             // their constructors, as after any node loss).
+            core.head_died = true;
             core.close(own, "the head restarted");
+            core.head_died = false;
         }
         let mut detached = 0;
         for session in core.sessions.values_mut() {
@@ -166,6 +168,7 @@ impl HeadCore {
             heartbeat_ms: if node.is_some() { self.options.heartbeat.as_millis() as u64 } else { 0 },
             journal_id: self.options.journal_id,
             resumed_through: frames,
+            resume_grace_ms: self.resume_grace_ms(),
         };
         self.outbox.send(session, &welcome);
         for frame in held {

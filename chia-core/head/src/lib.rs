@@ -21,12 +21,12 @@ mod inspect;
 pub mod journal;
 mod outbox;
 mod persist;
+#[cfg(test)]
+mod planted;
 pub mod scheduler;
 mod services;
 /// A deterministic simulator of a whole cluster around the real core, seeded and replayable.
 pub mod sim;
-#[cfg(test)]
-mod planted;
 
 pub use crate::core::{CoreOptions, HeadCore, HeadStats, INLINE_RESULT_BYTES, Rejection};
 pub use journal::{JournalEntry, Recovery};

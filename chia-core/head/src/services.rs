@@ -427,7 +427,8 @@ impl HeadCore {
         if self.services.names.get(&key) == Some(&service) {
             self.services.names.remove(&key);
         }
-        if self.shutting_down {
+        if self.shutting_down || self.head_died {
+            // It ends with the head, not for good: a restarted head starts it again.
             tracing::debug!("service {:?} ({}) ended with the head", record.info.name, record.info.type_name);
         } else {
             // Stopped or lost: a restarted head must not bring it back.

@@ -29,6 +29,10 @@ struct HeadArgs {
     /// elsewhere (workers send one every second).
     #[arg(long, default_value_t = 10.0)]
     heartbeat_timeout: f64,
+    /// Seconds a head restarted on this state directory waits for the drivers and workers of
+    /// its previous run to take up their sessions (their tasks and results are kept meanwhile).
+    #[arg(long, default_value_t = 60.0)]
+    resume_grace: f64,
 }
 
 fn main() -> ExitCode {
@@ -46,11 +50,15 @@ async fn run(args: HeadArgs) -> Result<ExitCode, String> {
         .ok_or_else(|| {
             format!("--heartbeat-timeout {} must be at least 0.1 seconds", args.heartbeat_timeout)
         })?;
+    let resume_grace = Duration::try_from_secs_f64(args.resume_grace)
+        .map_err(|_| format!("--resume-grace {} must be a number of seconds", args.resume_grace))?;
     let options = HeadOptions {
         heartbeat: (heartbeat_timeout / 10).clamp(Duration::from_millis(10), Duration::from_secs(1)),
         heartbeat_timeout,
-        // Detached services (the cache) are started again by a head restarted on this directory.
+        // The journal and detached services (the cache): a head restarted on this directory
+        // takes up where it was.
         state_dir: Some(state_dir.clone()),
+        resume_grace,
     };
     let started = HeadWithNode::start(args.listen, credentials, options).await.map_err(|e| e.to_string())?;
     let head = started.head();

@@ -3,16 +3,24 @@
 //! The client keeps a slot per task it submitted: pending, a value, a value still on the head
 //! (large results are fetched on demand), or an error. `get` and `wait` park on a slot's
 //! waiters; the reader task fills slots as `Done`/`Fetched` frames arrive.
+//!
+//! When the head keeps a journal (its welcome names it), the client survives the head's
+//! restart: it keeps every state-changing frame until the head says it is durable
+//! (`Durable`), and when the connection is lost it dials the head again until the head's grace
+//! period ends, takes up its session (`Resume`: the tasks it runs as a worker, the outcomes it
+//! still waits for), and sends again what the head did not keep. Pending `get`s just wait.
 
 use crate::error::Error;
 use crate::net::tls::{ClusterCredentials, HEAD_SERVER_NAME};
 use crate::net::transport::{FrameReader, FrameSender, TransportError};
 use chia_core::protocol::{
-    ArgValue, BypassSpec, Done, HeadToPeer, JobSettings, Outcome, PROTOCOL_VERSION, PeerToHead, Value,
-    WorkerOffer, decode_body,
+    ArgValue, BypassSpec, Done, HeadToPeer, JobSettings, Outcome, PROTOCOL_VERSION, PeerToHead,
+    ResumeSession, TaskAttempt, Value, WorkerOffer, decode_body, encode_frame,
 };
 use chia_core::{NodeId, ServiceId, SessionId, TaskError, TaskId};
+use chia_head_core::journal::changes_state;
 use dashmap::DashMap;
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -80,16 +88,83 @@ pub struct Client {
     node: Option<NodeId>,
     node_name: String,
     next_seq: AtomicU64,
-    sender: FrameSender,
+    link: Mutex<Link>,
+    /// Set when the head keeps a journal: the session can be taken up after a head restart.
+    resume: Option<Resumable>,
+    /// This side is shutting down: a lost connection is not dialled again.
+    leaving: AtomicBool,
+    peer: SocketAddr,
     slots: DashMap<TaskId, Slot>,
     closed: AtomicBool,
     close_reason: Mutex<Option<String>>,
     pings: DashMap<u64, tokio::sync::oneshot::Sender<()>>,
     next_ping: AtomicU64,
-    connection: quinn::Connection,
     endpoint: quinn::Endpoint,
     runtime: tokio::runtime::Handle,
 }
+
+/// The connection the session runs on now, and what it must be able to send again.
+struct Link {
+    sender: FrameSender,
+    connection: quinn::Connection,
+    /// False while the head is being dialled again: frames that change state wait in
+    /// `unacked` unnumbered, the others are dropped (the head would not count them).
+    up: bool,
+    /// Frames sent on the session; the head counts the same, which numbers its `Durable`.
+    sent: u64,
+    /// State-changing frames the head has not said are durable, oldest first.
+    unacked: VecDeque<Unacked>,
+    /// Runs of tasks the head gave this worker whose outcome it has not made durable yet.
+    leases: HashSet<TaskAttempt>,
+}
+
+struct Unacked {
+    /// Its number on the session; 0 while it waits for the head to come back.
+    seq: u64,
+    frame: Vec<u8>,
+    /// The run whose outcome it reports, for a `Finished`.
+    finished: Option<TaskAttempt>,
+}
+
+/// What taking the session up again needs.
+struct Resumable {
+    journal_id: u64,
+    /// How long the head waits for us after a restart.
+    grace: Duration,
+}
+
+impl Link {
+    fn new(sender: FrameSender, connection: quinn::Connection) -> Link {
+        Link { sender, connection, up: true, sent: 0, unacked: VecDeque::new(), leases: HashSet::new() }
+    }
+
+    /// The head keeps the session's frames up to `through`.
+    fn durable(&mut self, through: u64) {
+        while self.unacked.front().is_some_and(|u| u.seq != 0 && u.seq <= through) {
+            if let Some(Unacked { finished: Some(lease), .. }) = self.unacked.pop_front() {
+                self.leases.remove(&lease);
+            }
+        }
+    }
+
+    /// A new connection to the restarted head, which has the session's frames up to
+    /// `through`: everything after is sent again, numbered from there.
+    fn resumed(&mut self, sender: FrameSender, connection: quinn::Connection, through: u64) {
+        self.durable(through);
+        self.sender = sender;
+        self.connection = connection;
+        self.sent = through;
+        for unacked in &mut self.unacked {
+            self.sent += 1;
+            unacked.seq = self.sent;
+            self.sender.send_frame(unacked.frame.clone());
+        }
+        self.up = true;
+    }
+}
+
+/// How a refusal by the head reads in a connection error (a head that refuses is not retried).
+const REJECTED: &str = "the head rejected us";
 
 /// How long a peer waits for the head's answer to its Hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -134,27 +209,40 @@ impl Client {
             .map_err(|_| setup("the head did not answer the hello".into()))?
             .map_err(|e| setup(e.to_string()))?
             .ok_or_else(|| setup("the head closed the connection during the hello".into()))?;
-        let (session, node, node_name, heartbeat_ms) = match decode_body::<HeadToPeer>(first)
-            .map_err(|e| setup(e.to_string()))?
-        {
-            HeadToPeer::Welcome { session, node, node_name, heartbeat_ms, .. } => {
-                (session, node, node_name, heartbeat_ms)
-            }
-            HeadToPeer::Rejected { reason } => return Err(setup(format!("the head rejected us: {reason}"))),
-            other => return Err(setup(format!("unexpected first message {other:?}"))),
-        };
+        let (session, node, node_name, heartbeat_ms, resume) =
+            match decode_body::<HeadToPeer>(first).map_err(|e| setup(e.to_string()))? {
+                HeadToPeer::Welcome {
+                    session,
+                    node,
+                    node_name,
+                    heartbeat_ms,
+                    journal_id,
+                    resume_grace_ms,
+                    ..
+                } => {
+                    let resume = journal_id.map(|journal_id| Resumable {
+                        journal_id,
+                        grace: Duration::from_millis(resume_grace_ms),
+                    });
+                    (session, node, node_name, heartbeat_ms, resume)
+                }
+                HeadToPeer::Rejected { reason } => return Err(setup(format!("{REJECTED}: {reason}"))),
+                other => return Err(setup(format!("unexpected first message {other:?}"))),
+            };
         let client = Arc::new(Client {
             session,
             node,
             node_name,
             next_seq: AtomicU64::new(1),
-            sender,
+            link: Mutex::new(Link::new(sender, connection)),
+            resume,
+            leaving: AtomicBool::new(false),
+            peer,
             slots: DashMap::new(),
             closed: AtomicBool::new(false),
             close_reason: Mutex::new(None),
             pings: DashMap::new(),
             next_ping: AtomicU64::new(1),
-            connection,
             endpoint,
             runtime: tokio::runtime::Handle::current(),
         });
@@ -164,6 +252,35 @@ impl Client {
         let (executions, execution_rx) = mpsc::unbounded_channel();
         tokio::spawn(read_loop(client.clone(), reader, executions));
         Ok((client, execution_rx))
+    }
+
+    /// [`Client::connect`], trying again for up to `patience` while the head cannot be
+    /// reached (it is starting, or restarting): a driver started while its head is away joins
+    /// once it is back. A head that answers and refuses is an error at once.
+    pub async fn connect_patiently(
+        credentials: &ClusterCredentials,
+        name: &str,
+        offer: Option<WorkerOffer>,
+        patience: Duration,
+    ) -> Result<(Arc<Client>, mpsc::UnboundedReceiver<Execution>), Error> {
+        let deadline = std::time::Instant::now() + patience;
+        let backoff = crate::util::Backoff::default();
+        for attempt in 0.. {
+            match Client::connect(credentials, name, offer.clone()).await {
+                Err(Error::Setup(reason)) if !reason.contains(REJECTED) => {
+                    let wait = backoff.delay(attempt);
+                    if std::time::Instant::now() + wait >= deadline {
+                        return Err(Error::Setup(format!("{reason} (tried for {patience:?})")));
+                    }
+                    if attempt == 0 {
+                        tracing::warn!("{reason}; trying again for up to {patience:?}");
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+                other => return other,
+            }
+        }
+        unreachable!("the attempts above never run out")
     }
 
     pub fn session(&self) -> SessionId {
@@ -197,7 +314,7 @@ impl Client {
             self.finish_slot(task, SlotState::Failed(self.disconnected()));
             return;
         }
-        if let Err(e) = self.sender.send(message) {
+        if let Err(e) = self.send(message) {
             let error = TaskError::InvalidCall { function: function.to_string(), message: e.to_string() };
             self.finish_slot(task, SlotState::Failed(error.into()));
         }
@@ -214,12 +331,37 @@ impl Client {
     /// Every `ObjectRef` to `task` is gone.
     pub(crate) fn release(&self, task: TaskId) {
         if self.slots.remove(&task).is_some() && !self.closed.load(Ordering::Acquire) {
-            let _ = self.sender.send(&PeerToHead::Release { tasks: vec![task] });
+            let _ = self.send(&PeerToHead::Release { tasks: vec![task] });
         }
     }
 
     pub(crate) fn send(&self, message: &PeerToHead) -> Result<(), chia_core::protocol::ProtocolError> {
-        self.sender.send(message)
+        // Encode outside the lock, so a large message does not hold up other senders.
+        let mut frame = Vec::with_capacity(256);
+        encode_frame(message, &mut frame)?;
+        let mut link = lock(&self.link);
+        let keep = self.resume.is_some() && changes_state(message);
+        if !link.up {
+            if keep {
+                let finished = finished_run(message);
+                link.unacked.push_back(Unacked { seq: 0, frame, finished });
+            }
+            return Ok(());
+        }
+        link.sent += 1;
+        if keep {
+            let (seq, finished) = (link.sent, finished_run(message));
+            link.unacked.push_back(Unacked { seq, frame: frame.clone(), finished });
+        }
+        link.sender.send_frame(frame);
+        Ok(())
+    }
+
+    /// The head gave this worker a run of a task: it is known until its outcome is durable.
+    fn leased(&self, lease: TaskAttempt) {
+        if self.resume.is_some() {
+            lock(&self.link).leases.insert(lease);
+        }
     }
 
     /// Registers `waiter` on `task` unless it is already settled; returns the state seen.
@@ -302,11 +444,132 @@ impl Client {
 
     /// Closes the connection (pending results fail with `Disconnected`).
     pub async fn shutdown(&self) {
-        self.sender.close_and_flush().await;
-        self.connection.close(0u32.into(), b"bye");
+        self.leaving.store(true, Ordering::Release);
+        let (sender, connection) = {
+            let link = lock(&self.link);
+            (link.sender.clone(), link.connection.clone())
+        };
+        sender.close_and_flush().await;
+        connection.close(0u32.into(), b"bye");
         self.mark_closed("this client shut down".into());
         self.endpoint.wait_idle().await;
     }
+
+    /// The connection was lost: when the head keeps a journal, dial it again until its grace
+    /// period ends and take up the session. `Err` says why the session is over.
+    async fn take_up_again(&self, lost: &str) -> Result<FrameReader, String> {
+        let Some(resume) = &self.resume else { return Err(lost.to_string()) };
+        if self.leaving.load(Ordering::Acquire) {
+            return Err(lost.to_string());
+        }
+        lock(&self.link).up = false;
+        // Pings in flight will not be answered: their waiters learn it now.
+        self.pings.clear();
+        let deadline = std::time::Instant::now() + resume.grace;
+        tracing::warn!(
+            "{}: lost the head ({lost}); taking up {} again when it is back (for up to {:?})",
+            self.node_name,
+            self.session,
+            resume.grace
+        );
+        let backoff = crate::util::Backoff { first: Duration::from_millis(50), max: Duration::from_secs(1) };
+        for attempt in 0.. {
+            let wait = backoff.delay(attempt);
+            match self.try_resume(resume).await {
+                Ok(reader) => {
+                    tracing::info!("{}: took up {} again", self.node_name, self.session);
+                    return Ok(reader);
+                }
+                Err(Retry::Never(reason)) => {
+                    return Err(format!("{lost}; the restarted head refused the session: {reason}"));
+                }
+                Err(Retry::Later(reason)) if std::time::Instant::now() + wait >= deadline => {
+                    return Err(format!(
+                        "{lost}; the head did not come back within its grace period of {:?} (last try: {reason})",
+                        resume.grace
+                    ));
+                }
+                Err(Retry::Later(_)) => {}
+            }
+            if self.leaving.load(Ordering::Acquire) {
+                return Err(lost.to_string());
+            }
+            tokio::time::sleep(wait).await;
+        }
+        unreachable!("the attempts above never run out")
+    }
+
+    async fn try_resume(&self, resume: &Resumable) -> Result<FrameReader, Retry> {
+        let later = |e: String| Retry::Later(e);
+        let connecting =
+            self.endpoint.connect(self.peer, HEAD_SERVER_NAME).map_err(|e| later(e.to_string()))?;
+        let connection = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
+            .await
+            .map_err(|_| later("no answer".into()))?
+            .map_err(|e| later(e.to_string()))?;
+        let (send, recv) = connection.open_bi().await.map_err(|e| later(e.to_string()))?;
+        let sender = FrameSender::spawn(send);
+        let mut known: Vec<TaskAttempt> = lock(&self.link).leases.iter().copied().collect();
+        known.sort_unstable();
+        let mut waiting: Vec<TaskId> = self
+            .slots
+            .iter()
+            .filter(|slot| matches!(slot.state, SlotState::Pending | SlotState::Stored { .. }))
+            .map(|slot| *slot.key())
+            .collect();
+        waiting.sort_unstable();
+        let message = PeerToHead::Resume(ResumeSession {
+            protocol_version: PROTOCOL_VERSION,
+            session: self.session,
+            journal_id: resume.journal_id,
+            known,
+            waiting: waiting.clone(),
+        });
+        sender.send(&message).map_err(|e| Retry::Never(e.to_string()))?;
+        let mut reader = FrameReader::new(recv);
+        let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next_frame())
+            .await
+            .map_err(|_| later("the head did not answer".into()))?
+            .map_err(|e| later(e.to_string()))?
+            .ok_or_else(|| later("the head closed the connection".into()))?;
+        match decode_body::<HeadToPeer>(first).map_err(|e| later(e.to_string()))? {
+            HeadToPeer::Welcome { resumed_through, .. } => {
+                // A value announced as stored is fetched again on the new connection.
+                for task in waiting {
+                    if let Some(mut slot) = self.slots.get_mut(&task)
+                        && matches!(slot.state, SlotState::Stored { .. })
+                    {
+                        slot.state = SlotState::Stored { fetching: false };
+                    }
+                }
+                lock(&self.link).resumed(sender, connection, resumed_through);
+                Ok(reader)
+            }
+            HeadToPeer::Rejected { reason } => Err(Retry::Never(reason)),
+            other => Err(later(format!("unexpected first message {other:?}"))),
+        }
+    }
+}
+
+/// Why taking up a session failed.
+enum Retry {
+    /// The head is not back yet (or the network is not): try again.
+    Later(String),
+    /// The head is back and refuses it: no use trying again.
+    Never(String),
+}
+
+/// The run a `Finished` message reports.
+fn finished_run(message: &PeerToHead) -> Option<TaskAttempt> {
+    match message {
+        PeerToHead::Finished { task, attempt, .. } => Some(TaskAttempt { task: *task, attempt: *attempt }),
+        _ => None,
+    }
+}
+
+fn lock(link: &Mutex<Link>) -> std::sync::MutexGuard<'_, Link> {
+    // Only whole frames are queued under the lock: a panic elsewhere leaves it consistent.
+    link.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 async fn read_loop(
@@ -316,17 +579,35 @@ async fn read_loop(
 ) {
     let mut last_infeasible: Option<String> = None;
     let reason = loop {
+        let lost = read_frames(&client, &mut reader, &executions, &mut last_infeasible).await;
+        match client.take_up_again(&lost).await {
+            Ok(resumed) => reader = resumed,
+            Err(reason) => break reason,
+        }
+    };
+    tracing::debug!("client {}: {reason}", client.session);
+    client.mark_closed(reason);
+}
+
+/// Handles what the head sends until the connection ends; returns why it did.
+async fn read_frames(
+    client: &Arc<Client>,
+    reader: &mut FrameReader,
+    executions: &mpsc::UnboundedSender<Execution>,
+    last_infeasible: &mut Option<String>,
+) -> String {
+    loop {
         let frame = match reader.next_frame().await {
             Ok(Some(frame)) => frame,
-            Ok(None) => break "the head closed the connection".to_string(),
+            Ok(None) => return "the head closed the connection".to_string(),
             Err(TransportError::Read(quinn::ReadError::ConnectionLost(e))) => {
-                break format!("connection lost: {e}");
+                return format!("connection lost: {e}");
             }
-            Err(e) => break e.to_string(),
+            Err(e) => return e.to_string(),
         };
         let message = match decode_body::<HeadToPeer>(frame) {
             Ok(message) => message,
-            Err(e) => break format!("the head sent a malformed message: {e}"),
+            Err(e) => return format!("the head sent a malformed message: {e}"),
         };
         match message {
             HeadToPeer::Done { task, done } => {
@@ -361,23 +642,27 @@ async fn read_loop(
             HeadToPeer::Infeasible { task, reason } => {
                 if last_infeasible.as_deref() != Some(reason.as_str()) {
                     tracing::warn!("{task} (and others like it) cannot run on any node now: {reason}");
-                    last_infeasible = Some(reason.clone());
+                    *last_infeasible = Some(reason.clone());
                 }
                 if let Some(mut slot) = client.slots.get_mut(&task) {
                     slot.infeasible = Some(reason);
                 }
             }
             HeadToPeer::Execute { task, attempt, function, args, tag, bypass, job } => {
-                forward(&executions, Execution::Task { task, attempt, function, args, tag, bypass, job })
+                client.leased(TaskAttempt { task, attempt });
+                forward(executions, Execution::Task { task, attempt, function, args, tag, bypass, job })
             }
             HeadToPeer::StartInstance { task, service, type_name, args } => {
-                forward(&executions, Execution::StartInstance { task, service, type_name, args })
+                client.leased(TaskAttempt { task, attempt: 0 });
+                forward(executions, Execution::StartInstance { task, service, type_name, args })
             }
             HeadToPeer::CallInstance { task, service, method, args } => {
-                forward(&executions, Execution::CallInstance { task, service, method, args })
+                client.leased(TaskAttempt { task, attempt: 0 });
+                forward(executions, Execution::CallInstance { task, service, method, args })
             }
-            HeadToPeer::StopInstance { service } => forward(&executions, Execution::StopInstance { service }),
-            HeadToPeer::Cancel { task, force } => forward(&executions, Execution::Cancel { task, force }),
+            HeadToPeer::StopInstance { service } => forward(executions, Execution::StopInstance { service }),
+            HeadToPeer::Cancel { task, force } => forward(executions, Execution::Cancel { task, force }),
+            HeadToPeer::Durable { through } => lock(&client.link).durable(through),
             HeadToPeer::Pong { nonce } => {
                 if let Some((_, pong)) = client.pings.remove(&nonce) {
                     let _ = pong.send(());
@@ -387,9 +672,7 @@ async fn read_loop(
                 tracing::warn!("ignoring a repeated handshake message from the head");
             }
         }
-    };
-    tracing::debug!("client {}: {reason}", client.session);
-    client.mark_closed(reason);
+    }
 }
 
 fn forward(executions: &mpsc::UnboundedSender<Execution>, work: Execution) {

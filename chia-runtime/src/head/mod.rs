@@ -7,14 +7,21 @@
 //! costs no hand-off to another task. One timer task sleeps until the core's deadline
 //! ([`HeadCore::poll_timeout`]) instead of ticking.
 //!
-//! What must be durable before peers may see its effects (the services file) is written by a
-//! thread of its own, outside the lock; until it is on disk, the frames decided after it wait,
-//! so nobody is told of a service that a restarted head would not know.
+//! With a state directory the head keeps a journal ([`journal`]): the core says which inputs
+//! change state ([`Action::Keep`]), and one thread of its own, outside the lock, appends them
+//! in batches with one `fdatasync` each (group commit) and writes the services file. Until a
+//! batch is on disk, every frame decided after it waits, so no peer is told anything that a
+//! restarted head would not know; once it is, each session whose frames it holds is told how
+//! far it is durable (`Durable`), so peers can forget what they would otherwise send again.
+//! A head started on a directory with a journal rebuilds its state from it
+//! ([`HeadCore::recover`]) and waits [`HeadOptions::resume_grace`] for the previous run's
+//! peers to take up their sessions.
 //!
 //! The head's own node (`head`, which hosts services pinned to the head) is a worker like any
 //! other and is started by whoever starts the head: [`HeadWithNode`](crate::local::HeadWithNode).
 //! This module depends on the network layer only.
 
+mod journal;
 mod persist;
 
 use crate::error::Error;
@@ -22,10 +29,10 @@ use crate::net::tls::{ClusterCredentials, HeadCredentials};
 use crate::net::transport::{FrameReader, FrameSender};
 use chia_core::SessionId;
 use chia_core::protocol::{HeadToPeer, PeerToHead, decode_body};
-use chia_head_core::{Action, CoreOptions, HeadCore, PersistedService};
+use chia_head_core::{Action, CoreOptions, HeadCore, JournalEntry, PersistedService};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 pub use chia_core::HEAD_NODE_NAME;
@@ -50,16 +57,25 @@ pub struct HeadOptions {
     /// A worker not heard from for this long (a frozen process, a cut network) is written off:
     /// nothing more is scheduled there, its tasks run again elsewhere, its connection is closed.
     pub heartbeat_timeout: Duration,
-    /// Where the specifications of detached services are kept, so that a head restarted on the
-    /// same directory starts them again (the cache with its entries) once its own node has
-    /// joined. `None`: not kept.
+    /// Where the head keeps its journal and the specifications of detached services, so that
+    /// a head restarted on the same directory takes up where it was: its tasks, results,
+    /// sessions and services, and the detached services (the cache with its entries) once
+    /// its own node has joined. `None`: nothing is kept.
     pub state_dir: Option<std::path::PathBuf>,
+    /// How long a head restarted from its journal waits for the previous run's drivers and
+    /// workers to take up their sessions; one that stays away longer is treated as gone.
+    pub resume_grace: Duration,
 }
 
 impl Default for HeadOptions {
     fn default() -> Self {
         let core = CoreOptions::default();
-        HeadOptions { heartbeat: core.heartbeat, heartbeat_timeout: core.heartbeat_timeout, state_dir: None }
+        HeadOptions {
+            heartbeat: core.heartbeat,
+            heartbeat_timeout: core.heartbeat_timeout,
+            state_dir: None,
+            resume_grace: core.resume_grace,
+        }
     }
 }
 
@@ -83,6 +99,7 @@ impl HeadHandle {
     pub fn shutdown(&self) {
         self.shared.lock().core.shut_down();
         self.shared.timer.notify_one();
+        self.shared.stop_keeping();
         self.endpoint.close(0u32.into(), b"head shutting down");
     }
 
@@ -112,17 +129,42 @@ pub async fn start_head_with(
     options: HeadOptions,
 ) -> Result<HeadHandle, Error> {
     let server = credentials.server_config().map_err(|e| Error::Setup(e.to_string()))?;
-    let endpoint = quinn::Endpoint::server(server, listen)
-        .map_err(|e| Error::Setup(format!("cannot listen on {listen}: {e}")))?;
+    let cannot_listen = |e: std::io::Error| Error::Setup(format!("cannot listen on {listen}: {e}"));
+    let socket = std::net::UdpSocket::bind(listen).map_err(cannot_listen)?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| Error::Setup("the head needs a tokio runtime".into()))?;
+    let endpoint = quinn::Endpoint::new(credentials.endpoint_config(), Some(server), socket, runtime)
+        .map_err(cannot_listen)?;
     let address = endpoint.local_addr().map_err(|e| Error::Setup(e.to_string()))?;
-    let service_file = options.state_dir.as_deref().map(persist::ServiceFile::in_dir);
-    let core_options = CoreOptions {
+    let now = Instant::now();
+    let mut core_options = CoreOptions {
         heartbeat: options.heartbeat,
         heartbeat_timeout: options.heartbeat_timeout,
-        keep_services: service_file.is_some(),
+        keep_services: options.state_dir.is_some(),
+        resume_grace: options.resume_grace,
+        ..CoreOptions::default()
     };
-    let kept = service_file.as_ref().map(persist::ServiceFile::read).unwrap_or_default();
-    let shared = Shared::new(HeadCore::new(Instant::now(), core_options), service_file, kept);
+    let (core, keeper) = match &options.state_dir {
+        None => (HeadCore::new(now, core_options), None),
+        Some(state_dir) => {
+            let opened = journal::Journal::open(state_dir).map_err(|e| Error::Setup(e.to_string()))?;
+            core_options.journal_id = Some(opened.journal.id());
+            let recovered = !opened.entries.is_empty();
+            let dropped = opened.dropped_bytes;
+            let (mut core, _) = HeadCore::recover(now, core_options, opened.entries);
+            let services = persist::ServiceFile::in_dir(state_dir);
+            core.restore_services(now, services.read());
+            if recovered {
+                tracing::info!(
+                    "recovered from {} ({dropped} byte(s) of a torn tail dropped); waiting up to {:?} for its drivers and workers to come back",
+                    state_dir.join("journal").display(),
+                    options.resume_grace
+                );
+            }
+            (core, Some(Keeper { journal: opened.journal, services }))
+        }
+    };
+    let shared = Shared::new(core, keeper);
     tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
     tokio::spawn(run_timer(Arc::downgrade(&shared), shared.timer.clone()));
     tracing::info!("head listening on {address}");
@@ -134,8 +176,8 @@ struct Shared {
     state: Mutex<State>,
     /// Wakes the timer task: the deadline moved earlier, or the head stops.
     timer: Arc<tokio::sync::Notify>,
-    /// Writes the services file outside the lock; `None` without a state directory.
-    saver: Option<std::sync::mpsc::Sender<Vec<PersistedService>>>,
+    /// Wakes the keeper thread: something is waiting to be made durable.
+    keep: Condvar,
 }
 
 struct State {
@@ -143,12 +185,36 @@ struct State {
     peers: HashMap<SessionId, Peer>,
     /// The deadline the timer task sleeps until.
     armed: Option<Instant>,
-    /// A services file write is under way: the actions decided after it wait here, in order,
-    /// so no peer hears of what is not durable yet.
-    saving: bool,
+    durable: Durable,
+}
+
+/// What waits to be made durable, and the actions that wait for it.
+#[derive(Default)]
+struct Durable {
+    /// Whether a keeper runs (the head has a state directory).
+    kept: bool,
+    /// Encoded journal records not handed to the keeper yet.
+    records: Vec<u8>,
+    /// The sessions whose messages those records keep, and the last one's number.
+    through: HashMap<SessionId, u64>,
+    /// The latest set of detached services to keep, if it changed.
+    services: Option<Vec<PersistedService>>,
+    /// The keeper is writing a batch.
+    writing: bool,
+    /// Actions decided after something not yet durable, in order.
     held: VecDeque<Action>,
-    /// The services kept from before a restart, started again when the head's own node joins.
-    kept: Vec<PersistedService>,
+    stopping: bool,
+}
+
+impl Durable {
+    fn pending(&self) -> bool {
+        !self.records.is_empty() || self.services.is_some()
+    }
+
+    /// A frame must wait while anything before it is not durable (and frames keep their order).
+    fn must_hold(&self) -> bool {
+        self.pending() || self.writing || !self.held.is_empty()
+    }
 }
 
 struct Peer {
@@ -159,35 +225,35 @@ struct Peer {
     received: u64,
 }
 
+/// The files of a state directory, written by the keeper thread.
+struct Keeper {
+    journal: journal::Journal,
+    services: persist::ServiceFile,
+}
+
 impl Shared {
-    fn new(
-        core: HeadCore,
-        service_file: Option<persist::ServiceFile>,
-        kept: Vec<PersistedService>,
-    ) -> Arc<Shared> {
-        Arc::new_cyclic(|weak: &Weak<Shared>| {
-            let saver = service_file.map(|file| {
-                let (saves, pending) = std::sync::mpsc::channel::<Vec<PersistedService>>();
-                let shared = weak.clone();
-                std::thread::Builder::new()
-                    .name("chia-head-save".into())
-                    .spawn(move || save_services(file, pending, shared))
-                    .expect("a thread can be started");
-                saves
-            });
-            Shared {
-                state: Mutex::new(State {
-                    core,
-                    peers: HashMap::new(),
-                    armed: None,
-                    saving: false,
-                    held: VecDeque::new(),
-                    kept,
-                }),
-                timer: Arc::new(tokio::sync::Notify::new()),
-                saver,
-            }
-        })
+    fn new(core: HeadCore, keeper: Option<Keeper>) -> Arc<Shared> {
+        let kept = keeper.is_some();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                core,
+                peers: HashMap::new(),
+                armed: None,
+                durable: Durable { kept, ..Durable::default() },
+            }),
+            timer: Arc::new(tokio::sync::Notify::new()),
+            keep: Condvar::new(),
+        });
+        if let Some(keeper) = keeper {
+            let weak = Arc::downgrade(&shared);
+            std::thread::Builder::new()
+                .name("chia-head-keep".into())
+                .spawn(move || run_keeper(keeper, weak))
+                .expect("a thread can be started");
+        }
+        // What recovery and the restored services decided waits for their peers or goes now.
+        shared.carry_out(&mut shared.lock());
+        shared
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -205,12 +271,27 @@ impl Shared {
     }
 
     fn carry_out(&self, state: &mut State) {
+        let was_pending = state.durable.pending();
         while let Some(action) = state.core.poll_action() {
-            if state.saving {
-                state.held.push_back(action);
-            } else {
-                self.act(state, action);
+            match action {
+                // From a shutdown on, nothing is kept: a head restarted after it takes up where
+                // it was, as after a crash, and its peers resume their sessions.
+                Action::Keep(entry) if state.durable.kept && !state.durable.stopping => {
+                    if let JournalEntry::Message { session, seq, .. } = &entry {
+                        state.durable.through.insert(*session, *seq);
+                    }
+                    journal::encode_record(&entry, &mut state.durable.records);
+                }
+                Action::SaveServices(services) if state.durable.kept => {
+                    state.durable.services = Some(services)
+                }
+                Action::Keep(_) | Action::SaveServices(_) => {}
+                action if state.durable.must_hold() => state.durable.held.push_back(action),
+                action => self.act(state, action),
             }
+        }
+        if !was_pending && state.durable.pending() {
+            self.keep.notify_one();
         }
         let deadline = state.core.poll_timeout();
         if deadline.is_some_and(|deadline| state.armed.is_none_or(|armed| deadline < armed)) {
@@ -231,37 +312,71 @@ impl Shared {
                     peer.connection.close(0u32.into(), reason.as_bytes());
                 }
             }
-            Action::SaveServices(services) => {
-                if let Some(saver) = &self.saver
-                    && saver.send(services).is_ok()
-                {
-                    state.saving = true;
-                }
-            }
+            Action::Keep(_) | Action::SaveServices(_) => {}
         }
     }
 
-    /// The services file is on disk: what waited for it goes now (up to the next write).
-    fn saved(&self) {
-        let mut state = self.lock();
-        state.saving = false;
-        while !state.saving {
-            let Some(action) = state.held.pop_front() else { break };
-            self.act(&mut state, action);
-        }
+    /// Stops the keeper once what is pending is written.
+    fn stop_keeping(&self) {
+        self.lock().durable.stopping = true;
+        self.keep.notify_one();
     }
 }
 
-/// Writes each set of services the core asks to keep, then lets the frames that waited go.
-fn save_services(
-    file: persist::ServiceFile,
-    pending: std::sync::mpsc::Receiver<Vec<PersistedService>>,
-    shared: Weak<Shared>,
-) {
-    while let Ok(services) = pending.recv() {
-        file.save(services);
-        let Some(shared) = shared.upgrade() else { return };
-        shared.saved();
+/// The keeper thread: takes what waits to be made durable as one batch, writes it (one
+/// `fdatasync` for all its journal records), then lets go the actions that waited for it and
+/// tells each session how far it is durable.
+fn run_keeper(mut keeper: Keeper, shared: Weak<Shared>) {
+    loop {
+        let Some(strong) = shared.upgrade() else { return };
+        let (records, through, services, release) = {
+            let mut state = strong.lock();
+            while !state.durable.pending() && !state.durable.stopping {
+                state = strong.keep.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+            }
+            if !state.durable.pending() {
+                return;
+            }
+            let durable = &mut state.durable;
+            durable.writing = true;
+            let release = durable.held.len();
+            (
+                std::mem::take(&mut durable.records),
+                std::mem::take(&mut durable.through),
+                durable.services.take(),
+                release,
+            )
+        };
+        drop(strong);
+        if !records.is_empty()
+            && let Err(e) = keeper.journal.append(&records)
+        {
+            // Peers are not told of what could not be kept; a restart would not know it.
+            tracing::error!("the journal cannot be written ({e}); a head restart would lose what follows");
+        }
+        if let Some(services) = services {
+            keeper.services.save(services);
+        }
+        let Some(strong) = shared.upgrade() else { return };
+        let mut state = strong.lock();
+        state.durable.writing = false;
+        for _ in 0..release {
+            let Some(action) = state.durable.held.pop_front() else { break };
+            strong.act(&mut state, action);
+        }
+        let mut sessions: Vec<(SessionId, u64)> = through.into_iter().collect();
+        sessions.sort_unstable();
+        for (session, through) in sessions {
+            if let Some(peer) = state.peers.get(&session) {
+                let _ = peer.sender.send(&HeadToPeer::Durable { through });
+            }
+        }
+        if !state.durable.pending() {
+            // Decided while the batch was written, with nothing new to keep: nothing to wait for.
+            while let Some(action) = state.durable.held.pop_front() {
+                strong.act(&mut state, action);
+            }
+        }
     }
 }
 
@@ -353,19 +468,11 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     let opened = {
         let mut state = shared.lock();
         let now = Instant::now();
-        let claims_head_node =
-            matches!(&first, PeerToHead::Hello { worker: Some(offer), .. } if offer.head_node);
         let opened = state.core.open_session(now, &remote.to_string(), first);
         if let Ok(session) = opened {
             let received = connection.stats().udp_rx.bytes;
             let peer = Peer { sender: sender.clone(), connection: connection.clone(), received };
             state.peers.insert(session, peer);
-            // The core names only the first node that claims to be the head's own `head`.
-            let is_head_node = claims_head_node && state.core.session_name(session) == Some(HEAD_NODE_NAME);
-            if is_head_node && !state.kept.is_empty() {
-                let kept = std::mem::take(&mut state.kept);
-                state.core.restore_services(now, kept);
-            }
         }
         shared.carry_out(&mut state);
         opened

@@ -89,6 +89,20 @@ impl HeadCredentials {
     }
 
     /// The head's QUIC server configuration: its certificate, and client certificates required.
+    /// The head's endpoint settings. Its stateless-reset key is derived from the head's own
+    /// private key, so a head restarted on the same state directory answers packets of its
+    /// predecessor's connections with a reset the peers accept: they learn at once that the
+    /// head restarted (and take up their sessions) instead of after the idle timeout.
+    pub fn endpoint_config(&self) -> quinn::EndpointConfig {
+        use sha2::Digest;
+        let secret = sha2::Sha256::new()
+            .chain_update(b"chia stateless reset\0")
+            .chain_update(self.head_key.as_bytes())
+            .finalize();
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
+        quinn::EndpointConfig::new(Arc::new(key))
+    }
+
     pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let roots = Arc::new(root_store(&self.ca_cert)?);
@@ -194,8 +208,10 @@ fn transport_config() -> quinn::TransportConfig {
     // keeps a peer from tying up a receive window per extra stream.
     transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1));
     transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
-    transport.keep_alive_interval(Some(std::time::Duration::from_secs(5)));
-    transport.max_idle_timeout(Some(quinn::VarInt::from_u32(30_000).into()));
+    // A peer whose head died (SIGKILL sends nothing) notices within the idle timeout and starts
+    // taking up its session with the restarted head; keep-alives keep idle drivers connected.
+    transport.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
+    transport.max_idle_timeout(Some(quinn::VarInt::from_u32(10_000).into()));
     transport
 }
 

@@ -114,31 +114,7 @@ impl Worker {
     }
 }
 
-/// How a worker that lost its head (or cannot reach it yet) tries again: the first retry after
-/// `first`, doubling up to `max`, each with up to 25 % random jitter so that the workers of a
-/// cluster do not all knock at once.
-#[derive(Clone, Copy, Debug)]
-pub struct Backoff {
-    pub first: std::time::Duration,
-    pub max: std::time::Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff { first: std::time::Duration::from_millis(100), max: std::time::Duration::from_secs(5) }
-    }
-}
-
-impl Backoff {
-    /// The wait before retry number `attempt` (0-based).
-    pub fn delay(&self, attempt: u32) -> std::time::Duration {
-        let base = self.first.saturating_mul(1 << attempt.min(16)).min(self.max);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |t| t.subsec_nanos());
-        base + base.mul_f64(f64::from(nanos % 1000) / 4000.0)
-    }
-}
+pub use crate::util::Backoff;
 
 /// Keeps a worker joined to the head at `credentials.address` until `until` resolves: when the
 /// connection cannot be made or is lost (the head restarted, the network failed), it retries
