@@ -118,6 +118,9 @@ pub(crate) struct TaskRecord {
     /// Submitted tasks that take this one as an argument and have not ended yet.
     pub(crate) dependents: u32,
     pub(crate) kind: TaskKind,
+    /// The scheduler heard of it (a function task that waited for service calls may end
+    /// before it does).
+    pub(crate) scheduled: bool,
 }
 
 impl TaskRecord {
@@ -144,6 +147,7 @@ impl TaskRecord {
             owner_holds: true,
             dependents: 0,
             kind,
+            scheduled: false,
         }
     }
 }
@@ -486,7 +490,14 @@ impl HeadCore {
                     .get(&task)
                     .is_some_and(|r| r.owner == session && matches!(r.kind, TaskKind::Function))
                 {
-                    self.feed(Event::TaskCancelled { task, force });
+                    if self.services.deferred.remove(&task).is_some() {
+                        // Still waiting for a service call: the scheduler never heard of it.
+                        let function = self.tasks.get(&task).map(|r| r.function.clone()).unwrap_or_default();
+                        self.release_deps(task);
+                        self.settle(task, Outcome::Failed(TaskError::Cancelled { function }));
+                    } else {
+                        self.feed(Event::TaskCancelled { task, force });
+                    }
                 }
             }
             PeerToHead::Heartbeat => {}
@@ -526,15 +537,15 @@ impl HeadCore {
             )
         };
         self.tasks.insert(task, record);
-        self.feed(Event::TaskSubmitted {
+        let submitted = Event::TaskSubmitted {
             task,
             function: spec.function,
             request: spec.request,
             deps,
             max_retries: spec.max_retries,
-            // Not in the protocol yet: application errors are final.
             retry_exceptions: spec.retry_exceptions,
-        });
+        };
+        self.submit_when_calls_end(task, submitted);
     }
 
     /// Keeps the values of `deps` until the task that takes them ends: it may be sent again.
@@ -658,7 +669,10 @@ impl HeadCore {
                     if let TaskKind::ServiceStart(service) = *kind {
                         self.instance_unplaceable(service, &reason);
                     }
-                    self.outbox.send(owner, &HeadToPeer::Infeasible { task, reason });
+                    // The head's own requests (restarts) have no session to tell.
+                    if owner != HEAD_SESSION {
+                        self.outbox.send(owner, &HeadToPeer::Infeasible { task, reason });
+                    }
                 }
             }
             Command::Cancel { task, node, force } => {

@@ -107,6 +107,10 @@ impl HeadCore {
         let agree = match (record.outcome.is_some(), record.running_on, status) {
             (false, Some(node), Some(TaskStatus::Running { node: leased })) => node == leased,
             (false, None, Some(TaskStatus::Waiting | TaskStatus::Queued)) => true,
+            // Waiting for results of service calls, which the scheduler does not know, or
+            // ended (a call failed, it was cancelled) before the scheduler heard of it.
+            (false, None, None) => !record.scheduled && self.services.deferred.contains_key(&task),
+            (true, None, None) => !record.scheduled,
             (true, None, Some(TaskStatus::Finished | TaskStatus::Failed)) => true,
             _ => false,
         };

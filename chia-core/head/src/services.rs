@@ -40,6 +40,8 @@ pub(crate) struct ServiceRecord {
     /// Why the new instance cannot be placed now (no eligible node): calls fail with it
     /// instead of waiting without end.
     unplaceable: Option<String>,
+    /// Its node reported how the current constructor ended.
+    constructor_reported: bool,
 }
 
 pub(crate) struct Restart {
@@ -83,6 +85,10 @@ pub(crate) struct Services {
     waiting_calls: HashMap<TaskId, Vec<TaskId>>,
     /// Services kept by a previous run, started once the head's own node joins.
     pub(crate) to_restore: Vec<PersistedService>,
+    /// Function tasks that take results of service calls (which the scheduler does not know),
+    /// with the submission the scheduler hears once those calls have succeeded, and how many
+    /// it still waits for.
+    pub(crate) deferred: HashMap<TaskId, (Event, usize)>,
     next: u64,
 }
 
@@ -216,6 +222,7 @@ impl HeadCore {
                 restarting: false,
                 parked: Vec::new(),
                 unplaceable: None,
+                constructor_reported: false,
             },
         );
         self.place_instance(task, session, id, &start.service_type, start.request, start.args);
@@ -235,7 +242,10 @@ impl HeadCore {
         let deps = ref_args(&args);
         self.hold_deps(&deps);
         let constructor = format!("{}.new", service_type.name);
-        let record = TaskRecord::new(owner, constructor, args, deps.clone(), TaskKind::ServiceStart(service));
+        let record = TaskRecord {
+            scheduled: true,
+            ..TaskRecord::new(owner, constructor, args, deps.clone(), TaskKind::ServiceStart(service))
+        };
         self.tasks.insert(task, record);
         // The task is never retried: an instance's state dies with its node (`max_restarts`
         // starts a new one from its constructor instead).
@@ -287,6 +297,10 @@ impl HeadCore {
     pub(crate) fn instance_started(&mut self, task: TaskId, service: ServiceId, outcome: Outcome) {
         let current = self.services.records.get(&service).is_some_and(|record| record.creation == task);
         if let (true, Outcome::Failed(error)) = (current, &outcome) {
+            if let Some(record) = self.services.records.get_mut(&service) {
+                // The constructor has answered: nothing is left on the node to wait for.
+                record.constructor_reported = true;
+            }
             return self.instance_failed(service, error.clone());
         }
         let Some(record) = self.services.records.get_mut(&service).filter(|_| current) else {
@@ -445,7 +459,8 @@ impl HeadCore {
             }
         }
         let mut answer = record.waiters;
-        if !record.ready && !record.stopping {
+        // A restart's own request is the head's: nobody waits for its answer.
+        if !record.ready && !record.stopping && record.creation.session() != HEAD_SESSION {
             answer.push((record.owner, record.creation));
         }
         for (session, request) in answer {
@@ -455,7 +470,8 @@ impl HeadCore {
         for (session, request) in record.stoppers {
             self.reply(session, request, Ok(&()));
         }
-        let constructing = record.host.is_some() && !record.ready && !record.stopping;
+        let constructing =
+            record.host.is_some() && !record.ready && !record.stopping && !record.constructor_reported;
         if constructing && !matches!(error, TaskError::WorkerLost { .. }) {
             // Its node is still constructing it: the constructor's report (see
             // `instance_started`) drops the instance and ends the task then, so what it holds
@@ -521,6 +537,7 @@ impl HeadCore {
         let placed = record.host.take().is_some();
         record.ready = false;
         record.restarting = true;
+        record.constructor_reported = false;
         record.info.node = String::new();
         let left = if left < 0 { "no limit".to_string() } else { format!("{left} more") };
         tracing::warn!(
@@ -756,21 +773,75 @@ impl HeadCore {
         let succeeded =
             matches!(self.tasks.get(&task).and_then(|r| r.outcome.as_ref()), Some(Outcome::Value(_)));
         for call in calls {
-            let Some(record) = self.tasks.get_mut(&call) else { continue };
+            let Some(record) = self.tasks.get_mut(&call) else {
+                // Dropped meanwhile (its owner left).
+                self.services.deferred.remove(&call);
+                continue;
+            };
             if record.outcome.is_some() {
                 continue;
             }
             if !succeeded {
+                self.services.deferred.remove(&call);
                 self.fail_call_on_dependency(call, task);
                 continue;
             }
-            if let TaskKind::ServiceCall { missing, .. } = &mut record.kind {
-                *missing = missing.saturating_sub(1);
-                if *missing == 0 {
-                    self.forward_call(call);
+            match &mut record.kind {
+                TaskKind::ServiceCall { missing, .. } => {
+                    *missing = missing.saturating_sub(1);
+                    if *missing == 0 {
+                        self.forward_call(call);
+                    }
+                }
+                TaskKind::Function => {
+                    let Some((_, missing)) = self.services.deferred.get_mut(&call) else { continue };
+                    *missing = missing.saturating_sub(1);
+                    if *missing == 0
+                        && let Some((submitted, _)) = self.services.deferred.remove(&call)
+                    {
+                        self.submit_to_scheduler(submitted);
+                    }
+                }
+                TaskKind::ServiceStart(_) => {}
+            }
+        }
+    }
+
+    /// Hands a function task to the scheduler, or, while results of service calls it takes
+    /// are still to come, keeps it until they have succeeded (and fails it if one fails).
+    pub(crate) fn submit_when_calls_end(&mut self, task: TaskId, submitted: Event) {
+        let Event::TaskSubmitted { deps, .. } = &submitted else { return };
+        let mut missing = 0;
+        for &dep in deps {
+            // Calls and instance starts, and function tasks that wait for some themselves: the
+            // scheduler does not know them (yet).
+            let Some(record) = self.tasks.get(&dep).filter(|r| !r.scheduled) else { continue };
+            match &record.outcome {
+                Some(Outcome::Value(_)) => {}
+                Some(Outcome::Failed(_)) => return self.fail_call_on_dependency(task, dep),
+                None => {
+                    missing += 1;
+                    self.services.waiting_calls.entry(dep).or_default().push(task);
                 }
             }
         }
+        if missing == 0 {
+            self.submit_to_scheduler(submitted);
+        } else {
+            self.services.deferred.insert(task, (submitted, missing));
+        }
+    }
+
+    /// The scheduler hears of a function task; its dependencies on service calls (which it
+    /// does not know, and which have succeeded by now) are left out.
+    fn submit_to_scheduler(&mut self, mut submitted: Event) {
+        if let Event::TaskSubmitted { task, deps, .. } = &mut submitted {
+            deps.retain(|dep| self.tasks.get(dep).is_none_or(|r| r.scheduled));
+            if let Some(record) = self.tasks.get_mut(task) {
+                record.scheduled = true;
+            }
+        }
+        self.feed(submitted);
     }
 
     /// A node is gone: the calls it was running fail (its instances fail through the

@@ -42,7 +42,8 @@ struct Conn {
 enum Event {
     ToHead {
         conn: usize,
-        message: PeerToHead,
+        /// Boxed: events move in the queue's heap, and messages are large.
+        message: Box<PeerToHead>,
     },
     /// The first bytes of a large frame arrived.
     Heard {
@@ -50,7 +51,7 @@ enum Event {
     },
     ToPeer {
         conn: usize,
-        message: HeadToPeer,
+        message: Box<HeadToPeer>,
     },
     /// The head closed the connection: after what it sent before, the peer learns it is gone.
     ClosedByHead {
@@ -79,7 +80,7 @@ impl Event {
     /// Messages that count for "the network is quiet": everything but heartbeats.
     fn busy(&self) -> bool {
         match self {
-            Event::ToHead { message, .. } => !matches!(message, PeerToHead::Heartbeat),
+            Event::ToHead { message, .. } => !matches!(**message, PeerToHead::Heartbeat),
             Event::ToPeer { .. } | Event::ClosedByHead { .. } => true,
             _ => false,
         }
@@ -139,6 +140,8 @@ pub(super) struct World {
     fx_worker: Effects<WorkerTimer>,
     fx_driver: Effects<DriverTimer>,
     next_sweep: u64,
+    /// The head's timer deadline, as of its latest input: it changes only when the head is fed.
+    deadline: Option<Option<Micros>>,
     report: Report,
 }
 
@@ -205,6 +208,7 @@ impl World {
             fx_worker: Effects::default(),
             fx_driver: Effects::default(),
             next_sweep: 0,
+            deadline: None,
             report: Report { seed: cfg.seed, ..Report::default() },
             cfg: cfg.clone(),
         }
@@ -324,7 +328,7 @@ impl World {
             delay += transfer;
         }
         let at = self.conns[conn].to_head.arrival(self.now, delay);
-        let event = Event::ToHead { conn, message };
+        let event = Event::ToHead { conn, message: Box::new(message) };
         self.busy += usize::from(event.busy());
         self.queue.push(at, event);
     }
@@ -339,7 +343,10 @@ impl World {
     /// One step: the head's timer if it is due first, else the next event.
     fn advance(&mut self) -> Step {
         let next = self.queue.peek_time();
-        let deadline = self.head.poll_timeout().map(|t| self.micros(t));
+        let deadline = match self.deadline {
+            Some(deadline) => deadline,
+            None => *self.deadline.insert(self.head.poll_timeout().map(|t| self.micros(t))),
+        };
         if let Some(deadline) = deadline
             && next.is_none_or(|next| deadline <= next)
         {
@@ -369,14 +376,15 @@ impl World {
 
     fn handle(&mut self, event: Event) -> Step {
         match event {
-            Event::ToHead { conn, message } => self.deliver_to_head(conn, message),
+            Event::ToHead { conn, message } => self.deliver_to_head(conn, *message),
             Event::Heard { conn } => {
                 if let Some(session) = self.conns[conn].session.filter(|_| self.conns[conn].open) {
                     self.head.heard(self.instant(self.now), session);
+                    self.deadline = None;
                 }
                 Ok(())
             }
-            Event::ToPeer { conn, message } => self.deliver_to_peer(conn, message),
+            Event::ToPeer { conn, message } => self.deliver_to_peer(conn, *message),
             Event::ClosedByHead { conn } => match self.conns[conn].peer {
                 Peer::Worker(slot) => {
                     if self.frozen[slot].is_some() {
@@ -527,6 +535,7 @@ impl World {
                 self.report.late_frames += 1;
                 let what = format!("{message:?}");
                 self.head.handle(now, session, message);
+                self.deadline = None;
                 if let Some(action) = self.head.poll_action() {
                     return Err(format!(
                         "a frame from closed {session} ({}) made the head act: {action:?}",
@@ -565,7 +574,9 @@ impl World {
         self.leases.retain(|_, leased| *leased != conn);
     }
 
+    /// Carries out what the head decided; called after every input to the head.
     fn drain_outbox(&mut self) -> Step {
+        self.deadline = None;
         while let Some(action) = self.head.poll_action() {
             self.report.frames += 1;
             match action {
@@ -589,7 +600,7 @@ impl World {
                     }
                     self.check_sent(conn, to, &message)?;
                     if !self.conns[conn].cut {
-                        self.send_to_peer(conn, Event::ToPeer { conn, message });
+                        self.send_to_peer(conn, Event::ToPeer { conn, message: Box::new(message) });
                     }
                 }
                 Action::Close { session, reason } => {
@@ -812,7 +823,7 @@ impl World {
         match self.conns[conn].peer {
             Peer::Worker(slot) => {
                 if self.frozen[slot].is_some() {
-                    self.defer(slot, Event::ToPeer { conn, message });
+                    self.defer(slot, Event::ToPeer { conn, message: Box::new(message) });
                     return Ok(());
                 }
                 if self.workers[slot].conn() != Some(conn) {
@@ -1003,9 +1014,11 @@ impl World {
         if !self.cfg.check_every_step && self.step < self.next_sweep {
             return Ok(());
         }
-        // A sweep costs about as much as the head holds: spaced out so that, unless every step
-        // is checked, sweeping takes about as long as the steps between two sweeps.
-        self.next_sweep = self.step + (self.head.task_count() + self.workers.len()) as u64 / 4 + 1;
+        // A sweep costs about as much as the head holds (a node's free resources cost as much
+        // to read as a few dozen task records): spaced out so that, unless every step is
+        // checked, sweeping takes a fraction of the time of the steps between two sweeps.
+        let cost = self.head.task_count() + 32 * self.workers.len();
+        self.next_sweep = self.step + cost as u64 / 8 + 1;
         self.head.check_consistency()?;
         if self.head.session_count() != self.open_sessions {
             return Err(format!(
