@@ -8,9 +8,14 @@
 //!
 //! `cargo xtask bench` builds `chia-head` and `chia-bench` in release mode and prints the
 //! benchmark's figures (`--json`, `--only`, `--scale` are passed through).
+//!
+//! `cargo xtask simulate` runs seeds of the deterministic cluster simulator around the real
+//! head core (in a release build) and prints decisions/s, steps/s and the largest queue;
+//! `--seed S` with the flags a failure printed replays it.
 
 mod bench;
 mod cluster_local;
+mod simulate;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -28,6 +33,8 @@ enum Task {
     ClusterLocal(cluster_local::Args),
     /// Build in release mode and print the benchmark figures (see `chia-bench --help`).
     Bench(bench::Args),
+    /// Run seeds of the deterministic simulator around the head core (a release build).
+    Simulate(simulate::Args),
 }
 
 /// Where cargo puts this workspace's binaries (`CARGO_TARGET_DIR`, else `<workspace>/target`).
@@ -38,11 +45,10 @@ fn target_dir() -> std::path::PathBuf {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    chia::run_main(async move {
-        match cli.task {
-            Task::ClusterLocal(args) => cluster_local::run(args).await,
-            Task::Bench(args) => bench::run(args).await,
-        }
-    })
+    match Cli::parse().task {
+        Task::ClusterLocal(args) => chia::run_main(cluster_local::run(args)),
+        Task::Bench(args) => chia::run_main(bench::run(args)),
+        // No async runtime: the simulator is a plain loop on the caller's threads.
+        Task::Simulate(args) => simulate::run(args),
+    }
 }

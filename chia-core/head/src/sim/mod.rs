@@ -58,41 +58,8 @@ mod tests;
 
 pub use rng::Rng;
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
-
-/// Bugs in the core that this simulator found and that are not fixed yet. A run that
-/// tolerates one ([`Config::tolerate`]) counts each occurrence in [`Report::known_bugs`]
-/// instead of failing, so that seeds can explore past it; the tests check that each still
-/// reproduces when it is not tolerated, and fail once it is fixed (then remove it here).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum KnownBug {
-    /// `services.rs`, `instance_failed`: when a restarted instance fails before it was ready,
-    /// the owner is answered for `record.creation`, which after a restart is the head's own
-    /// task (`task-0.N`), not one the owner submitted.
-    AnswerForRestartTask,
-    /// `core.rs`, `Command::Infeasible`: a restart that fits no node is reported to its owner,
-    /// the head itself (`session-0`), a session that does not exist.
-    InfeasibleToHeadSession,
-    /// A function task that takes a service call's result as an argument (the API allows any
-    /// `ObjectRef`) fails with `UnknownDependency`: calls are task records of the core, but the
-    /// scheduler never hears of them, and `check_deps` looks the dependency up there.
-    CallResultAsArgument,
-    /// `services.rs`, `instance_failed`: when a constructor fails, the instance counts as
-    /// "still being constructed" (`host` set, not ready, not stopping) and the creation task is
-    /// left for a constructor report that already came: the task record and the instance's
-    /// resources on its node are kept until the node is lost.
-    FailedConstructorKeepsResources,
-}
-
-/// Every known bug: what the tests tolerate.
-pub const KNOWN_BUGS: &[KnownBug] = &[
-    KnownBug::AnswerForRestartTask,
-    KnownBug::InfeasibleToHeadSession,
-    KnownBug::CallResultAsArgument,
-    KnownBug::FailedConstructorKeepsResources,
-];
 
 /// One simulated run: a seed and the shape of the cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -124,8 +91,6 @@ pub struct Config {
     pub late_frames_per_mille: u32,
     /// Sweep the core's consistency after every step (else spaced out by the head's size).
     pub check_every_step: bool,
-    /// Known core bugs counted instead of failing the run.
-    pub tolerate: Vec<KnownBug>,
 }
 
 impl Default for Config {
@@ -146,7 +111,6 @@ impl Default for Config {
             window: 12,
             late_frames_per_mille: 500,
             check_every_step: true,
-            tolerate: Vec::new(),
         }
     }
 }
@@ -162,7 +126,7 @@ impl Config {
             drivers,
             tasks,
             window: (workers * 4 / drivers).max(64),
-            check_every_step: workers <= 64 && tasks <= 10_000,
+            check_every_step: false,
             ..Config::default()
         }
     }
@@ -210,15 +174,11 @@ impl Config {
             self.late_frames_per_mille != base.late_frames_per_mille,
             format!("--late-frames-per-mille {}", self.late_frames_per_mille),
         );
-        flag(self.check_every_step && !base.check_every_step, "--check-every-step".into());
-        flag(!self.tolerate.is_empty(), "--tolerate-known-bugs".into());
-        // Whole-millisecond durations and all-or-no known bugs are what the flags can say.
+        flag(self.check_every_step, "--check-every-step".into());
+        // Whole milliseconds are what the flags can say.
         let whole_ms = |d: Duration| d.as_micros().is_multiple_of(1000);
-        let expressible = whole_ms(self.heartbeat)
-            && whole_ms(self.heartbeat_timeout)
-            && whole_ms(self.fault_interval)
-            && (self.tolerate.is_empty() || self.tolerate == KNOWN_BUGS)
-            && (self.check_every_step || !base.check_every_step);
+        let expressible =
+            whole_ms(self.heartbeat) && whole_ms(self.heartbeat_timeout) && whole_ms(self.fault_interval);
         if expressible { command } else { format!("sim::run(&{self:?})") }
     }
 }
@@ -256,8 +216,6 @@ pub struct Report {
     pub late_frames: u64,
     /// Frames the head addressed to sessions it had closed (dropped, as the runtime does).
     pub sends_after_close: u64,
-    /// Occurrences of tolerated known bugs.
-    pub known_bugs: BTreeMap<KnownBug, u64>,
     /// A digest of every action the head emitted, in order: one seed, one digest.
     pub digest: u64,
 }

@@ -13,7 +13,6 @@ fn small(seed: u64) -> Config {
         workers: rng.range(3, 8) as usize,
         drivers: rng.range(2, 3) as usize,
         tasks: rng.range(50, 200),
-        tolerate: KNOWN_BUGS.to_vec(),
         ..Config::default()
     }
 }
@@ -114,39 +113,6 @@ fn a_task_the_head_forgets_is_caught() {
     // However it shows (the owner waits for ever, or a dependent is sent an empty argument and
     // returns a wrong value), a seed fails.
     sabotaged_failure(Sabotage::HeadForgetsATask);
-}
-
-/// For each known core bug, the first of these seeds on which the run fails when that bug is
-/// not tolerated, and the failure names it. When this fails, the bug is fixed: remove it from
-/// [`KNOWN_BUGS`].
-fn still_reproduces(bug: KnownBug) {
-    let tolerate: Vec<KnownBug> = KNOWN_BUGS.iter().copied().filter(|&b| b != bug).collect();
-    let failure = (0..300)
-        .find_map(|seed| run(&Config { tolerate: tolerate.clone(), ..small(seed) }).err())
-        .unwrap_or_else(|| {
-            panic!("known bug {bug:?} no longer shows in 300 seeds: fixed? Remove it from KNOWN_BUGS")
-        });
-    assert!(failure.message.contains(&format!("known bug {bug:?}")), "{failure}");
-}
-
-#[test]
-fn known_bug_answer_for_restart_task_reproduces() {
-    still_reproduces(KnownBug::AnswerForRestartTask);
-}
-
-#[test]
-fn known_bug_infeasible_to_head_session_reproduces() {
-    still_reproduces(KnownBug::InfeasibleToHeadSession);
-}
-
-#[test]
-fn known_bug_call_result_as_argument_reproduces() {
-    still_reproduces(KnownBug::CallResultAsArgument);
-}
-
-#[test]
-fn known_bug_failed_constructor_keeps_resources_reproduces() {
-    still_reproduces(KnownBug::FailedConstructorKeepsResources);
 }
 
 /// Replays one seed of the small configuration, for a failure that printed its seed:

@@ -112,8 +112,6 @@ pub(crate) struct SimWorker {
     heartbeat: Micros,
     rng: Rng,
     pub(crate) tasks_run: u64,
-    /// Instances whose constructor failed, `(creation task, service)`, for the world to take.
-    pub(crate) failed_constructions: Vec<(TaskId, ServiceId)>,
 }
 
 type Result<T = ()> = std::result::Result<T, String>;
@@ -132,7 +130,6 @@ impl SimWorker {
             heartbeat: 0,
             rng,
             tasks_run: 0,
-            failed_constructions: Vec::new(),
         }
     }
 
@@ -444,7 +441,6 @@ impl SimWorker {
                         message: format!("{} refuses to start", instance.name),
                     };
                     self.drop_instance(fx, service, false);
-                    self.failed_constructions.push((task, service));
                     fx.sends.push(PeerToHead::Finished { task, attempt: 0, outcome: Outcome::Failed(error) });
                     return;
                 }

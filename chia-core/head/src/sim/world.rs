@@ -7,7 +7,7 @@ use super::model::{self, Catalog};
 use super::net::{Lane, Micros, Queue};
 use super::rng::{Rng, mix64};
 use super::worker::{Effects, Link, Placement, SimWorker, WorkerTimer};
-use super::{Config, Failure, KnownBug, Report};
+use super::{Config, Failure, Report};
 use crate::outbox::Action;
 use crate::{CoreOptions, HeadCore};
 use chia_core::protocol::{Done, HeadToPeer, PeerToHead, ServiceInfo};
@@ -127,8 +127,6 @@ pub(super) struct World {
     leases: HashMap<TaskId, usize>,
     attempts: HashMap<TaskId, u32>,
     services: HashMap<ServiceId, ServiceMeta>,
-    /// Creation tasks of instances whose constructor failed, and the service.
-    failed_constructions: HashMap<TaskId, ServiceId>,
     /// The newest instance the head named for each `namespace/name`.
     named: HashMap<String, ServiceId>,
     /// What the open worker sessions offer: function name → signature → nodes.
@@ -172,7 +170,6 @@ impl World {
             refs_to_call_results: cfg.refs_to_call_results,
             faults: cfg.faults,
             patience: (4 * timeout).max(1_000_000),
-            tolerate_call_refs: cfg.tolerate.contains(&KnownBug::CallResultAsArgument),
         };
         World {
             frozen: workers.iter().map(|_| None).collect(),
@@ -200,7 +197,6 @@ impl World {
             attempts: HashMap::new(),
             services: HashMap::new(),
             named: HashMap::new(),
-            failed_constructions: HashMap::new(),
             offered: HashMap::new(),
             task_nodes: 0,
             open_workers: 0,
@@ -472,7 +468,6 @@ impl World {
     }
 
     fn apply_worker(&mut self, slot: usize, mut fx: Effects<WorkerTimer>) {
-        self.failed_constructions.extend(self.workers[slot].failed_constructions.drain(..));
         let worker = &self.workers[slot];
         let (conn, life) = (worker.conn(), worker.life);
         for message in fx.sends.drain(..) {
@@ -586,12 +581,7 @@ impl World {
                         return Err(format!("the head sent {to} a frame that does not decode as HeadToPeer"));
                     };
                     let Some(&conn) = self.sessions.get(&to) else {
-                        let why = format!("the head sent {message:?} to {to}, a session it never opened");
-                        if to == HEAD_SESSION && matches!(message, HeadToPeer::Infeasible { .. }) {
-                            self.known(KnownBug::InfeasibleToHeadSession, why)?;
-                            continue;
-                        }
-                        return Err(why);
+                        return Err(format!("the head sent {message:?} to {to}, a session it never opened"));
                     };
                     if !self.conns[conn].open {
                         // The runtime finds no connection and drops it.
@@ -627,15 +617,6 @@ impl World {
                 Action::Keep(_) => {}
             }
         }
-        Ok(())
-    }
-
-    /// A known core bug happened: counted when the run tolerates it, else a failure.
-    fn known(&mut self, bug: KnownBug, why: String) -> Step {
-        if !self.cfg.tolerate.contains(&bug) {
-            return Err(format!("{why} (known bug {bug:?})"));
-        }
-        *self.report.known_bugs.entry(bug).or_default() += 1;
         Ok(())
     }
 
@@ -707,14 +688,9 @@ impl World {
             }
             HeadToPeer::Done { task, done } => {
                 if task.session() != to {
-                    let why =
-                        format!("the head told {to} how {task} ended, but {task} is not its task: {done:?}");
-                    if task.session() == HEAD_SESSION {
-                        // Delivered all the same: the driver finds no such task and must not
-                        // mistake it for one of its own.
-                        return self.known(KnownBug::AnswerForRestartTask, why);
-                    }
-                    return Err(why);
+                    return Err(format!(
+                        "the head told {to} how {task} ended, but {task} is not its task: {done:?}"
+                    ));
                 }
                 self.check_done(*task, done)?;
                 self.last_progress = self.now;
@@ -1059,38 +1035,9 @@ impl World {
         for driver in self.drivers.iter().filter(|d| !d.dead) {
             driver.final_check()?;
         }
-        let known: u64 = self.drivers.iter().map(|d| d.known_bugs).sum();
-        if known > 0 {
-            *self.report.known_bugs.entry(KnownBug::CallResultAsArgument).or_default() += known;
-        }
-        // Records the head keeps of instances whose constructor failed, and what they hold.
-        let mut leaked: HashMap<chia_core::NodeId, Resources> = HashMap::new();
-        let mut leaks = 0;
-        for task in self.head.held_tasks() {
-            let Some(&service) = self.failed_constructions.get(&task) else { continue };
-            let why = format!(
-                "the cluster is idle, yet the head keeps {} of a failed constructor",
-                self.head.describe_task(task).unwrap_or_default()
-            );
-            self.known(KnownBug::FailedConstructorKeepsResources, why)?;
-            leaks += 1;
-            if let (Some(node), Some(meta)) = (self.head.task_node(task), self.services.get(&service)) {
-                let held = leaked.entry(node).or_default();
-                for (name, amount) in meta.request.iter() {
-                    let total = held.get(name).checked_add(amount).unwrap_or(amount);
-                    let _ = held.set(name, total);
-                }
-            }
-        }
         for worker in &self.workers {
             let Some((node, name)) = worker.node() else { continue };
-            let mut capacity = with_affinity(&worker.offer.capacity, name);
-            if let Some(held) = leaked.get(&node) {
-                // Not `Resources::take`: it keeps zero amounts, and the sets would not compare equal.
-                for (name, amount) in held.iter() {
-                    let _ = capacity.set(name, capacity.get(name).saturating_sub(amount));
-                }
-            }
+            let capacity = with_affinity(&worker.offer.capacity, name);
             let free = self.head.scheduler().node_free(node);
             if free.as_ref() != Some(&capacity) {
                 return Err(format!(
@@ -1101,7 +1048,7 @@ impl World {
                 ));
             }
         }
-        if self.head.task_count() != leaks {
+        if self.head.task_count() != 0 {
             return Err(format!(
                 "the cluster is idle and every driver released everything, yet the head holds {} task record(s): {}",
                 self.head.task_count(),
@@ -1125,7 +1072,7 @@ impl World {
                 self.session_closed(conn);
             }
         }
-        if self.head.task_count() != leaks || self.head.session_count() != self.open_workers {
+        if self.head.task_count() != 0 || self.head.session_count() != self.open_workers {
             return Err(format!(
                 "after every driver left, the head holds {} task(s) and {} session(s) ({} workers): {}",
                 self.head.task_count(),
