@@ -87,11 +87,13 @@ pub(crate) struct Session {
     /// wait in `held`, then the session is closed.
     pub(crate) detached_until: Option<Instant>,
     pub(crate) held: Vec<Vec<u8>>,
+    /// Taken up again after a restart: the grace deadline it had, and its frame count then.
+    pub(crate) resumed: Option<(Instant, u64)>,
 }
 
 impl Session {
     fn new(name: String, node: Option<NodeId>) -> Session {
-        Session { name, node, frames: 0, detached_until: None, held: Vec::new() }
+        Session { name, node, frames: 0, detached_until: None, held: Vec::new(), resumed: None }
     }
 }
 
@@ -281,8 +283,17 @@ impl HeadCore {
         for node in exempt {
             self.scheduler.handle(now, Event::NodeHeard { node });
         }
-        self.scheduler.expire_silent(now, self.options.heartbeat_timeout);
-        self.run_commands();
+        // Written off by closing their sessions: the same input the journal keeps, so a replay
+        // decides exactly what this run did.
+        let timeout = self.options.heartbeat_timeout;
+        for node in self.scheduler.silent_nodes(now, timeout) {
+            let Some(&session) = self.nodes.get(&node) else { continue };
+            let name = self.session_name(session).unwrap_or("?").to_string();
+            tracing::warn!(
+                "worker {name} ({node}) was not heard from for {timeout:?}; its tasks run elsewhere, closing its connection"
+            );
+            self.close(session, "not heard from in time");
+        }
         self.end_expired_graces(now);
     }
 
@@ -705,6 +716,7 @@ impl HeadCore {
             // resources straight back.
             tracing::debug!("{task} was placed after it was dropped; releasing its resources");
             self.feed(Event::TaskFinished { task, node, error: None });
+            self.feed(Event::TaskForgotten { task });
             return;
         };
         if let TaskKind::ServiceStart(service) = record.kind {
@@ -794,7 +806,9 @@ impl HeadCore {
     /// closed already.
     pub fn close_session(&mut self, now: Instant, session: SessionId, reason: &str) {
         self.now = now;
-        self.close(session, reason);
+        if !self.detach_again(now, session) {
+            self.close(session, reason);
+        }
     }
 
     pub(crate) fn close(&mut self, session: SessionId, reason: &str) {
@@ -833,6 +847,14 @@ impl HeadCore {
                     // Dropped from the queue by SessionClosed: it will never end on its own.
                     self.release_deps(task);
                     self.tasks.remove(&task);
+                    self.services.deferred.remove(&task);
+                    // What waited for it (another session's call or task) learns it is gone.
+                    for waiter in self.services.waiting_calls.remove(&task).unwrap_or_default() {
+                        if self.tasks.get(&waiter).is_some_and(|r| r.outcome.is_none()) {
+                            self.services.deferred.remove(&waiter);
+                            self.fail_call_on_dependency(waiter, task);
+                        }
+                    }
                     continue;
                 }
                 if record.outcome.is_none() && matches!(record.kind, TaskKind::Function) {

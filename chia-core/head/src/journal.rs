@@ -155,7 +155,7 @@ impl HeadCore {
                 ),
             });
         };
-        peer.detached_until = None;
+        peer.resumed = peer.detached_until.take().map(|deadline| (deadline, peer.frames));
         let held = std::mem::take(&mut peer.held);
         let (name, node, frames) = (peer.name.clone(), peer.node, peer.frames);
         self.outbox.push(Action::Keep(JournalEntry::Resumed { session }));
@@ -182,8 +182,14 @@ impl HeadCore {
         waiting.sort_unstable();
         waiting.dedup();
         for task in waiting {
-            if self.tasks.get(&task).is_some_and(|r| r.owner == session && r.outcome.is_some()) {
-                self.announce(task);
+            let Some(record) = self.tasks.get(&task).filter(|r| r.owner == session) else { continue };
+            match (&record.kind, &record.outcome) {
+                (_, Some(_)) => self.announce(task),
+                (TaskKind::ServiceStart(service), None) => {
+                    let service = *service;
+                    self.answer_start_again(session, task, service);
+                }
+                _ => {}
             }
         }
         Ok(session)
@@ -218,6 +224,9 @@ impl HeadCore {
                     };
                     self.fail_call(task, |_| error);
                 }
+                // A constructed instance lives on in the worker, which kept it through the
+                // outage (it lists only runs whose outcome is not durable yet).
+                TaskKind::ServiceStart(service) if self.instance_is_ready(*service) => {}
                 TaskKind::ServiceStart(service) => {
                     let service = *service;
                     let error = TaskError::WorkerLost {
@@ -228,6 +237,24 @@ impl HeadCore {
                     self.instance_task_failed(task, service, error);
                 }
             }
+        }
+    }
+
+    /// The connection of a session taken up again ended before the peer sent anything on it
+    /// (the welcome did not reach it, say): the session waits for the peer again, for what
+    /// is left of the grace period, so that the peer's next try is not refused. True if so.
+    pub(crate) fn detach_again(&mut self, now: Instant, session: SessionId) -> bool {
+        let Some(peer) = self.sessions.get_mut(&session) else { return false };
+        match peer.resumed {
+            Some((deadline, frames)) if now < deadline && peer.frames == frames => {
+                tracing::info!(
+                    "{} ({session}) lost its connection right after taking up its session; it may try again",
+                    peer.name
+                );
+                peer.detached_until = Some(deadline);
+                true
+            }
+            _ => false,
         }
     }
 

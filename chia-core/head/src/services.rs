@@ -82,7 +82,7 @@ pub(crate) struct Services {
     next_internal_task: u64,
     names: HashMap<(String, String), ServiceId>,
     /// Calls waiting for an argument task, by that task.
-    waiting_calls: HashMap<TaskId, Vec<TaskId>>,
+    pub(crate) waiting_calls: HashMap<TaskId, Vec<TaskId>>,
     /// Services kept by a previous run, started once the head's own node joins.
     pub(crate) to_restore: Vec<PersistedService>,
     /// Function tasks that take results of service calls (which the scheduler does not know),
@@ -755,7 +755,7 @@ impl HeadCore {
         self.settle(task, Outcome::Failed(error(function)));
     }
 
-    fn fail_call_on_dependency(&mut self, task: TaskId, dep: TaskId) {
+    pub(crate) fn fail_call_on_dependency(&mut self, task: TaskId, dep: TaskId) {
         let cause = match self.tasks.get(&dep).and_then(|r| r.outcome.as_ref()) {
             Some(Outcome::Failed(error)) => error.clone(),
             _ => TaskError::UnknownDependency { function: String::new(), dependency: dep },
@@ -883,6 +883,21 @@ impl HeadCore {
 }
 
 impl HeadCore {
+    /// Whether `service` has a constructed instance (its node holds it).
+    pub(crate) fn instance_is_ready(&self, service: ServiceId) -> bool {
+        self.services.records.get(&service).is_some_and(|record| record.ready)
+    }
+
+    /// A start request `task` of `session` whose answer may have been lost (the head
+    /// restarted): answered again if the instance it created is ready (otherwise it is
+    /// answered when it is).
+    pub(crate) fn answer_start_again(&mut self, session: SessionId, task: TaskId, service: ServiceId) {
+        let ready = self.services.records.get(&service).filter(|r| r.ready && r.creation == task);
+        if let Some(info) = ready.map(|record| record.info.clone()) {
+            self.reply(session, task, Ok(&info));
+        }
+    }
+
     /// Tells the driver the detached services to keep now.
     fn save_services(&mut self) {
         if let Some(store) = &self.persisted {

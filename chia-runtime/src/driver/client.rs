@@ -81,6 +81,9 @@ struct Slot {
     state: SlotState,
     infeasible: Option<String>,
     waiters: Vec<Arc<Notify>>,
+    /// A request the head answers from what it holds (a lookup, a stop), sent again after
+    /// the head restarted if it is still unanswered: the answer may have died with it.
+    again: Option<Box<PeerToHead>>,
 }
 
 pub struct Client {
@@ -309,7 +312,10 @@ impl Client {
     /// Opens a pending slot for `task` and sends `message`, which the head answers with
     /// `Done { task }` (a submission, a service start, lookup, call or stop).
     pub(crate) fn request(&self, task: TaskId, function: &str, message: &PeerToHead) {
-        self.slots.insert(task, Slot { state: SlotState::Pending, infeasible: None, waiters: Vec::new() });
+        let again = matches!(message, PeerToHead::LookupService { .. } | PeerToHead::StopService { .. })
+            .then(|| Box::new(message.clone()));
+        self.slots
+            .insert(task, Slot { state: SlotState::Pending, infeasible: None, waiters: Vec::new(), again });
         if self.closed.load(Ordering::Acquire) {
             self.finish_slot(task, SlotState::Failed(self.disconnected()));
             return;
@@ -324,7 +330,12 @@ impl Client {
     pub(crate) fn fail_locally(&self, task: TaskId, error: TaskError) {
         self.slots.insert(
             task,
-            Slot { state: SlotState::Failed(error.into()), infeasible: None, waiters: Vec::new() },
+            Slot {
+                state: SlotState::Failed(error.into()),
+                infeasible: None,
+                waiters: Vec::new(),
+                again: None,
+            },
         );
     }
 
@@ -543,6 +554,15 @@ impl Client {
                     }
                 }
                 lock(&self.link).resumed(sender, connection, resumed_through);
+                let unanswered: Vec<PeerToHead> = self
+                    .slots
+                    .iter()
+                    .filter(|slot| matches!(slot.state, SlotState::Pending))
+                    .filter_map(|slot| slot.again.as_deref().cloned())
+                    .collect();
+                for request in unanswered {
+                    let _ = self.send(&request);
+                }
                 Ok(reader)
             }
             HeadToPeer::Rejected { reason } => Err(Retry::Never(reason)),

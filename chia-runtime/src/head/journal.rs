@@ -26,6 +26,10 @@ pub enum JournalError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path} is not a chia head journal (format {found:?}; this head reads format {FORMAT_VERSION})")]
     Foreign { path: PathBuf, found: Option<u32> },
+    #[error(
+        "{path}: the whole record at offset {offset} cannot be read ({message}); was it written by another version of chia-head?"
+    )]
+    Unreadable { path: PathBuf, offset: usize, message: String },
 }
 
 /// An open journal, positioned at its end.
@@ -71,7 +75,7 @@ impl Journal {
             return Err(JournalError::Foreign { path, found: format.filter(|_| &bytes[..8] == MAGIC) });
         }
         let id = u64::from_be_bytes(bytes[12..20].try_into().expect("8 bytes"));
-        let (entries, valid) = read_records(&bytes, &path);
+        let (entries, valid) = read_records(&bytes, &path)?;
         let dropped_bytes = (bytes.len() - valid) as u64;
         if dropped_bytes > 0 {
             tracing::warn!(
@@ -91,10 +95,17 @@ impl Journal {
     }
 
     /// Appends the encoded records and makes them durable (one `fdatasync`).
+    /// On failure the file is cut back to where it was, so a later append does not follow a
+    /// torn batch.
     pub(crate) fn append(&mut self, records: &[u8]) -> Result<(), JournalError> {
         let io = |source| JournalError::Io { path: self.path.clone(), source };
-        self.file.write_all(records).map_err(io)?;
-        self.file.sync_data().map_err(io)
+        let end = self.file.stream_position().map_err(io)?;
+        let written = self.file.write_all(records).and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            let _ = self.file.set_len(end).and_then(|()| self.file.seek(SeekFrom::Start(end)).map(drop));
+            return Err(io(e));
+        }
+        Ok(())
     }
 }
 
@@ -115,7 +126,7 @@ pub(crate) fn encode_record(entry: &JournalEntry, out: &mut Vec<u8>) {
 }
 
 /// The whole records after the header, and where the valid part of the file ends.
-fn read_records(bytes: &[u8], path: &Path) -> (Vec<JournalEntry>, usize) {
+fn read_records(bytes: &[u8], path: &Path) -> Result<(Vec<JournalEntry>, usize), JournalError> {
     let mut entries = Vec::new();
     let mut at = HEADER_LEN;
     while at < bytes.len() {
@@ -133,17 +144,14 @@ fn read_records(bytes: &[u8], path: &Path) -> (Vec<JournalEntry>, usize) {
             Ok(entry) => entries.push(entry),
             Err(e) => {
                 // A whole record with a good checksum that does not decode was written by
-                // another version: stop here rather than replay a partial history silently.
-                tracing::error!(
-                    "{}: record at offset {at} cannot be read ({e}); the journal is cut there",
-                    path.display()
-                );
-                break;
+                // another version: refuse rather than cut or replay a partial history.
+                let (path, message) = (path.to_owned(), e.to_string());
+                return Err(JournalError::Unreadable { path, offset: at, message });
             }
         }
         at += 8 + len;
     }
-    (entries, at)
+    Ok((entries, at))
 }
 
 /// A journal id unlikely to repeat: a peer of an older journal must not take up a session

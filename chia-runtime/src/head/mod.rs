@@ -101,6 +101,10 @@ impl HeadHandle {
         self.shared.timer.notify_one();
         self.shared.stop_keeping();
         self.endpoint.close(0u32.into(), b"head shutting down");
+        // Their streams would keep the endpoint, and its socket, alive.
+        for (_, peer) in self.shared.lock().peers.drain() {
+            peer.sender.close();
+        }
     }
 
     /// Resolves when the head has stopped.
@@ -151,7 +155,8 @@ pub async fn start_head_with(
             core_options.journal_id = Some(opened.journal.id());
             let recovered = !opened.entries.is_empty();
             let dropped = opened.dropped_bytes;
-            let (mut core, _) = HeadCore::recover(now, core_options, opened.entries);
+            // The grace period starts once the journal is read, however long that took.
+            let (mut core, _) = HeadCore::recover(Instant::now(), core_options, opened.entries);
             let services = persist::ServiceFile::in_dir(state_dir);
             core.restore_services(now, services.read());
             if recovered {
@@ -273,10 +278,16 @@ impl Shared {
     fn carry_out(&self, state: &mut State) {
         let was_pending = state.durable.pending();
         while let Some(action) = state.core.poll_action() {
+            if state.durable.stopping {
+                // Shutting down: nothing is kept any more, so nothing it would cause is sent
+                // either; a restarted head takes up from what was kept. Connections still close.
+                if let Action::Close { .. } = action {
+                    self.act(state, action);
+                }
+                continue;
+            }
             match action {
-                // From a shutdown on, nothing is kept: a head restarted after it takes up where
-                // it was, as after a crash, and its peers resume their sessions.
-                Action::Keep(entry) if state.durable.kept && !state.durable.stopping => {
+                Action::Keep(entry) if state.durable.kept => {
                     if let JournalEntry::Message { session, seq, .. } = &entry {
                         state.durable.through.insert(*session, *seq);
                     }
@@ -348,11 +359,25 @@ fn run_keeper(mut keeper: Keeper, shared: Weak<Shared>) {
             )
         };
         drop(strong);
-        if !records.is_empty()
+        // Until the batch is on disk nothing it caused may leave: the head stalls (and says
+        // why) rather than tell a peer what a restart would not know.
+        let mut failures = 0u32;
+        while !records.is_empty()
             && let Err(e) = keeper.journal.append(&records)
         {
-            // Peers are not told of what could not be kept; a restart would not know it.
-            tracing::error!("the journal cannot be written ({e}); a head restart would lose what follows");
+            if failures == 0 {
+                tracing::error!(
+                    "the journal cannot be written ({e}); the head waits until it can (free the disk)"
+                );
+            }
+            failures = failures.saturating_add(1);
+            if shared.upgrade().is_none_or(|strong| strong.lock().durable.stopping) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100).saturating_mul(failures.min(50)));
+        }
+        if failures > 0 {
+            tracing::warn!("the journal is written again after {failures} failed attempt(s)");
         }
         if let Some(services) = services {
             keeper.services.save(services);

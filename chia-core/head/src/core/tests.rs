@@ -578,3 +578,48 @@ fn a_recovered_head_rebuilds_the_same_state_from_its_own_journal() {
     env.send(worker, PeerToHead::Finished { task: first, attempt: 1, outcome: Outcome::Value(value(1)) });
     assert_eq!(dones(&env.to(driver)), [(second, Done::Value(value(2))), (first, Done::Value(value(1)))]);
 }
+
+#[test]
+fn a_service_running_on_a_resumed_worker_lives_on_and_a_lost_start_answer_comes_again() {
+    let mut env = Env::with(journaled());
+    let worker = env.worker("w", "CPU=1", &[]);
+    let driver = env.driver();
+    let start = TaskId::new(driver, 1);
+    env.send(driver, PeerToHead::StartService(counter_start(start, false)));
+    let sent = env.to(worker);
+    let [HeadToPeer::StartInstance { service, .. }] = &sent[..] else { panic!("{sent:?}") };
+    let service = *service;
+    env.send(worker, PeerToHead::Finished { task: start, attempt: 0, outcome: Outcome::Value(Vec::new()) });
+    let mut env = env.restart();
+    // The worker's constructor report is durable, so it no longer lists the start; its
+    // instance lives on. The driver never saw the answer and waits for it.
+    env.resume(worker, vec![], vec![]);
+    assert!(env.to(worker).is_empty(), "nothing is torn down or sent again");
+    env.resume(driver, vec![], vec![start]);
+    assert_eq!(service_info(&dones(&env.to(driver))[0].1).id, service);
+    let call = TaskId::new(driver, 2);
+    let method = "add".to_string();
+    env.send(
+        driver,
+        PeerToHead::CallService { task: call, service, name: "counter".into(), method, args: vec![] },
+    );
+    assert!(matches!(env.to(worker)[..], [HeadToPeer::CallInstance { .. }]), "the service still serves");
+}
+
+#[test]
+fn a_session_whose_connection_drops_right_after_resuming_may_resume_again() {
+    let mut env = Env::with(journaled());
+    let driver = env.driver();
+    let mut env = env.restart();
+    env.resume(driver, vec![], vec![]);
+    // The welcome never reached the driver: its connection ends before it sends anything.
+    env.core.close_session(env.now, driver, "connection lost");
+    env.collect();
+    assert!(env.closed.is_empty());
+    env.resume(driver, vec![], vec![]);
+    // Once it has spoken on the new connection, a lost connection ends the session as usual.
+    env.send(driver, PeerToHead::Ping { nonce: 1 });
+    env.core.close_session(env.now, driver, "connection lost");
+    env.collect();
+    assert_eq!(env.closed, [driver]);
+}

@@ -373,6 +373,22 @@ impl Scheduler {
         }
     }
 
+    /// The nodes not heard from for `timeout` or longer at `now`, longest silent first,
+    /// without writing them off (the head closes their sessions, as it does when it replays
+    /// its journal). Looks only at those nodes and one more.
+    pub fn silent_nodes(&self, now: Instant, timeout: Duration) -> Vec<NodeId> {
+        let mut silent = Vec::new();
+        let mut next = self.oldest_heard;
+        while let Some(node) = next.and_then(|n| self.nodes.get(n)) {
+            if node.heard.checked_add(timeout).is_none_or(|deadline| deadline > now) {
+                break;
+            }
+            silent.push(node.id);
+            next = node.newer;
+        }
+        silent
+    }
+
     /// When [`Scheduler::expire_silent`] with `timeout` will next find a silent node, if
     /// nothing is heard before; `None` with no node connected.
     pub fn next_expiry(&self, timeout: Duration) -> Option<Instant> {
