@@ -5,7 +5,8 @@
 //! something in the run explains.
 
 use super::model::{
-    self, Catalog, Expected, ExpectedFailure, FUNCTIONS, GHOST, METHODS, NAMESPACES, SERVICE_NAMES,
+    self, Catalog, Constructor, Expected, ExpectedFailure, FUNCTIONS, GHOST, METHODS, NAMESPACES,
+    SERVICE_NAMES, TAGS,
 };
 use super::net::Micros;
 use super::rng::Rng;
@@ -15,7 +16,7 @@ use chia_core::protocol::{
     Arg, Done, Outcome, PROTOCOL_VERSION, PeerToHead, ServiceInfo, ServiceStart, TaskSpec,
 };
 use chia_core::{Resources, ServiceId, SessionId, TaskError, TaskId};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum DriverTimer {
@@ -36,11 +37,33 @@ pub(crate) struct Habits {
 }
 
 enum Kind {
-    Function { function: u8, request: u8, max_retries: i32, retry_exceptions: bool, expected: Expected },
-    ServiceStart { namespace: u8, name: u8, request: u8, get_if_exists: bool, fails: bool },
-    ServiceCall { digest: u64, len: u32 },
+    Function {
+        function: u8,
+        request: u8,
+        max_retries: i32,
+        retry_exceptions: bool,
+        expected: Expected,
+        /// Index into [`TAGS`].
+        tag: Option<u8>,
+        /// The revision of the job's settings when it was submitted (0: none yet).
+        job_revision: u64,
+    },
+    ServiceStart {
+        namespace: u8,
+        name: u8,
+        request: u8,
+        get_if_exists: bool,
+        fails: bool,
+    },
+    ServiceCall {
+        digest: u64,
+        len: u32,
+    },
     ServiceStop,
-    Lookup { namespace: u8, name: u8 },
+    Lookup {
+        namespace: u8,
+        name: u8,
+    },
 }
 
 #[derive(Debug)]
@@ -86,7 +109,10 @@ pub(crate) struct SimDriver {
     awaiting_functions: usize,
     infeasible: VecDeque<(Micros, u64)>,
     services: BTreeMap<ServiceId, String>,
-    stops_sent: bool,
+    /// Services it asked to stop while draining.
+    stopped: BTreeSet<ServiceId>,
+    /// The newest revision of the job's settings it sent (0: none).
+    job_revision: u64,
     /// Drained: every answer in, everything released, its services stopped.
     pub(crate) finished: bool,
     pub(crate) submitted: u64,
@@ -121,7 +147,8 @@ impl SimDriver {
             awaiting_functions: 0,
             infeasible: VecDeque::new(),
             services: BTreeMap::new(),
-            stops_sent: false,
+            stopped: BTreeSet::new(),
+            job_revision: 0,
             finished: false,
             submitted: 0,
             outcomes: 0,
@@ -153,6 +180,32 @@ impl SimDriver {
             }),
             _ => None,
         }
+    }
+
+    /// The revisions of its job's settings task `seq` may run with: the one when it was
+    /// submitted, up to the newest the driver sent.
+    pub(crate) fn job_revisions(&self, seq: u64) -> Option<(u64, u64)> {
+        match self.task(seq)?.kind {
+            Kind::Function { job_revision, .. } => Some((job_revision, self.job_revision)),
+            _ => None,
+        }
+    }
+
+    /// Function task `seq`'s function and tag, if it was tagged.
+    pub(crate) fn tagged(&self, seq: u64) -> Option<(usize, &'static str)> {
+        match self.task(seq)?.kind {
+            Kind::Function { function, tag: Some(tag), .. } => {
+                Some((usize::from(function), TAGS[usize::from(tag)]))
+            }
+            _ => None,
+        }
+    }
+
+    /// `(tag, digest of the value)` of function task `seq` if watchers ask for its results.
+    pub(crate) fn watched_result(&self, seq: u64) -> Option<(&'static str, u64)> {
+        let (function, tag) = self.tagged(seq)?;
+        let Kind::Function { expected, .. } = self.task(seq)?.kind else { return None };
+        model::watched(function, tag).then_some((tag, expected.digest))
     }
 
     /// How many times function task `seq` may be dispatched in all, if bounded.
@@ -244,7 +297,15 @@ impl SimDriver {
         // for ever; nobody who means to wait for the result asks for that.
         let unlimited = if retry_exceptions { 0 } else { 1 };
         let max_retries = [0, 1, 3, -1][self.rng.weighted(&[3, 3, 3, unlimited])];
-        let (args, deps, digests) = self.arguments(3);
+        let (mut args, deps, mut digests) = self.arguments(3);
+        let tag = self.rng.chance(300).then(|| self.rng.below(TAGS.len() as u64) as u8);
+        if tag.is_some() {
+            // Tagged results may be written to watchers, who are checked by (tag, value): a
+            // nonce argument keeps two tasks from returning the same value.
+            let nonce = format!("{task}").into_bytes();
+            digests.push(model::digest(&nonce));
+            args.push(Arg::Value(nonce));
+        }
         let expected = if function == GHOST {
             Expected { digest: 0, len: 0, failure: ExpectedFailure::Always }
         } else {
@@ -255,7 +316,7 @@ impl SimDriver {
             function: catalog.functions[function].clone(),
             args,
             request: catalog.requests[request].clone(),
-            tag: self.rng.chance(100).then(|| format!("t{}", task.seq() % 7)),
+            tag: tag.map(|t| TAGS[usize::from(t)].to_string()),
             max_retries,
             bypass: None,
             retry_exceptions,
@@ -267,6 +328,8 @@ impl SimDriver {
             max_retries,
             retry_exceptions,
             expected,
+            tag,
+            job_revision: self.job_revision,
         };
         self.add(kind, deps);
     }
@@ -278,6 +341,7 @@ impl SimDriver {
         let request = self.rng.below(catalog.service_requests.len() as u64) as u8;
         let get_if_exists = self.rng.chance(500);
         let fails = self.habits.constructor_failures && self.rng.chance(80);
+        let watches = self.rng.chance(300);
         let (ns, n) = (NAMESPACES[usize::from(namespace)], SERVICE_NAMES[usize::from(name)]);
         fx.sends.push(PeerToHead::StartService(ServiceStart {
             task,
@@ -287,7 +351,11 @@ impl SimDriver {
             detached: false,
             get_if_exists,
             request: catalog.service_requests[usize::from(request)].clone(),
-            args: model::constructor_args(ns, n, fails).into_iter().map(Arg::Value).collect(),
+            args: Constructor { name: format!("{ns}/{n}"), fails, watches }
+                .args()
+                .into_iter()
+                .map(Arg::Value)
+                .collect(),
             max_restarts: [0, 1, -1][self.rng.weighted(&[2, 2, 1])],
         }));
         self.add(Kind::ServiceStart { namespace, name, request, get_if_exists, fails }, Vec::new());
@@ -397,6 +465,15 @@ impl SimDriver {
         }
     }
 
+    fn set_job_settings(&mut self, fx: &mut Effects<DriverTimer>, session: SessionId, revision: u64) {
+        let settings = model::job_settings(revision);
+        fx.sends.push(PeerToHead::SetJobSettings(chia_core::protocol::JobSettings {
+            job: session,
+            revision,
+            settings,
+        }));
+    }
+
     /// One round of the driver's program. `budget` is what is left of the run's tasks.
     pub(crate) fn tick(
         &mut self,
@@ -432,6 +509,13 @@ impl SimDriver {
                 let seq = self.held[self.rng.below(self.held.len() as u64) as usize];
                 self.cancel(fx, session, seq);
             }
+            if self.rng.chance(10) {
+                self.job_revision += 1;
+                self.set_job_settings(fx, session, self.job_revision);
+            } else if self.job_revision > 1 && self.rng.chance(3) {
+                // A stale revision, as from a settings change that lost a race: ignored.
+                self.set_job_settings(fx, session, self.job_revision - 1);
+            }
             if self.habits.services {
                 if self.rng.chance(20) {
                     self.start_service(fx, catalog);
@@ -451,16 +535,16 @@ impl SimDriver {
             }
             let keep = self.rng.range(4, 32) as usize;
             self.release(fx, session, keep, catalog);
-        } else if self.awaiting == 0 {
-            // Draining: every answer is in. Let go of everything, then stop the services it
-            // knows, so an idle cluster holds nothing.
+        } else {
+            // Draining: let go of what has ended, and stop every service it knows at once (one
+            // that starts later too), without waiting for the answers it still expects: a
+            // start may be waiting for the room its own services hold.
             self.release(fx, session, 0, catalog);
-            if !self.stops_sent {
-                self.stops_sent = true;
-                let services: Vec<ServiceId> = self.services.keys().copied().collect();
-                for service in services {
-                    self.stop_service(fx, service);
-                }
+            let running: Vec<ServiceId> =
+                self.services.keys().filter(|s| !self.stopped.contains(s)).copied().collect();
+            for service in running {
+                self.stopped.insert(service);
+                self.stop_service(fx, service);
             }
             if self.awaiting == 0 && self.held.is_empty() {
                 self.finished = true;

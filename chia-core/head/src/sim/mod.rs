@@ -11,10 +11,13 @@
 //!   it (values derived from the function and its arguments, application errors for some
 //!   inputs, some only on a first attempt), tell the head when a task blocks (its CPU returns),
 //!   finish cancelled tasks early (or not: some never look), host service instances and serve
-//!   their calls. Worker slot 0 offers everything, so every task that can run some day does.
-//! - **Drivers** submit tasks with value and ref arguments, random retry policies, cancel some,
-//!   give up on tasks reported infeasible, fetch values announced as `Stored`, release refs
-//!   (some before the task ended), and start, call, look up and stop services.
+//!   their calls; some instances watch results as the cache does (`WatchResults` from the
+//!   constructor, then the head's `write` calls). Worker slot 0 offers everything, so every
+//!   task that can run some day does.
+//! - **Drivers** submit tasks with value and ref arguments (results of functions and of service
+//!   calls), tags, random retry policies, cancel some, give up on tasks reported infeasible,
+//!   fetch values announced as `Stored`, release refs (some before the task ended), set their
+//!   job's settings (now and then a stale revision), and start, call, look up and stop services.
 //! - **The network**: each connection delivers in order per direction (a QUIC stream), with
 //!   random delays that interleave connections arbitrarily. Large frames arrive slowly and the
 //!   head hears their first bytes ([`HeadCore::heard`](crate::HeadCore::heard)).
@@ -36,8 +39,10 @@
 //! dependency with its cause, a function no open node offers); no worker is ever given more
 //! than its resources, a function it does not offer with the caller's signature, or a call for
 //! an instance it does not serve; a task runs on one live node at a time with growing attempt
-//! numbers within its `max_retries`; the head names one live instance per service name and
-//! never an older one again; a frame from a closed session changes nothing; and when the
+//! numbers within its `max_retries`, with its job's settings of a revision no older than at its
+//! submission; the head names one live instance per service name and never an older one again;
+//! a watched result is written to its watchers (the value a task returned, only what their rules
+//! ask for) before its owner is told; a frame from a closed session changes nothing; and when the
 //! cluster is idle every node's free resources equal its capacity and the head holds no task.
 //!
 //! Replaying a seed: a [`Failure`] prints its seed, step and the command that runs it again,

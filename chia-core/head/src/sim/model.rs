@@ -6,7 +6,7 @@
 use super::rng::{Rng, mix64};
 use crate::INLINE_RESULT_BYTES;
 use crate::scheduler::SERVICE_FUNCTION_PREFIX;
-use chia_core::protocol::Outcome;
+use chia_core::protocol::{Outcome, WatchRule};
 use chia_core::{FunctionKey, Resources, TaskError, signature_hash};
 
 /// How a function ends, given its inputs.
@@ -304,16 +304,60 @@ pub(crate) fn run_method(m: usize, args: &[Vec<u8>]) -> Vec<u8> {
     value_bytes(seed, value_len(Behaviour::Pure, seed))
 }
 
-/// The constructor's arguments: which instance it is (the worker records it to check names
-/// stay unique) and whether the constructor is to fail.
-pub(crate) fn constructor_args(namespace: &str, name: &str, fail: bool) -> Vec<Vec<u8>> {
-    vec![format!("{namespace}/{name}").into_bytes(), vec![u8::from(fail)]]
+/// What a service constructor is told: which instance it is (the worker records it to check
+/// names stay unique), whether it fails, and whether it watches results (as the cache does).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Constructor {
+    /// `namespace/name`.
+    pub(crate) name: String,
+    pub(crate) fails: bool,
+    pub(crate) watches: bool,
 }
 
-/// The inverse of [`constructor_args`]: `(namespace/name, fails)`.
-pub(crate) fn read_constructor_args(args: &[Vec<u8>]) -> Option<(String, bool)> {
-    let [name, fail] = args else { return None };
-    Some((String::from_utf8(name.clone()).ok()?, fail.first() == Some(&1)))
+impl Constructor {
+    pub(crate) fn args(&self) -> Vec<Vec<u8>> {
+        vec![self.name.clone().into_bytes(), vec![u8::from(self.fails) | u8::from(self.watches) << 1]]
+    }
+
+    pub(crate) fn read(args: &[Vec<u8>]) -> Option<Constructor> {
+        let [name, flags] = args else { return None };
+        let flags = *flags.first()?;
+        Some(Constructor {
+            name: String::from_utf8(name.clone()).ok()?,
+            fails: flags & 1 != 0,
+            watches: flags & 2 != 0,
+        })
+    }
+}
+
+/// The settings a driver sends as revision `revision` of its job (opaque to the head).
+pub(crate) fn job_settings(revision: u64) -> Vec<u8> {
+    format!("bypass plan, revision {revision}").into_bytes()
+}
+
+/// Tags drivers put on some calls; watchers ask for some of them.
+pub(crate) const TAGS: &[&str] = &["t0", "t1", "t2", "t3", "t4", "t5", "t6"];
+
+/// The method a watching service is sent results on (the cache's `write`).
+pub(crate) const WATCH_METHOD: &str = "write";
+
+/// What watchers ask for: `add` results tagged `t0`..`t3` (as a whole-match pattern), and
+/// every tagged `blob` result.
+pub(crate) fn watch_rules() -> Vec<WatchRule> {
+    vec![
+        WatchRule { function: "add".into(), tags: Some(vec!["t[0-3]".into()]) },
+        WatchRule { function: "blob".into(), tags: None },
+    ]
+}
+
+/// Whether a result of function `f` tagged `tag` is one watchers ask for: [`watch_rules`],
+/// worked out apart from the head's pattern matching.
+pub(crate) fn watched(f: usize, tag: &str) -> bool {
+    match FUNCTIONS.get(f).map(|def| def.name) {
+        Some("add") => matches!(tag.as_bytes(), [b't', b'0'..=b'3']),
+        Some("blob") => true,
+        _ => false,
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! offered: never more than its resources at once, never a function it does not link with the
 //! caller's signature, never a call for an instance it does not host.
 
-use super::model::{self, Build, Catalog, FUNCTIONS, METHODS, Offer};
+use super::model::{self, Build, Catalog, Constructor, FUNCTIONS, METHODS, Offer, WATCH_METHOD};
 use super::net::Micros;
 use super::rng::Rng;
 use chia_core::protocol::{ArgValue, Outcome, PROTOCOL_VERSION, PeerToHead, WorkerOffer};
@@ -76,9 +76,7 @@ struct Running {
 struct Instance {
     creation: TaskId,
     request: Resources,
-    /// `namespace/name`, from the constructor's arguments.
-    name: String,
-    fails: bool,
+    constructor: Constructor,
     constructed: bool,
     stopping: bool,
     calls: u32,
@@ -338,7 +336,7 @@ impl SimWorker {
             ));
         }
         let args: Vec<Vec<u8>> = args.into_iter().map(|a| a.0).collect();
-        let Some((name, fails)) = model::read_constructor_args(&args) else {
+        let Some(constructor) = Constructor::read(&args) else {
             return Err(format!("{who} was asked to construct {service} with arguments no driver sent"));
         };
         self.free.take(request);
@@ -347,8 +345,7 @@ impl SimWorker {
             Instance {
                 creation: task,
                 request: request.clone(),
-                name,
-                fails,
+                constructor,
                 constructed: false,
                 stopping: false,
                 calls: 0,
@@ -383,15 +380,35 @@ impl SimWorker {
             let state = if instance.stopping { "being stopped" } else { "still being constructed" };
             return Err(format!("{who} was sent call {task} for {service}, which is {state}"));
         }
-        let Some(m) = METHODS.iter().position(|&known| known == method) else {
-            return Err(format!("{who} was sent call {task} of unknown method {method:?}"));
-        };
         if self.calls.contains_key(&task) {
             return Err(format!("{who} was sent call {task} twice"));
         }
-        instance.calls += 1;
         let args: Vec<Vec<u8>> = args.into_iter().map(|a| a.0).collect();
-        self.calls.insert(task, (service, model::run_method(m, &args)));
+        let value = if method == WATCH_METHOD {
+            if !instance.constructor.watches {
+                return Err(format!(
+                    "{who} was sent a result to write ({task}) for {service}, which watches nothing"
+                ));
+            }
+            let readable = match args.as_slice() {
+                [tag, value] => {
+                    rmp_serde::from_slice::<String>(tag).is_ok()
+                        && rmp_serde::from_slice::<serde_bytes::ByteBuf>(value).is_ok()
+                }
+                _ => false,
+            };
+            if !readable {
+                return Err(format!("{who} was sent a result to write ({task}) that is not (tag, value)"));
+            }
+            rmp_serde::to_vec_named(&()).unwrap_or_default()
+        } else {
+            let Some(m) = METHODS.iter().position(|&known| known == method) else {
+                return Err(format!("{who} was sent call {task} of unknown method {method:?}"));
+            };
+            model::run_method(m, &args)
+        };
+        instance.calls += 1;
+        self.calls.insert(task, (service, value));
         fx.timers.push((self.rng.range(200, 10_000), WorkerTimer::CallDone { task }));
         Ok(())
     }
@@ -435,10 +452,10 @@ impl SimWorker {
                 let Some(instance) = self.instances.get_mut(&service).filter(|i| i.creation == task) else {
                     return;
                 };
-                if instance.fails {
+                if instance.constructor.fails {
                     let error = TaskError::Application {
                         function: "Counter.new".into(),
-                        message: format!("{} refuses to start", instance.name),
+                        message: format!("{} refuses to start", instance.constructor.name),
                     };
                     self.drop_instance(fx, service, false);
                     fx.sends.push(PeerToHead::Finished { task, attempt: 0, outcome: Outcome::Failed(error) });
@@ -446,6 +463,11 @@ impl SimWorker {
                 }
                 instance.constructed = true;
                 let stop_now = instance.stopping;
+                if instance.constructor.watches {
+                    // As the cache's constructor does: before it counts as started.
+                    let rules = model::watch_rules();
+                    fx.sends.push(PeerToHead::WatchResults { task, method: WATCH_METHOD.into(), rules });
+                }
                 fx.sends.push(PeerToHead::Finished { task, attempt: 0, outcome: Outcome::Value(Vec::new()) });
                 if stop_now {
                     self.drop_instance(fx, service, true);
@@ -469,7 +491,7 @@ impl SimWorker {
         self.instances
             .iter()
             .filter(|(_, i)| i.constructed && !i.stopping)
-            .map(|(id, i)| (*id, i.name.as_str()))
+            .map(|(id, i)| (*id, i.constructor.name.as_str()))
     }
 
     /// Whether it hosts `service`, constructed and not being stopped.

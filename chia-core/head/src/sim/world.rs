@@ -3,14 +3,14 @@
 //! peer (leases, attempts, who is told what, service names, and the idle cluster at the end).
 
 use super::driver::{DriverTimer, Habits, SimDriver};
-use super::model::{self, Catalog};
+use super::model::{self, Catalog, WATCH_METHOD};
 use super::net::{Lane, Micros, Queue};
 use super::rng::{Rng, mix64};
 use super::worker::{Effects, Link, Placement, SimWorker, WorkerTimer};
 use super::{Config, Failure, Report};
 use crate::outbox::Action;
 use crate::{CoreOptions, HeadCore};
-use chia_core::protocol::{Done, HeadToPeer, PeerToHead, ServiceInfo};
+use chia_core::protocol::{ArgValue, Done, HeadToPeer, JobSettings, Outcome, PeerToHead, ServiceInfo};
 use chia_core::{Resources, ServiceId, SessionId, TaskError, TaskId};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -127,6 +127,12 @@ pub(super) struct World {
     leases: HashMap<TaskId, usize>,
     attempts: HashMap<TaskId, u32>,
     services: HashMap<ServiceId, ServiceMeta>,
+    /// Results workers reported for tagged tasks, `(tag, digest)` → function.
+    tagged_results: HashMap<(String, u64), usize>,
+    /// Writes of results to watchers the head sent and their hosts have not answered, by the
+    /// head's task for the write: `((tag, digest), host connection)`.
+    writes: HashMap<TaskId, ((String, u64), usize)>,
+    pending_writes: HashMap<(String, u64), usize>,
     /// The newest instance the head named for each `namespace/name`.
     named: HashMap<String, ServiceId>,
     /// What the open worker sessions offer: function name → signature → nodes.
@@ -197,6 +203,9 @@ impl World {
             attempts: HashMap::new(),
             services: HashMap::new(),
             named: HashMap::new(),
+            tagged_results: HashMap::new(),
+            writes: HashMap::new(),
+            pending_writes: HashMap::new(),
             offered: HashMap::new(),
             task_nodes: 0,
             open_workers: 0,
@@ -472,10 +481,18 @@ impl World {
         let (conn, life) = (worker.conn(), worker.life);
         for message in fx.sends.drain(..) {
             let Some(conn) = conn else { continue };
-            if let PeerToHead::Finished { task, .. } = &message
-                && self.leases.get(task) == Some(&conn)
-            {
-                self.leases.remove(task);
+            if let PeerToHead::Finished { task, outcome, .. } = &message {
+                if self.leases.get(task) == Some(&conn) {
+                    self.leases.remove(task);
+                }
+                if let Some((key, _)) = self.writes.remove(task) {
+                    self.write_done(&key);
+                }
+                if let Outcome::Value(value) = outcome
+                    && let Some((function, tag)) = self.owner(*task).and_then(|d| d.tagged(task.seq()))
+                {
+                    self.tagged_results.insert((tag.to_string(), model::digest(value)), function);
+                }
             }
             self.send_to_head(conn, message);
         }
@@ -567,6 +584,58 @@ impl World {
         }
         // Whatever that node ran may go elsewhere now.
         self.leases.retain(|_, leased| *leased != conn);
+        // Writes it was sent end with it: the head fails them.
+        let lost: Vec<TaskId> =
+            self.writes.iter().filter(|(_, (_, to))| *to == conn).map(|(t, _)| *t).collect();
+        for write in lost {
+            if let Some((key, _)) = self.writes.remove(&write) {
+                self.write_done(&key);
+            }
+        }
+    }
+
+    fn write_done(&mut self, key: &(String, u64)) {
+        if let Some(count) = self.pending_writes.get_mut(key) {
+            *count -= 1;
+            if *count == 0 {
+                self.pending_writes.remove(key);
+            }
+        }
+    }
+
+    /// The head sends a watching service a result to write: one a task did return, tagged,
+    /// that the watchers' rules ask for.
+    fn check_write(&mut self, conn: usize, task: TaskId, args: &[ArgValue]) -> Step {
+        let decoded = match args {
+            [tag, value] => rmp_serde::from_slice::<String>(&tag.0)
+                .ok()
+                .zip(rmp_serde::from_slice::<serde_bytes::ByteBuf>(&value.0).ok()),
+            _ => None,
+        };
+        let Some((tag, value)) = decoded else {
+            return Err(format!("the head sent write {task} with arguments that are not (tag, value)"));
+        };
+        let key = (tag, model::digest(&value));
+        match self.tagged_results.get(&key) {
+            None => {
+                return Err(format!(
+                    "the head sent write {task} of a {}-byte value tagged {:?} that no task returned",
+                    value.len(),
+                    key.0
+                ));
+            }
+            Some(&function) if !model::watched(function, &key.0) => {
+                return Err(format!(
+                    "the head sent write {task} of a {} result tagged {:?}, which no watcher asked for",
+                    model::FUNCTIONS[function].name,
+                    key.0
+                ));
+            }
+            Some(_) => {}
+        }
+        *self.pending_writes.entry(key.clone()).or_default() += 1;
+        self.writes.insert(task, (key, conn));
+        Ok(())
     }
 
     /// Carries out what the head decided; called after every input to the head.
@@ -632,7 +701,7 @@ impl World {
     fn check_sent(&mut self, conn: usize, to: SessionId, message: &HeadToPeer) -> Step {
         let to_worker = matches!(self.conns[conn].peer, Peer::Worker(_));
         match message {
-            HeadToPeer::Execute { task, attempt, .. } => {
+            HeadToPeer::Execute { task, attempt, job, .. } => {
                 let Some(owner) = self.owner(*task) else {
                     return Err(format!("the head sent {task} to run, but no driver submitted it"));
                 };
@@ -659,6 +728,7 @@ impl World {
                         "{task} was sent as attempt {attempt}, but it may run {max} time(s) at most"
                     ));
                 }
+                check_job_settings(*task, job.as_ref(), owner.job_revisions(task.seq()))?;
                 self.attempts.insert(*task, *attempt);
                 self.leases.insert(*task, conn);
                 self.report.dispatches += 1;
@@ -700,6 +770,9 @@ impl World {
             {
                 return Err(format!("the head sent {to} news of {task}, which is not its task: {message:?}"));
             }
+            HeadToPeer::CallInstance { task, method, args, .. } if to_worker && method == WATCH_METHOD => {
+                self.check_write(conn, *task, args)?;
+            }
             HeadToPeer::CallInstance { .. } | HeadToPeer::StopInstance { .. } | HeadToPeer::Cancel { .. }
                 if !to_worker =>
             {
@@ -712,6 +785,12 @@ impl World {
     }
 
     fn check_done(&mut self, task: TaskId, done: &Done) -> Step {
+        if let Done::Value(_) | Done::Stored { .. } = done
+            && let Some((tag, digest)) = self.owner(task).and_then(|d| d.watched_result(task.seq()))
+            && self.pending_writes.contains_key(&(tag.to_string(), digest))
+        {
+            return Err(format!("{task} (tagged {tag:?}) was announced before its write to a watcher ended"));
+        }
         match done {
             Done::Failed(TaskError::UnknownFunction { function }) => {
                 let offering: usize = self.offered.get(function).map_or(0, |sigs| sigs.values().sum());
@@ -1117,6 +1196,30 @@ impl World {
             waiting.join(" | "),
             workers.join(" | ")
         )
+    }
+}
+
+/// The settings `task` is sent with: its job's (its owner's, as no task here is nested), of a
+/// revision between the one its owner had sent when it submitted and the newest it sent.
+fn check_job_settings(task: TaskId, job: Option<&JobSettings>, revisions: Option<(u64, u64)>) -> Step {
+    let Some((at_submit, newest)) = revisions else { return Ok(()) };
+    match job {
+        None if at_submit == 0 => Ok(()),
+        None => Err(format!(
+            "{task} was sent without its job's settings (revision {at_submit} was set before it)"
+        )),
+        Some(job) if job.job != task.session() => {
+            Err(format!("{task} was sent with the settings of {}'s job, not its owner's", job.job))
+        }
+        Some(job) if job.revision < at_submit.max(1) || job.revision > newest => Err(format!(
+            "{task} was sent with revision {} of its job's settings; it was submitted at {at_submit}, the newest is {newest}",
+            job.revision
+        )),
+        Some(job) if job.settings != model::job_settings(job.revision) => Err(format!(
+            "{task} was sent with revision {} of its job's settings, but other bytes",
+            job.revision
+        )),
+        Some(_) => Ok(()),
     }
 }
 
