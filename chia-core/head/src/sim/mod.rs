@@ -1,5 +1,6 @@
-//! A deterministic simulator of a whole cluster around the real [`HeadCore`](crate::HeadCore) (and the real
-//! scheduler inside it), in the style of FoundationDB's simulation and TigerBeetle's VOPR: one
+//! A deterministic simulator of a whole cluster around the real [`HeadCore`](crate::HeadCore)
+//! (and the real scheduler inside it), in the style of FoundationDB's simulation and
+//! TigerBeetle's VOPR: one
 //! `u64` seed decides everything, a run takes no wall-clock time, and a failing seed replays
 //! the same run step for step.
 //!
@@ -28,7 +29,8 @@
 //!   frame that must change nothing, and it joins again as a new session); a driver dies and
 //!   another run of the program takes over what was left to submit.
 //! - **Time** is virtual: `Instant::now()` once, then `base + offset`. The head's timer is
-//!   honoured: whenever the next event would come after [`HeadCore::poll_timeout`](crate::HeadCore::poll_timeout),
+//!   honoured: whenever the next event would come after
+//!   [`HeadCore::poll_timeout`](crate::HeadCore::poll_timeout),
 //!   [`HeadCore::handle_timeout`](crate::HeadCore::handle_timeout) runs first, at the deadline.
 //!
 //! What it checks, at each step (a peer's checks as the message arrives, the cluster's as the
@@ -47,9 +49,14 @@
 //!
 //! Replaying a seed: a [`Failure`] prints its seed, step and the command that runs it again,
 //! `cargo xtask simulate --seed S ...`, or from a test `sim::run(&Config { seed: S, .. })` with
-//! the configuration it printed. Head crashes are not modelled yet: the head lives in
-//! `World::head` and every peer re-joins over a fresh connection already, so a restart
-//! (with a journal to recover from) slots in as "cut every connection, build a new core".
+//! the configuration it printed; `SIM_SEED=S cargo test -p chia-head-core replay_a_seed --
+//! --ignored` replays a seed of the tests' small shape.
+//!
+//! Head crashes are not modelled yet. The head lives in `World::head`, behind the connections,
+//! and every peer already knows how to join again over a fresh one; a restart would keep the
+//! `Action::Keep` entries, cut every connection, rebuild the core with `HeadCore::recover`, and
+//! have peers send `PeerToHead::Resume` instead of a hello (the invariants stay as they are:
+//! nothing a driver waits for may be lost).
 
 mod driver;
 mod model;
