@@ -144,6 +144,8 @@ pub(super) struct World {
     fx_worker: Effects<WorkerTimer>,
     fx_driver: Effects<DriverTimer>,
     next_sweep: u64,
+    /// When to look again whether every worker is joined and idle, once the rest is quiet.
+    next_settled_check: u64,
     /// The head's timer deadline, as of its latest input: it changes only when the head is fed.
     deadline: Option<Option<Micros>>,
     report: Report,
@@ -213,6 +215,7 @@ impl World {
             fx_worker: Effects::default(),
             fx_driver: Effects::default(),
             next_sweep: 0,
+            next_settled_check: 0,
             deadline: None,
             report: Report { seed: cfg.seed, ..Report::default() },
             cfg: cfg.clone(),
@@ -244,8 +247,14 @@ impl World {
         let max_steps = self.cfg.max_steps();
         let max_time = self.cfg.max_virtual_time().as_micros() as Micros;
         loop {
-            if self.draining && self.unfinished_drivers == 0 && self.busy == 0 && self.workers_settled() {
-                break;
+            let quiet = self.draining && self.unfinished_drivers == 0 && self.busy == 0;
+            if quiet && self.step >= self.next_settled_check {
+                if self.workers_settled() {
+                    break;
+                }
+                // A pass over every worker: while the last ones join again, spaced out so that
+                // it costs a few steps' worth, not one per step.
+                self.next_settled_check = self.step + self.workers.len() as u64 / 16 + 1;
             }
             let stalled = self.draining && self.now > self.last_progress + self.stall_limit();
             if self.step >= max_steps || self.now >= max_time || stalled {
