@@ -174,9 +174,15 @@ impl LocalCluster {
     /// Starts a head on `127.0.0.1` and one worker per entry of `workers`, each offering that
     /// entry's resources (plus `CPU` = the machine's cores when not given).
     pub async fn start(workers: Vec<Resources>) -> Result<LocalCluster, Error> {
+        LocalCluster::start_with(workers, HeadOptions::default()).await
+    }
+
+    /// [`LocalCluster::start`] with a head run with `options` (for instance a state directory,
+    /// so the head keeps a journal).
+    pub async fn start_with(workers: Vec<Resources>, options: HeadOptions) -> Result<LocalCluster, Error> {
         let head_credentials = HeadCredentials::generate().map_err(|e| Error::Setup(e.to_string()))?;
         let listen = "127.0.0.1:0".parse().expect("literal address");
-        let head = HeadWithNode::start(listen, head_credentials, HeadOptions::default()).await?;
+        let head = HeadWithNode::start(listen, head_credentials, options).await?;
         let credentials = head.head().cluster_credentials(&head.head().address().to_string());
         let worker_resources: Vec<Resources> = workers.into_iter().map(with_default_cpus).collect();
         let mut started = Vec::with_capacity(worker_resources.len());

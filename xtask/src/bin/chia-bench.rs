@@ -171,9 +171,18 @@ async fn run(bench: &mut Bench) -> BenchResult<()> {
         bench.record("time_to_first_task_ms", ms, "ms");
     }
     if bench.wants(&["sync_task_p50_us", "sync_task_p99_us"]) {
-        let (p50, p99) = sync_round_trips(bench.count(1_000)).await?;
+        let (p50, p99) = sync_round_trips(bench.count(1_000), Journal::Off).await?;
         bench.record("sync_task_p50_us", p50, "us");
         bench.record("sync_task_p99_us", p99, "us");
+    }
+    if bench.wants(&["journal_sync_task_p50_us"]) {
+        let (p50, _) = sync_round_trips(bench.count(1_000), Journal::On).await?;
+        bench.record_noted(
+            "journal_sync_task_p50_us",
+            p50,
+            "us",
+            "the head keeps a journal (fdatasync per batch)",
+        );
     }
     if bench.wants(&["head_round_trip_p50_us"]) {
         let p50 = head_round_trips(bench.count(1_000)).await?;
@@ -185,8 +194,12 @@ async fn run(bench: &mut Bench) -> BenchResult<()> {
         );
     }
     if bench.wants(&["async_tasks_per_s"]) {
-        let rate = async_tasks(bench.count(100_000)).await?;
+        let rate = async_tasks(bench.count(100_000), Journal::Off).await?;
         bench.record("async_tasks_per_s", rate, "tasks/s");
+    }
+    if bench.wants(&["journal_async_tasks_per_s"]) {
+        let rate = async_tasks(bench.count(100_000), Journal::On).await?;
+        bench.record_noted("journal_async_tasks_per_s", rate, "tasks/s", "the head keeps a journal");
     }
     if bench.wants(&["chain_tasks_per_s"]) {
         let rate = chain(bench.count(10_000)).await?;
@@ -299,8 +312,33 @@ async fn cluster(workers: usize) -> Result<(LocalCluster, Context), chia::Error>
     Ok((cluster, cx))
 }
 
-async fn sync_round_trips(calls: usize) -> Result<(f64, f64), chia::Error> {
-    let (_cluster, cx) = cluster(1).await?;
+/// Whether the head keeps a journal (in a temporary state directory) while it is measured.
+#[derive(Clone, Copy)]
+enum Journal {
+    Off,
+    On,
+}
+
+/// An embedded cluster whose head keeps a journal or not; the directory lives as long as it.
+async fn cluster_with(
+    workers: usize,
+    journal: Journal,
+) -> BenchResult<(LocalCluster, Context, Option<tempfile::TempDir>)> {
+    let state = match journal {
+        Journal::Off => None,
+        Journal::On => Some(tempfile::tempdir()?),
+    };
+    let options = chia::head::HeadOptions {
+        state_dir: state.as_ref().map(|dir| dir.path().to_path_buf()),
+        ..chia::head::HeadOptions::default()
+    };
+    let cluster = LocalCluster::start_with(vec![resources(""); workers], options).await?;
+    let cx = cluster.driver().await?;
+    Ok((cluster, cx, state))
+}
+
+async fn sync_round_trips(calls: usize, journal: Journal) -> BenchResult<(f64, f64)> {
+    let (_cluster, cx, _state) = cluster_with(1, journal).await?;
     for _ in 0..200 {
         empty::remote(&cx).get().await?;
     }
@@ -325,8 +363,8 @@ async fn head_round_trips(pings: usize) -> Result<f64, chia::Error> {
     Ok(percentile(&mut samples, 0.5))
 }
 
-async fn async_tasks(tasks: usize) -> Result<f64, chia::Error> {
-    let (_cluster, cx) = cluster(2).await?;
+async fn async_tasks(tasks: usize, journal: Journal) -> BenchResult<f64> {
+    let (_cluster, cx, _state) = cluster_with(2, journal).await?;
     for _ in 0..200 {
         empty::remote(&cx).get().await?;
     }
