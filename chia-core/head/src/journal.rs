@@ -125,6 +125,7 @@ impl HeadCore {
             session.detached_until = Some(deadline);
             detached += 1;
         }
+        core.grace_until = (detached > 0).then_some(deadline);
         // Whatever the close above decided for the peers, all away now, waits for them in
         // their sessions (`poll_action` holds frames of detached sessions).
         let recovery = Recovery { entries: applied, detached, tasks: core.tasks.len() };
@@ -260,6 +261,11 @@ impl HeadCore {
 
     /// Sessions whose peers did not come back in time are closed, as if they had left.
     pub(crate) fn end_expired_graces(&mut self, now: Instant) {
+        if self.grace_until.is_none_or(|deadline| now < deadline) {
+            return;
+        }
+        // Every session of the previous run shares this deadline: one look after it is enough.
+        self.grace_until = None;
         let mut expired: Vec<SessionId> = self
             .sessions
             .iter()

@@ -22,7 +22,6 @@ pub(crate) fn plant(bug: Option<PlantedBug>) {
 }
 
 /// The bug planted on this thread, if any.
-#[allow(dead_code, reason = "read by the hook in the core, once it is wired")]
 pub(crate) fn planted() -> Option<PlantedBug> {
     PLANTED.with(Cell::get)
 }

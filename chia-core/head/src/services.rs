@@ -314,6 +314,15 @@ impl HeadCore {
             self.finish_instance_task(task);
             return;
         };
+        if record.stopping {
+            // Stopped while it was being built: now that it exists, its host drops it, and the
+            // service ends when the host says it has.
+            let host = record.host.and_then(|node| self.nodes.get(&node).copied());
+            if let Some(session) = host {
+                self.outbox.send(session, &HeadToPeer::StopInstance { service });
+            }
+            return;
+        }
         record.ready = true;
         record.restarting = false;
         let parked = std::mem::take(&mut record.parked);
@@ -619,7 +628,8 @@ impl HeadCore {
 
     /// Stops a service. A running instance is asked to stop and the service ends when its
     /// host confirms (its name stays taken until then, so a new instance cannot collide with
-    /// what the old one still holds); one not running yet ends at once.
+    /// what the old one still holds), as does one being built, once built; one not placed yet
+    /// ends at once.
     pub(crate) fn stop_service(&mut self, service: ServiceId, why: &str) {
         let Some(record) = self.services.records.get_mut(&service) else { return };
         let host_session =
@@ -637,6 +647,9 @@ impl HeadCore {
                 }
             }
             None if record.stopping => {}
+            // Placed and being built: it ends once its host has built it and dropped it, so its
+            // name stays taken until then (see `instance_started`).
+            None if record.host.is_some_and(|node| self.nodes.contains_key(&node)) => record.stopping = true,
             None => self.instance_failed(service, error),
         }
     }

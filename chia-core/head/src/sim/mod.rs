@@ -49,8 +49,7 @@
 //!
 //! Replaying a seed: a [`Failure`] prints its seed, step and the command that runs it again,
 //! `cargo xtask simulate --seed S ...`, or from a test `sim::run(&Config { seed: S, .. })` with
-//! the configuration it printed; `SIM_SEED=S cargo test -p chia-head-core replay_a_seed --
-//! --ignored` replays a seed of the tests' small shape.
+//! the configuration it printed.
 //!
 //! Head crashes are not modelled yet. The head lives in `World::head`, behind the connections,
 //! and every peer already knows how to join again over a fresh one; a restart would keep the

@@ -80,7 +80,6 @@ fn first_failure(bug: PlantedBug, seeds: std::ops::Range<u64>) -> Failure {
 }
 
 #[test]
-#[ignore = "needs the PlantedBug::ForgetDoneOnRetry hook in core.rs (see planted.rs)"]
 fn a_result_lost_after_a_retry_is_caught() {
     let failure = first_failure(PlantedBug::ForgetDoneOnRetry, 0..20);
     assert!(failure.message.contains("did not drain"), "{failure}");
@@ -115,18 +114,6 @@ fn a_task_the_head_forgets_is_caught() {
     sabotaged_failure(Sabotage::HeadForgetsATask);
 }
 
-/// Replays one seed of the small configuration, for a failure that printed its seed:
-/// `SIM_SEED=17 cargo test -p chia-head-core replay_a_seed -- --ignored --nocapture`.
-#[test]
-#[ignore = "runs the seed in SIM_SEED"]
-fn replay_a_seed() {
-    let seed = std::env::var("SIM_SEED").map_or(0, |s| s.parse().expect("SIM_SEED is a number"));
-    match run(&small(seed)) {
-        Ok(report) => eprintln!("{report:#?}"),
-        Err(failure) => panic!("{failure}"),
-    }
-}
-
 /// Seed 214 of `cargo xtask simulate`'s default shape: a driver stops a service while the head
 /// re-creates it after its node was lost. `stop_service` fails the not-yet-ready instance at
 /// once, which frees its name, while its host goes on constructing it; another driver's start
@@ -134,7 +121,6 @@ fn replay_a_seed() {
 /// still serves (its `StopInstance` is on its way). A running instance keeps its name until its
 /// host confirms the stop; one under construction should too.
 #[test]
-#[ignore = "core bug, not fixed yet: a stop during construction frees the service name at once"]
 fn a_service_stopped_while_being_constructed_keeps_its_name() {
     run(&Config::at_scale(214, 16, 3, 2000)).unwrap_or_else(|failure| panic!("{failure}"));
 }
