@@ -314,6 +314,28 @@ impl HeadCore {
         self.shutting_down = true;
     }
 
+    /// The welcome of `session` (its node, if a worker's), naming the journal when the session
+    /// can be taken up after a restart; `resumed_through`: the frames of it the head has.
+    pub(crate) fn welcome(
+        &self,
+        session: SessionId,
+        node: Option<NodeId>,
+        name: &str,
+        resumable: bool,
+        resumed_through: u64,
+    ) -> HeadToPeer {
+        HeadToPeer::Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            session,
+            node,
+            node_name: name.to_string(),
+            heartbeat_ms: if node.is_some() { self.options.heartbeat.as_millis() as u64 } else { 0 },
+            journal_id: self.options.journal_id.filter(|_| resumable),
+            resumed_through,
+            resume_grace_ms: self.resume_grace_ms(),
+        }
+    }
+
     /// What a welcome says of the grace period: 0 without a journal (nothing to resume).
     pub(crate) fn resume_grace_ms(&self) -> u64 {
         self.options.journal_id.map_or(0, |_| self.options.resume_grace.as_millis() as u64)
@@ -394,17 +416,9 @@ impl HeadCore {
             }
             None => (None, format!("driver-{}", session.0)),
         };
-        let welcome = HeadToPeer::Welcome {
-            protocol_version: PROTOCOL_VERSION,
-            session,
-            node,
-            node_name: name.clone(),
-            heartbeat_ms: if node.is_some() { self.options.heartbeat.as_millis() as u64 } else { 0 },
-            // The head's own node dies with the head: it has no session to take up.
-            journal_id: self.options.journal_id.filter(|_| node.is_none() || node != self.head_node),
-            resumed_through: 0,
-            resume_grace_ms: self.resume_grace_ms(),
-        };
+        // The head's own node dies with the head: it has no session to take up.
+        let resumable = node.is_none() || node != self.head_node;
+        let welcome = self.welcome(session, node, &name, resumable, 0);
         self.outbox.send(session, &welcome);
         tracing::info!(
             "{name} joined from {remote} as {session}{}",

@@ -20,7 +20,7 @@ use crate::core::{CoreOptions, HeadCore, Rejection, TaskKind};
 use crate::outbox::Action;
 use crate::persist::PersistedService;
 use crate::scheduler::Event;
-use chia_core::protocol::{HeadToPeer, PROTOCOL_VERSION, PeerToHead, ResumeSession};
+use chia_core::protocol::{PeerToHead, ResumeSession};
 use chia_core::{SessionId, TaskError, TaskId};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -161,16 +161,7 @@ impl HeadCore {
         let (name, node, frames) = (peer.name.clone(), peer.node, peer.frames);
         self.outbox.push(Action::Keep(JournalEntry::Resumed { session }));
         tracing::info!("{name} ({session}) took up its session again");
-        let welcome = HeadToPeer::Welcome {
-            protocol_version: PROTOCOL_VERSION,
-            session,
-            node,
-            node_name: name.clone(),
-            heartbeat_ms: if node.is_some() { self.options.heartbeat.as_millis() as u64 } else { 0 },
-            journal_id: self.options.journal_id,
-            resumed_through: frames,
-            resume_grace_ms: self.resume_grace_ms(),
-        };
+        let welcome = self.welcome(session, node, &name, true, frames);
         self.outbox.send(session, &welcome);
         for frame in held {
             self.outbox.push(Action::Send { to: session, frame });

@@ -358,16 +358,8 @@ impl Scheduler {
     /// each before the commands their loss produces. Looks only at the nodes it expires and
     /// one more.
     pub fn expire_silent(&mut self, now: Instant, timeout: Duration) {
-        let mut silent = Vec::new();
-        let mut next = self.oldest_heard;
-        while let Some(node) = next.and_then(|n| self.nodes.get(n)) {
-            if node.heard.checked_add(timeout).is_none_or(|deadline| deadline > now) {
-                break;
-            }
-            silent.push(node.id);
-            self.commands.push(Command::NodeExpired { node: node.id });
-            next = node.newer;
-        }
+        let silent = self.silent_nodes(now, timeout);
+        self.commands.extend(silent.iter().map(|&node| Command::NodeExpired { node }));
         if !silent.is_empty() {
             self.nodes_lost(&silent);
         }
