@@ -169,6 +169,9 @@ pub(crate) enum TaskKind {
 pub struct HeadCore {
     pub(crate) scheduler: Scheduler,
     pub(crate) sessions: HashMap<SessionId, Session>,
+    /// The names of open sessions, and the next number to try after each name asked for twice.
+    names: HashSet<String>,
+    next_suffix: HashMap<String, u64>,
     /// The session of each node, and the head's own node (never written off).
     pub(crate) nodes: HashMap<NodeId, SessionId>,
     pub(crate) head_node: Option<NodeId>,
@@ -203,6 +206,8 @@ impl HeadCore {
             options,
             scheduler: Scheduler::new(),
             sessions: HashMap::new(),
+            names: HashSet::new(),
+            next_suffix: HashMap::new(),
             nodes: HashMap::new(),
             head_node: None,
             tasks: HashMap::new(),
@@ -432,6 +437,7 @@ impl HeadCore {
                 None => String::new(),
             }
         );
+        self.names.insert(name.clone());
         self.sessions.insert(session, Session::new(name.clone(), node));
         if let (Some(node), Some(offer)) = (node, worker) {
             self.nodes.insert(node, session);
@@ -446,16 +452,21 @@ impl HeadCore {
         Ok(session)
     }
 
-    fn unique_node_name(&self, wanted: &str) -> String {
-        let taken: HashSet<&str> = self.sessions.values().map(|s| s.name.as_str()).collect();
+    /// The name a joining worker that asked for `wanted` gets: `wanted` if free, else the next
+    /// `wanted-N` (numbers are not given twice, so a name is found without a scan).
+    fn unique_node_name(&mut self, wanted: &str) -> String {
         let base = if wanted.is_empty() || wanted == HEAD_NODE_NAME { "worker" } else { wanted };
-        if !taken.contains(base) {
+        if !self.names.contains(base) {
             return base.to_string();
         }
-        (2..)
-            .map(|n| format!("{base}-{n}"))
-            .find(|name| !taken.contains(name.as_str()))
-            .expect("names run out")
+        let next = self.next_suffix.entry(base.to_string()).or_insert(2);
+        loop {
+            let name = format!("{base}-{next}");
+            *next += 1;
+            if !self.names.contains(&name) {
+                return name;
+            }
+        }
     }
 
     /// A message from an open session. Nothing a peer sends makes this panic; what it may not
@@ -836,6 +847,7 @@ impl HeadCore {
 
     pub(crate) fn close(&mut self, session: SessionId, reason: &str) {
         let Some(closed) = self.sessions.remove(&session) else { return };
+        self.names.remove(&closed.name);
         if self.options.journal_id.is_some() {
             self.outbox.push(Action::Keep(JournalEntry::Closed { session, reason: reason.to_string() }));
         }
