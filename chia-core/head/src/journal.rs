@@ -20,7 +20,7 @@ use crate::core::{CoreOptions, HeadCore, Rejection, TaskKind};
 use crate::outbox::Action;
 use crate::persist::PersistedService;
 use crate::scheduler::Event;
-use chia_core::protocol::{PeerToHead, ResumeSession};
+use chia_core::protocol::{HeadToPeer, PeerToHead, ResumeSession, TaskAttempt};
 use chia_core::{SessionId, TaskError, TaskId};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -38,7 +38,14 @@ pub enum JournalEntry {
     /// Detached services were started again from what the previous run kept.
     Restored { services: Vec<PersistedService> },
     /// A detached session was taken up again after a restart.
-    Resumed { session: SessionId },
+    Resumed {
+        session: SessionId,
+        /// A worker's: the runs it knew, with those sent in the frames held for it. What the
+        /// head decided for the others (sent again, or failed) is decided again on replay.
+        /// (`None` in journals written before it was kept.)
+        #[serde(default)]
+        known: Option<Vec<TaskAttempt>>,
+    },
 }
 
 /// Whether handling `message` can change the head's state, so it must be kept. Queries
@@ -102,9 +109,17 @@ impl HeadCore {
                 }
                 JournalEntry::Closed { session, reason } => core.close_session(now, session, &reason),
                 JournalEntry::Restored { services } => core.restore_services(now, services),
-                JournalEntry::Resumed { session } => {
-                    if let Some(peer) = core.sessions.get_mut(&session) {
+                JournalEntry::Resumed { session, known } => {
+                    let node = core.sessions.get_mut(&session).and_then(|peer| {
                         peer.detached_until = None;
+                        peer.node
+                    });
+                    if let (Some(node), Some(known)) = (node, known) {
+                        core.resend_unknown(
+                            session,
+                            node,
+                            known.iter().map(|k| (k.task, k.attempt)).collect(),
+                        );
                     }
                 }
             }
@@ -159,7 +174,28 @@ impl HeadCore {
         peer.resumed = peer.detached_until.take().map(|deadline| (deadline, peer.frames));
         let held = std::mem::take(&mut peer.held);
         let (name, node, frames) = (peer.name.clone(), peer.node, peer.frames);
-        self.outbox.push(Action::Keep(JournalEntry::Resumed { session }));
+        // What was decided while the session was away goes out now with the frames held for it:
+        // runs sent there are not lost (nor to be sent again), outcomes announced there are not
+        // to be announced twice.
+        let mut known: HashSet<(TaskId, u32)> = known.iter().map(|k| (k.task, k.attempt)).collect();
+        let mut announced = HashSet::new();
+        for frame in &held {
+            match frame.get(4..).map(chia_core::protocol::decode_body::<HeadToPeer>) {
+                Some(Ok(HeadToPeer::Execute { task, attempt, .. })) => known.insert((task, attempt)),
+                Some(Ok(HeadToPeer::StartInstance { task, .. } | HeadToPeer::CallInstance { task, .. })) => {
+                    known.insert((task, 0))
+                }
+                Some(Ok(HeadToPeer::Done { task, .. })) => announced.insert(task),
+                _ => false,
+            };
+        }
+        let kept = node.map(|_| {
+            let mut kept: Vec<TaskAttempt> =
+                known.iter().map(|&(task, attempt)| TaskAttempt { task, attempt }).collect();
+            kept.sort_unstable();
+            kept
+        });
+        self.outbox.push(Action::Keep(JournalEntry::Resumed { session, known: kept }));
         tracing::info!("{name} ({session}) took up its session again");
         let welcome = self.welcome(session, node, &name, true, frames);
         self.outbox.send(session, &welcome);
@@ -168,11 +204,12 @@ impl HeadCore {
         }
         if let Some(node) = node {
             self.scheduler.handle(self.now, Event::NodeHeard { node });
-            self.resend_unknown(session, node, known.iter().map(|k| (k.task, k.attempt)).collect());
+            self.resend_unknown(session, node, known);
         }
         let mut waiting = waiting;
         waiting.sort_unstable();
         waiting.dedup();
+        waiting.retain(|task| !announced.contains(task));
         for task in waiting {
             let Some(record) = self.tasks.get(&task).filter(|r| r.owner == session) else { continue };
             match (&record.kind, &record.outcome) {

@@ -9,11 +9,12 @@ use super::model::{
     SERVICE_NAMES, TAGS,
 };
 use super::net::Micros;
+use super::resume::Tracker;
 use super::rng::Rng;
 use super::worker::{Effects, TaskFacts};
 use crate::INLINE_RESULT_BYTES;
 use chia_core::protocol::{
-    Arg, Done, Outcome, PROTOCOL_VERSION, PeerToHead, ServiceInfo, ServiceStart, TaskSpec,
+    Arg, Done, Outcome, PROTOCOL_VERSION, PeerToHead, ResumeSession, ServiceInfo, ServiceStart, TaskSpec,
 };
 use chia_core::{Resources, ServiceId, SessionId, TaskError, TaskId};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -59,7 +60,9 @@ enum Kind {
         digest: u64,
         len: u32,
     },
-    ServiceStop,
+    ServiceStop {
+        service: ServiceId,
+    },
     Lookup {
         namespace: u8,
         name: u8,
@@ -117,6 +120,14 @@ pub(crate) struct SimDriver {
     pub(crate) finished: bool,
     pub(crate) submitted: u64,
     pub(crate) outcomes: u64,
+    /// Its side of taking up the session after a head restart.
+    pub(crate) track: Tracker,
+    /// Tasks told `Stored` whose announcement a resume asked for again.
+    reannounced: BTreeSet<u64>,
+    /// Stops sent again after a resume, by sequence number: how many more answers each may get.
+    resent_stops: BTreeMap<u64, u32>,
+    /// Answers to stops sent again that came after the stop was answered already.
+    pub(crate) repeated_answers: u64,
 }
 
 fn root_cause(error: &TaskError) -> &TaskError {
@@ -152,6 +163,10 @@ impl SimDriver {
             finished: false,
             submitted: 0,
             outcomes: 0,
+            track: Tracker::default(),
+            reannounced: BTreeSet::new(),
+            resent_stops: BTreeMap::new(),
+            repeated_answers: 0,
         }
     }
 
@@ -385,7 +400,7 @@ impl SimDriver {
     fn stop_service(&mut self, fx: &mut Effects<DriverTimer>, service: ServiceId) {
         let Some((_, task)) = self.next_id() else { return };
         fx.sends.push(PeerToHead::StopService { task, service });
-        self.add(Kind::ServiceStop, Vec::new());
+        self.add(Kind::ServiceStop { service }, Vec::new());
     }
 
     fn lookup(&mut self, fx: &mut Effects<DriverTimer>) {
@@ -559,7 +574,79 @@ impl SimDriver {
         !self.dead && !self.finished && (self.awaiting > 0 || self.session.is_none())
     }
 
-    pub(crate) fn welcome(&mut self, session: SessionId, node: Option<chia_core::NodeId>) -> Result {
+    /// The head is gone: the `Resume` that takes up the session, or `None` if it has none to
+    /// take up (it joins afresh).
+    pub(crate) fn resume(&mut self) -> Option<PeerToHead> {
+        let (session, journal_id) = (self.session?, self.track.journal_id?);
+        self.track.lost();
+        self.track.resuming = true;
+        let mut waiting = Vec::new();
+        self.reannounced.clear();
+        for (i, task) in self.tasks.iter().enumerate() {
+            let seq = i as u64 + 1;
+            if task.released_early {
+                continue;
+            }
+            match task.state {
+                State::Pending => waiting.push(TaskId::new(session, seq)),
+                State::Fetching { .. } => {
+                    waiting.push(TaskId::new(session, seq));
+                    self.reannounced.insert(seq);
+                }
+                _ => {}
+            }
+        }
+        Some(PeerToHead::Resume(ResumeSession {
+            protocol_version: PROTOCOL_VERSION,
+            session,
+            journal_id,
+            known: Vec::new(),
+            waiting,
+        }))
+    }
+
+    /// After a resume: the requests the head answers from what it holds (lookups, stops) that
+    /// are still unanswered, to send again (the answer may have died with the head).
+    pub(crate) fn unanswered(&mut self, now: Micros) -> Vec<PeerToHead> {
+        let Some(session) = self.session else { return Vec::new() };
+        let mut again = Vec::new();
+        // A notice that a task cannot run now may have died with the head (it is not sent
+        // again): every function task still waited for is given up on after the driver's
+        // patience, as a user's `get_timeout` would, if it has not ended by then.
+        for (i, task) in self.tasks.iter().enumerate() {
+            if matches!((&task.kind, &task.state), (Kind::Function { .. }, State::Pending)) && task.held {
+                self.infeasible.push_back((now, i as u64 + 1));
+            }
+        }
+        for (i, task) in self.tasks.iter().enumerate() {
+            if !matches!(task.state, State::Pending) {
+                continue;
+            }
+            let task_id = TaskId::new(session, i as u64 + 1);
+            match task.kind {
+                Kind::Lookup { namespace, name } => again.push(PeerToHead::LookupService {
+                    task: task_id,
+                    name: SERVICE_NAMES[usize::from(name)].to_string(),
+                    namespace: NAMESPACES[usize::from(namespace)].to_string(),
+                }),
+                Kind::ServiceStop { service } => {
+                    again.push(PeerToHead::StopService { task: task_id, service });
+                    // Sent again, maybe while also among the frames sent again (as the client
+                    // does): the head answers each request it holds.
+                    *self.resent_stops.entry(i as u64 + 1).or_default() += 1;
+                }
+                _ => {}
+            }
+        }
+        again
+    }
+
+    pub(crate) fn welcome(
+        &mut self,
+        session: SessionId,
+        node: Option<chia_core::NodeId>,
+        journal_id: Option<u64>,
+    ) -> Result {
         if self.session.is_some() {
             return Err(format!("driver {} got a second welcome", self.index));
         }
@@ -567,6 +654,7 @@ impl SimDriver {
             return Err(format!("driver {} joined without an offer but was given a node", self.index));
         }
         self.session = Some(session);
+        self.track = Tracker { journal_id, ..Tracker::default() };
         Ok(())
     }
 
@@ -588,6 +676,33 @@ impl SimDriver {
         let Some(task) = self.task(seq) else {
             return Err(format!("driver {me} was told {task_id} ended, which it never submitted"));
         };
+        if let (State::Fetching { len }, Done::Stored { len: again }) = (&task.state, &done)
+            && self.reannounced.contains(&seq)
+        {
+            let (len, again) = (*len, *again);
+            self.reannounced.remove(&seq);
+            // Announced again after a resume, as the resume asked: fetch it on this connection.
+            if len != again {
+                return Err(format!(
+                    "driver {me}: {task_id} was announced as {len} stored bytes, and after the head's restart as {again}"
+                ));
+            }
+            fx.sends.push(PeerToHead::Fetch { task: task_id });
+            return Ok(());
+        }
+        if task.outcomes > 0
+            && matches!(
+                (&task.kind, &task.state, &done),
+                (Kind::ServiceStop { .. }, State::Succeeded, Done::Value(_))
+            )
+            && self.resent_stops.get(&seq).is_some_and(|more| *more > 0)
+        {
+            if let Some(more) = self.resent_stops.get_mut(&seq) {
+                *more -= 1;
+            }
+            self.repeated_answers += 1;
+            return Ok(());
+        }
         if task.outcomes > 0 {
             return Err(format!(
                 "driver {me} was told twice how {task_id} ended (now: {done:?}, before: {:?})",
@@ -705,7 +820,7 @@ impl SimDriver {
                 TaskError::WorkerLost { .. } if faults => Ok(State::Failed(Box::new(error))),
                 other => Err(format!("a service call failed with {other:?}")),
             },
-            (Kind::ServiceStop, Done::Value(_)) => Ok(State::Succeeded),
+            (Kind::ServiceStop { .. }, Done::Value(_)) => Ok(State::Succeeded),
             (Kind::Lookup { namespace, name }, Done::Value(bytes)) => {
                 match rmp_serde::from_slice::<Option<ServiceInfo>>(&bytes) {
                     Err(e) => Err(format!("the answer to a lookup is not an Option<ServiceInfo>: {e}")),

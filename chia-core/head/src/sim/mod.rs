@@ -51,15 +51,25 @@
 //! `cargo xtask simulate --seed S ...`, or from a test `sim::run(&Config { seed: S, .. })` with
 //! the configuration it printed.
 //!
-//! Head crashes are not modelled yet. The head lives in `World::head`, behind the connections,
-//! and every peer already knows how to join again over a fresh one; a restart would keep the
-//! `Action::Keep` entries, cut every connection, rebuild the core with `HeadCore::recover`, and
-//! have peers send `PeerToHead::Resume` instead of a hello (the invariants stay as they are:
-//! nothing a driver waits for may be lost).
+//! **Head crashes** (with [`Config::head_crashes`], one fault among the others): the head keeps
+//! a journal (`journal_id: Some(1)`); the simulator keeps every `Action::Keep` and a durable
+//! prefix that grows by group commits at random moments, holds every frame and close decided
+//! after a not yet durable entry until it is durable (as the runtime does), and tells each
+//! session how far its messages are durable (`Durable { through }`). A crash drops the core,
+//! every frame in flight either way and every connection, and keeps only the durable prefix;
+//! after a random downtime the head is rebuilt with `HeadCore::recover`. Peers notice the lost
+//! connection, dial again until the head answers and send `Resume` as the real client does
+//! (frames numbered, state-changing ones kept until durable and sent again after the
+//! `resumed_through` of the welcome, the runs a worker knows, the tasks a driver waits for,
+//! unanswered lookups and stops asked again), or join afresh if they have no session to take
+//! up. On top of the invariants above: no outcome a driver was told is contradicted, nothing
+//! the head said was durable is lost, and a task runs again only if its worker's session ended
+//! or its run failed with an application error.
 
 mod driver;
 mod model;
 mod net;
+mod resume;
 mod rng;
 mod worker;
 mod world;
@@ -102,6 +112,9 @@ pub struct Config {
     pub late_frames_per_mille: u32,
     /// Sweep the core's consistency after every step (else spaced out by the head's size).
     pub check_every_step: bool,
+    /// The head keeps a journal, crashes now and then (one of the faults, so only with
+    /// `faults`) and starts again from what of it was durable; peers take up their sessions.
+    pub head_crashes: bool,
 }
 
 impl Default for Config {
@@ -122,6 +135,7 @@ impl Default for Config {
             window: 12,
             late_frames_per_mille: 500,
             check_every_step: true,
+            head_crashes: false,
         }
     }
 }
@@ -190,7 +204,8 @@ impl Config {
         let whole_ms = |d: Duration| d.as_micros().is_multiple_of(1000);
         let expressible =
             whole_ms(self.heartbeat) && whole_ms(self.heartbeat_timeout) && whole_ms(self.fault_interval);
-        if expressible { command } else { format!("sim::run(&{self:?})") }
+        // Head crashes have no flag yet.
+        if expressible && !self.head_crashes { command } else { format!("sim::run(&{self:?})") }
     }
 }
 
@@ -202,6 +217,8 @@ pub struct Faults {
     /// Workers the head wrote off (it closed their connection).
     pub written_off: u64,
     pub driver_crashes: u64,
+    /// Times the head crashed and started again from its journal.
+    pub head_crashes: u64,
 }
 
 /// What a run did.

@@ -5,8 +5,9 @@
 
 use super::model::{self, Build, Catalog, Constructor, FUNCTIONS, METHODS, Offer, WATCH_METHOD};
 use super::net::Micros;
+use super::resume::Tracker;
 use super::rng::Rng;
-use chia_core::protocol::{ArgValue, Outcome, PROTOCOL_VERSION, PeerToHead, WorkerOffer};
+use chia_core::protocol::{ArgValue, Outcome, PROTOCOL_VERSION, PeerToHead, ResumeSession, WorkerOffer};
 use chia_core::{NodeId, Resources, ServiceId, SessionId, TaskError, TaskId};
 use std::collections::HashMap;
 
@@ -110,6 +111,8 @@ pub(crate) struct SimWorker {
     heartbeat: Micros,
     rng: Rng,
     pub(crate) tasks_run: u64,
+    /// Its side of taking up the session after a head restart.
+    pub(crate) track: Tracker,
 }
 
 type Result<T = ()> = std::result::Result<T, String>;
@@ -128,6 +131,7 @@ impl SimWorker {
             heartbeat: 0,
             rng,
             tasks_run: 0,
+            track: Tracker::default(),
         }
     }
 
@@ -188,6 +192,7 @@ impl SimWorker {
         self.instances.clear();
         self.calls.clear();
         self.free = self.offer.capacity.clone();
+        self.track = Tracker::default();
         // Timers of this life must not act on the next one.
         self.life += 1;
     }
@@ -199,6 +204,7 @@ impl SimWorker {
         node: Option<NodeId>,
         name: String,
         heartbeat_ms: u64,
+        journal_id: Option<u64>,
     ) -> Result {
         let Link::Joining { conn } = self.link else {
             return Err(format!("{} got a second welcome", self.describe()));
@@ -210,9 +216,28 @@ impl SimWorker {
             return Err(format!("{} was welcomed as a node without a heartbeat period", self.describe()));
         }
         self.link = Link::Joined { conn, session, node, name };
+        self.track = Tracker { journal_id, ..Tracker::default() };
         self.heartbeat = heartbeat_ms * 1000;
         fx.timers.push((self.heartbeat, WorkerTimer::Heartbeat));
         Ok(())
+    }
+
+    /// The head is gone: take up the session on `conn`, if the head keeps a journal. The
+    /// `Resume` to send, or `None` if it must join afresh.
+    pub(crate) fn resume(&mut self, conn: usize) -> Option<PeerToHead> {
+        let journal_id = self.track.journal_id?;
+        let Link::Joined { conn: at, session, .. } = &mut self.link else { return None };
+        *at = conn;
+        let session = *session;
+        self.track.lost();
+        self.track.resuming = true;
+        Some(PeerToHead::Resume(ResumeSession {
+            protocol_version: PROTOCOL_VERSION,
+            session,
+            journal_id,
+            known: self.track.known(),
+            waiting: Vec::new(),
+        }))
     }
 
     pub(crate) fn execute(

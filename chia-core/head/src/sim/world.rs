@@ -8,11 +8,14 @@ use super::net::{Lane, Micros, Queue};
 use super::rng::{Rng, mix64};
 use super::worker::{Effects, Link, Placement, SimWorker, WorkerTimer};
 use super::{Config, Failure, Report};
+use crate::journal::JournalEntry;
 use crate::outbox::Action;
 use crate::{CoreOptions, HeadCore};
-use chia_core::protocol::{ArgValue, Done, HeadToPeer, JobSettings, Outcome, PeerToHead, ServiceInfo};
+use chia_core::protocol::{
+    ArgValue, Done, HeadToPeer, JobSettings, Outcome, PeerToHead, ServiceInfo, TaskAttempt,
+};
 use chia_core::{Resources, ServiceId, SessionId, TaskError, TaskId};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 /// The owner of the head's own tasks (service restarts).
@@ -33,8 +36,11 @@ struct Conn {
     session: Option<SessionId>,
     /// The head holds the session open.
     open: bool,
-    /// The connection is gone (the peer crashed): nothing more travels on it either way.
+    /// The connection is gone (the peer crashed, or the head did): nothing more travels on it
+    /// either way.
     cut: bool,
+    /// A `Resume` was sent on it and not answered yet: its first frame opens no new session.
+    resuming: bool,
     to_head: Lane,
     to_peer: Lane,
 }
@@ -74,6 +80,38 @@ enum Event {
         slot: usize,
         freeze: u64,
     },
+    /// What the head kept so far is durable (one group commit).
+    Commit,
+    /// The head process starts again and recovers from the durable journal.
+    HeadRestart,
+    /// A peer notices that its connection to the head is gone and dials the head again.
+    Reconnect {
+        peer: Peer,
+        conn: usize,
+    },
+}
+
+/// A frame or close the head decided after something not yet durable: it waits for the commit.
+enum Held {
+    Frame { conn: usize, message: Box<HeadToPeer>, undo: Undo },
+    Close { conn: usize, session: SessionId },
+}
+
+/// What the simulator recorded when a frame was decided, to forget if the frame never leaves
+/// (the head crashed before its cause was durable).
+enum Undo {
+    Nothing,
+    Execute { task: TaskId, attempt: Option<u32>, lease: Option<usize> },
+    Write { task: TaskId },
+    Named(HashMap<String, ServiceId>),
+}
+
+/// The latest run of a task a worker was given.
+struct RunRecord {
+    session: SessionId,
+    attempt: u32,
+    /// It failed with an application error: a retry may run it again.
+    failed: bool,
 }
 
 impl Event {
@@ -81,7 +119,7 @@ impl Event {
     fn busy(&self) -> bool {
         match self {
             Event::ToHead { message, .. } => !matches!(**message, PeerToHead::Heartbeat),
-            Event::ToPeer { .. } | Event::ClosedByHead { .. } => true,
+            Event::ToPeer { .. } | Event::ClosedByHead { .. } | Event::Commit => true,
             _ => false,
         }
     }
@@ -149,6 +187,23 @@ pub(super) struct World {
     /// The head's timer deadline, as of its latest input: it changes only when the head is fed.
     deadline: Option<Option<Micros>>,
     report: Report,
+    options: CoreOptions,
+    /// Every `Action::Keep` of the head, in order (with head crashes only).
+    journal: Vec<JournalEntry>,
+    /// How much of the journal is durable.
+    durable: usize,
+    /// Actions waiting for the journal to be durable, in order.
+    held: VecDeque<Held>,
+    /// The last message of each session the pending journal entries keep.
+    through: BTreeMap<SessionId, u64>,
+    commit_scheduled: bool,
+    /// The head crashed and has not started again.
+    head_down: bool,
+    /// Sessions that ended (closed by the head, or their worker died).
+    ended: HashSet<SessionId>,
+    runs: HashMap<TaskId, RunRecord>,
+    /// Writes to watchers their host received.
+    writes_delivered: HashSet<TaskId>,
 }
 
 type Step<T = ()> = Result<T, String>;
@@ -161,7 +216,10 @@ impl World {
             heartbeat: cfg.heartbeat,
             heartbeat_timeout: cfg.heartbeat_timeout,
             keep_services: false,
-            ..CoreOptions::default()
+            // With head crashes the head keeps a journal, and waits for its peers after a
+            // restart longer than it is ever down.
+            journal_id: cfg.head_crashes.then_some(1),
+            resume_grace: Duration::from_secs(5),
         };
         let workers: Vec<SimWorker> = (0..cfg.workers.max(1))
             .map(|slot| {
@@ -187,7 +245,17 @@ impl World {
             base,
             now: 0,
             step: 0,
-            head: HeadCore::new(base, options),
+            head: HeadCore::new(base, options.clone()),
+            options,
+            journal: Vec::new(),
+            durable: 0,
+            held: VecDeque::new(),
+            through: BTreeMap::new(),
+            commit_scheduled: false,
+            head_down: false,
+            ended: HashSet::new(),
+            runs: HashMap::new(),
+            writes_delivered: HashSet::new(),
             queue: Queue::new(),
             conns: Vec::new(),
             sessions: HashMap::new(),
@@ -247,7 +315,12 @@ impl World {
         let max_steps = self.cfg.max_steps();
         let max_time = self.cfg.max_virtual_time().as_micros() as Micros;
         loop {
-            let quiet = self.draining && self.unfinished_drivers == 0 && self.busy == 0;
+            let quiet = self.draining
+                && self.unfinished_drivers == 0
+                && self.busy == 0
+                && !self.head_down
+                && self.held.is_empty()
+                && self.head.grace_until.is_none();
             if quiet && self.step >= self.next_settled_check {
                 if self.workers_settled() {
                     break;
@@ -317,6 +390,7 @@ impl World {
             session: None,
             open: false,
             cut: false,
+            resuming: false,
             to_head: Lane::default(),
             to_peer: Lane::default(),
         });
@@ -358,6 +432,7 @@ impl World {
     fn advance(&mut self) -> Step {
         let next = self.queue.peek_time();
         let deadline = match self.deadline {
+            _ if self.head_down => None,
             Some(deadline) => deadline,
             None => *self.deadline.insert(self.head.poll_timeout().map(|t| self.micros(t))),
         };
@@ -420,7 +495,11 @@ impl World {
                     return Ok(()); // Set by an earlier life of the process.
                 }
                 if let WorkerTimer::Restart = timer {
-                    if worker.link == Link::Down {
+                    if worker.link == Link::Down && self.head_down {
+                        // The head cannot be reached: try again later.
+                        let later = self.net.range(20_000, 100_000);
+                        self.queue.push(self.now + later, Event::Worker { slot, life, timer });
+                    } else if worker.link == Link::Down {
                         let conn = self.new_conn(Peer::Worker(slot));
                         let hello = self.workers[slot].start(conn, &self.catalog);
                         self.send_to_head(conn, hello);
@@ -449,6 +528,11 @@ impl World {
                 Ok(())
             }
             Event::StartDriver { index } => {
+                if self.head_down {
+                    let later = self.net.range(20_000, 100_000);
+                    self.queue.push(self.now + later, Event::StartDriver { index });
+                    return Ok(());
+                }
                 let hello = self.drivers[index].hello();
                 let conn = self.drivers[index].conn;
                 self.send_to_head(conn, hello);
@@ -476,6 +560,9 @@ impl World {
                 }
                 Ok(())
             }
+            Event::Commit => self.commit(),
+            Event::HeadRestart => self.restart_head(),
+            Event::Reconnect { peer, conn } => self.reconnect(peer, conn),
         }
     }
 
@@ -502,7 +589,13 @@ impl World {
                 {
                     self.tagged_results.insert((tag.to_string(), model::digest(value)), function);
                 }
+                if let Outcome::Failed(TaskError::Application { .. }) = outcome
+                    && let Some(run) = self.runs.get_mut(task)
+                {
+                    run.failed = true;
+                }
             }
+            let Some(message) = self.workers[slot].track.outgoing(message) else { continue };
             self.send_to_head(conn, message);
         }
         for (delay, timer) in fx.timers.drain(..) {
@@ -514,6 +607,7 @@ impl World {
     fn apply_driver(&mut self, index: usize, mut fx: Effects<DriverTimer>) {
         let conn = self.drivers[index].conn;
         for message in fx.sends.drain(..) {
+            let Some(message) = self.drivers[index].track.outgoing(message) else { continue };
             self.send_to_head(conn, message);
         }
         for (delay, timer) in fx.timers.drain(..) {
@@ -525,6 +619,29 @@ impl World {
     fn deliver_to_head(&mut self, conn: usize, message: PeerToHead) -> Step {
         let now = self.instant(self.now);
         let c = &self.conns[conn];
+        if c.cut && (c.open || self.head_down) {
+            // Lost with its connection (the head crashed, or the session moved on).
+            return Ok(());
+        }
+        if c.resuming {
+            if c.cut {
+                return Ok(());
+            }
+            self.conns[conn].resuming = false;
+            return match self.head.open_session(now, &format!("sim-conn-{conn}"), message) {
+                Ok(session) if Some(session) == self.conns[conn].session => self.drain_outbox(),
+                Ok(session) => Err(format!(
+                    "a resume on connection {conn} took up {session}, not {:?}",
+                    self.conns[conn].session
+                )),
+                Err(rejection) => {
+                    self.deadline = None;
+                    let message = HeadToPeer::Rejected { reason: rejection.reason };
+                    self.send_to_peer(conn, Event::ToPeer { conn, message: Box::new(message) });
+                    Ok(())
+                }
+            };
+        }
         match (c.session, c.open) {
             (None, _) if c.cut => Ok(()), // The hello died with its connection.
             (None, _) => {
@@ -544,7 +661,14 @@ impl World {
                 self.drain_outbox()
             }
             (Some(session), true) => {
+                let start = match &message {
+                    PeerToHead::StartService(start) => Some(start.task),
+                    _ => None,
+                };
                 self.head.handle(now, session, message);
+                if let Some(task) = start {
+                    self.note_service(task);
+                }
                 self.drain_outbox()
             }
             (Some(session), false) => {
@@ -565,6 +689,21 @@ impl World {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// The head took start `task` and gave it a service id: what the instance holds, known
+    /// before any placement (a head that restarts may place it first where the simulator does
+    /// not see it, then restart it under a task of its own).
+    fn note_service(&mut self, task: TaskId) {
+        let Some(crate::core::TaskKind::ServiceStart(service)) = self.head.tasks.get(&task).map(|r| &r.kind)
+        else {
+            return;
+        };
+        let service = *service;
+        let request = self.owner(task).and_then(|d| d.start_request(task.seq(), &self.catalog)).cloned();
+        if let Some(request) = request {
+            self.services.entry(service).or_insert(ServiceMeta { request });
         }
     }
 
@@ -666,8 +805,11 @@ impl World {
                         self.report.sends_after_close += 1;
                         continue;
                     }
+                    let undo = if self.cfg.head_crashes { self.undo_for(&message) } else { Undo::Nothing };
                     self.check_sent(conn, to, &message)?;
-                    if !self.conns[conn].cut {
+                    if self.must_hold() {
+                        self.held.push_back(Held::Frame { conn, message: Box::new(message), undo });
+                    } else if !self.conns[conn].cut {
                         self.send_to_peer(conn, Event::ToPeer { conn, message: Box::new(message) });
                     }
                 }
@@ -684,18 +826,271 @@ impl World {
                     }
                     if self.conns[conn].open && !self.conns[conn].cut {
                         self.report.faults.written_off += 1;
-                        self.send_to_peer(conn, Event::ClosedByHead { conn });
+                        if self.must_hold() {
+                            self.held.push_back(Held::Close { conn, session });
+                        } else {
+                            self.ended.insert(session);
+                            self.send_to_peer(conn, Event::ClosedByHead { conn });
+                        }
+                    } else {
+                        self.ended.insert(session);
                     }
                     self.session_closed(conn);
                 }
                 Action::SaveServices(services) => {
                     self.report.digest = mix64(self.report.digest ^ services.len() as u64);
                 }
-                // The simulator runs without a journal (journal_id: None): nothing is kept.
-                Action::Keep(_) => {}
+                Action::Keep(entry) => {
+                    // Kept only with head crashes (journal_id: Some): made durable by a later
+                    // group commit, and what follows it waits for that.
+                    if let JournalEntry::Message { session, seq, .. } = &entry {
+                        self.through.insert(*session, *seq);
+                    }
+                    self.journal.push(entry);
+                    if !self.commit_scheduled {
+                        self.commit_scheduled = true;
+                        let at = if self.net.chance(300) {
+                            self.now
+                        } else {
+                            self.now + self.net.range(100, 5_000)
+                        };
+                        self.busy += 1;
+                        self.queue.push(at, Event::Commit);
+                    }
+                }
             }
         }
         Ok(())
+    }
+
+    /// A frame must wait while anything before it is not durable (and frames keep their order).
+    fn must_hold(&self) -> bool {
+        self.durable < self.journal.len() || !self.held.is_empty()
+    }
+
+    /// What `check_sent` records of `message`, to forget if it never leaves.
+    fn undo_for(&self, message: &HeadToPeer) -> Undo {
+        match message {
+            HeadToPeer::Execute { task, .. } => Undo::Execute {
+                task: *task,
+                attempt: self.attempts.get(task).copied(),
+                lease: self.leases.get(task).copied(),
+            },
+            HeadToPeer::CallInstance { task, method, .. } if method == WATCH_METHOD => {
+                Undo::Write { task: *task }
+            }
+
+            HeadToPeer::Done { .. } => Undo::Named(self.named.clone()),
+            _ => Undo::Nothing,
+        }
+    }
+
+    fn undo(&mut self, undo: Undo) {
+        match undo {
+            Undo::Nothing => {}
+            Undo::Execute { task, attempt, lease } => {
+                match attempt {
+                    Some(attempt) => self.attempts.insert(task, attempt),
+                    None => self.attempts.remove(&task),
+                };
+                match lease {
+                    Some(lease) => self.leases.insert(task, lease),
+                    None => self.leases.remove(&task),
+                };
+            }
+            Undo::Write { task } => {
+                if let Some((key, _)) = self.writes.remove(&task) {
+                    self.write_done(&key);
+                }
+            }
+            Undo::Named(named) => self.named = named,
+        }
+    }
+
+    /// A group commit: everything kept so far is durable; what waited for it leaves, and each
+    /// session hears how far its messages are durable.
+    fn commit(&mut self) -> Step {
+        self.commit_scheduled = false;
+        if self.head_down {
+            return Ok(());
+        }
+        self.durable = self.journal.len();
+        while let Some(held) = self.held.pop_front() {
+            match held {
+                Held::Frame { conn, message, .. } => {
+                    if !self.conns[conn].cut {
+                        self.send_to_peer(conn, Event::ToPeer { conn, message });
+                    }
+                }
+                Held::Close { conn, session } => {
+                    self.ended.insert(session);
+                    if !self.conns[conn].cut {
+                        self.send_to_peer(conn, Event::ClosedByHead { conn });
+                    }
+                }
+            }
+        }
+        for (session, through) in std::mem::take(&mut self.through) {
+            let Some(&conn) = self.sessions.get(&session) else { continue };
+            if self.conns[conn].open && !self.conns[conn].cut && !self.conns[conn].resuming {
+                let message = Box::new(HeadToPeer::Durable { through });
+                self.send_to_peer(conn, Event::ToPeer { conn, message });
+            }
+        }
+        Ok(())
+    }
+
+    /// The head process dies: what was not durable is lost, with every connection and every
+    /// frame in flight; the peers notice and come back once it is up again.
+    fn crash_head(&mut self) {
+        self.report.faults.head_crashes += 1;
+        self.head_down = true;
+        self.deadline = None;
+        self.journal.truncate(self.durable);
+        self.through.clear();
+        while let Some(held) = self.held.pop_back() {
+            if let Held::Frame { undo, .. } = held {
+                self.undo(undo);
+            }
+        }
+        // Writes that never reached their host: the restarted head fails them (or has never
+        // decided them).
+        let lost: Vec<TaskId> =
+            self.writes.keys().filter(|t| !self.writes_delivered.contains(t)).copied().collect();
+        for write in lost {
+            if let Some((key, _)) = self.writes.remove(&write) {
+                self.write_done(&key);
+            }
+        }
+        for conn in &mut self.conns {
+            conn.cut = true;
+        }
+        for slot in 0..self.workers.len() {
+            if let Some(conn) = self.workers[slot].conn() {
+                let at = self.now + self.net.range(1_000, 30_000);
+                self.queue.push(at, Event::Reconnect { peer: Peer::Worker(slot), conn });
+            }
+        }
+        for index in 0..self.drivers.len() {
+            if !self.drivers[index].dead {
+                let conn = self.drivers[index].conn;
+                let at = self.now + self.net.range(1_000, 30_000);
+                self.queue.push(at, Event::Reconnect { peer: Peer::Driver(index), conn });
+            }
+        }
+        let downtime = self.faults_rng.range(20_000, 800_000);
+        self.queue.push(self.now + downtime, Event::HeadRestart);
+    }
+
+    /// The head starts again from the durable journal; the sessions it holds are what is open.
+    fn restart_head(&mut self) -> Step {
+        let now = self.instant(self.now);
+        let (core, _) = HeadCore::recover(now, self.options.clone(), self.journal.clone());
+        self.head = core;
+        self.head_down = false;
+        self.deadline = None;
+        let live: HashSet<SessionId> = self.head.sessions.keys().copied().collect();
+        self.offered.clear();
+        self.task_nodes = 0;
+        self.open_workers = 0;
+        self.open_sessions = 0;
+        for index in 0..self.conns.len() {
+            let c = &self.conns[index];
+            let open = c.session.is_some_and(|s| live.contains(&s) && self.sessions.get(&s) == Some(&index));
+            self.conns[index].open = open;
+            if open {
+                self.open_sessions += 1;
+                if let Peer::Worker(slot) = self.conns[index].peer {
+                    self.node_opened(slot, 1);
+                }
+            }
+        }
+        self.leases.retain(|_, conn| self.conns[*conn].open);
+        self.drain_outbox()
+    }
+
+    /// `peer` learned that `conn` to the head is gone: it takes up its session on a new
+    /// connection (or joins afresh if it has none to take up), once the head answers.
+    fn reconnect(&mut self, peer: Peer, conn: usize) -> Step {
+        let retry = |world: &mut World| {
+            let later = world.net.range(20_000, 100_000);
+            world.queue.push(world.now + later, Event::Reconnect { peer, conn });
+        };
+        match peer {
+            Peer::Worker(slot) => {
+                if self.frozen[slot].is_some() {
+                    self.defer(slot, Event::Reconnect { peer, conn });
+                    return Ok(());
+                }
+                if self.workers[slot].conn() != Some(conn) {
+                    return Ok(());
+                }
+                if self.head_down {
+                    self.workers[slot].track.lost();
+                    retry(self);
+                    return Ok(());
+                }
+                let fresh = self.new_conn(peer);
+                match self.workers[slot].resume(fresh) {
+                    Some(resume) => {
+                        self.migrate(conn, fresh);
+                        self.send_to_head(fresh, resume);
+                    }
+                    None => {
+                        if let Some(session) = self.workers[slot].session() {
+                            self.ended.insert(session);
+                        }
+                        self.worker_lost_head(slot);
+                    }
+                }
+            }
+            Peer::Driver(index) => {
+                if self.drivers[index].dead || self.drivers[index].conn != conn {
+                    return Ok(());
+                }
+                if self.head_down {
+                    self.drivers[index].track.lost();
+                    retry(self);
+                    return Ok(());
+                }
+                let fresh = self.new_conn(peer);
+                self.drivers[index].conn = fresh;
+                match self.drivers[index].resume() {
+                    Some(resume) => {
+                        self.migrate(conn, fresh);
+                        self.send_to_head(fresh, resume);
+                    }
+                    None => {
+                        let hello = self.drivers[index].hello();
+                        self.send_to_head(fresh, hello);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A session moves to a new connection, on which its peer sends `Resume`.
+    fn migrate(&mut self, old: usize, fresh: usize) {
+        let (session, open) = (self.conns[old].session, self.conns[old].open);
+        self.conns[old].open = false;
+        let c = &mut self.conns[fresh];
+        c.session = session;
+        c.open = open;
+        c.resuming = true;
+        if let Some(session) = session {
+            self.sessions.insert(session, fresh);
+        }
+        for leased in self.leases.values_mut() {
+            if *leased == old {
+                *leased = fresh;
+            }
+        }
+        for (_, to) in self.writes.values_mut() {
+            if *to == old {
+                *to = fresh;
+            }
+        }
     }
 
     fn owner(&self, task: TaskId) -> Option<&SimDriver> {
@@ -727,7 +1122,12 @@ impl World {
                     ));
                 }
                 let previous = self.attempts.get(task).copied().unwrap_or(0);
-                if *attempt <= previous {
+                // After a head restart, a run lost on its way is sent again to the same session
+                // (the worker checks it did not get it already).
+                let again = *attempt == previous
+                    && self.report.faults.head_crashes > 0
+                    && self.leases.get(task) == Some(&conn);
+                if *attempt <= previous && !again {
                     return Err(format!("{task} was sent as attempt {attempt} after attempt {previous}"));
                 }
                 if let Some(max) = owner.max_attempts(task.seq())
@@ -746,7 +1146,9 @@ impl World {
                 if !to_worker {
                     return Err(format!("the head asked {to}, which is not a worker, to host {service}"));
                 }
-                if !self.services.contains_key(service) {
+                // A driver's start names its request (again, if the head crashed and gave its
+                // id to another start); a restart by the head reuses what was placed first.
+                if !self.services.contains_key(service) || task.session() != HEAD_SESSION {
                     let request = match self.owner(*task) {
                         Some(owner) => owner.start_request(task.seq(), &self.catalog).cloned(),
                         None => None,
@@ -851,6 +1253,13 @@ impl World {
                     host.summary()
                 ));
             }
+            // A node of the previous run waiting to be taken up after a head restart: the head
+            // cannot know yet whether its worker lives (nor can it reach it).
+            None if self
+                .head
+                .sessions
+                .values()
+                .any(|s| s.name == info.node && s.detached_until.is_some()) => {}
             None => {
                 return Err(format!(
                     "{task} was answered with {name} = {} on {}, which is no open node",
@@ -905,10 +1314,33 @@ impl World {
                 let mut fx = std::mem::take(&mut self.fx_driver);
                 let driver = &mut self.drivers[index];
                 let result = match message {
-                    HeadToPeer::Welcome { session, node, .. } => {
-                        let welcomed = driver.welcome(session, node);
+                    HeadToPeer::Welcome { session, resumed_through, .. } if driver.track.resuming => {
+                        if driver.session != Some(session) {
+                            return Err(format!(
+                                "driver {index} took up {:?} again but was welcomed as {session}",
+                                driver.session
+                            ));
+                        }
+                        let again = driver.track.resumed(resumed_through);
+                        for message in again {
+                            self.send_to_head(conn, message);
+                        }
+                        // Unanswered lookups and stops are asked again.
+                        let now = self.now;
+                        fx.sends.extend(self.drivers[index].unanswered(now));
+                        Ok(())
+                    }
+                    HeadToPeer::Welcome { session, node, journal_id, .. } => {
+                        let welcomed = driver.welcome(session, node, journal_id);
                         fx.timers.push((0, DriverTimer::Tick));
                         welcomed
+                    }
+                    HeadToPeer::Rejected { reason } if driver.track.resuming => Err(format!(
+                        "the restarted head refused to let driver {index} take up its session: {reason}"
+                    )),
+                    HeadToPeer::Durable { through } => {
+                        driver.track.durable(through);
+                        Ok(())
                     }
                     HeadToPeer::Done { task, done } => driver.done(&mut fx, task, done),
                     HeadToPeer::Fetched { task, outcome } => driver.fetched(task, outcome),
@@ -932,11 +1364,62 @@ impl World {
     }
 
     fn worker_message(&mut self, slot: usize, fx: &mut Effects<WorkerTimer>, message: HeadToPeer) -> Step {
+        let lease = match &message {
+            HeadToPeer::Execute { task, attempt, .. } => Some(TaskAttempt { task: *task, attempt: *attempt }),
+            HeadToPeer::StartInstance { task, .. } | HeadToPeer::CallInstance { task, .. } => {
+                Some(TaskAttempt { task: *task, attempt: 0 })
+            }
+            _ => None,
+        };
+        if let Some(lease) = lease {
+            self.workers[slot].track.leased(lease);
+        }
         match message {
-            HeadToPeer::Welcome { session, node, node_name, heartbeat_ms, .. } => {
-                self.workers[slot].welcome(fx, session, node, node_name, heartbeat_ms)
+            HeadToPeer::Welcome { session, resumed_through, .. } if self.workers[slot].track.resuming => {
+                if self.workers[slot].session() != Some(session) {
+                    return Err(format!(
+                        "worker {slot} took up {:?} again but was welcomed as {session}",
+                        self.workers[slot].session()
+                    ));
+                }
+                let again = self.workers[slot].track.resumed(resumed_through);
+                if let Some(conn) = self.workers[slot].conn() {
+                    for message in again {
+                        self.send_to_head(conn, message);
+                    }
+                }
+                Ok(())
+            }
+            HeadToPeer::Rejected { .. } if self.workers[slot].track.resuming => {
+                // Its session is gone: it starts over as a new node.
+                if let Some(session) = self.workers[slot].session() {
+                    self.ended.insert(session);
+                }
+                self.worker_lost_head(slot);
+                Ok(())
+            }
+            HeadToPeer::Durable { through } => {
+                self.workers[slot].track.durable(through);
+                Ok(())
+            }
+            HeadToPeer::Welcome { session, node, node_name, heartbeat_ms, journal_id, .. } => {
+                self.workers[slot].welcome(fx, session, node, node_name, heartbeat_ms, journal_id)
             }
             HeadToPeer::Execute { task, attempt, function, args, .. } => {
+                // A frame that reaches a worker the head wrote off meanwhile (it was frozen) is
+                // a stale run: its outcome will not count.
+                if let Some(session) = self.workers[slot].session().filter(|s| !self.ended.contains(s)) {
+                    if let Some(previous) = self.runs.get(&task)
+                        && !previous.failed
+                        && !self.ended.contains(&previous.session)
+                    {
+                        return Err(format!(
+                            "worker {slot} ({session}) was given attempt {attempt} of {task}, which already ran as attempt {} on {}, a session that did not end, without an application error",
+                            previous.attempt, previous.session
+                        ));
+                    }
+                    self.runs.insert(task, RunRecord { session, attempt, failed: false });
+                }
                 let facts = self.owner(task).and_then(|d| d.function_facts(task.seq(), &self.catalog));
                 let Some(facts) = facts else {
                     return Err(format!(
@@ -954,6 +1437,9 @@ impl World {
                 self.workers[slot].start_instance(fx, &self.catalog, placement)
             }
             HeadToPeer::CallInstance { task, service, method, args } => {
+                if method == WATCH_METHOD {
+                    self.writes_delivered.insert(task);
+                }
                 self.workers[slot].call_instance(fx, task, service, &method, args)
             }
             HeadToPeer::StopInstance { service } => {
@@ -982,9 +1468,11 @@ impl World {
     }
 
     fn inject_fault(&mut self) -> Step {
-        let kind = self.faults_rng.weighted(&[30, 20, 25, 10]);
+        let head_crashes = if self.cfg.head_crashes && !self.head_down { 15 } else { 0 };
+        let kind = self.faults_rng.weighted(&[30, 20, 25, 10, head_crashes]);
         let now = self.instant(self.now);
         match kind {
+            4 => self.crash_head(),
             0..=2 => {
                 let slot = self.faults_rng.below(self.workers.len() as u64) as usize;
                 let Some(conn) = self.workers[slot].conn() else { return Ok(()) };
@@ -993,10 +1481,21 @@ impl World {
                     self.report.faults.worker_crashes += 1;
                     self.frozen[slot] = None;
                     self.conns[conn].cut = true;
-                    if let Some(session) = self.conns[conn].session.filter(|_| self.conns[conn].open) {
+                    if let Some(session) = self.workers[slot].session() {
+                        self.ended.insert(session);
+                    }
+                    if let Some(session) = self.conns[conn].session.filter(|_| self.conns[conn].open)
+                        && !self.head_down
+                        && !self.conns[conn].resuming
+                    {
                         self.head.close_session(now, session, "connection lost");
                         self.drain_outbox()?;
-                        self.session_closed(conn);
+                        if self.head.sessions.contains_key(&session) {
+                            // Taken up again a moment ago and not heard from since: it waits
+                            // for its peer for the rest of the grace period.
+                        } else {
+                            self.session_closed(conn);
+                        }
                     }
                     self.workers[slot].reset();
                     let life = self.workers[slot].life;
@@ -1037,10 +1536,15 @@ impl World {
                 self.unfinished_drivers -= 1;
                 let conn = driver.conn;
                 self.conns[conn].cut = true;
-                if let Some(session) = self.conns[conn].session.filter(|_| self.conns[conn].open) {
+                if let Some(session) = self.conns[conn].session.filter(|_| self.conns[conn].open)
+                    && !self.head_down
+                    && !self.conns[conn].resuming
+                {
                     self.head.close_session(now, session, "driver gone");
                     self.drain_outbox()?;
-                    self.session_closed(conn);
+                    if !self.head.sessions.contains_key(&session) {
+                        self.session_closed(conn);
+                    }
                 }
                 // Another run of the program takes over what was left to submit.
                 let later = self.faults_rng.range(10_000, 500_000);
@@ -1061,6 +1565,9 @@ impl World {
     }
 
     fn check_step(&mut self) -> Step {
+        if self.head_down {
+            return Ok(());
+        }
         #[cfg(test)]
         if crate::planted::sabotaged(crate::planted::Sabotage::HeadForgetsATask)
             && self.step.is_multiple_of(200)
