@@ -255,7 +255,10 @@ impl HeadCore {
                 }
                 // A constructed instance lives on in the worker, which kept it through the
                 // outage (it lists only runs whose outcome is not durable yet).
-                TaskKind::ServiceStart(service) if self.instance_is_ready(*service) => {}
+                TaskKind::ServiceStart(service) if self.instance_is_built(*service) => {
+                    let service = *service;
+                    self.repeat_stop(session, service);
+                }
                 TaskKind::ServiceStart(service) => {
                     let service = *service;
                     let error = TaskError::WorkerLost {

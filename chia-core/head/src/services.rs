@@ -42,6 +42,8 @@ pub(crate) struct ServiceRecord {
     unplaceable: Option<String>,
     /// Its node reported how the current constructor ended.
     constructor_reported: bool,
+    /// The current instance was built: its node holds it until told to drop it.
+    built: bool,
 }
 
 pub(crate) struct Restart {
@@ -223,6 +225,7 @@ impl HeadCore {
                 parked: Vec::new(),
                 unplaceable: None,
                 constructor_reported: false,
+                built: false,
             },
         );
         self.place_instance(task, session, id, &start.service_type, start.request, start.args);
@@ -314,6 +317,7 @@ impl HeadCore {
             self.finish_instance_task(task);
             return;
         };
+        record.built = true;
         if record.stopping {
             // Stopped while it was being built: now that it exists, its host drops it, and the
             // service ends when the host says it has.
@@ -547,6 +551,7 @@ impl HeadCore {
         record.ready = false;
         record.restarting = true;
         record.constructor_reported = false;
+        record.built = false;
         record.info.node = String::new();
         let left = if left < 0 { "no limit".to_string() } else { format!("{left} more") };
         tracing::warn!(
@@ -619,7 +624,10 @@ impl HeadCore {
     pub(crate) fn stop_service_request(&mut self, session: SessionId, task: TaskId, service: ServiceId) {
         match self.services.records.get_mut(&service) {
             Some(record) => {
-                record.stoppers.push((session, task));
+                // A request sent again after a head restart is answered once.
+                if !record.stoppers.contains(&(session, task)) {
+                    record.stoppers.push((session, task));
+                }
                 self.stop_service(service, "stopped");
             }
             None => self.reply(session, task, Ok(&())),
@@ -896,9 +904,17 @@ impl HeadCore {
 }
 
 impl HeadCore {
-    /// Whether `service` has a constructed instance (its node holds it).
-    pub(crate) fn instance_is_ready(&self, service: ServiceId) -> bool {
-        self.services.records.get(&service).is_some_and(|record| record.ready)
+    /// Whether `service` has a constructed instance (its node holds it, ready or stopping).
+    pub(crate) fn instance_is_built(&self, service: ServiceId) -> bool {
+        self.services.records.get(&service).is_some_and(|record| record.built)
+    }
+
+    /// A built instance that is being stopped: its host is asked again (the request may have
+    /// died with the previous head; a second one is harmless).
+    pub(crate) fn repeat_stop(&mut self, session: SessionId, service: ServiceId) {
+        if self.services.records.get(&service).is_some_and(|record| record.built && record.stopping) {
+            self.outbox.send(session, &HeadToPeer::StopInstance { service });
+        }
     }
 
     /// A start request `task` of `session` whose answer may have been lost (the head

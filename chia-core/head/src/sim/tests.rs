@@ -152,15 +152,10 @@ fn seeds_with_head_crashes_and_services() {
     assert!(crashes.iter().filter(|&&c| c > 1).count() > 10, "the head crashes again: {crashes:?}");
 }
 
-/// A known bug, not fixed yet (it is in `services.rs`): a driver stops a service whose instance
-/// was built; the head crashes before its `StopInstance` reaches the host. The restarted head
-/// finds the instance not ready (it is stopping) and, as the worker does not list its start
-/// among what it runs (its outcome was durable long ago), `resend_unknown` fails it: the head
-/// frees its resources while the host still holds it (the stop is never sent again), and places
-/// a task there that does not fit. When this test fails, the bug is fixed: make seed 5002 part
-/// of `seeds_with_head_crashes_and_services`.
+/// Seed 5002: a driver stops a service whose instance was built, and the head crashes before
+/// its `StopInstance` reaches the host. The restarted head must neither write the instance off
+/// (the host still holds it) nor forget to stop it: it asks the host again when it resumes.
 #[test]
-fn a_stopping_instance_is_written_off_after_a_head_restart() {
-    let failure = run(&with_head_crashes(5002)).expect_err("seed 5002 shows the bug");
-    assert!(failure.message.contains("is free"), "{failure}");
+fn a_stopping_instance_is_stopped_again_after_a_head_restart() {
+    run(&with_head_crashes(5002)).unwrap_or_else(|failure| panic!("{failure}"));
 }
