@@ -207,13 +207,8 @@ impl Client {
             })
             .map_err(|e| setup(e.to_string()))?;
         let mut reader = FrameReader::new(recv);
-        let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next_frame())
-            .await
-            .map_err(|_| setup("the head did not answer the hello".into()))?
-            .map_err(|e| setup(e.to_string()))?
-            .ok_or_else(|| setup("the head closed the connection during the hello".into()))?;
         let (session, node, node_name, heartbeat_ms, resume) =
-            match decode_body::<HeadToPeer>(first).map_err(|e| setup(e.to_string()))? {
+            match first_answer(&mut reader).await.map_err(setup)? {
                 HeadToPeer::Welcome {
                     session,
                     node,
@@ -538,12 +533,7 @@ impl Client {
         });
         sender.send(&message).map_err(|e| Retry::Never(e.to_string()))?;
         let mut reader = FrameReader::new(recv);
-        let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next_frame())
-            .await
-            .map_err(|_| later("the head did not answer".into()))?
-            .map_err(|e| later(e.to_string()))?
-            .ok_or_else(|| later("the head closed the connection".into()))?;
-        match decode_body::<HeadToPeer>(first).map_err(|e| later(e.to_string()))? {
+        match first_answer(&mut reader).await.map_err(later)? {
             HeadToPeer::Welcome { resumed_through, .. } => {
                 // A value announced as stored is fetched again on the new connection.
                 for task in waiting {
@@ -569,6 +559,16 @@ impl Client {
             other => Err(later(format!("unexpected first message {other:?}"))),
         }
     }
+}
+
+/// The head's answer to a hello or a resume: the first message on the stream.
+async fn first_answer(reader: &mut FrameReader) -> Result<HeadToPeer, String> {
+    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next_frame())
+        .await
+        .map_err(|_| format!("the head did not answer within {HANDSHAKE_TIMEOUT:?}"))?
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "the head closed the connection before answering".to_string())?;
+    decode_body::<HeadToPeer>(first).map_err(|e| e.to_string())
 }
 
 /// Why taking up a session failed.
