@@ -18,7 +18,7 @@ use chia_core::protocol::{
     PROTOCOL_VERSION, PeerToHead, ResumeSession, TaskSpec, ValueRef,
 };
 use chia_core::{HEAD_NODE_NAME, NodeId, SessionId, TaskError, TaskId};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 /// Results up to this size travel with the `Done` notice; larger ones wait on the head until
@@ -169,8 +169,10 @@ pub(crate) enum TaskKind {
 pub struct HeadCore {
     pub(crate) scheduler: Scheduler,
     pub(crate) sessions: HashMap<SessionId, Session>,
-    /// The names of open sessions, and the next number to try after each name asked for twice.
-    names: HashSet<String>,
+    /// The names of open sessions (with how many hold each: a driver's `driver-N` is not
+    /// checked against workers' names), and the next number to try after each name asked for
+    /// twice.
+    names: HashMap<String, usize>,
     next_suffix: HashMap<String, u64>,
     /// The session of each node, and the head's own node (never written off).
     pub(crate) nodes: HashMap<NodeId, SessionId>,
@@ -206,7 +208,7 @@ impl HeadCore {
             options,
             scheduler: Scheduler::new(),
             sessions: HashMap::new(),
-            names: HashSet::new(),
+            names: HashMap::new(),
             next_suffix: HashMap::new(),
             nodes: HashMap::new(),
             head_node: None,
@@ -437,7 +439,7 @@ impl HeadCore {
                 None => String::new(),
             }
         );
-        self.names.insert(name.clone());
+        *self.names.entry(name.clone()).or_default() += 1;
         self.sessions.insert(session, Session::new(name.clone(), node));
         if let (Some(node), Some(offer)) = (node, worker) {
             self.nodes.insert(node, session);
@@ -456,14 +458,14 @@ impl HeadCore {
     /// `wanted-N` (numbers are not given twice, so a name is found without a scan).
     fn unique_node_name(&mut self, wanted: &str) -> String {
         let base = if wanted.is_empty() || wanted == HEAD_NODE_NAME { "worker" } else { wanted };
-        if !self.names.contains(base) {
+        if !self.names.contains_key(base) {
             return base.to_string();
         }
         let next = self.next_suffix.entry(base.to_string()).or_insert(2);
         loop {
             let name = format!("{base}-{next}");
             *next += 1;
-            if !self.names.contains(&name) {
+            if !self.names.contains_key(&name) {
                 return name;
             }
         }
@@ -847,7 +849,12 @@ impl HeadCore {
 
     pub(crate) fn close(&mut self, session: SessionId, reason: &str) {
         let Some(closed) = self.sessions.remove(&session) else { return };
-        self.names.remove(&closed.name);
+        if let Some(holders) = self.names.get_mut(&closed.name) {
+            *holders -= 1;
+            if *holders == 0 {
+                self.names.remove(&closed.name);
+            }
+        }
         if self.options.journal_id.is_some() {
             self.outbox.push(Action::Keep(JournalEntry::Closed { session, reason: reason.to_string() }));
         }

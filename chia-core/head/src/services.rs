@@ -44,6 +44,9 @@ pub(crate) struct ServiceRecord {
     constructor_reported: bool,
     /// The current instance was built: its node holds it until told to drop it.
     built: bool,
+    /// The request that started the service was answered (with the running instance): an
+    /// end of the service says nothing more to it.
+    creator_answered: bool,
 }
 
 pub(crate) struct Restart {
@@ -226,6 +229,7 @@ impl HeadCore {
                 unplaceable: None,
                 constructor_reported: false,
                 built: false,
+                creator_answered: false,
             },
         );
         self.place_instance(task, session, id, &start.service_type, start.request, start.args);
@@ -334,6 +338,7 @@ impl HeadCore {
         let info = record.info.clone();
         let mut answer = std::mem::take(&mut record.waiters);
         // A restart's own request is the head's: nobody waits for its answer.
+        record.creator_answered = true;
         if task.session() != HEAD_SESSION {
             answer.push((record.owner, task));
         }
@@ -473,7 +478,7 @@ impl HeadCore {
         }
         let mut answer = record.waiters;
         // A restart's own request is the head's: nobody waits for its answer.
-        if !record.ready && !record.stopping && record.creation.session() != HEAD_SESSION {
+        if !record.creator_answered && record.creation.session() != HEAD_SESSION {
             answer.push((record.owner, record.creation));
         }
         for (session, request) in answer {

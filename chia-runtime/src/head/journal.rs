@@ -37,6 +37,8 @@ pub(crate) struct Journal {
     path: PathBuf,
     file: File,
     id: u64,
+    /// Where a failed batch begins when cutting it off failed too.
+    torn_at: Option<u64>,
 }
 
 /// What opening found.
@@ -67,7 +69,7 @@ impl Journal {
             if let Some(dir) = path.parent() {
                 File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
             }
-            let journal = Journal { path, file, id };
+            let journal = Journal { path, file, id, torn_at: None };
             return Ok(Opened { journal, entries: Vec::new(), dropped_bytes: 0 });
         }
         let format = bytes.get(8..12).map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")));
@@ -87,7 +89,7 @@ impl Journal {
             file.sync_all().map_err(io)?;
         }
         file.seek(SeekFrom::End(0)).map_err(io)?;
-        Ok(Opened { journal: Journal { path, file, id }, entries, dropped_bytes })
+        Ok(Opened { journal: Journal { path, file, id, torn_at: None }, entries, dropped_bytes })
     }
 
     pub(crate) fn id(&self) -> u64 {
@@ -100,9 +102,20 @@ impl Journal {
     pub(crate) fn append(&mut self, records: &[u8]) -> Result<(), JournalError> {
         let io = |source| JournalError::Io { path: self.path.clone(), source };
         let end = self.file.stream_position().map_err(io)?;
+        if let Some(cut) = self.torn_at {
+            // A failed batch could not be cut off: appending after it would hide every later
+            // record behind it at the next start. Try the cut again first.
+            self.file
+                .set_len(cut)
+                .and_then(|()| self.file.seek(SeekFrom::Start(cut)).map(drop))
+                .map_err(io)?;
+            self.torn_at = None;
+        }
         let written = self.file.write_all(records).and_then(|()| self.file.sync_data());
         if let Err(e) = written {
-            let _ = self.file.set_len(end).and_then(|()| self.file.seek(SeekFrom::Start(end)).map(drop));
+            if self.file.set_len(end).and_then(|()| self.file.seek(SeekFrom::Start(end)).map(drop)).is_err() {
+                self.torn_at = Some(end);
+            }
             return Err(io(e));
         }
         Ok(())

@@ -623,3 +623,28 @@ fn a_session_whose_connection_drops_right_after_resuming_may_resume_again() {
     env.collect();
     assert_eq!(env.closed, [driver]);
 }
+
+#[test]
+fn a_service_stopped_while_being_built_answers_its_start_and_its_stop_once_dropped() {
+    let mut env = Env::new();
+    let worker = env.worker("w", "CPU=1", &[]);
+    let driver = env.driver();
+    let start = TaskId::new(driver, 1);
+    env.send(driver, PeerToHead::StartService(counter_start(start, false)));
+    let sent = env.to(worker);
+    let [HeadToPeer::StartInstance { service, .. }] = &sent[..] else { panic!("{sent:?}") };
+    let service = *service;
+    let stop = TaskId::new(driver, 2);
+    env.send(driver, PeerToHead::StopService { task: stop, service });
+    assert!(dones(&env.to(driver)).is_empty(), "the name stays taken until the instance is gone");
+    env.send(worker, PeerToHead::Finished { task: start, attempt: 0, outcome: Outcome::Value(Vec::new()) });
+    assert!(matches!(env.to(worker)[..], [HeadToPeer::StopInstance { .. }]), "built, so dropped now");
+    env.send(worker, PeerToHead::InstanceStopped { service });
+    let done = dones(&env.to(driver));
+    assert!(
+        matches!(&done[..], [(s, Done::Failed(TaskError::ServiceUnavailable { .. })), (t, Done::Value(_))]
+        if *s == start && *t == stop),
+        "{done:?}"
+    );
+    assert_eq!(env.core.scheduler().node_free(NodeId(1)), Resources::parse("CPU=1,node:w=1").ok());
+}
