@@ -17,13 +17,16 @@ pub struct Args {
     /// How many seeds to run, from --first-seed on.
     #[arg(long, default_value_t = 100)]
     seeds: u64,
+    /// The first seed of the range --seeds runs.
     #[arg(long, default_value_t = 0)]
     first_seed: u64,
     /// Run this one seed (replay a failure); overrides --seeds.
     #[arg(long)]
     seed: Option<u64>,
+    /// Simulated workers per seed.
     #[arg(long, default_value_t = 16)]
     workers: usize,
+    /// Simulated drivers per seed.
     #[arg(long, default_value_t = 3)]
     drivers: usize,
     /// Function tasks per seed.
@@ -32,26 +35,37 @@ pub struct Args {
     /// Inject faults (the default).
     #[arg(long, overrides_with = "no_faults")]
     faults: bool,
+    /// No faults: workers and drivers never crash or freeze.
     #[arg(long, overrides_with = "faults")]
     no_faults: bool,
+    /// Drivers start, call and stop no services.
     #[arg(long)]
     no_services: bool,
+    /// Service constructors never fail.
     #[arg(long)]
     no_constructor_failures: bool,
     /// Drivers never pass results of service calls to functions.
     #[arg(long)]
     no_call_refs: bool,
+    /// Check only the head's registry for one instance per service name, not the nodes.
     #[arg(long)]
     no_strict_service_names: bool,
+    /// Also crash the head and restart it from its journal; peers take up their sessions.
+    #[arg(long)]
+    head_crashes: bool,
+    /// How often simulated workers send a heartbeat.
     #[arg(long)]
     heartbeat_ms: Option<u64>,
+    /// How long the head waits for a silent worker before writing it off.
     #[arg(long)]
     heartbeat_timeout_ms: Option<u64>,
+    /// Mean virtual time between injected faults.
     #[arg(long)]
     fault_interval_ms: Option<u64>,
     /// Tasks each driver keeps in flight.
     #[arg(long)]
     window: Option<usize>,
+    /// How often (per thousand) a frame of a closed session still reaches the head.
     #[arg(long)]
     late_frames_per_mille: Option<u32>,
     /// Sweep the core's consistency after every step, whatever the size.
@@ -84,6 +98,7 @@ impl Args {
             window: self.window.unwrap_or(base.window),
             late_frames_per_mille: self.late_frames_per_mille.unwrap_or(base.late_frames_per_mille),
             check_every_step: self.check_every_step,
+            head_crashes: self.head_crashes,
             ..base
         }
     }
@@ -198,12 +213,13 @@ impl Totals {
                         "freezes": report.faults.freezes,
                         "written_off": report.faults.written_off,
                         "driver_crashes": report.faults.driver_crashes,
+                        "head_crashes": report.faults.head_crashes,
                         "digest": format!("{:016x}", report.digest),
                     });
                     println!("{line}");
                 } else {
                     println!(
-                        "seed {seed}: ok, {} steps ({:.0}/s), {} decisions ({:.0}/s), largest queue {}, {:.1?} virtual in {:.2?}, {} tasks, faults: {} crashed, {} frozen, {} written off, {} drivers lost",
+                        "seed {seed}: ok, {} steps ({:.0}/s), {} decisions ({:.0}/s), largest queue {}, {:.1?} virtual in {:.2?}, {} tasks, faults: {} crashed, {} frozen, {} written off, {} drivers lost, {} head restarts",
                         report.steps,
                         per_second(report.steps, wall),
                         report.dispatches,
@@ -216,6 +232,7 @@ impl Totals {
                         report.faults.freezes,
                         report.faults.written_off,
                         report.faults.driver_crashes,
+                        report.faults.head_crashes,
                     );
                 }
             }

@@ -200,12 +200,12 @@ impl Config {
             format!("--late-frames-per-mille {}", self.late_frames_per_mille),
         );
         flag(self.check_every_step, "--check-every-step".into());
+        flag(self.head_crashes, "--head-crashes".into());
         // Whole milliseconds are what the flags can say.
         let whole_ms = |d: Duration| d.as_micros().is_multiple_of(1000);
         let expressible =
             whole_ms(self.heartbeat) && whole_ms(self.heartbeat_timeout) && whole_ms(self.fault_interval);
-        // Head crashes have no flag yet.
-        if expressible && !self.head_crashes { command } else { format!("sim::run(&{self:?})") }
+        if expressible { command } else { format!("sim::run(&{self:?})") }
     }
 }
 
