@@ -5,7 +5,7 @@ use crate::core::{HeadCore, TaskKind, TaskRecord};
 use crate::scheduler::TaskStatus;
 use crate::services::HEAD_SESSION;
 use chia_core::protocol::Outcome;
-use chia_core::{NodeId, TaskId};
+use chia_core::TaskId;
 
 impl HeadCore {
     /// Task records held: [`HeadCore::stats`]' `tasks`, without summing the result bytes.
@@ -28,11 +28,6 @@ impl HeadCore {
         let mut tasks: Vec<TaskId> = self.tasks.keys().copied().collect();
         tasks.sort_unstable();
         tasks
-    }
-
-    /// The node `task` runs on, as its record says.
-    pub fn task_node(&self, task: TaskId) -> Option<NodeId> {
-        self.tasks.get(&task)?.running_on
     }
 
     /// What the head knows of `task`, in one line; `None` if it holds no record of it.
