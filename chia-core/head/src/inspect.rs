@@ -4,8 +4,8 @@
 use crate::core::{HeadCore, TaskKind, TaskRecord};
 use crate::scheduler::TaskStatus;
 use crate::services::HEAD_SESSION;
-use chia_core::protocol::Outcome;
 use chia_core::TaskId;
+use chia_core::protocol::Outcome;
 
 impl HeadCore {
     /// Task records held: [`HeadCore::stats`]' `tasks`, without summing the result bytes.
