@@ -5,7 +5,8 @@
 //! - [`protocol`]: the versioned, length-capped, named-field MessagePack wire protocol;
 //! - [`error`]: the errors a task can end with, as they travel on the wire;
 //! - [`function`]: what identifies a remote function (name + signature hash) and its scheduling options;
-//! - [`tags`]: tag patterns that match a whole call tag (cache, bypass and result-watch rules).
+//! - [`tags`]: tag patterns that match a whole call tag (cache, bypass and result-watch rules);
+//! - [`names`]: the closest known name to a misspelt one, for "did you mean …?" messages.
 //!
 //! The runtime (`chia-runtime`) builds the head, workers and drivers on top of these types;
 //! nothing here knows about sockets, threads or time.
@@ -13,6 +14,7 @@
 pub mod error;
 pub mod function;
 pub mod ids;
+pub mod names;
 pub mod protocol;
 pub mod resources;
 pub mod tags;

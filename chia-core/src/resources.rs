@@ -25,6 +25,8 @@ impl ResourceAmount {
     /// How many fixed-point units make one whole resource.
     pub const SCALE: u64 = 10_000;
     pub const ZERO: ResourceAmount = ResourceAmount(0);
+    /// The largest amount (about 1.8e15 whole units): what 64 bits of fixed point can hold.
+    pub const MAX: ResourceAmount = ResourceAmount(u64::MAX);
 
     /// `n` whole units.
     pub const fn whole(n: u64) -> ResourceAmount {
@@ -52,9 +54,19 @@ impl ResourceAmount {
         self.0.checked_add(other.0).map(ResourceAmount)
     }
 
-    /// Converts a float amount (as written in a macro attribute) with at most four decimals.
+    /// Converts a float amount (as written in a macro attribute or a resources file) with at
+    /// most four decimals. Infinity and amounts above [`ResourceAmount::MAX`] (`1e400` reads as
+    /// infinity) are out of range.
     pub fn from_f64(value: f64) -> Result<ResourceAmount, ResourceError> {
+        if value > Self::MAX.as_f64() {
+            return Err(ResourceError::OutOfRange { amount: value.to_string(), max: Self::MAX });
+        }
         value.to_string().parse()
+    }
+
+    /// The amount in whole units, rounded to the nearest `f64`.
+    pub fn as_f64(self) -> f64 {
+        self.0 as f64 / Self::SCALE as f64
     }
 }
 
@@ -75,21 +87,29 @@ impl FromStr for ResourceAmount {
     type Err = ResourceError;
 
     /// Parses `4`, `0.5` or `2.2500`; more than four decimals, a sign or an exponent is an error.
+    /// A number too large for [`ResourceAmount::MAX`] (`99999999999999999999`, or `1e400`
+    /// written with an exponent) is reported as out of range rather than as not a number.
     fn from_str(text: &str) -> Result<ResourceAmount, ResourceError> {
-        let bad = || ResourceError::BadAmount(text.to_string());
+        let out_of_range = || ResourceError::OutOfRange { amount: text.to_string(), max: Self::MAX };
         let (whole, frac) = match text.split_once('.') {
             Some((w, f)) => (w, f),
             None => (text, ""),
         };
         let all_digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
         if whole.is_empty() && frac.is_empty() || !all_digits(whole) || !all_digits(frac) {
-            return Err(bad());
+            // Not plain decimal digits; if it is still a number, say what is wrong with it.
+            return Err(match text.parse::<f64>() {
+                Ok(value) if value > Self::MAX.as_f64() => out_of_range(),
+                _ => ResourceError::BadAmount(text.to_string()),
+            });
         }
         if frac.len() > 4 {
             return Err(ResourceError::TooPrecise(text.to_string()));
         }
-        let whole: u64 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| bad())? };
-        let mut frac_units: u64 = if frac.is_empty() { 0 } else { frac.parse().map_err(|_| bad())? };
+        // Only digits are left, so a failed parse is an overflow.
+        let whole: u64 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| out_of_range())? };
+        let mut frac_units: u64 =
+            if frac.is_empty() { 0 } else { frac.parse().map_err(|_| out_of_range())? };
         for _ in frac.len()..4 {
             frac_units *= 10;
         }
@@ -97,15 +117,17 @@ impl FromStr for ResourceAmount {
             .checked_mul(Self::SCALE)
             .and_then(|w| w.checked_add(frac_units))
             .map(ResourceAmount)
-            .ok_or_else(bad)
+            .ok_or_else(out_of_range)
     }
 }
 
 /// What can be wrong with a resource list.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResourceError {
-    #[error("resource amount {0:?} is not a non-negative number")]
+    #[error("resource amount {0:?} is not a non-negative decimal number such as 4 or 0.5")]
     BadAmount(String),
+    #[error("resource amount {amount} is out of range: the largest amount is {max}")]
+    OutOfRange { amount: String, max: ResourceAmount },
     #[error("resource amount {0:?} has more than 4 decimals")]
     TooPrecise(String),
     #[error("resource entry {0:?} is not NAME=AMOUNT")]
@@ -258,6 +280,36 @@ mod tests {
         }
         assert_eq!(ResourceAmount::from_fixed(12_500).to_string(), "1.25");
         assert_eq!(ResourceAmount::from_f64(0.1).unwrap().as_fixed(), 1_000);
+    }
+
+    #[test]
+    fn amounts_too_large_are_out_of_range_not_malformed() {
+        let max = ResourceAmount::MAX;
+        assert_eq!(max.to_string(), "1844674407370955.1615");
+        assert_eq!("1844674407370955.1615".parse::<ResourceAmount>(), Ok(max));
+        for text in ["1844674407370955.1616", "99999999999999999999", "1e400", "1e30", "inf"] {
+            let error = text.parse::<ResourceAmount>().expect_err(text);
+            assert!(
+                matches!(&error, ResourceError::OutOfRange { amount, .. } if amount == text),
+                "{text}: {error:?}"
+            );
+            assert_eq!(
+                error.to_string(),
+                format!("resource amount {text} is out of range: the largest amount is {max}")
+            );
+        }
+        // 1e400 as a float (a resources file, a call option) is infinity.
+        let error = ResourceAmount::from_f64("1e400".parse().unwrap()).expect_err("infinity");
+        assert!(matches!(error, ResourceError::OutOfRange { .. }), "{error:?}");
+        assert!(error.to_string().contains("out of range"), "{error}");
+        assert!(matches!(ResourceAmount::from_f64(1e30), Err(ResourceError::OutOfRange { .. })));
+        // Negative numbers and NaN are still not amounts at all.
+        for value in [-1.0, f64::NEG_INFINITY, f64::NAN] {
+            assert!(matches!(ResourceAmount::from_f64(value), Err(ResourceError::BadAmount(_))), "{value}");
+        }
+        for text in ["-1", "-1e400", "1e3", "nan"] {
+            assert!(matches!(text.parse::<ResourceAmount>(), Err(ResourceError::BadAmount(_))), "{text}");
+        }
     }
 
     #[test]
