@@ -7,6 +7,8 @@
 use std::io;
 use std::path::PathBuf;
 
+use chia_cache::config::section::{at_line, unknown_field_hint};
+
 /// Why a bypass configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -27,6 +29,22 @@ pub enum BypassError {
     /// A `tags:` pattern is not a valid regular expression (Rust `regex` syntax).
     #[error("bypass config {origin}: function {function:?} has an invalid tag pattern {pattern:?}: {source}")]
     InvalidTagPattern { origin: String, function: String, pattern: String, source: regex::Error },
+
+    /// A function's settings hold a field the `bypass:` section does not know (a typo, most
+    /// likely); `suggestion` is the closest known field, if one is near.
+    #[error(
+        "bypass config {origin}{}: function {function:?}: unknown field `{field}:`{}",
+        at_line(*line),
+        unknown_field_hint(*suggestion, known)
+    )]
+    UnknownField {
+        origin: String,
+        line: Option<u64>,
+        function: String,
+        field: String,
+        suggestion: Option<&'static str>,
+        known: &'static [&'static str],
+    },
 }
 
 fn function_prefix(function: Option<&str>) -> String {

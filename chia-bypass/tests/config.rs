@@ -4,6 +4,8 @@
 use std::path::Path;
 
 use chia_bypass::{BypassConfig, BypassError, BypassRule, TagPatterns};
+use chia_cache::config::section;
+use chia_cache::config::yaml_value::YamlValue;
 
 const ORIGIN: &str = "loop.yaml";
 
@@ -159,7 +161,7 @@ fn an_empty_tag_list_bypasses_nothing_and_null_tags_bypass_everything() {
 }
 
 #[test]
-fn disabled_functions_are_omitted_and_their_settings_unchecked() {
+fn disabled_functions_are_omitted_and_their_values_unchecked() {
     let config = load(
         r#"
 bypass:
@@ -319,6 +321,121 @@ fn values_of_the_wrong_type_name_the_file_the_function_and_the_key() {
     let error = load_error("bypass: [f, g]\n");
     assert!(matches!(error, BypassError::ConfigShape { function: None, .. }), "{error:?}");
     assert!(error.to_string().contains("`bypass:` section"), "{error}");
+}
+
+// ---------------------------------------------------------------------------- strictness
+
+/// What an unknown-field error says: line, function, field and suggestion.
+type UnknownField = (Option<u64>, String, String, Option<&'static str>);
+
+/// The unknown-field error of `yaml`, and its message.
+fn unknown_field(yaml: &str) -> (UnknownField, String) {
+    let error = load_error(yaml);
+    let message = error.to_string();
+    match error {
+        BypassError::UnknownField { origin, line, function, field, suggestion, .. } => {
+            assert_eq!(origin, ORIGIN);
+            ((line, function, field, suggestion), message)
+        }
+        other => panic!("{yaml}\n-> expected UnknownField, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_misspelt_field_is_an_error_naming_the_file_the_line_and_the_closest_field() {
+    let yaml = "bypass:\n  run_verilator_test:\n    bypass: true\n    tag: [\"iter[13]_.*\"]\n";
+    let (found, message) = unknown_field(yaml);
+    assert_eq!(found, (Some(4), "run_verilator_test".into(), "tag".into(), Some("tags")));
+    assert_eq!(
+        message,
+        "bypass config loop.yaml, line 4: function \"run_verilator_test\": unknown field `tag:` — did you mean `tags:`?"
+    );
+    let (found, _) = unknown_field("bypass:\n  f:\n    bypass: true\n    dta: perf.md\n");
+    assert_eq!(found, (Some(4), "f".into(), "dta".into(), Some("data")));
+}
+
+#[test]
+fn a_misspelt_flag_is_an_error_even_though_it_leaves_the_function_off() {
+    // Without the check, `bypas: true` reads as a mapping without `bypass:`: bypass silently off.
+    let (found, message) = unknown_field("bypass:\n  simple_add:\n    bypas: true\n");
+    assert_eq!(found, (Some(3), "simple_add".into(), "bypas".into(), Some("bypass")));
+    assert!(message.contains("line 3") && message.ends_with("did you mean `bypass:`?"), "{message}");
+    let (found, _) = unknown_field("bypass:\n  f: {bypass: false, tgas: x}\n");
+    assert_eq!(found, (Some(2), "f".into(), "tgas".into(), Some("tags")));
+}
+
+#[test]
+fn a_field_near_no_known_field_lists_the_known_ones() {
+    let (found, message) = unknown_field("bypass:\n  f:\n    bypass: true\n    provider: provider_42\n");
+    assert_eq!(found, (Some(4), "f".into(), "provider".into(), None));
+    assert!(
+        message.ends_with("unknown field `provider:` (the known fields are `bypass:`, `tags:`, `data:`)"),
+        "{message}"
+    );
+}
+
+#[test]
+fn from_file_names_the_path_and_line_of_a_misspelt_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("loop.yaml");
+    std::fs::write(&path, "cache:\n  f: true\nbypass:\n  f:\n    bypass: true\n    tag: x\n")
+        .expect("write yaml");
+    let message = BypassConfig::from_file(&path).expect_err("misspelt field").to_string();
+    assert!(message.starts_with(&format!("bypass config {}, line 6:", path.display())), "{message}");
+    assert!(message.contains("`tag:` — did you mean `tags:`?"), "{message}");
+}
+
+#[test]
+fn a_parse_error_names_the_file_in_its_snippet_not_input() {
+    let message = load_error("bypass:\n  f: true\n  g: [unclosed\n").to_string();
+    assert!(message.contains("--> loop.yaml:3:"), "{message}");
+    assert!(!message.contains("<input>"), "{message}");
+}
+
+#[test]
+fn a_top_level_key_near_bypass_is_a_typo_and_parsing_still_succeeds() {
+    let yaml =
+        "iterations: 4\nbypas:\n  simple_add: true\ncache:\n  simple_add: true\nBypass: {}\nbypasses: 1\n";
+    let document: YamlValue = serde_saphyr::from_str(yaml).expect("YAML");
+    let found: Vec<(String, Option<u64>, &str)> = section::section_typos(&document, "bypass")
+        .into_iter()
+        .map(|typo| (typo.found, typo.line, typo.section))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("bypas".to_string(), Some(2), "bypass"),
+            ("Bypass".to_string(), Some(6), "bypass"),
+            ("bypasses".to_string(), Some(7), "bypass"),
+        ]
+    );
+    // Only a warning: the file loads, and bypasses nothing since `bypass:` is absent.
+    assert!(load(yaml).is_empty());
+    let document: YamlValue = serde_saphyr::from_str("bypass: {}\ncache: {}\nloop: {}\n").expect("YAML");
+    assert!(section::section_typos(&document, "bypass").is_empty());
+}
+
+#[test]
+fn every_yaml_file_of_the_examples_loads_as_before() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let files = yaml_files(&examples);
+    assert!(!files.is_empty(), "no .yaml under {}", examples.display());
+    for path in files {
+        BypassConfig::from_file(&path).unwrap_or_else(|error| panic!("{error}"));
+    }
+}
+
+fn yaml_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read examples") {
+        let path = entry.expect("directory entry").path();
+        if path.is_dir() {
+            found.extend(yaml_files(&path));
+        } else if path.extension().is_some_and(|extension| extension == "yaml" || extension == "yml") {
+            found.push(path);
+        }
+    }
+    found
 }
 
 // ---------------------------------------------------------------------------- shipping

@@ -4,6 +4,8 @@
 use std::io;
 use std::path::PathBuf;
 
+use crate::config::section::{at_line, unknown_field_hint};
+
 /// Why a budget, a configuration or a store operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -36,6 +38,22 @@ pub enum CacheError {
     /// A `tags:` pattern is not a valid regular expression (Rust `regex` syntax).
     #[error("cache config {origin}: function {function:?} has an invalid tag pattern {pattern:?}: {source}")]
     InvalidTagPattern { origin: String, function: String, pattern: String, source: regex::Error },
+
+    /// A function's settings hold a field the `cache:` section does not know (a typo, most
+    /// likely); `suggestion` is the closest known field, if one is near.
+    #[error(
+        "cache config {origin}{}: function {function:?}: unknown field `{field}:`{}",
+        at_line(*line),
+        unknown_field_hint(*suggestion, known)
+    )]
+    UnknownField {
+        origin: String,
+        line: Option<u64>,
+        function: String,
+        field: String,
+        suggestion: Option<&'static str>,
+        known: &'static [&'static str],
+    },
 
     /// The cache directory cannot be created, locked or listed.
     #[error("cannot open cache directory {dir}: {source}")]

@@ -1,6 +1,8 @@
 //! Budgets in units, and the YAML `cache:` section (the original `_load_cache_config` and
 //! `is_cached`).
 
+use chia_cache::config::section;
+use chia_cache::config::yaml_value::YamlValue;
 use chia_cache::{CacheConfig, CacheError, CacheRule, TagPatterns, parse_budget};
 
 const ORIGIN: &str = "loop.yaml";
@@ -291,4 +293,160 @@ fn deserializing_an_invalid_pattern_fails() {
     bytes[at + 1] = b'(';
     let error = rmp_serde::from_slice::<CacheConfig>(&bytes).expect_err("invalid pattern");
     assert!(error.to_string().contains("o("), "{error}");
+}
+
+// ---------------------------------------------------------------------------- strictness
+
+/// What an unknown-field error says: line, function, field and suggestion.
+type UnknownField = (Option<u64>, String, String, Option<&'static str>);
+
+/// The unknown-field error of `yaml`, and its message.
+fn unknown_field(yaml: &str) -> (UnknownField, String) {
+    let error = load_error(yaml);
+    let message = error.to_string();
+    match error {
+        CacheError::UnknownField { origin, line, function, field, suggestion, .. } => {
+            assert_eq!(origin, ORIGIN);
+            ((line, function, field, suggestion), message)
+        }
+        other => panic!("{yaml}\n-> expected UnknownField, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_misspelt_field_is_an_error_naming_the_file_the_line_and_the_closest_field() {
+    let yaml = "# loop settings\ncache:\n  run_verilator_test:\n    cache: true\n    tag: [\"iter.*\"]\n";
+    let (found, message) = unknown_field(yaml);
+    assert_eq!(found, (Some(5), "run_verilator_test".into(), "tag".into(), Some("tags")));
+    assert_eq!(
+        message,
+        "cache config loop.yaml, line 5: function \"run_verilator_test\": unknown field `tag:` — did you mean `tags:`?"
+    );
+}
+
+#[test]
+fn a_misspelt_flag_is_an_error_even_though_it_leaves_the_function_off() {
+    // Without the check, `cahce: true` reads as a mapping without `cache:`: silently off.
+    let (found, message) = unknown_field("cache:\n  f:\n    cahce: true\n");
+    assert_eq!(found, (Some(3), "f".into(), "cahce".into(), Some("cache")));
+    assert!(message.contains("line 3") && message.contains("did you mean `cache:`?"), "{message}");
+    let (found, _) = unknown_field("cache:\n  f: {cache: false, Tags: x}\n");
+    assert_eq!(found, (Some(2), "f".into(), "Tags".into(), Some("tags")));
+}
+
+#[test]
+fn a_field_near_no_known_field_lists_the_known_ones() {
+    let (found, message) = unknown_field("cache:\n  f:\n    cache: true\n    data: perf.md\n");
+    assert_eq!(found, (Some(4), "f".into(), "data".into(), None));
+    assert!(message.ends_with("unknown field `data:` (the known fields are `cache:`, `tags:`)"), "{message}");
+    // A key that is not a name is unknown too, and shown as written.
+    let (found, _) = unknown_field("cache:\n  f:\n    cache: true\n    3: x\n");
+    assert_eq!(found, (Some(4), "f".into(), "3".into(), None));
+}
+
+#[test]
+fn from_file_names_the_path_and_line_of_a_misspelt_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("loop.yaml");
+    std::fs::write(&path, "cache:\n  f:\n    cache: true\n    tgas: ['iter.*']\n").expect("write yaml");
+    let message = CacheConfig::from_file(&path).expect_err("misspelt field").to_string();
+    assert!(message.starts_with(&format!("cache config {}, line 4:", path.display())), "{message}");
+    assert!(message.contains("`tgas:` — did you mean `tags:`?"), "{message}");
+}
+
+#[test]
+fn a_parse_error_names_the_file_in_its_snippet_not_input() {
+    let message = load_error("cache:\n  f: true\n  g: [unclosed\n").to_string();
+    assert!(message.contains("--> loop.yaml:3:"), "{message}");
+    assert!(!message.contains("<input>"), "{message}");
+}
+
+#[test]
+fn a_top_level_key_near_cache_is_a_typo_and_other_sections_are_not() {
+    let document = |yaml: &str| -> YamlValue { serde_saphyr::from_str(yaml).expect("YAML") };
+    let yaml = "iterations: 4\ncahce:\n  f: true\nbypass:\n  f: true\nCache: {}\ncaches: 1\ncatch: 2\n";
+    let found: Vec<(String, Option<u64>, &str)> = section::section_typos(&document(yaml), "cache")
+        .into_iter()
+        .map(|typo| (typo.found, typo.line, typo.section))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("cahce".to_string(), Some(2), "cache"),
+            ("Cache".to_string(), Some(6), "cache"),
+            ("caches".to_string(), Some(7), "cache"),
+            ("catch".to_string(), Some(8), "cache"),
+        ]
+    );
+    // The section itself, and sections more than two edits away, are not typos.
+    assert!(
+        section::section_typos(&document("cache: {}\nbypass: {}\nloop: {}\nchase: 1\n"), "cache").is_empty()
+    );
+    // A misspelt section is only warned about: the file still loads (with nothing cached).
+    assert!(load(yaml).is_empty());
+    assert_eq!(load("cahce:\n  f: true\ncache:\n  g: true\n").rule("g"), Some(&CacheRule::All));
+}
+
+#[test]
+fn a_misspelt_top_level_section_is_logged_as_a_warning_with_the_suggestion() {
+    let logged = capture_logs(|| {
+        assert!(load("bypass:\n  f: true\nchache:\n  f: true\n").is_empty());
+    });
+    assert!(logged.contains("WARN"), "{logged}");
+    assert!(
+        logged.contains("loop.yaml, line 3: top-level key `chache:` is not read — did you mean `cache:`?"),
+        "{logged}"
+    );
+    // Each section warns about its own name only: `bypass:` is no typo of `cache:`.
+    assert!(!logged.contains("`bypass:` is not read"), "{logged}");
+}
+
+#[test]
+fn every_yaml_file_of_the_examples_loads_as_before() {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let files = yaml_files(&examples);
+    assert!(!files.is_empty(), "no .yaml under {}", examples.display());
+    for path in files {
+        let config = CacheConfig::from_file(&path).unwrap_or_else(|error| panic!("{error}"));
+        if path.ends_with("bypass_cache/bypass_cache.yaml") {
+            assert_eq!(patterns(&config, "expensive_step"), ["iter.*"]);
+        }
+    }
+}
+
+fn yaml_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read examples") {
+        let path = entry.expect("directory entry").path();
+        if path.is_dir() {
+            found.extend(yaml_files(&path));
+        } else if path.extension().is_some_and(|extension| extension == "yaml" || extension == "yml") {
+            found.push(path);
+        }
+    }
+    found
+}
+
+/// What `body` logs, as the `fmt` subscriber prints it.
+fn capture_logs(body: impl FnOnce()) -> String {
+    let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let writer = buffer.clone();
+    let subscriber =
+        tracing_subscriber::fmt().with_ansi(false).with_writer(move || SharedWriter(writer.clone())).finish();
+    tracing::subscriber::with_default(subscriber, body);
+    let bytes = buffer.lock().expect("log buffer").clone();
+    String::from_utf8(bytes).expect("UTF-8 logs")
+}
+
+struct SharedWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for SharedWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

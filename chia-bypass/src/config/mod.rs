@@ -20,7 +20,12 @@
 //! - `fn: true` bypasses every call; `fn: {bypass: true, tags: ...}` bypasses the calls whose
 //!   tag matches; `tags:` is one pattern or a list of them; `tags: []` bypasses nothing.
 //! - `fn: false`, `fn: {bypass: false}` or a mapping without `bypass:` leaves the function out,
-//!   and its other settings are not checked.
+//!   and the values of its other settings are not checked.
+//! - Stricter than the original: a function's settings may hold only `bypass:`, `tags:` and
+//!   `data:`; any other field (`tag:`, `bypas:`) is an error naming the file, its line and the
+//!   closest known field, even in a function that is off (a misspelt `bypass:` is what turns
+//!   it off). Other top-level sections are not read, but one within two edits of `bypass`
+//!   (`bypas:`) is warned about.
 //! - A spec of another type (a string, a number, a list) is ignored with a warning.
 //! - A pattern must match the *whole* tag (Python's `re.fullmatch`), in Rust `regex` syntax; an
 //!   invalid pattern is an error at load naming the file, the function and the pattern.
@@ -43,6 +48,9 @@ use crate::BypassError;
 // One YAML reading for the file both sections live in (PyYAML-style booleans included).
 use chia_cache::config::section;
 use chia_cache::config::yaml_value::YamlValue;
+
+/// The fields a function's settings may hold in the `bypass:` section.
+pub const BYPASS_FIELDS: &[&str] = &["bypass", "tags", "data"];
 
 /// Which functions are bypassed, for which tags, and with which recorded data. The default is
 /// the configuration of a run without YAML: nothing is bypassed.
@@ -72,15 +80,16 @@ impl BypassConfig {
     }
 
     /// Reads the `bypass:` section of a YAML document. `origin` names the document in errors
-    /// and logs (usually its path).
+    /// and logs: its path, or what the caller calls text that never was a file.
     pub fn from_yaml_str(text: &str, origin: &str) -> Result<Self, BypassError> {
         let problem = |problem| config_error(origin, problem);
-        let Some(section) = section::read_section(text, "bypass").map_err(problem)? else {
+        let Some(section) = section::read_section(text, "bypass", origin).map_err(problem)? else {
             return Ok(Self::new());
         };
         let mut config = BypassConfig::new();
         for (function, settings) in
-            section::enabled_functions(&section, "bypass", "bypass", origin).map_err(problem)?
+            section::enabled_functions(&section, "bypass", "bypass", BYPASS_FIELDS, origin)
+                .map_err(problem)?
         {
             let setting = |key| settings.and_then(|s| s.get(key));
             let rule = BypassRule {
@@ -191,6 +200,9 @@ fn config_error(origin: &str, problem: section::Problem) -> BypassError {
         }
         section::Problem::InvalidTagPattern { function, pattern, source } => {
             BypassError::InvalidTagPattern { origin, function, pattern, source }
+        }
+        section::Problem::UnknownField { function, field, line, suggestion, known } => {
+            BypassError::UnknownField { origin, line, function, field, suggestion, known }
         }
     }
 }

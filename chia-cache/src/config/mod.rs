@@ -15,6 +15,11 @@
 //! - `fn: true` caches every call; `fn: {cache: true, tags: ...}` caches the calls whose tag
 //!   matches; `tags:` is one pattern or a list of them; `tags: []` caches nothing.
 //! - `fn: false`, `fn: {cache: false}` or a mapping without `cache:` leaves the function out.
+//! - Stricter than the original: a function's settings may hold only `cache:` and `tags:`; any
+//!   other field (`tag:`, `cahce:`) is an error naming the file, its line and the closest known
+//!   field, even in a function that is off (a misspelt `cache:` is what turns it off). Other
+//!   top-level sections are not read, but one within two edits of `cache` (`cahce:`) is warned
+//!   about.
 //! - A spec of another type (a string, a number, a list) is ignored, as in the original, with
 //!   a warning.
 //! - A pattern must match the *whole* tag (Python's `re.fullmatch`). Patterns use Rust `regex`
@@ -38,6 +43,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::CacheError;
 pub use chia_core::tags::{InvalidPattern, TagPatterns};
+
+/// The fields a function's settings may hold in the `cache:` section.
+pub const CACHE_FIELDS: &[&str] = &["cache", "tags"];
 
 /// Which functions are cached, and for which tags. Serializes as a map from function name to
 /// [`CacheRule`], with patterns as their source strings (compiled again on deserialize), so it
@@ -65,15 +73,15 @@ impl CacheConfig {
     }
 
     /// Reads the `cache:` section of a YAML document. `origin` names the document in errors
-    /// and logs (usually its path).
+    /// and logs: its path, or what the caller calls text that never was a file.
     pub fn from_yaml_str(text: &str, origin: &str) -> Result<Self, CacheError> {
         let problem = |problem| config_error(origin, problem);
-        let Some(section) = section::read_section(text, "cache").map_err(problem)? else {
+        let Some(section) = section::read_section(text, "cache", origin).map_err(problem)? else {
             return Ok(Self::new());
         };
         let mut config = CacheConfig::new();
         for (function, settings) in
-            section::enabled_functions(&section, "cache", "cache", origin).map_err(problem)?
+            section::enabled_functions(&section, "cache", "cache", CACHE_FIELDS, origin).map_err(problem)?
         {
             let rule = match section::tag_patterns(function, settings.and_then(|s| s.get("tags")))
                 .map_err(problem)?
@@ -151,6 +159,9 @@ fn config_error(origin: &str, problem: section::Problem) -> CacheError {
         }
         section::Problem::InvalidTagPattern { function, pattern, source } => {
             CacheError::InvalidTagPattern { origin, function, pattern, source }
+        }
+        section::Problem::UnknownField { function, field, line, suggestion, known } => {
+            CacheError::UnknownField { origin, line, function, field, suggestion, known }
         }
     }
 }

@@ -2,9 +2,22 @@
 //! of function names to `true`/`false`, or to settings with an on/off flag and `tags:`. Each
 //! section reads its own extra settings and turns a [`Problem`] into its own error type (which
 //! names the section).
+//!
+//! Strictness, which the original did not have: a field a section does not know, inside a
+//! function's settings, is an error naming its line and the closest known field, because a
+//! typo there (`tag:` for `tags:`, `bypas: true`) otherwise silently caches every call or
+//! turns bypass off. The top level stays open (the same file carries the loop's own
+//! settings); only a key within [`TYPO_DISTANCE`] edits of the section's name is warned about.
+
+use chia_core::names::closest_name;
 
 use super::TagPatterns;
 use super::yaml_value::YamlValue;
+
+/// How many edits away a key may be from a known name to be taken for a misspelling of it. Two
+/// catch a dropped, doubled or swapped letter or two (`bypas`, `chache`, `tgas`) without taking
+/// different words for typos (`data` is three edits from `tags`).
+pub const TYPO_DISTANCE: usize = 2;
 
 /// What is wrong with a section, before the section's error type adds the file's name.
 #[derive(Debug)]
@@ -15,18 +28,51 @@ pub enum Problem {
     Shape { function: Option<String>, message: String },
     /// A `tags:` pattern that is not a valid regular expression.
     InvalidTagPattern { function: String, pattern: String, source: regex::Error },
+    /// A key in a function's settings that the section does not know.
+    UnknownField {
+        function: String,
+        field: String,
+        line: Option<u64>,
+        /// The known field closest to `field`, if one is within [`TYPO_DISTANCE`] edits.
+        suggestion: Option<&'static str>,
+        known: &'static [&'static str],
+    },
+}
+
+/// A top-level key that looks like a misspelt section name (`bypas:` for `bypass:`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SectionTypo {
+    /// The key as written.
+    pub found: String,
+    pub line: Option<u64>,
+    /// The section it is probably meant to be.
+    pub section: &'static str,
 }
 
 /// The section `key` of a YAML document; `None` when it is absent or empty. Other sections are
-/// skipped.
-pub fn read_section(text: &str, key: &str) -> Result<Option<YamlValue>, Problem> {
+/// skipped, with a warning for those that look like a misspelling of `key`. `origin` names the
+/// document in the parser's message (its snippet header) and in the warnings.
+pub fn read_section(text: &str, key: &'static str, origin: &str) -> Result<Option<YamlValue>, Problem> {
     let document: Option<YamlValue> = serde_saphyr::from_str(text).map_err(|error| Problem::Parse {
         line: error.location().map(|location| location.line()),
-        message: error.to_string(),
+        // Rendered with the document's name: the default header says `<input>`.
+        message: error.render_with_options(serde_saphyr::render_options! { source_name: Some(origin) }),
     })?;
     match document {
         None | Some(YamlValue::Null) => Ok(None),
-        Some(top @ YamlValue::Mapping(_)) => Ok(top.get(key).filter(|s| **s != YamlValue::Null).cloned()),
+        Some(top @ YamlValue::Mapping(_)) => {
+            for typo in section_typos(&top, key) {
+                tracing::warn!(
+                    origin,
+                    line = typo.line,
+                    "{origin}{}: top-level key `{}:` is not read — did you mean `{}:`?",
+                    at_line(typo.line),
+                    typo.found,
+                    typo.section
+                );
+            }
+            Ok(top.get(key).filter(|s| **s != YamlValue::Null).cloned())
+        }
         Some(other) => Err(Problem::Parse {
             line: None,
             message: format!("the top level must be a mapping of sections, not {}", other.describe()),
@@ -34,13 +80,30 @@ pub fn read_section(text: &str, key: &str) -> Result<Option<YamlValue>, Problem>
     }
 }
 
+/// The top-level keys of `document` that are not `section` but within [`TYPO_DISTANCE`] edits
+/// of it, in document order.
+pub fn section_typos(document: &YamlValue, section: &'static str) -> Vec<SectionTypo> {
+    let YamlValue::Mapping(entries) = document else { return Vec::new() };
+    entries
+        .iter()
+        .filter_map(|entry| {
+            let found = entry.key.as_str()?;
+            let section = closest_name(found, [section], TYPO_DISTANCE)?;
+            Some(SectionTypo { found: found.to_owned(), line: entry.line, section })
+        })
+        .collect()
+}
+
 /// The functions a section turns on, in file order, each with its settings mapping (`None`
 /// for the `fn: true` shorthand). `fn: false`, a mapping whose `flag` is false or absent, and
-/// specs of other types (ignored with a warning) are left out.
+/// specs of other types (ignored with a warning) are left out. Every settings mapping, on or
+/// off, may hold only the `fields` (the flag among them): a misspelt flag is what turns a
+/// function off by mistake.
 pub fn enabled_functions<'a>(
     section: &'a YamlValue,
     key: &str,
     flag: &str,
+    fields: &'static [&'static str],
     origin: &str,
 ) -> Result<Vec<(&'a str, Option<&'a YamlValue>)>, Problem> {
     let YamlValue::Mapping(entries) = section else {
@@ -53,23 +116,27 @@ pub fn enabled_functions<'a>(
         });
     };
     let mut enabled = Vec::new();
-    for (name, spec) in entries {
-        let Some(function) = name.as_str() else {
-            tracing::warn!(origin, key = %name.describe(), "{key} config: ignoring a key that is not a function name");
+    for entry in entries {
+        let spec = &entry.value;
+        let Some(function) = entry.key.as_str() else {
+            tracing::warn!(origin, key = %entry.key.describe(), "{key} config: ignoring a key that is not a function name");
             continue;
         };
         let on = match spec {
             YamlValue::Bool(on) => *on,
-            YamlValue::Mapping(_) => match spec.get(flag) {
-                None | Some(YamlValue::Null) => false,
-                Some(YamlValue::Bool(on)) => *on,
-                Some(other) => {
-                    return Err(Problem::Shape {
-                        function: Some(function.to_owned()),
-                        message: format!("`{flag}:` must be true or false, not {}", other.describe()),
-                    });
+            YamlValue::Mapping(settings) => {
+                check_fields(function, settings, fields)?;
+                match spec.get(flag) {
+                    None | Some(YamlValue::Null) => false,
+                    Some(YamlValue::Bool(on)) => *on,
+                    Some(other) => {
+                        return Err(Problem::Shape {
+                            function: Some(function.to_owned()),
+                            message: format!("`{flag}:` must be true or false, not {}", other.describe()),
+                        });
+                    }
                 }
-            },
+            }
             other => {
                 tracing::warn!(
                     origin,
@@ -85,6 +152,27 @@ pub fn enabled_functions<'a>(
         }
     }
     Ok(enabled)
+}
+
+/// The first key of a function's settings that is not one of `fields`, as an error.
+fn check_fields(
+    function: &str,
+    settings: &[super::yaml_value::MappingEntry],
+    fields: &'static [&'static str],
+) -> Result<(), Problem> {
+    let Some(unknown) =
+        settings.iter().find(|entry| entry.key.as_str().is_none_or(|name| !fields.contains(&name)))
+    else {
+        return Ok(());
+    };
+    let field = unknown.key.key_text();
+    Err(Problem::UnknownField {
+        function: function.to_owned(),
+        suggestion: closest_name(&field, fields.iter().copied(), TYPO_DISTANCE),
+        field,
+        line: unknown.line,
+        known: fields,
+    })
 }
 
 /// A function's `tags:` (one pattern or a list); `None` when absent or null (every call).
@@ -113,4 +201,21 @@ pub fn tag_patterns(function: &str, tags: Option<&YamlValue>) -> Result<Option<T
         pattern: invalid.pattern,
         source: invalid.source,
     })
+}
+
+/// `", line 4"`, or nothing when the line is unknown: for messages that follow the file name.
+pub fn at_line(line: Option<u64>) -> String {
+    line.map(|line| format!(", line {line}")).unwrap_or_default()
+}
+
+/// What follows "unknown field `x:`" in a message: the suggestion when there is one, else the
+/// fields the section knows.
+pub fn unknown_field_hint(suggestion: Option<&str>, known: &[&str]) -> String {
+    match suggestion {
+        Some(field) => format!(" — did you mean `{field}:`?"),
+        None => {
+            let known: Vec<String> = known.iter().map(|field| format!("`{field}:`")).collect();
+            format!(" (the known fields are {})", known.join(", "))
+        }
+    }
 }

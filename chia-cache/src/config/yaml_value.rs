@@ -1,10 +1,12 @@
 //! A minimal untyped YAML value, so the `cache:` and `bypass:` sections can be read with the
 //! original's dynamic rules (a function's spec may be a bool or a mapping, `tags` a string or
-//! a list) instead of a rigid schema that would reject what the original accepted.
+//! a list) instead of a rigid schema that would reject what the original accepted. Mapping
+//! keys keep their line, so an error about a key (a misspelt field) can point at it.
 
 use std::fmt;
 
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_saphyr::Spanned;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum YamlValue {
@@ -15,7 +17,16 @@ pub enum YamlValue {
     String(String),
     Sequence(Vec<YamlValue>),
     /// Entries in document order.
-    Mapping(Vec<(YamlValue, YamlValue)>),
+    Mapping(Vec<MappingEntry>),
+}
+
+/// One `key: value` of a mapping.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MappingEntry {
+    pub key: YamlValue,
+    pub value: YamlValue,
+    /// The 1-based line of the key in its document; `None` when the parser knew none.
+    pub line: Option<u64>,
 }
 
 impl YamlValue {
@@ -31,9 +42,21 @@ impl YamlValue {
     pub fn get(&self, key: &str) -> Option<&YamlValue> {
         match self {
             YamlValue::Mapping(entries) => {
-                entries.iter().rev().find(|(k, _)| k.as_str() == Some(key)).map(|(_, v)| v)
+                entries.iter().rev().find(|entry| entry.key.as_str() == Some(key)).map(|entry| &entry.value)
             }
             _ => None,
+        }
+    }
+
+    /// A mapping's key as the user wrote it, for messages: a string as is, a scalar as its
+    /// text, anything else described.
+    pub fn key_text(&self) -> String {
+        match self {
+            YamlValue::String(text) => text.clone(),
+            YamlValue::Bool(flag) => flag.to_string(),
+            YamlValue::Int(number) => number.to_string(),
+            YamlValue::Float(number) => number.to_string(),
+            YamlValue::Null | YamlValue::Sequence(_) | YamlValue::Mapping(_) => self.describe(),
         }
     }
 
@@ -120,8 +143,10 @@ impl<'de> Visitor<'de> for YamlValueVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<YamlValue, A::Error> {
         let mut entries = Vec::new();
-        while let Some(entry) = map.next_entry()? {
-            entries.push(entry);
+        while let Some((key, value)) = map.next_entry::<Spanned<YamlValue>, YamlValue>()? {
+            // Line 0 is serde-saphyr's "unknown location".
+            let line = Some(key.referenced.line()).filter(|line| *line > 0);
+            entries.push(MappingEntry { key: key.value, value, line });
         }
         Ok(YamlValue::Mapping(entries))
     }
