@@ -3,7 +3,7 @@
 //! files at open. An advisory `flock` on a lock file inside the directory makes the second
 //! open fail instead; the kernel releases it when the process dies, however it dies.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::Path;
 
 use super::naming::LOCK_FILE_NAME;
@@ -18,7 +18,7 @@ pub(crate) struct DirLock {
 impl DirLock {
     pub(crate) fn acquire(dir: &Path) -> Result<Self, CacheError> {
         let open_error = |source| CacheError::OpenDirectory { dir: dir.to_owned(), source };
-        let file = OpenOptions::new()
+        let file = super::permissions::private_file_options()
             .read(true)
             .write(true)
             .create(true)

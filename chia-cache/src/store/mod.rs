@@ -5,13 +5,14 @@ mod format;
 mod index;
 mod naming;
 mod options;
+mod permissions;
 mod warm_start;
 
 #[cfg(test)]
 mod tests;
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,7 +81,9 @@ pub use options::{Durability, StoreOptions};
 ///     32        tag (UTF-8), then the payload
 /// ```
 ///
-/// Temporary files are `.chia-tmp-<pid>-<n>.tmp`; the lock file is `.chia-cache.lock`.
+/// Temporary files are `.chia-tmp-<pid>-<n>.tmp`; the lock file is `.chia-cache.lock`. On Unix
+/// the directory is 0700 (created so, or tightened at open) and every file is created 0600:
+/// entries are task results, readable by their owner only.
 ///
 /// [`read`]: CacheStore::read
 /// [`has`]: CacheStore::has
@@ -134,7 +137,8 @@ impl CacheStore {
     /// another store holds it ([`CacheError::DirectoryLocked`]).
     pub fn open(dir: impl AsRef<Path>, budget_bytes: u64, options: StoreOptions) -> Result<Self, CacheError> {
         let dir = dir.as_ref().to_owned();
-        fs::create_dir_all(&dir).map_err(|source| CacheError::OpenDirectory { dir: dir.clone(), source })?;
+        permissions::create_private_dir(&dir)
+            .map_err(|source| CacheError::OpenDirectory { dir: dir.clone(), source })?;
         let lock = DirLock::acquire(&dir)?;
         let warm = warm_start::load(&dir, budget_bytes)?;
         tracing::info!(
@@ -340,7 +344,7 @@ impl CacheStore {
 
     /// Writes the complete entry to `temp_path`, synced as the durability policy asks.
     fn write_temp_file(&self, temp_path: &Path, tag: &str, payload: &[u8]) -> io::Result<()> {
-        let mut file = OpenOptions::new().write(true).create_new(true).open(temp_path)?;
+        let mut file = permissions::private_file_options().write(true).create_new(true).open(temp_path)?;
         file.write_all(&format::encode_prefix(tag, payload))?;
         // Two writes rather than one only so that tests can fail a write half-way through.
         let (first_half, second_half) = payload.split_at(payload.len() / 2);

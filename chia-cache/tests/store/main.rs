@@ -7,4 +7,6 @@ mod concurrency;
 mod crash;
 mod disk_full;
 mod integrity;
+#[cfg(unix)]
+mod modes;
 mod warm_start;
