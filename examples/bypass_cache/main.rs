@@ -26,9 +26,10 @@ struct Args {
     /// The YAML with the `cache:` and `bypass:` sections.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/bypass_cache/bypass_cache.yaml"))]
     config: PathBuf,
-    /// The cache directory, on the head node; it persists between runs.
-    #[arg(long, default_value_os_t = std::env::temp_dir().join("chia-bypass-cache-demo"))]
-    cache_dir: PathBuf,
+    /// The cache directory, on the head node; it persists between runs. Default:
+    /// `$XDG_CACHE_HOME/chia-rs/bypass-cache-demo`, else `~/.cache/chia-rs/bypass-cache-demo`.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
     /// Empty the cache before the loop, so every call runs for real.
     #[arg(long)]
     flush_cache: bool,
@@ -45,13 +46,17 @@ async fn main() -> anyhow::Result<()> {
     chia::init_logging("warn");
     let args = Args::parse();
     let started = Instant::now();
+    let cache_dir = match args.cache_dir {
+        Some(dir) => dir,
+        None => default_cache_dir()?,
+    };
     let cx = chia::Init::new().local_workers(4).connect().await?;
-    let cache = start_cache(&cx, 1.0, "GiB", &args.cache_dir, Some(&args.config), None).await?;
+    let cache = start_cache(&cx, 1.0, "GiB", &cache_dir, Some(&args.config), None).await?;
     if args.flush_cache {
         cache.flush().await?;
         println!("cache flushed: this run starts cold");
     }
-    println!("cache {} holds {} entries", args.cache_dir.display(), cache.keys().await?.len());
+    println!("cache {} holds {} entries", cache_dir.display(), cache.keys().await?.len());
 
     let bypass = Bypass::load(&cx, Some(&args.config)).await?;
     bypass.replay_from_cache("expensive_step")?;
@@ -87,4 +92,24 @@ async fn main() -> anyhow::Result<()> {
     );
     cx.shutdown().await;
     Ok(())
+}
+
+/// A per-user place for the cache, not the machine's shared temporary directory, where other
+/// users could read the results or plant a directory of their own under the expected name.
+/// Found from this driver's environment; with `cargo xtask cluster-local` or the embedded
+/// cluster the head runs on this machine as this user, on a remote head pass `--cache-dir`.
+fn default_cache_dir() -> anyhow::Result<PathBuf> {
+    // The XDG base directory rules: a relative value is invalid and ignored.
+    let absolute =
+        |variable: &str| std::env::var_os(variable).map(PathBuf::from).filter(|path| path.is_absolute());
+    if let Some(cache_home) = absolute("XDG_CACHE_HOME") {
+        return Ok(cache_home.join("chia-rs").join("bypass-cache-demo"));
+    }
+    if let Some(home) = absolute("HOME") {
+        return Ok(home.join(".cache").join("chia-rs").join("bypass-cache-demo"));
+    }
+    anyhow::bail!(
+        "no per-user cache directory: neither $XDG_CACHE_HOME nor $HOME is an absolute path; \
+         pass --cache-dir DIR (a directory only you can read; not a shared one such as /tmp)"
+    )
 }

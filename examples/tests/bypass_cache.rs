@@ -51,3 +51,54 @@ fn a_cold_run_populates_the_cache_and_a_warm_run_replays_iterations_1_and_3() {
     assert_eq!(real_runs(&flushed).len(), 16, "{flushed}");
     assert!(flushed.contains("iter1_call0: runs (condition chia.cache_hit returned false)"), "{flushed}");
 }
+
+/// Runs the example without `--cache-dir`, one short iteration, with `environment` set (and
+/// the cache variables not in it removed).
+fn run_with_default_dir(environment: &[(&str, &std::path::Path)]) -> std::process::Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_bypass_cache"));
+    command
+        .args(["--iterations", "1", "--calls", "1"])
+        .env_remove("CHIA_ADDRESS")
+        .env_remove("CHIA_CLUSTER_FILE")
+        .env_remove("CHIA_LOCAL_WORKERS")
+        .env_remove("CHIA_LOCAL_RESOURCES")
+        .env_remove("XDG_CACHE_HOME")
+        .env_remove("HOME");
+    for (name, value) in environment {
+        command.env(name, value);
+    }
+    command.output().expect("the example starts")
+}
+
+#[test]
+fn the_default_cache_directory_is_per_user_and_private_not_in_tmp() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mode = |path: &std::path::Path| {
+        std::fs::metadata(path).expect("the cache exists").permissions().mode() & 0o777
+    };
+
+    let xdg = dir.path().join("xdg");
+    let output = run_with_default_dir(&[("XDG_CACHE_HOME", &xdg), ("HOME", &dir.path().join("home"))]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let expected = xdg.join("chia-rs/bypass-cache-demo");
+    assert!(stdout.contains(&format!("cache {} holds 0 entries", expected.display())), "{stdout}");
+    assert_eq!(mode(&expected), 0o700);
+    assert!(!dir.path().join("home").exists(), "$XDG_CACHE_HOME comes first");
+
+    let home = dir.path().join("home");
+    let output = run_with_default_dir(&[("HOME", &home)]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let expected = home.join(".cache/chia-rs/bypass-cache-demo");
+    assert!(stdout.contains(&format!("cache {} holds 0 entries", expected.display())), "{stdout}");
+    assert_eq!(mode(&expected), 0o700);
+
+    // Neither: a clear error naming the way out, rather than a shared directory.
+    let output = run_with_default_dir(&[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("no per-user cache directory") && stderr.contains("--cache-dir"), "{stderr}");
+}
