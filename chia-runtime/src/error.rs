@@ -1,6 +1,7 @@
 //! The error a user sees from `get`, `wait` and `init`.
 
 use chia_core::{TaskError, TaskId};
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -20,6 +21,26 @@ pub enum Error {
     /// Connecting to or starting the cluster failed.
     #[error("{0}")]
     Setup(String),
+    /// `start_cache` found a cache already running with another directory or budget.
+    #[error(
+        "a cache is already running in {} with a budget of {}; start_cache asked for {} with {}. \
+         Pass the same directory and budget to use it, or stop it (stop_cache) to start another",
+        running_dir.display(),
+        describe_bytes(*running_budget),
+        requested_dir.display(),
+        describe_bytes(*requested_budget)
+    )]
+    CacheConflict { running_dir: PathBuf, running_budget: u64, requested_dir: PathBuf, requested_budget: u64 },
+}
+
+/// `1073741824 bytes (1 GiB)`: the exact figure, and the largest binary unit it is a whole
+/// number of, so two budgets that differ are visibly different.
+fn describe_bytes(bytes: u64) -> String {
+    const UNITS: [(&str, u32); 4] = [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)];
+    match UNITS.iter().find(|(_, shift)| bytes != 0 && bytes.is_multiple_of(1u64 << shift)) {
+        Some((unit, shift)) => format!("{bytes} bytes ({} {unit})", bytes >> shift),
+        None => format!("{bytes} bytes"),
+    }
 }
 
 fn infeasible_note(infeasible: &Option<String>) -> String {

@@ -157,3 +157,48 @@ async fn bad_cache_settings_are_clear_errors() {
     let error = start_cache(&cx, 1.0, "MiB", dir.path(), Some(&yaml), None).await.unwrap_err().to_string();
     assert!(error.contains("produce") && error.contains("iter("), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_start_with_another_directory_or_budget_is_an_error_naming_both() {
+    let (cluster, cx) = cluster(&["CPU=2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (first_dir, other_dir) = (dir.path().join("first"), dir.path().join("other"));
+    let cache = start_cache(&cx, 1.0, "MiB", &first_dir, None, None).await.unwrap();
+    cache.write("iter0", &1u64).await.unwrap();
+
+    // The same directory (spelt with a trailing slash) and the same budget in other units:
+    // the running cache, as before.
+    let same_dir = format!("{}/", first_dir.display());
+    let again = start_cache(&cx, 1024.0, "KiB", &same_dir, None, None).await.unwrap();
+    assert_eq!(again.service().id(), cache.service().id());
+
+    // Another directory, from another driver: an error naming both directories.
+    let other_driver = cluster.driver().await.unwrap();
+    match start_cache(&other_driver, 1.0, "MiB", &other_dir, None, None).await {
+        Err(chia::Error::CacheConflict { running_dir, running_budget, requested_dir, requested_budget }) => {
+            assert_eq!((running_dir, running_budget), (first_dir.clone(), 1 << 20));
+            assert_eq!((requested_dir, requested_budget), (other_dir.clone(), 1 << 20));
+        }
+        other => panic!("expected CacheConflict, got {:?}", other.map(|cache| cache.service().id())),
+    }
+    let message = start_cache(&cx, 1.0, "MiB", &other_dir, None, None).await.unwrap_err().to_string();
+    assert!(
+        message
+            .contains(&format!("running in {} with a budget of 1048576 bytes (1 MiB)", first_dir.display())),
+        "{message}"
+    );
+    assert!(message.contains(&format!("asked for {} with 1048576 bytes", other_dir.display())), "{message}");
+    assert!(!other_dir.exists(), "nothing was created in the directory that was refused");
+
+    // Another budget, same directory: an error naming both budgets.
+    let message = start_cache(&cx, 2.0, "MiB", &first_dir, None, None).await.unwrap_err().to_string();
+    assert!(message.contains("a budget of 1048576 bytes (1 MiB)"), "{message}");
+    assert!(message.contains("with 2097152 bytes (2 MiB)"), "{message}");
+
+    // The running cache is untouched, and once stopped another one starts.
+    assert_eq!(cache.read::<u64>("iter0").await.unwrap(), Some(1));
+    assert!(stop_cache(&cx, None).await.unwrap());
+    let other = start_cache(&cx, 2.0, "MiB", &other_dir, None, None).await.unwrap();
+    assert!(other.write("iter1", &2u64).await.unwrap());
+    assert!(other_dir.exists());
+}

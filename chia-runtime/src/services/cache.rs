@@ -23,10 +23,10 @@ use crate::services::service::{ServiceHandle, ServiceOptions, stop_service};
 use chia_cache::{CacheConfig, CacheError, CacheRule, CacheStore, StoreOptions, parse_budget};
 use chia_core::TaskError;
 use chia_core::protocol::WatchRule;
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf as Bytes;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub use chia_cache::Durability;
 
@@ -97,6 +97,19 @@ impl CacheService {
     pub fn get_config(&self) -> CacheConfig {
         self.config.clone()
     }
+
+    /// The directory and budget the cache was opened with, which a second [`start_cache`]
+    /// compares with its own.
+    pub fn settings(&self) -> CacheSettings {
+        CacheSettings { dir: self.store.dir().to_path_buf(), budget: self.store.budget() }
+    }
+}
+
+/// Where a running cache keeps its entries (on the head node) and how many bytes it may hold.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheSettings {
+    pub dir: PathBuf,
+    pub budget: u64,
 }
 
 fn watch_rules(config: &CacheConfig) -> Vec<WatchRule> {
@@ -126,6 +139,10 @@ fn cache_error(error: CacheError) -> Error {
 /// (B, KB, MB, GB, TB or KiB…TiB, all powers of 1024) in `cache_dir` on the head, with the
 /// `cache:` section of `yaml_path` (read here, on the caller). Every write is fsynced with its
 /// directory ([`Durability::Full`]); see [`start_cache_with`] to choose otherwise.
+///
+/// A cache already running in another directory or with another budget is
+/// [`Error::CacheConflict`], naming both: returning it would send this caller's writes to a
+/// directory and budget it did not ask for (the original did so silently).
 pub async fn start_cache(
     cx: &Context,
     size: f64,
@@ -158,8 +175,21 @@ pub async fn start_cache_with(
     if let Some(namespace) = namespace {
         options = options.namespace(namespace);
     }
-    let dir = cache_dir.as_ref().to_string_lossy().into_owned();
+    let requested_dir = cache_dir.as_ref().to_path_buf();
+    let dir = requested_dir.to_string_lossy().into_owned();
     let service = CacheServiceHandle::start(cx, options, dir, budget, config, durability).await?;
+    // `get_if_exists` may have found a cache started by anyone, with anything: compare. Paths
+    // compare by components (`/data/cache/` is `/data/cache`), not through the file system,
+    // which is the head's and may not be this machine's.
+    let running = service.settings().get().await?;
+    if running.dir != requested_dir || running.budget != budget {
+        return Err(Error::CacheConflict {
+            running_dir: running.dir,
+            running_budget: running.budget,
+            requested_dir,
+            requested_budget: budget,
+        });
+    }
     Ok(Cache { service })
 }
 
