@@ -2,7 +2,8 @@
 //!
 //! `cargo xtask cluster-local` builds `chia-head` and a worker binary, starts a head and N
 //! workers as separate processes on this machine (authenticated QUIC over loopback), prints
-//! how to connect, streams every process's log with a prefix, and stops them all on Ctrl-C.
+//! how to connect, streams every process's log with a prefix, and on Ctrl-C, SIGTERM or SIGHUP
+//! stops them all and removes its temporary state directory (the cluster's credentials).
 //! With `-- COMMAND ...` it runs the command against the cluster instead, tears the cluster
 //! down and exits with the command's status.
 //!

@@ -38,3 +38,170 @@ fn cluster_local_reports_a_bad_config_file() {
     assert!(!output.status.success());
     assert!(stderr.contains("cluster.yaml") && stderr.contains("resourcez"), "{stderr}");
 }
+
+// ---------------------------------------------------------------------------- stop signals
+
+/// Bounds every wait below; never a way to wait for something to happen.
+const BOUND: std::time::Duration = std::time::Duration::from_secs(240);
+
+/// A `cargo xtask cluster-local` running in the background, and its stderr line by line.
+struct ClusterLocal {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl ClusterLocal {
+    fn start(extra: &[&str]) -> ClusterLocal {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["cluster-local", "--workers", "2", "--resources", "adder=1"])
+            .args(extra)
+            .env_remove("CHIA_ADDRESS")
+            .env_remove("CHIA_CLUSTER_FILE")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("xtask runs");
+        let stderr = child.stderr.take().expect("piped");
+        let (send, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        ClusterLocal { child, lines, seen: Vec::new() }
+    }
+
+    /// Waits for the next line containing `text` and returns it.
+    fn wait_for_line(&mut self, text: &str) -> String {
+        let deadline = std::time::Instant::now() + BOUND;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(text) {
+                        return line;
+                    }
+                }
+                Err(e) => {
+                    panic!("no line with {text:?} from xtask ({e}); it printed:\n{}", self.seen.join("\n"))
+                }
+            }
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill").args(["-s", name, &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success(), "kill -s {name}");
+    }
+
+    /// Waits until xtask has exited (its stderr closes, then it is reaped) and returns its status.
+    fn wait_for_exit(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let deadline = std::time::Instant::now() + BOUND;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    let _ = self.child.kill();
+                    panic!("xtask did not exit; it printed:\n{}", self.seen.join("\n"));
+                }
+            }
+        }
+        (self.child.wait().expect("xtask is reaped"), self.seen)
+    }
+}
+
+/// A process as /proc shows it: its pid and its start time (so a reused pid is not mistaken
+/// for it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ProcessId {
+    pid: u32,
+    started: u64,
+}
+
+/// (parent pid, start time, state) of `pid`, if it exists.
+fn stat(pid: u32) -> Option<(u32, u64, char)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold anything; the fields follow the last ')'.
+    let fields: Vec<&str> = text[text.rfind(')')? + 1..].split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    Some((fields.get(1)?.parse().ok()?, fields.get(19)?.parse().ok()?, state))
+}
+
+/// Every process descended from `root`, now.
+fn descendants(root: u32) -> Vec<ProcessId> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc") {
+        let Some(pid) = entry.ok().and_then(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        else {
+            continue;
+        };
+        if let Some((parent, started, _)) = stat(pid) {
+            all.push((pid, parent, started));
+        }
+    }
+    let mut found: Vec<ProcessId> = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(parent) = frontier.pop() {
+        for &(pid, ppid, started) in &all {
+            if ppid == parent {
+                found.push(ProcessId { pid, started });
+                frontier.push(pid);
+            }
+        }
+    }
+    found
+}
+
+/// Whether `process` still runs (a zombie has ended: only its exit status is left).
+fn still_running(process: ProcessId) -> bool {
+    stat(process.pid).is_some_and(|(_, started, state)| started == process.started && state != 'Z')
+}
+
+/// Starts cluster-local with `extra` arguments, waits for `ready`, sends `signal`, and checks
+/// that xtask exits with `128 + signo`, leaving no process it started and no state directory.
+fn stop_with(signal: &str, signal_number: i32, extra: &[&str], ready: &str, expected_processes: usize) {
+    let mut cluster = ClusterLocal::start(extra);
+    let connect = cluster.wait_for_line("CHIA_CLUSTER_FILE=");
+    let cluster_file =
+        std::path::PathBuf::from(connect.split("CHIA_CLUSTER_FILE=").nth(1).expect("a path").trim());
+    let state_dir = cluster_file.parent().expect("the cluster file is in the state directory").to_path_buf();
+    let dir_name = state_dir.file_name().and_then(|name| name.to_str()).unwrap_or_default();
+    assert!(dir_name.starts_with("chia-cluster-"), "{}", state_dir.display());
+    assert!(cluster_file.exists(), "{}", cluster_file.display());
+    cluster.wait_for_line(ready);
+
+    let processes = descendants(cluster.child.id());
+    assert_eq!(processes.len(), expected_processes, "{processes:?}\n{}", cluster.seen.join("\n"));
+    cluster.signal(signal);
+    let (status, seen) = cluster.wait_for_exit();
+    let log = seen.join("\n");
+    assert_eq!(status.code(), Some(128 + signal_number), "{log}");
+    assert!(log.contains(&format!("xtask: SIG{signal}: stopping the cluster")), "{log}");
+    let left: Vec<ProcessId> = processes.into_iter().filter(|&process| still_running(process)).collect();
+    assert!(left.is_empty(), "still running after {signal}: {left:?}\n{log}");
+    assert!(!state_dir.exists(), "{} is left behind\n{log}", state_dir.display());
+}
+
+#[test]
+fn sigterm_stops_the_head_and_the_workers_and_removes_the_state_directory() {
+    // The head and two workers.
+    stop_with("TERM", 15, &[], "press Ctrl-C to stop the cluster", 3);
+}
+
+#[test]
+fn sighup_stops_the_running_command_too() {
+    // The head, two workers and the command.
+    stop_with("HUP", 1, &["--", "sleep", "600"], "xtask: running [\"sleep\", \"600\"]", 4);
+}
+
+#[test]
+fn sigint_stops_the_cluster_like_ctrl_c() {
+    stop_with("INT", 2, &[], "press Ctrl-C to stop the cluster", 3);
+}
