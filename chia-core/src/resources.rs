@@ -59,7 +59,8 @@ impl ResourceAmount {
     /// infinity) are out of range.
     pub fn from_f64(value: f64) -> Result<ResourceAmount, ResourceError> {
         if value > Self::MAX.as_f64() {
-            return Err(ResourceError::OutOfRange { amount: value.to_string(), max: Self::MAX });
+            // In exponent form: `1e300` written out would be 301 digits.
+            return Err(ResourceError::OutOfRange { amount: format!("{value:e}"), max: Self::MAX });
         }
         value.to_string().parse()
     }
@@ -302,7 +303,8 @@ mod tests {
         let error = ResourceAmount::from_f64("1e400".parse().unwrap()).expect_err("infinity");
         assert!(matches!(error, ResourceError::OutOfRange { .. }), "{error:?}");
         assert!(error.to_string().contains("out of range"), "{error}");
-        assert!(matches!(ResourceAmount::from_f64(1e30), Err(ResourceError::OutOfRange { .. })));
+        let error = ResourceAmount::from_f64(1e300).expect_err("too large");
+        assert_eq!(error, ResourceError::OutOfRange { amount: "1e300".into(), max });
         // Negative numbers and NaN are still not amounts at all.
         for value in [-1.0, f64::NEG_INFINITY, f64::NAN] {
             assert!(matches!(ResourceAmount::from_f64(value), Err(ResourceError::BadAmount(_))), "{value}");
