@@ -219,6 +219,19 @@ pub enum PeerToHead {
     Heartbeat,
 }
 
+impl PeerToHead {
+    /// The task of a request the head may answer at once from what it holds, leaving no task
+    /// record behind: a lookup, a stop. After a head restart a peer sends such a request
+    /// again while it is unanswered, since the answer may have died with the head (service
+    /// starts go in [`ResumeSession::starts`] instead).
+    pub fn repeatable_request(&self) -> Option<TaskId> {
+        match self {
+            PeerToHead::LookupService { task, .. } | PeerToHead::StopService { task, .. } => Some(*task),
+            _ => None,
+        }
+    }
+}
+
 /// A peer takes up its session again after the head restarted from its journal (its welcome
 /// named the journal). Everything the peer sent after the `resumed_through`-th frame of the
 /// session (answered in the welcome) is sent again, so nothing that was in flight is lost.
@@ -237,6 +250,11 @@ pub struct ResumeSession {
     /// announced again.
     #[serde(default)]
     pub waiting: Vec<TaskId>,
+    /// The service starts still unanswered, as sent. The previous run may have answered one
+    /// at once and kept no trace of it (refused, or joined to a running instance) and the
+    /// answer died with it: the head decides again each one it knows nothing of.
+    #[serde(default)]
+    pub starts: Vec<ServiceStart>,
 }
 
 /// One run of a task.

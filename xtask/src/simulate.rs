@@ -80,6 +80,10 @@ pub struct Args {
     /// Run in this (debug) build instead of a release build.
     #[arg(long)]
     debug: bool,
+    /// With a failure, print the last events whose description contains TEXT (a task id such
+    /// as `task-2.100`, a session such as `session-7`), and the head's crashes and restarts.
+    #[arg(long, value_name = "TEXT")]
+    trace: Option<String>,
 }
 
 impl Args {
@@ -99,6 +103,7 @@ impl Args {
             late_frames_per_mille: self.late_frames_per_mille.unwrap_or(base.late_frames_per_mille),
             check_every_step: self.check_every_step,
             head_crashes: self.head_crashes,
+            trace: self.trace.clone(),
             ..base
         }
     }
@@ -246,6 +251,7 @@ impl Totals {
                         "virtual_seconds": failure.at.as_secs_f64(),
                         "message": failure.message,
                         "replay": failure.replay,
+                        "trace": failure.trace,
                     });
                     println!("{line}");
                 } else {

@@ -598,7 +598,7 @@ impl HeadCore {
         }
     }
 
-    fn finished(&mut self, session: SessionId, task: TaskId, attempt: u32, outcome: Outcome) {
+    pub(crate) fn finished(&mut self, session: SessionId, task: TaskId, attempt: u32, outcome: Outcome) {
         if !self.runs_on_session(task, session) {
             tracing::warn!("{session} reported {task}, which it is not running; ignored");
             return;

@@ -20,7 +20,7 @@ use crate::core::{CoreOptions, HeadCore, Rejection, TaskKind};
 use crate::outbox::Action;
 use crate::persist::PersistedService;
 use crate::scheduler::Event;
-use chia_core::protocol::{HeadToPeer, PeerToHead, ResumeSession, TaskAttempt};
+use chia_core::protocol::{HeadToPeer, Outcome, PeerToHead, ResumeSession, ServiceStart, TaskAttempt};
 use chia_core::{SessionId, TaskError, TaskId};
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -45,6 +45,9 @@ pub enum JournalEntry {
         /// (`None` in journals written before it was kept.)
         #[serde(default)]
         known: Option<Vec<TaskAttempt>>,
+        /// The starts decided again (see [`ResumeSession::starts`]), decided again on replay.
+        #[serde(default)]
+        starts: Vec<ServiceStart>,
     },
 }
 
@@ -109,7 +112,7 @@ impl HeadCore {
                 }
                 JournalEntry::Closed { session, reason } => core.close_session(now, session, &reason),
                 JournalEntry::Restored { services } => core.restore_services(now, services),
-                JournalEntry::Resumed { session, known } => {
+                JournalEntry::Resumed { session, known, starts } => {
                     let node = core.sessions.get_mut(&session).and_then(|peer| {
                         peer.detached_until = None;
                         peer.node
@@ -120,6 +123,9 @@ impl HeadCore {
                             node,
                             known.iter().map(|k| (k.task, k.attempt)).collect(),
                         );
+                    }
+                    for start in starts {
+                        core.start_service(session, start);
                     }
                 }
             }
@@ -155,7 +161,7 @@ impl HeadCore {
 
     /// A peer of the previous run takes up its session.
     pub(crate) fn resume(&mut self, resume: ResumeSession) -> Result<SessionId, Rejection> {
-        let ResumeSession { session, journal_id, known, waiting, .. } = resume;
+        let ResumeSession { session, journal_id, known, waiting, starts, .. } = resume;
         if self.options.journal_id != Some(journal_id) {
             return Err(Rejection {
                 reason: format!(
@@ -195,7 +201,23 @@ impl HeadCore {
             kept.sort_unstable();
             kept
         });
-        self.outbox.push(Action::Keep(JournalEntry::Resumed { session, known: kept }));
+        // Only starts still waited for, that the head has no trace of (no record, no answer
+        // among the held frames), are decided again.
+        let mut starts: Vec<ServiceStart> = starts
+            .into_iter()
+            .filter(|start| {
+                waiting.contains(&start.task)
+                    && !announced.contains(&start.task)
+                    && !self.knows_start(session, start.task)
+            })
+            .collect();
+        starts.sort_unstable_by_key(|start| start.task);
+        starts.dedup_by_key(|start| start.task);
+        self.outbox.push(Action::Keep(JournalEntry::Resumed {
+            session,
+            known: kept,
+            starts: starts.clone(),
+        }));
         tracing::info!("{name} ({session}) took up its session again");
         let welcome = self.welcome(session, node, &name, true, frames);
         self.outbox.send(session, &welcome);
@@ -213,6 +235,8 @@ impl HeadCore {
         for task in waiting {
             let Some(record) = self.tasks.get(&task).filter(|r| r.owner == session) else { continue };
             match (&record.kind, &record.outcome) {
+                // One being written to a watching service is announced when the write ends.
+                (_, Some(_)) if self.services.announce_waits(task) => {}
                 (_, Some(_)) => self.announce(task),
                 (TaskKind::ServiceStart(service), None) => {
                     let service = *service;
@@ -220,6 +244,13 @@ impl HeadCore {
                 }
                 _ => {}
             }
+        }
+        for start in starts {
+            tracing::info!(
+                "{name} ({session}) still waits for the answer to {}; deciding it again",
+                start.task
+            );
+            self.start_service(session, start);
         }
         Ok(session)
     }
@@ -238,6 +269,12 @@ impl HeadCore {
         for task in unknown {
             let Some(record) = self.tasks.get(&task) else { continue };
             match &record.kind {
+                // Asked to stop (its owner left, or cancelled it): it ends here, as if the
+                // worker had stopped it, instead of starting again.
+                TaskKind::Function if self.scheduler.is_cancelled(task) => {
+                    let (attempt, function) = (record.attempt, record.function.clone());
+                    self.finished(session, task, attempt, Outcome::Failed(TaskError::Cancelled { function }));
+                }
                 TaskKind::Function => {
                     tracing::info!(
                         "{task} was lost on its way to {session} when the head stopped; sent again"

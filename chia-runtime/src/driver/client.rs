@@ -15,7 +15,7 @@ use crate::net::tls::{ClusterCredentials, HEAD_SERVER_NAME};
 use crate::net::transport::{FrameReader, FrameSender, TransportError};
 use chia_core::protocol::{
     ArgValue, BypassSpec, Done, HeadToPeer, JobSettings, Outcome, PROTOCOL_VERSION, PeerToHead,
-    ResumeSession, TaskAttempt, Value, WorkerOffer, decode_body, encode_frame,
+    ResumeSession, ServiceStart, TaskAttempt, Value, WorkerOffer, decode_body, encode_frame,
 };
 use chia_core::{NodeId, ServiceId, SessionId, TaskError, TaskId};
 use chia_head_core::journal::changes_state;
@@ -81,8 +81,10 @@ struct Slot {
     state: SlotState,
     infeasible: Option<String>,
     waiters: Vec<Arc<Notify>>,
-    /// A request the head answers from what it holds (a lookup, a stop), sent again after
-    /// the head restarted if it is still unanswered: the answer may have died with it.
+    /// A request the head may answer at once from what it holds (a lookup, a stop, a start
+    /// of a service whose name is taken), asked again after the head restarted if it is still
+    /// unanswered: the answer may have died with it. Starts go in the `Resume`, the head
+    /// deciding again those it knows nothing of; the others are sent again after it.
     again: Option<Box<PeerToHead>>,
 }
 
@@ -127,6 +129,9 @@ struct Unacked {
     frame: Vec<u8>,
     /// The run whose outcome it reports, for a `Finished`.
     finished: Option<TaskAttempt>,
+    /// The request it makes, for one that is also asked again while unanswered
+    /// (`Slot::again`): sent again with the unacknowledged frames, it is not asked twice.
+    request: Option<TaskId>,
 }
 
 /// What taking the session up again needs.
@@ -151,18 +156,27 @@ impl Link {
     }
 
     /// A new connection to the restarted head, which has the session's frames up to
-    /// `through`: everything after is sent again, numbered from there.
-    fn resumed(&mut self, sender: FrameSender, connection: quinn::Connection, through: u64) {
+    /// `through`: everything after is sent again, numbered from there. Returns the requests
+    /// among them.
+    fn resumed(
+        &mut self,
+        sender: FrameSender,
+        connection: quinn::Connection,
+        through: u64,
+    ) -> HashSet<TaskId> {
         self.durable(through);
         self.sender = sender;
         self.connection = connection;
         self.sent = through;
+        let mut requests = HashSet::new();
         for unacked in &mut self.unacked {
             self.sent += 1;
             unacked.seq = self.sent;
             self.sender.send_frame(unacked.frame.clone());
+            requests.extend(unacked.request);
         }
         self.up = true;
+        requests
     }
 }
 
@@ -307,8 +321,9 @@ impl Client {
     /// Opens a pending slot for `task` and sends `message`, which the head answers with
     /// `Done { task }` (a submission, a service start, lookup, call or stop).
     pub(crate) fn request(&self, task: TaskId, function: &str, message: &PeerToHead) {
-        let again = matches!(message, PeerToHead::LookupService { .. } | PeerToHead::StopService { .. })
-            .then(|| Box::new(message.clone()));
+        let again = (message.repeatable_request().is_some()
+            || matches!(message, PeerToHead::StartService(_)))
+        .then(|| Box::new(message.clone()));
         self.slots
             .insert(task, Slot { state: SlotState::Pending, infeasible: None, waiters: Vec::new(), again });
         if self.closed.load(Ordering::Acquire) {
@@ -347,17 +362,25 @@ impl Client {
         encode_frame(message, &mut frame)?;
         let mut link = lock(&self.link);
         let keep = self.resume.is_some() && changes_state(message);
+        let unacked = |seq, frame| Unacked {
+            seq,
+            frame,
+            finished: finished_run(message),
+            request: match message {
+                PeerToHead::StartService(start) => Some(start.task),
+                other => other.repeatable_request(),
+            },
+        };
         if !link.up {
             if keep {
-                let finished = finished_run(message);
-                link.unacked.push_back(Unacked { seq: 0, frame, finished });
+                link.unacked.push_back(unacked(0, frame));
             }
             return Ok(());
         }
         link.sent += 1;
         if keep {
-            let (seq, finished) = (link.sent, finished_run(message));
-            link.unacked.push_back(Unacked { seq, frame: frame.clone(), finished });
+            let seq = link.sent;
+            link.unacked.push_back(unacked(seq, frame.clone()));
         }
         link.sender.send_frame(frame);
         Ok(())
@@ -524,12 +547,24 @@ impl Client {
             .map(|slot| *slot.key())
             .collect();
         waiting.sort_unstable();
+        // One the head has not kept goes again with the unacknowledged frames instead.
+        let unkept: HashSet<TaskId> = lock(&self.link).unacked.iter().filter_map(|u| u.request).collect();
+        let starts: Vec<ServiceStart> = self
+            .slots
+            .iter()
+            .filter(|slot| matches!(slot.state, SlotState::Pending) && !unkept.contains(slot.key()))
+            .filter_map(|slot| match slot.again.as_deref() {
+                Some(PeerToHead::StartService(start)) => Some(start.clone()),
+                _ => None,
+            })
+            .collect();
         let message = PeerToHead::Resume(ResumeSession {
             protocol_version: PROTOCOL_VERSION,
             session: self.session,
             journal_id: resume.journal_id,
             known,
             waiting: waiting.clone(),
+            starts,
         });
         sender.send(&message).map_err(|e| Retry::Never(e.to_string()))?;
         let mut reader = FrameReader::new(recv);
@@ -543,12 +578,14 @@ impl Client {
                         slot.state = SlotState::Stored { fetching: false };
                     }
                 }
-                lock(&self.link).resumed(sender, connection, resumed_through);
+                let resent = lock(&self.link).resumed(sender, connection, resumed_through);
                 let unanswered: Vec<PeerToHead> = self
                     .slots
                     .iter()
-                    .filter(|slot| matches!(slot.state, SlotState::Pending))
-                    .filter_map(|slot| slot.again.as_deref().cloned())
+                    .filter(|slot| matches!(slot.state, SlotState::Pending) && !resent.contains(slot.key()))
+                    .filter_map(|slot| {
+                        slot.again.as_deref().filter(|r| r.repeatable_request().is_some()).cloned()
+                    })
                     .collect();
                 for request in unanswered {
                     let _ = self.send(&request);
@@ -627,7 +664,7 @@ async fn read_frames(
         };
         let message = match decode_body::<HeadToPeer>(frame) {
             Ok(message) => message,
-            Err(e) => return format!("the head sent a malformed message: {e}"),
+            Err(e) => return format!("from the head: {e}"),
         };
         match message {
             HeadToPeer::Done { task, done } => {

@@ -488,7 +488,7 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     };
     let first = match first {
         Ok(first) => first,
-        Err(e) => return reject(format!("malformed hello: {e}")),
+        Err(e) => return reject(format!("its hello: {e}")),
     };
     let opened = {
         let mut state = shared.lock();
@@ -510,7 +510,7 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         match reader.next_frame().await {
             Ok(Some(frame)) => match decode_body::<PeerToHead>(frame) {
                 Ok(message) => shared.apply(|core| core.handle(Instant::now(), session, message)),
-                Err(e) => break format!("malformed message: {e}"),
+                Err(e) => break e.to_string(),
             },
             Ok(None) => break "closed by the peer".to_string(),
             Err(e) => break e.to_string(),

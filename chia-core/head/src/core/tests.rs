@@ -427,8 +427,24 @@ impl Env {
     }
 
     fn resume(&mut self, session: SessionId, known: Vec<TaskAttempt>, waiting: Vec<TaskId>) -> u64 {
-        let resume =
-            ResumeSession { protocol_version: PROTOCOL_VERSION, session, journal_id: 77, known, waiting };
+        self.resume_with_starts(session, known, waiting, vec![])
+    }
+
+    fn resume_with_starts(
+        &mut self,
+        session: SessionId,
+        known: Vec<TaskAttempt>,
+        waiting: Vec<TaskId>,
+        starts: Vec<ServiceStart>,
+    ) -> u64 {
+        let resume = ResumeSession {
+            protocol_version: PROTOCOL_VERSION,
+            session,
+            journal_id: 77,
+            known,
+            waiting,
+            starts,
+        };
         let resumed = self.core.open_session(self.now, "test", PeerToHead::Resume(resume));
         assert_eq!(resumed, Ok(session));
         self.collect();
@@ -531,6 +547,7 @@ fn a_peer_that_stays_away_past_the_grace_period_loses_its_session_and_its_tasks_
         journal_id: 77,
         known: vec![],
         waiting: vec![],
+        starts: vec![],
     };
     let refused = env.core.open_session(env.now, "test", PeerToHead::Resume(late)).unwrap_err();
     assert!(refused.reason.contains("grace period"), "{refused}");
@@ -547,6 +564,7 @@ fn a_session_of_another_journal_or_a_live_one_cannot_be_taken_up() {
         journal_id: 5,
         known: vec![],
         waiting: vec![],
+        starts: vec![],
     };
     assert!(env.core.open_session(env.now, "test", PeerToHead::Resume(other.clone())).is_err());
     env.resume(driver, vec![], vec![]);
@@ -604,6 +622,35 @@ fn a_service_running_on_a_resumed_worker_lives_on_and_a_lost_start_answer_comes_
         PeerToHead::CallService { task: call, service, name: "counter".into(), method, args: vec![] },
     );
     assert!(matches!(env.to(worker)[..], [HeadToPeer::CallInstance { .. }]), "the service still serves");
+}
+
+#[test]
+fn a_refused_start_whose_answer_died_with_the_head_is_answered_once_after_the_resume() {
+    let mut env = Env::with(journaled());
+    let worker = env.worker("w", "CPU=1", &[]);
+    let (first, second) = (env.driver(), env.driver());
+    let taken = TaskId::new(first, 1);
+    env.send(first, PeerToHead::StartService(counter_start(taken, false)));
+    env.send(worker, PeerToHead::Finished { task: taken, attempt: 0, outcome: Outcome::Value(Vec::new()) });
+    // The name is taken: refused at once, leaving no record. The answer never arrives.
+    let refused = TaskId::new(second, 1);
+    env.send(second, PeerToHead::StartService(counter_start(refused, false)));
+    assert!(matches!(&dones(&env.to(second))[..], [(_, Done::Failed(TaskError::InvalidCall { .. }))]));
+    let mut env = env.restart();
+    env.resume(worker, vec![], vec![]);
+    // The first driver's answered start, sent along by mistake, is known and left alone.
+    env.resume_with_starts(first, vec![], vec![taken], vec![counter_start(taken, false)]);
+    assert_eq!(dones(&env.to(first)).len(), 1, "its start is answered again from its record");
+    env.resume_with_starts(second, vec![], vec![refused], vec![counter_start(refused, false)]);
+    let answers = dones(&env.to(second));
+    assert!(
+        matches!(&answers[..], [(task, Done::Failed(TaskError::InvalidCall { .. }))] if *task == refused),
+        "{answers:?}"
+    );
+    // Decided again on replay too: a second restart does not start anything new.
+    let mut env = env.restart();
+    env.resume(worker, vec![], vec![]);
+    assert!(env.to(worker).is_empty(), "{:?}", env.to(worker));
 }
 
 #[test]

@@ -17,7 +17,7 @@ use chia_core::protocol::{
     Arg, Done, Outcome, PROTOCOL_VERSION, PeerToHead, ResumeSession, ServiceInfo, ServiceStart, TaskSpec,
 };
 use chia_core::{Resources, ServiceId, SessionId, TaskError, TaskId};
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum DriverTimer {
@@ -101,6 +101,8 @@ pub(crate) struct SimDriver {
     pub(crate) session: Option<SessionId>,
     /// Its connection is gone (the driver crashed); nothing it does counts any more.
     pub(crate) dead: bool,
+    /// It sent its hello (it has started): a lost connection makes it dial again.
+    pub(crate) started: bool,
     rng: Rng,
     habits: Habits,
     /// By sequence number - 1.
@@ -126,6 +128,9 @@ pub(crate) struct SimDriver {
     reannounced: BTreeSet<u64>,
     /// Stops sent again after a resume, by sequence number: how many more answers each may get.
     resent_stops: BTreeMap<u64, u32>,
+    /// Each service start as sent (by seq), for the `Resume` while it is unanswered, as the
+    /// client does.
+    starts: BTreeMap<u64, ServiceStart>,
     /// Answers to stops sent again that came after the stop was answered already.
     pub(crate) repeated_answers: u64,
 }
@@ -150,6 +155,7 @@ impl SimDriver {
             conn,
             session: None,
             dead: false,
+            started: false,
             rng,
             habits,
             tasks: Vec::new(),
@@ -166,6 +172,7 @@ impl SimDriver {
             track: Tracker::default(),
             reannounced: BTreeSet::new(),
             resent_stops: BTreeMap::new(),
+            starts: BTreeMap::new(),
             repeated_answers: 0,
         }
     }
@@ -358,7 +365,7 @@ impl SimDriver {
         let fails = self.habits.constructor_failures && self.rng.chance(80);
         let watches = self.rng.chance(300);
         let (ns, n) = (NAMESPACES[usize::from(namespace)], SERVICE_NAMES[usize::from(name)]);
-        fx.sends.push(PeerToHead::StartService(ServiceStart {
+        let start = ServiceStart {
             task,
             service_type: catalog.service.clone(),
             name: n.to_string(),
@@ -372,7 +379,9 @@ impl SimDriver {
                 .map(Arg::Value)
                 .collect(),
             max_restarts: [0, 1, -1][self.rng.weighted(&[2, 2, 1])],
-        }));
+        };
+        self.starts.insert(task.seq(), start.clone());
+        fx.sends.push(PeerToHead::StartService(start));
         self.add(Kind::ServiceStart { namespace, name, request, get_if_exists, fails }, Vec::new());
     }
 
@@ -596,18 +605,38 @@ impl SimDriver {
                 _ => {}
             }
         }
+        // One the head has not kept goes again with the unacknowledged frames instead.
+        let unkept: BTreeSet<TaskId> = self
+            .track
+            .unacked
+            .iter()
+            .filter_map(|(_, m)| match m {
+                PeerToHead::StartService(start) => Some(start.task),
+                _ => None,
+            })
+            .collect();
+        let starts = self
+            .starts
+            .iter()
+            .filter(|(seq, _)| self.task(**seq).is_some_and(|t| matches!(t.state, State::Pending)))
+            .filter(|(_, start)| !unkept.contains(&start.task))
+            .map(|(_, start)| start.clone())
+            .collect();
         Some(PeerToHead::Resume(ResumeSession {
             protocol_version: PROTOCOL_VERSION,
             session,
             journal_id,
             known: Vec::new(),
             waiting,
+            starts,
         }))
     }
 
     /// After a resume: the requests the head answers from what it holds (lookups, stops) that
     /// are still unanswered, to send again (the answer may have died with the head).
-    pub(crate) fn unanswered(&mut self, now: Micros) -> Vec<PeerToHead> {
+    /// The requests to ask again after a resume (`resent`: those sent again already, with the
+    /// frames the head had not kept).
+    pub(crate) fn unanswered(&mut self, now: Micros, resent: &HashSet<TaskId>) -> Vec<PeerToHead> {
         let Some(session) = self.session else { return Vec::new() };
         let mut again = Vec::new();
         // A notice that a task cannot run now may have died with the head (it is not sent
@@ -623,6 +652,9 @@ impl SimDriver {
                 continue;
             }
             let task_id = TaskId::new(session, i as u64 + 1);
+            if resent.contains(&task_id) {
+                continue;
+            }
             match task.kind {
                 Kind::Lookup { namespace, name } => again.push(PeerToHead::LookupService {
                     task: task_id,
@@ -631,10 +663,11 @@ impl SimDriver {
                 }),
                 Kind::ServiceStop { service } => {
                     again.push(PeerToHead::StopService { task: task_id, service });
-                    // Sent again, maybe while also among the frames sent again (as the client
-                    // does): the head answers each request it holds.
+                    // The head may hold the first (it waits for the instance to end) and
+                    // answers each request it holds.
                     *self.resent_stops.entry(i as u64 + 1).or_default() += 1;
                 }
+
                 _ => {}
             }
         }

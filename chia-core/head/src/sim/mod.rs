@@ -115,6 +115,9 @@ pub struct Config {
     /// The head keeps a journal, crashes now and then (one of the faults, so only with
     /// `faults`) and starts again from what of it was durable; peers take up their sessions.
     pub head_crashes: bool,
+    /// Keep the last events whose description contains this text (and the head's crashes and
+    /// restarts), to print with a failure. It changes nothing in the run.
+    pub trace: Option<String>,
 }
 
 impl Default for Config {
@@ -136,6 +139,7 @@ impl Default for Config {
             late_frames_per_mille: 500,
             check_every_step: true,
             head_crashes: false,
+            trace: None,
         }
     }
 }
@@ -258,6 +262,8 @@ pub struct Failure {
     pub message: String,
     /// The command that replays the run.
     pub replay: String,
+    /// The last events that mention [`Config::trace`], oldest first.
+    pub trace: Vec<String>,
 }
 
 impl fmt::Display for Failure {
@@ -266,7 +272,11 @@ impl fmt::Display for Failure {
             f,
             "simulation seed {} failed at step {} ({:?} virtual): {}\n  replay: {}",
             self.seed, self.step, self.at, self.message, self.replay
-        )
+        )?;
+        for line in &self.trace {
+            write!(f, "\n    {line}")?;
+        }
+        Ok(())
     }
 }
 

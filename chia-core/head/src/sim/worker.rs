@@ -237,6 +237,7 @@ impl SimWorker {
             journal_id,
             known: self.track.known(),
             waiting: Vec::new(),
+            starts: Vec::new(),
         }))
     }
 

@@ -24,6 +24,8 @@ const HEAD_SESSION: SessionId = SessionId(0);
 /// Frames at least this large take long enough to arrive that the head hears their first
 /// bytes before the whole frame ([`HeadCore::heard`]).
 const LARGE_FRAME: usize = 64 << 10;
+/// How many traced events a failure reports at most (the last ones).
+const TRACE_LINES: usize = 4_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Peer {
@@ -45,6 +47,7 @@ struct Conn {
     to_peer: Lane,
 }
 
+#[derive(Debug)]
 enum Event {
     ToHead {
         conn: usize,
@@ -93,8 +96,17 @@ enum Event {
 
 /// A frame or close the head decided after something not yet durable: it waits for the commit.
 enum Held {
-    Frame { conn: usize, message: Box<HeadToPeer>, undo: Undo },
-    Close { conn: usize, session: SessionId },
+    Frame {
+        conn: usize,
+        message: Box<HeadToPeer>,
+        undo: Undo,
+    },
+    /// `leases`: the runs the close took from the session, given back if it never happens.
+    Close {
+        conn: usize,
+        session: SessionId,
+        leases: Vec<TaskId>,
+    },
 }
 
 /// What the simulator recorded when a frame was decided, to forget if the frame never leaves
@@ -132,6 +144,8 @@ struct ServiceMeta {
 
 pub(super) struct World {
     cfg: Config,
+    /// The last events that mention [`Config::trace`], for the failure's report.
+    trace: VecDeque<String>,
     catalog: Catalog,
     base: Instant,
     now: Micros,
@@ -286,6 +300,7 @@ impl World {
             next_settled_check: 0,
             deadline: None,
             report: Report { seed: cfg.seed, ..Report::default() },
+            trace: VecDeque::new(),
             cfg: cfg.clone(),
         }
     }
@@ -307,6 +322,20 @@ impl World {
             at: Duration::from_micros(self.now),
             message,
             replay: self.cfg.replay(),
+            trace: self.trace.iter().cloned().collect(),
+        }
+    }
+
+    /// Notes `what` for the failure's report when it mentions the traced text (or `always`).
+    fn note(&mut self, always: bool, what: impl FnOnce() -> String) {
+        let Some(text) = &self.cfg.trace else { return };
+        // The step's number is part of the line, so `step 2420:` picks one step.
+        let line = format!("step {}: at {} µs: {}", self.step, self.now, what());
+        if always || line.contains(text.as_str()) {
+            if self.trace.len() == TRACE_LINES {
+                self.trace.pop_front();
+            }
+            self.trace.push_back(line);
         }
     }
 
@@ -464,6 +493,7 @@ impl World {
     }
 
     fn handle(&mut self, event: Event) -> Step {
+        self.note(matches!(event, Event::HeadRestart), || format!("{event:?}"));
         match event {
             Event::ToHead { conn, message } => self.deliver_to_head(conn, *message),
             Event::Heard { conn } => {
@@ -528,13 +558,21 @@ impl World {
                 Ok(())
             }
             Event::StartDriver { index } => {
+                if self.drivers[index].started || self.drivers[index].dead {
+                    return Ok(()); // Started by an earlier event of its chain.
+                }
                 if self.head_down {
                     let later = self.net.range(20_000, 100_000);
                     self.queue.push(self.now + later, Event::StartDriver { index });
                     return Ok(());
                 }
+                if self.conns[self.drivers[index].conn].cut {
+                    // Its connection died with the head before it was used.
+                    self.drivers[index].conn = self.new_conn(Peer::Driver(index));
+                }
                 let hello = self.drivers[index].hello();
                 let conn = self.drivers[index].conn;
+                self.drivers[index].started = true;
                 self.send_to_head(conn, hello);
                 Ok(())
             }
@@ -607,7 +645,10 @@ impl World {
     fn apply_driver(&mut self, index: usize, mut fx: Effects<DriverTimer>) {
         let conn = self.drivers[index].conn;
         for message in fx.sends.drain(..) {
+            self.note(false, || format!("driver {index} sends on conn {conn}: {message:?}"));
             let Some(message) = self.drivers[index].track.outgoing(message) else { continue };
+            let sent = self.drivers[index].track.sent;
+            self.note(false, || format!("driver {index} numbered it {sent} on its session"));
             self.send_to_head(conn, message);
         }
         for (delay, timer) in fx.timers.drain(..) {
@@ -628,8 +669,18 @@ impl World {
                 return Ok(());
             }
             self.conns[conn].resuming = false;
+            // Starts the head may decide again, as it would had they come on their own.
+            let starts: Vec<TaskId> = match &message {
+                PeerToHead::Resume(resume) => resume.starts.iter().map(|start| start.task).collect(),
+                _ => Vec::new(),
+            };
             return match self.head.open_session(now, &format!("sim-conn-{conn}"), message) {
-                Ok(session) if Some(session) == self.conns[conn].session => self.drain_outbox(),
+                Ok(session) if Some(session) == self.conns[conn].session => {
+                    for task in starts {
+                        self.note_service(task);
+                    }
+                    self.drain_outbox()
+                }
                 Ok(session) => Err(format!(
                     "a resume on connection {conn} took up {session}, not {:?}",
                     self.conns[conn].session
@@ -806,6 +857,7 @@ impl World {
                         continue;
                     }
                     let undo = if self.cfg.head_crashes { self.undo_for(&message) } else { Undo::Nothing };
+                    self.note(false, || format!("the head sends conn {conn} ({to}): {message:?}"));
                     self.check_sent(conn, to, &message)?;
                     if self.must_hold() {
                         self.held.push_back(Held::Frame { conn, message: Box::new(message), undo });
@@ -827,7 +879,9 @@ impl World {
                     if self.conns[conn].open && !self.conns[conn].cut {
                         self.report.faults.written_off += 1;
                         if self.must_hold() {
-                            self.held.push_back(Held::Close { conn, session });
+                            let leases =
+                                self.leases.iter().filter(|(_, c)| **c == conn).map(|(t, _)| *t).collect();
+                            self.held.push_back(Held::Close { conn, session, leases });
                         } else {
                             self.ended.insert(session);
                             self.send_to_peer(conn, Event::ClosedByHead { conn });
@@ -846,6 +900,7 @@ impl World {
                     if let JournalEntry::Message { session, seq, .. } = &entry {
                         self.through.insert(*session, *seq);
                     }
+                    self.note(false, || format!("the head keeps {entry:?}"));
                     self.journal.push(entry);
                     if !self.commit_scheduled {
                         self.commit_scheduled = true;
@@ -922,7 +977,7 @@ impl World {
                         self.send_to_peer(conn, Event::ToPeer { conn, message });
                     }
                 }
-                Held::Close { conn, session } => {
+                Held::Close { conn, session, .. } => {
                     self.ended.insert(session);
                     if !self.conns[conn].cut {
                         self.send_to_peer(conn, Event::ClosedByHead { conn });
@@ -943,14 +998,22 @@ impl World {
     /// The head process dies: what was not durable is lost, with every connection and every
     /// frame in flight; the peers notice and come back once it is up again.
     fn crash_head(&mut self) {
+        self.note(true, || "the head crashed".to_string());
         self.report.faults.head_crashes += 1;
         self.head_down = true;
         self.deadline = None;
         self.journal.truncate(self.durable);
         self.through.clear();
         while let Some(held) = self.held.pop_back() {
-            if let Held::Frame { undo, .. } = held {
-                self.undo(undo);
+            match held {
+                Held::Frame { undo, .. } => self.undo(undo),
+                // The restarted head never decided the close: the session still runs these
+                // (whether it is open is decided again when the head is up).
+                Held::Close { conn, leases, .. } => {
+                    for task in leases {
+                        self.leases.insert(task, conn);
+                    }
+                }
             }
         }
         // Writes that never reached their host: the restarted head fails them (or has never
@@ -972,7 +1035,8 @@ impl World {
             }
         }
         for index in 0..self.drivers.len() {
-            if !self.drivers[index].dead {
+            // One not started yet says its hello when it starts.
+            if !self.drivers[index].dead && self.drivers[index].started {
                 let conn = self.drivers[index].conn;
                 let at = self.now + self.net.range(1_000, 30_000);
                 self.queue.push(at, Event::Reconnect { peer: Peer::Driver(index), conn });
@@ -1322,12 +1386,18 @@ impl World {
                             ));
                         }
                         let again = driver.track.resumed(resumed_through);
+                        let what = format!(
+                            "driver {index} resumed through {resumed_through}, sends again {again:?}"
+                        );
+                        self.note(false, || what);
+                        let resent: HashSet<TaskId> =
+                            again.iter().filter_map(PeerToHead::repeatable_request).collect();
                         for message in again {
                             self.send_to_head(conn, message);
                         }
                         // Unanswered lookups and stops are asked again.
                         let now = self.now;
-                        fx.sends.extend(self.drivers[index].unanswered(now));
+                        fx.sends.extend(self.drivers[index].unanswered(now, &resent));
                         Ok(())
                     }
                     HeadToPeer::Welcome { session, node, journal_id, .. } => {
