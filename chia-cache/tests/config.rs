@@ -433,7 +433,12 @@ fn capture_logs(body: impl FnOnce()) -> String {
     let writer = buffer.clone();
     let subscriber =
         tracing_subscriber::fmt().with_ansi(false).with_writer(move || SharedWriter(writer.clone())).finish();
-    tracing::subscriber::with_default(subscriber, body);
+    tracing::subscriber::with_default(subscriber, || {
+        // Another test thread may have met the same log line first, with no subscriber, and
+        // cached that nobody listens to it: ask again now that this one does.
+        tracing::callsite::rebuild_interest_cache();
+        body()
+    });
     let bytes = buffer.lock().expect("log buffer").clone();
     String::from_utf8(bytes).expect("UTF-8 logs")
 }

@@ -262,7 +262,10 @@ impl HeadCore {
         let mut unknown: Vec<TaskId> = self
             .tasks
             .iter()
-            .filter(|(task, r)| r.running_on == Some(node) && !known.contains(&(**task, r.attempt)))
+            // One that ended already (a call failed by an earlier resume) is not run again.
+            .filter(|(task, r)| {
+                r.running_on == Some(node) && r.outcome.is_none() && !known.contains(&(**task, r.attempt))
+            })
             .map(|(task, _)| *task)
             .collect();
         unknown.sort_unstable();

@@ -776,7 +776,10 @@ impl HeadCore {
     }
 
     pub(crate) fn fail_call(&mut self, task: TaskId, error: impl FnOnce(String) -> TaskError) {
-        let function = self.tasks.get(&task).map(|r| r.function.clone()).unwrap_or_default();
+        let Some(record) = self.tasks.get_mut(&task) else { return };
+        // It runs nowhere once failed (its host may still answer; that answer is ignored).
+        record.running_on = None;
+        let function = record.function.clone();
         self.release_deps(task);
         self.settle(task, Outcome::Failed(error(function)));
     }

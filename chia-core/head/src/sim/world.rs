@@ -218,6 +218,9 @@ pub(super) struct World {
     runs: HashMap<TaskId, RunRecord>,
     /// Writes to watchers their host received.
     writes_delivered: HashSet<TaskId>,
+    /// Tasks whose outcome was checked when the head first announced it: announced again
+    /// after a restart, it was decided in a cluster that may differ from today's.
+    announced: HashSet<TaskId>,
 }
 
 type Step<T = ()> = Result<T, String>;
@@ -270,6 +273,7 @@ impl World {
             ended: HashSet::new(),
             runs: HashMap::new(),
             writes_delivered: HashSet::new(),
+            announced: HashSet::new(),
             queue: Queue::new(),
             conns: Vec::new(),
             sessions: HashMap::new(),
@@ -1266,7 +1270,10 @@ impl World {
         {
             return Err(format!("{task} (tagged {tag:?}) was announced before its write to a watcher ended"));
         }
+        let again = !self.announced.insert(task);
         match done {
+            Done::Failed(TaskError::UnknownFunction { .. } | TaskError::SignatureMismatch { .. })
+                if again => {}
             Done::Failed(TaskError::UnknownFunction { function }) => {
                 let offering: usize = self.offered.get(function).map_or(0, |sigs| sigs.values().sum());
                 if offering > 0 || self.task_nodes == 0 {
