@@ -252,9 +252,18 @@ pub struct ResumeSession {
     pub waiting: Vec<TaskId>,
     /// The service starts still unanswered, as sent. The previous run may have answered one
     /// at once and kept no trace of it (refused, or joined to a running instance) and the
-    /// answer died with it: the head decides again each one it knows nothing of.
+    /// answer died with it: the head decides again each one it has the frame of and knows
+    /// nothing else of (the others come again with the frames after `resumed_through`).
     #[serde(default)]
-    pub starts: Vec<ServiceStart>,
+    pub starts: Vec<UnansweredStart>,
+}
+
+/// A service start its peer still waits for the answer to, and the frame that carried it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnansweredStart {
+    /// Its number among the session's frames (from 1).
+    pub frame: u64,
+    pub start: ServiceStart,
 }
 
 /// One run of a task.

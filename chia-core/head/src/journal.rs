@@ -201,12 +201,16 @@ impl HeadCore {
             kept.sort_unstable();
             kept
         });
-        // Only starts still waited for, that the head has no trace of (no record, no answer
-        // among the held frames), are decided again.
+        // Only starts still waited for, whose frame the head has, and that it has no trace of
+        // (no record, no answer among the held frames), are decided again.
+        let waited: HashSet<TaskId> = waiting.iter().copied().collect();
         let mut starts: Vec<ServiceStart> = starts
             .into_iter()
+            .filter(|unanswered| (1..=frames).contains(&unanswered.frame))
+            .map(|unanswered| unanswered.start)
             .filter(|start| {
-                waiting.contains(&start.task)
+                start.task.session() == session
+                    && waited.contains(&start.task)
                     && !announced.contains(&start.task)
                     && !self.knows_start(session, start.task)
             })

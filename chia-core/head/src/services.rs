@@ -925,9 +925,6 @@ impl HeadCore {
         }
     }
 
-    /// A start request `task` of `session` whose answer may have been lost (the head
-    /// restarted): answered again if the instance it created is ready (otherwise it is
-    /// answered when it is).
     /// Whether the head holds anything of `session`'s start `task`: its record, or its place
     /// among the waiters for an instance being built.
     pub(crate) fn knows_start(&self, session: SessionId, task: TaskId) -> bool {
@@ -935,6 +932,9 @@ impl HeadCore {
             || self.services.records.values().any(|r| r.waiters.contains(&(session, task)))
     }
 
+    /// A start request `task` of `session` whose answer may have been lost (the head
+    /// restarted): answered again if the instance it created is ready (otherwise it is
+    /// answered when it is).
     pub(crate) fn answer_start_again(&mut self, session: SessionId, task: TaskId, service: ServiceId) {
         let ready = self.services.records.get(&service).filter(|r| r.ready && r.creation == task);
         if let Some(info) = ready.map(|record| record.info.clone()) {

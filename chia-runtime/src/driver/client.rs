@@ -15,12 +15,12 @@ use crate::net::tls::{ClusterCredentials, HEAD_SERVER_NAME};
 use crate::net::transport::{FrameReader, FrameSender, TransportError};
 use chia_core::protocol::{
     ArgValue, BypassSpec, Done, HeadToPeer, JobSettings, Outcome, PROTOCOL_VERSION, PeerToHead,
-    ResumeSession, ServiceStart, TaskAttempt, Value, WorkerOffer, decode_body, encode_frame,
+    ResumeSession, TaskAttempt, UnansweredStart, Value, WorkerOffer, decode_body, encode_frame,
 };
 use chia_core::{NodeId, ServiceId, SessionId, TaskError, TaskId};
 use chia_head_core::journal::changes_state;
 use dashmap::DashMap;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -81,10 +81,9 @@ struct Slot {
     state: SlotState,
     infeasible: Option<String>,
     waiters: Vec<Arc<Notify>>,
-    /// A request the head may answer at once from what it holds (a lookup, a stop, a start
-    /// of a service whose name is taken), asked again after the head restarted if it is still
-    /// unanswered: the answer may have died with it. Starts go in the `Resume`, the head
-    /// deciding again those it knows nothing of; the others are sent again after it.
+    /// A request the head answers at once from what it holds (a lookup, a stop), sent again
+    /// after the head restarted if it is still unanswered: the answer may have died with it.
+    /// (Starts, which it may answer at once too, are in `Link::starts`.)
     again: Option<Box<PeerToHead>>,
 }
 
@@ -121,6 +120,9 @@ struct Link {
     unacked: VecDeque<Unacked>,
     /// Runs of tasks the head gave this worker whose outcome it has not made durable yet.
     leases: HashSet<TaskAttempt>,
+    /// Service starts not answered yet, with the number of their frame (0 while it waits for
+    /// the head to come back): the `Resume` lists them (`ResumeSession::starts`).
+    starts: HashMap<TaskId, UnansweredStart>,
 }
 
 struct Unacked {
@@ -132,6 +134,8 @@ struct Unacked {
     /// The request it makes, for one that is also asked again while unanswered
     /// (`Slot::again`): sent again with the unacknowledged frames, it is not asked twice.
     request: Option<TaskId>,
+    /// The service start it carries (its number is kept in `Link::starts` too).
+    start: Option<TaskId>,
 }
 
 /// What taking the session up again needs.
@@ -143,7 +147,15 @@ struct Resumable {
 
 impl Link {
     fn new(sender: FrameSender, connection: quinn::Connection) -> Link {
-        Link { sender, connection, up: true, sent: 0, unacked: VecDeque::new(), leases: HashSet::new() }
+        Link {
+            sender,
+            connection,
+            up: true,
+            sent: 0,
+            unacked: VecDeque::new(),
+            leases: HashSet::new(),
+            starts: HashMap::new(),
+        }
     }
 
     /// The head keeps the session's frames up to `through`.
@@ -174,6 +186,9 @@ impl Link {
             unacked.seq = self.sent;
             self.sender.send_frame(unacked.frame.clone());
             requests.extend(unacked.request);
+            if let Some(start) = unacked.start.and_then(|task| self.starts.get_mut(&task)) {
+                start.frame = unacked.seq;
+            }
         }
         self.up = true;
         requests
@@ -321,9 +336,7 @@ impl Client {
     /// Opens a pending slot for `task` and sends `message`, which the head answers with
     /// `Done { task }` (a submission, a service start, lookup, call or stop).
     pub(crate) fn request(&self, task: TaskId, function: &str, message: &PeerToHead) {
-        let again = (message.repeatable_request().is_some()
-            || matches!(message, PeerToHead::StartService(_)))
-        .then(|| Box::new(message.clone()));
+        let again = message.repeatable_request().map(|_| Box::new(message.clone()));
         self.slots
             .insert(task, Slot { state: SlotState::Pending, infeasible: None, waiters: Vec::new(), again });
         if self.closed.load(Ordering::Acquire) {
@@ -366,11 +379,16 @@ impl Client {
             seq,
             frame,
             finished: finished_run(message),
-            request: match message {
+            request: message.repeatable_request(),
+            start: match message {
                 PeerToHead::StartService(start) => Some(start.task),
-                other => other.repeatable_request(),
+                _ => None,
             },
         };
+        if let (true, PeerToHead::StartService(start)) = (keep, message) {
+            let frame = if link.up { link.sent + 1 } else { 0 };
+            link.starts.insert(start.task, UnansweredStart { frame, start: start.clone() });
+        }
         if !link.up {
             if keep {
                 link.unacked.push_back(unacked(0, frame));
@@ -547,17 +565,10 @@ impl Client {
             .map(|slot| *slot.key())
             .collect();
         waiting.sort_unstable();
-        // One the head has not kept goes again with the unacknowledged frames instead.
-        let unkept: HashSet<TaskId> = lock(&self.link).unacked.iter().filter_map(|u| u.request).collect();
-        let starts: Vec<ServiceStart> = self
-            .slots
-            .iter()
-            .filter(|slot| matches!(slot.state, SlotState::Pending) && !unkept.contains(slot.key()))
-            .filter_map(|slot| match slot.again.as_deref() {
-                Some(PeerToHead::StartService(start)) => Some(start.clone()),
-                _ => None,
-            })
-            .collect();
+        // One never numbered goes again with the unacknowledged frames; the head tells the
+        // others apart by their numbers.
+        let starts: Vec<UnansweredStart> =
+            lock(&self.link).starts.values().filter(|start| start.frame > 0).cloned().collect();
         let message = PeerToHead::Resume(ResumeSession {
             protocol_version: PROTOCOL_VERSION,
             session: self.session,
@@ -668,6 +679,7 @@ async fn read_frames(
         };
         match message {
             HeadToPeer::Done { task, done } => {
+                lock(&client.link).starts.remove(&task);
                 let state = match done {
                     Done::Value(value) => SlotState::Value(Arc::new(value)),
                     Done::Stored { .. } => SlotState::Stored { fetching: false },

@@ -3,7 +3,9 @@
 
 use super::*;
 use crate::journal::JournalEntry;
-use chia_core::protocol::{Arg, ResumeSession, ServiceInfo, ServiceStart, TaskAttempt, WorkerOffer};
+use chia_core::protocol::{
+    Arg, ResumeSession, ServiceInfo, ServiceStart, TaskAttempt, UnansweredStart, WorkerOffer,
+};
 use chia_core::{FunctionKey, Resources, ServiceId};
 
 const SIG: &str = "0123456789abcdef";
@@ -435,7 +437,7 @@ impl Env {
         session: SessionId,
         known: Vec<TaskAttempt>,
         waiting: Vec<TaskId>,
-        starts: Vec<ServiceStart>,
+        starts: Vec<UnansweredStart>,
     ) -> u64 {
         let resume = ResumeSession {
             protocol_version: PROTOCOL_VERSION,
@@ -639,9 +641,19 @@ fn a_refused_start_whose_answer_died_with_the_head_is_answered_once_after_the_re
     let mut env = env.restart();
     env.resume(worker, vec![], vec![]);
     // The first driver's answered start, sent along by mistake, is known and left alone.
-    env.resume_with_starts(first, vec![], vec![taken], vec![counter_start(taken, false)]);
+    let unanswered = |frame, task| UnansweredStart { frame, start: counter_start(task, false) };
+    env.resume_with_starts(first, vec![], vec![taken], vec![unanswered(1, taken)]);
     assert_eq!(dones(&env.to(first)).len(), 1, "its start is answered again from its record");
-    env.resume_with_starts(second, vec![], vec![refused], vec![counter_start(refused, false)]);
+    // A start in a frame the head does not have comes again with the frames after the
+    // welcome: it is not decided from the list.
+    let unsent = TaskId::new(second, 2);
+    let through = env.resume_with_starts(
+        second,
+        vec![],
+        vec![refused, unsent],
+        vec![unanswered(1, refused), unanswered(2, unsent)],
+    );
+    assert_eq!(through, 1);
     let answers = dones(&env.to(second));
     assert!(
         matches!(&answers[..], [(task, Done::Failed(TaskError::InvalidCall { .. }))] if *task == refused),

@@ -15,6 +15,7 @@ use super::worker::{Effects, TaskFacts};
 use crate::INLINE_RESULT_BYTES;
 use chia_core::protocol::{
     Arg, Done, Outcome, PROTOCOL_VERSION, PeerToHead, ResumeSession, ServiceInfo, ServiceStart, TaskSpec,
+    UnansweredStart,
 };
 use chia_core::{Resources, ServiceId, SessionId, TaskError, TaskId};
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
@@ -605,22 +606,16 @@ impl SimDriver {
                 _ => {}
             }
         }
-        // One the head has not kept goes again with the unacknowledged frames instead.
-        let unkept: BTreeSet<TaskId> = self
-            .track
-            .unacked
-            .iter()
-            .filter_map(|(_, m)| match m {
-                PeerToHead::StartService(start) => Some(start.task),
-                _ => None,
-            })
-            .collect();
+        // One never numbered goes again with the unacknowledged frames; the head tells the
+        // others apart by their numbers.
         let starts = self
             .starts
             .iter()
             .filter(|(seq, _)| self.task(**seq).is_some_and(|t| matches!(t.state, State::Pending)))
-            .filter(|(_, start)| !unkept.contains(&start.task))
-            .map(|(_, start)| start.clone())
+            .filter_map(|(_, start)| {
+                let frame = self.track.start_frames.get(&start.task).copied().filter(|&frame| frame > 0)?;
+                Some(UnansweredStart { frame, start: start.clone() })
+            })
             .collect();
         Some(PeerToHead::Resume(ResumeSession {
             protocol_version: PROTOCOL_VERSION,

@@ -4,8 +4,9 @@
 //! resume what the head did not keep is sent again, numbered from what it has.
 
 use crate::journal::changes_state;
+use chia_core::TaskId;
 use chia_core::protocol::{PeerToHead, TaskAttempt};
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 #[derive(Debug, Default)]
 pub(crate) struct Tracker {
@@ -23,12 +24,18 @@ pub(crate) struct Tracker {
     pub(crate) leases: BTreeSet<TaskAttempt>,
     /// The highest `Durable { through }` heard.
     pub(crate) durable_through: u64,
+    /// The frame number of each service start (0 while it waits unnumbered), for the
+    /// `Resume`'s starts.
+    pub(crate) start_frames: BTreeMap<TaskId, u64>,
 }
 
 impl Tracker {
     /// A frame the peer sends: what goes on the wire now, if anything.
     pub(crate) fn outgoing(&mut self, message: PeerToHead) -> Option<PeerToHead> {
         let keep = self.journal_id.is_some() && changes_state(&message);
+        if let (true, PeerToHead::StartService(start)) = (keep, &message) {
+            self.start_frames.insert(start.task, if self.down { 0 } else { self.sent + 1 });
+        }
         if self.down {
             if keep {
                 self.unacked.push_back((0, message));
@@ -74,6 +81,9 @@ impl Tracker {
         for (seq, message) in &mut self.unacked {
             self.sent += 1;
             *seq = self.sent;
+            if let PeerToHead::StartService(start) = message {
+                self.start_frames.insert(start.task, self.sent);
+            }
             again.push(message.clone());
         }
         again

@@ -675,7 +675,9 @@ impl World {
             self.conns[conn].resuming = false;
             // Starts the head may decide again, as it would had they come on their own.
             let starts: Vec<TaskId> = match &message {
-                PeerToHead::Resume(resume) => resume.starts.iter().map(|start| start.task).collect(),
+                PeerToHead::Resume(resume) => {
+                    resume.starts.iter().map(|unanswered| unanswered.start.task).collect()
+                }
                 _ => Vec::new(),
             };
             return match self.head.open_session(now, &format!("sim-conn-{conn}"), message) {
