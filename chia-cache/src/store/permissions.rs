@@ -24,7 +24,9 @@ pub(crate) fn create_private_dir(dir: &Path) -> io::Result<()> {
 
         fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir)?;
         let mode = fs::metadata(dir)?.permissions().mode() & 0o777;
-        if mode & !DIR_MODE != 0 {
+        // Exactly 0700: more lets others read; less (an odd umask, say 0500) would keep the
+        // owner from writing the lock and the entries.
+        if mode != DIR_MODE {
             match fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE)) {
                 Ok(()) => tracing::info!(
                     dir = %dir.display(),
