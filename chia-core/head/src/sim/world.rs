@@ -1395,10 +1395,9 @@ impl World {
                             ));
                         }
                         let again = driver.track.resumed(resumed_through);
-                        let what = format!(
-                            "driver {index} resumed through {resumed_through}, sends again {again:?}"
-                        );
-                        self.note(false, || what);
+                        self.note(false, || {
+                            format!("driver {index} resumed through {resumed_through}, sends again {again:?}")
+                        });
                         let resent: HashSet<TaskId> =
                             again.iter().filter_map(PeerToHead::repeatable_request).collect();
                         for message in again {
