@@ -26,6 +26,8 @@ fn options(state_dir: &Path) -> HeadOptions {
         heartbeat_timeout: HEARTBEAT_TIMEOUT,
         state_dir: Some(state_dir.to_path_buf()),
         resume_grace: BOUND,
+        // Small, so that the journal starts again from snapshots during the test.
+        compact_journal_after: 16 << 10,
     }
 }
 
@@ -307,6 +309,8 @@ impl HeadProcess {
     fn start(binary: &Path, state_dir: &Path, listen: SocketAddr) -> HeadProcess {
         let mut child = Command::new(binary)
             .args(["--listen", &listen.to_string(), "--heartbeat-timeout", "3", "--resume-grace", "30"])
+            // Small, so that the journal starts again from snapshots while the test runs.
+            .args(["--compact-journal-mib", "0.05"])
             .arg("--state-dir")
             .arg(state_dir)
             .env("RUST_LOG", std::env::var("CHIA_TEST_HEAD_LOG").unwrap_or_else(|_| "warn".into()))

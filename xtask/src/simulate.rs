@@ -219,12 +219,13 @@ impl Totals {
                         "written_off": report.faults.written_off,
                         "driver_crashes": report.faults.driver_crashes,
                         "head_crashes": report.faults.head_crashes,
+                        "compactions": report.compactions,
                         "digest": format!("{:016x}", report.digest),
                     });
                     println!("{line}");
                 } else {
                     println!(
-                        "seed {seed}: ok, {} steps ({:.0}/s), {} decisions ({:.0}/s), largest queue {}, {:.1?} virtual in {:.2?}, {} tasks, faults: {} crashed, {} frozen, {} written off, {} drivers lost, {} head restarts",
+                        "seed {seed}: ok, {} steps ({:.0}/s), {} decisions ({:.0}/s), largest queue {}, {:.1?} virtual in {:.2?}, {} tasks, faults: {} crashed, {} frozen, {} written off, {} drivers lost, {} head restarts, {} journal compactions",
                         report.steps,
                         per_second(report.steps, wall),
                         report.dispatches,
@@ -238,6 +239,7 @@ impl Totals {
                         report.faults.written_off,
                         report.faults.driver_crashes,
                         report.faults.head_crashes,
+                        report.compactions,
                     );
                 }
             }

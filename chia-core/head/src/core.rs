@@ -18,6 +18,7 @@ use chia_core::protocol::{
     PROTOCOL_VERSION, PeerToHead, ResumeSession, TaskSpec, ValueRef,
 };
 use chia_core::{HEAD_NODE_NAME, NodeId, SessionId, TaskError, TaskId};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
@@ -78,6 +79,7 @@ pub struct Rejection {
     pub reason: String,
 }
 
+#[derive(Serialize, Deserialize)]
 pub(crate) struct Session {
     pub(crate) name: String,
     pub(crate) node: Option<NodeId>,
@@ -85,9 +87,12 @@ pub(crate) struct Session {
     pub(crate) frames: u64,
     /// Recovered from the journal and not taken up again yet: until this deadline its frames
     /// wait in `held`, then the session is closed.
+    #[serde(skip)]
     pub(crate) detached_until: Option<Instant>,
+    #[serde(skip)]
     pub(crate) held: Vec<Vec<u8>>,
     /// Taken up again after a restart: the grace deadline it had, and its frame count then.
+    #[serde(skip)]
     pub(crate) resumed: Option<(Instant, u64)>,
 }
 
@@ -98,6 +103,7 @@ impl Session {
 }
 
 /// A submitted task and, once it ends, its result.
+#[derive(Serialize, Deserialize)]
 pub(crate) struct TaskRecord {
     pub(crate) owner: SessionId,
     pub(crate) function: String,
@@ -155,6 +161,7 @@ impl TaskRecord {
 }
 
 /// What a task record stands for.
+#[derive(Serialize, Deserialize)]
 pub(crate) enum TaskKind {
     /// A function call, placed by the scheduler.
     Function,
@@ -165,7 +172,10 @@ pub(crate) enum TaskKind {
     ServiceCall { service: chia_core::ServiceId, name: String, method: String, missing: usize },
 }
 
-/// The head's state and decisions; see the module documentation.
+/// The head's state and decisions; see the module documentation. A snapshot
+/// ([`HeadCore::snapshot`]) keeps what a replay of the journal would rebuild: not the
+/// options, the outbox, nor anything about time or sessions waiting to be taken up.
+#[derive(Serialize, Deserialize)]
 pub struct HeadCore {
     pub(crate) scheduler: Scheduler,
     pub(crate) sessions: HashMap<SessionId, Session>,
@@ -185,18 +195,24 @@ pub struct HeadCore {
     /// Settings of jobs (by driver session) that their tasks carry.
     pub(crate) jobs: HashMap<SessionId, JobSettings>,
     /// The head is closing every connection: what ends now ends on purpose, not by failure.
+    #[serde(skip)]
     pub(crate) shutting_down: bool,
     /// The previous run's own node is being closed after a restart: the services it hosted
     /// died with that head, and are kept to start again.
+    #[serde(skip)]
     pub(crate) head_died: bool,
+    #[serde(skip)]
     pub(crate) options: CoreOptions,
     /// Detached services to start again after a restart, by (namespace, name), when kept.
     pub(crate) persisted: Option<BTreeMap<(String, String), PersistedService>>,
+    #[serde(skip)]
     pub(crate) outbox: Outbox,
     /// After a recovery, until the grace period ends: when the sessions of the previous run
     /// that were not taken up again are closed.
+    #[serde(skip)]
     pub(crate) grace_until: Option<Instant>,
     /// The time of the input being handled: everything decided meanwhile happens then.
+    #[serde(skip, default = "crate::snapshot::restored_at")]
     pub(crate) now: Instant,
 }
 

@@ -20,6 +20,7 @@ use crate::core::{CoreOptions, HeadCore, Rejection, TaskKind};
 use crate::outbox::Action;
 use crate::persist::PersistedService;
 use crate::scheduler::Event;
+use crate::snapshot::SnapshotError;
 use chia_core::protocol::{HeadToPeer, Outcome, PeerToHead, ResumeSession, ServiceStart, TaskAttempt};
 use chia_core::{SessionId, TaskError, TaskId};
 use serde::{Deserialize, Serialize};
@@ -49,6 +50,9 @@ pub enum JournalEntry {
         #[serde(default)]
         starts: Vec<ServiceStart>,
     },
+    /// The whole state after every entry before it (see [`HeadCore::snapshot`]): a journal
+    /// compacted starts with one.
+    Snapshot { state: serde_bytes::ByteBuf },
 }
 
 /// Whether handling `message` can change the head's state, so it must be kept. Queries
@@ -75,6 +79,8 @@ pub struct Recovery {
     pub detached: usize,
     /// Task records recovered (queued, running, or holding a result).
     pub tasks: usize,
+    /// The replay started from a snapshot.
+    pub from_snapshot: bool,
 }
 
 impl HeadCore {
@@ -85,13 +91,18 @@ impl HeadCore {
         now: Instant,
         options: CoreOptions,
         entries: impl IntoIterator<Item = JournalEntry>,
-    ) -> (HeadCore, Recovery) {
+    ) -> Result<(HeadCore, Recovery), SnapshotError> {
         let journal_id = options.journal_id;
-        let mut core = HeadCore::new(now, CoreOptions { journal_id: None, ..options });
-        let mut applied = 0;
+        let replaying = CoreOptions { journal_id: None, ..options };
+        let mut core = HeadCore::new(now, replaying.clone());
+        let (mut applied, mut from_snapshot) = (0, false);
         for entry in entries {
             applied += 1;
             match entry {
+                JournalEntry::Snapshot { state } => {
+                    core = HeadCore::restore(now, replaying.clone(), &state)?;
+                    from_snapshot = true;
+                }
                 JournalEntry::Opened { session, hello } => match core.open_session(now, "journal", hello) {
                     Ok(opened) if opened == session => {}
                     Ok(opened) => {
@@ -149,14 +160,14 @@ impl HeadCore {
         core.grace_until = (detached > 0).then_some(deadline);
         // Whatever the close above decided for the peers, all away now, waits for them in
         // their sessions (`poll_action` holds frames of detached sessions).
-        let recovery = Recovery { entries: applied, detached, tasks: core.tasks.len() };
+        let recovery = Recovery { entries: applied, detached, tasks: core.tasks.len(), from_snapshot };
         tracing::info!(
             "recovered {} journal entries: {} task(s), {} session(s) waiting to be taken up again",
             recovery.entries,
             recovery.tasks,
             recovery.detached
         );
-        (core, recovery)
+        Ok((core, recovery))
     }
 
     /// A peer of the previous run takes up its session.

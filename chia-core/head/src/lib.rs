@@ -10,7 +10,8 @@
 //! - [`scheduler`]: the placement state machine inside it (which task runs on which node).
 //! - [`journal`]: which inputs the head keeps ([`Action::Keep`]), and [`HeadCore::recover`],
 //!   which rebuilds a head from them after a restart while the previous run's peers take up
-//!   their sessions again.
+//!   their sessions again; [`HeadCore::snapshot`] writes the whole state as one record, from
+//!   which a journal starts again (compaction).
 //! - [`PersistedService`]: what the head keeps of a detached service to start it again.
 //!
 //! The runtime's head (`chia_runtime::head`) is the thin driver around it: it accepts and
@@ -27,8 +28,10 @@ pub mod scheduler;
 mod services;
 /// A deterministic simulator of a whole cluster around the real core, seeded and replayable.
 pub mod sim;
+mod snapshot;
 
 pub use crate::core::{CoreOptions, HeadCore, HeadStats, INLINE_RESULT_BYTES, Rejection};
 pub use journal::{JournalEntry, Recovery};
 pub use outbox::Action;
 pub use persist::PersistedService;
+pub use snapshot::SnapshotError;

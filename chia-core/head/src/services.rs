@@ -7,6 +7,7 @@ use crate::persist::PersistedService;
 use crate::scheduler::Event;
 use chia_core::protocol::{Arg, Done, HeadToPeer, HeadToPeerRef, Outcome, ServiceInfo, ServiceStart};
 use chia_core::{FunctionKey, NodeId, ServiceId, SessionId, TagPatterns, TaskError, TaskId};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 /// The scheduler places instances of a service type as tasks of this function key, which
@@ -18,6 +19,7 @@ pub(crate) fn instance_function(service_type: &FunctionKey) -> FunctionKey {
     )
 }
 
+#[derive(Serialize, Deserialize)]
 pub(crate) struct ServiceRecord {
     info: ServiceInfo,
     owner: SessionId,
@@ -49,6 +51,7 @@ pub(crate) struct ServiceRecord {
     creator_answered: bool,
 }
 
+#[derive(Serialize, Deserialize)]
 pub(crate) struct Restart {
     spec: PersistedService,
     /// Restarts left; negative: without limit.
@@ -56,6 +59,7 @@ pub(crate) struct Restart {
 }
 
 /// Results a service asked for (see [`chia_core::protocol::PeerToHead::WatchResults`]).
+#[derive(Serialize, Deserialize)]
 struct Watch {
     method: String,
     /// Which functions' results, each for every call (`None`) or for the tags a pattern
@@ -76,7 +80,7 @@ impl Watch {
 /// The owner of the head's own requests (results passed to watching services).
 pub(crate) const HEAD_SESSION: SessionId = SessionId(0);
 
-#[derive(Default)]
+#[derive(Default, Serialize, Deserialize)]
 pub(crate) struct Services {
     records: HashMap<ServiceId, ServiceRecord>,
     watches: HashMap<ServiceId, Watch>,

@@ -33,6 +33,20 @@ struct HeadArgs {
     /// its previous run to take up their sessions (their tasks and results are kept meanwhile).
     #[arg(long, default_value_t = 60.0)]
     resume_grace: f64,
+    /// MiB the journal may grow by before it starts again from a snapshot of the head's
+    /// state (so a restart replays at most about this much).
+    #[arg(long, default_value_t = 64.0, value_name = "MIB")]
+    compact_journal_mib: f64,
+}
+
+/// `mib` MiB in bytes, if it is a size.
+fn journal_bytes(mib: f64) -> Result<u64, String> {
+    let bytes = mib * (1u64 << 20) as f64;
+    if bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64 {
+        Ok(bytes as u64)
+    } else {
+        Err(format!("--compact-journal-mib {mib} must be a size in MiB, such as 64 or 0.5"))
+    }
 }
 
 fn main() -> ExitCode {
@@ -59,6 +73,7 @@ async fn run(args: HeadArgs) -> Result<ExitCode, String> {
         // takes up where it was.
         state_dir: Some(state_dir.clone()),
         resume_grace,
+        compact_journal_after: journal_bytes(args.compact_journal_mib)?,
     };
     let started = HeadWithNode::start(args.listen, credentials, options).await.map_err(|e| e.to_string())?;
     let head = started.head();

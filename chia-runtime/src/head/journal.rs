@@ -6,6 +6,10 @@
 //! Opening reads every whole record; a tail that is cut short or fails its checksum (a write
 //! torn by a crash) is dropped — logged with its offset and size — and the file is cut back
 //! to the last whole record, so the next append continues a valid journal.
+//!
+//! Compaction writes a new file beside it — the header (same id), a snapshot record with the
+//! head's whole state, the records after it — makes it durable and renames it over the
+//! journal: a crash at any point leaves the old journal or the new one, whole.
 
 use chia_head_core::JournalEntry;
 use std::fs::{File, OpenOptions};
@@ -13,12 +17,15 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 const FILE_NAME: &str = "journal";
+/// The journal being compacted, until it is renamed over [`FILE_NAME`].
+const COMPACTING_NAME: &str = "journal.compacting";
 const MAGIC: &[u8; 8] = b"CHIAJNL\0";
 /// Bumped when the record layout changes incompatibly.
 const FORMAT_VERSION: u32 = 1;
 const HEADER_LEN: usize = 8 + 4 + 8;
-/// A record longer than this is corruption, not an entry (frames are capped lower).
-const MAX_RECORD: usize = chia_core::protocol::MAX_FRAME_BYTES + (1 << 20);
+/// A record longer than this is corruption, not an entry (frames are capped lower; a
+/// snapshot larger than this is not written).
+pub(crate) const MAX_RECORD: usize = chia_core::protocol::MAX_FRAME_BYTES + (1 << 20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -39,6 +46,8 @@ pub(crate) struct Journal {
     id: u64,
     /// Where a failed batch begins when cutting it off failed too.
     torn_at: Option<u64>,
+    /// Its size in bytes.
+    len: u64,
 }
 
 /// What opening found.
@@ -60,16 +69,10 @@ impl Journal {
         file.read_to_end(&mut bytes).map_err(io)?;
         if bytes.is_empty() {
             let id = new_id();
-            let mut header = Vec::with_capacity(HEADER_LEN);
-            header.extend_from_slice(MAGIC);
-            header.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
-            header.extend_from_slice(&id.to_be_bytes());
-            file.write_all(&header).map_err(io)?;
+            file.write_all(&header(id)).map_err(io)?;
             file.sync_all().map_err(io)?;
-            if let Some(dir) = path.parent() {
-                File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-            }
-            let journal = Journal { path, file, id, torn_at: None };
+            sync_dir(&path).map_err(io)?;
+            let journal = Journal { path, file, id, torn_at: None, len: HEADER_LEN as u64 };
             return Ok(Opened { journal, entries: Vec::new(), dropped_bytes: 0 });
         }
         let format = bytes.get(8..12).map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")));
@@ -89,7 +92,43 @@ impl Journal {
             file.sync_all().map_err(io)?;
         }
         file.seek(SeekFrom::End(0)).map_err(io)?;
-        Ok(Opened { journal: Journal { path, file, id, torn_at: None }, entries, dropped_bytes })
+        let journal = Journal { path, file, id, torn_at: None, len: valid as u64 };
+        Ok(Opened { journal, entries, dropped_bytes })
+    }
+
+    /// The journal's size in bytes.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Replaces the journal with one holding `snapshot` (an encoded
+    /// [`JournalEntry::Snapshot`] record) and then `records`, durably: on failure the old
+    /// journal is left as it was.
+    pub(crate) fn start_again(&mut self, snapshot: &[u8], records: &[u8]) -> Result<(), JournalError> {
+        let compacting = self.path.with_file_name(COMPACTING_NAME);
+        let io = |source| JournalError::Io { path: compacting.clone(), source };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&compacting)
+            .map_err(io)?;
+        let written = file
+            .write_all(&header(self.id))
+            .and_then(|()| file.write_all(snapshot))
+            .and_then(|()| file.write_all(records))
+            .and_then(|()| file.sync_all())
+            .and_then(|()| std::fs::rename(&compacting, &self.path))
+            .and_then(|()| sync_dir(&self.path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&compacting);
+            return Err(io(e));
+        }
+        self.file = file;
+        self.torn_at = None;
+        self.len = (HEADER_LEN + snapshot.len() + records.len()) as u64;
+        Ok(())
     }
 
     pub(crate) fn id(&self) -> u64 {
@@ -118,7 +157,24 @@ impl Journal {
             }
             return Err(io(e));
         }
+        self.len = end + records.len() as u64;
         Ok(())
+    }
+}
+
+fn header(id: u64) -> Vec<u8> {
+    let mut header = Vec::with_capacity(HEADER_LEN);
+    header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
+    header.extend_from_slice(&id.to_be_bytes());
+    header
+}
+
+/// Makes the directory entry of `path` durable (a created or renamed file).
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) => File::open(dir).and_then(|d| d.sync_all()),
+        None => Ok(()),
     }
 }
 
@@ -237,6 +293,27 @@ mod tests {
         encode_record(&closed(4), &mut record);
         journal.append(&record).unwrap();
         assert_eq!(Journal::open(dir.path()).unwrap().entries, [closed(1), closed(4)]);
+    }
+
+    #[test]
+    fn a_journal_started_again_from_a_snapshot_keeps_its_id_and_what_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = append(dir.path(), &[closed(1), closed(2), closed(3)]);
+        let mut opened = Journal::open(dir.path()).unwrap();
+        // The journal layer does not look inside: any entry stands for the snapshot here.
+        let (mut snapshot, mut after) = (Vec::new(), Vec::new());
+        encode_record(&closed(30), &mut snapshot);
+        encode_record(&closed(4), &mut after);
+        opened.journal.start_again(&snapshot, &after).unwrap();
+        let len = std::fs::metadata(dir.path().join(FILE_NAME)).unwrap().len();
+        assert_eq!(opened.journal.len(), len);
+        let mut record = Vec::new();
+        encode_record(&closed(5), &mut record);
+        opened.journal.append(&record).unwrap();
+        let reopened = Journal::open(dir.path()).unwrap();
+        assert_eq!(reopened.entries, [closed(30), closed(4), closed(5)]);
+        assert_eq!(reopened.journal.id(), id);
+        assert!(!dir.path().join(COMPACTING_NAME).exists());
     }
 
     #[test]

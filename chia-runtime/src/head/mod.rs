@@ -15,7 +15,9 @@
 //! far it is durable (`Durable`), so peers can forget what they would otherwise send again.
 //! A head started on a directory with a journal rebuilds its state from it
 //! ([`HeadCore::recover`]) and waits [`HeadOptions::resume_grace`] for the previous run's
-//! peers to take up their sessions.
+//! peers to take up their sessions. Once the journal has grown by
+//! [`HeadOptions::compact_journal_after`], the keeper starts it again from a snapshot of the
+//! core's state taken under the lock (the records not written yet are part of it).
 //!
 //! The head's own node (`head`, which hosts services pinned to the head) is a worker like any
 //! other and is started by whoever starts the head: [`HeadWithNode`](crate::local::HeadWithNode).
@@ -65,6 +67,10 @@ pub struct HeadOptions {
     /// How long a head restarted from its journal waits for the previous run's drivers and
     /// workers to take up their sessions; one that stays away longer is treated as gone.
     pub resume_grace: Duration,
+    /// Once the journal has grown by this many bytes since it last started from a snapshot,
+    /// it starts again from one (the head's whole state as a record): start-up replays at
+    /// most about this much.
+    pub compact_journal_after: u64,
 }
 
 impl Default for HeadOptions {
@@ -75,6 +81,7 @@ impl Default for HeadOptions {
             heartbeat_timeout: core.heartbeat_timeout,
             state_dir: None,
             resume_grace: core.resume_grace,
+            compact_journal_after: 64 << 20,
         }
     }
 }
@@ -156,17 +163,25 @@ pub async fn start_head_with(
             let recovered = !opened.entries.is_empty();
             let dropped = opened.dropped_bytes;
             // The grace period starts once the journal is read, however long that took.
-            let (mut core, _) = HeadCore::recover(Instant::now(), core_options, opened.entries);
+            let journal_path = state_dir.join("journal");
+            let (mut core, recovery) = HeadCore::recover(Instant::now(), core_options, opened.entries)
+                .map_err(|e| Error::Setup(format!("{}: {e}", journal_path.display())))?;
             let services = persist::ServiceFile::in_dir(state_dir);
             core.restore_services(now, services.read());
             if recovered {
                 tracing::info!(
-                    "recovered from {} ({dropped} byte(s) of a torn tail dropped); waiting up to {:?} for its drivers and workers to come back",
-                    state_dir.join("journal").display(),
+                    "recovered from {}{} ({dropped} byte(s) of a torn tail dropped); waiting up to {:?} for its drivers and workers to come back",
+                    journal_path.display(),
+                    if recovery.from_snapshot { ", starting from its snapshot" } else { "" },
                     options.resume_grace
                 );
             }
-            (core, Some(Keeper { journal: opened.journal, services }))
+            let compaction = Compaction {
+                after: options.compact_journal_after,
+                grown: opened.journal.len(),
+                last_snapshot: 0,
+            };
+            (core, Some((Keeper { journal: opened.journal, services }, compaction)))
         }
     };
     let shared = Shared::new(core, keeper);
@@ -204,6 +219,9 @@ struct Durable {
     through: HashMap<SessionId, u64>,
     /// The latest set of detached services to keep, if it changed.
     services: Option<Vec<PersistedService>>,
+    /// The head's state as a record, which replaces the journal before `records` (compaction).
+    snapshot: Option<Vec<u8>>,
+    compaction: Compaction,
     /// The keeper is writing a batch.
     writing: bool,
     /// Actions decided after something not yet durable, in order.
@@ -213,13 +231,25 @@ struct Durable {
 
 impl Durable {
     fn pending(&self) -> bool {
-        !self.records.is_empty() || self.services.is_some()
+        !self.records.is_empty() || self.services.is_some() || self.snapshot.is_some()
     }
 
     /// A frame must wait while anything before it is not durable (and frames keep their order).
     fn must_hold(&self) -> bool {
         self.pending() || self.writing || !self.held.is_empty()
     }
+}
+
+/// When the journal starts again from a snapshot.
+#[derive(Clone, Copy, Debug, Default)]
+struct Compaction {
+    /// Bytes of growth after which it does.
+    after: u64,
+    /// Bytes of journal records since it last did (the whole journal when the head started).
+    grown: u64,
+    /// The size of the last snapshot: the journal also grows by as much before the next, so
+    /// a large state is not written again and again.
+    last_snapshot: u64,
 }
 
 struct Peer {
@@ -237,19 +267,20 @@ struct Keeper {
 }
 
 impl Shared {
-    fn new(core: HeadCore, keeper: Option<Keeper>) -> Arc<Shared> {
+    fn new(core: HeadCore, keeper: Option<(Keeper, Compaction)>) -> Arc<Shared> {
         let kept = keeper.is_some();
+        let compaction = keeper.as_ref().map(|(_, compaction)| *compaction).unwrap_or_default();
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 core,
                 peers: HashMap::new(),
                 armed: None,
-                durable: Durable { kept, ..Durable::default() },
+                durable: Durable { kept, compaction, ..Durable::default() },
             }),
             timer: Arc::new(tokio::sync::Notify::new()),
             keep: Condvar::new(),
         });
-        if let Some(keeper) = keeper {
+        if let Some((keeper, _)) = keeper {
             let weak = Arc::downgrade(&shared);
             std::thread::Builder::new()
                 .name("chia-head-keep".into())
@@ -291,7 +322,9 @@ impl Shared {
                     if let JournalEntry::Message { session, seq, .. } = &entry {
                         state.durable.through.insert(*session, *seq);
                     }
+                    let before = state.durable.records.len();
                     journal::encode_record(&entry, &mut state.durable.records);
+                    state.durable.compaction.grown += (state.durable.records.len() - before) as u64;
                 }
                 Action::SaveServices(services) if state.durable.kept => {
                     state.durable.services = Some(services)
@@ -301,6 +334,7 @@ impl Shared {
                 action => self.act(state, action),
             }
         }
+        self.compact_if_grown(state);
         if !was_pending && state.durable.pending() {
             self.keep.notify_one();
         }
@@ -327,6 +361,33 @@ impl Shared {
         }
     }
 
+    /// Once the journal has grown enough, the head's state (which includes everything kept so
+    /// far) replaces it: the records not written yet are part of the snapshot.
+    fn compact_if_grown(&self, state: &mut State) {
+        let durable = &mut state.durable;
+        let Compaction { after, grown, last_snapshot } = durable.compaction;
+        if !durable.kept || durable.stopping || grown < after.max(last_snapshot) {
+            return;
+        }
+        let Some(snapshot) = state.core.snapshot() else { return };
+        let mut record = Vec::new();
+        journal::encode_record(&snapshot, &mut record);
+        if record.len() > journal::MAX_RECORD {
+            tracing::warn!(
+                "the head's state ({} bytes) is too large for one journal record; the journal is not compacted",
+                record.len()
+            );
+            durable.compaction =
+                Compaction { grown: 0, last_snapshot: record.len() as u64, ..durable.compaction };
+            return;
+        }
+        tracing::info!("compacting the journal: a snapshot of {} bytes replaces it", record.len());
+        durable.records.clear();
+        durable.compaction =
+            Compaction { grown: 0, last_snapshot: record.len() as u64, ..durable.compaction };
+        durable.snapshot = Some(record);
+    }
+
     /// Stops the keeper once what is pending is written.
     fn stop_keeping(&self) {
         self.lock().durable.stopping = true;
@@ -340,7 +401,7 @@ impl Shared {
 fn run_keeper(mut keeper: Keeper, shared: Weak<Shared>) {
     loop {
         let Some(strong) = shared.upgrade() else { return };
-        let (records, through, services, release) = {
+        let (snapshot, records, through, services, release) = {
             let mut state = strong.lock();
             while !state.durable.pending() && !state.durable.stopping {
                 state = strong.keep.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -352,6 +413,7 @@ fn run_keeper(mut keeper: Keeper, shared: Weak<Shared>) {
             durable.writing = true;
             let release = durable.held.len();
             (
+                durable.snapshot.take(),
                 std::mem::take(&mut durable.records),
                 std::mem::take(&mut durable.through),
                 durable.services.take(),
@@ -362,9 +424,12 @@ fn run_keeper(mut keeper: Keeper, shared: Weak<Shared>) {
         // Until the batch is on disk nothing it caused may leave: the head stalls (and says
         // why) rather than tell a peer what a restart would not know.
         let mut failures = 0u32;
-        while !records.is_empty()
-            && let Err(e) = keeper.journal.append(&records)
-        {
+        let write = |journal: &mut journal::Journal| match &snapshot {
+            Some(snapshot) => journal.start_again(snapshot, &records),
+            None if records.is_empty() => Ok(()),
+            None => journal.append(&records),
+        };
+        while let Err(e) = write(&mut keeper.journal) {
             if failures == 0 {
                 tracing::error!(
                     "the journal cannot be written ({e}); the head waits until it can (free the disk)"

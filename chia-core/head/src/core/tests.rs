@@ -421,7 +421,7 @@ impl Env {
     /// the recovered core, a little later.
     fn restart(&self) -> Env {
         let now = self.now + Duration::from_secs(2);
-        let (core, _) = HeadCore::recover(now, journaled(), self.kept.clone());
+        let (core, _) = HeadCore::recover(now, journaled(), self.kept.clone()).expect("the journal replays");
         let mut env = Env { core, now, ..Env::with(journaled()) };
         env.kept = self.kept.clone();
         env.collect();
@@ -597,6 +597,56 @@ fn a_recovered_head_rebuilds_the_same_state_from_its_own_journal() {
     env.send(worker, PeerToHead::Finished { task: second, attempt: 1, outcome: Outcome::Value(value(2)) });
     env.send(worker, PeerToHead::Finished { task: first, attempt: 1, outcome: Outcome::Value(value(1)) });
     assert_eq!(dones(&env.to(driver)), [(second, Done::Value(value(2))), (first, Done::Value(value(1)))]);
+}
+
+#[test]
+fn a_head_restarted_from_a_compacted_journal_acts_as_one_restarted_from_the_whole_journal() {
+    let mut env = Env::with(journaled());
+    let worker = env.worker("w", "CPU=1", &["f"]);
+    let driver = env.driver();
+    let done = env.submit(driver, 1, "f", vec![]);
+    let running = env.submit(driver, 2, "f", vec![Arg::Ref(done)]);
+    let queued = env.submit(driver, 3, "f", vec![]);
+    env.send(worker, PeerToHead::Finished { task: done, attempt: 1, outcome: Outcome::Value(value(1)) });
+    let start = TaskId::new(driver, 4);
+    env.send(driver, PeerToHead::StartService(counter_start(start, false)));
+    // Compacted here; what follows is kept after the snapshot.
+    let mut compacted = env.kept.clone();
+    let snapshot = env.core.snapshot().expect("the state encodes");
+    let later = env.submit(driver, 5, "f", vec![Arg::Ref(running)]);
+    compacted = [vec![snapshot], env.kept[compacted.len()..].to_vec()].concat();
+    let whole = env.restart();
+    let mut from_snapshot = env.restart();
+    from_snapshot.kept = compacted.clone();
+    let from_snapshot = from_snapshot.restart();
+    assert_eq!(from_snapshot.kept, compacted);
+    // The same peers come back and say the same: both heads answer alike.
+    let script = |mut env: Env| {
+        let stats = env.core.stats().tasks;
+        let runs = executes(
+            &env.sent.iter().filter(|(to, _)| *to == worker).map(|(_, m)| m.clone()).collect::<Vec<_>>(),
+        );
+        env.resume(worker, vec![TaskAttempt { task: running, attempt: 1 }], vec![]);
+        env.resume(driver, vec![], vec![done, running, queued, later]);
+        for (task, attempt) in executes(&env.to(worker)) {
+            let outcome = Outcome::Value(value(task.seq() as u8));
+            env.send(worker, PeerToHead::Finished { task, attempt, outcome });
+        }
+        env.send(
+            worker,
+            PeerToHead::Finished { task: running, attempt: 1, outcome: Outcome::Value(value(2)) },
+        );
+        (stats, runs, std::mem::take(&mut env.sent))
+    };
+    let (whole, from_snapshot) = (script(whole), script(from_snapshot));
+    assert_eq!(whole.0, 5, "done, running, queued, later, the start");
+    assert!(
+        whole
+            .2
+            .iter()
+            .any(|(to, m)| *to == driver && matches!(m, HeadToPeer::Done { task, .. } if *task == done))
+    );
+    assert_eq!(format!("{whole:?}"), format!("{from_snapshot:?}"));
 }
 
 #[test]

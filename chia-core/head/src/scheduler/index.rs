@@ -4,6 +4,7 @@
 //! only its kind, so such a mix-up does not compile. The newtypes wrap a `usize` and every
 //! conversion is inlined away: the hot path does exactly what it did with bare positions.
 
+use serde::{Deserialize, Serialize};
 use std::marker::PhantomData;
 
 /// A position in a [`Slab`] or [`IndexVec`] of one kind of entry.
@@ -17,7 +18,7 @@ pub(super) trait Idx: Copy {
 macro_rules! define_id_type {
     ($(#[$meta:meta])* $name:ident) => {
         $(#[$meta])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
         pub(super) struct $name(usize);
 
         impl Idx for $name {
@@ -58,6 +59,7 @@ define_id_type!(
 );
 
 /// A vector that only grows, indexed by `I`.
+#[derive(Serialize, Deserialize)]
 pub(super) struct IndexVec<I, T> {
     items: Vec<T>,
     _index: PhantomData<I>,
@@ -107,6 +109,7 @@ impl<I: Idx, T> std::ops::IndexMut<I> for IndexVec<I, T> {
 /// Entries live in segments of [`SEGMENT`] that never move: growing adds a segment instead of
 /// copying everything into a buffer twice the size, so a burst of a million tasks never stalls
 /// an event on a copy of tens of megabytes, and each allocation stays small.
+#[derive(Serialize, Deserialize)]
 pub(super) struct Slab<I, T> {
     segments: Vec<Vec<Entry<T>>>,
     /// The most recently freed index, [`NONE`] if none.
@@ -118,6 +121,7 @@ pub(super) struct Slab<I, T> {
 /// Entries per segment.
 const SEGMENT: usize = 1024;
 
+#[derive(Serialize, Deserialize)]
 enum Entry<T> {
     Occupied(T),
     /// The next free index, [`NONE`] if none.

@@ -33,12 +33,13 @@ use chia_core::resources::NODE_PREFIX;
 use chia_core::{FunctionKey, NodeId, ResourceAmount, Resources, SessionId, TaskError, TaskId};
 use index::{FunctionSlot, IndexVec, NodeSlot, ShapeSlot, Slab, TaskSlot};
 use pool::{Names, Need, Pool, TaskIndex};
+use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// Something that happened, as the head tells the scheduler.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
     /// A worker connected. It advertises `resources` (plus `node:<name>` = 1, added here) and can
     /// run exactly the `functions` it announced.
@@ -117,7 +118,10 @@ pub enum TaskStatus {
     Failed,
 }
 
-/// The head's scheduler; see the module documentation.
+/// The head's scheduler; see the module documentation. It is kept in a snapshot whole but
+/// for what lives only during one event and the times nodes were heard (a restored head
+/// hears every node at the restore).
+#[derive(Serialize, Deserialize)]
 pub struct Scheduler {
     names: Names,
     nodes: Slab<NodeSlot, Node>,
@@ -138,11 +142,15 @@ pub struct Scheduler {
     next_seq: u64,
     /// Live entries over all shape queues.
     queued: usize,
+    #[serde(skip)]
     commands: Vec<Command>,
     /// Slots of tasks whose dependencies all finished during the current event, placed at its end.
+    #[serde(skip)]
     ready: Vec<TaskSlot>,
     /// Reused by [`Scheduler::fill_node`] and [`Scheduler::place`] so a pass does not allocate.
+    #[serde(skip)]
     heap: BinaryHeap<Reverse<(u64, ShapeSlot)>>,
+    #[serde(skip)]
     last_event: Option<Instant>,
     /// Ends of the list of nodes by the time they were last heard (see [`Node::older`]):
     /// `None` when no node is connected.
@@ -153,6 +161,7 @@ pub struct Scheduler {
 /// [`Task::max_attempts`] of a task that may run again without limit.
 const UNLIMITED: u32 = u32::MAX;
 
+#[derive(Serialize, Deserialize)]
 struct Node {
     id: NodeId,
     name: String,
@@ -166,6 +175,7 @@ struct Node {
     /// Slots of the tasks leased here; each knows its position, so removal is O(1).
     running: Vec<TaskSlot>,
     /// When the head last heard from it (or when it joined).
+    #[serde(skip, default = "crate::snapshot::restored_at")]
     heard: Instant,
     /// Neighbours in the list of nodes ordered by `heard`, oldest first: hearing from a node
     /// moves it to the end, so finding the silent ones only looks at the front. `None` at the
@@ -174,19 +184,21 @@ struct Node {
     newer: Option<NodeSlot>,
 }
 
+#[derive(Serialize, Deserialize)]
 struct Function {
     key: FunctionKey,
     /// Live nodes that announced it.
     nodes: Vec<NodeSlot>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 struct ShapeKey {
     function: FunctionSlot,
     need: Need,
 }
 
 /// Tasks with the same function and request, which are interchangeable for placement.
+#[derive(Serialize, Deserialize)]
 struct Shape {
     key: ShapeKey,
     /// As submitted, for messages.
@@ -206,6 +218,7 @@ struct Shape {
     refs: usize,
 }
 
+#[derive(Serialize, Deserialize)]
 struct Task {
     id: TaskId,
     seq: u64,
@@ -243,13 +256,14 @@ impl Retry {
 }
 
 /// Whether a running task's node was asked to cancel it, and how firmly.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 enum Cancel {
     No,
     Asked,
     Forced,
 }
 
+#[derive(Serialize, Deserialize)]
 enum State {
     Waiting {
         shape: ShapeSlot,
@@ -284,7 +298,7 @@ impl State {
 
 /// `(slot, seq)` of unfinished tasks waiting on a task. Boxed, as most tasks have none: a smaller
 /// [`Task`] is less memory to touch per task.
-#[derive(Default)]
+#[derive(Default, Serialize, Deserialize)]
 #[allow(
     clippy::box_collection,
     reason = "8 bytes per task instead of 24; an allocation only for tasks with dependents"

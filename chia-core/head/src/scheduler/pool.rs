@@ -11,6 +11,7 @@
 use super::index::TaskSlot;
 use chia_core::resources::CPU;
 use chia_core::{ResourceAmount, Resources, SessionId, TaskId};
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 
 /// An interned resource name.
@@ -20,6 +21,7 @@ pub(super) type ResIdx = u32;
 pub(super) type Need = Box<[(ResIdx, u64)]>;
 
 /// Every resource name seen so far. `CPU` is always index [`Names::CPU`].
+#[derive(Serialize, Deserialize)]
 pub(super) struct Names {
     names: Vec<String>,
     index: HashMap<String, ResIdx>,
@@ -66,7 +68,7 @@ impl Names {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 struct Slot {
     res: ResIdx,
     capacity: u64,
@@ -74,6 +76,7 @@ struct Slot {
 }
 
 /// What one node has, and how much of it is free right now.
+#[derive(Serialize, Deserialize)]
 pub(super) struct Pool {
     slots: Box<[Slot]>,
 }
@@ -158,6 +161,7 @@ impl Pool {
 /// misses the cache on every lookup). Ids far from their session's window (out of order, or left
 /// behind while the session moved on) go to a hash map instead, so memory stays proportional to
 /// the tasks known whatever ids a peer sends.
+#[derive(Serialize, Deserialize)]
 pub(super) struct TaskIndex {
     windows: Vec<Window>,
     by_session: HashMap<u64, usize>,
@@ -169,6 +173,7 @@ pub(super) struct TaskIndex {
 }
 
 /// The slots of one session's tasks with sequence numbers `base..base + slots.len()`.
+#[derive(Serialize, Deserialize)]
 struct Window {
     session: u64,
     base: u64,

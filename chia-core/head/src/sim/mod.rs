@@ -248,6 +248,8 @@ pub struct Report {
     pub late_frames: u64,
     /// Frames the head addressed to sessions it had closed (dropped, as the runtime does).
     pub sends_after_close: u64,
+    /// Times the journal was compacted to a snapshot (with head crashes).
+    pub compactions: u64,
     /// A digest of every action the head emitted, in order: one seed, one digest.
     pub digest: u64,
 }

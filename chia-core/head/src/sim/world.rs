@@ -24,6 +24,8 @@ const HEAD_SESSION: SessionId = SessionId(0);
 /// Frames at least this large take long enough to arrive that the head hears their first
 /// bytes before the whole frame ([`HeadCore::heard`]).
 const LARGE_FRAME: usize = 64 << 10;
+/// How often (per mille) a group commit also compacts the journal to a snapshot.
+const COMPACTIONS_PER_MILLE: u32 = 20;
 /// How many traced events a failure reports at most (the last ones).
 const TRACE_LINES: usize = 4_000;
 
@@ -976,6 +978,14 @@ impl World {
             return Ok(());
         }
         self.durable = self.journal.len();
+        if self.net.chance(COMPACTIONS_PER_MILLE)
+            && let Some(snapshot) = self.head.snapshot()
+        {
+            // Compaction: what is durable now starts again from the head's state.
+            self.journal = vec![snapshot];
+            self.durable = 1;
+            self.report.compactions += 1;
+        }
         while let Some(held) = self.held.pop_front() {
             match held {
                 Held::Frame { conn, message, .. } => {
@@ -1055,7 +1065,8 @@ impl World {
     /// The head starts again from the durable journal; the sessions it holds are what is open.
     fn restart_head(&mut self) -> Step {
         let now = self.instant(self.now);
-        let (core, _) = HeadCore::recover(now, self.options.clone(), self.journal.clone());
+        let (core, _) = HeadCore::recover(now, self.options.clone(), self.journal.clone())
+            .map_err(|e| format!("the head could not recover from its journal: {e}"))?;
         self.head = core;
         self.head_down = false;
         self.deadline = None;
