@@ -92,7 +92,9 @@ pub(crate) struct Services {
     names: HashMap<(String, String), ServiceId>,
     /// Calls waiting for an argument task, by that task.
     pub(crate) waiting_calls: HashMap<TaskId, Vec<TaskId>>,
-    /// Services kept by a previous run, started once the head's own node joins.
+    /// Services kept by a previous run, started once the head's own node joins. Not in a
+    /// snapshot: they come from the services file, as in a replay (`JournalEntry::Restored`).
+    #[serde(skip)]
     pub(crate) to_restore: Vec<PersistedService>,
     /// Function tasks that take results of service calls (which the scheduler does not know),
     /// with the submission the scheduler hears once those calls have succeeded, and how many

@@ -62,6 +62,8 @@ impl Journal {
     /// Opens the journal of `state_dir`, creating a new one (with a new id) if there is none.
     pub(crate) fn open(state_dir: &Path) -> Result<Opened, JournalError> {
         let path = state_dir.join(FILE_NAME);
+        // A compaction the previous run did not finish: the journal itself is whole.
+        let _ = std::fs::remove_file(state_dir.join(COMPACTING_NAME));
         let io = |source| JournalError::Io { path: path.clone(), source };
         let mut file =
             OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
@@ -140,7 +142,6 @@ impl Journal {
     /// torn batch.
     pub(crate) fn append(&mut self, records: &[u8]) -> Result<(), JournalError> {
         let io = |source| JournalError::Io { path: self.path.clone(), source };
-        let end = self.file.stream_position().map_err(io)?;
         if let Some(cut) = self.torn_at {
             // A failed batch could not be cut off: appending after it would hide every later
             // record behind it at the next start. Try the cut again first.
@@ -150,6 +151,8 @@ impl Journal {
                 .map_err(io)?;
             self.torn_at = None;
         }
+        // After the cut: a batch failing again is cut back to it, not to the torn tail.
+        let end = self.file.stream_position().map_err(io)?;
         let written = self.file.write_all(records).and_then(|()| self.file.sync_data());
         if let Err(e) = written {
             if self.file.set_len(end).and_then(|()| self.file.seek(SeekFrom::Start(end)).map(drop)).is_err() {
