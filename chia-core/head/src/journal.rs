@@ -53,6 +53,12 @@ pub enum JournalEntry {
     /// The whole state after every entry before it (see [`HeadCore::snapshot`]): a journal
     /// compacted starts with one.
     Snapshot { state: serde_bytes::ByteBuf },
+    /// The head started again from the entries before it: every session of the previous run
+    /// waits for its peer, and no new task is placed on its node until it is back.
+    Restarted,
+    /// A session taken up again lost its connection before its peer sent anything: it waits
+    /// for it again (see [`HeadCore::detach_again`]).
+    Detached { session: SessionId },
 }
 
 /// Whether handling `message` can change the head's state, so it must be kept. Queries
@@ -124,21 +130,14 @@ impl HeadCore {
                 JournalEntry::Closed { session, reason } => core.close_session(now, session, &reason),
                 JournalEntry::Restored { services } => core.restore_services(now, services),
                 JournalEntry::Resumed { session, known, starts } => {
-                    let node = core.sessions.get_mut(&session).and_then(|peer| {
+                    if let Some(peer) = core.sessions.get_mut(&session) {
                         peer.detached_until = None;
-                        peer.node
-                    });
-                    if let (Some(node), Some(known)) = (node, known) {
-                        core.resend_unknown(
-                            session,
-                            node,
-                            known.iter().map(|k| (k.task, k.attempt)).collect(),
-                        );
                     }
-                    for start in starts {
-                        core.start_service(session, start);
-                    }
+                    let known = known.map(|known| known.iter().map(|k| (k.task, k.attempt)).collect());
+                    core.taken_up(session, known, starts);
                 }
+                JournalEntry::Restarted => core.pause_every_node(),
+                JournalEntry::Detached { session } => core.pause_node_of(session),
             }
             // What the previous run sent was sent then.
             while core.outbox.pop().is_some() {}
@@ -156,6 +155,12 @@ impl HeadCore {
         for session in core.sessions.values_mut() {
             session.detached_until = Some(deadline);
             detached += 1;
+        }
+        // Until their workers are back, nothing new goes to their nodes: one that never comes
+        // back would hold its tasks for the whole grace period.
+        core.pause_every_node();
+        if core.options.journal_id.is_some() {
+            core.outbox.push(Action::Keep(JournalEntry::Restarted));
         }
         core.grace_until = (detached > 0).then_some(deadline);
         // Whatever the close above decided for the peers, all away now, waits for them in
@@ -241,7 +246,6 @@ impl HeadCore {
         }
         if let Some(node) = node {
             self.scheduler.handle(self.now, Event::NodeHeard { node });
-            self.resend_unknown(session, node, known);
         }
         let mut waiting = waiting;
         waiting.sort_unstable();
@@ -260,14 +264,50 @@ impl HeadCore {
                 _ => {}
             }
         }
-        for start in starts {
+        for start in &starts {
             tracing::info!(
                 "{name} ({session}) still waits for the answer to {}; deciding it again",
                 start.task
             );
+        }
+        // What changes state, in the order a replay of the `Resumed` entry does it.
+        self.taken_up(session, node.map(|_| known), starts);
+        Ok(session)
+    }
+
+    /// The state a session's resume changes, live and on replay alike: runs the worker does
+    /// not know are sent again (or end), starts are decided again, its node takes tasks again.
+    fn taken_up(
+        &mut self,
+        session: SessionId,
+        known: Option<HashSet<(TaskId, u32)>>,
+        starts: Vec<ServiceStart>,
+    ) {
+        let node = self.sessions.get(&session).and_then(|peer| peer.node);
+        if let (Some(node), Some(known)) = (node, known) {
+            self.resend_unknown(session, node, known);
+        }
+        for start in starts {
             self.start_service(session, start);
         }
-        Ok(session)
+        if let Some(node) = node {
+            self.feed(Event::NodeResumed { node });
+        }
+    }
+
+    /// After a restart: no node takes new tasks until its worker has taken up its session.
+    fn pause_every_node(&mut self) {
+        let mut nodes: Vec<chia_core::NodeId> = self.sessions.values().filter_map(|peer| peer.node).collect();
+        nodes.sort_unstable();
+        for node in nodes {
+            self.feed(Event::NodePaused { node });
+        }
+    }
+
+    fn pause_node_of(&mut self, session: SessionId) {
+        if let Some(node) = self.sessions.get(&session).and_then(|peer| peer.node) {
+            self.feed(Event::NodePaused { node });
+        }
     }
 
     /// What the head had sent a resumed worker but the worker does not know (lost in flight
@@ -339,6 +379,10 @@ impl HeadCore {
                     peer.name
                 );
                 peer.detached_until = Some(deadline);
+                self.pause_node_of(session);
+                if self.options.journal_id.is_some() {
+                    self.outbox.push(Action::Keep(JournalEntry::Detached { session }));
+                }
                 true
             }
             _ => false,

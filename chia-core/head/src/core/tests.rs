@@ -619,7 +619,7 @@ fn a_head_restarted_from_a_compacted_journal_acts_as_one_restarted_from_the_whol
     let mut from_snapshot = env.restart();
     from_snapshot.kept = compacted.clone();
     let from_snapshot = from_snapshot.restart();
-    assert_eq!(from_snapshot.kept, compacted);
+    assert_eq!(from_snapshot.kept[..compacted.len()], compacted[..], "it goes on from the compacted journal");
     // The same peers come back and say the same: both heads answer alike.
     let script = |mut env: Env| {
         let stats = env.core.stats().tasks;
@@ -647,6 +647,31 @@ fn a_head_restarted_from_a_compacted_journal_acts_as_one_restarted_from_the_whol
             .any(|(to, m)| *to == driver && matches!(m, HeadToPeer::Done { task, .. } if *task == done))
     );
     assert_eq!(format!("{whole:?}"), format!("{from_snapshot:?}"));
+}
+
+#[test]
+fn after_a_restart_nothing_new_goes_to_a_worker_until_it_is_back() {
+    let mut env = Env::with(journaled());
+    let a = env.worker("a", "CPU=1", &["f"]);
+    let b = env.worker("b", "CPU=1", &["f"]);
+    let driver = env.driver();
+    let first = env.submit(driver, 1, "f", vec![]);
+    let (busy, idle) = if executes(&env.to(a)) == [(first, 1)] { (a, b) } else { (b, a) };
+    let mut env = env.restart();
+    env.resume(driver, vec![], vec![first]);
+    let second = env.submit(driver, 2, "f", vec![]);
+    env.resume(busy, vec![TaskAttempt { task: first, attempt: 1 }], vec![]);
+    assert!(executes(&env.to(busy)).is_empty(), "it has no room");
+    assert!(executes(&env.to(idle)).is_empty(), "it is not back yet");
+    assert_eq!(env.core.scheduler.task_status(second), Some(crate::scheduler::TaskStatus::Queued));
+    env.resume(idle, vec![], vec![]);
+    assert_eq!(executes(&env.to(idle)), [(second, 1)], "back, it takes the queued task");
+    // A replay of this run decides the same: the second task still runs on the idle worker.
+    let mut env = env.restart();
+    env.resume(idle, vec![TaskAttempt { task: second, attempt: 1 }], vec![]);
+    assert!(env.to(idle).is_empty(), "{:?}", env.to(idle));
+    let node = env.core.sessions[&idle].node.expect("a worker's node");
+    assert_eq!(env.core.scheduler.task_status(second), Some(crate::scheduler::TaskStatus::Running { node }));
 }
 
 #[test]

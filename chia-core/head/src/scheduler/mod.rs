@@ -50,6 +50,11 @@ pub enum Event {
     /// The head heard from `node` (any frame or a ping) at the event's time; see
     /// [`Scheduler::expire_silent`].
     NodeHeard { node: NodeId },
+    /// Nothing new is placed on `node` until [`Event::NodeResumed`]: its worker has not come
+    /// back after a head restart and may never (what it runs stays leased there).
+    NodePaused { node: NodeId },
+    /// `node` takes tasks again: it is offered what is queued that it can run.
+    NodeResumed { node: NodeId },
     /// A session asks for `function` to run with `request` held, once every task in `deps` has
     /// finished successfully. If its node is lost, it runs again up to `max_retries` times
     /// (any negative value: without limit); with `retry_exceptions`, so does an
@@ -177,6 +182,8 @@ struct Node {
     /// When the head last heard from it (or when it joined).
     #[serde(skip, default = "crate::snapshot::restored_at")]
     heard: Instant,
+    /// It takes no new tasks ([`Event::NodePaused`]): to placement it has no room.
+    paused: bool,
     /// Neighbours in the list of nodes ordered by `heard`, oldest first: hearing from a node
     /// moves it to the end, so finding the silent ones only looks at the front. `None` at the
     /// ends: an `Option<NodeSlot>` costs a word more per node, off the hot path.
@@ -356,6 +363,8 @@ impl Scheduler {
             }
             Event::NodeLost { node } => self.nodes_lost(&[node]),
             Event::NodeHeard { node } => self.node_heard(node, now),
+            Event::NodePaused { node } => self.set_paused(node, true),
+            Event::NodeResumed { node } => self.set_paused(node, false),
             Event::TaskSubmitted { task, function, request, deps, max_retries, retry_exceptions } => {
                 self.submit(task, function, request, &deps, Retry::new(max_retries, retry_exceptions))
             }
@@ -504,6 +513,7 @@ impl Scheduler {
             shapes: Vec::new(),
             running: Vec::new(),
             heard: now, // Set again by `link_heard`.
+            paused: false,
             older: None,
             newer: None,
         };
@@ -583,6 +593,15 @@ impl Scheduler {
         };
         self.settle(slot, Err(error), true);
         false
+    }
+
+    fn set_paused(&mut self, id: NodeId, paused: bool) {
+        let Some(&n) = self.node_index.get(&id) else { return };
+        let Some(node) = self.nodes.get_mut(n) else { return };
+        let was = std::mem::replace(&mut node.paused, paused);
+        if was && !paused {
+            self.fill_node(n);
+        }
     }
 
     fn node_heard(&mut self, id: NodeId, now: Instant) {
@@ -1126,7 +1145,7 @@ impl Scheduler {
         for i in 0..len {
             let pos = (shape.cursor + i) % len;
             let n = shape.capable[pos];
-            if self.nodes.get(n).is_some_and(|node| node.pool.fits(&shape.key.need)) {
+            if self.nodes.get(n).is_some_and(|node| !node.paused && node.pool.fits(&shape.key.need)) {
                 shape.cursor = (pos + 1) % len;
                 return Some(n);
             }
@@ -1137,7 +1156,7 @@ impl Scheduler {
     /// Offers node `n`'s free room to the shapes it can run, oldest waiting task first, until
     /// nothing queued fits there. Other nodes need no look: their room did not grow.
     fn fill_node(&mut self, n: NodeSlot) {
-        let Some(node) = self.nodes.get(n) else { return };
+        let Some(node) = self.nodes.get(n).filter(|node| !node.paused) else { return };
         let waiting_and_fits = |shape: &Shape| shape.queued > 0 && node.pool.fits(&shape.key.need);
         let mut candidates =
             node.shapes.iter().copied().filter(|&s| self.shapes.get(s).is_some_and(waiting_and_fits));

@@ -223,6 +223,10 @@ pub(super) struct World {
     /// Tasks whose outcome was checked when the head first announced it: announced again
     /// after a restart, it was decided in a cluster that may differ from today's.
     announced: HashSet<TaskId>,
+    /// Frames still to come out of the outbox that the head decided before now (the welcome
+    /// and the frames it held for a session being taken up), by session: what they say was
+    /// true when decided, not necessarily now.
+    decided_before: HashMap<SessionId, usize>,
 }
 
 type Step<T = ()> = Result<T, String>;
@@ -276,6 +280,7 @@ impl World {
             runs: HashMap::new(),
             writes_delivered: HashSet::new(),
             announced: HashSet::new(),
+            decided_before: HashMap::new(),
             queue: Queue::new(),
             conns: Vec::new(),
             sessions: HashMap::new(),
@@ -682,6 +687,11 @@ impl World {
                 }
                 _ => Vec::new(),
             };
+            if let Some(session) = self.conns[conn].session
+                && let Some(peer) = self.head.sessions.get(&session)
+            {
+                self.decided_before.insert(session, 1 + peer.held.len());
+            }
             return match self.head.open_session(now, &format!("sim-conn-{conn}"), message) {
                 Ok(session) if Some(session) == self.conns[conn].session => {
                     for task in starts {
@@ -694,6 +704,9 @@ impl World {
                     self.conns[conn].session
                 )),
                 Err(rejection) => {
+                    if let Some(session) = self.conns[conn].session {
+                        self.decided_before.remove(&session);
+                    }
                     self.deadline = None;
                     let message = HeadToPeer::Rejected { reason: rejection.reason };
                     self.send_to_peer(conn, Event::ToPeer { conn, message: Box::new(message) });
@@ -866,7 +879,14 @@ impl World {
                     }
                     let undo = if self.cfg.head_crashes { self.undo_for(&message) } else { Undo::Nothing };
                     self.note(false, || format!("the head sends conn {conn} ({to}): {message:?}"));
-                    self.check_sent(conn, to, &message)?;
+                    let earlier = self.decided_before.get_mut(&to).is_some_and(|left| {
+                        *left -= 1;
+                        true
+                    });
+                    if self.decided_before.get(&to) == Some(&0) {
+                        self.decided_before.remove(&to);
+                    }
+                    self.check_sent(conn, to, &message, earlier)?;
                     if self.must_hold() {
                         self.held.push_back(Held::Frame { conn, message: Box::new(message), undo });
                     } else if !self.conns[conn].cut {
@@ -1183,7 +1203,8 @@ impl World {
     }
 
     /// Checks a message as the head sends it, against what the whole cluster knows.
-    fn check_sent(&mut self, conn: usize, to: SessionId, message: &HeadToPeer) -> Step {
+    /// `earlier`: decided before now (held for a session taken up again).
+    fn check_sent(&mut self, conn: usize, to: SessionId, message: &HeadToPeer, earlier: bool) -> Step {
         let to_worker = matches!(self.conns[conn].peer, Peer::Worker(_));
         match message {
             HeadToPeer::Execute { task, attempt, job, .. } => {
@@ -1254,7 +1275,7 @@ impl World {
                         "the head told {to} how {task} ended, but {task} is not its task: {done:?}"
                     ));
                 }
-                self.check_done(*task, done)?;
+                self.check_done(*task, done, earlier)?;
                 self.last_progress = self.now;
             }
             HeadToPeer::Fetched { task, .. } | HeadToPeer::Infeasible { task, .. }
@@ -1276,7 +1297,7 @@ impl World {
         Ok(())
     }
 
-    fn check_done(&mut self, task: TaskId, done: &Done) -> Step {
+    fn check_done(&mut self, task: TaskId, done: &Done, earlier: bool) -> Step {
         if let Done::Value(_) | Done::Stored { .. } = done
             && let Some((tag, digest)) = self.owner(task).and_then(|d| d.watched_result(task.seq()))
             && self.pending_writes.contains_key(&(tag.to_string(), digest))
@@ -1306,7 +1327,10 @@ impl World {
                     ));
                 }
             }
-            Done::Value(bytes) if self.owner(task).is_some_and(|d| d.is_service_request(task.seq())) => {
+            // A service named earlier may have stopped since.
+            Done::Value(bytes)
+                if !earlier && self.owner(task).is_some_and(|d| d.is_service_request(task.seq())) =>
+            {
                 let info = match rmp_serde::from_slice::<ServiceInfo>(bytes) {
                     Ok(info) => Some(info),
                     Err(_) => rmp_serde::from_slice::<Option<ServiceInfo>>(bytes).ok().flatten(),
