@@ -144,6 +144,13 @@ impl HeadCore {
         }
         core.options.journal_id = journal_id;
         let deadline = now + core.options.resume_grace;
+        // Until their workers are back, nothing new goes to their nodes: one that never comes
+        // back would hold its tasks for the whole grace period. Paused first, so that what the
+        // head's own node ran is not placed on them either.
+        core.pause_every_node();
+        if core.options.journal_id.is_some() {
+            core.outbox.push(Action::Keep(JournalEntry::Restarted));
+        }
         if let Some(own) = core.head_node.and_then(|node| core.nodes.get(&node).copied()) {
             // It ran in the process that died: what it hosted is lost (services restart from
             // their constructors, as after any node loss).
@@ -155,12 +162,6 @@ impl HeadCore {
         for session in core.sessions.values_mut() {
             session.detached_until = Some(deadline);
             detached += 1;
-        }
-        // Until their workers are back, nothing new goes to their nodes: one that never comes
-        // back would hold its tasks for the whole grace period.
-        core.pause_every_node();
-        if core.options.journal_id.is_some() {
-            core.outbox.push(Action::Keep(JournalEntry::Restarted));
         }
         core.grace_until = (detached > 0).then_some(deadline);
         // Whatever the close above decided for the peers, all away now, waits for them in

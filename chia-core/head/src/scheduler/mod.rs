@@ -183,6 +183,7 @@ struct Node {
     #[serde(skip, default = "crate::snapshot::restored_at")]
     heard: Instant,
     /// It takes no new tasks ([`Event::NodePaused`]): to placement it has no room.
+    #[serde(default)]
     paused: bool,
     /// Neighbours in the list of nodes ordered by `heard`, oldest first: hearing from a node
     /// moves it to the end, so finding the silent ones only looks at the front. `None` at the

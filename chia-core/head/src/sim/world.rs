@@ -872,13 +872,6 @@ impl World {
                     let Some(&conn) = self.sessions.get(&to) else {
                         return Err(format!("the head sent {message:?} to {to}, a session it never opened"));
                     };
-                    if !self.conns[conn].open {
-                        // The runtime finds no connection and drops it.
-                        self.report.sends_after_close += 1;
-                        continue;
-                    }
-                    let undo = if self.cfg.head_crashes { self.undo_for(&message) } else { Undo::Nothing };
-                    self.note(false, || format!("the head sends conn {conn} ({to}): {message:?}"));
                     let earlier = self.decided_before.get_mut(&to).is_some_and(|left| {
                         *left -= 1;
                         true
@@ -886,6 +879,13 @@ impl World {
                     if self.decided_before.get(&to) == Some(&0) {
                         self.decided_before.remove(&to);
                     }
+                    if !self.conns[conn].open {
+                        // The runtime finds no connection and drops it.
+                        self.report.sends_after_close += 1;
+                        continue;
+                    }
+                    let undo = if self.cfg.head_crashes { self.undo_for(&message) } else { Undo::Nothing };
+                    self.note(false, || format!("the head sends conn {conn} ({to}): {message:?}"));
                     self.check_sent(conn, to, &message, earlier)?;
                     if self.must_hold() {
                         self.held.push_back(Held::Frame { conn, message: Box::new(message), undo });
@@ -1040,6 +1040,7 @@ impl World {
         self.deadline = None;
         self.journal.truncate(self.durable);
         self.through.clear();
+        self.decided_before.clear();
         while let Some(held) = self.held.pop_back() {
             match held {
                 Held::Frame { undo, .. } => self.undo(undo),
@@ -1327,16 +1328,13 @@ impl World {
                     ));
                 }
             }
-            // A service named earlier may have stopped since.
-            Done::Value(bytes)
-                if !earlier && self.owner(task).is_some_and(|d| d.is_service_request(task.seq())) =>
-            {
+            Done::Value(bytes) if self.owner(task).is_some_and(|d| d.is_service_request(task.seq())) => {
                 let info = match rmp_serde::from_slice::<ServiceInfo>(bytes) {
                     Ok(info) => Some(info),
                     Err(_) => rmp_serde::from_slice::<Option<ServiceInfo>>(bytes).ok().flatten(),
                 };
                 if let Some(info) = info {
-                    self.check_service_named(task, &info)?;
+                    self.check_service_named(task, &info, earlier)?;
                 }
             }
             _ => {}
@@ -1346,12 +1344,14 @@ impl World {
 
     /// The head named `info` as the service under its name: its host serves it, no other open
     /// node serves another instance under that name, and the head never goes back to an older
-    /// instance of a name.
-    fn check_service_named(&mut self, task: TaskId, info: &ServiceInfo) -> Step {
+    /// instance of a name. Named `earlier` (held for a session taken up again), only the last
+    /// holds: the instance may have stopped since.
+    fn check_service_named(&mut self, task: TaskId, info: &ServiceInfo, earlier: bool) -> Step {
         let name = format!("{}/{}", info.namespace, info.name);
         let open = |w: &SimWorker| w.conn().is_some_and(|c| self.conns[c].open);
         let host = self.workers.iter().find(|w| open(w) && w.node().is_some_and(|(_, n)| n == info.node));
         match host {
+            _ if earlier => {}
             Some(host) if host.serves(info.id) => {}
             Some(host) => {
                 return Err(format!(
@@ -1375,7 +1375,7 @@ impl World {
                 ));
             }
         }
-        if self.cfg.strict_service_names {
+        if self.cfg.strict_service_names && !earlier {
             for worker in self.workers.iter().filter(|w| open(w)) {
                 if let Some((other, _)) = worker.serving().find(|&(id, n)| n == name && id != info.id) {
                     return Err(format!(
