@@ -34,15 +34,20 @@ pub enum TaskError {
     #[error("{function} did not run because its argument {dependency} is not known to the head")]
     UnknownDependency { function: String, dependency: TaskId },
     /// The node running the task disconnected (or went silent) before it finished, and no
-    /// retries were left; `attempts` counts the runs, this one included.
+    /// retries were left. `attempts` counts the runs that really started (a dispatch the
+    /// worker never acknowledged is not one), this one included; `lost_on` names the workers
+    /// those runs were lost with, oldest first.
     #[error(
-        "{function}: the worker {node} running it died or disconnected before the task finished; {attempts} attempt(s) made, no retries left (see max_retries)"
+        "{function}: the worker {node} running it died or disconnected before the task finished; {attempts} attempt(s) ran{}, no retries left (see max_retries)",
+        lost_on_text(lost_on)
     )]
     WorkerLost {
         function: String,
         node: String,
         #[serde(default)]
         attempts: u32,
+        #[serde(default)]
+        lost_on: Vec<String>,
     },
     /// The task was cancelled before it finished (or before it started).
     #[error("{function} was cancelled")]
@@ -61,4 +66,13 @@ pub enum TaskError {
     /// not linked into the worker, or the recorded `data:` file could not be read.
     #[error("{function} (bypassed by {provider}): {message}")]
     BypassFailed { function: String, provider: String, message: String },
+}
+
+/// ", lost with w1, w2 and w3" for the workers a task's runs were lost with.
+fn lost_on_text(workers: &[String]) -> String {
+    match workers {
+        [] => String::new(),
+        [only] => format!(", lost with {only}"),
+        [rest @ .., last] => format!(", lost with {} and {last}", rest.join(", ")),
+    }
 }

@@ -14,7 +14,7 @@ use crate::resources::Resources;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a change is not backwards compatible.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The largest frame either side accepts: it bounds task arguments and results too.
 pub const MAX_FRAME_BYTES: usize = 512 << 20;
@@ -164,6 +164,13 @@ pub enum PeerToHead {
         attempt: u32,
         outcome: Outcome,
     },
+    /// A worker took up attempt `attempt` of a task it was sent (it says so as the `Execute`
+    /// arrives). Only an acknowledged attempt counts against `max_retries` when its node is
+    /// lost: one sent to a worker that had died already is sent elsewhere for free.
+    Started {
+        task: TaskId,
+        attempt: u32,
+    },
     /// A running task is waiting for other tasks: its CPU may go to them.
     Blocked {
         task: TaskId,
@@ -279,6 +286,38 @@ pub struct TaskAttempt {
 pub struct WatchRule {
     pub function: String,
     pub tags: Option<Vec<String>>,
+}
+
+/// Why a connection was closed, as its QUIC application close code: a peer told it was
+/// replaced does not join again (it would only replace the one that replaced it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseCode {
+    /// It ended as asked (a peer leaving, the head shutting down or writing a session off).
+    Ended,
+    /// The peer opened no control stream or sent no hello in time.
+    NoHello,
+    /// The peer sent something that cannot be read.
+    Unreadable,
+    /// A worker of the same name joined from the same host: this one is taken to be its
+    /// predecessor (restarted, or partitioned and given up), and is done.
+    Replaced,
+}
+
+impl CloseCode {
+    pub fn value(self) -> u32 {
+        match self {
+            CloseCode::Ended => 0,
+            CloseCode::NoHello => 1,
+            CloseCode::Unreadable => 2,
+            CloseCode::Replaced => 3,
+        }
+    }
+
+    pub fn from_value(value: u64) -> Option<CloseCode> {
+        [CloseCode::Ended, CloseCode::NoHello, CloseCode::Unreadable, CloseCode::Replaced]
+            .into_iter()
+            .find(|code| u64::from(code.value()) == value)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

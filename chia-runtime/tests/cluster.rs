@@ -330,7 +330,7 @@ async fn a_lost_worker_fails_its_running_tasks() {
     gate.until(|g| g.started.load(Ordering::SeqCst) == 1).await;
     cluster.workers()[0].shutdown().await;
     match running.get().await {
-        Err(Error::Task(TaskError::WorkerLost { function, node, attempts })) => {
+        Err(Error::Task(TaskError::WorkerLost { function, node, attempts, .. })) => {
             assert_eq!(function, "gated");
             assert_eq!(node, "local-1");
             assert_eq!(attempts, 1);

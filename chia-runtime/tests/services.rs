@@ -228,7 +228,7 @@ async fn a_lost_node_fails_its_service_calls_and_releases_the_name() {
     // The call is running once a later call has to queue behind it; shut the node down then.
     cluster.workers()[0].shutdown().await;
     match waiting.get().await {
-        Err(Error::Task(TaskError::WorkerLost { function, node, attempts })) => {
+        Err(Error::Task(TaskError::WorkerLost { function, node, attempts, .. })) => {
             assert_eq!(function, "Counter.wait_for_permit");
             assert_eq!(node, "local-1");
             assert_eq!(attempts, 1);

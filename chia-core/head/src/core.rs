@@ -14,8 +14,8 @@ use crate::persist::PersistedService;
 use crate::scheduler::{Command, Event, Scheduler, TaskStatus};
 use crate::services::{HEAD_SESSION, Services, instance_function, ref_args};
 use chia_core::protocol::{
-    Arg, BypassSpec, Done, DoneRef, HeadToPeer, HeadToPeerRef, JobSettings, JobSettingsRef, Outcome,
-    PROTOCOL_VERSION, PeerToHead, ResumeSession, TaskSpec, ValueRef,
+    Arg, BypassSpec, CloseCode, Done, DoneRef, HeadToPeer, HeadToPeerRef, JobSettings, JobSettingsRef,
+    Outcome, PROTOCOL_VERSION, PeerToHead, ResumeSession, TaskSpec, ValueRef,
 };
 use chia_core::{HEAD_NODE_NAME, NodeId, SessionId, TaskError, TaskId};
 use serde::{Deserialize, Serialize};
@@ -83,6 +83,10 @@ pub struct Rejection {
 pub(crate) struct Session {
     pub(crate) name: String,
     pub(crate) node: Option<NodeId>,
+    /// The host it connected from (no port), when known: a worker that joins with this
+    /// session's name from the same host replaces it.
+    #[serde(default)]
+    pub(crate) host: Option<String>,
     /// Messages handled from the session so far (the sequence number of the last one).
     pub(crate) frames: u64,
     /// Recovered from the journal and not taken up again yet: until this deadline its frames
@@ -98,7 +102,7 @@ pub(crate) struct Session {
 
 impl Session {
     fn new(name: String, node: Option<NodeId>) -> Session {
-        Session { name, node, frames: 0, detached_until: None, held: Vec::new(), resumed: None }
+        Session { name, node, host: None, frames: 0, detached_until: None, held: Vec::new(), resumed: None }
     }
 }
 
@@ -402,7 +406,14 @@ impl HeadCore {
                 (name, worker)
             }
             PeerToHead::Resume(resume) if resume.protocol_version == PROTOCOL_VERSION => {
-                return self.resume(resume);
+                let resumed = self.resume(resume);
+                if let Ok(session) = resumed
+                    && let Some(peer) = self.sessions.get_mut(&session)
+                    && let Some(host) = host_of(remote)
+                {
+                    peer.host = Some(host.to_string());
+                }
+                return resumed;
             }
             PeerToHead::Resume(ResumeSession { protocol_version, .. }) => {
                 return Err(Rejection {
@@ -420,10 +431,17 @@ impl HeadCore {
             }
             _ => return Err(Rejection { reason: "the first message must be a hello".into() }),
         };
+        let host = host_of(remote);
+        if let (Some(host), Some(offer)) = (host, &worker)
+            && !offer.head_node
+        {
+            self.retire_predecessors(&name, host);
+        }
         let session = SessionId(self.next_session);
         self.next_session += 1;
         if let Some(hello) = kept {
-            self.outbox.push(Action::Keep(JournalEntry::Opened { session, hello }));
+            let host = host.map(str::to_string);
+            self.outbox.push(Action::Keep(JournalEntry::Opened { session, hello, host }));
         }
         let (node, name) = match &worker {
             Some(offer) => {
@@ -456,7 +474,8 @@ impl HeadCore {
             }
         );
         *self.names.entry(name.clone()).or_default() += 1;
-        self.sessions.insert(session, Session::new(name.clone(), node));
+        self.sessions
+            .insert(session, Session { host: host.map(str::to_string), ..Session::new(name.clone(), node) });
         if let (Some(node), Some(offer)) = (node, worker) {
             self.nodes.insert(node, session);
             let mut functions = offer.functions;
@@ -468,6 +487,31 @@ impl HeadCore {
             }
         }
         Ok(session)
+    }
+
+    /// A worker joins as `name` from `host`: a worker session of that name from that host is
+    /// its predecessor — the same worker restarted, or cut off and given up — whose node would
+    /// otherwise keep its tasks, and be sent new ones, until it is written off. It is closed
+    /// now, told it was replaced so it does not join again if it still lives.
+    fn retire_predecessors(&mut self, name: &str, host: &str) {
+        let mut predecessors: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.node.is_some() && s.node != self.head_node && s.name == name)
+            .filter(|(_, s)| s.host.as_deref() == Some(host))
+            .map(|(&session, _)| session)
+            .collect();
+        predecessors.sort_unstable();
+        for old in predecessors {
+            tracing::warn!(
+                "worker {name} joined again from {host}: its previous session {old} is closed and what it ran runs again"
+            );
+            self.close_with(
+                old,
+                &format!("replaced by a worker named {name} that joined from {host}"),
+                CloseCode::Replaced,
+            );
+        }
     }
 
     /// The name a joining worker that asked for `wanted` gets: `wanted` if free, else the next
@@ -520,6 +564,16 @@ impl HeadCore {
                 let outcome = self.tasks.get(&task).and_then(|r| r.outcome.as_ref()).map(Outcome::as_ref);
                 let sent = self.outbox.send_checked(session, &HeadToPeerRef::Fetched { task, outcome });
                 self.value_not_sent(session, task, sent);
+            }
+            PeerToHead::Started { task, attempt } => {
+                if let Some(node) = self.sessions.get(&session).and_then(|s| s.node)
+                    && self
+                        .tasks
+                        .get(&task)
+                        .is_some_and(|r| r.running_on == Some(node) && r.attempt == attempt)
+                {
+                    self.feed(Event::TaskStarted { task, node });
+                }
             }
             PeerToHead::Finished { task, attempt, outcome } => self.finished(session, task, attempt, outcome),
             PeerToHead::Blocked { task } => {
@@ -772,6 +826,8 @@ impl HeadCore {
             return;
         };
         if let TaskKind::ServiceStart(service) = record.kind {
+            // An instance's losses are counted by its restarts (`max_restarts`), not here.
+            self.scheduler.handle(self.now, Event::TaskStarted { task, node });
             return self.dispatch_instance(task, service, node, session);
         }
         if attempt > 1 {
@@ -864,6 +920,10 @@ impl HeadCore {
     }
 
     pub(crate) fn close(&mut self, session: SessionId, reason: &str) {
+        self.close_with(session, reason, CloseCode::Ended);
+    }
+
+    pub(crate) fn close_with(&mut self, session: SessionId, reason: &str, code: CloseCode) {
         let Some(closed) = self.sessions.remove(&session) else { return };
         if let Some(holders) = self.names.get_mut(&closed.name) {
             *holders -= 1;
@@ -879,7 +939,7 @@ impl HeadCore {
         }
         self.jobs.remove(&session);
         tracing::info!("{} ({session}) left: {reason}", closed.name);
-        self.outbox.close(session, reason);
+        self.outbox.close(session, reason, code);
         self.stop_services_of(session);
         if let Some(node) = closed.node {
             self.fail_calls_on(node, &closed.name);
@@ -964,3 +1024,11 @@ pub(crate) fn arg_values<'a>(
 
 #[cfg(test)]
 mod tests;
+
+/// The host of a `host:port` peer address (an IPv6 host keeps its brackets); `None` for what
+/// is not one (a replayed or simulated peer).
+fn host_of(remote: &str) -> Option<&str> {
+    let (host, port) = remote.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    (!host.is_empty()).then_some(host)
+}

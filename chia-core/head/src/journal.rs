@@ -31,7 +31,13 @@ use std::time::Instant;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JournalEntry {
     /// A session opened with this hello and was given this id.
-    Opened { session: SessionId, hello: PeerToHead },
+    Opened {
+        session: SessionId,
+        hello: PeerToHead,
+        /// The host the peer connected from (see [`HeadCore::open_session`]).
+        #[serde(default)]
+        host: Option<String>,
+    },
     /// The `seq`-th message of a session (only messages that change state are kept).
     Message { session: SessionId, seq: u64, message: PeerToHead },
     /// A session ended (its peer left, or the head wrote it off).
@@ -109,17 +115,23 @@ impl HeadCore {
                     core = HeadCore::restore(now, replaying.clone(), &state)?;
                     from_snapshot = true;
                 }
-                JournalEntry::Opened { session, hello } => match core.open_session(now, "journal", hello) {
-                    Ok(opened) if opened == session => {}
-                    Ok(opened) => {
-                        tracing::error!(
-                            "journal: {session} was opened again as {opened}; the journal does not match this head"
-                        )
+                JournalEntry::Opened { session, hello, host } => {
+                    match core.open_session(now, "journal", hello) {
+                        Ok(opened) if opened == session => {
+                            if let Some(peer) = core.sessions.get_mut(&session) {
+                                peer.host = host;
+                            }
+                        }
+                        Ok(opened) => {
+                            tracing::error!(
+                                "journal: {session} was opened again as {opened}; the journal does not match this head"
+                            )
+                        }
+                        Err(rejection) => {
+                            tracing::error!("journal: {session} could not be opened again: {rejection}")
+                        }
                     }
-                    Err(rejection) => {
-                        tracing::error!("journal: {session} could not be opened again: {rejection}")
-                    }
-                },
+                }
                 JournalEntry::Message { session, seq, message } => {
                     if let Some(peer) = core.sessions.get_mut(&session) {
                         // Messages that were not kept came in between: count them too.
@@ -286,6 +298,19 @@ impl HeadCore {
     ) {
         let node = self.sessions.get(&session).and_then(|peer| peer.node);
         if let (Some(node), Some(known)) = (node, known) {
+            // What the worker still runs, it took up: its acknowledgement may have died with
+            // the head.
+            let mut running: Vec<TaskId> = known
+                .iter()
+                .filter(|&&(task, attempt)| {
+                    self.tasks.get(&task).is_some_and(|r| r.running_on == Some(node) && r.attempt == attempt)
+                })
+                .map(|&(task, _)| task)
+                .collect();
+            running.sort_unstable();
+            for task in running {
+                self.feed(Event::TaskStarted { task, node });
+            }
             self.resend_unknown(session, node, known);
         }
         for start in starts {
@@ -357,9 +382,11 @@ impl HeadCore {
                 }
                 TaskKind::ServiceStart(service) => {
                     let service = *service;
+                    let node = self.session_name(session).unwrap_or_default().to_string();
                     let error = TaskError::WorkerLost {
                         function: record.function.clone(),
-                        node: self.session_name(session).unwrap_or_default().to_string(),
+                        lost_on: vec![node.clone()],
+                        node,
                         attempts: 1,
                     };
                     self.instance_task_failed(task, service, error);

@@ -2,7 +2,7 @@
 
 use crate::persist::PersistedService;
 use chia_core::SessionId;
-use chia_core::protocol::{ProtocolError, encode_frame};
+use chia_core::protocol::{CloseCode, ProtocolError, encode_frame};
 use serde::Serialize;
 use std::collections::VecDeque;
 
@@ -12,9 +12,9 @@ pub enum Action {
     /// Send this frame (length prefix included, a `HeadToPeer` message) on the session's
     /// control stream.
     Send { to: SessionId, frame: Vec<u8> },
-    /// Flush what was sent to the session, then close its connection; the core has forgotten
-    /// it already.
-    Close { session: SessionId, reason: String },
+    /// Close the session's connection with `code` and `reason`; the core has forgotten it
+    /// already.
+    Close { session: SessionId, reason: String, code: CloseCode },
     /// The detached services to start again after a restart are now these (all of them).
     SaveServices(Vec<PersistedService>),
     /// Append this to the journal (only when the head keeps one). What follows it in the
@@ -60,8 +60,8 @@ impl Outbox {
         }
     }
 
-    pub(crate) fn close(&mut self, session: SessionId, reason: &str) {
-        self.actions.push_back(Action::Close { session, reason: reason.to_string() });
+    pub(crate) fn close(&mut self, session: SessionId, reason: &str, code: CloseCode) {
+        self.actions.push_back(Action::Close { session, reason: reason.to_string(), code });
     }
 
     pub(crate) fn push(&mut self, action: Action) {

@@ -896,7 +896,12 @@ impl HeadCore {
             }
             let node = node_name.to_string();
             // Calls are not retried: an instance's state lived on that node.
-            self.fail_call(task, |function| TaskError::WorkerLost { function, node, attempts: 1 });
+            self.fail_call(task, |function| TaskError::WorkerLost {
+                function,
+                lost_on: vec![node.clone()],
+                node,
+                attempts: 1,
+            });
         }
     }
 

@@ -14,7 +14,7 @@ use crate::error::Error;
 use crate::net::tls::{ClusterCredentials, HEAD_SERVER_NAME};
 use crate::net::transport::{FrameReader, FrameSender, TransportError};
 use chia_core::protocol::{
-    ArgValue, BypassSpec, Done, HeadToPeer, JobSettings, Outcome, PROTOCOL_VERSION, PeerToHead,
+    ArgValue, BypassSpec, CloseCode, Done, HeadToPeer, JobSettings, Outcome, PROTOCOL_VERSION, PeerToHead,
     ResumeSession, TaskAttempt, UnansweredStart, Value, WorkerOffer, decode_body, encode_frame,
 };
 use chia_core::{NodeId, ServiceId, SessionId, TaskError, TaskId};
@@ -101,6 +101,9 @@ pub struct Client {
     slots: DashMap<TaskId, Slot>,
     closed: AtomicBool,
     close_reason: Mutex<Option<String>>,
+    /// The head closed the connection because a worker of the same name joined from the same
+    /// host ([`CloseCode::Replaced`]): this one must not join again.
+    replaced: AtomicBool,
     pings: DashMap<u64, tokio::sync::oneshot::Sender<()>>,
     next_ping: AtomicU64,
     endpoint: quinn::Endpoint,
@@ -268,6 +271,7 @@ impl Client {
             slots: DashMap::new(),
             closed: AtomicBool::new(false),
             close_reason: Mutex::new(None),
+            replaced: AtomicBool::new(false),
             pings: DashMap::new(),
             next_ping: AtomicU64::new(1),
             endpoint,
@@ -485,6 +489,12 @@ impl Client {
         Ok(started.elapsed())
     }
 
+    /// The head closed this session because a worker of the same name joined from the same
+    /// host: this process is taken to be the predecessor, and must not join again.
+    pub fn was_replaced(&self) -> bool {
+        self.replaced.load(Ordering::Acquire)
+    }
+
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
@@ -506,7 +516,7 @@ impl Client {
     /// period ends and take up the session. `Err` says why the session is over.
     async fn take_up_again(&self, lost: &str) -> Result<FrameReader, String> {
         let Some(resume) = &self.resume else { return Err(lost.to_string()) };
-        if self.leaving.load(Ordering::Acquire) {
+        if self.leaving.load(Ordering::Acquire) || self.was_replaced() {
             return Err(lost.to_string());
         }
         lock(&self.link).up = false;
@@ -669,6 +679,12 @@ async fn read_frames(
             Ok(Some(frame)) => frame,
             Ok(None) => return "the head closed the connection".to_string(),
             Err(TransportError::Read(quinn::ReadError::ConnectionLost(e))) => {
+                if let quinn::ConnectionError::ApplicationClosed(close) = &e
+                    && CloseCode::from_value(close.error_code.into_inner()) == Some(CloseCode::Replaced)
+                {
+                    client.replaced.store(true, Ordering::Release);
+                    return format!("{}", String::from_utf8_lossy(&close.reason));
+                }
                 return format!("connection lost: {e}");
             }
             Err(e) => return e.to_string(),
@@ -719,6 +735,11 @@ async fn read_frames(
             }
             HeadToPeer::Execute { task, attempt, function, args, tag, bypass, job } => {
                 client.leased(TaskAttempt { task, attempt });
+                // Said at once: only an attempt the head heard of counts against the retries
+                // if this worker dies now.
+                if let Err(e) = client.send(&PeerToHead::Started { task, attempt }) {
+                    tracing::warn!(%task, attempt, "could not acknowledge the task: {e}");
+                }
                 forward(executions, Execution::Task { task, attempt, function, args, tag, bypass, job })
             }
             HeadToPeer::StartInstance { task, service, type_name, args } => {

@@ -30,7 +30,7 @@ use crate::error::Error;
 use crate::net::tls::{ClusterCredentials, HeadCredentials};
 use crate::net::transport::{FrameReader, FrameSender};
 use chia_core::SessionId;
-use chia_core::protocol::{HeadToPeer, PeerToHead, decode_body};
+use chia_core::protocol::{CloseCode, HeadToPeer, PeerToHead, decode_body};
 use chia_head_core::{Action, CoreOptions, HeadCore, JournalEntry, PersistedService};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -107,7 +107,7 @@ impl HeadHandle {
         self.shared.lock().core.shut_down();
         self.shared.timer.notify_one();
         self.shared.stop_keeping();
-        self.endpoint.close(0u32.into(), b"head shutting down");
+        self.endpoint.close(CloseCode::Ended.value().into(), b"head shutting down");
         // Their streams would keep the endpoint, and its socket, alive.
         for (_, peer) in self.shared.lock().peers.drain() {
             peer.sender.close();
@@ -351,10 +351,10 @@ impl Shared {
                     peer.sender.send_frame(frame);
                 }
             }
-            Action::Close { session, reason } => {
+            Action::Close { session, reason, code } => {
                 if let Some(peer) = state.peers.remove(&session) {
                     peer.sender.close();
-                    peer.connection.close(0u32.into(), reason.as_bytes());
+                    peer.connection.close(code.value().into(), reason.as_bytes());
                 }
             }
             Action::Keep(_) | Action::SaveServices(_) => {}
@@ -534,7 +534,7 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         }
         Err(_) => {
             tracing::warn!("{remote} opened no control stream in {HELLO_TIMEOUT:?}; closing");
-            connection.close(1u32.into(), b"no hello");
+            connection.close(CloseCode::NoHello.value().into(), b"no hello");
             return;
         }
     };
@@ -581,6 +581,6 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
             Err(e) => break e.to_string(),
         }
     };
-    connection.close(2u32.into(), reason.as_bytes());
+    connection.close(CloseCode::Unreadable.value().into(), reason.as_bytes());
     shared.apply(|core| core.close_session(Instant::now(), session, &reason));
 }

@@ -97,8 +97,12 @@ async fn run(args: WorkerArgs) -> Result<ExitCode, String> {
                 std::future::pending::<()>().await;
             }
         };
-        stay_joined(&credentials, &name, resources.clone(), Backoff::default(), ready, until).await;
-        return Ok(ExitCode::SUCCESS);
+        return match stay_joined(&credentials, &name, resources.clone(), Backoff::default(), ready, until)
+            .await
+        {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(replaced) => Err(replaced.to_string()),
+        };
     }
     let worker = Worker::connect(&credentials, &name, resources.clone()).await.map_err(|e| e.to_string())?;
     ready(&worker);

@@ -95,6 +95,12 @@ impl Worker {
         &self.context
     }
 
+    /// The head let this worker go because another worker of its name joined from its host
+    /// (see [`stay_joined`]).
+    pub fn was_replaced(&self) -> bool {
+        self.context.client().was_replaced()
+    }
+
     /// Resolves when the connection to the head has ended.
     pub async fn stopped(&self) {
         let mut stopped = self.stopped.clone();
@@ -120,6 +126,9 @@ pub use crate::util::Backoff;
 /// connection cannot be made or is lost (the head restarted, the network failed), it retries
 /// with `backoff` and joins again as a new node — with the same credentials, a restarted head
 /// on the same state directory accepts it. `joined` is called with each new connection.
+///
+/// Ends with [`Replaced`] when the head let this worker go for a worker of the same name that
+/// joined from the same host: joining again would only push that one out in turn.
 pub async fn stay_joined(
     credentials: &ClusterCredentials,
     name: &str,
@@ -127,13 +136,13 @@ pub async fn stay_joined(
     backoff: Backoff,
     joined: impl Fn(&Worker),
     until: impl Future<Output = ()>,
-) {
+) -> Result<(), Replaced> {
     let mut until = std::pin::pin!(until);
     let mut attempt = 0;
     loop {
         let connected = tokio::select! {
             connected = Worker::connect(credentials, name, resources.clone()) => connected,
-            _ = &mut until => return,
+            _ = &mut until => return Ok(()),
         };
         let wait = match connected {
             Ok(worker) => {
@@ -141,12 +150,15 @@ pub async fn stay_joined(
                 joined(&worker);
                 tokio::select! {
                     _ = worker.stopped() => {
+                        if worker.was_replaced() {
+                            return Err(Replaced { name: worker.node_name().to_string() });
+                        }
                         tracing::warn!("lost the connection to the head at {}; joining again", credentials.address);
                         backoff.delay(0)
                     }
                     _ = &mut until => {
                         worker.leave().await;
-                        return;
+                        return Ok(());
                     }
                 }
             }
@@ -162,9 +174,18 @@ pub async fn stay_joined(
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = &mut until => return,
+            _ = &mut until => return Ok(()),
         }
     }
+}
+
+/// The head let a worker go because a worker of the same name joined from the same host.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the head let worker {name} go: another worker named {name} joined from this host (give each worker on a host its own --name)"
+)]
+pub struct Replaced {
+    pub name: String,
 }
 
 /// Adds `CPU` = the number of cores when the resources do not say.

@@ -54,14 +54,21 @@ impl Env {
     }
 
     fn open(&mut self, name: &str, worker: Option<WorkerOffer>) -> SessionId {
+        self.open_from("test", name, worker)
+    }
+
+    fn open_from(&mut self, remote: &str, name: &str, worker: Option<WorkerOffer>) -> SessionId {
         let hello = PeerToHead::Hello { protocol_version: PROTOCOL_VERSION, name: name.into(), worker };
-        let session = self.core.open_session(self.now, "test", hello).expect("a hello of this version");
+        let session = self.core.open_session(self.now, remote, hello).expect("a hello of this version");
         self.collect();
-        let welcome = self.to(session);
+        let mut sent = self.to(session).into_iter();
+        let welcome = sent.next();
         assert!(
-            matches!(welcome[..], [HeadToPeer::Welcome { session: s, .. }] if s == session),
+            matches!(welcome, Some(HeadToPeer::Welcome { session: s, .. }) if s == session),
             "{welcome:?}"
         );
+        // What it was sent at once (tasks that waited for a node) is for the test to look at.
+        self.sent.extend(sent.map(|m| (session, m)));
         session
     }
 
@@ -70,13 +77,21 @@ impl Env {
     }
 
     fn worker(&mut self, name: &str, resources: &str, functions: &[&str]) -> SessionId {
+        self.worker_from("test", name, resources, functions)
+    }
+
+    fn worker_from(&mut self, remote: &str, name: &str, resources: &str, functions: &[&str]) -> SessionId {
         let offer = WorkerOffer {
             resources: Resources::parse(resources).expect("valid resources"),
             functions: functions.iter().map(|f| FunctionKey::new(*f, SIG)).collect(),
             services: vec![FunctionKey::new("Counter", SIG)],
             head_node: false,
         };
-        self.open(name, Some(offer))
+        self.open_from(remote, name, Some(offer))
+    }
+
+    fn node_name(&self, session: SessionId) -> Option<&str> {
+        self.core.sessions.get(&session).map(|s| s.name.as_str())
     }
 
     fn send(&mut self, from: SessionId, message: PeerToHead) {
@@ -225,6 +240,65 @@ fn a_silent_worker_is_written_off_at_the_deadline_and_its_task_runs_elsewhere() 
     // What the written-off worker says afterwards does not count.
     env.send(first, PeerToHead::Finished { task, attempt: 1, outcome: Outcome::Value(value(1)) });
     assert!(dones(&env.to(driver)).is_empty());
+}
+
+#[test]
+fn a_worker_joining_again_from_its_host_replaces_its_predecessor_at_once() {
+    let mut env = Env::with(journaled());
+    let old = env.worker_from("10.0.0.7:41000", "sim", "CPU=1", &["f"]);
+    let driver = env.driver();
+    let task = env.submit(driver, 1, "f", vec![]);
+    assert_eq!(executes(&env.to(old)), [(task, 1)]);
+    env.send(old, PeerToHead::Started { task, attempt: 1 });
+    // The same name from another host is another worker: it gets a name of its own.
+    let twin = env.worker_from("10.0.0.9:41000", "sim", "CPU=1", &["g"]);
+    assert_eq!(env.node_name(twin), Some("sim-2"));
+    assert!(env.closed.is_empty());
+    // The worker restarted on its host: the old session goes now, not at its heartbeat
+    // deadline; the new one takes the name and the task, whose lost run counts.
+    let new = env.worker_from("10.0.0.7:41001", "sim", "CPU=1", &["f"]);
+    assert_eq!(env.closed, [old]);
+    assert_eq!(env.node_name(new), Some("sim"));
+    assert_eq!(executes(&env.to(new)), [(task, 2)]);
+    assert_eq!(env.core.scheduler.runs(task), Some(1));
+    assert!(
+        env.kept.iter().any(|e| matches!(e, JournalEntry::Closed { session, reason } if *session == old && reason.contains("replaced"))),
+        "the replacement is kept"
+    );
+    // A replay comes to the same state without deciding it again.
+    let restarted = env.restart();
+    assert_eq!(restarted.node_name(new), Some("sim"));
+    assert!(!restarted.core.sessions.contains_key(&old));
+    assert_eq!(restarted.core.scheduler.runs(task), Some(1));
+}
+
+#[test]
+fn an_unacknowledged_dispatch_to_a_worker_that_is_replaced_costs_no_attempt() {
+    let mut env = Env::new();
+    let old = env.worker_from("[::1]:41000", "w", "CPU=1", &["f"]);
+    let driver = env.driver();
+    let mut spec = spec(TaskId::new(driver, 1), "f", vec![]);
+    spec.max_retries = 1;
+    let task = spec.task;
+    env.send(driver, PeerToHead::Submit(spec));
+    assert_eq!(executes(&env.to(old)), [(task, 1)]);
+    // The worker had died before the task reached it, and is back at once.
+    let new = env.worker_from("[::1]:41002", "w", "CPU=1", &["f"]);
+    assert_eq!(env.closed, [old]);
+    assert_eq!(executes(&env.to(new)), [(task, 2)]);
+    assert_eq!(env.core.scheduler.runs(task), Some(0));
+    // Acknowledged and lost once more: the one retry it has is spent, not both.
+    env.send(new, PeerToHead::Started { task, attempt: 2 });
+    let third = env.worker_from("[::1]:41003", "w", "CPU=1", &["f"]);
+    assert_eq!(executes(&env.to(third)), [(task, 3)]);
+    env.send(third, PeerToHead::Started { task, attempt: 3 });
+    env.core.close_session(env.now, third, "connection lost");
+    env.collect();
+    let failed = dones(&env.to(driver));
+    let [(t, Done::Failed(TaskError::WorkerLost { attempts: 2, lost_on, .. }))] = &failed[..] else {
+        panic!("{failed:?}")
+    };
+    assert_eq!((*t, lost_on.as_slice()), (task, ["w".to_string(), "w".to_string()].as_slice()));
 }
 
 #[test]

@@ -19,7 +19,10 @@
 //! Failures: a node that is lost (it disconnected, or [`Scheduler::expire_silent`] found it
 //! silent) takes its resources with it, and each task it ran goes back to the front of its
 //! shape's queue while it has attempts left (`max_retries`), else fails with
-//! [`TaskError::WorkerLost`]; a task may ask for application errors to be retried the same
+//! [`TaskError::WorkerLost`]. Only an attempt the node acknowledged ([`Event::TaskStarted`])
+//! counts: one sent to a worker that had died already costs a task that may be retried
+//! nothing (up to [`UNACKNOWLEDGED_LOSSES`] of them, so a task that kills its worker before it
+//! can say so still ends; a task that may not be retried is never sent twice); a task may ask for application errors to be retried the same
 //! way. Only the node a task is leased to may end it: a report from an earlier attempt's node
 //! is stale and ignored. A cancelled task that runs is asked to stop and ends
 //! [`TaskError::Cancelled`] whatever happens next; one that has not started ends at once.
@@ -67,6 +70,9 @@ pub enum Event {
         max_retries: i32,
         retry_exceptions: bool,
     },
+    /// `node` took up the attempt of `task` it was sent: from now on the attempt counts
+    /// against `max_retries` if the node is lost. Ignored unless the task is leased to `node`.
+    TaskStarted { task: TaskId, node: NodeId },
     /// `node` reports that `task` ended: `error` is `None` on success. Ignored unless the task
     /// is leased to `node` right now.
     TaskFinished { task: TaskId, node: NodeId, error: Option<TaskError> },
@@ -147,6 +153,10 @@ pub struct Scheduler {
     next_seq: u64,
     /// Live entries over all shape queues.
     queued: usize,
+    /// The nodes runs of unfinished tasks were lost with, oldest first (for the error that
+    /// ends a task out of retries); kept beside the tasks, which stay small.
+    #[serde(default)]
+    lost_on: HashMap<TaskId, Vec<String>>,
     #[serde(skip)]
     commands: Vec<Command>,
     /// Slots of tasks whose dependencies all finished during the current event, placed at its end.
@@ -162,6 +172,11 @@ pub struct Scheduler {
     oldest_heard: Option<NodeSlot>,
     newest_heard: Option<NodeSlot>,
 }
+
+/// Dispatches a task may lose with their node before the node acknowledged them and still be
+/// sent again for free; past it, such a loss counts like a run (a task whose worker dies as
+/// it arrives, every time, still ends).
+pub const UNACKNOWLEDGED_LOSSES: u8 = 8;
 
 /// [`Task::max_attempts`] of a task that may run again without limit.
 const UNLIMITED: u32 = u32::MAX;
@@ -232,10 +247,16 @@ struct Task {
     seq: u64,
     state: State,
     dependents: Dependents,
-    /// Times it was dispatched.
+    /// Times it was dispatched (the attempt number its node is sent).
     attempts: u32,
-    /// Dispatches allowed in all (`max_retries + 1`), or [`UNLIMITED`].
+    /// Attempts that really ran: acknowledged by their node, or reported finished.
+    #[serde(default)]
+    runs: u32,
+    /// Runs allowed in all (`max_retries + 1`), or [`UNLIMITED`].
     max_attempts: u32,
+    /// Dispatches lost with their node before it acknowledged them.
+    #[serde(default)]
+    unacknowledged_losses: u8,
     /// An application error runs it again too, while attempts remain.
     retry_exceptions: bool,
     /// The head released it: remove it once it ends, and treat it as unknown to new dependents.
@@ -244,7 +265,7 @@ struct Task {
 
 impl Task {
     fn attempts_left(&self) -> bool {
-        self.max_attempts == UNLIMITED || self.attempts < self.max_attempts
+        self.max_attempts == UNLIMITED || self.runs < self.max_attempts
     }
 }
 
@@ -261,6 +282,10 @@ impl Retry {
         let max_attempts = u32::try_from(max_retries).map_or(UNLIMITED, |retries| retries + 1);
         Retry { max_attempts, exceptions }
     }
+}
+
+fn acknowledged() -> bool {
+    true
 }
 
 /// Whether a running task's node was asked to cancel it, and how firmly.
@@ -280,13 +305,16 @@ enum State {
     Queued {
         shape: ShapeSlot,
     },
-    /// `pos` is the task's index in its node's `running`.
+    /// `pos` is the task's index in its node's `running`; `started`: the node acknowledged
+    /// the attempt (a snapshot from before acknowledgements counts every run as started).
     Running {
         shape: ShapeSlot,
         node: NodeSlot,
         pos: u32,
         cpu_released: bool,
         cancel: Cancel,
+        #[serde(default = "acknowledged")]
+        started: bool,
     },
     Finished,
     Failed(Box<TaskError>),
@@ -345,6 +373,7 @@ impl Scheduler {
             task_index: TaskIndex::default(),
             next_seq: 0,
             queued: 0,
+            lost_on: HashMap::new(),
             commands: Vec::new(),
             ready: Vec::new(),
             heap: BinaryHeap::new(),
@@ -369,6 +398,7 @@ impl Scheduler {
             Event::TaskSubmitted { task, function, request, deps, max_retries, retry_exceptions } => {
                 self.submit(task, function, request, &deps, Retry::new(max_retries, retry_exceptions))
             }
+            Event::TaskStarted { task, node } => self.task_started(task, node),
             Event::TaskFinished { task, node, error } => self.task_finished(task, node, error),
             Event::TaskCancelled { task, force } => self.task_cancelled(task, force),
             Event::TaskBlocked { task } => self.task_blocked(task),
@@ -463,6 +493,12 @@ impl Scheduler {
         Some(self.tasks.get(*self.task_index.get(&task)?)?.attempts)
     }
 
+    /// How many of `task`'s attempts really ran (were acknowledged or reported), or `None` if
+    /// the scheduler does not know it.
+    pub fn runs(&self, task: TaskId) -> Option<u32> {
+        Some(self.tasks.get(*self.task_index.get(&task)?)?.runs)
+    }
+
     /// The time of the latest event.
     pub fn last_event_at(&self) -> Option<Instant> {
         self.last_event
@@ -480,6 +516,7 @@ impl Scheduler {
     fn remove_task(&mut self, slot: TaskSlot) -> Option<Task> {
         let task = self.tasks.remove(slot)?;
         self.task_index.remove(&task.id);
+        self.lost_on.remove(&task.id);
         Some(task)
     }
 
@@ -582,15 +619,27 @@ impl Scheduler {
     /// The node running task `slot` went away, and its resources with it. Returns true when the
     /// task is to run again; otherwise it ended (cancelled, or out of attempts).
     fn worker_lost(&mut self, slot: TaskSlot, node_name: &str) -> bool {
-        let Some(task) = self.tasks.get(slot) else { return false };
-        let State::Running { shape, cancel, .. } = task.state else { return false };
-        let function = self.function_name(shape);
+        let Some(task) = self.tasks.get_mut(slot) else { return false };
+        let State::Running { shape, cancel, started, .. } = task.state else { return false };
+        // The acknowledgement may have been lost with the head or the link: a task that may
+        // not run twice (`max_retries` 0) is never sent again on the strength of its absence.
+        let free = !started && task.max_attempts != 1 && task.unacknowledged_losses < UNACKNOWLEDGED_LOSSES;
+        if free {
+            task.unacknowledged_losses += 1;
+        } else {
+            if !started {
+                task.runs = task.runs.saturating_add(1);
+            }
+            self.lost_on.entry(task.id).or_default().push(node_name.to_string());
+        }
         let error = if cancel != Cancel::No {
-            TaskError::Cancelled { function }
-        } else if task.attempts_left() {
+            TaskError::Cancelled { function: self.function_name(shape) }
+        } else if free || task.attempts_left() {
             return true;
         } else {
-            TaskError::WorkerLost { function, node: node_name.to_string(), attempts: task.attempts }
+            let (attempts, lost_on) = (task.runs, self.lost_on.remove(&task.id).unwrap_or_default());
+            let function = self.function_name(shape);
+            TaskError::WorkerLost { function, node: node_name.to_string(), attempts, lost_on }
         };
         self.settle(slot, Err(error), true);
         false
@@ -829,7 +878,9 @@ impl Scheduler {
             state,
             dependents: Dependents::default(),
             attempts: 0,
+            runs: 0,
             max_attempts: retry.max_attempts,
+            unacknowledged_losses: 0,
             retry_exceptions: retry.exceptions,
             forgotten: false,
         });
@@ -858,9 +909,20 @@ impl Scheduler {
         Ok(())
     }
 
+    fn task_started(&mut self, id: TaskId, reporter: NodeId) {
+        let Some(&slot) = self.task_index.get(&id) else { return };
+        let Some(task) = self.tasks.get_mut(slot) else { return };
+        let State::Running { node, ref mut started, .. } = task.state else { return };
+        if *started || self.nodes.get(node).map(|n| n.id) != Some(reporter) {
+            return;
+        }
+        *started = true;
+        task.runs = task.runs.saturating_add(1);
+    }
+
     fn task_finished(&mut self, id: TaskId, reporter: NodeId, error: Option<TaskError>) {
         let Some(&slot) = self.task_index.get(&id) else { return };
-        let Some(task @ &Task { state: State::Running { shape, node, pos, cpu_released, cancel }, .. }) =
+        let Some(&Task { state: State::Running { shape, node, pos, cpu_released, cancel, .. }, .. }) =
             self.tasks.get(slot)
         else {
             return; // Not running: unknown, a duplicate report, or from a node already lost.
@@ -868,6 +930,9 @@ impl Scheduler {
         if self.nodes.get(node).map(|n| n.id) != Some(reporter) {
             return; // From a node it is not leased to: an earlier attempt's, already written off.
         }
+        // A report is an acknowledgement too (the node may not have sent one first).
+        self.task_started(id, reporter);
+        let Some(task) = self.tasks.get(slot) else { return };
         let again = cancel == Cancel::No
             && task.retry_exceptions
             && task.attempts_left()
@@ -995,6 +1060,11 @@ impl Scheduler {
     /// graph: dependents whose last dependency succeeded go to `self.ready`, and a failure fails
     /// the whole downstream chain. Iterative, so a long chain cannot overflow the stack.
     fn settle(&mut self, slot: TaskSlot, outcome: Result<(), TaskError>, announce: bool) {
+        if !self.lost_on.is_empty()
+            && let Some(task) = self.tasks.get(slot)
+        {
+            self.lost_on.remove(&task.id);
+        }
         // The common case, a success nobody waits on, skips the propagation machinery.
         if outcome.is_ok()
             && let Some(task) = self.tasks.get_mut(slot)
@@ -1217,7 +1287,14 @@ impl Scheduler {
         self.queued -= 1;
         node.pool.take(&shape.key.need);
         let pos = u32::try_from(node.running.len()).unwrap_or(u32::MAX);
-        task.state = State::Running { shape: s, node: n, pos, cpu_released: false, cancel: Cancel::No };
+        task.state = State::Running {
+            shape: s,
+            node: n,
+            pos,
+            cpu_released: false,
+            cancel: Cancel::No,
+            started: false,
+        };
         task.attempts = task.attempts.saturating_add(1);
         node.running.push(slot);
         self.commands.push(Command::Dispatch { task: task.id, node: node.id, attempt: task.attempts });

@@ -9,11 +9,14 @@ use std::time::Duration;
 struct Env {
     sched: Scheduler,
     now: Instant,
+    /// Nodes acknowledge each dispatch at once, as live workers do; off, a dispatch stays
+    /// unacknowledged until the scenario says so.
+    acks: bool,
 }
 
 impl Env {
     fn new() -> Env {
-        Env { sched: Scheduler::new(), now: Instant::now() }
+        Env { sched: Scheduler::new(), now: Instant::now(), acks: true }
     }
 
     /// The connected nodes, sorted: picking from a hash map's order would make a seeded run
@@ -27,7 +30,19 @@ impl Env {
     /// Applies `event` and returns what it produced.
     fn event(&mut self, event: Event) -> Vec<Command> {
         self.sched.handle(self.now, event);
-        self.sched.drain_commands().collect()
+        let commands: Vec<Command> = self.sched.drain_commands().collect();
+        if self.acks {
+            for command in &commands {
+                if let &Command::Dispatch { task, node, .. } = command {
+                    self.sched.handle(self.now, Event::TaskStarted { task, node });
+                    assert!(
+                        self.sched.drain_commands().next().is_none(),
+                        "an acknowledgement decides nothing"
+                    );
+                }
+            }
+        }
+        commands
     }
 
     /// Node `id` named `w<id>`, with `resources` and functions named in `functions` (hash `h`).
@@ -376,7 +391,7 @@ fn losing_a_node_fails_its_tasks_and_reports_stranded_ones() {
     assert_eq!(env.submit(t(3), "f", "CPU=1", &[]), [dispatch(t(3), 1)]);
     env.submit(t(4), "f", "CPU=1", &[t(1)]);
     let commands = env.lose(2);
-    let lost = TaskError::WorkerLost { function: "f".into(), node: "w2".into(), attempts: 1 };
+    let lost = worker_lost(&["w2"]);
     assert_eq!(commands[0], Command::Fail { task: t(1), error: lost.clone() });
     assert_eq!(
         commands[1],
@@ -556,8 +571,14 @@ fn cancelled(function: &str) -> TaskError {
     TaskError::Cancelled { function: function.into() }
 }
 
-fn worker_lost(node: &str, attempts: u32) -> TaskError {
-    TaskError::WorkerLost { function: "f".into(), node: node.into(), attempts }
+/// The error of a task whose runs were lost with `lost_on`, in order.
+fn worker_lost(lost_on: &[&str]) -> TaskError {
+    TaskError::WorkerLost {
+        function: "f".into(),
+        node: lost_on.last().copied().unwrap_or_default().into(),
+        attempts: lost_on.len() as u32,
+        lost_on: lost_on.iter().map(|n| n.to_string()).collect(),
+    }
 }
 
 fn dependency_failed(task: TaskId, dependency: TaskId, cause: TaskError) -> Command {
@@ -617,8 +638,8 @@ fn without_retries_a_lost_task_fails_after_one_attempt() {
     assert_eq!(
         env.lose(1),
         [
-            Command::Fail { task: t(1), error: worker_lost("w1", 1) },
-            dependency_failed(t(2), t(1), worker_lost("w1", 1)),
+            Command::Fail { task: t(1), error: worker_lost(&["w1"]) },
+            dependency_failed(t(2), t(1), worker_lost(&["w1"])),
         ]
     );
     assert_eq!(env.sched.attempts(t(1)), Some(1));
@@ -635,14 +656,82 @@ fn retries_run_out_after_max_retries_plus_one_attempts() {
         assert_eq!(env.lose(id - 1), [retry(t(1), id, id as u32)]);
     }
     env.join(4, "CPU=1", &["f"]);
-    let lost = worker_lost("w3", 3);
+    let lost = worker_lost(&["w1", "w2", "w3"]);
     assert_eq!(env.lose(3), [Command::Fail { task: t(1), error: lost.clone() }]);
     assert_eq!(env.sched.task_status(t(1)), Some(TaskStatus::Failed));
     assert_eq!(env.free(4), res("CPU=1,node:w4=1"));
     let message = lost.to_string();
     assert!(
-        message.contains("w3") && message.contains("3 attempt(s) made") && message.contains("died"),
+        message.contains("3 attempt(s) ran, lost with w1, w2 and w3") && message.contains("died"),
         "{message}"
+    );
+}
+
+#[test]
+fn a_dispatch_lost_before_its_node_acknowledged_it_costs_no_attempt() {
+    let mut env = Env::new();
+    env.acks = false;
+    env.join(1, "CPU=1", &["f"]);
+    assert_eq!(env.submit_retrying(t(1), "f", "CPU=1", 1, false), [dispatch(t(1), 1)]);
+    // w1 died before it heard of the task: the next node runs it, with no retry spent.
+    env.join(2, "CPU=1", &["f"]);
+    assert_eq!(env.lose(1), [retry(t(1), 2, 2)]);
+    assert_eq!((env.sched.attempts(t(1)), env.sched.runs(t(1))), (Some(2), Some(0)));
+    // Acknowledged, the run counts: one retry is left after losing w2, none after w3.
+    env.event(Event::TaskStarted { task: t(1), node: NodeId(2) });
+    assert_eq!(env.sched.runs(t(1)), Some(1));
+    env.join(3, "CPU=1", &["f"]);
+    assert_eq!(env.lose(2), [retry(t(1), 3, 3)]);
+    env.event(Event::TaskStarted { task: t(1), node: NodeId(3) });
+    assert_eq!(env.lose(3), [Command::Fail { task: t(1), error: worker_lost(&["w2", "w3"]) }]);
+}
+
+#[test]
+fn a_task_that_may_not_be_retried_is_never_sent_twice() {
+    let mut env = Env::new();
+    env.acks = false;
+    env.join(1, "CPU=1", &["f"]);
+    env.join(2, "CPU=1", &["f"]);
+    assert_eq!(env.submit_retrying(t(1), "f", "CPU=1", 0, false), [dispatch(t(1), 1)]);
+    // Its acknowledgement may only have been lost: it may have run, so it is not sent again.
+    assert_eq!(env.lose(1), [Command::Fail { task: t(1), error: worker_lost(&["w1"]) }]);
+}
+
+#[test]
+fn an_acknowledgement_from_another_node_or_twice_counts_once_or_not_at_all() {
+    let mut env = Env::new();
+    env.acks = false;
+    env.join(1, "CPU=1", &["f"]);
+    env.join(2, "CPU=1", &["f"]);
+    assert_eq!(env.submit_retrying(t(1), "f", "CPU=1", 1, false), [dispatch(t(1), 1)]);
+    env.event(Event::TaskStarted { task: t(1), node: NodeId(2) });
+    assert_eq!(env.sched.runs(t(1)), Some(0), "w2 does not run it");
+    env.event(Event::TaskStarted { task: t(1), node: NodeId(1) });
+    env.event(Event::TaskStarted { task: t(1), node: NodeId(1) });
+    assert_eq!(env.sched.runs(t(1)), Some(1));
+    // A report without an acknowledgement before it counts as the run it is.
+    assert_eq!(env.lose(1), [retry(t(1), 2, 2)]);
+    assert_eq!(env.fail(t(1), app_error("f")), []);
+    assert_eq!((env.sched.task_status(t(1)), env.sched.runs(t(1))), (Some(TaskStatus::Failed), Some(2)));
+}
+
+#[test]
+fn a_task_whose_workers_always_die_unacknowledged_still_ends() {
+    let mut env = Env::new();
+    env.acks = false;
+    env.join(1, "CPU=1", &["f"]);
+    assert_eq!(env.submit_retrying(t(1), "f", "CPU=1", 1, false), [dispatch(t(1), 1)]);
+    // The free losses run out; then each loss counts, and the second of those ends it.
+    let limit = u64::from(UNACKNOWLEDGED_LOSSES);
+    for id in 2..=limit + 2 {
+        env.join(id, "CPU=1", &["f"]);
+        assert_eq!(env.lose(id - 1), [retry(t(1), id, id as u32)], "loss {}", id - 1);
+    }
+    env.join(limit + 3, "CPU=1", &["f"]);
+    let (last_but_one, last) = (format!("w{}", limit + 1), format!("w{}", limit + 2));
+    assert_eq!(
+        env.lose(limit + 2),
+        [Command::Fail { task: t(1), error: worker_lost(&[&last_but_one, &last]) }]
     );
 }
 
@@ -954,7 +1043,8 @@ fn check_invariants(sched: &Scheduler) {
     assert_eq!(queued, sched.queued);
     for (slot, task) in sched.tasks.iter() {
         assert_eq!(sched.task_index.get(&task.id), Some(&slot));
-        assert!(task.max_attempts == UNLIMITED || task.attempts <= task.max_attempts);
+        assert!(task.max_attempts == UNLIMITED || task.runs <= task.max_attempts);
+        assert!(task.runs <= task.attempts);
     }
     assert_eq!(sched.task_index.len(), sched.tasks.len());
     // The list by last-heard time holds every node once, oldest first, linked both ways.

@@ -304,6 +304,7 @@ impl SimWorker {
             Running { attempt, function: f, request: facts.request.clone(), cpu_given_back: false, outcome },
         );
         self.tasks_run += 1;
+        fx.sends.push(PeerToHead::Started { task, attempt });
         Ok(())
     }
 

@@ -15,7 +15,7 @@ use chia_core::protocol::{
     ArgValue, Done, HeadToPeer, JobSettings, Outcome, PeerToHead, ServiceInfo, TaskAttempt,
 };
 use chia_core::{Resources, ServiceId, SessionId, TaskError, TaskId};
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 /// The owner of the head's own tasks (service restarts).
@@ -180,6 +180,9 @@ pub(super) struct World {
     /// The worker connection each task was last sent to, until it reports or is closed.
     leases: HashMap<TaskId, usize>,
     attempts: HashMap<TaskId, u32>,
+    /// The attempts of each task its worker acknowledged to the head while leased: no more
+    /// than the task may run.
+    acknowledged: HashMap<TaskId, BTreeSet<u32>>,
     services: HashMap<ServiceId, ServiceMeta>,
     /// Results workers reported for tagged tasks, `(tag, digest)` → function.
     tagged_results: HashMap<(String, u64), usize>,
@@ -296,6 +299,7 @@ impl World {
             busy: 0,
             leases: HashMap::new(),
             attempts: HashMap::new(),
+            acknowledged: HashMap::new(),
             services: HashMap::new(),
             named: HashMap::new(),
             tagged_results: HashMap::new(),
@@ -668,6 +672,28 @@ impl World {
         self.fx_driver = fx;
     }
 
+    /// A worker's word that it runs `attempt` of `task` reaches the head: while the task is
+    /// leased to it, that attempt counts against the task's retries.
+    fn note_acknowledged(&mut self, conn: usize, task: TaskId, attempt: u32) -> Step {
+        if attempt == 0 || self.attempts.get(&task) != Some(&attempt) || self.leases.get(&task) != Some(&conn)
+        {
+            return Ok(());
+        }
+        let max = self.owner(task).and_then(|owner| owner.max_attempts(task.seq()));
+        let acknowledged = self.acknowledged.entry(task).or_default();
+        acknowledged.insert(attempt);
+        // An acknowledgement the head had not made durable dies with it; only a task that
+        // may not be retried is held to its count through a head crash.
+        let strict = self.report.faults.head_crashes == 0 || max == Some(1);
+        match max {
+            Some(max) if strict && acknowledged.len() > max as usize => Err(format!(
+                "{task} ran {} times (attempts {acknowledged:?}), but it may run {max} time(s) at most",
+                acknowledged.len()
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn deliver_to_head(&mut self, conn: usize, message: PeerToHead) -> Step {
         let now = self.instant(self.now);
         let c = &self.conns[conn];
@@ -737,6 +763,11 @@ impl World {
                     PeerToHead::StartService(start) => Some(start.task),
                     _ => None,
                 };
+                if let PeerToHead::Started { task, attempt } | PeerToHead::Finished { task, attempt, .. } =
+                    &message
+                {
+                    self.note_acknowledged(conn, *task, *attempt)?;
+                }
                 self.head.handle(now, session, message);
                 if let Some(task) = start {
                     self.note_service(task);
@@ -893,7 +924,7 @@ impl World {
                         self.send_to_peer(conn, Event::ToPeer { conn, message: Box::new(message) });
                     }
                 }
-                Action::Close { session, reason } => {
+                Action::Close { session, reason, .. } => {
                     self.report.digest =
                         mix64(self.report.digest ^ mix64(!session.0) ^ model::digest(reason.as_bytes()));
                     let Some(&conn) = self.sessions.get(&session) else {
@@ -1233,8 +1264,9 @@ impl World {
                 if *attempt <= previous && !again {
                     return Err(format!("{task} was sent as attempt {attempt} after attempt {previous}"));
                 }
+                // Dispatches lost before their worker acknowledged them are free, up to a limit.
                 if let Some(max) = owner.max_attempts(task.seq())
-                    && *attempt > max
+                    && *attempt > max + u32::from(crate::scheduler::UNACKNOWLEDGED_LOSSES)
                 {
                     return Err(format!(
                         "{task} was sent as attempt {attempt}, but it may run {max} time(s) at most"
