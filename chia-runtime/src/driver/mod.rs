@@ -7,5 +7,6 @@
 pub mod client;
 pub mod context;
 pub(crate) mod job;
+pub mod contain;
 pub mod process;
 pub mod registry;
