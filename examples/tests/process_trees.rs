@@ -235,4 +235,3 @@ async fn fallback_cancel_ends_an_async_tree() {
 async fn fallback_worker_sigkill_ends_the_tree() {
     killing_the_worker_ends_the_tree("fallback", Function::Async).await;
 }
-

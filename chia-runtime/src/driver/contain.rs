@@ -344,10 +344,10 @@ fn sentinel_main(pipe: OwnedFd, cgroup: Option<&Path>, nonce: String) -> ! {
 /// it. Returns how many processes were in it.
 fn remove_cgroup_tree(cgroup: &Path, bound: Duration) -> usize {
     let count = cgroup_pids_deep(cgroup).len();
-    if let Err(error) = std::fs::write(cgroup.join("cgroup.kill"), "1") {
-        if error.kind() != io::ErrorKind::NotFound {
-            eprintln!("chia-sentinel: cannot kill {}: {error}", cgroup.display());
-        }
+    if let Err(error) = std::fs::write(cgroup.join("cgroup.kill"), "1")
+        && error.kind() != io::ErrorKind::NotFound
+    {
+        eprintln!("chia-sentinel: cannot kill {}: {error}", cgroup.display());
     }
     let deadline = Instant::now() + bound;
     while is_populated(cgroup) && Instant::now() < deadline {
@@ -439,8 +439,11 @@ pub(crate) fn kill_matching(signal: i32, select: impl Fn(&ProcStat) -> bool) -> 
     let mut signalled = Vec::new();
     let rounds = if signal == libc::SIGKILL { KILL_ROUNDS } else { 1 };
     for _ in 0..rounds {
-        let found: Vec<i32> =
-            processes().iter().filter(|p| !p.zombie && p.pid != own_pid() && select(p)).map(|p| p.pid).collect();
+        let found: Vec<i32> = processes()
+            .iter()
+            .filter(|p| !p.zombie && p.pid != own_pid() && select(p))
+            .map(|p| p.pid)
+            .collect();
         if found.is_empty() {
             break;
         }
@@ -541,7 +544,8 @@ impl TaskCgroup {
     pub(crate) fn create() -> io::Result<Option<TaskCgroup>> {
         let Some(root) = CONTAINED.get().and_then(|c| c.cgroup.as_ref()) else { return Ok(None) };
         let path = root.join(format!("task-{}", TASK_CGROUPS.fetch_add(1, Ordering::Relaxed)));
-        std::fs::create_dir(&path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        std::fs::create_dir(&path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
         let procs = CString::new(path.join("cgroup.procs").into_os_string().into_encoded_bytes())
             .map_err(io::Error::other)?;
         Ok(Some(TaskCgroup { path, procs }))
@@ -698,11 +702,8 @@ mod tests {
 
     #[test]
     fn a_whole_environment_entry_is_matched_not_a_prefix() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .env("CHIA_TEST_ENTRY", "abc.12")
-            .spawn()
-            .unwrap();
+        let mut child =
+            std::process::Command::new("sleep").arg("30").env("CHIA_TEST_ENTRY", "abc.12").spawn().unwrap();
         let pid = child.id() as i32;
         // The entry is in place from exec on; wait until the child has exec'd.
         let deadline = Instant::now() + Duration::from_secs(10);

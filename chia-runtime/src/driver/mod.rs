@@ -5,8 +5,8 @@
 //! linked into the binary. Built on [`crate::net`]; knows nothing of the head or the worker.
 
 pub mod client;
+pub mod contain;
 pub mod context;
 pub(crate) mod job;
-pub mod contain;
 pub mod process;
 pub mod registry;

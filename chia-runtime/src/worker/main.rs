@@ -167,3 +167,19 @@ fn hostname() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "worker".to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resources_file_parse_error_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node-resources.yaml");
+        std::fs::write(&path, "resources: {adder: 4\n").unwrap();
+        let args = WorkerArgs::parse_from(["worker", "--resources-file", path.to_str().unwrap()]);
+        let error = offered_resources(&args).unwrap_err();
+        assert!(error.contains("node-resources.yaml"), "{error}");
+        assert!(!error.contains("<input>"), "{error}");
+    }
+}

@@ -3,9 +3,9 @@
 //! panics fails only its task; the worker keeps serving.
 
 use crate::driver::client::{Client, Execution};
+use crate::driver::contain::{self, Activity};
 use crate::driver::context::Context;
 use crate::driver::job::PlanCache;
-use crate::driver::contain::{self, Activity};
 use crate::driver::process::TaskControl;
 use crate::driver::registry::{self, FunctionSpec, Invoke, ServiceSpec, SharedInstance};
 use crate::error::Error;
