@@ -10,7 +10,7 @@
 //! and when the worker stops or loses its head. Which processes count as a task's, and what
 //! holds where, is in [`contain`](super::contain).
 
-use super::contain::{self, TaskCgroup};
+use super::contain::{self, TaskCgroup, start_time};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -71,8 +71,6 @@ impl Group {
         unsafe { libc::killpg(self.id, 0) == 0 }
     }
 }
-
-use contain::start_time;
 
 impl TaskControl {
     pub(crate) fn new() -> Arc<TaskControl> {
