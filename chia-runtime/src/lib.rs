@@ -41,7 +41,7 @@
 //! | 6 | `local` (`init`, the embedded cluster, [`HeadWithNode`]) | head, worker, driver, net |
 //! | 5 | `call` ([`Call`]: deciding bypass at dispatch) · `worker/` (the agent, its command line) | services, driver, net |
 //! | 4 | `services/` (`service`, `cache`, `bypass/`) | driver |
-//! | 3 | `head/` (the head's driver around `chia-head-core`) · `driver/` (`client`, `context`, `job`, `process`, `registry`) | net |
+//! | 3 | `head/` (the head's driver around `chia-head-core`) · `driver/` (`client`, `context`, `job`, `contain`, `process`, `registry`) | net |
 //! | 2 | `net/` (`transport`, `tls`) | — |
 //! | 1 | `util` (catching panics, blocking on a future) · `env` (`CHIA_*` variables) | error |
 //! | 0 | `error` | — |
@@ -69,7 +69,7 @@ pub mod api {
 }
 /// The head's placement state machine (re-exported from `chia-head-core`).
 pub use chia_head_core::scheduler;
-pub use driver::{client, process, registry};
+pub use driver::{client, contain, process, registry};
 pub use net::{tls, transport};
 pub use services::{bypass, cache, service};
 

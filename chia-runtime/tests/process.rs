@@ -213,3 +213,70 @@ async fn outside_a_task_a_child_gets_its_own_group_and_dies_with_its_handle() {
     drop(child);
     assert!(all_stop(&[pid]).await);
 }
+
+/// A shell started with `cx.spawn` that daemonizes a child with `setsid` (leaving the shell's
+/// process group and session), writes the daemon's pid to `pid_file`, and waits.
+#[chia::function]
+async fn run_a_daemonizing_shell(cx: &Context, pid_file: String) -> Result<String, std::io::Error> {
+    let script = format!(
+        "setsid sh -c 'echo $$ > {pid_file}.tmp; mv {pid_file}.tmp {pid_file}; exec sleep 300' & wait"
+    );
+    let status = cx.spawn(tokio::process::Command::new("sh").args(["-c", &script]))?.wait().await?;
+    Ok(format!("the shell ended: {status}"))
+}
+
+/// Starts a helper with a plain `std::process::Command` (not `cx.spawn_std`), writes its pid
+/// to `pid_file` and blocks waiting for it.
+#[chia::function]
+fn wait_for_a_plain_child(pid_file: String) -> Result<String, std::io::Error> {
+    let mut helper = std::process::Command::new("sleep").arg("300").spawn()?;
+    std::fs::write(format!("{pid_file}.tmp"), helper.id().to_string())?;
+    std::fs::rename(format!("{pid_file}.tmp"), &pid_file)?;
+    Ok(format!("the helper ended: {}", helper.wait()?))
+}
+
+/// Kills `pids` if the test fails before they are gone.
+struct PidGuard(Vec<u32>);
+
+impl Drop for PidGuard {
+    fn drop(&mut self) {
+        for &pid in self.0.iter().filter(|&&pid| is_running(pid)) {
+            let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_setsid_daemon_of_a_spawned_shell_ends_with_its_cancelled_task() {
+    // The embedded cluster has no cgroup: the task's mark in the daemon's environment finds it.
+    let (_cluster, cx) = cluster(&["CPU=2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("daemon");
+    let running = run_a_daemonizing_shell::remote(&cx, pid_file.display().to_string());
+    let guard = PidGuard(pids_in(&pid_file).await);
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", guard.0[0])).unwrap();
+    let session = stat.rsplit_once(") ").unwrap().1.split(' ').nth(3).unwrap().to_string();
+    assert_eq!(session, guard.0[0].to_string(), "the daemon leads a session of its own");
+    running.cancel().unwrap();
+    assert!(is_cancelled(&running.get_timeout(common::BOUND).await.unwrap_err()));
+    assert!(all_stop(&guard.0).await, "the setsid daemon survived its cancelled task");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_task_blocked_on_a_plain_child_is_answered_when_cancelled() {
+    // Another task runs beside it: the helper is found as the task thread's child, not as
+    // the worker's only task's.
+    let (_cluster, cx) = cluster(&["CPU=2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (other_file, pid_file) = (dir.path().join("other"), dir.path().join("helper"));
+    let other = run_a_long_tree::remote(&cx, other_file.display().to_string());
+    let other_pids = PidGuard(pids_in(&other_file).await);
+    let running = wait_for_a_plain_child::remote(&cx, pid_file.display().to_string());
+    let guard = PidGuard(pids_in(&pid_file).await);
+    running.cancel().unwrap();
+    assert!(is_cancelled(&running.get_timeout(common::BOUND).await.unwrap_err()));
+    assert!(all_stop(&guard.0).await, "the plain child survived its cancelled task");
+    assert!(other_pids.0.iter().all(|&pid| is_running(pid)), "the other task's tools were ended too");
+    other.cancel().unwrap();
+    assert!(all_stop(&other_pids.0).await);
+}

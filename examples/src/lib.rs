@@ -65,6 +65,8 @@ pub fn simulate(x: i64, millis: u64) -> i64 {
     x * x
 }
 
+pub mod tools;
+
 /// Does nothing; a binary calls it so the linker keeps this library, and with it the
 /// registrations of the functions above.
 pub fn link() {}

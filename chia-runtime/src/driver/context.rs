@@ -118,8 +118,10 @@ impl Context {
     }
 
     /// Starts an external program as a child of the current task, in a process group of its
-    /// own: when the task is cancelled, ends, or its worker stops, the whole group (the program
-    /// and everything it started) is killed, so no tool outlives its task. Outside a task the
+    /// own, marked with the task (and, in a worker contained by cgroup, in the task's cgroup):
+    /// when the task is cancelled, ends, or its worker stops or dies, the program and
+    /// everything it started — a `setsid` daemon included — are killed, so no tool outlives
+    /// its task (see [`contain`](crate::contain) for what holds where). Outside a task the
     /// child only gets its own group and is killed when the returned handle is dropped.
     ///
     /// ```no_run

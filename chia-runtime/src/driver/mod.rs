@@ -5,6 +5,7 @@
 //! linked into the binary. Built on [`crate::net`]; knows nothing of the head or the worker.
 
 pub mod client;
+pub mod contain;
 pub mod context;
 pub(crate) mod job;
 pub mod process;

@@ -2,11 +2,15 @@
 //!
 //! CHIA's functions mostly drive external tools (`make`, simulators). A function starts them
 //! with [`Context::spawn`](crate::Context::spawn) (or `spawn_std`), which puts each child in a
-//! process group of its own and records it with the task. The runtime then kills those groups
-//! — the child and everything it started — when the task is cancelled (SIGTERM, then SIGKILL
-//! after a grace period, or SIGKILL at once when forced), when the task ends with children
-//! still running, and when the worker stops or loses its head. No tool outlives its task.
+//! process group of its own, marks it with the task (`CHIA_TASK_MARK`, inherited by all it
+//! starts) and, in a contained worker with cgroups, places it in the task's cgroup. The
+//! runtime then ends the task's processes — the children and everything they started, a
+//! `setsid` daemon included — when the task is cancelled (SIGTERM, then SIGKILL after a grace
+//! period, or SIGKILL at once when forced), when the task ends with processes still running,
+//! and when the worker stops or loses its head. Which processes count as a task's, and what
+//! holds where, is in [`contain`](super::contain).
 
+use super::contain::{self, TaskCgroup, start_time};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,13 +20,33 @@ use tokio::sync::Notify;
 /// How long a cancelled task's children have between SIGTERM and SIGKILL.
 pub const CANCEL_GRACE: Duration = Duration::from_secs(5);
 
-/// The cancellation state and child process groups of one running task.
+/// The cancellation state and child processes of one running task.
 #[derive(Default)]
 pub(crate) struct TaskControl {
     cancelled: AtomicBool,
     notify: Notify,
     /// The process groups of the children still to be cleaned up.
     groups: Mutex<Vec<Group>>,
+    /// The mark and cgroup of the task's children, made at its first spawn.
+    tracked: Mutex<Option<Tracked>>,
+    /// The thread a sync function runs on, while it runs: what it starts is the task's.
+    thread: Mutex<Option<i32>>,
+}
+
+/// How a task's `Context::spawn` children are found again.
+struct Tracked {
+    /// The value of `CHIA_TASK_MARK` in their environment.
+    mark: String,
+    /// Their cgroup, in a worker contained by cgroup.
+    cgroup: Option<Arc<TaskCgroup>>,
+}
+
+impl Drop for TaskControl {
+    fn drop(&mut self) {
+        if let Some(tracked) = self.tracked.get_mut().unwrap_or_else(|p| p.into_inner()) {
+            contain::mark_dead(&tracked.mark);
+        }
+    }
 }
 
 /// A child's process group: its id (the child's pid) and when the child started, so a pid the
@@ -48,13 +72,6 @@ impl Group {
     }
 }
 
-/// When process `pid` started (clock ticks since boot, `/proc/<pid>/stat` field 22).
-fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name start with field 3 (the state).
-    stat.rsplit_once(") ")?.1.split(' ').nth(22 - 3)?.parse().ok()
-}
-
 impl TaskControl {
     pub(crate) fn new() -> Arc<TaskControl> {
         Arc::default()
@@ -74,33 +91,107 @@ impl TaskControl {
         }
     }
 
-    /// Marks the task cancelled and signals its children: SIGKILL when `force`, otherwise
-    /// SIGTERM now and SIGKILL after [`CANCEL_GRACE`] if they are still there.
+    /// Marks the task cancelled and signals its processes: SIGKILL when `force`, otherwise
+    /// SIGTERM now and SIGKILL after [`CANCEL_GRACE`] if they are still there. When this task
+    /// is the only thing running on the worker, the worker's loose processes can only be its
+    /// own, and are signalled with it.
     pub(crate) fn cancel(self: &Arc<Self>, force: bool) {
         self.cancelled.store(true, Ordering::Release);
         self.notify.notify_waiters();
+        let alone = contain::is_alone();
         if force {
-            self.kill_children();
+            self.signal_children(libc::SIGKILL);
+            if alone {
+                contain::end_loose(libc::SIGKILL, "its only task was cancelled");
+            }
             return;
         }
         self.signal_children(libc::SIGTERM);
+        if alone {
+            contain::end_loose(libc::SIGTERM, "its only task was cancelled");
+        }
         let control = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(CANCEL_GRACE).await;
-            control.kill_children();
+            control.signal_children(libc::SIGKILL);
+            if alone && contain::is_alone() {
+                contain::end_loose(libc::SIGKILL, "its only task was cancelled");
+            }
         });
     }
 
-    /// SIGKILLs every child group that is still alive (at task end, or when the worker stops).
+    /// SIGKILLs every process of the task that is still alive (at task end, or when the
+    /// worker stops), and reaps those that are this process's children and have no handle to
+    /// wait on them (a `Context::spawn` child's `Child` waits for itself).
     pub(crate) fn kill_children(&self) {
-        self.signal_children(libc::SIGKILL);
-        self.groups.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let killed = self.signal_children(libc::SIGKILL);
+        let leaders: Vec<i32> = {
+            let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+            let leaders = groups.iter().map(|g| g.id).collect();
+            groups.clear();
+            leaders
+        };
+        // The cgroup goes (once empty); a later spawn, by a service, makes another.
+        if let Some(tracked) = self.tracked.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            tracked.cgroup = None;
+        }
+        contain::reap(killed.into_iter().filter(|pid| !leaders.contains(pid)).collect());
     }
 
-    fn signal_children(&self, signal: i32) {
+    /// Signals the task's processes; returns the pids signalled one by one.
+    fn signal_children(&self, signal: i32) -> Vec<i32> {
         for group in self.groups.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|g| g.is_ours()) {
             signal_group(group.id, signal);
         }
+        let mut signalled = Vec::new();
+        let tracked = self
+            .tracked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|t| (t.mark.clone(), t.cgroup.clone()));
+        match tracked {
+            Some((_, Some(cgroup))) => {
+                signalled.extend(cgroup.pids());
+                cgroup.signal(signal);
+            }
+            // Without a cgroup, the mark finds what left the groups (a `setsid` daemon).
+            Some((mark, None)) => {
+                let entry = format!("{}={mark}", contain::TASK_MARK);
+                signalled.extend(contain::kill_matching(signal, |p| contain::environ_has(p.pid, &entry)));
+            }
+            None => {}
+        }
+        let thread = *self.thread.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tid) = thread {
+            for pid in contain::with_descendants(&contain::thread_children(tid)) {
+                contain::send(pid, signal);
+                signalled.push(pid);
+            }
+        }
+        signalled
+    }
+
+    /// While the guard lives, what the calling thread starts (a plain `std::process::Command`
+    /// in a sync function) is this task's; the guard's drop ends what is left of it.
+    pub(crate) fn run_on_this_thread(&self) -> ThreadGuard<'_> {
+        *self.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(contain::gettid());
+        ThreadGuard { control: self }
+    }
+
+    /// The mark and cgroup for the next child, made at the first.
+    fn tracking(&self) -> io::Result<(String, Option<Arc<TaskCgroup>>)> {
+        let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        if tracked.is_none() {
+            let mark = contain::new_task_mark();
+            contain::mark_live(&mark);
+            *tracked = Some(Tracked { mark, cgroup: None });
+        }
+        let tracked = tracked.as_mut().expect("set above");
+        if tracked.cgroup.is_none() {
+            tracked.cgroup = TaskCgroup::create()?.map(Arc::new);
+        }
+        Ok((tracked.mark.clone(), tracked.cgroup.clone()))
     }
 
     fn track(&self, pid: Option<u32>) -> io::Result<()> {
@@ -120,6 +211,30 @@ impl TaskControl {
     }
 }
 
+/// See [`TaskControl::run_on_this_thread`].
+pub(crate) struct ThreadGuard<'a> {
+    control: &'a TaskControl,
+}
+
+impl Drop for ThreadGuard<'_> {
+    fn drop(&mut self) {
+        let tid = self.control.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(tid) = tid else { return };
+        let left = contain::with_descendants(&contain::thread_children(tid));
+        if left.is_empty() {
+            return;
+        }
+        tracing::info!(count = left.len(), "ending processes a sync function left running");
+        for &pid in &left {
+            contain::send(pid, libc::SIGKILL);
+        }
+        // A `Context::spawn_std` child has a `Child` handle that may still wait for it.
+        let leaders: Vec<i32> =
+            self.control.groups.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|g| g.id).collect();
+        contain::reap(left.into_iter().filter(|pid| !leaders.contains(pid)).collect());
+    }
+}
+
 /// Signals a whole process group. A group that is gone already is not an error.
 fn signal_group(group: i32, signal: i32) {
     // SAFETY: killpg only sends a signal; it touches no memory of this process.
@@ -127,7 +242,22 @@ fn signal_group(group: i32, signal: i32) {
     if result != 0 {
         let error = io::Error::last_os_error();
         if error.raw_os_error() != Some(libc::ESRCH) {
-            tracing::warn!("cannot signal process group {group}: {error}");
+            tracing::warn!(group, signal, %error, "cannot signal a process group");
+        }
+    }
+}
+
+/// What a task's child does between fork and exec: enter the task's cgroup, or, without one,
+/// ask for SIGKILL when its parent thread dies (the worker's, SIGKILL included).
+fn before_exec(cgroup: Option<Arc<TaskCgroup>>) -> impl FnMut() -> io::Result<()> + Send + Sync + 'static {
+    move || match &cgroup {
+        Some(cgroup) => cgroup.enter_from_child(),
+        None => {
+            // SAFETY: prctl with integer arguments, allowed between fork and exec.
+            if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
         }
     }
 }
@@ -138,6 +268,12 @@ pub(crate) fn spawn(
     command: &mut tokio::process::Command,
 ) -> io::Result<tokio::process::Child> {
     command.process_group(0).kill_on_drop(true);
+    if let Some(control) = control {
+        let (mark, cgroup) = control.tracking()?;
+        command.env(contain::TASK_MARK, mark);
+        // SAFETY: `before_exec` only makes system calls on data prepared before the fork.
+        unsafe { command.pre_exec(before_exec(cgroup)) };
+    }
     let child = command.spawn()?;
     if let Some(control) = control {
         control.track(child.id())?;
@@ -150,7 +286,14 @@ pub(crate) fn spawn_std(
     control: Option<&TaskControl>,
     command: &mut std::process::Command,
 ) -> io::Result<std::process::Child> {
-    std::os::unix::process::CommandExt::process_group(command, 0);
+    use std::os::unix::process::CommandExt;
+    command.process_group(0);
+    if let Some(control) = control {
+        let (mark, cgroup) = control.tracking()?;
+        command.env(contain::TASK_MARK, mark);
+        // SAFETY: `before_exec` only makes system calls on data prepared before the fork.
+        unsafe { command.pre_exec(before_exec(cgroup)) };
+    }
     let child = command.spawn()?;
     if let Some(control) = control {
         control.track(Some(child.id()))?;

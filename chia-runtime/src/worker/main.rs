@@ -2,6 +2,7 @@
 //! `fn main() -> std::process::ExitCode { chia::worker_main() }`, linked with the crates that
 //! define the user's functions.
 
+use crate::driver::contain;
 use crate::env::{self, default_state_dir};
 use crate::net::tls::ClusterCredentials;
 use crate::worker::{Backoff, Worker, stay_joined, with_default_cpus};
@@ -56,6 +57,11 @@ pub fn init_logging(default_filter: &str) {
 pub fn worker_main() -> ExitCode {
     let args = WorkerArgs::parse();
     init_logging("info");
+    // Before the tokio runtime: the sentinel is forked while this process has one thread.
+    if let Err(error) = contain::contain_worker() {
+        eprintln!("error: cannot contain the processes of tasks: {error}");
+        return ExitCode::FAILURE;
+    }
     run_main(run(args))
 }
 
@@ -85,9 +91,10 @@ async fn run(args: WorkerArgs) -> Result<ExitCode, String> {
     let name = args.name.unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
     let ready = |worker: &Worker| {
         println!(
-            "chia-worker ready node={} head={} resources={resources}",
+            "chia-worker ready node={} head={} resources={resources} containment={}",
             worker.node_name(),
-            credentials.address
+            credentials.address,
+            contain::mechanism().map_or("none".to_string(), |m| m.to_string())
         );
     };
     if !args.exit_on_head_loss {
@@ -137,8 +144,11 @@ fn offered_resources(args: &WorkerArgs) -> Result<Resources, String> {
             resources: BTreeMap<String, f64>,
         }
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let file: ResourcesFile =
-            serde_saphyr::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let origin = path.display().to_string();
+        // Rendered with the file's name: the parser's default snippet header says `<input>`.
+        let file: ResourcesFile = serde_saphyr::from_str(&text).map_err(|e| {
+            e.render_with_options(serde_saphyr::render_options! { source_name: Some(origin.as_str()) })
+        })?;
         for (name, amount) in file.resources {
             let amount = chia_core::ResourceAmount::from_f64(amount)
                 .map_err(|e| format!("{}: resource {name}: {e}", path.display()))?;
@@ -160,4 +170,20 @@ fn hostname() -> String {
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "worker".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resources_file_parse_error_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node-resources.yaml");
+        std::fs::write(&path, "resources: {adder: 4\n").unwrap();
+        let args = WorkerArgs::parse_from(["worker", "--resources-file", path.to_str().unwrap()]);
+        let error = offered_resources(&args).unwrap_err();
+        assert!(error.contains("node-resources.yaml"), "{error}");
+        assert!(!error.contains("<input>"), "{error}");
+    }
 }

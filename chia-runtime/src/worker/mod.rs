@@ -3,6 +3,7 @@
 //! panics fails only its task; the worker keeps serving.
 
 use crate::driver::client::{Client, Execution};
+use crate::driver::contain::{self, Activity};
 use crate::driver::context::Context;
 use crate::driver::job::PlanCache;
 use crate::driver::process::TaskControl;
@@ -272,6 +273,8 @@ async fn serve(
     for entry in running.iter() {
         entry.value().cancel(true);
     }
+    // And what no task owns: nothing of this connection runs any more.
+    contain::end_loose(libc::SIGKILL, "the worker stopped serving its head");
     let _ = stopped.send(true);
 }
 
@@ -292,7 +295,11 @@ fn start(task_context: Context, entry: RunningEntry, lease: Lease, function: Str
     match spec.invoke {
         Invoke::Sync(invoke) => {
             tokio::task::spawn_blocking(move || {
-                let result = std::panic::catch_unwind(AssertUnwindSafe(|| invoke(task_context, args)));
+                let result = {
+                    // What this thread starts while the function runs is the task's.
+                    let _thread = entry.control.run_on_this_thread();
+                    std::panic::catch_unwind(AssertUnwindSafe(|| invoke(task_context, args)))
+                };
                 drop(entry);
                 report(&client, lease, spec.name, outcome(spec, result));
             });
@@ -321,13 +328,15 @@ async fn start_instance(
         let error = TaskError::UnknownFunction { function: constructor.clone() };
         return report(&client, Lease::instance(task), &constructor, Outcome::Failed(error));
     };
-    // What the constructor starts lives as long as the instance.
+    // What the constructor starts lives as long as the instance; while it lives, the worker's
+    // loose processes may be the instance's.
+    let activity = Activity::begin();
     let control = TaskControl::new();
     let outcome = match CatchUnwind((spec.construct)(context.for_task(task, control.clone()), args)).await {
         Ok(Ok(instance)) => {
             let (queue, calls) = mpsc::unbounded_channel();
             let instance = Arc::new(tokio::sync::Mutex::new(instance));
-            tokio::spawn(run_instance(spec, service, instance, calls, client.clone(), control));
+            tokio::spawn(run_instance(spec, service, instance, calls, client.clone(), control, activity));
             instances.insert(service, queue);
             Outcome::Value(Value::new())
         }
@@ -352,13 +361,16 @@ struct RunningEntry {
     table: RunningTasks,
     task: TaskId,
     control: Arc<TaskControl>,
+    /// Dropped after the children are killed: the last activity to end ends loose processes.
+    _activity: Activity,
 }
 
 impl RunningEntry {
     fn new(table: &RunningTasks, task: TaskId) -> RunningEntry {
         let control = TaskControl::new();
+        let activity = Activity::begin();
         table.insert(task, control.clone());
-        RunningEntry { table: table.clone(), task, control }
+        RunningEntry { table: table.clone(), task, control, _activity: activity }
     }
 }
 
@@ -414,6 +426,7 @@ async fn run_instance(
     mut calls: mpsc::UnboundedReceiver<QueuedCall>,
     client: Arc<Client>,
     constructed: Arc<TaskControl>,
+    activity: Activity,
 ) {
     let mut running = tokio::task::JoinSet::new();
     loop {
@@ -433,6 +446,7 @@ async fn run_instance(
     // The last reference: whatever the instance held (files, locks, processes) is released here.
     drop(instance);
     constructed.kill_children();
+    drop(activity);
     let _ = client.send(&PeerToHead::InstanceStopped { service });
 }
 
