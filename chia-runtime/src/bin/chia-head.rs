@@ -2,8 +2,9 @@
 
 use chia_runtime::head::HeadOptions;
 use chia_runtime::local::{HeadWithNode, default_state_dir};
-use chia_runtime::tls::HeadCredentials;
-use clap::Parser;
+use chia_runtime::members::{self, MAX_VALID_DAYS};
+use chia_runtime::tls::{DEFAULT_MEMBER_NAME, HeadCredentials};
+use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,8 +13,61 @@ use std::time::Duration;
 /// Runs the head of a chia cluster. On first start it creates the cluster's CA and
 /// credentials in the state directory and writes `cluster.yaml` there: give that file to
 /// workers (--cluster-file) and drivers (CHIA_CLUSTER_FILE); it is the cluster's secret.
+/// `issue-member` gives one worker or driver a certificate of its own, `revoke` takes one away.
 #[derive(Parser, Debug)]
-#[command(version)]
+#[command(version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    head: HeadArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Writes a cluster file with a member certificate of its own for one worker or driver,
+    /// signed by the cluster CA kept in the state directory. Revoke it with `chia-head revoke`.
+    IssueMember(IssueArgs),
+    /// Revokes every certificate issued to a member so far. A running head refuses them from
+    /// its next handshake on (connections already open stay until they end); a certificate
+    /// issued to the same name afterwards is accepted. Revoking `chia-member`, the shared
+    /// certificate, also replaces it: the state directory's cluster.yaml gets the new one.
+    Revoke(RevokeArgs),
+}
+
+#[derive(Args, Debug)]
+struct IssueArgs {
+    /// The member's identity: the certificate's CN and SAN, shown in the head's log (letters,
+    /// digits, '-', '_', '.'; up to 64).
+    #[arg(long, value_name = "NAME")]
+    name: String,
+    /// Days the certificate is valid from now.
+    #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u32).range(1..=MAX_VALID_DAYS as i64))]
+    valid_days: u32,
+    /// The head's state directory, holding the CA key (default: $CHIA_STATE_DIR or ~/.chia).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Where to write the cluster file (default: NAME.cluster.yaml here). An existing file is
+    /// not overwritten.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// The host:port the member dials (default: the address in the state directory's
+    /// cluster.yaml, written by the running head).
+    #[arg(long, value_name = "HOST:PORT")]
+    address: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct RevokeArgs {
+    /// The member's identity, as given to issue-member (or `chia-member`, the shared one).
+    #[arg(value_name = "NAME")]
+    name: String,
+    /// The head's state directory (default: $CHIA_STATE_DIR or ~/.chia).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
 struct HeadArgs {
     /// Address and UDP port to listen on.
     #[arg(long, default_value = "0.0.0.0:7470")]
@@ -50,9 +104,74 @@ fn journal_bytes(mib: f64) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
-    let args = HeadArgs::parse();
-    chia_runtime::init_logging("info");
-    chia_runtime::run_main(run(args))
+    let cli = Cli::parse();
+    let done = match cli.command {
+        Some(Command::IssueMember(args)) => issue_member(args),
+        Some(Command::Revoke(args)) => revoke(args),
+        None => {
+            chia_runtime::init_logging("info");
+            return chia_runtime::run_main(run(cli.head));
+        }
+    };
+    match done {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn issue_member(args: IssueArgs) -> Result<(), String> {
+    let state_dir = args.state_dir.unwrap_or_else(default_state_dir);
+    let output = args.output.unwrap_or_else(|| PathBuf::from(format!("{}.cluster.yaml", args.name)));
+    // Checked before issuing, so a refused file leaves no certificate behind in members.yaml;
+    // not overwriting keeps a slip (`-o ~/.chia/cluster.yaml`) from replacing the shared file.
+    if output.exists() {
+        return Err(format!("{} exists; remove it or pass another -o FILE", output.display()));
+    }
+    let (credentials, issued) =
+        members::issue_member(&state_dir, &args.name, args.valid_days, args.address.as_deref())
+            .map_err(|e| e.to_string())?;
+    credentials.save(&output).map_err(|e| e.to_string())?;
+    println!(
+        "issued a member certificate for {} (serial {}, valid until {}) for the head at {}\n\
+         cluster file: {} — give it to that worker (--cluster-file) or driver (CHIA_CLUSTER_FILE); \
+         `chia-head revoke {}` takes it back",
+        issued.name,
+        issued.serial,
+        issued.not_after,
+        credentials.address,
+        output.display(),
+        issued.name
+    );
+    Ok(())
+}
+
+fn revoke(args: RevokeArgs) -> Result<(), String> {
+    let state_dir = args.state_dir.unwrap_or_else(default_state_dir);
+    let done = members::revoke_member(&state_dir, &args.name).map_err(|e| e.to_string())?;
+    for revoked in &done.revoked {
+        println!("revoked {} (certificate serial {})", revoked.name, revoked.serial);
+    }
+    if done.already > 0 {
+        println!("{} certificate(s) of {} were revoked already", done.already, args.name);
+    }
+    if !done.revoked.is_empty() {
+        println!(
+            "a running head on {} refuses them from its next handshake; connections already open \
+             stay until they end (restarting the head ends them all: its members dial again)",
+            state_dir.display()
+        );
+    }
+    if done.rotated {
+        println!(
+            "a new shared member certificate ({DEFAULT_MEMBER_NAME}) is in {}: give it to the \
+             members that use the shared one (a running head writes it there again at its next start)",
+            state_dir.join("cluster.yaml").display()
+        );
+    }
+    Ok(())
 }
 
 async fn run(args: HeadArgs) -> Result<ExitCode, String> {

@@ -224,12 +224,24 @@ impl Client {
             .expect("literal socket addresses parse");
         let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| setup(e.to_string()))?;
         endpoint.set_default_client_config(credentials.client_config().map_err(|e| setup(e.to_string()))?);
-        let connection = endpoint
-            .connect(peer, HEAD_SERVER_NAME)
-            .map_err(|e| setup(e.to_string()))?
-            .await
-            .map_err(|e| setup(format!("TLS/QUIC handshake failed: {e}")))?;
-        let (send, recv) = connection.open_bi().await.map_err(|e| setup(e.to_string()))?;
+        // A certificate refused either way is said in words (another cluster's file, a revoked
+        // member) rather than as the check rustls names; the head refusing ours may only show
+        // once our side of the handshake is done, at the first stream or the first answer.
+        let explained =
+            |e: &quinn::ConnectionError| crate::net::tls::explain_connection_error(e, credentials);
+        let closed = |connection: &quinn::Connection, message: String| {
+            setup(connection.close_reason().and_then(|e| explained(&e)).unwrap_or(message))
+        };
+        let connection =
+            endpoint.connect(peer, HEAD_SERVER_NAME).map_err(|e| setup(e.to_string()))?.await.map_err(
+                |e| {
+                    setup(format!(
+                        "TLS/QUIC handshake failed: {}",
+                        explained(&e).unwrap_or_else(|| e.to_string())
+                    ))
+                },
+            )?;
+        let (send, recv) = connection.open_bi().await.map_err(|e| closed(&connection, e.to_string()))?;
         let sender = FrameSender::spawn(send);
         sender
             .send(&PeerToHead::Hello {
@@ -240,7 +252,7 @@ impl Client {
             .map_err(|e| setup(e.to_string()))?;
         let mut reader = FrameReader::new(recv);
         let (session, node, node_name, heartbeat_ms, resume) =
-            match first_answer(&mut reader).await.map_err(setup)? {
+            match first_answer(&mut reader).await.map_err(|message| closed(&connection, message))? {
                 HeadToPeer::Welcome {
                     session,
                     node,
@@ -298,7 +310,12 @@ impl Client {
         let backoff = crate::util::Backoff::default();
         for attempt in 0.. {
             match Client::connect(credentials, name, offer.clone()).await {
-                Err(Error::Setup(reason)) if !reason.contains(REJECTED) => {
+                // A refusal, or a certificate that will not do, is the same on every attempt.
+                Err(Error::Setup(reason))
+                    if !reason.contains(REJECTED)
+                        && !reason.contains(crate::net::tls::NOT_THIS_CLUSTER)
+                        && !reason.contains(crate::net::tls::CERTIFICATE_REFUSED) =>
+                {
                     let wait = backoff.delay(attempt);
                     if std::time::Instant::now() + wait >= deadline {
                         return Err(Error::Setup(format!("{reason} (tried for {patience:?})")));

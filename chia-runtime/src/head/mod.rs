@@ -139,7 +139,15 @@ pub async fn start_head_with(
     credentials: HeadCredentials,
     options: HeadOptions,
 ) -> Result<HeadHandle, Error> {
-    let server = credentials.server_config().map_err(|e| Error::Setup(e.to_string()))?;
+    // With a state directory, `chia-head revoke` may refuse members while the head runs.
+    let revocations = match &options.state_dir {
+        Some(state_dir) => Some(
+            crate::net::members::RevocationList::open(state_dir).map_err(|e| Error::Setup(e.to_string()))?
+                as Arc<dyn crate::net::tls::MemberCheck>,
+        ),
+        None => None,
+    };
+    let server = credentials.server_config_checked(revocations).map_err(|e| Error::Setup(e.to_string()))?;
     let cannot_listen = |e: std::io::Error| Error::Setup(format!("cannot listen on {listen}: {e}"));
     let socket = std::net::UdpSocket::bind(listen).map_err(cannot_listen)?;
     let runtime =
