@@ -11,7 +11,8 @@ use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 /// Bounds every wait; never a way to wait for something to happen.
@@ -167,7 +168,9 @@ async fn a_killed_worker_tasks_finish_elsewhere_or_fail_when_retries_are_off() {
         outcomes.iter().filter_map(|o| o.as_ref().err()).map(ToString::to_string).collect();
     assert_eq!(lost.len(), 1, "{outcomes:?}");
     assert!(
-        lost[0].contains("third") && lost[0].contains("died") && lost[0].contains("1 attempt(s) made"),
+        lost[0].contains("third")
+            && lost[0].contains("died")
+            && lost[0].contains("1 attempt(s) ran, lost with third"),
         "{}",
         lost[0]
     );
@@ -395,4 +398,115 @@ async fn a_head_killed_mid_run_and_restarted_loses_no_task_and_runs_none_twice()
     let twice: Vec<_> = runs.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "tasks that ran more than once: {twice:?}");
     assert_eq!(runs.len() as i64, TASKS + 1, "every task ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_head_has_its_waiting_driver_and_workers_back_within_a_second_or_so() {
+    chia::init_logging("error");
+    let Some(binary) = HeadProcess::binary() else {
+        eprintln!(
+            "SKIPPED: no chia-head binary beside the test (run `cargo test --workspace`, which builds it)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let listen = free_port();
+    let mut head = HeadProcess::start(&binary, dir.path(), listen);
+    let cluster_file = dir.path().join("cluster.yaml");
+    let _workers: Vec<WorkerProcess> =
+        (0..3).map(|i| WorkerProcess::start(&cluster_file, &format!("w{i}"), "CPU=1")).collect();
+    let credentials = ClusterCredentials::load(&cluster_file).unwrap();
+    let (client, _) = Client::connect(&credentials, "driver", None).await.expect("driver connects");
+    let cx = Context::from_client(client);
+    assert_eq!(get(&simulate::remote(&cx, 2, 1)).await.unwrap(), 4);
+    // The driver waits on a task that runs through the restart: it is answered after it.
+    let waiting = simulate::remote(&cx, 3, 1500);
+
+    head.kill();
+    let killed = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _head = HeadProcess::start(&binary, dir.path(), listen);
+    let restarted = std::time::Instant::now();
+    // One task pinned to each worker's node: it runs once that worker has taken up its session.
+    let pinned: Vec<_> =
+        (0..3).map(|i| simulate::call(10 + i, 1).resource(&format!("node:w{i}"), 1.0).remote(&cx)).collect();
+    for (i, call) in (0..3).zip(&pinned) {
+        assert_eq!(get(call).await.unwrap(), (10 + i) * (10 + i), "the task pinned to w{i}");
+    }
+    let back = restarted.elapsed();
+    assert_eq!(get(&waiting).await.unwrap(), 9);
+    eprintln!(
+        "head killed, back 1 s later: the driver and all 3 workers ran tasks {back:.2?} after its restart ({:.2?} after the kill)",
+        killed.elapsed()
+    );
+    // Without the stateless reset the peers would only notice at their idle timeout (5 s),
+    // and a worker that never noticed would run nothing.
+    assert!(back < Duration::from_secs(5), "peers took {back:?} to come back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_killed_and_restarted_all_the_time_waste_no_retries() {
+    chia::init_logging("error");
+    const TASKS: i64 = 500;
+    const KILLS: usize = 49;
+    let seed = std::env::var("CHIA_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x0c4a_05e5_u64);
+    eprintln!("worker chaos seed {seed:#x} (set CHIA_CHAOS_SEED to replay)");
+    let dir = tempfile::tempdir().unwrap();
+    let head = Head::start(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let workers: Vec<WorkerProcess> =
+        (0..4).map(|i| WorkerProcess::start(&head.cluster_file, &format!("w{i}"), "CPU=1")).collect();
+    let cx = head.driver().await;
+    // Default retries (3): with every lost run counted and no attempt wasted on a worker that
+    // died already, none of them runs out.
+    let calls: Vec<_> = (0..TASKS).map(|x| simulate::remote(&cx, x, 50)).collect();
+
+    // Every ~300 ms one worker is SIGKILLed and started again at once, with the same name.
+    let stop = Arc::new(AtomicBool::new(false));
+    let cluster_file = head.cluster_file.clone();
+    let chaos = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut random = Seeded(seed);
+            let mut workers = workers;
+            let mut kills = 0;
+            let mut lines = Vec::new();
+            while kills < KILLS && !stop.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(200 + random.below(200)));
+                let victim = random.below(workers.len() as u64) as usize;
+                let name = format!("w{victim}");
+                let mut killed = workers.remove(victim);
+                let _ = killed.child.kill();
+                let _ = killed.child.wait();
+                lines.extend(killed.lines.try_iter());
+                kills += 1;
+                workers.insert(victim, WorkerProcess::start(&cluster_file, &name, "CPU=1"));
+            }
+            for worker in &workers {
+                lines.extend(worker.lines.try_iter());
+            }
+            (kills, lines, workers)
+        })
+    };
+    let mut failed = Vec::new();
+    for (x, call) in (0..TASKS).zip(&calls) {
+        match get(call).await {
+            Ok(value) => assert_eq!(value, x * x, "task {x}"),
+            Err(e) => failed.push(format!("task {x}: {e}")),
+        }
+    }
+    stop.store(true, Ordering::Release);
+    let (kills, lines, _workers) = chaos.join().expect("the chaos thread");
+    let mut runs = std::collections::HashMap::<i64, usize>::new();
+    for line in &lines {
+        if let Some(x) = line.strip_prefix("[SIMULATE] ").and_then(|x| x.parse().ok()) {
+            *runs.entry(x).or_default() += 1;
+        }
+    }
+    let most = runs.values().copied().max().unwrap_or(0);
+    eprintln!(
+        "{kills} worker kills while {TASKS} tasks ran: {} failed, at most {most} run(s) of one task seen in the workers' output",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{} task(s) failed: {failed:?}", failed.len());
+    assert!(kills >= 10, "only {kills} kills happened while the tasks ran");
 }

@@ -41,7 +41,17 @@ pub use chia_core::HEAD_NODE_NAME;
 pub use chia_head_core::{HeadStats, INLINE_RESULT_BYTES};
 
 /// How long a connected peer has to send its hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Handshakes in progress above which a peer must first prove it receives at its address
+/// (a QUIC Retry: stateless, so a flood of Initials from spoofed addresses costs nothing).
+const VALIDATE_ABOVE: usize = 16;
+/// Handshakes in progress, validated or not, beyond which new ones are refused: what peers
+/// that never finish can make the head hold is bounded (a handshake holds some tens of KB).
+const MAX_HANDSHAKES: usize = 256;
+/// Queued bytes to a peer above which the head stops reading what it sends: a peer that does
+/// not take its answers slows itself down, not the head's memory.
+const SEND_BACKLOG_LIMIT: usize = 32 << 20;
 
 /// A running head.
 pub struct HeadHandle {
@@ -520,12 +530,44 @@ async fn run_timer(shared: Weak<Shared>, wake: Arc<tokio::sync::Notify>) {
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut refused = 0u64;
     while let Some(incoming) = endpoint.accept().await {
-        tokio::spawn(serve_connection(incoming, shared.clone()));
+        let in_progress = handshakes.load(std::sync::atomic::Ordering::Relaxed);
+        if in_progress >= VALIDATE_ABOVE && !incoming.remote_address_validated() && incoming.may_retry() {
+            // Fails only for an Initial that carried a Retry token already.
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().ignore();
+            }
+            continue;
+        }
+        if in_progress >= MAX_HANDSHAKES {
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(
+                    "{in_progress} handshakes in progress: refused a connection from {} ({refused} so far)",
+                    incoming.remote_address()
+                );
+            }
+            incoming.refuse();
+            continue;
+        }
+        handshakes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let handshake = Handshake(handshakes.clone());
+        tokio::spawn(serve_connection(incoming, handshake, shared.clone()));
     }
 }
 
-async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
+/// A handshake in progress, counted until it ends either way.
+struct Handshake(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+async fn serve_connection(incoming: quinn::Incoming, handshake: Handshake, shared: Arc<Shared>) {
     let remote = incoming.remote_address();
     let connection = match incoming.await {
         Ok(connection) => connection,
@@ -563,6 +605,8 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         Ok(first) => first,
         Err(e) => return reject(format!("its hello: {e}")),
     };
+    // Authenticated and introduced: it no longer counts against the handshakes in progress.
+    drop(handshake);
     let opened = {
         let mut state = shared.lock();
         let now = Instant::now();
@@ -580,6 +624,7 @@ async fn serve_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         Err(rejection) => return reject(rejection.reason),
     };
     let reason = loop {
+        sender.wait_for_backlog_below(SEND_BACKLOG_LIMIT).await;
         match reader.next_frame().await {
             Ok(Some(frame)) => match decode_body::<PeerToHead>(frame) {
                 Ok(message) => shared.apply(|core| core.handle(Instant::now(), session, message)),

@@ -133,7 +133,13 @@ impl HeadCredentials {
             .chain_update(self.head_key.as_bytes())
             .finalize();
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
-        quinn::EndpointConfig::new(Arc::new(key))
+        let mut config = quinn::EndpointConfig::new(Arc::new(key));
+        // The connection ids must pass the restarted head's check too, or it drops the old
+        // connections' packets as invalid instead of resetting them: their hash key comes
+        // from the same secret.
+        let cid_key = u64::from_le_bytes(secret[..8].try_into().expect("a SHA-256 digest has 32 bytes"));
+        config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+        config
     }
 
     pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
@@ -164,6 +170,12 @@ impl HeadCredentials {
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         config.transport_config(Arc::new(transport_config()));
+        // What connections not accepted yet may make the head hold: the head's accept loop
+        // takes them at once (and asks for address validation under load), so these bound
+        // only a burst.
+        config.max_incoming(1024);
+        config.incoming_buffer_size(64 << 10);
+        config.incoming_buffer_size_total(8 << 20);
         Ok(config)
     }
 
@@ -321,8 +333,11 @@ fn transport_config() -> quinn::TransportConfig {
     transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     // A peer whose head died (SIGKILL sends nothing) notices within the idle timeout and starts
     // taking up its session with the restarted head; keep-alives keep idle drivers connected.
-    transport.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
-    transport.max_idle_timeout(Some(quinn::VarInt::from_u32(10_000).into()));
+    // A head restarted on the same state directory answers the first keep-alive with a
+    // stateless reset (see `endpoint_config`), so peers notice a restart within a second; a
+    // head that stays down, or a peer that died silently, within the idle timeout.
+    transport.keep_alive_interval(Some(std::time::Duration::from_secs(1)));
+    transport.max_idle_timeout(Some(quinn::VarInt::from_u32(5_000).into()));
     transport
 }
 

@@ -4,12 +4,15 @@
 //! so a burst leaves in one write, large ones are handed to QUIC as they are (no copy).
 //! [`FrameReader`] reads small frames out of a reusable buffer and large ones straight into a
 //! buffer of their own; every length prefix is checked against
-//! [`MAX_FRAME_BYTES`](chia_core::protocol::MAX_FRAME_BYTES) before the body is read.
+//! [`MAX_FRAME_BYTES`](chia_core::protocol::MAX_FRAME_BYTES) before the body is read, and a
+//! large body's buffer grows with the bytes that arrive, not with the length a peer declared.
+//! A sender counts the bytes it has queued, so a reader of the other direction can wait for
+//! a slow peer to take them ([`FrameSender::wait_for_backlog_below`]).
 
 use bytes::Bytes;
 use chia_core::protocol::{ProtocolError, encode_frame, frame_len};
 use serde::Serialize;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
@@ -53,6 +56,10 @@ impl Pending {
 struct SenderShared {
     pending: Mutex<Pending>,
     wake: Notify,
+    /// Bytes queued and not yet handed to QUIC.
+    backlog: AtomicUsize,
+    /// Woken each time the writer has handed a batch to QUIC (or ended).
+    drained: Notify,
     closed: AtomicBool,
     /// Set once the writer has ended (everything flushed and acknowledged, or the stream failed).
     finished: tokio::sync::watch::Sender<bool>,
@@ -70,6 +77,8 @@ impl FrameSender {
         let shared = Arc::new(SenderShared {
             pending: Mutex::new(Pending::default()),
             wake: Notify::new(),
+            backlog: AtomicUsize::new(0),
+            drained: Notify::new(),
             closed: AtomicBool::new(false),
             finished: tokio::sync::watch::Sender::new(false),
         });
@@ -77,6 +86,7 @@ impl FrameSender {
         tokio::spawn(async move {
             write_loop(&writer, &mut stream).await;
             writer.finished.send_replace(true);
+            writer.drained.notify_waiters();
         });
         FrameSender { shared }
     }
@@ -99,6 +109,7 @@ impl FrameSender {
         if self.shared.closed.load(Ordering::Acquire) {
             return;
         }
+        self.shared.backlog.fetch_add(frame.len(), Ordering::AcqRel);
         {
             let mut pending = lock(&self.shared.pending);
             if frame.len() >= LARGE_FRAME {
@@ -128,6 +139,26 @@ impl FrameSender {
     pub fn is_closed(&self) -> bool {
         self.shared.closed.load(Ordering::Acquire)
     }
+
+    /// Bytes queued that the writer has not handed to QUIC yet.
+    pub fn backlog(&self) -> usize {
+        self.shared.backlog.load(Ordering::Acquire)
+    }
+
+    /// Waits until at most `limit` bytes are queued (or the stream has ended): QUIC's flow
+    /// control holds the writer back while the peer does not read, so this is how long the
+    /// peer takes to catch up.
+    pub async fn wait_for_backlog_below(&self, limit: usize) {
+        loop {
+            let drained = self.shared.drained.notified();
+            let mut drained = std::pin::pin!(drained);
+            drained.as_mut().enable();
+            if self.backlog() <= limit || *self.shared.finished.borrow() {
+                return;
+            }
+            drained.await;
+        }
+    }
 }
 
 async fn write_loop(shared: &SenderShared, stream: &mut quinn::SendStream) {
@@ -138,11 +169,14 @@ async fn write_loop(shared: &SenderShared, stream: &mut quinn::SendStream) {
             if chunks.is_empty() {
                 break;
             }
+            let bytes: usize = chunks.iter().map(Bytes::len).sum();
             if let Err(e) = stream.write_all_chunks(&mut chunks).await {
                 tracing::debug!("control stream write failed: {e}");
                 shared.closed.store(true, Ordering::Release);
                 return;
             }
+            shared.backlog.fetch_sub(bytes, Ordering::AcqRel);
+            shared.drained.notify_waiters();
         }
         if shared.closed.load(Ordering::Acquire) {
             // Finishing only queues the end; wait until the peer has read it all, or a
@@ -202,15 +236,24 @@ impl FrameReader {
     }
 
     /// Reads a large body into its own buffer, taking QUIC's chunks as they come (no zeroing,
-    /// one copy).
+    /// one copy). The buffer grows as the chunks arrive (doubling, up to `len`): a peer that
+    /// declares a huge frame and sends little of it holds little.
     async fn read_large(&mut self, len: usize) -> Result<(), TransportError> {
-        self.large = Vec::with_capacity(len);
+        self.large = Vec::with_capacity(READ_CHUNK.min(len));
         let buffered = (self.end - self.start).min(len);
         self.large.extend_from_slice(&self.buf[self.start..self.start + buffered]);
         self.start += buffered;
         while self.large.len() < len {
             match self.stream.read_chunk(len - self.large.len(), true).await? {
-                Some(chunk) => self.large.extend_from_slice(&chunk.bytes),
+                Some(chunk) => {
+                    if self.large.capacity() - self.large.len() < chunk.bytes.len() {
+                        // Doubling keeps the copies linear; never past the declared length.
+                        let wanted =
+                            (self.large.capacity() * 2).max(self.large.len() + chunk.bytes.len()).min(len);
+                        self.large.reserve_exact(wanted - self.large.len());
+                    }
+                    self.large.extend_from_slice(&chunk.bytes);
+                }
                 None => return Err(TransportError::Truncated),
             }
         }
