@@ -19,7 +19,7 @@ use chia_core::protocol::{
 };
 use chia_core::{HEAD_NODE_NAME, NodeId, SessionId, TaskError, TaskId};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 /// Results up to this size travel with the `Done` notice; larger ones wait on the head until
@@ -195,6 +195,10 @@ pub struct HeadCore {
     pub(crate) next_session: u64,
     pub(crate) next_node: u64,
     pub(crate) last_infeasible: Option<String>,
+    /// Sessions whose peer does not take what is sent to it fast enough (the driver says so):
+    /// their results are announced, not pushed, and wait on the head until fetched.
+    #[serde(skip)]
+    pub(crate) congested: HashSet<SessionId>,
     pub(crate) services: Services,
     /// Settings of jobs (by driver session) that their tasks carry.
     pub(crate) jobs: HashMap<SessionId, JobSettings>,
@@ -236,6 +240,7 @@ impl HeadCore {
             next_session: 1,
             next_node: 1,
             last_infeasible: None,
+            congested: HashSet::new(),
             services: Services::default(),
             jobs: HashMap::new(),
             shutting_down: false,
@@ -366,6 +371,18 @@ impl HeadCore {
     /// What a welcome says of the grace period: 0 without a journal (nothing to resume).
     pub(crate) fn resume_grace_ms(&self) -> u64 {
         self.options.journal_id.map_or(0, |_| self.options.resume_grace.as_millis() as u64)
+    }
+
+    /// Whether `session`'s peer is behind in taking what the head sends it. While it is, its
+    /// results are announced as stored rather than pushed (it fetches each when it asks for
+    /// it), so a slow driver slows its own results and does not grow the head's memory. It
+    /// changes only how a result travels, not the head's state: it is not journaled.
+    pub fn set_congested(&mut self, session: SessionId, congested: bool) {
+        if congested {
+            self.congested.insert(session);
+        } else {
+            self.congested.remove(&session);
+        }
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -755,12 +772,16 @@ impl HeadCore {
             return;
         }
         let Some(outcome) = record.outcome.as_ref().filter(|_| record.owner_holds) else { return };
+        let owner = record.owner;
         let done = match outcome {
-            Outcome::Value(value) if value.len() <= INLINE_RESULT_BYTES => DoneRef::Value(ValueRef(value)),
+            Outcome::Value(value)
+                if value.len() <= INLINE_RESULT_BYTES && !self.congested.contains(&owner) =>
+            {
+                DoneRef::Value(ValueRef(value))
+            }
             Outcome::Value(value) => DoneRef::Stored { len: value.len() as u64 },
             Outcome::Failed(error) => DoneRef::Failed(error),
         };
-        let owner = record.owner;
         let sent = self.outbox.send_checked(owner, &HeadToPeerRef::Done { task, done });
         self.value_not_sent(owner, task, sent);
     }
@@ -938,6 +959,7 @@ impl HeadCore {
             self.head_node = None;
         }
         self.jobs.remove(&session);
+        self.congested.remove(&session);
         tracing::info!("{} ({session}) left: {reason}", closed.name);
         self.outbox.close(session, reason, code);
         self.stop_services_of(session);

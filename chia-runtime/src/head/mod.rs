@@ -34,6 +34,7 @@ use chia_core::protocol::{CloseCode, HeadToPeer, PeerToHead, decode_body};
 use chia_head_core::{Action, CoreOptions, HeadCore, JournalEntry, PersistedService};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -273,6 +274,9 @@ struct Compaction {
 struct Peer {
     sender: FrameSender,
     connection: quinn::Connection,
+    /// The head told its core this peer is behind (see [`HeadCore::set_congested`]); its
+    /// reader tells it again once the peer has caught up.
+    congested: Arc<AtomicBool>,
     /// Bytes received on the connection when the timer last looked: a node in the middle of
     /// sending a large frame is alive although no whole frame arrived for a while.
     received: u64,
@@ -367,6 +371,15 @@ impl Shared {
             Action::Send { to, frame } => {
                 if let Some(peer) = state.peers.get(&to) {
                     peer.sender.send_frame(frame);
+                    if peer.sender.backlog() > SEND_BACKLOG_LIMIT
+                        && !peer.congested.swap(true, Ordering::AcqRel)
+                    {
+                        tracing::debug!(
+                            "{to} is behind by {} bytes: its results wait to be fetched",
+                            peer.sender.backlog()
+                        );
+                        state.core.set_congested(to, true);
+                    }
                 }
             }
             Action::Close { session, reason, code } => {
@@ -607,13 +620,15 @@ async fn serve_connection(incoming: quinn::Incoming, handshake: Handshake, share
     };
     // Authenticated and introduced: it no longer counts against the handshakes in progress.
     drop(handshake);
+    let congested = Arc::new(AtomicBool::new(false));
     let opened = {
         let mut state = shared.lock();
         let now = Instant::now();
         let opened = state.core.open_session(now, &remote.to_string(), first);
         if let Ok(session) = opened {
             let received = connection.stats().udp_rx.bytes;
-            let peer = Peer { sender: sender.clone(), connection: connection.clone(), received };
+            let congested = congested.clone();
+            let peer = Peer { sender: sender.clone(), connection: connection.clone(), congested, received };
             state.peers.insert(session, peer);
         }
         shared.carry_out(&mut state);
@@ -625,6 +640,10 @@ async fn serve_connection(incoming: quinn::Incoming, handshake: Handshake, share
     };
     let reason = loop {
         sender.wait_for_backlog_below(SEND_BACKLOG_LIMIT).await;
+        if congested.load(Ordering::Acquire) && sender.backlog() <= SEND_BACKLOG_LIMIT / 2 {
+            congested.store(false, Ordering::Release);
+            shared.apply(|core| core.set_congested(session, false));
+        }
         match reader.next_frame().await {
             Ok(Some(frame)) => match decode_body::<PeerToHead>(frame) {
                 Ok(message) => shared.apply(|core| core.handle(Instant::now(), session, message)),

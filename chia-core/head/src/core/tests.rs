@@ -221,6 +221,28 @@ fn a_report_of_an_earlier_attempt_is_ignored() {
 }
 
 #[test]
+fn a_congested_owner_is_told_its_results_are_stored_and_fetches_them() {
+    let mut env = Env::new();
+    let worker = env.worker("w", "CPU=1", &["f"]);
+    let driver = env.driver();
+    env.core.set_congested(driver, true);
+    let task = env.submit(driver, 1, "f", vec![]);
+    env.send(worker, PeerToHead::Finished { task, attempt: 1, outcome: Outcome::Value(value(5)) });
+    assert_eq!(dones(&env.to(driver)), [(task, Done::Stored { len: value(5).len() as u64 })]);
+    env.send(driver, PeerToHead::Fetch { task });
+    let fetched = env.to(driver);
+    assert!(
+        matches!(&fetched[..], [HeadToPeer::Fetched { task: t, outcome: Some(Outcome::Value(v)) }] if *t == task && *v == value(5)),
+        "{fetched:?}"
+    );
+    // Caught up: small results travel with their announcement again.
+    env.core.set_congested(driver, false);
+    let second = env.submit(driver, 2, "f", vec![]);
+    env.send(worker, PeerToHead::Finished { task: second, attempt: 1, outcome: Outcome::Value(value(6)) });
+    assert_eq!(dones(&env.to(driver)), [(second, Done::Value(value(6)))]);
+}
+
+#[test]
 fn a_silent_worker_is_written_off_at_the_deadline_and_its_task_runs_elsewhere() {
     let timeout = Duration::from_secs(10);
     let mut env = Env::with(CoreOptions { heartbeat_timeout: timeout, ..CoreOptions::default() });
