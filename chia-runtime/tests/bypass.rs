@@ -536,6 +536,9 @@ async fn nested_calls_belong_to_their_parents_job_at_any_depth() {
     SQ_STARTED.notified().await;
     let a_bypass = bypass(&a, "bypass:\n  sq: true\n").await;
     a_bypass.set_provider("sq", &provider_42::PROVIDER).unwrap();
+    // The plan reaches the head on A's stream and the grandchild's submission on the worker's:
+    // a call of A's answered after the plan was sent shows the head has it, before the gate opens.
+    assert_eq!(sq::remote(&a, 3).get_timeout(common::BOUND).await.unwrap(), 42, "A's own call");
     SQ_GATE.notify_one();
     // The grandchild was submitted after A's plan was installed: as a call of A's, it follows it.
     assert_eq!(waiting.get_timeout(common::BOUND).await.unwrap(), 42, "A's grandchild");

@@ -10,7 +10,7 @@ use chia_bypass::BypassPlan;
 use chia_core::protocol::{JobSettings, PeerToHead};
 use chia_core::{SessionId, TaskId};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::driver::client::Client;
@@ -33,6 +33,7 @@ pub(crate) enum JobLink {
 pub(crate) struct OwnJob {
     plan: RwLock<Option<Arc<BypassPlan>>>,
     revision: AtomicU64,
+    announced: AtomicBool,
 }
 
 impl OwnJob {
@@ -55,13 +56,14 @@ impl OwnJob {
     /// (no plan), so that the head sends the job's id with every one of its tasks. Without
     /// settings a task arrives naming no job, and a worker could not tell which job the task's
     /// nested calls — and its children's — belong to (the task's id names only the session
-    /// that submitted it, a worker's for a nested call). Sent once; a `Bypass` that published
-    /// already did the same.
+    /// that submitted it, a worker's for a nested call). Sent once, as revision 0: the head
+    /// keeps settings only for a newer revision, so this one never replaces a published plan
+    /// (revisions 1 and up), even another context's on the same session.
     pub(crate) fn announce(&self, client: &Client) -> Result<(), String> {
-        if self.revision.compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+        if self.announced.swap(true, Ordering::Relaxed) || self.revision() > 0 {
             return Ok(());
         }
-        let settings = JobSettings { job: client.session(), revision: 1, settings: Vec::new() };
+        let settings = JobSettings { job: client.session(), revision: 0, settings: Vec::new() };
         client.send(&PeerToHead::SetJobSettings(settings)).map_err(|e| e.to_string())
     }
 }
