@@ -159,9 +159,48 @@ impl Drop for ClusterLocal {
             let _ = self.child.wait();
         }
         for &process in &self.known {
-            send(process, libc::SIGKILL);
+            kill_and_wait(process);
+        }
+        // A killed xtask could not remove its state directory, which holds the credentials.
+        if let Some(state_dir) = self.seen.iter().find_map(|line| state_dir_of(line))
+            && state_dir.exists()
+        {
+            let _ = std::fs::remove_dir_all(&state_dir);
         }
     }
+}
+
+/// The state directory named by xtask's `CHIA_CLUSTER_FILE=` line, if `line` is that line.
+fn state_dir_of(line: &str) -> Option<std::path::PathBuf> {
+    let file = std::path::PathBuf::from(line.split("CHIA_CLUSTER_FILE=").nth(1)?.trim());
+    let dir = file.parent()?.to_path_buf();
+    dir.file_name()?.to_str()?.starts_with("chia-cluster-").then_some(dir)
+}
+
+/// Kills `process` (if it still is that process) and waits until it has ended, at most
+/// [`BOUND`]: through a pidfd, which holds the pid (no reuse meanwhile) and becomes readable
+/// when the process exits, though it is not this test's child.
+fn kill_and_wait(process: ProcessId) {
+    let Ok(pid) = libc::pid_t::try_from(process.pid) else { return };
+    // SAFETY: pidfd_open(2) takes plain integers and returns a new descriptor or -1.
+    let Ok(fd) = libc::c_int::try_from(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) }) else {
+        return;
+    };
+    if fd < 0 {
+        return; // Gone already.
+    }
+    if still_running(process) {
+        let null = std::ptr::null::<libc::siginfo_t>();
+        let mut ready = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        let timeout = libc::c_int::try_from(BOUND.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `fd` is the pidfd opened above; `ready` lives across the call.
+        unsafe {
+            libc::syscall(libc::SYS_pidfd_send_signal, fd, libc::SIGKILL, null, 0);
+            libc::poll(&mut ready, 1, timeout);
+        }
+    }
+    // SAFETY: `fd` is ours and closed once.
+    unsafe { libc::close(fd) };
 }
 
 /// Sends `signal` to `process` if it is still that process (not a reused pid) and running.
@@ -248,12 +287,9 @@ fn stop_with(signal: &str, signal_number: i32, extra: &[String], ready: &str, ex
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let mut cluster = ClusterLocal::start(&extra);
     let connect = cluster.wait_for_line("CHIA_CLUSTER_FILE=");
-    let cluster_file =
-        std::path::PathBuf::from(connect.split("CHIA_CLUSTER_FILE=").nth(1).expect("a path").trim());
-    let state_dir = cluster_file.parent().expect("the cluster file is in the state directory").to_path_buf();
-    let dir_name = state_dir.file_name().and_then(|name| name.to_str()).unwrap_or_default();
-    assert!(dir_name.starts_with("chia-cluster-"), "{}", state_dir.display());
-    assert!(cluster_file.exists(), "{}", cluster_file.display());
+    let state_dir =
+        state_dir_of(&connect).unwrap_or_else(|| panic!("no chia-cluster-* state directory in {connect}"));
+    assert!(state_dir.join("cluster.yaml").exists(), "{}", state_dir.display());
     cluster.wait_for_line(ready);
 
     let processes = cluster.processes();
@@ -290,4 +326,31 @@ fn sigint_stops_the_cluster_like_ctrl_c() {
 #[test]
 fn sigterm_with_no_command_stops_the_head_and_the_workers() {
     stop_with("TERM", 15, &[], "press Ctrl-C to stop the cluster", 3);
+}
+
+/// The guard itself: a test that panics while the cluster runs leaves no process and no state
+/// directory behind.
+#[test]
+fn a_test_that_panics_leaves_nothing_running() {
+    let mut seen = Vec::new();
+    let mut state_dir = None;
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let command = command_with_background_job(true);
+        let mut cluster = ClusterLocal::start(&command.iter().map(String::as_str).collect::<Vec<_>>());
+        state_dir = state_dir_of(&cluster.wait_for_line("CHIA_CLUSTER_FILE="));
+        cluster.wait_for_line(BACKGROUND_JOB);
+        let xtask =
+            ProcessId { pid: cluster.child.id(), started: stat(cluster.child.id()).expect("xtask runs").1 };
+        seen = cluster.processes();
+        seen.push(xtask);
+        panic!("a failing assertion, with the cluster running");
+    }));
+    assert!(panicked.is_err());
+    // xtask, the head, two workers, the command and its background job.
+    assert_eq!(seen.len(), 6, "{seen:?}");
+    // The guard returns once each has ended.
+    let left: Vec<ProcessId> = seen.iter().copied().filter(|&process| still_running(process)).collect();
+    assert!(left.is_empty(), "left running by a panicking test: {left:?}");
+    let state_dir = state_dir.expect("the state directory was printed");
+    assert!(!state_dir.exists(), "{} is left behind", state_dir.display());
 }
