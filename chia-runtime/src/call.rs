@@ -3,6 +3,7 @@
 //! which are themselves built on the [`Context`] a call is submitted through.
 
 use crate::driver::context::{ArgInput, Context, ObjectRef, send_request};
+use crate::driver::job::JobLink;
 use crate::driver::registry::FunctionSpec;
 use crate::error::Error;
 use crate::services::bypass;
@@ -102,6 +103,11 @@ impl<T: DeserializeOwned> Call<T> {
     /// bypassed (and by what).
     pub fn remote_with_decision(self, cx: &Context) -> (ObjectRef<T>, Decision) {
         let Call { spec, mut args, tag, request, max_retries, retry_exceptions, mut invalid, .. } = self;
+        if let JobLink::Own(own) = cx.job() {
+            // Before the job's first submission, on the same stream: its tasks then name it. If
+            // this cannot be sent the connection is gone, and the submission fails saying so.
+            let _ = own.announce(cx.client());
+        }
         let (decision, bypass) = match invalid {
             // An invalid call fails as it is; there is nothing to decide.
             Some(_) => (Decision::Run(RunReason::NotBypassed), None),

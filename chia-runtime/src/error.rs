@@ -1,6 +1,6 @@
 //! The error a user sees from `get`, `wait` and `init`.
 
-use chia_core::{TaskError, TaskId};
+use chia_core::{SessionId, TaskError, TaskId};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -31,6 +31,36 @@ pub enum Error {
         describe_bytes(*requested_budget)
     )]
     CacheConflict { running_dir: PathBuf, running_budget: u64, requested_dir: PathBuf, requested_budget: u64 },
+    /// A `Bypass` was created on a context that is not a driver's: inside a task (`function`,
+    /// of `job`), inside a service's constructor or method, or on a worker's own connection.
+    /// A job's bypass is its driver's alone, so it is refused there rather than applied.
+    #[error(
+        "Bypass can be created only by a driver, not {}: a bypass belongs to its driver's job, and every task of the job \
+         follows it, nested calls included; create it in the driver, before the calls it should cover",
+        bypass_place(.node, .task, .function, .job)
+    )]
+    BypassOutsideDriver {
+        node: String,
+        task: Option<TaskId>,
+        function: Option<String>,
+        job: Option<SessionId>,
+    },
+}
+
+/// Where a refused `Bypass` was created, as the error says it.
+fn bypass_place(
+    node: &str,
+    task: &Option<TaskId>,
+    function: &Option<String>,
+    job: &Option<SessionId>,
+) -> String {
+    match (task, function, job) {
+        (Some(task), Some(function), Some(job)) => {
+            format!("inside task {task} ({function}) of job {job} on node {node}")
+        }
+        (Some(task), _, _) => format!("inside {task}, a service's constructor or method call on node {node}"),
+        _ => format!("on the connection of worker {node}"),
+    }
 }
 
 /// `1073741824 bytes (1 GiB)`: the exact figure, and the largest binary unit it is a whole

@@ -456,3 +456,128 @@ async fn the_file_server_refuses_directories_even_when_configured() {
     let error = summarize_perf::remote(&cx).get_timeout(common::BOUND).await.unwrap_err().to_string();
     assert!(error.contains("not a regular file"), "{error}");
 }
+
+// ---------------------------------------------------------------------------- job isolation
+
+#[chia::function]
+fn sq(x: i64) -> i64 {
+    x * x
+}
+
+/// `sq(x)` as a nested call: which job's plan it follows is what the isolation tests look at.
+#[chia::function]
+async fn nested_sq(cx: &Context, x: i64) -> Result<i64, chia::Error> {
+    sq::remote(cx, x).get().await
+}
+
+/// Tries to install a bypass of `sq` (answered by `provider_42`) from inside a task; returns
+/// the error, or "installed".
+#[chia::function]
+async fn install_bypass_inside(cx: &Context) -> String {
+    let config = BypassConfig::from_yaml_str("bypass:\n  sq: true\n", "inside.yaml").expect("YAML loads");
+    match Bypass::with_config(cx, config).await {
+        Ok(bypass) => match bypass.set_provider("sq", &provider_42::PROVIDER) {
+            Ok(()) => "installed".to_string(),
+            Err(e) => e.to_string(),
+        },
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Set by `nested_sq_after_gate` once it runs; it then waits for `SQ_GATE`.
+static SQ_STARTED: std::sync::LazyLock<tokio::sync::Notify> = std::sync::LazyLock::new(Default::default);
+static SQ_GATE: std::sync::LazyLock<tokio::sync::Notify> = std::sync::LazyLock::new(Default::default);
+
+/// Waits for the test to open the gate, then calls `nested_sq(x)`: a grandchild of the driver,
+/// submitted after the task itself was dispatched.
+#[chia::function]
+async fn nested_sq_after_gate(cx: &Context, x: i64) -> Result<i64, chia::Error> {
+    SQ_STARTED.notify_one();
+    SQ_GATE.notified().await;
+    nested_sq::remote(cx, x).get().await
+}
+
+/// The case found in the issue: on a one-worker cluster, a task of driver A that creates a
+/// `Bypass` must not change what nested calls do in A's later tasks or in another driver's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bypass_created_inside_a_task_is_refused_and_reaches_no_job() {
+    let (cluster, b) = cluster(&["CPU=2"]).await;
+    let (client, _) = chia::client::Client::connect(cluster.credentials(), "driver-a", None).await.unwrap();
+    let a_job = client.session();
+    let a = Context::from_client(client);
+    let refused = install_bypass_inside::remote(&a).get_timeout(common::BOUND).await.unwrap();
+    assert!(
+        refused.contains("only by a driver")
+            && refused.contains("install_bypass_inside")
+            && refused.contains(&format!("job {a_job}")),
+        "{refused}"
+    );
+    assert_eq!(
+        nested_sq::remote(&b, 2).get_timeout(common::BOUND).await.unwrap(),
+        4,
+        "driver B's nested call"
+    );
+    assert_eq!(
+        nested_sq::remote(&a, 3).get_timeout(common::BOUND).await.unwrap(),
+        9,
+        "driver A's nested call"
+    );
+    assert_eq!(sq::remote(&a, 5).get_timeout(common::BOUND).await.unwrap(), 25);
+}
+
+/// A nested call belongs to its parent's job, at any depth and even when the job's plan
+/// changed after the parent was dispatched: never to the worker's session or another job's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_calls_belong_to_their_parents_job_at_any_depth() {
+    let (cluster, a) = cluster(&["CPU=4"]).await;
+    let b = cluster.driver().await.expect("second driver connects");
+    // Dispatched while A has no bypass at all.
+    let waiting = nested_sq_after_gate::remote(&a, 2);
+    SQ_STARTED.notified().await;
+    let a_bypass = bypass(&a, "bypass:\n  sq: true\n").await;
+    a_bypass.set_provider("sq", &provider_42::PROVIDER).unwrap();
+    // The plan reaches the head on A's stream and the grandchild's submission on the worker's:
+    // a call of A's answered after the plan was sent shows the head has it, before the gate opens.
+    assert_eq!(sq::remote(&a, 3).get_timeout(common::BOUND).await.unwrap(), 42, "A's own call");
+    SQ_GATE.notify_one();
+    // The grandchild was submitted after A's plan was installed: as a call of A's, it follows it.
+    assert_eq!(waiting.get_timeout(common::BOUND).await.unwrap(), 42, "A's grandchild");
+    assert_eq!(nested_sq::remote(&a, 2).get_timeout(common::BOUND).await.unwrap(), 42, "A's child");
+    // B, on the same worker, has no bypass: none of A's reaches it.
+    assert_eq!(nested_sq::remote(&b, 2).get_timeout(common::BOUND).await.unwrap(), 4, "B's child");
+    assert_eq!(sq::remote(&b, 2).get_timeout(common::BOUND).await.unwrap(), 4, "B's own call");
+}
+
+/// A service that tries to install a bypass of `sq` from its method.
+struct Installer;
+
+#[chia::service]
+impl Installer {
+    pub fn new() -> Self {
+        Installer
+    }
+
+    pub async fn install(&self, cx: &Context) -> String {
+        install_bypass_inside(cx).await
+    }
+}
+
+/// A service instance and a worker's own connection serve every job on the worker: a bypass
+/// made there would reach all of them, so it is refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bypass_in_a_service_or_on_a_worker_connection_is_refused() {
+    let (cluster, b) = cluster(&["CPU=2"]).await;
+    let a = cluster.driver().await.expect("second driver connects");
+    let installer = InstallerHandle::start(&a, chia::ServiceOptions::named("installer")).await.unwrap();
+    let refused = installer.install().get_timeout(common::BOUND).await.unwrap();
+    assert!(refused.contains("only by a driver") && refused.contains("a service's"), "{refused}");
+    let worker = &cluster.workers()[0];
+    let config = BypassConfig::from_yaml_str("bypass:\n  sq: true\n", "worker.yaml").unwrap();
+    let refused = Bypass::with_config(worker.context(), config).await.err().expect("refused").to_string();
+    assert!(refused.contains(&format!("on the connection of worker {}", worker.node_name())), "{refused}");
+    assert_eq!(
+        nested_sq::remote(&b, 2).get_timeout(common::BOUND).await.unwrap(),
+        4,
+        "driver B's nested call"
+    );
+}

@@ -202,3 +202,25 @@ async fn a_second_start_with_another_directory_or_budget_is_an_error_naming_both
     assert!(other.write("iter1", &2u64).await.unwrap());
     assert!(other_dir.exists());
 }
+
+/// Unix paths are bytes: a cache directory whose name is not UTF-8 is opened under that very
+/// name on the head, and starting the cache again with the same path is the running cache,
+/// not a conflict between a path and its lossy spelling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_directory_whose_name_is_not_utf8_is_used_as_named() {
+    use std::os::unix::ffi::OsStrExt;
+    let (_cluster, cx) = cluster(&["CPU=2"]).await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join(std::ffi::OsStr::from_bytes(b"cache-\xff\xfe"));
+    let cache = start_cache(&cx, 1.0, "MiB", &dir, None, None).await.expect("the first start");
+    cache.write("iter0", &7u64).await.unwrap();
+    let again = start_cache(&cx, 1.0, "MiB", &dir, None, None).await.expect("the same path again");
+    assert_eq!(again.service().id(), cache.service().id());
+    let names: Vec<_> =
+        std::fs::read_dir(root.path()).unwrap().map(|entry| entry.unwrap().file_name()).collect();
+    assert_eq!(
+        names,
+        vec![dir.file_name().unwrap().to_owned()],
+        "the directory on disk has the name asked for"
+    );
+}

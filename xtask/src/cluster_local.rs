@@ -3,7 +3,9 @@
 //! Whatever ends it — the command exiting, an error, or SIGINT, SIGTERM or SIGHUP at any point
 //! (the build included) — it stops every process it started and removes its temporary state
 //! directory, which holds the cluster's credentials. The signals are taken over before anything
-//! starts: their default action would end xtask at once and leave both behind.
+//! starts: their default action would end xtask at once and leave both behind. Each process it
+//! starts leads a process group of its own, and the stop goes to the whole group, so what
+//! those processes started themselves ends too (unless it left the group, e.g. by `setsid`).
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -143,48 +145,110 @@ impl StopSignals {
     }
 }
 
-/// Every process xtask started that may still be running, oldest first.
+/// Every process xtask started whose process group may still hold something, oldest first.
 #[derive(Default)]
 struct Processes {
-    running: Vec<Child>,
+    running: Vec<Started>,
+}
+
+/// A process xtask started, leading a process group of its own: what it starts (a worker's
+/// tools, a command's background jobs, cargo's rustc) is in that group unless it moved itself
+/// out, so stopping the group stops them too.
+struct Started {
+    child: Child,
+    /// The group's id: the child's pid, kept after tokio reaped the child (and forgot its id).
+    group: libc::pid_t,
+}
+
+/// How often a group is looked at while waiting for it to empty: its members are not xtask's
+/// children, so nothing tells when they exit.
+const GROUP_POLL: Duration = Duration::from_millis(20);
+
+/// How long to wait for the members of a group to disappear after SIGKILL.
+const KILL_WAIT: Duration = Duration::from_secs(2);
+
+/// Sends `signal` to every process of `group`.
+///
+/// Only called for a group whose leader xtask has not reaped yet, or reaped a moment ago: while
+/// the leader or any member exists the id cannot name another group (Linux does not reuse a pid
+/// that is some group's id), and pids are handed out in turn, so one just freed is not taken
+/// again at once. Groups are therefore never kept once their leader ended and they emptied.
+fn signal_group(group: libc::pid_t, signal: libc::c_int) {
+    // SAFETY: killpg(2) takes plain integers and touches no memory of ours.
+    unsafe { libc::killpg(group, signal) };
+}
+
+/// Whether `group` still has a process (a zombie member counts until its parent reaps it).
+fn group_exists(group: libc::pid_t) -> bool {
+    // SAFETY: as in `signal_group`; signal 0 only checks that the group exists.
+    unsafe { libc::killpg(group, 0) == 0 }
+}
+
+/// Resolves once `group` is empty.
+async fn group_emptied(group: libc::pid_t) {
+    while group_exists(group) {
+        tokio::time::sleep(GROUP_POLL).await;
+    }
 }
 
 impl Processes {
-    /// Starts `command` and keeps it until it is known to have exited. `kill_on_drop` is a last
-    /// resort (a panic): the normal end is [`Processes::stop_all`].
+    /// Starts `command` in a process group of its own and keeps it until it and its group
+    /// have ended. `kill_on_drop` is a last resort (a panic): the normal end is
+    /// [`Processes::wait_newest`] or [`Processes::stop_all`].
+    ///
+    /// Its own group also keeps a terminal's Ctrl-C from reaching the cluster directly: only
+    /// xtask gets it and stops everything in order. (So a command cannot read the terminal —
+    /// it is not the foreground job; give it input through a pipe or a file.)
     fn spawn(&mut self, mut command: Command, name: &str) -> Result<&mut Child, String> {
-        command.kill_on_drop(true);
+        command.kill_on_drop(true).process_group(0);
         let child = command.spawn().map_err(|e| format!("cannot start {name}: {e}"))?;
-        self.running.push(child);
-        Ok(self.running.last_mut().expect("just pushed"))
+        let group = child
+            .id()
+            .and_then(|pid| libc::pid_t::try_from(pid).ok())
+            .ok_or_else(|| format!("{name} exited before its process group was known"))?;
+        self.running.push(Started { child, group });
+        Ok(&mut self.running.last_mut().expect("just pushed").child)
     }
 
-    /// Waits for the newest process to exit and forgets it.
+    /// Waits for the newest process to exit, ends what it left running in its group (SIGTERM,
+    /// SIGKILL after [`STOP_GRACE`]), and forgets it.
     async fn wait_newest(&mut self) -> std::io::Result<std::process::ExitStatus> {
-        let child = self.running.last_mut().expect("a process was started");
-        let status = child.wait().await;
+        let newest = self.running.last_mut().expect("a process was started");
+        let status = newest.child.wait().await;
+        let group = newest.group;
+        // Kept in `running` until its group is empty, so a stop signal meanwhile (which drops
+        // this future) leaves the group to `stop_all`.
+        if group_exists(group) {
+            signal_group(group, libc::SIGTERM);
+            if tokio::time::timeout(STOP_GRACE, group_emptied(group)).await.is_err() {
+                signal_group(group, libc::SIGKILL);
+                let _ = tokio::time::timeout(KILL_WAIT, group_emptied(group)).await;
+            }
+        }
         self.running.pop();
         status
     }
 
-    /// Asks every process to stop (SIGTERM, all at once, newest first: the command, then the
-    /// workers, then the head) and kills those still running after [`STOP_GRACE`], or at once
-    /// if another stop signal arrives meanwhile. Returns when all have exited.
+    /// Asks every process group to stop (SIGTERM, all at once, newest first: the command, then
+    /// the workers, then the head) and kills the groups still holding a process after
+    /// [`STOP_GRACE`], or at once if another stop signal arrives meanwhile. Returns when every
+    /// process xtask started has exited and its group is empty (or, after SIGKILL, once
+    /// [`KILL_WAIT`] has passed: a member reparented to an init that does not reap stays a
+    /// zombie).
     async fn stop_all(&mut self, signals: &mut StopSignals) {
-        for child in self.running.iter().rev() {
-            if let Some(pid) = child.id().and_then(|pid| libc::pid_t::try_from(pid).ok()) {
-                // SAFETY: kill(2) takes plain integers; `pid` is a child not yet reaped (tokio
-                // clears its id once it has waited for it), so it names no other process.
-                unsafe { libc::kill(pid, libc::SIGTERM) };
-            }
+        for started in self.running.iter().rev() {
+            signal_group(started.group, libc::SIGTERM);
         }
-        let all_exited = async {
-            for child in self.running.iter_mut().rev() {
-                let _ = child.wait().await;
+        let all_ended = async {
+            for started in self.running.iter_mut().rev() {
+                let _ = started.child.wait().await;
+            }
+            for started in self.running.iter().rev() {
+                group_emptied(started.group).await;
             }
         };
         let kill_the_rest = tokio::select! {
-            () = all_exited => false,
+            () = all_ended => false,
             () = tokio::time::sleep(STOP_GRACE) => {
                 eprintln!("xtask: processes still running {STOP_GRACE:?} after SIGTERM; killing them");
                 true
@@ -195,10 +259,17 @@ impl Processes {
             }
         };
         if kill_the_rest {
-            for child in &mut self.running {
-                // SIGKILL, then wait for it.
-                let _ = child.kill().await;
+            for started in &mut self.running {
+                signal_group(started.group, libc::SIGKILL);
+                // The leader too, should it have left its group; then wait for it.
+                let _ = started.child.kill().await;
             }
+            let emptied = async {
+                for started in &self.running {
+                    group_emptied(started.group).await;
+                }
+            };
+            let _ = tokio::time::timeout(KILL_WAIT, emptied).await;
         }
         self.running.clear();
     }

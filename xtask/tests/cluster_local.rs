@@ -45,10 +45,16 @@ fn cluster_local_reports_a_bad_config_file() {
 const BOUND: std::time::Duration = std::time::Duration::from_secs(240);
 
 /// A `cargo xtask cluster-local` running in the background, and its stderr line by line.
+///
+/// Dropped — a failed assertion included — it kills what is left: xtask's whole process tree
+/// while xtask runs, and every process a test saw through [`ClusterLocal::processes`], so a
+/// failing test leaves nothing running behind it.
 struct ClusterLocal {
     child: std::process::Child,
     lines: std::sync::mpsc::Receiver<String>,
     seen: Vec<String>,
+    exited: bool,
+    known: Vec<ProcessId>,
 }
 
 impl ClusterLocal {
@@ -72,7 +78,18 @@ impl ClusterLocal {
                 }
             }
         });
-        ClusterLocal { child, lines, seen: Vec::new() }
+        ClusterLocal { child, lines, seen: Vec::new(), exited: false, known: Vec::new() }
+    }
+
+    /// Every process descended from xtask now, remembered so that a panic later kills it.
+    fn processes(&mut self) -> Vec<ProcessId> {
+        let now = descendants(self.child.id());
+        for &process in &now {
+            if !self.known.contains(&process) {
+                self.known.push(process);
+            }
+        }
+        now
     }
 
     /// Waits for the next line containing `text` and returns it.
@@ -100,7 +117,7 @@ impl ClusterLocal {
     }
 
     /// Waits until xtask has exited (its stderr closes, then it is reaped) and returns its status.
-    fn wait_for_exit(mut self) -> (std::process::ExitStatus, Vec<String>) {
+    fn wait_for_exit(&mut self) -> (std::process::ExitStatus, Vec<String>) {
         let deadline = std::time::Instant::now() + BOUND;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -108,12 +125,91 @@ impl ClusterLocal {
                 Ok(line) => self.seen.push(line),
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    let _ = self.child.kill();
                     panic!("xtask did not exit; it printed:\n{}", self.seen.join("\n"));
                 }
             }
         }
-        (self.child.wait().expect("xtask is reaped"), self.seen)
+        let status = self.child.wait().expect("xtask is reaped");
+        self.exited = true;
+        (status, self.seen.clone())
+    }
+}
+
+impl Drop for ClusterLocal {
+    fn drop(&mut self) {
+        if !self.exited {
+            // Frozen first, so that nothing forks, or is reparented out of the tree, while the
+            // tree is collected; then killed.
+            let root = ProcessId { pid: self.child.id(), started: stat(self.child.id()).map_or(0, |s| s.1) };
+            send(root, libc::SIGSTOP);
+            loop {
+                let new: Vec<ProcessId> = descendants(root.pid)
+                    .into_iter()
+                    .filter(|process| !self.known.contains(process))
+                    .collect();
+                if new.is_empty() {
+                    break;
+                }
+                for &process in &new {
+                    send(process, libc::SIGSTOP);
+                }
+                self.known.extend(new);
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        for &process in &self.known {
+            kill_and_wait(process);
+        }
+        // A killed xtask could not remove its state directory, which holds the credentials.
+        if let Some(state_dir) = self.seen.iter().find_map(|line| state_dir_of(line))
+            && state_dir.exists()
+        {
+            let _ = std::fs::remove_dir_all(&state_dir);
+        }
+    }
+}
+
+/// The state directory named by xtask's `CHIA_CLUSTER_FILE=` line, if `line` is that line.
+fn state_dir_of(line: &str) -> Option<std::path::PathBuf> {
+    let file = std::path::PathBuf::from(line.split("CHIA_CLUSTER_FILE=").nth(1)?.trim());
+    let dir = file.parent()?.to_path_buf();
+    dir.file_name()?.to_str()?.starts_with("chia-cluster-").then_some(dir)
+}
+
+/// Kills `process` (if it still is that process) and waits until it has ended, at most
+/// [`BOUND`]: through a pidfd, which holds the pid (no reuse meanwhile) and becomes readable
+/// when the process exits, though it is not this test's child.
+fn kill_and_wait(process: ProcessId) {
+    let Ok(pid) = libc::pid_t::try_from(process.pid) else { return };
+    // SAFETY: pidfd_open(2) takes plain integers and returns a new descriptor or -1.
+    let Ok(fd) = libc::c_int::try_from(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) }) else {
+        return;
+    };
+    if fd < 0 {
+        return; // Gone already.
+    }
+    if still_running(process) {
+        let null = std::ptr::null::<libc::siginfo_t>();
+        let mut ready = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        let timeout = libc::c_int::try_from(BOUND.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `fd` is the pidfd opened above; `ready` lives across the call.
+        unsafe {
+            libc::syscall(libc::SYS_pidfd_send_signal, fd, libc::SIGKILL, null, 0);
+            libc::poll(&mut ready, 1, timeout);
+        }
+    }
+    // SAFETY: `fd` is ours and closed once.
+    unsafe { libc::close(fd) };
+}
+
+/// Sends `signal` to `process` if it is still that process (not a reused pid) and running.
+fn send(process: ProcessId, signal: libc::c_int) {
+    if still_running(process)
+        && let Ok(pid) = libc::pid_t::try_from(process.pid)
+    {
+        // SAFETY: kill(2) takes plain integers.
+        unsafe { libc::kill(pid, signal) };
     }
 }
 
@@ -159,26 +255,46 @@ fn descendants(root: u32) -> Vec<ProcessId> {
     found
 }
 
+/// The command line of `pid`, for messages.
+fn command_line(pid: u32) -> String {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    format!("{pid}: {}", String::from_utf8_lossy(&raw).replace('\0', " ").trim_end())
+}
+
 /// Whether `process` still runs (a zombie has ended: only its exit status is left).
 fn still_running(process: ProcessId) -> bool {
     stat(process.pid).is_some_and(|(_, started, state)| started == process.started && state != 'Z')
 }
 
+/// A command that starts a background job (`sleep 600`, in the command's process group; with
+/// `ignore_term`, deaf to SIGTERM), says so on stderr, and waits.
+fn command_with_background_job(ignore_term: bool) -> Vec<String> {
+    let job = if ignore_term { "(trap '' TERM; exec sleep 600)" } else { "sleep 600" };
+    // Echoed in two words: xtask's own "running [...]" line quotes the script, which then does
+    // not hold BACKGROUND_JOB as it is.
+    let (first, rest) = BACKGROUND_JOB.split_once(' ').expect("two words");
+    let script = format!("{job} >/dev/null 2>&1 </dev/null & echo '{first}' \"{rest} $!\" >&2; wait");
+    ["--", "sh", "-c", &script].map(str::to_string).to_vec()
+}
+
+/// What [`command_with_background_job`] prints once its job runs.
+const BACKGROUND_JOB: &str = "xtask-test: background job";
+
 /// Starts cluster-local with `extra` arguments, waits for `ready`, sends `signal`, and checks
-/// that xtask exits with `128 + signo`, leaving no process it started and no state directory.
-fn stop_with(signal: &str, signal_number: i32, extra: &[&str], ready: &str, expected_processes: usize) {
-    let mut cluster = ClusterLocal::start(extra);
+/// that xtask exits with `128 + signo`, leaving no process it started — nor any they started —
+/// and no state directory.
+fn stop_with(signal: &str, signal_number: i32, extra: &[String], ready: &str, expected_processes: usize) {
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let mut cluster = ClusterLocal::start(&extra);
     let connect = cluster.wait_for_line("CHIA_CLUSTER_FILE=");
-    let cluster_file =
-        std::path::PathBuf::from(connect.split("CHIA_CLUSTER_FILE=").nth(1).expect("a path").trim());
-    let state_dir = cluster_file.parent().expect("the cluster file is in the state directory").to_path_buf();
-    let dir_name = state_dir.file_name().and_then(|name| name.to_str()).unwrap_or_default();
-    assert!(dir_name.starts_with("chia-cluster-"), "{}", state_dir.display());
-    assert!(cluster_file.exists(), "{}", cluster_file.display());
+    let state_dir =
+        state_dir_of(&connect).unwrap_or_else(|| panic!("no chia-cluster-* state directory in {connect}"));
+    assert!(state_dir.join("cluster.yaml").exists(), "{}", state_dir.display());
     cluster.wait_for_line(ready);
 
-    let processes = descendants(cluster.child.id());
-    assert_eq!(processes.len(), expected_processes, "{processes:?}\n{}", cluster.seen.join("\n"));
+    let processes = cluster.processes();
+    let commands: Vec<String> = processes.iter().map(|process| command_line(process.pid)).collect();
+    assert_eq!(processes.len(), expected_processes, "{commands:?}\n{}", cluster.seen.join("\n"));
     cluster.signal(signal);
     let (status, seen) = cluster.wait_for_exit();
     let log = seen.join("\n");
@@ -190,18 +306,51 @@ fn stop_with(signal: &str, signal_number: i32, extra: &[&str], ready: &str, expe
 }
 
 #[test]
-fn sigterm_stops_the_head_and_the_workers_and_removes_the_state_directory() {
-    // The head and two workers.
-    stop_with("TERM", 15, &[], "press Ctrl-C to stop the cluster", 3);
+fn sigterm_stops_the_cluster_and_what_its_processes_started_and_removes_the_state_directory() {
+    // The head, two workers, the command and its background job, which ignores SIGTERM: it is
+    // killed with its group after the grace period.
+    stop_with("TERM", 15, &command_with_background_job(true), BACKGROUND_JOB, 5);
 }
 
 #[test]
-fn sighup_stops_the_running_command_too() {
-    // The head, two workers and the command.
-    stop_with("HUP", 1, &["--", "sleep", "600"], "xtask: running [\"sleep\", \"600\"]", 4);
+fn sighup_stops_the_running_command_and_its_background_job_too() {
+    // The head, two workers, the command and its background job.
+    stop_with("HUP", 1, &command_with_background_job(false), BACKGROUND_JOB, 5);
 }
 
 #[test]
 fn sigint_stops_the_cluster_like_ctrl_c() {
     stop_with("INT", 2, &[], "press Ctrl-C to stop the cluster", 3);
+}
+
+#[test]
+fn sigterm_with_no_command_stops_the_head_and_the_workers() {
+    stop_with("TERM", 15, &[], "press Ctrl-C to stop the cluster", 3);
+}
+
+/// The guard itself: a test that panics while the cluster runs leaves no process and no state
+/// directory behind.
+#[test]
+fn a_test_that_panics_leaves_nothing_running() {
+    let mut seen = Vec::new();
+    let mut state_dir = None;
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let command = command_with_background_job(true);
+        let mut cluster = ClusterLocal::start(&command.iter().map(String::as_str).collect::<Vec<_>>());
+        state_dir = state_dir_of(&cluster.wait_for_line("CHIA_CLUSTER_FILE="));
+        cluster.wait_for_line(BACKGROUND_JOB);
+        let xtask =
+            ProcessId { pid: cluster.child.id(), started: stat(cluster.child.id()).expect("xtask runs").1 };
+        seen = cluster.processes();
+        seen.push(xtask);
+        panic!("a failing assertion, with the cluster running");
+    }));
+    assert!(panicked.is_err());
+    // xtask, the head, two workers, the command and its background job.
+    assert_eq!(seen.len(), 6, "{seen:?}");
+    // The guard returns once each has ended.
+    let left: Vec<ProcessId> = seen.iter().copied().filter(|&process| still_running(process)).collect();
+    assert!(left.is_empty(), "left running by a panicking test: {left:?}");
+    let state_dir = state_dir.expect("the state directory was printed");
+    assert!(!state_dir.exists(), "{} is left behind", state_dir.display());
 }

@@ -14,37 +14,76 @@ pub(crate) const DIR_MODE: u32 = 0o700;
 /// The mode entries, temporary files and the lock file are created with.
 pub(crate) const FILE_MODE: u32 = 0o600;
 
-/// Creates `dir` and its missing parents with [`DIR_MODE`], or tightens an existing `dir` to
-/// it. A directory this user may not change (someone else's) is left as it is, with a warning:
-/// its owner chose who may read it.
+/// Creates `dir` and its missing parents with exactly [`DIR_MODE`], or tightens an existing
+/// `dir` to it. Parents that already existed are not the cache's and are left alone. A
+/// directory this user may not change (someone else's) is left as it is, with a warning: its
+/// owner chose who may read it.
+///
+/// Exactly means the special bits too. A new directory inherits the setgid bit of a setgid
+/// parent (a shared project directory, say), and with it every entry would be created in that
+/// parent's group: the group could not read a 0600 entry, but the directory would not be the
+/// 0700 it is said to be, and the entries would already belong to the group should anyone
+/// loosen their modes. So the bit is cleared, as are setuid and sticky.
 pub(crate) fn create_private_dir(dir: &Path) -> io::Result<()> {
     #[cfg(unix)]
     {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        use std::os::unix::fs::DirBuilderExt;
 
-        fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir)?;
-        let mode = fs::metadata(dir)?.permissions().mode() & 0o777;
-        // Exactly 0700: more lets others read; less (an odd umask, say 0500) would keep the
-        // owner from writing the lock and the entries.
-        if mode != DIR_MODE {
-            match fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE)) {
-                Ok(()) => tracing::info!(
-                    dir = %dir.display(),
-                    "cache: directory was {mode:03o}; now {DIR_MODE:03o}, so only its owner can read the entries"
-                ),
-                Err(error) => tracing::warn!(
-                    dir = %dir.display(),
-                    %error,
-                    "cache: directory is {mode:03o} and cannot be made {DIR_MODE:03o}; other users may read its entries"
-                ),
+        // The missing directories, `dir` first: created one by one, so that each one made here
+        // is known and set.
+        let mut missing = Vec::new();
+        let mut next = Some(dir);
+        while let Some(path) = next.filter(|path| !path.as_os_str().is_empty()) {
+            match fs::symlink_metadata(path) {
+                Err(error) if error.kind() == io::ErrorKind::NotFound => missing.push(path),
+                // There (or unreadable: creating below it reports why).
+                _ => break,
+            }
+            next = path.parent();
+        }
+        let mut created_dir = false;
+        for &path in missing.iter().rev() {
+            match fs::DirBuilder::new().mode(DIR_MODE).create(path) {
+                Ok(()) if path == dir => created_dir = true,
+                Ok(()) => make_exact(path, true)?,
+                // Made by someone else meanwhile: theirs, unless it is `dir` (tightened below).
+                Err(error) if error.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => {}
+                Err(error) => return Err(error),
             }
         }
-        Ok(())
+        make_exact(dir, created_dir)
     }
     #[cfg(not(unix))]
     {
         fs::create_dir_all(dir)
     }
+}
+
+/// Sets `dir` to exactly [`DIR_MODE`] if it is not; `created`: this process just made it (the
+/// umask or an inherited setgid bit made the difference, which is not worth a log line).
+#[cfg(unix)]
+fn make_exact(dir: &Path, created: bool) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+
+    // All twelve bits: more than 0700 lets others in or carries a special bit; less (an odd
+    // umask, say 0500) would keep the owner from writing the lock and the entries.
+    let mode = fs::metadata(dir)?.permissions().mode() & 0o7777;
+    if mode == DIR_MODE {
+        return Ok(());
+    }
+    match fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE)) {
+        Ok(()) if created => {}
+        Ok(()) => tracing::info!(
+            dir = %dir.display(),
+            "cache: directory was {mode:04o}; now {DIR_MODE:04o}, so only its owner can read the entries"
+        ),
+        Err(error) => tracing::warn!(
+            dir = %dir.display(),
+            %error,
+            "cache: directory is {mode:04o} and cannot be made {DIR_MODE:04o}; other users may read its entries"
+        ),
+    }
+    Ok(())
 }
 
 /// Options that create a file only its owner can read and write ([`FILE_MODE`]).

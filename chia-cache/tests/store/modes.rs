@@ -12,6 +12,40 @@ fn mode(path: &Path) -> u32 {
         & 0o777
 }
 
+/// All twelve bits: the special ones (setuid, setgid, sticky) too.
+fn full_mode(path: &Path) -> u32 {
+    fs::metadata(path).unwrap_or_else(|error| panic!("{}: {error}", path.display())).permissions().mode()
+        & 0o7777
+}
+
+#[test]
+fn a_setgid_bit_inherited_from_a_parent_is_cleared() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let shared = root.path().join("shared");
+    fs::create_dir(&shared).expect("create");
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o2775)).expect("chmod g+s");
+    // What this test is about: a directory made in a setgid directory inherits the bit.
+    let probe = shared.join("probe");
+    fs::create_dir(&probe).expect("create");
+    assert_eq!(full_mode(&probe) & 0o2000, 0o2000, "this file system does not pass setgid on");
+
+    let dir = shared.join("nested").join("cache");
+    let _store = open(&dir, 1 << 20);
+    assert_eq!(full_mode(&dir), 0o700, "the cache directory");
+    assert_eq!(full_mode(&shared.join("nested")), 0o700, "a parent the store created");
+    assert_eq!(full_mode(&shared), 0o2775, "a parent that was there already is not the store's");
+}
+
+#[test]
+fn an_existing_setgid_cache_directory_is_made_exactly_0700() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("cache");
+    fs::create_dir(&dir).expect("create");
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o2700)).expect("chmod g+s");
+    let _store = open(&dir, 1 << 20);
+    assert_eq!(full_mode(&dir), 0o700);
+}
+
 #[test]
 fn a_new_cache_directory_is_0700_and_its_entries_0600() {
     let root = tempfile::tempdir().expect("tempdir");

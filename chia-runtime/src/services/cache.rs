@@ -47,13 +47,19 @@ impl CacheService {
     /// write of the configured functions' results.
     pub fn new(
         cx: &Context,
-        dir: String,
+        dir: CacheDir,
         budget: u64,
         config: CacheConfig,
         durability: Durability,
     ) -> Result<Self, CacheError> {
+        let dir = dir.0;
         let store = CacheStore::open(&dir, budget, StoreOptions::default().with_durability(durability))?;
-        tracing::info!("cache in {dir}: {} entries, {} of {budget} bytes", store.len(), store.size_bytes());
+        tracing::info!(
+            "cache in {}: {} entries, {} of {budget} bytes",
+            dir.display(),
+            store.len(),
+            store.size_bytes()
+        );
         let rules = watch_rules(&config);
         if !rules.is_empty()
             && let Err(e) = cx.watch_results("write", rules)
@@ -108,8 +114,68 @@ impl CacheService {
 /// Where a running cache keeps its entries (on the head node) and how many bytes it may hold.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheSettings {
+    #[serde(with = "path_bytes")]
     pub dir: PathBuf,
     pub budget: u64,
+}
+
+/// The cache's directory as it travels to the head: exactly the path the caller named.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CacheDir(#[serde(with = "path_bytes")] pub PathBuf);
+
+/// A path on the wire as its bytes: a Unix path is bytes, not text, so a name that is not UTF-8
+/// must neither fail to encode (serde's own `PathBuf` refuses it) nor be replaced by its lossy
+/// spelling — the cache would open another directory, and `start_cache` would find the running
+/// cache's directory different from the very path it asked for. Text is read too (a path
+/// encoded as a string by an older caller, or kept in the head's services file).
+mod path_bytes {
+    use serde::de::{Deserializer, Error, Visitor};
+    use serde::ser::Serializer;
+    use std::path::{Path, PathBuf};
+
+    pub fn serialize<S: Serializer>(path: &Path, serializer: S) -> Result<S::Ok, S::Error> {
+        #[cfg(unix)]
+        {
+            serializer.serialize_bytes(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))
+        }
+        #[cfg(not(unix))]
+        {
+            match path.to_str() {
+                Some(text) => serializer.serialize_str(text),
+                None => Err(serde::ser::Error::custom(format!("{} is not valid Unicode", path.display()))),
+            }
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<PathBuf, D::Error> {
+        struct PathVisitor;
+
+        impl Visitor<'_> for PathVisitor {
+            type Value = PathBuf;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a path, as bytes or text")
+            }
+
+            fn visit_str<E: Error>(self, text: &str) -> Result<PathBuf, E> {
+                Ok(PathBuf::from(text))
+            }
+
+            fn visit_bytes<E: Error>(self, bytes: &[u8]) -> Result<PathBuf, E> {
+                #[cfg(unix)]
+                {
+                    Ok(PathBuf::from(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(bytes)))
+                }
+                #[cfg(not(unix))]
+                {
+                    std::str::from_utf8(bytes).map(PathBuf::from).map_err(E::custom)
+                }
+            }
+        }
+
+        deserializer.deserialize_any(PathVisitor)
+    }
 }
 
 fn watch_rules(config: &CacheConfig) -> Vec<WatchRule> {
@@ -176,11 +242,12 @@ pub async fn start_cache_with(
         options = options.namespace(namespace);
     }
     let requested_dir = cache_dir.as_ref().to_path_buf();
-    let dir = requested_dir.to_string_lossy().into_owned();
+    let dir = CacheDir(requested_dir.clone());
     let service = CacheServiceHandle::start(cx, options, dir, budget, config, durability).await?;
     // `get_if_exists` may have found a cache started by anyone, with anything: compare. Paths
-    // compare by components (`/data/cache/` is `/data/cache`), not through the file system,
-    // which is the head's and may not be this machine's.
+    // compare as `Path`s, by components of bytes (`/data/cache/` is `/data/cache`; a name that
+    // is not UTF-8 equals only itself), not through the file system, which is the head's and
+    // may not be this machine's.
     let running = service.settings().get().await?;
     if running.dir != requested_dir || running.budget != budget {
         return Err(Error::CacheConflict {

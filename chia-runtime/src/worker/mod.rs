@@ -5,7 +5,7 @@
 use crate::driver::client::{Client, Execution};
 use crate::driver::contain::{self, Activity};
 use crate::driver::context::Context;
-use crate::driver::job::PlanCache;
+use crate::driver::job::{JobLink, PlanCache};
 use crate::driver::process::TaskControl;
 use crate::driver::registry::{self, FunctionSpec, Invoke, ServiceSpec, SharedInstance};
 use crate::error::Error;
@@ -80,7 +80,9 @@ impl Worker {
         protected_dirs: Vec<PathBuf>,
     ) -> Result<Worker, Error> {
         let (client, executions) = Client::connect(credentials, name, Some(offer)).await?;
-        let context = Context::new(client, None).protecting(protected_dirs);
+        // The worker's connection, and so every service instance it hosts, serves all jobs:
+        // it follows no job's bypass plan and cannot install one.
+        let context = Context::new(client, None).protecting(protected_dirs).in_job(JobLink::Node);
         let (stop_tx, stopped) = tokio::sync::watch::channel(false);
         tokio::spawn(serve(context.clone(), executions, stop_tx));
         Ok(Worker { context, stopped })
@@ -219,9 +221,9 @@ async fn serve(
                 let lease = Lease { task, attempt };
                 let entry = RunningEntry::new(&running, task);
                 let context = context.for_task(task, entry.control.clone());
-                let context = match plans.link(job) {
-                    Ok(Some(job)) => context.in_job(job),
-                    Ok(None) => context,
+                // The task's context belongs to the task's job, never the worker's.
+                let context = match plans.link(task, &function, job) {
+                    Ok(job) => context.in_job(job),
                     Err(message) => {
                         let error = TaskError::InvalidCall { function: function.clone(), message };
                         report(context.client(), lease, &function, Outcome::Failed(error));

@@ -9,7 +9,9 @@
 //!   without one, returns the `data:` file's text, read on the head through the file server).
 //! - The configuration belongs to the **job**: [`Bypass`] installs it on the driver's context,
 //!   the head ships it with every task of the job, and calls made inside those tasks decide
-//!   exactly as the driver does.
+//!   exactly as the driver does. Only a driver creates one: inside a task, a service, or on a
+//!   worker's own connection it is refused ([`Error::BypassOutsideDriver`]), so no job's plan
+//!   reaches another job's tasks.
 //!
 //! Rust cannot send closures to other machines, so providers and conditions are functions
 //! registered by name with [`#[chia::provider]`](macro@crate::provider) and
@@ -54,8 +56,8 @@ use crate::error::Error;
 use crate::services::service::ServiceOptions;
 use crate::util::{CatchUnwind, block_on, panic_message};
 use chia_bypass::Verdict;
-use chia_core::TaskError;
 use chia_core::protocol::{ArgValue, BypassSpec, JobSettings, Outcome, PeerToHead, Value};
+use chia_core::{SessionId, TaskError};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::{HashMap, HashSet};
@@ -262,12 +264,32 @@ impl Bypass {
     }
 
     /// Installs `config` on `cx`'s job. With `data:` files, starts the job's file server on the
-    /// head node (it ends with the driver).
+    /// head node (it ends with the driver). `cx` must be a driver's:
+    /// [`Error::BypassOutsideDriver`] inside a task or a service, or on a worker's connection.
     pub async fn with_config(cx: &Context, config: BypassConfig) -> Result<Bypass, Error> {
-        let JobLink::Own(own) = cx.job().clone() else {
-            return Err(Error::Setup(
-                "a bypass is installed by the driver; calls inside tasks follow their driver's".into(),
-            ));
+        // Refused, not applied to the task's job: the plan is the driver's, installed where its
+        // calls are decided. A task that changed it would change it under the job's other
+        // tasks, running or retried, in an order nobody chose, and the driver's own calls would
+        // not see it; on a worker's connection or in a service (which serve every job) it
+        // would reach other jobs' tasks — the leak this refusal closes.
+        let own = match cx.job() {
+            JobLink::Own(own) => own.clone(),
+            JobLink::Task { job, function, .. } => {
+                return Err(Error::BypassOutsideDriver {
+                    node: cx.node_name().to_string(),
+                    task: cx.current_task(),
+                    function: Some(function.to_string()),
+                    job: Some(*job),
+                });
+            }
+            JobLink::Node => {
+                return Err(Error::BypassOutsideDriver {
+                    node: cx.node_name().to_string(),
+                    task: cx.current_task(),
+                    function: None,
+                    job: None,
+                });
+            }
         };
         let mut plan = BypassPlan::new(config);
         let data_paths: Vec<String> =
@@ -355,7 +377,8 @@ pub(crate) fn decide(
     let (provider, data, condition) = match plan.verdict(function, tag) {
         Verdict::Run(reason) => {
             if reason == RunReason::NoProvider {
-                warn_no_provider_once(function);
+                let job = cx.job().nested_in().unwrap_or_else(|| cx.client().session());
+                warn_no_provider_once(job, function);
             }
             return Ok((Decision::Run(reason), None));
         }
@@ -407,13 +430,22 @@ pub(crate) fn decide(
     Ok((Decision::Bypassed { provider: spec.provider.clone(), data: spec.data.clone() }, Some(spec)))
 }
 
-/// `bypass: true` without a provider or data: said once per function and process, not per call.
-fn warn_no_provider_once(function: &str) {
-    static WARNED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+/// `bypass: true` without a provider or data: said once per job and function, not per call. Keyed
+/// by the job too, because a worker decides the nested calls of every job it serves: one job's
+/// warning must not silence another's.
+fn warn_no_provider_once(job: SessionId, function: &str) {
+    /// More than this many (job, function) pairs: start over, so a long-lived worker does not
+    /// keep every job it ever served (a job may then be warned again).
+    const WARNED_MAX: usize = 4096;
+    static WARNED: Mutex<Option<HashSet<(SessionId, String)>>> = Mutex::new(None);
     let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
-    if warned.get_or_insert_default().insert(function.to_string()) {
+    let warned = warned.get_or_insert_default();
+    if warned.len() >= WARNED_MAX {
+        warned.clear();
+    }
+    if warned.insert((job, function.to_string())) {
         tracing::warn!(
-            "{function} is `bypass: true` but has no provider and no `data:` path, so it runs for real; register one with Bypass::set_provider"
+            "{function} is `bypass: true` in the plan of job {job} but has no provider and no `data:` path, so it runs for real; register one with Bypass::set_provider"
         );
     }
 }
