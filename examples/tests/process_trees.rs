@@ -235,3 +235,54 @@ async fn fallback_cancel_ends_an_async_tree() {
 async fn fallback_worker_sigkill_ends_the_tree() {
     killing_the_worker_ends_the_tree("fallback", Function::Async).await;
 }
+
+/// Where the driver process of [`a_departed_drivers_tools_end_within_seconds`] finds its
+/// cluster file and the directory its task writes the tool tree's pids to.
+const DRIVER_CLUSTER_FILE: &str = "CHIA_TEST_DRIVER_CLUSTER_FILE";
+const DRIVER_TREE_DIR: &str = "CHIA_TEST_DRIVER_TREE_DIR";
+
+/// Not a test of its own: the driver process that
+/// [`a_departed_drivers_tools_end_within_seconds`] starts (this test binary, with `--ignored`)
+/// and SIGKILLs. It submits a tool tree and waits for ever, as a driver in a long loop does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the driver process of a_departed_drivers_tools_end_within_seconds, which runs it"]
+async fn driver_process_that_is_killed() {
+    let cluster_file = std::env::var(DRIVER_CLUSTER_FILE).expect("started by the test that names its cluster");
+    let dir = std::env::var(DRIVER_TREE_DIR).expect("started by the test that names the tree's directory");
+    let credentials = ClusterCredentials::load(Path::new(&cluster_file)).unwrap();
+    let (client, _) = Client::connect(&credentials, "doomed-driver", None).await.expect("driver connects");
+    let cx = Context::from_client(client);
+    let running = tool_tree_sync::remote(&cx, dir);
+    let outcome = running.get_timeout(BOUND).await;
+    panic!("the driver was to be killed while its task ran, but the task ended: {outcome:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departed_drivers_tools_end_within_seconds() {
+    let state = tempfile::tempdir().unwrap();
+    let credentials = HeadCredentials::load_or_create(state.path()).expect("credentials");
+    let head = HeadWithNode::start("127.0.0.1:0".parse().unwrap(), credentials, HeadOptions::default())
+        .await
+        .expect("the head starts");
+    let cluster_file = state.path().join("cluster.yaml");
+    let handle = head.head();
+    handle.cluster_credentials(&handle.address().to_string()).save(&cluster_file).expect("cluster file");
+    let _worker = WorkerProcess::start(&cluster_file, "auto");
+    let dir = tempfile::tempdir().unwrap();
+    let mut driver = Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "driver_process_that_is_killed", "--nocapture"])
+        .env(DRIVER_CLUSTER_FILE, &cluster_file)
+        .env(DRIVER_TREE_DIR, dir.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("the driver process starts");
+    let guard = PidGuard(tree_pids(dir.path()).await);
+    // SIGKILL: the driver says nothing on its way out, the head must notice by itself.
+    driver.kill().expect("SIGKILL the driver");
+    driver.wait().expect("reap the driver");
+    let killed = Instant::now();
+    let took = gone_within(&guard.0, Duration::from_secs(20)).await;
+    let left: Vec<_> = guard.0.iter().filter(|&&p| is_running(p)).collect();
+    assert!(took.is_some(), "its tools still run 20 s after the driver's SIGKILL: {left:?}");
+    println!("a SIGKILLed driver's tools were gone {:?} after it died", killed.elapsed());
+}
