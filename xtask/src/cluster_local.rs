@@ -78,7 +78,12 @@ const LOG_DRAIN: Duration = Duration::from_secs(2);
 pub async fn run(args: Args) -> Result<ExitCode, String> {
     let mut signals = StopSignals::install().map_err(|e| format!("cannot handle stop signals: {e}"))?;
     let plan = plan_workers(&args)?;
-    let state_dir = tempfile::Builder::new().prefix("chia-cluster-").tempdir().map_err(|e| e.to_string())?;
+    // It holds the cluster's credentials: readable by its owner only, from the start.
+    let state_dir = tempfile::Builder::new()
+        .prefix("chia-cluster-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+        .map_err(|e| e.to_string())?;
     let (logs, log_rx) = mpsc::unbounded_channel::<String>();
     let printer = tokio::spawn(print_logs(log_rx));
     let mut processes = Processes::default();

@@ -277,6 +277,10 @@ fn command_with_background_job(ignore_term: bool) -> Vec<String> {
     ["--", "sh", "-c", &script].map(str::to_string).to_vec()
 }
 
+/// The processes of the cluster itself: the head, and two workers each with its sentinel (the
+/// process that ends what a SIGKILLed worker left; see `chia_runtime::contain`).
+const CLUSTER_PROCESSES: usize = 1 + 2 * 2;
+
 /// What [`command_with_background_job`] prints once its job runs.
 const BACKGROUND_JOB: &str = "xtask-test: background job";
 
@@ -307,25 +311,25 @@ fn stop_with(signal: &str, signal_number: i32, extra: &[String], ready: &str, ex
 
 #[test]
 fn sigterm_stops_the_cluster_and_what_its_processes_started_and_removes_the_state_directory() {
-    // The head, two workers, the command and its background job, which ignores SIGTERM: it is
-    // killed with its group after the grace period.
-    stop_with("TERM", 15, &command_with_background_job(true), BACKGROUND_JOB, 5);
+    // The cluster, the command and its background job, which ignores SIGTERM: it is killed
+    // with its group after the grace period.
+    stop_with("TERM", 15, &command_with_background_job(true), BACKGROUND_JOB, CLUSTER_PROCESSES + 2);
 }
 
 #[test]
 fn sighup_stops_the_running_command_and_its_background_job_too() {
-    // The head, two workers, the command and its background job.
-    stop_with("HUP", 1, &command_with_background_job(false), BACKGROUND_JOB, 5);
+    // The cluster, the command and its background job.
+    stop_with("HUP", 1, &command_with_background_job(false), BACKGROUND_JOB, CLUSTER_PROCESSES + 2);
 }
 
 #[test]
 fn sigint_stops_the_cluster_like_ctrl_c() {
-    stop_with("INT", 2, &[], "press Ctrl-C to stop the cluster", 3);
+    stop_with("INT", 2, &[], "press Ctrl-C to stop the cluster", CLUSTER_PROCESSES);
 }
 
 #[test]
 fn sigterm_with_no_command_stops_the_head_and_the_workers() {
-    stop_with("TERM", 15, &[], "press Ctrl-C to stop the cluster", 3);
+    stop_with("TERM", 15, &[], "press Ctrl-C to stop the cluster", CLUSTER_PROCESSES);
 }
 
 /// The guard itself: a test that panics while the cluster runs leaves no process and no state
@@ -346,8 +350,8 @@ fn a_test_that_panics_leaves_nothing_running() {
         panic!("a failing assertion, with the cluster running");
     }));
     assert!(panicked.is_err());
-    // xtask, the head, two workers, the command and its background job.
-    assert_eq!(seen.len(), 6, "{seen:?}");
+    // xtask, the cluster, the command and its background job.
+    assert_eq!(seen.len(), 1 + CLUSTER_PROCESSES + 2, "{seen:?}");
     // The guard returns once each has ended.
     let left: Vec<ProcessId> = seen.iter().copied().filter(|&process| still_running(process)).collect();
     assert!(left.is_empty(), "left running by a panicking test: {left:?}");
