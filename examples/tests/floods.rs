@@ -586,3 +586,132 @@ async fn a_member_declaring_a_huge_frame_and_sending_it_slowly_holds_little_of_t
         idle as f64 / MB
     );
 }
+
+/// Handshakes from one real address that answer the head's Retry (so the address is
+/// validated) and then stop: what a flood that is not spoofed can do. Runs for `duration`,
+/// starting `per_second` of them; returns (started, answered retries, other replies).
+fn validated_flood(
+    credentials: &ClusterCredentials,
+    from: SocketAddr,
+    head: SocketAddr,
+    per_second: u32,
+    duration: Duration,
+    halfway: tokio::sync::oneshot::Sender<()>,
+) -> (u64, u64, u64) {
+    let config = credentials.client_config().expect("client config");
+    let socket = UdpSocket::bind(from).expect("the flood's address");
+    socket.set_nonblocking(true).unwrap();
+    let mut endpoint =
+        quinn_proto::Endpoint::new(Arc::new(quinn::EndpointConfig::default()), None, false, None);
+    let mut connections = std::collections::HashMap::new();
+    let (mut started, mut answered, mut other) = (0u64, 0u64, 0u64);
+    let mut halfway = Some(halfway);
+    let begin = Instant::now();
+    let mut reply = [0u8; 4096];
+    let mut buf = Vec::new();
+    while begin.elapsed() < duration {
+        let due = (begin.elapsed().as_secs_f64() * f64::from(per_second)) as u64;
+        while started < due {
+            let now = Instant::now();
+            let (handle, mut connection) =
+                endpoint.connect(now, config.clone(), head, HEAD_SERVER_NAME).expect("connect");
+            buf.clear();
+            let transmit = connection.poll_transmit(now, 1, &mut buf).expect("a first flight");
+            let _ = socket.send_to(&buf[..transmit.size], head);
+            connections.insert(handle, connection);
+            started += 1;
+        }
+        while let Ok((n, source)) = socket.recv_from(&mut reply) {
+            // Only a Retry is answered (with the Initial that carries its token); nothing else.
+            if packet_type(&reply[..n]) != Some(3) {
+                other += 1;
+                continue;
+            }
+            let now = Instant::now();
+            buf.clear();
+            let Some(quinn_proto::DatagramEvent::ConnectionEvent(handle, event)) =
+                endpoint.handle(now, source, None, None, reply[..n].into(), &mut buf)
+            else {
+                continue;
+            };
+            let Some(mut connection) = connections.remove(&handle) else { continue };
+            connection.handle_event(event);
+            buf.clear();
+            if let Some(transmit) = connection.poll_transmit(now, 1, &mut buf) {
+                let _ = socket.send_to(&buf[..transmit.size], head);
+                answered += 1;
+            }
+        }
+        if begin.elapsed() >= duration / 2
+            && let Some(halfway) = halfway.take()
+        {
+            let _ = halfway.send(());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    (started, answered, other)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_left_unfinished_from_one_address_do_not_lock_other_peers_out() {
+    let _serial = SERIAL.lock().await;
+    chia::init_logging("error");
+    let Some(binary) = HeadProcess::binary() else {
+        eprintln!(
+            "SKIPPED: no chia-head binary beside the test (`cargo build -p chia-runtime --bin chia-head`)"
+        );
+        return;
+    };
+    // Another loopback address for the flood, so the head can tell it from the drivers.
+    let from: SocketAddr = "127.0.0.2:0".parse().unwrap();
+    if UdpSocket::bind(from).is_err() {
+        eprintln!("SKIPPED: cannot bind 127.0.0.2 here");
+        return;
+    }
+    if status_bytes(std::process::id(), "VmRSS").is_none() {
+        eprintln!("SKIPPED: no /proc/<pid>/status VmRSS here");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let head = HeadProcess::start(&binary, dir.path());
+    let pid = head.pid();
+    let _worker = WorkerProcess::start(&head.cluster_file, "w0", "CPU=2");
+    let cx = head.driver("steady").await;
+    assert_eq!(get(&simulate::remote(&cx, 3, 1)).await.unwrap(), 9, "a task before the flood");
+
+    let idle = rss(pid);
+    let sampler = Sampler::start(pid);
+    let (halfway, is_halfway) = tokio::sync::oneshot::channel();
+    // 200 a second for 6 s: each holds its place for the head's idle timeout (5 s), so about
+    // 1,000 would be in progress at once without a limit.
+    let flood = std::thread::spawn({
+        let (credentials, address) = (head.credentials(), head.address);
+        move || validated_flood(&credentials, from, address, 200, Duration::from_secs(6), halfway)
+    });
+    is_halfway.await.expect("the flood reaches halfway");
+    let joining = Instant::now();
+    let late = Client::connect(&head.credentials(), "late", None).await;
+    let joined = joining.elapsed();
+    let late = late.map(|(client, _)| Context::from_client(client));
+    let steady = simulate::remote(&cx, 4, 1).get_timeout(Duration::from_secs(10)).await;
+    let (started, answered, other) = flood.join().expect("the flood thread");
+    let (peak, samples) = sampler.finish();
+    eprintln!(
+        "validated flood from 127.0.0.2: {started} handshakes started, {answered} Retries answered, {other} other \
+         replies ignored; head RSS idle {:.1} MB, peak {:.1} MB ({samples} samples); a new driver from 127.0.0.1: \
+         {} after {joined:.2?}; the steady driver's task: {steady:?}",
+        idle as f64 / MB,
+        peak as f64 / MB,
+        if late.is_ok() { "connected" } else { "refused" },
+    );
+    let late = late.expect("a new driver from another address connects during the flood");
+    assert_eq!(get(&simulate::remote(&late, 7, 1)).await.unwrap(), 49, "the new driver's task");
+    assert_eq!(steady.expect("the steady driver's task during the flood"), 16);
+    assert!(answered > 256, "the flood validated more handshakes than the head takes on ({answered})");
+    assert!(
+        peak <= idle + (64 << 20),
+        "the head's RSS went from {:.1} MB to {:.1} MB",
+        idle as f64 / MB,
+        peak as f64 / MB
+    );
+}
