@@ -50,6 +50,12 @@ const VALIDATE_ABOVE: usize = 16;
 /// Handshakes in progress, validated or not, beyond which new ones are refused: what peers
 /// that never finish can make the head hold is bounded (a handshake holds some tens of KB).
 const MAX_HANDSHAKES: usize = 256;
+/// Handshakes in progress from one source (an IPv4 address, an IPv6 /64) beyond which its new
+/// ones are refused: one address that starts handshakes and never finishes them (it answers
+/// the Retry, so it is no spoofer) cannot fill `MAX_HANDSHAKES` and lock every other peer out.
+/// Well above what one host's honest peers have in progress at once (a handshake takes a few
+/// round trips); a refused peer is told so and tries again.
+const MAX_HANDSHAKES_PER_SOURCE: usize = 32;
 /// Queued bytes to a peer above which the head stops reading what it sends: a peer that does
 /// not take its answers slows itself down, not the head's memory.
 const SEND_BACKLOG_LIMIT: usize = 32 << 20;
@@ -543,10 +549,14 @@ async fn run_timer(shared: Weak<Shared>, wake: Arc<tokio::sync::Notify>) {
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
-    let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handshakes = Arc::new(Mutex::new(Handshakes::default()));
     let mut refused = 0u64;
     while let Some(incoming) = endpoint.accept().await {
-        let in_progress = handshakes.load(std::sync::atomic::Ordering::Relaxed);
+        let source = source_of(incoming.remote_address());
+        let (in_progress, from_source) = {
+            let handshakes = lock_handshakes(&handshakes);
+            (handshakes.total, handshakes.per_source.get(&source).copied().unwrap_or(0))
+        };
         if in_progress >= VALIDATE_ABOVE && !incoming.remote_address_validated() && incoming.may_retry() {
             // Fails only for an Initial that carried a Retry token already.
             if let Err(e) = incoming.retry() {
@@ -554,29 +564,80 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             }
             continue;
         }
-        if in_progress >= MAX_HANDSHAKES {
+        // A validated address is real, so a source that keeps starting handshakes and never
+        // finishes them is held to its share, and cannot fill the cap for everyone else.
+        let full = if in_progress >= MAX_HANDSHAKES {
+            Some("in all")
+        } else if from_source >= MAX_HANDSHAKES_PER_SOURCE {
+            Some("from its address")
+        } else {
+            None
+        };
+        if let Some(full) = full {
             refused += 1;
             if refused.is_power_of_two() {
                 tracing::warn!(
-                    "{in_progress} handshakes in progress: refused a connection from {} ({refused} so far)",
+                    "{in_progress} handshakes in progress ({from_source} from its address): refused a connection \
+                     from {} as too many are in progress {full} ({refused} refused so far)",
                     incoming.remote_address()
                 );
             }
             incoming.refuse();
             continue;
         }
-        handshakes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let handshake = Handshake(handshakes.clone());
+        {
+            let mut counts = lock_handshakes(&handshakes);
+            counts.total += 1;
+            *counts.per_source.entry(source).or_default() += 1;
+        }
+        let handshake = Handshake { handshakes: handshakes.clone(), source };
         tokio::spawn(serve_connection(incoming, handshake, shared.clone()));
     }
 }
 
+/// Handshakes in progress, in all and per source.
+#[derive(Default)]
+struct Handshakes {
+    total: usize,
+    per_source: HashMap<std::net::IpAddr, usize>,
+}
+
+fn lock_handshakes(handshakes: &Mutex<Handshakes>) -> MutexGuard<'_, Handshakes> {
+    handshakes.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Where a connection comes from, as far as the handshake limit goes: its IPv4 address, or
+/// the /64 of its IPv6 address (what one host, or one customer of a provider, usually has).
+fn source_of(remote: SocketAddr) -> std::net::IpAddr {
+    use std::net::{IpAddr, Ipv6Addr};
+    match remote.ip() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
 /// A handshake in progress, counted until it ends either way.
-struct Handshake(Arc<std::sync::atomic::AtomicUsize>);
+struct Handshake {
+    handshakes: Arc<Mutex<Handshakes>>,
+    source: std::net::IpAddr,
+}
 
 impl Drop for Handshake {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let mut counts = lock_handshakes(&self.handshakes);
+        counts.total -= 1;
+        if let Some(n) = counts.per_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                counts.per_source.remove(&self.source);
+            }
+        }
     }
 }
 
