@@ -516,6 +516,10 @@ pub(crate) fn gettid() -> i32 {
 /// subreaper adopts orphans it must reap. Waits for each pid only, never for "any child" (that
 /// would take statuses that a `Child` handle elsewhere waits for).
 pub(crate) fn reap(pids: Vec<i32>) {
+    if pids.is_empty() {
+        // Every task ends here; one that killed nothing must not scan `/proc`.
+        return;
+    }
     let ours: Vec<i32> = {
         let me = own_pid();
         let parents: HashMap<i32, i32> = processes().into_iter().map(|p| (p.pid, p.ppid)).collect();
