@@ -247,9 +247,13 @@ const DRIVER_TREE_DIR: &str = "CHIA_TEST_DRIVER_TREE_DIR";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "the driver process of a_departed_drivers_tools_end_within_seconds, which runs it"]
 async fn driver_process_that_is_killed() {
-    let cluster_file =
-        std::env::var(DRIVER_CLUSTER_FILE).expect("started by the test that names its cluster");
-    let dir = std::env::var(DRIVER_TREE_DIR).expect("started by the test that names the tree's directory");
+    let (Ok(cluster_file), Ok(dir)) = (std::env::var(DRIVER_CLUSTER_FILE), std::env::var(DRIVER_TREE_DIR))
+    else {
+        println!(
+            "SKIPPED: a role of a_departed_drivers_tools_end_within_seconds, which starts it with its cluster"
+        );
+        return;
+    };
     let credentials = ClusterCredentials::load(Path::new(&cluster_file)).unwrap();
     let (client, _) = Client::connect(&credentials, "doomed-driver", None).await.expect("driver connects");
     let cx = Context::from_client(client);

@@ -83,10 +83,13 @@ pub struct Rejection {
 pub(crate) struct Session {
     pub(crate) name: String,
     pub(crate) node: Option<NodeId>,
-    /// The host it connected from (no port), when known: a worker that joins with this
-    /// session's name from the same host replaces it.
+    /// The host it connected from (no port), when known: a worker that joins asking for the
+    /// name this session asked for, from the same host, replaces it.
     #[serde(default)]
     pub(crate) host: Option<String>,
+    /// The name its peer asked for, when the head gave it another (`w-2` for `w`).
+    #[serde(default)]
+    pub(crate) asked_for: Option<String>,
     /// Messages handled from the session so far (the sequence number of the last one).
     pub(crate) frames: u64,
     /// Recovered from the journal and not taken up again yet: until this deadline its frames
@@ -102,7 +105,16 @@ pub(crate) struct Session {
 
 impl Session {
     fn new(name: String, node: Option<NodeId>) -> Session {
-        Session { name, node, host: None, frames: 0, detached_until: None, held: Vec::new(), resumed: None }
+        Session {
+            name,
+            node,
+            host: None,
+            asked_for: None,
+            frames: 0,
+            detached_until: None,
+            held: Vec::new(),
+            resumed: None,
+        }
     }
 }
 
@@ -422,15 +434,10 @@ impl HeadCore {
             PeerToHead::Hello { protocol_version, name, worker } if protocol_version == PROTOCOL_VERSION => {
                 (name, worker)
             }
+            // The session keeps the host it opened from (journaled with its hello): a replay,
+            // from a snapshot or from the whole journal, sees the same.
             PeerToHead::Resume(resume) if resume.protocol_version == PROTOCOL_VERSION => {
-                let resumed = self.resume(resume);
-                if let Ok(session) = resumed
-                    && let Some(peer) = self.sessions.get_mut(&session)
-                    && let Some(host) = host_of(remote)
-                {
-                    peer.host = Some(host.to_string());
-                }
-                return resumed;
+                return self.resume(resume);
             }
             PeerToHead::Resume(ResumeSession { protocol_version, .. }) => {
                 return Err(Rejection {
@@ -460,6 +467,7 @@ impl HeadCore {
             let host = host.map(str::to_string);
             self.outbox.push(Action::Keep(JournalEntry::Opened { session, hello, host }));
         }
+        let asked = name.clone();
         let (node, name) = match &worker {
             Some(offer) => {
                 let node = NodeId(self.next_node);
@@ -491,8 +499,11 @@ impl HeadCore {
             }
         );
         *self.names.entry(name.clone()).or_default() += 1;
-        self.sessions
-            .insert(session, Session { host: host.map(str::to_string), ..Session::new(name.clone(), node) });
+        let asked_for = (worker.is_some() && name != asked).then_some(asked);
+        self.sessions.insert(
+            session,
+            Session { host: host.map(str::to_string), asked_for, ..Session::new(name.clone(), node) },
+        );
         if let (Some(node), Some(offer)) = (node, worker) {
             self.nodes.insert(node, session);
             let mut functions = offer.functions;
@@ -514,7 +525,8 @@ impl HeadCore {
         let mut predecessors: Vec<SessionId> = self
             .sessions
             .iter()
-            .filter(|(_, s)| s.node.is_some() && s.node != self.head_node && s.name == name)
+            .filter(|(_, s)| s.node.is_some() && s.node != self.head_node)
+            .filter(|(_, s)| s.asked_for.as_deref().unwrap_or(&s.name) == name)
             .filter(|(_, s)| s.host.as_deref() == Some(host))
             .map(|(&session, _)| session)
             .collect();

@@ -115,7 +115,12 @@ impl HeadCore {
                     core = HeadCore::restore(now, replaying.clone(), &state)?;
                     from_snapshot = true;
                 }
-                JournalEntry::Opened { session, hello, host } => {
+                JournalEntry::Opened { session, mut hello, host } => {
+                    // Accepted when it was kept: a journal of an earlier protocol version still
+                    // replays its sessions (their peers, of that version, cannot take them up).
+                    if let PeerToHead::Hello { protocol_version, .. } = &mut hello {
+                        *protocol_version = chia_core::protocol::PROTOCOL_VERSION;
+                    }
                     match core.open_session(now, "journal", hello) {
                         Ok(opened) if opened == session => {
                             if let Some(peer) = core.sessions.get_mut(&session) {
@@ -407,6 +412,7 @@ impl HeadCore {
                     peer.name
                 );
                 peer.detached_until = Some(deadline);
+                self.congested.remove(&session);
                 self.pause_node_of(session);
                 if self.options.journal_id.is_some() {
                     self.outbox.push(Action::Keep(JournalEntry::Detached { session }));

@@ -51,6 +51,7 @@ impl HeadCore {
         let decoded = rmp_serde::from_slice::<HeadCore>(state);
         RESTORED_AT.with(|at| at.set(previous));
         let mut core = decoded?;
+        core.scheduler.fill_in_older_snapshot();
         core.persisted = match (options.keep_services, core.persisted.take()) {
             (true, kept) => Some(kept.unwrap_or_default()),
             (false, _) => None,

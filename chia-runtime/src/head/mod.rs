@@ -643,14 +643,21 @@ impl Drop for Handshake {
 
 async fn serve_connection(incoming: quinn::Incoming, handshake: Handshake, shared: Arc<Shared>) {
     let remote = incoming.remote_address();
-    let connection = match incoming.await {
-        Ok(connection) => connection,
-        Err(e) => {
+    // One deadline from the first packet to the hello: QUIC restarts its idle timer at every
+    // packet, so a peer trickling handshake packets would otherwise hold its place for ever.
+    let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
+    let connection = match tokio::time::timeout_at(deadline, incoming).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(e)) => {
             tracing::warn!("rejected a connection from {remote}: authentication failed ({e})");
             return;
         }
+        Err(_) => {
+            tracing::warn!("{remote} did not finish its handshake in {HELLO_TIMEOUT:?}; dropped");
+            return;
+        }
     };
-    let (send, recv) = match tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi()).await {
+    let (send, recv) = match tokio::time::timeout_at(deadline, connection.accept_bi()).await {
         Ok(Ok(streams)) => streams,
         Ok(Err(e)) => {
             tracing::debug!("{remote} closed before opening its control stream: {e}");
@@ -669,7 +676,7 @@ async fn serve_connection(incoming: quinn::Incoming, handshake: Handshake, share
         let _ = sender.send(&HeadToPeer::Rejected { reason });
         sender.close();
     };
-    let first = match tokio::time::timeout(HELLO_TIMEOUT, reader.next_frame()).await {
+    let first = match tokio::time::timeout_at(deadline, reader.next_frame()).await {
         Ok(Ok(Some(frame))) => decode_body::<PeerToHead>(frame),
         Ok(Ok(None)) => return,
         Ok(Err(e)) => return reject(format!("bad first frame: {e}")),
@@ -688,6 +695,9 @@ async fn serve_connection(incoming: quinn::Incoming, handshake: Handshake, share
         let opened = state.core.open_session(now, &remote.to_string(), first);
         if let Ok(session) = opened {
             let received = connection.stats().udp_rx.bytes;
+            // A session taken up again on this connection starts uncongested, whatever its
+            // previous connection was.
+            state.core.set_congested(session, false);
             let congested = congested.clone();
             let peer = Peer { sender: sender.clone(), connection: connection.clone(), congested, received };
             state.peers.insert(session, peer);
@@ -702,8 +712,12 @@ async fn serve_connection(incoming: quinn::Incoming, handshake: Handshake, share
     let reason = loop {
         sender.wait_for_backlog_below(SEND_BACKLOG_LIMIT).await;
         if congested.load(Ordering::Acquire) && sender.backlog() <= SEND_BACKLOG_LIMIT / 2 {
-            congested.store(false, Ordering::Release);
-            shared.apply(|core| core.set_congested(session, false));
+            // Under the lock the sends that set it run under, so the flag and the core agree.
+            shared.apply(|core| {
+                if congested.swap(false, Ordering::AcqRel) {
+                    core.set_congested(session, false);
+                }
+            });
         }
         match reader.next_frame().await {
             Ok(Some(frame)) => match decode_body::<PeerToHead>(frame) {

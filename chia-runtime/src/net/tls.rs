@@ -136,8 +136,13 @@ impl HeadCredentials {
         let mut config = quinn::EndpointConfig::new(Arc::new(key));
         // The connection ids must pass the restarted head's check too, or it drops the old
         // connections' packets as invalid instead of resetting them: their hash key comes
-        // from the same secret.
-        let cid_key = u64::from_le_bytes(secret[..8].try_into().expect("a SHA-256 digest has 32 bytes"));
+        // from the same private key, under a label of its own (ids are seen on the wire, and
+        // their hash is no MAC: it must not give away the reset key).
+        let cid_secret = sha2::Sha256::new()
+            .chain_update(b"chia connection ids\0")
+            .chain_update(self.head_key.as_bytes())
+            .finalize();
+        let cid_key = u64::from_le_bytes(cid_secret[..8].try_into().expect("a SHA-256 digest has 32 bytes"));
         config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
         config
     }

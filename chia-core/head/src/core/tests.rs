@@ -295,6 +295,22 @@ fn a_worker_joining_again_from_its_host_replaces_its_predecessor_at_once() {
 }
 
 #[test]
+fn a_worker_given_a_suffix_is_replaced_by_what_it_asked_for_not_by_its_suffix() {
+    let mut env = Env::new();
+    let first = env.worker_from("10.0.0.1:5000", "w", "CPU=1", &["f"]);
+    let second = env.worker_from("10.0.0.2:5000", "w", "CPU=1", &["f"]);
+    assert_eq!(env.node_name(second), Some("w-2"));
+    // Asking for the suffix itself from another host is another worker again.
+    let third = env.worker_from("10.0.0.3:5000", "w-2", "CPU=1", &["f"]);
+    assert!(env.closed.is_empty());
+    assert_ne!(env.node_name(third), Some("w-2"));
+    // The second worker restarts on its host, asking for "w" as before: its predecessor goes.
+    let again = env.worker_from("10.0.0.2:5001", "w", "CPU=1", &["f"]);
+    assert_eq!(env.closed, [second]);
+    assert!(env.node_name(first) == Some("w") && env.node_name(again).is_some_and(|n| n.starts_with("w-")));
+}
+
+#[test]
 fn an_unacknowledged_dispatch_to_a_worker_that_is_replaced_costs_no_attempt() {
     let mut env = Env::new();
     let old = env.worker_from("[::1]:41000", "w", "CPU=1", &["f"]);

@@ -249,8 +249,10 @@ struct Task {
     dependents: Dependents,
     /// Times it was dispatched (the attempt number its node is sent).
     attempts: u32,
-    /// Attempts that really ran: acknowledged by their node, or reported finished.
-    #[serde(default)]
+    /// Attempts that really ran: acknowledged by their node, or reported finished. Missing
+    /// from a snapshot of a head that did not count them: then every dispatch counts
+    /// ([`Scheduler::fill_in_older_snapshot`]).
+    #[serde(default = "runs_not_counted")]
     runs: u32,
     /// Runs allowed in all (`max_retries + 1`), or [`UNLIMITED`].
     max_attempts: u32,
@@ -286,6 +288,11 @@ impl Retry {
 
 fn acknowledged() -> bool {
     true
+}
+
+/// Read as "not counted" (no task can run this often) and replaced at once.
+fn runs_not_counted() -> u32 {
+    u32::MAX
 }
 
 /// Whether a running task's node was asked to cancel it, and how firmly.
@@ -491,6 +498,16 @@ impl Scheduler {
     /// How many times `task` was dispatched, or `None` if the scheduler does not know it.
     pub fn attempts(&self, task: TaskId) -> Option<u32> {
         Some(self.tasks.get(*self.task_index.get(&task)?)?.attempts)
+    }
+
+    /// After a restore: a snapshot of a head that counted dispatches only has every dispatch
+    /// count as a run, as that head did (a task that may not be retried must not run twice).
+    pub(crate) fn fill_in_older_snapshot(&mut self) {
+        for (_, task) in self.tasks.iter_mut() {
+            if task.runs == runs_not_counted() {
+                task.runs = task.attempts;
+            }
+        }
     }
 
     /// How many of `task`'s attempts really ran (were acknowledged or reported), or `None` if
