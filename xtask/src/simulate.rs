@@ -217,6 +217,7 @@ impl Totals {
                         "worker_crashes": report.faults.worker_crashes,
                         "freezes": report.faults.freezes,
                         "written_off": report.faults.written_off,
+                        "replaced": report.faults.replaced,
                         "driver_crashes": report.faults.driver_crashes,
                         "head_crashes": report.faults.head_crashes,
                         "compactions": report.compactions,
@@ -225,7 +226,7 @@ impl Totals {
                     println!("{line}");
                 } else {
                     println!(
-                        "seed {seed}: ok, {} steps ({:.0}/s), {} decisions ({:.0}/s), largest queue {}, {:.1?} virtual in {:.2?}, {} tasks, faults: {} crashed, {} frozen, {} written off, {} drivers lost, {} head restarts, {} journal compactions",
+                        "seed {seed}: ok, {} steps ({:.0}/s), {} decisions ({:.0}/s), largest queue {}, {:.1?} virtual in {:.2?}, {} tasks, faults: {} crashed, {} frozen, {} written off, {} replaced, {} drivers lost, {} head restarts, {} journal compactions",
                         report.steps,
                         per_second(report.steps, wall),
                         report.dispatches,
@@ -237,6 +238,7 @@ impl Totals {
                         report.faults.worker_crashes,
                         report.faults.freezes,
                         report.faults.written_off,
+                        report.faults.replaced,
                         report.faults.driver_crashes,
                         report.faults.head_crashes,
                         report.compactions,

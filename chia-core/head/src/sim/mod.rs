@@ -220,6 +220,8 @@ pub struct Faults {
     pub freezes: u64,
     /// Workers the head wrote off (it closed their connection).
     pub written_off: u64,
+    /// Worker sessions the head closed because the worker joined again from its host.
+    pub replaced: u64,
     pub driver_crashes: u64,
     /// Times the head crashed and started again from its journal.
     pub head_crashes: u64,

@@ -31,6 +31,10 @@ fn run_seeds(seeds: std::ops::Range<u64>, config: impl Fn(u64) -> Config) -> Vec
 fn seeds_0_to_55_with_faults() {
     let reports = run_seeds(0..55, small);
     assert!(reports.iter().any(|r| r.faults.written_off > 0), "some seed has a worker written off");
+    assert!(
+        reports.iter().any(|r| r.faults.replaced > 0),
+        "some seed has a restarted worker replace its node"
+    );
     assert!(reports.iter().any(|r| r.faults.worker_crashes > 0 && r.faults.driver_crashes > 0));
 }
 

@@ -694,6 +694,16 @@ impl World {
         }
     }
 
+    /// The address connection `conn` comes from: a worker's host is its slot, so a worker
+    /// process started again in the slot joins from the same host, as a restarted one does
+    /// (and replaces its predecessor, if the head still has it).
+    fn remote_of(&self, conn: usize) -> String {
+        match self.conns[conn].peer {
+            Peer::Worker(slot) => format!("10.0.{}.{}:{}", slot / 250, 1 + slot % 250, 40000 + conn % 20000),
+            Peer::Driver(_) => format!("sim-conn-{conn}"),
+        }
+    }
+
     fn deliver_to_head(&mut self, conn: usize, message: PeerToHead) -> Step {
         let now = self.instant(self.now);
         let c = &self.conns[conn];
@@ -718,7 +728,7 @@ impl World {
             {
                 self.decided_before.insert(session, 1 + peer.held.len());
             }
-            return match self.head.open_session(now, &format!("sim-conn-{conn}"), message) {
+            return match self.head.open_session(now, &self.remote_of(conn), message) {
                 Ok(session) if Some(session) == self.conns[conn].session => {
                     for task in starts {
                         self.note_service(task);
@@ -743,7 +753,7 @@ impl World {
         match (c.session, c.open) {
             (None, _) if c.cut => Ok(()), // The hello died with its connection.
             (None, _) => {
-                let remote = format!("sim-conn-{conn}");
+                let remote = self.remote_of(conn);
                 let session = self
                     .head
                     .open_session(now, &remote, message)
@@ -924,7 +934,10 @@ impl World {
                         self.send_to_peer(conn, Event::ToPeer { conn, message: Box::new(message) });
                     }
                 }
-                Action::Close { session, reason, .. } => {
+                Action::Close { session, reason, code } => {
+                    if code == chia_core::protocol::CloseCode::Replaced {
+                        self.report.faults.replaced += 1;
+                    }
                     self.report.digest =
                         mix64(self.report.digest ^ mix64(!session.0) ^ model::digest(reason.as_bytes()));
                     let Some(&conn) = self.sessions.get(&session) else {
