@@ -31,10 +31,6 @@ fn run_seeds(seeds: std::ops::Range<u64>, config: impl Fn(u64) -> Config) -> Vec
 fn seeds_0_to_55_with_faults() {
     let reports = run_seeds(0..55, small);
     assert!(reports.iter().any(|r| r.faults.written_off > 0), "some seed has a worker written off");
-    assert!(
-        reports.iter().any(|r| r.faults.replaced > 0),
-        "some seed has a restarted worker replace its node"
-    );
     assert!(reports.iter().any(|r| r.faults.worker_crashes > 0 && r.faults.driver_crashes > 0));
 }
 
@@ -147,6 +143,12 @@ fn seeds_with_head_crashes() {
     let reports = run_seeds(5000..5030, |seed| Config { services: false, ..with_head_crashes(seed) });
     let crashes: Vec<u64> = reports.iter().map(|r| r.faults.head_crashes).collect();
     assert!(crashes.iter().filter(|&&c| c > 0).count() > 20, "the head crashes: {crashes:?}");
+    // A crashed worker's session is closed at once while the head runs; one that died while the
+    // head was down is still held for it when its successor joins from the same host.
+    assert!(
+        reports.iter().any(|r| r.faults.replaced > 0),
+        "some seed has a restarted worker replace the node the head held for its predecessor"
+    );
 }
 
 #[test]
