@@ -76,6 +76,22 @@ impl fmt::Debug for TaskId {
     }
 }
 
+/// Reads `task-3.7` (as displayed) or `3.7`.
+impl std::str::FromStr for TaskId {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<TaskId, String> {
+        let bad = || format!("{text:?} is not a task id (they look like task-3.7: session 3, task 7)");
+        let (session, seq) = text.strip_prefix("task-").unwrap_or(text).split_once('.').ok_or_else(bad)?;
+        let session: u64 = session.parse().map_err(|_| bad())?;
+        let seq: u64 = seq.parse().map_err(|_| bad())?;
+        if session >= 1 << (64 - TaskId::SEQ_BITS) || seq >= 1 << TaskId::SEQ_BITS {
+            return Err(bad());
+        }
+        Ok(TaskId::new(SessionId(session), seq))
+    }
+}
+
 impl fmt::Display for TaskId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "task-{}.{}", self.session().0, self.seq())

@@ -6,6 +6,7 @@
 //! - [`error`]: the errors a task can end with, as they travel on the wire;
 //! - [`function`]: what identifies a remote function (name + signature hash) and its scheduling options;
 //! - [`tags`]: tag patterns that match a whole call tag (cache, bypass and result-watch rules);
+//! - [`inspect`]: the questions `chia status`, `list`, `show` and `explain` ask the head, and its answers;
 //! - [`names`]: the closest known name to a misspelt one, for "did you mean …?" messages.
 //!
 //! The runtime (`chia-runtime`) builds the head, workers and drivers on top of these types;
@@ -14,6 +15,7 @@
 pub mod error;
 pub mod function;
 pub mod ids;
+pub mod inspect;
 pub mod names;
 pub mod protocol;
 pub mod resources;

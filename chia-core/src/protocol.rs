@@ -9,12 +9,13 @@
 
 use crate::error::TaskError;
 use crate::function::FunctionKey;
+use crate::inspect::{CancelTarget, Query};
 use crate::ids::{NodeId, ServiceId, SessionId, TaskId};
 use crate::resources::Resources;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a change is not backwards compatible.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The largest frame either side accepts: it bounds task arguments and results too.
 pub const MAX_FRAME_BYTES: usize = 512 << 20;
@@ -224,6 +225,51 @@ pub enum PeerToHead {
     },
     /// A worker is alive (sent every `heartbeat_ms` the head asked for in its welcome).
     Heartbeat,
+    /// A heartbeat that also carries what the worker measured (sent every few heartbeats), so
+    /// the head's metrics endpoint serves the whole cluster.
+    Figures(WorkerFigures),
+    /// A question about the cluster (any member may ask); answered as `Done { task }` with the
+    /// encoded [`Answer`](crate::inspect::Answer). Changes nothing.
+    Inspect {
+        task: TaskId,
+        query: Query,
+    },
+    /// Cancel tasks whoever submitted them (the `chia cancel` command; members are trusted
+    /// with the cluster's tasks); answered as `Done { task }` with the encoded
+    /// [`Cancelled`](crate::inspect::Cancelled).
+    CancelTasks {
+        task: TaskId,
+        target: CancelTarget,
+        force: bool,
+    },
+}
+
+/// What a worker measured of itself, sent with its heartbeats.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerFigures {
+    /// Resident memory of the worker process and its task processes, in bytes.
+    pub memory_bytes: u64,
+    /// CPU time the worker process used, in milliseconds (its children's once they ended).
+    pub cpu_ms: u64,
+    /// Tasks and service calls running on it now.
+    pub running: u64,
+    /// Attempts it has run since it started, and those that ran a bypass provider instead.
+    pub attempts: u64,
+    pub bypassed: u64,
+    /// Figures of the services it hosts (the cache's hits, misses, bytes ...).
+    #[serde(default)]
+    pub services: Vec<ServiceFigure>,
+}
+
+/// One figure a hosted service reports: a counter or gauge named in Prometheus style
+/// (`cache_hits_total`), for the service named `service`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceFigure {
+    pub service: String,
+    pub name: String,
+    pub help: String,
+    pub counter: bool,
+    pub value: u64,
 }
 
 impl PeerToHead {
@@ -233,7 +279,9 @@ impl PeerToHead {
     /// starts go in [`ResumeSession::starts`] instead).
     pub fn repeatable_request(&self) -> Option<TaskId> {
         match self {
-            PeerToHead::LookupService { task, .. } | PeerToHead::StopService { task, .. } => Some(*task),
+            PeerToHead::LookupService { task, .. }
+            | PeerToHead::StopService { task, .. }
+            | PeerToHead::Inspect { task, .. } => Some(*task),
             _ => None,
         }
     }

@@ -57,6 +57,9 @@ pub struct CoreOptions {
     /// their peers to take up again; a peer that stays away longer loses its session (its tasks
     /// run elsewhere, its results are freed).
     pub resume_grace: Duration,
+    /// The watchdog reports queued tasks that a node had the function and room for, and that
+    /// were not placed, once they have waited this long (and were seen so for as long).
+    pub stuck_after: Duration,
 }
 
 impl Default for CoreOptions {
@@ -67,6 +70,7 @@ impl Default for CoreOptions {
             keep_services: false,
             journal_id: None,
             resume_grace: Duration::from_secs(60),
+            stuck_after: Duration::from_secs(60),
         }
     }
 }
@@ -92,6 +96,15 @@ pub(crate) struct Session {
     pub(crate) asked_for: Option<String>,
     /// Messages handled from the session so far (the sequence number of the last one).
     pub(crate) frames: u64,
+    /// The address it connected from.
+    #[serde(default)]
+    pub(crate) address: Option<String>,
+    /// When it opened (after a restart: when the head recovered it).
+    #[serde(skip, default = "crate::snapshot::restored_at")]
+    pub(crate) opened: Instant,
+    /// What its worker last reported with a heartbeat.
+    #[serde(skip)]
+    pub(crate) figures: Option<Box<chia_core::protocol::WorkerFigures>>,
     /// Recovered from the journal and not taken up again yet: until this deadline its frames
     /// wait in `held`, then the session is closed.
     #[serde(skip)]
@@ -104,13 +117,16 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    fn new(name: String, node: Option<NodeId>) -> Session {
+    fn new(now: Instant, name: String, node: Option<NodeId>) -> Session {
         Session {
             name,
             node,
             host: None,
             asked_for: None,
             frames: 0,
+            address: None,
+            opened: now,
+            figures: None,
             detached_until: None,
             held: Vec::new(),
             resumed: None,
@@ -145,18 +161,32 @@ pub(crate) struct TaskRecord {
     /// The scheduler heard of it (a function task that waited for service calls may end
     /// before it does).
     pub(crate) scheduled: bool,
+    /// Its place in the order records were made, across sessions (listings are newest first).
+    #[serde(default)]
+    pub(crate) order: u64,
+    /// When it was submitted (after a restart: when the head recovered it).
+    #[serde(skip, default = "crate::snapshot::restored_at")]
+    pub(crate) submitted_at: Instant,
+    /// Its runs so far (function tasks; not kept in a snapshot).
+    #[serde(skip)]
+    pub(crate) runs: Vec<crate::observe::Run>,
+    /// Bytes of the arguments given as values (kept after the arguments are dropped).
+    #[serde(default)]
+    pub(crate) argument_bytes: u64,
 }
 
 impl TaskRecord {
     /// A record of a request `owner` made, not placed yet, held by its owner, taking `args`
     /// (whose refs are `deps`); part of the owner's own job, not bypassed.
     pub(crate) fn new(
+        now: Instant,
         owner: SessionId,
         function: String,
         args: Vec<Arg>,
         deps: Vec<TaskId>,
         kind: TaskKind,
     ) -> TaskRecord {
+        let argument_bytes = crate::observe::value_bytes(&args);
         TaskRecord {
             owner,
             function,
@@ -172,6 +202,10 @@ impl TaskRecord {
             dependents: 0,
             kind,
             scheduled: false,
+            order: 0,
+            submitted_at: now,
+            runs: Vec::new(),
+            argument_bytes,
         }
     }
 }
@@ -234,6 +268,10 @@ pub struct HeadCore {
     /// The time of the input being handled: everything decided meanwhile happens then.
     #[serde(skip, default = "crate::snapshot::restored_at")]
     pub(crate) now: Instant,
+    /// What `chia status` and the metrics read, kept as things happen (rebuilt after a
+    /// recovery: counts since this head started).
+    #[serde(skip, default = "crate::observe::Observer::restored")]
+    pub(crate) observer: crate::observe::Observer,
 }
 
 impl HeadCore {
@@ -260,24 +298,17 @@ impl HeadCore {
             outbox: Outbox::default(),
             grace_until: None,
             now,
+            observer: crate::observe::Observer::new(now),
         }
     }
 
     /// A snapshot of what the head holds now.
     pub fn stats(&self) -> HeadStats {
-        let result_bytes = self
-            .tasks
-            .values()
-            .map(|r| match &r.outcome {
-                Some(Outcome::Value(value)) => value.len(),
-                _ => 0,
-            })
-            .sum();
         HeadStats {
             sessions: self.sessions.len(),
             nodes: self.nodes.len(),
             tasks: self.tasks.len(),
-            result_bytes,
+            result_bytes: self.observer.result_bytes() as usize,
         }
     }
 
@@ -312,10 +343,11 @@ impl HeadCore {
     }
 
     /// When [`HeadCore::handle_timeout`] must next run, if nothing else happens before: the
-    /// moment the longest-silent worker would be written off.
+    /// moment the longest-silent worker would be written off, or the watchdog's next look
+    /// while tasks are queued.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let expiry = self.scheduler.next_expiry(self.options.heartbeat_timeout);
-        expiry.into_iter().chain(self.grace_until).min()
+        expiry.into_iter().chain(self.grace_until).chain(self.watchdog_deadline()).min()
     }
 
     /// The deadline of [`HeadCore::poll_timeout`] passed: writes off the workers not heard
@@ -342,6 +374,7 @@ impl HeadCore {
             self.close(session, "not heard from in time");
         }
         self.end_expired_graces(now);
+        self.watchdog_look(now);
     }
 
     /// Bytes arrived from `session` although no whole frame did (a large one is on its way):
@@ -502,7 +535,12 @@ impl HeadCore {
         let asked_for = (worker.is_some() && name != asked).then_some(asked);
         self.sessions.insert(
             session,
-            Session { host: host.map(str::to_string), asked_for, ..Session::new(name.clone(), node) },
+            Session {
+                host: host.map(str::to_string),
+                asked_for,
+                address: host.is_some().then(|| remote.to_string()),
+                ..Session::new(now, name.clone(), node)
+            },
         );
         if let (Some(node), Some(offer)) = (node, worker) {
             self.nodes.insert(node, session);
@@ -601,6 +639,9 @@ impl HeadCore {
                         .get(&task)
                         .is_some_and(|r| r.running_on == Some(node) && r.attempt == attempt)
                 {
+                    if let Some(record) = self.tasks.get_mut(&task) {
+                        crate::observe::run_started(self.now, record);
+                    }
                     self.feed(Event::TaskStarted { task, node });
                 }
             }
@@ -625,26 +666,46 @@ impl HeadCore {
             PeerToHead::InstanceStopped { service } => self.instance_stopped(session, service),
             PeerToHead::SetJobSettings(settings) => self.set_job_settings(session, settings),
             PeerToHead::Cancel { task, force } => {
-                if self
-                    .tasks
-                    .get(&task)
-                    .is_some_and(|r| r.owner == session && matches!(r.kind, TaskKind::Function))
-                {
-                    if self.services.deferred.remove(&task).is_some() {
-                        // Still waiting for a service call: the scheduler never heard of it.
-                        let function = self.tasks.get(&task).map(|r| r.function.clone()).unwrap_or_default();
-                        self.release_deps(task);
-                        self.settle(task, Outcome::Failed(TaskError::Cancelled { function }));
-                    } else {
-                        self.feed(Event::TaskCancelled { task, force });
-                    }
+                if self.tasks.get(&task).is_some_and(|r| r.owner == session) {
+                    self.cancel(task, force);
                 }
             }
             PeerToHead::Heartbeat => {}
+            PeerToHead::Figures(figures) => {
+                if let Some(peer) = self.sessions.get_mut(&session) {
+                    peer.figures = Some(Box::new(figures));
+                }
+            }
+            PeerToHead::Inspect { task, query } => {
+                let answer = self.answer(&query);
+                self.reply(session, task, Ok(&answer));
+            }
+            PeerToHead::CancelTasks { task, target, force } => {
+                let cancelled = self.cancel_tasks(&target, force);
+                self.reply(session, task, Ok(&cancelled));
+            }
             PeerToHead::Hello { .. } | PeerToHead::Resume(_) => {
                 tracing::warn!("{session} sent a second hello; ignored")
             }
         }
+    }
+
+    /// Cancels a function task that has not ended: dropped if it has not started, told to stop
+    /// if it runs. Returns whether it was one to cancel.
+    pub(crate) fn cancel(&mut self, task: TaskId, force: bool) -> bool {
+        let Some(record) = self.tasks.get(&task) else { return false };
+        if !matches!(record.kind, TaskKind::Function) || record.outcome.is_some() {
+            return false;
+        }
+        if self.services.deferred.remove(&task).is_some() {
+            // Still waiting for a service call: the scheduler never heard of it.
+            let function = record.function.clone();
+            self.release_deps(task);
+            self.settle(task, Outcome::Failed(TaskError::Cancelled { function }));
+        } else {
+            self.feed(Event::TaskCancelled { task, force });
+        }
+        true
     }
 
     pub(crate) fn runs_on_session(&self, task: TaskId, session: SessionId) -> bool {
@@ -669,6 +730,7 @@ impl HeadCore {
             job: spec.job.unwrap_or(session),
             bypass: spec.bypass.map(Box::new),
             ..TaskRecord::new(
+                self.now,
                 session,
                 spec.function.name.clone(),
                 spec.args,
@@ -676,7 +738,7 @@ impl HeadCore {
                 TaskKind::Function,
             )
         };
-        self.tasks.insert(task, record);
+        self.add_record(task, record);
         let submitted = Event::TaskSubmitted {
             task,
             function: spec.function,
@@ -722,6 +784,7 @@ impl HeadCore {
             TaskKind::Function => {
                 record.running_on = None;
                 let cancelled = self.scheduler.is_cancelled(task);
+                crate::observe::run_ended(self.now, record, crate::observe::RunEnd::Reported(&outcome));
                 match outcome {
                     // Its owner asked for it to stop: it ends cancelled, whatever it returned.
                     Outcome::Value(_) if cancelled => {
@@ -760,6 +823,7 @@ impl HeadCore {
         if let (HEAD_SESSION, Outcome::Failed(error)) = (record.owner, &outcome) {
             tracing::warn!("{} failed: {error}", record.function);
         }
+        self.observer.settled(self.now, record, &outcome);
         record.outcome = Some(outcome);
         // It ended, so it is not sent again: its arguments and the values it took can go.
         record.args = Vec::new();
@@ -868,6 +932,8 @@ impl HeadCore {
         }
         record.running_on = Some(node);
         record.attempt = attempt;
+        let node_name = self.sessions.get(&session).map_or("?", |s| s.name.as_str());
+        self.observer.dispatched(self.now, record, attempt, node_name);
         let Err(e) = self.send_execute(task, session) else { return };
         // The arguments together exceed what a frame may carry: the task can never be sent.
         let name = self.tasks.get(&task).map(|r| r.function.clone()).unwrap_or_default();
@@ -927,7 +993,7 @@ impl HeadCore {
         {
             return;
         }
-        self.tasks.remove(&task);
+        self.remove_record(task);
         self.feed(Event::TaskForgotten { task });
     }
 
@@ -972,6 +1038,7 @@ impl HeadCore {
         }
         self.jobs.remove(&session);
         self.congested.remove(&session);
+        self.observer.session_closed(session);
         tracing::info!("{} ({session}) left: {reason}", closed.name);
         self.outbox.close(session, reason, code);
         self.stop_services_of(session);
@@ -982,6 +1049,7 @@ impl HeadCore {
             for record in self.tasks.values_mut() {
                 if record.running_on == Some(node) && matches!(record.kind, TaskKind::Function) {
                     record.running_on = None;
+                    crate::observe::run_ended(self.now, record, crate::observe::RunEnd::WorkerLost);
                 }
             }
             self.nodes.remove(&node);
@@ -998,7 +1066,7 @@ impl HeadCore {
                 if record.outcome.is_none() && record.running_on.is_none() {
                     // Dropped from the queue by SessionClosed: it will never end on its own.
                     self.release_deps(task);
-                    self.tasks.remove(&task);
+                    self.remove_record(task);
                     self.services.deferred.remove(&task);
                     // What waited for it (another session's call or task) learns it is gone.
                     for waiter in self.services.waiting_calls.remove(&task).unwrap_or_default() {

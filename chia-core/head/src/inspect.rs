@@ -60,8 +60,17 @@ impl HeadCore {
     /// Checks that the task records agree with the scheduler and the sessions: a task runs
     /// only on a joined node, a function task's record and its scheduler entry say the same
     /// (running on the same node, waiting, or ended), and a ref is held only by an open
-    /// session. The error names the disagreement of the lowest task id.
+    /// session; and that the counts kept for `chia status` agree with the records. The error
+    /// names the disagreement of the lowest task id.
     pub fn check_consistency(&self) -> Result<(), String> {
+        self.scheduler.check_counts()?;
+        self.check_observed_counts()?;
+        if let Some(stuck) = self.status().stuck.first() {
+            return Err(format!(
+                "the watchdog found {} queued task(s) of {} that {} has room for, not placed for {} ms",
+                stuck.queued, stuck.function, stuck.fits_on, stuck.oldest_ms_ago
+            ));
+        }
         if self.nodes.len() != self.scheduler.node_count() {
             return Err(format!(
                 "the core has {} nodes, its scheduler {}",

@@ -76,6 +76,8 @@ pub fn changes_state(message: &PeerToHead) -> bool {
         PeerToHead::Fetch { .. }
             | PeerToHead::Ping { .. }
             | PeerToHead::Heartbeat
+            | PeerToHead::Figures(_)
+            | PeerToHead::Inspect { .. }
             | PeerToHead::LookupService { .. }
             | PeerToHead::Hello { .. }
             | PeerToHead::Resume(_)
@@ -160,6 +162,7 @@ impl HeadCore {
             while core.outbox.pop().is_some() {}
         }
         core.options.journal_id = journal_id;
+        core.recount();
         let deadline = now + core.options.resume_grace;
         // Until their workers are back, nothing new goes to their nodes: one that never comes
         // back would hold its tasks for the whole grace period. Paused first, so that what the

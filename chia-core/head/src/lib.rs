@@ -12,6 +12,9 @@
 //!   which rebuilds a head from them after a restart while the previous run's peers take up
 //!   their sessions again; [`HeadCore::snapshot`] writes the whole state as one record, from
 //!   which a journal starts again (compaction).
+//! - [`observe`]: the answers to `chia status`, `list`, `show`, `explain` and `cancel`, the
+//!   stuck-task watchdog and the figures of the metrics endpoint ([`HeadCore::metrics`]),
+//!   from counts kept as tasks move.
 //! - [`PersistedService`]: what the head keeps of a detached service to start it again.
 //!
 //! The runtime's head (`chia_runtime::head`) is the thin driver around it: it accepts and
@@ -20,6 +23,7 @@
 mod core;
 mod inspect;
 pub mod journal;
+pub mod observe;
 mod outbox;
 mod persist;
 #[cfg(test)]

@@ -104,6 +104,11 @@ pub(crate) struct Services {
 }
 
 impl Services {
+    /// Services registered now (being placed, running, restarting or stopping).
+    pub(crate) fn running_count(&self) -> usize {
+        self.records.len()
+    }
+
     /// Whether `task`'s announcement waits for writes to watching services.
     pub(crate) fn announce_waits(&self, task: TaskId) -> bool {
         self.pending_writes.contains_key(&task)
@@ -111,6 +116,37 @@ impl Services {
 }
 
 impl HeadCore {
+    /// Every registered service, by namespace and name.
+    pub(crate) fn service_views(&self) -> Vec<chia_core::inspect::ServiceView> {
+        let node_name = |node: NodeId| self.nodes.get(&node).and_then(|s| self.session_name(*s)).map(str::to_string);
+        let mut views: Vec<chia_core::inspect::ServiceView> = self
+            .services
+            .records
+            .values()
+            .map(|record| chia_core::inspect::ServiceView {
+                id: record.info.id,
+                name: record.info.name.clone(),
+                namespace: record.info.namespace.clone(),
+                type_name: record.info.type_name.clone(),
+                node: record.host.and_then(node_name),
+                detached: record.info.detached,
+                state: if record.stopping {
+                    "stopping"
+                } else if record.restarting {
+                    "restarting"
+                } else if record.ready {
+                    "running"
+                } else {
+                    "starting"
+                }
+                .to_string(),
+                owner: self.session_name(record.owner).map(str::to_string),
+            })
+            .collect();
+        views.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        views
+    }
+
     /// A write to a watching service ended: the result it was for may be announced now.
     pub(crate) fn written_for_watcher(&mut self, write: TaskId) {
         let Some(result) = self.services.writes.remove(&write) else { return };
@@ -124,7 +160,7 @@ impl HeadCore {
     }
 
     /// Answers a request (start, lookup, stop) with a value, or an error.
-    fn reply<T: serde::Serialize>(
+    pub(crate) fn reply<T: serde::Serialize>(
         &mut self,
         session: SessionId,
         task: TaskId,
@@ -257,9 +293,9 @@ impl HeadCore {
         let constructor = format!("{}.new", service_type.name);
         let record = TaskRecord {
             scheduled: true,
-            ..TaskRecord::new(owner, constructor, args, deps.clone(), TaskKind::ServiceStart(service))
+            ..TaskRecord::new(self.now, owner, constructor, args, deps.clone(), TaskKind::ServiceStart(service))
         };
-        self.tasks.insert(task, record);
+        self.add_record(task, record);
         // The task is never retried: an instance's state dies with its node (`max_restarts`
         // starts a new one from its constructor instead).
         self.feed(Event::TaskSubmitted {
@@ -433,9 +469,9 @@ impl HeadCore {
             let function = format!("{name}.{method} of {tag:?}");
             let args = vec![Arg::Value(tag_arg), Arg::Value(value_arg)];
             let kind = TaskKind::ServiceCall { service, name, method, missing: 0 };
-            let record = TaskRecord::new(HEAD_SESSION, function, args, Vec::new(), kind);
+            let record = TaskRecord::new(self.now, HEAD_SESSION, function, args, Vec::new(), kind);
             // Nobody holds the answer: the record goes as soon as the write ends.
-            self.tasks.insert(task, TaskRecord { owner_holds: false, ..record });
+            self.add_record(task, TaskRecord { owner_holds: false, ..record });
             *self.services.pending_writes.entry(result).or_default() += 1;
             self.services.writes.insert(task, result);
             self.forward_call(task);
@@ -705,7 +741,7 @@ impl HeadCore {
         let deps = ref_args(&args);
         self.hold_deps(&deps);
         let kind = TaskKind::ServiceCall { service, name: name.to_string(), method, missing: 0 };
-        self.tasks.insert(task, TaskRecord::new(session, function, args, deps.clone(), kind));
+        self.add_record(task, TaskRecord::new(self.now, session, function, args, deps.clone(), kind));
         let mut missing = 0;
         for dep in deps {
             let state =

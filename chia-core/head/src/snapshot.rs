@@ -52,6 +52,7 @@ impl HeadCore {
         RESTORED_AT.with(|at| at.set(previous));
         let mut core = decoded?;
         core.scheduler.fill_in_older_snapshot();
+        core.scheduler.recount();
         core.persisted = match (options.keep_services, core.persisted.take()) {
             (true, kept) => Some(kept.unwrap_or_default()),
             (false, _) => None,

@@ -28,6 +28,7 @@
 //! [`TaskError::Cancelled`] whatever happens next; one that has not started ends at once.
 
 mod index;
+mod overview;
 mod pool;
 #[cfg(test)]
 mod tests;
@@ -40,6 +41,8 @@ use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
+
+pub use overview::{NodeOverview, ShapeOverview, StateCounts};
 
 /// Something that happened, as the head tells the scheduler.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,6 +156,9 @@ pub struct Scheduler {
     next_seq: u64,
     /// Live entries over all shape queues.
     queued: usize,
+    /// Tasks waiting for their dependencies (counted as they move; again after a restore).
+    #[serde(skip)]
+    waiting: usize,
     /// The nodes runs of unfinished tasks were lost with, oldest first (for the error that
     /// ends a task out of retries); kept beside the tasks, which stay small.
     #[serde(default)]
@@ -380,6 +386,7 @@ impl Scheduler {
             task_index: TaskIndex::default(),
             next_seq: 0,
             queued: 0,
+            waiting: 0,
             lost_on: HashMap::new(),
             commands: Vec::new(),
             ready: Vec::new(),
@@ -818,6 +825,9 @@ impl Scheduler {
     /// and drops its reference, removing the shape when nothing uses it any more.
     fn leave_shape(&mut self, state: &State) {
         let Some(s) = state.shape() else { return };
+        if let State::Waiting { .. } = state {
+            self.waiting -= 1;
+        }
         let Some(shape) = self.shapes.get_mut(s) else { return };
         if let State::Queued { .. } = state {
             shape.queued -= 1;
@@ -889,6 +899,9 @@ impl Scheduler {
     }
 
     fn insert_task(&mut self, id: TaskId, seq: u64, state: State, retry: Retry) -> TaskSlot {
+        if let State::Waiting { .. } = state {
+            self.waiting += 1;
+        }
         let slot = self.tasks.insert(Task {
             id,
             seq,
@@ -1210,6 +1223,7 @@ impl Scheduler {
         let Some(task) = self.tasks.get_mut(slot) else { return };
         let State::Waiting { shape: s, missing: 0 } = task.state else { return };
         task.state = State::Queued { shape: s };
+        self.waiting -= 1;
         let seq = task.seq;
         let Some(shape) = self.shapes.get_mut(s) else { return };
         shape.queue.push_back((seq, slot));

@@ -246,6 +246,9 @@ impl World {
             // restart longer than it is ever down.
             journal_id: cfg.head_crashes.then_some(1),
             resume_grace: Duration::from_secs(5),
+            // Short, so the watchdog looks often: a correct scheduler never leaves a task that
+            // fits behind, so any finding fails the run.
+            stuck_after: Duration::from_secs(2),
         };
         let workers: Vec<SimWorker> = (0..cfg.workers.max(1))
             .map(|slot| {

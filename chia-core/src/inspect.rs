@@ -1,0 +1,367 @@
+//! Questions about the cluster and the head's answers: what `chia status`, `chia list`,
+//! `chia show` and `chia explain` ask (as [`PeerToHead::Inspect`]) and print.
+//!
+//! The head answers from what it holds, with counts kept as things happen, so no answer walks
+//! every task: a listing looks at no more records than [`TaskFilter::limit`] plus
+//! [`SCAN_PER_PAGE`], and says where to go on ([`TaskPage::next`]). Times are ages in
+//! milliseconds before the answer (the head's clock is monotonic, not a calendar).
+//!
+//! [`PeerToHead::Inspect`]: crate::protocol::PeerToHead::Inspect
+
+use crate::ids::{ServiceId, SessionId, TaskId};
+use crate::resources::Resources;
+use serde::{Deserialize, Serialize};
+
+/// The most task records one listing page examines (matching or not): a filter that matches
+/// little returns a short page with [`TaskPage::next`] rather than holding the head's lock.
+pub const SCAN_PER_PAGE: usize = 100_000;
+
+/// The most tasks one page returns, whatever the caller asks for.
+pub const MAX_PAGE: usize = 10_000;
+
+/// Ended tasks the head remembers after it freed their records (for `chia show` and
+/// `chia list --state finished`), newest kept.
+pub const ENDED_TASKS_KEPT: usize = 10_000;
+
+/// A question for the head.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Query {
+    /// The whole cluster in one answer ([`ClusterStatus`]).
+    Status,
+    /// Tasks, newest first.
+    Tasks(TaskFilter),
+    Nodes,
+    Services,
+    Jobs,
+    /// One task in detail ([`TaskView`] with its attempts).
+    Task(TaskId),
+    /// One service by name.
+    Service { name: String, namespace: String },
+    /// Why a task is not running ([`Explanation`]).
+    Explain(TaskId),
+}
+
+/// The answer to a [`Query`], the variant of the same name.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Answer {
+    Status(Box<ClusterStatus>),
+    Tasks(TaskPage),
+    Nodes(Vec<NodeView>),
+    Services(Vec<ServiceView>),
+    Jobs(Vec<JobView>),
+    Task(Option<Box<TaskView>>),
+    Service(Option<ServiceView>),
+    Explain(Explanation),
+    /// The question could not be answered as asked (a tag pattern that is not a regex).
+    Refused { reason: String },
+}
+
+/// Where a task is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Some argument task has not finished yet.
+    Waiting,
+    /// Ready, waiting for a node with room.
+    Queued,
+    Running,
+    Finished,
+    Failed,
+    Cancelled,
+}
+
+impl TaskState {
+    pub const ALL: [TaskState; 6] = [
+        TaskState::Waiting,
+        TaskState::Queued,
+        TaskState::Running,
+        TaskState::Finished,
+        TaskState::Failed,
+        TaskState::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Waiting => "waiting",
+            TaskState::Queued => "queued",
+            TaskState::Running => "running",
+            TaskState::Finished => "finished",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn has_ended(self) -> bool {
+        matches!(self, TaskState::Finished | TaskState::Failed | TaskState::Cancelled)
+    }
+}
+
+impl std::fmt::Display for TaskState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for TaskState {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<TaskState, String> {
+        TaskState::ALL.into_iter().find(|state| state.as_str() == text).ok_or_else(|| {
+            let known: Vec<&str> = TaskState::ALL.iter().map(|s| s.as_str()).collect();
+            format!("unknown task state {text:?}; the states are {}", known.join(", "))
+        })
+    }
+}
+
+/// Which tasks a listing returns. Every field narrows it; empty means all.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskFilter {
+    #[serde(default)]
+    pub state: Option<TaskState>,
+    /// The function's exact name.
+    #[serde(default)]
+    pub function: Option<String>,
+    /// A regular expression the whole tag must match (as the cache's tag patterns).
+    #[serde(default)]
+    pub tag: Option<String>,
+    /// The job (its driver's session).
+    #[serde(default)]
+    pub job: Option<SessionId>,
+    /// The node a task runs on, or its last attempt ran on.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// At most this many tasks (capped at [`MAX_PAGE`]).
+    pub limit: usize,
+    /// Go on from a previous page's [`TaskPage::next`].
+    #[serde(default)]
+    pub after: Option<u64>,
+}
+
+/// One page of a task listing, newest first.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskPage {
+    pub tasks: Vec<TaskView>,
+    /// More may match: pass this as [`TaskFilter::after`] for the next page.
+    pub next: Option<u64>,
+}
+
+/// A task as the head knows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskView {
+    pub task: TaskId,
+    pub function: String,
+    pub tag: Option<String>,
+    /// The job (its driver's session) and that driver's name while it is connected.
+    pub job: SessionId,
+    pub job_name: Option<String>,
+    pub state: TaskState,
+    /// Milliseconds since it was submitted.
+    pub submitted_ms_ago: u64,
+    /// Where it runs, or where its last attempt ran.
+    pub node: Option<String>,
+    /// The caller bypassed it (the provider's name, or `data` for a `data:` file).
+    pub bypassed: Option<String>,
+    /// Bytes of its arguments given as values (refs are counted once their value is known).
+    pub argument_bytes: u64,
+    /// Bytes of its result, once it succeeded and while the head holds it.
+    pub result_bytes: Option<u64>,
+    /// The error text, if it failed.
+    pub error: Option<String>,
+    /// Runs so far, oldest first (filled by [`Query::Task`]; empty in listings).
+    #[serde(default)]
+    pub attempts: Vec<AttemptView>,
+    /// The tasks it takes as arguments that have not finished yet.
+    #[serde(default)]
+    pub waiting_for: Vec<TaskId>,
+}
+
+/// One run of a task.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptView {
+    pub attempt: u32,
+    pub node: String,
+    /// Milliseconds ago it was sent to the node.
+    pub sent_ms_ago: u64,
+    /// Milliseconds ago the node said it started it.
+    pub started_ms_ago: Option<u64>,
+    /// Milliseconds ago it ended.
+    pub ended_ms_ago: Option<u64>,
+    /// How it ended: `finished`, the error, `worker lost`; `None` while it runs.
+    pub outcome: Option<String>,
+}
+
+/// The whole cluster.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub head_up_ms: u64,
+    pub nodes: Vec<NodeView>,
+    /// Queued tasks grouped by what they need.
+    pub demand: Vec<Demand>,
+    /// Tasks held now, by state (ended ones while the head keeps their records).
+    pub tasks: TaskCounts,
+    /// Since the head started.
+    pub totals: TaskTotals,
+    pub services: usize,
+    /// Connected drivers.
+    pub jobs: usize,
+    /// Bytes of task results the head holds.
+    pub result_bytes: u64,
+    /// Queued tasks that fit a node with room and the function and were not placed for longer
+    /// than the watchdog's threshold (found by its last look).
+    pub stuck: Vec<Stuck>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskCounts {
+    pub waiting: u64,
+    pub queued: u64,
+    pub running: u64,
+    /// Ended and still held (their results wait to be fetched or used).
+    pub ended: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskTotals {
+    pub submitted: u64,
+    pub finished: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    /// Runs started again after a lost worker or a retried error.
+    pub retried: u64,
+    pub bypassed: u64,
+}
+
+/// A joined worker node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub name: String,
+    /// Where it connected from.
+    pub address: Option<String>,
+    pub up_ms: u64,
+    pub last_heard_ms_ago: u64,
+    pub total: Resources,
+    pub used: Resources,
+    pub free: Resources,
+    pub running: u64,
+    pub functions: Vec<String>,
+    pub service_types: Vec<String>,
+    /// Takes no new tasks: its worker has not come back after a head restart yet.
+    pub paused: bool,
+    /// What its worker reported with its latest heartbeat.
+    #[serde(default)]
+    pub figures: Option<crate::protocol::WorkerFigures>,
+}
+
+/// Queued tasks of one shape (the same function and request).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Demand {
+    pub function: String,
+    pub request: Resources,
+    pub queued: u64,
+    /// Milliseconds since the oldest of them was submitted.
+    pub oldest_ms_ago: u64,
+    /// No connected node could ever hold it, and why.
+    pub infeasible: Option<String>,
+}
+
+/// Queued tasks the watchdog found not placed although a node had room for them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Stuck {
+    pub function: String,
+    pub request: Resources,
+    pub queued: u64,
+    pub oldest_ms_ago: u64,
+    /// A node that has the function and the free resources.
+    pub fits_on: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceView {
+    pub id: ServiceId,
+    pub name: String,
+    pub namespace: String,
+    pub type_name: String,
+    /// Hosting node; `None` while it is being placed (or placed again).
+    pub node: Option<String>,
+    pub detached: bool,
+    /// `starting`, `running`, `restarting` (its node was lost; a new instance is being
+    /// placed) or `stopping`.
+    pub state: String,
+    /// The session that started it, while connected.
+    pub owner: Option<String>,
+}
+
+/// A job: a connected driver and the tasks it submitted (nested calls included).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobView {
+    pub job: SessionId,
+    pub name: String,
+    pub up_ms: u64,
+    /// Tasks of it the head holds that have not ended.
+    pub unfinished: u64,
+    pub submitted: u64,
+}
+
+/// Why a task is where it is.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Explanation {
+    pub task: TaskId,
+    pub state: Option<TaskState>,
+    pub reasons: Vec<Reason>,
+}
+
+/// One reason a task is not running.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The head holds no record of it (never submitted, or ended and forgotten).
+    Unknown,
+    /// It runs: on this node, attempt N.
+    Running { node: String, attempt: u32 },
+    /// It ended.
+    Ended { state: TaskState, error: Option<String> },
+    /// Its argument tasks have not finished.
+    WaitingFor { tasks: Vec<TaskId> },
+    /// A service call waiting for its service to be placed.
+    WaitingForService { service: String },
+    /// No connected node offers the function.
+    NoNodeOffers { function: String },
+    /// Nodes offer the function with another signature (other binaries).
+    SignatureDiffers { function: String, wanted: String, offered: Vec<String> },
+    /// A node has the function but could never hold the request: what it lacks.
+    NeverFits { node: String, short: Vec<Shortfall> },
+    /// A node could hold it, but not now: what is in use.
+    Busy { node: String, short: Vec<Shortfall> },
+    /// A node takes no new tasks (waiting for its worker after a head restart).
+    Paused { node: String },
+    /// Older tasks of its shape are ahead of it.
+    Behind { queued_ahead: u64 },
+    /// A node fits it now and the function is there, yet it is not placed (the watchdog's case).
+    FitsNow { node: String },
+}
+
+/// A resource a node does not have enough of for a request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shortfall {
+    pub resource: String,
+    pub requested: String,
+    /// What the node has: in all ([`Reason::NeverFits`]) or free now ([`Reason::Busy`]).
+    pub available: String,
+}
+
+/// Which tasks a [`PeerToHead::CancelTasks`](crate::protocol::PeerToHead::CancelTasks) stops.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CancelTarget {
+    Task(TaskId),
+    /// Every unfinished task of the job.
+    Job(SessionId),
+}
+
+/// What a cancellation did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cancelled {
+    /// Tasks that were cancelled (dropped from the queue, or told to stop).
+    pub tasks: Vec<TaskId>,
+    /// Tasks the target named that had ended already.
+    pub already_ended: u64,
+}
