@@ -7,6 +7,7 @@
 pub mod client;
 pub mod contain;
 pub mod context;
+pub mod inspect;
 pub(crate) mod job;
 pub mod process;
 pub mod registry;

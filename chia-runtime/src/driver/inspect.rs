@@ -1,0 +1,23 @@
+//! Questions about the cluster from any member (`chia status`, `list`, `show`, `explain`,
+//! `cancel`): sent to the head like a lookup and answered from what it holds. The types are
+//! [`chia_core::inspect`]'s.
+
+use crate::driver::context::{Context, ObjectRef, send_request};
+use crate::error::Error;
+use chia_core::inspect::{Answer, CancelTarget, Cancelled, Query};
+use chia_core::protocol::PeerToHead;
+
+/// Asks the head `query`.
+pub async fn ask(cx: &Context, query: Query) -> Result<Answer, Error> {
+    let answer: ObjectRef<Answer> =
+        send_request(cx, "inspect", Vec::new(), None, |task, _| PeerToHead::Inspect { task, query });
+    answer.get().await
+}
+
+/// Cancels a task, or every unfinished task of a job, whoever submitted them (`force`: their
+/// processes are killed at once).
+pub async fn cancel(cx: &Context, target: CancelTarget, force: bool) -> Result<Cancelled, Error> {
+    let cancelled: ObjectRef<Cancelled> =
+        send_request(cx, "cancel", Vec::new(), None, |task, _| PeerToHead::CancelTasks { task, target, force });
+    cancelled.get().await
+}
