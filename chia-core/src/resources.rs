@@ -16,10 +16,32 @@ pub const CPU: &str = "CPU";
 /// so a task or service can be pinned to one node (`node:head` is the head).
 pub const NODE_PREFIX: &str = "node:";
 
-/// A non-negative amount of a resource, in units of 1/10,000.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
+/// A non-negative amount of a resource, in units of 1/10,000. On the wire (a binary format)
+/// it is the fixed-point integer; in a human-readable format (JSON, YAML) it is the amount
+/// itself (`2.5`), so `chia status --json` reads as the user wrote it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ResourceAmount(u64);
+
+impl Serialize for ResourceAmount {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            serializer.serialize_f64(self.as_f64())
+        } else {
+            serializer.serialize_u64(self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ResourceAmount {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if deserializer.is_human_readable() {
+            let amount = f64::deserialize(deserializer)?;
+            ResourceAmount::from_f64(amount).map_err(serde::de::Error::custom)
+        } else {
+            u64::deserialize(deserializer).map(ResourceAmount)
+        }
+    }
+}
 
 impl ResourceAmount {
     /// How many fixed-point units make one whole resource.
@@ -268,6 +290,17 @@ impl fmt::Display for Resources {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn amounts_are_fixed_point_on_the_wire_and_decimal_in_json() {
+        let resources = Resources::parse("CPU=2,adder=0.25").unwrap();
+        let wire = rmp_serde::to_vec_named(&resources).unwrap();
+        assert_eq!(rmp_serde::from_slice::<Resources>(&wire).unwrap(), resources);
+        let json = serde_json::to_string(&resources).unwrap();
+        assert_eq!(json, r#"{"CPU":2.0,"adder":0.25}"#);
+        assert_eq!(serde_json::from_str::<Resources>(&json).unwrap(), resources);
+        assert!(serde_json::from_str::<Resources>(r#"{"CPU":-1}"#).is_err());
+    }
 
     #[test]
     fn amounts_parse_to_four_decimals() {

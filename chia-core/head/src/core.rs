@@ -677,7 +677,7 @@ impl HeadCore {
                 }
             }
             PeerToHead::Inspect { task, query } => {
-                let answer = self.answer(&query);
+                let answer = self.answer(session, &query);
                 self.reply(session, task, Ok(&answer));
             }
             PeerToHead::CancelTasks { task, target, force } => {

@@ -449,17 +449,18 @@ impl HeadCore {
         }
     }
 
-    /// Answers a question about the cluster.
-    pub fn answer(&self, query: &Query) -> Answer {
+    /// Answers `asker`'s question about the cluster (the asker is left out of the jobs: a
+    /// `chia` command is a driver session too).
+    pub fn answer(&self, asker: SessionId, query: &Query) -> Answer {
         match query {
-            Query::Status => Answer::Status(Box::new(self.status())),
+            Query::Status => Answer::Status(Box::new(self.status_for(Some(asker)))),
             Query::Tasks(filter) => match self.list_tasks(filter) {
                 Ok(page) => Answer::Tasks(page),
                 Err(reason) => Answer::Refused { reason },
             },
             Query::Nodes => Answer::Nodes(self.node_views()),
             Query::Services => Answer::Services(self.service_views()),
-            Query::Jobs => Answer::Jobs(self.job_views()),
+            Query::Jobs => Answer::Jobs(self.job_views(Some(asker))),
             Query::Task(task) => Answer::Task(self.task_view(*task).map(Box::new)),
             Query::Service { name, namespace } => Answer::Service(
                 self.service_views().into_iter().find(|s| &s.name == name && &s.namespace == namespace),
@@ -479,6 +480,10 @@ impl HeadCore {
 
     /// The cluster in one answer; costs a look at each node and each shape with queued tasks.
     pub fn status(&self) -> ClusterStatus {
+        self.status_for(None)
+    }
+
+    fn status_for(&self, asker: Option<SessionId>) -> ClusterStatus {
         let counts = self.scheduler.state_counts();
         let totals = self.observer.functions.values().fold(TaskTotals::default(), |mut t, f| {
             t.submitted += f.submitted;
@@ -501,7 +506,7 @@ impl HeadCore {
             },
             totals,
             services: self.services.running_count(),
-            jobs: self.sessions.values().filter(|s| s.node.is_none()).count(),
+            jobs: self.sessions.iter().filter(|&(&id, s)| s.node.is_none() && Some(id) != asker).count(),
             result_bytes: self.observer.result_bytes,
             stuck: self.observer.watchdog.found.clone(),
         }
@@ -575,11 +580,11 @@ impl HeadCore {
             .collect()
     }
 
-    fn job_views(&self) -> Vec<JobView> {
+    fn job_views(&self, asker: Option<SessionId>) -> Vec<JobView> {
         let mut jobs: Vec<JobView> = self
             .sessions
             .iter()
-            .filter(|(_, s)| s.node.is_none())
+            .filter(|&(&id, s)| s.node.is_none() && Some(id) != asker)
             .map(|(&job, session)| {
                 let counts = self.observer.jobs.get(&job).copied().unwrap_or_default();
                 JobView {

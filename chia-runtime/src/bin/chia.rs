@@ -1,0 +1,525 @@
+//! `chia`: see what a cluster runs. Joins it like a driver (with the cluster file's member
+//! certificate; no other door) and asks the head, which answers from counts it keeps.
+
+use chia_core::inspect::{
+    Answer, CancelTarget, ClusterStatus, Explanation, JobView, NodeView, Query, Reason, ServiceView, Shortfall,
+    TaskFilter, TaskState, TaskView,
+};
+use chia_core::{SessionId, TaskId};
+use chia_runtime::client::Client;
+use chia_runtime::local::{default_state_dir, env};
+use chia_runtime::tls::ClusterCredentials;
+use chia_runtime::{Context, inspect};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// See what a chia cluster runs: its nodes and what they have free, the tasks queued, running
+/// and ended, why a task does not run, and cancel tasks. Joins the cluster named by
+/// --cluster-file (or CHIA_CLUSTER_FILE; else the cluster.yaml in the head's default state
+/// directory) as a member.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Cli {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Print the answer as JSON (one document) instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug)]
+struct ClusterArgs {
+    /// The cluster file (cluster.yaml) written by chia-head, or one from `chia-head issue-member`.
+    #[arg(long, global = true, value_name = "FILE", env = env::CLUSTER_FILE)]
+    cluster_file: Option<PathBuf>,
+    /// The head's host:port, instead of the address in the cluster file.
+    #[arg(long, global = true, value_name = "HOST:PORT", env = env::ADDRESS)]
+    address: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Nodes (resources total, used and free; functions; last heard), queued demand by shape,
+    /// tasks by state, services, jobs, and tasks the watchdog found stuck.
+    Status,
+    /// List tasks, nodes, services or jobs.
+    List {
+        #[command(subcommand)]
+        what: ListCommand,
+    },
+    /// One task (its attempts, sizes, error) or one service.
+    Show {
+        #[command(subcommand)]
+        what: ShowCommand,
+    },
+    /// Why a task is not running: the inputs it waits for, the resources short on each node
+    /// with its function, or that no node offers the function.
+    Explain {
+        /// The task's id, as `task-3.7` (or `3.7`).
+        task: TaskId,
+    },
+    /// Cancel a task or every unfinished task of a job, whoever submitted them.
+    Cancel(CancelArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ListCommand {
+    /// Tasks, newest first (ended ones while the head remembers them).
+    Tasks(ListTasksArgs),
+    Nodes,
+    Services,
+    /// Connected drivers and their tasks.
+    Jobs,
+}
+
+#[derive(Args, Debug)]
+struct ListTasksArgs {
+    /// Only tasks in this state: waiting, queued, running, finished, failed, cancelled.
+    #[arg(long)]
+    state: Option<TaskState>,
+    /// Only tasks of this function (its exact name).
+    #[arg(long)]
+    function: Option<String>,
+    /// Only tasks whose tag matches this regular expression (the whole tag).
+    #[arg(long, value_name = "REGEX")]
+    tag: Option<String>,
+    /// Only tasks of this job: `driver-3` (as listed), or its number.
+    #[arg(long, value_parser = parse_job)]
+    job: Option<SessionId>,
+    /// Only tasks running (or last run) on this node.
+    #[arg(long)]
+    node: Option<String>,
+    /// At most this many tasks.
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+    /// Start after this position (printed as `next:` at the end of a page).
+    #[arg(long, value_name = "POSITION")]
+    after: Option<u64>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ShowCommand {
+    Task {
+        /// The task's id, as `task-3.7` (or `3.7`).
+        task: TaskId,
+    },
+    Service {
+        name: String,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+    },
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["task", "job"])))]
+struct CancelArgs {
+    /// The task's id, as `task-3.7` (or `3.7`).
+    task: Option<TaskId>,
+    /// Every unfinished task of this job (`driver-3`, or its number).
+    #[arg(long, value_parser = parse_job)]
+    job: Option<SessionId>,
+    /// Kill the tasks' processes at once instead of asking them to stop.
+    #[arg(long)]
+    force: bool,
+}
+
+fn parse_job(text: &str) -> Result<SessionId, String> {
+    let number = text.strip_prefix("driver-").or_else(|| text.strip_prefix("session-")).unwrap_or(text);
+    number
+        .parse()
+        .map(SessionId)
+        .map_err(|_| format!("{text:?} is not a job; jobs look like driver-3 (see `chia list jobs`)"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    chia_runtime::init_logging("warn");
+    chia_runtime::run_main(run(cli))
+}
+
+/// How long joining may take before the command gives up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+async fn connect(args: &ClusterArgs) -> Result<Context, String> {
+    let default = default_state_dir().join("cluster.yaml");
+    let file = match &args.cluster_file {
+        Some(file) => file.clone(),
+        None if default.exists() => default,
+        None => {
+            return Err(format!(
+                "no cluster named: pass --cluster-file FILE or set {} to the cluster.yaml chia-head wrote (none at {})",
+                env::CLUSTER_FILE,
+                default.display()
+            ));
+        }
+    };
+    let mut credentials = ClusterCredentials::load(&file).map_err(|e| e.to_string())?;
+    if let Some(address) = &args.address {
+        credentials.address = address.clone();
+    }
+    let joined = tokio::time::timeout(CONNECT_TIMEOUT, Client::connect(&credentials, "chia", None))
+        .await
+        .map_err(|_| format!("the head at {} did not answer within {CONNECT_TIMEOUT:?}", credentials.address))?;
+    let (client, _) = joined.map_err(|e| e.to_string())?;
+    Ok(Context::from_client(client))
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, String> {
+    let cx = connect(&cli.cluster).await?;
+    let result = execute(&cx, &cli.command, cli.json).await;
+    cx.shutdown().await;
+    result
+}
+
+async fn ask(cx: &Context, query: Query) -> Result<Answer, String> {
+    match inspect::ask(cx, query).await.map_err(|e| e.to_string())? {
+        Answer::Refused { reason } => Err(reason),
+        answer => Ok(answer),
+    }
+}
+
+fn unexpected(answer: &Answer) -> String {
+    format!("the head answered something else than asked ({answer:?}); is it another version?")
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+    println!("{text}");
+    Ok(())
+}
+
+async fn execute(cx: &Context, command: &Command, json: bool) -> Result<ExitCode, String> {
+    match command {
+        Command::Status => {
+            let answer = ask(cx, Query::Status).await?;
+            let Answer::Status(status) = answer else { return Err(unexpected(&answer)) };
+            if json { print_json(&status)? } else { print_status(&status) }
+        }
+        Command::List { what: ListCommand::Tasks(args) } => {
+            let filter = TaskFilter {
+                state: args.state,
+                function: args.function.clone(),
+                tag: args.tag.clone(),
+                job: args.job,
+                node: args.node.clone(),
+                limit: args.limit,
+                after: args.after,
+            };
+            let answer = ask(cx, Query::Tasks(filter)).await?;
+            let Answer::Tasks(page) = answer else { return Err(unexpected(&answer)) };
+            if json {
+                print_json(&page)?
+            } else {
+                print_tasks(&page.tasks);
+                if let Some(next) = page.next {
+                    println!("next: --after {next}");
+                }
+            }
+        }
+        Command::List { what: ListCommand::Nodes } => {
+            let answer = ask(cx, Query::Nodes).await?;
+            let Answer::Nodes(nodes) = answer else { return Err(unexpected(&answer)) };
+            if json { print_json(&nodes)? } else { print_nodes(&nodes) }
+        }
+        Command::List { what: ListCommand::Services } => {
+            let answer = ask(cx, Query::Services).await?;
+            let Answer::Services(services) = answer else { return Err(unexpected(&answer)) };
+            if json { print_json(&services)? } else { print_services(&services) }
+        }
+        Command::List { what: ListCommand::Jobs } => {
+            let answer = ask(cx, Query::Jobs).await?;
+            let Answer::Jobs(jobs) = answer else { return Err(unexpected(&answer)) };
+            if json { print_json(&jobs)? } else { print_jobs(&jobs) }
+        }
+        Command::Show { what: ShowCommand::Task { task } } => {
+            let answer = ask(cx, Query::Task(*task)).await?;
+            let Answer::Task(view) = answer else { return Err(unexpected(&answer)) };
+            let view = view.ok_or_else(|| format!("the head knows no task {task} (never submitted, or ended long ago)"))?;
+            if json { print_json(&view)? } else { print_task(&view) }
+        }
+        Command::Show { what: ShowCommand::Service { name, namespace } } => {
+            let query = Query::Service { name: name.clone(), namespace: namespace.clone() };
+            let answer = ask(cx, query).await?;
+            let Answer::Service(view) = answer else { return Err(unexpected(&answer)) };
+            let view = view.ok_or_else(|| format!("no service {name} runs in namespace {namespace}"))?;
+            if json { print_json(&view)? } else { print_services(std::slice::from_ref(&view)) }
+        }
+        Command::Explain { task } => {
+            let answer = ask(cx, Query::Explain(*task)).await?;
+            let Answer::Explain(explanation) = answer else { return Err(unexpected(&answer)) };
+            if json { print_json(&explanation)? } else { print_explanation(&explanation) }
+        }
+        Command::Cancel(args) => {
+            let target = match (args.task, args.job) {
+                (Some(task), _) => CancelTarget::Task(task),
+                (None, Some(job)) => CancelTarget::Job(job),
+                (None, None) => return Err("name a task or --job".into()),
+            };
+            let cancelled = inspect::cancel(cx, target.clone(), args.force).await.map_err(|e| e.to_string())?;
+            if json {
+                print_json(&cancelled)?
+            } else {
+                for task in &cancelled.tasks {
+                    println!("cancelled {task}");
+                }
+                if cancelled.already_ended > 0 {
+                    println!("{} task(s) had ended already", cancelled.already_ended);
+                }
+            }
+            if cancelled.tasks.is_empty() && cancelled.already_ended == 0 {
+                let what = match target {
+                    CancelTarget::Task(task) => format!("no task {task} is known to the head"),
+                    CancelTarget::Job(job) => format!("the job driver-{} has no unfinished task", job.0),
+                };
+                eprintln!("{what}");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `1.2s`, `3m04s`, `2h05m`: an age read at a glance.
+fn age(ms: u64) -> String {
+    let seconds = ms / 1000;
+    match seconds {
+        _ if ms < 1000 => format!("{ms}ms"),
+        0..60 => format!("{}.{}s", seconds, (ms % 1000) / 100),
+        60..3600 => format!("{}m{:02}s", seconds / 60, seconds % 60),
+        _ => format!("{}h{:02}m", seconds / 3600, (seconds % 3600) / 60),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+/// Prints rows as columns padded to their widest cell.
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> =
+            cells.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+fn print_status(status: &ClusterStatus) {
+    println!(
+        "head up {}; {} node(s), {} job(s), {} service(s), {} of results held",
+        age(status.head_up_ms),
+        status.nodes.len(),
+        status.jobs,
+        status.services,
+        bytes(status.result_bytes)
+    );
+    let counts = &status.tasks;
+    let totals = &status.totals;
+    println!(
+        "tasks: {} waiting, {} queued, {} running, {} ended and held; since start: {} submitted, {} finished, {} failed, {} cancelled, {} retried, {} bypassed",
+        counts.waiting,
+        counts.queued,
+        counts.running,
+        counts.ended,
+        totals.submitted,
+        totals.finished,
+        totals.failed,
+        totals.cancelled,
+        totals.retried,
+        totals.bypassed
+    );
+    println!();
+    print_nodes(&status.nodes);
+    println!();
+    if status.demand.is_empty() {
+        println!("demand: nothing queued");
+    } else {
+        println!("demand:");
+        let rows: Vec<Vec<String>> = status
+            .demand
+            .iter()
+            .map(|d| {
+                vec![
+                    d.function.clone(),
+                    d.request.to_string(),
+                    d.queued.to_string(),
+                    age(d.oldest_ms_ago),
+                    d.infeasible.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        table(&["FUNCTION", "REQUEST", "QUEUED", "OLDEST", "INFEASIBLE"], &rows);
+    }
+    for stuck in &status.stuck {
+        println!(
+            "stuck: {} task(s) of {} ({}) waited {} although {} has room for them",
+            stuck.queued,
+            stuck.function,
+            stuck.request,
+            age(stuck.oldest_ms_ago),
+            stuck.fits_on
+        );
+    }
+}
+
+fn print_nodes(nodes: &[NodeView]) {
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            let mut offers = n.functions.clone();
+            offers.extend(n.service_types.iter().map(|s| format!("service {s}")));
+            vec![
+                n.name.clone(),
+                n.address.clone().unwrap_or_else(|| "-".into()),
+                age(n.up_ms),
+                age(n.last_heard_ms_ago),
+                n.total.to_string(),
+                n.free.to_string(),
+                n.running.to_string(),
+                if n.paused { "paused".into() } else { "up".into() },
+                offers.join(" "),
+            ]
+        })
+        .collect();
+    table(&["NODE", "ADDRESS", "UP", "HEARD", "TOTAL", "FREE", "RUNNING", "STATE", "OFFERS"], &rows);
+}
+
+fn print_tasks(tasks: &[TaskView]) {
+    let rows: Vec<Vec<String>> = tasks
+        .iter()
+        .map(|t| {
+            vec![
+                t.task.to_string(),
+                t.function.clone(),
+                t.tag.clone().unwrap_or_default(),
+                t.state.to_string(),
+                t.job_name.clone().unwrap_or_else(|| format!("driver-{}", t.job.0)),
+                t.node.clone().unwrap_or_default(),
+                age(t.submitted_ms_ago),
+            ]
+        })
+        .collect();
+    table(&["TASK", "FUNCTION", "TAG", "STATE", "JOB", "NODE", "SUBMITTED"], &rows);
+}
+
+fn print_task(t: &TaskView) {
+    println!("{} {} ({})", t.task, t.function, t.state);
+    if let Some(tag) = &t.tag {
+        println!("  tag: {tag}");
+    }
+    println!("  job: {}", t.job_name.clone().unwrap_or_else(|| format!("driver-{}", t.job.0)));
+    println!("  submitted {} ago", age(t.submitted_ms_ago));
+    println!("  arguments: {}", bytes(t.argument_bytes));
+    if let Some(result) = t.result_bytes {
+        println!("  result: {}", bytes(result));
+    }
+    if let Some(provider) = &t.bypassed {
+        println!("  bypassed by {provider}");
+    }
+    if !t.waiting_for.is_empty() {
+        let waiting: Vec<String> = t.waiting_for.iter().map(ToString::to_string).collect();
+        println!("  waiting for: {}", waiting.join(", "));
+    }
+    if let Some(error) = &t.error {
+        println!("  error: {error}");
+    }
+    for run in &t.attempts {
+        println!(
+            "  attempt {} on {}: sent {} ago, {}, {}",
+            run.attempt,
+            run.node,
+            age(run.sent_ms_ago),
+            run.started_ms_ago.map_or("not acknowledged".to_string(), |ms| format!("started {} ago", age(ms))),
+            match (&run.outcome, run.ended_ms_ago) {
+                (Some(outcome), Some(ms)) => format!("ended {} ago: {outcome}", age(ms)),
+                _ => "running".to_string(),
+            }
+        );
+    }
+}
+
+fn print_services(services: &[ServiceView]) {
+    let rows: Vec<Vec<String>> = services
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                s.namespace.clone(),
+                s.type_name.clone(),
+                s.node.clone().unwrap_or_else(|| "-".into()),
+                s.state.clone(),
+                if s.detached { "detached".into() } else { s.owner.clone().unwrap_or_default() },
+            ]
+        })
+        .collect();
+    table(&["SERVICE", "NAMESPACE", "TYPE", "NODE", "STATE", "OWNER"], &rows);
+}
+
+fn print_jobs(jobs: &[JobView]) {
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| vec![j.name.clone(), age(j.up_ms), j.unfinished.to_string(), j.submitted.to_string()])
+        .collect();
+    table(&["JOB", "UP", "UNFINISHED", "SUBMITTED"], &rows);
+}
+
+fn shortfalls(short: &[Shortfall]) -> String {
+    let parts: Vec<String> =
+        short.iter().map(|s| format!("{} (needs {}, has {})", s.resource, s.requested, s.available)).collect();
+    parts.join(", ")
+}
+
+fn print_explanation(explanation: &Explanation) {
+    match explanation.state {
+        Some(state) => println!("{} is {state}", explanation.task),
+        None => println!("{}", explanation.task),
+    }
+    for reason in &explanation.reasons {
+        let text = match reason {
+            Reason::Unknown => "the head knows no such task (never submitted, or ended long ago)".to_string(),
+            Reason::Running { node, attempt } => format!("it runs on {node} (attempt {attempt})"),
+            Reason::Ended { state, error } => match error {
+                Some(error) => format!("it ended {state}: {error}"),
+                None => format!("it ended {state}"),
+            },
+            Reason::WaitingFor { tasks } => {
+                let tasks: Vec<String> = tasks.iter().map(ToString::to_string).collect();
+                format!("it waits for its inputs: {}", tasks.join(", "))
+            }
+            Reason::WaitingForService { service } => format!("it is a call of the service {service}"),
+            Reason::NoNodeOffers { function } => format!("no connected node offers the function {function}"),
+            Reason::SignatureDiffers { function, wanted, offered } => format!(
+                "nodes offer {function} with signature {} but the call has {wanted}: rebuild the worker with the same code",
+                offered.join(", ")
+            ),
+            Reason::NeverFits { node, short } => format!("{node} can never hold it: {}", shortfalls(short)),
+            Reason::Busy { node, short } => format!("{node} is busy: {} free now", shortfalls(short)),
+            Reason::Paused { node } => {
+                format!("{node} takes no new tasks until its worker is back after the head's restart")
+            }
+            Reason::Behind { queued_ahead } => format!("{queued_ahead} older task(s) of its kind are ahead of it"),
+            Reason::FitsNow { node } => format!("{node} has room for it now: it should be placed at once"),
+        };
+        println!("  - {text}");
+    }
+}
