@@ -136,6 +136,9 @@ pub(crate) struct TaskRecord {
     pub(crate) running_on: Option<NodeId>,
     /// The run it is on (functions only; 1 for the first): a report of another is stale.
     pub(crate) attempt: u32,
+    /// How long each run may take on its worker (milliseconds), sent with every `Execute`.
+    #[serde(default)]
+    pub(crate) timeout_ms: Option<u64>,
     pub(crate) outcome: Option<Outcome>,
     /// The owner still holds an `ObjectRef` to it.
     pub(crate) owner_holds: bool,
@@ -167,6 +170,7 @@ impl TaskRecord {
             bypass: None,
             running_on: None,
             attempt: 0,
+            timeout_ms: None,
             outcome: None,
             owner_holds: true,
             dependents: 0,
@@ -668,6 +672,7 @@ impl HeadCore {
             tag: spec.tag,
             job: spec.job.unwrap_or(session),
             bypass: spec.bypass.map(Box::new),
+            timeout_ms: spec.timeout_ms,
             ..TaskRecord::new(
                 session,
                 spec.function.name.clone(),
@@ -902,6 +907,7 @@ impl HeadCore {
             tag: record.tag.as_deref(),
             bypass: record.bypass.as_deref(),
             job,
+            timeout_ms: record.timeout_ms,
         };
         self.outbox.send_checked(session, &execute)
     }
