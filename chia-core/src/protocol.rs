@@ -42,8 +42,10 @@ pub struct TaskSpec {
     /// How often the task may be re-run after its worker is lost (`-1`: without limit).
     pub max_retries: i32,
     /// The caller decided to bypass this call: the worker runs this instead of the function.
+    /// Boxed (most calls are not bypassed), so a submission — and every journal record and
+    /// head action, which are as large as the largest message — stays small.
     #[serde(default)]
-    pub bypass: Option<BypassSpec>,
+    pub bypass: Option<Box<BypassSpec>>,
     /// Re-run the task when it fails with an application error (`Err` or panic), while
     /// `max_retries` allows; otherwise only a lost worker makes it run again.
     #[serde(default)]
@@ -556,7 +558,7 @@ mod tests {
             tag: Some("iter0".into()),
             max_retries: 3,
             retry_exceptions: true,
-            bypass: Some(BypassSpec { provider: Some("provider_42".into()), data: None }),
+            bypass: Some(Box::new(BypassSpec { provider: Some("provider_42".into()), data: None })),
             job: Some(SessionId(4)),
             timeout_ms: Some(2500),
         });

@@ -671,7 +671,7 @@ impl HeadCore {
         let record = TaskRecord {
             tag: spec.tag,
             job: spec.job.unwrap_or(session),
-            bypass: spec.bypass.map(Box::new),
+            bypass: spec.bypass,
             timeout_ms: spec.timeout_ms,
             ..TaskRecord::new(
                 session,
