@@ -87,8 +87,9 @@ impl<T: DeserializeOwned> Call<T> {
         self
     }
 
-    /// Whether an application error (an `Err`, a panic) also makes this call run again, within
-    /// `max_retries` (default: the function's `retry_exceptions`, itself default false).
+    /// Whether an application error (an `Err`, a panic) or a run stopped by its timeout also
+    /// makes this call run again, within `max_retries` (default: the function's
+    /// `retry_exceptions`, itself default false).
     pub fn retry_exceptions(mut self, retry: bool) -> Self {
         self.retry_exceptions = retry;
         self
