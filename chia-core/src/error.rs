@@ -52,6 +52,15 @@ pub enum TaskError {
     /// The task was cancelled before it finished (or before it started).
     #[error("{function} was cancelled")]
     Cancelled { function: String },
+    /// Attempt `attempt` (1 for the first) ran longer than the call's timeout (`timeout_ms`,
+    /// from `#[chia::function(timeout_s = ..)]` or `.timeout(..)`) and was stopped: cancelled
+    /// with force, its processes killed. Retried like an `Err` when the call says
+    /// `retry_exceptions`; this is the last attempt's.
+    #[error(
+        "{function} ran longer than its timeout of {} on attempt {attempt} and was stopped (see timeout_s / .timeout)",
+        seconds_text(*timeout_ms)
+    )]
+    TimedOut { function: String, timeout_ms: u64, attempt: u32 },
     /// The call was rejected before it was sent (an argument failed to encode, a bad option).
     #[error("{function}: invalid call: {message}")]
     InvalidCall { function: String, message: String },
@@ -68,11 +77,38 @@ pub enum TaskError {
     BypassFailed { function: String, provider: String, message: String },
 }
 
+/// `2500` → "2.5 s", `3_600_000` → "3600 s": the timeout as it was written, in seconds.
+fn seconds_text(ms: u64) -> String {
+    let (whole, millis) = (ms / 1000, ms % 1000);
+    if millis == 0 {
+        return format!("{whole} s");
+    }
+    let fraction = format!("{millis:03}");
+    format!("{whole}.{} s", fraction.trim_end_matches('0'))
+}
+
 /// ", lost with w1, w2 and w3" for the workers a task's runs were lost with.
 fn lost_on_text(workers: &[String]) -> String {
     match workers {
         [] => String::new(),
         [only] => format!(", lost with {only}"),
         [rest @ .., last] => format!(", lost with {} and {last}", rest.join(", ")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timeout_is_shown_in_seconds_as_written() {
+        let timed_out = |timeout_ms| TaskError::TimedOut { function: "f".into(), timeout_ms, attempt: 2 };
+        assert_eq!(
+            timed_out(2500).to_string(),
+            "f ran longer than its timeout of 2.5 s on attempt 2 and was stopped (see timeout_s / .timeout)"
+        );
+        assert!(timed_out(3_600_000).to_string().contains("of 3600 s "));
+        assert!(timed_out(1).to_string().contains("of 0.001 s "));
+        assert!(timed_out(1050).to_string().contains("of 1.05 s "));
     }
 }

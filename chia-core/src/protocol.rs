@@ -43,8 +43,10 @@ pub struct TaskSpec {
     /// How often the task may be re-run after its worker is lost (`-1`: without limit).
     pub max_retries: i32,
     /// The caller decided to bypass this call: the worker runs this instead of the function.
+    /// Boxed (most calls are not bypassed), so a submission — and every journal record and
+    /// head action, which are as large as the largest message — stays small.
     #[serde(default)]
-    pub bypass: Option<BypassSpec>,
+    pub bypass: Option<Box<BypassSpec>>,
     /// Re-run the task when it fails with an application error (`Err` or panic), while
     /// `max_retries` allows; otherwise only a lost worker makes it run again.
     #[serde(default)]
@@ -53,6 +55,10 @@ pub struct TaskSpec {
     /// the session of the driver that started the chain. `None`: the submitting session's own.
     #[serde(default)]
     pub job: Option<SessionId>,
+    /// How long one attempt may run on its worker (milliseconds, more than 0) before it is
+    /// cancelled with force and fails with `TimedOut`. `None`: as long as it takes.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
 }
 
 /// What replaces a bypassed call on the worker: the named provider, or (without one) the
@@ -409,6 +415,10 @@ pub enum HeadToPeer {
         /// The settings of the task's job, if its driver set any.
         #[serde(default)]
         job: Option<JobSettings>,
+        /// The call's timeout (milliseconds): the worker stops the attempt this long after
+        /// it started it and reports `TimedOut`.
+        #[serde(default)]
+        timeout_ms: Option<u64>,
     },
     /// A task this session submitted ended.
     Done {
@@ -473,6 +483,7 @@ pub enum HeadToPeerRef<'a> {
         tag: Option<&'a str>,
         bypass: Option<&'a BypassSpec>,
         job: Option<JobSettingsRef<'a>>,
+        timeout_ms: Option<u64>,
     },
     Done {
         task: TaskId,
@@ -595,8 +606,9 @@ mod tests {
             tag: Some("iter0".into()),
             max_retries: 3,
             retry_exceptions: true,
-            bypass: Some(BypassSpec { provider: Some("provider_42".into()), data: None }),
+            bypass: Some(Box::new(BypassSpec { provider: Some("provider_42".into()), data: None })),
             job: Some(SessionId(4)),
+            timeout_ms: Some(2500),
         });
         let mut out = Vec::new();
         encode_frame(&msg, &mut out).unwrap();
@@ -623,6 +635,7 @@ mod tests {
                     tag: Some("iter0"),
                     bypass: Some(&bypass),
                     job: Some(JobSettingsRef { job: SessionId(3), revision: 2, settings: ValueRef(&value) }),
+                    timeout_ms: Some(60_000),
                 },
                 HeadToPeer::Execute {
                     task: TaskId(1),
@@ -632,6 +645,7 @@ mod tests {
                     tag: Some("iter0".into()),
                     bypass: Some(bypass.clone()),
                     job: Some(JobSettings { job: SessionId(3), revision: 2, settings: value.clone() }),
+                    timeout_ms: Some(60_000),
                 },
             ),
             (
@@ -657,6 +671,33 @@ mod tests {
             encode_frame(&owned, &mut b).unwrap();
             assert_eq!(a, b, "{owned:?}");
         }
+    }
+
+    #[test]
+    fn a_submission_from_before_timeouts_has_none() {
+        // What a peer (or a journal) from before `timeout_ms` and the other optional fields
+        // sends: the same names, fewer of them.
+        #[derive(Serialize)]
+        struct EarlierTaskSpec {
+            task: TaskId,
+            function: FunctionKey,
+            args: Vec<Arg>,
+            request: Resources,
+            tag: Option<String>,
+            max_retries: i32,
+        }
+        let earlier = EarlierTaskSpec {
+            task: TaskId(7),
+            function: FunctionKey::new("f", "h"),
+            args: Vec::new(),
+            request: Resources::new(),
+            tag: None,
+            max_retries: 3,
+        };
+        let bytes = rmp_serde::to_vec_named(&earlier).unwrap();
+        let spec: TaskSpec = decode_body(&bytes).unwrap();
+        assert_eq!(spec.timeout_ms, None);
+        assert_eq!(spec.max_retries, 3);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! [`Call`]: a function call being built — its tag, resources and retries — and sent. Sending
+//! [`Call`]: a function call being built — its tag, resources, retries and timeout — and sent. Sending
 //! is where the caller decides bypass, so `Call` sits above the services ([`crate::bypass`]),
 //! which are themselves built on the [`Context`] a call is submitted through.
 
@@ -13,6 +13,7 @@ use chia_core::resources::CPU;
 use chia_core::{ResourceAmount, Resources};
 use serde::de::DeserializeOwned;
 use std::marker::PhantomData;
+use std::time::Duration;
 
 /// A call being built: set a tag or options, then [`Call::remote`].
 ///
@@ -37,6 +38,7 @@ pub struct Call<T> {
     request: Resources,
     max_retries: i32,
     retry_exceptions: bool,
+    timeout: Option<Duration>,
     invalid: Option<String>,
     _type: PhantomData<fn() -> T>,
 }
@@ -51,6 +53,7 @@ impl<T: DeserializeOwned> Call<T> {
             request: spec.request(),
             max_retries: spec.max_retries,
             retry_exceptions: spec.retry_exceptions,
+            timeout: spec.timeout,
             invalid: None,
             _type: PhantomData,
         }
@@ -84,10 +87,32 @@ impl<T: DeserializeOwned> Call<T> {
         self
     }
 
-    /// Whether an application error (an `Err`, a panic) also makes this call run again, within
-    /// `max_retries` (default: the function's `retry_exceptions`, itself default false).
+    /// Whether an application error (an `Err`, a panic) or a run stopped by its timeout also
+    /// makes this call run again, within `max_retries` (default: the function's
+    /// `retry_exceptions`, itself default false).
     pub fn retry_exceptions(mut self, retry: bool) -> Self {
         self.retry_exceptions = retry;
+        self
+    }
+
+    /// Overrides the function's `timeout_s` for this call: a run that takes longer than
+    /// `limit` (counted on its worker from when the run starts) is cancelled with force — its
+    /// processes killed — and fails with `TaskError::TimedOut`, run again first if the call
+    /// has `retry_exceptions` and retries left. Precise to the millisecond (a fraction of one
+    /// rounds up); `Duration::ZERO` makes the call invalid (use [`Call::no_timeout`] for none).
+    pub fn timeout(mut self, limit: Duration) -> Self {
+        if limit.is_zero() {
+            self.invalid.get_or_insert_with(|| {
+                "a timeout must be longer than 0 (.no_timeout() runs the call without one)".to_string()
+            });
+        }
+        self.timeout = Some(limit);
+        self
+    }
+
+    /// Runs this call without a timeout, whatever the function's `timeout_s`.
+    pub fn no_timeout(mut self) -> Self {
+        self.timeout = None;
         self
     }
 
@@ -102,7 +127,9 @@ impl<T: DeserializeOwned> Call<T> {
     /// Like [`Call::remote`], and says how the call was dispatched: run for real (and why), or
     /// bypassed (and by what).
     pub fn remote_with_decision(self, cx: &Context) -> (ObjectRef<T>, Decision) {
-        let Call { spec, mut args, tag, request, max_retries, retry_exceptions, mut invalid, .. } = self;
+        let Call {
+            spec, mut args, tag, request, max_retries, retry_exceptions, timeout, mut invalid, ..
+        } = self;
         if let JobLink::Own(own) = cx.job() {
             // Before the job's first submission, on the same stream: its tasks then name it. If
             // this cannot be sent the connection is gone, and the submission fails saying so.
@@ -129,8 +156,9 @@ impl<T: DeserializeOwned> Call<T> {
                 tag,
                 max_retries,
                 retry_exceptions,
-                bypass,
+                bypass: bypass.map(Box::new),
                 job,
+                timeout_ms: timeout.map(whole_millis),
             })
         });
         (object, decision)
@@ -139,5 +167,26 @@ impl<T: DeserializeOwned> Call<T> {
     /// Submits the call and blocks until its result is ready.
     pub fn remote_blocking(self, cx: &Context) -> Result<T, Error> {
         self.remote(cx).get_blocking()
+    }
+}
+
+/// A timeout in whole milliseconds, as it travels: a fraction of one rounds up, so a limit
+/// of a few microseconds is not sent as none at all.
+fn whole_millis(limit: Duration) -> u64 {
+    let millis = limit.as_nanos().div_ceil(1_000_000);
+    u64::try_from(millis).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::whole_millis;
+    use std::time::Duration;
+
+    #[test]
+    fn timeouts_travel_in_whole_milliseconds_rounded_up() {
+        assert_eq!(whole_millis(Duration::from_millis(2500)), 2500);
+        assert_eq!(whole_millis(Duration::from_micros(1)), 1);
+        assert_eq!(whole_millis(Duration::from_micros(1500)), 2);
+        assert_eq!(whole_millis(Duration::MAX), u64::MAX);
     }
 }

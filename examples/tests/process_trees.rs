@@ -1,6 +1,6 @@
 //! Every process a task starts ends with it — started through `cx.spawn`, through a plain
-//! `std::process::Command`, or daemonized with `setsid` — when the task is cancelled and when
-//! its worker process is SIGKILLed. Each case runs on a real worker process (the examples'
+//! `std::process::Command`, or daemonized with `setsid` — when the task is cancelled, when it
+//! runs past its timeout, and when its worker process is SIGKILLed. Each case runs on a real worker process (the examples'
 //! `worker` binary) under each containment mechanism: cgroup (skipped, saying why, where the
 //! machine has no usable cgroup2) and the fallback (forced with `CHIA_PROCESS_CONTAINMENT`).
 
@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 const BOUND: Duration = Duration::from_secs(60);
 /// How soon after its worker's SIGKILL a task's processes must be gone.
 const AFTER_KILL: Duration = Duration::from_secs(5);
+/// The timeout of a tool tree's call: far longer than starting the tree takes (milliseconds),
+/// so the tree is seen whole before the timeout stops it.
+const TREE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A worker process; killed on drop, so a failing test leaves none.
 struct WorkerProcess {
@@ -172,10 +175,23 @@ enum Function {
 }
 
 fn submit(cx: &Context, function: Function, dir: &Path) -> chia::ObjectRef<String> {
+    submit_with_timeout(cx, function, dir, None)
+}
+
+fn submit_with_timeout(
+    cx: &Context,
+    function: Function,
+    dir: &Path,
+    timeout: Option<Duration>,
+) -> chia::ObjectRef<String> {
     let dir = dir.display().to_string();
+    let with_timeout = |call: chia::Call<String>| match timeout {
+        Some(limit) => call.timeout(limit),
+        None => call,
+    };
     match function {
-        Function::Sync => tool_tree_sync::remote(cx, dir),
-        Function::Async => tool_tree_async::remote(cx, dir),
+        Function::Sync => with_timeout(tool_tree_sync::call(dir)).remote(cx),
+        Function::Async => with_timeout(tool_tree_async::call(dir)).remote(cx),
     }
 }
 
@@ -191,6 +207,28 @@ async fn cancelling_ends_the_tree(mechanism: &str, function: Function) {
     let left: Vec<_> = guard.0.iter().filter(|&&p| is_running(p)).collect();
     assert!(took.is_some(), "{mechanism}: still running after the cancellation: {left:?}");
     println!("{mechanism}: the cancelled task's tree was gone {:?} after its answer", took.unwrap());
+}
+
+async fn a_timeout_ends_the_tree(mechanism: &str, function: Function) {
+    let Some(cluster) = cluster_with(mechanism).await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let running = submit_with_timeout(&cluster.driver, function, dir.path(), Some(TREE_TIMEOUT));
+    // Seen running whole, before the timeout (which a machine 1000 times slower than usual
+    // would miss, failing here and saying so).
+    let guard = PidGuard(tree_pids(dir.path()).await);
+    let error = running.get_timeout(BOUND).await.expect_err("a task that runs past its timeout fails");
+    match &error {
+        chia::Error::Task(chia::TaskError::TimedOut { timeout_ms, attempt, .. }) => {
+            assert_eq!((*timeout_ms, *attempt), (TREE_TIMEOUT.as_millis() as u64, 1), "{error}");
+        }
+        other => panic!("{mechanism}: expected TimedOut, got {other:?}"),
+    }
+    // SIGKILLed before the answer was sent; the kernel may still be taking the last of them
+    // down as it arrives.
+    let took = gone_within(&guard.0, AFTER_KILL).await;
+    let left: Vec<_> = guard.0.iter().filter(|&&p| is_running(p)).collect();
+    assert!(took.is_some(), "{mechanism}: still running {AFTER_KILL:?} after the timeout's answer: {left:?}");
+    println!("{mechanism}: the timed-out task's tree was gone {:?} after its answer", took.unwrap());
 }
 
 async fn killing_the_worker_ends_the_tree(mechanism: &str, function: Function) {
@@ -219,6 +257,26 @@ async fn cgroup_cancel_ends_an_async_tree() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cgroup_worker_sigkill_ends_the_tree() {
     killing_the_worker_ends_the_tree("cgroup", Function::Sync).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cgroup_timeout_ends_a_sync_tree() {
+    a_timeout_ends_the_tree("cgroup", Function::Sync).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cgroup_timeout_ends_an_async_tree() {
+    a_timeout_ends_the_tree("cgroup", Function::Async).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_timeout_ends_a_sync_tree() {
+    a_timeout_ends_the_tree("fallback", Function::Sync).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_timeout_ends_an_async_tree() {
+    a_timeout_ends_the_tree("fallback", Function::Async).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -152,6 +152,9 @@ pub(crate) struct TaskRecord {
     pub(crate) running_on: Option<NodeId>,
     /// The run it is on (functions only; 1 for the first): a report of another is stale.
     pub(crate) attempt: u32,
+    /// How long each run may take on its worker (milliseconds), sent with every `Execute`.
+    #[serde(default)]
+    pub(crate) timeout_ms: Option<u64>,
     pub(crate) outcome: Option<Outcome>,
     /// The owner still holds an `ObjectRef` to it.
     pub(crate) owner_holds: bool,
@@ -197,6 +200,7 @@ impl TaskRecord {
             bypass: None,
             running_on: None,
             attempt: 0,
+            timeout_ms: None,
             outcome: None,
             owner_holds: true,
             dependents: 0,
@@ -728,7 +732,8 @@ impl HeadCore {
         let record = TaskRecord {
             tag: spec.tag,
             job: spec.job.unwrap_or(session),
-            bypass: spec.bypass.map(Box::new),
+            bypass: spec.bypass,
+            timeout_ms: spec.timeout_ms,
             ..TaskRecord::new(
                 self.now,
                 session,
@@ -968,6 +973,7 @@ impl HeadCore {
             tag: record.tag.as_deref(),
             bypass: record.bypass.as_deref(),
             job,
+            timeout_ms: record.timeout_ms,
         };
         self.outbox.send_checked(session, &execute)
     }

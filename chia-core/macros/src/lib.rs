@@ -3,7 +3,7 @@
 //! the `service` module, the bypass pair in the `bypass` module).
 //!
 //! ```text
-//! #[chia::function(resources(adder = 1, "node:head" = 0.5), num_cpus = 2, max_retries = 3, name = "add")]
+//! #[chia::function(resources(adder = 1, "node:head" = 0.5), num_cpus = 2, max_retries = 3, timeout_s = 3600, name = "add")]
 //! fn simple_add(x: i64, y: i64) -> i64 { x + y }
 //! ```
 //!
@@ -14,7 +14,8 @@
 //! - `SPEC: ::chia::__private::FunctionSpec` — name, normalised signature (`add(i64,i64)->i64`,
 //!   the context parameter left out), the first 16 hex digits of its SHA-256, fixed-point
 //!   resources (1.0 = 10,000, parsed from the literal's text at compile time), `num_cpus`,
-//!   `max_retries`, the argument count and the invoker. A copy is submitted to `inventory`, so a
+//!   `max_retries`, `retry_exceptions`, the `timeout` (`timeout_s` as a `Duration`, exact to the
+//!   millisecond), the argument count and the invoker. A copy is submitted to `inventory`, so a
 //!   worker finds every function linked into its binary by name.
 //! - `call(args..) -> Call<T>`, `remote(cx, args..) -> ObjectRef<T>` and
 //!   `remote_blocking(cx, args..) -> Result<T, ::chia::Error>`, where each argument is
@@ -47,8 +48,11 @@ use crate::signature::{
 ///
 /// Options (all optional): `resources(name = amount, "other:name" = amount, ..)`,
 /// `num_cpus = N` (default 1), `max_retries = N` (default 3, `-1` retries forever; how often a
-/// call runs again after its worker is lost), `retry_exceptions = true` (an `Err` or panic
-/// also runs it again, within `max_retries`) and
+/// call runs again after its worker is lost), `retry_exceptions = true` (an `Err`, or a run
+/// stopped by its timeout, also runs it again, within `max_retries`), `timeout_s = N` (seconds,
+/// an integer or a decimal such as `2.5`, more than 0, at most 3 decimals: a run that takes
+/// longer is cancelled with force — its processes killed — and fails with `TimedOut`; default:
+/// no limit; `.timeout(..)` / `.no_timeout()` override it per call) and
 /// `name = "..."` (the stable name, default the function's identifier).
 #[proc_macro_attribute]
 pub fn function(attr: TokenStream, item: TokenStream) -> TokenStream {
@@ -126,7 +130,8 @@ fn expand_bypass(kind: bypass::Kind, attr: TokenStream, item: TokenStream) -> To
 }
 
 const VALID_OPTIONS: &str = "valid options are `resources(name = amount, ..)`, `num_cpus = N`, \
-                             `max_retries = N`, `retry_exceptions = true` and `name = \"...\"`";
+                             `max_retries = N`, `retry_exceptions = true`, `timeout_s = N` and \
+                             `name = \"...\"`";
 
 /// Fixed-point scale of resource amounts: 1.0 = 10,000.
 const SCALE: u64 = 10_000;
@@ -137,6 +142,8 @@ struct Options {
     num_cpus: u64,
     max_retries: i32,
     retry_exceptions: bool,
+    /// `timeout_s`, in milliseconds.
+    timeout_ms: Option<u64>,
 }
 
 impl Parse for Options {
@@ -147,6 +154,7 @@ impl Parse for Options {
             num_cpus: SCALE,
             max_retries: 3,
             retry_exceptions: false,
+            timeout_ms: None,
         };
         let mut seen: Vec<String> = Vec::new();
         while !input.is_empty() {
@@ -172,6 +180,10 @@ impl Parse for Options {
                 "retry_exceptions" => {
                     input.parse::<Token![=]>()?;
                     options.retry_exceptions = input.parse::<syn::LitBool>()?.value;
+                }
+                "timeout_s" => {
+                    input.parse::<Token![=]>()?;
+                    options.timeout_ms = Some(parse_timeout_s(input)?);
                 }
                 "name" => {
                     input.parse::<Token![=]>()?;
@@ -296,6 +308,51 @@ fn parse_max_retries(input: ParseStream) -> syn::Result<i32> {
     i32::try_from(value).map_err(|_| error())
 }
 
+/// Parses the seconds of `timeout_s = N` into milliseconds, exactly: more than 0, an integer
+/// or a decimal with at most 3 decimals.
+fn parse_timeout_s(input: ParseStream) -> syn::Result<u64> {
+    if input.peek(Token![-]) {
+        let minus: Token![-] = input.parse()?;
+        let lit: Lit = input.parse()?;
+        return Err(Error::new_spanned(
+            quote!(#minus #lit),
+            "`timeout_s` must be more than 0 seconds (leave it out for no timeout)",
+        ));
+    }
+    let lit = parse_number(input).map_err(|e| {
+        Error::new(e.span(), "`timeout_s` takes a number of seconds, such as `3600` or `2.5`")
+    })?;
+    let text = match &lit {
+        Lit::Int(int) => int.base10_digits().to_string(),
+        Lit::Float(float) => float.base10_digits().to_string(),
+        _ => unreachable!("parse_number returns numbers only"),
+    };
+    timeout_millis(&text).map_err(|message| Error::new_spanned(&lit, message))
+}
+
+/// `"2.5"` → 2,500 milliseconds. Exact: no float arithmetic.
+fn timeout_millis(text: &str) -> Result<u64, String> {
+    let (whole, frac) = text.split_once('.').unwrap_or((text, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || !digits(whole) || !digits(frac) {
+        return Err("write `timeout_s` as a plain number of seconds such as `3600` or `2.5`".to_string());
+    }
+    if frac.len() > 3 {
+        return Err("`timeout_s` has at most 3 decimals (milliseconds)".to_string());
+    }
+    let frac_millis = format!("{frac:0<3}").parse::<u64>().unwrap_or(0);
+    let millis = whole
+        .parse::<u64>()
+        .ok()
+        .and_then(|w| w.checked_mul(1000))
+        .and_then(|w| w.checked_add(frac_millis))
+        .ok_or_else(|| "`timeout_s` is too large".to_string())?;
+    if millis == 0 {
+        return Err("`timeout_s` must be more than 0 seconds (leave it out for no timeout)".to_string());
+    }
+    Ok(millis)
+}
+
 fn expand(options: Options, item: &ItemFn) -> syn::Result<TokenStream2> {
     let sig = &item.sig;
     let fn_ident = &sig.ident;
@@ -323,6 +380,10 @@ fn expand(options: Options, item: &ItemFn) -> syn::Result<TokenStream2> {
     let resources = options.resources.iter().map(|(name, amount)| quote!((#name, #amount)));
     let (num_cpus, max_retries, retry_exceptions) =
         (options.num_cpus, options.max_retries, options.retry_exceptions);
+    let timeout = match options.timeout_ms {
+        Some(ms) => quote!(::std::option::Option::Some(::std::time::Duration::from_millis(#ms))),
+        None => quote!(::std::option::Option::None),
+    };
     let arg_count = params.len();
 
     let (mod_vis, item_vis) = match &item.vis {
@@ -394,6 +455,7 @@ fn expand(options: Options, item: &ItemFn) -> syn::Result<TokenStream2> {
                 num_cpus: #num_cpus,
                 max_retries: #max_retries,
                 retry_exceptions: #retry_exceptions,
+                timeout: #timeout,
                 arg_count: #arg_count,
                 invoke: ::chia::__private::Invoke::#invoke_variant(__invoke),
             };
@@ -429,7 +491,21 @@ fn expand(options: Options, item: &ItemFn) -> syn::Result<TokenStream2> {
 
 #[cfg(test)]
 mod tests {
-    use super::fixed_point;
+    use super::{fixed_point, timeout_millis};
+
+    #[test]
+    fn timeouts_are_exact_milliseconds_and_more_than_zero() {
+        assert_eq!(timeout_millis("3600"), Ok(3_600_000));
+        assert_eq!(timeout_millis("2.5"), Ok(2_500));
+        assert_eq!(timeout_millis("0.001"), Ok(1));
+        for (text, names) in
+            [("0", "more than 0"), ("0.0", "more than 0"), ("0.0001", "3 decimals"), ("1e3", "plain")]
+        {
+            let error = timeout_millis(text).expect_err(text);
+            assert!(error.contains("`timeout_s`") && error.contains(names), "{text}: {error}");
+        }
+        assert!(timeout_millis("99999999999999999999").is_err());
+    }
 
     #[test]
     fn fixed_point_is_exact() {

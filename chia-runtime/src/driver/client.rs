@@ -41,6 +41,8 @@ pub enum Execution {
         tag: Option<String>,
         bypass: Option<BypassSpec>,
         job: Option<JobSettings>,
+        /// How long the run may take from when the worker starts it.
+        timeout: Option<Duration>,
     },
     /// Construct a service instance.
     StartInstance { task: TaskId, service: ServiceId, type_name: String, args: Vec<ArgValue> },
@@ -750,14 +752,18 @@ async fn read_frames(
                     slot.infeasible = Some(reason);
                 }
             }
-            HeadToPeer::Execute { task, attempt, function, args, tag, bypass, job } => {
+            HeadToPeer::Execute { task, attempt, function, args, tag, bypass, job, timeout_ms } => {
                 client.leased(TaskAttempt { task, attempt });
                 // Said at once: only an attempt the head heard of counts against the retries
                 // if this worker dies now.
                 if let Err(e) = client.send(&PeerToHead::Started { task, attempt }) {
                     tracing::warn!(%task, attempt, "could not acknowledge the task: {e}");
                 }
-                forward(executions, Execution::Task { task, attempt, function, args, tag, bypass, job })
+                let timeout = timeout_ms.map(Duration::from_millis);
+                forward(
+                    executions,
+                    Execution::Task { task, attempt, function, args, tag, bypass, job, timeout },
+                )
             }
             HeadToPeer::StartInstance { task, service, type_name, args } => {
                 client.leased(TaskAttempt { task, attempt: 0 });

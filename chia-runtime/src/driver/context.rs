@@ -102,14 +102,16 @@ impl Context {
         self.running.as_ref().map(|r| r.task)
     }
 
-    /// Whether the task this context belongs to was cancelled (always false outside a task).
-    /// A long computation checks it to stop early; its child processes are killed anyway.
+    /// Whether the task this context belongs to was cancelled, or ran past its timeout (always
+    /// false outside a task). A long computation checks it to stop early; its child processes
+    /// are killed anyway. A sync function that never looks keeps its run, and its resources,
+    /// until it returns.
     pub fn is_cancelled(&self) -> bool {
         self.running.as_ref().is_some_and(|running| running.control.is_cancelled())
     }
 
-    /// Resolves when the task this context belongs to is cancelled (never outside a task), to
-    /// `select!` against a long wait.
+    /// Resolves when the task this context belongs to is cancelled or runs past its timeout
+    /// (never outside a task), to `select!` against a long wait.
     pub async fn cancelled(&self) {
         match &self.running {
             Some(running) => running.control.cancelled().await,

@@ -12,7 +12,7 @@
 
 use super::contain::{self, TaskCgroup, start_time};
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -20,10 +20,30 @@ use tokio::sync::Notify;
 /// How long a cancelled task's children have between SIGTERM and SIGKILL.
 pub const CANCEL_GRACE: Duration = Duration::from_secs(5);
 
+/// The run has neither ended nor timed out yet.
+const RUNNING: u8 = 0;
+/// The run ended (its function returned, or was dropped) before any timeout.
+const ENDED: u8 = 1;
+/// The run's timeout passed before it ended: it is stopped and fails with `TimedOut`.
+const TIMED_OUT: u8 = 2;
+
+/// How a task's run ended, as decided between its end and its timeout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RunEnd {
+    /// Before its timeout, if it had one: its outcome is what the function returned.
+    InTime,
+    /// After its timeout stopped it: its outcome is `TimedOut`, whatever the function returned.
+    TimedOut,
+}
+
 /// The cancellation state and child processes of one running task.
 #[derive(Default)]
 pub(crate) struct TaskControl {
     cancelled: AtomicBool,
+    /// [`RUNNING`], [`ENDED`] or [`TIMED_OUT`]: one compare-and-swap decides whether a run that
+    /// returns just as its timeout passes ended in time, so its outcome and whether its
+    /// processes were killed by the timeout always agree.
+    end: AtomicU8,
     notify: Notify,
     /// The process groups of the children still to be cleaned up.
     groups: Mutex<Vec<Group>>,
@@ -118,6 +138,27 @@ impl TaskControl {
                 contain::end_loose(libc::SIGKILL, "its only task was cancelled");
             }
         });
+    }
+
+    /// The run's timeout passed: unless it ended first, it is from now on timed out, whatever
+    /// it returns, and is cancelled with force — its processes SIGKILLed exactly as by
+    /// `force_cancel` (with the worker's loose ones when it runs alone). True when this call
+    /// timed it out.
+    pub(crate) fn time_out(self: &Arc<Self>) -> bool {
+        if self.end.compare_exchange(RUNNING, TIMED_OUT, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            return false; // Ended first (or timed out already).
+        }
+        self.cancel(true);
+        true
+    }
+
+    /// The run is over (its function returned, or was dropped): says whether it ended in time
+    /// or its timeout had stopped it, which decides its outcome. Asked once per run.
+    pub(crate) fn end_run(&self) -> RunEnd {
+        match self.end.compare_exchange(RUNNING, ENDED, Ordering::AcqRel, Ordering::Acquire) {
+            Err(TIMED_OUT) => RunEnd::TimedOut,
+            _ => RunEnd::InTime,
+        }
     }
 
     /// SIGKILLs every process of the task that is still alive (at task end, or when the

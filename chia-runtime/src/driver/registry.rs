@@ -34,8 +34,11 @@ pub struct FunctionSpec {
     pub resources: &'static [(&'static str, u64)],
     pub num_cpus: u64,
     pub max_retries: i32,
-    /// Application errors (an `Err`, a panic) also make the call run again.
+    /// Application errors (an `Err`) and timeouts also make the call run again.
     pub retry_exceptions: bool,
+    /// How long one run may take (`timeout_s`, exact to the millisecond, more than 0) before
+    /// its worker stops it and it fails with `TimedOut`; `None`: no limit.
+    pub timeout: Option<std::time::Duration>,
     pub arg_count: usize,
     pub invoke: Invoke,
 }

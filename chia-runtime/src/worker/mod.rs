@@ -6,7 +6,7 @@ use crate::driver::client::{Client, Execution};
 use crate::driver::contain::{self, Activity};
 use crate::driver::context::Context;
 use crate::driver::job::{JobLink, PlanCache};
-use crate::driver::process::TaskControl;
+use crate::driver::process::{RunEnd, TaskControl};
 use crate::driver::registry::{self, FunctionSpec, Invoke, ServiceSpec, SharedInstance};
 use crate::error::Error;
 use crate::net::tls::ClusterCredentials;
@@ -21,9 +21,13 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::mpsc;
 
 pub(crate) mod main;
+mod timeout;
+
+use timeout::Timed;
 
 /// A worker connected to a head.
 pub struct Worker {
@@ -217,9 +221,10 @@ async fn serve(
     let mut plans = PlanCache::default();
     while let Some(execution) = executions.recv().await {
         match execution {
-            Execution::Task { task, attempt, function, args, tag, bypass, job } => {
+            Execution::Task { task, attempt, function, args, tag, bypass, job, timeout } => {
                 let lease = Lease { task, attempt };
-                let entry = RunningEntry::new(&running, task);
+                // The timeout's clock starts here, as the worker starts the run.
+                let entry = RunningEntry::new(&running, lease, timeout);
                 let context = context.for_task(task, entry.control.clone());
                 // The task's context belongs to the task's job, never the worker's.
                 let context = match plans.link(task, &function, job) {
@@ -235,8 +240,10 @@ async fn serve(
                         tokio::spawn(async move {
                             let client = context.client().clone();
                             let name = function.clone();
-                            let outcome = provide(context, function, tag, args, bypass).await;
-                            drop(entry);
+                            // What replaces the call runs under the call's timeout.
+                            let run = provide(context, function, tag, args, bypass);
+                            let outcome = entry.run_async(run, &name).await;
+                            let outcome = entry.end(&name, outcome);
                             report(&client, lease, &name, outcome);
                         });
                     }
@@ -296,21 +303,23 @@ fn start(task_context: Context, entry: RunningEntry, lease: Lease, function: Str
     };
     match spec.invoke {
         Invoke::Sync(invoke) => {
+            let mut entry = entry;
+            entry.watch_sync(spec.name);
             tokio::task::spawn_blocking(move || {
                 let result = {
                     // What this thread starts while the function runs is the task's.
                     let _thread = entry.control.run_on_this_thread();
                     std::panic::catch_unwind(AssertUnwindSafe(|| invoke(task_context, args)))
                 };
-                drop(entry);
-                report(&client, lease, spec.name, outcome(spec, result));
+                let outcome = entry.end(spec.name, Some(outcome(spec, result)));
+                report(&client, lease, spec.name, outcome);
             });
         }
         Invoke::Async(invoke) => {
             tokio::spawn(async move {
-                let result = CatchUnwind(invoke(task_context, args)).await;
-                drop(entry);
-                report(&client, lease, spec.name, outcome(spec, result));
+                let result = entry.run_async(CatchUnwind(invoke(task_context, args)), spec.name).await;
+                let outcome = entry.end(spec.name, result.map(|result| outcome(spec, result)));
+                report(&client, lease, spec.name, outcome);
             });
         }
     }
@@ -361,25 +370,66 @@ type RunningTasks = Arc<DashMap<TaskId, Arc<TaskControl>>>;
 /// reported, it kills the child processes the task left running: no tool outlives its task.
 struct RunningEntry {
     table: RunningTasks,
-    task: TaskId,
+    lease: Lease,
     control: Arc<TaskControl>,
+    /// How long the run may take (see [`timeout`]).
+    timeout: Option<Duration>,
+    /// A sync function's timer, stopped when the run ends.
+    timer: Option<tokio::task::AbortHandle>,
     /// Dropped after the children are killed: the last activity to end ends loose processes.
     _activity: Activity,
 }
 
 impl RunningEntry {
-    fn new(table: &RunningTasks, task: TaskId) -> RunningEntry {
+    fn new(table: &RunningTasks, lease: Lease, timeout: Option<Duration>) -> RunningEntry {
         let control = TaskControl::new();
         let activity = Activity::begin();
-        table.insert(task, control.clone());
-        RunningEntry { table: table.clone(), task, control, _activity: activity }
+        table.insert(lease.task, control.clone());
+        RunningEntry { table: table.clone(), lease, control, timeout, timer: None, _activity: activity }
+    }
+
+    fn timed<'a>(&self, function: &'a str) -> Timed<'a> {
+        Timed { task: self.lease.task, attempt: self.lease.attempt, function }
+    }
+
+    /// Starts the timeout's timer of a sync function, whose run goes on on another thread.
+    fn watch_sync(&mut self, function: &'static str) {
+        if let Some(limit) = self.timeout {
+            let timed = self.timed(function);
+            self.timer = Some(timeout::watch_sync(self.control.clone(), limit, timed));
+        }
+    }
+
+    /// Runs an async function (or provider) under the timeout; `None` when it was dropped.
+    async fn run_async<T>(&self, run: impl Future<Output = T>, function: &str) -> Option<T> {
+        timeout::run_async(run, &self.control, self.timeout, self.timed(function)).await
+    }
+
+    /// Ends the run (its processes killed, its timer stopped) and gives the outcome to report:
+    /// `TimedOut` if the timeout stopped it, whatever it returned; otherwise `finished`, what
+    /// it returned (`None` only for a run dropped after its timeout).
+    fn end(self, function: &str, finished: Option<Outcome>) -> Outcome {
+        let end = self.control.end_run();
+        let timeout_ms = self.timeout.map_or(0, |limit| u64::try_from(limit.as_millis()).unwrap_or(u64::MAX));
+        let attempt = self.lease.attempt;
+        drop(self);
+        match (end, finished) {
+            (RunEnd::InTime, Some(outcome)) => outcome,
+            // A dropped run always timed out first; were it not so, it is still no value.
+            (RunEnd::TimedOut, _) | (RunEnd::InTime, None) => {
+                Outcome::Failed(TaskError::TimedOut { function: function.to_string(), timeout_ms, attempt })
+            }
+        }
     }
 }
 
 impl Drop for RunningEntry {
     fn drop(&mut self) {
+        if let Some(timer) = &self.timer {
+            timer.abort();
+        }
         // A later attempt of the same task may run here already: remove only this one's entry.
-        self.table.remove_if(&self.task, |_, control| Arc::ptr_eq(control, &self.control));
+        self.table.remove_if(&self.lease.task, |_, control| Arc::ptr_eq(control, &self.control));
         self.control.kill_children();
     }
 }

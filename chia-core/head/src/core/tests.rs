@@ -133,6 +133,7 @@ fn spec(task: TaskId, function: &str, args: Vec<Arg>) -> TaskSpec {
         bypass: None,
         retry_exceptions: false,
         job: None,
+        timeout_ms: None,
     }
 }
 
@@ -893,4 +894,46 @@ fn a_service_stopped_while_being_built_answers_its_start_and_its_stop_once_dropp
         "{done:?}"
     );
     assert_eq!(env.core.scheduler().node_free(NodeId(1)), Resources::parse("CPU=1,node:w=1").ok());
+}
+
+/// The `(task, attempt, timeout_ms)` of every `Execute` among `messages`.
+fn timed_executes(messages: &[HeadToPeer]) -> Vec<(TaskId, u32, Option<u64>)> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            HeadToPeer::Execute { task, attempt, timeout_ms, .. } => Some((*task, *attempt, *timeout_ms)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_calls_timeout_goes_with_every_run_and_survives_a_restart_from_a_snapshot() {
+    let mut env = Env::with(journaled());
+    let worker = env.worker("w", "CPU=1", &["f"]);
+    let driver = env.driver();
+    let task = TaskId::new(driver, 1);
+    let untimed = TaskId::new(driver, 2);
+    let timed = TaskSpec {
+        retry_exceptions: true,
+        max_retries: 1,
+        timeout_ms: Some(2500),
+        ..spec(task, "f", vec![])
+    };
+    env.send(driver, PeerToHead::Submit(timed));
+    env.send(driver, PeerToHead::Submit(spec(untimed, "f", vec![])));
+    assert_eq!(timed_executes(&env.to(worker)), [(task, 1, Some(2500))]);
+    let timed_out = |attempt| TaskError::TimedOut { function: "f".into(), timeout_ms: 2500, attempt };
+    env.send(worker, PeerToHead::Finished { task, attempt: 1, outcome: Outcome::Failed(timed_out(1)) });
+    assert_eq!(timed_executes(&env.to(worker)), [(task, 2, Some(2500))], "run again, with its timeout");
+    // The head dies with the second run's Execute unsent as far as the worker knows, and comes
+    // back from a snapshot alone: the record keeps the timeout.
+    env.kept = vec![env.core.snapshot().expect("the state encodes")];
+    let mut env = env.restart();
+    env.resume(worker, vec![], vec![]);
+    assert_eq!(timed_executes(&env.to(worker)), [(task, 2, Some(2500))]);
+    env.resume(driver, vec![], vec![task, untimed]);
+    env.send(worker, PeerToHead::Finished { task, attempt: 2, outcome: Outcome::Failed(timed_out(2)) });
+    assert_eq!(dones(&env.to(driver)), [(task, Done::Failed(timed_out(2)))], "no attempts left");
+    assert_eq!(timed_executes(&env.to(worker)), [(untimed, 1, None)]);
 }

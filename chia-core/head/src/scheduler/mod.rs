@@ -64,7 +64,7 @@ pub enum Event {
     /// A session asks for `function` to run with `request` held, once every task in `deps` has
     /// finished successfully. If its node is lost, it runs again up to `max_retries` times
     /// (any negative value: without limit); with `retry_exceptions`, so does an
-    /// [`TaskError::Application`] error.
+    /// [`TaskError::Application`] error or a run stopped by its timeout ([`TaskError::TimedOut`]).
     TaskSubmitted {
         task: TaskId,
         function: FunctionKey,
@@ -265,7 +265,7 @@ struct Task {
     /// Dispatches lost with their node before it acknowledged them.
     #[serde(default)]
     unacknowledged_losses: u8,
-    /// An application error runs it again too, while attempts remain.
+    /// An application error (or a timeout) runs it again too, while attempts remain.
     retry_exceptions: bool,
     /// The head released it: remove it once it ends, and treat it as unknown to new dependents.
     forgotten: bool,
@@ -963,10 +963,12 @@ impl Scheduler {
         // A report is an acknowledgement too (the node may not have sent one first).
         self.task_started(id, reporter);
         let Some(task) = self.tasks.get(slot) else { return };
+        // A run stopped by its timeout is the function's failure too: with `retry_exceptions`
+        // it runs again (with its full timeout), like one that returned `Err`.
         let again = cancel == Cancel::No
             && task.retry_exceptions
             && task.attempts_left()
-            && matches!(error, Some(TaskError::Application { .. }));
+            && matches!(error, Some(TaskError::Application { .. } | TaskError::TimedOut { .. }));
         self.unlist_running(node, pos);
         if let (Some(n), Some(s)) = (self.nodes.get_mut(node), self.shapes.get(shape)) {
             n.pool.give_back(&s.key.need, cpu_released.then_some(Names::CPU));

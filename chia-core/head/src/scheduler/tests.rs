@@ -813,6 +813,39 @@ fn application_errors_run_again_only_with_retry_exceptions() {
 }
 
 #[test]
+fn timed_out_runs_run_again_only_with_retry_exceptions_and_attempts_left() {
+    let timed_out = |attempt| TaskError::TimedOut { function: "f".into(), timeout_ms: 2500, attempt };
+    let mut env = Env::new();
+    env.join(1, "CPU=1", &["f"]);
+    assert_eq!(env.submit_retrying(t(1), "f", "CPU=1", 1, true), [dispatch(t(1), 1)]);
+    env.submit(t(2), "f", "CPU=1", &[t(1)]);
+    assert_eq!(env.submit(t(3), "f", "CPU=1", &[]), []);
+    // Like an `Err`: back to the front of the queue, ahead of t3, as attempt 2.
+    assert_eq!(env.fail(t(1), timed_out(1)), [retry(t(1), 1, 2)]);
+    assert_eq!(env.sched.task_status(t(2)), Some(TaskStatus::Waiting));
+    // No attempts left: the last run's timeout is the task's error, and its dependent's cause.
+    assert_eq!(
+        env.fail(t(1), timed_out(2)),
+        [dependency_failed(t(2), t(1), timed_out(2)), dispatch(t(3), 1)]
+    );
+    assert_eq!(env.sched.task_status(t(1)), Some(TaskStatus::Failed));
+    assert_eq!(env.sched.attempts(t(1)), Some(2));
+    env.finish(t(3));
+    // Without retry_exceptions a timeout is final, however many retries a lost worker would get.
+    assert_eq!(env.submit_retrying(t(4), "f", "CPU=1", 5, false), [dispatch(t(4), 1)]);
+    assert_eq!(env.fail(t(4), timed_out(1)), []);
+    assert_eq!(env.sched.task_status(t(4)), Some(TaskStatus::Failed));
+    assert_eq!(env.sched.attempts(t(4)), Some(1));
+    // A cancelled task that then times out is cancelled, and is not run again.
+    assert_eq!(env.submit_retrying(t(5), "f", "CPU=1", 5, true), [dispatch(t(5), 1)]);
+    assert_eq!(env.cancel(t(5), false), [Command::Cancel { task: t(5), node: NodeId(1), force: false }]);
+    assert_eq!(env.fail(t(5), timed_out(1)), [Command::Fail { task: t(5), error: cancelled("f") }]);
+    assert_eq!(env.sched.attempts(t(5)), Some(1));
+    assert_eq!(env.free(1), res("CPU=1,node:w1=1"));
+    check_invariants(&env.sched);
+}
+
+#[test]
 fn cancelling_a_task_that_has_not_started_fails_it_and_its_dependents() {
     let mut env = Env::new();
     env.join(1, "CPU=1", &["f"]);

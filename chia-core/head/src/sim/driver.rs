@@ -344,6 +344,7 @@ impl SimDriver {
             bypass: None,
             retry_exceptions,
             job: None,
+            timeout_ms: None,
         }));
         let kind = Kind::Function {
             function: function as u8,
