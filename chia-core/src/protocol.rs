@@ -9,8 +9,8 @@
 
 use crate::error::TaskError;
 use crate::function::FunctionKey;
-use crate::inspect::{CancelTarget, Query};
 use crate::ids::{NodeId, ServiceId, SessionId, TaskId};
+use crate::inspect::{CancelTarget, Query};
 use crate::resources::Resources;
 use serde::{Deserialize, Serialize};
 

@@ -65,6 +65,17 @@ pub fn simulate(x: i64, millis: u64) -> i64 {
     x * x
 }
 
+/// A long run (a simulation, a build) that stops as soon as it is cancelled, or after
+/// `millis`: what `chia cancel` ends.
+#[chia::function]
+pub async fn run_until_cancelled(cx: &Context, x: i64, millis: u64) -> i64 {
+    tokio::select! {
+        () = cx.cancelled() => {}
+        () = tokio::time::sleep(std::time::Duration::from_millis(millis)) => {}
+    }
+    x
+}
+
 pub mod tools;
 
 /// Does nothing; a binary calls it so the linker keeps this library, and with it the

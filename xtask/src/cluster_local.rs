@@ -318,6 +318,8 @@ async fn build(args: &Args, processes: &mut Processes) -> Result<PathBuf, String
         "chia-runtime",
         "--bin",
         "chia-head",
+        "--bin",
+        "chia",
         "-p",
         "examples",
         "--bins",

@@ -358,3 +358,217 @@ fn a_test_that_panics_leaves_nothing_running() {
     let state_dir = state_dir.expect("the state directory was printed");
     assert!(!state_dir.exists(), "{} is left behind", state_dir.display());
 }
+
+// ------------------------------------------------------------------------ the chia command
+
+/// Runs the `chia` command that cluster-local built beside its other binaries, against the
+/// cluster in `cluster_file`, and returns its standard output parsed as JSON.
+fn chia_json(cluster_file: &str, args: &[&str]) -> serde_json::Value {
+    let output = chia(Some(cluster_file), args);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "chia {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("chia {args:?} printed no JSON ({e}):\n{stdout}"))
+}
+
+fn chia(cluster_file: Option<&str>, args: &[&str]) -> std::process::Output {
+    let binary = chia_binary();
+    let mut command = Command::new(&binary);
+    command.args(args).env_remove("CHIA_ADDRESS").env_remove("CHIA_CLUSTER_FILE");
+    if let Some(file) = cluster_file {
+        command.env("CHIA_CLUSTER_FILE", file);
+    }
+    command.output().unwrap_or_else(|e| panic!("{} runs: {e}", binary.display()))
+}
+
+/// The `chia` binary beside xtask's (`cargo test --workspace` and cluster-local build it).
+fn chia_binary() -> std::path::PathBuf {
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_xtask")).with_file_name("chia");
+    assert!(binary.exists(), "{} is not built: cargo build -p chia-runtime --bin chia", binary.display());
+    binary
+}
+
+/// Polls `chia` (at most [`BOUND`]) until `done` holds for its answer: the cluster's state
+/// moves on events the test does not see (a dispatch, a heartbeat).
+fn chia_until(
+    cluster_file: &str,
+    args: &[&str],
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + BOUND;
+    loop {
+        let answer = chia_json(cluster_file, args);
+        if done(&answer) {
+            return answer;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "chia {args:?} never showed what the test waits for:\n{answer:#}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn reasons(explanation: &serde_json::Value) -> Vec<String> {
+    explanation["reasons"]
+        .as_array()
+        .expect("reasons")
+        .iter()
+        .map(|reason| {
+            reason.as_object().map_or_else(|| reason.to_string(), |o| o.keys().next().unwrap().clone())
+        })
+        .collect()
+}
+
+#[test]
+fn the_chia_command_shows_nodes_tasks_and_why_tasks_wait() {
+    examples::link();
+    let mut cluster = ClusterLocal::start(&[]);
+    let line = cluster.wait_for_line("CHIA_CLUSTER_FILE=");
+    let cluster_file = line.split("CHIA_CLUSTER_FILE=").nth(1).expect("a file").trim().to_string();
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let cx = runtime.block_on(async {
+        let credentials =
+            chia::tls::ClusterCredentials::load(std::path::Path::new(&cluster_file)).expect("credentials");
+        let (client, _) =
+            chia::client::Client::connect(&credentials, "test-driver", None).await.expect("joins");
+        chia::Context::from_client(client)
+    });
+    let _guard = runtime.enter();
+    // Both workers' one `adder` is held by a long run; a third needs one too and waits for
+    // room; a fourth needs a resource no node has; a fifth waits for the third's result.
+    let long: Vec<_> = (0..2)
+        .map(|i| {
+            examples::run_until_cancelled::call(i, 600_000)
+                .resource("adder", 1.0)
+                .tag(format!("long{i}"))
+                .remote(&cx)
+        })
+        .collect();
+    let busy = examples::simulate::call(2, 10).resource("adder", 1.0).tag("busy").remote(&cx);
+    let never = examples::simulate::call(3, 10).resource("gpu", 1.0).tag("never").remote(&cx);
+    let waiting = examples::simulate::call(&busy, 10).tag("after-busy").remote(&cx);
+
+    let status = chia_until(&cluster_file, &["status", "--json"], |s| s["tasks"]["running"] == 2);
+    let nodes = status["nodes"].as_array().expect("nodes");
+    let workers: Vec<&serde_json::Value> = nodes.iter().filter(|n| n["name"] != "head").collect();
+    assert_eq!(workers.len(), 2, "{status:#}");
+    for worker in &workers {
+        assert_eq!(worker["total"]["adder"], 1.0, "{worker:#}");
+        assert_eq!(worker["used"]["adder"], 1.0, "{worker:#}");
+        assert!(worker["free"]["adder"].is_null(), "no adder is free: {worker:#}");
+        assert!(worker["functions"].as_array().unwrap().iter().any(|f| f == "simulate"), "{worker:#}");
+        assert_eq!(worker["running"], 1);
+        assert!(worker["address"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:")), "{worker:#}");
+    }
+    assert_eq!(status["tasks"]["queued"], 2, "busy and never: {status:#}");
+    assert_eq!(status["tasks"]["waiting"], 1, "{status:#}");
+    assert_eq!(status["totals"]["submitted"], 5, "{status:#}");
+    assert_eq!(status["jobs"], 1, "the test's driver (the chia command itself is left out): {status:#}");
+    let demand = status["demand"].as_array().expect("demand");
+    assert_eq!(demand.len(), 2, "{status:#}");
+    let gpu = demand.iter().find(|d| d["request"]["gpu"] == 1.0).expect("the gpu shape");
+    assert!(gpu["infeasible"].as_str().is_some_and(|r| r.contains("gpu")), "{gpu:#}");
+    let adder = demand.iter().find(|d| d["request"]["adder"] == 1.0).expect("the adder shape");
+    assert!(adder["infeasible"].is_null());
+    assert!(status["stuck"].as_array().unwrap().is_empty(), "nothing fits, so nothing is stuck: {status:#}");
+
+    let listed = chia_json(&cluster_file, &["list", "tasks", "--json"]);
+    let tasks = listed["tasks"].as_array().expect("tasks");
+    // JSON carries a task id as its number; the table prints `task-S.N`.
+    let numbers: Vec<u64> = tasks.iter().map(|t| t["task"].as_u64().unwrap()).collect();
+    let newest_first = [waiting.id(), never.id(), busy.id(), long[1].id(), long[0].id()].map(|id| id.0);
+    assert_eq!(numbers, newest_first, "{listed:#}");
+    let states: Vec<&str> = tasks.iter().map(|t| t["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["waiting", "queued", "queued", "running", "running"]);
+    let running =
+        chia_json(&cluster_file, &["list", "tasks", "--state", "running", "--tag", "long.*", "--json"]);
+    assert_eq!(running["tasks"].as_array().unwrap().len(), 2, "{running:#}");
+    let page = chia_json(&cluster_file, &["list", "tasks", "--limit", "2", "--json"]);
+    assert_eq!(page["tasks"].as_array().unwrap().len(), 2);
+    let after = page["next"].as_u64().expect("a next page").to_string();
+    let rest = chia_json(&cluster_file, &["list", "tasks", "--after", &after, "--json"]);
+    assert_eq!(rest["tasks"].as_array().unwrap().len(), 3, "{rest:#}");
+
+    let busy_id = busy.id().to_string();
+    let explained = chia_json(&cluster_file, &["explain", &busy_id, "--json"]);
+    assert_eq!(reasons(&explained), ["busy", "busy"], "both workers are short of adder now: {explained:#}");
+    assert_eq!(explained["reasons"][0]["busy"]["short"][0]["resource"], "adder");
+    let explained = chia_json(&cluster_file, &["explain", &never.id().to_string(), "--json"]);
+    assert_eq!(reasons(&explained), ["never_fits", "never_fits"], "{explained:#}");
+    assert_eq!(explained["reasons"][0]["never_fits"]["short"][0]["resource"], "gpu");
+    let explained = chia_json(&cluster_file, &["explain", &waiting.id().to_string(), "--json"]);
+    assert_eq!(reasons(&explained), ["waiting_for"], "{explained:#}");
+    assert_eq!(explained["reasons"][0]["waiting_for"]["tasks"][0], busy.id().0);
+    // A function no worker offers fails at once; explain says how it ended and why.
+    let unknown = not_on_any_worker::call().remote(&cx);
+    let ended = runtime.block_on(unknown.get());
+    assert!(ended.is_err());
+    let explained = chia_json(&cluster_file, &["explain", &unknown.id().to_string(), "--json"]);
+    let error = explained["reasons"][0]["ended"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("no node in the cluster has the function not_on_any_worker"), "{explained:#}");
+
+    let shown = chia_json(&cluster_file, &["show", "task", &long[0].id().to_string(), "--json"]);
+    assert_eq!(shown["function"], "run_until_cancelled");
+    assert_eq!(shown["tag"], "long0");
+    let attempts = shown["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 1, "{shown:#}");
+    assert!(attempts[0]["node"].as_str().unwrap().starts_with("worker-"), "{shown:#}");
+    assert!(attempts[0]["outcome"].is_null(), "still running: {shown:#}");
+    let human = chia(Some(&cluster_file), &["status"]);
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        text.contains("worker-1") && text.contains("run_until_cancelled") && text.contains("gpu"),
+        "{text}"
+    );
+
+    // Cancelled by the command (another session than the owner): the long runs end, the
+    // queued task runs, and its dependent after it.
+    let cancelled = chia_json(&cluster_file, &["cancel", &long[0].id().to_string(), "--force", "--json"]);
+    assert_eq!(cancelled["tasks"][0], long[0].id().0, "{cancelled:#}");
+    let cancelled = runtime.block_on(long[0].get());
+    assert!(matches!(cancelled, Err(chia::Error::Task(chia::TaskError::Cancelled { .. }))), "{cancelled:?}");
+    assert_eq!(runtime.block_on(busy.get()).expect("busy runs once room is made"), 4);
+    assert_eq!(runtime.block_on(waiting.get()).expect("and its dependent after it"), 16);
+    let shown = chia_until(&cluster_file, &["show", "task", &long[0].id().to_string(), "--json"], |t| {
+        t["state"] == "cancelled"
+    });
+    assert!(shown["attempts"][0]["outcome"].as_str().is_some_and(|o| o.contains("cancelled")), "{shown:#}");
+    let driver_job = format!("driver-{}", long[0].id().session().0);
+    let cancelled = chia_json(&cluster_file, &["cancel", "--job", &driver_job, "--json"]);
+    let cancelled: Vec<u64> =
+        cancelled["tasks"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+    assert_eq!(cancelled, [long[1].id().0, never.id().0], "the job's unfinished tasks");
+    drop(cx);
+}
+
+#[test]
+fn the_chia_command_refuses_a_missing_or_wrong_cluster_file() {
+    let home = tempfile::tempdir().expect("temp dir");
+    let missing = home.path().join("nowhere.yaml");
+    let output = chia(Some(missing.to_str().unwrap()), &["status"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("nowhere.yaml"), "the error names the file: {stderr}");
+    let garbage = home.path().join("garbage.yaml");
+    std::fs::write(&garbage, "address: 127.0.0.1:1\nca: not a certificate\n").unwrap();
+    let output = chia(Some(garbage.to_str().unwrap()), &["status"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("garbage.yaml"), "the error names the file: {stderr}");
+    let output = Command::new(chia_binary())
+        .arg("status")
+        .env_remove("CHIA_CLUSTER_FILE")
+        .env_remove("CHIA_ADDRESS")
+        .env("CHIA_STATE_DIR", home.path())
+        .output()
+        .expect("chia runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("--cluster-file") && stderr.contains("CHIA_CLUSTER_FILE"), "{stderr}");
+}
+
+/// A function linked into this test only: no worker offers it.
+#[chia::function]
+fn not_on_any_worker() -> i64 {
+    0
+}

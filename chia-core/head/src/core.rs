@@ -789,7 +789,12 @@ impl HeadCore {
             TaskKind::Function => {
                 record.running_on = None;
                 let cancelled = self.scheduler.is_cancelled(task);
-                crate::observe::run_ended(self.now, record, crate::observe::RunEnd::Reported(&outcome));
+                let end = if cancelled {
+                    crate::observe::RunEnd::Cancelled
+                } else {
+                    crate::observe::RunEnd::Reported(&outcome)
+                };
+                crate::observe::run_ended(self.now, record, end);
                 match outcome {
                     // Its owner asked for it to stop: it ends cancelled, whatever it returned.
                     Outcome::Value(_) if cancelled => {

@@ -15,9 +15,9 @@
 use crate::core::{HeadCore, TaskKind, TaskRecord};
 use crate::scheduler::TaskStatus;
 use chia_core::inspect::{
-    Answer, CancelTarget, Cancelled, ClusterStatus, Demand, ENDED_TASKS_KEPT, Explanation, JobView, MAX_PAGE,
-    NodeView, Query, Reason, SCAN_PER_PAGE, Stuck, TaskCounts, TaskFilter, TaskPage, TaskState, TaskTotals,
-    TaskView, AttemptView,
+    Answer, AttemptView, CancelTarget, Cancelled, ClusterStatus, Demand, ENDED_TASKS_KEPT, Explanation,
+    JobView, MAX_PAGE, NodeView, Query, Reason, SCAN_PER_PAGE, Stuck, TaskCounts, TaskFilter, TaskPage,
+    TaskState, TaskTotals, TaskView,
 };
 use chia_core::protocol::{Arg, Outcome};
 use chia_core::{SessionId, TagPatterns, TaskError, TaskId};
@@ -55,7 +55,8 @@ impl Default for Histogram {
 impl Histogram {
     fn observe(&mut self, duration: Duration) {
         let seconds = duration.as_secs_f64();
-        let bucket = SECONDS_BUCKETS.iter().position(|&bound| seconds <= bound).unwrap_or(SECONDS_BUCKETS.len());
+        let bucket =
+            SECONDS_BUCKETS.iter().position(|&bound| seconds <= bound).unwrap_or(SECONDS_BUCKETS.len());
         self.buckets[bucket] += 1;
         self.sum_seconds += seconds;
         self.count += 1;
@@ -108,6 +109,8 @@ pub(crate) struct Run {
 /// How a run ended.
 pub(crate) enum RunEnd<'a> {
     Reported(&'a Outcome),
+    /// It was asked to stop: whatever it reported, it ended cancelled.
+    Cancelled,
     WorkerLost,
 }
 
@@ -285,6 +288,7 @@ pub(crate) fn run_ended(now: Instant, record: &mut TaskRecord, end: RunEnd) {
     let text = match end {
         RunEnd::Reported(Outcome::Value(_)) => "finished".to_string(),
         RunEnd::Reported(Outcome::Failed(error)) => error.to_string(),
+        RunEnd::Cancelled => "cancelled".to_string(),
         RunEnd::WorkerLost => format!("lost with its worker {}", run.node),
     };
     run.ended = Some((now, text));
@@ -421,7 +425,12 @@ impl HeadCore {
             Vec::new()
         };
         let waiting_for = if detail {
-            record.deps.iter().copied().filter(|dep| self.tasks.get(dep).is_some_and(|r| r.outcome.is_none())).collect()
+            record
+                .deps
+                .iter()
+                .copied()
+                .filter(|dep| self.tasks.get(dep).is_some_and(|r| r.outcome.is_none()))
+                .collect()
         } else {
             Vec::new()
         };
@@ -434,7 +443,10 @@ impl HeadCore {
             state: self.state_of(task, record),
             submitted_ms_ago: ms(now.saturating_duration_since(record.submitted_at)),
             node,
-            bypassed: record.bypass.as_ref().map(|b| b.provider.clone().unwrap_or_else(|| "data".to_string())),
+            bypassed: record
+                .bypass
+                .as_ref()
+                .map(|b| b.provider.clone().unwrap_or_else(|| "data".to_string())),
             argument_bytes: record.argument_bytes,
             result_bytes: match &record.outcome {
                 Some(Outcome::Value(value)) => Some(value.len() as u64),
@@ -471,7 +483,9 @@ impl HeadCore {
 
     fn task_view(&self, task: TaskId) -> Option<TaskView> {
         match self.tasks.get(&task) {
-            Some(record) if matches!(record.kind, TaskKind::Function) => Some(self.view_of(task, record, true)),
+            Some(record) if matches!(record.kind, TaskKind::Function) => {
+                Some(self.view_of(task, record, true))
+            }
             Some(_) => None,
             // Its ages are those of when it was freed.
             None => self.observer.ended.iter().find(|((_, id), _)| *id == task).map(|(_, view)| view.clone()),
@@ -764,7 +778,12 @@ impl HeadCore {
             if now.saturating_duration_since(since) < stuck_after || oldest < ms(stuck_after) {
                 continue;
             }
-            let new = !self.observer.watchdog.found.iter().any(|s| s.function == shape.function.name && s.request == shape.request);
+            let new = !self
+                .observer
+                .watchdog
+                .found
+                .iter()
+                .any(|s| s.function == shape.function.name && s.request == shape.request);
             if new {
                 self.observer.watchdog.found_total += 1;
                 tracing::warn!(

@@ -2,8 +2,8 @@
 //! certificate; no other door) and asks the head, which answers from counts it keeps.
 
 use chia_core::inspect::{
-    Answer, CancelTarget, ClusterStatus, Explanation, JobView, NodeView, Query, Reason, ServiceView, Shortfall,
-    TaskFilter, TaskState, TaskView,
+    Answer, CancelTarget, ClusterStatus, Explanation, JobView, NodeView, Query, Reason, ServiceView,
+    Shortfall, TaskFilter, TaskState, TaskView,
 };
 use chia_core::{SessionId, TaskId};
 use chia_runtime::client::Client;
@@ -161,9 +161,10 @@ async fn connect(args: &ClusterArgs) -> Result<Context, String> {
     if let Some(address) = &args.address {
         credentials.address = address.clone();
     }
-    let joined = tokio::time::timeout(CONNECT_TIMEOUT, Client::connect(&credentials, "chia", None))
-        .await
-        .map_err(|_| format!("the head at {} did not answer within {CONNECT_TIMEOUT:?}", credentials.address))?;
+    let joined =
+        tokio::time::timeout(CONNECT_TIMEOUT, Client::connect(&credentials, "chia", None)).await.map_err(
+            |_| format!("the head at {} did not answer within {CONNECT_TIMEOUT:?}", credentials.address),
+        )?;
     let (client, _) = joined.map_err(|e| e.to_string())?;
     Ok(Context::from_client(client))
 }
@@ -238,7 +239,9 @@ async fn execute(cx: &Context, command: &Command, json: bool) -> Result<ExitCode
         Command::Show { what: ShowCommand::Task { task } } => {
             let answer = ask(cx, Query::Task(*task)).await?;
             let Answer::Task(view) = answer else { return Err(unexpected(&answer)) };
-            let view = view.ok_or_else(|| format!("the head knows no task {task} (never submitted, or ended long ago)"))?;
+            let view = view.ok_or_else(|| {
+                format!("the head knows no task {task} (never submitted, or ended long ago)")
+            })?;
             if json { print_json(&view)? } else { print_task(&view) }
         }
         Command::Show { what: ShowCommand::Service { name, namespace } } => {
@@ -259,7 +262,8 @@ async fn execute(cx: &Context, command: &Command, json: bool) -> Result<ExitCode
                 (None, Some(job)) => CancelTarget::Job(job),
                 (None, None) => return Err("name a task or --job".into()),
             };
-            let cancelled = inspect::cancel(cx, target.clone(), args.force).await.map_err(|e| e.to_string())?;
+            let cancelled =
+                inspect::cancel(cx, target.clone(), args.force).await.map_err(|e| e.to_string())?;
             if json {
                 print_json(&cancelled)?
             } else {
@@ -449,7 +453,8 @@ fn print_task(t: &TaskView) {
             run.attempt,
             run.node,
             age(run.sent_ms_ago),
-            run.started_ms_ago.map_or("not acknowledged".to_string(), |ms| format!("started {} ago", age(ms))),
+            run.started_ms_ago
+                .map_or("not acknowledged".to_string(), |ms| format!("started {} ago", age(ms))),
             match (&run.outcome, run.ended_ms_ago) {
                 (Some(outcome), Some(ms)) => format!("ended {} ago: {outcome}", age(ms)),
                 _ => "running".to_string(),
@@ -484,8 +489,10 @@ fn print_jobs(jobs: &[JobView]) {
 }
 
 fn shortfalls(short: &[Shortfall]) -> String {
-    let parts: Vec<String> =
-        short.iter().map(|s| format!("{} (needs {}, has {})", s.resource, s.requested, s.available)).collect();
+    let parts: Vec<String> = short
+        .iter()
+        .map(|s| format!("{} (needs {}, has {})", s.resource, s.requested, s.available))
+        .collect();
     parts.join(", ")
 }
 
@@ -517,7 +524,9 @@ fn print_explanation(explanation: &Explanation) {
             Reason::Paused { node } => {
                 format!("{node} takes no new tasks until its worker is back after the head's restart")
             }
-            Reason::Behind { queued_ahead } => format!("{queued_ahead} older task(s) of its kind are ahead of it"),
+            Reason::Behind { queued_ahead } => {
+                format!("{queued_ahead} older task(s) of its kind are ahead of it")
+            }
             Reason::FitsNow { node } => format!("{node} has room for it now: it should be placed at once"),
         };
         println!("  - {text}");
