@@ -9,6 +9,9 @@ pub(crate) enum PlantedBug {
     /// `announce` says nothing to the owner of a task that ran more than once (`attempt > 1`):
     /// a result lost after a retry.
     ForgetDoneOnRetry,
+    /// The scheduler never starts a task of the function of this name, though it fits: a task
+    /// left behind in its queue (what the watchdog is for).
+    NeverPlace(&'static str),
 }
 
 thread_local! {

@@ -937,3 +937,123 @@ fn a_calls_timeout_goes_with_every_run_and_survives_a_restart_from_a_snapshot() 
     assert_eq!(dones(&env.to(driver)), [(task, Done::Failed(timed_out(2)))], "no attempts left");
     assert_eq!(timed_executes(&env.to(worker)), [(untimed, 1, None)]);
 }
+
+// ---------------------------------------------------------------- what the head tells of itself
+
+fn ask(env: &mut Env, asker: SessionId, query: chia_core::inspect::Query) -> chia_core::inspect::Answer {
+    let task = TaskId::new(asker, 1_000_000 + env.core.sessions[&asker].frames);
+    env.send(asker, PeerToHead::Inspect { task, query });
+    let answers: Vec<(TaskId, Done)> =
+        dones(&env.to(asker)).into_iter().filter(|(t, _)| *t == task).collect();
+    match answers.as_slice() {
+        [(t, Done::Value(bytes))] if *t == task => rmp_serde::from_slice(bytes).expect("an answer"),
+        other => panic!("no answer to the query: {other:?}"),
+    }
+}
+
+#[test]
+fn the_watchdog_reports_a_task_that_fits_and_is_left_queued_and_not_one_that_fits_nowhere() {
+    use chia_core::inspect::{Answer, Query, Reason};
+    let mut env = Env::with(CoreOptions { stuck_after: Duration::from_secs(60), ..CoreOptions::default() });
+    let worker = env.worker("w", "CPU=2", &["held", "f"]);
+    let driver = env.driver();
+    crate::planted::plant(Some(crate::planted::PlantedBug::NeverPlace("held")));
+    let held = env.submit(driver, 1, "held", vec![]);
+    let nowhere = TaskId::new(driver, 2);
+    let mut big = spec(nowhere, "f", vec![]);
+    big.request = Resources::parse("CPU=8").expect("valid");
+    env.send(driver, PeerToHead::Submit(big));
+    crate::planted::plant(None);
+    // Looks come while tasks are queued (the worker's heartbeats keep it joined); one that
+    // fits is reported only once it has fitted, unplaced, for the whole threshold.
+    let started = env.now;
+    while env.now < started + Duration::from_secs(59) {
+        let deadline = env.core.poll_timeout().expect("the watchdog looks while tasks are queued");
+        assert!(deadline <= env.now + Duration::from_secs(15), "a look at least every quarter threshold");
+        if deadline >= started + Duration::from_secs(59) {
+            break;
+        }
+        env.now = deadline.max(env.now);
+        env.send(worker, PeerToHead::Heartbeat);
+        env.timeout();
+        assert!(env.core.status().stuck.is_empty(), "not yet a minute");
+        env.advance(Duration::from_millis(1));
+    }
+    env.advance(Duration::from_secs(15));
+    env.send(worker, PeerToHead::Heartbeat);
+    env.timeout();
+    let stuck = env.core.status().stuck;
+    assert_eq!(stuck.len(), 1, "{stuck:?}");
+    assert_eq!((stuck[0].function.as_str(), stuck[0].fits_on.as_str(), stuck[0].queued), ("held", "w", 1));
+    assert_eq!(env.core.metrics().stuck_found, 1);
+    let Answer::Explain(why) = ask(&mut env, driver, Query::Explain(held)) else { panic!("an explanation") };
+    assert_eq!(why.reasons, [Reason::FitsNow { node: "w".into() }]);
+    let Answer::Explain(why) = ask(&mut env, driver, Query::Explain(nowhere)) else {
+        panic!("an explanation")
+    };
+    assert!(
+        matches!(&why.reasons[..], [Reason::NeverFits { node, short }] if node == "w" && short[0].resource == "CPU"),
+        "{why:?}"
+    );
+    // Looked at again, it stays found, and is counted once.
+    env.advance(Duration::from_secs(20));
+    env.send(worker, PeerToHead::Heartbeat);
+    env.timeout();
+    assert_eq!(env.core.metrics().stuck_found, 1);
+    assert_eq!(env.core.status().stuck.len(), 1);
+}
+
+#[test]
+fn counts_listings_and_the_memory_of_ended_tasks_follow_the_tasks() {
+    use chia_core::inspect::{Answer, Query, TaskFilter, TaskState};
+    let mut env = Env::new();
+    let worker = env.worker("w", "CPU=1", &["f"]);
+    let driver = env.driver();
+    let first = env.submit(driver, 1, "f", vec![Arg::Value(value(1))]);
+    let second = env.submit(driver, 2, "f", vec![Arg::Ref(first)]);
+    let third = env.submit(driver, 3, "f", vec![]);
+    let status = env.core.status();
+    assert_eq!((status.tasks.running, status.tasks.waiting, status.tasks.queued), (1, 1, 1));
+    assert_eq!(status.totals.submitted, 3);
+    env.send(worker, PeerToHead::Finished { task: first, attempt: 1, outcome: Outcome::Value(value(7)) });
+    let status = env.core.status();
+    assert_eq!(
+        (status.tasks.running, status.tasks.waiting, status.tasks.queued, status.tasks.ended),
+        (1, 0, 1, 1)
+    );
+    assert_eq!(status.result_bytes, 3);
+    let listing = |env: &mut Env, filter: TaskFilter| match ask(env, driver, Query::Tasks(filter)) {
+        Answer::Tasks(page) => page,
+        other => panic!("{other:?}"),
+    };
+    let page = listing(&mut env, TaskFilter { limit: 10, ..TaskFilter::default() });
+    let listed: Vec<(TaskId, TaskState)> = page.tasks.iter().map(|t| (t.task, t.state)).collect();
+    // The room goes to the task queued first, before the one this finish made ready.
+    assert_eq!(
+        listed,
+        [(third, TaskState::Running), (second, TaskState::Queued), (first, TaskState::Finished)]
+    );
+    assert_eq!(page.tasks[2].argument_bytes, 3);
+    env.send(worker, PeerToHead::Finished { task: third, attempt: 1, outcome: Outcome::Value(value(9)) });
+    env.send(worker, PeerToHead::Finished { task: second, attempt: 1, outcome: Outcome::Value(value(8)) });
+    // Released and no longer needed: freed, and remembered as it ended.
+    env.send(driver, PeerToHead::Release { tasks: vec![first] });
+    assert!(!env.core.tasks.contains_key(&first));
+    let page = listing(
+        &mut env,
+        TaskFilter { state: Some(TaskState::Finished), limit: 10, ..TaskFilter::default() },
+    );
+    let finished: Vec<TaskId> = page.tasks.iter().map(|t| t.task).collect();
+    assert_eq!(finished, [third, second, first]);
+    let Answer::Task(Some(shown)) = ask(&mut env, driver, Query::Task(first)) else { panic!("remembered") };
+    assert_eq!((shown.attempts.len(), shown.attempts[0].outcome.as_deref()), (1, Some("finished")));
+    assert_eq!(env.core.status().result_bytes, 6, "the second's and third's values are held now");
+    // A bad tag pattern is refused with the reason.
+    let answer = ask(
+        &mut env,
+        driver,
+        Query::Tasks(TaskFilter { tag: Some("(".into()), limit: 1, ..TaskFilter::default() }),
+    );
+    assert!(matches!(answer, Answer::Refused { .. }), "{answer:?}");
+    env.core.check_consistency().expect("counts agree with the records");
+}

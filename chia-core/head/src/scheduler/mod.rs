@@ -1312,6 +1312,12 @@ impl Scheduler {
     /// Leases the oldest queued task of shape `s` to node `n`; the caller checked it fits.
     /// Returns false if nothing was queued.
     fn start(&mut self, s: ShapeSlot, n: NodeSlot) -> bool {
+        #[cfg(test)]
+        if let Some(crate::planted::PlantedBug::NeverPlace(function)) = crate::planted::planted()
+            && self.shapes.get(s).is_some_and(|shape| self.functions[shape.key.function].key.name == function)
+        {
+            return false;
+        }
         let (Some(shape), Some(node)) = (self.shapes.get_mut(s), self.nodes.get_mut(n)) else { return false };
         let Some((_, slot)) = front(&mut shape.queue, &self.tasks) else { return false };
         let Some(task) = self.tasks.get_mut(slot) else { return false };

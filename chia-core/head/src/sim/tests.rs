@@ -84,6 +84,13 @@ fn first_failure(bug: PlantedBug, seeds: std::ops::Range<u64>) -> Failure {
 }
 
 #[test]
+fn a_task_left_behind_in_its_queue_is_caught_by_the_watchdog() {
+    let failure = first_failure(PlantedBug::NeverPlace("concat"), 0..20);
+    assert!(failure.message.contains("the watchdog found"), "{failure}");
+    assert!(failure.message.contains("concat"), "{failure}");
+}
+
+#[test]
 fn a_result_lost_after_a_retry_is_caught() {
     let failure = first_failure(PlantedBug::ForgetDoneOnRetry, 0..20);
     assert!(failure.message.contains("did not drain"), "{failure}");
