@@ -29,6 +29,7 @@ fn options(state_dir: &Path) -> HeadOptions {
         resume_grace: BOUND,
         // Small, so that the journal starts again from snapshots during the test.
         compact_journal_after: 16 << 10,
+        ..HeadOptions::default()
     }
 }
 

@@ -91,6 +91,10 @@ struct HeadArgs {
     /// state (so a restart replays at most about this much).
     #[arg(long, default_value_t = 64.0, value_name = "MIB")]
     compact_journal_mib: f64,
+    /// Seconds after which the watchdog warns of queued tasks that some node had the function
+    /// and the free resources for, and that were not placed (`chia status` shows them).
+    #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
+    stuck_after: f64,
 }
 
 /// `mib` MiB in bytes, if it is a size.
@@ -193,6 +197,10 @@ async fn run(args: HeadArgs) -> Result<ExitCode, String> {
         state_dir: Some(state_dir.clone()),
         resume_grace,
         compact_journal_after: journal_bytes(args.compact_journal_mib)?,
+        stuck_after: Duration::try_from_secs_f64(args.stuck_after)
+            .ok()
+            .filter(|t| *t >= Duration::from_secs(1))
+            .ok_or_else(|| format!("--stuck-after {} must be at least 1 second", args.stuck_after))?,
     };
     let started = HeadWithNode::start(args.listen, credentials, options).await.map_err(|e| e.to_string())?;
     let head = started.head();

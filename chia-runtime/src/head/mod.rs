@@ -88,6 +88,9 @@ pub struct HeadOptions {
     /// it starts again from one (the head's whole state as a record): start-up replays at
     /// most about this much.
     pub compact_journal_after: u64,
+    /// The watchdog warns of queued tasks that a node had the function and room for and that
+    /// waited this long unplaced (shown by `chia status`, counted in the metrics).
+    pub stuck_after: Duration,
 }
 
 impl Default for HeadOptions {
@@ -99,6 +102,7 @@ impl Default for HeadOptions {
             state_dir: None,
             resume_grace: core.resume_grace,
             compact_journal_after: 64 << 20,
+            stuck_after: core.stuck_after,
         }
     }
 }
@@ -178,6 +182,7 @@ pub async fn start_head_with(
         heartbeat_timeout: options.heartbeat_timeout,
         keep_services: options.state_dir.is_some(),
         resume_grace: options.resume_grace,
+        stuck_after: options.stuck_after,
         ..CoreOptions::default()
     };
     let (core, keeper) = match &options.state_dir {

@@ -238,6 +238,11 @@ async fn run(bench: &mut Bench) -> BenchResult<()> {
             ),
         }
     }
+    if bench.wants(&STATUS_FIGURES) {
+        let (status, page) = status_answers(bench.count(1_000_000));
+        bench.record_noted("status_ms_1m_queued", status, "ms", "chia status, answered and encoded by the head core");
+        bench.record_noted("list_tasks_ms_1m_queued", page, "ms", "a page of 50 of chia list tasks --state queued");
+    }
     if bench.wants(&["scheduler_decisions_per_s_1000_workers"]) {
         let rate = scheduler_decisions(1_000, bench.count(1_000_000));
         bench.record("scheduler_decisions_per_s_1000_workers", rate, "decisions/s");
@@ -485,6 +490,8 @@ const LARGE_CACHE_FIGURES: [&str; 2] = ["cache_write_1m_mb_per_s", "cache_warm_s
 /// The cache figures, through the cache service as users call it (on the embedded cluster,
 /// the cache pinned to the head node, default durability: fsync of file and directory per
 /// write). Throughput figures pipeline their calls; `has` is one call at a time.
+const STATUS_FIGURES: [&str; 2] = ["status_ms_1m_queued", "list_tasks_ms_1m_queued"];
+
 const BYPASS_FIGURES: [&str; 3] = ["bypass_call_p50_us", "bypass_replay_p50_us", "bypassed_tasks_per_s"];
 
 /// A bypassed call (a provider on the worker instead of the function), one at a time; a call
@@ -618,6 +625,62 @@ fn rss_bytes(pid: u32) -> BenchResult<u64> {
 /// The scheduler state machine alone: `nodes` nodes, `tasks` identical tasks submitted at once,
 /// then every finish frees room for the next dispatch. Dispatch decisions per second over the
 /// whole run, submissions included; events are built before the clock starts.
+/// Milliseconds the head core takes (median of 5) to answer `chia status` and one page of
+/// `chia list tasks` while `tasks` tasks are queued on 100 busy nodes, encoding included: the
+/// time the head's lock is held for them.
+fn status_answers(tasks: usize) -> (f64, f64) {
+    use chia::core::inspect::{Query, TaskFilter, TaskState};
+    use chia::core::protocol::{PROTOCOL_VERSION, PeerToHead, TaskSpec, WorkerOffer};
+    let now = Instant::now();
+    let mut core = chia_head_core::HeadCore::new(now, chia_head_core::CoreOptions::default());
+    let function = FunctionKey::new("f", "0000000000000000");
+    for n in 0..100 {
+        let offer = WorkerOffer {
+            resources: resources("CPU=1"),
+            functions: vec![function.clone()],
+            services: Vec::new(),
+            head_node: false,
+        };
+        let hello = PeerToHead::Hello { protocol_version: PROTOCOL_VERSION, name: format!("w{n}"), worker: Some(offer) };
+        core.open_session(now, &format!("10.0.0.{n}:4000"), hello).expect("a worker joins");
+    }
+    let hello = PeerToHead::Hello { protocol_version: PROTOCOL_VERSION, name: "driver".into(), worker: None };
+    let driver = core.open_session(now, "10.0.1.1:4000", hello).expect("a driver joins");
+    for seq in 0..tasks as u64 {
+        let spec = TaskSpec {
+            task: TaskId::new(driver, seq),
+            function: function.clone(),
+            args: Vec::new(),
+            request: resources(if seq % 4 == 0 { "CPU=1,adder=1" } else { "CPU=1" }),
+            tag: Some(format!("iter{}", seq % 1000)),
+            max_retries: 3,
+            bypass: None,
+            retry_exceptions: false,
+            job: None,
+            timeout_ms: None,
+        };
+        core.handle(now, driver, PeerToHead::Submit(spec));
+        while core.poll_action().is_some() {}
+    }
+    let queued = core.status().tasks.queued as usize;
+    assert_eq!(queued, tasks.saturating_sub(100), "all but the 100 running are queued");
+    let median = |query: &Query| {
+        let mut times: Vec<f64> = (0..5)
+            .map(|_| {
+                let started = Instant::now();
+                let answer = core.answer(driver, query);
+                let encoded = rmp_serde::to_vec_named(&answer).expect("an answer encodes");
+                std::hint::black_box(encoded);
+                started.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        times[2]
+    };
+    let page = TaskFilter { state: Some(TaskState::Queued), limit: 50, ..TaskFilter::default() };
+    (median(&Query::Status), median(&Query::Tasks(page)))
+}
+
 fn scheduler_decisions(nodes: u64, tasks: usize) -> f64 {
     let mut scheduler = Scheduler::new();
     let now = Instant::now();
