@@ -743,6 +743,13 @@ impl HeadCore {
                 TaskKind::Function,
             )
         };
+        tracing::debug!(
+            task = %task,
+            function = %record.function,
+            tag = record.tag.as_deref(),
+            job = %record.job,
+            "task submitted"
+        );
         self.add_record(task, record);
         let submitted = Event::TaskSubmitted {
             task,
@@ -771,6 +778,13 @@ impl HeadCore {
         }
         let Some(record) = self.tasks.get_mut(&task) else { return };
         let Some(node) = record.running_on else { return };
+        tracing::debug!(
+            task = %task,
+            node = %node,
+            attempt,
+            failed = matches!(outcome, Outcome::Failed(_)),
+            "task reported"
+        );
         if record.attempt != attempt {
             // An earlier run on the same node (it was written off, thawed and joined again as
             // the same session cannot, but a restarted attempt can land on the same node).
@@ -817,7 +831,7 @@ impl HeadCore {
                         );
                         let settled = self.tasks.get(&task).is_none_or(|r| r.outcome.is_some());
                         if again {
-                            tracing::debug!("{task} failed on {node} and is queued again: {error}");
+                            tracing::debug!(task = %task, node = %node, %error, "the task failed and is queued again");
                         } else if !settled {
                             self.settle(task, Outcome::Failed(error));
                         }
@@ -831,7 +845,7 @@ impl HeadCore {
     pub(crate) fn settle(&mut self, task: TaskId, outcome: Outcome) {
         let Some(record) = self.tasks.get_mut(&task) else { return };
         if let (HEAD_SESSION, Outcome::Failed(error)) = (record.owner, &outcome) {
-            tracing::warn!("{} failed: {error}", record.function);
+            tracing::warn!(task = %task, function = %record.function, %error, "a task of the head failed");
         }
         self.observer.settled(self.now, record, &outcome);
         record.outcome = Some(outcome);
@@ -876,7 +890,7 @@ impl HeadCore {
         match command {
             Command::Dispatch { task, node, attempt } => self.dispatch(task, node, attempt),
             Command::Fail { task, error } => {
-                tracing::debug!("{task} failed: {error}");
+                tracing::debug!(task = %task, %error, "the task cannot run");
                 self.release_deps(task);
                 match self.tasks.get(&task).map(|r| &r.kind) {
                     Some(TaskKind::ServiceStart(service)) => self.instance_task_failed(task, *service, error),
@@ -886,7 +900,7 @@ impl HeadCore {
             Command::Infeasible { task, reason } => {
                 // Many tasks of one shape share a reason: say it once, not once per task.
                 if self.last_infeasible.as_deref() != Some(reason.as_str()) {
-                    tracing::warn!("{task} (and others like it) cannot run on any node now: {reason}");
+                    tracing::warn!(task = %task, %reason, "the task (and others like it) cannot run on any node now");
                     self.last_infeasible = Some(reason.clone());
                 }
                 if let Some((owner, kind)) = self.tasks.get(&task).map(|r| (r.owner, &r.kind)) {
@@ -937,12 +951,10 @@ impl HeadCore {
             self.scheduler.handle(self.now, Event::TaskStarted { task, node });
             return self.dispatch_instance(task, service, node, session);
         }
-        if attempt > 1 {
-            tracing::debug!("{task} ({}) runs again, on {node} (attempt {attempt})", record.function);
-        }
         record.running_on = Some(node);
         record.attempt = attempt;
         let node_name = self.sessions.get(&session).map_or("?", |s| s.name.as_str());
+        tracing::debug!(task = %task, function = %record.function, node = node_name, attempt, "task dispatched");
         self.observer.dispatched(self.now, record, attempt, node_name);
         let Err(e) = self.send_execute(task, session) else { return };
         // The arguments together exceed what a frame may carry: the task can never be sent.

@@ -223,6 +223,18 @@ async fn serve(
         match execution {
             Execution::Task { task, attempt, function, args, tag, bypass, job, timeout } => {
                 let lease = Lease { task, attempt };
+                // One span per run, so `RUST_LOG=chia=debug` follows a task from the head's
+                // decisions to what ran here (a disabled span costs next to nothing).
+                let span = tracing::debug_span!(
+                    "task",
+                    task = %task,
+                    function = %function,
+                    tag = tag.as_deref(),
+                    attempt,
+                    node = %context.node_name(),
+                    bypassed = bypass.is_some(),
+                );
+                tracing::debug!(parent: &span, "run starts");
                 // The timeout's clock starts here, as the worker starts the run.
                 let entry = RunningEntry::new(&running, lease, timeout);
                 let context = context.for_task(task, entry.control.clone());
@@ -237,7 +249,7 @@ async fn serve(
                 };
                 match bypass {
                     Some(bypass) => {
-                        tokio::spawn(async move {
+                        let run = async move {
                             let client = context.client().clone();
                             let name = function.clone();
                             // What replaces the call runs under the call's timeout.
@@ -245,9 +257,10 @@ async fn serve(
                             let outcome = entry.run_async(run, &name).await;
                             let outcome = entry.end(&name, outcome);
                             report(&client, lease, &name, outcome);
-                        });
+                        };
+                        tokio::spawn(tracing::Instrument::instrument(run, span));
                     }
-                    None => start(context, entry, lease, function, args),
+                    None => start(context, entry, lease, function, args, span),
                 }
             }
             Execution::StartInstance { task, service, type_name, args } => {
@@ -265,10 +278,10 @@ async fn serve(
             }
             Execution::Cancel { task, force } => match running.get(&task) {
                 Some(control) => {
-                    tracing::info!("cancelling {task}{}", if force { " (forced)" } else { "" });
+                    tracing::info!(task = %task, force, "cancelling the task");
                     control.cancel(force);
                 }
-                None => tracing::debug!("asked to cancel {task}, which no longer runs here"),
+                None => tracing::debug!(task = %task, "asked to cancel a task that no longer runs here"),
             },
             Execution::StopInstance { service } => {
                 // Calls still running hold the instance; it is dropped when the last one ends.
@@ -289,7 +302,14 @@ async fn serve(
 
 /// Starts one task in `task_context`: a sync function on the blocking pool, an async one as a
 /// task. Each reports its own outcome when it ends, so no task waits in between.
-fn start(task_context: Context, entry: RunningEntry, lease: Lease, function: String, args: Vec<ArgValue>) {
+fn start(
+    task_context: Context,
+    entry: RunningEntry,
+    lease: Lease,
+    function: String,
+    args: Vec<ArgValue>,
+    span: tracing::Span,
+) {
     let client: Arc<Client> = task_context.client().clone();
     let Some(spec) = registry::functions().get(function.as_str()).copied() else {
         // The head only sends what this worker offered; this guards against a head bug.
@@ -306,6 +326,7 @@ fn start(task_context: Context, entry: RunningEntry, lease: Lease, function: Str
             let mut entry = entry;
             entry.watch_sync(spec.name);
             tokio::task::spawn_blocking(move || {
+                let _span = span.enter();
                 let result = {
                     // What this thread starts while the function runs is the task's.
                     let _thread = entry.control.run_on_this_thread();
@@ -316,11 +337,12 @@ fn start(task_context: Context, entry: RunningEntry, lease: Lease, function: Str
             });
         }
         Invoke::Async(invoke) => {
-            tokio::spawn(async move {
+            let run = async move {
                 let result = entry.run_async(CatchUnwind(invoke(task_context, args)), spec.name).await;
                 let outcome = entry.end(spec.name, result.map(|result| outcome(spec, result)));
                 report(&client, lease, spec.name, outcome);
-            });
+            };
+            tokio::spawn(tracing::Instrument::instrument(run, span));
         }
     }
 }
@@ -559,6 +581,10 @@ impl Lease {
 
 fn report(client: &Client, lease: Lease, function: &str, outcome: Outcome) {
     let Lease { task, attempt } = lease;
+    match &outcome {
+        Outcome::Value(value) => tracing::debug!(bytes = value.len(), "run ends with a value"),
+        Outcome::Failed(error) => tracing::debug!(%error, "run ends with an error"),
+    }
     if let Err(e) = client.send(&PeerToHead::Finished { task, attempt, outcome }) {
         // The result cannot travel (larger than a frame may be): fail the task instead of
         // leaving it running forever.

@@ -240,8 +240,18 @@ async fn run(bench: &mut Bench) -> BenchResult<()> {
     }
     if bench.wants(&STATUS_FIGURES) {
         let (status, page) = status_answers(bench.count(1_000_000));
-        bench.record_noted("status_ms_1m_queued", status, "ms", "chia status, answered and encoded by the head core");
-        bench.record_noted("list_tasks_ms_1m_queued", page, "ms", "a page of 50 of chia list tasks --state queued");
+        bench.record_noted(
+            "status_ms_1m_queued",
+            status,
+            "ms",
+            "chia status, answered and encoded by the head core",
+        );
+        bench.record_noted(
+            "list_tasks_ms_1m_queued",
+            page,
+            "ms",
+            "a page of 50 of chia list tasks --state queued",
+        );
     }
     if bench.wants(&["scheduler_decisions_per_s_1000_workers"]) {
         let rate = scheduler_decisions(1_000, bench.count(1_000_000));
@@ -641,7 +651,11 @@ fn status_answers(tasks: usize) -> (f64, f64) {
             services: Vec::new(),
             head_node: false,
         };
-        let hello = PeerToHead::Hello { protocol_version: PROTOCOL_VERSION, name: format!("w{n}"), worker: Some(offer) };
+        let hello = PeerToHead::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            name: format!("w{n}"),
+            worker: Some(offer),
+        };
         core.open_session(now, &format!("10.0.0.{n}:4000"), hello).expect("a worker joins");
     }
     let hello = PeerToHead::Hello { protocol_version: PROTOCOL_VERSION, name: "driver".into(), worker: None };
