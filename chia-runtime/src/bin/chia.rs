@@ -397,8 +397,8 @@ fn print_nodes(nodes: &[NodeView]) {
                 n.address.clone().unwrap_or_else(|| "-".into()),
                 age(n.up_ms),
                 age(n.last_heard_ms_ago),
-                n.total.to_string(),
-                n.free.to_string(),
+                shown(&n.total),
+                shown(&n.free),
                 n.running.to_string(),
                 if n.paused { "paused".into() } else { "up".into() },
                 offers.join(" "),
@@ -488,12 +488,23 @@ fn print_jobs(jobs: &[JobView]) {
     table(&["JOB", "UP", "UNFINISHED", "SUBMITTED"], &rows);
 }
 
-fn shortfalls(short: &[Shortfall]) -> String {
+/// `adder: needs 2, has 1` + what `has` means (`in all`, `free now`).
+fn shortfalls(short: &[Shortfall], has: &str) -> String {
     let parts: Vec<String> = short
         .iter()
-        .map(|s| format!("{} (needs {}, has {})", s.resource, s.requested, s.available))
+        .map(|s| format!("{}: needs {}, has {} {has}", s.resource, s.requested, s.available))
         .collect();
-    parts.join(", ")
+    parts.join("; ")
+}
+
+/// Resources as a table shows them: without the `node:<name>` every node has.
+fn shown(resources: &chia_core::Resources) -> String {
+    let parts: Vec<String> = resources
+        .iter()
+        .filter(|(name, _)| !name.starts_with(chia_core::resources::NODE_PREFIX))
+        .map(|(name, amount)| format!("{name}={amount}"))
+        .collect();
+    if parts.is_empty() { "-".into() } else { parts.join(",") }
 }
 
 fn print_explanation(explanation: &Explanation) {
@@ -519,8 +530,10 @@ fn print_explanation(explanation: &Explanation) {
                 "nodes offer {function} with signature {} but the call has {wanted}: rebuild the worker with the same code",
                 offered.join(", ")
             ),
-            Reason::NeverFits { node, short } => format!("{node} can never hold it: {}", shortfalls(short)),
-            Reason::Busy { node, short } => format!("{node} is busy: {} free now", shortfalls(short)),
+            Reason::NeverFits { node, short } => {
+                format!("{node} can never hold it: {}", shortfalls(short, "in all"))
+            }
+            Reason::Busy { node, short } => format!("{node} is busy: {}", shortfalls(short, "free now")),
             Reason::Paused { node } => {
                 format!("{node} takes no new tasks until its worker is back after the head's restart")
             }
