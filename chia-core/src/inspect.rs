@@ -36,7 +36,10 @@ pub enum Query {
     /// One task in detail ([`TaskView`] with its attempts).
     Task(TaskId),
     /// One service by name.
-    Service { name: String, namespace: String },
+    Service {
+        name: String,
+        namespace: String,
+    },
     /// Why a task is not running ([`Explanation`]).
     Explain(TaskId),
 }
@@ -53,7 +56,9 @@ pub enum Answer {
     Service(Option<ServiceView>),
     Explain(Explanation),
     /// The question could not be answered as asked (a tag pattern that is not a regex).
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
 }
 
 /// Where a task is.

@@ -118,7 +118,8 @@ impl Services {
 impl HeadCore {
     /// Every registered service, by namespace and name.
     pub(crate) fn service_views(&self) -> Vec<chia_core::inspect::ServiceView> {
-        let node_name = |node: NodeId| self.nodes.get(&node).and_then(|s| self.session_name(*s)).map(str::to_string);
+        let node_name =
+            |node: NodeId| self.nodes.get(&node).and_then(|s| self.session_name(*s)).map(str::to_string);
         let mut views: Vec<chia_core::inspect::ServiceView> = self
             .services
             .records
@@ -293,7 +294,14 @@ impl HeadCore {
         let constructor = format!("{}.new", service_type.name);
         let record = TaskRecord {
             scheduled: true,
-            ..TaskRecord::new(self.now, owner, constructor, args, deps.clone(), TaskKind::ServiceStart(service))
+            ..TaskRecord::new(
+                self.now,
+                owner,
+                constructor,
+                args,
+                deps.clone(),
+                TaskKind::ServiceStart(service),
+            )
         };
         self.add_record(task, record);
         // The task is never retried: an instance's state dies with its node (`max_restarts`

@@ -17,7 +17,8 @@ pub async fn ask(cx: &Context, query: Query) -> Result<Answer, Error> {
 /// Cancels a task, or every unfinished task of a job, whoever submitted them (`force`: their
 /// processes are killed at once).
 pub async fn cancel(cx: &Context, target: CancelTarget, force: bool) -> Result<Cancelled, Error> {
-    let cancelled: ObjectRef<Cancelled> =
-        send_request(cx, "cancel", Vec::new(), None, |task, _| PeerToHead::CancelTasks { task, target, force });
+    let cancelled: ObjectRef<Cancelled> = send_request(cx, "cancel", Vec::new(), None, |task, _| {
+        PeerToHead::CancelTasks { task, target, force }
+    });
     cancelled.get().await
 }

@@ -135,7 +135,10 @@ impl Scheduler {
         for node in function.nodes.iter().filter_map(|&n| self.nodes.get(n)).take(limit) {
             let name = node.name.clone();
             if !node.pool.could_hold(&shape.key.need) {
-                reasons.push(Reason::NeverFits { node: name, short: shortfalls(&node.capacity, &shape.request) });
+                reasons.push(Reason::NeverFits {
+                    node: name,
+                    short: shortfalls(&node.capacity, &shape.request),
+                });
             } else if node.paused {
                 reasons.push(Reason::Paused { node: name });
             } else if !node.pool.fits(&shape.key.need) {
@@ -169,7 +172,9 @@ impl Scheduler {
     }
 
     fn runs_an_instance(&self, slot: super::TaskSlot) -> bool {
-        let Some(Task { state: State::Running { shape, .. }, .. }) = self.tasks.get(slot) else { return false };
+        let Some(Task { state: State::Running { shape, .. }, .. }) = self.tasks.get(slot) else {
+            return false;
+        };
         self.shapes
             .get(*shape)
             .is_some_and(|s| self.functions[s.key.function].key.name.starts_with(SERVICE_FUNCTION_PREFIX))
