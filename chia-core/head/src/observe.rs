@@ -15,11 +15,11 @@
 use crate::core::{HeadCore, TaskKind, TaskRecord};
 use crate::scheduler::TaskStatus;
 use chia_core::inspect::{
-    Answer, CancelTarget, Cancelled, ClusterStatus, Demand, ENDED_TASKS_KEPT, Explanation, JobView, MAX_PAGE,
-    NodeView, Query, Reason, SCAN_PER_PAGE, Stuck, TaskCounts, TaskFilter, TaskPage, TaskState, TaskTotals,
-    TaskView, AttemptView,
+    Answer, AttemptView, CancelTarget, Cancelled, ClusterStatus, Demand, ENDED_TASKS_KEPT, Explanation,
+    JobView, MAX_PAGE, NodeView, Query, Reason, SCAN_PER_PAGE, Stuck, TaskCounts, TaskFilter, TaskPage,
+    TaskState, TaskTotals, TaskView,
 };
-use chia_core::protocol::{Arg, Outcome};
+use chia_core::protocol::{Arg, Outcome, WorkerFigures};
 use chia_core::{SessionId, TagPatterns, TaskError, TaskId};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -29,6 +29,21 @@ use std::time::{Duration, Instant};
 /// peer can make the head hold).
 pub const MAX_FUNCTION_LABELS: usize = 1_000;
 pub const OTHER_FUNCTIONS: &str = "(other)";
+
+/// Service figures the head keeps of one worker's report, and the longest name, label or help
+/// text among them: what a peer sends is memory the head holds until its next report.
+pub const MAX_SERVICE_FIGURES: usize = 256;
+pub const MAX_FIGURE_TEXT: usize = 256;
+
+/// `figures` as the head keeps them: the service figures within [`MAX_SERVICE_FIGURES`], and
+/// none whose texts exceed [`MAX_FIGURE_TEXT`].
+pub(crate) fn bounded_figures(mut figures: WorkerFigures) -> WorkerFigures {
+    figures.services.retain(|figure| {
+        [&figure.service, &figure.name, &figure.help].iter().all(|text| text.len() <= MAX_FIGURE_TEXT)
+    });
+    figures.services.truncate(MAX_SERVICE_FIGURES);
+    figures
+}
 
 /// Upper bounds (seconds) of the buckets of the time-queued and time-running histograms.
 pub const SECONDS_BUCKETS: [f64; 14] =
@@ -55,7 +70,8 @@ impl Default for Histogram {
 impl Histogram {
     fn observe(&mut self, duration: Duration) {
         let seconds = duration.as_secs_f64();
-        let bucket = SECONDS_BUCKETS.iter().position(|&bound| seconds <= bound).unwrap_or(SECONDS_BUCKETS.len());
+        let bucket =
+            SECONDS_BUCKETS.iter().position(|&bound| seconds <= bound).unwrap_or(SECONDS_BUCKETS.len());
         self.buckets[bucket] += 1;
         self.sum_seconds += seconds;
         self.count += 1;
@@ -421,7 +437,12 @@ impl HeadCore {
             Vec::new()
         };
         let waiting_for = if detail {
-            record.deps.iter().copied().filter(|dep| self.tasks.get(dep).is_some_and(|r| r.outcome.is_none())).collect()
+            record
+                .deps
+                .iter()
+                .copied()
+                .filter(|dep| self.tasks.get(dep).is_some_and(|r| r.outcome.is_none()))
+                .collect()
         } else {
             Vec::new()
         };
@@ -434,7 +455,10 @@ impl HeadCore {
             state: self.state_of(task, record),
             submitted_ms_ago: ms(now.saturating_duration_since(record.submitted_at)),
             node,
-            bypassed: record.bypass.as_ref().map(|b| b.provider.clone().unwrap_or_else(|| "data".to_string())),
+            bypassed: record
+                .bypass
+                .as_ref()
+                .map(|b| b.provider.clone().unwrap_or_else(|| "data".to_string())),
             argument_bytes: record.argument_bytes,
             result_bytes: match &record.outcome {
                 Some(Outcome::Value(value)) => Some(value.len() as u64),
@@ -470,7 +494,9 @@ impl HeadCore {
 
     fn task_view(&self, task: TaskId) -> Option<TaskView> {
         match self.tasks.get(&task) {
-            Some(record) if matches!(record.kind, TaskKind::Function) => Some(self.view_of(task, record, true)),
+            Some(record) if matches!(record.kind, TaskKind::Function) => {
+                Some(self.view_of(task, record, true))
+            }
             Some(_) => None,
             // Its ages are those of when it was freed.
             None => self.observer.ended.iter().find(|((_, id), _)| *id == task).map(|(_, view)| view.clone()),
@@ -759,7 +785,12 @@ impl HeadCore {
             if now.saturating_duration_since(since) < stuck_after || oldest < ms(stuck_after) {
                 continue;
             }
-            let new = !self.observer.watchdog.found.iter().any(|s| s.function == shape.function.name && s.request == shape.request);
+            let new = !self
+                .observer
+                .watchdog
+                .found
+                .iter()
+                .any(|s| s.function == shape.function.name && s.request == shape.request);
             if new {
                 self.observer.watchdog.found_total += 1;
                 tracing::warn!(
