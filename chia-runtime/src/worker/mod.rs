@@ -17,12 +17,14 @@ use chia_core::protocol::{ArgValue, Outcome, PeerToHead, Value, WorkerOffer};
 use chia_core::resources::{CPU, NODE_PREFIX};
 use chia_core::{FunctionKey, ResourceAmount, Resources, ServiceId, TaskError, TaskId};
 use dashmap::DashMap;
+use figures::{RunningGuard, Tally};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
+mod figures;
 pub(crate) mod main;
 
 /// A worker connected to a head.
@@ -82,9 +84,11 @@ impl Worker {
         let (client, executions) = Client::connect(credentials, name, Some(offer)).await?;
         // The worker's connection, and so every service instance it hosts, serves all jobs:
         // it follows no job's bypass plan and cannot install one.
+        let tally = Arc::new(Tally::default());
+        figures::report_with_heartbeats(&client, tally.clone());
         let context = Context::new(client, None).protecting(protected_dirs).in_job(JobLink::Node);
         let (stop_tx, stopped) = tokio::sync::watch::channel(false);
-        tokio::spawn(serve(context.clone(), executions, stop_tx));
+        tokio::spawn(serve(context.clone(), executions, stop_tx, tally));
         Ok(Worker { context, stopped })
     }
 
@@ -211,6 +215,7 @@ async fn serve(
     context: Context,
     mut executions: mpsc::UnboundedReceiver<Execution>,
     stopped: tokio::sync::watch::Sender<bool>,
+    tally: Arc<Tally>,
 ) {
     let instances: Arc<DashMap<ServiceId, InstanceQueue>> = Arc::default();
     let running: RunningTasks = Arc::default();
@@ -219,7 +224,8 @@ async fn serve(
         match execution {
             Execution::Task { task, attempt, function, args, tag, bypass, job } => {
                 let lease = Lease { task, attempt };
-                let entry = RunningEntry::new(&running, task);
+                tally.attempt(bypass.is_some());
+                let entry = RunningEntry::new(&running, task, &tally);
                 let context = context.for_task(task, entry.control.clone());
                 // The task's context belongs to the task's job, never the worker's.
                 let context = match plans.link(task, &function, job) {
@@ -247,6 +253,7 @@ async fn serve(
                 tokio::spawn(start_instance(
                     context.clone(),
                     instances.clone(),
+                    tally.clone(),
                     task,
                     service,
                     type_name,
@@ -319,6 +326,7 @@ fn start(task_context: Context, entry: RunningEntry, lease: Lease, function: Str
 async fn start_instance(
     context: Context,
     instances: Arc<DashMap<ServiceId, InstanceQueue>>,
+    tally: Arc<Tally>,
     task: TaskId,
     service: ServiceId,
     type_name: String,
@@ -338,7 +346,8 @@ async fn start_instance(
         Ok(Ok(instance)) => {
             let (queue, calls) = mpsc::unbounded_channel();
             let instance = Arc::new(tokio::sync::Mutex::new(instance));
-            tokio::spawn(run_instance(spec, service, instance, calls, client.clone(), control, activity));
+            let host = Host { client: client.clone(), tally };
+            tokio::spawn(run_instance(spec, service, instance, calls, host, control, activity));
             instances.insert(service, queue);
             Outcome::Value(Value::new())
         }
@@ -365,14 +374,15 @@ struct RunningEntry {
     control: Arc<TaskControl>,
     /// Dropped after the children are killed: the last activity to end ends loose processes.
     _activity: Activity,
+    _running: RunningGuard,
 }
 
 impl RunningEntry {
-    fn new(table: &RunningTasks, task: TaskId) -> RunningEntry {
+    fn new(table: &RunningTasks, task: TaskId, tally: &Arc<Tally>) -> RunningEntry {
         let control = TaskControl::new();
         let activity = Activity::begin();
         table.insert(task, control.clone());
-        RunningEntry { table: table.clone(), task, control, _activity: activity }
+        RunningEntry { table: table.clone(), task, control, _activity: activity, _running: tally.running() }
     }
 }
 
@@ -426,7 +436,7 @@ async fn run_instance(
     service: ServiceId,
     instance: SharedInstance,
     mut calls: mpsc::UnboundedReceiver<QueuedCall>,
-    client: Arc<Client>,
+    host: Host,
     constructed: Arc<TaskControl>,
     activity: Activity,
 ) {
@@ -435,9 +445,9 @@ async fn run_instance(
         tokio::select! {
             call = calls.recv() => match call {
                 Some(call) if spec.concurrent => {
-                    running.spawn(run_call(spec, instance.clone(), call, client.clone()));
+                    running.spawn(run_call(spec, instance.clone(), call, host.clone()));
                 }
-                Some(call) => run_call(spec, instance.clone(), call, client.clone()).await,
+                Some(call) => run_call(spec, instance.clone(), call, host.clone()).await,
                 None => break,
             },
             // Reap finished concurrent calls as they end.
@@ -449,15 +459,19 @@ async fn run_instance(
     drop(instance);
     constructed.kill_children();
     drop(activity);
-    let _ = client.send(&PeerToHead::InstanceStopped { service });
+    let _ = host.client.send(&PeerToHead::InstanceStopped { service });
 }
 
-async fn run_call(
-    spec: &'static ServiceSpec,
-    instance: SharedInstance,
-    call: QueuedCall,
+/// The worker an instance runs on: its connection and its running counts.
+#[derive(Clone)]
+struct Host {
     client: Arc<Client>,
-) {
+    tally: Arc<Tally>,
+}
+
+async fn run_call(spec: &'static ServiceSpec, instance: SharedInstance, call: QueuedCall, host: Host) {
+    let _running = host.tally.running();
+    let client = host.client;
     let QueuedCall { task, method, args, context, control } = call;
     let name = format!("{}.{method}", spec.type_name);
     let result = CatchUnwind((spec.call)(instance, context, method, args)).await;
