@@ -36,5 +36,7 @@ pub mod units;
 
 pub use config::{CacheConfig, CacheRule, InvalidPattern, TagPatterns};
 pub use error::CacheError;
-pub use store::{CacheStore, Durability, ENTRY_EXTENSION, MAX_TAG_LEN, StoreOptions, entry_file_name};
+pub use store::{
+    CacheStore, Durability, ENTRY_EXTENSION, MAX_TAG_LEN, StoreOptions, StoreStats, entry_file_name,
+};
 pub use units::parse_budget;

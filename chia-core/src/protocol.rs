@@ -253,9 +253,11 @@ pub enum PeerToHead {
 /// What a worker measured of itself, sent with its heartbeats.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerFigures {
-    /// Resident memory of the worker process and its task processes, in bytes.
+    /// Resident memory of the worker process, in bytes (its task processes are not in it:
+    /// counting them would mean walking `/proc` at every report).
     pub memory_bytes: u64,
-    /// CPU time the worker process used, in milliseconds (its children's once they ended).
+    /// CPU time the worker process used, in milliseconds (its children's once they ended and
+    /// were waited for).
     pub cpu_ms: u64,
     /// Tasks and service calls running on it now.
     pub running: u64,

@@ -28,6 +28,16 @@ pub use format::MAX_TAG_LEN;
 pub use naming::{ENTRY_EXTENSION, entry_file_name};
 pub use options::{Durability, StoreOptions};
 
+/// What a store holds, and how many entries it evicted to make room since it opened
+/// ([`CacheStore::stats`]). Explicit [`CacheStore::evict`]s and [`CacheStore::flush`]es are not
+/// among them: the caller asked for those.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub entries: u64,
+    pub bytes: u64,
+    pub evicted_for_room: u64,
+}
+
 /// An LRU, byte-budgeted, on-disk key/value store of opaque serialized values, one file per
 /// tag (see [`entry_file_name`]).
 ///
@@ -95,6 +105,9 @@ pub struct CacheStore {
     index: Mutex<LruIndex>,
     /// Numbers temporary file names.
     temp_sequence: AtomicU64,
+    /// Entries evicted to make room (by writes, and at open when the directory held more than
+    /// the budget), counted where the index already lists them: nothing extra per write.
+    evicted_for_room: AtomicU64,
     _lock: DirLock,
     #[cfg(test)]
     test_hook: Mutex<Option<tests::Hook>>,
@@ -158,6 +171,7 @@ impl CacheStore {
             options,
             index: Mutex::new(warm.index),
             temp_sequence: AtomicU64::new(0),
+            evicted_for_room: AtomicU64::new(warm.evicted_over_budget as u64),
             _lock: lock,
             #[cfg(test)]
             test_hook: Mutex::new(None),
@@ -205,6 +219,7 @@ impl CacheStore {
             // The replaced value's size must not count against the room made for the new one.
             index.remove(tag);
             let evicted = index.evict_to_fit(size, self.budget);
+            self.evicted_for_room.fetch_add(evicted.len() as u64, Ordering::Relaxed);
             index.insert(tag, size);
             evicted.iter().filter_map(|victim| self.detach_file(victim)).collect::<Vec<_>>()
         };
@@ -311,6 +326,17 @@ impl CacheStore {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Entries, their bytes, and the entries evicted to make room so far, read at once (one
+    /// look at the index).
+    pub fn stats(&self) -> StoreStats {
+        let index = self.lock_index();
+        StoreStats {
+            entries: index.len() as u64,
+            bytes: index.total_bytes(),
+            evicted_for_room: self.evicted_for_room.load(Ordering::Relaxed),
+        }
     }
 
     /// The byte budget.

@@ -1,7 +1,7 @@
 //! The original's storage semantics: write/read/has, evict/flush, LRU order by bytes,
 //! oversized items, overwrite accounting.
 
-use chia_cache::{CacheError, CacheStore, MAX_TAG_LEN, StoreOptions, entry_file_name};
+use chia_cache::{CacheError, CacheStore, MAX_TAG_LEN, StoreOptions, StoreStats, entry_file_name};
 
 use crate::common::{entry_files, entry_size, open, payload, temp_files, verify_payload};
 
@@ -106,6 +106,30 @@ fn writes_evict_least_recently_used_by_bytes() {
     assert_eq!(store.size_bytes(), item + entry_size("e", 233));
     assert!(store.size_bytes() <= store.budget());
     assert_eq!(entry_files(dir.path()).len(), 2);
+}
+
+#[test]
+fn stats_count_evictions_made_for_room_and_not_those_asked_for() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let item = entry_size("a", 100);
+    let store = open(dir.path(), 2 * item);
+    for tag in ["a", "b", "c", "d"] {
+        store.write(tag, &[0u8; 100]).expect("write");
+    }
+    assert_eq!(store.stats(), StoreStats { entries: 2, bytes: 2 * item, evicted_for_room: 2 });
+    assert!(store.evict("d"));
+    store.flush();
+    assert_eq!(store.stats(), StoreStats { entries: 0, bytes: 0, evicted_for_room: 2 });
+    drop(store);
+
+    // Entries over a smaller budget at a warm start are evicted for room too.
+    let store = open(dir.path(), 3 * item);
+    for tag in ["a", "b", "c"] {
+        store.write(tag, &[0u8; 100]).expect("write");
+    }
+    drop(store);
+    let store = open(dir.path(), item);
+    assert_eq!(store.stats(), StoreStats { entries: 1, bytes: item, evicted_for_room: 2 });
 }
 
 #[test]

@@ -677,7 +677,7 @@ impl HeadCore {
             PeerToHead::Heartbeat => {}
             PeerToHead::Figures(figures) => {
                 if let Some(peer) = self.sessions.get_mut(&session) {
-                    peer.figures = Some(Box::new(figures));
+                    peer.figures = Some(Box::new(crate::observe::bounded_figures(figures)));
                 }
             }
             PeerToHead::Inspect { task, query } => {

@@ -19,7 +19,7 @@ use chia_core::inspect::{
     JobView, MAX_PAGE, NodeView, Query, Reason, SCAN_PER_PAGE, Stuck, TaskCounts, TaskFilter, TaskPage,
     TaskState, TaskTotals, TaskView,
 };
-use chia_core::protocol::{Arg, Outcome};
+use chia_core::protocol::{Arg, Outcome, WorkerFigures};
 use chia_core::{SessionId, TagPatterns, TaskError, TaskId};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -29,6 +29,21 @@ use std::time::{Duration, Instant};
 /// peer can make the head hold).
 pub const MAX_FUNCTION_LABELS: usize = 1_000;
 pub const OTHER_FUNCTIONS: &str = "(other)";
+
+/// Service figures the head keeps of one worker's report, and the longest name, label or help
+/// text among them: what a peer sends is memory the head holds until its next report.
+pub const MAX_SERVICE_FIGURES: usize = 256;
+pub const MAX_FIGURE_TEXT: usize = 256;
+
+/// `figures` as the head keeps them: the service figures within [`MAX_SERVICE_FIGURES`], and
+/// none whose texts exceed [`MAX_FIGURE_TEXT`].
+pub(crate) fn bounded_figures(mut figures: WorkerFigures) -> WorkerFigures {
+    figures.services.retain(|figure| {
+        [&figure.service, &figure.name, &figure.help].iter().all(|text| text.len() <= MAX_FIGURE_TEXT)
+    });
+    figures.services.truncate(MAX_SERVICE_FIGURES);
+    figures
+}
 
 /// Upper bounds (seconds) of the buckets of the time-queued and time-running histograms.
 pub const SECONDS_BUCKETS: [f64; 14] =

@@ -95,6 +95,11 @@ struct HeadArgs {
     /// and the free resources for, and that were not placed (`chia status` shows them).
     #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
     stuck_after: f64,
+    /// Serve Prometheus metrics of the whole cluster at http://HOST:PORT/metrics (off unless
+    /// given; port 0 picks one, printed in the ready line). The endpoint is unauthenticated:
+    /// keep it on loopback (127.0.0.1:9470) unless scrapers elsewhere must reach it.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<SocketAddr>,
 }
 
 /// `mib` MiB in bytes, if it is a size.
@@ -214,7 +219,14 @@ async fn run(args: HeadArgs) -> Result<ExitCode, String> {
     });
     let cluster_file = state_dir.join("cluster.yaml");
     head.cluster_credentials(&address).save(&cluster_file).map_err(|e| e.to_string())?;
-    println!("chia-head ready address={address} cluster_file={}", cluster_file.display());
+    let metrics = match args.metrics {
+        Some(listen) => {
+            let serving = head.serve_metrics(listen).await.map_err(|e| e.to_string())?;
+            format!(" metrics={serving}")
+        }
+        None => String::new(),
+    };
+    println!("chia-head ready address={address} cluster_file={}{metrics}", cluster_file.display());
     wait_for_stop_signal().await;
     tracing::info!("stopping");
     head.shutdown();

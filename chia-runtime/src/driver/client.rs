@@ -10,12 +10,14 @@
 //! period ends, takes up its session (`Resume`: the tasks it runs as a worker, the outcomes it
 //! still waits for), and sends again what the head did not keep. Pending `get`s just wait.
 
+use crate::driver::figures::ServiceFigures;
 use crate::error::Error;
 use crate::net::tls::{ClusterCredentials, HEAD_SERVER_NAME};
 use crate::net::transport::{FrameReader, FrameSender, TransportError};
 use chia_core::protocol::{
     ArgValue, BypassSpec, CloseCode, Done, HeadToPeer, JobSettings, Outcome, PROTOCOL_VERSION, PeerToHead,
-    ResumeSession, TaskAttempt, UnansweredStart, Value, WorkerOffer, decode_body, encode_frame,
+    ResumeSession, TaskAttempt, UnansweredStart, Value, WorkerFigures, WorkerOffer, decode_body,
+    encode_frame,
 };
 use chia_core::{NodeId, ServiceId, SessionId, TaskError, TaskId};
 use chia_head_core::journal::changes_state;
@@ -54,15 +56,37 @@ pub enum Execution {
     Cancel { task: TaskId, force: bool },
 }
 
+/// Every how many heartbeats a worker sends its figures ([`PeerToHead::Figures`]) instead:
+/// often enough for a scrape every few seconds, rare enough that measuring costs nothing.
+const FIGURES_EVERY: u32 = 5;
+
+/// What a worker measures of itself for its heartbeats ([`Client::set_figures_source`]).
+pub type FiguresSource = dyn Fn() -> WorkerFigures + Send + Sync;
+
 /// Tells the head this worker is alive, as often as it asked, until the connection ends. A
 /// frozen process (SIGSTOP, a stalled machine) stops sending, which is how the head notices.
+/// Once the worker gave a figures source, the first beat after it and every
+/// [`FIGURES_EVERY`]th carry its figures.
 async fn send_heartbeats(client: std::sync::Weak<Client>, every: Duration) {
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Beats since figures were last sent; `None` before the first were.
+    let mut since_figures: Option<u32> = None;
     loop {
         ticks.tick().await;
         let Some(client) = client.upgrade() else { return };
-        if client.is_closed() || client.send(&PeerToHead::Heartbeat).is_err() {
+        let source = client.figures_source.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let message = match source {
+            Some(source) if since_figures.is_none_or(|beats| beats + 1 >= FIGURES_EVERY) => {
+                since_figures = Some(0);
+                PeerToHead::Figures(source())
+            }
+            _ => {
+                since_figures = since_figures.map(|beats| beats + 1);
+                PeerToHead::Heartbeat
+            }
+        };
+        if client.is_closed() || client.send(&message).is_err() {
             return;
         }
     }
@@ -110,6 +134,10 @@ pub struct Client {
     next_ping: AtomicU64,
     endpoint: quinn::Endpoint,
     runtime: tokio::runtime::Handle,
+    /// What the worker on this connection measures of itself, for its heartbeats.
+    figures_source: Mutex<Option<Arc<FiguresSource>>>,
+    /// The figure sources of the service instances this connection's worker hosts.
+    service_figures: Arc<ServiceFigures>,
 }
 
 /// The connection the session runs on now, and what it must be able to send again.
@@ -290,6 +318,8 @@ impl Client {
             next_ping: AtomicU64::new(1),
             endpoint,
             runtime: tokio::runtime::Handle::current(),
+            figures_source: Mutex::new(None),
+            service_figures: Arc::default(),
         });
         if heartbeat_ms > 0 {
             tokio::spawn(send_heartbeats(Arc::downgrade(&client), Duration::from_millis(heartbeat_ms)));
@@ -345,6 +375,18 @@ impl Client {
     /// The name the head gave this process (the node name for a worker).
     pub fn node_name(&self) -> &str {
         &self.node_name
+    }
+
+    /// Gives the heartbeats what to measure: a worker's heartbeats carry its figures from now
+    /// on (see [`PeerToHead::Figures`]); replaces any earlier source. The source runs on the
+    /// heartbeat task, so it must be cheap.
+    pub fn set_figures_source(&self, source: Box<FiguresSource>) {
+        *self.figures_source.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::from(source));
+    }
+
+    /// The figure sources of the service instances hosted on this connection's worker.
+    pub fn service_figures(&self) -> &Arc<ServiceFigures> {
+        &self.service_figures
     }
 
     pub(crate) fn runtime(&self) -> &tokio::runtime::Handle {

@@ -3,6 +3,7 @@
 //! builder of function calls, which also decides bypass, is [`Call`](crate::Call), one layer up.
 
 use crate::driver::client::{Client, SlotState};
+use crate::driver::figures::ServiceFigureSource;
 use crate::driver::job::JobLink;
 use crate::driver::process::TaskControl;
 use crate::error::Error;
@@ -163,6 +164,14 @@ impl Context {
         self.client
             .send(&PeerToHead::WatchResults { task, method: method.to_string(), rules })
             .map_err(|e| Error::Setup(e.to_string()))
+    }
+
+    /// From a service's constructor: report `source`'s figures (counters and gauges) with the
+    /// heartbeats of the worker hosting the service, under the label `service`, for as long
+    /// as `source` lives (hold the `Arc` in the instance: it goes with the instance). The head's
+    /// metrics endpoint serves them as `chia_<name>{node,service}`.
+    pub fn report_figures(&self, service: &str, source: std::sync::Weak<dyn ServiceFigureSource>) {
+        self.client.service_figures().register(service, source);
     }
 
     /// Measures one round trip to the head (a liveness check).

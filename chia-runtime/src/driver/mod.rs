@@ -1,12 +1,14 @@
 //! One connection to the cluster and what user code does over it, on a driver and inside a
 //! task alike: the [`client`] (pending results by task), the [`context`] user code holds
 //! (`Context`, `ObjectRef`, `get`, `wait`), the `job` a context's calls belong to, the
-//! [`process`] state of a running task, and the [`registry`] of functions and service types
-//! linked into the binary. Built on [`crate::net`]; knows nothing of the head or the worker.
+//! [`process`] state of a running task, the [`figures`] hosted service instances report, and
+//! the [`registry`] of functions and service types linked into the binary. Built on
+//! [`crate::net`]; knows nothing of the head or the worker.
 
 pub mod client;
 pub mod contain;
 pub mod context;
+pub mod figures;
 pub mod inspect;
 pub(crate) mod job;
 pub mod process;

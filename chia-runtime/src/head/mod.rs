@@ -21,9 +21,11 @@
 //!
 //! The head's own node (`head`, which hosts services pinned to the head) is a worker like any
 //! other and is started by whoever starts the head: [`HeadWithNode`](crate::local::HeadWithNode).
-//! This module depends on the network layer only.
+//! With [`HeadHandle::serve_metrics`] the head also serves Prometheus metrics over HTTP
+//! ([`metrics`]). This module depends on the network layer only.
 
 mod journal;
+pub mod metrics;
 mod persist;
 
 use crate::error::Error;
@@ -126,6 +128,7 @@ impl HeadHandle {
     /// Stops accepting and closes every connection.
     pub fn shutdown(&self) {
         self.shared.lock().core.shut_down();
+        self.shared.stopping.send_replace(true);
         self.shared.timer.notify_one();
         self.shared.stop_keeping();
         self.endpoint.close(CloseCode::Ended.value().into(), b"head shutting down");
@@ -133,6 +136,14 @@ impl HeadHandle {
         for (_, peer) in self.shared.lock().peers.drain() {
             peer.sender.close();
         }
+    }
+
+    /// Serves the cluster's metrics at `http://LISTEN/metrics` (Prometheus text format) until
+    /// the head stops; returns the address it listens on (`127.0.0.1:0` picks a port). The
+    /// endpoint is unauthenticated: a `listen` address that is not loopback is served, with a
+    /// warning in the log.
+    pub async fn serve_metrics(&self, listen: SocketAddr) -> Result<SocketAddr, metrics::MetricsError> {
+        metrics::serve(listen, Arc::downgrade(&self.shared), self.shared.stopping.subscribe()).await
     }
 
     /// Resolves when the head has stopped.
@@ -228,6 +239,10 @@ struct Shared {
     timer: Arc<tokio::sync::Notify>,
     /// Wakes the keeper thread: something is waiting to be made durable.
     keep: Condvar,
+    /// What the driver counts for the metrics endpoint.
+    figures: metrics::DriverFigures,
+    /// Set when the head stops: the metrics endpoint stops with it.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 struct State {
@@ -312,6 +327,8 @@ impl Shared {
             }),
             timer: Arc::new(tokio::sync::Notify::new()),
             keep: Condvar::new(),
+            figures: metrics::DriverFigures::new(),
+            stopping: tokio::sync::watch::Sender::new(false),
         });
         if let Some((keeper, _)) = keeper {
             let weak = Arc::downgrade(&shared);
@@ -466,10 +483,16 @@ fn run_keeper(mut keeper: Keeper, shared: Weak<Shared>) {
         // Until the batch is on disk nothing it caused may leave: the head stalls (and says
         // why) rather than tell a peer what a restart would not know.
         let mut failures = 0u32;
-        let write = |journal: &mut journal::Journal| match &snapshot {
-            Some(snapshot) => journal.start_again(snapshot, &records),
-            None if records.is_empty() => Ok(()),
-            None => journal.append(&records),
+        let mut committed_in = None;
+        let mut write = |journal: &mut journal::Journal| {
+            let started = Instant::now();
+            let written = match &snapshot {
+                Some(snapshot) => journal.start_again(snapshot, &records),
+                None if records.is_empty() => return Ok(()),
+                None => journal.append(&records),
+            };
+            committed_in = Some(started.elapsed());
+            written
         };
         while let Err(e) = write(&mut keeper.journal) {
             if failures == 0 {
@@ -490,6 +513,9 @@ fn run_keeper(mut keeper: Keeper, shared: Weak<Shared>) {
             keeper.services.save(services);
         }
         let Some(strong) = shared.upgrade() else { return };
+        if let Some(took) = committed_in {
+            strong.figures.journal_commit.observe(took.as_secs_f64());
+        }
         let mut state = strong.lock();
         state.durable.writing = false;
         for _ in 0..release {
@@ -564,22 +590,26 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
         };
         if in_progress >= VALIDATE_ABOVE && !incoming.remote_address_validated() && incoming.may_retry() {
             // Fails only for an Initial that carried a Retry token already.
-            if let Err(e) = incoming.retry() {
-                e.into_incoming().ignore();
+            match incoming.retry() {
+                Ok(()) => {
+                    shared.figures.handshakes_retried.inc();
+                }
+                Err(e) => e.into_incoming().ignore(),
             }
             continue;
         }
         // A validated address is real, so a source that keeps starting handshakes and never
         // finishes them is held to its share, and cannot fill the cap for everyone else.
         let full = if in_progress >= MAX_HANDSHAKES {
-            Some("in all")
+            Some(("in all", "total"))
         } else if from_source >= MAX_HANDSHAKES_PER_SOURCE {
-            Some("from its address")
+            Some(("from its address", "per_source"))
         } else {
             None
         };
-        if let Some(full) = full {
+        if let Some((full, limit)) = full {
             refused += 1;
+            shared.figures.handshakes_refused.get_or_create(&[("limit", limit)]).inc();
             if refused.is_power_of_two() {
                 tracing::warn!(
                     "{in_progress} handshakes in progress ({from_source} from its address): refused a connection \
@@ -595,7 +625,9 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             counts.total += 1;
             *counts.per_source.entry(source).or_default() += 1;
         }
-        let handshake = Handshake { handshakes: handshakes.clone(), source };
+        shared.figures.handshakes_in_progress.inc();
+        let in_progress = shared.figures.handshakes_in_progress.clone();
+        let handshake = Handshake { handshakes: handshakes.clone(), source, in_progress };
         tokio::spawn(serve_connection(incoming, handshake, shared.clone()));
     }
 }
@@ -631,10 +663,13 @@ fn source_of(remote: SocketAddr) -> std::net::IpAddr {
 struct Handshake {
     handshakes: Arc<Mutex<Handshakes>>,
     source: std::net::IpAddr,
+    /// The metrics' count of the same.
+    in_progress: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Drop for Handshake {
     fn drop(&mut self) {
+        self.in_progress.dec();
         let mut counts = lock_handshakes(&self.handshakes);
         counts.total -= 1;
         if let Some(n) = counts.per_source.get_mut(&self.source) {
@@ -646,29 +681,53 @@ impl Drop for Handshake {
     }
 }
 
+/// Counts a connection as open (for the metrics) while it lives.
+struct OpenConnection(prometheus_client::metrics::gauge::Gauge);
+
+impl OpenConnection {
+    fn count(open: &prometheus_client::metrics::gauge::Gauge) -> OpenConnection {
+        open.inc();
+        OpenConnection(open.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 async fn serve_connection(incoming: quinn::Incoming, handshake: Handshake, shared: Arc<Shared>) {
     let remote = incoming.remote_address();
     // One deadline from the first packet to the hello: QUIC restarts its idle timer at every
     // packet, so a peer trickling handshake packets would otherwise hold its place for ever.
     let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
+    let failed = |stage: &'static str| {
+        shared.figures.handshakes_failed.get_or_create(&[("stage", stage)]).inc();
+    };
     let connection = match tokio::time::timeout_at(deadline, incoming).await {
         Ok(Ok(connection)) => connection,
         Ok(Err(e)) => {
+            failed("tls");
             tracing::warn!("rejected a connection from {remote}: authentication failed ({e})");
             return;
         }
         Err(_) => {
+            failed("timeout");
             tracing::warn!("{remote} did not finish its handshake in {HELLO_TIMEOUT:?}; dropped");
             return;
         }
     };
+    let _open = OpenConnection::count(&shared.figures.connections_open);
     let (send, recv) = match tokio::time::timeout_at(deadline, connection.accept_bi()).await {
         Ok(Ok(streams)) => streams,
         Ok(Err(e)) => {
+            failed("hello");
             tracing::debug!("{remote} closed before opening its control stream: {e}");
             return;
         }
         Err(_) => {
+            failed("timeout");
             tracing::warn!("{remote} opened no control stream in {HELLO_TIMEOUT:?}; closing");
             connection.close(CloseCode::NoHello.value().into(), b"no hello");
             return;
@@ -683,13 +742,22 @@ async fn serve_connection(incoming: quinn::Incoming, handshake: Handshake, share
     };
     let first = match tokio::time::timeout_at(deadline, reader.next_frame()).await {
         Ok(Ok(Some(frame))) => decode_body::<PeerToHead>(frame),
-        Ok(Ok(None)) => return,
-        Ok(Err(e)) => return reject(format!("bad first frame: {e}")),
-        Err(_) => return reject(format!("no hello within {HELLO_TIMEOUT:?}")),
+        Ok(Ok(None)) => return failed("hello"),
+        Ok(Err(e)) => {
+            failed("hello");
+            return reject(format!("bad first frame: {e}"));
+        }
+        Err(_) => {
+            failed("timeout");
+            return reject(format!("no hello within {HELLO_TIMEOUT:?}"));
+        }
     };
     let first = match first {
         Ok(first) => first,
-        Err(e) => return reject(format!("its hello: {e}")),
+        Err(e) => {
+            failed("hello");
+            return reject(format!("its hello: {e}"));
+        }
     };
     // Authenticated and introduced: it no longer counts against the handshakes in progress.
     drop(handshake);
@@ -712,8 +780,12 @@ async fn serve_connection(incoming: quinn::Incoming, handshake: Handshake, share
     };
     let session = match opened {
         Ok(session) => session,
-        Err(rejection) => return reject(rejection.reason),
+        Err(rejection) => {
+            failed("hello");
+            return reject(rejection.reason);
+        }
     };
+    shared.figures.connections_accepted.inc();
     let reason = loop {
         sender.wait_for_backlog_below(SEND_BACKLOG_LIMIT).await;
         if congested.load(Ordering::Acquire) && sender.backlog() <= SEND_BACKLOG_LIMIT / 2 {

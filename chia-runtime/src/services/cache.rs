@@ -18,6 +18,7 @@
 //! ```
 
 use crate::driver::context::Context;
+use crate::driver::figures::{Figure, FigureKind, ServiceFigureSource};
 use crate::error::Error;
 use crate::services::service::{ServiceHandle, ServiceOptions, stop_service};
 use chia_cache::{CacheConfig, CacheError, CacheRule, CacheStore, StoreOptions, parse_budget};
@@ -27,16 +28,73 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf as Bytes;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 pub use chia_cache::Durability;
 
 /// The name the cache service is registered under (as in the original).
 pub const CACHE_SERVICE_NAME: &str = "ChiaCacheStore";
 
-/// The cache instance: the store and the static `cache:` configuration.
+/// The cache instance: the store, the static `cache:` configuration, and what it counts for
+/// the metrics.
 pub struct CacheService {
     store: CacheStore,
     config: CacheConfig,
+    /// Reported with the hosting worker's heartbeats while the instance holds it.
+    figures: Arc<CacheFigures>,
+}
+
+/// What the cache counts of its use, and its size as of its last change. The size is kept
+/// here rather than read from the store when a heartbeat asks: the heartbeat must not hold the
+/// store (and its directory lock) alive past a stop, however briefly.
+#[derive(Debug, Default)]
+struct CacheFigures {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    writes: AtomicU64,
+    evictions: AtomicU64,
+    entries: AtomicU64,
+    bytes: AtomicU64,
+    evicted_for_room: AtomicU64,
+}
+
+impl CacheFigures {
+    /// The store changed (or may have: a read drops a damaged entry): take its size again.
+    fn note_store(&self, store: &CacheStore) {
+        let stats = store.stats();
+        self.entries.store(stats.entries, Ordering::Relaxed);
+        self.bytes.store(stats.bytes, Ordering::Relaxed);
+        self.evicted_for_room.store(stats.evicted_for_room, Ordering::Relaxed);
+    }
+
+    fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl ServiceFigureSource for CacheFigures {
+    fn figures(&self) -> Vec<Figure> {
+        let load = |value: &AtomicU64| value.load(Ordering::Relaxed);
+        let counter = |name, help, value| Figure { name, help, kind: FigureKind::Counter, value };
+        let gauge = |name, help, value| Figure { name, help, kind: FigureKind::Gauge, value };
+        vec![
+            counter("cache_hits_total", "Cache reads that found their tag.", load(&self.hits)),
+            counter("cache_misses_total", "Cache reads that did not find their tag.", load(&self.misses)),
+            counter(
+                "cache_writes_total",
+                "Values stored in the cache (automatic writes included).",
+                load(&self.writes),
+            ),
+            counter(
+                "cache_evictions_total",
+                "Cache entries removed by evict calls or to make room for a write (LRU).",
+                load(&self.evictions) + load(&self.evicted_for_room),
+            ),
+            gauge("cache_entries", "Entries the cache holds.", load(&self.entries)),
+            gauge("cache_bytes", "Bytes of the entries the cache holds (their files).", load(&self.bytes)),
+        ]
+    }
 }
 
 // Concurrent: the store is safe to share and does its file I/O outside its index lock, so a
@@ -66,17 +124,34 @@ impl CacheService {
         {
             tracing::error!("the cache could not register its automatic writes: {e}");
         }
-        Ok(CacheService { store, config })
+        let figures = Arc::new(CacheFigures::default());
+        figures.note_store(&store);
+        cx.report_figures(CACHE_SERVICE_NAME, Arc::downgrade(&figures) as Weak<dyn ServiceFigureSource>);
+        Ok(CacheService { store, config, figures })
     }
 
     /// Stores `value` (serialized bytes) under `tag`; false if it is larger than the budget.
     pub fn write(&self, tag: String, value: Bytes) -> Result<bool, CacheError> {
-        self.store.write(&tag, &value)
+        let stored = self.store.write(&tag, &value)?;
+        if stored {
+            CacheFigures::count(&self.figures.writes);
+            self.figures.note_store(&self.store);
+        }
+        Ok(stored)
     }
 
     /// The value under `tag`, marking it most recently used; `None` on a miss.
     pub fn read(&self, tag: String) -> Option<Bytes> {
-        self.store.read(&tag).map(Bytes::from)
+        let value = self.store.read(&tag).map(Bytes::from);
+        match value {
+            Some(_) => CacheFigures::count(&self.figures.hits),
+            None => {
+                CacheFigures::count(&self.figures.misses);
+                // A miss may have dropped a damaged entry.
+                self.figures.note_store(&self.store);
+            }
+        }
+        value
     }
 
     pub fn has(&self, tag: String) -> bool {
@@ -84,11 +159,17 @@ impl CacheService {
     }
 
     pub fn evict(&self, tag: String) -> bool {
-        self.store.evict(&tag)
+        let evicted = self.store.evict(&tag);
+        if evicted {
+            CacheFigures::count(&self.figures.evictions);
+            self.figures.note_store(&self.store);
+        }
+        evicted
     }
 
     pub fn flush(&self) {
-        self.store.flush()
+        self.store.flush();
+        self.figures.note_store(&self.store);
     }
 
     /// Tags in LRU order, oldest first.

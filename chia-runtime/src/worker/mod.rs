@@ -17,6 +17,7 @@ use chia_core::protocol::{ArgValue, Outcome, PeerToHead, Value, WorkerOffer};
 use chia_core::resources::{CPU, NODE_PREFIX};
 use chia_core::{FunctionKey, ResourceAmount, Resources, ServiceId, TaskError, TaskId};
 use dashmap::DashMap;
+use figures::{RunningGuard, Tally};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
@@ -24,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+mod figures;
 pub(crate) mod main;
 mod timeout;
 
@@ -86,9 +88,11 @@ impl Worker {
         let (client, executions) = Client::connect(credentials, name, Some(offer)).await?;
         // The worker's connection, and so every service instance it hosts, serves all jobs:
         // it follows no job's bypass plan and cannot install one.
+        let tally = Arc::new(Tally::default());
+        figures::report_with_heartbeats(&client, tally.clone());
         let context = Context::new(client, None).protecting(protected_dirs).in_job(JobLink::Node);
         let (stop_tx, stopped) = tokio::sync::watch::channel(false);
-        tokio::spawn(serve(context.clone(), executions, stop_tx));
+        tokio::spawn(serve(context.clone(), executions, stop_tx, tally));
         Ok(Worker { context, stopped })
     }
 
@@ -215,6 +219,7 @@ async fn serve(
     context: Context,
     mut executions: mpsc::UnboundedReceiver<Execution>,
     stopped: tokio::sync::watch::Sender<bool>,
+    tally: Arc<Tally>,
 ) {
     let instances: Arc<DashMap<ServiceId, InstanceQueue>> = Arc::default();
     let running: RunningTasks = Arc::default();
@@ -236,7 +241,8 @@ async fn serve(
                 );
                 tracing::debug!(parent: &span, "run starts");
                 // The timeout's clock starts here, as the worker starts the run.
-                let entry = RunningEntry::new(&running, lease, timeout);
+                tally.attempt(bypass.is_some());
+                let entry = RunningEntry::new(&running, lease, timeout, &tally);
                 let context = context.for_task(task, entry.control.clone());
                 // The task's context belongs to the task's job, never the worker's.
                 let context = match plans.link(task, &function, job) {
@@ -267,6 +273,7 @@ async fn serve(
                 tokio::spawn(start_instance(
                     context.clone(),
                     instances.clone(),
+                    tally.clone(),
                     task,
                     service,
                     type_name,
@@ -350,6 +357,7 @@ fn start(
 async fn start_instance(
     context: Context,
     instances: Arc<DashMap<ServiceId, InstanceQueue>>,
+    tally: Arc<Tally>,
     task: TaskId,
     service: ServiceId,
     type_name: String,
@@ -369,7 +377,8 @@ async fn start_instance(
         Ok(Ok(instance)) => {
             let (queue, calls) = mpsc::unbounded_channel();
             let instance = Arc::new(tokio::sync::Mutex::new(instance));
-            tokio::spawn(run_instance(spec, service, instance, calls, client.clone(), control, activity));
+            let host = Host { client: client.clone(), tally };
+            tokio::spawn(run_instance(spec, service, instance, calls, host, control, activity));
             instances.insert(service, queue);
             Outcome::Value(Value::new())
         }
@@ -400,14 +409,28 @@ struct RunningEntry {
     timer: Option<tokio::task::AbortHandle>,
     /// Dropped after the children are killed: the last activity to end ends loose processes.
     _activity: Activity,
+    _running: RunningGuard,
 }
 
 impl RunningEntry {
-    fn new(table: &RunningTasks, lease: Lease, timeout: Option<Duration>) -> RunningEntry {
+    fn new(
+        table: &RunningTasks,
+        lease: Lease,
+        timeout: Option<Duration>,
+        tally: &Arc<Tally>,
+    ) -> RunningEntry {
         let control = TaskControl::new();
         let activity = Activity::begin();
         table.insert(lease.task, control.clone());
-        RunningEntry { table: table.clone(), lease, control, timeout, timer: None, _activity: activity }
+        RunningEntry {
+            table: table.clone(),
+            lease,
+            control,
+            timeout,
+            timer: None,
+            _activity: activity,
+            _running: tally.running(),
+        }
     }
 
     fn timed<'a>(&self, function: &'a str) -> Timed<'a> {
@@ -498,7 +521,7 @@ async fn run_instance(
     service: ServiceId,
     instance: SharedInstance,
     mut calls: mpsc::UnboundedReceiver<QueuedCall>,
-    client: Arc<Client>,
+    host: Host,
     constructed: Arc<TaskControl>,
     activity: Activity,
 ) {
@@ -507,9 +530,9 @@ async fn run_instance(
         tokio::select! {
             call = calls.recv() => match call {
                 Some(call) if spec.concurrent => {
-                    running.spawn(run_call(spec, instance.clone(), call, client.clone()));
+                    running.spawn(run_call(spec, instance.clone(), call, host.clone()));
                 }
-                Some(call) => run_call(spec, instance.clone(), call, client.clone()).await,
+                Some(call) => run_call(spec, instance.clone(), call, host.clone()).await,
                 None => break,
             },
             // Reap finished concurrent calls as they end.
@@ -521,15 +544,19 @@ async fn run_instance(
     drop(instance);
     constructed.kill_children();
     drop(activity);
-    let _ = client.send(&PeerToHead::InstanceStopped { service });
+    let _ = host.client.send(&PeerToHead::InstanceStopped { service });
 }
 
-async fn run_call(
-    spec: &'static ServiceSpec,
-    instance: SharedInstance,
-    call: QueuedCall,
+/// The worker an instance runs on: its connection and its running counts.
+#[derive(Clone)]
+struct Host {
     client: Arc<Client>,
-) {
+    tally: Arc<Tally>,
+}
+
+async fn run_call(spec: &'static ServiceSpec, instance: SharedInstance, call: QueuedCall, host: Host) {
+    let _running = host.tally.running();
+    let client = host.client;
     let QueuedCall { task, method, args, context, control } = call;
     let name = format!("{}.{method}", spec.type_name);
     let result = CatchUnwind((spec.call)(instance, context, method, args)).await;

@@ -1057,3 +1057,35 @@ fn counts_listings_and_the_memory_of_ended_tasks_follow_the_tasks() {
     assert!(matches!(answer, Answer::Refused { .. }), "{answer:?}");
     env.core.check_consistency().expect("counts agree with the records");
 }
+
+#[test]
+fn a_workers_figures_are_kept_within_bounds_until_its_next_report() {
+    use crate::observe::{MAX_FIGURE_TEXT, MAX_SERVICE_FIGURES};
+    use chia_core::protocol::{ServiceFigure, WorkerFigures};
+    let mut env = Env::new();
+    let worker = env.worker("w", "CPU=1", &[]);
+    let figure = |name: String| ServiceFigure {
+        service: "svc".into(),
+        name,
+        help: "help".into(),
+        counter: true,
+        value: 1,
+    };
+    let mut services: Vec<ServiceFigure> =
+        (0..MAX_SERVICE_FIGURES + 10).map(|i| figure(format!("f{i}"))).collect();
+    services.insert(0, figure("x".repeat(MAX_FIGURE_TEXT + 1)));
+    let figures =
+        WorkerFigures { memory_bytes: 7, cpu_ms: 3, running: 1, attempts: 2, bypassed: 0, services };
+    env.send(worker, PeerToHead::Figures(figures));
+    let nodes = env.core.metrics().nodes;
+    let kept = nodes.iter().find(|n| n.name == "w").and_then(|n| n.figures.clone()).expect("figures kept");
+    assert_eq!((kept.memory_bytes, kept.cpu_ms, kept.running, kept.attempts), (7, 3, 1, 2));
+    assert_eq!(kept.services.len(), MAX_SERVICE_FIGURES);
+    assert_eq!(kept.services[0].name, "f0", "the figure with an overlong name is dropped");
+    // A plain heartbeat keeps the last figures; the next report replaces them.
+    env.send(worker, PeerToHead::Heartbeat);
+    env.send(worker, PeerToHead::Figures(WorkerFigures { memory_bytes: 9, ..WorkerFigures::default() }));
+    let nodes = env.core.metrics().nodes;
+    let kept = nodes.iter().find(|n| n.name == "w").and_then(|n| n.figures.clone()).expect("figures kept");
+    assert_eq!((kept.memory_bytes, kept.services.len()), (9, 0));
+}
