@@ -121,6 +121,12 @@ pub(crate) struct Run {
     ended: Option<(Instant, String)>,
 }
 
+/// A freed task record kept for `chia show` and listings, without its value.
+pub(crate) struct Remembered {
+    record: TaskRecord,
+    result_bytes: Option<u64>,
+}
+
 /// How a run ended.
 pub(crate) enum RunEnd<'a> {
     Reported(&'a Outcome),
@@ -148,7 +154,6 @@ struct Watchdog {
 }
 
 /// The counts and memories behind the answers; see the module documentation.
-#[derive(Debug)]
 pub(crate) struct Observer {
     started: Instant,
     /// Function tasks held, by `(order, id)`: listings walk it newest first.
@@ -160,8 +165,9 @@ pub(crate) struct Observer {
     jobs: HashMap<SessionId, JobCounts>,
     functions: BTreeMap<String, FunctionFigures>,
     /// Function tasks whose records were freed, by `(order, id)`, the newest
-    /// [`ENDED_TASKS_KEPT`].
-    ended: BTreeMap<(u64, TaskId), TaskView>,
+    /// [`ENDED_TASKS_KEPT`]: the freed record itself (moved, not copied: freeing costs no
+    /// allocation), its value dropped.
+    ended: BTreeMap<(u64, TaskId), Remembered>,
     watchdog: Watchdog,
 }
 
@@ -244,10 +250,16 @@ impl Observer {
     }
 
     /// A record was freed (or dropped before it ended, with its driver).
-    fn removed(&mut self, task: TaskId, record: &TaskRecord, view: impl FnOnce() -> TaskView) {
-        if let Some(Outcome::Value(value)) = &record.outcome {
-            self.result_bytes = self.result_bytes.saturating_sub(value.len() as u64);
-        }
+    fn removed(&mut self, task: TaskId, mut record: TaskRecord) {
+        let result_bytes = match &mut record.outcome {
+            Some(Outcome::Value(value)) => {
+                self.result_bytes = self.result_bytes.saturating_sub(value.len() as u64);
+                let len = value.len() as u64;
+                *value = Vec::new();
+                Some(len)
+            }
+            _ => None,
+        };
         if !matches!(record.kind, TaskKind::Function) {
             return;
         }
@@ -259,11 +271,21 @@ impl Observer {
                 job.unfinished = job.unfinished.saturating_sub(1);
             }
             self.function(&record.function).cancelled += 1;
+            // Its driver left before it ran: remembered as cancelled, which is what it was.
+            let function = record.function.clone();
+            record.outcome = Some(Outcome::Failed(TaskError::Cancelled { function }));
         }
-        self.ended.insert((record.order, task), view());
+        record.args = Vec::new();
+        self.ended.insert((record.order, task), Remembered { record, result_bytes });
         while self.ended.len() > ENDED_TASKS_KEPT {
             self.ended.pop_first();
         }
+    }
+
+    /// The remembered ended task `task`, if any (a look at each of at most
+    /// [`ENDED_TASKS_KEPT`]).
+    fn remembered(&self, task: TaskId) -> Option<&Remembered> {
+        self.ended.iter().find(|((_, id), _)| *id == task).map(|(_, remembered)| remembered)
     }
 
     /// A function task was sent to a node.
@@ -331,19 +353,14 @@ impl HeadCore {
     }
 
     /// Frees a task record; a function task's is remembered for a while.
-    pub(crate) fn remove_record(&mut self, task: TaskId) -> Option<TaskRecord> {
-        let record = self.tasks.remove(&task)?;
-        let view = || {
-            let mut view = self.view_of(task, &record, true);
-            if record.outcome.is_none() {
-                view.state = TaskState::Cancelled;
-                view.error = Some("dropped before it ran: its driver left".to_string());
-            }
-            view
-        };
-        let view = view();
-        self.observer.removed(task, &record, || view);
-        Some(record)
+    pub(crate) fn remove_record(&mut self, task: TaskId) {
+        if let Some(record) = self.tasks.remove(&task) {
+            self.observer.removed(task, record);
+        }
+    }
+
+    fn remembered_view(&self, task: TaskId, remembered: &Remembered, detail: bool) -> TaskView {
+        TaskView { result_bytes: remembered.result_bytes, ..self.view_of(task, &remembered.record, detail) }
     }
 
     /// Takes the counts of what the head holds again from its records (after a recovery);
@@ -502,8 +519,9 @@ impl HeadCore {
                 Some(self.view_of(task, record, true))
             }
             Some(_) => None,
-            // Its ages are those of when it was freed.
-            None => self.observer.ended.iter().find(|((_, id), _)| *id == task).map(|(_, view)| view.clone()),
+            None => {
+                self.observer.remembered(task).map(|remembered| self.remembered_view(task, remembered, true))
+            }
         }
     }
 
@@ -672,11 +690,8 @@ impl HeadCore {
                 }
                 (order, self.view_of(task, record, false))
             } else {
-                let (&(order, _), view) = ended.next().expect("peeked");
-                let mut view = view.clone();
-                view.attempts.clear();
-                view.waiting_for.clear();
-                (order, view)
+                let (&(order, task), remembered) = ended.next().expect("peeked");
+                (order, self.remembered_view(task, remembered, false))
             };
             scanned += 1;
             if matches(&view) {
@@ -697,11 +712,14 @@ impl HeadCore {
     /// Why `task` is where it is.
     pub fn explain(&self, task: TaskId) -> Explanation {
         let Some(record) = self.tasks.get(&task) else {
-            let ended = self.observer.ended.iter().find(|((_, id), _)| *id == task).map(|(_, view)| view);
+            let ended = self
+                .observer
+                .remembered(task)
+                .map(|remembered| self.remembered_view(task, remembered, false));
             return Explanation {
                 task,
-                state: ended.map(|view| view.state),
-                reasons: vec![match ended {
+                state: ended.as_ref().map(|view| view.state),
+                reasons: vec![match &ended {
                     Some(view) => Reason::Ended { state: view.state, error: view.error.clone() },
                     None => Reason::Unknown,
                 }],
@@ -757,9 +775,9 @@ impl HeadCore {
         for task in candidates {
             if self.cancel(task, force) {
                 answer.tasks.push(task);
-            } else if self.tasks.get(&task).is_some_and(|r| r.outcome.is_some())
-                || self.observer.ended.keys().any(|(_, id)| *id == task)
-            {
+            } else if self.tasks.get(&task).is_some_and(|r| r.outcome.is_some()) {
+                answer.already_ended += 1;
+            } else if matches!(target, CancelTarget::Task(_)) && self.observer.remembered(task).is_some() {
                 answer.already_ended += 1;
             }
         }
