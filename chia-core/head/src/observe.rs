@@ -775,9 +775,9 @@ impl HeadCore {
         for task in candidates {
             if self.cancel(task, force) {
                 answer.tasks.push(task);
-            } else if self.tasks.get(&task).is_some_and(|r| r.outcome.is_some()) {
-                answer.already_ended += 1;
-            } else if matches!(target, CancelTarget::Task(_)) && self.observer.remembered(task).is_some() {
+            } else if self.tasks.get(&task).is_some_and(|r| r.outcome.is_some())
+                || (matches!(target, CancelTarget::Task(_)) && self.observer.remembered(task).is_some())
+            {
                 answer.already_ended += 1;
             }
         }
