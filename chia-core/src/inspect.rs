@@ -369,4 +369,7 @@ pub struct Cancelled {
     pub tasks: Vec<TaskId>,
     /// Tasks the target named that had ended already.
     pub already_ended: u64,
+    /// A job had more unfinished tasks than one request cancels: ask again.
+    #[serde(default)]
+    pub more: bool,
 }

@@ -676,7 +676,8 @@ impl HeadCore {
             }
             PeerToHead::Heartbeat => {}
             PeerToHead::Figures(figures) => {
-                if let Some(peer) = self.sessions.get_mut(&session) {
+                // Only a node's figures are shown; a driver's would be memory for nothing.
+                if let Some(peer) = self.sessions.get_mut(&session).filter(|peer| peer.node.is_some()) {
                     peer.figures = Some(Box::new(crate::observe::bounded_figures(figures)));
                 }
             }

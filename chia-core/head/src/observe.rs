@@ -21,7 +21,7 @@ use chia_core::inspect::{
 };
 use chia_core::protocol::{Arg, Outcome, WorkerFigures};
 use chia_core::{SessionId, TagPatterns, TaskError, TaskId};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// Distinct function names the per-function figures keep; the rest are counted under
@@ -42,12 +42,27 @@ pub(crate) fn bounded_figures(mut figures: WorkerFigures) -> WorkerFigures {
         [&figure.service, &figure.name, &figure.help].iter().all(|text| text.len() <= MAX_FIGURE_TEXT)
     });
     figures.services.truncate(MAX_SERVICE_FIGURES);
+    // Truncating keeps the capacity the peer's list needed.
+    figures.services.shrink_to_fit();
     figures
 }
 
 /// Upper bounds (seconds) of the buckets of the time-queued and time-running histograms.
 pub const SECONDS_BUCKETS: [f64; 14] =
     [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0];
+
+/// The longest tag pattern a listing compiles (under the head's lock).
+const MAX_PATTERN: usize = 1024;
+
+/// The longest error text a run keeps: a function whose error carries a tool's whole output
+/// must not make the head hold it for every run of 10,000 remembered tasks.
+const MAX_KEPT_TEXT: usize = 4096;
+
+/// The longest function name counted under its own label.
+const MAX_FUNCTION_LABEL: usize = 200;
+
+/// Tasks one `CancelTasks` of a job cancels; the answer says when more are left.
+pub const CANCEL_BATCH: usize = 10_000;
 
 /// Nodes an explanation names for one task.
 const NODES_EXPLAINED: usize = 20;
@@ -115,7 +130,7 @@ pub struct Metrics {
 #[derive(Clone, Debug)]
 pub(crate) struct Run {
     attempt: u32,
-    node: String,
+    node: Box<str>,
     sent: Instant,
     started: Option<Instant>,
     ended: Option<(Instant, String)>,
@@ -168,6 +183,11 @@ pub(crate) struct Observer {
     /// [`ENDED_TASKS_KEPT`]: the freed record itself (moved, not copied: freeing costs no
     /// allocation), its value dropped.
     ended: BTreeMap<(u64, TaskId), Remembered>,
+    /// The keys of `ended` in the order the records were freed: the first freed goes first,
+    /// so a long task submitted early is remembered as long as one that just ran.
+    freed: VecDeque<(u64, TaskId)>,
+    /// Task → its key in `ended`.
+    ended_index: HashMap<TaskId, u64>,
     watchdog: Watchdog,
 }
 
@@ -182,6 +202,8 @@ impl Observer {
             jobs: HashMap::new(),
             functions: BTreeMap::new(),
             ended: BTreeMap::new(),
+            freed: VecDeque::new(),
+            ended_index: HashMap::new(),
             watchdog: Watchdog::default(),
         }
     }
@@ -196,7 +218,9 @@ impl Observer {
     }
 
     fn function(&mut self, name: &str) -> &mut FunctionFigures {
-        if !self.functions.contains_key(name) && self.functions.len() >= MAX_FUNCTION_LABELS {
+        if !self.functions.contains_key(name)
+            && (self.functions.len() >= MAX_FUNCTION_LABELS || name.len() > MAX_FUNCTION_LABEL)
+        {
             return self.functions.entry(OTHER_FUNCTIONS.to_string()).or_default();
         }
         if !self.functions.contains_key(name) {
@@ -206,16 +230,20 @@ impl Observer {
     }
 
     /// A record was made.
-    fn added(&mut self, task: TaskId, record: &mut TaskRecord) {
+    /// `job_open`: the record's job is a connected driver (a job id in a submission is the
+    /// peer's word; only open sessions get counts, which go when they close).
+    fn added(&mut self, task: TaskId, record: &mut TaskRecord, job_open: bool) {
         record.order = self.next_order;
         self.next_order += 1;
         if !matches!(record.kind, TaskKind::Function) {
             return;
         }
         self.order.insert((record.order, task));
-        let job = self.jobs.entry(record.job).or_default();
-        job.submitted += 1;
-        job.unfinished += 1;
+        if job_open {
+            let job = self.jobs.entry(record.job).or_default();
+            job.submitted += 1;
+            job.unfinished += 1;
+        }
         let bypassed = record.bypass.is_some();
         let figures = self.function(&record.function);
         figures.submitted += 1;
@@ -276,16 +304,24 @@ impl Observer {
             record.outcome = Some(Outcome::Failed(TaskError::Cancelled { function }));
         }
         record.args = Vec::new();
-        self.ended.insert((record.order, task), Remembered { record, result_bytes });
-        while self.ended.len() > ENDED_TASKS_KEPT {
-            self.ended.pop_first();
+        let key = (record.order, task);
+        if self.ended.insert(key, Remembered { record, result_bytes }).is_none() {
+            self.freed.push_back(key);
+        }
+        self.ended_index.insert(task, key.0);
+        while self.freed.len() > ENDED_TASKS_KEPT {
+            let Some(oldest) = self.freed.pop_front() else { break };
+            self.ended.remove(&oldest);
+            if self.ended_index.get(&oldest.1) == Some(&oldest.0) {
+                self.ended_index.remove(&oldest.1);
+            }
         }
     }
 
-    /// The remembered ended task `task`, if any (a look at each of at most
-    /// [`ENDED_TASKS_KEPT`]).
+    /// The remembered ended task `task`, if any.
     fn remembered(&self, task: TaskId) -> Option<&Remembered> {
-        self.ended.iter().find(|((_, id), _)| *id == task).map(|(_, remembered)| remembered)
+        let &order = self.ended_index.get(&task)?;
+        self.ended.get(&(order, task))
     }
 
     /// A function task was sent to a node.
@@ -295,7 +331,9 @@ impl Observer {
         {
             run.ended = Some((now, "sent again".to_string()));
         }
-        record.runs.push(Run { attempt, node: node.to_string(), sent: now, started: None, ended: None });
+        // Most tasks run once: no room for more until a second run.
+        record.runs.reserve_exact(1);
+        record.runs.push(Run { attempt, node: node.into(), sent: now, started: None, ended: None });
         let queued = now.saturating_duration_since(record.submitted_at);
         let figures = self.function(&record.function);
         if attempt <= 1 {
@@ -328,7 +366,20 @@ pub(crate) fn run_ended(now: Instant, record: &mut TaskRecord, end: RunEnd) {
         RunEnd::Cancelled => "cancelled".to_string(),
         RunEnd::WorkerLost => format!("lost with its worker {}", run.node),
     };
-    run.ended = Some((now, text));
+    run.ended = Some((now, truncated(text)));
+}
+
+/// `text`, cut to [`MAX_KEPT_TEXT`] bytes (at a character boundary) with a mark.
+fn truncated(mut text: String) -> String {
+    if text.len() > MAX_KEPT_TEXT {
+        let mut end = MAX_KEPT_TEXT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str(" [...]");
+    }
+    text
 }
 
 fn ms(duration: Duration) -> u64 {
@@ -348,7 +399,8 @@ impl HeadCore {
     /// Makes a task record: numbers it in submission order and counts it.
     pub(crate) fn add_record(&mut self, task: TaskId, mut record: TaskRecord) {
         record.submitted_at = self.now;
-        self.observer.added(task, &mut record);
+        let job_open = self.sessions.contains_key(&record.job);
+        self.observer.added(task, &mut record, job_open);
         self.tasks.insert(task, record);
     }
 
@@ -367,9 +419,13 @@ impl HeadCore {
     /// the totals start from zero.
     pub(crate) fn recount(&mut self) {
         let mut observer = Observer::new(self.now);
-        let mut records: Vec<(&TaskId, &TaskRecord)> = self.tasks.iter().collect();
-        records.sort_by_key(|(task, record)| (record.order, **task));
-        for (&task, record) in records {
+        // Numbered again in the order they had (by id where a snapshot of a head that did not
+        // number them has them all at 0): numbers stay unique across restores.
+        let mut records: Vec<(u64, TaskId)> = self.tasks.iter().map(|(&task, r)| (r.order, task)).collect();
+        records.sort_unstable();
+        for (order, (_, task)) in records.into_iter().enumerate() {
+            let Some(record) = self.tasks.get_mut(&task) else { continue };
+            record.order = order as u64;
             if let Some(Outcome::Value(value)) = &record.outcome {
                 observer.result_bytes += value.len() as u64;
             }
@@ -377,15 +433,14 @@ impl HeadCore {
                 continue;
             }
             observer.order.insert((record.order, task));
-            let job = observer.jobs.entry(record.job).or_default();
-            job.submitted += 1;
-            if record.outcome.is_some() {
-                observer.ended_held += 1;
-            } else {
-                job.unfinished += 1;
+            if self.sessions.contains_key(&record.job) {
+                let job = observer.jobs.entry(record.job).or_default();
+                job.submitted += 1;
+                job.unfinished += u64::from(record.outcome.is_none());
             }
+            observer.ended_held += u64::from(record.outcome.is_some());
         }
-        observer.next_order = self.tasks.values().map(|r| r.order + 1).max().unwrap_or(0);
+        observer.next_order = self.tasks.len() as u64;
         self.observer = observer;
     }
 
@@ -406,6 +461,11 @@ impl HeadCore {
             })
             .sum();
         let observer = &self.observer;
+        let mut orders: Vec<u64> = self.tasks.values().map(|r| r.order).collect();
+        orders.sort_unstable();
+        if let Some(twice) = orders.windows(2).find(|pair| pair[0] == pair[1]) {
+            return Err(format!("two task records have the order {}", twice[0]));
+        }
         if held != observer.order.len() || ended != observer.ended_held || bytes != observer.result_bytes {
             return Err(format!(
                 "the head counts {} function records, {} ended and {} result bytes, but holds {held}, {ended} and {bytes}",
@@ -432,21 +492,25 @@ impl HeadCore {
         }
     }
 
-    fn view_of(&self, task: TaskId, record: &TaskRecord, detail: bool) -> TaskView {
-        let now = self.now;
-        let node = record
+    /// The node a task runs on, or its last run ran on.
+    fn node_of<'a>(&'a self, record: &'a TaskRecord) -> Option<&'a str> {
+        record
             .running_on
             .and_then(|node| self.nodes.get(&node))
             .and_then(|session| self.session_name(*session))
-            .map(str::to_string)
-            .or_else(|| record.runs.last().map(|run| run.node.clone()));
+            .or_else(|| record.runs.last().map(|run| &*run.node))
+    }
+
+    fn view_of(&self, task: TaskId, record: &TaskRecord, detail: bool) -> TaskView {
+        let now = self.now;
+        let node = self.node_of(record).map(str::to_string);
         let attempts = if detail {
             record
                 .runs
                 .iter()
                 .map(|run| AttemptView {
                     attempt: run.attempt,
-                    node: run.node.clone(),
+                    node: run.node.to_string(),
                     sent_ms_ago: ms(now.saturating_duration_since(run.sent)),
                     started_ms_ago: run.started.map(|at| ms(now.saturating_duration_since(at))),
                     ended_ms_ago: run.ended.as_ref().map(|(at, _)| ms(now.saturating_duration_since(*at))),
@@ -515,10 +579,7 @@ impl HeadCore {
 
     fn task_view(&self, task: TaskId) -> Option<TaskView> {
         match self.tasks.get(&task) {
-            Some(record) if matches!(record.kind, TaskKind::Function) => {
-                Some(self.view_of(task, record, true))
-            }
-            Some(_) => None,
+            Some(record) => Some(self.view_of(task, record, true)),
             None => {
                 self.observer.remembered(task).map(|remembered| self.remembered_view(task, remembered, true))
             }
@@ -546,7 +607,8 @@ impl HeadCore {
             nodes: self.node_views(),
             demand: self.demand(),
             tasks: TaskCounts {
-                waiting: counts.waiting as u64,
+                // With the tasks that wait for service calls, which the scheduler has not seen.
+                waiting: (counts.waiting + self.services.deferred.len()) as u64,
                 queued: counts.queued as u64,
                 running: counts.running as u64,
                 ended: self.observer.ended_held,
@@ -651,6 +713,9 @@ impl HeadCore {
     /// submission order, looking at no more than [`SCAN_PER_PAGE`] of them.
     fn list_tasks(&self, filter: &TaskFilter) -> Result<TaskPage, String> {
         let tag = match &filter.tag {
+            Some(pattern) if pattern.len() > MAX_PATTERN => {
+                return Err(format!("a tag pattern of {} bytes is longer than {MAX_PATTERN}", pattern.len()));
+            }
             Some(pattern) => Some(TagPatterns::new([pattern.as_str()]).map_err(|e| e.to_string())?),
             None => None,
         };
@@ -658,12 +723,13 @@ impl HeadCore {
         let below = filter.after.unwrap_or(u64::MAX);
         let mut held = self.observer.order.range(..(below, TaskId(0))).rev().peekable();
         let mut ended = self.observer.ended.range(..(below, TaskId(0))).rev().peekable();
-        let matches = |view: &TaskView| {
-            filter.state.is_none_or(|state| view.state == state)
-                && filter.function.as_ref().is_none_or(|f| &view.function == f)
-                && tag.as_ref().is_none_or(|t| view.tag.as_deref().is_some_and(|tag| t.matches(tag)))
-                && filter.job.is_none_or(|job| view.job == job)
-                && filter.node.as_ref().is_none_or(|node| view.node.as_ref() == Some(node))
+        // On the record, before any view is built: most of a large listing fails here.
+        let matches = |task: TaskId, record: &TaskRecord| {
+            filter.function.as_ref().is_none_or(|f| &record.function == f)
+                && filter.job.is_none_or(|job| record.job == job)
+                && filter.state.is_none_or(|state| self.state_of(task, record) == state)
+                && filter.node.as_ref().is_none_or(|node| self.node_of(record) == Some(node.as_str()))
+                && tag.as_ref().is_none_or(|t| record.tag.as_deref().is_some_and(|tag| t.matches(tag)))
         };
         let mut page = TaskPage::default();
         let mut scanned = 0;
@@ -674,28 +740,21 @@ impl HeadCore {
                 (None, Some(_)) => false,
                 (None, None) => return Ok(page),
             };
-            let (order, view) = if take_held {
+            let (order, task, record, result_bytes) = if take_held {
                 let &(order, task) = held.next().expect("peeked");
                 let Some(record) = self.tasks.get(&task) else { continue };
-                // Cheap checks first: most of a large listing is skipped on them.
-                if filter.function.as_ref().is_some_and(|f| &record.function != f)
-                    || filter.job.is_some_and(|job| record.job != job)
-                {
-                    scanned += 1;
-                    if scanned >= SCAN_PER_PAGE {
-                        page.next = Some(order);
-                        return Ok(page);
-                    }
-                    continue;
-                }
-                (order, self.view_of(task, record, false))
+                (order, task, record, None)
             } else {
                 let (&(order, task), remembered) = ended.next().expect("peeked");
-                (order, self.remembered_view(task, remembered, false))
+                (order, task, &remembered.record, Some(remembered.result_bytes))
             };
             scanned += 1;
-            if matches(&view) {
-                page.tasks.push(view);
+            if matches(task, record) {
+                let view = self.view_of(task, record, false);
+                page.tasks.push(match result_bytes {
+                    Some(result_bytes) => TaskView { result_bytes, ..view },
+                    None => view,
+                });
                 if page.tasks.len() >= limit {
                     let more = held.peek().is_some() || ended.peek().is_some();
                     page.next = more.then_some(order);
@@ -727,7 +786,9 @@ impl HeadCore {
         };
         let state = self.state_of(task, record);
         let mut reasons = Vec::new();
-        if let TaskKind::ServiceCall { name, .. } = &record.kind {
+        if let TaskKind::ServiceCall { name, .. } = &record.kind
+            && record.outcome.is_none()
+        {
             reasons.push(Reason::WaitingForService { service: name.clone() });
         }
         match state {
@@ -758,27 +819,38 @@ impl HeadCore {
         Explanation { task, state: Some(state), reasons }
     }
 
-    /// Cancels what `target` names, whoever submitted it.
+    /// Cancels what `target` names, whoever submitted it: a job's unfinished tasks at most
+    /// [`CANCEL_BATCH`] at a time (the answer says if more are left), so one input does a
+    /// bounded amount of work.
     pub(crate) fn cancel_tasks(&mut self, target: &CancelTarget, force: bool) -> Cancelled {
-        let mut candidates: Vec<TaskId> = match *target {
-            CancelTarget::Task(task) => vec![task],
-            // A rare request, so it may look at every record.
-            CancelTarget::Job(job) => self
-                .tasks
-                .iter()
-                .filter(|(_, r)| r.job == job && matches!(r.kind, TaskKind::Function))
-                .map(|(&t, _)| t)
-                .collect(),
-        };
-        candidates.sort_unstable();
         let mut answer = Cancelled::default();
-        for task in candidates {
-            if self.cancel(task, force) {
-                answer.tasks.push(task);
-            } else if self.tasks.get(&task).is_some_and(|r| r.outcome.is_some())
-                || (matches!(target, CancelTarget::Task(_)) && self.observer.remembered(task).is_some())
-            {
-                answer.already_ended += 1;
+        match *target {
+            CancelTarget::Task(task) => {
+                if self.cancel(task, force) {
+                    answer.tasks.push(task);
+                } else if self.tasks.get(&task).is_some_and(|r| r.outcome.is_some())
+                    || self.observer.remembered(task).is_some()
+                {
+                    answer.already_ended = 1;
+                }
+            }
+            CancelTarget::Job(job) => {
+                // A rare request: it may look at every record, but cancels a batch.
+                let mut unfinished: Vec<TaskId> = self
+                    .tasks
+                    .iter()
+                    .filter(|(_, r)| {
+                        r.job == job && matches!(r.kind, TaskKind::Function) && r.outcome.is_none()
+                    })
+                    .map(|(&t, _)| t)
+                    .collect();
+                unfinished.sort_unstable();
+                answer.more = unfinished.len() > CANCEL_BATCH;
+                for task in unfinished.into_iter().take(CANCEL_BATCH) {
+                    if self.cancel(task, force) {
+                        answer.tasks.push(task);
+                    }
+                }
             }
         }
         answer

@@ -53,6 +53,8 @@ impl HeadCore {
         let mut core = decoded?;
         core.scheduler.fill_in_older_snapshot();
         core.scheduler.recount();
+        // What replays after the snapshot is numbered after what it holds.
+        core.recount();
         core.persisted = match (options.keep_services, core.persisted.take()) {
             (true, kept) => Some(kept.unwrap_or_default()),
             (false, _) => None,

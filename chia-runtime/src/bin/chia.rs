@@ -93,9 +93,9 @@ struct ListTasksArgs {
     /// Only tasks running (or last run) on this node.
     #[arg(long)]
     node: Option<String>,
-    /// At most this many tasks.
-    #[arg(long, default_value_t = 50)]
-    limit: usize,
+    /// At most this many tasks (1 to 10000).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=chia_core::inspect::MAX_PAGE as u64))]
+    limit: u64,
     /// Start after this position (printed as `next:` at the end of a page).
     #[arg(long, value_name = "POSITION")]
     after: Option<u64>,
@@ -176,8 +176,14 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
     result
 }
 
+/// How long the head may take to answer (it may be restarting and waiting for its peers).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
 async fn ask(cx: &Context, query: Query) -> Result<Answer, String> {
-    match inspect::ask(cx, query).await.map_err(|e| e.to_string())? {
+    let answer = tokio::time::timeout(ANSWER_TIMEOUT, inspect::ask(cx, query))
+        .await
+        .map_err(|_| format!("the head did not answer within {ANSWER_TIMEOUT:?}"))?;
+    match answer.map_err(|e| e.to_string())? {
         Answer::Refused { reason } => Err(reason),
         answer => Ok(answer),
     }
@@ -207,7 +213,7 @@ async fn execute(cx: &Context, command: &Command, json: bool) -> Result<ExitCode
                 tag: args.tag.clone(),
                 job: args.job,
                 node: args.node.clone(),
-                limit: args.limit,
+                limit: args.limit as usize,
                 after: args.after,
             };
             let answer = ask(cx, Query::Tasks(filter)).await?;
@@ -254,7 +260,14 @@ async fn execute(cx: &Context, command: &Command, json: bool) -> Result<ExitCode
         Command::Explain { task } => {
             let answer = ask(cx, Query::Explain(*task)).await?;
             let Answer::Explain(explanation) = answer else { return Err(unexpected(&answer)) };
-            if json { print_json(&explanation)? } else { print_explanation(&explanation) }
+            if json {
+                print_json(&explanation)?
+            } else {
+                print_explanation(&explanation)
+            }
+            if explanation.reasons == [Reason::Unknown] {
+                return Ok(ExitCode::FAILURE);
+            }
         }
         Command::Cancel(args) => {
             let target = match (args.task, args.job) {
@@ -262,8 +275,20 @@ async fn execute(cx: &Context, command: &Command, json: bool) -> Result<ExitCode
                 (None, Some(job)) => CancelTarget::Job(job),
                 (None, None) => return Err("name a task or --job".into()),
             };
-            let cancelled =
-                inspect::cancel(cx, target.clone(), args.force).await.map_err(|e| e.to_string())?;
+            // A job's tasks are cancelled a batch per request, until none is left.
+            let mut cancelled = chia_core::inspect::Cancelled::default();
+            loop {
+                let batch =
+                    tokio::time::timeout(ANSWER_TIMEOUT, inspect::cancel(cx, target.clone(), args.force))
+                        .await
+                        .map_err(|_| format!("the head did not answer within {ANSWER_TIMEOUT:?}"))?
+                        .map_err(|e| e.to_string())?;
+                cancelled.tasks.extend(batch.tasks);
+                cancelled.already_ended += batch.already_ended;
+                if !batch.more {
+                    break;
+                }
+            }
             if json {
                 print_json(&cancelled)?
             } else {
@@ -276,7 +301,11 @@ async fn execute(cx: &Context, command: &Command, json: bool) -> Result<ExitCode
             }
             if cancelled.tasks.is_empty() && cancelled.already_ended == 0 {
                 let what = match target {
-                    CancelTarget::Task(task) => format!("no task {task} is known to the head"),
+                    CancelTarget::Task(task) => {
+                        format!(
+                            "nothing cancelled: the head knows no task {task} that can be (service calls cannot)"
+                        )
+                    }
                     CancelTarget::Job(job) => format!("the job driver-{} has no unfinished task", job.0),
                 };
                 eprintln!("{what}");

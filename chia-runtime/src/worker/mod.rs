@@ -331,9 +331,10 @@ fn start(
     match spec.invoke {
         Invoke::Sync(invoke) => {
             let mut entry = entry;
-            entry.watch_sync(spec.name);
             tokio::task::spawn_blocking(move || {
                 let _span = span.enter();
+                // The clock starts as the run does, not while it waits for a blocking thread.
+                entry.watch_sync(spec.name);
                 let result = {
                     // What this thread starts while the function runs is the task's.
                     let _thread = entry.control.run_on_this_thread();

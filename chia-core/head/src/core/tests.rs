@@ -1089,3 +1089,31 @@ fn a_workers_figures_are_kept_within_bounds_until_its_next_report() {
     let kept = nodes.iter().find(|n| n.name == "w").and_then(|n| n.figures.clone()).expect("figures kept");
     assert_eq!((kept.memory_bytes, kept.services.len()), (9, 0));
 }
+
+#[test]
+fn a_head_restored_from_a_snapshot_lists_every_task_in_order() {
+    use chia_core::inspect::{Answer, Query, TaskFilter};
+    let mut env = Env::with(journaled());
+    let _worker = env.worker("w", "CPU=1", &["f"]);
+    let driver = env.driver();
+    let before: Vec<TaskId> = (1..=3).map(|seq| env.submit(driver, seq, "f", vec![])).collect();
+    env.kept = vec![env.core.snapshot().expect("the state encodes")];
+    let after: Vec<TaskId> = (4..=5).map(|seq| env.submit(driver, seq, "f", vec![])).collect();
+    let mut env = env.restart();
+    env.resume(driver, vec![], before.iter().chain(&after).copied().collect());
+    env.core.check_consistency().expect("orders are unique and counts agree");
+    // One task a page: every page goes on from the last, and none is skipped.
+    let mut listed = Vec::new();
+    let mut after_position = None;
+    loop {
+        let filter = TaskFilter { limit: 1, after: after_position, ..TaskFilter::default() };
+        let Answer::Tasks(page) = ask(&mut env, driver, Query::Tasks(filter)) else { panic!("a page") };
+        listed.extend(page.tasks.iter().map(|t| t.task));
+        match page.next {
+            Some(next) => after_position = Some(next),
+            None => break,
+        }
+    }
+    let newest_first: Vec<TaskId> = before.iter().chain(&after).rev().copied().collect();
+    assert_eq!(listed, newest_first);
+}

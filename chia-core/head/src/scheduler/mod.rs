@@ -826,7 +826,8 @@ impl Scheduler {
     fn leave_shape(&mut self, state: &State) {
         let Some(s) = state.shape() else { return };
         if let State::Waiting { .. } = state {
-            self.waiting -= 1;
+            debug_assert!(self.waiting > 0, "a waiting task not counted");
+            self.waiting = self.waiting.saturating_sub(1);
         }
         let Some(shape) = self.shapes.get_mut(s) else { return };
         if let State::Queued { .. } = state {
@@ -1225,7 +1226,8 @@ impl Scheduler {
         let Some(task) = self.tasks.get_mut(slot) else { return };
         let State::Waiting { shape: s, missing: 0 } = task.state else { return };
         task.state = State::Queued { shape: s };
-        self.waiting -= 1;
+        debug_assert!(self.waiting > 0, "a waiting task not counted");
+        self.waiting = self.waiting.saturating_sub(1);
         let seq = task.seq;
         let Some(shape) = self.shapes.get_mut(s) else { return };
         shape.queue.push_back((seq, slot));
