@@ -14,6 +14,9 @@ pub struct Args {
     /// Multiply every count by this (e.g. 0.1 for a quick run).
     #[arg(long)]
     scale: Option<f64>,
+    /// Serve the embedded heads' metrics and scrape them every second while measuring.
+    #[arg(long)]
+    metrics: bool,
 }
 
 pub async fn run(args: Args) -> Result<ExitCode, String> {
@@ -38,6 +41,9 @@ pub async fn run(args: Args) -> Result<ExitCode, String> {
     }
     if let Some(scale) = args.scale {
         bench.args(["--scale", &scale.to_string()]);
+    }
+    if args.metrics {
+        bench.arg("--metrics");
     }
     let status = bench.status().await.map_err(|e| format!("cannot run chia-bench: {e}"))?;
     Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })

@@ -31,6 +31,10 @@ struct Args {
     /// The release `chia-head` binary (for the head memory figure).
     #[arg(long)]
     head_bin: Option<PathBuf>,
+    /// Every embedded head serves its metrics, scraped once a second while it is measured
+    /// (what the figures cost with a Prometheus watching).
+    #[arg(long)]
+    metrics: bool,
     /// Internal: run as the child process whose start-up is measured.
     #[arg(long, hide = true)]
     first_task_child: bool,
@@ -146,9 +150,13 @@ fn main() -> std::process::ExitCode {
     let result = if args.first_task_child {
         runtime.block_on(first_task_child())
     } else {
+        SCRAPE_METRICS.store(args.metrics, std::sync::atomic::Ordering::Relaxed);
         let mut bench = Bench { args, figures: Vec::new() };
         if !bench.args.json {
             println!("# {}", machine());
+            if bench.args.metrics {
+                println!("# metrics served and scraped every second");
+            }
         }
         runtime.block_on(run(&mut bench)).map(|()| {
             if bench.args.json {
@@ -323,8 +331,52 @@ async fn first_task_child() -> BenchResult<()> {
 
 async fn cluster(workers: usize) -> Result<(LocalCluster, Context), chia::Error> {
     let cluster = LocalCluster::start(vec![resources(""); workers]).await?;
+    watched(&cluster).await?;
     let cx = cluster.driver().await?;
     Ok((cluster, cx))
+}
+
+/// Set by `--metrics`: [`watched`] serves and scrapes every embedded head's metrics.
+static SCRAPE_METRICS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// With `--metrics`, `cluster`'s head serves its metrics and a task scrapes them once a second
+/// until the head stops (each scrape takes the head's lock, as Prometheus's would).
+async fn watched(cluster: &LocalCluster) -> Result<(), chia::Error> {
+    if !SCRAPE_METRICS.load(std::sync::atomic::Ordering::Relaxed) {
+        return Ok(());
+    }
+    let listen: std::net::SocketAddr = "127.0.0.1:0".parse().expect("a literal address");
+    let address =
+        cluster.head().serve_metrics(listen).await.map_err(|e| chia::Error::Setup(e.to_string()))?;
+    // One scrape before measuring: figures "with metrics" from an endpoint that does not
+    // answer would be figures without.
+    scrape(address).await.map_err(chia::Error::Setup)?;
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(std::time::Duration::from_secs(1));
+        ticks.tick().await;
+        // Until the head stops (the endpoint with it).
+        while scrape(address).await.is_ok() {
+            ticks.tick().await;
+        }
+    });
+    Ok(())
+}
+
+/// One `GET /metrics`, read to its end.
+async fn scrape(address: std::net::SocketAddr) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.map_err(|e| e.to_string())?;
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.map_err(|e| e.to_string())?;
+    if !answer.starts_with(b"HTTP/1.1 200") {
+        return Err(format!(
+            "the metrics endpoint answered {:?}",
+            String::from_utf8_lossy(&answer[..answer.len().min(40)])
+        ));
+    }
+    Ok(())
 }
 
 /// Whether the head keeps a journal (in a temporary state directory) while it is measured.
@@ -348,6 +400,7 @@ async fn cluster_with(
         ..chia::head::HeadOptions::default()
     };
     let cluster = LocalCluster::start_with(vec![resources(""); workers], options).await?;
+    watched(&cluster).await?;
     let cx = cluster.driver().await?;
     Ok((cluster, cx, state))
 }
