@@ -381,6 +381,7 @@ fn print_status(status: &ClusterStatus) {
         totals.retried,
         totals.bypassed
     );
+    print_service_figures(&status.nodes);
     println!();
     print_nodes(&status.nodes);
     println!();
@@ -412,6 +413,28 @@ fn print_status(status: &ClusterStatus) {
             age(stuck.oldest_ms_ago),
             stuck.fits_on
         );
+    }
+}
+
+/// What the services hosted on the nodes report (the cache's entries, bytes, hits ...), one
+/// line per service, as of its node's latest heartbeat.
+fn print_service_figures(nodes: &[NodeView]) {
+    for node in nodes {
+        let Some(figures) = &node.figures else { continue };
+        let mut services: Vec<&str> = figures.services.iter().map(|f| f.service.as_str()).collect();
+        services.dedup();
+        for service in services {
+            let parts: Vec<String> = figures
+                .services
+                .iter()
+                .filter(|f| f.service == service)
+                .map(|f| match f.name.as_str() {
+                    name if name.ends_with("_bytes") => format!("{} {}", name, bytes(f.value)),
+                    name => format!("{name} {}", f.value),
+                })
+                .collect();
+            println!("service {service} on {}: {}", node.name, parts.join(", "));
+        }
     }
 }
 

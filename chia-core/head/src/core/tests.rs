@@ -1117,3 +1117,40 @@ fn a_head_restored_from_a_snapshot_lists_every_task_in_order() {
     let newest_first: Vec<TaskId> = before.iter().chain(&after).rev().copied().collect();
     assert_eq!(listed, newest_first);
 }
+
+#[test]
+fn explain_says_when_no_node_offers_the_function_or_only_another_signature() {
+    use chia_core::inspect::{Answer, Query, Reason};
+    let mut env = Env::new();
+    let worker = env.worker("w", "CPU=1", &["g"]);
+    let driver = env.driver();
+    let running = env.submit(driver, 1, "g", vec![]);
+    let queued = env.submit(driver, 2, "g", vec![]);
+    let explain = |env: &mut Env, task| match ask(env, driver, Query::Explain(task)) {
+        Answer::Explain(why) => why.reasons,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(explain(&mut env, running), [Reason::Running { node: "w".into(), attempt: 1 }]);
+    assert!(
+        matches!(&explain(&mut env, queued)[..], [Reason::Busy { node, .. }, Reason::Behind { .. }] | [Reason::Busy { node, .. }] if node == "w")
+    );
+    env.core.close_session(env.now, worker, "gone");
+    env.collect();
+    // Both wait again, for a node with `g` that is not there.
+    assert_eq!(explain(&mut env, queued).first(), Some(&Reason::NoNodeOffers { function: "g".into() }));
+    let other_build = WorkerOffer {
+        resources: Resources::parse("CPU=1").expect("valid"),
+        functions: vec![FunctionKey::new("g", "ffffffffffffffff")],
+        services: Vec::new(),
+        head_node: false,
+    };
+    env.open_from("10.0.0.9:4000", "w2", Some(other_build));
+    assert_eq!(
+        explain(&mut env, queued).first(),
+        Some(&Reason::SignatureDiffers {
+            function: "g".into(),
+            wanted: SIG.into(),
+            offered: vec!["ffffffffffffffff".into()]
+        })
+    );
+}
