@@ -236,6 +236,17 @@ pub struct TaskTotals {
     pub bypassed: u64,
 }
 
+impl std::ops::AddAssign for TaskTotals {
+    fn add_assign(&mut self, other: TaskTotals) {
+        self.submitted += other.submitted;
+        self.finished += other.finished;
+        self.failed += other.failed;
+        self.cancelled += other.cancelled;
+        self.retried += other.retried;
+        self.bypassed += other.bypassed;
+    }
+}
+
 /// A joined worker node.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NodeView {

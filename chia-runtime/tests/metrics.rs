@@ -5,12 +5,13 @@ extern crate chia_runtime as chia;
 
 use chia::tls::ClusterCredentials;
 use std::collections::BTreeMap;
-use std::io::{BufRead, Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-/// Bounds every wait; never a way to wait for something to happen.
-const BOUND: Duration = Duration::from_secs(60);
+mod common;
+
+use common::{BOUND, HeadProcess};
 
 #[chia::function]
 fn square(x: i64) -> i64 {
@@ -23,95 +24,35 @@ fn never_placed() -> u32 {
     7
 }
 
-/// A `chia-head` process and the lines it prints (stdout and logs).
-struct HeadProcess {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-    /// What its ready line says: the QUIC address, and the metrics address if it serves them.
-    ready: String,
-    /// What it printed before its ready line.
-    startup: Vec<String>,
-    _state: tempfile::TempDir,
-    cluster_file: std::path::PathBuf,
+/// A `chia-head` process on a fresh state directory, heartbeats every 100 ms, so workers'
+/// figures (every fifth heartbeat) arrive twice a second.
+struct Head {
+    process: HeadProcess,
+    state: tempfile::TempDir,
 }
 
-impl HeadProcess {
-    /// Starts `chia-head` on a fresh state directory with `extra` arguments; heartbeats every
-    /// 100 ms, so workers' figures (every fifth heartbeat) arrive twice a second.
-    fn start(extra: &[&str]) -> HeadProcess {
-        let state = tempfile::tempdir().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chia-head"))
-            .args(["--listen", "127.0.0.1:0", "--heartbeat-timeout", "1", "--state-dir"])
-            .arg(state.path())
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("chia-head starts");
-        let (send, lines) = std::sync::mpsc::channel();
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let send = send.clone();
-            std::thread::spawn(move || {
-                for line in std::io::BufReader::new(stream).lines().map_while(Result::ok) {
-                    if send.send(line).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-        let cluster_file = state.path().join("cluster.yaml");
-        let mut head = HeadProcess {
-            child,
-            lines,
-            ready: String::new(),
-            startup: Vec::new(),
-            _state: state,
-            cluster_file,
-        };
-        (head.ready, head.startup) = head.wait_for_line("chia-head ready");
-        head
-    }
+impl std::ops::Deref for Head {
+    type Target = HeadProcess;
 
-    /// The `key=` word of the ready line.
-    fn ready_field(&self, key: &str) -> Option<String> {
-        self.ready.split_whitespace().find_map(|w| w.strip_prefix(key)).map(str::to_string)
+    fn deref(&self) -> &HeadProcess {
+        &self.process
+    }
+}
+
+impl Head {
+    fn start(extra: &[&str]) -> Head {
+        let state = tempfile::tempdir().unwrap();
+        let args: Vec<&str> = ["--heartbeat-timeout", "1"].into_iter().chain(extra.iter().copied()).collect();
+        Head { process: HeadProcess::start(state.path(), &args), state }
     }
 
     fn metrics_address(&self) -> String {
         self.ready_field("metrics=").unwrap_or_else(|| panic!("no metrics address in {:?}", self.ready))
     }
 
-    /// Waits (bounded) for the next line containing `text`; returns it and the lines before.
-    fn wait_for_line(&self, text: &str) -> (String, Vec<String>) {
-        let deadline = std::time::Instant::now() + BOUND;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(text) => return (line, seen),
-                Ok(line) => seen.push(line),
-                Err(e) => panic!("no line with {text:?} from chia-head ({e}); it printed {seen:#?}"),
-            }
-        }
-    }
-
-    /// Every line up to the first containing `text`, which may have come before the ready
-    /// line (stdout and the log are read apart, so their order is not kept between them).
-    fn lines_through(&self, text: &str) -> Vec<String> {
-        if let Some(at) = self.startup.iter().position(|line| line.contains(text)) {
-            return self.startup[..=at].to_vec();
-        }
-        let (line, mut before) = self.wait_for_line(text);
-        before.push(line);
-        [self.startup.clone(), before].concat()
-    }
-
     fn credentials(&self) -> ClusterCredentials {
-        ClusterCredentials::load(&self.cluster_file).expect("the head wrote its cluster file")
+        ClusterCredentials::load(&self.state.path().join("cluster.yaml"))
+            .expect("the head wrote its cluster file")
     }
 
     async fn driver(&self) -> chia::Context {
@@ -119,13 +60,6 @@ impl HeadProcess {
             .await
             .expect("driver connects");
         chia::Context::from_client(client)
-    }
-}
-
-impl Drop for HeadProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -287,7 +221,7 @@ fn port_of(address: &str) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_follow_tasks_workers_and_the_cache_and_pass_promtool() {
     chia::init_logging("warn");
-    let head = HeadProcess::start(&["--metrics", "127.0.0.1:0"]);
+    let head = Head::start(&["--metrics", "127.0.0.1:0"]);
     let address = head.metrics_address();
     assert_eq!(
         listening_ports(head.child.id()),
@@ -386,7 +320,7 @@ async fn the_metrics_follow_tasks_workers_and_the_cache_and_pass_promtool() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_option_the_head_listens_for_no_metrics() {
-    let head = HeadProcess::start(&[]);
+    let head = Head::start(&[]);
     assert_eq!(head.ready_field("metrics="), None, "{}", head.ready);
     assert_eq!(
         listening_ports(head.child.id()),
@@ -397,13 +331,13 @@ async fn without_the_option_the_head_listens_for_no_metrics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_off_loopback_are_served_with_a_warning() {
-    let head = HeadProcess::start(&["--metrics", "0.0.0.0:0"]);
+    let head = Head::start(&["--metrics", "0.0.0.0:0"]);
     let address = head.metrics_address();
     // The warning comes just before the line saying where metrics are served.
     let logged = head.lines_through("serving metrics on");
     let warning = logged.iter().find(|line| line.contains("not a loopback address"));
     assert!(warning.is_some_and(|line| line.contains("unauthenticated")), "{logged:#?}");
-    let loopback = HeadProcess::start(&["--metrics", "127.0.0.1:0"]);
+    let loopback = Head::start(&["--metrics", "127.0.0.1:0"]);
     let logged = loopback.lines_through("serving metrics on");
     assert!(!logged.iter().any(|line| line.contains("not a loopback address")), "{logged:#?}");
     let answer = http_get(&format!("127.0.0.1:{}", port_of(&address)), "/metrics");

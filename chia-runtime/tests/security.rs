@@ -3,15 +3,16 @@
 
 extern crate chia_runtime as chia;
 
+mod common;
+
 use chia::LocalCluster;
 use chia::core::protocol::{HeadToPeer, PROTOCOL_VERSION, PeerToHead, decode_body};
 use chia::tls::{ClusterCredentials, HEAD_SERVER_NAME, HeadCredentials};
 use chia::transport::{FrameReader, FrameSender};
 use rustls::pki_types::pem::PemObject;
-use std::time::Duration;
 
 /// Bounds a test that would otherwise hang; never used to wait for something to happen.
-const BOUND: Duration = Duration::from_secs(60);
+use common::BOUND;
 
 #[chia::function]
 fn echo(x: i64) -> i64 {
@@ -193,73 +194,9 @@ async fn arguments_of_the_wrong_type_fail_the_task_not_the_worker() {
 
 // ---- Credentials: member certificates of their own, revocation, files and modes ----------
 
-use std::io::BufRead;
+use common::HeadProcess;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-
-/// A `chia-head` process on a state directory, and every line it prints (stdout and logs).
-struct HeadProcess {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-    /// The address it printed in its ready line.
-    address: String,
-    /// What it printed before.
-    startup: Vec<String>,
-}
-
-impl HeadProcess {
-    fn start(state_dir: &Path) -> HeadProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chia-head"))
-            .args(["--listen", "127.0.0.1:0", "--state-dir"])
-            .arg(state_dir)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("chia-head starts");
-        let (send, lines) = std::sync::mpsc::channel();
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let send = send.clone();
-            std::thread::spawn(move || {
-                for line in std::io::BufReader::new(stream).lines().map_while(Result::ok) {
-                    if send.send(line).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-        let mut head = HeadProcess { child, lines, address: String::new(), startup: Vec::new() };
-        let (ready, startup) = head.wait_for_line("chia-head ready");
-        let address = ready.split_whitespace().find_map(|w| w.strip_prefix("address=")).expect("address");
-        head.address = address.to_string();
-        head.startup = startup;
-        head
-    }
-
-    /// Waits (bounded) for the next line containing `text`; returns it and the lines before.
-    fn wait_for_line(&self, text: &str) -> (String, Vec<String>) {
-        let deadline = std::time::Instant::now() + BOUND;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(text) => return (line, seen),
-                Ok(line) => seen.push(line),
-                Err(e) => panic!("no line with {text:?} from chia-head ({e}); it printed {seen:#?}"),
-            }
-        }
-    }
-}
-
-impl Drop for HeadProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use std::process::Command;
 
 /// Runs `chia-head ARGS`; its status and what it printed.
 fn chia_head(args: &[&str]) -> (bool, String) {
@@ -315,13 +252,13 @@ async fn connect_driver(file: &Path) -> Result<chia::Context, chia::Error> {
 async fn an_issued_member_file_joins_with_its_own_name_and_expiry() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let head = HeadProcess::start(&state);
+    let head = HeadProcess::start(&state, &[]);
     let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
     let file = issue(&state, dir.path(), "driver-7", 30);
     assert_eq!(mode(&file), 0o600, "a cluster file holds a private key");
 
     let credentials = ClusterCredentials::load(&file).unwrap();
-    assert_eq!(credentials.address, head.address, "the file dials the running head");
+    assert_eq!(credentials.address, head.address(), "the file dials the running head");
     let der = rustls::pki_types::CertificateDer::from_pem_slice(credentials.member_cert.as_bytes()).unwrap();
     let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
     let cn: Vec<&str> = cert.subject().iter_common_name().map(|cn| cn.as_str().unwrap()).collect();
@@ -349,7 +286,7 @@ async fn an_issued_member_file_joins_with_its_own_name_and_expiry() {
 async fn a_member_revoked_while_the_head_runs_is_refused_and_others_are_served() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let head = HeadProcess::start(&state);
+    let head = HeadProcess::start(&state, &[]);
     let _worker = echo_worker(&state).await;
     let file = issue(&state, dir.path(), "laptop-3", 5);
     let before = connect_driver(&file).await.expect("joins before it is revoked");
@@ -390,7 +327,7 @@ async fn a_member_revoked_while_the_head_runs_is_refused_and_others_are_served()
 async fn revoking_the_shared_certificate_replaces_it() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let head = HeadProcess::start(&state);
+    let head = HeadProcess::start(&state, &[]);
     let old = dir.path().join("old-cluster.yaml");
     std::fs::copy(state.join("cluster.yaml"), &old).unwrap();
     let (ok, text) = chia_head(&["revoke", "chia-member", "--state-dir", path_arg(&state)]);
@@ -402,7 +339,7 @@ async fn revoking_the_shared_certificate_replaces_it() {
     assert_eq!(echo::remote(&cx, 5).get_timeout(BOUND).await.unwrap(), 5);
     // A head restarted on the directory starts: its own node joins with the new certificate.
     drop(head);
-    let _restarted = HeadProcess::start(&state);
+    let _restarted = HeadProcess::start(&state, &[]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -431,7 +368,7 @@ async fn the_state_directory_is_tightened_and_the_ca_key_kept_private() {
     let state = dir.path().join("state");
     std::fs::create_dir(&state).unwrap();
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let head = HeadProcess::start(&state);
+    let head = HeadProcess::start(&state, &[]);
     assert_eq!(mode(&state), 0o700);
     assert!(
         head.startup.iter().any(|line| line.contains("was mode 0755") && line.contains("set it to 0700")),
@@ -443,7 +380,7 @@ async fn the_state_directory_is_tightened_and_the_ca_key_kept_private() {
     assert_eq!(mode(&state.join("cluster.yaml")), 0o600);
     drop(head);
     // A directory already private is left alone, and not logged about.
-    let head = HeadProcess::start(&state);
+    let head = HeadProcess::start(&state, &[]);
     assert!(!head.startup.iter().any(|line| line.contains("was mode")), "{:#?}", head.startup);
 }
 
@@ -454,7 +391,7 @@ async fn a_state_directory_without_a_ca_key_runs_but_cannot_issue() {
     std::fs::create_dir(&state).unwrap();
     // What a head made before CA keys were kept left behind: credentials, no CA key.
     HeadCredentials::generate().unwrap().save(&state).unwrap();
-    let _head = HeadProcess::start(&state);
+    let _head = HeadProcess::start(&state, &[]);
     let out = dir.path().join("m.yaml");
     let (ok, text) = chia_head(&[
         "issue-member",

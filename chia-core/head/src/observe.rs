@@ -96,14 +96,8 @@ impl Histogram {
 /// What happened to the tasks of one function since the head started.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct FunctionFigures {
-    pub submitted: u64,
-    pub finished: u64,
-    pub failed: u64,
-    pub cancelled: u64,
-    /// Runs started again (a lost worker, a retried error).
-    pub retried: u64,
-    /// Calls the caller bypassed.
-    pub bypassed: u64,
+    /// Submitted, ended by outcome, retried, bypassed: what `chia status` sums over functions.
+    pub counts: TaskTotals,
     /// From submission to the first dispatch.
     pub queued: Histogram,
     /// From the last dispatch to the end, for tasks that ran.
@@ -246,8 +240,8 @@ impl Observer {
         }
         let bypassed = record.bypass.is_some();
         let figures = self.function(&record.function);
-        figures.submitted += 1;
-        figures.bypassed += u64::from(bypassed);
+        figures.counts.submitted += 1;
+        figures.counts.bypassed += u64::from(bypassed);
     }
 
     /// A record gets its outcome (called before it is stored).
@@ -268,9 +262,9 @@ impl Observer {
         let ran = record.runs.last().map(|run| now.saturating_duration_since(run.sent));
         let figures = self.function(&record.function);
         match outcome {
-            Outcome::Value(_) => figures.finished += 1,
-            Outcome::Failed(TaskError::Cancelled { .. }) => figures.cancelled += 1,
-            Outcome::Failed(_) => figures.failed += 1,
+            Outcome::Value(_) => figures.counts.finished += 1,
+            Outcome::Failed(TaskError::Cancelled { .. }) => figures.counts.cancelled += 1,
+            Outcome::Failed(_) => figures.counts.failed += 1,
         }
         if let Some(ran) = ran {
             figures.running.observe(ran);
@@ -298,7 +292,7 @@ impl Observer {
             if let Some(job) = self.jobs.get_mut(&record.job) {
                 job.unfinished = job.unfinished.saturating_sub(1);
             }
-            self.function(&record.function).cancelled += 1;
+            self.function(&record.function).counts.cancelled += 1;
             // Its driver left before it ran: remembered as cancelled, which is what it was.
             let function = record.function.clone();
             record.outcome = Some(Outcome::Failed(TaskError::Cancelled { function }));
@@ -339,7 +333,7 @@ impl Observer {
         if attempt <= 1 {
             figures.queued.observe(queued);
         } else {
-            figures.retried += 1;
+            figures.counts.retried += 1;
         }
     }
 
@@ -593,14 +587,9 @@ impl HeadCore {
 
     fn status_for(&self, asker: Option<SessionId>) -> ClusterStatus {
         let counts = self.scheduler.state_counts();
-        let totals = self.observer.functions.values().fold(TaskTotals::default(), |mut t, f| {
-            t.submitted += f.submitted;
-            t.finished += f.finished;
-            t.failed += f.failed;
-            t.cancelled += f.cancelled;
-            t.retried += f.retried;
-            t.bypassed += f.bypassed;
-            t
+        let totals = self.observer.functions.values().fold(TaskTotals::default(), |mut totals, f| {
+            totals += f.counts;
+            totals
         });
         ClusterStatus {
             head_up_ms: ms(self.now.saturating_duration_since(self.observer.started)),

@@ -285,13 +285,15 @@ impl Collector for CoreSnapshot {
             "chia_tasks_submitted",
             "Tasks submitted, by function.",
             Counter,
-            &by_function(|f| f.submitted),
+            &by_function(|f| f.counts.submitted),
         )?;
         let mut ended = Vec::new();
         for (name, f) in &m.functions {
-            for (outcome, count) in
-                [("finished", f.finished), ("failed", f.failed), ("cancelled", f.cancelled)]
-            {
+            for (outcome, count) in [
+                ("finished", f.counts.finished),
+                ("failed", f.counts.failed),
+                ("cancelled", f.counts.cancelled),
+            ] {
                 ended.push(([("function", name.as_str()), ("outcome", outcome)], Value::Whole(count)));
             }
         }
@@ -307,14 +309,14 @@ impl Collector for CoreSnapshot {
             "chia_task_retries",
             "Runs of tasks started again (a lost worker, a retried error), by function.",
             Counter,
-            &by_function(|f| f.retried),
+            &by_function(|f| f.counts.retried),
         )?;
         family(
             e,
             "chia_tasks_bypassed",
             "Calls their caller bypassed (a provider or data file instead of the function), by function.",
             Counter,
-            &by_function(|f| f.bypassed),
+            &by_function(|f| f.counts.bypassed),
         )?;
         let queued: Vec<_> =
             m.functions.iter().map(|(name, f)| ([("function", name.as_str())], &f.queued)).collect();
