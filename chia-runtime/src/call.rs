@@ -164,6 +164,23 @@ impl<T: DeserializeOwned> Call<T> {
         (object, decision)
     }
 
+    /// What [`Call::remote`] would decide for this call now, without submitting anything: run
+    /// for real (and why) or bypassed (and by what) — the whole decision, its condition
+    /// included (it runs here, on this thread, as it would for the call). The original's
+    /// `is_bypassed(fn, tag)`; the call can still be sent afterwards.
+    pub fn bypass_decision(&mut self, cx: &Context) -> Result<Decision, Error> {
+        let invalid = |message: String| {
+            Error::Task(chia_core::TaskError::InvalidCall { function: self.spec.name.to_string(), message })
+        };
+        if let Some(message) = &self.invalid {
+            return Err(invalid(message.clone()));
+        }
+        match bypass::decide(cx, self.spec.name, self.tag.as_deref(), &mut self.args) {
+            Ok((decision, _)) => Ok(decision),
+            Err(message) => Err(invalid(message)),
+        }
+    }
+
     /// Submits the call and blocks until its result is ready.
     pub fn remote_blocking(self, cx: &Context) -> Result<T, Error> {
         self.remote(cx).get_blocking()

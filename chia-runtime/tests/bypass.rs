@@ -10,6 +10,18 @@ use chia::bypass::{Bypass, BypassCall, BypassConfig, Decision, Provided, Provide
 use common::cluster;
 use std::sync::Mutex;
 
+/// Sends `call` and says how it was dispatched, after checking that asking first
+/// (`bypass_decision`, without submitting) gives the same decision.
+fn decided<T: serde::de::DeserializeOwned>(
+    cx: &Context,
+    mut call: chia::Call<T>,
+) -> (chia::ObjectRef<T>, Decision) {
+    let asked = call.bypass_decision(cx).expect("the decision can be asked for");
+    let (object, decision) = call.remote_with_decision(cx);
+    assert_eq!(asked, decision, "bypass_decision and the real dispatch agree");
+    (object, decision)
+}
+
 #[chia::function(resources(adder = 1))]
 fn simple_add(x: i64, y: i64) -> i64 {
     x + y
@@ -156,7 +168,7 @@ async fn a_bypassed_call_is_placed_with_the_function_resources() {
     let bypass = bypass(&cx, "bypass:\n  where_am_i: true\n").await;
     bypass.set_provider("where_am_i", &provider_node::PROVIDER).unwrap();
     for _ in 0..4 {
-        let (object, decision) = where_am_i::call().remote_with_decision(&cx);
+        let (object, decision) = decided(&cx, where_am_i::call());
         assert_eq!(decision, Decision::Bypassed { provider: Some("provider_node".into()), data: None });
         assert_eq!(object.get_timeout(common::BOUND).await.unwrap(), format!("bypassed on {node}"));
     }
@@ -203,7 +215,7 @@ async fn functions_not_listed_or_switched_off_run_for_real() {
     bypass.set_provider("simple_add", &provider_42::PROVIDER).unwrap();
     bypass.set_provider("simple_multiply", &provider_42::PROVIDER).unwrap();
     assert_eq!(add(&cx, Some("iter0")).await, 3);
-    let (product, decision) = simple_multiply::call(3, 4).remote_with_decision(&cx);
+    let (product, decision) = decided(&cx, simple_multiply::call(3, 4));
     assert_eq!(decision, Decision::Run(RunReason::NotBypassed));
     assert_eq!(product.get_timeout(common::BOUND).await.unwrap(), 12);
 }
@@ -212,7 +224,7 @@ async fn functions_not_listed_or_switched_off_run_for_real() {
 async fn bypass_true_without_provider_or_data_runs_for_real() {
     let (_cluster, cx) = cluster(WORKERS).await;
     let _bypass = bypass(&cx, "bypass:\n  simple_add: true\n").await;
-    let (sum, decision) = simple_add::call(1, 2).remote_with_decision(&cx);
+    let (sum, decision) = decided(&cx, simple_add::call(1, 2));
     assert_eq!(decision, Decision::Run(RunReason::NoProvider));
     assert_eq!(sum.get_timeout(common::BOUND).await.unwrap(), 3);
 }
@@ -286,7 +298,7 @@ async fn the_default_provider_serves_the_data_file_through_the_file_server() {
     )
     .unwrap();
     let _bypass = Bypass::load(&cx, Some(&path)).await.unwrap();
-    let (text, decision) = summarize_perf::call().remote_with_decision(&cx);
+    let (text, decision) = decided(&cx, summarize_perf::call());
     assert!(matches!(decision, Decision::Bypassed { provider: None, .. }), "{decision:?}");
     assert_eq!(text.get_timeout(common::BOUND).await.unwrap(), "# Perf\nipc: 1.7\n");
     // A missing file fails that call, naming the path.
@@ -340,12 +352,12 @@ async fn a_condition_gates_the_bypass() {
     bypass.set_cond("simple_add", &always_true::CONDITION).unwrap();
     assert_eq!(add(&cx, None).await, 42);
     bypass.set_cond("simple_add", &always_false::CONDITION).unwrap();
-    let (sum, decision) = simple_add::call(1, 2).remote_with_decision(&cx);
+    let (sum, decision) = decided(&cx, simple_add::call(1, 2));
     assert_eq!(decision, Decision::Run(RunReason::ConditionFalse { condition: "always_false".into() }));
     assert_eq!(sum.get_timeout(common::BOUND).await.unwrap(), 3);
     // A failing condition is not a failed call: the real function is always a right answer.
     bypass.set_cond("simple_add", &failing_condition::CONDITION).unwrap();
-    let (sum, decision) = simple_add::call(1, 2).remote_with_decision(&cx);
+    let (sum, decision) = decided(&cx, simple_add::call(1, 2));
     assert!(
         matches!(&decision, Decision::Run(RunReason::ConditionFailed { message, .. }) if message.contains("oracle")),
         "{decision:?}"
@@ -372,7 +384,7 @@ async fn without_a_condition_the_bypass_proceeds() {
     let bypass = bypass(&cx, "bypass:\n  simple_add: true\n").await;
     bypass.set_provider("simple_add", &provider_42::PROVIDER).unwrap();
     assert!(bypass.plan().conditions.is_empty());
-    let (sum, decision) = simple_add::call(1, 2).remote_with_decision(&cx);
+    let (sum, decision) = decided(&cx, simple_add::call(1, 2));
     assert_eq!(decision, Decision::Bypassed { provider: Some("provider_42".into()), data: None });
     assert_eq!(sum.get_timeout(common::BOUND).await.unwrap(), 42);
 }
@@ -580,4 +592,44 @@ async fn a_bypass_in_a_service_or_on_a_worker_connection_is_refused() {
         4,
         "driver B's nested call"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saved_bypass_is_installed_again_with_its_providers_and_conditions() {
+    let (cluster, cx) = cluster(&["CPU=2,adder=2"]).await;
+    let saved = {
+        let original = bypass(&cx, "bypass:\n  simple_add: {bypass: true, tags: ['even.*']}\n").await;
+        original.set_provider("simple_add", &provider_42::PROVIDER).unwrap();
+        original.set_cond("simple_add", &first_arg_is_even::CONDITION).unwrap();
+        // Asked without sending: the condition decides (1 is odd, 2 is even).
+        assert!(!original.is_bypassed(&mut simple_add::call(1, 2).tag("even1")).unwrap());
+        assert!(original.is_bypassed(&mut simple_add::call(2, 2).tag("even1")).unwrap());
+        assert!(
+            !original.is_bypassed(&mut simple_add::call(2, 2).tag("odd1")).unwrap(),
+            "the tag does not match"
+        );
+        original.state()
+    };
+    // Plain data: it travels (here through MessagePack) and is installed by another driver.
+    let saved: chia::bypass::BypassState =
+        rmp_serde::from_slice(&rmp_serde::to_vec_named(&saved).unwrap()).unwrap();
+    let other = cluster.driver().await.unwrap();
+    let restored = Bypass::from_state(&other, saved.clone()).await.expect("installs");
+    assert_eq!(restored.state(), saved);
+    let (sum, decision) = decided(&other, simple_add::call(2, 2).tag("even1"));
+    assert_eq!(decision, Decision::Bypassed { provider: Some("provider_42".into()), data: None });
+    assert_eq!(sum.get_timeout(common::BOUND).await.unwrap(), 42);
+    let (sum, decision) = decided(&other, simple_add::call(1, 2).tag("even1"));
+    assert_eq!(decision, Decision::Run(RunReason::ConditionFalse { condition: "first_arg_is_even".into() }));
+    assert_eq!(sum.get_timeout(common::BOUND).await.unwrap(), 3);
+    // A saved provider this binary does not link is named, and nothing is installed.
+    let mut broken = saved;
+    broken.providers.insert("simple_add".into(), "not_linked_here".into());
+    let third = cluster.driver().await.unwrap();
+    let error = Bypass::from_state(&third, broken).await.err().expect("refused");
+    assert!(
+        error.to_string().contains("not_linked_here") && error.to_string().contains("simple_add"),
+        "{error}"
+    );
+    assert_eq!(decided(&third, simple_add::call(2, 2).tag("even1")).1, Decision::Run(RunReason::NotBypassed));
 }

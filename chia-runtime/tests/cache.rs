@@ -98,6 +98,12 @@ async fn results_of_configured_tagged_calls_are_written_automatically() {
     assert!(!is_cached(&cx, "produce", Some("iter0")).await.unwrap(), "no cache running yet");
     let cache = start_cache(&cx, 1.0, "MiB", dir.path().join("c"), Some(&yaml), None).await.unwrap();
     assert!(is_cached(&cx, "produce", Some("iter3")).await.unwrap());
+    // The configuration read back is made of types a user names from `chia` alone.
+    let config: chia::cache::CacheConfig = cache.get_config().await.unwrap();
+    let Some(chia::cache::CacheRule::Tags(patterns)) = config.rule("produce") else { panic!("{config:?}") };
+    let patterns: &chia::cache::TagPatterns = patterns;
+    assert_eq!(patterns.patterns(), ["iter.*"]);
+    assert_eq!(config.rule("untagged_is_fine"), Some(&chia::cache::CacheRule::All));
     assert!(!is_cached(&cx, "produce", Some("other")).await.unwrap());
     assert!(!is_cached(&cx, "produce", None).await.unwrap());
 

@@ -21,7 +21,7 @@ use crate::driver::context::Context;
 use crate::driver::figures::{Figure, FigureKind, ServiceFigureSource};
 use crate::error::Error;
 use crate::services::service::{ServiceHandle, ServiceOptions, stop_service};
-use chia_cache::{CacheConfig, CacheError, CacheRule, CacheStore, StoreOptions, parse_budget};
+use chia_cache::{CacheStore, StoreOptions, parse_budget};
 use chia_core::TaskError;
 use chia_core::protocol::WatchRule;
 use serde::de::DeserializeOwned;
@@ -32,6 +32,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 pub use chia_cache::Durability;
+/// What [`Cache::get_config`] returns: the `cache:` section, one [`CacheRule`] per function,
+/// tags as [`TagPatterns`] (whole-tag regexes); and the store's errors ([`CacheError`]).
+pub use chia_cache::{CacheConfig, CacheError, CacheRule, TagPatterns};
 
 /// The name the cache service is registered under (as in the original).
 pub const CACHE_SERVICE_NAME: &str = "ChiaCacheStore";

@@ -47,7 +47,10 @@
 mod files;
 mod replay;
 
-pub use chia_bypass::{BypassConfig, BypassPlan, Decision, RunReason};
+/// The `bypass:` section as read ([`BypassConfig`], one [`BypassRule`] per function, tags as
+/// [`TagPatterns`]), the plan calls follow ([`BypassPlan`], whose [`Verdict`] is the decision
+/// before any condition), and how a call was dispatched ([`Decision`], [`RunReason`]).
+pub use chia_bypass::{BypassConfig, BypassPlan, BypassRule, Decision, RunReason, TagPatterns, Verdict};
 pub use files::{BypassFiles, BypassFilesHandle};
 
 use crate::driver::context::{ArgInput, ArgKind, Context, ObjectRef};
@@ -55,11 +58,10 @@ use crate::driver::job::{JobLink, OwnJob};
 use crate::error::Error;
 use crate::services::service::ServiceOptions;
 use crate::util::{CatchUnwind, block_on, panic_message};
-use chia_bypass::Verdict;
 use chia_core::protocol::{ArgValue, BypassSpec, JobSettings, Outcome, PeerToHead, Value};
 use chia_core::{SessionId, TaskError};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -243,6 +245,16 @@ impl BypassCall {
 
 // ---------------------------------------------------------------------------- the Bypass object
 
+/// A [`Bypass`] saved by [`Bypass::state`], installed again by [`Bypass::from_state`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BypassState {
+    pub config: BypassConfig,
+    /// Function name → the name of the provider that replaces its bypassed calls.
+    pub providers: std::collections::BTreeMap<String, String>,
+    /// Function name → the name of the condition its bypassed calls must pass.
+    pub conditions: std::collections::BTreeMap<String, String>,
+}
+
 /// The bypass of a job: loaded from the YAML on the driver, with providers and conditions
 /// registered per function. Every change is sent to the head at once, so calls submitted
 /// afterwards (and calls nested in them) follow it.
@@ -330,6 +342,49 @@ impl Bypass {
             plan.providers.insert(function.to_string(), replay::cache_replay::PROVIDER.name.to_string());
             plan.conditions.insert(function.to_string(), replay::cache_hit::CONDITION.name.to_string());
         })
+    }
+
+    /// What this bypass is, to be installed again later with [`Bypass::from_state`] (the
+    /// original's `get_state`): the configuration and the names of its providers and
+    /// conditions. Plain data: it can be written to a file or sent to a task.
+    pub fn state(&self) -> BypassState {
+        let plan = self.plan();
+        BypassState { config: plan.config, providers: plan.providers, conditions: plan.conditions }
+    }
+
+    /// Installs a saved bypass on `cx`'s job (the original's `load_state`), re-attaching its
+    /// providers and conditions by name: each must be linked into this binary, or nothing is
+    /// installed and the error names it.
+    pub async fn from_state(cx: &Context, state: BypassState) -> Result<Bypass, Error> {
+        for (function, provider) in &state.providers {
+            if !providers().contains_key(provider.as_str()) {
+                return Err(Error::Setup(format!(
+                    "the saved bypass runs the provider {provider} for {function}, which is not linked into this binary; define it with #[chia::provider] in a crate this binary links"
+                )));
+            }
+        }
+        for (function, condition) in &state.conditions {
+            if !conditions().contains_key(condition.as_str()) {
+                return Err(Error::Setup(format!(
+                    "the saved bypass checks the condition {condition} for {function}, which is not linked into this binary; define it with #[chia::condition] in a crate this binary links"
+                )));
+            }
+        }
+        let bypass = Bypass::with_config(cx, state.config).await?;
+        bypass.change(|plan| {
+            plan.providers = state.providers;
+            plan.conditions = state.conditions;
+        })?;
+        Ok(bypass)
+    }
+
+    /// Whether `call` would be bypassed now under this plan, without submitting it (the
+    /// original's `is_bypassed(fn, tag)`): [`Call::bypass_decision`] on this bypass's driver,
+    /// whose [`Decision`] also says why.
+    ///
+    /// [`Call::bypass_decision`]: crate::Call::bypass_decision
+    pub fn is_bypassed<T: DeserializeOwned>(&self, call: &mut crate::Call<T>) -> Result<bool, Error> {
+        call.bypass_decision(&self.cx).map(|decision| decision.is_bypassed())
     }
 
     /// The plan calls follow now.
