@@ -383,4 +383,7 @@ pub struct Cancelled {
     /// A job had more unfinished tasks than one request cancels: ask again.
     #[serde(default)]
     pub more: bool,
+    /// The services stopped with the job (`stop_services`), by name.
+    #[serde(default)]
+    pub services: Vec<String>,
 }

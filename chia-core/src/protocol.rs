@@ -247,6 +247,10 @@ pub enum PeerToHead {
         task: TaskId,
         target: CancelTarget,
         force: bool,
+        /// With a job as the target: also stop the services it started that are not detached
+        /// (`chia job stop`), once its last tasks are cancelled.
+        #[serde(default)]
+        stop_services: bool,
     },
 }
 

@@ -76,6 +76,23 @@ pub async fn run_until_cancelled(cx: &Context, x: i64, millis: u64) -> i64 {
     x
 }
 
+/// A running total kept on one node: a small stateful service (see the README's Services).
+pub struct Tally {
+    total: i64,
+}
+
+#[chia::service]
+impl Tally {
+    pub fn new(start: i64) -> Self {
+        Tally { total: start }
+    }
+
+    pub fn add(&mut self, x: i64) -> i64 {
+        self.total += x;
+        self.total
+    }
+}
+
 pub mod tools;
 
 /// Does nothing; a binary calls it so the linker keeps this library, and with it the

@@ -567,6 +567,91 @@ fn the_chia_command_refuses_a_missing_or_wrong_cluster_file() {
     assert!(stderr.contains("--cluster-file") && stderr.contains("CHIA_CLUSTER_FILE"), "{stderr}");
 }
 
+#[test]
+fn chia_job_stop_ends_a_jobs_tasks_their_processes_and_its_services() {
+    examples::link();
+    let mut cluster = ClusterLocal::start(&[]);
+    let line = cluster.wait_for_line("CHIA_CLUSTER_FILE=");
+    let cluster_file = line.split("CHIA_CLUSTER_FILE=").nth(1).expect("a file").trim().to_string();
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    let _guard = runtime.enter();
+    let credentials =
+        chia::tls::ClusterCredentials::load(std::path::Path::new(&cluster_file)).expect("credentials");
+    let connect = |name: &'static str| {
+        let credentials = credentials.clone();
+        runtime.block_on(async move {
+            let (client, _) = chia::client::Client::connect(&credentials, name, None).await.expect("joins");
+            chia::Context::from_client(client)
+        })
+    };
+    let (job, bystander) = (connect("the-job"), connect("bystander"));
+    let bounded = |what: &str, run: std::pin::Pin<Box<dyn std::future::Future<Output = _> + '_>>| {
+        runtime
+            .block_on(tokio::time::timeout(BOUND, run))
+            .unwrap_or_else(|_| panic!("{what} took over {BOUND:?}"))
+    };
+    let tally = bounded(
+        "starting job-tally",
+        Box::pin(examples::TallyHandle::start(&job, chia::ServiceOptions::named("job-tally"), 0)),
+    )
+    .expect("the service starts");
+    let kept = bounded(
+        "starting kept-tally",
+        Box::pin(examples::TallyHandle::start(&job, chia::ServiceOptions::named("kept-tally").detached(), 0)),
+    )
+    .expect("a detached service starts");
+    assert_eq!(runtime.block_on(tally.add(2).get_timeout(BOUND)).unwrap(), 2);
+    // A tool tree (with a setsid daemon and a plain child of the task's thread) that runs until
+    // stopped, and a task queued behind the two long runs; the bystander's task is not the
+    // job's. (Sync: a plain child of an async task is loose, and ends only when nothing else
+    // runs on its worker — here the detached service may.)
+    let dir = tempfile::tempdir().expect("a directory for the tools' pids");
+    let tools = examples::tools::tool_tree_sync::call(dir.path().to_string_lossy().into_owned())
+        .resource("adder", 1.0)
+        .remote(&job);
+    let long = examples::run_until_cancelled::call(1, 600_000).resource("adder", 1.0).remote(&job);
+    let queued = examples::run_until_cancelled::call(2, 600_000).resource("adder", 1.0).remote(&job);
+    let theirs = examples::simulate::call(3, 10).remote(&bystander);
+    assert_eq!(runtime.block_on(theirs.get_timeout(BOUND)).unwrap(), 9);
+    let pid_files = ["shell", "helper", "daemon"].map(|name| dir.path().join(name));
+    chia_until(&cluster_file, &["list", "tasks", "--state", "running", "--json"], |page| {
+        page["tasks"].as_array().is_some_and(|tasks| tasks.len() == 2) && pid_files.iter().all(|f| f.exists())
+    });
+    let pids: Vec<u32> =
+        pid_files.iter().map(|f| std::fs::read_to_string(f).unwrap().trim().parse().unwrap()).collect();
+
+    let job_name = format!("driver-{}", tools.id().session().0);
+    let stopped = chia_json(&cluster_file, &["job", "stop", &job_name, "--force", "--json"]);
+    let mut cancelled: Vec<u64> =
+        stopped["tasks"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+    cancelled.sort_unstable();
+    assert_eq!(cancelled, [tools.id().0, long.id().0, queued.id().0], "{stopped:#}");
+    assert_eq!(stopped["services"], serde_json::json!(["job-tally"]), "the detached one stays: {stopped:#}");
+    for object in [&long, &queued] {
+        let ended = runtime.block_on(object.get_timeout(BOUND));
+        assert!(matches!(ended, Err(chia::Error::Task(chia::TaskError::Cancelled { .. }))), "{ended:?}");
+    }
+    assert!(runtime.block_on(tools.get_timeout(BOUND)).is_err());
+    let services = chia_until(&cluster_file, &["list", "services", "--json"], |services| {
+        services.as_array().is_some_and(|s| s.iter().all(|s| s["name"] != "job-tally"))
+    });
+    assert!(services.as_array().unwrap().iter().any(|s| s["name"] == "kept-tally"), "{services:#}");
+    assert!(runtime.block_on(tally.add(1).get_timeout(BOUND)).is_err(), "the stopped service takes no call");
+    assert_eq!(runtime.block_on(kept.add(5).get_timeout(BOUND)).unwrap(), 5);
+    // The tool tree ended with its task, the daemon that left its session included.
+    let deadline = std::time::Instant::now() + BOUND;
+    // A zombie its worker has not reaped yet runs nothing.
+    while pids.iter().any(|&pid| stat(pid).is_some_and(|(_, _, state)| state != 'Z')) {
+        assert!(std::time::Instant::now() < deadline, "processes {pids:?} outlived their stopped job");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The driver stays connected and can go on.
+    assert_eq!(
+        runtime.block_on(examples::simulate::call(4, 10).remote(&job).get_timeout(BOUND)).unwrap(),
+        16
+    );
+}
+
 /// A function linked into this test only: no worker offers it.
 #[chia::function]
 fn not_on_any_worker() -> i64 {

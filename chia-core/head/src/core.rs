@@ -685,8 +685,8 @@ impl HeadCore {
                 let answer = self.answer(session, &query);
                 self.reply(session, task, Ok(&answer));
             }
-            PeerToHead::CancelTasks { task, target, force } => {
-                let cancelled = self.cancel_tasks(&target, force);
+            PeerToHead::CancelTasks { task, target, force, stop_services } => {
+                let cancelled = self.cancel_tasks(&target, force, stop_services);
                 self.reply(session, task, Ok(&cancelled));
             }
             PeerToHead::Hello { .. } | PeerToHead::Resume(_) => {

@@ -811,7 +811,12 @@ impl HeadCore {
     /// Cancels what `target` names, whoever submitted it: a job's unfinished tasks at most
     /// [`CANCEL_BATCH`] at a time (the answer says if more are left), so one input does a
     /// bounded amount of work.
-    pub(crate) fn cancel_tasks(&mut self, target: &CancelTarget, force: bool) -> Cancelled {
+    pub(crate) fn cancel_tasks(
+        &mut self,
+        target: &CancelTarget,
+        force: bool,
+        stop_services: bool,
+    ) -> Cancelled {
         let mut answer = Cancelled::default();
         match *target {
             CancelTarget::Task(task) => {
@@ -839,6 +844,10 @@ impl HeadCore {
                     if self.cancel(task, force) {
                         answer.tasks.push(task);
                     }
+                }
+                if stop_services && !answer.more {
+                    answer.services = self.service_views_of(job);
+                    self.stop_services_of(job);
                 }
             }
         }

@@ -116,6 +116,19 @@ impl Services {
 }
 
 impl HeadCore {
+    /// The names of the services `session` started that are not detached (what ends with it).
+    pub(crate) fn service_views_of(&self, session: SessionId) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .services
+            .records
+            .values()
+            .filter(|r| r.owner == session && !r.info.detached)
+            .map(|r| r.info.name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
     /// Every registered service, by namespace and name.
     pub(crate) fn service_views(&self) -> Vec<chia_core::inspect::ServiceView> {
         let node_name =

@@ -64,6 +64,25 @@ enum Command {
     },
     /// Cancel a task or every unfinished task of a job, whoever submitted them.
     Cancel(CancelArgs),
+    /// Jobs: `chia job stop JOB` ends a job and everything it started.
+    Job {
+        #[command(subcommand)]
+        what: JobCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum JobCommand {
+    /// Cancel the job's queued and running tasks (their process trees end with them) and stop
+    /// the services it started that are not detached. The driver stays connected.
+    Stop {
+        /// The job: `driver-3` (as `chia list jobs` shows it), or its number.
+        #[arg(value_parser = parse_job)]
+        job: SessionId,
+        /// Kill the tasks' processes at once instead of asking them to stop.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -267,6 +286,20 @@ async fn execute(cx: &Context, command: &Command, json: bool) -> Result<ExitCode
             }
             if explanation.reasons == [Reason::Unknown] {
                 return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Job { what: JobCommand::Stop { job, force } } => {
+            let stopped = tokio::time::timeout(ANSWER_TIMEOUT * 10, inspect::stop_job(cx, *job, *force))
+                .await
+                .map_err(|_| format!("the head did not stop the job within {:?}", ANSWER_TIMEOUT * 10))?
+                .map_err(|e| e.to_string())?;
+            if json {
+                print_json(&stopped)?
+            } else {
+                println!("driver-{}: {} task(s) cancelled", job.0, stopped.tasks.len());
+                for service in &stopped.services {
+                    println!("stopped service {service}");
+                }
             }
         }
         Command::Cancel(args) => {
