@@ -194,6 +194,16 @@ fn whole_millis(limit: Duration) -> u64 {
     u64::try_from(millis).unwrap_or(u64::MAX)
 }
 
+// Here, not in `bypass`: asking about a call needs the call, which sits above the services.
+impl bypass::Bypass {
+    /// Whether `call` would be bypassed now under this plan, without submitting it (the
+    /// original's `is_bypassed(fn, tag)`): [`Call::bypass_decision`] on this bypass's driver,
+    /// whose [`Decision`] also says why.
+    pub fn is_bypassed<T: DeserializeOwned>(&self, call: &mut Call<T>) -> Result<bool, Error> {
+        call.bypass_decision(self.context()).map(|decision| decision.is_bypassed())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::whole_millis;

@@ -378,13 +378,9 @@ impl Bypass {
         Ok(bypass)
     }
 
-    /// Whether `call` would be bypassed now under this plan, without submitting it (the
-    /// original's `is_bypassed(fn, tag)`): [`Call::bypass_decision`] on this bypass's driver,
-    /// whose [`Decision`] also says why.
-    ///
-    /// [`Call::bypass_decision`]: crate::Call::bypass_decision
-    pub fn is_bypassed<T: DeserializeOwned>(&self, call: &mut crate::Call<T>) -> Result<bool, Error> {
-        call.bypass_decision(&self.cx).map(|decision| decision.is_bypassed())
+    /// The driver's context this bypass is installed on.
+    pub(crate) fn context(&self) -> &Context {
+        &self.cx
     }
 
     /// The plan calls follow now.
