@@ -97,4 +97,5 @@ pub mod __private {
     pub use chia_core::TaskError;
     pub use chia_core::protocol::{ArgValue, Value};
     pub use inventory;
+    pub use serde;
 }

@@ -32,6 +32,12 @@ async fn read_from_a_worker(cx: &Context, tag: String) -> Result<Option<Vec<u64>
     }
 }
 
+/// Writes through a cache handle it was given, instead of looking the cache up.
+#[chia::function]
+async fn write_through(cache: chia::cache::Cache, tag: String, value: Vec<u64>) -> Result<bool, chia::Error> {
+    cache.write(&tag, &value).await
+}
+
 const YAML: &str = "cache:\n  produce:\n    cache: true\n    tags: [\"iter.*\"]\n  untagged_is_fine: true\n  always_fails: true\n";
 
 fn config_file(dir: &std::path::Path) -> std::path::PathBuf {
@@ -229,4 +235,15 @@ async fn a_cache_directory_whose_name_is_not_utf8_is_used_as_named() {
         vec![dir.file_name().unwrap().to_owned()],
         "the directory on disk has the name asked for"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_handle_passed_to_a_task_writes_to_the_same_cache() {
+    let (_cluster, cx) = cluster(&["CPU=2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = start_cache(&cx, 1.0, "MiB", dir.path().join("cache"), None, None).await.unwrap();
+    let wrote = write_through::remote(&cx, cache.clone(), "from-a-task".to_string(), vec![7, 8]);
+    assert!(wrote.get().await.unwrap());
+    assert_eq!(cache.read::<Vec<u64>>("from-a-task").await.unwrap(), Some(vec![7, 8]));
+    assert!(stop_cache(&cx, None).await.unwrap());
 }

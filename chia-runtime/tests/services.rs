@@ -92,6 +92,38 @@ fn plus_one(x: i64) -> i64 {
     x + 1
 }
 
+/// Uses a counter it was handed, the way a Ray task uses an actor handle it received.
+#[chia::function]
+async fn add_through(counter: CounterHandle, x: i64) -> Result<i64, Error> {
+    counter.add(x).get().await
+}
+
+/// What a call through a handed-over counter gives: its total, or the kind of its failure.
+#[chia::function]
+async fn try_through(counter: CounterHandle) -> String {
+    match counter.add(1).get().await {
+        Ok(total) => format!("total {total}"),
+        Err(Error::Task(TaskError::ServiceUnavailable { service, .. })) => format!("unavailable: {service}"),
+        Err(other) => format!("other: {other}"),
+    }
+}
+
+/// Starts a counter on the worker and hands it back.
+#[chia::function]
+async fn start_counter(cx: &Context, name: String, start: i64) -> Result<CounterHandle, Error> {
+    CounterHandle::start(cx, ServiceOptions::named(name).detached(), start).await
+}
+
+/// Handles inside other values travel with them.
+#[chia::function]
+async fn total_of_all(counters: Vec<CounterHandle>) -> Result<i64, Error> {
+    let mut total = 0;
+    for counter in &counters {
+        total += counter.total().get().await?;
+    }
+    Ok(total)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_keeps_state_and_runs_calls_one_at_a_time_in_order() {
     let (_cluster, cx) = cluster(&["CPU=2"]).await;
@@ -383,4 +415,46 @@ async fn an_instance_whose_job_ended_during_construction_is_dropped_and_frees_it
     let next = HeldOpenHandle::start(&cx, ServiceOptions::named("held-again").resource("held", 1.0));
     let next = tokio::time::timeout(BOUND, next).await.expect("the resource was freed").unwrap();
     assert_eq!(next.ping().get().await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handle_passed_to_a_task_works_there_and_one_returned_by_a_task_works_here() {
+    let (cluster, cx) = cluster(&["CPU=2", "CPU=2"]).await;
+    let counter = CounterHandle::start(&cx, ServiceOptions::named("passed"), 10).await.unwrap();
+    assert_eq!(add_through::remote(&cx, counter.clone(), 5).get().await.unwrap(), 15);
+    assert_eq!(counter.total().get().await.unwrap(), 15, "the task's call reached the same instance");
+
+    // A handle made on a worker comes back as a value and is bound to the driver that got it.
+    let made = start_counter::remote(&cx, "made-in-a-task".to_string(), 100).get().await.unwrap();
+    assert_eq!(made.service().name(), "made-in-a-task");
+    assert_eq!(made.add(1).get().await.unwrap(), 101);
+    // A handle inside a collection, and one that went through a ref, chained to another task.
+    let chained = start_counter::remote(&cx, "chained".to_string(), 1000);
+    assert_eq!(add_through::remote(&cx, &chained, 1).get().await.unwrap(), 1001);
+    assert_eq!(total_of_all::remote(&cx, vec![counter.clone(), made.clone()]).get().await.unwrap(), 15 + 101);
+
+    // Another driver can use a handle it got from a task, too.
+    let other = cluster.driver().await.unwrap();
+    let seen_elsewhere = start_counter::remote(&other, "for-the-other".to_string(), 7).get().await.unwrap();
+    assert_eq!(seen_elsewhere.total().get().await.unwrap(), 7);
+
+    // Outside a call's arguments or result there is nothing to bind a handle to.
+    let bytes = rmp_serde::to_vec_named(&counter).unwrap();
+    let error = rmp_serde::from_slice::<CounterHandle>(&bytes).unwrap_err().to_string();
+    assert!(error.contains("\"passed\"") && error.contains("can only be decoded"), "{error}");
+
+    // A handle is only ever of its service's type: the check a handle makes on arrival.
+    match BoardHandle::lookup(&cx, "passed", None).await {
+        Err(Error::Task(TaskError::InvalidCall { message, .. })) => {
+            assert!(message.contains("is a Counter") && message.contains("not a Board"), "{message}")
+        }
+        other => panic!("expected a type mismatch, got {other:?}"),
+    }
+
+    // A handle whose service stopped since fails its calls with the service's name.
+    counter.stop().await.unwrap();
+    assert_eq!(try_through::remote(&cx, counter.clone()).get().await.unwrap(), "unavailable: passed");
+    for name in ["made-in-a-task", "chained", "for-the-other"] {
+        assert!(chia::stop_service(&cx, name, None).await.unwrap(), "{name} ran");
+    }
 }

@@ -11,7 +11,8 @@
 //!
 //! The impl block is emitted unchanged. Next to it:
 //!
-//! - `pub struct CounterHandle { inner: ::chia::ServiceHandle }` (`Clone`, `Debug`) with
+//! - `pub struct CounterHandle { inner: ::chia::ServiceHandle }` (`Clone`, `Debug`,
+//!   `Serialize`, `Deserialize`: it can be passed to and returned from remote calls) with
 //!   `start(cx, options, ctor args..)`, `lookup(cx, name, namespace)`, `service()`, `stop()` and
 //!   one method per remote method, taking each argument as `impl IntoArg<T>` and returning
 //!   `ObjectRef<T>` (`T` as for `#[chia::function]`: the return type, `()`, or the `Ok` type).
@@ -240,6 +241,25 @@ pub(crate) fn expand(options: Options, item: &ItemImpl) -> syn::Result<TokenStre
             #construct
             #call
             #handle_impl
+
+            // A handle is a value: it passes to remote calls and comes back in results.
+            impl ::chia::__private::serde::Serialize for #handle {
+                fn serialize<S: ::chia::__private::serde::Serializer>(
+                    &self,
+                    serializer: S,
+                ) -> ::std::result::Result<S::Ok, S::Error> {
+                    ::chia::__private::serde::Serialize::serialize(&self.inner, serializer)
+                }
+            }
+
+            impl<'de> ::chia::__private::serde::Deserialize<'de> for #handle {
+                fn deserialize<D: ::chia::__private::serde::Deserializer<'de>>(
+                    deserializer: D,
+                ) -> ::std::result::Result<Self, D::Error> {
+                    ::chia::ServiceHandle::deserialize_typed(deserializer, &__CHIA_SERVICE_SPEC)
+                        .map(|inner| #handle { inner })
+                }
+            }
         };
     })
 }

@@ -147,12 +147,14 @@ pub(crate) fn sig_hash(signature: &str) -> String {
     Sha256::digest(signature.as_bytes())[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// `let __chia_argN: T = decode_arg(function, N, &args[N])?;` for each parameter, and the locals.
+/// `let __chia_argN: T = decode_arg(&__chia_cx, function, N, &args[N])?;` for each parameter,
+/// and the locals. Every invoker names its context `__chia_cx`: service handles among the
+/// arguments bind to it.
 pub(crate) fn decode_args(params: &[Param], function: &str, args: &Ident) -> (Vec<Ident>, TokenStream2) {
     let locals: Vec<Ident> = (0..params.len()).map(|i| format_ident!("__chia_arg{i}")).collect();
     let decodes = params.iter().zip(&locals).enumerate().map(|(index, (Param { ty, .. }, local))| {
         quote_spanned! {here(ty)=>
-            let #local: #ty = ::chia::__private::decode_arg(#function, #index, &#args[#index])?;
+            let #local: #ty = ::chia::__private::decode_arg(&__chia_cx, #function, #index, &#args[#index])?;
         }
     });
     let decodes = quote!(#(#decodes)*);

@@ -13,6 +13,7 @@ use chia_core::{TaskError, TaskId};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::any::Any;
+use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -255,6 +256,7 @@ impl<T: DeserializeOwned> ObjectRef<T> {
     }
 
     fn decode(&self, value: Arc<Value>) -> Result<T, Error> {
+        let _scope = DecodeScope::enter(BindTo::Ref(self.inner.clone()));
         rmp_serde::from_slice(&value).map_err(|e| Error::Decode {
             task: self.inner.task,
             type_name: std::any::type_name::<T>(),
@@ -369,6 +371,65 @@ pub async fn wait<T>(
         }
     }
     (ready, pending)
+}
+
+/// What a value being decoded belongs to, so that a service handle inside it can be bound to
+/// a connection: serde gives `Deserialize` no way to receive one.
+enum BindTo {
+    /// A task's or service's arguments: the context the call runs with.
+    Context(Context),
+    /// A result fetched through a ref: the connection (and the task) that made the call.
+    Ref(Arc<RefInner>),
+}
+
+thread_local! {
+    static DECODING: RefCell<Option<BindTo>> = const { RefCell::new(None) };
+}
+
+/// Sets what handles decoded on this thread bind to, until dropped (then the outer scope is
+/// back, so nested decodes compose). Decoding is synchronous: no await happens inside a scope.
+struct DecodeScope(Option<BindTo>);
+
+impl DecodeScope {
+    fn enter(bind_to: BindTo) -> DecodeScope {
+        DecodeScope(DECODING.with(|slot| slot.replace(Some(bind_to))))
+    }
+}
+
+impl Drop for DecodeScope {
+    fn drop(&mut self) {
+        let outer = self.0.take();
+        DECODING.with(|slot| *slot.borrow_mut() = outer);
+    }
+}
+
+/// Decodes `bytes` as one argument of a call running with `cx` (service handles in it bind to
+/// `cx`).
+pub(crate) fn decode_in<T: DeserializeOwned>(
+    cx: &Context,
+    bytes: &[u8],
+) -> Result<T, rmp_serde::decode::Error> {
+    let _scope = DecodeScope::enter(BindTo::Context(cx.clone()));
+    rmp_serde::from_slice(bytes)
+}
+
+/// The context a handle being decoded on this thread binds to: `None` outside the decoding of
+/// a call's arguments or result.
+pub(crate) fn decoding_context() -> Option<Context> {
+    DECODING.with(|slot| {
+        slot.borrow().as_ref().map(|bind_to| match bind_to {
+            BindTo::Context(cx) => cx.clone(),
+            // Calls through the handle are the fetching session's (a task's, when a task
+            // fetched it: its waits then tell the head it is blocked, like its own calls).
+            BindTo::Ref(inner) => Context {
+                client: inner.client.clone(),
+                running: inner.caller.clone(),
+                job: JobLink::Node,
+                protected_dirs: Arc::new([]),
+                _keep_alive: None,
+            },
+        })
+    })
 }
 
 /// One argument of a call, already encoded (or a ref to another task's result).

@@ -83,8 +83,14 @@ pub fn functions() -> &'static HashMap<&'static str, &'static FunctionSpec> {
 }
 
 /// Decodes argument `index` of `function` (called by macro-generated code).
-pub fn decode_arg<T: DeserializeOwned>(function: &str, index: usize, arg: &ArgValue) -> Result<T, TaskError> {
-    rmp_serde::from_slice(&arg.0).map_err(|e| TaskError::BadArgument {
+/// Service handles in it bind to `cx`, the context the call runs with.
+pub fn decode_arg<T: DeserializeOwned>(
+    cx: &Context,
+    function: &str,
+    index: usize,
+    arg: &ArgValue,
+) -> Result<T, TaskError> {
+    crate::driver::context::decode_in(cx, &arg.0).map_err(|e| TaskError::BadArgument {
         function: function.to_string(),
         index,
         message: e.to_string(),

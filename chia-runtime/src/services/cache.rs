@@ -276,7 +276,11 @@ fn watch_rules(config: &CacheConfig) -> Vec<WatchRule> {
 }
 
 /// A handle on the running cache, with typed reads and writes.
-#[derive(Clone, Debug)]
+///
+/// Like every service handle it is a value: pass it to a remote function (a parameter of type
+/// `chia::cache::Cache`) and use it there, instead of looking the cache up in every task.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct Cache {
     service: CacheServiceHandle,
 }

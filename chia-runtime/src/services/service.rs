@@ -5,15 +5,27 @@
 //!
 //! Names are resolved by the head every time ([`ServiceHandle::lookup`]), so a handle found
 //! by name is never a stale process-local copy; a missing service is `None`, not an error.
+//!
+//! A handle is a value: it can be passed to a remote function or service method as an argument,
+//! or returned as a result, and works where it arrives (like a Ray actor handle). On the wire
+//! it is the service's identity as the head describes it ([`ServiceInfo`]); the receiving side
+//! binds it to the context the call runs with (or, for a result, to the connection that
+//! fetched it), and calls through it are routed by the head by the service's id as usual. A
+//! typed handle checks on arrival that the service is its type with the same signature. A
+//! handle whose service has stopped since fails its calls with
+//! [`TaskError::ServiceUnavailable`] naming the service. A handle can only be decoded as part
+//! of a call's arguments or result: elsewhere there is no connection to bind it to, and
+//! decoding fails saying so.
 
-use crate::driver::context::{ArgInput, Context, ObjectRef, send_request};
+use crate::driver::context::{ArgInput, Context, ObjectRef, decoding_context, send_request};
 use crate::driver::registry::ServiceSpec;
 use crate::error::Error;
 use chia_core::HEAD_NODE_NAME;
 use chia_core::protocol::{PeerToHead, ServiceInfo, ServiceStart};
 use chia_core::resources::{CPU, NODE_PREFIX};
 use chia_core::{ResourceAmount, Resources, ServiceId, TaskError};
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, Error as _};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The namespace used when none is given.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -159,16 +171,24 @@ impl ServiceHandle {
     ) -> Result<Option<ServiceHandle>, Error> {
         let found = lookup_info(cx, name, namespace).await?;
         let Some(info) = found else { return Ok(None) };
-        if info.type_name != spec.type_name || info.sig_hash != spec.sig_hash {
+        if let Err(message) = check_type(spec, &info) {
             return Err(Error::Task(TaskError::InvalidCall {
                 function: format!("{}.lookup", spec.type_name),
-                message: format!(
-                    "the service {:?} is a {} (signature {}), not a {} (signature {})",
-                    info.name, info.type_name, info.sig_hash, spec.type_name, spec.sig_hash
-                ),
+                message,
             }));
         }
         Ok(Some(ServiceHandle { info, cx: cx.clone() }))
+    }
+
+    /// Decodes a handle that must be of type `spec` (used by the generated `<Type>Handle`'s
+    /// `Deserialize`).
+    pub fn deserialize_typed<'de, D: Deserializer<'de>>(
+        deserializer: D,
+        spec: &'static ServiceSpec,
+    ) -> Result<ServiceHandle, D::Error> {
+        let handle = ServiceHandle::deserialize(deserializer)?;
+        check_type(spec, &handle.info).map_err(D::Error::custom)?;
+        Ok(handle)
     }
 
     /// Calls `method`; the value arrives through the returned ref like a task's.
@@ -204,6 +224,48 @@ impl ServiceHandle {
 
     pub fn id(&self) -> ServiceId {
         self.info.id
+    }
+}
+
+/// Whether `info` describes a service of type `spec`, with the same signature.
+fn check_type(spec: &ServiceSpec, info: &ServiceInfo) -> Result<(), String> {
+    if info.type_name == spec.type_name && info.sig_hash == spec.sig_hash {
+        return Ok(());
+    }
+    Err(format!(
+        "the service {:?} is a {} (signature {}), not a {} (signature {})",
+        info.name, info.type_name, info.sig_hash, spec.type_name, spec.sig_hash
+    ))
+}
+
+/// A handle on the wire: the service's identity, under a field name that says what it is.
+#[derive(Serialize)]
+struct HandleOnWire<'a> {
+    service_handle: &'a ServiceInfo,
+}
+
+#[derive(Deserialize)]
+struct HandleFromWire {
+    service_handle: ServiceInfo,
+}
+
+impl Serialize for ServiceHandle {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        HandleOnWire { service_handle: &self.info }.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for ServiceHandle {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<ServiceHandle, D::Error> {
+        let HandleFromWire { service_handle: info } = HandleFromWire::deserialize(deserializer)?;
+        let cx = decoding_context().ok_or_else(|| {
+            D::Error::custom(format!(
+                "the handle of the service {:?} can only be decoded as an argument or result of a \
+                 chia call (there is no connection here to bind it to)",
+                info.name
+            ))
+        })?;
+        Ok(ServiceHandle { info, cx })
     }
 }
 
