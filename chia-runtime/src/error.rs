@@ -2,6 +2,7 @@
 
 use chia_core::{SessionId, TaskError, TaskId};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -21,6 +22,9 @@ pub enum Error {
     /// Connecting to or starting the cluster failed.
     #[error("{0}")]
     Setup(String),
+    /// The cache's settings (its budget or the `cache:` section of its YAML) are invalid.
+    #[error(transparent)]
+    Cache(Arc<chia_cache::CacheError>),
     /// `start_cache` found a cache already running with another directory or budget.
     #[error(
         "a cache is already running in {} with a budget of {}; start_cache asked for {} with {}. \

@@ -424,8 +424,12 @@ async fn bypassed_results_are_cached_like_real_ones() {
         "cache:\n  simple_add: true\nbypass:\n  simple_add:\n    bypass: true\n    tags: [\"replayed\"]\n",
     )
     .unwrap();
-    let cache =
-        chia::cache::start_cache(&cx, 1.0, "MiB", dir.path().join("cache"), Some(&yaml), None).await.unwrap();
+    let cache = chia::cache::start_cache(
+        &cx,
+        chia::cache::CacheOptions::in_dir(dir.path().join("cache")).size(1.0, "MiB").yaml_path(&yaml),
+    )
+    .await
+    .unwrap();
     let bypass = Bypass::load(&cx, Some(&yaml)).await.unwrap();
     bypass.set_provider("simple_add", &provider_42::PROVIDER).unwrap();
     assert_eq!(add(&cx, Some("replayed")).await, 42);

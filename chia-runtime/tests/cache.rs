@@ -5,7 +5,7 @@ extern crate chia_runtime as chia;
 mod common;
 
 use chia::Context;
-use chia::cache::{get_active_cache, is_cached, start_cache, stop_cache};
+use chia::cache::{CacheOptions, get_active_cache, is_cached, start_cache, stop_cache};
 use common::cluster;
 
 #[chia::function]
@@ -50,7 +50,8 @@ fn config_file(dir: &std::path::Path) -> std::path::PathBuf {
 async fn a_driver_writes_and_reads_typed_values() {
     let (_cluster, cx) = cluster(&["CPU=2"]).await;
     let dir = tempfile::tempdir().unwrap();
-    let cache = start_cache(&cx, 1.0, "MiB", dir.path().join("cache"), None, None).await.unwrap();
+    let cache =
+        start_cache(&cx, CacheOptions::in_dir(dir.path().join("cache")).size(1.0, "MiB")).await.unwrap();
     assert_eq!(cache.service().node(), "head", "the cache is pinned to the head");
     assert!(cache.write("a", &vec![1u32, 2, 3]).await.unwrap());
     assert!(cache.write("b", &"text".to_string()).await.unwrap());
@@ -75,10 +76,10 @@ async fn a_driver_writes_and_reads_typed_values() {
 async fn the_cache_is_found_by_name_from_workers_and_other_drivers_and_outlives_its_driver() {
     let (cluster, first) = cluster(&["CPU=2"]).await;
     let dir = tempfile::tempdir().unwrap();
-    let cache = start_cache(&first, 1.0, "MiB", dir.path(), None, None).await.unwrap();
+    let cache = start_cache(&first, CacheOptions::in_dir(dir.path()).size(1.0, "MiB")).await.unwrap();
     cache.write("iter0", &vec![5u64, 6]).await.unwrap();
     // Idempotent: a second start returns the running cache.
-    let again = start_cache(&first, 1.0, "MiB", dir.path(), None, None).await.unwrap();
+    let again = start_cache(&first, CacheOptions::in_dir(dir.path()).size(1.0, "MiB")).await.unwrap();
     assert_eq!(again.service().id(), cache.service().id());
     assert_eq!(
         read_from_a_worker::remote(&first, "iter0".to_string()).get().await.unwrap(),
@@ -92,7 +93,7 @@ async fn the_cache_is_found_by_name_from_workers_and_other_drivers_and_outlives_
     assert!(stop_cache(&second, None).await.unwrap());
     assert!(get_active_cache(&second, None).await.unwrap().is_none());
     // A new cache on the same directory warm-starts with the entry.
-    let restarted = start_cache(&second, 1.0, "MiB", dir.path(), None, None).await.unwrap();
+    let restarted = start_cache(&second, CacheOptions::in_dir(dir.path()).size(1.0, "MiB")).await.unwrap();
     assert_eq!(restarted.read::<Vec<u64>>("iter0").await.unwrap(), Some(vec![5, 6]));
 }
 
@@ -102,7 +103,10 @@ async fn results_of_configured_tagged_calls_are_written_automatically() {
     let dir = tempfile::tempdir().unwrap();
     let yaml = config_file(dir.path());
     assert!(!is_cached(&cx, "produce", Some("iter0")).await.unwrap(), "no cache running yet");
-    let cache = start_cache(&cx, 1.0, "MiB", dir.path().join("c"), Some(&yaml), None).await.unwrap();
+    let cache =
+        start_cache(&cx, CacheOptions::in_dir(dir.path().join("c")).size(1.0, "MiB").yaml_path(&yaml))
+            .await
+            .unwrap();
     assert!(is_cached(&cx, "produce", Some("iter3")).await.unwrap());
     // The configuration read back is made of types a user names from `chia` alone.
     let config: chia::cache::CacheConfig = cache.get_config().await.unwrap();
@@ -137,14 +141,12 @@ async fn automatic_writes_evict_the_least_recently_used() {
     let yaml = config_file(dir.path());
     // Room for two or three entries of this size (each file is about 40 bytes); no fsync needed
     // to test eviction.
-    let cache = chia::cache::start_cache_with(
+    let cache = chia::cache::start_cache(
         &cx,
-        100.0,
-        "B",
-        dir.path().join("c"),
-        Some(&yaml),
-        None,
-        chia::cache::Durability::None,
+        chia::cache::CacheOptions::in_dir(dir.path().join("c"))
+            .size(100.0, "B")
+            .yaml_path(&yaml)
+            .durability(chia::cache::Durability::None),
     )
     .await
     .unwrap();
@@ -162,12 +164,31 @@ async fn automatic_writes_evict_the_least_recently_used() {
 async fn bad_cache_settings_are_clear_errors() {
     let (_cluster, cx) = cluster(&["CPU=2"]).await;
     let dir = tempfile::tempdir().unwrap();
-    let error = start_cache(&cx, 1.0, "parsecs", dir.path(), None, None).await.unwrap_err().to_string();
+    let error = start_cache(&cx, CacheOptions::in_dir(dir.path()).size(1.0, "parsecs")).await.unwrap_err();
+    assert!(
+        matches!(&error, chia::Error::Cache(inner) if matches!(**inner, chia::cache::CacheError::UnknownUnits { .. })),
+        "{error:?}"
+    );
+    let error = error.to_string();
     assert!(error.contains("parsecs") && error.contains("GIB"), "{error}");
     let yaml = dir.path().join("bad.yaml");
     std::fs::write(&yaml, "cache:\n  produce:\n    cache: true\n    tags: [\"iter(\"]\n").unwrap();
-    let error = start_cache(&cx, 1.0, "MiB", dir.path(), Some(&yaml), None).await.unwrap_err().to_string();
+    let error = start_cache(&cx, CacheOptions::in_dir(dir.path()).size(1.0, "MiB").yaml_path(&yaml))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("produce") && error.contains("iter("), "{error}");
+
+    // Without a size the budget is the documented default, which a second start must match.
+    let default_dir = dir.path().join("default");
+    start_cache(&cx, CacheOptions::in_dir(&default_dir)).await.unwrap();
+    let sized = CacheOptions::in_dir(&default_dir).size(CacheOptions::DEFAULT_SIZE_GIB, "GiB");
+    start_cache(&cx, sized).await.expect("the default is 10 GiB");
+    match start_cache(&cx, CacheOptions::in_dir(&default_dir).size(1.0, "GiB")).await {
+        Err(chia::Error::CacheConflict { running_budget, .. }) => assert_eq!(running_budget, 10 << 30),
+        other => panic!("expected a conflict with the default budget, got {other:?}"),
+    }
+    assert!(stop_cache(&cx, None).await.unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,25 +196,26 @@ async fn a_second_start_with_another_directory_or_budget_is_an_error_naming_both
     let (cluster, cx) = cluster(&["CPU=2"]).await;
     let dir = tempfile::tempdir().unwrap();
     let (first_dir, other_dir) = (dir.path().join("first"), dir.path().join("other"));
-    let cache = start_cache(&cx, 1.0, "MiB", &first_dir, None, None).await.unwrap();
+    let cache = start_cache(&cx, CacheOptions::in_dir(&first_dir).size(1.0, "MiB")).await.unwrap();
     cache.write("iter0", &1u64).await.unwrap();
 
     // The same directory (spelt with a trailing slash) and the same budget in other units:
     // the running cache, as before.
     let same_dir = format!("{}/", first_dir.display());
-    let again = start_cache(&cx, 1024.0, "KiB", &same_dir, None, None).await.unwrap();
+    let again = start_cache(&cx, CacheOptions::in_dir(&same_dir).size(1024.0, "KiB")).await.unwrap();
     assert_eq!(again.service().id(), cache.service().id());
 
     // Another directory, from another driver: an error naming both directories.
     let other_driver = cluster.driver().await.unwrap();
-    match start_cache(&other_driver, 1.0, "MiB", &other_dir, None, None).await {
+    match start_cache(&other_driver, CacheOptions::in_dir(&other_dir).size(1.0, "MiB")).await {
         Err(chia::Error::CacheConflict { running_dir, running_budget, requested_dir, requested_budget }) => {
             assert_eq!((running_dir, running_budget), (first_dir.clone(), 1 << 20));
             assert_eq!((requested_dir, requested_budget), (other_dir.clone(), 1 << 20));
         }
         other => panic!("expected CacheConflict, got {:?}", other.map(|cache| cache.service().id())),
     }
-    let message = start_cache(&cx, 1.0, "MiB", &other_dir, None, None).await.unwrap_err().to_string();
+    let message =
+        start_cache(&cx, CacheOptions::in_dir(&other_dir).size(1.0, "MiB")).await.unwrap_err().to_string();
     assert!(
         message
             .contains(&format!("running in {} with a budget of 1048576 bytes (1 MiB)", first_dir.display())),
@@ -203,14 +225,15 @@ async fn a_second_start_with_another_directory_or_budget_is_an_error_naming_both
     assert!(!other_dir.exists(), "nothing was created in the directory that was refused");
 
     // Another budget, same directory: an error naming both budgets.
-    let message = start_cache(&cx, 2.0, "MiB", &first_dir, None, None).await.unwrap_err().to_string();
+    let message =
+        start_cache(&cx, CacheOptions::in_dir(&first_dir).size(2.0, "MiB")).await.unwrap_err().to_string();
     assert!(message.contains("a budget of 1048576 bytes (1 MiB)"), "{message}");
     assert!(message.contains("with 2097152 bytes (2 MiB)"), "{message}");
 
     // The running cache is untouched, and once stopped another one starts.
     assert_eq!(cache.read::<u64>("iter0").await.unwrap(), Some(1));
     assert!(stop_cache(&cx, None).await.unwrap());
-    let other = start_cache(&cx, 2.0, "MiB", &other_dir, None, None).await.unwrap();
+    let other = start_cache(&cx, CacheOptions::in_dir(&other_dir).size(2.0, "MiB")).await.unwrap();
     assert!(other.write("iter1", &2u64).await.unwrap());
     assert!(other_dir.exists());
 }
@@ -224,9 +247,10 @@ async fn a_cache_directory_whose_name_is_not_utf8_is_used_as_named() {
     let (_cluster, cx) = cluster(&["CPU=2"]).await;
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join(std::ffi::OsStr::from_bytes(b"cache-\xff\xfe"));
-    let cache = start_cache(&cx, 1.0, "MiB", &dir, None, None).await.expect("the first start");
+    let cache = start_cache(&cx, CacheOptions::in_dir(&dir).size(1.0, "MiB")).await.expect("the first start");
     cache.write("iter0", &7u64).await.unwrap();
-    let again = start_cache(&cx, 1.0, "MiB", &dir, None, None).await.expect("the same path again");
+    let again =
+        start_cache(&cx, CacheOptions::in_dir(&dir).size(1.0, "MiB")).await.expect("the same path again");
     assert_eq!(again.service().id(), cache.service().id());
     let names: Vec<_> =
         std::fs::read_dir(root.path()).unwrap().map(|entry| entry.unwrap().file_name()).collect();
@@ -241,7 +265,8 @@ async fn a_cache_directory_whose_name_is_not_utf8_is_used_as_named() {
 async fn a_cache_handle_passed_to_a_task_writes_to_the_same_cache() {
     let (_cluster, cx) = cluster(&["CPU=2"]).await;
     let dir = tempfile::tempdir().unwrap();
-    let cache = start_cache(&cx, 1.0, "MiB", dir.path().join("cache"), None, None).await.unwrap();
+    let cache =
+        start_cache(&cx, CacheOptions::in_dir(dir.path().join("cache")).size(1.0, "MiB")).await.unwrap();
     let wrote = write_through::remote(&cx, cache.clone(), "from-a-task".to_string(), vec![7, 8]);
     assert!(wrote.get().await.unwrap());
     assert_eq!(cache.read::<Vec<u64>>("from-a-task").await.unwrap(), Some(vec![7, 8]));

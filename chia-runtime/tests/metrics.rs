@@ -290,7 +290,12 @@ async fn the_metrics_follow_tasks_workers_and_the_cache_and_pass_promtool() {
 
     // The cache runs on the head's node, whose heartbeats carry its figures.
     let dir = tempfile::tempdir().unwrap();
-    let cache = chia::cache::start_cache(&cx, 1.0, "MB", dir.path().join("cache"), None, None).await.unwrap();
+    let cache = chia::cache::start_cache(
+        &cx,
+        chia::cache::CacheOptions::in_dir(dir.path().join("cache")).size(1.0, "MB"),
+    )
+    .await
+    .unwrap();
     assert!(cache.write("present", &42u32).await.unwrap());
     assert_eq!(cache.read::<u32>("present").await.unwrap(), Some(42));
     assert_eq!(cache.read::<u32>("present").await.unwrap(), Some(42));

@@ -14,7 +14,7 @@
 //! that cluster's head.
 
 use chia::bypass::Bypass;
-use chia::cache::start_cache;
+use chia::cache::{CacheOptions, start_cache};
 use clap::Parser;
 use examples::expensive_step;
 use std::path::PathBuf;
@@ -51,7 +51,8 @@ async fn main() -> anyhow::Result<()> {
         None => default_cache_dir()?,
     };
     let cx = chia::Init::new().local_workers(4).connect().await?;
-    let cache = start_cache(&cx, 1.0, "GiB", &cache_dir, Some(&args.config), None).await?;
+    let cache =
+        start_cache(&cx, CacheOptions::in_dir(&cache_dir).size(1.0, "GiB").yaml_path(&args.config)).await?;
     if args.flush_cache {
         cache.flush().await?;
         println!("cache flushed: this run starts cold");

@@ -214,8 +214,12 @@ async fn a_restarted_head_takes_up_its_driver_its_worker_and_its_cache() {
     let address = head.handle().address();
     let worker = WorkerProcess::start(&head.cluster_file, "survivor", "CPU=2");
     let cx = head.driver().await;
-    let cache =
-        chia::cache::start_cache(&cx, 1.0, "MiB", dir.path().join("cache"), None, None).await.unwrap();
+    let cache = chia::cache::start_cache(
+        &cx,
+        chia::cache::CacheOptions::in_dir(dir.path().join("cache")).size(1.0, "MiB"),
+    )
+    .await
+    .unwrap();
     cache.write("iter0", &vec![1u32, 2, 3]).await.unwrap();
     let finished = simulate::remote(&cx, 5, 1);
     assert_eq!(get(&finished).await.unwrap(), 25);

@@ -27,7 +27,7 @@ use chia_core::protocol::WatchRule;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf as Bytes;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -286,52 +286,99 @@ pub struct Cache {
 }
 
 fn cache_error(error: CacheError) -> Error {
-    Error::Setup(format!("cache: {error}"))
+    Error::Cache(Arc::new(error))
 }
 
-/// Starts the cache on the head node, or returns the running one (idempotent): `size` × `units`
-/// (B, KB, MB, GB, TB or KiB…TiB, all powers of 1024) in `cache_dir` on the head, with the
-/// `cache:` section of `yaml_path` (read here, on the caller). Every write is fsynced with its
-/// directory ([`Durability::Full`]); see [`start_cache_with`] to choose otherwise.
+/// How to start the cache: the original's `start_cache(size, cache_dir_path, units, yaml_path,
+/// namespace)`, as a builder.
+///
+/// ```
+/// # extern crate chia_runtime as chia;
+/// use chia::cache::{CacheOptions, Durability};
+/// let options = CacheOptions::in_dir("/data/chia_cache") // `cache_dir_path`, on the head node
+///     .size(4.0, "GB")                                   // `size`, `units`: 4 GiB
+///     .yaml_path("loop.yaml")                            // the `cache:` section, read by the caller
+///     .namespace("co-design")
+///     .durability(Durability::Data);
+/// ```
+#[derive(Clone, Debug)]
+pub struct CacheOptions {
+    dir: PathBuf,
+    size: f64,
+    units: String,
+    yaml_path: Option<PathBuf>,
+    namespace: Option<String>,
+    durability: Durability,
+}
+
+impl CacheOptions {
+    /// The budget when none is given: 10 GiB (sccache's default).
+    pub const DEFAULT_SIZE_GIB: f64 = 10.0;
+
+    /// A cache in `cache_dir_path` on the head node, with a budget of
+    /// [`DEFAULT_SIZE_GIB`](Self::DEFAULT_SIZE_GIB), no `cache:` section (nothing is written
+    /// automatically), the default namespace, and every write fsynced with its directory
+    /// ([`Durability::Full`]).
+    pub fn in_dir(cache_dir_path: impl Into<PathBuf>) -> CacheOptions {
+        CacheOptions {
+            dir: cache_dir_path.into(),
+            size: Self::DEFAULT_SIZE_GIB,
+            units: "GiB".to_string(),
+            yaml_path: None,
+            namespace: None,
+            durability: Durability::default(),
+        }
+    }
+
+    /// The budget: `size` × `units` (B, KB, MB, GB, TB or KiB…TiB, all powers of 1024, in any
+    /// case). Checked when the cache starts; a bad one is [`Error::Cache`] naming it.
+    pub fn size(mut self, size: f64, units: &str) -> Self {
+        self.size = size;
+        self.units = units.to_string();
+        self
+    }
+
+    /// The YAML file whose `cache:` section says which functions' results are written
+    /// automatically (read here, on the caller, when the cache starts).
+    pub fn yaml_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.yaml_path = Some(path.into());
+        self
+    }
+
+    /// The namespace of the cache's name (default: the default namespace).
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = Some(namespace.into());
+        self
+    }
+
+    /// The fsync policy: `Full` (file and directory, a finished write survives power loss),
+    /// `Data` (file only) or `None` (a crash of the machine may lose recent entries; a process
+    /// crash loses nothing). No policy ever exposes a partial entry.
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+}
+
+/// Starts the cache on the head node as `options` say, or returns the running one
+/// (idempotent).
 ///
 /// A cache already running in another directory or with another budget is
 /// [`Error::CacheConflict`], naming both: returning it would send this caller's writes to a
 /// directory and budget it did not ask for (the original did so silently).
-pub async fn start_cache(
-    cx: &Context,
-    size: f64,
-    units: &str,
-    cache_dir: impl AsRef<Path>,
-    yaml_path: Option<&Path>,
-    namespace: Option<&str>,
-) -> Result<Cache, Error> {
-    start_cache_with(cx, size, units, cache_dir, yaml_path, namespace, Durability::default()).await
-}
-
-/// [`start_cache`] with a chosen fsync policy: `Full` (file and directory, a finished write
-/// survives power loss), `Data` (file only) or `None` (a crash of the machine may lose recent
-/// entries; a process crash loses nothing). No policy ever exposes a partial entry.
-pub async fn start_cache_with(
-    cx: &Context,
-    size: f64,
-    units: &str,
-    cache_dir: impl AsRef<Path>,
-    yaml_path: Option<&Path>,
-    namespace: Option<&str>,
-    durability: Durability,
-) -> Result<Cache, Error> {
-    let budget = parse_budget(size, units).map_err(cache_error)?;
+pub async fn start_cache(cx: &Context, options: CacheOptions) -> Result<Cache, Error> {
+    let CacheOptions { dir: requested_dir, size, units, yaml_path, namespace, durability } = options;
+    let budget = parse_budget(size, &units).map_err(cache_error)?;
     let config = match yaml_path {
-        Some(path) => CacheConfig::from_file(path).map_err(cache_error)?,
+        Some(path) => CacheConfig::from_file(&path).map_err(cache_error)?,
         None => CacheConfig::default(),
     };
-    let mut options = ServiceOptions::named(CACHE_SERVICE_NAME).detached().get_if_exists().on_head();
+    let mut service_options = ServiceOptions::named(CACHE_SERVICE_NAME).detached().get_if_exists().on_head();
     if let Some(namespace) = namespace {
-        options = options.namespace(namespace);
+        service_options = service_options.namespace(namespace);
     }
-    let requested_dir = cache_dir.as_ref().to_path_buf();
     let dir = CacheDir(requested_dir.clone());
-    let service = CacheServiceHandle::start(cx, options, dir, budget, config, durability).await?;
+    let service = CacheServiceHandle::start(cx, service_options, dir, budget, config, durability).await?;
     // `get_if_exists` may have found a cache started by anyone, with anything: compare. Paths
     // compare as `Path`s, by components of bytes (`/data/cache/` is `/data/cache`; a name that
     // is not UTF-8 equals only itself), not through the file system, which is the head's and

@@ -583,9 +583,13 @@ async fn bypass_figures(calls: usize, pipelined: usize) -> BenchResult<(f64, f64
     let rate = pipelined as f64 / started.elapsed().as_secs_f64();
 
     let dir = tempfile::tempdir()?;
-    let cache =
-        chia::cache::start_cache_with(&cx, 1.0, "GiB", dir.path(), None, None, chia::cache::Durability::None)
-            .await?;
+    let cache = chia::cache::start_cache(
+        &cx,
+        chia::cache::CacheOptions::in_dir(dir.path())
+            .size(1.0, "GiB")
+            .durability(chia::cache::Durability::None),
+    )
+    .await?;
     let tags: Vec<String> = (0..calls).map(|i| format!("iter{i}")).collect();
     for (x, tag) in tags.iter().enumerate() {
         cache.write(tag, &(x as u64 + 1)).await?;
@@ -604,13 +608,13 @@ async fn bypass_figures(calls: usize, pipelined: usize) -> BenchResult<(f64, f64
 }
 
 async fn cache_figures(bench: &mut Bench) -> BenchResult<()> {
-    use chia::cache::{start_cache, stop_cache};
+    use chia::cache::{CacheOptions, start_cache, stop_cache};
     let small = bench.count(10_000);
     let large = bench.count(200);
     let (_cluster, cx) = cluster(1).await?;
     if bench.wants(&SMALL_CACHE_FIGURES) {
         let dir = tempfile::tempdir()?;
-        let cache = start_cache(&cx, 64.0, "GiB", dir.path(), None, None).await?;
+        let cache = start_cache(&cx, CacheOptions::in_dir(dir.path()).size(64.0, "GiB")).await?;
         let payload = Bytes::from(vec![5u8; 1024]);
         let tags: Vec<String> = (0..small).map(|i| format!("iter{}_call{}", i / 100, i % 100)).collect();
         let started = Instant::now();
@@ -637,7 +641,7 @@ async fn cache_figures(bench: &mut Bench) -> BenchResult<()> {
         bench.record("cache_has_p50_us", percentile(&mut samples, 0.5), "us");
         stop_cache(&cx, None).await?;
         let started = Instant::now();
-        let cache = start_cache(&cx, 64.0, "GiB", dir.path(), None, None).await?;
+        let cache = start_cache(&cx, CacheOptions::in_dir(dir.path()).size(64.0, "GiB")).await?;
         let ms = started.elapsed().as_secs_f64() * 1e3;
         check_entries(&cache, small).await?;
         bench.record("cache_warm_start_10k_ms", ms, "ms");
@@ -645,7 +649,7 @@ async fn cache_figures(bench: &mut Bench) -> BenchResult<()> {
     }
     if bench.wants(&LARGE_CACHE_FIGURES) {
         let dir = tempfile::tempdir()?;
-        let cache = start_cache(&cx, 64.0, "GiB", dir.path(), None, None).await?;
+        let cache = start_cache(&cx, CacheOptions::in_dir(dir.path()).size(64.0, "GiB")).await?;
         let payload = Bytes::from(vec![6u8; 1 << 20]);
         let started = Instant::now();
         let writes: Vec<_> =
@@ -657,7 +661,7 @@ async fn cache_figures(bench: &mut Bench) -> BenchResult<()> {
         bench.record("cache_write_1m_mb_per_s", rate, "MB/s");
         stop_cache(&cx, None).await?;
         let started = Instant::now();
-        let cache = start_cache(&cx, 64.0, "GiB", dir.path(), None, None).await?;
+        let cache = start_cache(&cx, CacheOptions::in_dir(dir.path()).size(64.0, "GiB")).await?;
         let ms = started.elapsed().as_secs_f64() * 1e3;
         check_entries(&cache, large).await?;
         bench.record("cache_warm_start_1m_ms", ms, "ms");
