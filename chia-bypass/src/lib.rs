@@ -13,7 +13,7 @@
 //! ```
 //! use chia_bypass::BypassConfig;
 //!
-//! # fn main() -> Result<(), chia_bypass::BypassError> {
+//! # fn main() -> Result<(), chia_bypass::SectionError> {
 //! let config = BypassConfig::from_yaml_str(
 //!     r#"
 //! bypass:
@@ -41,10 +41,10 @@
 //! ```
 
 pub mod config;
-mod error;
 pub mod plan;
 
+/// Why the `bypass:` section could not be loaded: the error the `cache:` section has too.
+pub use chia_cache::SectionError;
 pub use chia_cache::TagPatterns;
 pub use config::{BypassConfig, BypassRule};
-pub use error::BypassError;
 pub use plan::{BypassPlan, Decision, RunReason, Verdict};

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use chia_bypass::{BypassConfig, BypassError, BypassRule, TagPatterns};
+use chia_bypass::{BypassConfig, BypassRule, SectionError, TagPatterns};
 use chia_cache::config::section;
 use chia_cache::config::yaml_value::YamlValue;
 
@@ -31,7 +31,7 @@ fn load(yaml: &str) -> BypassConfig {
     BypassConfig::from_yaml_str(yaml, ORIGIN).unwrap_or_else(|error| panic!("{yaml}\n-> {error}"))
 }
 
-fn load_error(yaml: &str) -> BypassError {
+fn load_error(yaml: &str) -> SectionError {
     match BypassConfig::from_yaml_str(yaml, ORIGIN) {
         Ok(config) => panic!("{yaml}\n-> parsed as {config:?}"),
         Err(error) => error,
@@ -257,7 +257,7 @@ fn from_file_resolves_relative_data_paths_against_the_file_directory() {
 fn from_file_names_a_missing_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let error = BypassConfig::from_file(dir.path().join("absent.yaml")).expect_err("missing file");
-    assert!(matches!(error, BypassError::ConfigRead { .. }), "{error:?}");
+    assert!(matches!(error, SectionError::Read { .. }), "{error:?}");
     assert!(error.to_string().contains("absent.yaml"), "{error}");
 }
 
@@ -267,7 +267,7 @@ fn from_file_names_a_missing_file() {
 fn yaml_that_does_not_parse_names_the_file_and_line() {
     let error = load_error("bypass:\n  f: true\n  g: [unclosed\n");
     match &error {
-        BypassError::ConfigParse { origin, line, .. } => {
+        SectionError::Parse { origin, line, .. } => {
             assert_eq!(origin, ORIGIN);
             assert_eq!(*line, Some(3), "{error}");
         }
@@ -285,7 +285,7 @@ fn an_invalid_pattern_names_the_file_the_function_and_the_pattern() {
         "bypass:\n  run_test:\n    bypass: true\n    tags: 'a)|(b'\n",
     ] {
         let error = load_error(yaml);
-        let BypassError::InvalidTagPattern { origin, function, pattern, .. } = &error else {
+        let SectionError::InvalidTagPattern { origin, function, pattern, .. } = &error else {
             panic!("expected InvalidTagPattern, got {error:?}");
         };
         assert_eq!((origin.as_str(), function.as_str()), (ORIGIN, "run_test"));
@@ -310,7 +310,7 @@ fn values_of_the_wrong_type_name_the_file_the_function_and_the_key() {
     ] {
         let error = load_error(yaml);
         assert!(
-            matches!(&error, BypassError::ConfigShape { function: Some(function), .. } if function == "f"),
+            matches!(&error, SectionError::Shape { function: Some(function), .. } if function == "f"),
             "{yaml}: {error:?}"
         );
         let message = error.to_string();
@@ -319,7 +319,7 @@ fn values_of_the_wrong_type_name_the_file_the_function_and_the_key() {
         }
     }
     let error = load_error("bypass: [f, g]\n");
-    assert!(matches!(error, BypassError::ConfigShape { function: None, .. }), "{error:?}");
+    assert!(matches!(error, SectionError::Shape { function: None, .. }), "{error:?}");
     assert!(error.to_string().contains("`bypass:` section"), "{error}");
 }
 
@@ -333,7 +333,7 @@ fn unknown_field(yaml: &str) -> (UnknownField, String) {
     let error = load_error(yaml);
     let message = error.to_string();
     match error {
-        BypassError::UnknownField { origin, line, function, field, suggestion, .. } => {
+        SectionError::UnknownField { origin, line, function, field, suggestion, .. } => {
             assert_eq!(origin, ORIGIN);
             ((line, function, field, suggestion), message)
         }
@@ -397,9 +397,9 @@ fn a_top_level_key_near_bypass_is_a_typo_and_parsing_still_succeeds() {
     let yaml =
         "iterations: 4\nbypas:\n  simple_add: true\ncache:\n  simple_add: true\nBypass: {}\nbypasses: 1\n";
     let document: YamlValue = serde_saphyr::from_str(yaml).expect("YAML");
-    let found: Vec<(String, Option<u64>, &str)> = section::section_typos(&document, "bypass")
+    let found: Vec<(String, Option<u64>, &str)> = section::section_typos(&document, section::Section::Bypass)
         .into_iter()
-        .map(|typo| (typo.found, typo.line, typo.section))
+        .map(|typo| (typo.found, typo.line, typo.section.key()))
         .collect();
     assert_eq!(
         found,
@@ -412,7 +412,7 @@ fn a_top_level_key_near_bypass_is_a_typo_and_parsing_still_succeeds() {
     // Only a warning: the file loads, and bypasses nothing since `bypass:` is absent.
     assert!(load(yaml).is_empty());
     let document: YamlValue = serde_saphyr::from_str("bypass: {}\ncache: {}\nloop: {}\n").expect("YAML");
-    assert!(section::section_typos(&document, "bypass").is_empty());
+    assert!(section::section_typos(&document, section::Section::Bypass).is_empty());
 }
 
 #[test]

@@ -4,9 +4,8 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::config::section::{at_line, unknown_field_hint};
-
-/// Why a budget, a configuration or a store operation failed.
+/// Why a budget or a store operation failed (the `cache:` section's errors are
+/// [`SectionError`](crate::SectionError)s).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CacheError {
@@ -21,39 +20,6 @@ pub enum CacheError {
     /// `size × units` does not fit in 64 bits.
     #[error("cache size {size} {units} is more than {max} bytes", max = u64::MAX)]
     SizeOverflow { size: f64, units: String },
-
-    /// The configuration file could not be read.
-    #[error("cannot read cache config {path}: {source}")]
-    ConfigRead { path: PathBuf, source: io::Error },
-
-    /// The configuration is not YAML, or its top level is not a mapping. `message` (the YAML
-    /// parser's) shows the line and column with a snippet; `line` repeats the line for code.
-    #[error("cache config {origin} cannot be parsed: {message}")]
-    ConfigParse { origin: String, line: Option<u64>, message: String },
-
-    /// The `cache:` section parses but a value has a type the section does not allow.
-    #[error("cache config {origin}: {}{message}", function_prefix(function.as_deref()))]
-    ConfigShape { origin: String, function: Option<String>, message: String },
-
-    /// A `tags:` pattern is not a valid regular expression (Rust `regex` syntax).
-    #[error("cache config {origin}: function {function:?} has an invalid tag pattern {pattern:?}: {source}")]
-    InvalidTagPattern { origin: String, function: String, pattern: String, source: regex::Error },
-
-    /// A function's settings hold a field the `cache:` section does not know (a typo, most
-    /// likely); `suggestion` is the closest known field, if one is near.
-    #[error(
-        "cache config {origin}{}: function {function:?}: unknown field `{field}:`{}",
-        at_line(*line),
-        unknown_field_hint(*suggestion, known)
-    )]
-    UnknownField {
-        origin: String,
-        line: Option<u64>,
-        function: String,
-        field: String,
-        suggestion: Option<&'static str>,
-        known: &'static [&'static str],
-    },
 
     /// The cache directory cannot be created, locked or listed.
     #[error("cannot open cache directory {dir}: {source}")]
@@ -71,8 +37,4 @@ pub enum CacheError {
     /// store's previous contents are unchanged.
     #[error("cannot write cache entry {tag:?} to {path}: {source}")]
     Write { tag: String, path: PathBuf, source: io::Error },
-}
-
-fn function_prefix(function: Option<&str>) -> String {
-    function.map(|function| format!("function {function:?}: ")).unwrap_or_default()
 }

@@ -34,6 +34,7 @@ mod error;
 mod store;
 pub mod units;
 
+pub use config::section::SectionError;
 pub use config::{CacheConfig, CacheRule, InvalidPattern, TagPatterns};
 pub use error::CacheError;
 pub use store::{

@@ -3,7 +3,7 @@
 
 use chia_cache::config::section;
 use chia_cache::config::yaml_value::YamlValue;
-use chia_cache::{CacheConfig, CacheError, CacheRule, TagPatterns, parse_budget};
+use chia_cache::{CacheConfig, CacheError, CacheRule, SectionError, TagPatterns, parse_budget};
 
 const ORIGIN: &str = "loop.yaml";
 
@@ -11,7 +11,7 @@ fn load(yaml: &str) -> CacheConfig {
     CacheConfig::from_yaml_str(yaml, ORIGIN).unwrap_or_else(|error| panic!("{yaml}\n-> {error}"))
 }
 
-fn load_error(yaml: &str) -> CacheError {
+fn load_error(yaml: &str) -> SectionError {
     match CacheConfig::from_yaml_str(yaml, ORIGIN) {
         Ok(config) => panic!("{yaml}\n-> parsed as {config:?}"),
         Err(error) => error,
@@ -192,7 +192,7 @@ fn patterns_must_match_the_whole_tag() {
 fn an_invalid_pattern_names_the_file_the_function_and_the_pattern() {
     let error = load_error("cache:\n  run_test:\n    cache: true\n    tags: ['ok', 'iter(']\n");
     match &error {
-        CacheError::InvalidTagPattern { origin, function, pattern, .. } => {
+        SectionError::InvalidTagPattern { origin, function, pattern, .. } => {
             assert_eq!((origin.as_str(), function.as_str(), pattern.as_str()), (ORIGIN, "run_test", "iter("));
         }
         other => panic!("expected InvalidTagPattern, got {other:?}"),
@@ -206,14 +206,14 @@ fn an_invalid_pattern_names_the_file_the_function_and_the_pattern() {
 #[test]
 fn a_pattern_that_only_parses_once_wrapped_is_still_invalid() {
     let error = load_error("cache:\n  f:\n    cache: true\n    tags: ['a)|(b']\n");
-    assert!(matches!(error, CacheError::InvalidTagPattern { .. }), "{error:?}");
+    assert!(matches!(error, SectionError::InvalidTagPattern { .. }), "{error:?}");
 }
 
 #[test]
 fn yaml_that_does_not_parse_names_the_file_and_line() {
     let error = load_error("cache:\n  f: true\n  g: [unclosed\n");
     match &error {
-        CacheError::ConfigParse { origin, line, .. } => {
+        SectionError::Parse { origin, line, .. } => {
             assert_eq!(origin, ORIGIN);
             assert_eq!(*line, Some(3), "{error}");
         }
@@ -232,13 +232,13 @@ fn values_of_the_wrong_type_name_the_function() {
     ] {
         let error = load_error(yaml);
         assert!(
-            matches!(&error, CacheError::ConfigShape { function: Some(function), .. } if function == "f"),
+            matches!(&error, SectionError::Shape { function: Some(function), .. } if function == "f"),
             "{yaml}: {error:?}"
         );
         assert!(error.to_string().contains("\"f\""), "{error}");
     }
     let error = load_error("cache: [f, g]\n");
-    assert!(matches!(error, CacheError::ConfigShape { function: None, .. }), "{error:?}");
+    assert!(matches!(error, SectionError::Shape { function: None, .. }), "{error:?}");
 }
 
 #[test]
@@ -257,7 +257,7 @@ fn from_file_names_a_missing_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("absent.yaml");
     let error = CacheConfig::from_file(&path).expect_err("missing file");
-    assert!(matches!(error, CacheError::ConfigRead { .. }), "{error:?}");
+    assert!(matches!(error, SectionError::Read { .. }), "{error:?}");
     assert!(error.to_string().contains("absent.yaml"), "{error}");
 }
 
@@ -305,7 +305,7 @@ fn unknown_field(yaml: &str) -> (UnknownField, String) {
     let error = load_error(yaml);
     let message = error.to_string();
     match error {
-        CacheError::UnknownField { origin, line, function, field, suggestion, .. } => {
+        SectionError::UnknownField { origin, line, function, field, suggestion, .. } => {
             assert_eq!(origin, ORIGIN);
             ((line, function, field, suggestion), message)
         }
@@ -365,10 +365,11 @@ fn a_parse_error_names_the_file_in_its_snippet_not_input() {
 fn a_top_level_key_near_cache_is_a_typo_and_other_sections_are_not() {
     let document = |yaml: &str| -> YamlValue { serde_saphyr::from_str(yaml).expect("YAML") };
     let yaml = "iterations: 4\ncahce:\n  f: true\nbypass:\n  f: true\nCache: {}\ncaches: 1\ncatch: 2\n";
-    let found: Vec<(String, Option<u64>, &str)> = section::section_typos(&document(yaml), "cache")
-        .into_iter()
-        .map(|typo| (typo.found, typo.line, typo.section))
-        .collect();
+    let found: Vec<(String, Option<u64>, &str)> =
+        section::section_typos(&document(yaml), section::Section::Cache)
+            .into_iter()
+            .map(|typo| (typo.found, typo.line, typo.section.key()))
+            .collect();
     assert_eq!(
         found,
         [
@@ -380,7 +381,11 @@ fn a_top_level_key_near_cache_is_a_typo_and_other_sections_are_not() {
     );
     // The section itself, and sections more than two edits away, are not typos.
     assert!(
-        section::section_typos(&document("cache: {}\nbypass: {}\nloop: {}\nchase: 1\n"), "cache").is_empty()
+        section::section_typos(
+            &document("cache: {}\nbypass: {}\nloop: {}\nchase: 1\n"),
+            section::Section::Cache
+        )
+        .is_empty()
     );
     // A misspelt section is only warned about: the file still loads (with nothing cached).
     assert!(load(yaml).is_empty());

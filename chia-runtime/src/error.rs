@@ -22,9 +22,13 @@ pub enum Error {
     /// Connecting to or starting the cluster failed.
     #[error("{0}")]
     Setup(String),
-    /// The cache's settings (its budget or the `cache:` section of its YAML) are invalid.
+    /// The cache's budget is invalid, or its store could not be opened.
     #[error(transparent)]
     Cache(Arc<chia_cache::CacheError>),
+    /// The `cache:` or `bypass:` section of the YAML file could not be loaded; the error names
+    /// the section, the file, and where known the line and function.
+    #[error(transparent)]
+    Config(Arc<chia_cache::SectionError>),
     /// `start_cache` found a cache already running with another directory or budget.
     #[error(
         "a cache is already running in {} with a budget of {}; start_cache asked for {} with {}. \

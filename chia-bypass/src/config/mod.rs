@@ -44,13 +44,9 @@ use std::path::{Path, PathBuf};
 use chia_cache::TagPatterns;
 use serde::{Deserialize, Serialize};
 
-use crate::BypassError;
 // One YAML reading for the file both sections live in (PyYAML-style booleans included).
-use chia_cache::config::section;
+use chia_cache::config::section::{self, Section, SectionError};
 use chia_cache::config::yaml_value::YamlValue;
-
-/// The fields a function's settings may hold in the `bypass:` section.
-pub const BYPASS_FIELDS: &[&str] = &["bypass", "tags", "data"];
 
 /// Which functions are bypassed, for which tags, and with which recorded data. The default is
 /// the configuration of a run without YAML: nothing is bypassed.
@@ -81,15 +77,14 @@ impl BypassConfig {
 
     /// Reads the `bypass:` section of a YAML document. `origin` names the document in errors
     /// and logs: its path, or what the caller calls text that never was a file.
-    pub fn from_yaml_str(text: &str, origin: &str) -> Result<Self, BypassError> {
-        let problem = |problem| config_error(origin, problem);
-        let Some(section) = section::read_section(text, "bypass", origin).map_err(problem)? else {
+    pub fn from_yaml_str(text: &str, origin: &str) -> Result<Self, SectionError> {
+        let problem = |problem: section::Problem| problem.in_section(Section::Bypass, origin);
+        let Some(section) = section::read_section(text, Section::Bypass, origin).map_err(problem)? else {
             return Ok(Self::new());
         };
         let mut config = BypassConfig::new();
         for (function, settings) in
-            section::enabled_functions(&section, "bypass", "bypass", BYPASS_FIELDS, origin)
-                .map_err(problem)?
+            section::enabled_functions(&section, Section::Bypass, origin).map_err(problem)?
         {
             let setting = |key| settings.and_then(|s| s.get(key));
             let rule = BypassRule {
@@ -111,10 +106,10 @@ impl BypassConfig {
     /// Reads the `bypass:` section of the YAML file at `path`.
     /// A relative `data:` path is taken relative to the file's directory, so a configuration
     /// and its recorded data can move together.
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, BypassError> {
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, SectionError> {
         let path = path.as_ref();
-        let text = fs::read_to_string(path)
-            .map_err(|source| BypassError::ConfigRead { path: path.to_owned(), source })?;
+        let text =
+            fs::read_to_string(path).map_err(|source| SectionError::read(Section::Bypass, path, source))?;
         let mut config = Self::from_yaml_str(&text, &path.display().to_string())?;
         // Absolute, so the head (which serves the files) does not read them relative to its own
         // working directory.
@@ -187,22 +182,5 @@ fn parse_data(function: &str, data: Option<&YamlValue>) -> Result<Option<PathBuf
             function: Some(function.to_owned()),
             message: format!("`data:` must be the path of a file, not {}", other.describe()),
         }),
-    }
-}
-
-/// Names the file in a section problem.
-fn config_error(origin: &str, problem: section::Problem) -> BypassError {
-    let origin = origin.to_owned();
-    match problem {
-        section::Problem::Parse { line, message } => BypassError::ConfigParse { origin, line, message },
-        section::Problem::Shape { function, message } => {
-            BypassError::ConfigShape { origin, function, message }
-        }
-        section::Problem::InvalidTagPattern { function, pattern, source } => {
-            BypassError::InvalidTagPattern { origin, function, pattern, source }
-        }
-        section::Problem::UnknownField { function, field, line, suggestion, known } => {
-            BypassError::UnknownField { origin, line, function, field, suggestion, known }
-        }
     }
 }

@@ -41,11 +41,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::CacheError;
 pub use chia_core::tags::{InvalidPattern, TagPatterns};
-
-/// The fields a function's settings may hold in the `cache:` section.
-pub const CACHE_FIELDS: &[&str] = &["cache", "tags"];
+use section::{Section, SectionError};
 
 /// Which functions are cached, and for which tags. Serializes as a map from function name to
 /// [`CacheRule`], with patterns as their source strings (compiled again on deserialize), so it
@@ -74,14 +71,14 @@ impl CacheConfig {
 
     /// Reads the `cache:` section of a YAML document. `origin` names the document in errors
     /// and logs: its path, or what the caller calls text that never was a file.
-    pub fn from_yaml_str(text: &str, origin: &str) -> Result<Self, CacheError> {
-        let problem = |problem| config_error(origin, problem);
-        let Some(section) = section::read_section(text, "cache", origin).map_err(problem)? else {
+    pub fn from_yaml_str(text: &str, origin: &str) -> Result<Self, SectionError> {
+        let problem = |problem: section::Problem| problem.in_section(Section::Cache, origin);
+        let Some(section) = section::read_section(text, Section::Cache, origin).map_err(problem)? else {
             return Ok(Self::new());
         };
         let mut config = CacheConfig::new();
         for (function, settings) in
-            section::enabled_functions(&section, "cache", "cache", CACHE_FIELDS, origin).map_err(problem)?
+            section::enabled_functions(&section, Section::Cache, origin).map_err(problem)?
         {
             let rule = match section::tag_patterns(function, settings.and_then(|s| s.get("tags")))
                 .map_err(problem)?
@@ -101,10 +98,10 @@ impl CacheConfig {
     }
 
     /// Reads the `cache:` section of the YAML file at `path`.
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, CacheError> {
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, SectionError> {
         let path = path.as_ref();
-        let text = fs::read_to_string(path)
-            .map_err(|source| CacheError::ConfigRead { path: path.to_owned(), source })?;
+        let text =
+            fs::read_to_string(path).map_err(|source| SectionError::read(Section::Cache, path, source))?;
         Self::from_yaml_str(&text, &path.display().to_string())
     }
 
@@ -145,23 +142,6 @@ impl CacheRule {
             (CacheRule::All, _) => true,
             (CacheRule::Tags(_), None) => false,
             (CacheRule::Tags(patterns), Some(tag)) => patterns.matches(tag),
-        }
-    }
-}
-
-/// Names the file in a section problem.
-fn config_error(origin: &str, problem: section::Problem) -> CacheError {
-    let origin = origin.to_owned();
-    match problem {
-        section::Problem::Parse { line, message } => CacheError::ConfigParse { origin, line, message },
-        section::Problem::Shape { function, message } => {
-            CacheError::ConfigShape { origin, function, message }
-        }
-        section::Problem::InvalidTagPattern { function, pattern, source } => {
-            CacheError::InvalidTagPattern { origin, function, pattern, source }
-        }
-        section::Problem::UnknownField { function, field, line, suggestion, known } => {
-            CacheError::UnknownField { origin, line, function, field, suggestion, known }
         }
     }
 }

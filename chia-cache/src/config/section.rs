@@ -1,13 +1,16 @@
 //! What the `cache:` and `bypass:` sections of the shared YAML file have in common: a mapping
 //! of function names to `true`/`false`, or to settings with an on/off flag and `tags:`. Each
-//! section reads its own extra settings and turns a [`Problem`] into its own error type (which
-//! names the section).
+//! section reads its own extra settings; both report what is wrong as one [`SectionError`],
+//! which names the section, the file and (where known) the line and function.
 //!
 //! Strictness, which the original did not have: a field a section does not know, inside a
 //! function's settings, is an error naming its line and the closest known field, because a
 //! typo there (`tag:` for `tags:`, `bypas: true`) otherwise silently caches every call or
 //! turns bypass off. The top level stays open (the same file carries the loop's own
 //! settings); only a key within [`TYPO_DISTANCE`] edits of the section's name is warned about.
+
+use std::io;
+use std::path::{Path, PathBuf};
 
 use chia_core::names::closest_name;
 
@@ -19,7 +22,100 @@ use super::yaml_value::YamlValue;
 /// different words for typos (`data` is three edits from `tags`).
 pub const TYPO_DISTANCE: usize = 2;
 
-/// What is wrong with a section, before the section's error type adds the file's name.
+/// A section of the YAML file this crate and `chia-bypass` read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Section {
+    /// `cache:`: which functions' results are cached.
+    Cache,
+    /// `bypass:`: which functions are replayed instead of run.
+    Bypass,
+}
+
+impl Section {
+    /// The section's key in the file, which is also the on/off flag of a function's settings
+    /// (`f: {cache: true}`).
+    pub const fn key(self) -> &'static str {
+        match self {
+            Section::Cache => "cache",
+            Section::Bypass => "bypass",
+        }
+    }
+
+    /// The fields a function's settings may hold in this section, its flag first.
+    pub const fn fields(self) -> &'static [&'static str] {
+        match self {
+            Section::Cache => &["cache", "tags"],
+            Section::Bypass => &["bypass", "tags", "data"],
+        }
+    }
+}
+
+impl std::fmt::Display for Section {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.key())
+    }
+}
+
+/// Why a section (`cache:` or `bypass:`) of the YAML file could not be loaded. Every message
+/// starts with the section and the file (`bypass config loop.yaml, line 4: ...`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SectionError {
+    /// The file could not be read.
+    #[error("cannot read {section} config {path}: {source}")]
+    Read { section: Section, path: PathBuf, source: io::Error },
+
+    /// The file is not YAML, or its top level is not a mapping. `message` (the YAML parser's)
+    /// shows the line and column with a snippet; `line` repeats the line for code.
+    #[error("{section} config {origin} cannot be parsed: {message}")]
+    Parse { section: Section, origin: String, line: Option<u64>, message: String },
+
+    /// The section parses but a value has a type the section does not allow.
+    #[error("{section} config {origin}: {}{message}", function_prefix(function.as_deref()))]
+    Shape { section: Section, origin: String, function: Option<String>, message: String },
+
+    /// A `tags:` pattern is not a valid regular expression (Rust `regex` syntax).
+    #[error(
+        "{section} config {origin}: function {function:?} has an invalid tag pattern {pattern:?}: {source}"
+    )]
+    InvalidTagPattern {
+        section: Section,
+        origin: String,
+        function: String,
+        pattern: String,
+        source: regex::Error,
+    },
+
+    /// A function's settings hold a field the section does not know (a typo, most likely);
+    /// `suggestion` is the closest known field, if one is near.
+    #[error(
+        "{section} config {origin}{}: function {function:?}: unknown field `{field}:`{}",
+        at_line(*line),
+        unknown_field_hint(*suggestion, section.fields())
+    )]
+    UnknownField {
+        section: Section,
+        origin: String,
+        line: Option<u64>,
+        function: String,
+        field: String,
+        suggestion: Option<&'static str>,
+    },
+}
+
+impl SectionError {
+    /// The section's file at `path` could not be read.
+    pub fn read(section: Section, path: &Path, source: io::Error) -> SectionError {
+        SectionError::Read { section, path: path.to_owned(), source }
+    }
+}
+
+fn function_prefix(function: Option<&str>) -> String {
+    function.map(|function| format!("function {function:?}: ")).unwrap_or_default()
+}
+
+/// What is wrong with a section, before [`Problem::in_section`] adds the section's and the
+/// file's names.
 #[derive(Debug)]
 pub enum Problem {
     /// Not YAML, or a top level that is not a mapping.
@@ -35,8 +131,26 @@ pub enum Problem {
         line: Option<u64>,
         /// The known field closest to `field`, if one is within [`TYPO_DISTANCE`] edits.
         suggestion: Option<&'static str>,
-        known: &'static [&'static str],
     },
+}
+
+impl Problem {
+    /// The error this problem is in `section` of the file `origin`.
+    pub fn in_section(self, section: Section, origin: &str) -> SectionError {
+        let origin = origin.to_owned();
+        match self {
+            Problem::Parse { line, message } => SectionError::Parse { section, origin, line, message },
+            Problem::Shape { function, message } => {
+                SectionError::Shape { section, origin, function, message }
+            }
+            Problem::InvalidTagPattern { function, pattern, source } => {
+                SectionError::InvalidTagPattern { section, origin, function, pattern, source }
+            }
+            Problem::UnknownField { function, field, line, suggestion } => {
+                SectionError::UnknownField { section, origin, line, function, field, suggestion }
+            }
+        }
+    }
 }
 
 /// A top-level key that looks like a misspelt section name (`bypas:` for `bypass:`).
@@ -46,13 +160,13 @@ pub struct SectionTypo {
     pub found: String,
     pub line: Option<u64>,
     /// The section it is probably meant to be.
-    pub section: &'static str,
+    pub section: Section,
 }
 
-/// The section `key` of a YAML document; `None` when it is absent or empty. Other sections are
-/// skipped, with a warning for those that look like a misspelling of `key`. `origin` names the
+/// The `section` of a YAML document; `None` when it is absent or empty. Other sections are
+/// skipped, with a warning for those that look like a misspelling of its key. `origin` names the
 /// document in the parser's message (its snippet header) and in the warnings.
-pub fn read_section(text: &str, key: &'static str, origin: &str) -> Result<Option<YamlValue>, Problem> {
+pub fn read_section(text: &str, section: Section, origin: &str) -> Result<Option<YamlValue>, Problem> {
     let document: Option<YamlValue> = serde_saphyr::from_str(text).map_err(|error| Problem::Parse {
         line: error.location().map(|location| location.line()),
         // Rendered with the document's name: the default header says `<input>`.
@@ -61,7 +175,7 @@ pub fn read_section(text: &str, key: &'static str, origin: &str) -> Result<Optio
     match document {
         None | Some(YamlValue::Null) => Ok(None),
         Some(top @ YamlValue::Mapping(_)) => {
-            for typo in section_typos(&top, key) {
+            for typo in section_typos(&top, section) {
                 tracing::warn!(
                     origin,
                     line = typo.line,
@@ -71,7 +185,7 @@ pub fn read_section(text: &str, key: &'static str, origin: &str) -> Result<Optio
                     typo.section
                 );
             }
-            Ok(top.get(key).filter(|s| **s != YamlValue::Null).cloned())
+            Ok(top.get(section.key()).filter(|s| **s != YamlValue::Null).cloned())
         }
         Some(other) => Err(Problem::Parse {
             line: None,
@@ -82,30 +196,29 @@ pub fn read_section(text: &str, key: &'static str, origin: &str) -> Result<Optio
 
 /// The top-level keys of `document` that are not `section` but within [`TYPO_DISTANCE`] edits
 /// of it, in document order.
-pub fn section_typos(document: &YamlValue, section: &'static str) -> Vec<SectionTypo> {
+pub fn section_typos(document: &YamlValue, section: Section) -> Vec<SectionTypo> {
     let YamlValue::Mapping(entries) = document else { return Vec::new() };
     entries
         .iter()
         .filter_map(|entry| {
             let found = entry.key.as_str()?;
-            let section = closest_name(found, [section], TYPO_DISTANCE)?;
+            closest_name(found, [section.key()], TYPO_DISTANCE)?;
             Some(SectionTypo { found: found.to_owned(), line: entry.line, section })
         })
         .collect()
 }
 
 /// The functions a section turns on, in file order, each with its settings mapping (`None`
-/// for the `fn: true` shorthand). `fn: false`, a mapping whose `flag` is false or absent, and
-/// specs of other types (ignored with a warning) are left out. Every settings mapping, on or
-/// off, may hold only the `fields` (the flag among them): a misspelt flag is what turns a
-/// function off by mistake.
+/// for the `fn: true` shorthand). `fn: false`, a mapping whose flag (the section's key) is
+/// false or absent, and specs of other types (ignored with a warning) are left out. Every
+/// settings mapping, on or off, may hold only the section's fields (the flag among them): a
+/// misspelt flag is what turns a function off by mistake.
 pub fn enabled_functions<'a>(
     section: &'a YamlValue,
-    key: &str,
-    flag: &str,
-    fields: &'static [&'static str],
+    key: Section,
     origin: &str,
 ) -> Result<Vec<(&'a str, Option<&'a YamlValue>)>, Problem> {
+    let (flag, fields) = (key.key(), key.fields());
     let YamlValue::Mapping(entries) = section else {
         return Err(Problem::Shape {
             function: None,
@@ -171,7 +284,6 @@ fn check_fields(
         suggestion: closest_name(&field, fields.iter().copied(), TYPO_DISTANCE),
         field,
         line: unknown.line,
-        known: fields,
     })
 }
 

@@ -3,7 +3,6 @@
 
 use proc_macro2::{Span, TokenStream as TokenStream2, TokenTree};
 use quote::{ToTokens, format_ident, quote, quote_spanned};
-use sha2::{Digest, Sha256};
 use syn::spanned::Spanned;
 use syn::{Error, FnArg, GenericArgument, Ident, Pat, PathArguments, ReturnType, Type};
 
@@ -142,9 +141,9 @@ pub(crate) fn compact(tokens: TokenStream2) -> String {
     tokens.to_string().split_whitespace().collect()
 }
 
-/// The first 16 hex digits of the SHA-256 of a signature.
+/// The hash the runtime compares signatures by: computed by `chia-core`, the one definition.
 pub(crate) fn sig_hash(signature: &str) -> String {
-    Sha256::digest(signature.as_bytes())[..8].iter().map(|b| format!("{b:02x}")).collect()
+    chia_core::signature_hash(signature)
 }
 
 /// `let __chia_argN: T = decode_arg(&__chia_cx, function, N, &args[N])?;` for each parameter,

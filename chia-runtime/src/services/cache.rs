@@ -33,8 +33,9 @@ use std::sync::{Arc, Weak};
 
 pub use chia_cache::Durability;
 /// What [`Cache::get_config`] returns: the `cache:` section, one [`CacheRule`] per function,
-/// tags as [`TagPatterns`] (whole-tag regexes); and the store's errors ([`CacheError`]).
-pub use chia_cache::{CacheConfig, CacheError, CacheRule, TagPatterns};
+/// tags as [`TagPatterns`] (whole-tag regexes); the store's errors ([`CacheError`]) and the
+/// section's ([`SectionError`]).
+pub use chia_cache::{CacheConfig, CacheError, CacheRule, SectionError, TagPatterns};
 
 /// The name the cache service is registered under (as in the original).
 pub const CACHE_SERVICE_NAME: &str = "ChiaCacheStore";
@@ -370,7 +371,7 @@ pub async fn start_cache(cx: &Context, options: CacheOptions) -> Result<Cache, E
     let CacheOptions { dir: requested_dir, size, units, yaml_path, namespace, durability } = options;
     let budget = parse_budget(size, &units).map_err(cache_error)?;
     let config = match yaml_path {
-        Some(path) => CacheConfig::from_file(&path).map_err(cache_error)?,
+        Some(path) => CacheConfig::from_file(&path).map_err(|e| Error::Config(Arc::new(e)))?,
         None => CacheConfig::default(),
     };
     let mut service_options = ServiceOptions::named(CACHE_SERVICE_NAME).detached().get_if_exists().on_head();

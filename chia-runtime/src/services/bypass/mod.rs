@@ -49,8 +49,11 @@ mod replay;
 
 /// The `bypass:` section as read ([`BypassConfig`], one [`BypassRule`] per function, tags as
 /// [`TagPatterns`]), the plan calls follow ([`BypassPlan`], whose [`Verdict`] is the decision
-/// before any condition), and how a call was dispatched ([`Decision`], [`RunReason`]).
-pub use chia_bypass::{BypassConfig, BypassPlan, BypassRule, Decision, RunReason, TagPatterns, Verdict};
+/// before any condition), how a call was dispatched ([`Decision`], [`RunReason`]), and why a
+/// section could not be loaded ([`SectionError`]).
+pub use chia_bypass::{
+    BypassConfig, BypassPlan, BypassRule, Decision, RunReason, SectionError, TagPatterns, Verdict,
+};
 pub use files::{BypassFiles, BypassFilesHandle};
 
 use crate::driver::context::{ArgInput, ArgKind, Context, ObjectRef};
@@ -269,7 +272,7 @@ impl Bypass {
     /// file) and installs it on `cx`'s job. `None` is a bypass that does nothing.
     pub async fn load(cx: &Context, yaml_path: Option<&Path>) -> Result<Bypass, Error> {
         let config = match yaml_path {
-            Some(path) => BypassConfig::from_file(path).map_err(|e| Error::Setup(e.to_string()))?,
+            Some(path) => BypassConfig::from_file(path).map_err(|e| Error::Config(Arc::new(e)))?,
             None => BypassConfig::default(),
         };
         Bypass::with_config(cx, config).await
