@@ -17,6 +17,7 @@ use crate::BypassConfig;
 /// worker decides exactly as a call made by the driver.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct BypassPlan {
+    /// The `bypass:` section the plan follows.
     pub config: BypassConfig,
     /// Function name → provider name.
     pub providers: BTreeMap<String, String>,
@@ -35,7 +36,9 @@ pub enum Verdict<'a> {
     Bypass {
         /// The registered provider; `None` means the default provider, which serves `data`.
         provider: Option<&'a str>,
+        /// The recorded file the default provider serves, from the function's `data:`.
         data: Option<&'a Path>,
+        /// The registered condition, which decides last.
         condition: Option<&'a str>,
     },
 }
@@ -50,23 +53,35 @@ pub enum RunReason {
     /// The function has `tags:` and the call's tag (if any) matches none of them.
     TagNotMatched,
     /// The condition returned false.
-    ConditionFalse { condition: String },
+    ConditionFalse {
+        /// The condition's registered name.
+        condition: String,
+    },
     /// The condition failed; running for real is always a correct answer.
-    ConditionFailed { condition: String, message: String },
+    ConditionFailed {
+        /// The condition's registered name.
+        condition: String,
+        /// Why it failed.
+        message: String,
+    },
 }
 
 /// How a call was dispatched, as a user may print it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
+    /// The call runs for real, for this reason.
     Run(RunReason),
     /// Bypassed: `provider` runs on the worker, or the default provider serves `data`.
     Bypassed {
+        /// The registered provider; `None`: the default provider.
         provider: Option<String>,
+        /// The recorded file the default provider serves.
         data: Option<String>,
     },
 }
 
 impl Decision {
+    /// Whether the call was bypassed.
     pub fn is_bypassed(&self) -> bool {
         matches!(self, Decision::Bypassed { .. })
     }
@@ -98,6 +113,7 @@ impl BypassPlan {
         }
     }
 
+    /// Whether the plan bypasses nothing (no function is `bypass: true`).
     pub fn is_empty(&self) -> bool {
         self.config.is_empty()
     }

@@ -11,30 +11,63 @@ use std::path::PathBuf;
 pub enum CacheError {
     /// The budget's size is negative, NaN or infinite.
     #[error("invalid cache size {size}: it must be a finite number >= 0")]
-    InvalidSize { size: f64 },
+    InvalidSize {
+        /// The size as given.
+        size: f64,
+    },
 
     /// The budget's units are not one of [`crate::units::UNIT_NAMES`].
     #[error("unknown units {units:?}; choose from {choices:?}")]
-    UnknownUnits { units: String, choices: Vec<&'static str> },
+    UnknownUnits {
+        /// The units as given.
+        units: String,
+        /// The units that are understood, sorted.
+        choices: Vec<&'static str>,
+    },
 
     /// `size × units` does not fit in 64 bits.
     #[error("cache size {size} {units} is more than {max} bytes", max = u64::MAX)]
-    SizeOverflow { size: f64, units: String },
+    SizeOverflow {
+        /// The size as given.
+        size: f64,
+        /// The units as given.
+        units: String,
+    },
 
     /// The cache directory cannot be created, locked or listed.
     #[error("cannot open cache directory {dir}: {source}")]
-    OpenDirectory { dir: PathBuf, source: io::Error },
+    OpenDirectory {
+        /// The cache directory.
+        dir: PathBuf,
+        /// Why the file system refused.
+        source: io::Error,
+    },
 
     /// Another [`crate::CacheStore`] (in this or another process) holds the directory.
     #[error("cache directory {dir} is already open by another cache store")]
-    DirectoryLocked { dir: PathBuf },
+    DirectoryLocked {
+        /// The cache directory.
+        dir: PathBuf,
+    },
 
     /// The tag is longer than [`crate::MAX_TAG_LEN`] bytes.
     #[error("cache tag of {len} bytes is longer than the {max}-byte limit")]
-    TagTooLong { len: usize, max: usize },
+    TagTooLong {
+        /// The tag's length in bytes.
+        len: usize,
+        /// The longest tag allowed, in bytes.
+        max: usize,
+    },
 
     /// Writing an entry failed (disk full, I/O error). Nothing partial is left behind and the
     /// store's previous contents are unchanged.
     #[error("cannot write cache entry {tag:?} to {path}: {source}")]
-    Write { tag: String, path: PathBuf, source: io::Error },
+    Write {
+        /// The entry's tag.
+        tag: String,
+        /// The file that was being written.
+        path: PathBuf,
+        /// Why the write failed.
+        source: io::Error,
+    },
 }

@@ -9,11 +9,14 @@ use std::fmt;
 /// arguments that a worker would decode as something else.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct FunctionKey {
+    /// The registered name (the function's, or `name = ".."` of its attribute).
     pub name: String,
+    /// [`signature_hash`] of its normalised signature.
     pub sig_hash: String,
 }
 
 impl FunctionKey {
+    /// The key of the function `name` with signature hash `sig_hash`.
     pub fn new(name: impl Into<String>, sig_hash: impl Into<String>) -> FunctionKey {
         FunctionKey { name: name.into(), sig_hash: sig_hash.into() }
     }

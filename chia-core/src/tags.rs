@@ -18,7 +18,9 @@ pub struct TagPatterns {
 #[derive(Debug, thiserror::Error)]
 #[error("invalid tag pattern {pattern:?}: {source}")]
 pub struct InvalidPattern {
+    /// The pattern as written.
     pub pattern: String,
+    /// The regex compiler's error.
     pub source: regex::Error,
 }
 

@@ -152,10 +152,12 @@ impl BypassConfig {
         self.functions.values().filter_map(|rule| rule.data.as_deref()).collect()
     }
 
+    /// How many functions are bypassed.
     pub fn len(&self) -> usize {
         self.functions.len()
     }
 
+    /// Whether no function is bypassed (no `bypass:` section, or an empty one).
     pub fn is_empty(&self) -> bool {
         self.functions.is_empty()
     }

@@ -126,10 +126,12 @@ impl CacheConfig {
         self.functions.iter().map(|(name, rule)| (name.as_str(), rule))
     }
 
+    /// How many functions are cached.
     pub fn len(&self) -> usize {
         self.functions.len()
     }
 
+    /// Whether no function is cached (no `cache:` section, or an empty one).
     pub fn is_empty(&self) -> bool {
         self.functions.is_empty()
     }

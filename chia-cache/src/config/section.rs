@@ -63,26 +63,56 @@ impl std::fmt::Display for Section {
 pub enum SectionError {
     /// The file could not be read.
     #[error("cannot read {section} config {path}: {source}")]
-    Read { section: Section, path: PathBuf, source: io::Error },
+    Read {
+        /// The section being loaded.
+        section: Section,
+        /// The file.
+        path: PathBuf,
+        /// Why it could not be read.
+        source: io::Error,
+    },
 
     /// The file is not YAML, or its top level is not a mapping. `message` (the YAML parser's)
     /// shows the line and column with a snippet; `line` repeats the line for code.
     #[error("{section} config {origin} cannot be parsed: {message}")]
-    Parse { section: Section, origin: String, line: Option<u64>, message: String },
+    Parse {
+        /// The section being loaded.
+        section: Section,
+        /// The file's path, or what the caller called text that never was a file.
+        origin: String,
+        /// The 1-based line of the problem, when the parser knows it.
+        line: Option<u64>,
+        /// The parser's message.
+        message: String,
+    },
 
     /// The section parses but a value has a type the section does not allow.
     #[error("{section} config {origin}: {}{message}", function_prefix(function.as_deref()))]
-    Shape { section: Section, origin: String, function: Option<String>, message: String },
+    Shape {
+        /// The section being loaded.
+        section: Section,
+        /// The file's path, or what the caller called text that never was a file.
+        origin: String,
+        /// The function whose settings are wrong; `None` when the section itself is.
+        function: Option<String>,
+        /// What is wrong.
+        message: String,
+    },
 
     /// A `tags:` pattern is not a valid regular expression (Rust `regex` syntax).
     #[error(
         "{section} config {origin}: function {function:?} has an invalid tag pattern {pattern:?}: {source}"
     )]
     InvalidTagPattern {
+        /// The section being loaded.
         section: Section,
+        /// The file's path, or what the caller called text that never was a file.
         origin: String,
+        /// The function the pattern is for.
         function: String,
+        /// The pattern as written.
         pattern: String,
+        /// The regex compiler's error.
         source: regex::Error,
     },
 
@@ -94,11 +124,17 @@ pub enum SectionError {
         unknown_field_hint(*suggestion, section.fields())
     )]
     UnknownField {
+        /// The section being loaded.
         section: Section,
+        /// The file's path, or what the caller called text that never was a file.
         origin: String,
+        /// The 1-based line of the field, when the parser knows it.
         line: Option<u64>,
+        /// The function whose settings hold the field.
         function: String,
+        /// The field as written.
         field: String,
+        /// The known field closest to `field`, if one is within [`TYPO_DISTANCE`] edits.
         suggestion: Option<&'static str>,
     },
 }
@@ -119,15 +155,35 @@ fn function_prefix(function: Option<&str>) -> String {
 #[derive(Debug)]
 pub enum Problem {
     /// Not YAML, or a top level that is not a mapping.
-    Parse { line: Option<u64>, message: String },
+    Parse {
+        /// The 1-based line, when known.
+        line: Option<u64>,
+        /// The parser's message.
+        message: String,
+    },
     /// A value of a type the section does not allow.
-    Shape { function: Option<String>, message: String },
+    Shape {
+        /// The function whose settings are wrong; `None` when the section itself is.
+        function: Option<String>,
+        /// What is wrong.
+        message: String,
+    },
     /// A `tags:` pattern that is not a valid regular expression.
-    InvalidTagPattern { function: String, pattern: String, source: regex::Error },
+    InvalidTagPattern {
+        /// The function the pattern is for.
+        function: String,
+        /// The pattern as written.
+        pattern: String,
+        /// The regex compiler's error.
+        source: regex::Error,
+    },
     /// A key in a function's settings that the section does not know.
     UnknownField {
+        /// The function whose settings hold the field.
         function: String,
+        /// The field as written.
         field: String,
+        /// The 1-based line of the field, when known.
         line: Option<u64>,
         /// The known field closest to `field`, if one is within [`TYPO_DISTANCE`] edits.
         suggestion: Option<&'static str>,
@@ -158,6 +214,7 @@ impl Problem {
 pub struct SectionTypo {
     /// The key as written.
     pub found: String,
+    /// The 1-based line of the key, when known.
     pub line: Option<u64>,
     /// The section it is probably meant to be.
     pub section: Section,

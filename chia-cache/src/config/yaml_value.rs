@@ -8,13 +8,20 @@ use std::fmt;
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_saphyr::Spanned;
 
+/// A YAML node as written, without a schema.
 #[derive(Clone, Debug, PartialEq)]
 pub enum YamlValue {
+    /// `~`, `null` or nothing.
     Null,
+    /// `true`/`false` (and the YAML 1.1 spellings PyYAML read as booleans).
     Bool(bool),
+    /// An integer.
     Int(i128),
+    /// A floating-point number.
     Float(f64),
+    /// A string, quoted or plain.
     String(String),
+    /// A list, in document order.
     Sequence(Vec<YamlValue>),
     /// Entries in document order.
     Mapping(Vec<MappingEntry>),
@@ -23,13 +30,16 @@ pub enum YamlValue {
 /// One `key: value` of a mapping.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MappingEntry {
+    /// The key (usually a string: a function or field name).
     pub key: YamlValue,
+    /// The value under the key.
     pub value: YamlValue,
     /// The 1-based line of the key in its document; `None` when the parser knew none.
     pub line: Option<u64>,
 }
 
 impl YamlValue {
+    /// The text of a string value; `None` for any other kind.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             YamlValue::String(text) => Some(text),

@@ -1,6 +1,6 @@
 //! One store per directory: two stores sharing a directory would each account only their own
 //! writes, evict each other's files behind their backs and delete each other's temporary
-//! files at open. An advisory `flock` on a lock file inside the directory makes the second
+//! files at open. An advisory lock (`flock`) on a lock file inside the directory makes the second
 //! open fail instead; the kernel releases it when the process dies, however it dies.
 
 use std::fs::File;
@@ -30,28 +30,14 @@ impl DirLock {
     }
 }
 
-#[cfg(unix)]
+/// `flock` on Linux (std's file lock), so a store of another process, even one built with an
+/// older version of this crate that called `flock` itself, holds the same lock.
 fn lock_exclusive(file: &File, dir: &Path) -> Result<(), CacheError> {
-    use std::io;
-    use std::os::fd::AsRawFd;
-
-    loop {
-        // SAFETY: `file` owns a valid open descriptor for the duration of the call.
-        let status = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if status == 0 {
-            return Ok(());
-        }
-        let error = io::Error::last_os_error();
-        match error.kind() {
-            io::ErrorKind::Interrupted => continue,
-            io::ErrorKind::WouldBlock => return Err(CacheError::DirectoryLocked { dir: dir.to_owned() }),
-            _ => return Err(CacheError::OpenDirectory { dir: dir.to_owned(), source: error }),
+    match file.try_lock() {
+        Ok(()) => Ok(()),
+        Err(std::fs::TryLockError::WouldBlock) => Err(CacheError::DirectoryLocked { dir: dir.to_owned() }),
+        Err(std::fs::TryLockError::Error(source)) => {
+            Err(CacheError::OpenDirectory { dir: dir.to_owned(), source })
         }
     }
-}
-
-/// Elsewhere the directory is not locked; one store per directory is then the caller's duty.
-#[cfg(not(unix))]
-fn lock_exclusive(_file: &File, _dir: &Path) -> Result<(), CacheError> {
-    Ok(())
 }

@@ -33,8 +33,12 @@ pub use options::{Durability, StoreOptions};
 /// among them: the caller asked for those.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StoreStats {
+    /// Entries held.
     pub entries: u64,
+    /// Bytes of the entries' files together.
     pub bytes: u64,
+    /// Entries evicted (least recently used first) to make room for new ones since the store
+    /// opened.
     pub evicted_for_room: u64,
 }
 
@@ -324,6 +328,7 @@ impl CacheStore {
         self.lock_index().len()
     }
 
+    /// Whether the store holds no entry.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -344,10 +349,12 @@ impl CacheStore {
         self.budget
     }
 
+    /// The directory the entries' files are in.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
+    /// The fsync policy the store was opened with.
     pub fn durability(&self) -> Durability {
         self.options.durability
     }

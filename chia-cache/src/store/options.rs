@@ -27,10 +27,12 @@ pub enum Durability {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct StoreOptions {
+    /// How far each write is synced to disk before it counts as done (default `Full`).
     pub durability: Durability,
 }
 
 impl StoreOptions {
+    /// These options with `durability` instead.
     pub fn with_durability(mut self, durability: Durability) -> Self {
         self.durability = durability;
         self

@@ -65,6 +65,7 @@ fn check_under_file_size_limit(dir: &Path) {
     assert!(store.write("after", b"the store still works").expect("write after the failure"));
 }
 
+#[allow(unsafe_code)]
 fn lower_file_size_limit(bytes: u64) {
     let limit = libc::rlimit { rlim_cur: bytes as libc::rlim_t, rlim_max: bytes as libc::rlim_t };
     // SAFETY: plain system calls with valid arguments. Ignoring SIGXFSZ turns "killed for

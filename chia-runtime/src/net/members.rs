@@ -569,14 +569,9 @@ impl StateLock {
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let file = options.open(&path).map_err(|source| MemberError::Io { path: path.clone(), source })?;
-        #[cfg(unix)]
-        {
-            use std::os::fd::AsRawFd;
-            // SAFETY: flock on a descriptor this function owns; no memory is involved.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-                return Err(MemberError::Io { path, source: std::io::Error::last_os_error() });
-            }
-        }
+        // std's lock is `flock` on Linux: a command of an older build, which called `flock`
+        // itself, takes the same lock.
+        file.lock().map_err(|source| MemberError::Io { path, source })?;
         Ok(StateLock { _file: file })
     }
 }
