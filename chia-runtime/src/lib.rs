@@ -71,7 +71,7 @@ pub mod api {
 pub use chia_head_core::scheduler;
 pub use driver::{client, contain, inspect, process, registry};
 pub use net::{members, tls, transport};
-pub use services::{bypass, cache, service};
+pub use services::{bypass, cache, kv, service};
 
 pub use api::{ArgInput, Call, Context, IntoArg, ObjectRef, get, wait};
 /// The plain data types (ids, resources, wire protocol) this runtime is built on.
