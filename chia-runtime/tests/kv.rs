@@ -96,7 +96,9 @@ async fn drivers_racing_to_use_the_store_first_share_one() {
         )
     })
     .await;
-    (a.unwrap(), b.unwrap(), c.unwrap());
+    for result in [a, b, c] {
+        result.unwrap();
+    }
     for cx in [&first, &second, &third] {
         assert_eq!(kv::keys(cx, "racer/").await.unwrap(), ["racer/1", "racer/2", "racer/3"]);
     }

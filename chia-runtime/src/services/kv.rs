@@ -383,8 +383,8 @@ mod store {
     pub struct Contents {
         /// The version the next change gets; versions only grow, across restarts too (they
         /// start from the time in microseconds).
-        next_version: u64,
-        entries: BTreeMap<String, Entry>,
+        pub(super) next_version: u64,
+        pub(super) entries: BTreeMap<String, Entry>,
     }
 
     impl Contents {
@@ -561,10 +561,10 @@ mod store {
     }
 
     /// One of the [`MAX_WATCHES`] places for a waiting watch call, given back when dropped.
-    struct WatchSlot<'a>(&'a AtomicUsize);
+    pub struct WatchSlot<'a>(&'a AtomicUsize);
 
     impl<'a> WatchSlot<'a> {
-        fn take(count: &'a AtomicUsize) -> Option<WatchSlot<'a>> {
+        pub fn take(count: &'a AtomicUsize) -> Option<WatchSlot<'a>> {
             let taken = count
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_WATCHES).then_some(n + 1));
             taken.ok().map(|_| WatchSlot(count))
@@ -637,7 +637,7 @@ mod store {
 
 #[cfg(test)]
 mod tests {
-    use super::store::{Contents, Entry, decode_image, encode_image};
+    use super::store::{Contents, Entry, WatchSlot, decode_image, encode_image};
     use super::*;
 
     fn entry(value: &[u8], version: u64) -> Entry {
@@ -656,6 +656,16 @@ mod tests {
             let error = check_key(&key).unwrap_err().to_string();
             assert!(error.contains(reason), "{key:?}: {error}");
         }
+    }
+
+    #[test]
+    fn at_most_so_many_watches_wait_and_each_gives_its_place_back() {
+        let count = AtomicUsize::new(0);
+        let slots: Vec<_> = (0..MAX_WATCHES).map(|_| WatchSlot::take(&count).unwrap()).collect();
+        assert!(WatchSlot::take(&count).is_none());
+        drop(slots);
+        assert_eq!(count.load(Ordering::Acquire), 0);
+        assert!(WatchSlot::take(&count).is_some());
     }
 
     #[test]
