@@ -53,6 +53,55 @@ pub enum Error {
         function: Option<String>,
         job: Option<SessionId>,
     },
+    /// The key/value store (`chia::kv`) refused a key or value, or cannot use its file.
+    #[error(transparent)]
+    Kv(#[from] KvError),
+}
+
+/// What the key/value store ([`chia::kv`](crate::kv)) refuses or cannot do. Keys and paths are
+/// named; a key is shown escaped, and cut after 80 characters.
+///
+/// It travels from the store's service to the caller as a value, so it is serializable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub enum KvError {
+    /// The key is empty, too long or holds a control character.
+    #[error("kv key {} is not valid: {reason}", shown_key(.key))]
+    BadKey { key: String, reason: String },
+    /// The encoded value is larger than a value may be.
+    #[error("the value for kv key {} is {bytes} bytes encoded; a value may have at most {limit}", shown_key(.key))]
+    ValueTooLarge { key: String, bytes: u64, limit: u64 },
+    /// Storing the value would take the store past its bound on keys or bytes.
+    #[error("the kv store is full, so {} was not set: {reason}", shown_key(.key))]
+    StoreFull { key: String, reason: String },
+    /// The stored value is not of the type asked for.
+    #[error("kv key {} does not hold a {expected}: {message}", shown_key(.key))]
+    WrongType { key: String, expected: String, message: String },
+    /// The value could not be encoded (its `Serialize` failed).
+    #[error("the value for kv key {} (a {type_name}) could not be encoded: {message}", shown_key(.key))]
+    Encode { key: String, type_name: String, message: String },
+    /// The change could not be saved to the store's file on the head, so it was not made.
+    #[error("cannot save the kv store to {path} on the head: {message}; the change was not made")]
+    Persist { path: String, message: String },
+    /// The store's file on the head cannot be read or is damaged: the store does not start
+    /// rather than start empty and lose what the file holds.
+    #[error(
+        "the kv store file {path} on the head cannot be used: {message}. Nothing was changed; restore the \
+         file, or move it away to start with an empty store"
+    )]
+    Unreadable { path: String, message: String },
+    /// More watches are waiting on the store than it lets wait at once.
+    #[error("{limit} kv watches are waiting already, the most the store lets wait at once")]
+    TooManyWatches { limit: usize },
+}
+
+/// A key as an error shows it: escaped (a control character is visible), at most 80 characters.
+fn shown_key(key: &str) -> String {
+    const SHOWN: usize = 80;
+    match key.char_indices().nth(SHOWN) {
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &key[..cut], key.len()),
+        None => format!("{key:?}"),
+    }
 }
 
 /// Where a refused `Bypass` was created, as the error says it.

@@ -26,7 +26,8 @@
 //! Stateful services (`#[chia::service]` on an `impl` block, started with [`ServiceOptions`]
 //! and resolved by name through the head) are described in [`mod@service`].
 //! The result cache is [`mod@cache`]; replaying recorded or cached results instead of running
-//! a function (`bypass:`) is [`mod@bypass`].
+//! a function (`bypass:`) is [`mod@bypass`]; settings shared while a loop runs, the
+//! cluster's key/value store, are [`mod@kv`].
 //!
 //! The I/O-free parts live in `chia-head-core` (the head's state machine, [`scheduler`]
 //! included) and in `chia-core` (ids, resources, wire protocol).
@@ -71,7 +72,7 @@ pub mod api {
 pub use chia_head_core::scheduler;
 pub use driver::{client, contain, inspect, process, registry};
 pub use net::{members, tls, transport};
-pub use services::{bypass, cache, service};
+pub use services::{bypass, cache, kv, service};
 
 pub use api::{ArgInput, Call, Context, IntoArg, ObjectRef, get, wait};
 /// The plain data types (ids, resources, wire protocol) this runtime is built on.

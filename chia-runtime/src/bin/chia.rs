@@ -9,14 +9,14 @@ use chia_core::{SessionId, TaskId};
 use chia_runtime::client::Client;
 use chia_runtime::local::{default_state_dir, env};
 use chia_runtime::tls::ClusterCredentials;
-use chia_runtime::{Context, inspect};
+use chia_runtime::{Context, inspect, kv};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 /// See what a chia cluster runs: its nodes and what they have free, the tasks queued, running
-/// and ended, why a task does not run, and cancel tasks. Joins the cluster named by
+/// and ended, why a task does not run, and cancel tasks; read and change its key/value store. Joins the cluster named by
 /// --cluster-file (or CHIA_CLUSTER_FILE; else the cluster.yaml in the head's default state
 /// directory) as a member.
 #[derive(Parser, Debug)]
@@ -69,6 +69,34 @@ enum Command {
         #[command(subcommand)]
         what: JobCommand,
     },
+    /// The cluster's key/value store (`chia::kv`): settings a running loop reads. Values are
+    /// shown and given as JSON.
+    Kv {
+        #[command(subcommand)]
+        what: KvCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KvCommand {
+    /// Print the value under KEY as JSON (exit status 1 when it holds none).
+    Get { key: String },
+    /// Store VALUE, read as JSON, under KEY: `4` is an integer, `"warmup"` (quoted, so
+    /// `'"warmup"'` in a shell) a string, `{"lr": 0.1}` a map.
+    Set {
+        key: String,
+        #[arg(value_parser = parse_json)]
+        value: serde_json::Value,
+    },
+    /// Keys starting with PREFIX (all without one) and their values.
+    List { prefix: Option<String> },
+    /// Remove KEY (exit status 1 when it held nothing).
+    Delete { key: String },
+}
+
+fn parse_json(text: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str(text)
+        .map_err(|e| format!("not JSON ({e}); a string is written in quotes, as '\"{text}\"' in a shell"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -302,6 +330,7 @@ async fn execute(cx: &Context, command: &Command, json: bool) -> Result<ExitCode
                 }
             }
         }
+        Command::Kv { what } => return kv_command(cx, what, json).await,
         Command::Cancel(args) => {
             let target = match (args.task, args.job) {
                 (Some(task), _) => CancelTarget::Task(task),
@@ -347,6 +376,133 @@ async fn execute(cx: &Context, command: &Command, json: bool) -> Result<ExitCode
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn kv_command(cx: &Context, command: &KvCommand, json: bool) -> Result<ExitCode, String> {
+    let failed = |e: chia_runtime::Error| e.to_string();
+    match command {
+        KvCommand::Get { key } => match kv::get::<Shown>(cx, key).await.map_err(failed)? {
+            Some(Shown(value)) => print_json(&value)?,
+            None => {
+                eprintln!("no value under {key:?}");
+                return Ok(ExitCode::FAILURE);
+            }
+        },
+        KvCommand::Set { key, value } => {
+            kv::set(cx, key, value).await.map_err(failed)?;
+            if json {
+                print_json(&serde_json::json!({ "key": key, "value": value }))?
+            } else {
+                println!("{key} = {value}");
+            }
+        }
+        KvCommand::List { prefix } => {
+            let entries = kv::entries::<Shown>(cx, prefix.as_deref().unwrap_or("")).await.map_err(failed)?;
+            if json {
+                let map: serde_json::Map<String, serde_json::Value> =
+                    entries.into_iter().map(|(key, Shown(value))| (key, value)).collect();
+                print_json(&map)?
+            } else {
+                let rows: Vec<Vec<String>> =
+                    entries.into_iter().map(|(key, Shown(value))| vec![key, value.to_string()]).collect();
+                table(&["KEY", "VALUE"], &rows);
+            }
+        }
+        KvCommand::Delete { key } => {
+            let deleted = kv::delete(cx, key).await.map_err(failed)?;
+            if json {
+                print_json(&serde_json::json!({ "key": key, "deleted": deleted }))?
+            } else if deleted {
+                println!("deleted {key}");
+            }
+            if !deleted {
+                eprintln!("no value under {key:?}");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Any stored value in its JSON form: what MessagePack has and JSON lacks is shown as JSON
+/// can (binary as an array of byte values, a map key that is not text as its JSON text, a
+/// float that is not finite as its name).
+struct Shown(serde_json::Value);
+
+impl<'de> serde::Deserialize<'de> for Shown {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Shown, D::Error> {
+        deserializer.deserialize_any(ShownVisitor).map(Shown)
+    }
+}
+
+struct ShownVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ShownVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or_else(|| v.to_string().into(), serde_json::Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_bytes<E>(self, v: &[u8]) -> Result<Self::Value, E> {
+        Ok(v.iter().map(|&b| serde_json::Value::from(b)).collect())
+    }
+
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(ShownVisitor)
+    }
+
+    fn visit_newtype_struct<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(ShownVisitor)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Shown(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(items.into())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some((Shown(key), Shown(value))) = map.next_entry()? {
+            let key = match key {
+                serde_json::Value::String(text) => text,
+                other => other.to_string(),
+            };
+            object.insert(key, value);
+        }
+        Ok(object.into())
+    }
 }
 
 /// `1.2s`, `3m04s`, `2h05m`: an age read at a glance.
@@ -628,5 +784,37 @@ fn print_explanation(explanation: &Explanation) {
             Reason::FitsNow { node } => format!("{node} has room for it now: it should be placed at once"),
         };
         println!("  - {text}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Shown;
+    use serde::Serialize;
+    use std::collections::BTreeMap;
+
+    fn shown(value: &impl Serialize) -> serde_json::Value {
+        rmp_serde::from_slice::<Shown>(&rmp_serde::to_vec_named(value).unwrap()).unwrap().0
+    }
+
+    #[test]
+    fn stored_values_show_as_json() {
+        #[derive(Serialize)]
+        struct Knobs {
+            parallel: u32,
+            stage: &'static str,
+            rate: f64,
+            skip: Option<Vec<i8>>,
+        }
+        let knobs = Knobs { parallel: 4, stage: "warmup", rate: 0.5, skip: Some(vec![-1, 2]) };
+        assert_eq!(
+            shown(&knobs),
+            serde_json::json!({ "parallel": 4, "stage": "warmup", "rate": 0.5, "skip": [-1, 2] })
+        );
+        assert_eq!(shown(&serde_bytes::ByteBuf::from(vec![1u8, 255])), serde_json::json!([1, 255]));
+        assert_eq!(shown(&BTreeMap::from([(3u8, "x")])), serde_json::json!({ "3": "x" }));
+        assert_eq!(shown(&f64::NAN), serde_json::json!("NaN"));
+        let json = serde_json::json!({ "a": [1, -2, 3.5, true, null, "s"] });
+        assert_eq!(shown(&json), json, "what `chia kv set` stores shows as it was given");
     }
 }

@@ -309,9 +309,10 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     builder.create(dir)
 }
 
-/// Writes `text` to `path` with mode 0600, atomically (temp file + rename), so a reader never
-/// sees half a file.
-pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+/// Writes `contents` (text or bytes) to `path` with mode 0600, atomically and durably (temp
+/// file, fsync, rename, fsync of the directory), so a reader never sees half a file and a
+/// crash leaves the old contents or the new ones.
+pub fn write_private(path: &Path, contents: impl AsRef<[u8]>) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
@@ -320,10 +321,11 @@ pub fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o600))?;
     }
-    tmp.write_all(text.as_bytes())?;
+    tmp.write_all(contents.as_ref())?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
+    // The rename is durable only once the directory is.
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn transport_config() -> quinn::TransportConfig {
