@@ -69,7 +69,7 @@ pub mod api {
 }
 /// The head's placement state machine (re-exported from `chia-head-core`).
 pub use chia_head_core::scheduler;
-pub use driver::{client, contain, inspect, process, registry};
+pub use driver::{client, contain, hooks, inspect, process, registry};
 pub use net::{members, tls, transport};
 pub use services::{bypass, cache, service};
 
@@ -97,4 +97,10 @@ pub mod __private {
     pub use chia_core::TaskError;
     pub use chia_core::protocol::{ArgValue, Value};
     pub use inventory;
+    /// What a `setup =` / `cleanup =` hook's wrapper needs.
+    pub mod hooks {
+        pub use crate::driver::hooks::{
+            AsFuture, AsValue, AsyncHook, CleanupHook, HookReturn, Returned, SetupHook, SyncHook,
+        };
+    }
 }

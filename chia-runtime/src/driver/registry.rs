@@ -4,6 +4,7 @@
 //! announces all of them when it joins, and runs them by name.
 
 use crate::driver::context::Context;
+use crate::driver::hooks::{CleanupHook, SetupHook};
 pub use crate::util::panic_message;
 use chia_core::protocol::{ArgValue, Value};
 use chia_core::{FunctionKey, ResourceAmount, Resources, TaskError};
@@ -41,6 +42,10 @@ pub struct FunctionSpec {
     pub timeout: Option<std::time::Duration>,
     pub arg_count: usize,
     pub invoke: Invoke,
+    /// Runs on the worker before every attempt (`setup = path`); see [`hooks`](crate::hooks).
+    pub setup: Option<SetupHook>,
+    /// Runs on the worker after every attempt whose setup succeeded (`cleanup = path`).
+    pub cleanup: Option<CleanupHook>,
 }
 
 inventory::collect!(FunctionSpec);

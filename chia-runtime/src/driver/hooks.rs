@@ -1,0 +1,237 @@
+//! Setup and cleanup hooks around a remote function's attempts (the original CHIA's
+//! `_chia_setup` / `_chia_cleanup`), declared on the function:
+//!
+//! ```
+//! # extern crate chia_runtime as chia;
+//! use chia::hooks::{Attempt, Ended};
+//!
+//! fn scratch(attempt: &Attempt) -> std::path::PathBuf {
+//!     std::env::temp_dir().join(format!("scratch-{}-{}", attempt.task(), attempt.number()))
+//! }
+//!
+//! /// Runs on the worker before every attempt of `simulate`.
+//! fn prepare_tools(attempt: &Attempt) -> std::io::Result<()> {
+//!     std::fs::create_dir_all(scratch(attempt))
+//! }
+//!
+//! /// Runs on the worker after every attempt whose setup succeeded, however it ended.
+//! async fn remove_scratch(attempt: &Attempt, ended: &Ended) -> std::io::Result<()> {
+//!     if let Ended::Failed(error) = ended {
+//!         eprintln!("{} attempt {} failed: {error}", attempt.function(), attempt.number());
+//!     }
+//!     tokio::fs::remove_dir_all(scratch(attempt)).await
+//! }
+//!
+//! #[chia::function(setup = prepare_tools, cleanup = remove_scratch)]
+//! fn simulate(cx: &chia::Context, design: String) -> String {
+//!     // The task id names the attempt's scratch directory here too.
+//!     let _task = cx.current_task();
+//!     design
+//! }
+//! # fn main() {}
+//! ```
+//!
+//! What a user can rely on:
+//!
+//! - **Order.** On the worker, for every attempt (a retry is a new attempt, with its own
+//!   setup and cleanup): `setup` → the function → `cleanup`, one after the other, in the
+//!   attempt's task context (what they start with [`Context::spawn`] is the task's, and is
+//!   killed after the cleanup at the latest; nested calls belong to the task's job).
+//! - **Cleanup runs if and only if setup succeeded** (Python's `try`/`finally` placed after
+//!   the setup): after a value, an `Err`, a panic, a cancellation ([`ObjectRef::cancel`] and
+//!   [`ObjectRef::force_cancel`] alike — force kills the task's child processes, not the
+//!   worker) and a timeout. It learns how the attempt ended ([`Ended`]). The caller hears the
+//!   attempt's outcome only after its cleanup has returned.
+//! - **A failing setup** (an `Err`) skips the function and the cleanup and fails the attempt
+//!   with [`TaskError::SetupFailed`], naming the hook and the function; with
+//!   `retry_exceptions` it runs again like an `Err` of the function. A setup that panics
+//!   fails it with [`TaskError::Panic`] (not retried, like a panicking function).
+//! - **A failing cleanup** (an `Err` or a panic) is logged as a warning (with the task, the
+//!   attempt, the function and the hook) and changes nothing: the attempt's value or error
+//!   stands, as in the original.
+//! - **Timeouts.** `timeout_s` covers the setup and the function. A cleanup is not cut short
+//!   by the function's timeout, but an async cleanup (or any cleanup of an async function)
+//!   that runs longer than the timeout again is dropped, with a warning; a sync one on a sync
+//!   function's thread cannot be stopped from outside, like the function itself. Without a
+//!   timeout, a cleanup takes as long as it takes, and holds its attempt meanwhile.
+//! - **When hooks do not run**: a bypassed call (what replaces it never runs the function),
+//!   and an attempt whose worker process dies (killed, crashed, lost power): hooks are for
+//!   tidying up the worker, not for state that must survive a crash. An async function that
+//!   ignores its timeout is dropped after the grace period and its cleanup still runs; a
+//!   sync function that never returns never gets to its cleanup.
+//!
+//! Hooks may be sync or `async`, and return `()` or `Result<(), E>` with `E: Display`. A sync
+//! hook of an `async` function runs on the async runtime's thread: keep it short, or make it
+//! `async`. A hook whose path does not resolve, or whose signature is not one of these, is a
+//! compile error pointing at the path in the attribute.
+//!
+//! [`Context::spawn`]: crate::Context::spawn
+//! [`ObjectRef::cancel`]: crate::ObjectRef::cancel
+//! [`ObjectRef::force_cancel`]: crate::ObjectRef::force_cancel
+//! [`TaskError::SetupFailed`]: crate::TaskError::SetupFailed
+//! [`TaskError::Panic`]: crate::TaskError::Panic
+
+use crate::driver::context::Context;
+use crate::driver::registry::BoxFuture;
+use chia_core::{TaskError, TaskId};
+use std::future::Future;
+
+/// One attempt of a remote function, as its hooks see it.
+#[derive(Clone)]
+pub struct Attempt {
+    function: &'static str,
+    task: TaskId,
+    number: u32,
+    tag: Option<String>,
+    context: Context,
+}
+
+impl Attempt {
+    pub(crate) fn new(
+        function: &'static str,
+        task: TaskId,
+        number: u32,
+        tag: Option<String>,
+        context: Context,
+    ) -> Attempt {
+        Attempt { function, task, number, tag, context }
+    }
+
+    /// The function's registered name (its `name = "..."`, or its identifier).
+    pub fn function(&self) -> &str {
+        self.function
+    }
+
+    /// The task this attempt runs: the same for every attempt of one call, and what the
+    /// function's [`Context::current_task`] returns.
+    pub fn task(&self) -> TaskId {
+        self.task
+    }
+
+    /// Which attempt this is: 1 for the first run, 2 for the first retry, and so on.
+    pub fn number(&self) -> u32 {
+        self.number
+    }
+
+    /// The call's tag (`.tag(..)`), if it has one.
+    pub fn tag(&self) -> Option<&str> {
+        self.tag.as_deref()
+    }
+
+    /// The attempt's task context: nested calls, [`Context::spawn`] (the child is the task's),
+    /// [`Context::is_cancelled`].
+    pub fn context(&self) -> &Context {
+        &self.context
+    }
+}
+
+/// How an attempt ended, as its cleanup hook learns it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Ended {
+    /// The function returned a value.
+    Returned,
+    /// The function returned `Err` or panicked: the error as the caller sees it
+    /// ([`TaskError::Application`], [`TaskError::Panic`], ...).
+    Failed(TaskError),
+    /// The task was cancelled while it ran (whatever the function returned then): the caller
+    /// gets [`TaskError::Cancelled`].
+    Cancelled,
+    /// The attempt ran longer than its timeout and was stopped (whatever the function
+    /// returned): it fails with [`TaskError::TimedOut`] or runs again.
+    TimedOut,
+}
+
+/// A setup hook as the macro wraps it: its name, for errors and logs, and how to run it.
+#[derive(Clone, Copy)]
+pub struct SetupHook {
+    /// The path as written in the attribute, e.g. `prepare_tools` or `tools::prepare`.
+    pub name: &'static str,
+    /// Runs the hook; `Err` carries the hook's error text.
+    pub run: fn(Attempt) -> BoxFuture<Result<(), String>>,
+}
+
+/// A cleanup hook as the macro wraps it.
+#[derive(Clone, Copy)]
+pub struct CleanupHook {
+    /// The path as written in the attribute.
+    pub name: &'static str,
+    /// Runs the hook; `Err` carries the hook's error text.
+    pub run: fn(Attempt, Ended) -> BoxFuture<Result<(), String>>,
+}
+
+/// What a hook may return: `()` or `Result<(), E: Display>`.
+#[diagnostic::on_unimplemented(
+    message = "a chia hook returns `()` or `Result<(), E>` with `E: Display` (or is an `async fn` returning one), not `{Self}`",
+    label = "this hook's return type"
+)]
+pub trait HookReturn {
+    /// The hook's error, as text (with its whole `Display` chain).
+    fn into_hook_result(self) -> Result<(), String>;
+}
+
+impl HookReturn for () {
+    fn into_hook_result(self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl<E: std::fmt::Display> HookReturn for Result<(), E> {
+    fn into_hook_result(self) -> Result<(), String> {
+        self.map_err(|error| format!("{error:#}"))
+    }
+}
+
+/// What a hook call returned, before the macro-generated code knows whether it is a future
+/// (an `async` hook) or a value (a sync one): method resolution tells them apart, preferring
+/// [`AsyncHook`] (autoref specialisation, on the concrete type the macro sees).
+pub struct Returned<T>(pub T);
+
+/// Picks [`AsFuture`] for what an `async` hook returned.
+pub trait AsyncHook {
+    /// The way to finish this hook's run.
+    fn hook_kind(&self) -> AsFuture {
+        AsFuture
+    }
+}
+
+impl<F> AsyncHook for Returned<F>
+where
+    F: Future,
+    F::Output: HookReturn,
+{
+}
+
+/// Picks [`AsValue`] for what a sync hook returned.
+pub trait SyncHook {
+    /// The way to finish this hook's run.
+    fn hook_kind(&self) -> AsValue {
+        AsValue
+    }
+}
+
+impl<R: HookReturn> SyncHook for &Returned<R> {}
+
+/// Awaits an `async` hook's future.
+pub struct AsFuture;
+
+impl AsFuture {
+    /// Awaits the hook's future and turns its output into the hook's result.
+    pub async fn finish<F>(self, returned: Returned<F>) -> Result<(), String>
+    where
+        F: Future,
+        F::Output: HookReturn,
+    {
+        returned.0.await.into_hook_result()
+    }
+}
+
+/// Takes a sync hook's value.
+pub struct AsValue;
+
+impl AsValue {
+    /// Turns the hook's value into its result.
+    pub async fn finish<R: HookReturn>(self, returned: Returned<R>) -> Result<(), String> {
+        returned.0.into_hook_result()
+    }
+}
