@@ -99,8 +99,9 @@ pub mod __private {
     pub use inventory;
     /// What a `setup =` / `cleanup =` hook's wrapper needs.
     pub mod hooks {
-        pub use crate::driver::hooks::{
-            AsFuture, AsValue, AsyncHook, CleanupHook, HookReturn, Returned, SetupHook, SyncHook,
+        pub use crate::driver::hooks::wrap::{
+            AsFuture, AsValue, AsyncHook, HookReturn, NotAHook, Returned, SyncHook,
         };
+        pub use crate::driver::registry::{CleanupHook, SetupHook};
     }
 }

@@ -168,7 +168,10 @@ fn waits_on_a_child(cx: &Context, log: String) -> Result<String, std::io::Error>
     append(Path::new(&log), &format!("body child {}", child.id()));
     started(&log).notify_one();
     let status = child.wait()?;
-    append(Path::new(&log), &format!("body child ended by signal {:?}", std::os::unix::process::ExitStatusExt::signal(&status)));
+    append(
+        Path::new(&log),
+        &format!("body child ended by signal {:?}", std::os::unix::process::ExitStatusExt::signal(&status)),
+    );
     Ok("the child ended".to_string())
 }
 

@@ -15,8 +15,9 @@
 //!   the context parameter left out), the first 16 hex digits of its SHA-256, fixed-point
 //!   resources (1.0 = 10,000, parsed from the literal's text at compile time), `num_cpus`,
 //!   `max_retries`, `retry_exceptions`, the `timeout` (`timeout_s` as a `Duration`, exact to the
-//!   millisecond), the argument count and the invoker. A copy is submitted to `inventory`, so a
-//!   worker finds every function linked into its binary by name.
+//!   millisecond), the argument count, the invoker and the `setup` / `cleanup` hooks (each its
+//!   path's text and a wrapper, or `None`). A copy is submitted to `inventory`, so a worker
+//!   finds every function linked into its binary by name.
 //! - `call(args..) -> Call<T>`, `remote(cx, args..) -> ObjectRef<T>` and
 //!   `remote_blocking(cx, args..) -> Result<T, ::chia::Error>`, where each argument is
 //!   `impl IntoArg<ParamType>` and `T` is the value type: the return type, `()` when there is
@@ -24,6 +25,13 @@
 //! - `__invoke`, which checks the argument count, decodes each argument, calls the function
 //!   (passing the worker's context first when the function declares a `Context` or `&Context`
 //!   first parameter), awaits it when it is `async`, and encodes the result or the error.
+//!
+//! With `setup = path` / `cleanup = path`, a private wrapper per hook (`__chia_setup_<fn>`,
+//! `__chia_cleanup_<fn>`) is emitted next to the function, so the path resolves as it would
+//! in the function's own module. It calls `path(&attempt)` (cleanup: `path(&attempt, &ended)`)
+//! and tells by the return type whether the hook is `async` and returns `()` or a `Result`;
+//! the call carries the path's span, so a hook that does not exist or has the wrong signature
+//! is reported at the path in the attribute.
 //!
 //! Items in the module are `pub` when the function is visible outside its module, otherwise
 //! `pub(super)`. All generated code names the runtime by absolute `::chia::` paths. The
@@ -36,9 +44,9 @@ mod signature;
 use proc_macro::TokenStream;
 use proc_macro2::TokenStream as TokenStream2;
 use quote::{ToTokens, format_ident, quote, quote_spanned};
-use syn::spanned::Spanned;
 use syn::ext::IdentExt;
 use syn::parse::{Parse, ParseStream};
+use syn::spanned::Spanned;
 use syn::{Error, Ident, ItemFn, Lit, LitStr, Token, Visibility, parenthesized};
 
 use crate::signature::{
@@ -53,8 +61,30 @@ use crate::signature::{
 /// stopped by its timeout, also runs it again, within `max_retries`), `timeout_s = N` (seconds,
 /// an integer or a decimal such as `2.5`, more than 0, at most 3 decimals: a run that takes
 /// longer is cancelled with force — its processes killed — and fails with `TimedOut`; default:
-/// no limit; `.timeout(..)` / `.no_timeout()` override it per call) and
+/// no limit; `.timeout(..)` / `.no_timeout()` override it per call), `setup = path` and
+/// `cleanup = path` (hooks run on the worker around every attempt, see below) and
 /// `name = "..."` (the stable name, default the function's identifier).
+///
+/// # Setup and cleanup hooks
+///
+/// `#[chia::function(setup = prepare_tools, cleanup = remove_scratch)]` runs, on the worker,
+/// `prepare_tools` before every attempt (each retry included) and `remove_scratch` after every
+/// attempt whose setup succeeded — after a value, an `Err`, a panic, a cancellation (forced
+/// or not) and a timeout alike — before the outcome is reported. The paths name functions as
+/// they would be written in the function's module:
+///
+/// ```text
+/// fn prepare_tools(attempt: &chia::hooks::Attempt) -> Result<(), E>            // or -> ()
+/// async fn remove_scratch(attempt: &chia::hooks::Attempt, ended: &chia::hooks::Ended)   // sync or async
+/// ```
+///
+/// `Attempt` gives the function's name, the task, the attempt number (1 for the first), the
+/// call's tag and the task's `Context`; `Ended` says how the attempt ended (`Returned`,
+/// `Failed(error)`, `Cancelled`, `TimedOut`). A setup that returns `Err` skips the function and
+/// the cleanup and fails the attempt with `TaskError::SetupFailed` naming the hook and the
+/// function (retried under `retry_exceptions`, like an `Err`); one that panics fails it with
+/// `Panic`. A cleanup that fails or panics is logged and leaves the outcome alone. Bypassed
+/// calls run no hooks. The whole contract is in the runtime's `chia::hooks` module.
 #[proc_macro_attribute]
 pub fn function(attr: TokenStream, item: TokenStream) -> TokenStream {
     let item_fn = syn::parse_macro_input!(item as ItemFn);
@@ -253,7 +283,7 @@ fn hook_wrapper(path: &syn::Path, wrapper: &Ident, cleanup: bool) -> (TokenStrea
         quote_spanned!(span=> #path(&__chia_attempt))
     };
     let finish = quote_spanned! {span=>
-        (&__chia_returned).hook_kind().finish(__chia_returned).await
+        (&&&__chia_returned).hook_kind().finish(__chia_returned).await
     };
     let params = if cleanup {
         quote!(__chia_attempt: ::chia::hooks::Attempt, __chia_ended: ::chia::hooks::Ended)
@@ -266,7 +296,7 @@ fn hook_wrapper(path: &syn::Path, wrapper: &Ident, cleanup: bool) -> (TokenStrea
         fn #wrapper(#params) -> ::chia::__private::BoxFuture<::std::result::Result<(), ::std::string::String>> {
             ::std::boxed::Box::pin(async move {
                 #[allow(unused_imports)]
-                use ::chia::__private::hooks::{AsyncHook as _, SyncHook as _};
+                use ::chia::__private::hooks::{AsyncHook as _, NotAHook as _, SyncHook as _};
                 let __chia_returned = ::chia::__private::hooks::Returned(#call);
                 #finish
             })

@@ -40,8 +40,10 @@
 //! - **Cleanup runs if and only if setup succeeded** (Python's `try`/`finally` placed after
 //!   the setup): after a value, an `Err`, a panic, a cancellation ([`ObjectRef::cancel`] and
 //!   [`ObjectRef::force_cancel`] alike — force kills the task's child processes, not the
-//!   worker) and a timeout. It learns how the attempt ended ([`Ended`]). The caller hears the
-//!   attempt's outcome only after its cleanup has returned.
+//!   worker; the function itself is not stopped, it sees [`Context::is_cancelled`] and
+//!   returns, and then the cleanup runs), a timeout, and the worker losing its head (its
+//!   running attempts are cancelled). It learns how the attempt ended ([`Ended`]). The caller
+//!   hears the attempt's outcome only after its cleanup has returned.
 //! - **A failing setup** (an `Err`) skips the function and the cleanup and fails the attempt
 //!   with [`TaskError::SetupFailed`], naming the hook and the function; with
 //!   `retry_exceptions` it runs again like an `Err` of the function. A setup that panics
@@ -49,11 +51,11 @@
 //! - **A failing cleanup** (an `Err` or a panic) is logged as a warning (with the task, the
 //!   attempt, the function and the hook) and changes nothing: the attempt's value or error
 //!   stands, as in the original.
-//! - **Timeouts.** `timeout_s` covers the setup and the function. A cleanup is not cut short
-//!   by the function's timeout, but an async cleanup (or any cleanup of an async function)
-//!   that runs longer than the timeout again is dropped, with a warning; a sync one on a sync
-//!   function's thread cannot be stopped from outside, like the function itself. Without a
-//!   timeout, a cleanup takes as long as it takes, and holds its attempt meanwhile.
+//! - **Timeouts.** `timeout_s` (or `.timeout(..)`) covers the setup and the function
+//!   together. The cleanup is not counted in it, but gets the same limit again: an `async`
+//!   cleanup hook still running after it is dropped, with a warning (a sync hook runs on its
+//!   thread and cannot be stopped from outside, like a sync function). Without a timeout, a
+//!   cleanup takes as long as it takes, and holds its attempt meanwhile.
 //! - **When hooks do not run**: a bypassed call (what replaces it never runs the function),
 //!   and an attempt whose worker process dies (killed, crashed, lost power): hooks are for
 //!   tidying up the worker, not for state that must survive a crash. An async function that
@@ -66,15 +68,14 @@
 //! compile error pointing at the path in the attribute.
 //!
 //! [`Context::spawn`]: crate::Context::spawn
+//! [`Context::is_cancelled`]: crate::Context::is_cancelled
 //! [`ObjectRef::cancel`]: crate::ObjectRef::cancel
 //! [`ObjectRef::force_cancel`]: crate::ObjectRef::force_cancel
 //! [`TaskError::SetupFailed`]: crate::TaskError::SetupFailed
 //! [`TaskError::Panic`]: crate::TaskError::Panic
 
 use crate::driver::context::Context;
-use crate::driver::registry::BoxFuture;
 use chia_core::{TaskError, TaskId};
-use std::future::Future;
 
 /// One attempt of a remote function, as its hooks see it.
 #[derive(Clone)]
@@ -142,96 +143,96 @@ pub enum Ended {
     TimedOut,
 }
 
-/// A setup hook as the macro wraps it: its name, for errors and logs, and how to run it.
-#[derive(Clone, Copy)]
-pub struct SetupHook {
-    /// The path as written in the attribute, e.g. `prepare_tools` or `tools::prepare`.
-    pub name: &'static str,
-    /// Runs the hook; `Err` carries the hook's error text.
-    pub run: fn(Attempt) -> BoxFuture<Result<(), String>>,
-}
+/// What `#[chia::function]` generates to wrap a hook (reached through `chia::__private`).
+pub(crate) mod wrap {
+    use std::future::Future;
 
-/// A cleanup hook as the macro wraps it.
-#[derive(Clone, Copy)]
-pub struct CleanupHook {
-    /// The path as written in the attribute.
-    pub name: &'static str,
-    /// Runs the hook; `Err` carries the hook's error text.
-    pub run: fn(Attempt, Ended) -> BoxFuture<Result<(), String>>,
-}
-
-/// What a hook may return: `()` or `Result<(), E: Display>`.
-#[diagnostic::on_unimplemented(
-    message = "a chia hook returns `()` or `Result<(), E>` with `E: Display` (or is an `async fn` returning one), not `{Self}`",
-    label = "this hook's return type"
-)]
-pub trait HookReturn {
-    /// The hook's error, as text (with its whole `Display` chain).
-    fn into_hook_result(self) -> Result<(), String>;
-}
-
-impl HookReturn for () {
-    fn into_hook_result(self) -> Result<(), String> {
-        Ok(())
+    /// What a hook may return: `()` or `Result<(), E: Display>`.
+    #[diagnostic::on_unimplemented(
+        message = "a chia hook returns `()` or `Result<(), E>` with `E: Display` (an `async fn` hook too), not `{Self}`",
+        label = "this hook returns `{Self}`"
+    )]
+    pub trait HookReturn {
+        /// The hook's error, as text (with its whole `Display` chain).
+        fn into_hook_result(self) -> Result<(), String>;
     }
-}
 
-impl<E: std::fmt::Display> HookReturn for Result<(), E> {
-    fn into_hook_result(self) -> Result<(), String> {
-        self.map_err(|error| format!("{error:#}"))
+    impl HookReturn for () {
+        fn into_hook_result(self) -> Result<(), String> {
+            Ok(())
+        }
     }
-}
 
-/// What a hook call returned, before the macro-generated code knows whether it is a future
-/// (an `async` hook) or a value (a sync one): method resolution tells them apart, preferring
-/// [`AsyncHook`] (autoref specialisation, on the concrete type the macro sees).
-pub struct Returned<T>(pub T);
-
-/// Picks [`AsFuture`] for what an `async` hook returned.
-pub trait AsyncHook {
-    /// The way to finish this hook's run.
-    fn hook_kind(&self) -> AsFuture {
-        AsFuture
+    impl<E: std::fmt::Display> HookReturn for Result<(), E> {
+        fn into_hook_result(self) -> Result<(), String> {
+            self.map_err(|error| format!("{error:#}"))
+        }
     }
-}
 
-impl<F> AsyncHook for Returned<F>
-where
-    F: Future,
-    F::Output: HookReturn,
-{
-}
+    /// What a hook call returned, before the macro-generated code knows whether it is a future
+    /// (an `async` hook) or a value (a sync one). Method resolution on `(&&&returned).hook_kind()`
+    /// tells them apart on the concrete type the macro sees (autoref specialisation): it tries
+    /// [`AsyncHook`] first, then [`SyncHook`], then [`NotAHook`], which always applies and whose
+    /// `finish` reports the return type that is neither.
+    pub struct Returned<T>(pub T);
 
-/// Picks [`AsValue`] for what a sync hook returned.
-pub trait SyncHook {
-    /// The way to finish this hook's run.
-    fn hook_kind(&self) -> AsValue {
-        AsValue
+    /// Picks [`AsFuture`] for what an `async` hook returned.
+    pub trait AsyncHook {
+        /// The way to finish this hook's run.
+        fn hook_kind(&self) -> AsFuture {
+            AsFuture
+        }
     }
-}
 
-impl<R: HookReturn> SyncHook for &Returned<R> {}
-
-/// Awaits an `async` hook's future.
-pub struct AsFuture;
-
-impl AsFuture {
-    /// Awaits the hook's future and turns its output into the hook's result.
-    pub async fn finish<F>(self, returned: Returned<F>) -> Result<(), String>
+    impl<F> AsyncHook for &&Returned<F>
     where
         F: Future,
         F::Output: HookReturn,
     {
-        returned.0.await.into_hook_result()
     }
-}
 
-/// Takes a sync hook's value.
-pub struct AsValue;
+    /// Picks [`AsValue`] for what a sync hook returned.
+    pub trait SyncHook {
+        /// The way to finish this hook's run.
+        fn hook_kind(&self) -> AsValue {
+            AsValue
+        }
+    }
 
-impl AsValue {
-    /// Turns the hook's value into its result.
-    pub async fn finish<R: HookReturn>(self, returned: Returned<R>) -> Result<(), String> {
-        returned.0.into_hook_result()
+    impl<R: HookReturn> SyncHook for &Returned<R> {}
+
+    /// Picks [`AsValue`] for anything else, so the error is `HookReturn`'s, which says what a
+    /// hook may return.
+    pub trait NotAHook {
+        /// The way to report this hook's return type.
+        fn hook_kind(&self) -> AsValue {
+            AsValue
+        }
+    }
+
+    impl<T> NotAHook for Returned<T> {}
+
+    /// Awaits an `async` hook's future.
+    pub struct AsFuture;
+
+    impl AsFuture {
+        /// Awaits the hook's future and turns its output into the hook's result.
+        pub async fn finish<F>(self, returned: Returned<F>) -> Result<(), String>
+        where
+            F: Future,
+            F::Output: HookReturn,
+        {
+            returned.0.await.into_hook_result()
+        }
+    }
+
+    /// Takes a sync hook's value.
+    pub struct AsValue;
+
+    impl AsValue {
+        /// Turns the hook's value into its result.
+        pub async fn finish<R: HookReturn>(self, returned: Returned<R>) -> Result<(), String> {
+            returned.0.into_hook_result()
+        }
     }
 }

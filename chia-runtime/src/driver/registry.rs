@@ -4,7 +4,7 @@
 //! announces all of them when it joins, and runs them by name.
 
 use crate::driver::context::Context;
-use crate::driver::hooks::{CleanupHook, SetupHook};
+use crate::driver::hooks::{Attempt, Ended};
 pub use crate::util::panic_message;
 use chia_core::protocol::{ArgValue, Value};
 use chia_core::{FunctionKey, ResourceAmount, Resources, TaskError};
@@ -49,6 +49,24 @@ pub struct FunctionSpec {
 }
 
 inventory::collect!(FunctionSpec);
+
+/// A setup hook as the macro wraps it: its name, for errors and logs, and how to run it.
+#[derive(Clone, Copy)]
+pub struct SetupHook {
+    /// The path as written in the attribute, e.g. `prepare_tools` or `tools::prepare`.
+    pub name: &'static str,
+    /// Runs the hook; `Err` carries the hook's error text.
+    pub run: fn(Attempt) -> BoxFuture<Result<(), String>>,
+}
+
+/// A cleanup hook as the macro wraps it.
+#[derive(Clone, Copy)]
+pub struct CleanupHook {
+    /// The path as written in the attribute.
+    pub name: &'static str,
+    /// Runs the hook; `Err` carries the hook's error text.
+    pub run: fn(Attempt, Ended) -> BoxFuture<Result<(), String>>,
+}
 
 impl FunctionSpec {
     pub fn key(&self) -> FunctionKey {

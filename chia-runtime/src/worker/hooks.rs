@@ -72,7 +72,9 @@ impl Hooks {
             Ok(Ok(Ok(()))) => return,
             Ok(Ok(Err(message))) => message,
             Ok(Err(panic)) => format!("panicked: {}", panic_message(panic)),
-            Err(limit) => format!("had not returned {limit:?} (the attempt's timeout) after it started: dropped"),
+            Err(limit) => {
+                format!("had not returned {limit:?} (the attempt's timeout) after it started: dropped")
+            }
         };
         tracing::warn!(
             task = %attempt.task(),

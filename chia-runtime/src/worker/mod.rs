@@ -352,7 +352,8 @@ fn start(task_context: Context, entry: RunningEntry, lease: Lease, run: Run, spa
                 };
                 let finished = match &set_up {
                     Ok(()) => {
-                        let result = std::panic::catch_unwind(AssertUnwindSafe(|| invoke(task_context, args)));
+                        let result =
+                            std::panic::catch_unwind(AssertUnwindSafe(|| invoke(task_context, args)));
                         outcome(spec, result)
                     }
                     Err(error) => Outcome::Failed(error.clone()),

@@ -972,7 +972,11 @@ impl Scheduler {
             && task.attempts_left()
             && matches!(
                 error,
-                Some(TaskError::Application { .. } | TaskError::TimedOut { .. } | TaskError::SetupFailed { .. })
+                Some(
+                    TaskError::Application { .. }
+                        | TaskError::TimedOut { .. }
+                        | TaskError::SetupFailed { .. }
+                )
             );
         self.unlist_running(node, pos);
         if let (Some(n), Some(s)) = (self.nodes.get_mut(node), self.shapes.get(shape)) {
