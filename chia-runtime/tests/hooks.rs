@@ -1,6 +1,7 @@
 //! Setup and cleanup hooks (`#[chia::function(setup = .., cleanup = ..)]`) on a real embedded
 //! cluster: the order setup → function → cleanup on every attempt, retries included; cleanup
-//! after an `Err`, a panic, a cancellation, a force-cancellation that kills the task's
+//! after an `Err`, a panic, a cancellation (during the function, and during the setup, which
+//! skips the function), a force-cancellation that kills the task's
 //! processes, and a timeout (a sync function's and an async one dropped after the grace); a
 //! failing setup (no function, no cleanup, an error naming both, retried under
 //! `retry_exceptions`); a failing cleanup that leaves the result alone.
@@ -100,6 +101,13 @@ fn record_cleanup_sync(attempt: &Attempt, ended: &Ended) -> Result<(), String> {
     Ok(())
 }
 
+/// Waits in its setup until the task is cancelled, then succeeds.
+async fn setup_waits_for_cancel(attempt: &Attempt) {
+    record_setup(attempt);
+    started(attempt.tag().expect("tagged")).notify_one();
+    attempt.context().cancelled().await;
+}
+
 mod failing {
     use super::*;
 
@@ -173,6 +181,12 @@ fn waits_on_a_child(cx: &Context, log: String) -> Result<String, std::io::Error>
         &format!("body child ended by signal {:?}", std::os::unix::process::ExitStatusExt::signal(&status)),
     );
     Ok("the child ended".to_string())
+}
+
+#[chia::function(setup = setup_waits_for_cancel, cleanup = record_cleanup_sync)]
+fn cancelled_in_setup(log: String) -> String {
+    append(Path::new(&log), "body");
+    "ran".to_string()
 }
 
 /// Loops until its timeout cancels it.
@@ -281,6 +295,21 @@ async fn cleanup_runs_after_a_cancel_before_the_caller_hears_cancelled() {
     }
     let lines = read_log(Path::new(&log));
     assert_eq!(lines[1..], ["body", "body saw the cancellation", "cleanup 1 cancelled"], "{lines:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_cancelled_during_its_setup_skips_the_function_but_not_the_cleanup() {
+    let (_cluster, cx) = cluster(&["CPU=2"]).await;
+    let (_dir, log) = new_log();
+    let gate = started(&log);
+    let running = cancelled_in_setup::call(log.clone()).tag(&log).remote(&cx);
+    tokio::time::timeout(BOUND, gate.notified()).await.expect("the setup starts");
+    running.cancel().unwrap();
+    assert!(matches!(running.get_timeout(BOUND).await, Err(Error::Task(TaskError::Cancelled { .. }))));
+    let lines = read_log(Path::new(&log));
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines[0].starts_with("setup 1 cancelled_in_setup "), "{lines:?}");
+    assert_eq!(lines[1], "cleanup 1 cancelled");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

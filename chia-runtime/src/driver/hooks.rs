@@ -42,8 +42,12 @@
 //!   [`ObjectRef::force_cancel`] alike — force kills the task's child processes, not the
 //!   worker; the function itself is not stopped, it sees [`Context::is_cancelled`] and
 //!   returns, and then the cleanup runs), a timeout, and the worker losing its head (its
-//!   running attempts are cancelled). It learns how the attempt ended ([`Ended`]). The caller
-//!   hears the attempt's outcome only after its cleanup has returned.
+//!   running attempts are cancelled). A task cancelled or timed out while its setup runs does
+//!   not start its function, but gets its cleanup. The cleanup learns how the attempt ended
+//!   ([`Ended`]). The caller hears the attempt's outcome only after its cleanup has returned.
+//!   After a cancellation or a timeout, [`Context::spawn`] refuses to start anything (the task
+//!   is cancelled): a cleanup that must run a tool then starts it with a plain `Command` and
+//!   waits for it; what it leaves running is ended with the attempt.
 //! - **A failing setup** (an `Err`) skips the function and the cleanup and fails the attempt
 //!   with [`TaskError::SetupFailed`], naming the hook and the function; with
 //!   `retry_exceptions` it runs again like an `Err` of the function. A setup that panics

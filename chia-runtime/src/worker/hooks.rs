@@ -57,6 +57,17 @@ impl Hooks {
         }
     }
 
+    /// After a setup that succeeded: a task cancelled (or timed out) while its setup ran does
+    /// not start its function (its caller hears `Cancelled` or `TimedOut` either way), but
+    /// still gets its cleanup.
+    pub(super) fn stopped_during_setup(&self) -> Option<Outcome> {
+        self.spec.setup?;
+        self.attempt
+            .context()
+            .is_cancelled()
+            .then(|| Outcome::Failed(TaskError::Cancelled { function: self.spec.name.to_string() }))
+    }
+
     /// Runs the cleanup hook, if there is one, after an attempt whose setup succeeded. What
     /// it does is logged and changes nothing; past `limit` (the attempt's timeout, counted
     /// again from here) it is dropped.

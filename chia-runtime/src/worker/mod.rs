@@ -350,13 +350,15 @@ fn start(task_context: Context, entry: RunningEntry, lease: Lease, run: Run, spa
                     Some(hooks) => runtime.block_on(hooks.setup()),
                     None => Ok(()),
                 };
-                let finished = match &set_up {
-                    Ok(()) => {
+                let stopped = hooks.as_ref().and_then(Hooks::stopped_during_setup);
+                let finished = match (&set_up, stopped) {
+                    (Ok(()), Some(stopped)) => stopped,
+                    (Ok(()), None) => {
                         let result =
                             std::panic::catch_unwind(AssertUnwindSafe(|| invoke(task_context, args)));
                         outcome(spec, result)
                     }
-                    Err(error) => Outcome::Failed(error.clone()),
+                    (Err(error), _) => Outcome::Failed(error.clone()),
                 };
                 let (end, outcome) = entry.settle(spec.name, Some(finished));
                 if let (Some(hooks), Ok(())) = (&hooks, set_up) {
@@ -378,6 +380,9 @@ fn start(task_context: Context, entry: RunningEntry, lease: Lease, run: Run, spa
                         return Outcome::Failed(error);
                     }
                     set_up.store(true, Ordering::Release);
+                    if let Some(stopped) = hooks.as_ref().and_then(Hooks::stopped_during_setup) {
+                        return stopped;
+                    }
                     outcome(spec, CatchUnwind(invoke(task_context, args)).await)
                 };
                 let finished = entry.run_async(body, spec.name).await;
