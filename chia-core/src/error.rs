@@ -61,6 +61,12 @@ pub enum TaskError {
         seconds_text(*timeout_ms)
     )]
     TimedOut { function: String, timeout_ms: u64, attempt: u32 },
+    /// The function's setup hook (`#[chia::function(setup = hook)]`) failed on attempt
+    /// `attempt` (1 for the first), so neither the function nor its cleanup ran. Retried
+    /// like an `Err` of the function when the call says `retry_exceptions`. (A setup that
+    /// panics fails the attempt with `Panic`, as a panicking function does.)
+    #[error("{function} did not run: its setup hook {hook} failed on attempt {attempt}: {message}")]
+    SetupFailed { function: String, hook: String, attempt: u32, message: String },
     /// The call was rejected before it was sent (an argument failed to encode, a bad option).
     #[error("{function}: invalid call: {message}")]
     InvalidCall { function: String, message: String },

@@ -70,7 +70,7 @@ pub mod api {
 }
 /// The head's placement state machine (re-exported from `chia-head-core`).
 pub use chia_head_core::scheduler;
-pub use driver::{client, contain, inspect, process, registry};
+pub use driver::{client, contain, hooks, inspect, process, registry};
 pub use net::{members, tls, transport};
 pub use services::{bypass, cache, kv, service};
 
@@ -99,4 +99,11 @@ pub mod __private {
     pub use chia_core::protocol::{ArgValue, Value};
     pub use inventory;
     pub use serde;
+    /// What a `setup =` / `cleanup =` hook's wrapper needs.
+    pub mod hooks {
+        pub use crate::driver::hooks::wrap::{
+            AsFuture, AsValue, AsyncHook, HookReturn, NotAHook, Returned, SyncHook,
+        };
+        pub use crate::driver::registry::{CleanupHook, SetupHook};
+    }
 }

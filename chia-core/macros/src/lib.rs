@@ -15,8 +15,9 @@
 //!   the context parameter left out), the first 16 hex digits of its SHA-256, fixed-point
 //!   resources (1.0 = 10,000, parsed from the literal's text at compile time), `num_cpus`,
 //!   `max_retries`, `retry_exceptions`, the `timeout` (`timeout_s` as a `Duration`, exact to the
-//!   millisecond), the argument count and the invoker. A copy is submitted to `inventory`, so a
-//!   worker finds every function linked into its binary by name.
+//!   millisecond), the argument count, the invoker and the `setup` / `cleanup` hooks (each its
+//!   path's text and a wrapper, or `None`). A copy is submitted to `inventory`, so a worker
+//!   finds every function linked into its binary by name.
 //! - `call(args..) -> Call<T>`, `remote(cx, args..) -> ObjectRef<T>` and
 //!   `remote_blocking(cx, args..) -> Result<T, ::chia::Error>`, where each argument is
 //!   `impl IntoArg<ParamType>` and `T` is the value type: the return type, `()` when there is
@@ -24,6 +25,13 @@
 //! - `__invoke`, which checks the argument count, decodes each argument, calls the function
 //!   (passing the worker's context first when the function declares a `Context` or `&Context`
 //!   first parameter), awaits it when it is `async`, and encodes the result or the error.
+//!
+//! With `setup = path` / `cleanup = path`, a private wrapper per hook (`__chia_setup_<fn>`,
+//! `__chia_cleanup_<fn>`) is emitted next to the function, so the path resolves as it would
+//! in the function's own module. It calls `path(&attempt)` (cleanup: `path(&attempt, &ended)`)
+//! and tells by the return type whether the hook is `async` and returns `()` or a `Result`;
+//! the call carries the path's span, so a hook that does not exist or has the wrong signature
+//! is reported at the path in the attribute.
 //!
 //! Items in the module are `pub` when the function is visible outside its module, otherwise
 //! `pub(super)`. All generated code names the runtime by absolute `::chia::` paths. The
@@ -35,9 +43,10 @@ mod signature;
 
 use proc_macro::TokenStream;
 use proc_macro2::TokenStream as TokenStream2;
-use quote::{ToTokens, format_ident, quote};
+use quote::{ToTokens, format_ident, quote, quote_spanned};
 use syn::ext::IdentExt;
 use syn::parse::{Parse, ParseStream};
+use syn::spanned::Spanned;
 use syn::{Error, Ident, ItemFn, Lit, LitStr, Token, Visibility, parenthesized};
 
 use crate::signature::{
@@ -52,8 +61,30 @@ use crate::signature::{
 /// stopped by its timeout, also runs it again, within `max_retries`), `timeout_s = N` (seconds,
 /// an integer or a decimal such as `2.5`, more than 0, at most 3 decimals: a run that takes
 /// longer is cancelled with force — its processes killed — and fails with `TimedOut`; default:
-/// no limit; `.timeout(..)` / `.no_timeout()` override it per call) and
+/// no limit; `.timeout(..)` / `.no_timeout()` override it per call), `setup = path` and
+/// `cleanup = path` (hooks run on the worker around every attempt, see below) and
 /// `name = "..."` (the stable name, default the function's identifier).
+///
+/// # Setup and cleanup hooks
+///
+/// `#[chia::function(setup = prepare_tools, cleanup = remove_scratch)]` runs, on the worker,
+/// `prepare_tools` before every attempt (each retry included) and `remove_scratch` after every
+/// attempt whose setup succeeded — after a value, an `Err`, a panic, a cancellation (forced
+/// or not) and a timeout alike — before the outcome is reported. The paths name functions as
+/// they would be written in the function's module:
+///
+/// ```text
+/// fn prepare_tools(attempt: &chia::hooks::Attempt) -> Result<(), E>            // or -> ()
+/// async fn remove_scratch(attempt: &chia::hooks::Attempt, ended: &chia::hooks::Ended)   // sync or async
+/// ```
+///
+/// `Attempt` gives the function's name, the task, the attempt number (1 for the first), the
+/// call's tag and the task's `Context`; `Ended` says how the attempt ended (`Returned`,
+/// `Failed(error)`, `Cancelled`, `TimedOut`). A setup that returns `Err` skips the function and
+/// the cleanup and fails the attempt with `TaskError::SetupFailed` naming the hook and the
+/// function (retried under `retry_exceptions`, like an `Err`); one that panics fails it with
+/// `Panic`. A cleanup that fails or panics is logged and leaves the outcome alone. Bypassed
+/// calls run no hooks. The whole contract is in the runtime's `chia::hooks` module.
 #[proc_macro_attribute]
 pub fn function(attr: TokenStream, item: TokenStream) -> TokenStream {
     let item_fn = syn::parse_macro_input!(item as ItemFn);
@@ -130,8 +161,8 @@ fn expand_bypass(kind: bypass::Kind, attr: TokenStream, item: TokenStream) -> To
 }
 
 const VALID_OPTIONS: &str = "valid options are `resources(name = amount, ..)`, `num_cpus = N`, \
-                             `max_retries = N`, `retry_exceptions = true`, `timeout_s = N` and \
-                             `name = \"...\"`";
+                             `max_retries = N`, `retry_exceptions = true`, `timeout_s = N`, \
+                             `setup = path`, `cleanup = path` and `name = \"...\"`";
 
 /// Fixed-point scale of resource amounts: 1.0 = 10,000.
 const SCALE: u64 = 10_000;
@@ -144,6 +175,10 @@ struct Options {
     retry_exceptions: bool,
     /// `timeout_s`, in milliseconds.
     timeout_ms: Option<u64>,
+    /// `setup = path`: the hook run before every attempt.
+    setup: Option<syn::Path>,
+    /// `cleanup = path`: the hook run after every attempt whose setup succeeded.
+    cleanup: Option<syn::Path>,
 }
 
 impl Parse for Options {
@@ -155,6 +190,8 @@ impl Parse for Options {
             max_retries: 3,
             retry_exceptions: false,
             timeout_ms: None,
+            setup: None,
+            cleanup: None,
         };
         let mut seen: Vec<String> = Vec::new();
         while !input.is_empty() {
@@ -189,6 +226,14 @@ impl Parse for Options {
                     input.parse::<Token![=]>()?;
                     options.name = Some(parse_name(input)?);
                 }
+                "setup" => {
+                    input.parse::<Token![=]>()?;
+                    options.setup = Some(parse_hook_path(input, "setup")?);
+                }
+                "cleanup" => {
+                    input.parse::<Token![=]>()?;
+                    options.cleanup = Some(parse_hook_path(input, "cleanup")?);
+                }
                 _ => {
                     return Err(Error::new_spanned(
                         &key,
@@ -203,6 +248,66 @@ impl Parse for Options {
         }
         Ok(options)
     }
+}
+
+/// Parses the path of a `setup = path` / `cleanup = path` option: a function's path, as it
+/// would be written in the function's module.
+fn parse_hook_path(input: ParseStream, option: &str) -> syn::Result<syn::Path> {
+    input.call(syn::Path::parse_mod_style).map_err(|e| {
+        Error::new(
+            e.span(),
+            format!("`{option} = ..` takes the path of a function, such as `{option} = prepare_tools` or `{option} = tools::prepare`"),
+        )
+    })
+}
+
+/// The hook's path as text, for errors and logs: `tools::prepare`.
+fn path_text(path: &syn::Path) -> String {
+    let segments: Vec<String> = path.segments.iter().map(|s| s.ident.unraw().to_string()).collect();
+    let text = segments.join("::");
+    if path.leading_colon.is_some() { format!("::{text}") } else { text }
+}
+
+/// The wrapper of a hook, emitted next to the function (so the path resolves as the user
+/// wrote it) and named by the generated module as `super::#wrapper`. It calls the hook on
+/// the attempt (and, for cleanup, how it ended); whether the hook is `async` and whether it
+/// returns `()` or a `Result` is told apart by the types, through `hook_kind()`. Every token
+/// that can fail to type-check carries the path's span, so a missing hook or a wrong
+/// signature is reported at the path in the attribute.
+fn hook_wrapper(path: &syn::Path, wrapper: &Ident, cleanup: bool) -> (TokenStream2, TokenStream2) {
+    let span = path.span();
+    let name = path_text(path);
+    let call = if cleanup {
+        quote_spanned!(span=> #path(&__chia_attempt, &__chia_ended))
+    } else {
+        quote_spanned!(span=> #path(&__chia_attempt))
+    };
+    let finish = quote_spanned! {span=>
+        (&&&__chia_returned).hook_kind().finish(__chia_returned).await
+    };
+    let params = if cleanup {
+        quote!(__chia_attempt: ::chia::hooks::Attempt, __chia_ended: ::chia::hooks::Ended)
+    } else {
+        quote!(__chia_attempt: ::chia::hooks::Attempt)
+    };
+    let wrapper_fn = quote! {
+        #[doc(hidden)]
+        #[allow(non_snake_case)]
+        fn #wrapper(#params) -> ::chia::__private::BoxFuture<::std::result::Result<(), ::std::string::String>> {
+            ::std::boxed::Box::pin(async move {
+                #[allow(unused_imports)]
+                use ::chia::__private::hooks::{AsyncHook as _, NotAHook as _, SyncHook as _};
+                let __chia_returned = ::chia::__private::hooks::Returned(#call);
+                #finish
+            })
+        }
+    };
+    let hook = if cleanup {
+        quote!(::chia::__private::hooks::CleanupHook { name: #name, run: super::#wrapper })
+    } else {
+        quote!(::chia::__private::hooks::SetupHook { name: #name, run: super::#wrapper })
+    };
+    (wrapper_fn, quote!(::std::option::Option::Some(#hook)))
 }
 
 /// Parses the string literal of a `name = "..."` option: non-empty, without whitespace.
@@ -385,12 +490,23 @@ fn expand(options: Options, item: &ItemFn) -> syn::Result<TokenStream2> {
         None => quote!(::std::option::Option::None),
     };
     let arg_count = params.len();
+    let cfgs: Vec<_> = item.attrs.iter().filter(|attr| attr.path().is_ident("cfg")).collect();
+    // The wrappers share the function's `cfg`s, like the module that names them.
+    let hook = |path: &Option<syn::Path>, kind: &str, cleanup: bool| match path {
+        Some(path) => {
+            let wrapper = format_ident!("__chia_{kind}_{}", fn_ident.unraw());
+            let (wrapper_fn, hook) = hook_wrapper(path, &wrapper, cleanup);
+            (quote!(#(#cfgs)* #wrapper_fn), hook)
+        }
+        None => (quote!(), quote!(::std::option::Option::None)),
+    };
+    let (setup_fn, setup) = hook(&options.setup, "setup", false);
+    let (cleanup_fn, cleanup) = hook(&options.cleanup, "cleanup", true);
 
     let (mod_vis, item_vis) = match &item.vis {
         Visibility::Inherited => (quote!(), quote!(pub(super))),
         vis => (vis.to_token_stream(), quote!(pub)),
     };
-    let cfgs = item.attrs.iter().filter(|attr| attr.path().is_ident("cfg"));
     let mod_doc =
         format!("Remote handle of [`{fn_ident}()`], registered as `{name}` (signature `{signature}`).");
 
@@ -440,6 +556,10 @@ fn expand(options: Options, item: &ItemFn) -> syn::Result<TokenStream2> {
     Ok(quote! {
         #item
 
+        #setup_fn
+
+        #cleanup_fn
+
         #(#cfgs)*
         #[doc = #mod_doc]
         #[allow(non_snake_case, dead_code, clippy::too_many_arguments, clippy::used_underscore_binding)]
@@ -458,6 +578,8 @@ fn expand(options: Options, item: &ItemFn) -> syn::Result<TokenStream2> {
                 timeout: #timeout,
                 arg_count: #arg_count,
                 invoke: ::chia::__private::Invoke::#invoke_variant(__invoke),
+                setup: #setup,
+                cleanup: #cleanup,
             };
 
             /// What the cluster knows about this function.

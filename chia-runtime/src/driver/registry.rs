@@ -4,6 +4,7 @@
 //! announces all of them when it joins, and runs them by name.
 
 use crate::driver::context::Context;
+use crate::driver::hooks::{Attempt, Ended};
 pub use crate::util::panic_message;
 use chia_core::protocol::{ArgValue, Value};
 use chia_core::{FunctionKey, ResourceAmount, Resources, TaskError};
@@ -41,9 +42,31 @@ pub struct FunctionSpec {
     pub timeout: Option<std::time::Duration>,
     pub arg_count: usize,
     pub invoke: Invoke,
+    /// Runs on the worker before every attempt (`setup = path`); see [`hooks`](crate::hooks).
+    pub setup: Option<SetupHook>,
+    /// Runs on the worker after every attempt whose setup succeeded (`cleanup = path`).
+    pub cleanup: Option<CleanupHook>,
 }
 
 inventory::collect!(FunctionSpec);
+
+/// A setup hook as the macro wraps it: its name, for errors and logs, and how to run it.
+#[derive(Clone, Copy)]
+pub struct SetupHook {
+    /// The path as written in the attribute, e.g. `prepare_tools` or `tools::prepare`.
+    pub name: &'static str,
+    /// Runs the hook; `Err` carries the hook's error text.
+    pub run: fn(Attempt) -> BoxFuture<Result<(), String>>,
+}
+
+/// A cleanup hook as the macro wraps it.
+#[derive(Clone, Copy)]
+pub struct CleanupHook {
+    /// The path as written in the attribute.
+    pub name: &'static str,
+    /// Runs the hook; `Err` carries the hook's error text.
+    pub run: fn(Attempt, Ended) -> BoxFuture<Result<(), String>>,
+}
 
 impl FunctionSpec {
     pub fn key(&self) -> FunctionKey {

@@ -22,13 +22,16 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
 mod figures;
+mod hooks;
 pub(crate) mod main;
 mod timeout;
 
+use hooks::Hooks;
 use timeout::Timed;
 
 /// A worker connected to a head.
@@ -266,7 +269,7 @@ async fn serve(
                         };
                         tokio::spawn(tracing::Instrument::instrument(run, span));
                     }
-                    None => start(context, entry, lease, function, args, span),
+                    None => start(context, entry, lease, Run { function, args, tag }, span),
                 }
             }
             Execution::StartInstance { task, service, type_name, args } => {
@@ -307,16 +310,20 @@ async fn serve(
     let _ = stopped.send(true);
 }
 
-/// Starts one task in `task_context`: a sync function on the blocking pool, an async one as a
-/// task. Each reports its own outcome when it ends, so no task waits in between.
-fn start(
-    task_context: Context,
-    entry: RunningEntry,
-    lease: Lease,
+/// What one run of a function is asked to do.
+struct Run {
     function: String,
     args: Vec<ArgValue>,
-    span: tracing::Span,
-) {
+    tag: Option<String>,
+}
+
+/// Starts one task in `task_context`: a sync function on the blocking pool, an async one as a
+/// task. Each reports its own outcome when it ends, so no task waits in between. The
+/// function's hooks run around it on the same thread or task: setup under the timeout, with
+/// the function; cleanup (only after a setup that succeeded) after the run is settled, before
+/// its processes are killed and its outcome reported.
+fn start(task_context: Context, entry: RunningEntry, lease: Lease, run: Run, span: tracing::Span) {
+    let Run { function, args, tag } = run;
     let client: Arc<Client> = task_context.client().clone();
     let Some(spec) = registry::functions().get(function.as_str()).copied() else {
         // The head only sends what this worker offered; this guards against a head bug.
@@ -328,26 +335,65 @@ fn start(
         );
         return;
     };
+    let hooks = Hooks::of(spec, lease, tag, &task_context);
     match spec.invoke {
         Invoke::Sync(invoke) => {
             let mut entry = entry;
+            let runtime = tokio::runtime::Handle::current();
             tokio::task::spawn_blocking(move || {
                 let _span = span.enter();
                 // The clock starts as the run does, not while it waits for a blocking thread.
                 entry.watch_sync(spec.name);
-                let result = {
-                    // What this thread starts while the function runs is the task's.
-                    let _thread = entry.control.run_on_this_thread();
-                    std::panic::catch_unwind(AssertUnwindSafe(|| invoke(task_context, args)))
+                // What this thread starts while the hooks and the function run is the task's.
+                let thread = entry.control.run_on_this_thread();
+                let set_up = match &hooks {
+                    Some(hooks) => runtime.block_on(hooks.setup()),
+                    None => Ok(()),
                 };
-                let outcome = entry.end(spec.name, Some(outcome(spec, result)));
+                let stopped = hooks.as_ref().and_then(Hooks::stopped_during_setup);
+                let finished = match (&set_up, stopped) {
+                    (Ok(()), Some(stopped)) => stopped,
+                    (Ok(()), None) => {
+                        let result =
+                            std::panic::catch_unwind(AssertUnwindSafe(|| invoke(task_context, args)));
+                        outcome(spec, result)
+                    }
+                    (Err(error), _) => Outcome::Failed(error.clone()),
+                };
+                let (end, outcome) = entry.settle(spec.name, Some(finished));
+                if let (Some(hooks), Ok(())) = (&hooks, set_up) {
+                    let ended = hooks::ended(end, entry.control.is_cancelled(), &outcome);
+                    runtime.block_on(hooks.cleanup(ended, entry.timeout));
+                }
+                drop(thread);
+                drop(entry);
                 report(&client, lease, spec.name, outcome);
             });
         }
         Invoke::Async(invoke) => {
             let run = async move {
-                let result = entry.run_async(CatchUnwind(invoke(task_context, args)), spec.name).await;
-                let outcome = entry.end(spec.name, result.map(|result| outcome(spec, result)));
+                let set_up = AtomicBool::new(false);
+                let body = async {
+                    if let Some(hooks) = &hooks
+                        && let Err(error) = hooks.setup().await
+                    {
+                        return Outcome::Failed(error);
+                    }
+                    set_up.store(true, Ordering::Release);
+                    if let Some(stopped) = hooks.as_ref().and_then(Hooks::stopped_during_setup) {
+                        return stopped;
+                    }
+                    outcome(spec, CatchUnwind(invoke(task_context, args)).await)
+                };
+                let finished = entry.run_async(body, spec.name).await;
+                let (end, outcome) = entry.settle(spec.name, finished);
+                if let Some(hooks) = &hooks
+                    && set_up.load(Ordering::Acquire)
+                {
+                    let ended = hooks::ended(end, entry.control.is_cancelled(), &outcome);
+                    hooks.cleanup(ended, entry.timeout).await;
+                }
+                drop(entry);
                 report(&client, lease, spec.name, outcome);
             };
             tokio::spawn(tracing::Instrument::instrument(run, span));
@@ -451,20 +497,28 @@ impl RunningEntry {
         timeout::run_async(run, &self.control, self.timeout, self.timed(function)).await
     }
 
-    /// Ends the run (its processes killed, its timer stopped) and gives the outcome to report:
-    /// `TimedOut` if the timeout stopped it, whatever it returned; otherwise `finished`, what
-    /// it returned (`None` only for a run dropped after its timeout).
+    /// Ends the run (its processes killed, its timer stopped) and gives the outcome to report
+    /// (see [`RunningEntry::settle`]).
     fn end(self, function: &str, finished: Option<Outcome>) -> Outcome {
+        let (_, outcome) = self.settle(function, finished);
+        outcome
+    }
+
+    /// Ends the timed part of the run: from here its timeout no longer applies. Gives how it
+    /// ended and the outcome to report: `TimedOut` if the timeout stopped it, whatever it
+    /// returned; otherwise `finished`, what it returned (`None` only for a run dropped after
+    /// its timeout). Its processes live on until the entry is dropped (after the cleanup hook).
+    fn settle(&self, function: &str, finished: Option<Outcome>) -> (RunEnd, Outcome) {
         let end = self.control.end_run();
         let timeout_ms = self.timeout.map_or(0, |limit| u64::try_from(limit.as_millis()).unwrap_or(u64::MAX));
         let attempt = self.lease.attempt;
-        drop(self);
         match (end, finished) {
-            (RunEnd::InTime, Some(outcome)) => outcome,
+            (RunEnd::InTime, Some(outcome)) => (RunEnd::InTime, outcome),
             // A dropped run always timed out first; were it not so, it is still no value.
-            (RunEnd::TimedOut, _) | (RunEnd::InTime, None) => {
-                Outcome::Failed(TaskError::TimedOut { function: function.to_string(), timeout_ms, attempt })
-            }
+            (RunEnd::TimedOut, _) | (RunEnd::InTime, None) => (
+                RunEnd::TimedOut,
+                Outcome::Failed(TaskError::TimedOut { function: function.to_string(), timeout_ms, attempt }),
+            ),
         }
     }
 }

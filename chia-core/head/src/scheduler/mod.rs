@@ -64,7 +64,8 @@ pub enum Event {
     /// A session asks for `function` to run with `request` held, once every task in `deps` has
     /// finished successfully. If its node is lost, it runs again up to `max_retries` times
     /// (any negative value: without limit); with `retry_exceptions`, so does an
-    /// [`TaskError::Application`] error or a run stopped by its timeout ([`TaskError::TimedOut`]).
+    /// [`TaskError::Application`] error, a run stopped by its timeout ([`TaskError::TimedOut`])
+    /// or a failed setup hook ([`TaskError::SetupFailed`]).
     TaskSubmitted {
         task: TaskId,
         function: FunctionKey,
@@ -969,7 +970,14 @@ impl Scheduler {
         let again = cancel == Cancel::No
             && task.retry_exceptions
             && task.attempts_left()
-            && matches!(error, Some(TaskError::Application { .. } | TaskError::TimedOut { .. }));
+            && matches!(
+                error,
+                Some(
+                    TaskError::Application { .. }
+                        | TaskError::TimedOut { .. }
+                        | TaskError::SetupFailed { .. }
+                )
+            );
         self.unlist_running(node, pos);
         if let (Some(n), Some(s)) = (self.nodes.get_mut(node), self.shapes.get(shape)) {
             n.pool.give_back(&s.key.need, cpu_released.then_some(Names::CPU));
