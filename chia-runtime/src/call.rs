@@ -44,8 +44,9 @@ pub struct Call<T> {
 }
 
 impl<T: DeserializeOwned> Call<T> {
-    /// Used by `#[chia::function]`; users start from `my_function::call(..)`.
-    pub fn new(spec: &'static FunctionSpec, args: Vec<ArgInput>) -> Call<T> {
+    /// Used by `#[chia::function]` (through `__private::new_call`); users start from
+    /// `my_function::call(..)`.
+    pub(crate) fn new(spec: &'static FunctionSpec, args: Vec<ArgInput>) -> Call<T> {
         Call {
             spec,
             args,

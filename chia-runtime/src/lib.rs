@@ -29,7 +29,7 @@
 //! a function (`bypass:`) is [`mod@bypass`]; settings shared while a loop runs, the
 //! cluster's key/value store, are [`mod@kv`].
 //!
-//! The I/O-free parts live in `chia-head-core` (the head's state machine, [`scheduler`]
+//! The I/O-free parts live in `chia-head-core` (the head's state machine, the scheduler
 //! included) and in `chia-core` (ids, resources, wire protocol).
 //!
 //! # Layers
@@ -39,7 +39,7 @@
 //!
 //! | layer | modules | uses |
 //! |---|---|---|
-//! | 6 | `local` (`init`, the embedded cluster, [`HeadWithNode`]) | head, worker, driver, net |
+//! | 6 | `local` (`init`, the embedded cluster, `HeadWithNode`) | head, worker, driver, net |
 //! | 5 | `call` ([`Call`]: deciding bypass at dispatch) · `worker/` (the agent, its command line) | services, driver, net |
 //! | 4 | `services/` (`service`, `cache`, `bypass/`) | driver |
 //! | 3 | `head/` (the head's driver around `chia-head-core`) · `driver/` (`client`, `context`, `job`, `contain`, `process`, `registry`) | net |
@@ -47,56 +47,85 @@
 //! | 1 | `util` (catching panics, blocking on a future) · `env` (`CHIA_*` variables) | error |
 //! | 0 | `error` | — |
 //!
-//! The public paths (`chia::api`, `chia::cache`, `chia::worker`, ...) are the re-exports below.
+//! # What is public
+//!
+//! Only what users call: the items at the top of the crate and the modules [`mod@service`],
+//! [`mod@cache`], [`mod@bypass`], [`mod@kv`], [`mod@hooks`], [`mod@inspect`] and
+//! [`mod@figures`]. The modules above are private; the head, the scheduler, the transport,
+//! credentials and the wire protocol are reached by chia's own binaries, benchmark and tests
+//! through `chia::internals`, which is hidden and may change in any release
+//! (`tests/ui/internals_*.rs` check that the rest stays unreachable).
 
 // The attribute macros name the runtime `::chia`; inside this crate that is the crate itself.
 extern crate self as chia;
 
 mod call;
-pub mod driver;
-pub mod env;
-pub mod error;
-pub mod head;
-pub mod local;
-pub mod net;
-pub mod services;
+mod driver;
+mod env;
+mod error;
+mod head;
+mod local;
+mod net;
+mod services;
 mod util;
-pub mod worker;
+mod worker;
 
-/// The user API: [`Context`], typed [`ObjectRef`]s, [`Call`] builders, [`get`] and [`wait`].
-pub mod api {
-    pub use crate::call::Call;
-    pub use crate::driver::context::{ArgInput, Context, IntoArg, ObjectRef, get, wait};
-}
-/// The head's placement state machine (re-exported from `chia-head-core`).
-pub use chia_head_core::scheduler;
-pub use driver::{client, contain, hooks, inspect, process, registry};
-pub use net::{members, tls, transport};
+pub use call::Call;
+pub use driver::context::{Context, IntoArg, ObjectRef, get, wait};
+pub use driver::process::CANCEL_GRACE;
+pub use driver::{figures, hooks, inspect};
 pub use services::{bypass, cache, kv, service};
 
-pub use api::{ArgInput, Call, Context, IntoArg, ObjectRef, get, wait};
-/// The plain data types (ids, resources, wire protocol) this runtime is built on.
-pub use chia_core as core;
 pub use chia_core::protocol::ServiceInfo;
-pub use chia_core::{ResourceAmount, Resources, TaskError, TaskId};
+pub use chia_core::{NodeId, ResourceAmount, Resources, ServiceId, SessionId, TaskError, TaskId};
 pub use chia_macros::{condition, function, provider, service};
 pub use error::Error;
-pub use local::{HeadWithNode, Init, LocalCluster, init};
+pub use local::{Init, LocalCluster, init};
 /// A byte buffer that serializes as one binary blob: use it (not `Vec<u8>`, which serde
 /// encodes element by element) for large binary arguments and results.
 pub use serde_bytes::ByteBuf as Bytes;
 pub use service::{ServiceHandle, ServiceOptions, lookup_info, stop_service};
 pub use worker::main::{init_logging, run_main, worker_main};
 
+/// What chia's own binaries (`chia-head`, `chia`), benchmark and tests build on: the head,
+/// in-process nodes, connections with explicit credentials, the wire protocol. Not part of the
+/// user API; it changes without notice.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::driver::client::Client;
+    pub use crate::env::default_state_dir;
+    /// The `CHIA_*` environment variables.
+    pub mod env {
+        pub use crate::env::*;
+    }
+    pub use crate::head::{HeadHandle, HeadOptions, HeadStats};
+    pub use crate::local::HeadWithNode;
+    pub use crate::net::{members, tls, transport};
+    pub use crate::worker::Worker;
+    pub use chia_core as core;
+    pub use chia_core::protocol;
+    pub use chia_head_core::scheduler;
+}
+
 /// Used by the code `#[chia::function]` generates; not a stable API.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::driver::context::ArgInput;
     pub use crate::driver::registry::{
         BoxFuture, FunctionSpec, Invoke, ServiceInstance, ServiceSpec, SharedInstance, application_error,
         check_arg_count, decode_arg, encode_result, run_blocking,
     };
+    pub use crate::util::run_sync;
     pub use chia_core::TaskError;
     pub use chia_core::protocol::{ArgValue, Value};
+
+    /// A call of the function `spec` with these arguments (what `f::call(..)` builds).
+    pub fn new_call<T: serde::de::DeserializeOwned>(
+        spec: &'static FunctionSpec,
+        args: Vec<ArgInput>,
+    ) -> crate::Call<T> {
+        crate::Call::new(spec, args)
+    }
     pub use inventory;
     pub use serde;
     /// What a `setup =` / `cleanup =` hook's wrapper needs.

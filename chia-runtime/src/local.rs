@@ -5,19 +5,15 @@
 
 use crate::driver::client::Client;
 use crate::driver::context::Context;
+use crate::env::{self, default_state_dir};
 use crate::error::Error;
 use crate::head::{HeadHandle, HeadOptions, start_head_with};
 use crate::net::tls::{ClusterCredentials, HeadCredentials};
-use crate::worker::Worker;
+use crate::worker::{Worker, with_default_cpus};
 use chia_core::Resources;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-
-/// Environment variables read by [`init`].
-pub use crate::env;
-pub use crate::env::default_state_dir;
-pub use crate::worker::with_default_cpus;
 
 /// Joins the cluster named by `CHIA_CLUSTER_FILE`/`CHIA_ADDRESS`, or starts an embedded local
 /// cluster when neither is set (`CHIA_LOCAL_WORKERS`, `CHIA_LOCAL_RESOURCES` shape it).

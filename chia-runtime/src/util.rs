@@ -75,3 +75,14 @@ impl Backoff {
         base + base.mul_f64(f64::from(nanos % 1000) / 4000.0)
     }
 }
+
+/// Runs a sync provider (called by `#[chia::provider]` code) without stalling the runtime's
+/// other tasks: on a multi-threaded runtime the thread hands its other work off first.
+pub fn run_sync<T>(provider: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(provider)
+        }
+        _ => provider(),
+    }
+}

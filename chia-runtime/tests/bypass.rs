@@ -325,13 +325,16 @@ async fn a_custom_provider_reads_through_the_file_server_and_only_configured_fil
 async fn the_file_server_never_reads_the_head_state_directory_even_when_configured() {
     chia::init_logging("warn");
     let state = tempfile::tempdir().unwrap();
-    let credentials = chia::tls::HeadCredentials::load_or_create(state.path()).unwrap();
+    let credentials = chia::internals::tls::HeadCredentials::load_or_create(state.path()).unwrap();
     let options =
-        chia::head::HeadOptions { state_dir: Some(state.path().to_path_buf()), ..Default::default() };
-    let head = chia::HeadWithNode::start("127.0.0.1:0".parse().unwrap(), credentials, options).await.unwrap();
+        chia::internals::HeadOptions { state_dir: Some(state.path().to_path_buf()), ..Default::default() };
+    let head = chia::internals::HeadWithNode::start("127.0.0.1:0".parse().unwrap(), credentials, options)
+        .await
+        .unwrap();
     let members = head.head().cluster_credentials(&head.head().address().to_string());
-    let _worker = chia::worker::Worker::connect(&members, "w", common::resources(WORKERS[0])).await.unwrap();
-    let (client, _) = chia::client::Client::connect(&members, "driver", None).await.unwrap();
+    let _worker =
+        chia::internals::Worker::connect(&members, "w", common::resources(WORKERS[0])).await.unwrap();
+    let (client, _) = chia::internals::Client::connect(&members, "driver", None).await.unwrap();
     let cx = Context::from_client(client);
     let secret = state.path().join("secret.md");
     std::fs::write(&secret, "the CA key").unwrap();
@@ -518,7 +521,8 @@ async fn nested_sq_after_gate(cx: &Context, x: i64) -> Result<i64, chia::Error> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bypass_created_inside_a_task_is_refused_and_reaches_no_job() {
     let (cluster, b) = cluster(&["CPU=2"]).await;
-    let (client, _) = chia::client::Client::connect(cluster.credentials(), "driver-a", None).await.unwrap();
+    let (client, _) =
+        chia::internals::Client::connect(cluster.credentials(), "driver-a", None).await.unwrap();
     let a_job = client.session();
     let a = Context::from_client(client);
     let refused = install_bypass_inside::remote(&a).get_timeout(common::BOUND).await.unwrap();

@@ -288,7 +288,7 @@ async fn a_function_no_node_has_is_a_clear_error() {
     let (cluster, cx) = cluster(&[]).await;
     let creds = cluster.credentials().clone();
     let _worker =
-        chia::worker::Worker::connect_offering(&creds, "picky", resources("adder=1,CPU=1"), |spec| {
+        chia::internals::Worker::connect_offering(&creds, "picky", resources("adder=1,CPU=1"), |spec| {
             spec.name != "increment"
         })
         .await
@@ -304,14 +304,14 @@ async fn a_function_no_node_has_is_a_clear_error() {
 async fn a_signature_mismatch_names_the_function() {
     let (cluster, cx) = cluster(&[]).await;
     // A node built from other code: same name, another signature.
-    let offer = chia::core::protocol::WorkerOffer {
+    let offer = chia::internals::core::protocol::WorkerOffer {
         resources: resources("adder=1,CPU=1"),
-        functions: vec![chia::core::FunctionKey::new("increment", "00000000deadbeef")],
+        functions: vec![chia::internals::core::FunctionKey::new("increment", "00000000deadbeef")],
         services: Vec::new(),
         head_node: false,
     };
     let (_other, _executions) =
-        chia::client::Client::connect(cluster.credentials(), "other-build", Some(offer)).await.unwrap();
+        chia::internals::Client::connect(cluster.credentials(), "other-build", Some(offer)).await.unwrap();
     match increment::remote(&cx, 1).get().await {
         Err(Error::Task(TaskError::SignatureMismatch { function, found, .. })) => {
             assert_eq!(function, "increment");

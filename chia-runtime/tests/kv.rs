@@ -6,11 +6,12 @@ extern crate chia_runtime as chia;
 
 mod common;
 
-use chia::client::Client;
-use chia::head::HeadOptions;
+use chia::internals::Client;
+use chia::internals::HeadOptions;
+use chia::internals::HeadWithNode;
+use chia::internals::tls::{ClusterCredentials, HeadCredentials};
 use chia::kv::{self, Change, KvError};
-use chia::tls::{ClusterCredentials, HeadCredentials};
-use chia::{Context, Error, HeadWithNode, LocalCluster};
+use chia::{Context, Error, LocalCluster};
 use common::{BOUND, HeadProcess, cluster};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -80,7 +81,7 @@ async fn a_value_set_by_one_driver_is_read_by_a_task_of_another() {
 
     // One store for the cluster, detached, on the head's node.
     let info = chia::lookup_info(&reader, kv::SERVICE_NAME, Some(kv::NAMESPACE)).await.unwrap().unwrap();
-    assert_eq!(info.node, chia::core::HEAD_NODE_NAME);
+    assert_eq!(info.node, chia::internals::core::HEAD_NODE_NAME);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

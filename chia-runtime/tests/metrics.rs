@@ -3,7 +3,7 @@
 
 extern crate chia_runtime as chia;
 
-use chia::tls::ClusterCredentials;
+use chia::internals::tls::ClusterCredentials;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
@@ -56,7 +56,7 @@ impl Head {
     }
 
     async fn driver(&self) -> chia::Context {
-        let (client, _) = chia::client::Client::connect(&self.credentials(), "driver", None)
+        let (client, _) = chia::internals::Client::connect(&self.credentials(), "driver", None)
             .await
             .expect("driver connects");
         chia::Context::from_client(client)
@@ -241,7 +241,7 @@ async fn the_metrics_follow_tasks_workers_and_the_cache_and_pass_promtool() {
     assert_eq!(finished(&before), None, "no square has run yet");
     assert!(http_get(&address, "/other").status.contains(" 404 "));
 
-    let worker = chia::worker::Worker::connect(
+    let worker = chia::internals::Worker::connect(
         &head.credentials(),
         "metrics-worker",
         chia::Resources::parse("CPU=2").unwrap(),

@@ -6,9 +6,9 @@ extern crate chia_runtime as chia;
 mod common;
 
 use chia::LocalCluster;
-use chia::core::protocol::{HeadToPeer, PROTOCOL_VERSION, PeerToHead, decode_body};
-use chia::tls::{ClusterCredentials, HEAD_SERVER_NAME, HeadCredentials};
-use chia::transport::{FrameReader, FrameSender};
+use chia::internals::core::protocol::{HeadToPeer, PROTOCOL_VERSION, PeerToHead, decode_body};
+use chia::internals::tls::{ClusterCredentials, HEAD_SERVER_NAME, HeadCredentials};
+use chia::internals::transport::{FrameReader, FrameSender};
 use rustls::pki_types::pem::PemObject;
 
 /// Bounds a test that would otherwise hang; never used to wait for something to happen.
@@ -60,7 +60,7 @@ fn hello(version: u32) -> PeerToHead {
 async fn a_client_of_another_cluster_is_rejected_in_the_handshake() {
     let cluster = cluster().await;
     let stranger = HeadCredentials::generate().unwrap().cluster(&cluster.credentials().address);
-    let error = match chia::client::Client::connect(&stranger, "stranger", None).await {
+    let error = match chia::internals::Client::connect(&stranger, "stranger", None).await {
         Ok(_) => panic!("a stranger must not join"),
         Err(error) => error.to_string(),
     };
@@ -70,7 +70,7 @@ async fn a_client_of_another_cluster_is_rejected_in_the_handshake() {
     let mut impostor = cluster.credentials().clone();
     impostor.member_cert = stranger.member_cert.clone();
     impostor.member_key = stranger.member_key.clone();
-    let error = match chia::client::Client::connect(&impostor, "impostor", None).await {
+    let error = match chia::internals::Client::connect(&impostor, "impostor", None).await {
         Ok(_) => panic!("a client certificate from another CA must be refused"),
         Err(error) => error.to_string(),
     };
@@ -113,7 +113,7 @@ async fn a_first_message_that_is_not_a_hello_is_refused() {
 async fn after_hello_send_raw(cluster: &LocalCluster, bytes: &[u8]) -> Option<HeadToPeer> {
     let (_connection, mut send, mut reader) = raw_connect(cluster.credentials()).await;
     let mut frame = Vec::new();
-    chia::core::protocol::encode_frame(&hello(PROTOCOL_VERSION), &mut frame).unwrap();
+    chia::internals::core::protocol::encode_frame(&hello(PROTOCOL_VERSION), &mut frame).unwrap();
     send.write_all(&frame).await.unwrap();
     assert!(matches!(next_message(&mut reader).await, Some(HeadToPeer::Welcome { .. })));
     send.write_all(bytes).await.unwrap();
@@ -124,7 +124,7 @@ async fn after_hello_send_raw(cluster: &LocalCluster, bytes: &[u8]) -> Option<He
 async fn an_oversized_frame_disconnects_the_peer_before_it_is_read() {
     let cluster = cluster().await;
     // A length prefix just past the cap; no body follows, so the head must refuse on the prefix.
-    let prefix = ((chia::core::protocol::MAX_FRAME_BYTES + 1) as u32).to_be_bytes();
+    let prefix = ((chia::internals::core::protocol::MAX_FRAME_BYTES + 1) as u32).to_be_bytes();
     assert_eq!(after_hello_send_raw(&cluster, &prefix).await, None, "the head closes the connection");
     still_serves(&cluster).await;
 }
@@ -148,7 +148,7 @@ async fn reports_about_tasks_a_peer_does_not_run_are_ignored() {
     let sender = FrameSender::spawn(send);
     sender.send(&hello(PROTOCOL_VERSION)).unwrap();
     assert!(matches!(next_message(&mut reader).await, Some(HeadToPeer::Welcome { .. })));
-    let forged = chia::core::protocol::Outcome::Value(rmp_serde::to_vec_named(&666i64).unwrap());
+    let forged = chia::internals::core::protocol::Outcome::Value(rmp_serde::to_vec_named(&666i64).unwrap());
     sender.send(&PeerToHead::Finished { task: pending.id(), attempt: 1, outcome: forged }).unwrap();
     assert_eq!(pending.get().await.unwrap(), 5, "only the node running a task can finish it");
     still_serves(&cluster).await;
@@ -156,7 +156,7 @@ async fn reports_about_tasks_a_peer_does_not_run_are_ignored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn arguments_of_the_wrong_type_fail_the_task_not_the_worker() {
-    use chia::core::protocol::{Arg, Done, TaskSpec};
+    use chia::internals::core::protocol::{Arg, Done, TaskSpec};
     let cluster = cluster().await;
     let (_connection, send, mut reader) = raw_connect(cluster.credentials()).await;
     let sender = FrameSender::spawn(send);
@@ -235,16 +235,16 @@ fn mode(path: &Path) -> u32 {
 }
 
 /// A worker in this process (it offers `echo`) joined with the state directory's shared file.
-async fn echo_worker(state_dir: &Path) -> chia::worker::Worker {
+async fn echo_worker(state_dir: &Path) -> chia::internals::Worker {
     let shared = ClusterCredentials::load(&state_dir.join("cluster.yaml")).unwrap();
-    chia::worker::Worker::connect(&shared, "echo-worker", chia::Resources::parse("CPU=1").unwrap())
+    chia::internals::Worker::connect(&shared, "echo-worker", chia::Resources::parse("CPU=1").unwrap())
         .await
         .expect("a worker with the shared certificate joins")
 }
 
 async fn connect_driver(file: &Path) -> Result<chia::Context, chia::Error> {
     let credentials = ClusterCredentials::load(file).unwrap();
-    let (client, _) = chia::client::Client::connect(&credentials, "driver", None).await?;
+    let (client, _) = chia::internals::Client::connect(&credentials, "driver", None).await?;
     Ok(chia::Context::from_client(client))
 }
 
@@ -278,7 +278,7 @@ async fn an_issued_member_file_joins_with_its_own_name_and_expiry() {
     let _worker = echo_worker(&state).await;
     let cx = connect_driver(&file).await.expect("the issued file joins");
     assert_eq!(echo::remote(&cx, 41).get_timeout(BOUND).await.unwrap(), 41);
-    let members = chia::members::issued_members(&state).unwrap();
+    let members = chia::internals::members::issued_members(&state).unwrap();
     assert_eq!(members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["driver-7"]);
 }
 

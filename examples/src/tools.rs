@@ -1,7 +1,7 @@
 //! Functions that run external tools the way real scripts do: a shell that daemonizes part of
 //! its work with `setsid`, and a helper started with a plain `std::process::Command` (not
 //! through `Context::spawn`). The runtime ends all of it with the task, however it was
-//! started (see `chia::contain`). Each writes the pids it started into `dir` (each file
+//! started (see ARCHITECTURE.md, "Cancellation and processes"). Each writes the pids it started into `dir` (each file
 //! renamed into place whole), then waits for the helper, so only the runtime ends it early.
 
 use chia::Context;

@@ -2,10 +2,10 @@
 //! `worker` processes (the examples' worker binary) that the tests kill, freeze and restart.
 
 use chia::Context;
-use chia::client::Client;
-use chia::head::{HeadHandle, HeadOptions};
-use chia::local::HeadWithNode;
-use chia::tls::{ClusterCredentials, HeadCredentials};
+use chia::internals::Client;
+use chia::internals::HeadWithNode;
+use chia::internals::tls::{ClusterCredentials, HeadCredentials};
+use chia::internals::{HeadHandle, HeadOptions};
 use examples::{expensive_step, simulate};
 use std::io::BufRead;
 use std::net::SocketAddr;

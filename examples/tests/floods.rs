@@ -5,11 +5,11 @@
 //! The tests run one at a time (they measure one head's memory each, on a small machine).
 
 use chia::Context;
-use chia::client::Client;
-use chia::core::protocol::{
+use chia::internals::Client;
+use chia::internals::core::protocol::{
     HeadToPeer, MAX_FRAME_BYTES, PROTOCOL_VERSION, PeerToHead, decode_body, encode_frame,
 };
-use chia::tls::{ClusterCredentials, HEAD_SERVER_NAME};
+use chia::internals::tls::{ClusterCredentials, HEAD_SERVER_NAME};
 use examples::simulate;
 use std::io::BufRead;
 use std::net::{SocketAddr, UdpSocket};

@@ -90,9 +90,9 @@ async fn one_task_is_followed_by_its_fields_from_the_head_to_the_worker() {
     wait_ready(&mut worker, "chia-worker ready");
     let worker = Logged { child: worker };
 
-    let credentials =
-        chia::tls::ClusterCredentials::load(std::path::Path::new(&cluster_file)).expect("credentials");
-    let (client, _) = chia::client::Client::connect(&credentials, "driver", None).await.expect("joins");
+    let credentials = chia::internals::tls::ClusterCredentials::load(std::path::Path::new(&cluster_file))
+        .expect("credentials");
+    let (client, _) = chia::internals::Client::connect(&credentials, "driver", None).await.expect("joins");
     let cx = chia::Context::from_client(client);
     let result = examples::simulate::call(6, 1).tag("followed").remote(&cx);
     let task = result.id().to_string();

@@ -5,10 +5,10 @@
 //! machine has no usable cgroup2) and the fallback (forced with `CHIA_PROCESS_CONTAINMENT`).
 
 use chia::Context;
-use chia::client::Client;
-use chia::head::HeadOptions;
-use chia::local::HeadWithNode;
-use chia::tls::{ClusterCredentials, HeadCredentials};
+use chia::internals::Client;
+use chia::internals::HeadOptions;
+use chia::internals::HeadWithNode;
+use chia::internals::tls::{ClusterCredentials, HeadCredentials};
 use examples::tools::{tool_tree_async, tool_tree_sync};
 use std::io::BufRead;
 use std::path::Path;

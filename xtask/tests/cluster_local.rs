@@ -278,7 +278,7 @@ fn command_with_background_job(ignore_term: bool) -> Vec<String> {
 }
 
 /// The processes of the cluster itself: the head, and two workers each with its sentinel (the
-/// process that ends what a SIGKILLed worker left; see `chia_runtime::contain`).
+/// process that ends what a SIGKILLed worker left; see ARCHITECTURE.md, "Cancellation and processes").
 const CLUSTER_PROCESSES: usize = 1 + 2 * 2;
 
 /// What [`command_with_background_job`] prints once its job runs.
@@ -427,10 +427,10 @@ fn the_chia_command_shows_nodes_tasks_and_why_tasks_wait() {
     let cluster_file = line.split("CHIA_CLUSTER_FILE=").nth(1).expect("a file").trim().to_string();
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
     let cx = runtime.block_on(async {
-        let credentials =
-            chia::tls::ClusterCredentials::load(std::path::Path::new(&cluster_file)).expect("credentials");
+        let credentials = chia::internals::tls::ClusterCredentials::load(std::path::Path::new(&cluster_file))
+            .expect("credentials");
         let (client, _) =
-            chia::client::Client::connect(&credentials, "test-driver", None).await.expect("joins");
+            chia::internals::Client::connect(&credentials, "test-driver", None).await.expect("joins");
         chia::Context::from_client(client)
     });
     let _guard = runtime.enter();
@@ -575,12 +575,13 @@ fn chia_job_stop_ends_a_jobs_tasks_their_processes_and_its_services() {
     let cluster_file = line.split("CHIA_CLUSTER_FILE=").nth(1).expect("a file").trim().to_string();
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
     let _guard = runtime.enter();
-    let credentials =
-        chia::tls::ClusterCredentials::load(std::path::Path::new(&cluster_file)).expect("credentials");
+    let credentials = chia::internals::tls::ClusterCredentials::load(std::path::Path::new(&cluster_file))
+        .expect("credentials");
     let connect = |name: &'static str| {
         let credentials = credentials.clone();
         runtime.block_on(async move {
-            let (client, _) = chia::client::Client::connect(&credentials, name, None).await.expect("joins");
+            let (client, _) =
+                chia::internals::Client::connect(&credentials, name, None).await.expect("joins");
             chia::Context::from_client(client)
         })
     };

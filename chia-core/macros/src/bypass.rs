@@ -97,7 +97,7 @@ pub(crate) fn expand(kind: Kind, options: Options, item: &ItemFn) -> syn::Result
         (true, _) => quote!(super::#fn_ident(__chia_call).await),
         // A sync provider may block (read files, run a tool): it must not stall the worker's
         // async threads, which also carry its heartbeats.
-        (false, Kind::Provider) => quote!(::chia::bypass::run_sync(|| super::#fn_ident(__chia_call))),
+        (false, Kind::Provider) => quote!(::chia::__private::run_sync(|| super::#fn_ident(__chia_call))),
         // A condition runs on the caller's thread, which `remote` already blocks.
         (false, Kind::Condition) => quote!(super::#fn_ident(__chia_call)),
     };

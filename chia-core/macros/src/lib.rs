@@ -589,7 +589,7 @@ fn expand(options: Options, item: &ItemFn) -> syn::Result<TokenStream2> {
 
             /// Builds a call (set `.tag(..)` and other options, then `.remote(&cx)`).
             #item_vis fn call(#(#inputs),*) -> ::chia::Call<#value_ty> {
-                ::chia::Call::new(&SPEC, ::std::vec![#(::chia::IntoArg::into_arg(#names)),*])
+                ::chia::__private::new_call(&SPEC, ::std::vec![#(::chia::IntoArg::into_arg(#names)),*])
             }
 
             /// Submits the call; returns its `ObjectRef` at once.

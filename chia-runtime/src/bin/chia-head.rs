@@ -1,9 +1,9 @@
 //! `chia-head`: the cluster's scheduler and object store. It needs no user code.
 
-use chia_runtime::head::HeadOptions;
-use chia_runtime::local::{HeadWithNode, default_state_dir};
-use chia_runtime::members::{self, MAX_VALID_DAYS};
-use chia_runtime::tls::{DEFAULT_MEMBER_NAME, HeadCredentials};
+use chia_runtime::internals::HeadOptions;
+use chia_runtime::internals::members::{self, MAX_VALID_DAYS};
+use chia_runtime::internals::tls::{DEFAULT_MEMBER_NAME, HeadCredentials};
+use chia_runtime::internals::{HeadWithNode, default_state_dir};
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -6,9 +6,9 @@ use chia_core::inspect::{
     Shortfall, TaskFilter, TaskState, TaskView,
 };
 use chia_core::{SessionId, TaskId};
-use chia_runtime::client::Client;
-use chia_runtime::local::{default_state_dir, env};
-use chia_runtime::tls::ClusterCredentials;
+use chia_runtime::internals::Client;
+use chia_runtime::internals::tls::ClusterCredentials;
+use chia_runtime::internals::{default_state_dir, env};
 use chia_runtime::{Context, inspect, kv};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;

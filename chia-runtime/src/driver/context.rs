@@ -68,8 +68,9 @@ impl Context {
         &self.protected_dirs
     }
 
-    /// A context on an existing client connection (e.g. one made with
-    /// [`Client::connect`](crate::client::Client::connect) from explicit credentials).
+    /// A context on an existing client connection (one made with `Client::connect` from
+    /// explicit credentials, by chia's own binaries and tests).
+    #[doc(hidden)]
     pub fn from_client(client: Arc<Client>) -> Context {
         Context::new(client, None)
     }
@@ -125,7 +126,7 @@ impl Context {
     /// own, marked with the task (and, in a worker contained by cgroup, in the task's cgroup):
     /// when the task is cancelled, ends, or its worker stops or dies, the program and
     /// everything it started — a `setsid` daemon included — are killed, so no tool outlives
-    /// its task (see [`contain`](crate::contain) for what holds where). Outside a task the
+    /// its task (ARCHITECTURE.md, "Cancellation and processes", says what holds where). Outside a task the
     /// child only gets its own group and is killed when the returned handle is dropped.
     ///
     /// ```no_run
@@ -154,7 +155,7 @@ impl Context {
 
     /// From a service's constructor: have the head pass every successful result that one of
     /// `rules` matches to `method(tag, value)` of this service, where the result lands.
-    pub fn watch_results(
+    pub(crate) fn watch_results(
         &self,
         method: &str,
         rules: Vec<chia_core::protocol::WatchRule>,
@@ -296,7 +297,7 @@ impl<T: DeserializeOwned> ObjectRef<T> {
 impl<T> ObjectRef<T> {
     /// Cancels the call: if it has not started it never will; if it runs, its context reports
     /// it cancelled ([`Context::is_cancelled`]) and its child processes get SIGTERM, then
-    /// SIGKILL after [`CANCEL_GRACE`](crate::process::CANCEL_GRACE). Either way `get` returns
+    /// SIGKILL after [`CANCEL_GRACE`](crate::CANCEL_GRACE). Either way `get` returns
     /// `TaskError::Cancelled`, and it is never retried. A call that already ended keeps its
     /// result.
     pub fn cancel(&self) -> Result<(), Error> {
@@ -442,6 +443,8 @@ pub(crate) enum ArgKind {
 
 /// What can be passed where a function takes a `T`: a `T` itself, or an `ObjectRef<T>`.
 pub trait IntoArg<T> {
+    /// The argument, encoded (used by the generated `call`/`remote`).
+    #[doc(hidden)]
     fn into_arg(self) -> ArgInput;
 }
 

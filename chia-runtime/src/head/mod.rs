@@ -40,8 +40,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-pub use chia_core::HEAD_NODE_NAME;
-pub use chia_head_core::{HeadStats, INLINE_RESULT_BYTES};
+pub use chia_head_core::HeadStats;
 
 /// How long a connected peer has to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -158,14 +157,10 @@ impl Drop for HeadHandle {
     }
 }
 
-/// Starts a head listening on `listen` with `credentials`. Its own node is not joined yet:
-/// [`HeadWithNode`](crate::local::HeadWithNode) starts both.
-pub async fn start_head(listen: SocketAddr, credentials: HeadCredentials) -> Result<HeadHandle, Error> {
-    start_head_with(listen, credentials, HeadOptions::default()).await
-}
-
-/// [`start_head`] with explicit [`HeadOptions`]. The services kept in the state directory
-/// start again when the head's own node joins: those pinned to the head need it.
+/// Starts a head listening on `listen` with `credentials` and `options`. Its own node is not
+/// joined yet: [`HeadWithNode`](crate::local::HeadWithNode) starts both. The services kept in
+/// the state directory start again when the head's own node joins: those pinned to the head
+/// need it.
 pub async fn start_head_with(
     listen: SocketAddr,
     credentials: HeadCredentials,

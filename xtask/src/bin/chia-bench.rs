@@ -4,8 +4,8 @@
 //! Each figure is one line `name value unit`; `--json` prints the same as JSON. Figures whose
 //! feature has not landed yet are printed as `n/a` with the reason.
 
-use chia::core::{FunctionKey, NodeId, TaskId};
-use chia::scheduler::{Command, Event, Scheduler};
+use chia::internals::core::{FunctionKey, NodeId, TaskId};
+use chia::internals::scheduler::{Command, Event, Scheduler};
 use chia::{Bytes, Context, LocalCluster, Resources};
 use clap::Parser;
 use std::collections::VecDeque;
@@ -395,9 +395,9 @@ async fn cluster_with(
         Journal::Off => None,
         Journal::On => Some(tempfile::tempdir()?),
     };
-    let options = chia::head::HeadOptions {
+    let options = chia::internals::HeadOptions {
         state_dir: state.as_ref().map(|dir| dir.path().to_path_buf()),
-        ..chia::head::HeadOptions::default()
+        ..chia::internals::HeadOptions::default()
     };
     let cluster = LocalCluster::start_with(vec![resources(""); workers], options).await?;
     watched(&cluster).await?;
@@ -525,9 +525,9 @@ async fn measure_head(head: &mut std::process::Child, tasks: usize) -> BenchResu
     BufReader::new(head.stdout.take().ok_or("no stdout")?).read_line(&mut line)?;
     let file =
         line.split_whitespace().find_map(|p| p.strip_prefix("cluster_file=")).ok_or("no ready line")?;
-    let credentials = chia::tls::ClusterCredentials::load(Path::new(file))?;
-    let worker = chia::worker::Worker::connect(&credentials, "bench", resources("CPU=1")).await?;
-    let (client, _) = chia::client::Client::connect(&credentials, "driver", None).await?;
+    let credentials = chia::internals::tls::ClusterCredentials::load(Path::new(file))?;
+    let worker = chia::internals::Worker::connect(&credentials, "bench", resources("CPU=1")).await?;
+    let (client, _) = chia::internals::Client::connect(&credentials, "driver", None).await?;
     let cx = Context::from_client(client);
     let held = hold::remote(&cx);
     // A zero-CPU probe runs past the queue; its result proves the head has taken in
@@ -696,8 +696,8 @@ fn rss_bytes(pid: u32) -> BenchResult<u64> {
 /// `chia list tasks` while `tasks` tasks are queued on 100 busy nodes, encoding included: the
 /// time the head's lock is held for them.
 fn status_answers(tasks: usize) -> (f64, f64) {
-    use chia::core::inspect::{Query, TaskFilter, TaskState};
-    use chia::core::protocol::{PROTOCOL_VERSION, PeerToHead, TaskSpec, WorkerOffer};
+    use chia::internals::core::inspect::{Query, TaskFilter, TaskState};
+    use chia::internals::core::protocol::{PROTOCOL_VERSION, PeerToHead, TaskSpec, WorkerOffer};
     let now = Instant::now();
     let mut core = chia_head_core::HeadCore::new(now, chia_head_core::CoreOptions::default());
     let function = FunctionKey::new("f", "0000000000000000");

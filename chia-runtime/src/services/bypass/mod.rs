@@ -114,17 +114,6 @@ fn by_name<T>(specs: impl Iterator<Item = (&'static str, T)>) -> HashMap<&'stati
     all
 }
 
-/// Runs a sync provider (called by `#[chia::provider]` code) without stalling the runtime's
-/// other tasks: on a multi-threaded runtime the thread hands its other work off first.
-pub fn run_sync<T>(provider: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(provider)
-        }
-        _ => provider(),
-    }
-}
-
 /// What a provider returns when its value is already serialized (e.g. bytes read from the
 /// cache): passed on unchanged. A provider may also return any `Serialize` value.
 #[derive(Clone, Debug, PartialEq, Eq)]
