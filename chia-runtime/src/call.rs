@@ -17,18 +17,18 @@ use std::time::Duration;
 
 /// A call being built: set a tag or options, then [`Call::remote`].
 ///
-/// ```no_run
+/// ```
 /// # extern crate chia_runtime as chia;
 /// #[chia::function(resources(adder = 1))]
 /// fn simple_add(x: i64, y: i64) -> i64 {
 ///     x + y
 /// }
 ///
-/// # async fn demo(cx: &chia::Context) -> Result<(), chia::Error> {
-/// let sum = simple_add::call(1, 2).tag("iter0").num_cpus(2.0).resource("adder", 0.5).remote(cx);
+/// # #[tokio::main] async fn main() -> Result<(), chia::Error> {
+/// let cx = chia::Init::new().local_resources("CPU=2,adder=1").connect().await?;
+/// let sum = simple_add::call(1, 2).tag("iter0").num_cpus(2.0).resource("adder", 0.5).remote(&cx);
 /// assert_eq!(sum.get().await?, 3);
 /// # Ok(()) }
-/// # fn main() {}
 /// ```
 #[must_use = "a call does nothing until .remote(&cx)"]
 pub struct Call<T> {

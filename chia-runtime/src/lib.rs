@@ -5,7 +5,7 @@
 //! `chia = { package = "chia-runtime", ... }`, define functions with
 //! [`#[chia::function]`](macro@function), connect with [`init`], and call them remotely:
 //!
-//! ```no_run
+//! ```
 //! # extern crate chia_runtime as chia;
 //! #[chia::function(resources(adder = 1))]
 //! fn simple_add(x: i64, y: i64) -> i64 {

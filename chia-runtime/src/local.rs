@@ -18,9 +18,9 @@ use std::sync::Arc;
 /// Joins the cluster named by `CHIA_CLUSTER_FILE`/`CHIA_ADDRESS`, or starts an embedded local
 /// cluster when neither is set (`CHIA_LOCAL_WORKERS`, `CHIA_LOCAL_RESOURCES` shape it).
 ///
-/// ```no_run
-/// # async fn demo() -> Result<(), chia_runtime::Error> {
-/// let cx = chia_runtime::init().await?;
+/// ```
+/// # #[tokio::main] async fn main() -> Result<(), chia_runtime::Error> {
+/// let cx = chia_runtime::init().await?; // here: an embedded cluster of 2 workers
 /// println!("connected as {}", cx.node_name());
 /// # Ok(()) }
 /// ```

@@ -126,18 +126,22 @@ impl Context {
     /// own, marked with the task (and, in a worker contained by cgroup, in the task's cgroup):
     /// when the task is cancelled, ends, or its worker stops or dies, the program and
     /// everything it started — a `setsid` daemon included — are killed, so no tool outlives
-    /// its task (ARCHITECTURE.md, "Cancellation and processes", says what holds where). Outside a task the
-    /// child only gets its own group and is killed when the returned handle is dropped.
+    /// its task (ARCHITECTURE.md, "Cancellation and processes", says what holds where).
+    /// Outside a task the child only gets its own group and is killed when the returned handle
+    /// is dropped.
     ///
-    /// ```no_run
+    /// ```
     /// # extern crate chia_runtime as chia;
     /// #[chia::function]
     /// async fn build(cx: &chia::Context, target: String) -> Result<bool, std::io::Error> {
-    ///     let mut make = tokio::process::Command::new("make");
-    ///     let status = cx.spawn(make.arg(&target))?.wait().await?;
+    ///     let mut make = tokio::process::Command::new("sh");
+    ///     let status = cx.spawn(make.args(["-c", "test -n \"$0\"", &target]))?.wait().await?;
     ///     Ok(status.success())
     /// }
-    /// # fn main() {}
+    /// # #[tokio::main] async fn main() -> Result<(), chia::Error> {
+    /// let cx = chia::init().await?;
+    /// assert!(build::remote(&cx, "all".to_string()).get().await?);
+    /// # Ok(()) }
     /// ```
     pub fn spawn(&self, command: &mut tokio::process::Command) -> std::io::Result<tokio::process::Child> {
         crate::driver::process::spawn(self.running.as_ref().map(|r| &*r.control), command)

@@ -7,10 +7,14 @@
 //! provider). Values are the serialized bytes the runtime already has; the cache never decodes
 //! or re-encodes them.
 //!
-//! ```no_run
+//! ```
 //! # extern crate chia_runtime as chia;
-//! # async fn demo(cx: &chia::Context) -> Result<(), chia::Error> {
-//! let cache = chia::cache::start_cache(cx, 4.0, "GB", "/data/chia_cache", Some("loop.yaml".as_ref()), None).await?;
+//! use chia::cache::{CacheOptions, start_cache};
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! # let cache_dir = dir.path().join("chia_cache");
+//! let cx = chia::init().await?;
+//! let cache = start_cache(&cx, CacheOptions::in_dir(cache_dir).size(4.0, "GB")).await?;
 //! cache.write("iter0", &vec![1u32, 2, 3]).await?;
 //! let hit: Option<Vec<u32>> = cache.read("iter0").await?;
 //! assert_eq!(hit, Some(vec![1, 2, 3]));

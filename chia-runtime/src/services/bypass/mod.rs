@@ -18,7 +18,7 @@
 //! [`#[chia::condition]`](macro@crate::condition); every binary that may run them (workers for
 //! providers, callers for conditions) links them, as it links the remote functions.
 //!
-//! ```no_run
+//! ```
 //! # extern crate chia_runtime as chia;
 //! use chia::bypass::{Bypass, BypassCall};
 //!
@@ -33,12 +33,15 @@
 //!     42
 //! }
 //!
-//! # async fn demo(cx: &chia::Context) -> Result<(), chia::Error> {
-//! let bypass = Bypass::load(cx, Some("loop.yaml".as_ref())).await?; // `simple_add: true`
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! # let yaml = dir.path().join("loop.yaml");
+//! # std::fs::write(&yaml, "bypass:\n  simple_add: true\n")?;
+//! let cx = chia::Init::new().local_resources("adder=1").connect().await?;
+//! let bypass = Bypass::load(&cx, Some(&yaml)).await?; // loop.yaml: `bypass: {simple_add: true}`
 //! bypass.set_provider("simple_add", &provider_42::PROVIDER)?;
-//! assert_eq!(simple_add::remote(cx, 1, 2).get().await?, 42);
+//! assert_eq!(simple_add::remote(&cx, 1, 2).get().await?, 42);
 //! # Ok(()) }
-//! # fn main() {}
 //! ```
 //!
 //! With no YAML (`Bypass::load(cx, None)`), nothing is installed and dispatch does not look
