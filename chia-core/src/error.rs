@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 /// Why a task produced no value. Every variant names the function, so a driver can print it
 /// as it is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
 pub enum TaskError {
     /// The function returned `Err`; `message` is the error's `Display` text.
     #[error("{function} returned an error: {message}")]

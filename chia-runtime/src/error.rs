@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Everything a call into the runtime can fail with. Match on the kind you handle and keep a
+/// `_` arm: new kinds may be added.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The task ran (or was rejected) and failed; the inner error names the function.
     #[error(transparent)]
@@ -22,6 +25,21 @@ pub enum Error {
     /// Connecting to or starting the cluster failed.
     #[error("{0}")]
     Setup(String),
+    /// A value could not be encoded (MessagePack) to be sent: `what` names it.
+    #[error("{what} could not be encoded: {message}")]
+    Encode { what: String, message: String },
+    /// A blocking call (`get_blocking`, `remote_blocking`) was made on a current-thread tokio
+    /// runtime, where it would wait forever for the thread it blocks.
+    #[error("a blocking chia call was made on a current-thread tokio runtime; use `.await` instead")]
+    BlockingOnCurrentThread,
+    /// A saved bypass names a provider or condition that is not linked into this binary.
+    #[error(
+        "the saved bypass names the {kind} {name} for {function}, which is not linked into this binary; define it with #[chia::{kind}] in a crate this binary links"
+    )]
+    NotLinked { kind: &'static str, name: String, function: String },
+    /// A bypass provider could not read the recorded data of `function`.
+    #[error("bypass data of {function}: {message}")]
+    BypassData { function: String, message: String },
     /// The cache's budget is invalid, or its store could not be opened.
     #[error(transparent)]
     Cache(Arc<chia_cache::CacheError>),

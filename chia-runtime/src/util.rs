@@ -40,10 +40,7 @@ pub fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 pub(crate) fn block_on<F: Future>(handle: &tokio::runtime::Handle, future: F) -> Result<F::Output, Error> {
     match tokio::runtime::Handle::try_current() {
         Ok(current) if current.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => {
-            Err(Error::Setup(
-                "a blocking chia call was made on a current-thread tokio runtime; use `.await` instead"
-                    .into(),
-            ))
+            Err(Error::BlockingOnCurrentThread)
         }
         Ok(_) => Ok(tokio::task::block_in_place(|| handle.block_on(future))),
         Err(_) => Ok(handle.block_on(future)),

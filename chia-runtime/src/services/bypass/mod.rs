@@ -131,7 +131,9 @@ impl Provided {
 
     /// Serializes `value` as the runtime serializes results.
     pub fn value<T: Serialize + ?Sized>(value: &T) -> Result<Provided, Error> {
-        rmp_serde::to_vec_named(value).map(Provided).map_err(|e| Error::Setup(format!("cannot encode: {e}")))
+        rmp_serde::to_vec_named(value)
+            .map(Provided)
+            .map_err(|e| Error::Encode { what: "a provided value".into(), message: e.to_string() })
     }
 }
 
@@ -211,22 +213,25 @@ impl BypassCall {
 
     /// The text of the function's `data:` file, read on the head node.
     pub async fn read_data(&self) -> Result<String, Error> {
-        let path = self.data.as_deref().ok_or_else(|| {
-            Error::Setup(format!("{} has no `data:` path in the bypass configuration", self.function))
-        })?;
+        let data_error = |message: String| Error::BypassData { function: self.function.clone(), message };
+        let path = self
+            .data
+            .as_deref()
+            .ok_or_else(|| data_error("there is no `data:` path in the bypass configuration".into()))?;
         let bytes = self.read_file(path).await?;
         String::from_utf8(bytes)
-            .map_err(|e| Error::Setup(format!("data file {} is not UTF-8 text: {e}", path.display())))
+            .map_err(|e| data_error(format!("the file {} is not UTF-8 text: {e}", path.display())))
     }
 
     /// The bytes of `path`, read on the head node by the job's file server. Only the `data:`
     /// files the job's configuration names can be read.
     pub async fn read_file(&self, path: &Path) -> Result<Vec<u8>, Error> {
-        let name = self.file_server.as_deref().ok_or_else(|| {
-            Error::Setup(format!(
+        let name = self.file_server.as_deref().ok_or_else(|| Error::BypassData {
+            function: self.function.clone(),
+            message: format!(
                 "cannot read {}: the job's bypass configuration names no `data:` files, so no file server runs",
                 path.display()
-            ))
+            ),
         })?;
         let server = BypassFilesHandle::lookup(&self.context, name, None).await?.ok_or_else(|| {
             Error::Task(TaskError::ServiceUnavailable {
@@ -353,16 +358,20 @@ impl Bypass {
     pub async fn from_state(cx: &Context, state: BypassState) -> Result<Bypass, Error> {
         for (function, provider) in &state.providers {
             if !providers().contains_key(provider.as_str()) {
-                return Err(Error::Setup(format!(
-                    "the saved bypass runs the provider {provider} for {function}, which is not linked into this binary; define it with #[chia::provider] in a crate this binary links"
-                )));
+                return Err(Error::NotLinked {
+                    kind: "provider",
+                    name: provider.clone(),
+                    function: function.clone(),
+                });
             }
         }
         for (function, condition) in &state.conditions {
             if !conditions().contains_key(condition.as_str()) {
-                return Err(Error::Setup(format!(
-                    "the saved bypass checks the condition {condition} for {function}, which is not linked into this binary; define it with #[chia::condition] in a crate this binary links"
-                )));
+                return Err(Error::NotLinked {
+                    kind: "condition",
+                    name: condition.clone(),
+                    function: function.clone(),
+                });
             }
         }
         let bypass = Bypass::with_config(cx, state.config).await?;
@@ -396,7 +405,7 @@ impl Bypass {
         let plan = self.plan();
         if !plan.is_empty() || self.own.revision() > 0 {
             let settings = rmp_serde::to_vec_named(&plan)
-                .map_err(|e| Error::Setup(format!("the bypass plan cannot be encoded: {e}")))?;
+                .map_err(|e| Error::Encode { what: "the bypass plan".into(), message: e.to_string() })?;
             let revision = self.own.next_revision();
             let job = self.cx.client().session();
             self.cx
