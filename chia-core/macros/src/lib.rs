@@ -164,9 +164,6 @@ const VALID_OPTIONS: &str = "valid options are `resources(name = amount, ..)`, `
                              `max_retries = N`, `retry_exceptions = true`, `timeout_s = N`, \
                              `setup = path`, `cleanup = path` and `name = \"...\"`";
 
-/// Fixed-point scale of resource amounts: 1.0 = 10,000.
-const SCALE: u64 = 10_000;
-
 struct Options {
     name: Option<String>,
     resources: Vec<(String, u64)>,
@@ -186,7 +183,7 @@ impl Parse for Options {
         let mut options = Options {
             name: None,
             resources: Vec::new(),
-            num_cpus: SCALE,
+            num_cpus: chia_core::ResourceAmount::SCALE,
             max_retries: 3,
             retry_exceptions: false,
             timeout_ms: None,
@@ -378,23 +375,10 @@ fn parse_number(input: ParseStream) -> syn::Result<Lit> {
     }
 }
 
-/// `"1.25"` → 12,500. Exact: no float arithmetic, at most 4 decimals.
+/// `"1.25"` → 12,500: `chia-core`'s parsing, the one the runtime uses for amounts (exact, at
+/// most 4 decimals, no sign or exponent).
 fn fixed_point(text: &str) -> Result<u64, String> {
-    let (whole, frac) = text.split_once('.').unwrap_or((text, ""));
-    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
-    if whole.is_empty() || !digits(whole) || !digits(frac) {
-        return Err("write the amount as a plain decimal number such as `2` or `0.25`".to_string());
-    }
-    if frac.len() > 4 {
-        return Err("amounts have at most 4 decimals".to_string());
-    }
-    let frac_units = format!("{frac:0<4}").parse::<u64>().unwrap_or(0);
-    whole
-        .parse::<u64>()
-        .ok()
-        .and_then(|w| w.checked_mul(SCALE))
-        .and_then(|w| w.checked_add(frac_units))
-        .ok_or_else(|| "amount is too large".to_string())
+    text.parse::<chia_core::ResourceAmount>().map(chia_core::ResourceAmount::as_fixed).map_err(|e| e.to_string())
 }
 
 fn parse_max_retries(input: ParseStream) -> syn::Result<i32> {

@@ -90,19 +90,25 @@ impl FunctionSpec {
 pub fn functions() -> &'static HashMap<&'static str, &'static FunctionSpec> {
     static ALL: OnceLock<HashMap<&'static str, &'static FunctionSpec>> = OnceLock::new();
     ALL.get_or_init(|| {
-        let mut all = HashMap::new();
-        for spec in inventory::iter::<FunctionSpec> {
-            if let Some(previous) = all.insert(spec.name, spec) {
-                tracing::error!(
-                    "two remote functions are registered as {:?} ({} and {}); the second wins — give one a `name = \"...\"`",
-                    spec.name,
-                    previous.signature,
-                    spec.signature
-                );
-            }
-        }
-        all
+        by_name("remote functions", inventory::iter::<FunctionSpec>.into_iter().map(|spec| (spec.name, spec)))
     })
+}
+
+/// The registrations of one kind (`what`) by name. Two of one name are a mistake the linker
+/// cannot see (two crates, or two `name = ".."` alike): logged, and the later one kept.
+pub(crate) fn by_name<T>(
+    what: &str,
+    specs: impl Iterator<Item = (&'static str, T)>,
+) -> HashMap<&'static str, T> {
+    let mut all = HashMap::new();
+    for (name, spec) in specs {
+        if all.insert(name, spec).is_some() {
+            tracing::error!(
+                "two {what} are registered as {name:?}; the second wins — give one a `name = \"...\"`"
+            );
+        }
+    }
+    all
 }
 
 /// Decodes argument `index` of `function` (called by macro-generated code).
@@ -179,16 +185,10 @@ impl ServiceSpec {
 pub fn services() -> &'static HashMap<&'static str, &'static ServiceSpec> {
     static ALL: OnceLock<HashMap<&'static str, &'static ServiceSpec>> = OnceLock::new();
     ALL.get_or_init(|| {
-        let mut all = HashMap::new();
-        for spec in inventory::iter::<ServiceSpec> {
-            if all.insert(spec.type_name, spec).is_some() {
-                tracing::error!(
-                    "two service types are registered as {:?}; the second wins — give one a `name = \"...\"`",
-                    spec.type_name
-                );
-            }
-        }
-        all
+        by_name(
+            "service types",
+            inventory::iter::<ServiceSpec>.into_iter().map(|spec| (spec.type_name, spec)),
+        )
     })
 }
 

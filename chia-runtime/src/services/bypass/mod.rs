@@ -61,6 +61,7 @@ pub use files::{BypassFiles, BypassFilesHandle};
 
 use crate::driver::context::{ArgInput, ArgKind, Context, ObjectRef};
 use crate::driver::job::{JobLink, OwnJob};
+use crate::driver::registry::by_name;
 use crate::error::Error;
 use crate::services::service::ServiceOptions;
 use crate::util::{CatchUnwind, block_on, panic_message};
@@ -96,25 +97,20 @@ inventory::collect!(ConditionSpec);
 /// Providers linked into this binary, by name.
 pub fn providers() -> &'static HashMap<&'static str, &'static ProviderSpec> {
     static ALL: OnceLock<HashMap<&'static str, &'static ProviderSpec>> = OnceLock::new();
-    ALL.get_or_init(|| by_name(inventory::iter::<ProviderSpec>.into_iter().map(|spec| (spec.name, spec))))
+    ALL.get_or_init(|| {
+        by_name("bypass providers", inventory::iter::<ProviderSpec>.into_iter().map(|spec| (spec.name, spec)))
+    })
 }
 
 /// Conditions linked into this binary, by name.
 pub fn conditions() -> &'static HashMap<&'static str, &'static ConditionSpec> {
     static ALL: OnceLock<HashMap<&'static str, &'static ConditionSpec>> = OnceLock::new();
-    ALL.get_or_init(|| by_name(inventory::iter::<ConditionSpec>.into_iter().map(|spec| (spec.name, spec))))
-}
-
-fn by_name<T>(specs: impl Iterator<Item = (&'static str, T)>) -> HashMap<&'static str, T> {
-    let mut all = HashMap::new();
-    for (name, spec) in specs {
-        if all.insert(name, spec).is_some() {
-            tracing::error!(
-                "two bypass providers or conditions are registered as {name:?}; the second wins — give one a `name = \"...\"`"
-            );
-        }
-    }
-    all
+    ALL.get_or_init(|| {
+        by_name(
+            "bypass conditions",
+            inventory::iter::<ConditionSpec>.into_iter().map(|spec| (spec.name, spec)),
+        )
+    })
 }
 
 /// What a provider returns when its value is already serialized (e.g. bytes read from the
