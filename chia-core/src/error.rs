@@ -71,6 +71,10 @@ pub enum TaskError {
     /// The result could not be encoded on the worker.
     #[error("{function}: its result could not be encoded: {message}")]
     BadResult { function: String, message: String },
+    /// The call's placement group could not take it, or (answering a group's `ready`) the
+    /// group cannot be placed or is gone.
+    #[error("placement group {group} {problem}")]
+    PlacementGroup { group: String, problem: crate::placement::GroupProblem },
     /// The call was bypassed and what replaced it failed: the provider returned an error, is
     /// not linked into the worker, or the recorded `data:` file could not be read.
     #[error("{function} (bypassed by {provider}): {message}")]

@@ -288,7 +288,7 @@ impl HeadCore {
                 creator_answered: false,
             },
         );
-        self.place_instance(task, session, id, &start.service_type, start.request, start.args);
+        self.place_instance(task, session, id, &start.service_type, start.request, start.args, start.placement);
     }
 
     /// Asks the scheduler to place an instance of `service_type` for `service`, as the task
@@ -301,6 +301,7 @@ impl HeadCore {
         service_type: &FunctionKey,
         request: chia_core::Resources,
         args: Vec<Arg>,
+        placement: Option<Box<chia_core::placement::Placement>>,
     ) {
         let deps = ref_args(&args);
         self.hold_deps(&deps);
@@ -326,6 +327,7 @@ impl HeadCore {
             deps,
             max_retries: 0,
             retry_exceptions: false,
+            placement,
         });
     }
 
@@ -629,7 +631,7 @@ impl HeadCore {
         );
         self.end_creation_task(old_creation, placed, error);
         let args = spec.args.into_iter().map(Arg::Value).collect();
-        self.place_instance(task, HEAD_SESSION, service, &spec.service_type, spec.request, args);
+        self.place_instance(task, HEAD_SESSION, service, &spec.service_type, spec.request, args, spec.placement);
     }
 
     /// Starts again the detached services a previous head on the same state directory ran

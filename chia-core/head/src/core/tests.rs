@@ -86,6 +86,7 @@ impl Env {
             functions: functions.iter().map(|f| FunctionKey::new(*f, SIG)).collect(),
             services: vec![FunctionKey::new("Counter", SIG)],
             head_node: false,
+            labels: Default::default(),
         };
         self.open_from(remote, name, Some(offer))
     }
@@ -134,6 +135,7 @@ fn spec(task: TaskId, function: &str, args: Vec<Arg>) -> TaskSpec {
         retry_exceptions: false,
         job: None,
         timeout_ms: None,
+        placement: None,
     }
 }
 
@@ -349,6 +351,7 @@ fn bytes_still_arriving_keep_a_worker_alive_and_the_head_node_never_expires() {
         functions: vec![],
         services: vec![],
         head_node: true,
+        labels: Default::default(),
     };
     let head = env.open("anything", Some(offer));
     assert_eq!(env.core.session_name(head), Some(HEAD_NODE_NAME));
@@ -444,6 +447,7 @@ fn counter_start(task: TaskId, detached: bool) -> ServiceStart {
         request: Resources::parse("CPU=0.1").expect("valid"),
         args: vec![Arg::Value(value(0))],
         max_restarts: 0,
+        placement: None,
     }
 }
 
@@ -1143,6 +1147,7 @@ fn explain_says_when_no_node_offers_the_function_or_only_another_signature() {
         functions: vec![FunctionKey::new("g", "ffffffffffffffff")],
         services: Vec::new(),
         head_node: false,
+        labels: Default::default(),
     };
     env.open_from("10.0.0.9:4000", "w2", Some(other_build));
     assert_eq!(

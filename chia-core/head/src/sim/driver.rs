@@ -345,6 +345,7 @@ impl SimDriver {
             retry_exceptions,
             job: None,
             timeout_ms: None,
+            placement: None,
         }));
         let kind = Kind::Function {
             function: function as u8,
@@ -381,6 +382,7 @@ impl SimDriver {
                 .map(Arg::Value)
                 .collect(),
             max_restarts: [0, 1, -1][self.rng.weighted(&[2, 2, 1])],
+            placement: None,
         };
         self.starts.insert(task.seq(), start.clone());
         fx.sends.push(PeerToHead::StartService(start));
