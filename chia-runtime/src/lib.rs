@@ -69,7 +69,7 @@ pub mod api {
 }
 /// The head's placement state machine (re-exported from `chia-head-core`).
 pub use chia_head_core::scheduler;
-pub use driver::{client, contain, inspect, process, registry};
+pub use driver::{client, contain, inspect, placement, process, registry};
 pub use net::{members, tls, transport};
 pub use services::{bypass, cache, service};
 
