@@ -27,9 +27,7 @@ pub enum LabelError {
     #[error("label {0:?} is not KEY=VALUE")]
     BadEntry(String),
     /// A key that is empty, too long or has a character outside the allowed set.
-    #[error(
-        "label key {0:?} must be 1 to 63 characters of ASCII letters, digits, '-', '_', '.' or '/'"
-    )]
+    #[error("label key {0:?} must be 1 to 63 characters of ASCII letters, digits, '-', '_', '.' or '/'")]
     BadKey(String),
     /// A value that is empty, too long or has a character outside the allowed set.
     #[error(
@@ -73,7 +71,8 @@ impl Labels {
     pub fn parse(text: &str) -> Result<Labels, LabelError> {
         let mut labels = Labels::new();
         for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-            let (key, value) = entry.split_once('=').ok_or_else(|| LabelError::BadEntry(entry.to_string()))?;
+            let (key, value) =
+                entry.split_once('=').ok_or_else(|| LabelError::BadEntry(entry.to_string()))?;
             let key = key.trim();
             if labels.0.contains_key(key) {
                 return Err(LabelError::Duplicate(key.to_string()));
@@ -280,16 +279,18 @@ impl GroupSpec {
             return Err("a placement group needs at least one bundle".into());
         }
         if self.bundles.len() > MAX_BUNDLES {
-            return Err(format!("{} bundles are more than the {MAX_BUNDLES} a group may have", self.bundles.len()));
+            return Err(format!(
+                "{} bundles are more than the {MAX_BUNDLES} a group may have",
+                self.bundles.len()
+            ));
         }
         for (index, bundle) in self.bundles.iter().enumerate() {
             if bundle.is_empty() {
                 return Err(format!("bundle {index} reserves nothing (give it CPU or another resource)"));
             }
-            if let Some((name, _)) = bundle
-                .iter()
-                .find(|(name, _)| name.starts_with(GROUP_PREFIX) || name.starts_with(crate::resources::NODE_PREFIX))
-            {
+            if let Some((name, _)) = bundle.iter().find(|(name, _)| {
+                name.starts_with(GROUP_PREFIX) || name.starts_with(crate::resources::NODE_PREFIX)
+            }) {
                 return Err(format!("bundle {index} reserves {name}, a resource no bundle may reserve"));
             }
         }

@@ -37,7 +37,9 @@ async fn run(call: chia::Call<String>, cx: &Context) -> String {
 
 /// Waits for the head's infeasible report on `object` (short waits repeat until the report
 /// has arrived: it is an event, not a delay).
-async fn infeasible_reason<T: serde::de::DeserializeOwned + std::fmt::Debug>(object: &chia::ObjectRef<T>) -> String {
+async fn infeasible_reason<T: serde::de::DeserializeOwned + std::fmt::Debug>(
+    object: &chia::ObjectRef<T>,
+) -> String {
     tokio::time::timeout(BOUND, async {
         loop {
             match object.get_timeout(Duration::from_millis(50)).await {
@@ -86,23 +88,24 @@ async fn calls_run_only_on_nodes_with_their_labels() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_pack_and_strict_spread_place_bundles_and_their_calls() {
     let cx = cluster().await;
-    let packed = PlacementGroup::create(&cx, [Bundle::new().cpus(1.0), Bundle::new().cpus(1.0)], PlacementStrategy::StrictPack);
+    let packed = PlacementGroup::create(
+        &cx,
+        [Bundle::new().cpus(1.0), Bundle::new().cpus(1.0)],
+        PlacementStrategy::StrictPack,
+    );
     let nodes = tokio::time::timeout(BOUND, packed.ready()).await.expect("bounded").expect("placed");
     assert_eq!(nodes.len(), 2);
     assert_eq!(nodes[0], nodes[1], "STRICT_PACK: one node");
     // Asking again answers at once.
     assert_eq!(packed.ready().await.expect("still placed"), nodes);
-    for bundle in 0..2 {
-        assert_eq!(run(where_am_i::call().in_group(&packed, bundle), &cx).await, nodes[bundle]);
+    for (bundle, node) in nodes.iter().enumerate() {
+        assert_eq!(&run(where_am_i::call().in_group(&packed, bundle), &cx).await, node);
     }
     assert_eq!(run(where_am_i::call().in_any_bundle(&packed), &cx).await, nodes[0]);
     packed.remove().await.expect("removed");
 
-    let spread = PlacementGroup::create(
-        &cx,
-        (0..3).map(|_| Bundle::new().cpus(1.0)),
-        PlacementStrategy::StrictSpread,
-    );
+    let spread =
+        PlacementGroup::create(&cx, (0..3).map(|_| Bundle::new().cpus(1.0)), PlacementStrategy::StrictSpread);
     let nodes = tokio::time::timeout(BOUND, spread.ready()).await.expect("bounded").expect("placed");
     let mut distinct = nodes.clone();
     distinct.sort();
@@ -114,19 +117,28 @@ async fn strict_pack_and_strict_spread_place_bundles_and_their_calls() {
     // More than a bundle holds, or a bundle it does not have: refused, saying so.
     let big = where_am_i::call().num_cpus(2.0).in_group(&spread, 0).remote(&cx).get().await;
     assert!(
-        matches!(&big, Err(Error::Task(TaskError::PlacementGroup { problem: GroupProblem::TooSmall { .. }, .. }))),
+        matches!(
+            &big,
+            Err(Error::Task(TaskError::PlacementGroup { problem: GroupProblem::TooSmall { .. }, .. }))
+        ),
         "{big:?}"
     );
     let missing = where_am_i::call().in_group(&spread, 7).remote(&cx).get().await;
-    assert!(matches!(&missing, Err(Error::Task(TaskError::InvalidCall { message, .. })) if message.contains("no bundle 7")), "{missing:?}");
+    assert!(
+        matches!(&missing, Err(Error::Task(TaskError::InvalidCall { message, .. })) if message.contains("no bundle 7")),
+        "{missing:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_infeasible_strict_spread_is_reported_as_such() {
     let cx = cluster().await;
-    let group = PlacementGroup::create(&cx, (0..4).map(|_| Bundle::new().cpus(1.0)), PlacementStrategy::StrictSpread);
+    let group =
+        PlacementGroup::create(&cx, (0..4).map(|_| Bundle::new().cpus(1.0)), PlacementStrategy::StrictSpread);
     let error = tokio::time::timeout(BOUND, group.ready()).await.expect("bounded").expect_err("infeasible");
-    let Error::Task(TaskError::PlacementGroup { group: id, problem: GroupProblem::Infeasible { reason } }) = &error else {
+    let Error::Task(TaskError::PlacementGroup { group: id, problem: GroupProblem::Infeasible { reason } }) =
+        &error
+    else {
         panic!("{error:?}")
     };
     assert_eq!(id, &group.id().to_string());
@@ -162,9 +174,15 @@ async fn removing_a_group_gives_its_reservation_back() {
     let waiting = where_am_i::call().label("fpga", "vu9p").num_cpus(2.0).remote(&cx);
     let explained = tokio::time::timeout(BOUND, async {
         loop {
-            let answer = chia::inspect::ask(&cx, chia::core::inspect::Query::Explain(waiting.id())).await.expect("explain");
-            let chia::core::inspect::Answer::Explain(explanation) = answer else { panic!("not an explanation") };
-            if let Some(reason) = explanation.reasons.iter().find(|r| matches!(r, chia::core::inspect::Reason::Busy { .. })) {
+            let answer = chia::inspect::ask(&cx, chia::core::inspect::Query::Explain(waiting.id()))
+                .await
+                .expect("explain");
+            let chia::core::inspect::Answer::Explain(explanation) = answer else {
+                panic!("not an explanation")
+            };
+            if let Some(reason) =
+                explanation.reasons.iter().find(|r| matches!(r, chia::core::inspect::Reason::Busy { .. }))
+            {
                 break format!("{reason:?}");
             }
         }
@@ -177,7 +195,10 @@ async fn removing_a_group_gives_its_reservation_back() {
     // Removing again is not an error; ready() on a removed group says it is unknown.
     group.remove().await.expect("removing twice");
     let gone = group.ready().await;
-    assert!(matches!(&gone, Err(Error::Task(TaskError::PlacementGroup { problem: GroupProblem::Unknown, .. }))), "{gone:?}");
+    assert!(
+        matches!(&gone, Err(Error::Task(TaskError::PlacementGroup { problem: GroupProblem::Unknown, .. }))),
+        "{gone:?}"
+    );
     for other in others {
         other.remove().await.expect("removed");
     }

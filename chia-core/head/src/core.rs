@@ -1180,7 +1180,9 @@ fn check_offer(offer: &chia_core::protocol::WorkerOffer) -> Result<(), Rejection
     use chia_core::placement::{GROUP_PREFIX, Labels};
     if let Some((name, _)) = offer.resources.iter().find(|(name, _)| name.starts_with(GROUP_PREFIX)) {
         return Err(Rejection {
-            reason: format!("the worker offers the resource {name}, but names starting with {GROUP_PREFIX:?} belong to placement groups"),
+            reason: format!(
+                "the worker offers the resource {name}, but names starting with {GROUP_PREFIX:?} belong to placement groups"
+            ),
         });
     }
     let mut checked = Labels::new();

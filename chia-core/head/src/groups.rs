@@ -23,11 +23,15 @@ impl HeadCore {
             return;
         }
         if self.scheduler.group_status(spec.group).is_some() {
-            tracing::warn!("{session} created the placement group {} twice; the second is ignored", spec.group);
+            tracing::warn!(
+                "{session} created the placement group {} twice; the second is ignored",
+                spec.group
+            );
             return;
         }
         if let Err(message) = spec.validate() {
-            let error = TaskError::InvalidCall { function: format!("placement group {}", spec.group), message };
+            let error =
+                TaskError::InvalidCall { function: format!("placement group {}", spec.group), message };
             return self.reply::<()>(session, task, Err(error));
         }
         let owner = spec.job.unwrap_or(session);

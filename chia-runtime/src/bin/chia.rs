@@ -491,7 +491,10 @@ fn print_nodes(nodes: &[NodeView]) {
             ]
         })
         .collect();
-    table(&["NODE", "ADDRESS", "UP", "HEARD", "TOTAL", "FREE", "RUNNING", "STATE", "LABELS", "OFFERS"], &rows);
+    table(
+        &["NODE", "ADDRESS", "UP", "HEARD", "TOTAL", "FREE", "RUNNING", "STATE", "LABELS", "OFFERS"],
+        &rows,
+    );
 }
 
 fn print_tasks(tasks: &[TaskView]) {
@@ -627,7 +630,9 @@ fn print_explanation(explanation: &Explanation) {
                 format!("{queued_ahead} older task(s) of its kind are ahead of it")
             }
             Reason::FitsNow { node } => format!("{node} has room for it now: it should be placed at once"),
-            Reason::LabelsDiffer { node, missing } => format!("{node} lacks the label(s) {}", missing.join(", ")),
+            Reason::LabelsDiffer { node, missing } => {
+                format!("{node} lacks the label(s) {}", missing.join(", "))
+            }
             Reason::WaitingForGroup { group, infeasible } => match infeasible {
                 Some(reason) => format!("its placement group {group} cannot be placed: {reason}"),
                 None => format!("it waits for its placement group {group} to be placed"),

@@ -168,9 +168,11 @@ impl PlacementGroup {
     pub async fn ready(&self) -> Result<Vec<String>, Error> {
         self.created.get().await?;
         let id = self.id;
-        let answer: ObjectRef<Vec<String>> = send_request(&self.cx, "placement group", Vec::new(), None, |task, _| {
-            PeerToHead::GroupReady { task, group: id }
-        });
+        let answer: ObjectRef<Vec<String>> =
+            send_request(&self.cx, "placement group", Vec::new(), None, |task, _| PeerToHead::GroupReady {
+                task,
+                group: id,
+            });
         answer.get().await
     }
 

@@ -152,8 +152,16 @@ impl ServiceHandle {
         options: ServiceOptions,
         args: Vec<ArgInput>,
     ) -> Result<ServiceHandle, Error> {
-        let ServiceOptions { name, namespace, detached, get_if_exists, request, max_restarts, placement, invalid } =
-            options;
+        let ServiceOptions {
+            name,
+            namespace,
+            detached,
+            get_if_exists,
+            request,
+            max_restarts,
+            placement,
+            invalid,
+        } = options;
         let started: ObjectRef<ServiceInfo> =
             send_request(cx, &format!("{}.new", spec.type_name), args, invalid, |task, args| {
                 PeerToHead::StartService(ServiceStart {

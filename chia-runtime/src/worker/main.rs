@@ -111,9 +111,7 @@ async fn run(args: WorkerArgs) -> Result<ExitCode, String> {
             }
         };
         let offer = NodeOffer { resources: resources.clone(), labels: labels.clone() };
-        return match stay_joined(&credentials, &name, offer, Backoff::default(), ready, until)
-            .await
-        {
+        return match stay_joined(&credentials, &name, offer, Backoff::default(), ready, until).await {
             Ok(()) => Ok(ExitCode::SUCCESS),
             Err(replaced) => Err(replaced.to_string()),
         };

@@ -1202,9 +1202,18 @@ fn a_worker_offering_group_resources_or_malformed_labels_is_refused() {
     assert!(rejection.reason.contains("group:0:any:CPU"), "{rejection}");
     offer.resources = Resources::parse("CPU=1").expect("valid");
     // Labels decoded from a frame skip the parser's checks: the head checks them.
-    offer.labels = rmp_serde::from_slice(&rmp_serde::to_vec_named(&[("rack", "a b")].into_iter().collect::<std::collections::BTreeMap<_, _>>()).unwrap()).unwrap();
+    offer.labels = rmp_serde::from_slice(
+        &rmp_serde::to_vec_named(
+            &[("rack", "a b")].into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
     let rejection = env.core.open_session(env.now, "test", hello(&offer)).unwrap_err();
-    assert!(rejection.reason.contains("the worker's labels") && rejection.reason.contains("rack"), "{rejection}");
+    assert!(
+        rejection.reason.contains("the worker's labels") && rejection.reason.contains("rack"),
+        "{rejection}"
+    );
     assert_eq!(env.core.stats().sessions, 0);
 }
 
@@ -1221,7 +1230,9 @@ fn ready_is_answered_when_the_group_is_placed_and_a_restart_keeps_the_group() {
     let ready = TaskId::new(driver, 2);
     env.send(driver, PeerToHead::GroupReady { task: ready, group: GroupId(group) });
     let answer = dones(&env.to(driver));
-    let [(t, Done::Failed(TaskError::PlacementGroup { problem, .. }))] = answer.as_slice() else { panic!("{answer:?}") };
+    let [(t, Done::Failed(TaskError::PlacementGroup { problem, .. }))] = answer.as_slice() else {
+        panic!("{answer:?}")
+    };
     assert_eq!(*t, ready);
     assert!(problem.to_string().contains("only 1 connected node(s) can hold one: w1"), "{problem}");
     // A call in it waits; a second worker makes it placeable, answering a waiting ready.

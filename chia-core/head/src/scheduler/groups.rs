@@ -213,7 +213,10 @@ impl Scheduler {
         self.commands.push(Command::GroupRemoved { group: id });
         let in_group = |sched: &Scheduler, slot: TaskSlot| {
             let shape = sched.tasks.get(slot).and_then(|t| t.state.shape()).and_then(|s| sched.shapes.get(s));
-            shape.and_then(|s| s.key.placement.as_deref()).and_then(|p| p.group).is_some_and(|b| b.group == id)
+            shape
+                .and_then(|s| s.key.placement.as_deref())
+                .and_then(|p| p.group)
+                .is_some_and(|b| b.group == id)
         };
         let mut tasks: Vec<(u64, TaskSlot)> = self
             .tasks
@@ -227,7 +230,8 @@ impl Scheduler {
             match task.state {
                 State::Running { .. } => self.task_cancelled(task.id, true),
                 State::Waiting { .. } | State::Queued { .. } => {
-                    let error = TaskError::PlacementGroup { group: id.to_string(), problem: GroupProblem::Removed };
+                    let error =
+                        TaskError::PlacementGroup { group: id.to_string(), problem: GroupProblem::Removed };
                     self.settle(slot, Err(error), true);
                 }
                 State::Finished | State::Failed(_) => {}
@@ -387,7 +391,11 @@ impl Scheduler {
                     .iter()
                     .take(SHOWN)
                     .map(|node| {
-                        format!("{} is short of {}", node.name, node.capacity.shortfall(&group.bundles[b]).join(", "))
+                        format!(
+                            "{} is short of {}",
+                            node.name,
+                            node.capacity.shortfall(&group.bundles[b]).join(", ")
+                        )
                     })
                     .collect();
                 return format!(
@@ -417,11 +425,15 @@ impl Scheduler {
             }
             GroupStrategy::StrictPack => {
                 let sum: Resources = sum_resources(todo.iter().map(|&b| &group.bundles[b]));
-                format!("STRICT_PACK needs one node with {sum} (the sum of its bundles), but no connected node has that much")
+                format!(
+                    "STRICT_PACK needs one node with {sum} (the sum of its bundles), but no connected node has that much"
+                )
             }
             GroupStrategy::Pack | GroupStrategy::Spread => {
                 let sum: Resources = sum_resources(todo.iter().map(|&b| &group.bundles[b]));
-                format!("its {k} bundle(s) need {sum} in all, more than the connected nodes can hold together")
+                format!(
+                    "its {k} bundle(s) need {sum} in all, more than the connected nodes can hold together"
+                )
             }
         }
     }
@@ -432,9 +444,13 @@ impl Scheduler {
         for (g, group) in self.groups.iter() {
             for (b, n) in group.nodes.iter().enumerate() {
                 let Some(n) = n else { continue };
-                let node = self.nodes.get(*n).ok_or_else(|| format!("{} bundle {b} is on a lost node", group.id))?;
+                let node =
+                    self.nodes.get(*n).ok_or_else(|| format!("{} bundle {b} is on a lost node", group.id))?;
                 if !node.bundles.contains(&(g, b as u32)) {
-                    return Err(format!("{} bundle {b} is on {}, which does not list it", group.id, node.name));
+                    return Err(format!(
+                        "{} bundle {b} is on {}, which does not list it",
+                        group.id, node.name
+                    ));
                 }
             }
             if group.placed() {
@@ -447,14 +463,27 @@ impl Scheduler {
                     GroupStrategy::Pack | GroupStrategy::Spread => true,
                 };
                 if !ok {
-                    return Err(format!("{} ({}) is placed on {} node(s)", group.id, group.strategy, nodes.len()));
+                    return Err(format!(
+                        "{} ({}) is placed on {} node(s)",
+                        group.id,
+                        group.strategy,
+                        nodes.len()
+                    ));
                 }
             }
         }
         for (_, node) in self.nodes.iter() {
             for &(g, b) in &node.bundles {
-                if self.groups.get(g).and_then(|group| group.nodes.get(b as usize).copied().flatten()).is_none() {
-                    return Err(format!("{} holds bundle {b} of a group that does not place it there", node.name));
+                if self
+                    .groups
+                    .get(g)
+                    .and_then(|group| group.nodes.get(b as usize).copied().flatten())
+                    .is_none()
+                {
+                    return Err(format!(
+                        "{} holds bundle {b} of a group that does not place it there",
+                        node.name
+                    ));
                 }
             }
         }
@@ -529,7 +558,9 @@ fn assign(
             let candidates: Vec<Vec<usize>> = todo
                 .iter()
                 .map(|&b| {
-                    (0..pools.len()).filter(|&p| !at.contains(&Some(p)) && pools[p].1.fits(&needs[b])).collect()
+                    (0..pools.len())
+                        .filter(|&p| !at.contains(&Some(p)) && pools[p].1.fits(&needs[b]))
+                        .collect()
                 })
                 .collect();
             if let Some(matched) = matching(&candidates, pools.len()) {

@@ -260,7 +260,8 @@ struct Node {
 impl Node {
     /// Whether tasks of `key`'s shape could run here when it is idle (its function aside).
     fn can_host(&self, key: &ShapeKey) -> bool {
-        self.pool.could_hold(&key.need) && key.placement.as_ref().is_none_or(|p| self.labels.satisfy(&p.labels))
+        self.pool.could_hold(&key.need)
+            && key.placement.as_ref().is_none_or(|p| self.labels.satisfy(&p.labels))
     }
 }
 
@@ -467,9 +468,22 @@ impl Scheduler {
             Event::NodeHeard { node } => self.node_heard(node, now),
             Event::NodePaused { node } => self.set_paused(node, true),
             Event::NodeResumed { node } => self.set_paused(node, false),
-            Event::TaskSubmitted { task, function, request, deps, max_retries, retry_exceptions, placement } => {
-                self.submit(task, function, request, &deps, Retry::new(max_retries, retry_exceptions), placement)
-            }
+            Event::TaskSubmitted {
+                task,
+                function,
+                request,
+                deps,
+                max_retries,
+                retry_exceptions,
+                placement,
+            } => self.submit(
+                task,
+                function,
+                request,
+                &deps,
+                Retry::new(max_retries, retry_exceptions),
+                placement,
+            ),
             Event::TaskStarted { task, node } => self.task_started(task, node),
             Event::TaskFinished { task, node, error } => self.task_finished(task, node, error),
             Event::TaskCancelled { task, force } => self.task_cancelled(task, force),
@@ -542,7 +556,8 @@ impl Scheduler {
     /// What `node` has free right now (including its `node:<name>` resource; not what the
     /// bundles of placement groups reserved there offer their tasks).
     pub fn node_free(&self, node: NodeId) -> Option<Resources> {
-        self.node(node).map(|n| self.names.resources(n.pool.free().filter(|&(res, _)| !self.names.is_group(res))))
+        self.node(node)
+            .map(|n| self.names.resources(n.pool.free().filter(|&(res, _)| !self.names.is_group(res))))
     }
 
     /// Where `task` is, or `None` if the scheduler does not know it (never submitted, dropped with
@@ -1465,7 +1480,8 @@ impl Scheduler {
     /// Reports the task in slot `only`, or every queued task of shape `s`, as infeasible.
     fn report_infeasible(&mut self, s: ShapeSlot, only: Option<TaskSlot>) {
         let Some(shape) = self.shapes.get(s) else { return };
-        if shape.key.placement.as_ref().is_some_and(|p| p.group.is_some()) && self.waits_for_group(shape).is_some()
+        if shape.key.placement.as_ref().is_some_and(|p| p.group.is_some())
+            && self.waits_for_group(shape).is_some()
         {
             return; // Its bundle is not reserved yet: the group reports, if it cannot be placed.
         }
@@ -1497,7 +1513,11 @@ impl Scheduler {
         const SHOWN: usize = 3;
         let wanted = shape.key.placement.as_ref().map(|p| &p.labels).filter(|labels| !labels.is_empty());
         if let Some(wanted) = wanted
-            && !function.nodes.iter().filter_map(|&n| self.nodes.get(n)).any(|node| node.labels.satisfy(wanted))
+            && !function
+                .nodes
+                .iter()
+                .filter_map(|&n| self.nodes.get(n))
+                .any(|node| node.labels.satisfy(wanted))
         {
             let mut lacking: Vec<String> = function
                 .nodes

@@ -151,7 +151,9 @@ impl Scheduler {
             .iter()
             .filter_map(|&n| self.nodes.get(n))
             // A task in a group can only run where its bundle is: the other nodes say nothing.
-            .filter(|node| !in_group || shape.capable.iter().any(|&c| self.nodes.get(c).is_some_and(|c| c.id == node.id)));
+            .filter(|node| {
+                !in_group || shape.capable.iter().any(|&c| self.nodes.get(c).is_some_and(|c| c.id == node.id))
+            });
         for node in nodes.take(limit) {
             let name = node.name.clone();
             if let Some(wanted) = wanted

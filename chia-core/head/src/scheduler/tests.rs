@@ -55,7 +55,13 @@ impl Env {
     fn join_with(&mut self, id: u64, resources: &str, functions: Vec<FunctionKey>) -> Vec<Command> {
         let resources = Resources::parse(resources).unwrap();
         let labels = Labels::new();
-        self.event(Event::NodeJoined { node: NodeId(id), name: format!("w{id}"), resources, functions, labels })
+        self.event(Event::NodeJoined {
+            node: NodeId(id),
+            name: format!("w{id}"),
+            resources,
+            functions,
+            labels,
+        })
     }
 
     fn lose(&mut self, id: u64) -> Vec<Command> {
@@ -98,7 +104,15 @@ impl Env {
         let function = key(function);
         let deps = Vec::new();
         let placement = None;
-        self.event(Event::TaskSubmitted { task, function, request, deps, max_retries, retry_exceptions, placement })
+        self.event(Event::TaskSubmitted {
+            task,
+            function,
+            request,
+            deps,
+            max_retries,
+            retry_exceptions,
+            placement,
+        })
     }
 
     /// The node `task` is leased to, as the node that reports it; one no task runs on if none.
@@ -1226,7 +1240,13 @@ impl Env {
     fn join_labelled(&mut self, id: u64, resources: &str, labels: &str) -> Vec<Command> {
         let (resources, labels) = (res(resources), Labels::parse(labels).unwrap());
         let functions = vec![key("f")];
-        self.event(Event::NodeJoined { node: NodeId(id), name: format!("w{id}"), resources, functions, labels })
+        self.event(Event::NodeJoined {
+            node: NodeId(id),
+            name: format!("w{id}"),
+            resources,
+            functions,
+            labels,
+        })
     }
 
     fn submit_placed(&mut self, task: TaskId, request: &str, placement: Placement) -> Vec<Command> {
@@ -1267,7 +1287,6 @@ fn in_bundle(g: u64, bundle: Option<u32>) -> Placement {
     Placement { group: Some(BundleRef { group: group(g), bundle }), ..Placement::default() }
 }
 
-
 #[test]
 fn labels_choose_the_node_and_a_label_no_node_has_is_infeasible() {
     let mut env = Env::new();
@@ -1285,8 +1304,11 @@ fn labels_choose_the_node_and_a_label_no_node_has_is_infeasible() {
     assert!(reason.contains("w1 lacks fpga=ku115 (has none)"), "{reason}");
     assert!(reason.contains("w2 lacks fpga=ku115 (has fpga=vu9p)"), "{reason}");
     let reasons = env.sched.explain_queued(t(5), 8).unwrap();
-    assert!(reasons.iter().any(|r| matches!(r, chia_core::inspect::Reason::LabelsDiffer { node, missing }
-        if node == "w2" && missing == &["fpga=ku115 (has fpga=vu9p)".to_string()])), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| matches!(r, chia_core::inspect::Reason::LabelsDiffer { node, missing }
+        if node == "w2" && missing == &["fpga=ku115 (has fpga=vu9p)".to_string()])),
+        "{reasons:?}"
+    );
     // A node with the label joins: the task runs there.
     assert_eq!(env.join_labelled(3, "CPU=1", "fpga=ku115"), [dispatch(t(5), 3)]);
     let nodes = env.sched.nodes_overview();
@@ -1314,7 +1336,9 @@ fn pack_fills_one_node_and_spread_levels_them() {
     env.submit(t(2), "f", "CPU=2", &[]); // Another shape: its own cursor, also node 1.
     let mut on = Vec::new();
     for seq in 3..=6 {
-        on.extend(dispatched(&env.submit_placed(t(seq), "CPU=0.5", spread.clone())).into_iter().map(|(_, n)| n));
+        on.extend(
+            dispatched(&env.submit_placed(t(seq), "CPU=0.5", spread.clone())).into_iter().map(|(_, n)| n),
+        );
     }
     assert_eq!(on, [2, 2, 1, 2], "fewest running first: {on:?}");
 }
@@ -1356,11 +1380,27 @@ fn strict_pack_and_strict_spread_place_bundles_and_tasks_run_inside() {
     };
     assert!(matches!(problem, GroupProblem::TooSmall { .. }), "{problem:?}");
     let commands = env.submit_placed(t(8), "CPU=1", in_bundle(1, Some(5)));
-    assert!(matches!(commands.as_slice(), [Command::Fail { error: TaskError::PlacementGroup {
-        problem: GroupProblem::NoSuchBundle { bundle: 5, bundles: 2 }, .. }, .. }]), "{commands:?}");
+    assert!(
+        matches!(
+            commands.as_slice(),
+            [Command::Fail {
+                error: TaskError::PlacementGroup {
+                    problem: GroupProblem::NoSuchBundle { bundle: 5, bundles: 2 },
+                    ..
+                },
+                ..
+            }]
+        ),
+        "{commands:?}"
+    );
     let commands = env.submit_placed(t(9), "CPU=1", in_bundle(9, None));
-    assert!(matches!(commands.as_slice(), [Command::Fail { error: TaskError::PlacementGroup {
-        problem: GroupProblem::Unknown, .. }, .. }]), "{commands:?}");
+    assert!(
+        matches!(
+            commands.as_slice(),
+            [Command::Fail { error: TaskError::PlacementGroup { problem: GroupProblem::Unknown, .. }, .. }]
+        ),
+        "{commands:?}"
+    );
 }
 
 #[test]
@@ -1376,7 +1416,10 @@ fn an_infeasible_strict_spread_is_reported_and_placed_when_a_node_joins() {
             && reason.contains("only 2 connected node(s) can hold one: w1, w2"),
         "{reason}"
     );
-    assert_eq!(env.sched.group_status(group(1)), Some(GroupStatus::Pending { infeasible: Some(reason.clone()) }));
+    assert_eq!(
+        env.sched.group_status(group(1)),
+        Some(GroupStatus::Pending { infeasible: Some(reason.clone()) })
+    );
     // Nothing was reserved, and a task in it waits without being reported infeasible itself.
     assert_eq!(env.free(1), res("CPU=4,node:w1=1"));
     assert_eq!(env.submit_placed(t(1), "CPU=1", in_bundle(1, Some(2))), []);
@@ -1384,7 +1427,8 @@ fn an_infeasible_strict_spread_is_reported_and_placed_when_a_node_joins() {
     assert!(matches!(&reasons[0], chia_core::inspect::Reason::WaitingForGroup { infeasible: Some(_), .. }));
     // Pending but feasible: reported nowhere; a third node makes it placeable, bundles first.
     let commands = env.join(3, "CPU=1", &["f"]);
-    let [Command::GroupPlaced { nodes, .. }, Command::Dispatch { task, node, .. }] = commands.as_slice() else {
+    let [Command::GroupPlaced { nodes, .. }, Command::Dispatch { task, node, .. }] = commands.as_slice()
+    else {
         panic!("{commands:?}")
     };
     assert_eq!((*task, nodes[2].clone()), (t(1), format!("w{}", node.0)));
@@ -1465,10 +1509,7 @@ fn a_bundle_lost_with_its_node_is_placed_again_and_its_tasks_follow() {
     assert_eq!(
         commands,
         [
-            Command::GroupPlaced {
-                group: group(1),
-                nodes: vec!["w3".into(), nodes[1].clone()],
-            },
+            Command::GroupPlaced { group: group(1), nodes: vec!["w3".into(), nodes[1].clone()] },
             retry(t(1), 3, 2),
         ]
     );

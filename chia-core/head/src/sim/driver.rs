@@ -13,11 +13,11 @@ use super::resume::Tracker;
 use super::rng::Rng;
 use super::worker::{Effects, TaskFacts};
 use crate::INLINE_RESULT_BYTES;
+use chia_core::placement::{Labels, Placement, Strategy};
 use chia_core::protocol::{
     Arg, Done, Outcome, PROTOCOL_VERSION, PeerToHead, ResumeSession, ServiceInfo, ServiceStart, TaskSpec,
     UnansweredStart,
 };
-use chia_core::placement::{Labels, Placement, Strategy};
 use chia_core::{Resources, ServiceId, SessionId, TaskError, TaskId};
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 

@@ -161,7 +161,8 @@ fn labels_of(slot: usize, fpga: bool) -> chia_core::placement::Labels {
     if fpga {
         text.push_str(",fpga=vu9p");
     }
-    chia_core::placement::Labels::parse(&text).unwrap_or_else(|e| panic!("the simulator's labels {text:?}: {e}"))
+    chia_core::placement::Labels::parse(&text)
+        .unwrap_or_else(|e| panic!("the simulator's labels {text:?}: {e}"))
 }
 
 /// Which build of a function or service a worker links.
