@@ -162,6 +162,15 @@ pub enum TaskError {
         /// The encoder's error.
         message: String,
     },
+    /// The call's placement group could not take it, or (answering a group's `ready`) the
+    /// group cannot be placed or is gone.
+    #[error("placement group {group} {problem}")]
+    PlacementGroup {
+        /// The group's id.
+        group: String,
+        /// What is wrong.
+        problem: crate::placement::GroupProblem,
+    },
     /// The call was bypassed and what replaced it failed: the provider returned an error, is
     /// not linked into the worker, or the recorded `data:` file could not be read.
     #[error("{function} (bypassed by {provider}): {message}")]

@@ -266,6 +266,12 @@ pub struct NodeView {
     /// What its worker reported with its latest heartbeat.
     #[serde(default)]
     pub figures: Option<crate::protocol::WorkerFigures>,
+    /// The labels its worker offers (`--labels`).
+    #[serde(default)]
+    pub labels: crate::placement::Labels,
+    /// Bundles of placement groups reserved on it (what they reserve is not in `free`).
+    #[serde(default)]
+    pub bundles: u64,
 }
 
 /// Queued tasks of one shape (the same function and request).
@@ -354,6 +360,12 @@ pub enum Reason {
     Behind { queued_ahead: u64 },
     /// A node fits it now and the function is there, yet it is not placed (the watchdog's case).
     FitsNow { node: String },
+    /// A node has the function but not the labels the call asks for: each missing one, as
+    /// `key=value (has key=other)` or `key=value (has none)`.
+    LabelsDiffer { node: String, missing: Vec<String> },
+    /// Its placement group's bundle is not reserved yet; `infeasible`: why the connected
+    /// nodes could never hold the group, if they could not.
+    WaitingForGroup { group: String, infeasible: Option<String> },
 }
 
 /// A resource a node does not have enough of for a request.

@@ -7,7 +7,8 @@
 //! - [`function`]: what identifies a remote function (name + signature hash) and its scheduling options;
 //! - [`tags`]: tag patterns that match a whole call tag (cache, bypass and result-watch rules);
 //! - [`inspect`]: the questions `chia status`, `list`, `show` and `explain` ask the head, and its answers;
-//! - [`names`]: the closest known name to a misspelt one, for "did you mean …?" messages.
+//! - [`names`]: the closest known name to a misspelt one, for "did you mean …?" messages;
+//! - [`placement`]: node labels, placement strategies and placement groups.
 //!
 //! The runtime (`chia-runtime`) builds the head, workers and drivers on top of these types;
 //! nothing here knows about sockets, threads or time.
@@ -17,6 +18,7 @@ pub mod function;
 pub mod ids;
 pub mod inspect;
 pub mod names;
+pub mod placement;
 pub mod protocol;
 pub mod resources;
 pub mod tags;

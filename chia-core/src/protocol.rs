@@ -11,11 +11,12 @@ use crate::error::TaskError;
 use crate::function::FunctionKey;
 use crate::ids::{NodeId, ServiceId, SessionId, TaskId};
 use crate::inspect::{CancelTarget, Query};
+use crate::placement::{GroupId, GroupSpec, Labels, Placement};
 use crate::resources::Resources;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a change is not backwards compatible.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The largest frame either side accepts: it bounds task arguments and results too.
 pub const MAX_FRAME_BYTES: usize = 512 << 20;
@@ -59,6 +60,10 @@ pub struct TaskSpec {
     /// cancelled with force and fails with `TimedOut`. `None`: as long as it takes.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Labels its node must have, how to pick among nodes, the placement-group bundle it runs
+    /// in. `None` (most calls): anywhere it fits, as the scheduler picks. Boxed like `bypass`.
+    #[serde(default)]
+    pub placement: Option<Box<Placement>>,
 }
 
 /// What replaces a bypassed call on the worker: the named provider, or (without one) the
@@ -92,6 +97,9 @@ pub struct WorkerOffer {
     /// This worker runs inside the head process and is the `head` node.
     #[serde(default)]
     pub head_node: bool,
+    /// Labels calls can ask for (`--labels rack=a,fpga=vu9p`).
+    #[serde(default)]
+    pub labels: Labels,
 }
 
 /// A running service, as the head describes it.
@@ -126,6 +134,10 @@ pub struct ServiceStart {
     /// (`-1`: without limit; `0`: never). The new instance starts from its constructor.
     #[serde(default)]
     pub max_restarts: i32,
+    /// Labels its node must have, the placement-group bundle it lives in (its strategy is
+    /// the scheduler's choice among nodes, as for a call).
+    #[serde(default)]
+    pub placement: Option<Box<Placement>>,
 }
 
 /// How a task ended, as a worker reports it.
@@ -252,6 +264,24 @@ pub enum PeerToHead {
         #[serde(default)]
         stop_services: bool,
     },
+    /// Create a placement group (`spec.group` is a task id of this session): answered as
+    /// `Done { task: spec.group }` with `()` at once, or the error; the group is placed when
+    /// its bundles fit (ask with [`PeerToHead::GroupReady`]).
+    CreateGroup(GroupSpec),
+    /// Answered as `Done { task }` once the group is placed, with the node name of each
+    /// bundle (`Vec<String>`); or failed with `TaskError::PlacementGroup` when it cannot be
+    /// placed on the connected nodes, is removed, or is unknown.
+    GroupReady {
+        task: TaskId,
+        group: GroupId,
+    },
+    /// Remove a group: what it reserved is free again, calls queued in it fail and those
+    /// running in it are cancelled. Answered as `Done { task }` with `()` (removing a group
+    /// that is gone is not an error).
+    RemoveGroup {
+        task: TaskId,
+        group: GroupId,
+    },
 }
 
 /// What a worker measured of itself, sent with its heartbeats.
@@ -293,7 +323,9 @@ impl PeerToHead {
         match self {
             PeerToHead::LookupService { task, .. }
             | PeerToHead::StopService { task, .. }
-            | PeerToHead::Inspect { task, .. } => Some(*task),
+            | PeerToHead::Inspect { task, .. }
+            | PeerToHead::GroupReady { task, .. }
+            | PeerToHead::RemoveGroup { task, .. } => Some(*task),
             _ => None,
         }
     }
@@ -615,6 +647,10 @@ mod tests {
             bypass: Some(Box::new(BypassSpec { provider: Some("provider_42".into()), data: None })),
             job: Some(SessionId(4)),
             timeout_ms: Some(2500),
+            placement: Some(Box::new(Placement {
+                labels: Labels::parse("fpga=vu9p").unwrap(),
+                ..Placement::default()
+            })),
         });
         let mut out = Vec::new();
         encode_frame(&msg, &mut out).unwrap();
@@ -703,6 +739,7 @@ mod tests {
         let bytes = rmp_serde::to_vec_named(&earlier).unwrap();
         let spec: TaskSpec = decode_body(&bytes).unwrap();
         assert_eq!(spec.timeout_ms, None);
+        assert_eq!(spec.placement, None);
         assert_eq!(spec.max_retries, 3);
     }
 

@@ -4,10 +4,12 @@
 
 use crate::driver::context::{ArgInput, Context, ObjectRef, send_request};
 use crate::driver::job::JobLink;
+use crate::driver::placement::PlacementGroup;
 use crate::driver::registry::FunctionSpec;
 use crate::error::Error;
 use crate::services::bypass;
 use chia_bypass::{Decision, RunReason};
+use chia_core::placement::{Placement, Strategy};
 use chia_core::protocol::{PeerToHead, TaskSpec};
 use chia_core::resources::CPU;
 use chia_core::{ResourceAmount, Resources};
@@ -39,6 +41,7 @@ pub struct Call<T> {
     max_retries: i32,
     retry_exceptions: bool,
     timeout: Option<Duration>,
+    placement: Placement,
     invalid: Option<String>,
     _type: PhantomData<fn() -> T>,
 }
@@ -55,6 +58,7 @@ impl<T: DeserializeOwned> Call<T> {
             max_retries: spec.max_retries,
             retry_exceptions: spec.retry_exceptions,
             timeout: spec.timeout,
+            placement: Placement::default(),
             invalid: None,
             _type: PhantomData,
         }
@@ -117,6 +121,46 @@ impl<T: DeserializeOwned> Call<T> {
         self
     }
 
+    /// Runs this call only on a node whose worker offers the label `key` with this `value`
+    /// (`--labels key=value`); several labels must all match. A call no connected node
+    /// matches waits, reported infeasible, and `chia explain` names the label each node lacks.
+    /// A malformed label makes the call invalid (`InvalidCall`, nothing sent).
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        if let Err(e) = self.placement.labels.insert(key, value) {
+            self.invalid.get_or_insert_with(|| e.to_string());
+        }
+        self
+    }
+
+    /// How the scheduler picks among the nodes that could run this call now: `Spread` (the
+    /// one running the fewest tasks), `Pack` (the one running the most), or `Default` (round
+    /// robin per kind of call, what the scheduler does without being asked).
+    pub fn strategy(mut self, strategy: Strategy) -> Self {
+        self.placement.strategy = strategy;
+        self
+    }
+
+    /// Runs this call inside bundle `bundle` of `group`: on the bundle's node, using only
+    /// what the bundle reserved (the call's own request must fit in it, or it fails with
+    /// `TaskError::PlacementGroup`). It waits while the group is not placed yet.
+    pub fn in_group(mut self, group: &PlacementGroup, bundle: usize) -> Self {
+        match group.bundle_ref(Some(bundle)) {
+            Ok(bundle) => self.placement.group = Some(bundle),
+            Err(message) => {
+                self.invalid.get_or_insert(message);
+            }
+        }
+        self
+    }
+
+    /// Runs this call inside whichever bundle of `group` has room for it.
+    pub fn in_any_bundle(mut self, group: &PlacementGroup) -> Self {
+        if let Ok(bundle) = group.bundle_ref(None) {
+            self.placement.group = Some(bundle);
+        }
+        self
+    }
+
     /// Submits the call and returns its `ObjectRef` at once.
     ///
     /// When the job has a bypass plan that bypasses this call and registers a condition for
@@ -129,7 +173,16 @@ impl<T: DeserializeOwned> Call<T> {
     /// bypassed (and by what).
     pub fn remote_with_decision(self, cx: &Context) -> (ObjectRef<T>, Decision) {
         let Call {
-            spec, mut args, tag, request, max_retries, retry_exceptions, timeout, mut invalid, ..
+            spec,
+            mut args,
+            tag,
+            request,
+            max_retries,
+            retry_exceptions,
+            timeout,
+            placement,
+            mut invalid,
+            ..
         } = self;
         if let JobLink::Own(own) = cx.job() {
             // Before the job's first submission, on the same stream: its tasks then name it. If
@@ -160,6 +213,7 @@ impl<T: DeserializeOwned> Call<T> {
                 bypass: bypass.map(Box::new),
                 job,
                 timeout_ms: timeout.map(whole_millis),
+                placement: placement.boxed(),
             })
         });
         (object, decision)

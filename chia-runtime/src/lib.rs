@@ -73,7 +73,7 @@ mod worker;
 pub use call::Call;
 pub use driver::context::{Context, IntoArg, ObjectRef, get, wait};
 pub use driver::process::CANCEL_GRACE;
-pub use driver::{figures, hooks, inspect};
+pub use driver::{figures, hooks, inspect, placement};
 pub use services::{bypass, cache, kv, service};
 
 pub use chia_core::protocol::ServiceInfo;
@@ -101,7 +101,7 @@ pub mod internals {
     pub use crate::head::{HeadHandle, HeadOptions, HeadStats};
     pub use crate::local::HeadWithNode;
     pub use crate::net::{members, tls, transport};
-    pub use crate::worker::Worker;
+    pub use crate::worker::{NodeOffer, Worker};
     pub use chia_core as core;
     pub use chia_core::protocol;
     pub use chia_head_core::scheduler;

@@ -9,8 +9,9 @@ use crate::env::{self, default_state_dir};
 use crate::error::Error;
 use crate::head::{HeadHandle, HeadOptions, start_head_with};
 use crate::net::tls::{ClusterCredentials, HeadCredentials};
-use crate::worker::{Worker, with_default_cpus};
+use crate::worker::{NodeOffer, Worker, with_default_cpus};
 use chia_core::Resources;
+use chia_core::placement::Labels;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,11 +36,12 @@ pub async fn init() -> Result<Context, Error> {
 pub struct Init {
     local_workers: usize,
     local_resources: String,
+    local_labels: Vec<String>,
 }
 
 impl Default for Init {
     fn default() -> Self {
-        Init { local_workers: 2, local_resources: String::new() }
+        Init { local_workers: 2, local_resources: String::new(), local_labels: Vec::new() }
     }
 }
 
@@ -61,6 +63,14 @@ impl Init {
         self
     }
 
+    /// Labels of the embedded workers, by position (`local-1` gets the first entry, e.g.
+    /// `"rack=a,fpga=vu9p"`); workers past the list have none. Checked at
+    /// [`Init::connect`], which fails naming the worker and the bad label.
+    pub fn local_labels<S: AsRef<str>>(mut self, labels: impl IntoIterator<Item = S>) -> Init {
+        self.local_labels = labels.into_iter().map(|l| l.as_ref().to_string()).collect();
+        self
+    }
+
     /// Connects (or starts the embedded cluster).
     pub async fn connect(self) -> Result<Context, Error> {
         if let Some(credentials) = credentials_from_env()? {
@@ -78,7 +88,15 @@ impl Init {
         let resources_text = std::env::var(env::LOCAL_RESOURCES).unwrap_or(self.local_resources);
         let resources = Resources::parse(&resources_text)
             .map_err(|e| Error::Setup(format!("local cluster resources {resources_text:?}: {e}")))?;
-        let cluster = LocalCluster::start(vec![resources; workers]).await?;
+        let mut offers = Vec::with_capacity(workers);
+        for index in 0..workers {
+            let text = self.local_labels.get(index).map_or("", String::as_str);
+            let labels = Labels::parse(text).map_err(|e| {
+                Error::Setup(format!("labels {text:?} of the embedded worker local-{}: {e}", index + 1))
+            })?;
+            offers.push(NodeOffer { resources: resources.clone(), labels });
+        }
+        let cluster = LocalCluster::start_nodes(offers, HeadOptions::default()).await?;
         tracing::info!(
             "started an embedded cluster at {} with {workers} worker(s), each {}",
             cluster.head().address(),
@@ -174,33 +192,45 @@ impl LocalCluster {
     }
 
     /// [`LocalCluster::start`] with a head run with `options` (for instance a state directory,
-    /// so the head keeps a journal).
+    /// so the head keeps a journal). For chia's own tests, like the accessors below.
+    #[doc(hidden)]
     pub async fn start_with(workers: Vec<Resources>, options: HeadOptions) -> Result<LocalCluster, Error> {
+        LocalCluster::start_nodes(workers.into_iter().map(NodeOffer::from).collect(), options).await
+    }
+
+    /// [`LocalCluster::start_with`] with workers that offer labels too (`NodeOffer`).
+    #[doc(hidden)]
+    pub async fn start_nodes(workers: Vec<NodeOffer>, options: HeadOptions) -> Result<LocalCluster, Error> {
         let head_credentials = HeadCredentials::generate().map_err(|e| Error::Setup(e.to_string()))?;
         let listen = "127.0.0.1:0".parse().expect("literal address");
         let head = HeadWithNode::start(listen, head_credentials, options).await?;
         let credentials = head.head().cluster_credentials(&head.head().address().to_string());
-        let worker_resources: Vec<Resources> = workers.into_iter().map(with_default_cpus).collect();
-        let mut started = Vec::with_capacity(worker_resources.len());
-        for (index, resources) in worker_resources.iter().enumerate() {
-            started.push(
-                Worker::connect(&credentials, &format!("local-{}", index + 1), resources.clone()).await?,
-            );
+        let offers: Vec<NodeOffer> = workers
+            .into_iter()
+            .map(|offer| NodeOffer { resources: with_default_cpus(offer.resources), ..offer })
+            .collect();
+        let worker_resources: Vec<Resources> = offers.iter().map(|o| o.resources.clone()).collect();
+        let mut started = Vec::with_capacity(offers.len());
+        for (index, offer) in offers.into_iter().enumerate() {
+            started.push(Worker::connect(&credentials, &format!("local-{}", index + 1), offer).await?);
         }
         Ok(LocalCluster { head, workers: started, worker_resources, credentials })
     }
 
     /// The cluster file contents for connecting to this cluster.
+    #[doc(hidden)]
     pub fn credentials(&self) -> &ClusterCredentials {
         &self.credentials
     }
 
     /// The head.
+    #[doc(hidden)]
     pub fn head(&self) -> &HeadHandle {
         self.head.head()
     }
 
     /// The workers, in the order given.
+    #[doc(hidden)]
     pub fn workers(&self) -> &[Worker] {
         &self.workers
     }

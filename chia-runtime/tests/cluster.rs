@@ -309,6 +309,7 @@ async fn a_signature_mismatch_names_the_function() {
         functions: vec![chia::internals::core::FunctionKey::new("increment", "00000000deadbeef")],
         services: Vec::new(),
         head_node: false,
+        labels: Default::default(),
     };
     let (_other, _executions) =
         chia::internals::Client::connect(cluster.credentials(), "other-build", Some(offer)).await.unwrap();

@@ -178,6 +178,7 @@ async fn arguments_of_the_wrong_type_fail_the_task_not_the_worker() {
             bypass: None,
             job: None,
             timeout_ms: None,
+            placement: None,
         }))
         .unwrap();
     match next_message(&mut reader).await {

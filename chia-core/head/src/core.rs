@@ -276,6 +276,10 @@ pub struct HeadCore {
     /// recovery: counts since this head started).
     #[serde(skip, default = "crate::observe::Observer::restored")]
     pub(crate) observer: crate::observe::Observer,
+    /// `ready` requests waiting for their placement group (not kept: asked again after a
+    /// restart).
+    #[serde(skip)]
+    pub(crate) group_waiters: HashMap<chia_core::placement::GroupId, Vec<(SessionId, TaskId)>>,
 }
 
 impl HeadCore {
@@ -303,6 +307,7 @@ impl HeadCore {
             grace_until: None,
             now,
             observer: crate::observe::Observer::new(now),
+            group_waiters: HashMap::new(),
         }
     }
 
@@ -492,6 +497,9 @@ impl HeadCore {
             }
             _ => return Err(Rejection { reason: "the first message must be a hello".into() }),
         };
+        if let Some(offer) = &worker {
+            check_offer(offer)?;
+        }
         let host = host_of(remote);
         if let (Some(host), Some(offer)) = (host, &worker)
             && !offer.head_node
@@ -550,7 +558,8 @@ impl HeadCore {
             self.nodes.insert(node, session);
             let mut functions = offer.functions;
             functions.extend(offer.services.iter().map(instance_function));
-            self.feed(Event::NodeJoined { node, name, resources: offer.resources, functions });
+            let labels = offer.labels;
+            self.feed(Event::NodeJoined { node, name, resources: offer.resources, functions, labels });
             if self.head_node == Some(node) && !self.services.to_restore.is_empty() {
                 let kept = std::mem::take(&mut self.services.to_restore);
                 self.restore_services(now, kept);
@@ -685,6 +694,9 @@ impl HeadCore {
                 let answer = self.answer(session, &query);
                 self.reply(session, task, Ok(&answer));
             }
+            PeerToHead::CreateGroup(spec) => self.create_group(session, spec),
+            PeerToHead::GroupReady { task, group } => self.group_ready(session, task, group),
+            PeerToHead::RemoveGroup { task, group } => self.remove_group(session, task, group),
             PeerToHead::CancelTasks { task, target, force, stop_services } => {
                 let cancelled = self.cancel_tasks(&target, force, stop_services);
                 self.reply(session, task, Ok(&cancelled));
@@ -759,6 +771,7 @@ impl HeadCore {
             deps,
             max_retries: spec.max_retries,
             retry_exceptions: spec.retry_exceptions,
+            placement: spec.placement,
         };
         self.submit_when_calls_end(task, submitted);
     }
@@ -920,6 +933,13 @@ impl HeadCore {
                     self.outbox.send(session, &HeadToPeer::Cancel { task, force });
                 }
             }
+            Command::GroupPlaced { group, nodes } => self.group_placed(group, nodes),
+            Command::GroupInfeasible { group, reason } => {
+                self.group_not_ready(group, chia_core::placement::GroupProblem::Infeasible { reason })
+            }
+            Command::GroupRemoved { group } => {
+                self.group_not_ready(group, chia_core::placement::GroupProblem::Removed)
+            }
             Command::NodeExpired { node } => {
                 if let Some(&session) = self.nodes.get(&node) {
                     // The scheduler has written the node off already; close what is left of it.
@@ -1065,6 +1085,7 @@ impl HeadCore {
         self.observer.session_closed(session);
         tracing::info!("{} ({session}) left: {reason}", closed.name);
         self.outbox.close(session, reason, code);
+        self.forget_group_waiters(session);
         self.stop_services_of(session);
         if let Some(node) = closed.node {
             self.fail_calls_on(node, &closed.name);
@@ -1153,6 +1174,24 @@ mod tests;
 
 /// The host of a `host:port` peer address (an IPv6 host keeps its brackets); `None` for what
 /// is not one (a replayed or simulated peer).
+/// A worker may not offer what placement groups' bundles offer, nor labels that are not
+/// well-formed (the types check them when parsed, but a peer's frame is decoded without).
+fn check_offer(offer: &chia_core::protocol::WorkerOffer) -> Result<(), Rejection> {
+    use chia_core::placement::{GROUP_PREFIX, Labels};
+    if let Some((name, _)) = offer.resources.iter().find(|(name, _)| name.starts_with(GROUP_PREFIX)) {
+        return Err(Rejection {
+            reason: format!(
+                "the worker offers the resource {name}, but names starting with {GROUP_PREFIX:?} belong to placement groups"
+            ),
+        });
+    }
+    let mut checked = Labels::new();
+    for (key, value) in offer.labels.iter() {
+        checked.insert(key, value).map_err(|e| Rejection { reason: format!("the worker's labels: {e}") })?;
+    }
+    Ok(())
+}
+
 fn host_of(remote: &str) -> Option<&str> {
     let (host, port) = remote.rsplit_once(':')?;
     port.parse::<u16>().ok()?;

@@ -64,6 +64,7 @@ impl HeadCore {
     /// names the disagreement of the lowest task id.
     pub fn check_consistency(&self) -> Result<(), String> {
         self.scheduler.check_counts()?;
+        self.scheduler.check_groups()?;
         self.check_observed_counts()?;
         if let Some(stuck) = self.status().stuck.first() {
             return Err(format!(

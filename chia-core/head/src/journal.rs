@@ -79,6 +79,7 @@ pub fn changes_state(message: &PeerToHead) -> bool {
             | PeerToHead::Figures(_)
             | PeerToHead::Inspect { .. }
             | PeerToHead::LookupService { .. }
+            | PeerToHead::GroupReady { .. }
             | PeerToHead::Hello { .. }
             | PeerToHead::Resume(_)
     )
@@ -273,6 +274,14 @@ impl HeadCore {
         waiting.dedup();
         waiting.retain(|task| !announced.contains(task));
         for task in waiting {
+            // A placement group's creation is answered at once and leaves no task record.
+            if task.session() == session
+                && !self.tasks.contains_key(&task)
+                && self.scheduler.group_status(chia_core::placement::GroupId(task)).is_some()
+            {
+                self.reply(session, task, Ok(&()));
+                continue;
+            }
             let Some(record) = self.tasks.get(&task).filter(|r| r.owner == session) else { continue };
             match (&record.kind, &record.outcome) {
                 // One being written to a watching service is announced when the write ends.

@@ -21,6 +21,7 @@
 //! authenticates QUIC connections, decodes frames, feeds the core and carries out its actions.
 
 mod core;
+mod groups;
 mod inspect;
 pub mod journal;
 pub mod observe;

@@ -673,6 +673,8 @@ impl HeadCore {
                         .collect(),
                     paused: node.paused,
                     figures: session.and_then(|s| s.figures.as_deref().cloned()),
+                    labels: node.labels,
+                    bundles: node.bundles as u64,
                 }
             })
             .collect()

@@ -18,6 +18,9 @@ pub struct PersistedService {
     pub args: Vec<Vec<u8>>,
     #[serde(default)]
     pub max_restarts: i32,
+    /// Labels its node must have, the placement-group bundle it lives in.
+    #[serde(default)]
+    pub placement: Option<Box<chia_core::placement::Placement>>,
 }
 
 impl PersistedService {
@@ -48,6 +51,7 @@ impl PersistedService {
             request: start.request.clone(),
             args,
             max_restarts: start.max_restarts,
+            placement: start.placement.clone(),
         })
     }
 
@@ -63,6 +67,7 @@ impl PersistedService {
             request: self.request.clone(),
             args: self.args.iter().cloned().map(Arg::Value).collect(),
             max_restarts: self.max_restarts,
+            placement: self.placement.clone(),
         }
     }
 }
@@ -98,6 +103,7 @@ mod tests {
             request: Resources::parse("node:head=0.001").unwrap(),
             args,
             max_restarts: 0,
+            placement: None,
         }
     }
 

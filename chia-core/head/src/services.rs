@@ -288,20 +288,22 @@ impl HeadCore {
                 creator_answered: false,
             },
         );
-        self.place_instance(task, session, id, &start.service_type, start.request, start.args);
+        let held = Held { request: start.request, placement: start.placement };
+        self.place_instance(task, session, id, &start.service_type, held, start.args);
     }
 
     /// Asks the scheduler to place an instance of `service_type` for `service`, as the task
-    /// `task` of `owner`, holding `request` while it lives.
+    /// `task` of `owner`, holding `held` while it lives.
     fn place_instance(
         &mut self,
         task: TaskId,
         owner: SessionId,
         service: ServiceId,
         service_type: &FunctionKey,
-        request: chia_core::Resources,
+        held: Held,
         args: Vec<Arg>,
     ) {
+        let Held { request, placement } = held;
         let deps = ref_args(&args);
         self.hold_deps(&deps);
         let constructor = format!("{}.new", service_type.name);
@@ -326,6 +328,7 @@ impl HeadCore {
             deps,
             max_retries: 0,
             retry_exceptions: false,
+            placement,
         });
     }
 
@@ -629,7 +632,8 @@ impl HeadCore {
         );
         self.end_creation_task(old_creation, placed, error);
         let args = spec.args.into_iter().map(Arg::Value).collect();
-        self.place_instance(task, HEAD_SESSION, service, &spec.service_type, spec.request, args);
+        let held = Held { request: spec.request, placement: spec.placement };
+        self.place_instance(task, HEAD_SESSION, service, &spec.service_type, held, args);
     }
 
     /// Starts again the detached services a previous head on the same state directory ran
@@ -1019,6 +1023,12 @@ impl HeadCore {
 }
 
 /// The tasks an argument list refers to.
+/// What an instance holds while it lives, and where.
+struct Held {
+    request: chia_core::Resources,
+    placement: Option<Box<chia_core::placement::Placement>>,
+}
+
 pub(crate) fn ref_args(args: &[Arg]) -> Vec<TaskId> {
     args.iter()
         .filter_map(|a| match a {

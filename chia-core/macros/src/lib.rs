@@ -378,7 +378,9 @@ fn parse_number(input: ParseStream) -> syn::Result<Lit> {
 /// `"1.25"` → 12,500: `chia-core`'s parsing, the one the runtime uses for amounts (exact, at
 /// most 4 decimals, no sign or exponent).
 fn fixed_point(text: &str) -> Result<u64, String> {
-    text.parse::<chia_core::ResourceAmount>().map(chia_core::ResourceAmount::as_fixed).map_err(|e| e.to_string())
+    text.parse::<chia_core::ResourceAmount>()
+        .map(chia_core::ResourceAmount::as_fixed)
+        .map_err(|e| e.to_string())
 }
 
 fn parse_max_retries(input: ParseStream) -> syn::Result<i32> {

@@ -642,11 +642,15 @@ fn print_nodes(nodes: &[NodeView]) {
                 shown(&n.free),
                 n.running.to_string(),
                 if n.paused { "paused".into() } else { "up".into() },
+                if n.labels.is_empty() { "-".into() } else { n.labels.to_string() },
                 offers.join(" "),
             ]
         })
         .collect();
-    table(&["NODE", "ADDRESS", "UP", "HEARD", "TOTAL", "FREE", "RUNNING", "STATE", "OFFERS"], &rows);
+    table(
+        &["NODE", "ADDRESS", "UP", "HEARD", "TOTAL", "FREE", "RUNNING", "STATE", "LABELS", "OFFERS"],
+        &rows,
+    );
 }
 
 fn print_tasks(tasks: &[TaskView]) {
@@ -782,6 +786,13 @@ fn print_explanation(explanation: &Explanation) {
                 format!("{queued_ahead} older task(s) of its kind are ahead of it")
             }
             Reason::FitsNow { node } => format!("{node} has room for it now: it should be placed at once"),
+            Reason::LabelsDiffer { node, missing } => {
+                format!("{node} lacks the label(s) {}", missing.join(", "))
+            }
+            Reason::WaitingForGroup { group, infeasible } => match infeasible {
+                Some(reason) => format!("its placement group {group} cannot be placed: {reason}"),
+                None => format!("it waits for its placement group {group} to be placed"),
+            },
         };
         println!("  - {text}");
     }

@@ -5,7 +5,8 @@
 use crate::driver::context::{Context, ObjectRef, send_request};
 use crate::error::Error;
 use chia_core::SessionId;
-use chia_core::inspect::{Answer, CancelTarget, Cancelled, Query};
+/// The questions ([`Query`]) and answers ([`Answer`]) the head knows, and what they hold.
+pub use chia_core::inspect::*;
 use chia_core::protocol::PeerToHead;
 
 /// Asks the head `query`.

@@ -99,6 +99,7 @@ mod tests {
             request: Resources::parse("node:head=0.001").unwrap(),
             args,
             max_restarts: 0,
+            placement: None,
         };
         PersistedService::of(&start).unwrap()
     }

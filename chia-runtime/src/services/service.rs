@@ -44,6 +44,7 @@ pub struct ServiceOptions {
     get_if_exists: bool,
     request: Resources,
     max_restarts: i32,
+    placement: chia_core::placement::Placement,
     invalid: Option<String>,
 }
 
@@ -58,8 +59,30 @@ impl ServiceOptions {
             get_if_exists: false,
             request: Resources::new(),
             max_restarts: 0,
+            placement: Default::default(),
             invalid: None,
         }
+    }
+
+    /// Places the service only on a node offering the label `key` = `value` (see
+    /// [`Call::label`](crate::Call::label)).
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        if let Err(e) = self.placement.labels.insert(key, value) {
+            self.invalid.get_or_insert_with(|| e.to_string());
+        }
+        self
+    }
+
+    /// Places the service inside bundle `bundle` of `group`, holding its request (which must
+    /// fit in the bundle) from the bundle's reservation while it lives.
+    pub fn in_group(mut self, group: &crate::placement::PlacementGroup, bundle: usize) -> Self {
+        match group.bundle_ref(Some(bundle)) {
+            Ok(bundle) => self.placement.group = Some(bundle),
+            Err(message) => {
+                self.invalid.get_or_insert(message);
+            }
+        }
+        self
     }
 
     /// When the service's node is lost, re-create it on another eligible node, up to `restarts`
@@ -141,8 +164,16 @@ impl ServiceHandle {
         options: ServiceOptions,
         args: Vec<ArgInput>,
     ) -> Result<ServiceHandle, Error> {
-        let ServiceOptions { name, namespace, detached, get_if_exists, request, max_restarts, invalid } =
-            options;
+        let ServiceOptions {
+            name,
+            namespace,
+            detached,
+            get_if_exists,
+            request,
+            max_restarts,
+            placement,
+            invalid,
+        } = options;
         let started: ObjectRef<ServiceInfo> =
             send_request(cx, &format!("{}.new", spec.type_name), args, invalid, |task, args| {
                 PeerToHead::StartService(ServiceStart {
@@ -155,6 +186,7 @@ impl ServiceHandle {
                     request,
                     args,
                     max_restarts,
+                    placement: placement.boxed(),
                 })
             });
         let info = started.get().await?;

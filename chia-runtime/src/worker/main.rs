@@ -5,8 +5,9 @@
 use crate::driver::contain;
 use crate::env::{self, default_state_dir};
 use crate::net::tls::ClusterCredentials;
-use crate::worker::{Backoff, Worker, stay_joined, with_default_cpus};
+use crate::worker::{Backoff, NodeOffer, Worker, stay_joined, with_default_cpus};
 use chia_core::Resources;
+use chia_core::placement::Labels;
 use clap::Parser;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -29,6 +30,10 @@ struct WorkerArgs {
     /// under --resources.
     #[arg(long)]
     resources_file: Option<PathBuf>,
+    /// Labels calls can ask for with `.label(key, value)`, e.g. `rack=a,fpga=vu9p` (keys and
+    /// values: ASCII letters, digits, `-_./`, at most 63 characters).
+    #[arg(long, default_value = "")]
+    labels: String,
     /// The node name (default: <hostname>-<pid>); the head adds a suffix if it is taken.
     #[arg(long)]
     name: Option<String>,
@@ -83,6 +88,7 @@ pub fn run_main(main: impl Future<Output = Result<ExitCode, String>>) -> ExitCod
 
 async fn run(args: WorkerArgs) -> Result<ExitCode, String> {
     let resources = offered_resources(&args)?;
+    let labels = Labels::parse(&args.labels).map_err(|e| format!("--labels {:?}: {e}", args.labels))?;
     let file = args.cluster_file.unwrap_or_else(|| default_state_dir().join("cluster.yaml"));
     let mut credentials = ClusterCredentials::load(&file).map_err(|e| e.to_string())?;
     if let Some(address) = args.address {
@@ -91,7 +97,7 @@ async fn run(args: WorkerArgs) -> Result<ExitCode, String> {
     let name = args.name.unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
     let ready = |worker: &Worker| {
         println!(
-            "chia-worker ready node={} head={} resources={resources} containment={}",
+            "chia-worker ready node={} head={} resources={resources} labels={labels} containment={}",
             worker.node_name(),
             credentials.address,
             contain::mechanism().map_or("none".to_string(), |m| m.to_string())
@@ -104,14 +110,14 @@ async fn run(args: WorkerArgs) -> Result<ExitCode, String> {
                 std::future::pending::<()>().await;
             }
         };
-        return match stay_joined(&credentials, &name, resources.clone(), Backoff::default(), ready, until)
-            .await
-        {
+        let offer = NodeOffer { resources: resources.clone(), labels: labels.clone() };
+        return match stay_joined(&credentials, &name, offer, Backoff::default(), ready, until).await {
             Ok(()) => Ok(ExitCode::SUCCESS),
             Err(replaced) => Err(replaced.to_string()),
         };
     }
-    let worker = Worker::connect(&credentials, &name, resources.clone()).await.map_err(|e| e.to_string())?;
+    let offer = NodeOffer { resources: resources.clone(), labels: labels.clone() };
+    let worker = Worker::connect(&credentials, &name, offer).await.map_err(|e| e.to_string())?;
     ready(&worker);
     tokio::select! {
         _ = worker.stopped() => {

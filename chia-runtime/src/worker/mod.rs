@@ -34,6 +34,20 @@ mod timeout;
 use hooks::Hooks;
 use timeout::Timed;
 
+/// What a worker offers beside its functions: resources and labels (`Resources` alone
+/// converts into it, with no labels).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeOffer {
+    pub resources: Resources,
+    pub labels: chia_core::placement::Labels,
+}
+
+impl From<Resources> for NodeOffer {
+    fn from(resources: Resources) -> NodeOffer {
+        NodeOffer { resources, labels: Default::default() }
+    }
+}
+
 /// A worker connected to a head.
 pub struct Worker {
     context: Context,
@@ -41,11 +55,11 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Joins the cluster as `name` offering `resources` and every linked function.
+    /// Joins the cluster as `name` offering `resources` (and labels) and every linked function.
     pub async fn connect(
         credentials: &ClusterCredentials,
         name: &str,
-        resources: Resources,
+        resources: impl Into<NodeOffer>,
     ) -> Result<Worker, Error> {
         Worker::connect_offering(credentials, name, resources, |_| true).await
     }
@@ -56,13 +70,14 @@ impl Worker {
     pub async fn connect_offering(
         credentials: &ClusterCredentials,
         name: &str,
-        resources: Resources,
+        resources: impl Into<NodeOffer>,
         offer: impl Fn(&FunctionSpec) -> bool,
     ) -> Result<Worker, Error> {
         let mut functions: Vec<_> =
             registry::functions().values().filter(|spec| offer(spec)).map(|spec| spec.key()).collect();
         functions.sort();
-        let offer = WorkerOffer { resources, functions, services: service_keys(), head_node: false };
+        let NodeOffer { resources, labels } = resources.into();
+        let offer = WorkerOffer { resources, functions, services: service_keys(), head_node: false, labels };
         Worker::join(credentials, name, offer, Vec::new()).await
     }
 
@@ -77,8 +92,13 @@ impl Worker {
         let resources = Resources::new()
             .with(&format!("{NODE_PREFIX}{HEAD_NODE_NAME}"), ResourceAmount::whole(1))
             .map_err(|e| Error::Setup(e.to_string()))?;
-        let offer =
-            WorkerOffer { resources, functions: Vec::new(), services: service_keys(), head_node: true };
+        let offer = WorkerOffer {
+            resources,
+            functions: Vec::new(),
+            services: service_keys(),
+            head_node: true,
+            labels: Default::default(),
+        };
         Worker::join(credentials, HEAD_NODE_NAME, offer, protected_dirs).await
     }
 
@@ -146,11 +166,12 @@ pub use crate::util::Backoff;
 pub async fn stay_joined(
     credentials: &ClusterCredentials,
     name: &str,
-    resources: Resources,
+    resources: impl Into<NodeOffer>,
     backoff: Backoff,
     joined: impl Fn(&Worker),
     until: impl Future<Output = ()>,
 ) -> Result<(), Replaced> {
+    let resources = resources.into();
     let mut until = std::pin::pin!(until);
     let mut attempt = 0;
     loop {

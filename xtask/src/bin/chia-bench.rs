@@ -707,6 +707,7 @@ fn status_answers(tasks: usize) -> (f64, f64) {
             functions: vec![function.clone()],
             services: Vec::new(),
             head_node: false,
+            labels: Default::default(),
         };
         let hello = PeerToHead::Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -729,6 +730,7 @@ fn status_answers(tasks: usize) -> (f64, f64) {
             retry_exceptions: false,
             job: None,
             timeout_ms: None,
+            placement: None,
         };
         core.handle(now, driver, PeerToHead::Submit(spec));
         while core.poll_action().is_some() {}
@@ -764,6 +766,7 @@ fn scheduler_decisions(nodes: u64, tasks: usize) -> f64 {
                 name: format!("w{id}"),
                 resources: resources("CPU=8,adder=8"),
                 functions: vec![function.clone()],
+                labels: Default::default(),
             },
         );
     }
@@ -776,6 +779,7 @@ fn scheduler_decisions(nodes: u64, tasks: usize) -> f64 {
             deps: Vec::new(),
             max_retries: 3,
             retry_exceptions: false,
+            placement: None,
         })
         .collect();
     let started = Instant::now();

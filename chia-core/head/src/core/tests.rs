@@ -86,6 +86,7 @@ impl Env {
             functions: functions.iter().map(|f| FunctionKey::new(*f, SIG)).collect(),
             services: vec![FunctionKey::new("Counter", SIG)],
             head_node: false,
+            labels: Default::default(),
         };
         self.open_from(remote, name, Some(offer))
     }
@@ -134,6 +135,7 @@ fn spec(task: TaskId, function: &str, args: Vec<Arg>) -> TaskSpec {
         retry_exceptions: false,
         job: None,
         timeout_ms: None,
+        placement: None,
     }
 }
 
@@ -349,6 +351,7 @@ fn bytes_still_arriving_keep_a_worker_alive_and_the_head_node_never_expires() {
         functions: vec![],
         services: vec![],
         head_node: true,
+        labels: Default::default(),
     };
     let head = env.open("anything", Some(offer));
     assert_eq!(env.core.session_name(head), Some(HEAD_NODE_NAME));
@@ -444,6 +447,7 @@ fn counter_start(task: TaskId, detached: bool) -> ServiceStart {
         request: Resources::parse("CPU=0.1").expect("valid"),
         args: vec![Arg::Value(value(0))],
         max_restarts: 0,
+        placement: None,
     }
 }
 
@@ -1143,6 +1147,7 @@ fn explain_says_when_no_node_offers_the_function_or_only_another_signature() {
         functions: vec![FunctionKey::new("g", "ffffffffffffffff")],
         services: Vec::new(),
         head_node: false,
+        labels: Default::default(),
     };
     env.open_from("10.0.0.9:4000", "w2", Some(other_build));
     assert_eq!(
@@ -1153,4 +1158,127 @@ fn explain_says_when_no_node_offers_the_function_or_only_another_signature() {
             offered: vec!["ffffffffffffffff".into()]
         })
     );
+}
+
+// ---- placement ----
+
+fn labelled_worker(env: &mut Env, name: &str, resources: &str, labels: &str) -> SessionId {
+    let offer = WorkerOffer {
+        resources: Resources::parse(resources).expect("valid resources"),
+        functions: vec![FunctionKey::new("f", SIG)],
+        services: Vec::new(),
+        head_node: false,
+        labels: chia_core::placement::Labels::parse(labels).expect("valid labels"),
+    };
+    env.open(name, Some(offer))
+}
+
+fn group_spec(task: TaskId, bundles: &[&str], strategy: chia_core::placement::GroupStrategy) -> PeerToHead {
+    PeerToHead::CreateGroup(chia_core::placement::GroupSpec {
+        group: chia_core::placement::GroupId(task),
+        bundles: bundles.iter().map(|b| Resources::parse(b).expect("valid")).collect(),
+        strategy,
+        detached: false,
+        job: None,
+    })
+}
+
+#[test]
+fn a_worker_offering_group_resources_or_malformed_labels_is_refused() {
+    let mut env = Env::new();
+    let mut offer = WorkerOffer {
+        resources: Resources::parse("CPU=1,group:0:any:CPU=4").expect("valid"),
+        functions: Vec::new(),
+        services: Vec::new(),
+        head_node: false,
+        labels: Default::default(),
+    };
+    let hello = |offer: &WorkerOffer| PeerToHead::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        name: "w".into(),
+        worker: Some(offer.clone()),
+    };
+    let rejection = env.core.open_session(env.now, "test", hello(&offer)).unwrap_err();
+    assert!(rejection.reason.contains("group:0:any:CPU"), "{rejection}");
+    offer.resources = Resources::parse("CPU=1").expect("valid");
+    // Labels decoded from a frame skip the parser's checks: the head checks them.
+    offer.labels = rmp_serde::from_slice(
+        &rmp_serde::to_vec_named(
+            &[("rack", "a b")].into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let rejection = env.core.open_session(env.now, "test", hello(&offer)).unwrap_err();
+    assert!(
+        rejection.reason.contains("the worker's labels") && rejection.reason.contains("rack"),
+        "{rejection}"
+    );
+    assert_eq!(env.core.stats().sessions, 0);
+}
+
+#[test]
+fn ready_is_answered_when_the_group_is_placed_and_a_restart_keeps_the_group() {
+    use chia_core::placement::{BundleRef, GroupId, GroupStrategy, Placement};
+    let mut env = Env::with(journaled());
+    let w1 = labelled_worker(&mut env, "w1", "CPU=2", "rack=a");
+    let driver = env.driver();
+    let group = TaskId::new(driver, 1);
+    env.send(driver, group_spec(group, &["CPU=1", "CPU=1"], GroupStrategy::StrictSpread));
+    assert_eq!(dones(&env.to(driver)), [(group, Done::Value(rmp_serde::to_vec_named(&()).unwrap()))]);
+    // One node for two STRICT_SPREAD bundles: ready says why it cannot be placed.
+    let ready = TaskId::new(driver, 2);
+    env.send(driver, PeerToHead::GroupReady { task: ready, group: GroupId(group) });
+    let answer = dones(&env.to(driver));
+    let [(t, Done::Failed(TaskError::PlacementGroup { problem, .. }))] = answer.as_slice() else {
+        panic!("{answer:?}")
+    };
+    assert_eq!(*t, ready);
+    assert!(problem.to_string().contains("only 1 connected node(s) can hold one: w1"), "{problem}");
+    // A call in it waits; a second worker makes it placeable, answering a waiting ready.
+    let call = TaskId::new(driver, 3);
+    let mut in_bundle = spec(call, "f", vec![]);
+    in_bundle.placement = Placement {
+        group: Some(BundleRef { group: GroupId(group), bundle: Some(1) }),
+        ..Placement::default()
+    }
+    .boxed();
+    env.send(driver, PeerToHead::Submit(in_bundle));
+    assert!(env.to(driver).is_empty(), "{call} waits for its group, not reported infeasible");
+    let w2 = labelled_worker(&mut env, "w2", "CPU=2", "rack=b");
+    let ready = TaskId::new(driver, 4);
+    env.send(driver, PeerToHead::GroupReady { task: ready, group: GroupId(group) });
+    let answer = dones(&env.to(driver));
+    let [(t, Done::Value(bytes))] = answer.as_slice() else { panic!("{answer:?}") };
+    let nodes: Vec<String> = rmp_serde::from_slice(bytes).unwrap();
+    assert_eq!(*t, ready);
+    assert!(nodes.contains(&"w1".to_string()) && nodes.contains(&"w2".to_string()), "{nodes:?}");
+    let (bundle_1, other) = if nodes[1] == "w1" { (w1, w2) } else { (w2, w1) };
+    assert!(executes(&env.to(other)).is_empty());
+    assert_eq!(executes(&env.to(bundle_1)), [(call, 1)], "the call runs where bundle 1 is");
+    // A group that fits but not now: its ready waits, and is answered once room is back.
+    let second = TaskId::new(driver, 6);
+    env.send(driver, group_spec(second, &["CPU=2"], GroupStrategy::StrictPack));
+    env.to(driver);
+    let waiting = TaskId::new(driver, 7);
+    env.send(driver, PeerToHead::GroupReady { task: waiting, group: GroupId(second) });
+    assert!(env.to(driver).is_empty(), "it waits");
+    // A restart from the journal keeps the group where it was.
+    let mut env = env.restart();
+    env.resume(driver, vec![], vec![]);
+    env.resume(bundle_1, vec![TaskAttempt { task: call, attempt: 1 }], vec![]);
+    env.resume(other, vec![], vec![]);
+    let ready = TaskId::new(driver, 5);
+    env.send(driver, PeerToHead::GroupReady { task: ready, group: GroupId(group) });
+    assert_eq!(dones(&env.to(driver)), [(ready, Done::Value(rmp_serde::to_vec_named(&nodes).unwrap()))]);
+    env.send(driver, PeerToHead::GroupReady { task: waiting, group: GroupId(second) });
+    assert!(env.to(driver).is_empty(), "asked again after the restart, it waits again");
+    env.send(driver, PeerToHead::RemoveGroup { task: TaskId::new(driver, 8), group: GroupId(group) });
+    let answers = dones(&env.to(driver));
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert!(answers.iter().any(|(t, done)| *t == waiting && matches!(done, Done::Value(_))), "{answers:?}");
+    // Removed with its job when the driver leaves.
+    env.core.close_session(env.now, driver, "gone");
+    env.collect();
+    assert_eq!(env.core.scheduler().group_count(), 0);
 }

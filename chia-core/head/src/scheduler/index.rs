@@ -57,6 +57,10 @@ define_id_type!(
     /// An interned function; functions are never removed, so it stays valid.
     FunctionSlot
 );
+define_id_type!(
+    /// A placement group's slot in the scheduler's groups; reused once the group is removed.
+    GroupSlot
+);
 
 /// A vector that only grows, indexed by `I`.
 #[derive(Serialize, Deserialize)]

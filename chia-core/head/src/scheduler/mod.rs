@@ -27,29 +27,39 @@
 //! is stale and ignored. A cancelled task that runs is asked to stop and ends
 //! [`TaskError::Cancelled`] whatever happens next; one that has not started ends at once.
 
+mod groups;
 mod index;
 mod overview;
 mod pool;
 #[cfg(test)]
 mod tests;
 
+use chia_core::placement::{GroupId, GroupSpec, Labels, Placement, Strategy};
 use chia_core::resources::NODE_PREFIX;
 use chia_core::{FunctionKey, NodeId, ResourceAmount, Resources, SessionId, TaskError, TaskId};
-use index::{FunctionSlot, IndexVec, NodeSlot, ShapeSlot, Slab, TaskSlot};
+use index::{FunctionSlot, GroupSlot, IndexVec, NodeSlot, ShapeSlot, Slab, TaskSlot};
 use pool::{Names, Need, Pool, TaskIndex};
 use serde::{Deserialize, Serialize};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+pub use groups::GroupStatus;
 pub use overview::{NodeOverview, ShapeOverview, StateCounts};
 
 /// Something that happened, as the head tells the scheduler.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
-    /// A worker connected. It advertises `resources` (plus `node:<name>` = 1, added here) and can
-    /// run exactly the `functions` it announced.
-    NodeJoined { node: NodeId, name: String, resources: Resources, functions: Vec<FunctionKey> },
+    /// A worker connected. It advertises `resources` (plus `node:<name>` = 1, added here) and
+    /// `labels`, and can run exactly the `functions` it announced.
+    NodeJoined {
+        node: NodeId,
+        name: String,
+        resources: Resources,
+        functions: Vec<FunctionKey>,
+        #[serde(default)]
+        labels: Labels,
+    },
     /// A worker disconnected; it and what ran there are lost. Its tasks run again elsewhere
     /// while they have attempts left.
     NodeLost { node: NodeId },
@@ -73,6 +83,10 @@ pub enum Event {
         deps: Vec<TaskId>,
         max_retries: i32,
         retry_exceptions: bool,
+        /// Labels its node must have, how to pick among nodes, its group's bundle (`None`: a
+        /// plain task, placed as before).
+        #[serde(default)]
+        placement: Option<Box<Placement>>,
     },
     /// `node` took up the attempt of `task` it was sent: from now on the attempt counts
     /// against `max_retries` if the node is lost. Ignored unless the task is leased to `node`.
@@ -91,8 +105,14 @@ pub enum Event {
     /// depend on it fail with [`TaskError::UnknownDependency`].
     TaskForgotten { task: TaskId },
     /// The session that submitted tasks went away: its tasks that have not started are dropped
-    /// (silently, nobody is left to tell). Running ones finish normally.
+    /// (silently, nobody is left to tell). Running ones finish normally. The placement groups
+    /// of its job that are not detached are removed.
     SessionClosed { session: SessionId },
+    /// A placement group of `owner`'s job is created; its bundles are reserved as soon as
+    /// they fit ([`Command::GroupPlaced`]).
+    GroupCreated { spec: GroupSpec, owner: SessionId },
+    /// A placement group is removed: see [`Command::GroupRemoved`].
+    GroupRemoved { group: GroupId },
 }
 
 /// Functions whose names start with this place service instances (see `head::services`);
@@ -116,6 +136,14 @@ pub enum Command {
     /// `node` was silent too long and is lost now (its tasks are handled as for
     /// [`Event::NodeLost`]); close its connection.
     NodeExpired { node: NodeId },
+    /// Every bundle of the group is reserved: on these nodes (by name), in bundle order.
+    GroupPlaced { group: GroupId, nodes: Vec<String> },
+    /// The connected nodes could never hold the group as its strategy asks; it stays pending.
+    /// Reported once until it becomes feasible and infeasible again.
+    GroupInfeasible { group: GroupId, reason: String },
+    /// The group is gone, with its reservations: its queued tasks failed, its running ones
+    /// were asked to stop (with force).
+    GroupRemoved { group: GroupId },
 }
 
 /// Where a task is, as far as the scheduler knows (for tests and logs).
@@ -178,6 +206,16 @@ pub struct Scheduler {
     /// `None` when no node is connected.
     oldest_heard: Option<NodeSlot>,
     newest_heard: Option<NodeSlot>,
+    /// Placement groups, and the pending ones oldest first (see `groups`).
+    #[serde(default)]
+    groups: Slab<GroupSlot, groups::Group>,
+    #[serde(default)]
+    group_index: HashMap<GroupId, GroupSlot>,
+    #[serde(default)]
+    pending_groups: Vec<GroupSlot>,
+    /// Numbers the resources of the next group's bundles.
+    #[serde(default)]
+    next_group: u64,
 }
 
 /// Dispatches a task may lose with their node before the node acknowledged them and still be
@@ -212,6 +250,20 @@ struct Node {
     /// ends: an `Option<NodeSlot>` costs a word more per node, off the hot path.
     older: Option<NodeSlot>,
     newer: Option<NodeSlot>,
+    /// As offered; tasks asking for labels run only where all of theirs match.
+    #[serde(default)]
+    labels: Labels,
+    /// The bundles of placement groups reserved here: `(group, bundle)`.
+    #[serde(default)]
+    bundles: Vec<(GroupSlot, u32)>,
+}
+
+impl Node {
+    /// Whether tasks of `key`'s shape could run here when it is idle (its function aside).
+    fn can_host(&self, key: &ShapeKey) -> bool {
+        self.pool.could_hold(&key.need)
+            && key.placement.as_ref().is_none_or(|p| self.labels.satisfy(&p.labels))
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -225,6 +277,9 @@ struct Function {
 struct ShapeKey {
     function: FunctionSlot,
     need: Need,
+    /// Labels, strategy and group bundle; `None` for plain tasks, which pay nothing for them.
+    #[serde(default)]
+    placement: Option<Box<Placement>>,
 }
 
 /// Tasks with the same function and request, which are interchangeable for placement.
@@ -395,6 +450,10 @@ impl Scheduler {
             last_event: None,
             oldest_heard: None,
             newest_heard: None,
+            groups: Slab::default(),
+            group_index: HashMap::new(),
+            pending_groups: Vec::new(),
+            next_group: 0,
         }
     }
 
@@ -403,22 +462,37 @@ impl Scheduler {
     pub fn handle(&mut self, now: Instant, event: Event) {
         self.last_event = Some(now);
         match event {
-            Event::NodeJoined { node, name, resources, functions } => {
-                self.node_joined(now, node, name, resources, functions)
+            Event::NodeJoined { node, name, resources, functions, labels } => {
+                self.node_joined(now, node, name, resources, functions, labels)
             }
             Event::NodeLost { node } => self.nodes_lost(&[node]),
             Event::NodeHeard { node } => self.node_heard(node, now),
             Event::NodePaused { node } => self.set_paused(node, true),
             Event::NodeResumed { node } => self.set_paused(node, false),
-            Event::TaskSubmitted { task, function, request, deps, max_retries, retry_exceptions } => {
-                self.submit(task, function, request, &deps, Retry::new(max_retries, retry_exceptions))
-            }
+            Event::TaskSubmitted {
+                task,
+                function,
+                request,
+                deps,
+                max_retries,
+                retry_exceptions,
+                placement,
+            } => self.submit(
+                task,
+                function,
+                request,
+                &deps,
+                Retry::new(max_retries, retry_exceptions),
+                placement,
+            ),
             Event::TaskStarted { task, node } => self.task_started(task, node),
             Event::TaskFinished { task, node, error } => self.task_finished(task, node, error),
             Event::TaskCancelled { task, force } => self.task_cancelled(task, force),
             Event::TaskBlocked { task } => self.task_blocked(task),
             Event::TaskForgotten { task } => self.task_forgotten(task),
             Event::SessionClosed { session } => self.session_closed(session),
+            Event::GroupCreated { spec, owner } => self.group_created(spec, owner),
+            Event::GroupRemoved { group } => self.group_removed(group),
         }
     }
 
@@ -480,9 +554,11 @@ impl Scheduler {
         running
     }
 
-    /// What `node` has free right now (including its `node:<name>` resource).
+    /// What `node` has free right now (including its `node:<name>` resource; not what the
+    /// bundles of placement groups reserved there offer their tasks).
     pub fn node_free(&self, node: NodeId) -> Option<Resources> {
-        self.node(node).map(|n| self.names.resources(n.pool.free()))
+        self.node(node)
+            .map(|n| self.names.resources(n.pool.free().filter(|&(res, _)| !self.names.is_group(res))))
     }
 
     /// Where `task` is, or `None` if the scheduler does not know it (never submitted, dropped with
@@ -554,6 +630,7 @@ impl Scheduler {
         name: String,
         mut resources: Resources,
         functions: Vec<FunctionKey>,
+        labels: Labels,
     ) {
         if self.node_index.contains_key(&id) {
             return;
@@ -579,6 +656,8 @@ impl Scheduler {
             paused: false,
             older: None,
             newer: None,
+            labels,
+            bundles: Vec::new(),
         };
         let n = self.nodes.insert(node);
         self.node_index.insert(id, n);
@@ -588,13 +667,13 @@ impl Scheduler {
             self.functions[f].nodes.push(n);
         }
         for (s, shape) in self.shapes.iter_mut() {
-            if node.functions.binary_search(&shape.key.function).is_ok()
-                && node.pool.could_hold(&shape.key.need)
-            {
+            if node.functions.binary_search(&shape.key.function).is_ok() && node.can_host(&shape.key) {
                 shape.capable.push(n);
                 node.shapes.push(s);
             }
         }
+        // Pending groups get the new room before queued tasks do.
+        self.place_groups(true);
         self.fill_node(n);
     }
 
@@ -608,6 +687,9 @@ impl Scheduler {
             let Some(n) = self.node_index.remove(id) else { continue };
             self.unlink_heard(n);
             let Some(node) = self.nodes.remove(n) else { continue };
+            if !node.bundles.is_empty() {
+                self.bundles_lost(&node.bundles);
+            }
             for &f in &node.functions {
                 self.functions[f].nodes.retain(|&x| x != n);
             }
@@ -621,6 +703,8 @@ impl Scheduler {
             shapes.extend(node.shapes);
             names.push(node.name);
         }
+        // Bundles lost go elsewhere first, so their tasks find them there.
+        self.place_groups(true);
         // Oldest first: failures are announced in submission order.
         running.sort_unstable();
         let mut again = Vec::new();
@@ -675,6 +759,7 @@ impl Scheduler {
         let Some(node) = self.nodes.get_mut(n) else { return };
         let was = std::mem::replace(&mut node.paused, paused);
         if was && !paused {
+            self.place_groups(true);
             self.fill_node(n);
         }
     }
@@ -776,20 +861,31 @@ impl Scheduler {
         })
     }
 
-    /// The latest submission's shape, when this one has the same function and request and that
-    /// function is still runnable (so the function check would pass too).
-    fn same_shape_as_last(&self, function: &FunctionKey, request: &Resources) -> Option<ShapeSlot> {
+    /// The latest submission's shape, when this one has the same function, request and
+    /// placement and that function is still runnable (so the function check would pass too).
+    fn same_shape_as_last(
+        &self,
+        function: &FunctionKey,
+        request: &Resources,
+        placement: &Option<Box<Placement>>,
+    ) -> Option<ShapeSlot> {
         let s = self.last_shape?;
         let shape = self.shapes.get(s)?;
         let f = self.functions.get(shape.key.function)?;
         let runnable = !f.nodes.is_empty() || self.nodes.is_empty();
-        (runnable && f.key == *function && shape.request == *request).then_some(s)
+        (runnable && f.key == *function && shape.request == *request && shape.key.placement == *placement)
+            .then_some(s)
     }
 
-    /// The shape of `(function, request)`, created on first use.
-    fn shape_for(&mut self, function: FunctionKey, request: Resources) -> ShapeSlot {
+    /// The shape of `(function, request, placement)`, created on first use.
+    fn shape_for(
+        &mut self,
+        function: FunctionKey,
+        request: Resources,
+        placement: Option<Box<Placement>>,
+    ) -> ShapeSlot {
         let function = self.intern_function(function);
-        let key = ShapeKey { function, need: self.names.need(&request) };
+        let key = ShapeKey { function, need: self.names.need(&request), placement };
         if let Some(&s) = self.shape_index.get(&key) {
             return s;
         }
@@ -798,7 +894,7 @@ impl Scheduler {
             .nodes
             .iter()
             .copied()
-            .filter(|&n| self.nodes.get(n).is_some_and(|node| node.pool.could_hold(&key.need)))
+            .filter(|&n| self.nodes.get(n).is_some_and(|node| node.can_host(&key)))
             .collect();
         let shape = Shape {
             key: key.clone(),
@@ -861,13 +957,27 @@ impl Scheduler {
         request: Resources,
         deps: &[TaskId],
         retry: Retry,
+        placement: Option<Box<Placement>>,
     ) {
         if self.task_index.contains_key(&id) {
             return; // A duplicate id: the first submission stands.
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        let cached = self.same_shape_as_last(&function, &request);
+        // A task in a group asks for what its bundle offers; others keep their request.
+        let request = match placement.as_deref().and_then(|p| p.group) {
+            None => Ok(request),
+            Some(bundle) => self.group_request(&function.name, bundle, &request),
+        };
+        let request = match request {
+            Ok(request) => request,
+            Err(error) => {
+                self.commands.push(Command::Fail { task: id, error: error.clone() });
+                self.insert_task(id, seq, State::Failed(Box::new(error)), retry);
+                return;
+            }
+        };
+        let cached = self.same_shape_as_last(&function, &request, &placement);
         let checked = if cached.is_some() { Ok(()) } else { self.check_function(&function) };
         if let Err(error) = checked.and_then(|()| self.check_deps(&function.name, deps)) {
             self.commands.push(Command::Fail { task: id, error: error.clone() });
@@ -876,7 +986,7 @@ impl Scheduler {
         }
         let shape = match cached {
             Some(s) => s,
-            None => self.shape_for(function, request),
+            None => self.shape_for(function, request, placement),
         };
         self.last_shape = Some(shape);
         if let Some(shape) = self.shapes.get_mut(shape) {
@@ -982,6 +1092,8 @@ impl Scheduler {
         if let (Some(n), Some(s)) = (self.nodes.get_mut(node), self.shapes.get(shape)) {
             n.pool.give_back(&s.key.need, cpu_released.then_some(Names::CPU));
         }
+        // Pending groups get the freed room first (nothing to do when there are none).
+        self.place_groups(false);
         if again {
             // Queued before the freed room is offered, so it may take it back as the oldest.
             let fresh = self.requeue(slot);
@@ -1094,6 +1206,7 @@ impl Scheduler {
             let error = TaskError::UnknownDependency { function: self.function_name(shape), dependency };
             self.settle(dependent, Err(error), true);
         }
+        self.remove_groups_of(session);
     }
 
     /// Records that the unfinished task in `slot` ended with `outcome` (announcing a failure to
@@ -1252,9 +1365,16 @@ impl Scheduler {
         }
     }
 
-    /// The next node (round-robin from the shape's cursor) with room for the shape.
+    /// The next node (round-robin from the shape's cursor) with room for the shape, or the
+    /// one its strategy prefers.
     fn pick_node(&mut self, s: ShapeSlot) -> Option<NodeSlot> {
         let shape = self.shapes.get_mut(s)?;
+        if let Some(placement) = &shape.key.placement
+            && placement.strategy != Strategy::Default
+        {
+            let strategy = placement.strategy;
+            return self.pick_by_strategy(s, strategy);
+        }
         let len = shape.capable.len();
         for i in 0..len {
             let pos = (shape.cursor + i) % len;
@@ -1265,6 +1385,21 @@ impl Scheduler {
             }
         }
         None
+    }
+
+    /// Among the shape's nodes with room now: the one running the fewest tasks (`Spread`) or
+    /// the most (`Pack`), the first in the shape's list on a tie.
+    fn pick_by_strategy(&self, s: ShapeSlot, strategy: Strategy) -> Option<NodeSlot> {
+        let shape = self.shapes.get(s)?;
+        let with_room = shape.capable.iter().filter_map(|&n| {
+            let node = self.nodes.get(n)?;
+            (!node.paused && node.pool.fits(&shape.key.need)).then_some((n, node.running.len()))
+        });
+        let best = match strategy {
+            Strategy::Pack => with_room.min_by_key(|&(_, running)| Reverse(running)),
+            _ => with_room.min_by_key(|&(_, running)| running),
+        };
+        best.map(|(n, _)| n)
     }
 
     /// Offers node `n`'s free room to the shapes it can run, oldest waiting task first, until
@@ -1353,6 +1488,11 @@ impl Scheduler {
     /// Reports the task in slot `only`, or every queued task of shape `s`, as infeasible.
     fn report_infeasible(&mut self, s: ShapeSlot, only: Option<TaskSlot>) {
         let Some(shape) = self.shapes.get(s) else { return };
+        if shape.key.placement.as_ref().is_some_and(|p| p.group.is_some())
+            && self.waits_for_group(shape).is_some()
+        {
+            return; // Its bundle is not reserved yet: the group reports, if it cannot be placed.
+        }
         let reason = self.infeasible_reason(shape);
         let slots: Vec<TaskSlot> = match only {
             Some(slot) => vec![slot],
@@ -1379,6 +1519,38 @@ impl Scheduler {
             return format!("no connected node has the function {}", function.key);
         }
         const SHOWN: usize = 3;
+        let wanted = shape.key.placement.as_ref().map(|p| &p.labels).filter(|labels| !labels.is_empty());
+        if let Some(wanted) = wanted
+            && !function
+                .nodes
+                .iter()
+                .filter_map(|&n| self.nodes.get(n))
+                .any(|node| node.labels.satisfy(wanted))
+        {
+            let mut lacking: Vec<String> = function
+                .nodes
+                .iter()
+                .filter_map(|&n| self.nodes.get(n))
+                .take(SHOWN)
+                .map(|node| format!("{} lacks {}", node.name, node.labels.missing(wanted).join(", ")))
+                .collect();
+            if function.nodes.len() > SHOWN {
+                lacking.push(format!("and {} more", function.nodes.len() - SHOWN));
+            }
+            return format!(
+                "{} asks for labels {wanted}, which no connected node with this function has: {}",
+                function.key,
+                lacking.join("; ")
+            );
+        }
+        if let Some(bundle) = shape.key.placement.as_ref().and_then(|p| p.group) {
+            return format!(
+                "{} runs in {}{}, whose node does not offer the function",
+                function.key,
+                bundle.group,
+                bundle.bundle.map_or_else(String::new, |b| format!(" bundle {b}"))
+            );
+        }
         let mut short: Vec<String> = function
             .nodes
             .iter()

@@ -4,6 +4,7 @@
 
 use super::{SERVICE_FUNCTION_PREFIX, Scheduler, Shape, State, Task, is_queued};
 use chia_core::inspect::{Reason, Shortfall};
+use chia_core::placement::Labels;
 use chia_core::{FunctionKey, NodeId, Resources, TaskId};
 use std::time::Instant;
 
@@ -21,6 +22,10 @@ pub struct NodeOverview {
     pub paused: bool,
     /// Function tasks leased to it (service instances are not counted).
     pub running: usize,
+    /// As offered by its worker.
+    pub labels: Labels,
+    /// Bundles of placement groups reserved on it (their resources are not in `free`).
+    pub bundles: usize,
 }
 
 /// The queued tasks of one shape.
@@ -56,11 +61,13 @@ impl Scheduler {
                 id: node.id,
                 name: node.name.clone(),
                 capacity: node.capacity.clone(),
-                free: self.names.resources(node.pool.free()),
+                free: self.names.resources(node.pool.free().filter(|&(res, _)| !self.names.is_group(res))),
                 functions: node.functions.iter().map(|&f| self.functions[f].key.clone()).collect(),
                 heard: node.heard,
                 paused: node.paused,
                 running: node.running.iter().filter(|&&t| !self.runs_an_instance(t)).count(),
+                labels: node.labels.clone(),
+                bundles: node.bundles.len(),
             })
             .collect();
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
@@ -132,9 +139,28 @@ impl Scheduler {
                 }
             });
         }
-        for node in function.nodes.iter().filter_map(|&n| self.nodes.get(n)).take(limit) {
+        if let Some((group, infeasible)) = self.waits_for_group(shape) {
+            reasons.push(Reason::WaitingForGroup { group: group.to_string(), infeasible });
+            return Some(reasons);
+        }
+        let placement = shape.key.placement.as_deref();
+        let wanted = placement.map(|p| &p.labels).filter(|labels| !labels.is_empty());
+        let in_group = placement.is_some_and(|p| p.group.is_some());
+        let nodes = function
+            .nodes
+            .iter()
+            .filter_map(|&n| self.nodes.get(n))
+            // A task in a group can only run where its bundle is: the other nodes say nothing.
+            .filter(|node| {
+                !in_group || shape.capable.iter().any(|&c| self.nodes.get(c).is_some_and(|c| c.id == node.id))
+            });
+        for node in nodes.take(limit) {
             let name = node.name.clone();
-            if !node.pool.could_hold(&shape.key.need) {
+            if let Some(wanted) = wanted
+                && !node.labels.satisfy(wanted)
+            {
+                reasons.push(Reason::LabelsDiffer { node: name, missing: node.labels.missing(wanted) });
+            } else if !node.pool.could_hold(&shape.key.need) {
                 reasons.push(Reason::NeverFits {
                     node: name,
                     short: shortfalls(&node.capacity, &shape.request),

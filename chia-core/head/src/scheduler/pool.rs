@@ -55,6 +55,11 @@ impl Names {
         need.into()
     }
 
+    /// Whether `idx` names a resource a placement group's bundle offers.
+    pub(super) fn is_group(&self, idx: ResIdx) -> bool {
+        self.names.get(idx as usize).is_some_and(|name| name.starts_with(chia_core::placement::GROUP_PREFIX))
+    }
+
     /// Turns interned amounts back into a [`Resources`] (for accessors and messages, not the hot path).
     pub(super) fn resources(&self, amounts: impl Iterator<Item = (ResIdx, u64)>) -> Resources {
         let mut out = Resources::new();
@@ -69,14 +74,14 @@ impl Names {
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
-struct Slot {
+pub(super) struct Slot {
     res: ResIdx,
     capacity: u64,
     free: u64,
 }
 
 /// What one node has, and how much of it is free right now.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub(super) struct Pool {
     slots: Box<[Slot]>,
 }
@@ -153,6 +158,53 @@ impl Pool {
     pub(super) fn free(&self) -> impl Iterator<Item = (ResIdx, u64)> + '_ {
         self.slots.iter().map(|s| (s.res, s.free))
     }
+
+    /// This pool as if nothing ran here (for what could ever fit).
+    pub(super) fn idle(&self) -> Pool {
+        Pool { slots: self.slots.iter().map(|s| Slot { free: s.capacity, ..*s }).collect() }
+    }
+
+    /// Adds `amounts` (sorted by name) to the capacity and the free amounts, with new slots
+    /// for names the pool lacks (a placement group's bundle reserved here). Rare: rebuilds.
+    pub(super) fn add(&mut self, amounts: &[(ResIdx, u64)]) {
+        let mut slots = self.slots.to_vec();
+        for &(res, amount) in amounts {
+            match slots.binary_search_by_key(&res, |s| s.res) {
+                Ok(i) => {
+                    slots[i].capacity = slots[i].capacity.saturating_add(amount);
+                    slots[i].free = slots[i].free.saturating_add(amount);
+                }
+                Err(i) => slots.insert(i, Slot { res, capacity: amount, free: amount }),
+            }
+        }
+        self.slots = slots.into();
+    }
+
+    /// Takes `amounts` back off the capacity (and the free amounts, as far as they go),
+    /// dropping slots left with no capacity: a bundle reserved here is given up.
+    pub(super) fn remove(&mut self, amounts: &[(ResIdx, u64)]) {
+        let mut slots = self.slots.to_vec();
+        for &(res, amount) in amounts {
+            if let Ok(i) = slots.binary_search_by_key(&res, |s| s.res) {
+                slots[i].capacity = slots[i].capacity.saturating_sub(amount);
+                slots[i].free = slots[i].free.saturating_sub(amount).min(slots[i].capacity);
+            }
+        }
+        slots.retain(|s| s.capacity > 0);
+        self.slots = slots.into();
+    }
+}
+
+/// The sum of several interned requests.
+pub(super) fn sum_needs<'a>(needs: impl IntoIterator<Item = &'a Need>) -> Need {
+    let mut sum: std::collections::BTreeMap<ResIdx, u64> = std::collections::BTreeMap::new();
+    for need in needs {
+        for &(res, amount) in need.iter() {
+            let entry = sum.entry(res).or_default();
+            *entry = entry.saturating_add(amount);
+        }
+    }
+    sum.into_iter().collect()
 }
 
 /// Task id → slot. A session numbers its tasks with a counter, so each session keeps a window

@@ -2,6 +2,7 @@
 //! [`Scheduler`] and returns the commands each one produced. Deterministic: no network, no sleeps.
 
 use super::*;
+use chia_core::placement::GroupProblem;
 use chia_core::resources::CPU;
 use std::time::Duration;
 
@@ -53,7 +54,14 @@ impl Env {
 
     fn join_with(&mut self, id: u64, resources: &str, functions: Vec<FunctionKey>) -> Vec<Command> {
         let resources = Resources::parse(resources).unwrap();
-        self.event(Event::NodeJoined { node: NodeId(id), name: format!("w{id}"), resources, functions })
+        let labels = Labels::new();
+        self.event(Event::NodeJoined {
+            node: NodeId(id),
+            name: format!("w{id}"),
+            resources,
+            functions,
+            labels,
+        })
     }
 
     fn lose(&mut self, id: u64) -> Vec<Command> {
@@ -80,6 +88,7 @@ impl Env {
             deps: deps.to_vec(),
             max_retries: 0,
             retry_exceptions: false,
+            placement: None,
         })
     }
 
@@ -94,7 +103,16 @@ impl Env {
         let request = Resources::parse(request).unwrap();
         let function = key(function);
         let deps = Vec::new();
-        self.event(Event::TaskSubmitted { task, function, request, deps, max_retries, retry_exceptions })
+        let placement = None;
+        self.event(Event::TaskSubmitted {
+            task,
+            function,
+            request,
+            deps,
+            max_retries,
+            retry_exceptions,
+            placement,
+        })
     }
 
     /// The node `task` is leased to, as the node that reports it; one no task runs on if none.
@@ -993,6 +1011,7 @@ fn hearing_from_a_node_moves_its_deadline() {
             name: "w5".into(),
             resources: res("CPU=1"),
             functions: vec![key("f")],
+            labels: Labels::new(),
         },
     );
     // Both count as heard when node 4 joined, and come after it in the list.
@@ -1159,6 +1178,7 @@ fn random_events(steps: u64) -> (Vec<Command>, [usize; 7]) {
                     deps,
                     max_retries,
                     retry_exceptions,
+                    placement: None,
                 })
             }
             10..=15 if !running.is_empty() => {
@@ -1210,4 +1230,302 @@ fn random_events(steps: u64) -> (Vec<Command>, [usize; 7]) {
     }
     check_invariants(&env.sched);
     (log, reached)
+}
+
+// ---- labels, strategies, placement groups ----
+
+use chia_core::placement::{BundleRef, GroupStrategy};
+
+impl Env {
+    fn join_labelled(&mut self, id: u64, resources: &str, labels: &str) -> Vec<Command> {
+        let (resources, labels) = (res(resources), Labels::parse(labels).unwrap());
+        let functions = vec![key("f")];
+        self.event(Event::NodeJoined {
+            node: NodeId(id),
+            name: format!("w{id}"),
+            resources,
+            functions,
+            labels,
+        })
+    }
+
+    fn submit_placed(&mut self, task: TaskId, request: &str, placement: Placement) -> Vec<Command> {
+        self.event(Event::TaskSubmitted {
+            task,
+            function: key("f"),
+            request: res(request),
+            deps: Vec::new(),
+            max_retries: 0,
+            retry_exceptions: false,
+            placement: placement.boxed(),
+        })
+    }
+
+    fn create_group(&mut self, seq: u64, bundles: &[&str], strategy: GroupStrategy) -> Vec<Command> {
+        let spec = GroupSpec {
+            group: group(seq),
+            bundles: bundles.iter().map(|b| res(b)).collect(),
+            strategy,
+            detached: false,
+            job: None,
+        };
+        let commands = self.event(Event::GroupCreated { spec, owner: SessionId(1) });
+        self.sched.check_groups().unwrap();
+        commands
+    }
+}
+
+fn group(seq: u64) -> GroupId {
+    GroupId(TaskId::new(SessionId(1), 1000 + seq))
+}
+
+fn labels(text: &str) -> Placement {
+    Placement { labels: Labels::parse(text).unwrap(), ..Placement::default() }
+}
+
+fn in_bundle(g: u64, bundle: Option<u32>) -> Placement {
+    Placement { group: Some(BundleRef { group: group(g), bundle }), ..Placement::default() }
+}
+
+#[test]
+fn labels_choose_the_node_and_a_label_no_node_has_is_infeasible() {
+    let mut env = Env::new();
+    env.join_labelled(1, "CPU=4", "rack=a");
+    env.join_labelled(2, "CPU=4", "rack=b,fpga=vu9p");
+    for seq in 1..=3 {
+        assert_eq!(env.submit_placed(t(seq), "CPU=1", labels("fpga=vu9p")), [dispatch(t(seq), 2)]);
+    }
+    // Plain tasks still go anywhere, round-robin.
+    assert_eq!(dispatched(&env.submit(t(4), "f", "CPU=1", &[])).len(), 1);
+    let commands = env.submit_placed(t(5), "CPU=1", labels("fpga=ku115"));
+    let [Command::Infeasible { task, reason }] = commands.as_slice() else { panic!("{commands:?}") };
+    assert_eq!(*task, t(5));
+    assert!(reason.contains("asks for labels fpga=ku115"), "{reason}");
+    assert!(reason.contains("w1 lacks fpga=ku115 (has none)"), "{reason}");
+    assert!(reason.contains("w2 lacks fpga=ku115 (has fpga=vu9p)"), "{reason}");
+    let reasons = env.sched.explain_queued(t(5), 8).unwrap();
+    assert!(
+        reasons.iter().any(|r| matches!(r, chia_core::inspect::Reason::LabelsDiffer { node, missing }
+        if node == "w2" && missing == &["fpga=ku115 (has fpga=vu9p)".to_string()])),
+        "{reasons:?}"
+    );
+    // A node with the label joins: the task runs there.
+    assert_eq!(env.join_labelled(3, "CPU=1", "fpga=ku115"), [dispatch(t(5), 3)]);
+    let nodes = env.sched.nodes_overview();
+    assert_eq!(nodes[1].labels, Labels::parse("rack=b,fpga=vu9p").unwrap());
+}
+
+#[test]
+fn pack_fills_one_node_and_spread_levels_them() {
+    let mut env = Env::new();
+    env.join(1, "CPU=4", &["f"]);
+    env.join(2, "CPU=4", &["f"]);
+    let pack = Placement { strategy: Strategy::Pack, ..Placement::default() };
+    let mut on = Vec::new();
+    for seq in 1..=4 {
+        on.extend(dispatched(&env.submit_placed(t(seq), "CPU=1", pack.clone())).into_iter().map(|(_, n)| n));
+    }
+    assert_eq!(on, [1, 1, 1, 1], "packed onto the first node");
+    assert_eq!(dispatched(&env.submit_placed(t(5), "CPU=1", pack.clone())), [(t(5), 2)]);
+    // Spread goes to the node running the fewest, whatever the round-robin cursor says.
+    let spread = Placement { strategy: Strategy::Spread, ..Placement::default() };
+    let mut env = Env::new();
+    env.join(1, "CPU=4", &["f"]);
+    env.join(2, "CPU=4", &["f"]);
+    env.submit(t(1), "f", "CPU=1", &[]);
+    env.submit(t(2), "f", "CPU=2", &[]); // Another shape: its own cursor, also node 1.
+    let mut on = Vec::new();
+    for seq in 3..=6 {
+        on.extend(
+            dispatched(&env.submit_placed(t(seq), "CPU=0.5", spread.clone())).into_iter().map(|(_, n)| n),
+        );
+    }
+    assert_eq!(on, [2, 2, 1, 2], "fewest running first: {on:?}");
+}
+
+#[test]
+fn strict_pack_and_strict_spread_place_bundles_and_tasks_run_inside() {
+    let mut env = Env::new();
+    env.join(1, "CPU=4", &["f"]);
+    env.join(2, "CPU=4", &["f"]);
+    env.join(3, "CPU=2", &["f"]);
+    let commands = env.create_group(1, &["CPU=1", "CPU=2"], GroupStrategy::StrictPack);
+    assert_eq!(commands, [Command::GroupPlaced { group: group(1), nodes: vec!["w1".into(), "w1".into()] }]);
+    assert_eq!(env.free(1), res("CPU=1,node:w1=1"), "the bundles' CPUs are reserved, not free");
+    let commands = env.create_group(2, &["CPU=1", "CPU=1", "CPU=1"], GroupStrategy::StrictSpread);
+    let [Command::GroupPlaced { nodes, .. }] = commands.as_slice() else { panic!("{commands:?}") };
+    let mut distinct = nodes.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "{nodes:?}");
+    // Tasks in bundle 1 of the packed group run on its node, two at a time (its 2 CPUs).
+    assert_eq!(env.submit_placed(t(1), "CPU=1", in_bundle(1, Some(1))), [dispatch(t(1), 1)]);
+    assert_eq!(env.submit_placed(t(2), "CPU=1", in_bundle(1, Some(1))), [dispatch(t(2), 1)]);
+    assert_eq!(env.submit_placed(t(3), "CPU=1", in_bundle(1, Some(1))), []);
+    // Any bundle: bundle 0's room is still there.
+    assert_eq!(env.submit_placed(t(4), "CPU=1", in_bundle(1, None)), [dispatch(t(4), 1)]);
+    // A plain task cannot use a reservation: node 1 has no CPU free for it.
+    assert_eq!(env.free(1), res("node:w1=1"));
+    assert_eq!(env.submit(t(5), "f", "CPU=1,node:w1=1", &[]), []);
+    assert_eq!(env.finish(t(1)), [dispatch(t(3), 1)]);
+    // A task requesting nothing still runs on its bundle's node.
+    let on = &env.sched.group_status(group(2));
+    let Some(GroupStatus::Placed { nodes }) = on else { panic!("{on:?}") };
+    let commands = env.submit_placed(t(6), "", in_bundle(2, Some(2)));
+    assert_eq!(dispatched(&commands), [(t(6), nodes[2].trim_start_matches('w').parse().unwrap())]);
+    // Asking for more than a bundle holds, or a bundle it lacks, fails at once.
+    let commands = env.submit_placed(t(7), "CPU=3", in_bundle(1, Some(0)));
+    let [Command::Fail { error: TaskError::PlacementGroup { problem, .. }, .. }] = commands.as_slice() else {
+        panic!("{commands:?}")
+    };
+    assert!(matches!(problem, GroupProblem::TooSmall { .. }), "{problem:?}");
+    let commands = env.submit_placed(t(8), "CPU=1", in_bundle(1, Some(5)));
+    assert!(
+        matches!(
+            commands.as_slice(),
+            [Command::Fail {
+                error: TaskError::PlacementGroup {
+                    problem: GroupProblem::NoSuchBundle { bundle: 5, bundles: 2 },
+                    ..
+                },
+                ..
+            }]
+        ),
+        "{commands:?}"
+    );
+    let commands = env.submit_placed(t(9), "CPU=1", in_bundle(9, None));
+    assert!(
+        matches!(
+            commands.as_slice(),
+            [Command::Fail { error: TaskError::PlacementGroup { problem: GroupProblem::Unknown, .. }, .. }]
+        ),
+        "{commands:?}"
+    );
+}
+
+#[test]
+fn an_infeasible_strict_spread_is_reported_and_placed_when_a_node_joins() {
+    let mut env = Env::new();
+    env.join(1, "CPU=4", &["f"]);
+    env.join(2, "CPU=4", &["f"]);
+    let commands = env.create_group(1, &["CPU=1", "CPU=1", "CPU=1"], GroupStrategy::StrictSpread);
+    let [Command::GroupInfeasible { group: g, reason }] = commands.as_slice() else { panic!("{commands:?}") };
+    assert_eq!(*g, group(1));
+    assert!(
+        reason.contains("STRICT_SPREAD of 3 bundle(s) needs 3 distinct nodes")
+            && reason.contains("only 2 connected node(s) can hold one: w1, w2"),
+        "{reason}"
+    );
+    assert_eq!(
+        env.sched.group_status(group(1)),
+        Some(GroupStatus::Pending { infeasible: Some(reason.clone()) })
+    );
+    // Nothing was reserved, and a task in it waits without being reported infeasible itself.
+    assert_eq!(env.free(1), res("CPU=4,node:w1=1"));
+    assert_eq!(env.submit_placed(t(1), "CPU=1", in_bundle(1, Some(2))), []);
+    let reasons = env.sched.explain_queued(t(1), 8).unwrap();
+    assert!(matches!(&reasons[0], chia_core::inspect::Reason::WaitingForGroup { infeasible: Some(_), .. }));
+    // Pending but feasible: reported nowhere; a third node makes it placeable, bundles first.
+    let commands = env.join(3, "CPU=1", &["f"]);
+    let [Command::GroupPlaced { nodes, .. }, Command::Dispatch { task, node, .. }] = commands.as_slice()
+    else {
+        panic!("{commands:?}")
+    };
+    assert_eq!((*task, nodes[2].clone()), (t(1), format!("w{}", node.0)));
+    // STRICT_PACK larger than any node is infeasible, naming the sum.
+    let commands = env.create_group(2, &["CPU=3", "CPU=3"], GroupStrategy::StrictPack);
+    let [Command::GroupInfeasible { reason, .. }] = commands.as_slice() else { panic!("{commands:?}") };
+    assert!(reason.contains("STRICT_PACK needs one node with CPU=6"), "{reason}");
+    // PACK of the same fits across nodes.
+    let commands = env.create_group(3, &["CPU=3", "CPU=3"], GroupStrategy::Pack);
+    assert!(matches!(commands.as_slice(), [Command::GroupPlaced { .. }]), "{commands:?}");
+}
+
+#[test]
+fn a_group_waits_for_room_and_removal_gives_it_back() {
+    let mut env = Env::new();
+    env.join(1, "CPU=2", &["f"]);
+    env.submit(t(1), "f", "CPU=2", &[]);
+    // Feasible, not placeable now: pending without a report.
+    assert_eq!(env.create_group(1, &["CPU=2"], GroupStrategy::StrictPack), []);
+    env.submit(t(2), "f", "CPU=1", &[]);
+    // The freed room goes to the pending group before the queued plain task.
+    let commands = env.finish(t(1));
+    assert_eq!(commands, [Command::GroupPlaced { group: group(1), nodes: vec!["w1".into()] }]);
+    assert_eq!(env.submit_placed(t(3), "CPU=1", in_bundle(1, Some(0))), [dispatch(t(3), 1)]);
+    env.submit_placed(t(4), "CPU=1", in_bundle(1, Some(0)));
+    env.submit_placed(t(5), "CPU=2", in_bundle(1, Some(0)));
+    // Removal: queued tasks of the group fail, the running one is cancelled with force, the
+    // room goes to the plain task.
+    let commands = env.event(Event::GroupRemoved { group: group(1) });
+    let removed = TaskError::PlacementGroup { group: group(1).to_string(), problem: GroupProblem::Removed };
+    assert_eq!(
+        commands,
+        [
+            Command::GroupRemoved { group: group(1) },
+            Command::Cancel { task: t(3), node: NodeId(1), force: true },
+            Command::Cancel { task: t(4), node: NodeId(1), force: true },
+            Command::Fail { task: t(5), error: removed },
+            dispatch(t(2), 1),
+        ]
+    );
+    env.sched.check_groups().unwrap();
+    assert_eq!(env.sched.group_status(group(1)), None);
+    // The cancelled task's report returns nothing to the gone group.
+    env.finish(t(3));
+    assert_eq!(env.free(1), res("CPU=1,node:w1=1"));
+    // A session's groups go with it, unless detached.
+    env.create_group(2, &["CPU=1"], GroupStrategy::Pack);
+    let spec = GroupSpec {
+        group: group(3),
+        bundles: vec![res("CPU=0.5")],
+        strategy: GroupStrategy::Pack,
+        detached: true,
+        job: None,
+    };
+    env.event(Event::GroupCreated { spec, owner: SessionId(1) });
+    let commands = env.event(Event::SessionClosed { session: SessionId(1) });
+    assert!(commands.contains(&Command::GroupRemoved { group: group(2) }), "{commands:?}");
+    assert_eq!(env.sched.group_count(), 1);
+    assert_eq!(env.sched.group_status(group(3)), Some(GroupStatus::Placed { nodes: vec!["w1".into()] }));
+}
+
+#[test]
+fn a_bundle_lost_with_its_node_is_placed_again_and_its_tasks_follow() {
+    let mut env = Env::new();
+    env.join(1, "CPU=2", &["f"]);
+    env.join(2, "CPU=2", &["f"]);
+    env.create_group(1, &["CPU=1", "CPU=1"], GroupStrategy::StrictSpread);
+    let Some(GroupStatus::Placed { nodes }) = env.sched.group_status(group(1)) else { panic!() };
+    let lost: u64 = nodes[0].trim_start_matches('w').parse().unwrap();
+    let commands = env.submit_retrying_placed(t(1), in_bundle(1, Some(0)));
+    assert_eq!(dispatched(&commands), [(t(1), lost)]);
+    // Its node goes: the group waits (STRICT_SPREAD cannot share the other node), and so
+    // does the task, without an infeasible report.
+    let commands = env.lose(lost);
+    assert!(matches!(commands.as_slice(), [Command::GroupInfeasible { .. }]), "{commands:?}");
+    env.sched.check_groups().unwrap();
+    let commands = env.join(3, "CPU=1", &["f"]);
+    assert_eq!(
+        commands,
+        [
+            Command::GroupPlaced { group: group(1), nodes: vec!["w3".into(), nodes[1].clone()] },
+            retry(t(1), 3, 2),
+        ]
+    );
+    env.sched.check_groups().unwrap();
+}
+
+impl Env {
+    fn submit_retrying_placed(&mut self, task: TaskId, placement: Placement) -> Vec<Command> {
+        self.event(Event::TaskSubmitted {
+            task,
+            function: key("f"),
+            request: res("CPU=1"),
+            deps: Vec::new(),
+            max_retries: 3,
+            retry_exceptions: false,
+            placement: placement.boxed(),
+        })
+    }
 }

@@ -13,6 +13,7 @@ use super::resume::Tracker;
 use super::rng::Rng;
 use super::worker::{Effects, TaskFacts};
 use crate::INLINE_RESULT_BYTES;
+use chia_core::placement::{Labels, Placement, Strategy};
 use chia_core::protocol::{
     Arg, Done, Outcome, PROTOCOL_VERSION, PeerToHead, ResumeSession, ServiceInfo, ServiceStart, TaskSpec,
     UnansweredStart,
@@ -49,6 +50,8 @@ enum Kind {
         tag: Option<u8>,
         /// The revision of the job's settings when it was submitted (0: none yet).
         job_revision: u64,
+        /// Index into [`model::LABEL_ASKS`] of the labels it asks for.
+        labels: Option<u8>,
     },
     ServiceStart {
         namespace: u8,
@@ -214,6 +217,14 @@ impl SimDriver {
         }
     }
 
+    /// The labels function task `seq` asked its node to have, if any.
+    pub(crate) fn asked_labels(&self, seq: u64) -> Option<&'static str> {
+        match self.task(seq)?.kind {
+            Kind::Function { labels: Some(labels), .. } => Some(model::LABEL_ASKS[usize::from(labels)]),
+            _ => None,
+        }
+    }
+
     /// Function task `seq`'s function and tag, if it was tagged.
     pub(crate) fn tagged(&self, seq: u64) -> Option<(usize, &'static str)> {
         match self.task(seq)?.kind {
@@ -334,6 +345,22 @@ impl SimDriver {
         } else {
             model::expect(function, &digests)
         };
+        // Chosen from the task's id, not the random stream, so every seed's run is the one it
+        // was before calls asked for labels (what it tests, it still tests).
+        let mix = task.0.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
+        let labels = (mix % 10 == 0).then(|| ((mix / 10) % model::LABEL_ASKS.len() as u64) as u8);
+        let strategy = match mix / 30 % 20 {
+            0 => Strategy::Spread,
+            1 => Strategy::Pack,
+            _ => Strategy::Default,
+        };
+        let placement = Placement {
+            labels: labels.map_or_else(Labels::new, |l| {
+                Labels::parse(model::LABEL_ASKS[usize::from(l)]).unwrap_or_default()
+            }),
+            strategy,
+            group: None,
+        };
         fx.sends.push(PeerToHead::Submit(TaskSpec {
             task,
             function: catalog.functions[function].clone(),
@@ -345,6 +372,7 @@ impl SimDriver {
             retry_exceptions,
             job: None,
             timeout_ms: None,
+            placement: placement.boxed(),
         }));
         let kind = Kind::Function {
             function: function as u8,
@@ -354,6 +382,7 @@ impl SimDriver {
             expected,
             tag,
             job_revision: self.job_revision,
+            labels,
         };
         self.add(kind, deps);
     }
@@ -381,6 +410,7 @@ impl SimDriver {
                 .map(Arg::Value)
                 .collect(),
             max_restarts: [0, 1, -1][self.rng.weighted(&[2, 2, 1])],
+            placement: None,
         };
         self.starts.insert(task.seq(), start.clone());
         fx.sends.push(PeerToHead::StartService(start));

@@ -129,6 +129,7 @@ impl Catalog {
     pub(crate) fn offer(&self, slot: usize, rng: &mut Rng) -> Offer {
         if slot == 0 {
             return Offer {
+                labels: labels_of(0, true),
                 capacity: self.reference_capacity.clone(),
                 functions: (0..FUNCTIONS.len()).map(|_| Some(Build::Same)).collect(),
                 service: Some(Build::Same),
@@ -147,8 +148,21 @@ impl Catalog {
         };
         let functions = (0..FUNCTIONS.len()).map(|_| build(rng, 600)).collect();
         let service = build(rng, 500);
-        Offer { capacity, functions, service }
+        // From the slot, not the random stream: the seeds' runs stay what they were.
+        Offer { labels: labels_of(slot, slot % 4 == 1), capacity, functions, service }
     }
+}
+
+fn labels_of(slot: usize, fpga: bool) -> chia_core::placement::Labels {
+    let mut text = format!("rack=r{}", slot % 3);
+    if slot == 0 {
+        text.push_str(",ref=yes");
+    }
+    if fpga {
+        text.push_str(",fpga=vu9p");
+    }
+    chia_core::placement::Labels::parse(&text)
+        .unwrap_or_else(|e| panic!("the simulator's labels {text:?}: {e}"))
 }
 
 /// Which build of a function or service a worker links.
@@ -160,9 +174,16 @@ pub(crate) enum Build {
     Other,
 }
 
+/// Labels calls ask for, by index: each is offered by the reference worker (slot 0), so a
+/// call asking for one always has somewhere to run, and by some other workers.
+pub(crate) const LABEL_ASKS: [&str; 3] = ["rack=r0", "ref=yes", "rack=r0,fpga=vu9p"];
+
 /// What a worker offers when it joins.
 #[derive(Clone, Debug)]
 pub(crate) struct Offer {
+    /// Its labels: `rack=r<slot mod 3>`, the reference worker's `ref=yes` and `fpga=vu9p`,
+    /// and `fpga=vu9p` on every fourth other worker.
+    pub(crate) labels: chia_core::placement::Labels,
     pub(crate) capacity: Resources,
     /// By function index (never [`GHOST`]).
     pub(crate) functions: Vec<Option<Build>>,

@@ -181,6 +181,7 @@ impl SimWorker {
                 functions: self.offer.function_keys(catalog),
                 services: self.offer.service_keys(catalog),
                 head_node: false,
+                labels: self.offer.labels.clone(),
             }),
         }
     }

@@ -1289,6 +1289,17 @@ impl World {
                     ));
                 }
                 check_job_settings(*task, job.as_ref(), owner.job_revisions(task.seq()))?;
+                if let (Some(asked), Peer::Worker(slot)) =
+                    (owner.asked_labels(task.seq()), self.conns[conn].peer)
+                {
+                    let asked = chia_core::placement::Labels::parse(asked).unwrap_or_default();
+                    let offered = &self.workers[slot].offer.labels;
+                    if !offered.satisfy(&asked) {
+                        return Err(format!(
+                            "{task} asks for labels {asked} but was sent to {to}, which has {offered}"
+                        ));
+                    }
+                }
                 self.attempts.insert(*task, *attempt);
                 self.leases.insert(*task, conn);
                 self.report.dispatches += 1;
