@@ -21,12 +21,14 @@ pub mod names;
 pub mod placement;
 pub mod protocol;
 pub mod resources;
+pub mod retries;
 pub mod tags;
 
 pub use error::TaskError;
 pub use function::{FunctionKey, signature_hash};
 pub use ids::{NodeId, ServiceId, SessionId, TaskId};
 pub use resources::{ResourceAmount, ResourceError, Resources};
+pub use retries::Retries;
 pub use tags::TagPatterns;
 
 /// The node name the head reserves for its own node (services pinned with `node:head`).

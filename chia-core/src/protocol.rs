@@ -13,6 +13,7 @@ use crate::ids::{NodeId, ServiceId, SessionId, TaskId};
 use crate::inspect::{CancelTarget, Query};
 use crate::placement::{GroupId, GroupSpec, Labels, Placement};
 use crate::resources::Resources;
+use crate::retries::Retries;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a change is not backwards compatible.
@@ -41,8 +42,10 @@ pub struct TaskSpec {
     /// Everything the task needs while it runs, `CPU` included.
     pub request: Resources,
     pub tag: Option<String>,
-    /// How often the task may be re-run after its worker is lost (`-1`: without limit).
-    pub max_retries: i32,
+    /// How often the task may be re-run after its worker is lost (or, with
+    /// `retry_exceptions`, after it fails). On the wire the original's integer, `-1` for
+    /// without limit.
+    pub max_retries: Retries,
     /// The caller decided to bypass this call: the worker runs this instead of the function.
     /// Boxed (most calls are not bypassed), so a submission — and every journal record and
     /// head action, which are as large as the largest message — stays small.
@@ -131,9 +134,10 @@ pub struct ServiceStart {
     pub request: Resources,
     pub args: Vec<Arg>,
     /// How often the head re-creates the instance on another node when its node is lost
-    /// (`-1`: without limit; `0`: never). The new instance starts from its constructor.
+    /// (on the wire `-1`: without limit; `0`: never). The new instance starts from its
+    /// constructor.
     #[serde(default)]
-    pub max_restarts: i32,
+    pub max_restarts: Retries,
     /// Labels its node must have, the placement-group bundle it lives in (its strategy is
     /// the scheduler's choice among nodes, as for a call).
     #[serde(default)]
@@ -642,7 +646,7 @@ mod tests {
             args: vec![Arg::Value(vec![1, 2, 3]), Arg::Ref(TaskId(9))],
             request: Resources::parse("adder=1,CPU=1").unwrap(),
             tag: Some("iter0".into()),
-            max_retries: 3,
+            max_retries: Retries::UpTo(3),
             retry_exceptions: true,
             bypass: Some(Box::new(BypassSpec { provider: Some("provider_42".into()), data: None })),
             job: Some(SessionId(4)),
@@ -740,7 +744,7 @@ mod tests {
         let spec: TaskSpec = decode_body(&bytes).unwrap();
         assert_eq!(spec.timeout_ms, None);
         assert_eq!(spec.placement, None);
-        assert_eq!(spec.max_retries, 3);
+        assert_eq!(spec.max_retries, Retries::UpTo(3));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use chia_bypass::{Decision, RunReason};
 use chia_core::placement::{Placement, Strategy};
 use chia_core::protocol::{PeerToHead, TaskSpec};
 use chia_core::resources::CPU;
-use chia_core::{ResourceAmount, Resources};
+use chia_core::{ResourceAmount, Resources, Retries};
 use serde::de::DeserializeOwned;
 use std::marker::PhantomData;
 use std::time::Duration;
@@ -38,7 +38,7 @@ pub struct Call<T> {
     args: Vec<ArgInput>,
     tag: Option<String>,
     request: Resources,
-    max_retries: i32,
+    max_retries: Retries,
     retry_exceptions: bool,
     timeout: Option<Duration>,
     placement: Placement,
@@ -84,10 +84,10 @@ impl<T: DeserializeOwned> Call<T> {
         self
     }
 
-    /// Overrides how many times this call runs again after its worker is lost (default 3, as in
-    /// Ray; -1: no limit; 0: never). When the attempts run out, `get` says the worker died and
-    /// how many attempts were made.
-    pub fn max_retries(mut self, retries: i32) -> Self {
+    /// Overrides how many times this call runs again after its worker is lost (default
+    /// `Retries::UpTo(3)`, as in Ray; `Retries::Forever`: no limit; `Retries::Never`). When the
+    /// attempts run out, `get` says the worker died and how many attempts were made.
+    pub fn max_retries(mut self, retries: Retries) -> Self {
         self.max_retries = retries;
         self
     }

@@ -77,7 +77,7 @@ pub use driver::{figures, hooks, inspect, placement};
 pub use services::{bypass, cache, kv, service};
 
 pub use chia_core::protocol::ServiceInfo;
-pub use chia_core::{NodeId, ResourceAmount, Resources, ServiceId, SessionId, TaskError, TaskId};
+pub use chia_core::{NodeId, ResourceAmount, Resources, Retries, ServiceId, SessionId, TaskError, TaskId};
 pub use chia_macros::{condition, function, provider, service};
 pub use error::Error;
 pub use local::{Init, LocalCluster, init};

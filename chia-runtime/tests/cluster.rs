@@ -327,7 +327,7 @@ async fn a_lost_worker_fails_its_running_tasks() {
     let (cluster, cx) = cluster(&["adder=1,CPU=1"]).await;
     let gate = gate("lost");
     // Not retried: with retries it would wait for another node with an adder.
-    let running = gated::call("lost".to_string()).max_retries(0).remote(&cx);
+    let running = gated::call("lost".to_string()).max_retries(chia::Retries::Never).remote(&cx);
     gate.until(|g| g.started.load(Ordering::SeqCst) == 1).await;
     cluster.workers()[0].shutdown().await;
     match running.get().await {
@@ -383,8 +383,12 @@ async fn retry_exceptions_reruns_failed_calls_within_max_retries() {
     // The function opts in: two failures, then the third attempt succeeds.
     assert_eq!(flaky::remote(&cx, "a".to_string(), 2).get_timeout(BOUND).await.unwrap(), 3);
     // More failures than max_retries allows: the last error is the answer.
-    let error =
-        flaky::call("b".to_string(), 5).max_retries(1).remote(&cx).get_timeout(BOUND).await.unwrap_err();
+    let error = flaky::call("b".to_string(), 5)
+        .max_retries(chia::Retries::UpTo(1))
+        .remote(&cx)
+        .get_timeout(BOUND)
+        .await
+        .unwrap_err();
     assert!(error.to_string().contains("attempt 2 fails"), "{error}");
     // A call can opt out: its first error is final.
     let error = flaky::call("c".to_string(), 1)

@@ -173,7 +173,7 @@ async fn arguments_of_the_wrong_type_fail_the_task_not_the_worker() {
             args: vec![Arg::Value(rmp_serde::to_vec_named("not a number").unwrap())],
             request: chia::Resources::parse("CPU=1").unwrap(),
             tag: None,
-            max_retries: 0,
+            max_retries: chia::Retries::Never,
             retry_exceptions: false,
             bypass: None,
             job: None,

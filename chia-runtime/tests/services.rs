@@ -291,7 +291,7 @@ async fn a_concurrent_service_does_not_hold_small_calls_behind_a_slow_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_with_max_restarts_is_recreated_elsewhere_and_its_handle_keeps_working() {
     let (cluster, cx) = cluster(&["CPU=2,svc=1", "CPU=2,svc=1"]).await;
-    let options = ServiceOptions::named("phoenix").resource("svc", 1.0).max_restarts(1);
+    let options = ServiceOptions::named("phoenix").resource("svc", 1.0).max_restarts(chia::Retries::UpTo(1));
     let counter = CounterHandle::start(&cx, options, 10).await.unwrap();
     assert_eq!(counter.add(5).get().await.unwrap(), 15);
     let (lost, other) = match counter.service().node() {
@@ -353,7 +353,8 @@ async fn a_node_lost_during_construction_restarts_the_service_and_answers_its_st
     let (cluster, cx) = cluster(&["CPU=2,slow=1", "CPU=2,slow=1"]).await;
     let driver = cx.clone();
     let start = tokio::spawn(async move {
-        let options = ServiceOptions::named("slow").resource("slow", 1.0).max_restarts(1);
+        let options =
+            ServiceOptions::named("slow").resource("slow", 1.0).max_restarts(chia::Retries::UpTo(1));
         SlowToBuildHandle::start(&driver, options, 7).await
     });
     SLOW_STARTED.acquire().await.unwrap().forget();

@@ -158,8 +158,9 @@ async fn a_killed_worker_tasks_finish_elsewhere_or_fail_when_retries_are_off() {
 
     // A restarted worker joins as a new node and gets work; without retries its loss is final.
     let third = WorkerProcess::start(&head.cluster_file, "third", "CPU=1");
-    let calls: Vec<_> =
-        (0..2).map(|call| expensive_step::call(1, call, 3).max_retries(0).remote(&cx)).collect();
+    let calls: Vec<_> = (0..2)
+        .map(|call| expensive_step::call(1, call, 3).max_retries(chia::Retries::Never).remote(&cx))
+        .collect();
     // Both calls run (one per worker) before the kill: lines of this round only.
     third.wait_for_line("[REAL RUN] iter1");
     second.wait_for_line("[REAL RUN] iter1");
@@ -273,8 +274,9 @@ async fn chaos_every_result_arrives_once_and_right_while_workers_die_and_return(
         (0..4).map(|i| WorkerProcess::start(&head.cluster_file, &format!("w{i}"), "CPU=2")).collect();
     let cx = head.driver().await;
 
-    let calls: Vec<_> =
-        (0..TASKS).map(|x| simulate::call(x, 20 + random.below(100)).max_retries(-1).remote(&cx)).collect();
+    let calls: Vec<_> = (0..TASKS)
+        .map(|x| simulate::call(x, 20 + random.below(100)).max_retries(chia::Retries::Forever).remote(&cx))
+        .collect();
     // Kill a random worker after a random number of results, then start a new one in its place.
     let mut kill_after: Vec<usize> = (0..KILLS).map(|_| random.below(TASKS as u64) as usize).collect();
     kill_after.sort_unstable();

@@ -3,7 +3,7 @@
 //! ([`crate::Action::SaveServices`]); the driver stores it.
 
 use chia_core::protocol::{Arg, ServiceStart};
-use chia_core::{FunctionKey, Resources};
+use chia_core::{FunctionKey, Resources, Retries};
 use serde::{Deserialize, Serialize};
 
 /// A detached service as it was started: enough to start it again.
@@ -17,7 +17,7 @@ pub struct PersistedService {
     #[serde(with = "values")]
     pub args: Vec<Vec<u8>>,
     #[serde(default)]
-    pub max_restarts: i32,
+    pub max_restarts: Retries,
     /// Labels its node must have, the placement-group bundle it lives in.
     #[serde(default)]
     pub placement: Option<Box<chia_core::placement::Placement>>,
@@ -102,7 +102,7 @@ mod tests {
             get_if_exists: false,
             request: Resources::parse("node:head=0.001").unwrap(),
             args,
-            max_restarts: 0,
+            max_restarts: Retries::Never,
             placement: None,
         }
     }

@@ -6,7 +6,7 @@ use crate::core::{HeadCore, TaskKind, TaskRecord, arg_values};
 use crate::persist::PersistedService;
 use crate::scheduler::Event;
 use chia_core::protocol::{Arg, Done, HeadToPeer, HeadToPeerRef, Outcome, ServiceInfo, ServiceStart};
-use chia_core::{FunctionKey, NodeId, ServiceId, SessionId, TagPatterns, TaskError, TaskId};
+use chia_core::{FunctionKey, NodeId, Retries, ServiceId, SessionId, TagPatterns, TaskError, TaskId};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -54,8 +54,8 @@ pub(crate) struct ServiceRecord {
 #[derive(Serialize, Deserialize)]
 pub(crate) struct Restart {
     spec: PersistedService,
-    /// Restarts left; negative: without limit.
-    left: i32,
+    /// Restarts left.
+    left: Retries,
 }
 
 /// Results a service asked for (see [`chia_core::protocol::PeerToHead::WatchResults`]).
@@ -246,7 +246,7 @@ impl HeadCore {
         let id = ServiceId(self.services.next);
         let persist = self.persisted.as_ref().and_then(|_| PersistedService::of(&start));
         let restart = match (start.max_restarts, PersistedService::from_values(&start)) {
-            (0, _) => None,
+            (Retries::Never, _) => None,
             (left, Some(spec)) => Some(Restart { spec, left }),
             (_, None) => {
                 tracing::warn!(
@@ -326,7 +326,7 @@ impl HeadCore {
             function: instance_function(service_type),
             request,
             deps,
-            max_retries: 0,
+            max_retries: chia_core::Retries::Never,
             retry_exceptions: false,
             placement,
         });
@@ -509,7 +509,7 @@ impl HeadCore {
             !self.shutting_down
                 && !record.stopping
                 && matches!(error, TaskError::WorkerLost { .. })
-                && record.restart.as_ref().is_some_and(|restart| restart.left != 0)
+                && record.restart.as_ref().is_some_and(|restart| restart.left != Retries::Never)
         });
         if restart {
             return self.restart_instance(service, error);
@@ -608,9 +608,7 @@ impl HeadCore {
         let task = TaskId::new(HEAD_SESSION, self.services.next_internal_task);
         let Some(record) = self.services.records.get_mut(&service) else { return };
         let Some(restart) = record.restart.as_mut() else { return };
-        if restart.left > 0 {
-            restart.left -= 1;
-        }
+        restart.left = restart.left.one_used();
         let (spec, left) = (restart.spec.clone(), restart.left);
         let old_creation = std::mem::replace(&mut record.creation, task);
         if !record.ready && old_creation.session() != HEAD_SESSION {
@@ -624,7 +622,11 @@ impl HeadCore {
         record.constructor_reported = false;
         record.built = false;
         record.info.node = String::new();
-        let left = if left < 0 { "no limit".to_string() } else { format!("{left} more") };
+        let left = match left {
+            Retries::Forever => "no limit".to_string(),
+            Retries::Never => "0 more".to_string(),
+            Retries::UpTo(more) => format!("{more} more"),
+        };
         tracing::warn!(
             "service {:?} ({}) lost its node ({error}); starting it again elsewhere ({left} restart(s) allowed)",
             record.info.name,

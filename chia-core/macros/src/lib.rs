@@ -56,8 +56,8 @@ use crate::signature::{
 /// Registers a function for remote execution; see the crate documentation for the expansion.
 ///
 /// Options (all optional): `resources(name = amount, "other:name" = amount, ..)`,
-/// `num_cpus = N` (default 1), `max_retries = N` (default 3, `-1` retries forever; how often a
-/// call runs again after its worker is lost), `retry_exceptions = true` (an `Err`, or a run
+/// `num_cpus = N` (default 1), `max_retries = N` (default 3, `max_retries = forever` without
+/// limit — Ray's and CHIA's `-1`; how often a call runs again after its worker is lost), `retry_exceptions = true` (an `Err`, or a run
 /// stopped by its timeout, also runs it again, within `max_retries`), `timeout_s = N` (seconds,
 /// an integer or a decimal such as `2.5`, more than 0, at most 3 decimals: a run that takes
 /// longer is cancelled with force — its processes killed — and fails with `TimedOut`; default:
@@ -168,7 +168,7 @@ struct Options {
     name: Option<String>,
     resources: Vec<(String, u64)>,
     num_cpus: u64,
-    max_retries: i32,
+    max_retries: chia_core::Retries,
     retry_exceptions: bool,
     /// `timeout_s`, in milliseconds.
     timeout_ms: Option<u64>,
@@ -184,7 +184,7 @@ impl Parse for Options {
             name: None,
             resources: Vec::new(),
             num_cpus: chia_core::ResourceAmount::SCALE,
-            max_retries: 3,
+            max_retries: chia_core::Retries::UpTo(3),
             retry_exceptions: false,
             timeout_ms: None,
             setup: None,
@@ -383,20 +383,33 @@ fn fixed_point(text: &str) -> Result<u64, String> {
         .map_err(|e| e.to_string())
 }
 
-fn parse_max_retries(input: ParseStream) -> syn::Result<i32> {
-    let minus: Option<Token![-]> = input.parse()?;
+/// `max_retries = 3` or `max_retries = forever`; a negative number is an error that says how
+/// to write "forever", so no sentinel reaches the runtime.
+fn parse_max_retries(input: ParseStream) -> syn::Result<chia_core::Retries> {
+    if input.peek(Ident) {
+        let word: Ident = input.parse()?;
+        return if word == "forever" {
+            Ok(chia_core::Retries::Forever)
+        } else {
+            Err(Error::new_spanned(word, "`max_retries` is a number of retries or `forever`"))
+        };
+    }
+    if input.peek(Token![-]) {
+        let minus: Token![-] = input.parse()?;
+        let lit: Lit = input.parse()?;
+        return Err(Error::new_spanned(
+            quote!(#minus #lit),
+            "write `max_retries = forever` to retry without limit (Ray's and CHIA's `-1`)",
+        ));
+    }
     let lit = parse_number(input)?;
     let Lit::Int(int) = &lit else {
-        return Err(Error::new_spanned(lit, "`max_retries` must be an integer"));
+        return Err(Error::new_spanned(lit, "`max_retries` must be a whole number or `forever`"));
     };
-    let value = int.base10_parse::<i64>()?;
-    let value = if minus.is_some() { -value } else { value };
-    let error =
-        || Error::new_spanned(quote!(#minus #lit), "`max_retries` must be -1 (forever) or 0..=i32::MAX");
-    if value < -1 {
-        return Err(error());
-    }
-    i32::try_from(value).map_err(|_| error())
+    let retries = int
+        .base10_parse::<u32>()
+        .map_err(|_| Error::new_spanned(&lit, "`max_retries` must be at most 4294967295 (or `forever`)"))?;
+    Ok(if retries == 0 { chia_core::Retries::Never } else { chia_core::Retries::UpTo(retries) })
 }
 
 /// Parses the seconds of `timeout_s = N` into milliseconds, exactly: more than 0, an integer
@@ -469,8 +482,12 @@ fn expand(options: Options, item: &ItemFn) -> syn::Result<TokenStream2> {
     };
     let sig_hash = sig_hash(&signature);
     let resources = options.resources.iter().map(|(name, amount)| quote!((#name, #amount)));
-    let (num_cpus, max_retries, retry_exceptions) =
-        (options.num_cpus, options.max_retries, options.retry_exceptions);
+    let (num_cpus, retry_exceptions) = (options.num_cpus, options.retry_exceptions);
+    let max_retries = match options.max_retries {
+        chia_core::Retries::Never => quote!(::chia::Retries::Never),
+        chia_core::Retries::UpTo(limit) => quote!(::chia::Retries::UpTo(#limit)),
+        chia_core::Retries::Forever => quote!(::chia::Retries::Forever),
+    };
     let timeout = match options.timeout_ms {
         Some(ms) => quote!(::std::option::Option::Some(::std::time::Duration::from_millis(#ms))),
         None => quote!(::std::option::Option::None),

@@ -34,7 +34,7 @@ pub struct FunctionSpec {
     pub sig_hash: &'static str,
     pub resources: &'static [(&'static str, u64)],
     pub num_cpus: u64,
-    pub max_retries: i32,
+    pub max_retries: chia_core::Retries,
     /// Application errors (an `Err`) and timeouts also make the call run again.
     pub retry_exceptions: bool,
     /// How long one run may take (`timeout_s`, exact to the millisecond, more than 0) before

@@ -98,7 +98,7 @@ mod tests {
             get_if_exists: false,
             request: Resources::parse("node:head=0.001").unwrap(),
             args,
-            max_restarts: 0,
+            max_restarts: chia_core::Retries::Never,
             placement: None,
         };
         PersistedService::of(&start).unwrap()

@@ -23,7 +23,7 @@ use crate::error::Error;
 use chia_core::HEAD_NODE_NAME;
 use chia_core::protocol::{PeerToHead, ServiceInfo, ServiceStart};
 use chia_core::resources::{CPU, NODE_PREFIX};
-use chia_core::{ResourceAmount, Resources, ServiceId, TaskError};
+use chia_core::{ResourceAmount, Resources, Retries, ServiceId, TaskError};
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -43,7 +43,7 @@ pub struct ServiceOptions {
     detached: bool,
     get_if_exists: bool,
     request: Resources,
-    max_restarts: i32,
+    max_restarts: Retries,
     placement: chia_core::placement::Placement,
     invalid: Option<String>,
 }
@@ -58,7 +58,7 @@ impl ServiceOptions {
             detached: false,
             get_if_exists: false,
             request: Resources::new(),
-            max_restarts: 0,
+            max_restarts: Retries::Never,
             placement: Default::default(),
             invalid: None,
         }
@@ -86,11 +86,12 @@ impl ServiceOptions {
     }
 
     /// When the service's node is lost, re-create it on another eligible node, up to `restarts`
-    /// times (`-1`: without limit; default 0: its calls fail and the name is released). The
+    /// times (`Retries::Forever`: without limit; default `Retries::Never`: its calls fail and
+    /// the name is released). The
     /// new instance starts from its constructor (state kept only in memory is gone); the name,
     /// id and existing handles stay valid, and calls made meanwhile wait for it. Needs
     /// constructor arguments that are values (not `ObjectRef`s).
-    pub fn max_restarts(mut self, restarts: i32) -> Self {
+    pub fn max_restarts(mut self, restarts: Retries) -> Self {
         self.max_restarts = restarts;
         self
     }

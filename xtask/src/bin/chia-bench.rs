@@ -725,7 +725,7 @@ fn status_answers(tasks: usize) -> (f64, f64) {
             args: Vec::new(),
             request: resources(if seq % 4 == 0 { "CPU=1,adder=1" } else { "CPU=1" }),
             tag: Some(format!("iter{}", seq % 1000)),
-            max_retries: 3,
+            max_retries: chia::Retries::UpTo(3),
             bypass: None,
             retry_exceptions: false,
             job: None,
@@ -777,7 +777,7 @@ fn scheduler_decisions(nodes: u64, tasks: usize) -> f64 {
             function: function.clone(),
             request: request.clone(),
             deps: Vec::new(),
-            max_retries: 3,
+            max_retries: chia::Retries::UpTo(3),
             retry_exceptions: false,
             placement: None,
         })

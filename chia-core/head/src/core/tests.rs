@@ -130,7 +130,7 @@ fn spec(task: TaskId, function: &str, args: Vec<Arg>) -> TaskSpec {
         args,
         request: Resources::parse("CPU=1").expect("valid"),
         tag: None,
-        max_retries: 3,
+        max_retries: chia_core::Retries::UpTo(3),
         bypass: None,
         retry_exceptions: false,
         job: None,
@@ -319,7 +319,7 @@ fn an_unacknowledged_dispatch_to_a_worker_that_is_replaced_costs_no_attempt() {
     let old = env.worker_from("[::1]:41000", "w", "CPU=1", &["f"]);
     let driver = env.driver();
     let mut spec = spec(TaskId::new(driver, 1), "f", vec![]);
-    spec.max_retries = 1;
+    spec.max_retries = chia_core::Retries::UpTo(1);
     let task = spec.task;
     env.send(driver, PeerToHead::Submit(spec));
     assert_eq!(executes(&env.to(old)), [(task, 1)]);
@@ -446,7 +446,7 @@ fn counter_start(task: TaskId, detached: bool) -> ServiceStart {
         get_if_exists: false,
         request: Resources::parse("CPU=0.1").expect("valid"),
         args: vec![Arg::Value(value(0))],
-        max_restarts: 0,
+        max_restarts: chia_core::Retries::Never,
         placement: None,
     }
 }
@@ -920,7 +920,7 @@ fn a_calls_timeout_goes_with_every_run_and_survives_a_restart_from_a_snapshot() 
     let untimed = TaskId::new(driver, 2);
     let timed = TaskSpec {
         retry_exceptions: true,
-        max_retries: 1,
+        max_retries: chia_core::Retries::UpTo(1),
         timeout_ms: Some(2500),
         ..spec(task, "f", vec![])
     };

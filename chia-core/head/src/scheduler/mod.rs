@@ -36,7 +36,7 @@ mod tests;
 
 use chia_core::placement::{GroupId, GroupSpec, Labels, Placement, Strategy};
 use chia_core::resources::NODE_PREFIX;
-use chia_core::{FunctionKey, NodeId, ResourceAmount, Resources, SessionId, TaskError, TaskId};
+use chia_core::{FunctionKey, NodeId, ResourceAmount, Resources, Retries, SessionId, TaskError, TaskId};
 use index::{FunctionSlot, GroupSlot, IndexVec, NodeSlot, ShapeSlot, Slab, TaskSlot};
 use pool::{Names, Need, Pool, TaskIndex};
 use serde::{Deserialize, Serialize};
@@ -81,7 +81,7 @@ pub enum Event {
         function: FunctionKey,
         request: Resources,
         deps: Vec<TaskId>,
-        max_retries: i32,
+        max_retries: Retries,
         retry_exceptions: bool,
         /// Labels its node must have, how to pick among nodes, its group's bundle (`None`: a
         /// plain task, placed as before).
@@ -341,9 +341,9 @@ struct Retry {
 }
 
 impl Retry {
-    /// Any negative `max_retries` means no limit: a peer cannot make it mean anything else.
-    fn new(max_retries: i32, exceptions: bool) -> Retry {
-        let max_attempts = u32::try_from(max_retries).map_or(UNLIMITED, |retries| retries + 1);
+    fn new(max_retries: Retries, exceptions: bool) -> Retry {
+        // `UpTo(u32::MAX)` saturates to the same count as without limit: as good as forever.
+        let max_attempts = max_retries.total_runs().unwrap_or(UNLIMITED);
         Retry { max_attempts, exceptions }
     }
 }

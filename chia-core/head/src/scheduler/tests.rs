@@ -86,7 +86,7 @@ impl Env {
             function,
             request,
             deps: deps.to_vec(),
-            max_retries: 0,
+            max_retries: chia_core::Retries::Never,
             retry_exceptions: false,
             placement: None,
         })
@@ -109,7 +109,7 @@ impl Env {
             function,
             request,
             deps,
-            max_retries,
+            max_retries: chia_core::Retries::from(i64::from(max_retries)),
             retry_exceptions,
             placement,
         })
@@ -1176,7 +1176,7 @@ fn random_events(steps: u64) -> (Vec<Command>, [usize; 7]) {
                     function,
                     request,
                     deps,
-                    max_retries,
+                    max_retries: chia_core::Retries::from(i64::from(max_retries)),
                     retry_exceptions,
                     placement: None,
                 })
@@ -1255,7 +1255,7 @@ impl Env {
             function: key("f"),
             request: res(request),
             deps: Vec::new(),
-            max_retries: 0,
+            max_retries: chia_core::Retries::Never,
             retry_exceptions: false,
             placement: placement.boxed(),
         })
@@ -1523,7 +1523,7 @@ impl Env {
             function: key("f"),
             request: res("CPU=1"),
             deps: Vec::new(),
-            max_retries: 3,
+            max_retries: chia_core::Retries::UpTo(3),
             retry_exceptions: false,
             placement: placement.boxed(),
         })

@@ -367,7 +367,8 @@ impl SimDriver {
             args,
             request: catalog.requests[request].clone(),
             tag: tag.map(|t| TAGS[usize::from(t)].to_string()),
-            max_retries,
+            // The integers a peer sends, `-1` included: the wire form.
+            max_retries: chia_core::Retries::from(i64::from(max_retries)),
             bypass: None,
             retry_exceptions,
             job: None,
@@ -409,7 +410,11 @@ impl SimDriver {
                 .into_iter()
                 .map(Arg::Value)
                 .collect(),
-            max_restarts: [0, 1, -1][self.rng.weighted(&[2, 2, 1])],
+            max_restarts: [
+                chia_core::Retries::Never,
+                chia_core::Retries::UpTo(1),
+                chia_core::Retries::Forever,
+            ][self.rng.weighted(&[2, 2, 1])],
             placement: None,
         };
         self.starts.insert(task.seq(), start.clone());
