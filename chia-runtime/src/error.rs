@@ -19,12 +19,70 @@ pub enum Error {
     /// The value arrived but is not of the type the `ObjectRef` expects.
     #[error("the result of {task} could not be decoded as {type_name}: {message}")]
     Decode { task: TaskId, type_name: &'static str, message: String },
-    /// The connection to the head ended before the result arrived.
+    /// The connection to the head ended before the result arrived; the text says how it
+    /// ended (the head closed it, it could not be taken up again within the grace period ...).
     #[error("lost the connection to the head: {0}")]
     Disconnected(String),
-    /// Connecting to or starting the cluster failed.
-    #[error("{0}")]
-    Setup(String),
+    /// The head no longer holds the result of `task` (it was released, or lost when a head
+    /// without a state directory restarted).
+    #[error("the head no longer holds the result of {task}")]
+    ResultLost {
+        /// The task whose result is gone.
+        task: TaskId,
+    },
+    /// Joining the cluster at `address` failed; `source` says how, and whether trying again
+    /// may help ([`JoinError::is_retryable`]).
+    #[error("could not join the cluster at {address}: {source}")]
+    Join {
+        /// The head's address, as the cluster file or `CHIA_ADDRESS` gives it.
+        address: String,
+        /// What went wrong.
+        #[source]
+        source: JoinError,
+    },
+    /// The cluster file (`CHIA_CLUSTER_FILE`, or `cluster.yaml` in the default state
+    /// directory when only `CHIA_ADDRESS` is set) cannot be read or holds unusable credentials.
+    #[error(
+        "{source}\n(set {} to the cluster.yaml written by chia-head, or unset {} to use an embedded cluster)",
+        crate::env::CLUSTER_FILE,
+        crate::env::ADDRESS
+    )]
+    ClusterFile {
+        /// Why it cannot be used (the error names the file).
+        #[source]
+        source: Arc<crate::net::tls::TlsError>,
+    },
+    /// A setting (an environment variable, or what was given to [`Init`](crate::Init)) is not
+    /// valid.
+    #[error("{setting}={value:?} is not valid: {source}")]
+    Setting {
+        /// The setting: the environment variable's name, or the `Init` method.
+        setting: String,
+        /// The value given.
+        value: String,
+        /// Why it is not valid.
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+    /// A head (the embedded cluster's, or `chia-head`'s) could not start.
+    #[error(transparent)]
+    HeadStart(Arc<HeadStartError>),
+    /// A message to the head could not be sent: it could not be encoded, or it is larger than
+    /// a frame may be. `what` names the message.
+    #[error("could not send {what}: {source}")]
+    Send {
+        /// The message that was not sent.
+        what: &'static str,
+        /// Why not.
+        #[source]
+        source: Arc<chia_core::protocol::ProtocolError>,
+    },
+    /// A call that only a service's constructor may make was made elsewhere; `call` names it.
+    #[error("{call} can be called only from a service's constructor")]
+    OutsideServiceConstructor {
+        /// The call that was refused.
+        call: &'static str,
+    },
     /// A value could not be encoded (MessagePack) to be sent: `what` names it.
     #[error("{what} could not be encoded: {message}")]
     Encode { what: String, message: String },
@@ -74,6 +132,122 @@ pub enum Error {
     /// The key/value store (`chia::kv`) refused a key or value, or cannot use its file.
     #[error(transparent)]
     Kv(#[from] KvError),
+}
+
+/// How joining a cluster failed (inside [`Error::Join`]).
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum JoinError {
+    /// The head's address could not be resolved.
+    #[error("cannot resolve the address: {0}")]
+    Resolve(Arc<std::io::Error>),
+    /// The head's address resolves to no socket address.
+    #[error("the address resolves to nothing")]
+    NoAddress,
+    /// This process could not open its UDP endpoint.
+    #[error("cannot open a QUIC endpoint: {0}")]
+    Endpoint(Arc<std::io::Error>),
+    /// The cluster file's certificates or keys cannot be used.
+    #[error("the cluster file's credentials cannot be used: {0}")]
+    Credentials(Arc<crate::net::tls::TlsError>),
+    /// A connection could not even be started (the address or configuration is refused).
+    #[error("cannot start a connection: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// The head could not be reached, or the connection broke during the handshake.
+    #[error("TLS/QUIC handshake failed: {0}")]
+    Handshake(#[source] quinn::ConnectionError),
+    /// One side refused the other's certificate: the cluster file is another cluster's, or
+    /// its member certificate is revoked, expired or not the head's CA's. `explanation` says
+    /// which, in words.
+    #[error("{explanation}")]
+    Certificate {
+        /// What was refused, and how to fix it.
+        explanation: String,
+        /// The connection error the refusal arrived as.
+        #[source]
+        source: quinn::ConnectionError,
+    },
+    /// The head accepted the connection but did not answer the hello (in time, or at all).
+    #[error("{0}")]
+    NoAnswer(String),
+    /// The head answered and refused us (another protocol version, a name in use ...).
+    #[error("the head rejected us: {reason}")]
+    Rejected {
+        /// The head's reason.
+        reason: String,
+    },
+    /// The head's first answer was not a welcome or a refusal.
+    #[error("unexpected first answer from the head: {0}")]
+    Protocol(String),
+    /// Joining was tried again for `waited`, and the last attempt failed with `last`.
+    #[error("{last} (tried for {waited:?})")]
+    GaveUp {
+        /// How long joining was tried.
+        waited: Duration,
+        /// How the last attempt failed.
+        #[source]
+        last: Box<JoinError>,
+    },
+}
+
+impl JoinError {
+    /// Whether trying again later may succeed: the head may be starting or restarting, or the
+    /// network down for now. A refusal or a certificate that will not do is the same on every
+    /// attempt.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            JoinError::Resolve(_)
+            | JoinError::NoAddress
+            | JoinError::Endpoint(_)
+            | JoinError::Handshake(_)
+            | JoinError::NoAnswer(_) => true,
+            JoinError::Credentials(_)
+            | JoinError::Connect(_)
+            | JoinError::Certificate { .. }
+            | JoinError::Rejected { .. }
+            | JoinError::Protocol(_)
+            | JoinError::GaveUp { .. } => false,
+        }
+    }
+}
+
+/// Why a head could not start (inside [`Error::HeadStart`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HeadStartError {
+    /// Its certificates could not be made or loaded, or its TLS configuration failed.
+    #[error("the head's credentials: {0}")]
+    Credentials(#[from] crate::net::tls::TlsError),
+    /// It cannot listen on `address`.
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        /// The address it was to listen on.
+        address: std::net::SocketAddr,
+        /// Why not.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It was started outside a tokio runtime.
+    #[error("the head needs a tokio runtime")]
+    NoRuntime,
+    /// Its journal (in the state directory) cannot be opened or read.
+    #[error(transparent)]
+    Journal(#[from] crate::head::JournalError),
+    /// The journal was read but its records do not make a state the head can resume from.
+    #[error("{}: {source}", path.display())]
+    Recover {
+        /// The journal's path.
+        path: PathBuf,
+        /// What is wrong with its records.
+        #[source]
+        source: chia_head_core::SnapshotError,
+    },
+}
+
+impl From<HeadStartError> for Error {
+    fn from(error: HeadStartError) -> Error {
+        Error::HeadStart(Arc::new(error))
+    }
 }
 
 /// What the key/value store ([`chia::kv`](crate::kv)) refuses or cannot do. Keys and paths are

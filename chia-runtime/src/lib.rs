@@ -79,7 +79,7 @@ pub use services::{bypass, cache, kv, service};
 pub use chia_core::protocol::ServiceInfo;
 pub use chia_core::{NodeId, ResourceAmount, Resources, Retries, ServiceId, SessionId, TaskError, TaskId};
 pub use chia_macros::{condition, function, provider, service};
-pub use error::Error;
+pub use error::{Error, HeadStartError, JoinError};
 pub use local::{Init, LocalCluster, init};
 /// A byte buffer that serializes as one binary blob: use it (not `Vec<u8>`, which serde
 /// encodes element by element) for large binary arguments and results.

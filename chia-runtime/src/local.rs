@@ -80,19 +80,29 @@ impl Init {
             return Ok(Context::new(client, None));
         }
         let workers = match std::env::var(env::LOCAL_WORKERS) {
-            Ok(text) => text.trim().parse().map_err(|_| {
-                Error::Setup(format!("{}={text:?} is not a number of workers", env::LOCAL_WORKERS))
+            Ok(text) => text.trim().parse().map_err(|e: std::num::ParseIntError| Error::Setting {
+                setting: env::LOCAL_WORKERS.to_string(),
+                value: text.clone(),
+                source: Arc::new(e),
             })?,
             Err(_) => self.local_workers,
         };
-        let resources_text = std::env::var(env::LOCAL_RESOURCES).unwrap_or(self.local_resources);
-        let resources = Resources::parse(&resources_text)
-            .map_err(|e| Error::Setup(format!("local cluster resources {resources_text:?}: {e}")))?;
+        let (resources_setting, resources_text) = match std::env::var(env::LOCAL_RESOURCES) {
+            Ok(text) => (env::LOCAL_RESOURCES, text),
+            Err(_) => ("Init::local_resources", self.local_resources),
+        };
+        let resources = Resources::parse(&resources_text).map_err(|e| Error::Setting {
+            setting: resources_setting.to_string(),
+            value: resources_text.clone(),
+            source: Arc::new(e),
+        })?;
         let mut offers = Vec::with_capacity(workers);
         for index in 0..workers {
             let text = self.local_labels.get(index).map_or("", String::as_str);
-            let labels = Labels::parse(text).map_err(|e| {
-                Error::Setup(format!("labels {text:?} of the embedded worker local-{}: {e}", index + 1))
+            let labels = Labels::parse(text).map_err(|e| Error::Setting {
+                setting: format!("Init::local_labels (of the embedded worker local-{})", index + 1),
+                value: text.to_string(),
+                source: Arc::new(e),
             })?;
             offers.push(NodeOffer { resources: resources.clone(), labels });
         }
@@ -117,13 +127,8 @@ fn credentials_from_env() -> Result<Option<ClusterCredentials>, Error> {
         None if address.is_some() => default_state_dir().join("cluster.yaml"),
         None => return Ok(None),
     };
-    let mut credentials = ClusterCredentials::load(&file).map_err(|e| {
-        Error::Setup(format!(
-            "{e}\n(set {} to the cluster.yaml written by chia-head, or unset {} to use an embedded cluster)",
-            env::CLUSTER_FILE,
-            env::ADDRESS
-        ))
-    })?;
+    let mut credentials =
+        ClusterCredentials::load(&file).map_err(|e| Error::ClusterFile { source: Arc::new(e) })?;
     if let Some(address) = address {
         credentials.address = address;
     }
@@ -201,7 +206,7 @@ impl LocalCluster {
     /// [`LocalCluster::start_with`] with workers that offer labels too (`NodeOffer`).
     #[doc(hidden)]
     pub async fn start_nodes(workers: Vec<NodeOffer>, options: HeadOptions) -> Result<LocalCluster, Error> {
-        let head_credentials = HeadCredentials::generate().map_err(|e| Error::Setup(e.to_string()))?;
+        let head_credentials = HeadCredentials::generate().map_err(crate::error::HeadStartError::from)?;
         let listen = "127.0.0.1:0".parse().expect("literal address");
         let head = HeadWithNode::start(listen, head_credentials, options).await?;
         let credentials = head.head().cluster_credentials(&head.head().address().to_string());

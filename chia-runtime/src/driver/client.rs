@@ -11,7 +11,7 @@
 //! still waits for), and sends again what the head did not keep. Pending `get`s just wait.
 
 use crate::driver::figures::ServiceFigures;
-use crate::error::Error;
+use crate::error::{Error, JoinError};
 use crate::net::tls::{ClusterCredentials, HEAD_SERVER_NAME};
 use crate::net::transport::{FrameReader, FrameSender, TransportError};
 use chia_core::protocol::{
@@ -228,9 +228,6 @@ impl Link {
     }
 }
 
-/// How a refusal by the head reads in a connection error (a head that refuses is not retried).
-const REJECTED: &str = "the head rejected us";
-
 /// How long a peer waits for the head's answer to its Hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -243,35 +240,39 @@ impl Client {
         offer: Option<WorkerOffer>,
     ) -> Result<(Arc<Client>, mpsc::UnboundedReceiver<Execution>), Error> {
         let address = credentials.address.clone();
-        let setup =
-            |message: String| Error::Setup(format!("could not join the cluster at {address}: {message}"));
+        let join = |source: JoinError| Error::Join { address: address.clone(), source };
         let peer: SocketAddr = tokio::net::lookup_host(&address)
             .await
-            .map_err(|e| setup(format!("cannot resolve the address: {e}")))?
+            .map_err(|e| join(JoinError::Resolve(Arc::new(e))))?
             .next()
-            .ok_or_else(|| setup("the address resolves to nothing".into()))?;
-        let bind: SocketAddr = if peer.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }
-            .expect("literal socket addresses parse");
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| setup(e.to_string()))?;
-        endpoint.set_default_client_config(credentials.client_config().map_err(|e| setup(e.to_string()))?);
+            .ok_or_else(|| join(JoinError::NoAddress))?;
+        let bind = if peer.is_ipv6() {
+            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+        } else {
+            SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
+        };
+        let mut endpoint =
+            quinn::Endpoint::client(bind).map_err(|e| join(JoinError::Endpoint(Arc::new(e))))?;
+        endpoint.set_default_client_config(
+            credentials.client_config().map_err(|e| join(JoinError::Credentials(Arc::new(e))))?,
+        );
         // A certificate refused either way is said in words (another cluster's file, a revoked
         // member) rather than as the check rustls names; the head refusing ours may only show
         // once our side of the handshake is done, at the first stream or the first answer.
-        let explained =
-            |e: &quinn::ConnectionError| crate::net::tls::explain_connection_error(e, credentials);
-        let closed = |connection: &quinn::Connection, message: String| {
-            setup(connection.close_reason().and_then(|e| explained(&e)).unwrap_or(message))
+        let refused = |error: &quinn::ConnectionError| {
+            crate::net::tls::explain_connection_error(error, credentials)
+                .map(|explanation| JoinError::Certificate { explanation, source: error.clone() })
         };
-        let connection =
-            endpoint.connect(peer, HEAD_SERVER_NAME).map_err(|e| setup(e.to_string()))?.await.map_err(
-                |e| {
-                    setup(format!(
-                        "TLS/QUIC handshake failed: {}",
-                        explained(&e).unwrap_or_else(|| e.to_string())
-                    ))
-                },
-            )?;
-        let (send, recv) = connection.open_bi().await.map_err(|e| closed(&connection, e.to_string()))?;
+        let broken = |connection: &quinn::Connection, otherwise: JoinError| {
+            join(connection.close_reason().and_then(|e| refused(&e)).unwrap_or(otherwise))
+        };
+        let connection = endpoint
+            .connect(peer, HEAD_SERVER_NAME)
+            .map_err(|e| join(JoinError::Connect(e)))?
+            .await
+            .map_err(|e| join(refused(&e).unwrap_or(JoinError::Handshake(e))))?;
+        let (send, recv) =
+            connection.open_bi().await.map_err(|e| broken(&connection, JoinError::Handshake(e)))?;
         let sender = FrameSender::spawn(send);
         sender
             .send(&PeerToHead::Hello {
@@ -279,10 +280,10 @@ impl Client {
                 name: name.to_string(),
                 worker: offer,
             })
-            .map_err(|e| setup(e.to_string()))?;
+            .map_err(|e| join(JoinError::Protocol(format!("the hello could not be encoded: {e}"))))?;
         let mut reader = FrameReader::new(recv);
         let (session, node, node_name, heartbeat_ms, resume) =
-            match first_answer(&mut reader).await.map_err(|message| closed(&connection, message))? {
+            match first_answer(&mut reader).await.map_err(|error| broken(&connection, error))? {
                 HeadToPeer::Welcome {
                     session,
                     node,
@@ -298,8 +299,8 @@ impl Client {
                     });
                     (session, node, node_name, heartbeat_ms, resume)
                 }
-                HeadToPeer::Rejected { reason } => return Err(setup(format!("{REJECTED}: {reason}"))),
-                other => return Err(setup(format!("unexpected first message {other:?}"))),
+                HeadToPeer::Rejected { reason } => return Err(join(JoinError::Rejected { reason })),
+                other => return Err(join(JoinError::Protocol(format!("{other:?}")))),
             };
         let client = Arc::new(Client {
             session,
@@ -342,18 +343,16 @@ impl Client {
         let backoff = crate::util::Backoff::default();
         for attempt in 0.. {
             match Client::connect(credentials, name, offer.clone()).await {
-                // A refusal, or a certificate that will not do, is the same on every attempt.
-                Err(Error::Setup(reason))
-                    if !reason.contains(REJECTED)
-                        && !reason.contains(crate::net::tls::NOT_THIS_CLUSTER)
-                        && !reason.contains(crate::net::tls::CERTIFICATE_REFUSED) =>
-                {
+                Err(Error::Join { address, source }) if source.is_retryable() => {
                     let wait = backoff.delay(attempt);
                     if std::time::Instant::now() + wait >= deadline {
-                        return Err(Error::Setup(format!("{reason} (tried for {patience:?})")));
+                        let source = JoinError::GaveUp { waited: patience, last: Box::new(source) };
+                        return Err(Error::Join { address, source });
                     }
                     if attempt == 0 {
-                        tracing::warn!("{reason}; trying again for up to {patience:?}");
+                        tracing::warn!(
+                            "could not join the cluster at {address}: {source}; trying again for up to {patience:?}"
+                        );
                     }
                     tokio::time::sleep(wait).await;
                 }
@@ -650,7 +649,7 @@ impl Client {
         });
         sender.send(&message).map_err(|e| Retry::Never(e.to_string()))?;
         let mut reader = FrameReader::new(recv);
-        match first_answer(&mut reader).await.map_err(later)? {
+        match first_answer(&mut reader).await.map_err(|e| later(e.to_string()))? {
             HeadToPeer::Welcome { resumed_through, .. } => {
                 // A value announced as stored is fetched again on the new connection.
                 for task in waiting {
@@ -681,13 +680,13 @@ impl Client {
 }
 
 /// The head's answer to a hello or a resume: the first message on the stream.
-async fn first_answer(reader: &mut FrameReader) -> Result<HeadToPeer, String> {
+async fn first_answer(reader: &mut FrameReader) -> Result<HeadToPeer, JoinError> {
     let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next_frame())
         .await
-        .map_err(|_| format!("the head did not answer within {HANDSHAKE_TIMEOUT:?}"))?
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| "the head closed the connection before answering".to_string())?;
-    decode_body::<HeadToPeer>(first).map_err(|e| e.to_string())
+        .map_err(|_| JoinError::NoAnswer(format!("the head did not answer within {HANDSHAKE_TIMEOUT:?}")))?
+        .map_err(|e| JoinError::NoAnswer(format!("reading the head's answer: {e}")))?
+        .ok_or_else(|| JoinError::NoAnswer("the head closed the connection before answering".into()))?;
+    decode_body::<HeadToPeer>(first).map_err(|e| JoinError::Protocol(e.to_string()))
 }
 
 /// Why taking up a session failed.
@@ -779,9 +778,7 @@ async fn read_frames(
                 let state = match outcome {
                     Some(Outcome::Value(value)) => SlotState::Value(Arc::new(value)),
                     Some(Outcome::Failed(error)) => SlotState::Failed(error.into()),
-                    None => {
-                        SlotState::Failed(Error::Disconnected(format!("the head no longer holds {task}")))
-                    }
+                    None => SlotState::Failed(Error::ResultLost { task }),
                 };
                 client.finish_slot(task, state);
             }

@@ -165,11 +165,11 @@ impl Context {
         rules: Vec<chia_core::protocol::WatchRule>,
     ) -> Result<(), Error> {
         let Some(task) = self.current_task() else {
-            return Err(Error::Setup("watch_results is only for a service's constructor".into()));
+            return Err(Error::OutsideServiceConstructor { call: "watch_results" });
         };
         self.client
             .send(&PeerToHead::WatchResults { task, method: method.to_string(), rules })
-            .map_err(|e| Error::Setup(e.to_string()))
+            .map_err(|e| Error::Send { what: "the result watch", source: Arc::new(e) })
     }
 
     /// From a service's constructor: report `source`'s figures (counters and gauges) with the
@@ -317,7 +317,7 @@ impl<T> ObjectRef<T> {
         let client = &self.inner.client;
         client
             .send(&PeerToHead::Cancel { task: self.inner.task, force })
-            .map_err(|e| Error::Disconnected(e.to_string()))
+            .map_err(|e| Error::Send { what: "the cancel", source: Arc::new(e) })
     }
 
     fn is_ready(&self, waiter: &Arc<Notify>) -> bool {

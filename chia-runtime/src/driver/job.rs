@@ -59,12 +59,12 @@ impl OwnJob {
     /// that submitted it, a worker's for a nested call). Sent once, as revision 0: the head
     /// keeps settings only for a newer revision, so this one never replaces a published plan
     /// (revisions 1 and up), even another context's on the same session.
-    pub(crate) fn announce(&self, client: &Client) -> Result<(), String> {
+    pub(crate) fn announce(&self, client: &Client) -> Result<(), chia_core::protocol::ProtocolError> {
         if self.announced.swap(true, Ordering::Relaxed) || self.revision() > 0 {
             return Ok(());
         }
         let settings = JobSettings { job: client.session(), revision: 0, settings: Vec::new() };
-        client.send(&PeerToHead::SetJobSettings(settings)).map_err(|e| e.to_string())
+        client.send(&PeerToHead::SetJobSettings(settings))
     }
 }
 

@@ -25,10 +25,11 @@
 //! ([`metrics`]). This module depends on the network layer only.
 
 mod journal;
+pub use journal::JournalError;
 pub mod metrics;
 mod persist;
 
-use crate::error::Error;
+use crate::error::{Error, HeadStartError};
 use crate::net::tls::{ClusterCredentials, HeadCredentials};
 use crate::net::transport::{FrameReader, FrameSender};
 use chia_core::SessionId;
@@ -168,20 +169,19 @@ pub async fn start_head_with(
 ) -> Result<HeadHandle, Error> {
     // With a state directory, `chia-head revoke` may refuse members while the head runs.
     let revocations = match &options.state_dir {
-        Some(state_dir) => Some(
-            crate::net::members::RevocationList::open(state_dir).map_err(|e| Error::Setup(e.to_string()))?
-                as Arc<dyn crate::net::tls::MemberCheck>,
-        ),
+        Some(state_dir) => {
+            Some(crate::net::members::RevocationList::open(state_dir).map_err(HeadStartError::from)?
+                as Arc<dyn crate::net::tls::MemberCheck>)
+        }
         None => None,
     };
-    let server = credentials.server_config_checked(revocations).map_err(|e| Error::Setup(e.to_string()))?;
-    let cannot_listen = |e: std::io::Error| Error::Setup(format!("cannot listen on {listen}: {e}"));
+    let server = credentials.server_config_checked(revocations).map_err(HeadStartError::from)?;
+    let cannot_listen = |source: std::io::Error| HeadStartError::Listen { address: listen, source };
     let socket = std::net::UdpSocket::bind(listen).map_err(cannot_listen)?;
-    let runtime =
-        quinn::default_runtime().ok_or_else(|| Error::Setup("the head needs a tokio runtime".into()))?;
+    let runtime = quinn::default_runtime().ok_or(HeadStartError::NoRuntime)?;
     let endpoint = quinn::Endpoint::new(credentials.endpoint_config(), Some(server), socket, runtime)
         .map_err(cannot_listen)?;
-    let address = endpoint.local_addr().map_err(|e| Error::Setup(e.to_string()))?;
+    let address = endpoint.local_addr().map_err(cannot_listen)?;
     let now = Instant::now();
     let mut core_options = CoreOptions {
         heartbeat: options.heartbeat,
@@ -194,14 +194,14 @@ pub async fn start_head_with(
     let (core, keeper) = match &options.state_dir {
         None => (HeadCore::new(now, core_options), None),
         Some(state_dir) => {
-            let opened = journal::Journal::open(state_dir).map_err(|e| Error::Setup(e.to_string()))?;
+            let opened = journal::Journal::open(state_dir).map_err(HeadStartError::from)?;
             core_options.journal_id = Some(opened.journal.id());
             let recovered = !opened.entries.is_empty();
             let dropped = opened.dropped_bytes;
             // The grace period starts once the journal is read, however long that took.
             let journal_path = state_dir.join("journal");
             let (mut core, recovery) = HeadCore::recover(Instant::now(), core_options, opened.entries)
-                .map_err(|e| Error::Setup(format!("{}: {e}", journal_path.display())))?;
+                .map_err(|source| HeadStartError::Recover { path: journal_path.clone(), source })?;
             let services = persist::ServiceFile::in_dir(state_dir);
             core.restore_services(now, services.read());
             if recovered {

@@ -91,7 +91,7 @@ impl Worker {
     ) -> Result<Worker, Error> {
         let resources = Resources::new()
             .with(&format!("{NODE_PREFIX}{HEAD_NODE_NAME}"), ResourceAmount::whole(1))
-            .map_err(|e| Error::Setup(e.to_string()))?;
+            .expect("node:head is a valid resource name");
         let offer = WorkerOffer {
             resources,
             functions: Vec::new(),

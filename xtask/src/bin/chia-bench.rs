@@ -346,11 +346,14 @@ async fn watched(cluster: &LocalCluster) -> Result<(), chia::Error> {
         return Ok(());
     }
     let listen: std::net::SocketAddr = "127.0.0.1:0".parse().expect("a literal address");
-    let address =
-        cluster.head().serve_metrics(listen).await.map_err(|e| chia::Error::Setup(e.to_string()))?;
-    // One scrape before measuring: figures "with metrics" from an endpoint that does not
-    // answer would be figures without.
-    scrape(address).await.map_err(chia::Error::Setup)?;
+    // Figures "with metrics" from an endpoint that does not serve (or answer) would be figures
+    // without: the run stops instead. One scrape before measuring checks it answers.
+    let unusable = |e: &dyn std::fmt::Display| -> ! {
+        eprintln!("chia-bench --metrics: the head's metrics endpoint cannot be used: {e}");
+        std::process::exit(1)
+    };
+    let address = cluster.head().serve_metrics(listen).await.unwrap_or_else(|e| unusable(&e));
+    scrape(address).await.unwrap_or_else(|e| unusable(&e));
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(std::time::Duration::from_secs(1));
         ticks.tick().await;

@@ -407,7 +407,7 @@ impl Bypass {
             self.cx
                 .client()
                 .send(&PeerToHead::SetJobSettings(JobSettings { job, revision, settings }))
-                .map_err(|e| Error::Disconnected(e.to_string()))?;
+                .map_err(|e| Error::Send { what: "the bypass plan", source: Arc::new(e) })?;
         }
         self.own.install((!plan.is_empty()).then(|| Arc::new(plan)));
         Ok(())
