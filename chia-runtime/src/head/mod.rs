@@ -24,6 +24,10 @@
 //! With [`HeadHandle::serve_metrics`] the head also serves Prometheus metrics over HTTP
 //! ([`metrics`]). This module depends on the network layer only.
 
+// What a peer sends must never panic this process: no `unwrap` outside tests (an `expect`
+// states the invariant that makes it impossible).
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 mod journal;
 pub use journal::JournalError;
 pub mod metrics;

@@ -2,6 +2,10 @@
 //! binary, runs what the head sends, and reports each outcome. A function that fails or
 //! panics fails only its task; the worker keeps serving.
 
+// What a peer sends must never panic this process: no `unwrap` outside tests (an `expect`
+// states the invariant that makes it impossible).
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 use crate::driver::client::{Client, Execution};
 use crate::driver::contain::{self, Activity};
 use crate::driver::context::Context;
