@@ -114,6 +114,10 @@ pub(crate) struct Session {
     /// Taken up again after a restart: the grace deadline it had, and its frame count then.
     #[serde(skip)]
     pub(crate) resumed: Option<(Instant, u64)>,
+    /// Its name was handed to the worker that replaces it, which joins before this session is
+    /// closed: closing it must not give the name up a second time.
+    #[serde(skip)]
+    pub(crate) name_passed_on: bool,
 }
 
 impl Session {
@@ -130,6 +134,7 @@ impl Session {
             detached_until: None,
             held: Vec::new(),
             resumed: None,
+            name_passed_on: false,
         }
     }
 }
@@ -470,6 +475,18 @@ impl HeadCore {
         remote: &str,
         first: PeerToHead,
     ) -> Result<SessionId, Rejection> {
+        self.open_session_from(now, remote, host_of(remote), first)
+    }
+
+    /// [`HeadCore::open_session`] of a peer on `host` (which a journal replay knows, with no
+    /// address to take it from): a worker replaces its predecessor on that host the same way.
+    pub(crate) fn open_session_from(
+        &mut self,
+        now: Instant,
+        remote: &str,
+        host: Option<&str>,
+        first: PeerToHead,
+    ) -> Result<SessionId, Rejection> {
         self.now = now;
         let kept = self.options.journal_id.is_some().then(|| first.clone());
         let (name, worker) = match first {
@@ -500,11 +517,15 @@ impl HeadCore {
         if let Some(offer) = &worker {
             check_offer(offer)?;
         }
-        let host = host_of(remote);
-        if let (Some(host), Some(offer)) = (host, &worker)
-            && !offer.head_node
-        {
-            self.retire_predecessors(&name, host);
+        let predecessors = match (host, &worker) {
+            (Some(host), Some(offer)) if !offer.head_node => self.predecessors(&name, host),
+            _ => Vec::new(),
+        };
+        // The successor takes its predecessor's name, but its predecessor is closed only once
+        // it has joined: what the predecessor ran (a service that restarts, a task retried)
+        // then finds the functions the successor offers, rather than failing as unknown.
+        for old in &predecessors {
+            self.pass_name_on(*old);
         }
         let session = SessionId(self.next_session);
         self.next_session += 1;
@@ -513,6 +534,7 @@ impl HeadCore {
             self.outbox.push(Action::Keep(JournalEntry::Opened { session, hello, host }));
         }
         let asked = name.clone();
+        let replacing = if predecessors.is_empty() { String::new() } else { name.clone() };
         let (node, name) = match &worker {
             Some(offer) => {
                 let node = NodeId(self.next_node);
@@ -550,7 +572,7 @@ impl HeadCore {
             Session {
                 host: host.map(str::to_string),
                 asked_for,
-                address: host.is_some().then(|| remote.to_string()),
+                address: host_of(remote).is_some().then(|| remote.to_string()),
                 ..Session::new(now, name.clone(), node)
             },
         );
@@ -565,14 +587,26 @@ impl HeadCore {
                 self.restore_services(now, kept);
             }
         }
+        for old in predecessors {
+            let host = host.unwrap_or_default();
+            tracing::warn!(
+                "worker {replacing} joined again from {host}: its previous session {old} is closed and what it ran runs again"
+            );
+            self.close_with(
+                old,
+                &format!("replaced by a worker named {replacing} that joined from {host}"),
+                CloseCode::Replaced,
+            );
+        }
         Ok(session)
     }
 
     /// A worker joins as `name` from `host`: a worker session of that name from that host is
     /// its predecessor — the same worker restarted, or cut off and given up — whose node would
     /// otherwise keep its tasks, and be sent new ones, until it is written off. It is closed
-    /// now, told it was replaced so it does not join again if it still lives.
-    fn retire_predecessors(&mut self, name: &str, host: &str) {
+    /// once its successor has joined, told it was replaced so it does not join again if it
+    /// still lives.
+    fn predecessors(&self, name: &str, host: &str) -> Vec<SessionId> {
         let mut predecessors: Vec<SessionId> = self
             .sessions
             .iter()
@@ -582,16 +616,16 @@ impl HeadCore {
             .map(|(&session, _)| session)
             .collect();
         predecessors.sort_unstable();
-        for old in predecessors {
-            tracing::warn!(
-                "worker {name} joined again from {host}: its previous session {old} is closed and what it ran runs again"
-            );
-            self.close_with(
-                old,
-                &format!("replaced by a worker named {name} that joined from {host}"),
-                CloseCode::Replaced,
-            );
+        predecessors
+    }
+
+    /// `old`'s name is free for its successor from now on (see [`HeadCore::predecessors`]).
+    fn pass_name_on(&mut self, old: SessionId) {
+        let Some(session) = self.sessions.get_mut(&old) else { return };
+        if std::mem::replace(&mut session.name_passed_on, true) {
+            return;
         }
+        release_name(&mut self.names, &session.name);
     }
 
     /// The name a joining worker that asked for `wanted` gets: `wanted` if free, else the next
@@ -1068,11 +1102,8 @@ impl HeadCore {
 
     pub(crate) fn close_with(&mut self, session: SessionId, reason: &str, code: CloseCode) {
         let Some(closed) = self.sessions.remove(&session) else { return };
-        if let Some(holders) = self.names.get_mut(&closed.name) {
-            *holders -= 1;
-            if *holders == 0 {
-                self.names.remove(&closed.name);
-            }
+        if !closed.name_passed_on {
+            release_name(&mut self.names, &closed.name);
         }
         if self.options.journal_id.is_some() {
             self.outbox.push(Action::Keep(JournalEntry::Closed { session, reason: reason.to_string() }));
@@ -1196,4 +1227,14 @@ fn host_of(remote: &str) -> Option<&str> {
     let (host, port) = remote.rsplit_once(':')?;
     port.parse::<u16>().ok()?;
     (!host.is_empty()).then_some(host)
+}
+
+/// One holder of `name` fewer.
+fn release_name(names: &mut HashMap<String, usize>, name: &str) {
+    if let Some(holders) = names.get_mut(name) {
+        *holders -= 1;
+        if *holders == 0 {
+            names.remove(name);
+        }
+    }
 }

@@ -124,12 +124,10 @@ impl HeadCore {
                     if let PeerToHead::Hello { protocol_version, .. } = &mut hello {
                         *protocol_version = chia_core::protocol::PROTOCOL_VERSION;
                     }
-                    match core.open_session(now, "journal", hello) {
-                        Ok(opened) if opened == session => {
-                            if let Some(peer) = core.sessions.get_mut(&session) {
-                                peer.host = host;
-                            }
-                        }
+                    // With its host, a worker replaces its predecessor as it did when it joined
+                    // (the predecessor's `Closed` entry, after this one, finds it gone).
+                    match core.open_session_from(now, "journal", host.as_deref(), hello) {
+                        Ok(opened) if opened == session => {}
                         Ok(opened) => {
                             tracing::error!(
                                 "journal: {session} was opened again as {opened}; the journal does not match this head"

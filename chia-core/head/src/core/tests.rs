@@ -298,6 +298,39 @@ fn a_worker_joining_again_from_its_host_replaces_its_predecessor_at_once() {
 }
 
 #[test]
+fn a_service_on_a_replaced_worker_restarts_on_its_successor_rather_than_failing_as_unknown() {
+    let mut env = Env::with(journaled());
+    // Another node runs tasks but hosts no service: were the predecessor closed before its
+    // successor joined, nothing connected would offer Counter and its restart would fail.
+    let plain = WorkerOffer {
+        resources: Resources::parse("CPU=1").expect("valid"),
+        functions: vec![FunctionKey::new("f", SIG)],
+        services: Vec::new(),
+        head_node: false,
+        labels: Default::default(),
+    };
+    env.open_from("10.0.0.9:41000", "plain", Some(plain));
+    let old = env.worker_from("10.0.0.7:41000", "host", "CPU=1", &[]);
+    let driver = env.driver();
+    let start = TaskId::new(driver, 1);
+    let restartable = ServiceStart { max_restarts: chia_core::Retries::UpTo(1), ..counter_start(start, false) };
+    env.send(driver, PeerToHead::StartService(restartable));
+    assert!(matches!(env.to(old)[..], [HeadToPeer::StartInstance { .. }]));
+    env.send(old, PeerToHead::Finished { task: start, attempt: 0, outcome: Outcome::Value(Vec::new()) });
+    assert_eq!(dones(&env.to(driver)).len(), 1, "the service is up");
+    let new = env.worker_from("10.0.0.7:41001", "host", "CPU=1", &[]);
+    assert_eq!(env.closed, [old]);
+    assert_eq!(env.node_name(new), Some("host"));
+    let sent = env.to(new);
+    assert!(matches!(sent[..], [HeadToPeer::StartInstance { .. }]), "restarted on the successor: {sent:?}");
+    assert!(dones(&env.to(driver)).is_empty(), "nothing failed");
+    // A replay of the journal replaces the predecessor the same way.
+    let restarted = env.restart();
+    assert_eq!(restarted.node_name(new), Some("host"));
+    assert!(!restarted.core.sessions.contains_key(&old));
+}
+
+#[test]
 fn a_worker_given_a_suffix_is_replaced_by_what_it_asked_for_not_by_its_suffix() {
     let mut env = Env::new();
     let first = env.worker_from("10.0.0.1:5000", "w", "CPU=1", &["f"]);

@@ -349,7 +349,7 @@ impl SimDriver {
         // was before calls asked for labels (what it tests, it still tests).
         let mix = task.0.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
         let labels = (mix % 10 == 0).then(|| ((mix / 10) % model::LABEL_ASKS.len() as u64) as u8);
-        let strategy = match mix / 30 % 20 {
+        let strategy = match mix / 30 % 10 {
             0 => Strategy::Spread,
             1 => Strategy::Pack,
             _ => Strategy::Default,
