@@ -12,7 +12,7 @@ use chia_bypass::{Decision, RunReason};
 use chia_core::placement::{Placement, Strategy};
 use chia_core::protocol::{PeerToHead, TaskSpec};
 use chia_core::resources::CPU;
-use chia_core::{ResourceAmount, Resources, Retries};
+use chia_core::{Resources, Retries};
 use serde::de::DeserializeOwned;
 use std::marker::PhantomData;
 use std::time::Duration;
@@ -77,10 +77,7 @@ impl<T: DeserializeOwned> Call<T> {
 
     /// Overrides the amount of one resource for this call (0 removes it).
     pub fn resource(mut self, name: &str, amount: f64) -> Self {
-        let result = ResourceAmount::from_f64(amount).and_then(|amount| self.request.set(name, amount));
-        if let Err(e) = result {
-            self.invalid.get_or_insert_with(|| format!("resource {name}: {e}"));
-        }
+        crate::util::ask_resource(&mut self.request, &mut self.invalid, "resource", name, amount);
         self
     }
 

@@ -3,6 +3,7 @@
 //! synchronous code, and how to wait between tries to reach the head.
 
 use crate::error::Error;
+use chia_core::{ResourceAmount, Resources};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -81,5 +82,21 @@ pub fn run_sync<T>(provider: impl FnOnce() -> T) -> T {
             tokio::task::block_in_place(provider)
         }
         _ => provider(),
+    }
+}
+
+/// A builder's `resource(name, amount)`: sets `name` to `amount` in `request`, or keeps the
+/// first reason it cannot in `invalid` (prefixed with `what`), for the builder to report when
+/// it is used — so chained setters need no `Result` each.
+pub(crate) fn ask_resource(
+    request: &mut Resources,
+    invalid: &mut Option<String>,
+    what: &str,
+    name: &str,
+    amount: f64,
+) {
+    let result = ResourceAmount::from_f64(amount).and_then(|amount| request.set(name, amount));
+    if let Err(e) = result {
+        invalid.get_or_insert_with(|| format!("{what} {name}: {e}"));
     }
 }

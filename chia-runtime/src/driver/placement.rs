@@ -36,10 +36,10 @@
 
 use crate::driver::context::{Context, ObjectRef, send_request};
 use crate::error::Error;
+use chia_core::Resources;
 use chia_core::placement::{BundleRef, GroupId, GroupSpec};
 use chia_core::protocol::PeerToHead;
 use chia_core::resources::CPU;
-use chia_core::{ResourceAmount, Resources};
 
 pub use chia_core::placement::{
     GroupProblem, GroupStrategy as PlacementStrategy, LabelError, Labels, Strategy,
@@ -65,10 +65,7 @@ impl Bundle {
 
     /// Reserves `amount` of the resource `name`.
     pub fn resource(mut self, name: &str, amount: f64) -> Bundle {
-        let result = ResourceAmount::from_f64(amount).and_then(|amount| self.resources.set(name, amount));
-        if let Err(e) = result {
-            self.invalid.get_or_insert_with(|| format!("bundle resource {name}: {e}"));
-        }
+        crate::util::ask_resource(&mut self.resources, &mut self.invalid, "bundle resource", name, amount);
         self
     }
 

@@ -115,10 +115,7 @@ impl ServiceOptions {
 
     /// Hold `amount` of `name` while the service lives (placement by resources).
     pub fn resource(mut self, name: &str, amount: f64) -> Self {
-        let result = ResourceAmount::from_f64(amount).and_then(|amount| self.request.set(name, amount));
-        if let Err(e) = result {
-            self.invalid.get_or_insert_with(|| format!("resource {name}: {e}"));
-        }
+        crate::util::ask_resource(&mut self.request, &mut self.invalid, "resource", name, amount);
         self
     }
 

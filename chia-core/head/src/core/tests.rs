@@ -313,7 +313,8 @@ fn a_service_on_a_replaced_worker_restarts_on_its_successor_rather_than_failing_
     let old = env.worker_from("10.0.0.7:41000", "host", "CPU=1", &[]);
     let driver = env.driver();
     let start = TaskId::new(driver, 1);
-    let restartable = ServiceStart { max_restarts: chia_core::Retries::UpTo(1), ..counter_start(start, false) };
+    let restartable =
+        ServiceStart { max_restarts: chia_core::Retries::UpTo(1), ..counter_start(start, false) };
     env.send(driver, PeerToHead::StartService(restartable));
     assert!(matches!(env.to(old)[..], [HeadToPeer::StartInstance { .. }]));
     env.send(old, PeerToHead::Finished { task: start, attempt: 0, outcome: Outcome::Value(Vec::new()) });
