@@ -30,14 +30,19 @@ pub enum Query {
     Status,
     /// Tasks, newest first.
     Tasks(TaskFilter),
+    /// Every joined node, by name ([`NodeView`]s).
     Nodes,
+    /// Every registered service, by namespace and name ([`ServiceView`]s).
     Services,
+    /// Every connected driver but the asker ([`JobView`]s), newest first.
     Jobs,
     /// One task in detail ([`TaskView`] with its attempts).
     Task(TaskId),
     /// One service by name.
     Service {
+        /// The name it was started under.
         name: String,
+        /// The namespace of the name.
         namespace: String,
     },
     /// Why a task is not running ([`Explanation`]).
@@ -47,16 +52,26 @@ pub enum Query {
 /// The answer to a [`Query`], the variant of the same name.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Answer {
+    /// To [`Query::Status`].
     Status(Box<ClusterStatus>),
+    /// To [`Query::Tasks`]: one page.
     Tasks(TaskPage),
+    /// To [`Query::Nodes`].
     Nodes(Vec<NodeView>),
+    /// To [`Query::Services`].
     Services(Vec<ServiceView>),
+    /// To [`Query::Jobs`].
     Jobs(Vec<JobView>),
+    /// To [`Query::Task`]; `None` when the head neither holds the task's record nor
+    /// remembers it among the ended ones.
     Task(Option<Box<TaskView>>),
+    /// To [`Query::Service`]; `None` when no service has that name in that namespace.
     Service(Option<ServiceView>),
+    /// To [`Query::Explain`].
     Explain(Explanation),
     /// The question could not be answered as asked (a tag pattern that is not a regex).
     Refused {
+        /// What is wrong with the question.
         reason: String,
     },
 }
@@ -69,13 +84,18 @@ pub enum TaskState {
     Waiting,
     /// Ready, waiting for a node with room.
     Queued,
+    /// Sent to a node (or running there).
     Running,
+    /// Ended with a value.
     Finished,
+    /// Ended with an error other than a cancellation (a timeout, a lost worker included).
     Failed,
+    /// Ended cancelled, by its owner or `chia cancel`.
     Cancelled,
 }
 
 impl TaskState {
+    /// Every state, from waiting to the three ended ones.
     pub const ALL: [TaskState; 6] = [
         TaskState::Waiting,
         TaskState::Queued,
@@ -85,6 +105,7 @@ impl TaskState {
         TaskState::Cancelled,
     ];
 
+    /// Its name, as `--state` takes it and `--json` shows it (`queued`).
     pub fn as_str(self) -> &'static str {
         match self {
             TaskState::Waiting => "waiting",
@@ -96,6 +117,7 @@ impl TaskState {
         }
     }
 
+    /// Whether it is final: finished, failed or cancelled.
     pub fn has_ended(self) -> bool {
         matches!(self, TaskState::Finished | TaskState::Failed | TaskState::Cancelled)
     }
@@ -121,6 +143,7 @@ impl std::str::FromStr for TaskState {
 /// Which tasks a listing returns. Every field narrows it; empty means all.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskFilter {
+    /// The state the task is in now.
     #[serde(default)]
     pub state: Option<TaskState>,
     /// The function's exact name.
@@ -135,7 +158,7 @@ pub struct TaskFilter {
     /// The node a task runs on, or its last attempt ran on.
     #[serde(default)]
     pub node: Option<String>,
-    /// At most this many tasks (capped at [`MAX_PAGE`]).
+    /// At most this many tasks (0 is taken as 1; capped at [`MAX_PAGE`]).
     pub limit: usize,
     /// Go on from a previous page's [`TaskPage::next`].
     #[serde(default)]
@@ -145,6 +168,7 @@ pub struct TaskFilter {
 /// One page of a task listing, newest first.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TaskPage {
+    /// The matching tasks, newest first, without their attempts.
     pub tasks: Vec<TaskView>,
     /// More may match: pass this as [`TaskFilter::after`] for the next page.
     pub next: Option<u64>,
@@ -153,12 +177,17 @@ pub struct TaskPage {
 /// A task as the head knows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskView {
+    /// The task's id.
     pub task: TaskId,
+    /// The function's name (a service's constructor is `<Type>.new`).
     pub function: String,
+    /// The call's tag, if it had one.
     pub tag: Option<String>,
     /// The job (its driver's session) and that driver's name while it is connected.
     pub job: SessionId,
+    /// The driver's name; `None` once it is gone.
     pub job_name: Option<String>,
+    /// Where it is now.
     pub state: TaskState,
     /// Milliseconds since it was submitted.
     pub submitted_ms_ago: u64,
@@ -183,13 +212,15 @@ pub struct TaskView {
 /// One run of a task.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttemptView {
+    /// Which run, from 1.
     pub attempt: u32,
+    /// The node it was sent to.
     pub node: String,
     /// Milliseconds ago it was sent to the node.
     pub sent_ms_ago: u64,
-    /// Milliseconds ago the node said it started it.
+    /// Milliseconds ago the node said it started it; `None` until it said so.
     pub started_ms_ago: Option<u64>,
-    /// Milliseconds ago it ended.
+    /// Milliseconds ago it ended; `None` while it runs.
     pub ended_ms_ago: Option<u64>,
     /// How it ended: `finished`, the error, `worker lost`; `None` while it runs.
     pub outcome: Option<String>,
@@ -198,7 +229,9 @@ pub struct AttemptView {
 /// The whole cluster.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClusterStatus {
+    /// Milliseconds since the head started (after a restart: since it recovered).
     pub head_up_ms: u64,
+    /// Every joined node, by name.
     pub nodes: Vec<NodeView>,
     /// Queued tasks grouped by what they need.
     pub demand: Vec<Demand>,
@@ -206,6 +239,7 @@ pub struct ClusterStatus {
     pub tasks: TaskCounts,
     /// Since the head started.
     pub totals: TaskTotals,
+    /// Services registered now, whatever their state.
     pub services: usize,
     /// Connected drivers.
     pub jobs: usize,
@@ -216,23 +250,33 @@ pub struct ClusterStatus {
     pub stuck: Vec<Stuck>,
 }
 
+/// Function tasks the head holds now, by state.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskCounts {
+    /// Waiting for argument tasks (or for the service they call).
     pub waiting: u64,
+    /// Ready and waiting for a node with room (service instances being placed included).
     pub queued: u64,
+    /// Sent to a node and not ended (service instances not counted).
     pub running: u64,
     /// Ended and still held (their results wait to be fetched or used).
     pub ended: u64,
 }
 
+/// Function tasks counted since the head started (after a restart: since it recovered).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskTotals {
+    /// Tasks submitted.
     pub submitted: u64,
+    /// Tasks that ended with a value.
     pub finished: u64,
+    /// Tasks that ended with an error other than a cancellation.
     pub failed: u64,
+    /// Tasks that ended cancelled, or were dropped unfinished with their driver.
     pub cancelled: u64,
     /// Runs started again after a lost worker or a retried error.
     pub retried: u64,
+    /// Tasks submitted bypassed (counted in `submitted` too).
     pub bypassed: u64,
 }
 
@@ -250,16 +294,26 @@ impl std::ops::AddAssign for TaskTotals {
 /// A joined worker node.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NodeView {
+    /// The node's name (`head` for the head's own).
     pub name: String,
-    /// Where it connected from.
+    /// Where it connected from (`host:port`); `None` when the head was given no such
+    /// address (an in-process connection, the simulator).
     pub address: Option<String>,
+    /// Milliseconds since its session opened (after a head restart: since the recovery).
     pub up_ms: u64,
+    /// Milliseconds since anything last arrived from it.
     pub last_heard_ms_ago: u64,
+    /// What it offered, with its `node:<name>` affinity.
     pub total: Resources,
+    /// What its tasks, service instances and group bundles hold now.
     pub used: Resources,
+    /// What is left for tasks outside placement groups.
     pub free: Resources,
+    /// Function tasks on it now (service instances not counted).
     pub running: u64,
+    /// The functions it announced, by name, sorted.
     pub functions: Vec<String>,
+    /// The service types it can host, by name, sorted.
     pub service_types: Vec<String>,
     /// Takes no new tasks: its worker has not come back after a head restart yet.
     pub paused: bool,
@@ -277,8 +331,11 @@ pub struct NodeView {
 /// Queued tasks of one shape (the same function and request).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Demand {
+    /// The function's name.
     pub function: String,
+    /// What each of them requests.
     pub request: Resources,
+    /// How many are queued.
     pub queued: u64,
     /// Milliseconds since the oldest of them was submitted.
     pub oldest_ms_ago: u64,
@@ -289,46 +346,65 @@ pub struct Demand {
 /// Queued tasks the watchdog found not placed although a node had room for them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Stuck {
+    /// The function's name.
     pub function: String,
+    /// What each of them requests.
     pub request: Resources,
+    /// How many are queued.
     pub queued: u64,
+    /// Milliseconds since the oldest of them was submitted.
     pub oldest_ms_ago: u64,
     /// A node that has the function and the free resources.
     pub fits_on: String,
 }
 
+/// A registered service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceView {
+    /// Its id (kept across restarts of its instance).
     pub id: ServiceId,
+    /// The name it was started under.
     pub name: String,
+    /// The namespace of its name.
     pub namespace: String,
+    /// The service type's name.
     pub type_name: String,
     /// Hosting node; `None` while it is being placed (or placed again).
     pub node: Option<String>,
+    /// Whether it outlives the session that started it.
     pub detached: bool,
     /// `starting`, `running`, `restarting` (its node was lost; a new instance is being
     /// placed) or `stopping`.
     pub state: String,
-    /// The session that started it, while connected.
+    /// The name of the session that started it (a driver, or the node whose task did);
+    /// `None` once that session is gone.
     pub owner: Option<String>,
 }
 
 /// A job: a connected driver and the tasks it submitted (nested calls included).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobView {
+    /// The job: its driver's session.
     pub job: SessionId,
+    /// The driver's name (`driver-<session>`).
     pub name: String,
+    /// Milliseconds since the driver connected (after a head restart: since the recovery).
     pub up_ms: u64,
     /// Tasks of it the head holds that have not ended.
     pub unfinished: u64,
+    /// Function tasks submitted in it since the head started.
     pub submitted: u64,
 }
 
 /// Why a task is where it is.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Explanation {
+    /// The task asked about.
     pub task: TaskId,
+    /// Where it is; `None` when the head knows nothing of it.
     pub state: Option<TaskState>,
+    /// Each reason that applies: for a queued task, one per node with the function (at most
+    /// 20) and how many tasks are ahead of it; otherwise the state's own.
     pub reasons: Vec<Reason>,
 }
 
@@ -339,39 +415,96 @@ pub enum Reason {
     /// The head holds no record of it (never submitted, or ended and forgotten).
     Unknown,
     /// It runs: on this node, attempt N.
-    Running { node: String, attempt: u32 },
+    Running {
+        /// The node's name.
+        node: String,
+        /// The attempt running.
+        attempt: u32,
+    },
     /// It ended.
-    Ended { state: TaskState, error: Option<String> },
+    Ended {
+        /// How: finished, failed or cancelled.
+        state: TaskState,
+        /// The error's text; `None` when it finished.
+        error: Option<String>,
+    },
     /// Its argument tasks have not finished.
-    WaitingFor { tasks: Vec<TaskId> },
+    WaitingFor {
+        /// The argument tasks not finished yet.
+        tasks: Vec<TaskId>,
+    },
     /// A service call waiting for its service to be placed.
-    WaitingForService { service: String },
+    WaitingForService {
+        /// The service's name.
+        service: String,
+    },
     /// No connected node offers the function.
-    NoNodeOffers { function: String },
+    NoNodeOffers {
+        /// The function's name.
+        function: String,
+    },
     /// Nodes offer the function with another signature (other binaries).
-    SignatureDiffers { function: String, wanted: String, offered: Vec<String> },
+    SignatureDiffers {
+        /// The function's name.
+        function: String,
+        /// The signature hash the call has.
+        wanted: String,
+        /// The signature hashes connected nodes offer under that name.
+        offered: Vec<String>,
+    },
     /// A node has the function but could never hold the request: what it lacks.
-    NeverFits { node: String, short: Vec<Shortfall> },
+    NeverFits {
+        /// The node's name.
+        node: String,
+        /// Each resource it has too little of in all.
+        short: Vec<Shortfall>,
+    },
     /// A node could hold it, but not now: what is in use.
-    Busy { node: String, short: Vec<Shortfall> },
+    Busy {
+        /// The node's name.
+        node: String,
+        /// Each resource it has too little of free now.
+        short: Vec<Shortfall>,
+    },
     /// A node takes no new tasks (waiting for its worker after a head restart).
-    Paused { node: String },
+    Paused {
+        /// The node's name.
+        node: String,
+    },
     /// Older tasks of its shape are ahead of it.
-    Behind { queued_ahead: u64 },
+    Behind {
+        /// How many queued tasks of its shape go first.
+        queued_ahead: u64,
+    },
     /// A node fits it now and the function is there, yet it is not placed (the watchdog's case).
-    FitsNow { node: String },
+    FitsNow {
+        /// The node's name.
+        node: String,
+    },
     /// A node has the function but not the labels the call asks for: each missing one, as
     /// `key=value (has key=other)` or `key=value (has none)`.
-    LabelsDiffer { node: String, missing: Vec<String> },
+    LabelsDiffer {
+        /// The node's name.
+        node: String,
+        /// The labels it lacks, as above.
+        missing: Vec<String>,
+    },
     /// Its placement group's bundle is not reserved yet; `infeasible`: why the connected
     /// nodes could never hold the group, if they could not.
-    WaitingForGroup { group: String, infeasible: Option<String> },
+    WaitingForGroup {
+        /// The group, as displayed (`group-3.7`).
+        group: String,
+        /// Why the connected nodes could never hold it; `None` while they might.
+        infeasible: Option<String>,
+    },
 }
 
 /// A resource a node does not have enough of for a request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Shortfall {
+    /// The resource's name.
     pub resource: String,
+    /// The amount the task requests, as a decimal (`2.5`).
     pub requested: String,
     /// What the node has: in all ([`Reason::NeverFits`]) or free now ([`Reason::Busy`]).
     pub available: String,
@@ -380,6 +513,7 @@ pub struct Shortfall {
 /// Which tasks a [`PeerToHead::CancelTasks`](crate::protocol::PeerToHead::CancelTasks) stops.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CancelTarget {
+    /// This task, whoever submitted it.
     Task(TaskId),
     /// Every unfinished task of the job.
     Job(SessionId),

@@ -196,6 +196,7 @@ impl fmt::Display for GroupId {
 /// Which bundle of a group a call runs in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct BundleRef {
+    /// The placement group.
     pub group: GroupId,
     /// The bundle's index; `None`: any bundle of the group with room.
     pub bundle: Option<u32>,
@@ -208,6 +209,7 @@ pub struct Placement {
     /// Labels the node must have, with these values.
     #[serde(default)]
     pub labels: Labels,
+    /// How to pick among the nodes that have room.
     #[serde(default)]
     pub strategy: Strategy,
     /// The bundle it runs in: it uses only what the bundle reserved, on the bundle's node.
@@ -234,7 +236,10 @@ pub enum GroupProblem {
     /// The connected nodes could never hold its bundles as its strategy asks; it stays
     /// pending in case a node that can joins.
     #[error("cannot be placed: {reason}")]
-    Infeasible { reason: String },
+    Infeasible {
+        /// Why, in words: what its strategy needs and what the nodes can give.
+        reason: String,
+    },
     /// It was removed (by its creator, or with its job), and its reservations with it.
     #[error("was removed")]
     Removed,
@@ -243,10 +248,22 @@ pub enum GroupProblem {
     Unknown,
     /// A call named a bundle the group does not have.
     #[error("has no bundle {bundle} (it has {bundles})")]
-    NoSuchBundle { bundle: u32, bundles: u32 },
+    NoSuchBundle {
+        /// The index the call named.
+        bundle: u32,
+        /// How many bundles the group has.
+        bundles: u32,
+    },
     /// A call requests more than its bundle (or, with any bundle, every bundle) reserves.
     #[error("{function} requests {request}, more than {which} reserves")]
-    TooSmall { function: String, request: String, which: String },
+    TooSmall {
+        /// The function called.
+        function: String,
+        /// The call's request, as a resource list.
+        request: String,
+        /// The bundle that is too small, with what it reserves (or "any of its bundles").
+        which: String,
+    },
 }
 
 /// The most bundles one group may have.
@@ -259,9 +276,11 @@ pub const GROUP_PREFIX: &str = "group:";
 /// A request to create a placement group.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupSpec {
+    /// The new group's id: the creating request's task id, of the creating session.
     pub group: GroupId,
     /// What each bundle reserves, in order; calls name a bundle by its index.
     pub bundles: Vec<Resources>,
+    /// How the bundles are laid out on nodes.
     pub strategy: GroupStrategy,
     /// Outlives its job (until removed); otherwise it is removed when its job ends.
     #[serde(default)]

@@ -29,18 +29,26 @@ pub type Value = Vec<u8>;
 /// when the task is dispatched, so values never go through the driver).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Arg {
+    /// The argument's encoded value, as the caller serialized it.
     Value(#[serde(with = "serde_bytes")] Value),
+    /// The result of this task: the head holds the call until that task has succeeded (and
+    /// fails it with `DependencyFailed` if it did not).
     Ref(TaskId),
 }
 
 /// A call as the driver submits it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskSpec {
+    /// The call's id, picked by the submitting session (its session bits are that session's).
     pub task: TaskId,
+    /// The function to run, name and signature: only a node announcing both may run it.
     pub function: FunctionKey,
+    /// The arguments, in the function's order.
     pub args: Vec<Arg>,
     /// Everything the task needs while it runs, `CPU` included.
     pub request: Resources,
+    /// The caller's label for the call (`.tag("iter0")`), matched by cache, bypass and
+    /// result-watch rules and shown by `chia list`; `None`: untagged.
     pub tag: Option<String>,
     /// How often the task may be re-run after its worker is lost (or, with
     /// `retry_exceptions`, after it fails). On the wire the original's integer, `-1` for
@@ -73,6 +81,8 @@ pub struct TaskSpec {
 /// default provider, which returns the `data` file's contents read on the head.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BypassSpec {
+    /// The registered provider to run; `None`: the default one, which returns the `data`
+    /// file's contents.
     pub provider: Option<String>,
     /// The `data:` path of the function's bypass rule, passed to the provider.
     pub data: Option<String>,
@@ -82,9 +92,11 @@ pub struct BypassSpec {
 /// plan). Opaque to the head, which only stores and forwards them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobSettings {
+    /// The job: the session of the driver that set them.
     pub job: SessionId,
     /// Grows with every change, so a worker can keep the decoded settings of a revision.
     pub revision: u64,
+    /// The settings as the runtime encoded them; the head never decodes them.
     #[serde(with = "serde_bytes")]
     pub settings: Value,
 }
@@ -92,7 +104,10 @@ pub struct JobSettings {
 /// What a worker joining the cluster offers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerOffer {
+    /// What the node has in all for its tasks (the head adds `node:<name>` = 1); no name may
+    /// start with `group:`, which placement groups use.
     pub resources: Resources,
+    /// The functions linked into the worker, each with its signature hash.
     pub functions: Vec<FunctionKey>,
     /// Service types this worker can host (name = the type's name).
     #[serde(default)]
@@ -108,13 +123,19 @@ pub struct WorkerOffer {
 /// A running service, as the head describes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceInfo {
+    /// The id the head gave the instance; calls go by it, and a restarted instance keeps it.
     pub id: ServiceId,
+    /// The name it was started under, unique within its namespace.
     pub name: String,
+    /// The namespace its name belongs to.
     pub namespace: String,
+    /// The service type's registered name.
     pub type_name: String,
+    /// The service type's signature hash: a typed handle checks it on arrival.
     pub sig_hash: String,
     /// The node hosting it.
     pub node: String,
+    /// Whether it outlives the session that started it ([`ServiceStart::detached`]).
     pub detached: bool,
 }
 
@@ -123,8 +144,11 @@ pub struct ServiceInfo {
 pub struct ServiceStart {
     /// Answered like a task: `Done` with the [`ServiceInfo`], or the error.
     pub task: TaskId,
+    /// The type to construct: only a node announcing it with this signature may host it.
     pub service_type: FunctionKey,
+    /// The name to register it under: lookups and `get_if_exists` find it by it.
     pub name: String,
+    /// The namespace the name belongs to (the same name may be used in another).
     pub namespace: String,
     /// Outlives the session that started it (until stopped or the cluster ends).
     pub detached: bool,
@@ -132,6 +156,7 @@ pub struct ServiceStart {
     pub get_if_exists: bool,
     /// What the instance holds on its node while it lives.
     pub request: Resources,
+    /// The constructor's arguments, in order.
     pub args: Vec<Arg>,
     /// How often the head re-creates the instance on another node when its node is lost
     /// (on the wire `-1`: without limit; `0`: never). The new instance starts from its
@@ -147,7 +172,9 @@ pub struct ServiceStart {
 /// How a task ended, as a worker reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
+    /// It succeeded: the encoded result.
     Value(#[serde(with = "serde_bytes")] Value),
+    /// It failed, was cancelled or timed out.
     Failed(TaskError),
 }
 
@@ -155,85 +182,125 @@ pub enum Outcome {
 /// fetched, so a ref that is only passed on to other tasks never crosses to the driver.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Done {
+    /// It succeeded: the encoded result, inline (small values, to a peer that keeps up).
     Value(#[serde(with = "serde_bytes")] Value),
-    Stored { len: u64 },
+    /// It succeeded and the head keeps the value: ask for it with [`PeerToHead::Fetch`].
+    Stored {
+        /// The value's size in bytes.
+        len: u64,
+    },
+    /// It failed, was cancelled or timed out.
     Failed(TaskError),
 }
 
+/// What a peer (a driver, or a worker's connection, which is also a client) sends the head.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerToHead {
+    /// The first message of a new session: the head answers [`HeadToPeer::Welcome`] or
+    /// [`HeadToPeer::Rejected`].
     Hello {
+        /// The peer's [`PROTOCOL_VERSION`]; any other than the head's is rejected.
         protocol_version: u32,
+        /// The node name a worker asks for (another host's worker of that name makes the head
+        /// add a suffix); a driver's is not used, it is named `driver-<session>`.
         name: String,
+        /// What the peer offers as a worker; `None` for a driver.
         worker: Option<WorkerOffer>,
     },
     /// Instead of a hello, as a peer's first message to a head restarted from its journal:
     /// take up the session it had before (see [`ResumeSession`]).
     Resume(ResumeSession),
+    /// A call to run; the head answers with [`HeadToPeer::Done`] when it ends (and
+    /// [`HeadToPeer::Infeasible`] meanwhile if no node could ever run it).
     Submit(TaskSpec),
     /// Every `ObjectRef` to these tasks was dropped.
     Release {
+        /// Tasks this session submitted (others are ignored); the head frees each result
+        /// once no pending task needs it.
         tasks: Vec<TaskId>,
     },
     /// Send me this task's value.
     Fetch {
+        /// A task whose result was announced as [`Done::Stored`].
         task: TaskId,
     },
     /// A worker finished a task it was given: `attempt` is the one its `Execute` named (0 for
     /// service instances and calls), so a report of an earlier attempt is told from the current.
     Finished {
+        /// The task (or service start or call) it ran.
         task: TaskId,
+        /// The attempt its `Execute` named (0 for service starts and calls).
         #[serde(default)]
         attempt: u32,
+        /// How it ended (for a service call: the method's result).
         outcome: Outcome,
     },
     /// A worker took up attempt `attempt` of a task it was sent (it says so as the `Execute`
     /// arrives). Only an acknowledged attempt counts against `max_retries` when its node is
     /// lost: one sent to a worker that had died already is sent elsewhere for free.
     Started {
+        /// The task it took up.
         task: TaskId,
+        /// The attempt its `Execute` named.
         attempt: u32,
     },
     /// A running task is waiting for other tasks: its CPU may go to them.
     Blocked {
+        /// The running task (on this worker) that waits.
         task: TaskId,
     },
     /// Answer with [`HeadToPeer::Pong`] (liveness and latency checks).
     Ping {
+        /// Any number; the pong carries it back.
         nonce: u64,
     },
+    /// Start (or, with `get_if_exists`, find) a named service; answered as `Done { task }`
+    /// with its [`ServiceInfo`] once an instance is constructed.
     StartService(ServiceStart),
     /// Answered as `Done { task }` with an `Option<ServiceInfo>`.
     LookupService {
+        /// The request's id, picked by the peer like a task's.
         task: TaskId,
+        /// The service's name.
         name: String,
+        /// The namespace the name is looked up in.
         namespace: String,
     },
     /// A method call; answered as `Done { task }` with the method's value.
     CallService {
+        /// The call's id, picked by the peer: the call is a task record like any other.
         task: TaskId,
+        /// The instance to call, from its handle.
         service: ServiceId,
         /// The service's name, for errors about a service that is gone.
         name: String,
+        /// The method's name.
         method: String,
+        /// The method's arguments (not the receiver), in order.
         args: Vec<Arg>,
     },
     /// Answered as `Done { task }` with `()`; stopping a service that is gone is not an error.
     StopService {
+        /// The request's id, picked by the peer.
         task: TaskId,
+        /// The instance to stop.
         service: ServiceId,
     },
     /// Sent by a service's constructor (`task` is the task constructing it): from now on,
     /// every successful task result that a rule matches is passed to `method(tag, value)` of
     /// that service, where the result lands (the cache's automatic write).
     WatchResults {
+        /// The constructing task, which names the service (the head knows which it builds).
         task: TaskId,
+        /// The method each matching result is passed to.
         method: String,
+        /// Which results; one watch replaces any earlier one of that service.
         rules: Vec<WatchRule>,
     },
     /// A host dropped an instance it was told to stop (after its running calls ended), so
     /// what it held (files, ports) is free.
     InstanceStopped {
+        /// The instance named by [`HeadToPeer::StopInstance`].
         service: ServiceId,
     },
     /// Replaces the settings of this session's job (`job` must be the session itself); the
@@ -242,7 +309,9 @@ pub enum PeerToHead {
     /// Cancel a task this session submitted: dropped if it has not started, told to stop if it
     /// runs (`force`: its child processes are killed at once). It ends with `Cancelled`.
     Cancel {
+        /// A task (or service call) this session submitted.
         task: TaskId,
+        /// Kill its child processes at once rather than after a grace period.
         force: bool,
     },
     /// A worker is alive (sent every `heartbeat_ms` the head asked for in its welcome).
@@ -253,15 +322,20 @@ pub enum PeerToHead {
     /// A question about the cluster (any member may ask); answered as `Done { task }` with the
     /// encoded [`Answer`](crate::inspect::Answer). Changes nothing.
     Inspect {
+        /// The request's id, picked by the peer.
         task: TaskId,
+        /// The question.
         query: Query,
     },
     /// Cancel tasks whoever submitted them (the `chia cancel` command; members are trusted
     /// with the cluster's tasks); answered as `Done { task }` with the encoded
     /// [`Cancelled`](crate::inspect::Cancelled).
     CancelTasks {
+        /// The request's id, picked by the peer.
         task: TaskId,
+        /// A task, or every unfinished task of a job.
         target: CancelTarget,
+        /// Kill the tasks' child processes at once rather than after a grace period.
         force: bool,
         /// With a job as the target: also stop the services it started that are not detached
         /// (`chia job stop`), once its last tasks are cancelled.
@@ -276,14 +350,18 @@ pub enum PeerToHead {
     /// bundle (`Vec<String>`); or failed with `TaskError::PlacementGroup` when it cannot be
     /// placed on the connected nodes, is removed, or is unknown.
     GroupReady {
+        /// The request's id, picked by the peer.
         task: TaskId,
+        /// The group asked about.
         group: GroupId,
     },
     /// Remove a group: what it reserved is free again, calls queued in it fail and those
     /// running in it are cancelled. Answered as `Done { task }` with `()` (removing a group
     /// that is gone is not an error).
     RemoveGroup {
+        /// The request's id, picked by the peer.
         task: TaskId,
+        /// The group to remove.
         group: GroupId,
     },
 }
@@ -301,6 +379,7 @@ pub struct WorkerFigures {
     pub running: u64,
     /// Attempts it has run since it started, and those that ran a bypass provider instead.
     pub attempts: u64,
+    /// Of [`WorkerFigures::attempts`], those that ran a bypass provider.
     pub bypassed: u64,
     /// Figures of the services it hosts (the cache's hits, misses, bytes ...).
     #[serde(default)]
@@ -311,10 +390,15 @@ pub struct WorkerFigures {
 /// (`cache_hits_total`), for the service named `service`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceFigure {
+    /// The reporting service's name.
     pub service: String,
+    /// The figure's Prometheus name (`cache_hits_total`).
     pub name: String,
+    /// One line saying what it counts (Prometheus's `# HELP`).
     pub help: String,
+    /// A counter (only grows while the service lives) rather than a gauge.
     pub counter: bool,
+    /// Its current value.
     pub value: u64,
 }
 
@@ -340,7 +424,9 @@ impl PeerToHead {
 /// session (answered in the welcome) is sent again, so nothing that was in flight is lost.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResumeSession {
+    /// The peer's [`PROTOCOL_VERSION`], checked as a hello's.
     pub protocol_version: u32,
+    /// The session its welcome gave it.
     pub session: SessionId,
     /// The `journal_id` of the welcome that opened the session: a head that started afresh
     /// (another journal) does not know the session and refuses it.
@@ -366,13 +452,16 @@ pub struct ResumeSession {
 pub struct UnansweredStart {
     /// Its number among the session's frames (from 1).
     pub frame: u64,
+    /// The start as the peer sent it.
     pub start: ServiceStart,
 }
 
 /// One run of a task.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct TaskAttempt {
+    /// The task run.
     pub task: TaskId,
+    /// Which run, as its `Execute` numbered it (from 1).
     pub attempt: u32,
 }
 
@@ -380,7 +469,10 @@ pub struct TaskAttempt {
 /// whose tag one of the patterns matches in full.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WatchRule {
+    /// The function's registered name.
     pub function: String,
+    /// Whole-match regexes of the tags to watch; `None`: every call of the function, tagged
+    /// or not.
     pub tags: Option<Vec<String>>,
 }
 
@@ -400,6 +492,7 @@ pub enum CloseCode {
 }
 
 impl CloseCode {
+    /// The code as sent in QUIC's application close.
     pub fn value(self) -> u32 {
         match self {
             CloseCode::Ended => 0,
@@ -409,6 +502,7 @@ impl CloseCode {
         }
     }
 
+    /// The code a closed connection carried; `None` for one no `CloseCode` sends.
     pub fn from_value(value: u64) -> Option<CloseCode> {
         [CloseCode::Ended, CloseCode::NoHello, CloseCode::Unreadable, CloseCode::Replaced]
             .into_iter()
@@ -416,12 +510,19 @@ impl CloseCode {
     }
 }
 
+/// What the head sends a peer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HeadToPeer {
+    /// The answer to an accepted [`PeerToHead::Hello`] or [`PeerToHead::Resume`].
     Welcome {
+        /// The head's [`PROTOCOL_VERSION`].
         protocol_version: u32,
+        /// The peer's session: the high bits of every task id it picks.
         session: SessionId,
+        /// The peer's node when it joined as a worker; `None` for a driver.
         node: Option<NodeId>,
+        /// The name the head gave it: a worker's asked-for name (maybe with a suffix), `head`
+        /// for the head's own node, `driver-<session>` for a driver.
         node_name: String,
         /// A worker sends [`PeerToHead::Heartbeat`] this often (milliseconds; 0: never). The
         /// head writes off a worker it has not heard from for a few of these.
@@ -440,18 +541,26 @@ pub enum HeadToPeer {
         #[serde(default)]
         resume_grace_ms: u64,
     },
+    /// The answer to a first message the head refuses; it then closes the connection.
     Rejected {
+        /// Why, in words (another protocol version, a malformed offer, ...).
         reason: String,
     },
     /// Run this task (to a worker). `attempt` counts its runs (1 for the first) and comes back
     /// in [`PeerToHead::Finished`].
     Execute {
+        /// The task to run.
         task: TaskId,
+        /// Which run this is, from 1.
         #[serde(default)]
         attempt: u32,
+        /// The function's name (its signature was matched when the task was placed).
         function: String,
+        /// The arguments in order, each a value: the head put in the results of `Ref`s.
         args: Vec<ArgValue>,
+        /// The call's tag, as submitted.
         tag: Option<String>,
+        /// What to run instead of the function when the caller bypassed the call.
         #[serde(default)]
         bypass: Option<BypassSpec>,
         /// The settings of the task's job, if its driver set any.
@@ -464,50 +573,69 @@ pub enum HeadToPeer {
     },
     /// A task this session submitted ended.
     Done {
+        /// The task (or request answered like one: a service start, a lookup, ...).
         task: TaskId,
+        /// How it ended.
         done: Done,
     },
     /// No node connected now could ever run this task; it stays queued for one that can.
     Infeasible {
+        /// A task this session submitted.
         task: TaskId,
+        /// Why, in words (no node connected, none has the function, what nodes lack).
         reason: String,
     },
     /// Answer to [`PeerToHead::Fetch`].
     Fetched {
+        /// The task asked for.
         task: TaskId,
+        /// Its outcome; `None` when the head holds none (not ended, released, or unknown).
         outcome: Option<Outcome>,
     },
     /// Answer to [`PeerToHead::Ping`].
     Pong {
+        /// The ping's nonce.
         nonce: u64,
     },
     /// The head's journal holds this session's messages up to the `through`-th: a peer need
     /// not keep them to send again after a head restart.
     Durable {
+        /// A count of the session's frames, from its first.
         through: u64,
     },
     /// Construct a service instance (to its host). Its outcome is reported as `Finished { task }`.
     StartInstance {
+        /// The task constructing it: the start's, or the head's own for a restart.
         task: TaskId,
+        /// The id calls will name it by.
         service: ServiceId,
+        /// The service type's registered name.
         type_name: String,
+        /// The constructor's arguments, each a value.
         args: Vec<ArgValue>,
     },
     /// Run a method of an instance this host holds; reported as `Finished { task }`.
     CallInstance {
+        /// The call's task, from [`PeerToHead::CallService`].
         task: TaskId,
+        /// The instance to call.
         service: ServiceId,
+        /// The method's name.
         method: String,
+        /// The method's arguments, each a value.
         args: Vec<ArgValue>,
     },
     /// Drop an instance.
     StopInstance {
+        /// The instance; the host answers [`PeerToHead::InstanceStopped`] once it is dropped.
         service: ServiceId,
     },
     /// Stop running `task` (to the worker running it): its context reports it cancelled and
     /// its child processes get SIGTERM, then SIGKILL after a grace period (at once if `force`).
     Cancel {
+        /// A task (or service call) running on the worker.
         task: TaskId,
+        /// Kill its child processes at once.
         force: bool,
     },
 }
@@ -517,34 +645,59 @@ pub enum HeadToPeer {
 /// exactly the bytes of its owned twin and peers decode it as a [`HeadToPeer`].
 #[derive(Clone, Debug, Serialize)]
 pub enum HeadToPeerRef<'a> {
+    /// [`HeadToPeer::Execute`], borrowed.
     Execute {
+        /// See [`HeadToPeer::Execute`].
         task: TaskId,
+        /// Which run this is, from 1.
         attempt: u32,
+        /// The function's name.
         function: &'a str,
+        /// The arguments in order, each a value.
         args: Vec<ValueRef<'a>>,
+        /// The call's tag.
         tag: Option<&'a str>,
+        /// What to run instead of the function, if bypassed.
         bypass: Option<&'a BypassSpec>,
+        /// The settings of the task's job, if any.
         job: Option<JobSettingsRef<'a>>,
+        /// The attempt's timeout in milliseconds; `None`: none.
         timeout_ms: Option<u64>,
     },
+    /// [`HeadToPeer::Done`], borrowed.
     Done {
+        /// The task that ended.
         task: TaskId,
+        /// How it ended.
         done: DoneRef<'a>,
     },
+    /// [`HeadToPeer::Fetched`], borrowed.
     Fetched {
+        /// The task asked for.
         task: TaskId,
+        /// Its outcome; `None` when the head holds none.
         outcome: Option<OutcomeRef<'a>>,
     },
+    /// [`HeadToPeer::StartInstance`], borrowed.
     StartInstance {
+        /// The task constructing it.
         task: TaskId,
+        /// The id calls will name it by.
         service: ServiceId,
+        /// The service type's registered name.
         type_name: &'a str,
+        /// The constructor's arguments.
         args: Vec<ValueRef<'a>>,
     },
+    /// [`HeadToPeer::CallInstance`], borrowed.
     CallInstance {
+        /// The call's task.
         task: TaskId,
+        /// The instance to call.
         service: ServiceId,
+        /// The method's name.
         method: &'a str,
+        /// The method's arguments.
         args: Vec<ValueRef<'a>>,
     },
 }
@@ -552,8 +705,11 @@ pub enum HeadToPeerRef<'a> {
 /// The borrowed twin of [`JobSettings`].
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct JobSettingsRef<'a> {
+    /// [`JobSettings::job`].
     pub job: SessionId,
+    /// [`JobSettings::revision`].
     pub revision: u64,
+    /// [`JobSettings::settings`].
     pub settings: ValueRef<'a>,
 }
 
@@ -565,19 +721,28 @@ pub struct ValueRef<'a>(#[serde(with = "serde_bytes")] pub &'a [u8]);
 /// The borrowed twin of [`Done`].
 #[derive(Clone, Copy, Debug, Serialize)]
 pub enum DoneRef<'a> {
+    /// [`Done::Value`].
     Value(ValueRef<'a>),
-    Stored { len: u64 },
+    /// [`Done::Stored`].
+    Stored {
+        /// The value's size in bytes.
+        len: u64,
+    },
+    /// [`Done::Failed`].
     Failed(&'a TaskError),
 }
 
 /// The borrowed twin of [`Outcome`].
 #[derive(Clone, Copy, Debug, Serialize)]
 pub enum OutcomeRef<'a> {
+    /// [`Outcome::Value`].
     Value(ValueRef<'a>),
+    /// [`Outcome::Failed`].
     Failed(&'a TaskError),
 }
 
 impl Outcome {
+    /// Borrows it, to encode it as [`Outcome`] without copying the value.
     pub fn as_ref(&self) -> OutcomeRef<'_> {
         match self {
             Outcome::Value(value) => OutcomeRef::Value(ValueRef(value)),
@@ -594,10 +759,18 @@ pub struct ArgValue(#[serde(with = "serde_bytes")] pub Value);
 /// What can go wrong reading or writing frames.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
+    /// A frame to send, or a received frame's length prefix, is over [`MAX_FRAME_BYTES`].
     #[error("frame of {len} bytes exceeds the {max}-byte limit")]
-    FrameTooLarge { len: usize, max: usize },
+    FrameTooLarge {
+        /// The frame's body length in bytes.
+        len: usize,
+        /// The limit, [`MAX_FRAME_BYTES`].
+        max: usize,
+    },
+    /// A frame body is not MessagePack of the expected message.
     #[error("malformed message: {0}")]
     Malformed(#[from] rmp_serde::decode::Error),
+    /// A message could not be serialized (a value that serde refuses).
     #[error("message could not be encoded: {0}")]
     Encode(#[from] rmp_serde::encode::Error),
 }

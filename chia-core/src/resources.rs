@@ -46,6 +46,7 @@ impl<'de> Deserialize<'de> for ResourceAmount {
 impl ResourceAmount {
     /// How many fixed-point units make one whole resource.
     pub const SCALE: u64 = 10_000;
+    /// Nothing of a resource (a set does not store it).
     pub const ZERO: ResourceAmount = ResourceAmount(0);
     /// The largest amount (about 1.8e15 whole units): what 64 bits of fixed point can hold.
     pub const MAX: ResourceAmount = ResourceAmount(u64::MAX);
@@ -60,18 +61,22 @@ impl ResourceAmount {
         ResourceAmount(units)
     }
 
+    /// The raw fixed-point value, as sent on the wire (1.0 = 10,000).
     pub const fn as_fixed(self) -> u64 {
         self.0
     }
 
+    /// Whether it is nothing at all (not even 0.0001).
     pub fn is_zero(self) -> bool {
         self.0 == 0
     }
 
+    /// `self - other`, or zero when `other` is larger.
     pub fn saturating_sub(self, other: ResourceAmount) -> ResourceAmount {
         ResourceAmount(self.0.saturating_sub(other.0))
     }
 
+    /// `self + other`, or `None` above [`ResourceAmount::MAX`].
     pub fn checked_add(self, other: ResourceAmount) -> Option<ResourceAmount> {
         self.0.checked_add(other.0).map(ResourceAmount)
     }
@@ -147,16 +152,27 @@ impl FromStr for ResourceAmount {
 /// What can be wrong with a resource list.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResourceError {
+    /// The amount, as written, is not plain decimal digits (a sign, an exponent, a word).
     #[error("resource amount {0:?} is not a non-negative decimal number such as 4 or 0.5")]
     BadAmount(String),
+    /// The amount is larger than [`ResourceAmount::MAX`].
     #[error("resource amount {amount} is out of range: the largest amount is {max}")]
-    OutOfRange { amount: String, max: ResourceAmount },
+    OutOfRange {
+        /// The amount as written (in exponent form for a float).
+        amount: String,
+        /// [`ResourceAmount::MAX`].
+        max: ResourceAmount,
+    },
+    /// The amount, as written, has more decimals than fixed point keeps.
     #[error("resource amount {0:?} has more than 4 decimals")]
     TooPrecise(String),
+    /// An entry of a list, as written, has no `=`.
     #[error("resource entry {0:?} is not NAME=AMOUNT")]
     BadEntry(String),
+    /// The name, as written, cannot be a resource's.
     #[error("resource name {0:?} is empty or contains ',', '=' or whitespace")]
     BadName(String),
+    /// A list names this resource (canonical name) twice.
     #[error("resource {0:?} is given twice")]
     Duplicate(String),
 }
@@ -168,6 +184,7 @@ pub enum ResourceError {
 pub struct Resources(BTreeMap<String, ResourceAmount>);
 
 impl Resources {
+    /// The empty set: nothing advertised, nothing requested.
     pub fn new() -> Resources {
         Resources::default()
     }
@@ -198,18 +215,23 @@ impl Resources {
         Ok(self)
     }
 
+    /// The amount of `name`, zero when absent. The name is looked up as stored, so ask for
+    /// `CPU`, not `cpu`.
     pub fn get(&self, name: &str) -> ResourceAmount {
         self.0.get(name).copied().unwrap_or_default()
     }
 
+    /// Whether `name` (as stored: `CPU`, not `cpu`) has a non-zero amount.
     pub fn contains(&self, name: &str) -> bool {
         self.0.contains_key(name)
     }
 
+    /// Whether no resource has a non-zero amount.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
+    /// The non-zero amounts, by name in byte order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, ResourceAmount)> {
         self.0.iter().map(|(k, v)| (k.as_str(), *v))
     }

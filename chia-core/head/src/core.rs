@@ -29,7 +29,9 @@ pub const INLINE_RESULT_BYTES: usize = 256 << 10;
 /// What the head holds right now (for tests, logs and the benchmark).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HeadStats {
+    /// Open sessions: drivers and workers, and those of the previous run not taken up yet.
     pub sessions: usize,
+    /// Joined worker nodes (the head's own included).
     pub nodes: usize,
     /// Tasks the head keeps a record of: queued, running, or finished with a value someone
     /// can still ask for.
@@ -80,6 +82,7 @@ impl Default for CoreOptions {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}")]
 pub struct Rejection {
+    /// Why, in words the peer is shown.
     pub reason: String,
 }
 
@@ -444,6 +447,7 @@ impl HeadCore {
         }
     }
 
+    /// Whether [`HeadCore::shut_down`] was called.
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down
     }

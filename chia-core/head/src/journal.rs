@@ -32,20 +32,38 @@ use std::time::Instant;
 pub enum JournalEntry {
     /// A session opened with this hello and was given this id.
     Opened {
+        /// The id it was given; a replay must give it the same.
         session: SessionId,
+        /// Its first message, as received (a [`PeerToHead::Hello`]).
         hello: PeerToHead,
         /// The host the peer connected from (see [`HeadCore::open_session`]).
         #[serde(default)]
         host: Option<String>,
     },
     /// The `seq`-th message of a session (only messages that change state are kept).
-    Message { session: SessionId, seq: u64, message: PeerToHead },
+    Message {
+        /// The session it came from.
+        session: SessionId,
+        /// Its number among the session's messages, from 1 (kept or not).
+        seq: u64,
+        /// The message, as received.
+        message: PeerToHead,
+    },
     /// A session ended (its peer left, or the head wrote it off).
-    Closed { session: SessionId, reason: String },
+    Closed {
+        /// The session that ended.
+        session: SessionId,
+        /// Why, as the head logged it (given again to [`HeadCore::close_session`] on replay).
+        reason: String,
+    },
     /// Detached services were started again from what the previous run kept.
-    Restored { services: Vec<PersistedService> },
+    Restored {
+        /// The services as given to [`HeadCore::restore_services`].
+        services: Vec<PersistedService>,
+    },
     /// A detached session was taken up again after a restart.
     Resumed {
+        /// The session its peer took up.
         session: SessionId,
         /// A worker's: the runs it knew, with those sent in the frames held for it. What the
         /// head decided for the others (sent again, or failed) is decided again on replay.
@@ -58,13 +76,19 @@ pub enum JournalEntry {
     },
     /// The whole state after every entry before it (see [`HeadCore::snapshot`]): a journal
     /// compacted starts with one.
-    Snapshot { state: serde_bytes::ByteBuf },
+    Snapshot {
+        /// The core's state, MessagePack with field names.
+        state: serde_bytes::ByteBuf,
+    },
     /// The head started again from the entries before it: every session of the previous run
     /// waits for its peer, and no new task is placed on its node until it is back.
     Restarted,
     /// A session taken up again lost its connection before its peer sent anything: it waits
     /// for it again (see [`HeadCore::detach_again`]).
-    Detached { session: SessionId },
+    Detached {
+        /// The session waiting again.
+        session: SessionId,
+    },
 }
 
 /// Whether handling `message` can change the head's state, so it must be kept. Queries

@@ -20,6 +20,10 @@
 //! The runtime's head (`chia_runtime::head`) is the thin driver around it: it accepts and
 //! authenticates QUIC connections, decodes frames, feeds the core and carries out its actions.
 
+// What a peer sends must never make the head panic. `expect` stays allowed, for the few
+// invariants that make a `None` impossible (each says which).
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 mod core;
 mod groups;
 mod inspect;

@@ -28,11 +28,15 @@ use std::time::{Duration, Instant};
 /// [`OTHER_FUNCTIONS`] (function names come from peers: a label per name would be memory a
 /// peer can make the head hold).
 pub const MAX_FUNCTION_LABELS: usize = 1_000;
+/// The name the figures of functions beyond [`MAX_FUNCTION_LABELS`] (or with names too long
+/// to be a label) are summed under.
 pub const OTHER_FUNCTIONS: &str = "(other)";
 
 /// Service figures the head keeps of one worker's report, and the longest name, label or help
 /// text among them: what a peer sends is memory the head holds until its next report.
 pub const MAX_SERVICE_FIGURES: usize = 256;
+/// The longest service name, figure name or help text (bytes) of a kept service figure; a
+/// figure with a longer one is dropped.
 pub const MAX_FIGURE_TEXT: usize = 256;
 
 /// `figures` as the head keeps them: the service figures within [`MAX_SERVICE_FIGURES`], and
@@ -72,7 +76,9 @@ const NODES_EXPLAINED: usize = 20;
 pub struct Histogram {
     /// Observations per bucket of [`SECONDS_BUCKETS`], and above the last.
     pub buckets: [u64; SECONDS_BUCKETS.len() + 1],
+    /// The sum of every observation, in seconds.
     pub sum_seconds: f64,
+    /// How many observations there were.
     pub count: u64,
 }
 
@@ -107,16 +113,26 @@ pub struct FunctionFigures {
 /// Everything the metrics endpoint serves of the head, taken at once.
 #[derive(Clone, Debug)]
 pub struct Metrics {
+    /// How long the head has run (after a restart: since it recovered).
     pub head_up: Duration,
+    /// Per function name (at most [`MAX_FUNCTION_LABELS`], the rest under
+    /// [`OTHER_FUNCTIONS`]).
     pub functions: BTreeMap<String, FunctionFigures>,
+    /// Queued tasks by shape, as `chia status` shows them.
     pub demand: Vec<Demand>,
+    /// Function tasks held now, by state.
     pub counts: TaskCounts,
+    /// Every joined node, with its worker's latest figures.
     pub nodes: Vec<NodeView>,
+    /// Services registered now.
     pub services: usize,
+    /// Connected drivers.
     pub jobs: usize,
+    /// Bytes of task results the head holds.
     pub result_bytes: u64,
     /// Shapes the watchdog found stuck since the head started, and those stuck now.
     pub stuck_found: u64,
+    /// Shapes stuck at the watchdog's latest look (see `stuck_found`).
     pub stuck_now: usize,
 }
 

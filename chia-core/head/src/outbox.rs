@@ -11,10 +11,22 @@ use std::collections::VecDeque;
 pub enum Action {
     /// Send this frame (length prefix included, a `HeadToPeer` message) on the session's
     /// control stream.
-    Send { to: SessionId, frame: Vec<u8> },
+    Send {
+        /// The session to send it to.
+        to: SessionId,
+        /// The encoded frame, within [`chia_core::protocol::MAX_FRAME_BYTES`].
+        frame: Vec<u8>,
+    },
     /// Close the session's connection with `code` and `reason`; the core has forgotten it
     /// already.
-    Close { session: SessionId, reason: String, code: CloseCode },
+    Close {
+        /// The session whose connection to close.
+        session: SessionId,
+        /// Why, in words (sent as the QUIC close reason).
+        reason: String,
+        /// The application close code, so the peer knows whether to join again.
+        code: CloseCode,
+    },
     /// The detached services to start again after a restart are now these (all of them).
     SaveServices(Vec<PersistedService>),
     /// Append this to the journal (only when the head keeps one). What follows it in the

@@ -9,13 +9,18 @@ use serde::{Deserialize, Serialize};
 /// A detached service as it was started: enough to start it again.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PersistedService {
+    /// The service type, name and signature, as in [`ServiceStart::service_type`].
     pub service_type: FunctionKey,
+    /// The name it was started under.
     pub name: String,
+    /// The namespace of its name.
     pub namespace: String,
+    /// What the instance holds on its node.
     pub request: Resources,
     /// The constructor's arguments, encoded.
     #[serde(with = "values")]
     pub args: Vec<Vec<u8>>,
+    /// How often it may be re-created on another node when its node is lost.
     #[serde(default)]
     pub max_restarts: Retries,
     /// Labels its node must have, the placement-group bundle it lives in.

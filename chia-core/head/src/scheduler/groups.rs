@@ -65,10 +65,16 @@ impl Group {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GroupStatus {
     /// Every bundle is reserved: the node name of each, in bundle order.
-    Placed { nodes: Vec<String> },
+    Placed {
+        /// The node name of each bundle, in bundle order.
+        nodes: Vec<String>,
+    },
     /// Some bundle is not reserved yet; `infeasible` says why the connected nodes could never
     /// hold it, if they could not.
-    Pending { infeasible: Option<String> },
+    Pending {
+        /// Why the connected nodes could never hold it; `None` while they might.
+        infeasible: Option<String>,
+    },
 }
 
 impl Scheduler {

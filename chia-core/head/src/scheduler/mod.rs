@@ -53,35 +53,58 @@ pub enum Event {
     /// A worker connected. It advertises `resources` (plus `node:<name>` = 1, added here) and
     /// `labels`, and can run exactly the `functions` it announced.
     NodeJoined {
+        /// The id the head gave it.
         node: NodeId,
+        /// Its unique name (the affinity resource is `node:<name>`).
         name: String,
+        /// What it offers in all, without `node:<name>`.
         resources: Resources,
+        /// Functions and service types (`service:<Type>`) it can run, with their signatures.
         functions: Vec<FunctionKey>,
+        /// The labels its worker offers.
         #[serde(default)]
         labels: Labels,
     },
     /// A worker disconnected; it and what ran there are lost. Its tasks run again elsewhere
     /// while they have attempts left.
-    NodeLost { node: NodeId },
+    NodeLost {
+        /// The node lost.
+        node: NodeId,
+    },
     /// The head heard from `node` (any frame or a ping) at the event's time; see
     /// [`Scheduler::expire_silent`].
-    NodeHeard { node: NodeId },
+    NodeHeard {
+        /// The node heard from.
+        node: NodeId,
+    },
     /// Nothing new is placed on `node` until [`Event::NodeResumed`]: its worker has not come
     /// back after a head restart and may never (what it runs stays leased there).
-    NodePaused { node: NodeId },
+    NodePaused {
+        /// The node to pause.
+        node: NodeId,
+    },
     /// `node` takes tasks again: it is offered what is queued that it can run.
-    NodeResumed { node: NodeId },
+    NodeResumed {
+        /// The node whose worker is back.
+        node: NodeId,
+    },
     /// A session asks for `function` to run with `request` held, once every task in `deps` has
-    /// finished successfully. If its node is lost, it runs again up to `max_retries` times
-    /// (any negative value: without limit); with `retry_exceptions`, so does an
-    /// [`TaskError::Application`] error, a run stopped by its timeout ([`TaskError::TimedOut`])
-    /// or a failed setup hook ([`TaskError::SetupFailed`]).
+    /// finished successfully. If its node is lost, it runs again while `max_retries` allows;
+    /// with `retry_exceptions`, so does an [`TaskError::Application`] error, a run stopped by
+    /// its timeout ([`TaskError::TimedOut`]) or a failed setup hook
+    /// ([`TaskError::SetupFailed`]).
     TaskSubmitted {
+        /// The task's id (its session bits name the session it belongs to).
         task: TaskId,
+        /// The function, name and signature: only nodes announcing both can run it.
         function: FunctionKey,
+        /// What it holds on its node while it runs.
         request: Resources,
+        /// The tasks whose results it takes as arguments.
         deps: Vec<TaskId>,
+        /// How often it may run again after a lost node (or a retried error).
         max_retries: Retries,
+        /// Whether application errors, timeouts and failed setup hooks are retried too.
         retry_exceptions: bool,
         /// Labels its node must have, how to pick among nodes, its group's bundle (`None`: a
         /// plain task, placed as before).
@@ -90,29 +113,63 @@ pub enum Event {
     },
     /// `node` took up the attempt of `task` it was sent: from now on the attempt counts
     /// against `max_retries` if the node is lost. Ignored unless the task is leased to `node`.
-    TaskStarted { task: TaskId, node: NodeId },
+    TaskStarted {
+        /// The task taken up.
+        task: TaskId,
+        /// The node that says so.
+        node: NodeId,
+    },
     /// `node` reports that `task` ended: `error` is `None` on success. Ignored unless the task
     /// is leased to `node` right now.
-    TaskFinished { task: TaskId, node: NodeId, error: Option<TaskError> },
+    TaskFinished {
+        /// The task that ended.
+        task: TaskId,
+        /// The node that reports it.
+        node: NodeId,
+        /// Why it failed; `None`: it succeeded.
+        error: Option<TaskError>,
+    },
     /// Someone asked for `task` to be cancelled: it fails with [`TaskError::Cancelled`] at once
     /// if it has not started, and its node is told to stop it if it runs (`force`: without
     /// waiting for it to reach a point where it can stop cleanly).
-    TaskCancelled { task: TaskId, force: bool },
+    TaskCancelled {
+        /// The task to cancel.
+        task: TaskId,
+        /// Stop it at once if it runs.
+        force: bool,
+    },
     /// The running task waits on other tasks (a nested get): its CPU is given back so the tasks it
     /// waits on can run. It is not re-acquired; at finish only what is still held is returned.
-    TaskBlocked { task: TaskId },
+    TaskBlocked {
+        /// The running task that waits.
+        task: TaskId,
+    },
     /// The head freed this task's result: the scheduler may forget it, and later submissions that
     /// depend on it fail with [`TaskError::UnknownDependency`].
-    TaskForgotten { task: TaskId },
+    TaskForgotten {
+        /// The task whose result is gone.
+        task: TaskId,
+    },
     /// The session that submitted tasks went away: its tasks that have not started are dropped
     /// (silently, nobody is left to tell). Running ones finish normally. The placement groups
     /// of its job that are not detached are removed.
-    SessionClosed { session: SessionId },
+    SessionClosed {
+        /// The session that went away.
+        session: SessionId,
+    },
     /// A placement group of `owner`'s job is created; its bundles are reserved as soon as
     /// they fit ([`Command::GroupPlaced`]).
-    GroupCreated { spec: GroupSpec, owner: SessionId },
+    GroupCreated {
+        /// The group as requested (the head checked it with [`GroupSpec::validate`]).
+        spec: GroupSpec,
+        /// The session whose job it belongs to: the creator's, or the job it named.
+        owner: SessionId,
+    },
     /// A placement group is removed: see [`Command::GroupRemoved`].
-    GroupRemoved { group: GroupId },
+    GroupRemoved {
+        /// The group to remove.
+        group: GroupId,
+    },
 }
 
 /// Functions whose names start with this place service instances (see `head::services`);
@@ -124,26 +181,66 @@ pub const SERVICE_FUNCTION_PREFIX: &str = "service:";
 pub enum Command {
     /// Lease `task` to `node`; its requested resources are now held there. `attempt` counts
     /// the task's runs, 1 for the first.
-    Dispatch { task: TaskId, node: NodeId, attempt: u32 },
+    Dispatch {
+        /// The task to send.
+        task: TaskId,
+        /// The node it is leased to.
+        node: NodeId,
+        /// Which run this is.
+        attempt: u32,
+    },
     /// The task will never run; tell its owner.
-    Fail { task: TaskId, error: TaskError },
+    Fail {
+        /// The task that failed.
+        task: TaskId,
+        /// Why (a lost worker with no attempts left, a failed dependency, no such function ...).
+        error: TaskError,
+    },
     /// No connected node could ever run the task now. Reported once per task until it becomes
     /// feasible and infeasible again; the task stays queued in case a capable node joins.
-    Infeasible { task: TaskId, reason: String },
+    Infeasible {
+        /// The task that cannot run now.
+        task: TaskId,
+        /// What the nodes lack, in words.
+        reason: String,
+    },
     /// Ask `node`, which runs `task`, to stop it (`force`: at once). The task ends cancelled
     /// when the node reports it or is lost, so its resources stay held until then.
-    Cancel { task: TaskId, node: NodeId, force: bool },
+    Cancel {
+        /// The running task.
+        task: TaskId,
+        /// The node it runs on.
+        node: NodeId,
+        /// Kill its processes at once.
+        force: bool,
+    },
     /// `node` was silent too long and is lost now (its tasks are handled as for
     /// [`Event::NodeLost`]); close its connection.
-    NodeExpired { node: NodeId },
+    NodeExpired {
+        /// The node written off.
+        node: NodeId,
+    },
     /// Every bundle of the group is reserved: on these nodes (by name), in bundle order.
-    GroupPlaced { group: GroupId, nodes: Vec<String> },
+    GroupPlaced {
+        /// The group placed.
+        group: GroupId,
+        /// The node name of each bundle, in bundle order.
+        nodes: Vec<String>,
+    },
     /// The connected nodes could never hold the group as its strategy asks; it stays pending.
     /// Reported once until it becomes feasible and infeasible again.
-    GroupInfeasible { group: GroupId, reason: String },
+    GroupInfeasible {
+        /// The group that cannot be placed now.
+        group: GroupId,
+        /// Why, in words.
+        reason: String,
+    },
     /// The group is gone, with its reservations: its queued tasks failed, its running ones
     /// were asked to stop (with force).
-    GroupRemoved { group: GroupId },
+    GroupRemoved {
+        /// The group removed.
+        group: GroupId,
+    },
 }
 
 /// Where a task is, as far as the scheduler knows (for tests and logs).
@@ -154,7 +251,10 @@ pub enum TaskStatus {
     /// Ready, waiting for a node with room.
     Queued,
     /// Leased to `node`.
-    Running { node: NodeId },
+    Running {
+        /// The node it runs on.
+        node: NodeId,
+    },
     /// Ended successfully.
     Finished,
     /// Ended with an error, or never ran.
@@ -427,6 +527,7 @@ impl Default for Scheduler {
 }
 
 impl Scheduler {
+    /// A scheduler with no nodes, functions or tasks.
     pub fn new() -> Scheduler {
         Scheduler {
             names: Names::new(),

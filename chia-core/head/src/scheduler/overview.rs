@@ -11,14 +11,19 @@ use std::time::Instant;
 /// A joined node as the scheduler sees it.
 #[derive(Clone, Debug)]
 pub struct NodeOverview {
+    /// The node's id.
     pub id: NodeId,
+    /// The node's name.
     pub name: String,
     /// As advertised, with `node:<name>`.
     pub capacity: Resources,
+    /// What is free now, without the resources of placement-group bundles.
     pub free: Resources,
     /// Functions and service types (`service:<Type>`) it announced, sorted.
     pub functions: Vec<FunctionKey>,
+    /// When the head last heard from it (after a restore: the restore's time).
     pub heard: Instant,
+    /// Takes no new tasks ([`super::Event::NodePaused`]).
     pub paused: bool,
     /// Function tasks leased to it (service instances are not counted).
     pub running: usize,
@@ -31,8 +36,12 @@ pub struct NodeOverview {
 /// The queued tasks of one shape.
 #[derive(Clone, Debug)]
 pub struct ShapeOverview {
+    /// The function of its tasks.
     pub function: FunctionKey,
+    /// What each of its tasks requests (for a task in a placement group: under its
+    /// bundle's `group:` names).
     pub request: Resources,
+    /// How many of its tasks are queued.
     pub queued: usize,
     /// The oldest of them (the next to be placed).
     pub oldest: Option<TaskId>,
@@ -46,8 +55,11 @@ pub struct ShapeOverview {
 /// Function tasks the scheduler holds by state.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StateCounts {
+    /// Waiting for dependencies.
     pub waiting: usize,
+    /// Ready, waiting for a node with room.
     pub queued: usize,
+    /// Leased to a node.
     pub running: usize,
 }
 

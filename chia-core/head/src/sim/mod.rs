@@ -85,8 +85,11 @@ use std::time::Duration;
 /// One simulated run: a seed and the shape of the cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
+    /// Decides every choice of the run: one seed, one run.
     pub seed: u64,
+    /// Worker slots: a crashed worker starts again later in its slot, as a new node.
     pub workers: usize,
+    /// Driver programs running at once: a crashed one is followed by another run of it.
     pub drivers: usize,
     /// Function tasks the drivers submit in all (service requests come on top).
     pub tasks: u64,
@@ -101,7 +104,10 @@ pub struct Config {
     /// Check that no other instance of a service name is constructed and serving on an open
     /// node when the head names one (not only that the head's registry names one).
     pub strict_service_names: bool,
+    /// How often workers send a heartbeat ([`crate::CoreOptions::heartbeat`]), virtual time.
     pub heartbeat: Duration,
+    /// How long the head waits for a silent worker before writing it off
+    /// ([`crate::CoreOptions::heartbeat_timeout`]), virtual time.
     pub heartbeat_timeout: Duration,
     /// The mean time between two faults.
     pub fault_interval: Duration,
@@ -216,12 +222,15 @@ impl Config {
 /// Faults injected and their effects.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Faults {
+    /// Worker processes that died (their connections closed).
     pub worker_crashes: u64,
+    /// Workers that froze for a while (some past the heartbeat timeout).
     pub freezes: u64,
     /// Workers the head wrote off (it closed their connection).
     pub written_off: u64,
     /// Worker sessions the head closed because the worker joined again from its host.
     pub replaced: u64,
+    /// Driver processes that died (another run of the program took over).
     pub driver_crashes: u64,
     /// Times the head crashed and started again from its journal.
     pub head_crashes: u64,
@@ -230,6 +239,7 @@ pub struct Faults {
 /// What a run did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Report {
+    /// The run's seed, [`Config::seed`].
     pub seed: u64,
     /// Inputs to the head and peer actions, one event each.
     pub steps: u64,
@@ -245,6 +255,7 @@ pub struct Report {
     pub outcomes: u64,
     /// Actions the head emitted.
     pub frames: u64,
+    /// The faults injected, and what the head did about them.
     pub faults: Faults,
     /// Frames from closed sessions fed to the core (each changed nothing).
     pub late_frames: u64,
@@ -259,10 +270,13 @@ pub struct Report {
 /// A broken invariant: where, and how to see it again.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Failure {
+    /// The run's seed.
     pub seed: u64,
+    /// The step at which the invariant broke (counted as [`Report::steps`] are).
     pub step: u64,
     /// Virtual time of the step.
     pub at: Duration,
+    /// What is wrong, in words.
     pub message: String,
     /// The command that replays the run.
     pub replay: String,

@@ -17,6 +17,7 @@ pub(crate) fn mix64(mut z: u64) -> u64 {
 const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
 
 impl Rng {
+    /// The stream of `seed`: the same numbers on every platform.
     pub fn new(seed: u64) -> Rng {
         Rng { state: mix64(seed ^ GOLDEN) }
     }
@@ -27,6 +28,7 @@ impl Rng {
         Rng::new(mix64(seed ^ mix64(stream.wrapping_mul(GOLDEN) ^ mix64(index.wrapping_add(1)))))
     }
 
+    /// The next number, uniform over all of `u64`.
     pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(GOLDEN);
         mix64(self.state)
@@ -62,6 +64,7 @@ impl Rng {
         weights.len() - 1
     }
 
+    /// `len` pseudo-random bytes.
     pub fn bytes(&mut self, len: usize) -> Vec<u8> {
         let mut out = Vec::with_capacity(len);
         while out.len() < len {
