@@ -84,7 +84,7 @@ pub enum JournalEntry {
     /// waits for its peer, and no new task is placed on its node until it is back.
     Restarted,
     /// A session taken up again lost its connection before its peer sent anything: it waits
-    /// for it again (see [`HeadCore::detach_again`]).
+    /// for it again (as `HeadCore::detach_again` decides).
     Detached {
         /// The session waiting again.
         session: SessionId,
@@ -165,7 +165,7 @@ impl HeadCore {
                 JournalEntry::Message { session, seq, message } => {
                     if let Some(peer) = core.sessions.get_mut(&session) {
                         // Messages that were not kept came in between: count them too.
-                        peer.frames = seq - 1;
+                        peer.frames = seq.saturating_sub(1);
                     }
                     core.handle(now, session, message);
                 }

@@ -35,7 +35,6 @@ mod persist;
 mod planted;
 pub mod scheduler;
 mod services;
-/// A deterministic simulator of a whole cluster around the real core, seeded and replayable.
 pub mod sim;
 mod snapshot;
 

@@ -5,7 +5,7 @@
 //! Nothing here walks every task while the head waits: counts (by state, by job, by
 //! function, the bytes of results held) move as tasks do, listings walk an index in
 //! submission order and stop after a bounded number of records, and ended tasks are
-//! remembered in a bounded ring once their records are freed. The [`Observer`] is not kept
+//! remembered in a bounded ring once their records are freed. The `Observer` is not kept
 //! in a snapshot: after a recovery its totals count from this head's start, and the counts
 //! of what it holds are taken again from the records.
 //!
