@@ -42,15 +42,13 @@ pub enum Error {
     },
     /// The cluster file (`CHIA_CLUSTER_FILE`, or `cluster.yaml` in the default state
     /// directory when only `CHIA_ADDRESS` is set) cannot be read or holds unusable credentials.
-    #[error(
-        "{source}\n(set {} to the cluster.yaml written by chia-head, or unset {} to use an embedded cluster)",
-        crate::env::CLUSTER_FILE,
-        crate::env::ADDRESS
-    )]
+    #[error("{source}\n({hint})")]
     ClusterFile {
         /// Why it cannot be used (the error names the file).
         #[source]
-        source: Arc<crate::net::tls::TlsError>,
+        source: Arc<dyn std::error::Error + Send + Sync>,
+        /// What to set instead.
+        hint: String,
     },
     /// A setting (an environment variable, or what was given to [`Init`](crate::Init)) is not
     /// valid.
@@ -149,7 +147,7 @@ pub enum JoinError {
     Endpoint(Arc<std::io::Error>),
     /// The cluster file's certificates or keys cannot be used.
     #[error("the cluster file's credentials cannot be used: {0}")]
-    Credentials(Arc<crate::net::tls::TlsError>),
+    Credentials(Arc<dyn std::error::Error + Send + Sync>),
     /// A connection could not even be started (the address or configuration is refused).
     #[error("cannot start a connection: {0}")]
     Connect(#[from] quinn::ConnectError),
@@ -217,7 +215,7 @@ impl JoinError {
 pub enum HeadStartError {
     /// Its certificates could not be made or loaded, or its TLS configuration failed.
     #[error("the head's credentials: {0}")]
-    Credentials(#[from] crate::net::tls::TlsError),
+    Credentials(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// It cannot listen on `address`.
     #[error("cannot listen on {address}: {source}")]
     Listen {
@@ -232,7 +230,7 @@ pub enum HeadStartError {
     NoRuntime,
     /// Its journal (in the state directory) cannot be opened or read.
     #[error(transparent)]
-    Journal(#[from] crate::head::JournalError),
+    Journal(Box<dyn std::error::Error + Send + Sync>),
     /// The journal was read but its records do not make a state the head can resume from.
     #[error("{}: {source}", path.display())]
     Recover {

@@ -127,8 +127,14 @@ fn credentials_from_env() -> Result<Option<ClusterCredentials>, Error> {
         None if address.is_some() => default_state_dir().join("cluster.yaml"),
         None => return Ok(None),
     };
-    let mut credentials =
-        ClusterCredentials::load(&file).map_err(|e| Error::ClusterFile { source: Arc::new(e) })?;
+    let mut credentials = ClusterCredentials::load(&file).map_err(|e| Error::ClusterFile {
+        source: Arc::new(e),
+        hint: format!(
+            "set {} to the cluster.yaml written by chia-head, or unset {} to use an embedded cluster",
+            env::CLUSTER_FILE,
+            env::ADDRESS
+        ),
+    })?;
     if let Some(address) = address {
         credentials.address = address;
     }
@@ -206,7 +212,8 @@ impl LocalCluster {
     /// [`LocalCluster::start_with`] with workers that offer labels too (`NodeOffer`).
     #[doc(hidden)]
     pub async fn start_nodes(workers: Vec<NodeOffer>, options: HeadOptions) -> Result<LocalCluster, Error> {
-        let head_credentials = HeadCredentials::generate().map_err(crate::error::HeadStartError::from)?;
+        let head_credentials = HeadCredentials::generate()
+            .map_err(|e| crate::error::HeadStartError::Credentials(Box::new(e)))?;
         let listen = "127.0.0.1:0".parse().expect("literal address");
         let head = HeadWithNode::start(listen, head_credentials, options).await?;
         let credentials = head.head().cluster_credentials(&head.head().address().to_string());

@@ -29,7 +29,6 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod journal;
-pub use journal::JournalError;
 pub mod metrics;
 mod persist;
 
@@ -173,13 +172,16 @@ pub async fn start_head_with(
 ) -> Result<HeadHandle, Error> {
     // With a state directory, `chia-head revoke` may refuse members while the head runs.
     let revocations = match &options.state_dir {
-        Some(state_dir) => {
-            Some(crate::net::members::RevocationList::open(state_dir).map_err(HeadStartError::from)?
-                as Arc<dyn crate::net::tls::MemberCheck>)
-        }
+        Some(state_dir) => Some(
+            crate::net::members::RevocationList::open(state_dir)
+                .map_err(|e| HeadStartError::Credentials(Box::new(e)))?
+                as Arc<dyn crate::net::tls::MemberCheck>,
+        ),
         None => None,
     };
-    let server = credentials.server_config_checked(revocations).map_err(HeadStartError::from)?;
+    let server = credentials
+        .server_config_checked(revocations)
+        .map_err(|e| HeadStartError::Credentials(Box::new(e)))?;
     let cannot_listen = |source: std::io::Error| HeadStartError::Listen { address: listen, source };
     let socket = std::net::UdpSocket::bind(listen).map_err(cannot_listen)?;
     let runtime = quinn::default_runtime().ok_or(HeadStartError::NoRuntime)?;
@@ -198,7 +200,8 @@ pub async fn start_head_with(
     let (core, keeper) = match &options.state_dir {
         None => (HeadCore::new(now, core_options), None),
         Some(state_dir) => {
-            let opened = journal::Journal::open(state_dir).map_err(HeadStartError::from)?;
+            let opened =
+                journal::Journal::open(state_dir).map_err(|e| HeadStartError::Journal(Box::new(e)))?;
             core_options.journal_id = Some(opened.journal.id());
             let recovered = !opened.entries.is_empty();
             let dropped = opened.dropped_bytes;
