@@ -46,6 +46,8 @@ impl Default for Init {
 }
 
 impl Init {
+    /// The defaults: an embedded cluster, if one is started, of 2 workers with no resources
+    /// but their CPUs and no labels.
     pub fn new() -> Init {
         Init::default()
     }

@@ -11,6 +11,7 @@ use chia::{Context, Error, LocalCluster, ServiceOptions, TaskError};
 use std::sync::LazyLock;
 use tokio::sync::Semaphore;
 
+/// A running total that remembers what was added: state kept across calls.
 pub struct Counter {
     total: i64,
     history: Vec<i64>,
@@ -18,28 +19,34 @@ pub struct Counter {
 
 #[chia::service]
 impl Counter {
+    /// A counter at `start`, with no history.
     pub fn new(start: i64) -> Self {
         Counter { total: start, history: Vec::new() }
     }
 
+    /// Adds `x`; returns the new total.
     pub fn add(&mut self, x: i64) -> i64 {
         self.total += x;
         self.history.push(x);
         self.total
     }
 
+    /// The total (an async method).
     pub async fn total(&self) -> i64 {
         self.total
     }
 
+    /// What was added, in order.
     pub fn history(&self) -> Vec<i64> {
         self.history.clone()
     }
 
+    /// Panics with `message`: a method that fails.
     pub fn boom(&mut self, message: String) -> i64 {
         panic!("{message}")
     }
 
+    /// The name of the node hosting the instance.
     pub fn where_am_i(&self, cx: &Context) -> String {
         cx.node_name().to_string()
     }
@@ -63,6 +70,7 @@ static BOARD_PERMITS: LazyLock<Semaphore> = LazyLock::new(|| Semaphore::new(0));
 
 #[chia::service(concurrent)]
 impl Board {
+    /// A board with no hits.
     pub fn new() -> Self {
         Board::default()
     }
@@ -73,6 +81,7 @@ impl Board {
         self.hits.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Counts a hit at once (while slow calls wait); returns the hits so far.
     pub fn hit(&self) -> u64 {
         self.hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
     }
@@ -330,6 +339,7 @@ static NEVER_OPENS: Semaphore = Semaphore::const_new(0);
 
 #[chia::service]
 impl SlowToBuild {
+    /// Notes the node it is built on; the first construction never finishes.
     pub async fn new(cx: &Context, n: i64) -> Self {
         let first = {
             let mut builds = SLOW_BUILDS.lock().unwrap();
@@ -343,6 +353,7 @@ impl SlowToBuild {
         SlowToBuild { n }
     }
 
+    /// The `n` it was built with.
     pub fn get(&self) -> i64 {
         self.n
     }
@@ -381,12 +392,14 @@ impl Drop for HeldOpen {
 
 #[chia::service]
 impl HeldOpen {
+    /// Says it started, then waits for the test's gate.
     pub async fn new() -> Self {
         HELD_STARTED.add_permits(1);
         HELD_GATE.acquire().await.unwrap().forget();
         HeldOpen
     }
 
+    /// Answers 1.
     pub fn ping(&self) -> i64 {
         1
     }

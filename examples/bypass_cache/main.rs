@@ -12,6 +12,13 @@
 //! Runs on an embedded local cluster (4 workers), or on a real one when `CHIA_ADDRESS` /
 //! `CHIA_CLUSTER_FILE` name it (e.g. `cargo xtask cluster-local`); the cache then lives on
 //! that cluster's head.
+//!
+//! ```sh
+//! cargo run --release -p examples --bin bypass_cache                  # cold, then run it again
+//! cargo run --release -p examples --bin bypass_cache -- --flush-cache # cold again
+//! ```
+//!
+//! `--help` lists the other options (`--config`, `--cache-dir`, `--iterations`, `--calls`).
 
 use chia::bypass::Bypass;
 use chia::cache::{CacheOptions, start_cache};

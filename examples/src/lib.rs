@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 /// A value together with the node that computed it, so the examples can show placement.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Placed<T> {
+    /// What the function computed.
     pub value: T,
+    /// The name of the node whose worker computed it.
     pub node: String,
 }
 
@@ -83,10 +85,12 @@ pub struct Tally {
 
 #[chia::service]
 impl Tally {
+    /// A tally starting at `start`.
     pub fn new(start: i64) -> Self {
         Tally { total: start }
     }
 
+    /// Adds `x`; returns the new total.
     pub fn add(&mut self, x: i64) -> i64 {
         self.total += x;
         self.total

@@ -179,14 +179,20 @@ const KILL_WAIT: Duration = Duration::from_secs(2);
 /// that is some group's id), and pids are handed out in turn, so one just freed is not taken
 /// again at once. Groups are therefore never kept once their leader ended and they emptied.
 fn signal_group(group: libc::pid_t, signal: libc::c_int) {
-    // SAFETY: killpg(2) takes plain integers and touches no memory of ours.
-    unsafe { libc::killpg(group, signal) };
+    let _ = killpg(group, signal);
 }
 
 /// Whether `group` still has a process (a zombie member counts until its parent reaps it).
 fn group_exists(group: libc::pid_t) -> bool {
-    // SAFETY: as in `signal_group`; signal 0 only checks that the group exists.
-    unsafe { libc::killpg(group, 0) == 0 }
+    // Signal 0 only checks that the group exists.
+    killpg(group, 0)
+}
+
+/// killpg(2); true if the signal was sent (for 0: if the group exists).
+#[allow(unsafe_code)]
+fn killpg(group: libc::pid_t, signal: libc::c_int) -> bool {
+    // SAFETY: killpg takes plain integers and touches no memory of ours.
+    unsafe { libc::killpg(group, signal) == 0 }
 }
 
 /// Resolves once `group` is empty.

@@ -13,6 +13,9 @@
 //! `cargo xtask simulate` runs seeds of the deterministic cluster simulator around the real
 //! head core (in a release build) and prints decisions/s, steps/s and the largest queue;
 //! `--seed S` with the flags a failure printed replays it.
+//!
+//! `cargo xtask` is an alias (`.cargo/config.toml`) for `cargo run --quiet --package xtask --`;
+//! `cargo xtask TASK --help` lists a task's options.
 
 mod bench;
 mod cluster_local;

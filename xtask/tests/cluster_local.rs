@@ -1,6 +1,7 @@
 //! Runs `cargo xtask cluster-local` for real: a head and two worker processes, with the
 //! quickstart example run against them.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
 
 #[test]
@@ -182,25 +183,39 @@ fn state_dir_of(line: &str) -> Option<std::path::PathBuf> {
 /// when the process exits, though it is not this test's child.
 fn kill_and_wait(process: ProcessId) {
     let Ok(pid) = libc::pid_t::try_from(process.pid) else { return };
-    // SAFETY: pidfd_open(2) takes plain integers and returns a new descriptor or -1.
-    let Ok(fd) = libc::c_int::try_from(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) }) else {
-        return;
-    };
-    if fd < 0 {
+    let Some(pidfd) = pidfd_open(pid) else {
         return; // Gone already.
-    }
+    };
     if still_running(process) {
-        let null = std::ptr::null::<libc::siginfo_t>();
-        let mut ready = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-        let timeout = libc::c_int::try_from(BOUND.as_millis()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: `fd` is the pidfd opened above; `ready` lives across the call.
-        unsafe {
-            libc::syscall(libc::SYS_pidfd_send_signal, fd, libc::SIGKILL, null, 0);
-            libc::poll(&mut ready, 1, timeout);
-        }
+        kill_through_pidfd(&pidfd, BOUND);
     }
-    // SAFETY: `fd` is ours and closed once.
-    unsafe { libc::close(fd) };
+}
+
+/// pidfd_open(2): a descriptor that holds `pid`; `None` if there is no such process.
+#[allow(unsafe_code)]
+fn pidfd_open(pid: libc::pid_t) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes plain integers and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = libc::c_int::try_from(fd).ok().filter(|&fd| fd >= 0)?;
+    // SAFETY: `fd` was just opened by pidfd_open and is owned by nothing else; the OwnedFd
+    // closes it once, when dropped.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sends SIGKILL to the process of `pidfd` and waits until it has exited, at most `bound`.
+#[allow(unsafe_code)]
+fn kill_through_pidfd(pidfd: &OwnedFd, bound: std::time::Duration) {
+    let fd = pidfd.as_raw_fd();
+    let null = std::ptr::null::<libc::siginfo_t>();
+    let mut ready = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let timeout = libc::c_int::try_from(bound.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `fd` is a pidfd that `pidfd` keeps open across both calls; pidfd_send_signal
+    // takes a null siginfo (the kernel fills in a default); `ready` is one live, writable
+    // pollfd, as the count of 1 says.
+    unsafe {
+        libc::syscall(libc::SYS_pidfd_send_signal, fd, libc::SIGKILL, null, 0);
+        libc::poll(&mut ready, 1, timeout);
+    }
 }
 
 /// Sends `signal` to `process` if it is still that process (not a reused pid) and running.
@@ -208,9 +223,15 @@ fn send(process: ProcessId, signal: libc::c_int) {
     if still_running(process)
         && let Ok(pid) = libc::pid_t::try_from(process.pid)
     {
-        // SAFETY: kill(2) takes plain integers.
-        unsafe { libc::kill(pid, signal) };
+        kill(pid, signal);
     }
+}
+
+/// kill(2); a process already gone is ignored.
+#[allow(unsafe_code)]
+fn kill(pid: libc::pid_t, signal: libc::c_int) {
+    // SAFETY: kill takes plain integers and touches no memory of ours.
+    unsafe { libc::kill(pid, signal) };
 }
 
 /// A process as /proc shows it: its pid and its start time (so a reused pid is not mistaken

@@ -113,6 +113,10 @@ struct Slot {
     again: Option<Box<PeerToHead>>,
 }
 
+/// A driver's or a worker's connection to the head, and the session the head keeps for it:
+/// submits calls and requests, holds their results until they are asked for, and (for a
+/// worker) passes on the `Execution`s the head sends. Shared as an `Arc` by every
+/// [`Context`](crate::Context) made on it.
 pub struct Client {
     session: SessionId,
     node: Option<NodeId>,
@@ -362,6 +366,8 @@ impl Client {
         unreachable!("the attempts above never run out")
     }
 
+    /// The session the head gave this client when it joined; it stays the same when the
+    /// client takes it up again after a head restart. The tasks it submits are numbered in it.
     pub fn session(&self) -> SessionId {
         self.session
     }
@@ -555,6 +561,9 @@ impl Client {
         self.replaced.load(Ordering::Acquire)
     }
 
+    /// Whether the session is over (shut down, closed by the head, or lost and not taken up
+    /// again): nothing more is sent, and results still pending have failed with
+    /// `Disconnected`. False while the client waits for a restarted head.
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }

@@ -45,7 +45,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{LazyLock, Mutex, OnceLock};
@@ -162,12 +162,7 @@ pub fn contain_worker() -> Result<Mechanism, ContainError> {
     // Made before the fork: the sentinel must know the worker's nonce, not make its own.
     let nonce = NONCE.clone();
     let (read, write) = pipe().map_err(ContainError::Sentinel)?;
-    // SAFETY: the process has one thread (checked above), so the child is a full copy of it
-    // and may run ordinary code.
-    let sentinel = unsafe { libc::fork() };
-    if sentinel < 0 {
-        return Err(ContainError::Sentinel(io::Error::last_os_error()));
-    }
+    let sentinel = fork_single_threaded()?;
     if sentinel == 0 {
         drop(write);
         sentinel_main(read, prepared.as_deref(), nonce);
@@ -189,12 +184,9 @@ pub fn contain_worker() -> Result<Mechanism, ContainError> {
         _ => (Mechanism::Fallback, None),
     };
     if mechanism == Mechanism::Fallback {
-        // SAFETY: still one thread (the sentinel is another process): nothing reads the
-        // environment concurrently.
-        unsafe { std::env::set_var(WORKER_MARK, NONCE.as_str()) };
-        // SAFETY: prctl with integer arguments only.
-        if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
-            tracing::warn!(error = %io::Error::last_os_error(), "cannot become a child subreaper");
+        set_worker_mark()?;
+        if let Err(error) = become_child_subreaper() {
+            tracing::warn!(%error, "cannot become a child subreaper");
         }
     }
     // Tells the sentinel which mechanism to clean up after; it then waits for end of file.
@@ -215,15 +207,59 @@ fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task").map(|dir| dir.count()).unwrap_or(0)
 }
 
+/// The sentinel's pipe: (read end, write end). std's pipe is close-on-exec (`pipe2` with
+/// `O_CLOEXEC` on Linux), so no child inherits the write end, which would keep the pipe open
+/// past the worker's death.
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two descriptors into the array. Close-on-exec: no child inherits
-    // the write end (which would keep the pipe open past the worker's death).
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+    let (read, write) = io::pipe()?;
+    Ok((read.into(), write.into()))
+}
+
+/// Forks this process, which must have one thread; `Ok(0)` in the child, the child's pid in
+/// the parent. Checks the thread count itself ([`ContainError::Threaded`]): the child of a
+/// threaded process may find locks (the allocator's) held forever by threads it lacks.
+#[allow(unsafe_code)]
+fn fork_single_threaded() -> Result<libc::pid_t, ContainError> {
+    let threads = thread_count();
+    if threads != 1 {
+        return Err(ContainError::Threaded(threads));
+    }
+    // SAFETY: the process has one thread (checked just above, and only this thread could have
+    // started another since), so the child is a whole copy of it: no lock is held by a thread
+    // that does not exist there, and it may allocate and run ordinary code, as the sentinel
+    // does.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(ContainError::Sentinel(io::Error::last_os_error()));
+    }
+    Ok(pid)
+}
+
+/// Puts `CHIA_WORKER_MARK=<nonce>` into this process's environment, for every process it
+/// starts to inherit. Only while the process has one thread ([`ContainError::Threaded`]
+/// otherwise).
+#[allow(unsafe_code)]
+fn set_worker_mark() -> Result<(), ContainError> {
+    let threads = thread_count();
+    if threads != 1 {
+        return Err(ContainError::Threaded(threads));
+    }
+    // SAFETY: the process has one thread (checked just above; the sentinel is another
+    // process), so nothing reads or writes the environment at the same time.
+    unsafe { std::env::set_var(WORKER_MARK, NONCE.as_str()) };
+    Ok(())
+}
+
+/// Makes this process a child subreaper: its orphaned descendants are re-parented to it
+/// instead of to init, so they stay in its process tree.
+#[allow(unsafe_code)]
+fn become_child_subreaper() -> io::Result<()> {
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes integer arguments only and reads or writes
+    // no memory of this process.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: both descriptors were just created and are owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    Ok(())
 }
 
 /// Where cgroup2 is mounted: `/sys/fs/cgroup` on a unified system, `/sys/fs/cgroup/unified`
@@ -285,32 +321,8 @@ fn join_cgroup(cgroup: &Path) -> Result<(), ContainError> {
 
 /// The sentinel: waits for the worker to die, then ends what it left. Never returns.
 fn sentinel_main(pipe: OwnedFd, cgroup: Option<&Path>, nonce: String) -> ! {
-    let keep = pipe.as_raw_fd();
-    // Out of the worker's process group and deaf to what is sent to it (Ctrl-C in a terminal,
-    // a supervisor's SIGTERM to the group): the sentinel must outlive the worker.
-    // SAFETY: setpgid/signal/prctl with plain integer arguments; one thread.
-    unsafe {
-        libc::setpgid(0, 0);
-        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGPIPE] {
-            libc::signal(signal, libc::SIG_IGN);
-        }
-        libc::prctl(libc::PR_SET_NAME, c"chia-sentinel".as_ptr() as libc::c_ulong, 0, 0, 0);
-    }
-    // Holds no descriptor of the worker's (its sockets, a test's pipes) but the pipe and stderr.
-    if let Ok(dev_null) = std::fs::File::open("/dev/null") {
-        // SAFETY: dup2 onto the standard descriptors.
-        unsafe {
-            libc::dup2(dev_null.as_raw_fd(), 0);
-            libc::dup2(dev_null.as_raw_fd(), 1);
-        }
-    }
-    let open: Vec<i32> = std::fs::read_dir("/proc/self/fd")
-        .map(|dir| dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
-        .unwrap_or_default();
-    for fd in open.into_iter().filter(|&fd| fd > 2 && fd != keep) {
-        // SAFETY: closes descriptors this copy of the worker will never use.
-        unsafe { libc::close(fd) };
-    }
+    detach_sentinel();
+    drop_worker_descriptors(pipe.as_raw_fd());
     let mut pipe = std::fs::File::from(pipe);
     let mut byte = [0u8; 1];
     let mechanism = match pipe.read(&mut byte) {
@@ -336,8 +348,59 @@ fn sentinel_main(pipe: OwnedFd, cgroup: Option<&Path>, nonce: String) -> ! {
             started.elapsed()
         );
     }
-    // SAFETY: ends this process without running the worker's atexit handlers or destructors.
-    unsafe { libc::_exit(0) }
+    exit_at_once(0)
+}
+
+/// Takes the sentinel out of the worker's process group, deaf to what is sent to it (Ctrl-C
+/// in a terminal, a supervisor's SIGTERM to the group): it must outlive the worker. And
+/// names it `chia-sentinel` in `ps`.
+#[allow(unsafe_code)]
+fn detach_sentinel() {
+    // SAFETY: setpgid and signal take plain integers (SIG_IGN installs no handler, so no code
+    // of ours runs on a signal); prctl(PR_SET_NAME) reads the NUL-terminated static name,
+    // which outlives the call. None of them touches other memory of this process.
+    unsafe {
+        libc::setpgid(0, 0);
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT, libc::SIGPIPE] {
+            libc::signal(signal, libc::SIG_IGN);
+        }
+        libc::prctl(libc::PR_SET_NAME, c"chia-sentinel".as_ptr() as libc::c_ulong, 0, 0, 0);
+    }
+}
+
+/// Leaves the sentinel no descriptor of the worker's (its sockets, a test's pipes) but `keep`
+/// (the pipe) and stderr: stdin and stdout become `/dev/null`, every other one is closed.
+/// Only for the sentinel, which never returns to the worker's code.
+#[allow(unsafe_code)]
+fn drop_worker_descriptors(keep: i32) {
+    if let Ok(dev_null) = std::fs::File::open("/dev/null") {
+        // SAFETY: dup2 replaces descriptors 0 and 1, which nothing in the sentinel reads or
+        // writes through a Rust handle; `dev_null` is open for the duration of the calls.
+        unsafe {
+            libc::dup2(dev_null.as_raw_fd(), 0);
+            libc::dup2(dev_null.as_raw_fd(), 1);
+        }
+    }
+    let open: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|dir| dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    for fd in open.into_iter().filter(|&fd| fd > 2 && fd != keep) {
+        // SAFETY: these are the worker's descriptors, copied by the fork; the handles that own
+        // them are the worker's, which the sentinel never drops (it never returns). The
+        // sentinel has one thread and, past this point, holds no descriptor but `keep`, stderr
+        // and short-lived ones inside single file calls, so a stale handle still used (a log
+        // writer) finds its number closed, never reused by another file.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// Ends this process with `code` at once: no atexit handler, destructor or stdio flush of the
+/// worker's copied state runs.
+#[allow(unsafe_code)]
+fn exit_at_once(code: i32) -> ! {
+    // SAFETY: _exit takes an integer, ends the process and never returns; nothing of this
+    // process is used after it.
+    unsafe { libc::_exit(code) }
 }
 
 /// Kills everything in `cgroup` and below, waits (up to `bound`) until it is empty and removes
@@ -477,8 +540,10 @@ pub(crate) fn with_descendants(roots: &[i32]) -> Vec<i32> {
 }
 
 /// Sends `signal` to `pid`; a process already gone is not an error.
+#[allow(unsafe_code)]
 pub(crate) fn send(pid: i32, signal: i32) {
-    // SAFETY: kill only sends a signal.
+    // SAFETY: kill takes plain integers and only sends a signal; it touches no memory of this
+    // process.
     if unsafe { libc::kill(pid, signal) } != 0 {
         let error = io::Error::last_os_error();
         if error.raw_os_error() != Some(libc::ESRCH) {
@@ -506,8 +571,9 @@ fn own_children() -> Option<Vec<i32>> {
 }
 
 /// The calling thread's id.
+#[allow(unsafe_code)]
 pub(crate) fn gettid() -> i32 {
-    // SAFETY: gettid has no arguments and cannot fail.
+    // SAFETY: gettid takes no arguments, touches no memory and cannot fail.
     unsafe { libc::gettid() }
 }
 
@@ -532,12 +598,7 @@ pub(crate) fn reap(pids: Vec<i32>) {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut left = ours;
         while !left.is_empty() && Instant::now() < deadline {
-            left.retain(|&pid| {
-                let mut status = 0;
-                // SAFETY: waits for one specific child without blocking.
-                let result = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-                result == 0
-            });
+            left.retain(|&pid| !try_reap(pid));
             if !left.is_empty() {
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -546,6 +607,16 @@ pub(crate) fn reap(pids: Vec<i32>) {
     if let Err(error) = spawned {
         tracing::warn!(%error, "cannot start a thread to reap killed processes");
     }
+}
+
+/// Reaps child `pid` if it has ended, without blocking. False while it still runs; true once
+/// it is reaped, or if it is not (or no longer) this process's child.
+#[allow(unsafe_code)]
+fn try_reap(pid: i32) -> bool {
+    let mut status = 0;
+    // SAFETY: `status` is a live, writable int for waitpid to fill; WNOHANG returns at once,
+    // and the wait is for this one pid, never for any child.
+    unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) != 0 }
 }
 
 /// The cgroup a task's `Context::spawn` children go to (cgroup mechanism only).
@@ -573,8 +644,13 @@ impl TaskCgroup {
 
     /// Moves the calling process into this cgroup. Runs in a forked child before `exec`, so it
     /// only makes system calls (no allocation).
+    #[allow(unsafe_code)]
     pub(crate) fn enter_from_child(&self) -> io::Result<()> {
-        // SAFETY: open/write/close on a NUL-terminated path prepared before the fork.
+        // SAFETY: open, write and close are async-signal-safe, so they may run between fork
+        // and exec in the child of a threaded worker; nothing here allocates or takes a lock.
+        // `procs` is a NUL-terminated path made before the fork and owned by `self`, which
+        // outlives the call; the written byte is a static; `fd` is the descriptor just opened,
+        // closed once.
         unsafe {
             let fd = libc::open(self.procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
             if fd < 0 {

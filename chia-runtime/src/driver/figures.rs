@@ -14,7 +14,10 @@ use std::sync::{Mutex, Weak};
 /// Whether a figure only grows (a Prometheus counter) or goes up and down (a gauge).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FigureKind {
+    /// A running total since the instance started (hits, bytes written); served with
+    /// `_total` at the end of its name, which the figure's own name may already have.
     Counter,
+    /// A level now (entries held, bytes used); its name must not end in `_total`.
     Gauge,
 }
 
@@ -22,15 +25,23 @@ pub enum FigureKind {
 /// (`cache_hits_total`; the head adds the prefix and the `node` and `service` labels).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Figure {
+    /// The metric name without `chia_`: ASCII letters, digits and `_`, not starting with a
+    /// digit. A name the head cannot serve (not valid, a head family's or a histogram
+    /// suffix's, a gauge ending in `_total`) is left out of the endpoint.
     pub name: &'static str,
+    /// The `# HELP` text, one sentence; for a name several instances report, the first
+    /// report's text is served.
     pub help: &'static str,
+    /// Counter or gauge; a name reported as both keeps the kind of its first report.
     pub kind: FigureKind,
+    /// The value now, in the unit the name says (`_bytes`, or a count).
     pub value: u64,
 }
 
 /// Something that can say its figures now; called on a heartbeat, so it must be cheap (read
 /// counters, take no lock that I/O holds).
 pub trait ServiceFigureSource: Send + Sync {
+    /// The instance's figures now, each name once.
     fn figures(&self) -> Vec<Figure>;
 }
 

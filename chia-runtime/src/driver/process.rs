@@ -87,8 +87,8 @@ impl Group {
     }
 
     fn exists(&self) -> bool {
-        // SAFETY: signal 0 only checks that the group exists and may be signalled.
-        unsafe { libc::killpg(self.id, 0) == 0 }
+        // Signal 0 only checks that the group exists and may be signalled.
+        killpg(self.id, 0).is_ok()
     }
 }
 
@@ -278,29 +278,50 @@ impl Drop for ThreadGuard<'_> {
 
 /// Signals a whole process group. A group that is gone already is not an error.
 fn signal_group(group: i32, signal: i32) {
-    // SAFETY: killpg only sends a signal; it touches no memory of this process.
-    let result = unsafe { libc::killpg(group, signal) };
-    if result != 0 {
-        let error = io::Error::last_os_error();
-        if error.raw_os_error() != Some(libc::ESRCH) {
-            tracing::warn!(group, signal, %error, "cannot signal a process group");
-        }
+    if let Err(error) = killpg(group, signal)
+        && error.raw_os_error() != Some(libc::ESRCH)
+    {
+        tracing::warn!(group, signal, %error, "cannot signal a process group");
     }
 }
 
-/// What a task's child does between fork and exec: enter the task's cgroup, or, without one,
-/// ask for SIGKILL when its parent thread dies (the worker's, SIGKILL included).
-fn before_exec(cgroup: Option<Arc<TaskCgroup>>) -> impl FnMut() -> io::Result<()> + Send + Sync + 'static {
-    move || match &cgroup {
-        Some(cgroup) => cgroup.enter_from_child(),
-        None => {
-            // SAFETY: prctl with integer arguments, allowed between fork and exec.
-            if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        }
+/// killpg(2): sends `signal` to every process of `group` (0: only checks it may).
+#[allow(unsafe_code)]
+fn killpg(group: i32, signal: i32) -> io::Result<()> {
+    // SAFETY: killpg takes plain integers and only sends a signal; it touches no memory of
+    // this process.
+    if unsafe { libc::killpg(group, signal) } != 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(())
+}
+
+/// Asks the kernel to SIGKILL the calling process when the thread that started it dies (the
+/// worker's, SIGKILL included). Called in a child between fork and exec.
+#[allow(unsafe_code)]
+fn set_pdeathsig() -> io::Result<()> {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes integer arguments only and touches no memory of
+    // this process; as a plain system call it is safe between fork and exec.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Has the child of `command` enter the task's cgroup before `exec`, or, without one, ask for
+/// SIGKILL when its parent thread dies.
+#[allow(unsafe_code)]
+fn contain_child(command: &mut std::process::Command, cgroup: Option<Arc<TaskCgroup>>) {
+    use std::os::unix::process::CommandExt;
+    let before_exec = move || match &cgroup {
+        Some(cgroup) => cgroup.enter_from_child(),
+        None => set_pdeathsig(),
+    };
+    // SAFETY: the closure runs in the child between fork and exec, where a threaded parent
+    // allows only async-signal-safe work. It makes system calls only (open, write, close or
+    // prctl), allocates nothing and takes no lock; the cgroup path it writes to was made
+    // before the fork and lives in the captured `Arc`, which the command keeps alive.
+    unsafe { command.pre_exec(before_exec) };
 }
 
 /// Starts `command` in a process group of its own, tracked by `control` when there is one.
@@ -312,8 +333,8 @@ pub(crate) fn spawn(
     if let Some(control) = control {
         let (mark, cgroup) = control.tracking()?;
         command.env(contain::TASK_MARK, mark);
-        // SAFETY: `before_exec` only makes system calls on data prepared before the fork.
-        unsafe { command.pre_exec(before_exec(cgroup)) };
+        // tokio's `pre_exec` is the std command's.
+        contain_child(command.as_std_mut(), cgroup);
     }
     let child = command.spawn()?;
     if let Some(control) = control {
@@ -332,8 +353,7 @@ pub(crate) fn spawn_std(
     if let Some(control) = control {
         let (mark, cgroup) = control.tracking()?;
         command.env(contain::TASK_MARK, mark);
-        // SAFETY: `before_exec` only makes system calls on data prepared before the fork.
-        unsafe { command.pre_exec(before_exec(cgroup)) };
+        contain_child(command, cgroup);
     }
     let child = command.spawn()?;
     if let Some(control) = control {

@@ -21,26 +21,40 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// How the worker runs a function: sync functions on the blocking pool, async ones as tasks.
 #[derive(Clone, Copy)]
 pub enum Invoke {
+    /// A plain `fn`: called on tokio's blocking pool, so it may block for as long as it runs.
     Sync(fn(Context, Vec<ArgValue>) -> Result<Value, TaskError>),
+    /// An `async fn`: its future is spawned on the worker's runtime and must not block.
     Async(fn(Context, Vec<ArgValue>) -> BoxFuture<Result<Value, TaskError>>),
 }
 
 /// Everything the macro knows about one remote function. Amounts are fixed point (1.0 = 10,000),
 /// already validated at compile time.
 pub struct FunctionSpec {
+    /// The stable name calls are sent under: `name = ".."` of the attribute, else the
+    /// function's identifier. Unique within a binary.
     pub name: &'static str,
     /// The normalised signature text the hash is computed from, e.g. `add(i64,i64)->i64`.
     pub signature: &'static str,
+    /// The first 16 hex digits of the SHA-256 of `signature`: a worker runs a call only if its
+    /// own build of the function has the same hash, so arguments are never decoded as
+    /// something else.
     pub sig_hash: &'static str,
+    /// The `resources(..)` of the attribute, by name, in fixed point (1.0 = 10,000). The CPU
+    /// request is `num_cpus`, not an entry here.
     pub resources: &'static [(&'static str, u64)],
+    /// The CPUs one call requests, in fixed point (default 1.0 = 10,000).
     pub num_cpus: u64,
+    /// How often a call runs again after its worker is lost (and, with `retry_exceptions`,
+    /// after an `Err` or a timeout); default `UpTo(3)`.
     pub max_retries: chia_core::Retries,
     /// Application errors (an `Err`) and timeouts also make the call run again.
     pub retry_exceptions: bool,
     /// How long one run may take (`timeout_s`, exact to the millisecond, more than 0) before
     /// its worker stops it and it fails with `TimedOut`; `None`: no limit.
     pub timeout: Option<std::time::Duration>,
+    /// The arguments a call must carry (the `Context` parameter, if any, not counted).
     pub arg_count: usize,
+    /// Decodes the arguments, calls the function and encodes its result.
     pub invoke: Invoke,
     /// Runs on the worker before every attempt (`setup = path`); see [`hooks`](crate::hooks).
     pub setup: Option<SetupHook>,
@@ -69,6 +83,8 @@ pub struct CleanupHook {
 }
 
 impl FunctionSpec {
+    /// The key under which workers offer this function and calls name it: `name` and
+    /// `sig_hash`.
     pub fn key(&self) -> FunctionKey {
         FunctionKey::new(self.name, self.sig_hash)
     }
@@ -154,11 +170,17 @@ pub type SharedInstance = std::sync::Arc<tokio::sync::Mutex<ServiceInstance>>;
 
 /// Everything `#[chia::service]` knows about one service type.
 pub struct ServiceSpec {
+    /// The stable name instances are started under: `name = ".."` of the attribute, else the
+    /// type's identifier.
     pub type_name: &'static str,
     /// The normalised constructor and method signatures the hash is computed from.
     pub signature: &'static str,
+    /// The first 16 hex digits of the SHA-256 of `signature`: a node hosts an instance only if
+    /// its own build of the type has the same hash.
     pub sig_hash: &'static str,
+    /// Runs the constructor on the hosting worker when an instance starts.
     pub construct: ConstructInstance,
+    /// Runs one method call on a started instance.
     pub call: CallInstance,
     /// Calls run at the same time (`#[chia::service(concurrent)]`) rather than one at a time
     /// in arrival order.

@@ -41,18 +41,35 @@ const CLUSTER_FILE: &str = "cluster.yaml";
 /// The longest validity `issue-member` grants: ten years.
 pub const MAX_VALID_DAYS: u32 = 3650;
 
+/// Why issuing, revoking or listing member certificates failed; each message says what to
+/// pass or fix, for `chia-head issue-member` and `chia-head revoke` to print as it is.
 #[derive(Debug, thiserror::Error)]
 pub enum MemberError {
+    /// The name cannot be a member's identity (see [`validate_member_name`]).
     #[error("{name:?} is not a valid member name: {why}")]
-    BadName { name: String, why: &'static str },
+    BadName {
+        /// The name as given.
+        name: String,
+        /// The rule it breaks.
+        why: &'static str,
+    },
+    /// A validity of 0 days or of more than [`MAX_VALID_DAYS`] was asked for.
     #[error("--valid-days {days}: a member certificate is valid for 1 to {MAX_VALID_DAYS} days")]
-    BadValidity { days: u32 },
+    BadValidity {
+        /// The validity asked for, in days.
+        days: u32,
+    },
+    /// The state directory has no head credentials: it is not (yet) a head's.
     #[error(
         "{} holds no head credentials ({CREDENTIALS_FILE}): pass the --state-dir the head runs with \
          (or start chia-head on it once)",
         dir.display()
     )]
-    NoHead { dir: PathBuf },
+    NoHead {
+        /// The state directory given.
+        dir: PathBuf,
+    },
+    /// The head of this state directory did not keep its CA key, so nothing can be signed.
     #[error(
         "{} holds no CA key ({CA_KEY_FILE}): it was made by a chia-head that did not keep its CA key, \
          so no certificate can be issued or rotated from it. Start the head on a fresh state \
@@ -60,27 +77,59 @@ pub enum MemberError {
          the head still runs on this one, with the shared member certificate",
         dir.display()
     )]
-    NoCaKey { dir: PathBuf },
+    NoCaKey {
+        /// The state directory given.
+        dir: PathBuf,
+    },
+    /// The CA key file holds a key other than the one the cluster's CA certificate names.
     #[error("{}: the CA key does not belong to the CA certificate in {CREDENTIALS_FILE}", path.display())]
-    CaKeyMismatch { path: PathBuf },
+    CaKeyMismatch {
+        /// The CA key file.
+        path: PathBuf,
+    },
+    /// No `--address` was given and there is no `cluster.yaml` to take the head's from.
     #[error(
         "no address for the cluster file: {} does not exist yet (the head writes it when it starts); \
          pass --address HOST:PORT",
         path.display()
     )]
-    NoAddress { path: PathBuf },
+    NoAddress {
+        /// The `cluster.yaml` looked for.
+        path: PathBuf,
+    },
+    /// `revoke` was given a name no certificate was issued to.
     #[error("no member certificate named {name:?} was issued from {}{suggestion}", dir.display())]
-    UnknownMember { name: String, dir: PathBuf, suggestion: String },
+    UnknownMember {
+        /// The name as given.
+        name: String,
+        /// The state directory whose `members.yaml` was searched.
+        dir: PathBuf,
+        /// Appended to the message: the closest issued name (" — did you mean …?"), or else
+        /// the list of names issued.
+        suggestion: String,
+    },
+    /// A file of the state directory could not be read, written or locked.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file.
         path: PathBuf,
+        /// What the operating system reported.
         #[source]
         source: std::io::Error,
     },
+    /// A certificate or key could not be parsed, or no random serial could be drawn.
     #[error("{what}: {message}")]
-    Certificate { what: String, message: String },
+    Certificate {
+        /// Which certificate or key, as the message names it (a file, or a description).
+        what: String,
+        /// The parser's (or the random source's) error.
+        message: String,
+    },
+    /// The head's credentials, or a YAML file of the state directory, could not be read or
+    /// written.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// rcgen could not make the key pair or sign the certificate.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
 }
@@ -88,6 +137,7 @@ pub enum MemberError {
 /// One certificate issued from the state directory.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct IssuedMember {
+    /// The identity it was issued to: its CN and DNS SAN, and the name `revoke` takes.
     pub name: String,
     /// The certificate's serial number, lowercase hex.
     pub serial: String,
@@ -100,6 +150,7 @@ pub struct IssuedMember {
 /// One revoked certificate.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RevokedMember {
+    /// The identity the certificate was issued to (the name `revoke` was given).
     pub name: String,
     /// The certificate's serial number, lowercase hex.
     pub serial: String,
@@ -126,6 +177,8 @@ pub struct MemberCertificate {
     pub name: String,
     /// Lowercase hex.
     pub serial: String,
+    /// The end of its validity (UTC, whole seconds). The shared certificate has rcgen's
+    /// default, the year 4096: it does not expire.
     pub not_after: OffsetDateTime,
 }
 

@@ -38,8 +38,12 @@ pub const CA_KEY_FILE: &str = "ca-key.pem";
 pub struct ClusterCredentials {
     /// Where the head listens, `host:port`.
     pub address: String,
+    /// The cluster CA's certificate (PEM): the head's certificate must be signed by it.
     pub ca_cert: String,
+    /// The certificate this member presents to the head (PEM): the shared `chia-member` one,
+    /// or one `chia-head issue-member` issued.
     pub member_cert: String,
+    /// The private key of `member_cert` (PEM).
     pub member_key: String,
     /// The file these were read from, to name it when the head turns out to be another
     /// cluster's. Not part of the file.
@@ -50,27 +54,52 @@ pub struct ClusterCredentials {
 /// What the head keeps in its state directory.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HeadCredentials {
+    /// The cluster CA's certificate (PEM), which every member and the head verify each other
+    /// against. Its key is not here but in [`CA_KEY_FILE`].
     pub ca_cert: String,
+    /// The head's server certificate (PEM), issued to [`HEAD_SERVER_NAME`].
     pub head_cert: String,
+    /// The private key of `head_cert` (PEM); the stateless-reset key is derived from it too.
     pub head_key: String,
+    /// The shared member certificate (PEM, [`DEFAULT_MEMBER_NAME`]) handed out in the
+    /// `cluster.yaml` the head writes; replaced when it is revoked.
     pub member_cert: String,
+    /// The private key of `member_cert` (PEM).
     pub member_key: String,
 }
 
+/// Why credentials could not be made, read or written, or a TLS configuration built from them.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// rcgen could not make a key pair or sign a certificate.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    /// A certificate or key in the credentials is not PEM, or holds no certificate.
     #[error("{what} is not valid PEM: {message}")]
-    Pem { what: &'static str, message: String },
+    Pem {
+        /// Which one ("head certificate", "member key", …).
+        what: &'static str,
+        /// The parser's error.
+        message: String,
+    },
+    /// rustls refused the certificates or keys (for one, a key that does not match its
+    /// certificate).
     #[error("TLS configuration failed: {0}")]
     Rustls(#[from] rustls::Error),
+    /// The head's client-certificate verifier could not be built from the CA.
     #[error("client verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// The TLS configuration has no cipher suite QUIC can start with.
     #[error("QUIC crypto: {0}")]
     Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    /// A credentials, cluster or state-directory file could not be read, parsed or written.
     #[error("{path}: {message}")]
-    File { path: PathBuf, message: String },
+    File {
+        /// The file (or directory).
+        path: PathBuf,
+        /// What went wrong; a YAML error comes with a snippet headed by the file's name.
+        message: String,
+    },
 }
 
 /// Decides, once the CA has vouched for a client certificate, whether its holder may still
@@ -121,7 +150,6 @@ impl HeadCredentials {
         }
     }
 
-    /// The head's QUIC server configuration: its certificate, and client certificates required.
     /// The head's endpoint settings. Its stateless-reset key is derived from the head's own
     /// private key, so a head restarted on the same state directory answers packets of its
     /// predecessor's connections with a reset the peers accept: they learn at once that the
@@ -147,6 +175,9 @@ impl HeadCredentials {
         config
     }
 
+    /// The head's QUIC server configuration: its certificate, and a client certificate the
+    /// cluster CA signed required of every peer. No revocation check: see
+    /// [`HeadCredentials::server_config_checked`].
     pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
         self.server_config_checked(None)
     }

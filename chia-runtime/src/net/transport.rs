@@ -16,12 +16,17 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
+/// Why [`FrameReader::next_frame`] could not return a frame. Every one ends the stream: the
+/// reader cannot find the next frame's start after it.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
+    /// A length prefix larger than a frame may be.
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
+    /// QUIC failed the read: the connection was lost or closed, or the peer reset the stream.
     #[error("stream read failed: {0}")]
     Read(#[from] quinn::ReadError),
+    /// The peer finished the stream after part of a frame.
     #[error("the peer closed the stream in the middle of a frame")]
     Truncated,
 }
@@ -136,6 +141,8 @@ impl FrameSender {
         let _ = finished.wait_for(|f| *f).await;
     }
 
+    /// Whether [`FrameSender::close`] was called or a write failed: what is sent from now on
+    /// is dropped.
     pub fn is_closed(&self) -> bool {
         self.shared.closed.load(Ordering::Acquire)
     }
@@ -207,6 +214,7 @@ pub struct FrameReader {
 const READ_CHUNK: usize = 256 << 10;
 
 impl FrameReader {
+    /// Reads frames from `stream`; nothing is read until [`FrameReader::next_frame`].
     pub fn new(stream: quinn::RecvStream) -> FrameReader {
         FrameReader { stream, buf: vec![0; READ_CHUNK], start: 0, end: 0, large: Vec::new() }
     }

@@ -162,10 +162,12 @@ impl CacheService {
         value
     }
 
+    /// Whether `tag` is stored; does not change its recency or read its file.
     pub fn has(&self, tag: String) -> bool {
         self.store.has(&tag)
     }
 
+    /// Removes the entry under `tag` (its file too); false if there was none.
     pub fn evict(&self, tag: String) -> bool {
         let evicted = self.store.evict(&tag);
         if evicted {
@@ -175,6 +177,7 @@ impl CacheService {
         evicted
     }
 
+    /// Removes every entry; the directory and the budget stay.
     pub fn flush(&self) {
         self.store.flush();
         self.figures.note_store(&self.store);
@@ -185,10 +188,12 @@ impl CacheService {
         self.store.keys()
     }
 
+    /// The bytes the entries take (their files' lengths), at most the budget.
     pub fn size_bytes(&self) -> u64 {
         self.store.size_bytes()
     }
 
+    /// The `cache:` configuration the cache was started with.
     pub fn get_config(&self) -> CacheConfig {
         self.config.clone()
     }
@@ -203,8 +208,10 @@ impl CacheService {
 /// Where a running cache keeps its entries (on the head node) and how many bytes it may hold.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheSettings {
+    /// The directory as the starting caller named it, a path on the head node.
     #[serde(with = "path_bytes")]
     pub dir: PathBuf,
+    /// The byte budget the entries must fit in (least recently used ones go to make room).
     pub budget: u64,
 }
 
@@ -451,6 +458,7 @@ impl Cache {
         self.service.has(tag.to_string()).get().await
     }
 
+    /// Removes the entry under `tag`; `Ok(false)` if there was none.
     pub async fn evict(&self, tag: &str) -> Result<bool, Error> {
         self.service.evict(tag.to_string()).get().await
     }
@@ -465,6 +473,7 @@ impl Cache {
         self.service.keys().get().await
     }
 
+    /// The bytes the entries take on the head node (their files' lengths), at most the budget.
     pub async fn size_bytes(&self) -> Result<u64, Error> {
         self.service.size_bytes().get().await
     }

@@ -96,6 +96,8 @@ impl ServiceOptions {
         self
     }
 
+    /// The namespace the name is unique in (default [`DEFAULT_NAMESPACE`]); a lookup finds
+    /// the service only in the namespace it names.
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
         self.namespace = namespace.into();
         self
@@ -239,10 +241,13 @@ impl ServiceHandle {
         stop(&self.cx, self.info.id).await
     }
 
+    /// The service as the head described it when this handle was made (a later restart
+    /// elsewhere does not update `node` here).
     pub fn info(&self) -> &ServiceInfo {
         &self.info
     }
 
+    /// The name it was started under, unique in its namespace.
     pub fn name(&self) -> &str {
         &self.info.name
     }
@@ -252,6 +257,8 @@ impl ServiceHandle {
         &self.info.node
     }
 
+    /// The head's id of the service, by which its calls are routed; it stays the same when
+    /// the service is restarted on another node.
     pub fn id(&self) -> ServiceId {
         self.info.id
     }

@@ -64,27 +64,42 @@ fn resident_bytes() -> u64 {
     let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else { return 0 };
     // "size resident shared text lib data dt", in pages.
     let pages: u64 = statm.split_whitespace().nth(1).and_then(|field| field.parse().ok()).unwrap_or(0);
-    // SAFETY: sysconf reads a configuration value; it has no preconditions.
-    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    pages.saturating_mul(u64::try_from(page_size).unwrap_or(0))
+    pages.saturating_mul(page_size())
+}
+
+/// The size of a memory page, in bytes (0 if the system does not say).
+#[allow(unsafe_code)]
+fn page_size() -> u64 {
+    // SAFETY: sysconf takes an integer and only returns a value; it has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).unwrap_or(0)
 }
 
 /// CPU time (user and system) of this process and of its children that ended and were
 /// waited for, in milliseconds.
 fn cpu_ms() -> u64 {
     let used = |who| {
-        // SAFETY: an all-zero rusage is a valid value for getrusage to fill.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: `usage` is a valid, writable rusage; `who` is RUSAGE_SELF or RUSAGE_CHILDREN.
-        if unsafe { libc::getrusage(who, &mut usage) } != 0 {
-            return 0;
-        }
+        let Some(usage) = rusage(who) else { return 0 };
         let ms = |time: libc::timeval| {
             u64::try_from(time.tv_sec).unwrap_or(0) * 1000 + u64::try_from(time.tv_usec).unwrap_or(0) / 1000
         };
         ms(usage.ru_utime) + ms(usage.ru_stime)
     };
     used(libc::RUSAGE_SELF) + used(libc::RUSAGE_CHILDREN)
+}
+
+/// getrusage(2) for `who` (`RUSAGE_SELF` or `RUSAGE_CHILDREN`); `None` if it fails.
+#[allow(unsafe_code)]
+fn rusage(who: libc::c_int) -> Option<libc::rusage> {
+    // SAFETY: rusage is plain integers and timevals, for which all zeroes is a valid value;
+    // getrusage fills the live, writable `usage` it is given and keeps no pointer to it.
+    unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(who, &mut usage) != 0 {
+            return None;
+        }
+        Some(usage)
+    }
 }
 
 #[cfg(test)]

@@ -42,7 +42,12 @@ use timeout::Timed;
 /// converts into it, with no labels).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeOffer {
+    /// What the node holds for calls and services to request, as given: no `CPU` is added
+    /// here ([`worker_main`](crate::worker_main) and [`LocalCluster`](crate::LocalCluster) add
+    /// the core count when it is not named).
     pub resources: Resources,
+    /// The node's labels, which [`Call::label`](crate::Call::label) and
+    /// [`ServiceOptions::label`](crate::ServiceOptions::label) place by.
     pub labels: chia_core::placement::Labels,
 }
 

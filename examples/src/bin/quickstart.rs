@@ -2,6 +2,10 @@
 //!
 //! Runs on an embedded local cluster (two workers, each `adder=2,multiplier=1`) unless
 //! CHIA_ADDRESS / CHIA_CLUSTER_FILE name a real one. Prints which node ran each task.
+//!
+//! ```sh
+//! cargo run --release -p examples --bin quickstart
+//! ```
 
 use examples::{simple_add, simple_multiply, square, sum_of_squares};
 use std::time::Instant;

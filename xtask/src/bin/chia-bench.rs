@@ -72,10 +72,12 @@ pub struct Echo;
 
 #[chia::service]
 impl Echo {
+    /// The (stateless) instance.
     pub fn new() -> Self {
         Echo
     }
 
+    /// Does nothing: a service call's round trip and no work.
     pub fn nothing(&self) {}
 }
 

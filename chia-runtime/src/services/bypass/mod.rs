@@ -81,13 +81,20 @@ pub type BoxFutureRef<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// A provider registered with `#[chia::provider]`: `run` returns the serialized value or the
 /// error's text.
 pub struct ProviderSpec {
+    /// The name a bypass plan refers to it by: `name = ".."` of the attribute, else the
+    /// function's identifier.
     pub name: &'static str,
+    /// Runs the provider on the worker chosen for the bypassed call.
     pub run: for<'a> fn(&'a BypassCall) -> BoxFutureRef<'a, Result<Value, String>>,
 }
 
 /// A condition registered with `#[chia::condition]`.
 pub struct ConditionSpec {
+    /// The name a bypass plan refers to it by: `name = ".."` of the attribute, else the
+    /// function's identifier.
     pub name: &'static str,
+    /// Runs the condition on the caller as the call is dispatched: `Ok(true)` bypasses the
+    /// call; `Ok(false)`, or an `Err` with the condition's error text (logged), runs it.
     pub check: for<'a> fn(&'a BypassCall) -> BoxFutureRef<'a, Result<bool, String>>,
 }
 
@@ -135,6 +142,8 @@ impl Provided {
 
 /// What a provider's value can be: a [`Provided`] (passed on as it is) or any `Serialize`.
 pub trait IntoProvided {
+    /// The value serialized as the runtime serializes results; `Err` is the text the bypassed
+    /// call fails with.
     fn into_provided(self) -> Result<Value, String>;
 }
 
@@ -177,6 +186,7 @@ impl BypassCall {
         self.data.as_deref()
     }
 
+    /// How many arguments the call was made with (the index bound of [`BypassCall::arg`]).
     pub fn arg_count(&self) -> usize {
         self.args.len()
     }
@@ -244,6 +254,8 @@ impl BypassCall {
 /// A [`Bypass`] saved by [`Bypass::state`], installed again by [`Bypass::from_state`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BypassState {
+    /// The `bypass:` section the bypass was installed with (which functions, their tags and
+    /// `data:` paths); providers and conditions set later are in the maps below.
     pub config: BypassConfig,
     /// Function name → the name of the provider that replaces its bypassed calls.
     pub providers: std::collections::BTreeMap<String, String>,
