@@ -15,10 +15,25 @@ pub enum Error {
     Task(#[from] TaskError),
     /// `get` gave up waiting. When no node could run the task, `infeasible` says why.
     #[error("{task} did not finish within {waited:?}{}", infeasible_note(.infeasible))]
-    Timeout { task: TaskId, waited: Duration, infeasible: Option<String> },
+    Timeout {
+        /// The task waited for.
+        task: TaskId,
+        /// How long `get` waited.
+        waited: Duration,
+        /// Why no node can run it now, when the head said so; `None` when it is queued or
+        /// running.
+        infeasible: Option<String>,
+    },
     /// The value arrived but is not of the type the `ObjectRef` expects.
     #[error("the result of {task} could not be decoded as {type_name}: {message}")]
-    Decode { task: TaskId, type_name: &'static str, message: String },
+    Decode {
+        /// The task whose result it is.
+        task: TaskId,
+        /// The type the `ObjectRef` expects.
+        type_name: &'static str,
+        /// What the decoder said.
+        message: String,
+    },
     /// The connection to the head ended before the result arrived; the text says how it
     /// ended (the head closed it, it could not be taken up again within the grace period ...).
     #[error("lost the connection to the head: {0}")]
@@ -83,7 +98,12 @@ pub enum Error {
     },
     /// A value could not be encoded (MessagePack) to be sent: `what` names it.
     #[error("{what} could not be encoded: {message}")]
-    Encode { what: String, message: String },
+    Encode {
+        /// The value: an argument, a service's constructor arguments, a cache write ...
+        what: String,
+        /// What the encoder said.
+        message: String,
+    },
     /// A blocking call (`get_blocking`, `remote_blocking`) was made on a current-thread tokio
     /// runtime, where it would wait forever for the thread it blocks.
     #[error("a blocking chia call was made on a current-thread tokio runtime; use `.await` instead")]
@@ -92,10 +112,22 @@ pub enum Error {
     #[error(
         "the saved bypass names the {kind} {name} for {function}, which is not linked into this binary; define it with #[chia::{kind}] in a crate this binary links"
     )]
-    NotLinked { kind: &'static str, name: String, function: String },
+    NotLinked {
+        /// `provider` or `condition`.
+        kind: &'static str,
+        /// The provider's or condition's registered name.
+        name: String,
+        /// The function the bypass rule is for.
+        function: String,
+    },
     /// A bypass provider could not read the recorded data of `function`.
     #[error("bypass data of {function}: {message}")]
-    BypassData { function: String, message: String },
+    BypassData {
+        /// The bypassed function.
+        function: String,
+        /// What is wrong with the data.
+        message: String,
+    },
     /// The cache's budget is invalid, or its store could not be opened.
     #[error(transparent)]
     Cache(Arc<chia_cache::CacheError>),
@@ -112,7 +144,16 @@ pub enum Error {
         requested_dir.display(),
         describe_bytes(*requested_budget)
     )]
-    CacheConflict { running_dir: PathBuf, running_budget: u64, requested_dir: PathBuf, requested_budget: u64 },
+    CacheConflict {
+        /// The running cache's directory (on the head).
+        running_dir: PathBuf,
+        /// The running cache's budget, in bytes.
+        running_budget: u64,
+        /// The directory `start_cache` asked for.
+        requested_dir: PathBuf,
+        /// The budget `start_cache` asked for, in bytes.
+        requested_budget: u64,
+    },
     /// A `Bypass` was created on a context that is not a driver's: inside a task (`function`,
     /// of `job`), inside a service's constructor or method, or on a worker's own connection.
     /// A job's bypass is its driver's alone, so it is refused there rather than applied.
@@ -122,9 +163,13 @@ pub enum Error {
         bypass_place(.node, .task, .function, .job)
     )]
     BypassOutsideDriver {
+        /// The node it was created on.
         node: String,
+        /// The task (or service call) it was created in, if any.
         task: Option<TaskId>,
+        /// That task's function, when it is a task of a function.
         function: Option<String>,
+        /// The job that task belongs to.
         job: Option<SessionId>,
     },
     /// The key/value store (`chia::kv`) refused a key or value, or cannot use its file.
@@ -257,32 +302,76 @@ impl From<HeadStartError> for Error {
 pub enum KvError {
     /// The key is empty, too long or holds a control character.
     #[error("kv key {} is not valid: {reason}", shown_key(.key))]
-    BadKey { key: String, reason: String },
+    BadKey {
+        /// The key.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The encoded value is larger than a value may be.
     #[error("the value for kv key {} is {bytes} bytes encoded; a value may have at most {limit}", shown_key(.key))]
-    ValueTooLarge { key: String, bytes: u64, limit: u64 },
+    ValueTooLarge {
+        /// The key.
+        key: String,
+        /// The encoded value's size, in bytes.
+        bytes: u64,
+        /// The most a value may have, in bytes.
+        limit: u64,
+    },
     /// Storing the value would take the store past its bound on keys or bytes.
     #[error("the kv store is full, so {} was not set: {reason}", shown_key(.key))]
-    StoreFull { key: String, reason: String },
+    StoreFull {
+        /// The key that was not set.
+        key: String,
+        /// Which bound it would pass.
+        reason: String,
+    },
     /// The stored value is not of the type asked for.
     #[error("kv key {} does not hold a {expected}: {message}", shown_key(.key))]
-    WrongType { key: String, expected: String, message: String },
+    WrongType {
+        /// The key.
+        key: String,
+        /// The type asked for.
+        expected: String,
+        /// What the decoder said.
+        message: String,
+    },
     /// The value could not be encoded (its `Serialize` failed).
     #[error("the value for kv key {} (a {type_name}) could not be encoded: {message}", shown_key(.key))]
-    Encode { key: String, type_name: String, message: String },
+    Encode {
+        /// The key.
+        key: String,
+        /// The value's type.
+        type_name: String,
+        /// What the encoder said.
+        message: String,
+    },
     /// The change could not be saved to the store's file on the head, so it was not made.
     #[error("cannot save the kv store to {path} on the head: {message}; the change was not made")]
-    Persist { path: String, message: String },
+    Persist {
+        /// The store's file on the head.
+        path: String,
+        /// Why it could not be written.
+        message: String,
+    },
     /// The store's file on the head cannot be read or is damaged: the store does not start
     /// rather than start empty and lose what the file holds.
     #[error(
         "the kv store file {path} on the head cannot be used: {message}. Nothing was changed; restore the \
          file, or move it away to start with an empty store"
     )]
-    Unreadable { path: String, message: String },
+    Unreadable {
+        /// The store's file on the head.
+        path: String,
+        /// What is wrong with it.
+        message: String,
+    },
     /// More watches are waiting on the store than it lets wait at once.
     #[error("{limit} kv watches are waiting already, the most the store lets wait at once")]
-    TooManyWatches { limit: usize },
+    TooManyWatches {
+        /// The most watches that may wait at once.
+        limit: usize,
+    },
 }
 
 /// A key as an error shows it: escaped (a control character is visible), at most 80 characters.
