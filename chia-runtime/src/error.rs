@@ -7,6 +7,11 @@ use std::time::Duration;
 
 /// Everything a call into the runtime can fail with. Match on the kind you handle and keep a
 /// `_` arm: new kinds may be added.
+///
+/// Every message is complete on its own, its cause included, so an error printed with `{}`
+/// says what happened. A kind with an underlying error keeps it, typed, in its `cause` field
+/// (for code to match on) rather than as [`source`](std::error::Error::source), so that a
+/// reporter printing the chain does not say it twice.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -45,50 +50,46 @@ pub enum Error {
         /// The task whose result is gone.
         task: TaskId,
     },
-    /// Joining the cluster at `address` failed; `source` says how, and whether trying again
+    /// Joining the cluster at `address` failed; `cause` says how, and whether trying again
     /// may help ([`JoinError::is_retryable`]).
-    #[error("could not join the cluster at {address}: {source}")]
+    #[error("could not join the cluster at {address}: {cause}")]
     Join {
         /// The head's address, as the cluster file or `CHIA_ADDRESS` gives it.
         address: String,
         /// What went wrong.
-        #[source]
-        source: JoinError,
+        cause: JoinError,
     },
     /// The cluster file (`CHIA_CLUSTER_FILE`, or `cluster.yaml` in the default state
     /// directory when only `CHIA_ADDRESS` is set) cannot be read or holds unusable credentials.
-    #[error("{source}\n({hint})")]
+    #[error("{cause}\n({hint})")]
     ClusterFile {
         /// Why it cannot be used (the error names the file).
-        #[source]
-        source: Arc<dyn std::error::Error + Send + Sync>,
+        cause: Arc<dyn std::error::Error + Send + Sync>,
         /// What to set instead.
         hint: String,
     },
     /// A setting (an environment variable, or what was given to [`Init`](crate::Init)) is not
     /// valid.
-    #[error("{setting}={value:?} is not valid: {source}")]
+    #[error("{setting}={value:?} is not valid: {cause}")]
     Setting {
         /// The setting: the environment variable's name, or the `Init` method.
         setting: String,
         /// The value given.
         value: String,
         /// Why it is not valid.
-        #[source]
-        source: Arc<dyn std::error::Error + Send + Sync>,
+        cause: Arc<dyn std::error::Error + Send + Sync>,
     },
     /// A head (the embedded cluster's, or `chia-head`'s) could not start.
     #[error(transparent)]
     HeadStart(Arc<HeadStartError>),
     /// A message to the head could not be sent: it could not be encoded, or it is larger than
     /// a frame may be. `what` names the message.
-    #[error("could not send {what}: {source}")]
+    #[error("could not send {what}: {cause}")]
     Send {
         /// The message that was not sent.
         what: &'static str,
         /// Why not.
-        #[source]
-        source: Arc<chia_core::protocol::ProtocolError>,
+        cause: Arc<chia_core::protocol::ProtocolError>,
     },
     /// A call that only a service's constructor may make was made elsewhere; `call` names it.
     #[error("{call} can be called only from a service's constructor")]
@@ -198,7 +199,7 @@ pub enum JoinError {
     Connect(#[from] quinn::ConnectError),
     /// The head could not be reached, or the connection broke during the handshake.
     #[error("TLS/QUIC handshake failed: {0}")]
-    Handshake(#[source] quinn::ConnectionError),
+    Handshake(quinn::ConnectionError),
     /// One side refused the other's certificate: the cluster file is another cluster's, or
     /// its member certificate is revoked, expired or not the head's CA's. `explanation` says
     /// which, in words.
@@ -207,8 +208,7 @@ pub enum JoinError {
         /// What was refused, and how to fix it.
         explanation: String,
         /// The connection error the refusal arrived as.
-        #[source]
-        source: quinn::ConnectionError,
+        cause: quinn::ConnectionError,
     },
     /// The head accepted the connection but did not answer the hello (in time, or at all).
     #[error("{0}")]
@@ -228,7 +228,6 @@ pub enum JoinError {
         /// How long joining was tried.
         waited: Duration,
         /// How the last attempt failed.
-        #[source]
         last: Box<JoinError>,
     },
 }
@@ -248,8 +247,9 @@ impl JoinError {
             | JoinError::Connect(_)
             | JoinError::Certificate { .. }
             | JoinError::Rejected { .. }
-            | JoinError::Protocol(_)
-            | JoinError::GaveUp { .. } => false,
+            | JoinError::Protocol(_) => false,
+            // `init` gave up on a head that may still come back.
+            JoinError::GaveUp { last, .. } => last.is_retryable(),
         }
     }
 }
@@ -260,15 +260,14 @@ impl JoinError {
 pub enum HeadStartError {
     /// Its certificates could not be made or loaded, or its TLS configuration failed.
     #[error("the head's credentials: {0}")]
-    Credentials(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Credentials(Box<dyn std::error::Error + Send + Sync>),
     /// It cannot listen on `address`.
-    #[error("cannot listen on {address}: {source}")]
+    #[error("cannot listen on {address}: {cause}")]
     Listen {
         /// The address it was to listen on.
         address: std::net::SocketAddr,
         /// Why not.
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// It was started outside a tokio runtime.
     #[error("the head needs a tokio runtime")]
@@ -277,13 +276,12 @@ pub enum HeadStartError {
     #[error(transparent)]
     Journal(Box<dyn std::error::Error + Send + Sync>),
     /// The journal was read but its records do not make a state the head can resume from.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {cause}", path.display())]
     Recover {
         /// The journal's path.
         path: PathBuf,
         /// What is wrong with its records.
-        #[source]
-        source: chia_head_core::SnapshotError,
+        cause: chia_head_core::SnapshotError,
     },
 }
 

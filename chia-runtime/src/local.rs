@@ -85,7 +85,7 @@ impl Init {
             Ok(text) => text.trim().parse().map_err(|e: std::num::ParseIntError| Error::Setting {
                 setting: env::LOCAL_WORKERS.to_string(),
                 value: text.clone(),
-                source: Arc::new(e),
+                cause: Arc::new(e),
             })?,
             Err(_) => self.local_workers,
         };
@@ -96,7 +96,7 @@ impl Init {
         let resources = Resources::parse(&resources_text).map_err(|e| Error::Setting {
             setting: resources_setting.to_string(),
             value: resources_text.clone(),
-            source: Arc::new(e),
+            cause: Arc::new(e),
         })?;
         let mut offers = Vec::with_capacity(workers);
         for index in 0..workers {
@@ -104,7 +104,7 @@ impl Init {
             let labels = Labels::parse(text).map_err(|e| Error::Setting {
                 setting: format!("Init::local_labels (of the embedded worker local-{})", index + 1),
                 value: text.to_string(),
-                source: Arc::new(e),
+                cause: Arc::new(e),
             })?;
             offers.push(NodeOffer { resources: resources.clone(), labels });
         }
@@ -130,7 +130,7 @@ fn credentials_from_env() -> Result<Option<ClusterCredentials>, Error> {
         None => return Ok(None),
     };
     let mut credentials = ClusterCredentials::load(&file).map_err(|e| Error::ClusterFile {
-        source: Arc::new(e),
+        cause: Arc::new(e),
         hint: format!(
             "set {} to the cluster.yaml written by chia-head, or unset {} to use an embedded cluster",
             env::CLUSTER_FILE,

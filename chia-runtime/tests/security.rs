@@ -65,7 +65,7 @@ async fn a_client_of_another_cluster_is_rejected_in_the_handshake() {
         Err(error) => error,
     };
     assert!(
-        matches!(&error, chia::Error::Join { source: chia::JoinError::Certificate { .. }, .. })
+        matches!(&error, chia::Error::Join { cause: chia::JoinError::Certificate { .. }, .. })
             && error.to_string().contains("is not the cluster of"),
         "{error}"
     );

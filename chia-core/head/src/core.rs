@@ -585,12 +585,17 @@ impl HeadCore {
             let mut functions = offer.functions;
             functions.extend(offer.services.iter().map(instance_function));
             let labels = offer.labels;
-            self.feed(Event::NodeJoined { node, name, resources: offer.resources, functions, labels });
+            // A successor joins paused until its predecessor is closed (below), so that nothing
+            // is placed on both as if they were two machines.
+            let paused = !predecessors.is_empty();
+            let resources = offer.resources;
+            self.feed(Event::NodeJoined { node, name, resources, functions, labels, paused });
             if self.head_node == Some(node) && !self.services.to_restore.is_empty() {
                 let kept = std::mem::take(&mut self.services.to_restore);
                 self.restore_services(now, kept);
             }
         }
+        let replaced = !predecessors.is_empty();
         for old in predecessors {
             let host = host.unwrap_or_default();
             tracing::warn!(
@@ -601,6 +606,10 @@ impl HeadCore {
                 &format!("replaced by a worker named {replacing} that joined from {host}"),
                 CloseCode::Replaced,
             );
+        }
+        if let Some(node) = node.filter(|_| replaced) {
+            // What the predecessors ran is queued again by now: it comes first.
+            self.feed(Event::NodeResumed { node });
         }
         Ok(session)
     }

@@ -244,7 +244,7 @@ impl Client {
         offer: Option<WorkerOffer>,
     ) -> Result<(Arc<Client>, mpsc::UnboundedReceiver<Execution>), Error> {
         let address = credentials.address.clone();
-        let join = |source: JoinError| Error::Join { address: address.clone(), source };
+        let join = |cause: JoinError| Error::Join { address: address.clone(), cause };
         let peer: SocketAddr = tokio::net::lookup_host(&address)
             .await
             .map_err(|e| join(JoinError::Resolve(Arc::new(e))))?
@@ -265,7 +265,7 @@ impl Client {
         // once our side of the handshake is done, at the first stream or the first answer.
         let refused = |error: &quinn::ConnectionError| {
             crate::net::tls::explain_connection_error(error, credentials)
-                .map(|explanation| JoinError::Certificate { explanation, source: error.clone() })
+                .map(|explanation| JoinError::Certificate { explanation, cause: error.clone() })
         };
         let broken = |connection: &quinn::Connection, otherwise: JoinError| {
             join(connection.close_reason().and_then(|e| refused(&e)).unwrap_or(otherwise))
@@ -284,7 +284,7 @@ impl Client {
                 name: name.to_string(),
                 worker: offer,
             })
-            .map_err(|e| join(JoinError::Protocol(format!("the hello could not be encoded: {e}"))))?;
+            .map_err(|e| Error::Send { what: "the hello", cause: Arc::new(e) })?;
         let mut reader = FrameReader::new(recv);
         let (session, node, node_name, heartbeat_ms, resume) =
             match first_answer(&mut reader).await.map_err(|error| broken(&connection, error))? {
@@ -347,15 +347,15 @@ impl Client {
         let backoff = crate::util::Backoff::default();
         for attempt in 0.. {
             match Client::connect(credentials, name, offer.clone()).await {
-                Err(Error::Join { address, source }) if source.is_retryable() => {
+                Err(Error::Join { address, cause }) if cause.is_retryable() => {
                     let wait = backoff.delay(attempt);
                     if std::time::Instant::now() + wait >= deadline {
-                        let source = JoinError::GaveUp { waited: patience, last: Box::new(source) };
-                        return Err(Error::Join { address, source });
+                        let cause = JoinError::GaveUp { waited: patience, last: Box::new(cause) };
+                        return Err(Error::Join { address, cause });
                     }
                     if attempt == 0 {
                         tracing::warn!(
-                            "could not join the cluster at {address}: {source}; trying again for up to {patience:?}"
+                            "could not join the cluster at {address}: {cause}; trying again for up to {patience:?}"
                         );
                     }
                     tokio::time::sleep(wait).await;

@@ -387,9 +387,9 @@ fn drop_worker_descriptors(keep: i32) {
     for fd in open.into_iter().filter(|&fd| fd > 2 && fd != keep) {
         // SAFETY: these are the worker's descriptors, copied by the fork; the handles that own
         // them are the worker's, which the sentinel never drops (it never returns). The
-        // sentinel has one thread and, past this point, holds no descriptor but `keep`, stderr
-        // and short-lived ones inside single file calls, so a stale handle still used (a log
-        // writer) finds its number closed, never reused by another file.
+        // sentinel has one thread and no code it runs uses those handles: it reads `keep`,
+        // logs to stderr (2, kept) and opens short-lived files of its own (which may take a
+        // closed number, and are the only users of it then).
         unsafe { libc::close(fd) };
     }
 }

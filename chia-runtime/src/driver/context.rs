@@ -169,7 +169,7 @@ impl Context {
         };
         self.client
             .send(&PeerToHead::WatchResults { task, method: method.to_string(), rules })
-            .map_err(|e| Error::Send { what: "the result watch", source: Arc::new(e) })
+            .map_err(|e| Error::Send { what: "the result watch", cause: Arc::new(e) })
     }
 
     /// From a service's constructor: report `source`'s figures (counters and gauges) with the
@@ -317,7 +317,7 @@ impl<T> ObjectRef<T> {
         let client = &self.inner.client;
         client
             .send(&PeerToHead::Cancel { task: self.inner.task, force })
-            .map_err(|e| Error::Send { what: "the cancel", source: Arc::new(e) })
+            .map_err(|e| Error::Send { what: "the cancel", cause: Arc::new(e) })
     }
 
     fn is_ready(&self, waiter: &Arc<Notify>) -> bool {

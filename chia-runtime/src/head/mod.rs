@@ -182,7 +182,7 @@ pub async fn start_head_with(
     let server = credentials
         .server_config_checked(revocations)
         .map_err(|e| HeadStartError::Credentials(Box::new(e)))?;
-    let cannot_listen = |source: std::io::Error| HeadStartError::Listen { address: listen, source };
+    let cannot_listen = |cause: std::io::Error| HeadStartError::Listen { address: listen, cause };
     let socket = std::net::UdpSocket::bind(listen).map_err(cannot_listen)?;
     let runtime = quinn::default_runtime().ok_or(HeadStartError::NoRuntime)?;
     let endpoint = quinn::Endpoint::new(credentials.endpoint_config(), Some(server), socket, runtime)
@@ -208,7 +208,7 @@ pub async fn start_head_with(
             // The grace period starts once the journal is read, however long that took.
             let journal_path = state_dir.join("journal");
             let (mut core, recovery) = HeadCore::recover(Instant::now(), core_options, opened.entries)
-                .map_err(|source| HeadStartError::Recover { path: journal_path.clone(), source })?;
+                .map_err(|cause| HeadStartError::Recover { path: journal_path.clone(), cause })?;
             let services = persist::ServiceFile::in_dir(state_dir);
             core.restore_services(now, services.read());
             if recovered {

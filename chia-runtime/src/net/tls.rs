@@ -434,10 +434,10 @@ impl ClientCertVerifier for CheckedClientVerifier {
     }
 }
 
-/// Part of every error saying the head is another cluster's (a member does not retry it).
-pub const NOT_THIS_CLUSTER: &str = "is not the cluster of";
-/// Part of every error saying the head refused a member's certificate (not retried either).
-pub const CERTIFICATE_REFUSED: &str = "refused the member certificate of";
+/// Part of every error saying the head is another cluster's.
+const NOT_THIS_CLUSTER: &str = "is not the cluster of";
+/// Part of every error saying the head refused a member's certificate.
+const CERTIFICATE_REFUSED: &str = "refused the member certificate of";
 
 /// What a failed connection to the head means for a member holding `credentials`, when it
 /// failed on a certificate: rustls only names the check that failed (`BadSignature`), not

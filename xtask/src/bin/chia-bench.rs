@@ -234,6 +234,15 @@ async fn run(bench: &mut Bench) -> BenchResult<()> {
     if bench.wants(&SMALL_CACHE_FIGURES) || bench.wants(&LARGE_CACHE_FIGURES) {
         cache_figures(bench).await?;
     }
+    if bench.wants(&["cache_auto_write_overhead_us"]) {
+        let overhead = auto_write_overhead(bench.count(1_000)).await?;
+        bench.record_noted(
+            "cache_auto_write_overhead_us",
+            overhead,
+            "us",
+            "p50 of a cached, tagged empty task minus an untagged one (Durability::None: the hop, not the fsync)",
+        );
+    }
     if bench.wants(&["head_rss_mb_100k_queued", "head_bytes_per_queued_task"]) {
         match bench.args.head_bin.clone() {
             Some(head_bin) => {
@@ -612,6 +621,37 @@ async fn bypass_figures(calls: usize, pipelined: usize) -> BenchResult<(f64, f64
     Ok((bypassed, percentile(&mut samples, 0.5), rate))
 }
 
+/// What an automatic cache write adds to a call: a configured function's tagged calls are
+/// written to the cache before their owner hears of the result, untagged ones are not. One call
+/// at a time; each tagged call has a tag of its own, so each is written.
+async fn auto_write_overhead(calls: usize) -> BenchResult<f64> {
+    use chia::cache::{CacheOptions, Durability, start_cache};
+    let (_cluster, cx) = cluster(1).await?;
+    let dir = tempfile::tempdir()?;
+    let yaml = dir.path().join("cache.yaml");
+    std::fs::write(&yaml, "cache:\n  empty: true\n")?;
+    let options = CacheOptions::in_dir(dir.path().join("store"))
+        .size(1.0, "GiB")
+        .yaml_path(&yaml)
+        .durability(Durability::None);
+    let cache = start_cache(&cx, options).await?;
+    let mut untagged = Vec::with_capacity(calls);
+    let mut tagged = Vec::with_capacity(calls);
+    for i in 0..calls {
+        let started = Instant::now();
+        empty::remote(&cx).get().await?;
+        untagged.push(started.elapsed().as_secs_f64() * 1e6);
+        let tag = format!("auto{i}");
+        let started = Instant::now();
+        empty::call().tag(&tag).remote(&cx).get().await?;
+        tagged.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    if !cache.has(&format!("auto{}", calls - 1)).await? {
+        return Err("a tagged call of a cached function was not written to the cache".into());
+    }
+    Ok(percentile(&mut tagged, 0.5) - percentile(&mut untagged, 0.5))
+}
+
 async fn cache_figures(bench: &mut Bench) -> BenchResult<()> {
     use chia::cache::{CacheOptions, start_cache, stop_cache};
     let small = bench.count(10_000);
@@ -772,6 +812,7 @@ fn scheduler_decisions(nodes: u64, tasks: usize) -> f64 {
                 resources: resources("CPU=8,adder=8"),
                 functions: vec![function.clone()],
                 labels: Default::default(),
+                paused: false,
             },
         );
     }

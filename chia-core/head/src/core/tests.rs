@@ -332,6 +332,46 @@ fn a_service_on_a_replaced_worker_restarts_on_its_successor_rather_than_failing_
 }
 
 #[test]
+fn a_group_is_not_placed_on_a_successor_and_its_predecessor_as_if_two_machines() {
+    use chia_core::placement::{GroupId, GroupStrategy};
+    let mut env = Env::with(journaled());
+    let busy = env.worker_from("10.0.0.1:41000", "w1", "CPU=1", &["f"]);
+    let driver = env.driver();
+    // w1 is busy: three distinct free nodes are not there yet, so the group waits.
+    let running = env.submit(driver, 1, "f", vec![]);
+    assert_eq!(executes(&env.to(busy)), [(running, 1)]);
+    env.worker_from("10.0.0.3:41000", "w3", "CPU=1", &["f"]);
+    let old = env.worker_from("10.0.0.7:41000", "host", "CPU=1", &[]);
+    let group = TaskId::new(driver, 2);
+    env.send(driver, group_spec(group, &["CPU=1", "CPU=1", "CPU=1"], GroupStrategy::StrictSpread));
+    env.to(driver);
+    let ready = TaskId::new(driver, 3);
+    env.send(driver, PeerToHead::GroupReady { task: ready, group: GroupId(group) });
+    assert!(dones(&env.to(driver)).is_empty(), "waiting for room");
+    // The successor must not count as a fourth machine beside the predecessor it replaces.
+    env.worker_from("10.0.0.7:41001", "host", "CPU=1", &[]);
+    assert_eq!(env.closed, [old]);
+    let answer = dones(&env.to(driver));
+    assert!(answer.is_empty(), "still waiting for w1, not placed twice on one host: {answer:?}");
+}
+
+#[test]
+fn a_replaced_workers_running_task_runs_again_before_tasks_queued_after_it() {
+    let mut env = Env::with(journaled());
+    let old = env.worker_from("10.0.0.7:41000", "host", "CPU=1", &["f"]);
+    let driver = env.driver();
+    let first = env.submit(driver, 1, "f", vec![]);
+    assert_eq!(executes(&env.to(old)), [(first, 1)]);
+    env.send(old, PeerToHead::Started { task: first, attempt: 1 });
+    let second = env.submit(driver, 2, "f", vec![]);
+    assert!(executes(&env.to(old)).is_empty(), "queued behind the first");
+    let new = env.worker_from("10.0.0.7:41001", "host", "CPU=1", &["f"]);
+    assert_eq!(executes(&env.to(new)), [(first, 2)], "the lost run comes first, in submission order");
+    env.send(new, PeerToHead::Finished { task: first, attempt: 2, outcome: Outcome::Value(value(1)) });
+    assert_eq!(executes(&env.to(new)), [(second, 1)], "then the one queued after it");
+}
+
+#[test]
 fn a_worker_given_a_suffix_is_replaced_by_what_it_asked_for_not_by_its_suffix() {
     let mut env = Env::new();
     let first = env.worker_from("10.0.0.1:5000", "w", "CPU=1", &["f"]);

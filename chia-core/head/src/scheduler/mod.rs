@@ -55,15 +55,21 @@ pub enum Event {
     NodeJoined {
         /// The id the head gave it.
         node: NodeId,
-        /// Its unique name (the affinity resource is `node:<name>`).
+        /// Its name (the affinity resource is `node:<name>`): unique, but for the moment a
+        /// successor that took its predecessor's name joins before the predecessor is lost.
         name: String,
-        /// What it offers in all, without `node:<name>`.
+        /// What it offers in all; `node:<name>` = 1 is added unless it is there already.
         resources: Resources,
         /// Functions and service types (`service:<Type>`) it can run, with their signatures.
         functions: Vec<FunctionKey>,
         /// The labels its worker offers.
         #[serde(default)]
         labels: Labels,
+        /// It joins paused (as after [`Event::NodePaused`]) and takes nothing until
+        /// [`Event::NodeResumed`]: a worker replacing its predecessor joins so, so that what
+        /// the predecessor ran is queued again before the successor is filled.
+        #[serde(default)]
+        paused: bool,
     },
     /// A worker disconnected; it and what ran there are lost. Its tasks run again elsewhere
     /// while they have attempts left.
@@ -563,8 +569,13 @@ impl Scheduler {
     pub fn handle(&mut self, now: Instant, event: Event) {
         self.last_event = Some(now);
         match event {
-            Event::NodeJoined { node, name, resources, functions, labels } => {
-                self.node_joined(now, node, name, resources, functions, labels)
+            Event::NodeJoined { node, name, resources, functions, labels, paused } => {
+                self.node_joined(now, node, name, resources, functions, labels);
+                if paused {
+                    self.set_paused(node, true);
+                } else {
+                    self.offer_joined(node);
+                }
             }
             Event::NodeLost { node } => self.nodes_lost(&[node]),
             Event::NodeHeard { node } => self.node_heard(node, now),
@@ -773,7 +784,12 @@ impl Scheduler {
                 node.shapes.push(s);
             }
         }
-        // Pending groups get the new room before queued tasks do.
+    }
+
+    /// A node that joined (not paused) is offered what waits: pending groups get its room
+    /// before queued tasks do.
+    fn offer_joined(&mut self, id: NodeId) {
+        let Some(&n) = self.node_index.get(&id) else { return };
         self.place_groups(true);
         self.fill_node(n);
     }

@@ -61,6 +61,7 @@ impl Env {
             resources,
             functions,
             labels,
+            paused: false,
         })
     }
 
@@ -1012,6 +1013,7 @@ fn hearing_from_a_node_moves_its_deadline() {
             resources: res("CPU=1"),
             functions: vec![key("f")],
             labels: Labels::new(),
+            paused: false,
         },
     );
     // Both count as heard when node 4 joined, and come after it in the list.
@@ -1246,6 +1248,7 @@ impl Env {
             resources,
             functions,
             labels,
+            paused: false,
         })
     }
 

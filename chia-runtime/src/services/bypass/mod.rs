@@ -419,7 +419,7 @@ impl Bypass {
             self.cx
                 .client()
                 .send(&PeerToHead::SetJobSettings(JobSettings { job, revision, settings }))
-                .map_err(|e| Error::Send { what: "the bypass plan", source: Arc::new(e) })?;
+                .map_err(|e| Error::Send { what: "the bypass plan", cause: Arc::new(e) })?;
         }
         self.own.install((!plan.is_empty()).then(|| Arc::new(plan)));
         Ok(())
