@@ -437,9 +437,16 @@ impl Scheduler {
             }
             GroupStrategy::Pack | GroupStrategy::Spread => {
                 let sum: Resources = sum_resources(todo.iter().map(|&b| &group.bundles[b]));
-                format!(
-                    "its {k} bundle(s) need {sum} in all, more than the connected nodes can hold together"
-                )
+                let total = sum_resources(nodes.iter().map(|node| &node.capacity));
+                if total.covers(&sum) {
+                    format!(
+                        "its {k} bundle(s) need {sum} in all, and no way the scheduler tried of dividing them among the connected nodes gives each the room it needs"
+                    )
+                } else {
+                    format!(
+                        "its {k} bundle(s) need {sum} in all, more than the connected nodes can hold together"
+                    )
+                }
             }
         }
     }
@@ -534,7 +541,6 @@ fn assign(
     let mut todo: Vec<usize> = (0..needs.len()).filter(|&b| at[b].is_none()).collect();
     // Largest first, so a greedy pass does not fill a node with small bundles a large one needed.
     todo.sort_by_key(|&b| (std::cmp::Reverse(needs[b].iter().map(|&(_, a)| a).sum::<u64>()), b));
-    let count_on = |at: &[Option<usize>], p: usize| at.iter().filter(|&&q| q == Some(p)).count();
     match strategy {
         GroupStrategy::StrictPack | GroupStrategy::Pack => {
             let sum = sum_needs(todo.iter().map(|&b| &needs[b]));
@@ -548,16 +554,8 @@ fn assign(
                 for &b in &todo {
                     at[b] = Some(p);
                 }
-            } else if strategy == GroupStrategy::StrictPack {
+            } else if strategy == GroupStrategy::StrictPack || !share(&todo, needs, pools, &mut at, true) {
                 return None;
-            } else {
-                for &b in &todo {
-                    let p = (0..pools.len())
-                        .filter(|&p| pools[p].1.fits(&needs[b]))
-                        .min_by_key(|&p| std::cmp::Reverse(count_on(&at, p)))?;
-                    pools[p].1.take(&needs[b]);
-                    at[b] = Some(p);
-                }
             }
         }
         GroupStrategy::StrictSpread | GroupStrategy::Spread => {
@@ -574,20 +572,82 @@ fn assign(
                     pools[matched[i]].1.take(&needs[b]);
                     at[b] = Some(matched[i]);
                 }
-            } else if strategy == GroupStrategy::StrictSpread {
+            } else if strategy == GroupStrategy::StrictSpread || !share(&todo, needs, pools, &mut at, false) {
                 return None;
-            } else {
-                for &b in &todo {
-                    let p = (0..pools.len())
-                        .filter(|&p| pools[p].1.fits(&needs[b]))
-                        .min_by_key(|&p| count_on(&at, p))?;
-                    pools[p].1.take(&needs[b]);
-                    at[b] = Some(p);
-                }
             }
         }
     }
     at.into_iter().map(|p| p.map(|p| pools[p].0)).collect()
+}
+
+/// How many placements of one bundle [`share`] may try for a group before it gives up: a
+/// group of a few bundles on a small cluster is searched to the end, a larger one as far as
+/// this goes.
+const SHARE_BUDGET: u32 = 1024;
+
+/// Places each bundle of `todo` on a pool with room for it, pools shared, and records it in
+/// `at`; false (`at` as it was) if none is found. The first choice of each bundle is the
+/// greedy one — the pool holding the most of the group's bundles with `pack`, the fewest
+/// without, ties to the first pool — and where that strands a later bundle the others are
+/// tried, depth first, up to [`SHARE_BUDGET`] placements: a first fit can take what a later
+/// bundle of other resources needed (`CPU=2` onto the only gpu node, then `CPU=0.5,gpu=1`
+/// has nowhere to go, though `CPU=2` fits the other node).
+fn share(
+    todo: &[usize],
+    needs: &[Need],
+    pools: &mut [(NodeSlot, Pool)],
+    at: &mut [Option<usize>],
+    pack: bool,
+) -> bool {
+    // What does not fit at all, or not in the pools' room together, is not searched for.
+    if todo.iter().any(|&b| !pools.iter().any(|(_, pool)| pool.fits(&needs[b]))) {
+        return false;
+    }
+    let sum = sum_needs(todo.iter().map(|&b| &needs[b]));
+    let short = sum.iter().any(|&(res, amount)| {
+        let free: u64 = pools
+            .iter()
+            .map(|(_, pool)| pool.free().find(|&(r, _)| r == res).map_or(0, |(_, free)| free))
+            .fold(0, u64::saturating_add);
+        free < amount
+    });
+    if short {
+        return false;
+    }
+    let mut budget = SHARE_BUDGET;
+    share_from(todo, needs, pools, at, pack, &mut budget)
+}
+
+fn share_from(
+    todo: &[usize],
+    needs: &[Need],
+    pools: &mut [(NodeSlot, Pool)],
+    at: &mut [Option<usize>],
+    pack: bool,
+    budget: &mut u32,
+) -> bool {
+    let Some((&b, rest)) = todo.split_first() else { return true };
+    let count_on = |at: &[Option<usize>], p: usize| at.iter().filter(|&&q| q == Some(p)).count();
+    let mut candidates: Vec<usize> = (0..pools.len()).filter(|&p| pools[p].1.fits(&needs[b])).collect();
+    if pack {
+        candidates.sort_by_key(|&p| std::cmp::Reverse(count_on(at, p)));
+    } else {
+        candidates.sort_by_key(|&p| count_on(at, p));
+    }
+    for p in candidates {
+        if *budget == 0 {
+            return false;
+        }
+        *budget -= 1;
+        pools[p].1.take(&needs[b]);
+        at[b] = Some(p);
+        if share_from(rest, needs, pools, at, pack, budget) {
+            return true;
+        }
+        pools[p].1.give_back(&needs[b], None);
+        at[b] = None;
+    }
+    false
 }
 
 /// A matching of each entry of `candidates` (a bundle) to a distinct one of its candidate

@@ -1532,3 +1532,33 @@ impl Env {
         })
     }
 }
+
+/// Found by the simulator's exhaustive check: PACK and SPREAD, when the bundles cannot all
+/// go on one node (on distinct nodes), placed each bundle, largest first, on the first node
+/// with room. `CPU=2` took the only gpu node, `CPU=0.5,gpu=1` then had nowhere to go, and the
+/// group was reported infeasible ("more than the connected nodes can hold together") though
+/// `CPU=2` fits the other node.
+#[test]
+fn a_group_that_fits_only_one_way_is_placed_not_reported_infeasible() {
+    let mut env = Env::new();
+    env.join(1, "CPU=2,gpu=1", &["f"]);
+    env.join(2, "CPU=2", &["f"]);
+    let commands = env.create_group(1, &["CPU=2", "CPU=0.5,gpu=1"], GroupStrategy::Pack);
+    assert_eq!(commands, [Command::GroupPlaced { group: group(1), nodes: vec!["w2".into(), "w1".into()] }]);
+    env.event(Event::GroupRemoved { group: group(1) });
+    // SPREAD of more bundles than nodes shares them the same way.
+    let commands = env.create_group(2, &["CPU=2", "CPU=0.5,gpu=1", "CPU=0.5"], GroupStrategy::Spread);
+    let nodes = vec!["w2".into(), "w1".into(), "w1".into()];
+    assert_eq!(commands, [Command::GroupPlaced { group: group(2), nodes }]);
+    env.event(Event::GroupRemoved { group: group(2) });
+    // What no division can hold is still reported, and says why.
+    let infeasible = |commands: &[Command]| match commands {
+        [Command::GroupInfeasible { reason, .. }] => reason.clone(),
+        other => panic!("{other:?}"),
+    };
+    let reason = infeasible(&env.create_group(3, &["CPU=1.5", "CPU=1.5", "CPU=1.5"], GroupStrategy::Pack));
+    assert!(reason.contains("more than the connected nodes can hold together"), "{reason}");
+    let reason = infeasible(&env.create_group(4, &["CPU=1.5", "CPU=1.5", "CPU=1"], GroupStrategy::Spread));
+    assert!(reason.contains("no way the scheduler tried of dividing them"), "{reason}");
+    env.sched.check_groups().unwrap();
+}

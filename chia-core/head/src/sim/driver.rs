@@ -13,7 +13,9 @@ use super::resume::Tracker;
 use super::rng::Rng;
 use super::worker::{Effects, TaskFacts};
 use crate::INLINE_RESULT_BYTES;
-use chia_core::placement::{Labels, Placement, Strategy};
+use chia_core::placement::{
+    BundleRef, GroupId, GroupProblem, GroupSpec, GroupStrategy, Labels, Placement, Strategy,
+};
 use chia_core::protocol::{
     Arg, Done, Outcome, PROTOCOL_VERSION, PeerToHead, ResumeSession, ServiceInfo, ServiceStart, TaskSpec,
     UnansweredStart,
@@ -37,6 +39,67 @@ pub(crate) struct Habits {
     pub(crate) faults: bool,
     /// How long an infeasible task may wait for a node before the driver gives up on it.
     pub(crate) patience: Micros,
+    /// Some drivers create placement groups and run tasks in them.
+    pub(crate) groups: bool,
+}
+
+/// A placement group a driver created.
+struct DriverGroup {
+    id: GroupId,
+    bundles: Vec<Resources>,
+    /// Created without bundles on purpose: the head refuses it and never holds it.
+    invalid: bool,
+    /// What the latest answer to `GroupReady` said.
+    state: GroupState,
+    /// When the `GroupReady` still unanswered was sent.
+    asking: Option<Micros>,
+    /// It sent `RemoveGroup`: its tasks may end removed or cancelled, later ones are refused.
+    removing: bool,
+    /// Left to its job's end rather than removed when the driver drains.
+    leave: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GroupState {
+    /// No answer to `GroupReady` yet.
+    Unanswered,
+    /// Every bundle is reserved.
+    Ready,
+    /// The connected nodes cannot hold it.
+    Infeasible,
+}
+
+/// A function task submitted into a bundle of one of the driver's groups.
+#[derive(Clone, Copy, Debug)]
+struct InGroup {
+    /// Index into the driver's groups.
+    group: u16,
+    /// The bundle it names (`None`: any bundle of the group).
+    bundle: Option<u32>,
+    /// How the head must refuse it at submission, if it cannot run in that bundle.
+    refused: Option<Refusal>,
+}
+
+/// Why the head refuses a task submitted into a group, as the driver predicts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refusal {
+    /// The group was removed (or never created) before the task was submitted.
+    Unknown,
+    /// It names a bundle the group does not have.
+    NoSuchBundle,
+    /// It requests more than its bundle (or every bundle) reserves.
+    TooSmall,
+}
+
+impl Refusal {
+    fn is(self, problem: &GroupProblem) -> bool {
+        matches!(
+            (self, problem),
+            (Refusal::Unknown, GroupProblem::Unknown)
+                | (Refusal::NoSuchBundle, GroupProblem::NoSuchBundle { .. })
+                | (Refusal::TooSmall, GroupProblem::TooSmall { .. })
+        )
+    }
 }
 
 enum Kind {
@@ -52,6 +115,8 @@ enum Kind {
         job_revision: u64,
         /// Index into [`model::LABEL_ASKS`] of the labels it asks for.
         labels: Option<u8>,
+        /// The bundle of a placement group it runs in.
+        in_group: Option<InGroup>,
     },
     ServiceStart {
         namespace: u8,
@@ -70,6 +135,20 @@ enum Kind {
     Lookup {
         namespace: u8,
         name: u8,
+    },
+    /// `CreateGroup` of the driver's group at this index: answered at once, and not waited
+    /// for (after a head restart the answer may not come again if the group went meanwhile).
+    GroupCreate {
+        group: u16,
+    },
+    /// `GroupReady`; `after_removal`: sent once the group was removed (or refused), so it
+    /// must be answered that the head does not know it.
+    GroupReady {
+        group: u16,
+        after_removal: bool,
+    },
+    GroupRemove {
+        group: u16,
     },
 }
 
@@ -95,6 +174,8 @@ struct DriverTask {
     released_early: bool,
     cancelled: bool,
     outcomes: u8,
+    /// The driver waits for its answer (a group's creation it does not: see [`Kind::GroupCreate`]).
+    awaited: bool,
 }
 
 type Result<T = ()> = std::result::Result<T, String>;
@@ -130,13 +211,31 @@ pub(crate) struct SimDriver {
     pub(crate) track: Tracker,
     /// Tasks told `Stored` whose announcement a resume asked for again.
     reannounced: BTreeSet<u64>,
-    /// Stops sent again after a resume, by sequence number: how many more answers each may get.
+    /// Stops and group removals sent again after a resume, by sequence number: how many more
+    /// answers each may get.
     resent_stops: BTreeMap<u64, u32>,
     /// Each service start as sent (by seq), for the `Resume` while it is unanswered, as the
     /// client does.
     starts: BTreeMap<u64, ServiceStart>,
     /// Answers to stops sent again that came after the stop was answered already.
     pub(crate) repeated_answers: u64,
+    /// Its own stream for its placement-group program, so the rest of its choices are drawn
+    /// as they were before it had one.
+    groups_rng: Rng,
+    /// It creates placement groups (decided from the seed).
+    uses_groups: bool,
+    groups: Vec<DriverGroup>,
+    /// While draining: how many answers it awaited, and since when (see `group_round`).
+    progress: (usize, Micros),
+    /// Finished with groups left to its job's end: the program ends (its session closes,
+    /// and the groups go with its job) as soon as the head can be told.
+    pub(crate) exit_pending: bool,
+    /// Its program ended with groups left to its job's end: its session is closed.
+    pub(crate) exited: bool,
+    /// Function tasks it submitted into groups, by submission time: given up on (cancelled)
+    /// if still unanswered after twice its patience (another group may hold the room theirs
+    /// needs for as long as its job lasts).
+    group_tasks: VecDeque<(Micros, u64)>,
 }
 
 fn root_cause(error: &TaskError) -> &TaskError {
@@ -153,7 +252,8 @@ fn same_cause(dependency_error: &TaskError, cause: &TaskError) -> bool {
 }
 
 impl SimDriver {
-    pub(crate) fn new(index: usize, conn: usize, rng: Rng, habits: Habits) -> SimDriver {
+    pub(crate) fn new(index: usize, conn: usize, rng: Rng, mut groups_rng: Rng, habits: Habits) -> SimDriver {
+        let uses_groups = habits.groups && groups_rng.chance(600);
         SimDriver {
             index,
             conn,
@@ -178,6 +278,13 @@ impl SimDriver {
             resent_stops: BTreeMap::new(),
             starts: BTreeMap::new(),
             repeated_answers: 0,
+            groups_rng,
+            uses_groups,
+            groups: Vec::new(),
+            progress: (0, 0),
+            exit_pending: false,
+            exited: false,
+            group_tasks: VecDeque::new(),
         }
     }
 
@@ -258,6 +365,25 @@ impl SimDriver {
         }
     }
 
+    /// The group and bundle function task `seq` runs in, if it was submitted into one the head
+    /// accepts it for.
+    pub(crate) fn task_bundle(&self, seq: u64) -> Option<(GroupId, Option<u32>)> {
+        match self.task(seq)?.kind {
+            Kind::Function { in_group: Some(InGroup { group, bundle, refused: None }), .. } => {
+                Some((self.groups.get(usize::from(group))?.id, bundle))
+            }
+            _ => None,
+        }
+    }
+
+    /// The group request `seq` asked `GroupReady` of.
+    pub(crate) fn ready_of(&self, seq: u64) -> Option<GroupId> {
+        match self.task(seq)?.kind {
+            Kind::GroupReady { group, .. } => Some(self.groups.get(usize::from(group))?.id),
+            _ => None,
+        }
+    }
+
     /// Whether `seq` is a service start, lookup (answered with a [`ServiceInfo`]) or stop.
     pub(crate) fn is_service_request(&self, seq: u64) -> bool {
         self.task(seq).is_some_and(|t| matches!(t.kind, Kind::ServiceStart { .. } | Kind::Lookup { .. }))
@@ -279,12 +405,30 @@ impl SimDriver {
             released_early: false,
             cancelled: false,
             outcomes: 0,
+            awaited: true,
         });
         self.held.push(self.tasks.len() as u64);
         self.awaiting += 1;
         if function {
             self.awaiting_functions += 1;
             self.submitted += 1;
+        }
+    }
+
+    /// A placement-group request: no object to hold, and waited for if `awaited`.
+    fn add_request(&mut self, kind: Kind, awaited: bool) {
+        self.tasks.push(DriverTask {
+            kind,
+            deps: Box::new([]),
+            state: State::Pending,
+            held: false,
+            released_early: false,
+            cancelled: false,
+            outcomes: 0,
+            awaited,
+        });
+        if awaited {
+            self.awaiting += 1;
         }
     }
 
@@ -322,10 +466,11 @@ impl SimDriver {
         (args, deps, digests)
     }
 
-    fn submit_function(&mut self, fx: &mut Effects<DriverTimer>, catalog: &Catalog) {
+    fn submit_function(&mut self, fx: &mut Effects<DriverTimer>, now: Micros, catalog: &Catalog) {
         let Some((_, task)) = self.next_id() else { return };
         let function = if self.rng.chance(5) { GHOST } else { self.rng.weighted(&catalog.function_weights) };
-        let request = self.rng.weighted(&catalog.request_weights);
+        let mut request = self.rng.weighted(&catalog.request_weights);
+        let in_group = self.pick_bundle(&mut request, catalog);
         let retry_exceptions = self.rng.chance(300);
         // Unlimited retries of application errors would run a function that always fails
         // for ever; nobody who means to wait for the result asks for that.
@@ -359,7 +504,10 @@ impl SimDriver {
                 Labels::parse(model::LABEL_ASKS[usize::from(l)]).unwrap_or_default()
             }),
             strategy,
-            group: None,
+            group: in_group.and_then(|ig| {
+                let id = self.groups.get(usize::from(ig.group))?.id;
+                Some(BundleRef { group: id, bundle: ig.bundle })
+            }),
         };
         fx.sends.push(PeerToHead::Submit(TaskSpec {
             task,
@@ -384,8 +532,197 @@ impl SimDriver {
             tag,
             job_revision: self.job_revision,
             labels,
+            in_group,
         };
+        if in_group.is_some_and(|ig| ig.refused.is_none()) {
+            self.group_tasks.push_back((now, task.seq()));
+        }
         self.add(kind, deps);
+    }
+
+    /// Now and then, a bundle of one of its groups for the task about to be submitted, with a
+    /// request (`request`, an index) the bundle can hold; now and then on purpose one the head
+    /// must refuse (a bundle the group lacks, a request larger than the bundle, a group removed).
+    fn pick_bundle(&mut self, request: &mut usize, catalog: &Catalog) -> Option<InGroup> {
+        if !self.uses_groups || self.groups.is_empty() {
+            return None;
+        }
+        let rng = &mut self.groups_rng;
+        if !rng.chance(400) {
+            return None;
+        }
+        let g = rng.below(self.groups.len() as u64) as usize;
+        let group = &self.groups[g];
+        let usable = !group.invalid
+            && match group.state {
+                GroupState::Ready => !group.removing || rng.chance(100),
+                GroupState::Infeasible => rng.chance(if group.removing { 100 } else { 300 }),
+                GroupState::Unanswered => false,
+            };
+        if !usable {
+            return None;
+        }
+        let count = group.bundles.len() as u32;
+        let bundle = if rng.chance(30) {
+            Some(count)
+        } else if rng.chance(150) {
+            None
+        } else {
+            Some(rng.below(u64::from(count)) as u32)
+        };
+        let holds = |r: &Resources| match bundle {
+            Some(b) => group.bundles.get(b as usize).is_some_and(|held| held.covers(r)),
+            None => group.bundles.iter().any(|held| held.covers(r)),
+        };
+        let too_small = rng.chance(40);
+        let weights: Vec<u32> = catalog
+            .requests
+            .iter()
+            .zip(&catalog.request_weights)
+            .map(|(r, &w)| if holds(r) != too_small { w } else { 0 })
+            .collect();
+        if weights.iter().any(|&w| w > 0) {
+            *request = rng.weighted(&weights);
+        }
+        let refused = if group.removing {
+            Some(Refusal::Unknown)
+        } else if bundle.is_some_and(|b| b >= count) {
+            Some(Refusal::NoSuchBundle)
+        } else if !holds(&catalog.requests[*request]) {
+            Some(Refusal::TooSmall)
+        } else {
+            None
+        };
+        Some(InGroup { group: g as u16, bundle, refused })
+    }
+
+    /// Creates a placement group of 1 to 3 bundles with a random strategy (now and then one no
+    /// node can hold, or one without bundles that the head refuses), and asks when it is ready.
+    fn create_group(&mut self, fx: &mut Effects<DriverTimer>, now: Micros, catalog: &Catalog) {
+        let Some((_, task)) = self.next_id() else { return };
+        let rng = &mut self.groups_rng;
+        let invalid = rng.chance(40);
+        let mut bundles: Vec<Resources> = Vec::new();
+        if !invalid {
+            for _ in 0..rng.range(1, 3) {
+                bundles.push(catalog.bundles[rng.weighted(&catalog.bundle_weights)].clone());
+            }
+            if rng.chance(100) {
+                let at = rng.below(bundles.len() as u64) as usize;
+                bundles[at] = catalog.too_large_bundle.clone();
+            }
+        }
+        let strategy = [
+            GroupStrategy::Pack,
+            GroupStrategy::StrictPack,
+            GroupStrategy::Spread,
+            GroupStrategy::StrictSpread,
+        ][rng.below(4) as usize];
+        let leave = rng.chance(400);
+        let ask = !invalid || rng.chance(500);
+        let id = GroupId(task);
+        fx.sends.push(PeerToHead::CreateGroup(GroupSpec {
+            group: id,
+            bundles: bundles.clone(),
+            strategy,
+            detached: false,
+            job: None,
+        }));
+        let g = self.groups.len() as u16;
+        self.groups.push(DriverGroup {
+            id,
+            bundles,
+            invalid,
+            state: GroupState::Unanswered,
+            asking: None,
+            removing: false,
+            leave,
+        });
+        self.add_request(Kind::GroupCreate { group: g }, false);
+        if ask {
+            self.ask_ready(fx, now, g);
+        }
+    }
+
+    fn ask_ready(&mut self, fx: &mut Effects<DriverTimer>, now: Micros, g: u16) {
+        let Some((_, task)) = self.next_id() else { return };
+        let Some(group) = self.groups.get_mut(usize::from(g)) else { return };
+        group.asking = Some(now);
+        let after_removal = group.removing || group.invalid;
+        fx.sends.push(PeerToHead::GroupReady { task, group: group.id });
+        self.add_request(Kind::GroupReady { group: g, after_removal }, true);
+    }
+
+    fn remove_group(&mut self, fx: &mut Effects<DriverTimer>, g: u16) {
+        let Some((_, task)) = self.next_id() else { return };
+        let Some(group) = self.groups.get_mut(usize::from(g)) else { return };
+        group.removing = true;
+        fx.sends.push(PeerToHead::RemoveGroup { task, group: group.id });
+        self.add_request(Kind::GroupRemove { group: g }, true);
+    }
+
+    /// One round of its placement-group program: gives up on group tasks and `GroupReady`
+    /// requests that waited too long; then, unless `draining`, creates a group now and then,
+    /// removes some, and asks again whether an infeasible one fits now; when `draining`, removes
+    /// every group it does not leave to its job's end.
+    fn group_round(
+        &mut self,
+        fx: &mut Effects<DriverTimer>,
+        now: Micros,
+        session: SessionId,
+        draining: bool,
+        catalog: &Catalog,
+    ) {
+        let limit = 2 * self.habits.patience;
+        while let Some(&(since, seq)) = self.group_tasks.front() {
+            if now < since + limit {
+                break;
+            }
+            self.group_tasks.pop_front();
+            self.cancel(fx, session, seq);
+        }
+        if draining {
+            // A group left to its job's end may hold the room its own tasks (or another
+            // driver's) wait for: after a while without an answer, it is removed after all.
+            if self.awaiting != self.progress.0 {
+                self.progress = (self.awaiting, now);
+            } else if now >= self.progress.1 + self.habits.patience {
+                for group in &mut self.groups {
+                    group.leave = false;
+                }
+            }
+        }
+        for g in 0..self.groups.len() {
+            let group = &self.groups[g];
+            if group.removing || group.invalid {
+                continue;
+            }
+            if group.asking.is_some_and(|at| now >= at + limit) || (draining && !group.leave) {
+                self.remove_group(fx, g as u16);
+            }
+        }
+        if draining || !self.uses_groups {
+            return;
+        }
+        let live = self.groups.iter().filter(|g| !g.removing && !g.invalid).count();
+        if live < 2 && self.groups_rng.chance(60) {
+            self.create_group(fx, now, catalog);
+        }
+        for g in 0..self.groups.len() {
+            let group = &self.groups[g];
+            if group.invalid || group.asking.is_some() {
+                continue;
+            }
+            let rng = &mut self.groups_rng;
+            match (group.state, group.removing) {
+                (GroupState::Ready, false) if rng.chance(40) => self.remove_group(fx, g as u16),
+                (GroupState::Infeasible, false) if rng.chance(250) => self.remove_group(fx, g as u16),
+                (GroupState::Infeasible, false) if rng.chance(150) => self.ask_ready(fx, now, g as u16),
+                // Asked once more after the removal: the head no longer knows it.
+                (_, true) if rng.chance(5) => self.ask_ready(fx, now, g as u16),
+                _ => {}
+            }
+        }
     }
 
     fn start_service(&mut self, fx: &mut Effects<DriverTimer>, catalog: &Catalog) {
@@ -488,11 +825,13 @@ impl SimDriver {
             let at = self.rng.below(self.held.len() as u64) as usize;
             let seq = self.held[at];
             // Only tasks that will run some day: nobody is left to cancel an infeasible one.
+            // Not one in a group either: it may be refused, or removed with its group.
             let runs = self.task(seq).is_some_and(|t| match t.kind {
-                Kind::Function { function, request, .. } => {
+                Kind::Function { function, request, in_group, .. } => {
                     matches!(t.state, State::Pending)
                         && usize::from(function) != GHOST
                         && catalog.feasible(usize::from(request))
+                        && in_group.is_none()
                 }
                 _ => false,
             });
@@ -558,12 +897,13 @@ impl SimDriver {
             self.infeasible.pop_front();
             self.cancel(fx, session, seq);
         }
+        self.group_round(fx, now, session, *budget == 0, catalog);
         if *budget > 0 {
             let room = self.habits.window.saturating_sub(self.awaiting_functions);
             let most = (self.habits.window as u64 / 4).max(1);
             let burst = (self.rng.range(1, most) as usize).min(room) as u64;
             for _ in 0..burst.min(*budget) {
-                self.submit_function(fx, catalog);
+                self.submit_function(fx, now, catalog);
                 *budget -= 1;
             }
             if !self.held.is_empty() && self.rng.chance(30) {
@@ -613,6 +953,11 @@ impl SimDriver {
             }
         }
         fx.timers.push((self.rng.range(2_000, 40_000), DriverTimer::Tick));
+    }
+
+    /// It holds groups it left to its job's end (it never asked to remove them).
+    pub(crate) fn holds_groups(&self) -> bool {
+        self.groups.iter().any(|g| !g.invalid && !g.removing)
     }
 
     /// It still waits for answers (or has not joined yet).
@@ -698,7 +1043,19 @@ impl SimDriver {
                     // answers each request it holds.
                     *self.resent_stops.entry(i as u64 + 1).or_default() += 1;
                 }
-
+                // The head does not keep the `ready` requests waiting on a group.
+                Kind::GroupReady { group, .. } => {
+                    if let Some(g) = self.groups.get(usize::from(group)) {
+                        again.push(PeerToHead::GroupReady { task: task_id, group: g.id });
+                    }
+                }
+                Kind::GroupRemove { group } => {
+                    if let Some(g) = self.groups.get(usize::from(group)) {
+                        again.push(PeerToHead::RemoveGroup { task: task_id, group: g.id });
+                        // Kept, the first may be answered again from the journal too.
+                        *self.resent_stops.entry(i as u64 + 1).or_default() += 1;
+                    }
+                }
                 _ => {}
             }
         }
@@ -729,6 +1086,11 @@ impl SimDriver {
         }
     }
 
+    /// Whether `task` takes the result of a service call as an argument.
+    fn waits_for_call(&self, task: &DriverTask) -> bool {
+        task.deps.iter().any(|&d| self.task(d).is_some_and(|t| matches!(t.kind, Kind::ServiceCall { .. })))
+    }
+
     fn deps_failed(&self, task: &DriverTask) -> Option<u64> {
         task.deps.iter().copied().find(|&d| self.task(d).is_some_and(|t| matches!(t.state, State::Failed(_))))
     }
@@ -757,7 +1119,7 @@ impl SimDriver {
         if task.outcomes > 0
             && matches!(
                 (&task.kind, &task.state, &done),
-                (Kind::ServiceStop { .. }, State::Succeeded, Done::Value(_))
+                (Kind::ServiceStop { .. } | Kind::GroupRemove { .. }, State::Succeeded, Done::Value(_))
             )
             && self.resent_stops.get(&seq).is_some_and(|more| *more > 0)
         {
@@ -774,6 +1136,34 @@ impl SimDriver {
             ));
         }
         let faults = self.habits.faults;
+        if let Kind::Function { in_group: Some(InGroup { refused: Some(refusal), group, .. }), .. } =
+            task.kind
+        {
+            // The head fails a task whose argument failed already before it looks further.
+            let right = match &done {
+                Done::Failed(TaskError::PlacementGroup { problem, .. }) => refusal.is(problem),
+                Done::Failed(TaskError::DependencyFailed { .. }) => true,
+                _ => false,
+            };
+            if !right {
+                let id = self.groups.get(usize::from(group)).map(|g| g.id);
+                return Err(format!(
+                    "driver {me}, {task_id}: submitted into {id:?} where the head must refuse it ({refusal:?}), it ended {done:?}"
+                ));
+            }
+        }
+        let in_group = match task.kind {
+            Kind::Function { in_group: Some(ig), .. } => {
+                self.groups.get(usize::from(ig.group)).map(|g| (g, ig))
+            }
+            _ => None,
+        };
+        let asked_ready = match task.kind {
+            Kind::GroupReady { group, .. } => Some(group),
+            _ => None,
+        };
+        // What a group answer changes of the group, once the answer is found right.
+        let mut group_now: Option<(u16, GroupState)> = None;
         let verdict: Result<State> = match (&task.kind, done) {
             (Kind::Function { expected, .. }, Done::Value(value)) => {
                 if value.len() > INLINE_RESULT_BYTES {
@@ -808,7 +1198,25 @@ impl SimDriver {
                         ExpectedFailure::FirstAttempt => !(*retry_exceptions && *max_retries != 0),
                         ExpectedFailure::Never => false,
                     },
-                    TaskError::Cancelled { .. } => task.cancelled,
+                    // Running in a group when it was removed: cancelled with it.
+                    TaskError::Cancelled { .. } => {
+                        task.cancelled || in_group.is_some_and(|(g, _)| g.removing)
+                    }
+                    TaskError::PlacementGroup { group, problem } => in_group.is_some_and(|(g, ig)| {
+                        *group == g.id.to_string()
+                            && match ig.refused {
+                                Some(refusal) => refusal.is(problem),
+                                // One waiting for a service call's result is not in the
+                                // scheduler yet when its group goes: it is refused when the
+                                // call ends, as if submitted after the removal.
+                                None => {
+                                    g.removing
+                                        && (*problem == GroupProblem::Removed
+                                            || (*problem == GroupProblem::Unknown
+                                                && self.waits_for_call(task)))
+                                }
+                            }
+                    }),
                     TaskError::WorkerLost { attempts, .. } => {
                         faults && u32::try_from(*max_retries).is_ok_and(|r| *attempts == r + 1)
                     }
@@ -885,6 +1293,64 @@ impl SimDriver {
                 other => Err(format!("a service call failed with {other:?}")),
             },
             (Kind::ServiceStop { .. }, Done::Value(_)) => Ok(State::Succeeded),
+            (Kind::GroupCreate { group }, done) => {
+                let invalid = self.groups.get(usize::from(*group)).is_some_and(|g| g.invalid);
+                match done {
+                    Done::Value(_) if !invalid => Ok(State::Succeeded),
+                    Done::Failed(error @ TaskError::InvalidCall { .. }) if invalid => {
+                        Ok(State::Failed(Box::new(error)))
+                    }
+                    other => Err(format!(
+                        "the creation of a placement group {} was answered {other:?}",
+                        if invalid { "without bundles" } else { "that the head accepts" }
+                    )),
+                }
+            }
+            (Kind::GroupReady { group, after_removal }, done) => {
+                let g = self.groups.get(usize::from(*group));
+                let (bundles, removing) = g.map_or((0, false), |g| (g.bundles.len(), g.removing));
+                // After a head restart a request is asked again, maybe after the removal.
+                let resumed = self.track.journal_id.is_some() && removing;
+                match done {
+                    Done::Value(bytes) => match rmp_serde::from_slice::<Vec<String>>(&bytes) {
+                        Err(e) => Err(format!("the answer to GroupReady is not a list of node names: {e}")),
+                        Ok(nodes) if nodes.len() != bundles => {
+                            Err(format!("GroupReady named {} node(s) for {bundles} bundle(s)", nodes.len()))
+                        }
+                        Ok(_) if *after_removal => {
+                            Err("GroupReady, asked after the group was removed, said it is placed".into())
+                        }
+                        Ok(_) => {
+                            group_now = Some((*group, GroupState::Ready));
+                            Ok(State::Succeeded)
+                        }
+                    },
+                    Done::Failed(TaskError::PlacementGroup { group: named, problem })
+                        if g.is_some_and(|g| named == g.id.to_string()) =>
+                    {
+                        let explained = match &problem {
+                            GroupProblem::Infeasible { .. } => !*after_removal,
+                            GroupProblem::Removed => removing,
+                            GroupProblem::Unknown => *after_removal || resumed,
+                            _ => false,
+                        };
+                        if matches!(problem, GroupProblem::Infeasible { .. }) {
+                            group_now = Some((*group, GroupState::Infeasible));
+                        }
+                        let error = TaskError::PlacementGroup { group: named, problem };
+                        if explained {
+                            Ok(State::Failed(Box::new(error)))
+                        } else {
+                            Err(format!(
+                                "GroupReady{} failed with {error:?}, which nothing in the run explains",
+                                if *after_removal { " (asked after the removal)" } else { "" }
+                            ))
+                        }
+                    }
+                    other => Err(format!("GroupReady was answered {other:?}")),
+                }
+            }
+            (Kind::GroupRemove { .. }, Done::Value(_)) => Ok(State::Succeeded),
             (Kind::Lookup { namespace, name }, Done::Value(bytes)) => {
                 match rmp_serde::from_slice::<Option<ServiceInfo>>(&bytes) {
                     Err(e) => Err(format!("the answer to a lookup is not an Option<ServiceInfo>: {e}")),
@@ -907,12 +1373,20 @@ impl SimDriver {
             (_, done) => Err(format!("an unexpected answer {done:?}")),
         };
         let state = verdict.map_err(|why| format!("driver {me}, {task_id}: {why}"))?;
+        if let Some(group) = asked_ready
+            && let Some(g) = self.groups.get_mut(usize::from(group))
+        {
+            g.asking = None;
+            if let Some((_, state)) = group_now {
+                g.state = state;
+            }
+        }
         self.outcomes += 1;
         let Some(task) = self.task_mut(seq) else { return Ok(()) };
         task.outcomes += 1;
         let settled = !matches!(state, State::Fetching { .. });
         task.state = state;
-        let counted = !task.released_early;
+        let counted = !task.released_early && task.awaited;
         let function = matches!(task.kind, Kind::Function { .. });
         if settled && counted {
             self.awaiting -= 1;
@@ -982,7 +1456,10 @@ impl SimDriver {
         let session = self.session.unwrap_or(SessionId(0));
         for (i, task) in self.tasks.iter().enumerate() {
             let id = TaskId::new(session, i as u64 + 1);
-            if !task.released_early && !matches!(task.state, State::Succeeded | State::Failed(_)) {
+            if !task.released_early
+                && task.awaited
+                && !matches!(task.state, State::Succeeded | State::Failed(_))
+            {
                 return Err(format!("driver {me}: {id} never got its outcome ({:?})", task.state));
             }
             if let State::Failed(error) = &task.state
@@ -1009,7 +1486,9 @@ impl SimDriver {
         self.tasks
             .iter()
             .enumerate()
-            .filter(|(_, t)| !t.released_early && !matches!(t.state, State::Succeeded | State::Failed(_)))
+            .filter(|(_, t)| {
+                !t.released_early && t.awaited && !matches!(t.state, State::Succeeded | State::Failed(_))
+            })
             .take(max)
             .map(|(i, _)| TaskId::new(session, i as u64 + 1))
             .collect()

@@ -19,6 +19,14 @@
 //!   calls), tags, random retry policies, cancel some, give up on tasks reported infeasible,
 //!   fetch values announced as `Stored`, release refs (some before the task ended), set their
 //!   job's settings (now and then a stale revision), and start, call, look up and stop services.
+//!   Some (chosen from the seed) create placement groups of 1 to 3 bundles with a random
+//!   strategy (now and then one no node can hold, or one without bundles), ask when they are
+//!   ready, submit some tasks into a bundle or into any bundle (now and then one the head must
+//!   refuse: a bundle the group lacks, a request larger than its bundle, a group already
+//!   removed), ask again whether an infeasible group fits now, and remove their groups, or
+//!   leave some to their job's end: such a driver's program ends (its session closes) once it
+//!   has what it wanted. Tasks and `ready` requests that wait too long in a group are given up
+//!   on (another group may hold the room they need).
 //! - **The network**: each connection delivers in order per direction (a QUIC stream), with
 //!   random delays that interleave connections arbitrarily. Large frames arrive slowly and the
 //!   head hears their first bytes ([`HeadCore::heard`](crate::HeadCore::heard)).
@@ -47,6 +55,20 @@
 //! ask for) before its owner is told; a frame from a closed session changes nothing; and when the
 //! cluster is idle every node's free resources equal its capacity and the head holds no task.
 //!
+//! Placement groups are checked from outside the scheduler: where the head holds each bundle is
+//! read after every input (what `GroupReady` would answer), and since bundles are reserved all
+//! at once and stay until their node is lost, the simulator knows where every bundle is (see
+//! `groups`). A placed group's bundles are on connected nodes, as its strategy promises
+//! (STRICT_PACK on one node, STRICT_SPREAD on distinct ones), within each node's capacity; a
+//! bundle never moves while its node stays (only the lost node's bundles are placed again); a
+//! pending group is reported infeasible exactly when no placement on the connected nodes, as
+//! if idle, exists (an exhaustive search, its kept bundles staying where they are); a task in a
+//! bundle runs on that bundle's node (in any bundle: on a node holding one), and the tasks in a
+//! bundle never request more than it reserves; no node has more free than its capacity less
+//! what groups reserve there; a group goes with its job; refusals, removals and the
+//! cancellations they cause are what the driver predicts; and once idle, every group left holds
+//! exactly its bundles and none that the free room could place is still pending.
+//!
 //! Replaying a seed: a [`Failure`] prints its seed, step and the command that runs it again,
 //! `cargo xtask simulate --seed S ...`, or from a test `sim::run(&Config { seed: S, .. })` with
 //! the configuration it printed.
@@ -67,6 +89,7 @@
 //! or its run failed with an application error.
 
 mod driver;
+mod groups;
 mod model;
 mod net;
 mod resume;
@@ -97,6 +120,8 @@ pub struct Config {
     pub faults: bool,
     /// Drivers start, call, look up and stop services.
     pub services: bool,
+    /// Some drivers create placement groups, run tasks in their bundles and remove them.
+    pub groups: bool,
     /// Some service constructors fail.
     pub constructor_failures: bool,
     /// Drivers pass results of service calls as arguments to functions (the API allows it).
@@ -135,6 +160,7 @@ impl Default for Config {
             tasks: 150,
             faults: true,
             services: true,
+            groups: true,
             constructor_failures: true,
             refs_to_call_results: true,
             strict_service_names: true,
@@ -213,8 +239,11 @@ impl Config {
         flag(self.head_crashes, "--head-crashes".into());
         // Whole milliseconds are what the flags can say.
         let whole_ms = |d: Duration| d.as_micros().is_multiple_of(1000);
-        let expressible =
-            whole_ms(self.heartbeat) && whole_ms(self.heartbeat_timeout) && whole_ms(self.fault_interval);
+        // Nor has `cargo xtask simulate` a flag for runs without placement groups.
+        let expressible = whole_ms(self.heartbeat)
+            && whole_ms(self.heartbeat_timeout)
+            && whole_ms(self.fault_interval)
+            && self.groups;
         if expressible { command } else { format!("sim::run(&{self:?})") }
     }
 }
@@ -263,8 +292,30 @@ pub struct Report {
     pub sends_after_close: u64,
     /// Times the journal was compacted to a snapshot (with head crashes).
     pub compactions: u64,
+    /// What the placement groups of the run did.
+    pub groups: GroupCounts,
     /// A digest of every action the head emitted, in order: one seed, one digest.
     pub digest: u64,
+}
+
+/// What placement groups did in a run, as the simulator saw it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupCounts {
+    /// Groups drivers created (refused ones not counted).
+    pub created: u64,
+    /// Times a group was seen with every bundle reserved after it had not been (placed, or
+    /// placed again after a lost node took some of its bundles).
+    pub placed: u64,
+    /// Bundles whose node was lost while they were reserved there.
+    pub bundles_lost: u64,
+    /// `GroupReady` answers that named the group's nodes.
+    pub ready: u64,
+    /// `GroupReady` answers that the connected nodes cannot hold the group.
+    pub infeasible: u64,
+    /// Dispatches of tasks into a bundle.
+    pub tasks: u64,
+    /// Groups seen gone (removed by their driver, or with its job).
+    pub removed: u64,
 }
 
 /// A broken invariant: where, and how to see it again.

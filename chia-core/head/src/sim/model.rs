@@ -68,6 +68,20 @@ const REQUESTS: &[(&str, u32)] = &[
 const SERVICE_REQUESTS: &[&str] = &["CPU=0.5", "svc=1", ""];
 /// What the reference worker offers: room for every request above but the infeasible one.
 const REFERENCE_CAPACITY: &str = "CPU=4,adder=2,gpu=1,svc=2";
+/// Bundles of placement groups: `(resources, weight)`. Each fits the reference worker; groups
+/// of several may not fit any node as their strategy asks.
+const BUNDLES: &[(&str, u32)] = &[
+    ("CPU=1", 15),
+    ("CPU=0.5", 10),
+    ("CPU=2", 25),
+    ("CPU=0.5,gpu=1", 20),
+    ("CPU=1,adder=1", 10),
+    ("CPU=1.5", 10),
+    ("adder=1", 5),
+    ("svc=1", 5),
+];
+/// A bundle no worker can ever hold: a group with it is infeasible on purpose.
+const TOO_LARGE_BUNDLE: &str = "CPU=8";
 
 /// Keys and resources parsed once per run.
 pub(crate) struct Catalog {
@@ -81,6 +95,11 @@ pub(crate) struct Catalog {
     pub(crate) request_weights: Vec<u32>,
     pub(crate) service_requests: Vec<Resources>,
     pub(crate) function_weights: Vec<u32>,
+    /// Bundles of placement groups, and how often drivers reserve each.
+    pub(crate) bundles: Vec<Resources>,
+    pub(crate) bundle_weights: Vec<u32>,
+    /// A bundle larger than any worker.
+    pub(crate) too_large_bundle: Resources,
     reference_capacity: Resources,
 }
 
@@ -105,6 +124,9 @@ impl Catalog {
             request_weights: REQUESTS.iter().map(|&(_, w)| w).collect(),
             service_requests: SERVICE_REQUESTS.iter().map(|text| parse(text)).collect(),
             function_weights: FUNCTIONS.iter().map(|f| f.weight).collect(),
+            bundles: BUNDLES.iter().map(|(text, _)| parse(text)).collect(),
+            bundle_weights: BUNDLES.iter().map(|&(_, w)| w).collect(),
+            too_large_bundle: parse(TOO_LARGE_BUNDLE),
             reference_capacity: parse(REFERENCE_CAPACITY),
         }
     }

@@ -26,12 +26,26 @@ fn run_seeds(seeds: std::ops::Range<u64>, config: impl Fn(u64) -> Config) -> Vec
         .collect()
 }
 
+/// The sum over `reports` of one of their placement-group counts.
+fn group_total(reports: &[Report], count: fn(&GroupCounts) -> u64) -> u64 {
+    reports.iter().map(|r| count(&r.groups)).sum()
+}
+
 /// Four tests of 55 seeds each (220 in all), so the harness runs them on every core.
 #[test]
 fn seeds_0_to_55_with_faults() {
     let reports = run_seeds(0..55, small);
     assert!(reports.iter().any(|r| r.faults.written_off > 0), "some seed has a worker written off");
     assert!(reports.iter().any(|r| r.faults.worker_crashes > 0 && r.faults.driver_crashes > 0));
+    // Placement groups are placed, run tasks, lose bundles with their nodes and are placed
+    // again, are found infeasible, and go.
+    let seeds_with_groups = reports.iter().filter(|r| r.groups.created > 0).count();
+    assert!(seeds_with_groups > 25, "{seeds_with_groups} seeds create groups");
+    assert!(group_total(&reports, |g| g.tasks) > 100, "tasks run in bundles");
+    assert!(group_total(&reports, |g| g.bundles_lost) > 10, "bundles are lost with their nodes");
+    assert!(group_total(&reports, |g| g.placed) > group_total(&reports, |g| g.created) / 2);
+    assert!(group_total(&reports, |g| g.infeasible) > 5, "groups are reported infeasible");
+    assert!(group_total(&reports, |g| g.ready) > 0 && group_total(&reports, |g| g.removed) > 0);
 }
 
 #[test]
@@ -163,6 +177,29 @@ fn seeds_with_head_crashes_and_services() {
     let reports = run_seeds(5003..5033, with_head_crashes);
     let crashes: Vec<u64> = reports.iter().map(|r| r.faults.head_crashes).collect();
     assert!(crashes.iter().filter(|&&c| c > 1).count() > 10, "the head crashes again: {crashes:?}");
+    // Groups outlive the head's crashes (kept in its journal and snapshots) and are placed.
+    assert!(group_total(&reports, |g| g.placed) > 0 && group_total(&reports, |g| g.tasks) > 0);
+}
+
+#[test]
+fn seeds_without_groups_create_none() {
+    let config = Config { groups: false, ..small(7) };
+    let report = run(&config).unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(report.groups, GroupCounts::default());
+    // No flag of `cargo xtask simulate` turns groups off: the replay is the configuration.
+    assert!(config.replay().starts_with("sim::run(&Config {"), "{}", config.replay());
+}
+
+/// Seed 294: a driver creates a PACK group of `CPU=2`, `CPU=0.5,gpu=1` and `CPU=1,adder=1`
+/// while the nodes `CPU=0.5`, `CPU=3,gpu=1` and `CPU=2,adder=3,gpu=1` are connected. No node
+/// holds all three, and placing each bundle, largest first, on the first node with room (in
+/// the scheduler's order, the one with `adder`) left `CPU=1,adder=1` nowhere to go: the head
+/// reported the group infeasible, which the simulator's exhaustive search refuted (`CPU=2` and
+/// the gpu bundle fit `CPU=3,gpu=1`, `CPU=1,adder=1` the other). Where the first fit strands a
+/// bundle, the scheduler now tries the other ways too.
+#[test]
+fn a_group_the_first_fit_strands_is_placed() {
+    run(&small(294)).unwrap_or_else(|failure| panic!("{failure}"));
 }
 
 /// Seed 5002: a driver stops a service whose instance was built, and the head crashes before

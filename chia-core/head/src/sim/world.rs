@@ -3,6 +3,7 @@
 //! peer (leases, attempts, who is told what, service names, and the idle cluster at the end).
 
 use super::driver::{DriverTimer, Habits, SimDriver};
+use super::groups::{self, GroupModel};
 use super::model::{self, Catalog, WATCH_METHOD};
 use super::net::{Lane, Micros, Queue};
 use super::rng::{Rng, mix64};
@@ -10,7 +11,9 @@ use super::worker::{Effects, Link, Placement, SimWorker, WorkerTimer};
 use super::{Config, Failure, Report};
 use crate::journal::JournalEntry;
 use crate::outbox::Action;
+use crate::scheduler::GroupStatus;
 use crate::{CoreOptions, HeadCore};
+use chia_core::placement::{GroupId, GroupProblem};
 use chia_core::protocol::{
     ArgValue, Done, HeadToPeer, JobSettings, Outcome, PeerToHead, ServiceInfo, TaskAttempt,
 };
@@ -45,6 +48,8 @@ struct Conn {
     cut: bool,
     /// A `Resume` was sent on it and not answered yet: its first frame opens no new session.
     resuming: bool,
+    /// The name the head gave the worker on it.
+    node_name: Option<String>,
     to_head: Lane,
     to_peer: Lane,
 }
@@ -230,6 +235,17 @@ pub(super) struct World {
     /// and the frames it held for a session being taken up), by session: what they say was
     /// true when decided, not necessarily now.
     decided_before: HashMap<SessionId, usize>,
+    /// Placement groups drivers created, as seen from outside the scheduler (see `groups`).
+    groups: BTreeMap<GroupId, GroupModel>,
+    /// The open worker connection of each node name.
+    node_conns: HashMap<String, usize>,
+    /// Counts the changes of the set of connected nodes.
+    node_epoch: u64,
+    /// Worker sessions closed in the outbox being drained.
+    closes_in_drain: u32,
+    /// Dispatches into bundles decided in the outbox being drained: `(task, group, bundle,
+    /// worker connection)`, checked once the head's input is carried out.
+    group_dispatches: Vec<(TaskId, GroupId, Option<u32>, usize)>,
 }
 
 type Step<T = ()> = Result<T, String>;
@@ -265,6 +281,7 @@ impl World {
             refs_to_call_results: cfg.refs_to_call_results,
             faults: cfg.faults,
             patience: (4 * timeout).max(1_000_000),
+            groups: cfg.groups,
         };
         World {
             frozen: workers.iter().map(|_| None).collect(),
@@ -287,6 +304,11 @@ impl World {
             writes_delivered: HashSet::new(),
             announced: HashSet::new(),
             decided_before: HashMap::new(),
+            groups: BTreeMap::new(),
+            node_conns: HashMap::new(),
+            node_epoch: 0,
+            closes_in_drain: 0,
+            group_dispatches: Vec::new(),
             queue: Queue::new(),
             conns: Vec::new(),
             sessions: HashMap::new(),
@@ -426,7 +448,8 @@ impl World {
         let index = self.drivers.len();
         let conn = self.new_conn(Peer::Driver(index));
         let rng = Rng::derive(self.cfg.seed, 4, index as u64);
-        self.drivers.push(SimDriver::new(index, conn, rng, self.habits));
+        let groups_rng = Rng::derive(self.cfg.seed, 5, index as u64);
+        self.drivers.push(SimDriver::new(index, conn, rng, groups_rng, self.habits));
         self.unfinished_drivers += 1;
         self.queue.push(at, Event::StartDriver { index });
     }
@@ -438,6 +461,7 @@ impl World {
             open: false,
             cut: false,
             resuming: false,
+            node_name: None,
             to_head: Lane::default(),
             to_peer: Lane::default(),
         });
@@ -565,9 +589,16 @@ impl World {
                 let was_finished = driver.finished || driver.dead;
                 driver.tick(&mut fx, self.now, &mut self.budget, &self.catalog);
                 if !was_finished && driver.finished {
-                    self.unfinished_drivers -= 1;
+                    if driver.holds_groups() {
+                        driver.exit_pending = true;
+                    } else {
+                        self.unfinished_drivers -= 1;
+                    }
                 }
                 self.apply_driver(index, fx);
+                if self.drivers[index].exit_pending {
+                    self.exit_driver(index)?;
+                }
                 if self.budget == 0 && !self.draining {
                     self.draining = true;
                     let timeout = self.cfg.heartbeat_timeout.as_micros() as Micros;
@@ -622,6 +653,30 @@ impl World {
         }
     }
 
+    /// Driver `index` finished with groups left to its job's end: its program ends, so its
+    /// session closes and the groups go with its job, while the rest of the run goes on. Tried
+    /// again a little later while the head cannot be told (it is down, or the session is being
+    /// taken up again).
+    fn exit_driver(&mut self, index: usize) -> Step {
+        let conn = self.drivers[index].conn;
+        let c = &self.conns[conn];
+        let Some(session) = c.session.filter(|_| c.open && !c.cut && !c.resuming && !self.head_down) else {
+            self.queue.push(self.now + 20_000, Event::Driver { index, timer: DriverTimer::Tick });
+            return Ok(());
+        };
+        let driver = &mut self.drivers[index];
+        driver.exit_pending = false;
+        driver.exited = true;
+        self.unfinished_drivers -= 1;
+        self.conns[conn].cut = true;
+        self.head.close_session(self.instant(self.now), session, "the program ended");
+        self.drain_outbox()?;
+        if !self.head.sessions.contains_key(&session) {
+            self.session_closed(conn);
+        }
+        Ok(())
+    }
+
     fn defer(&mut self, slot: usize, event: Event) {
         if let Some((_, queue)) = self.frozen[slot].as_mut() {
             queue.push_back(event);
@@ -664,6 +719,14 @@ impl World {
         let conn = self.drivers[index].conn;
         for message in fx.sends.drain(..) {
             self.note(false, || format!("driver {index} sends on conn {conn}: {message:?}"));
+            if let PeerToHead::CreateGroup(spec) = &message
+                && spec.validate().is_ok()
+                && !self.groups.contains_key(&spec.group)
+            {
+                let model = GroupModel::new(spec.group.0.session(), spec.bundles.clone(), spec.strategy);
+                self.groups.insert(spec.group, model);
+                self.report.groups.created += 1;
+            }
             let Some(message) = self.drivers[index].track.outgoing(message) else { continue };
             let sent = self.drivers[index].track.sent;
             self.note(false, || format!("driver {index} numbered it {sent} on its session"));
@@ -846,6 +909,9 @@ impl World {
         if let Peer::Worker(slot) = c.peer {
             self.node_opened(slot, -1);
         }
+        if let Some(name) = self.conns[conn].node_name.clone() {
+            self.node_lost(conn, &name);
+        }
         // Whatever that node ran may go elsewhere now.
         self.leases.retain(|_, leased| *leased != conn);
         // Writes it was sent end with it: the head fails them.
@@ -856,6 +922,300 @@ impl World {
                 self.write_done(&key);
             }
         }
+    }
+
+    /// The node `name` (on worker connection `conn`) is gone: the bundles reserved on it are
+    /// not reserved any more. A second loss in one input may follow a re-placement the
+    /// simulator did not see: groups with an unreserved bundle are then unknown until seen
+    /// placed again.
+    fn node_lost(&mut self, conn: usize, name: &str) {
+        if self.node_conns.get(name) == Some(&conn) {
+            self.node_conns.remove(name);
+        }
+        self.node_epoch += 1;
+        let again = self.closes_in_drain > 0;
+        self.closes_in_drain += 1;
+        for model in self.groups.values_mut() {
+            if again && model.nodes.iter().any(Option::is_none) {
+                model.known = false;
+            }
+            for node in &mut model.nodes {
+                if node.as_deref() == Some(name) {
+                    *node = None;
+                    self.report.groups.bundles_lost += 1;
+                }
+            }
+        }
+    }
+
+    /// The capacity of the connected node `name`, if it is one.
+    fn node_capacity(&self, name: &str) -> Option<&Resources> {
+        let &conn = self.node_conns.get(name)?;
+        match self.conns[conn].peer {
+            Peer::Worker(slot) if self.conns[conn].open => Some(&self.workers[slot].offer.capacity),
+            _ => None,
+        }
+    }
+
+    /// Whether the connected nodes could hold `model` as its strategy asks, its reserved
+    /// bundles staying where they are, with `room(name, capacity)` on each node (its capacity,
+    /// to ask what could ever fit). An error if a reserved bundle is on no connected node.
+    fn group_fits(&self, model: &GroupModel, room: impl Fn(&str, &Resources) -> Resources) -> Step<bool> {
+        let mut nodes: Vec<(&str, Resources)> = self
+            .node_conns
+            .keys()
+            .filter_map(|name| Some((name.as_str(), room(name, self.node_capacity(name)?))))
+            .collect();
+        nodes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let mut kept = Vec::with_capacity(model.nodes.len());
+        for node in &model.nodes {
+            kept.push(match node {
+                None => None,
+                Some(name) => Some(nodes.iter().position(|(n, _)| n == name).ok_or_else(|| {
+                    format!("the simulator has a bundle on {name}, which is no connected node")
+                })?),
+            });
+        }
+        let room: Vec<Resources> = nodes.into_iter().map(|(_, room)| room).collect();
+        Ok(groups::feasible(model.strategy, &model.bundles, &kept, &room))
+    }
+
+    /// After each input: where the head holds each group now. A placed group keeps its
+    /// strategy's promise on connected nodes with room for it, and no bundle moved while its
+    /// node stayed; a pending one is said to be infeasible exactly when the connected nodes
+    /// could never hold it.
+    fn observe_groups(&mut self) -> Step {
+        if self.groups.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<GroupId> = self.groups.iter().filter(|(_, m)| !m.gone).map(|(id, _)| *id).collect();
+        for id in ids {
+            let status = self.head.scheduler().group_status(id);
+            let Some(model) = self.groups.get(&id) else { continue };
+            if status.is_some() && !self.head.sessions.contains_key(&model.owner) {
+                return Err(format!("{id} is still held after its job {} ended", model.owner));
+            }
+            match status {
+                None => {
+                    if model.seen
+                        && let Some(model) = self.groups.get_mut(&id)
+                    {
+                        model.gone = true;
+                        model.placed = false;
+                        model.nodes.fill(None);
+                        self.report.groups.removed += 1;
+                    }
+                }
+                Some(GroupStatus::Placed { nodes }) => {
+                    groups::check_placed(model.strategy, &model.bundles, &nodes, |name| {
+                        self.node_capacity(name)
+                    })
+                    .map_err(|e| format!("{id} ({}) is placed wrongly: {e}", model.strategy))?;
+                    if model.known {
+                        for (b, (was, now)) in model.nodes.iter().zip(&nodes).enumerate() {
+                            if let Some(was) = was
+                                && was != now
+                            {
+                                return Err(format!(
+                                    "{id} bundle {b} moved from {was} to {now}, though {was} stayed connected"
+                                ));
+                            }
+                        }
+                    }
+                    if !model.placed {
+                        self.report.groups.placed += 1;
+                    }
+                    let Some(model) = self.groups.get_mut(&id) else { continue };
+                    model.nodes = nodes.into_iter().map(Some).collect();
+                    model.known = true;
+                    model.seen = true;
+                    model.placed = true;
+                    model.checked = None;
+                }
+                Some(GroupStatus::Pending { infeasible }) => {
+                    let key = (self.node_epoch, model.nodes.clone(), infeasible.is_some());
+                    let check = model.known && model.checked.as_ref() != Some(&(key.0, key.1.clone()));
+                    if check {
+                        let fits = self.group_fits(model, |_, capacity| capacity.clone())?;
+                        match (&infeasible, fits) {
+                            (Some(reason), true) => {
+                                return Err(format!(
+                                    "{id} ({}, {}) is reported infeasible ({reason}), but the connected nodes can hold it: {}",
+                                    model.strategy,
+                                    self.describe_group(model),
+                                    self.describe_nodes()
+                                ));
+                            }
+                            (None, false) => {
+                                return Err(format!(
+                                    "{id} ({}, {}) can never be placed on the connected nodes, yet the head does not say so: {}",
+                                    model.strategy,
+                                    self.describe_group(model),
+                                    self.describe_nodes()
+                                ));
+                            }
+                            _ => {}
+                        }
+                    }
+                    let Some(model) = self.groups.get_mut(&id) else { continue };
+                    model.seen = true;
+                    model.placed = false;
+                    if check {
+                        model.checked = Some((key.0, key.1));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A group's bundles and where they are, for failure messages.
+    fn describe_group(&self, model: &GroupModel) -> String {
+        let bundles: Vec<String> = model
+            .bundles
+            .iter()
+            .zip(&model.nodes)
+            .map(|(bundle, node)| format!("[{bundle}] on {}", node.as_deref().unwrap_or("none")))
+            .collect();
+        bundles.join(", ")
+    }
+
+    /// The connected nodes and their capacities, for failure messages.
+    fn describe_nodes(&self) -> String {
+        let mut nodes: Vec<String> = self
+            .node_conns
+            .keys()
+            .filter_map(|name| Some(format!("{name} [{}]", self.node_capacity(name)?)))
+            .collect();
+        nodes.sort_unstable();
+        nodes.join(", ")
+    }
+
+    /// What the tasks leased to worker connection `conn` request in `group`: in all, and those
+    /// in `bundle`.
+    fn group_use(&self, conn: usize, group: GroupId, bundle: Option<u32>) -> (Resources, Resources) {
+        let (mut all, mut pinned) = (Resources::new(), Resources::new());
+        for (&task, &leased) in &self.leases {
+            if leased != conn {
+                continue;
+            }
+            let Some(owner) = self.owner(task) else { continue };
+            let Some((g, b)) = owner.task_bundle(task.seq()) else { continue };
+            if g != group {
+                continue;
+            }
+            let Some(facts) = owner.function_facts(task.seq(), &self.catalog) else { continue };
+            groups::add(&mut all, &facts.request);
+            if b.is_some() && b == bundle {
+                groups::add(&mut pinned, &facts.request);
+            }
+        }
+        (all, pinned)
+    }
+
+    /// The dispatches into bundles of the input just carried out: each runs on its bundle's
+    /// node (any bundle's, if it named none), and the tasks running in a bundle (in a group, on
+    /// one node) request no more than it reserves (they reserve there).
+    fn check_group_dispatches(&mut self) -> Step {
+        if self.group_dispatches.is_empty() {
+            return Ok(());
+        }
+        for (task, group, bundle, conn) in std::mem::take(&mut self.group_dispatches) {
+            if !self.conns[conn].open {
+                continue;
+            }
+            self.report.groups.tasks += 1;
+            let Some(name) = self.conns[conn].node_name.clone() else {
+                return Err(format!("{task} was sent to connection {conn}, which has no node name"));
+            };
+            let Some(model) = self.groups.get(&group) else {
+                return Err(format!("{task} runs in {group}, which no driver created"));
+            };
+            if model.gone {
+                return Err(format!("{task} was sent to {name} to run in {group}, which was removed"));
+            }
+            if !model.known {
+                continue;
+            }
+            let ok = match bundle {
+                Some(b) => model.nodes.get(b as usize).is_some_and(|n| n.as_deref() == Some(name.as_str())),
+                None => model.nodes.iter().any(|n| n.as_deref() == Some(name.as_str())),
+            };
+            if !ok {
+                return Err(format!(
+                    "{task} runs in {group}{} but was sent to {name}; the group holds {}",
+                    bundle.map_or_else(String::new, |b| format!(" bundle {b}")),
+                    self.describe_group(model)
+                ));
+            }
+            let (all, pinned) = self.group_use(conn, group, bundle);
+            let mut reserved = Resources::new();
+            model.reserved_on(&name, &mut reserved);
+            let bundle_holds = bundle.and_then(|b| model.bundles.get(b as usize));
+            if !reserved.covers(&all) || bundle_holds.is_some_and(|held| !held.covers(&pinned)) {
+                return Err(format!(
+                    "with {task}, the tasks of {group} on {name} request {all} (those in its bundle {bundle:?}: {pinned}), more than it reserves there ({}): {}",
+                    self.describe_group(model),
+                    reserved
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The head answers `GroupReady` for `group`: placed on connected nodes as its strategy
+    /// asks, or infeasible only if the connected nodes truly cannot hold it.
+    fn check_ready_answer(&mut self, task: TaskId, group: GroupId, done: &Done, earlier: bool) -> Step {
+        match done {
+            Done::Value(bytes) => {
+                self.report.groups.ready += 1;
+                let Ok(nodes) = rmp_serde::from_slice::<Vec<String>>(bytes) else {
+                    return Err(format!(
+                        "{task}: the answer to GroupReady for {group} is not a list of nodes"
+                    ));
+                };
+                let Some(model) = self.groups.get(&group) else { return Ok(()) };
+                if !earlier {
+                    groups::check_placed(model.strategy, &model.bundles, &nodes, |name| {
+                        self.node_capacity(name)
+                    })
+                    .map_err(|e| format!("{task}: GroupReady for {group} ({}): {e}", model.strategy))?;
+                }
+            }
+            Done::Failed(TaskError::PlacementGroup {
+                problem: GroupProblem::Infeasible { reason }, ..
+            }) => {
+                self.report.groups.infeasible += 1;
+                let Some(model) = self.groups.get(&group) else { return Ok(()) };
+                if !earlier && model.known && self.group_fits(model, |_, capacity| capacity.clone())? {
+                    return Err(format!(
+                        "{task}: {group} ({}, {}) was reported infeasible ({reason}), but the connected nodes can hold it: {}",
+                        model.strategy,
+                        self.describe_group(model),
+                        self.describe_nodes()
+                    ));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// What the scheduler has free on the connected node `name`.
+    fn node_free_by_name(&self, name: &str) -> Option<Resources> {
+        let &conn = self.node_conns.get(name)?;
+        let Peer::Worker(slot) = self.conns[conn].peer else { return None };
+        let (node, now) = self.workers[slot].node()?;
+        (now == name).then(|| self.head.scheduler().node_free(node)).flatten()
+    }
+
+    /// What the groups are known to reserve on the node `name`.
+    fn reserved_on(&self, name: &str) -> Resources {
+        let mut reserved = Resources::new();
+        for model in self.groups.values().filter(|m| !m.gone) {
+            model.reserved_on(name, &mut reserved);
+        }
+        reserved
     }
 
     fn write_done(&mut self, key: &(String, u64)) {
@@ -905,6 +1265,7 @@ impl World {
     /// Carries out what the head decided; called after every input to the head.
     fn drain_outbox(&mut self) -> Step {
         self.deadline = None;
+        self.closes_in_drain = 0;
         while let Some(action) = self.head.poll_action() {
             self.report.frames += 1;
             match action {
@@ -990,7 +1351,8 @@ impl World {
                 }
             }
         }
-        Ok(())
+        self.observe_groups()?;
+        self.check_group_dispatches()
     }
 
     /// A frame must wait while anything before it is not durable (and frames keep their order).
@@ -1155,6 +1517,18 @@ impl World {
             }
         }
         self.leases.retain(|_, conn| self.conns[*conn].open);
+        self.node_conns.retain(|_, conn| self.conns[*conn].open);
+        self.node_epoch += 1;
+        // What was seen of the groups may have been decided after what the journal kept: they
+        // are looked at afresh.
+        for model in self.groups.values_mut() {
+            model.nodes.fill(None);
+            model.known = false;
+            model.seen = false;
+            model.gone = false;
+            model.placed = false;
+            model.checked = None;
+        }
         self.drain_outbox()
     }
 
@@ -1194,7 +1568,8 @@ impl World {
                 }
             }
             Peer::Driver(index) => {
-                if self.drivers[index].dead || self.drivers[index].conn != conn {
+                if self.drivers[index].dead || self.drivers[index].exited || self.drivers[index].conn != conn
+                {
                     return Ok(());
                 }
                 if self.head_down {
@@ -1223,10 +1598,17 @@ impl World {
     fn migrate(&mut self, old: usize, fresh: usize) {
         let (session, open) = (self.conns[old].session, self.conns[old].open);
         self.conns[old].open = false;
+        let name = self.conns[old].node_name.clone();
+        if let Some(name) = &name
+            && self.node_conns.get(name) == Some(&old)
+        {
+            self.node_conns.insert(name.clone(), fresh);
+        }
         let c = &mut self.conns[fresh];
         c.session = session;
         c.open = open;
         c.resuming = true;
+        c.node_name = name;
         if let Some(session) = session {
             self.sessions.insert(session, fresh);
         }
@@ -1289,6 +1671,7 @@ impl World {
                     ));
                 }
                 check_job_settings(*task, job.as_ref(), owner.job_revisions(task.seq()))?;
+                let in_bundle = owner.task_bundle(task.seq());
                 if let (Some(asked), Peer::Worker(slot)) =
                     (owner.asked_labels(task.seq()), self.conns[conn].peer)
                 {
@@ -1303,6 +1686,9 @@ impl World {
                 self.attempts.insert(*task, *attempt);
                 self.leases.insert(*task, conn);
                 self.report.dispatches += 1;
+                if let Some((group, bundle)) = in_bundle {
+                    self.group_dispatches.push((*task, group, bundle, conn));
+                }
             }
             HeadToPeer::StartInstance { task, service, .. } => {
                 if !to_worker {
@@ -1338,6 +1724,11 @@ impl World {
                 self.check_done(*task, done, earlier)?;
                 self.last_progress = self.now;
             }
+            HeadToPeer::Welcome { node: Some(_), node_name, .. } if to_worker => {
+                self.conns[conn].node_name = Some(node_name.clone());
+                self.node_conns.insert(node_name.clone(), conn);
+                self.node_epoch += 1;
+            }
             HeadToPeer::Fetched { task, .. } | HeadToPeer::Infeasible { task, .. }
                 if task.session() != to =>
             {
@@ -1363,6 +1754,9 @@ impl World {
             && self.pending_writes.contains_key(&(tag.to_string(), digest))
         {
             return Err(format!("{task} (tagged {tag:?}) was announced before its write to a watcher ended"));
+        }
+        if let Some(group) = self.owner(task).and_then(|d| d.ready_of(task.seq())) {
+            return self.check_ready_answer(task, group, done, earlier);
         }
         let again = !self.announced.insert(task);
         match done {
@@ -1783,11 +2177,18 @@ impl World {
                 continue;
             }
             let capacity = with_affinity(&worker.offer.capacity, name);
+            // What placement groups reserve here is not free for other tasks.
+            let reserved = self.reserved_on(name);
+            let Some(room) = groups::minus(&capacity, &reserved) else {
+                return Err(format!(
+                    "placement groups reserve {reserved} on {name} ({node}), more than its capacity {capacity}"
+                ));
+            };
             match self.head.scheduler().node_free(node) {
-                Some(free) if capacity.covers(&free) => {}
+                Some(free) if room.covers(&free) => {}
                 Some(free) => {
                     return Err(format!(
-                        "{name} ({node}) has {free} free, more than its capacity {capacity}"
+                        "{name} ({node}) has {free} free, more than its capacity {capacity} less the {reserved} placement groups reserve there"
                     ));
                 }
                 None => return Err(format!("{name} ({node}) is open but unknown to the scheduler")),
@@ -1802,16 +2203,44 @@ impl World {
         for driver in self.drivers.iter().filter(|d| !d.dead) {
             driver.final_check()?;
         }
+        // The groups left to their job's end still hold what they reserve: exactly that, where
+        // the simulator knows where every group is.
+        let exact = self.groups.values().all(|m| m.gone || m.known);
         for worker in &self.workers {
             let Some((node, name)) = worker.node() else { continue };
             let capacity = with_affinity(&worker.offer.capacity, name);
+            let reserved = self.reserved_on(name);
+            let expected = groups::minus(&capacity, &reserved).unwrap_or_default();
             let free = self.head.scheduler().node_free(node);
-            if free.as_ref() != Some(&capacity) {
+            let right = free.as_ref().is_some_and(|free| {
+                if exact { groups::same(free, &expected) } else { expected.covers(free) }
+            });
+            if !right {
                 return Err(format!(
-                    "the cluster is idle, but {name} ({node}) has {} free of {capacity}; the head holds {} task(s): {}",
+                    "the cluster is idle, but {name} ({node}) has {} free of {capacity}, placement groups reserving {reserved} there; the head holds {} task(s): {}",
                     free.map_or("nothing".into(), |f| f.to_string()),
                     self.head.task_count(),
                     self.held_summary()
+                ));
+            }
+        }
+        // Nothing runs: a pending group the free room can hold now was left behind.
+        for (id, model) in &self.groups {
+            if model.gone || model.placed || !model.known || !model.seen {
+                continue;
+            }
+            // What is free on each node, and what this group keeps there.
+            let free = |name: &str, _: &Resources| {
+                let mut room = self.node_free_by_name(name).unwrap_or_default();
+                model.reserved_on(name, &mut room);
+                room
+            };
+            if self.group_fits(model, free)? {
+                return Err(format!(
+                    "the cluster is idle, yet {id} ({}, {}) is pending although the free room can hold it: {}",
+                    model.strategy,
+                    self.describe_group(model),
+                    self.describe_nodes()
                 ));
             }
         }
@@ -1847,6 +2276,26 @@ impl World {
                 self.open_workers,
                 self.held_summary()
             ));
+        }
+        // Their groups went with their jobs, and what they reserved with them.
+        if self.head.scheduler().group_count() != 0 {
+            let held: Vec<String> =
+                self.groups.iter().filter(|(_, m)| !m.gone && m.seen).map(|(id, _)| id.to_string()).collect();
+            return Err(format!(
+                "after every driver left, the head holds {} placement group(s): {held:?}",
+                self.head.scheduler().group_count()
+            ));
+        }
+        for worker in &self.workers {
+            let Some((node, name)) = worker.node() else { continue };
+            let capacity = with_affinity(&worker.offer.capacity, name);
+            let free = self.head.scheduler().node_free(node);
+            if !free.as_ref().is_some_and(|free| groups::same(free, &capacity)) {
+                return Err(format!(
+                    "after every driver left, {name} ({node}) has {} free of {capacity}",
+                    free.map_or("nothing".into(), |f| f.to_string())
+                ));
+            }
         }
         self.head.check_consistency()
     }
