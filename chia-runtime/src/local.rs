@@ -163,6 +163,7 @@ impl HeadWithNode {
         let head = start_head_with(listen, credentials, options).await?;
         let own = head.cluster_credentials(&loopback(head.address()).to_string());
         let node = Worker::connect_head_node(&own, protected_dirs).await?;
+        head.attach_own_node(node.in_process());
         Ok(HeadWithNode { head, node })
     }
 

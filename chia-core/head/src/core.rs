@@ -62,6 +62,9 @@ pub struct CoreOptions {
     /// The watchdog reports queued tasks that a node had the function and room for, and that
     /// were not placed, once they have waited this long (and were seen so for as long).
     pub stuck_after: Duration,
+    /// The head's own node runs in the head's process: calls to its instances are handed
+    /// over there ([`Action::CallOwnNode`]) rather than sent as frames.
+    pub own_node_in_process: bool,
 }
 
 impl Default for CoreOptions {
@@ -73,6 +76,7 @@ impl Default for CoreOptions {
             journal_id: None,
             resume_grace: Duration::from_secs(60),
             stuck_after: Duration::from_secs(60),
+            own_node_in_process: false,
         }
     }
 }

@@ -40,6 +40,6 @@ mod snapshot;
 
 pub use crate::core::{CoreOptions, HeadCore, HeadStats, INLINE_RESULT_BYTES, Rejection};
 pub use journal::{JournalEntry, Recovery};
-pub use outbox::Action;
+pub use outbox::{Action, OwnNodeCall};
 pub use persist::PersistedService;
 pub use snapshot::SnapshotError;

@@ -32,6 +32,48 @@ pub enum Action {
     /// Append this to the journal (only when the head keeps one). What follows it in the
     /// outbox was decided because of it: a frame must not leave before its cause is durable.
     Keep(crate::journal::JournalEntry),
+    /// Hand `call` to the instance on the head's own node, which runs in the head's process
+    /// (only with [`CoreOptions::own_node_in_process`](crate::CoreOptions)): no frame, no
+    /// connection. Its outcome comes back as `PeerToHead::Finished { task, attempt: 0, .. }`
+    /// from `session`, the own node's, as if it had been sent. A driver that cannot hand it
+    /// over sends [`OwnNodeCall::frame`] to `session` instead.
+    CallOwnNode {
+        /// The own node's session.
+        session: SessionId,
+        /// The call.
+        call: OwnNodeCall,
+    },
+}
+
+/// A service call for an instance on the head's own node ([`Action::CallOwnNode`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnNodeCall {
+    /// The call's task.
+    pub task: chia_core::TaskId,
+    /// The instance.
+    pub service: chia_core::ServiceId,
+    /// The method.
+    pub method: String,
+    /// Its arguments, each an encoded value.
+    pub args: Vec<chia_core::protocol::ArgValue>,
+}
+
+impl OwnNodeCall {
+    /// The call as the `HeadToPeer::CallInstance` frame the node would be sent over its
+    /// connection.
+    pub fn frame(&self) -> Result<Vec<u8>, ProtocolError> {
+        let args: Vec<chia_core::protocol::ValueRef<'_>> =
+            self.args.iter().map(|arg| chia_core::protocol::ValueRef(&arg.0)).collect();
+        let message = chia_core::protocol::HeadToPeerRef::CallInstance {
+            task: self.task,
+            service: self.service,
+            method: &self.method,
+            args,
+        };
+        let mut frame = Vec::with_capacity(128);
+        encode_frame(&message, &mut frame)?;
+        Ok(frame)
+    }
 }
 
 impl Action {

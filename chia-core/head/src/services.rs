@@ -3,9 +3,12 @@
 //! routing method calls to the node that hosts them, and stopping them.
 
 use crate::core::{HeadCore, TaskKind, TaskRecord, arg_values};
+use crate::outbox::{Action, OwnNodeCall};
 use crate::persist::PersistedService;
 use crate::scheduler::Event;
-use chia_core::protocol::{Arg, Done, HeadToPeer, HeadToPeerRef, Outcome, ServiceInfo, ServiceStart};
+use chia_core::protocol::{
+    Arg, ArgValue, Done, HeadToPeer, HeadToPeerRef, Outcome, ServiceInfo, ServiceStart,
+};
 use chia_core::{FunctionKey, NodeId, Retries, ServiceId, SessionId, TagPatterns, TaskError, TaskId};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -832,6 +835,13 @@ impl HeadCore {
         let TaskKind::ServiceCall { method, .. } = &record.kind else { return };
         let method = method.clone();
         let values = arg_values(&self.tasks, task, &args);
+        if self.options.own_node_in_process && Some(node) == self.head_node {
+            let args = values.iter().map(|value| ArgValue(value.0.to_vec())).collect();
+            let call = OwnNodeCall { task, service, method, args };
+            self.outbox.push(Action::CallOwnNode { session, call });
+            self.release_deps(task);
+            return;
+        }
         let message = HeadToPeerRef::CallInstance { task, service, method: &method, args: values };
         let sent = self.outbox.send_checked(session, &message);
         self.release_deps(task);

@@ -37,7 +37,7 @@ use crate::net::tls::{ClusterCredentials, HeadCredentials};
 use crate::net::transport::{FrameReader, FrameSender};
 use chia_core::SessionId;
 use chia_core::protocol::{CloseCode, HeadToPeer, PeerToHead, decode_body};
-use chia_head_core::{Action, CoreOptions, HeadCore, JournalEntry, PersistedService};
+use chia_head_core::{Action, CoreOptions, HeadCore, JournalEntry, OwnNodeCall, PersistedService};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -113,6 +113,12 @@ impl Default for HeadOptions {
 }
 
 impl HeadHandle {
+    /// The head's own node runs in this process: calls to its instances are handed to it
+    /// directly from now on.
+    pub(crate) fn attach_own_node(&self, node: Weak<dyn OwnNode>) {
+        *self.shared.own_node.lock().unwrap_or_else(|p| p.into_inner()) = Some(node);
+    }
+
     /// The address the head listens on.
     pub fn address(&self) -> SocketAddr {
         self.address
@@ -195,6 +201,9 @@ pub async fn start_head_with(
         keep_services: options.state_dir.is_some(),
         resume_grace: options.resume_grace,
         stuck_after: options.stuck_after,
+        // Its own node joins from this process ([`HeadHandle::attach_own_node`]); until it
+        // does, calls to it go as frames.
+        own_node_in_process: true,
         ..CoreOptions::default()
     };
     let (core, keeper) = match &options.state_dir {
@@ -234,6 +243,18 @@ pub async fn start_head_with(
     Ok(HeadHandle { address, endpoint, credentials, shared })
 }
 
+/// What a call handed to the head's own node in process answers with: the call's outcome.
+pub(crate) type OwnNodeReply = Box<dyn FnOnce(chia_core::protocol::Outcome) + Send>;
+
+/// The head's own node as its head sees it when both run in one process: the head hands it
+/// calls to its instances directly ([`chia_head_core::Action::CallOwnNode`]), with no frame
+/// and no loopback connection either way.
+pub(crate) trait OwnNode: Send + Sync {
+    /// Runs `call` on its instance and answers `reply` with the outcome, always (a call to an
+    /// instance this node does not hold fails as `ServiceUnavailable`, as over a connection).
+    fn call(&self, call: chia_head_core::OwnNodeCall, reply: OwnNodeReply);
+}
+
 /// The core and the connections its sessions run on.
 struct Shared {
     state: Mutex<State>,
@@ -245,6 +266,10 @@ struct Shared {
     figures: metrics::DriverFigures,
     /// Set when the head stops: the metrics endpoint stops with it.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// The head's own node, once it runs in this process and has joined.
+    own_node: Mutex<Option<Weak<dyn OwnNode>>>,
+    /// This, for the answers of calls handed to the own node.
+    me: Weak<Shared>,
 }
 
 struct State {
@@ -320,7 +345,9 @@ impl Shared {
     fn new(core: HeadCore, keeper: Option<(Keeper, Compaction)>) -> Arc<Shared> {
         let kept = keeper.is_some();
         let compaction = keeper.as_ref().map(|(_, compaction)| *compaction).unwrap_or_default();
-        let shared = Arc::new(Shared {
+        let shared = Arc::new_cyclic(|me| Shared {
+            own_node: Mutex::new(None),
+            me: me.clone(),
             state: Mutex::new(State {
                 core,
                 peers: HashMap::new(),
@@ -418,8 +445,32 @@ impl Shared {
                     peer.connection.close(code.value().into(), reason.as_bytes());
                 }
             }
+            Action::CallOwnNode { session, call } => self.call_own_node(state, session, call),
             Action::Keep(_) | Action::SaveServices(_) => {}
         }
+    }
+
+    /// Hands `call` to the own node in this process; without one (a head started alone), it
+    /// goes as a frame on `session`'s connection like any other.
+    fn call_own_node(&self, state: &mut State, session: SessionId, call: OwnNodeCall) {
+        let node = self.own_node.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(Weak::upgrade);
+        let Some(node) = node else {
+            match call.frame() {
+                Ok(frame) => self.act(state, Action::Send { to: session, frame }),
+                Err(e) => tracing::error!("the call {} cannot be sent to the head's node: {e}", call.task),
+            }
+            return;
+        };
+        let (task, me) = (call.task, self.me.clone());
+        node.call(
+            call,
+            Box::new(move |outcome| {
+                if let Some(shared) = me.upgrade() {
+                    let finished = PeerToHead::Finished { task, attempt: 0, outcome };
+                    shared.apply(|core| core.handle(Instant::now(), session, finished));
+                }
+            }),
+        );
     }
 
     /// Once the journal has grown enough, the head's state (which includes everything kept so

@@ -13,6 +13,7 @@ use crate::driver::job::{JobLink, PlanCache};
 use crate::driver::process::{RunEnd, TaskControl};
 use crate::driver::registry::{self, FunctionSpec, Invoke, ServiceSpec, SharedInstance};
 use crate::error::Error;
+use crate::head::{OwnNode, OwnNodeReply};
 use crate::net::tls::ClusterCredentials;
 use crate::services::bypass::provide;
 use crate::util::{CatchUnwind, panic_message};
@@ -25,8 +26,8 @@ use figures::{RunningGuard, Tally};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -61,6 +62,8 @@ impl From<Resources> for NodeOffer {
 pub struct Worker {
     context: Context,
     stopped: tokio::sync::watch::Receiver<bool>,
+    /// Its instances, as its head hands calls to them when both run in one process.
+    in_process: Arc<InProcessCalls>,
 }
 
 impl Worker {
@@ -124,8 +127,16 @@ impl Worker {
         figures::report_with_heartbeats(&client, tally.clone());
         let context = Context::new(client, None).protecting(protected_dirs).in_job(JobLink::Node);
         let (stop_tx, stopped) = tokio::sync::watch::channel(false);
-        tokio::spawn(serve(context.clone(), executions, stop_tx, tally));
-        Ok(Worker { context, stopped })
+        let instances: Arc<DashMap<ServiceId, InstanceQueue>> = Arc::default();
+        let in_process = Arc::new(InProcessCalls { context: context.clone(), instances: instances.clone() });
+        tokio::spawn(serve(context.clone(), executions, instances, stop_tx, tally));
+        Ok(Worker { context, stopped, in_process })
+    }
+
+    /// This node's instances, for its head to hand calls to when both run in this process
+    /// (the head's own node).
+    pub(crate) fn in_process(&self) -> Weak<dyn OwnNode> {
+        Arc::downgrade(&self.in_process) as Weak<dyn OwnNode>
     }
 
     /// The name the head gave this node.
@@ -251,10 +262,10 @@ fn service_keys() -> Vec<FunctionKey> {
 async fn serve(
     context: Context,
     mut executions: mpsc::UnboundedReceiver<Execution>,
+    instances: Arc<DashMap<ServiceId, InstanceQueue>>,
     stopped: tokio::sync::watch::Sender<bool>,
     tally: Arc<Tally>,
 ) {
-    let instances: Arc<DashMap<ServiceId, InstanceQueue>> = Arc::default();
     let running: RunningTasks = Arc::default();
     let mut plans = PlanCache::default();
     while let Some(execution) = executions.recv().await {
@@ -314,7 +325,7 @@ async fn serve(
                 ));
             }
             Execution::CallInstance { task, service, method, args } => {
-                call_instance(&context, &instances, task, service, method, args)
+                call_instance(&context, &instances, task, service, method, args, None)
             }
             Execution::Cancel { task, force } => match running.get(&task) {
                 Some(control) => {
@@ -574,6 +585,9 @@ struct QueuedCall {
     context: Context,
     /// What the call starts ends with it.
     control: Arc<TaskControl>,
+    /// Where its outcome goes when the head handed it over in process; `None`: to the head
+    /// over the connection.
+    reply: Option<OwnNodeReply>,
 }
 
 fn call_instance(
@@ -583,9 +597,11 @@ fn call_instance(
     service: ServiceId,
     method: String,
     args: Vec<ArgValue>,
+    reply: Option<OwnNodeReply>,
 ) {
     let control = TaskControl::new();
-    let call = QueuedCall { task, method, args, context: context.for_task(task, control.clone()), control };
+    let call =
+        QueuedCall { task, method, args, context: context.for_task(task, control.clone()), control, reply };
     let refused = match instances.get(&service) {
         Some(queue) => queue.send(call).err().map(|e| e.0),
         None => Some(call),
@@ -595,7 +611,35 @@ fn call_instance(
             service: service.to_string(),
             message: format!("this node ({}) holds no such instance", context.node_name()),
         };
-        report(context.client(), Lease::instance(call.task), &call.method, Outcome::Failed(error));
+        answer(
+            context.client(),
+            call.reply,
+            Lease::instance(call.task),
+            &call.method,
+            Outcome::Failed(error),
+        );
+    }
+}
+
+/// The instances of the head's own node, to which its head (in the same process) hands calls.
+struct InProcessCalls {
+    context: Context,
+    instances: Arc<DashMap<ServiceId, InstanceQueue>>,
+}
+
+impl OwnNode for InProcessCalls {
+    fn call(&self, call: chia_head_core::OwnNodeCall, reply: OwnNodeReply) {
+        let chia_head_core::OwnNodeCall { task, service, method, args } = call;
+        call_instance(&self.context, &self.instances, task, service, method, args, Some(reply));
+    }
+}
+
+/// A call's outcome, to `reply` when the head handed the call over in process, else to the
+/// head over the connection.
+fn answer(client: &Client, reply: Option<OwnNodeReply>, lease: Lease, function: &str, outcome: Outcome) {
+    match reply {
+        Some(reply) => reply(outcome),
+        None => report(client, lease, function, outcome),
     }
 }
 
@@ -642,7 +686,7 @@ struct Host {
 async fn run_call(spec: &'static ServiceSpec, instance: SharedInstance, call: QueuedCall, host: Host) {
     let _running = host.tally.running();
     let client = host.client;
-    let QueuedCall { task, method, args, context, control } = call;
+    let QueuedCall { task, method, args, context, control, reply } = call;
     let name = format!("{}.{method}", spec.type_name);
     let result = CatchUnwind((spec.call)(instance, context, method, args)).await;
     control.kill_children();
@@ -653,7 +697,7 @@ async fn run_call(spec: &'static ServiceSpec, instance: SharedInstance, call: Qu
             Outcome::Failed(TaskError::Panic { function: name.clone(), message: panic_message(panic) })
         }
     };
-    report(&client, Lease::instance(task), &name, outcome);
+    answer(&client, reply, Lease::instance(task), &name, outcome);
 }
 
 /// A panic caught by `run_blocking` does not know which method it was in.

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::journal::JournalEntry;
+use crate::outbox::OwnNodeCall;
 use chia_core::protocol::{
     Arg, ResumeSession, ServiceInfo, ServiceStart, TaskAttempt, UnansweredStart, WorkerOffer,
 };
@@ -19,6 +20,9 @@ struct Env {
     saved: Vec<Vec<PersistedService>>,
     /// The journal entries kept so far.
     kept: Vec<JournalEntry>,
+    /// Calls handed to the head's own node in process (also in `sent`, as the frame a node
+    /// over a connection would get).
+    handed: Vec<OwnNodeCall>,
 }
 
 impl Env {
@@ -35,6 +39,7 @@ impl Env {
             closed: Vec::new(),
             saved: Vec::new(),
             kept: Vec::new(),
+            handed: Vec::new(),
         }
     }
 
@@ -49,6 +54,13 @@ impl Env {
                 Action::Close { session, .. } => self.closed.push(session),
                 Action::SaveServices(services) => self.saved.push(services),
                 Action::Keep(entry) => self.kept.push(entry),
+                Action::CallOwnNode { session, call } => {
+                    let frame = call.frame().expect("a call that was encoded once encodes");
+                    let message =
+                        chia_core::protocol::decode_body(&frame[4..]).expect("the core encodes frames");
+                    self.sent.push((session, message));
+                    self.handed.push(call);
+                }
             }
         }
     }
@@ -438,6 +450,54 @@ fn bytes_still_arriving_keep_a_worker_alive_and_the_head_node_never_expires() {
     env.timeout();
     assert!(env.closed.is_empty());
     assert_eq!(env.core.stats().nodes, 2);
+}
+
+#[test]
+fn calls_to_the_own_nodes_instances_are_handed_over_in_process_and_answered_as_if_sent() {
+    let options = CoreOptions { own_node_in_process: true, ..CoreOptions::default() };
+    let mut env = Env::with(options);
+    let offer = WorkerOffer {
+        resources: Resources::parse("node:head=1").expect("valid"),
+        functions: vec![],
+        services: vec![FunctionKey::new("Counter", SIG)],
+        head_node: true,
+        labels: Default::default(),
+    };
+    let head = env.open("head", Some(offer));
+    let worker = env.worker("w", "CPU=1", &[]);
+    let driver = env.driver();
+    let mut call_on = |env: &mut Env, seq: u64, pin: &str| {
+        let start = TaskId::new(driver, seq);
+        let pinned = ServiceStart {
+            name: format!("counter-{seq}"),
+            request: Resources::parse(pin).expect("valid"),
+            ..counter_start(start, false)
+        };
+        env.send(driver, PeerToHead::StartService(pinned));
+        let host = if pin.starts_with("node:head") { head } else { worker };
+        let sent = env.to(host);
+        let [HeadToPeer::StartInstance { service, .. }] = &sent[..] else { panic!("{sent:?}") };
+        let service = *service;
+        env.send(host, PeerToHead::Finished { task: start, attempt: 0, outcome: Outcome::Value(Vec::new()) });
+        env.to(driver);
+        let call = TaskId::new(driver, seq + 1);
+        let (name, method) = (format!("counter-{seq}"), "add".to_string());
+        let args = vec![Arg::Value(value(5))];
+        env.send(driver, PeerToHead::CallService { task: call, service, name, method, args });
+        (host, call)
+    };
+    // On the own node: handed over, no frame.
+    let (host, call) = call_on(&mut env, 1, "node:head=0.001");
+    assert_eq!(env.handed.len(), 1);
+    assert_eq!((env.handed[0].task, env.handed[0].method.as_str()), (call, "add"));
+    assert_eq!(env.handed[0].args, [chia_core::protocol::ArgValue(value(5))]);
+    env.to(host);
+    env.send(host, PeerToHead::Finished { task: call, attempt: 0, outcome: Outcome::Value(value(5)) });
+    assert_eq!(dones(&env.to(driver)), [(call, Done::Value(value(5)))]);
+    // On another node: a frame, as always.
+    let (host, call) = call_on(&mut env, 3, "CPU=0.1");
+    assert_eq!(env.handed.len(), 1, "not handed over");
+    assert!(matches!(env.to(host)[..], [HeadToPeer::CallInstance { task, .. }] if task == call));
 }
 
 #[test]

@@ -265,6 +265,8 @@ impl World {
             // Short, so the watchdog looks often: a correct scheduler never leaves a task that
             // fits behind, so any finding fails the run.
             stuck_after: Duration::from_secs(2),
+            // The simulated nodes are all peers over connections.
+            own_node_in_process: false,
         };
         let workers: Vec<SimWorker> = (0..cfg.workers.max(1))
             .map(|slot| {
@@ -1297,6 +1299,11 @@ impl World {
                     } else if !self.conns[conn].cut {
                         self.send_to_peer(conn, Event::ToPeer { conn, message: Box::new(message) });
                     }
+                }
+                Action::CallOwnNode { session, .. } => {
+                    return Err(format!(
+                        "the head handed a call to its own node ({session}) in process, which the simulator never asks for"
+                    ));
                 }
                 Action::Close { session, reason, code } => {
                     if code == chia_core::protocol::CloseCode::Replaced {
