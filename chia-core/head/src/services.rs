@@ -512,7 +512,9 @@ impl HeadCore {
             !self.shutting_down
                 && !record.stopping
                 && matches!(error, TaskError::WorkerLost { .. })
-                && record.restart.as_ref().is_some_and(|restart| restart.left != Retries::Never)
+                // `UpTo(0)` (the last restart used) allows no more, as `Never` does: a snapshot
+                // keeps both as 0.
+                && record.restart.as_ref().is_some_and(|restart| restart.left.allows_another(1))
         });
         if restart {
             return self.restart_instance(service, error);

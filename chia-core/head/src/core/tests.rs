@@ -900,6 +900,55 @@ fn a_head_restarted_from_a_compacted_journal_acts_as_one_restarted_from_the_whol
     assert_eq!(format!("{whole:?}"), format!("{from_snapshot:?}"));
 }
 
+/// Seed 5235: with `max_restarts` 1, the budget left after the one restart (`UpTo(0)`) was
+/// taken for one more restart, while a snapshot (which keeps it as the integer 0, read back as
+/// `Never`) had none: a head restarted from a compacted journal wrote off the service the
+/// previous run had restarted, and the instance its host built was never stopped.
+#[test]
+fn a_service_restarts_as_often_as_max_restarts_allows_and_a_snapshot_agrees() {
+    let mut env = Env::with(journaled());
+    let first = env.worker("w1", "CPU=1", &[]);
+    let driver = env.driver();
+    let start = TaskId::new(driver, 1);
+    let once = ServiceStart { max_restarts: chia_core::Retries::UpTo(1), ..counter_start(start, false) };
+    env.send(driver, PeerToHead::StartService(once));
+    assert!(matches!(env.to(first)[..], [HeadToPeer::StartInstance { .. }]));
+    env.send(first, PeerToHead::Finished { task: start, attempt: 0, outcome: Outcome::Value(Vec::new()) });
+    assert_eq!(dones(&env.to(driver)).len(), 1, "the service is up");
+    let second = env.worker("w2", "CPU=1", &[]);
+    env.core.close_session(env.now, first, "gone");
+    env.collect();
+    let sent = env.to(second);
+    let [HeadToPeer::StartInstance { task: restart, .. }] = sent[..] else {
+        panic!("restarted once: {sent:?}")
+    };
+    env.send(second, PeerToHead::Finished { task: restart, attempt: 0, outcome: Outcome::Value(Vec::new()) });
+    let third = env.worker("w3", "CPU=1", &[]);
+    let mut from_snapshot = env.restart();
+    from_snapshot.kept = vec![env.core.snapshot().expect("the state encodes")];
+    let mut from_snapshot = from_snapshot.restart();
+    for session in [second, third, driver] {
+        from_snapshot.resume(session, vec![], vec![]);
+        // Heard from since: its connection's end is a loss, not a resume to try again.
+        from_snapshot.send(session, PeerToHead::Heartbeat);
+    }
+    from_snapshot.to(driver);
+    // Its one restart is used: losing its node again ends it, on the live head as on one
+    // restored from the snapshot.
+    for env in [&mut env, &mut from_snapshot] {
+        env.core.close_session(env.now, second, "gone");
+        env.collect();
+        let sent = env.to(third);
+        assert!(sent.is_empty(), "not restarted a second time: {sent:?}");
+        let lookup = TaskId::new(driver, 2);
+        let name = "counter".to_string();
+        env.send(driver, PeerToHead::LookupService { task: lookup, name, namespace: "default".into() });
+        let done = dones(&env.to(driver));
+        let [(_, Done::Value(found))] = &done[..] else { panic!("{done:?}") };
+        assert_eq!(rmp_serde::from_slice::<Option<ServiceInfo>>(found).expect("an answer"), None);
+    }
+}
+
 #[test]
 fn after_a_restart_nothing_new_goes_to_a_worker_until_it_is_back() {
     let mut env = Env::with(journaled());

@@ -209,3 +209,19 @@ fn a_group_the_first_fit_strands_is_placed() {
 fn a_stopping_instance_is_stopped_again_after_a_head_restart() {
     run(&with_head_crashes(5002)).unwrap_or_else(|failure| panic!("{failure}"));
 }
+
+/// Seed 5235 (`cargo xtask simulate --seed 5235 --workers 4 --drivers 3 --tasks 117 --window 12
+/// --check-every-step --head-crashes`): a service with `max_restarts` 1 lost its node twice, and
+/// the head took the budget left after its one restart for another. A head restarted from a
+/// snapshot (where that budget reads back as none) wrote the service off instead, so the
+/// instance the previous run had restarted was never stopped on its host.
+#[test]
+fn a_service_is_restarted_no_more_often_than_max_restarts_allows() {
+    let config = Config {
+        window: 12,
+        check_every_step: true,
+        head_crashes: true,
+        ..Config::at_scale(5235, 4, 3, 117)
+    };
+    run(&config).unwrap_or_else(|failure| panic!("{failure}"));
+}
