@@ -42,7 +42,9 @@ impl Retries {
     /// One retry fewer (after one was used); `Forever` stays `Forever`.
     pub fn one_used(self) -> Retries {
         match self {
-            Retries::UpTo(0) | Retries::Never => Retries::Never,
+            // `UpTo(0)` would mean the same as `Never` and read back as it (the wire form is
+            // 0 for both): one spelling, so a head restored from a snapshot agrees.
+            Retries::UpTo(0 | 1) | Retries::Never => Retries::Never,
             Retries::UpTo(limit) => Retries::UpTo(limit - 1),
             Retries::Forever => Retries::Forever,
         }
