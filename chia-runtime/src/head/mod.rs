@@ -461,6 +461,7 @@ impl Shared {
             }
             return;
         };
+        tracing::trace!(task = %call.task, "handed to the own node in process");
         let (task, me) = (call.task, self.me.clone());
         node.call(
             call,
