@@ -629,7 +629,7 @@ async fn auto_write_overhead(calls: usize) -> BenchResult<f64> {
     let (_cluster, cx) = cluster(1).await?;
     let dir = tempfile::tempdir()?;
     let yaml = dir.path().join("cache.yaml");
-    std::fs::write(&yaml, std::env::var("CHIA_BENCH_YAML").unwrap_or("cache:\n  empty: true\n".into()))?;
+    std::fs::write(&yaml, "cache:\n  empty: true\n")?;
     let options = CacheOptions::in_dir(dir.path().join("store"))
         .size(1.0, "GiB")
         .yaml_path(&yaml)
