@@ -70,4 +70,24 @@ pub enum CacheError {
         /// Why the write failed.
         source: io::Error,
     },
+
+    /// The index snapshot cannot be saved ([`crate::CacheStore::save_index`]). The store
+    /// works on; the next open reads more headers.
+    #[error("cannot save the cache index snapshot {path}: {source}")]
+    SaveIndex {
+        /// The snapshot file.
+        path: PathBuf,
+        /// Why the file system refused.
+        source: io::Error,
+    },
+
+    /// Closing the store could not make its entries durable and retire its journal
+    /// ([`crate::CacheStore::close`]). Nothing is lost: the next open replays the journal.
+    #[error("cannot sync the cache directory {dir} at close: {source}")]
+    Close {
+        /// The cache directory.
+        dir: PathBuf,
+        /// Why the file system refused.
+        source: io::Error,
+    },
 }

@@ -38,6 +38,7 @@ pub use config::section::SectionError;
 pub use config::{CacheConfig, CacheRule, InvalidPattern, TagPatterns};
 pub use error::CacheError;
 pub use store::{
-    CacheStore, Durability, ENTRY_EXTENSION, MAX_TAG_LEN, StoreOptions, StoreStats, entry_file_name,
+    BadEntry, CacheStore, Clock, Durability, ENTRY_EXTENSION, MAX_TAG_LEN, ManualClock, StoreOptions,
+    StoreStats, VerifyReport, WriteOptions, entry_file_name,
 };
 pub use units::parse_budget;

@@ -6,6 +6,8 @@ mod common;
 mod concurrency;
 mod crash;
 mod disk_full;
+#[cfg(unix)]
+mod group_commit;
 mod integrity;
 #[cfg(unix)]
 mod modes;
