@@ -25,6 +25,15 @@ pub enum CacheError {
         choices: Vec<&'static str>,
     },
 
+    /// A duration is not a number of seconds, or a number and one of `s`, `m`, `h`, `d`.
+    #[error(
+        "invalid duration {text:?}: write a number of seconds, or a number and s, m, h or d (30s, 15m, 12h, 7d)"
+    )]
+    InvalidDuration {
+        /// The duration as given.
+        text: String,
+    },
+
     /// `size × units` does not fit in 64 bits.
     #[error("cache size {size} {units} is more than {max} bytes", max = u64::MAX)]
     SizeOverflow {

@@ -89,3 +89,89 @@ fn full_durability_1k_writes_per_second_one_thread() {
         println!("Durability::Full, 1 KiB,  1 thread: {rate:8.0} writes/s");
     }
 }
+
+/// A directory of `count` entries of 100 bytes, closed (so with its index snapshot).
+fn directory_of(count: u64) -> tempfile::TempDir {
+    let dir = timing_dir();
+    fill(dir.path(), count);
+    dir
+}
+
+/// Writes `count` entries of 100 bytes into a store in `dir`, and closes it.
+fn fill(dir: &std::path::Path, count: u64) {
+    let options = StoreOptions::default().with_durability(Durability::None).with_snapshot_every_writes(None);
+    let store = CacheStore::open(dir, u64::MAX, options).expect("open");
+    let payload = [7u8; 100];
+    let threads = 2;
+    thread::scope(|scope| {
+        for thread_id in 0..threads {
+            let store = &store;
+            scope.spawn(move || {
+                for i in (thread_id..count).step_by(threads as usize) {
+                    assert!(store.write(&format!("entry-{i:07}"), &payload).expect("write"));
+                }
+            });
+        }
+    });
+    store.close().expect("close");
+}
+
+/// The best of three opens of `dir`, from the snapshot or by a full scan.
+fn open_time(dir: &std::path::Path, full_scan: bool, expected: usize) -> Duration {
+    (0..3)
+        .map(|_| {
+            let options = StoreOptions::default().with_durability(Durability::None);
+            let began = Instant::now();
+            let store = if full_scan {
+                CacheStore::open_full_scan(dir, u64::MAX, options)
+            } else {
+                CacheStore::open(dir, u64::MAX, options)
+            }
+            .expect("open");
+            let took = began.elapsed();
+            assert_eq!(store.len(), expected);
+            let report = store.open_report();
+            assert_eq!(report.from_snapshot as usize, if full_scan { 0 } else { expected });
+            // Dropping saves the snapshot again (untimed): the same one.
+            drop(store);
+            took
+        })
+        .min()
+        .expect("three opens")
+}
+
+#[test]
+#[ignore = "a timing, not a test"]
+fn warm_start_10k() {
+    let dir = directory_of(10_000);
+    println!("warm start, 10,000 entries, index snapshot: {:?}", open_time(dir.path(), false, 10_000));
+    println!("warm start, 10,000 entries, full scan:      {:?}", open_time(dir.path(), true, 10_000));
+}
+
+/// The million-entry warm start of the targets (1,000,000 × 100 B in ≤ 1 s). Takes
+/// minutes: writing the entries, and deleting them afterwards, cost far more than the opens.
+/// With `CHIA_CACHE_TIMING_1M_DIR` set, the entries are written there once and kept, and
+/// later runs only time the opens.
+#[test]
+#[ignore = "a timing: a million files"]
+fn warm_start_1m() {
+    const COUNT: u64 = 1_000_000;
+    let began = Instant::now();
+    let (_temporary, dir) = match std::env::var_os("CHIA_CACHE_TIMING_1M_DIR") {
+        Some(kept) => {
+            let kept = std::path::PathBuf::from(kept);
+            if !kept.join(".chia-index.snapshot").exists() {
+                fill(&kept, COUNT);
+            }
+            (None, kept)
+        }
+        None => {
+            let dir = timing_dir();
+            fill(dir.path(), COUNT);
+            let path = dir.path().to_owned();
+            (Some(dir), path)
+        }
+    };
+    println!("1,000,000 entries ready in {:?}", began.elapsed());
+    println!("warm start, 1,000,000 entries, index snapshot: {:?}", open_time(&dir, false, COUNT as usize));
+}

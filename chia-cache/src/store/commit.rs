@@ -144,7 +144,15 @@ impl GroupCommit {
             let generation = state.next_generation;
             drop(state);
 
+            let mut guard = LeaderGuard {
+                commit: self,
+                seqs: batch.iter().map(|(seq, _)| *seq).collect(),
+                last,
+                journal: journal.as_ref().map(|journal| journal.path().to_owned()),
+                armed: true,
+            };
             let end = self.run_batch(store, batch, journal, generation);
+            guard.armed = false;
 
             state = self.lock();
             if end.journal.as_ref().is_some_and(|journal| journal.generation() >= generation) {
@@ -348,6 +356,35 @@ impl GroupCommit {
         }
         state.touched.clear();
         Ok(())
+    }
+}
+
+/// Should a leader panic (a bug), fails its batch and frees the leadership, so that the other
+/// writers get an error instead of waiting forever.
+struct LeaderGuard<'a> {
+    commit: &'a GroupCommit,
+    seqs: Vec<u64>,
+    last: u64,
+    journal: Option<PathBuf>,
+    armed: bool,
+}
+
+impl Drop for LeaderGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut state = self.commit.lock();
+        for &seq in &self.seqs {
+            let error = io::Error::other("the batch's leader panicked");
+            state.outcomes.insert(seq, Outcome::Put(Err(error)));
+        }
+        // The journal it held is gone with it: a new one is started, this one kept for
+        // the next checkpoint or close.
+        state.retired.extend(self.journal.take());
+        state.done_through = state.done_through.max(self.last);
+        state.leading = false;
+        self.commit.turn.notify_all();
     }
 }
 

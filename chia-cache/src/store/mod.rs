@@ -90,6 +90,42 @@ pub struct VerifyReport {
     pub unreadable: u64,
 }
 
+/// One entry as [`CacheStore::entries`] lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EntryInfo {
+    /// The entry's tag.
+    pub tag: String,
+    /// Its file's length in bytes, as the budget counts it.
+    pub size: u64,
+    /// When it expires; `None` if it never does.
+    pub expires_at: Option<SystemTime>,
+}
+
+/// What [`CacheStore::open`] found and did in the directory.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OpenReport {
+    /// Entries taken from the index snapshot without opening their file.
+    pub from_snapshot: u64,
+    /// Entry files whose header was read (all of them without a snapshot).
+    pub headers_read: u64,
+    /// Journal records a crash left, replayed.
+    pub journal_records: u64,
+    /// Entry files the replay wrote again or deleted.
+    pub journal_rewrites: u64,
+    /// Temporary files of interrupted writes, removed.
+    pub removed_temp_files: u64,
+    /// Damaged entry files, removed.
+    pub removed_damaged_files: u64,
+    /// Files that are not entries of this store, left alone.
+    pub skipped_files: u64,
+    /// Entries beyond the budget, evicted.
+    pub evicted_over_budget: u64,
+    /// How long the open took.
+    pub duration: Duration,
+}
+
 /// An LRU, byte-budgeted, on-disk key/value store of opaque serialized values, one file per
 /// tag (see [`entry_file_name`]).
 ///
@@ -222,6 +258,7 @@ pub struct CacheStore {
     saving_snapshot: Mutex<()>,
     /// Set once the store has shut down (by `close`), so that drop does not do it again.
     closed: AtomicBool,
+    opened: OpenReport,
     _lock: DirLock,
     #[cfg(test)]
     test_hook: Mutex<Option<tests::Hook>>,
@@ -298,6 +335,7 @@ impl CacheStore {
         options: StoreOptions,
         use_snapshot: bool,
     ) -> Result<Self, CacheError> {
+        let started = std::time::Instant::now();
         let dir = dir.to_owned();
         let open_error = |source| CacheError::OpenDirectory { dir: dir.clone(), source };
         permissions::create_private_dir(&dir).map_err(open_error)?;
@@ -338,6 +376,17 @@ impl CacheStore {
         );
         let counters = Counters::default();
         Counters::add(&counters.evicted_for_room, warm.evicted_over_budget);
+        let opened = OpenReport {
+            from_snapshot: warm.from_snapshot as u64,
+            headers_read: warm.headers_read as u64,
+            journal_records: warm.journal_records as u64,
+            journal_rewrites: warm.journal_rewrites as u64,
+            removed_temp_files: warm.removed_temp_files as u64,
+            removed_damaged_files: warm.removed_damaged_files as u64,
+            skipped_files: warm.skipped_files as u64,
+            evicted_over_budget: warm.evicted_over_budget as u64,
+            duration: started.elapsed(),
+        };
         Ok(Self {
             dir,
             budget: budget_bytes,
@@ -350,6 +399,7 @@ impl CacheStore {
             writes_since_snapshot: AtomicU64::new(0),
             saving_snapshot: Mutex::new(()),
             closed: AtomicBool::new(false),
+            opened,
             _lock: lock,
             #[cfg(test)]
             test_hook: Mutex::new(None),
@@ -668,6 +718,26 @@ impl CacheStore {
             }
         }
         report
+    }
+
+    /// Every entry with its size and expiry, from least to most recently used (expired
+    /// entries included until removed).
+    pub fn entries(&self) -> Vec<EntryInfo> {
+        self.lock_index()
+            .iter()
+            .map(|(tag, entry)| EntryInfo {
+                tag: tag.to_string(),
+                size: entry.size,
+                expires_at: (entry.expires_at != 0)
+                    .then(|| UNIX_EPOCH + Duration::from_millis(entry.expires_at)),
+            })
+            .collect()
+    }
+
+    /// What the open found in the directory: how much came from the index snapshot, what a
+    /// crash left, what was cleaned up, and how long it took.
+    pub fn open_report(&self) -> &OpenReport {
+        &self.opened
     }
 
     /// Tags from least to most recently used (expired entries included until removed).

@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -87,12 +88,34 @@ pub(crate) fn save(dir: &Path, mut entries: Vec<SavedEntry>, temp: PathBuf) -> i
 /// A snapshot as loaded: its records in full-scan order, findable by file-name digest.
 #[derive(Debug, Default)]
 pub(crate) struct Snapshot {
-    bytes: Vec<u8>,
+    /// Every record's tag, one after the other.
+    tags: String,
     records: Vec<Record>,
-    by_digest: HashMap<u64, u32>,
+    by_digest: HashMap<u64, u32, BuildHasherDefault<DigestHasher>>,
 }
 
-/// A record, its tag left in the snapshot's bytes.
+/// File-name digests are already uniformly distributed (they are SHA-256 bits): a digest is
+/// its own hash.
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
+/// A record, its tag a range of [`Snapshot::tags`].
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Record {
     pub digest: u64,
@@ -151,7 +174,8 @@ impl Snapshot {
             return Err("more records than bytes");
         }
         let mut records = Vec::with_capacity(count);
-        let mut by_digest = HashMap::with_capacity(count);
+        let mut tags = String::with_capacity(body_end - HEADER_LEN - count * RECORD_FIXED_LEN);
+        let mut by_digest = HashMap::with_capacity_and_hasher(count, BuildHasherDefault::default());
         let mut at = HEADER_LEN;
         for index in 0..count {
             if at + RECORD_FIXED_LEN > body_end {
@@ -163,15 +187,17 @@ impl Snapshot {
             if tag_at + tag_len > body_end {
                 return Err("truncated");
             }
-            std::str::from_utf8(&bytes[tag_at..tag_at + tag_len]).map_err(|_| "a tag is not UTF-8")?;
+            let tag =
+                std::str::from_utf8(&bytes[tag_at..tag_at + tag_len]).map_err(|_| "a tag is not UTF-8")?;
             let record = Record {
                 digest: u64_at(at),
                 size: u64_at(at + 8),
                 mtime_ns: u64_at(at + 16) as i64,
                 expires_at: u64_at(at + 24),
-                tag_at,
+                tag_at: tags.len(),
                 tag_len,
             };
+            tags.push_str(tag);
             by_digest.insert(record.digest, index as u32);
             records.push(record);
             at = tag_at + tag_len;
@@ -179,7 +205,7 @@ impl Snapshot {
         if at != body_end {
             return Err("bytes after the last record");
         }
-        Ok(Snapshot { bytes, records, by_digest })
+        Ok(Snapshot { tags, records, by_digest })
     }
 
     pub(crate) fn records(&self) -> &[Record] {
@@ -187,8 +213,7 @@ impl Snapshot {
     }
 
     pub(crate) fn tag(&self, record: &Record) -> &str {
-        // Checked to be UTF-8 when parsed.
-        std::str::from_utf8(&self.bytes[record.tag_at..record.tag_at + record.tag_len]).unwrap_or_default()
+        &self.tags[record.tag_at..record.tag_at + record.tag_len]
     }
 
     /// The record whose entry file is `name`, if the snapshot has one.

@@ -235,3 +235,28 @@ fn a_damaged_read_does_not_drop_a_value_written_meanwhile() {
     assert_eq!(reader.join().expect("reader thread"), None, "the damaged old file is a miss");
     assert_eq!(store.read("t").as_deref(), Some(&[2u8; 1000][..]), "the new value survives");
 }
+
+#[test]
+fn a_panicking_batch_leader_fails_its_batch_and_frees_the_queue() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(CacheStore::open(dir.path(), 1 << 20, StoreOptions::default()).expect("open"));
+    let armed = AtomicBool::new(true);
+    store.set_test_hook(move |stage, tag| {
+        if stage == IoStage::SyncJournal && tag == "boom" && armed.swap(false, Ordering::SeqCst) {
+            panic!("injected");
+        }
+        Ok(())
+    });
+    let leader = thread::spawn({
+        let store = Arc::clone(&store);
+        move || store.write("boom", b"x")
+    });
+    assert!(leader.join().is_err(), "the leader's panic reaches its caller");
+    // The queue is free again, and the next write starts a new journal.
+    assert!(store.write("after", b"y").expect("write after the panic"));
+    assert_eq!(store.keys(), ["after"]);
+    drop(store);
+    let store = CacheStore::open(dir.path(), 1 << 20, StoreOptions::default()).expect("reopen");
+    assert_eq!(store.keys(), ["after"]);
+    assert_eq!(temp_files(&store), Vec::<String>::new());
+}

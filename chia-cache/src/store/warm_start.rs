@@ -87,6 +87,8 @@ struct Listing {
     trusted: Vec<bool>,
     found: Vec<FoundEntry>,
     journals: Vec<u64>,
+    /// Entry files whose header was read.
+    inspected: usize,
     removed_temp_files: usize,
     removed_damaged_files: usize,
     skipped_files: usize,
@@ -115,7 +117,7 @@ pub(crate) fn load(dir: &Path, options: LoadOptions<'_>) -> Result<WarmStart, Ca
     warm.removed_temp_files = listing.removed_temp_files;
     warm.removed_damaged_files = listing.removed_damaged_files;
     warm.skipped_files = listing.skipped_files;
-    warm.headers_read = listing.found.len();
+    warm.headers_read = listing.inspected;
 
     let mut found = listing.found;
     found.sort_by(|a, b| (a.meta.mtime_ns, &a.file_name).cmp(&(b.meta.mtime_ns, &b.file_name)));
@@ -179,69 +181,129 @@ pub(crate) fn load(dir: &Path, options: LoadOptions<'_>) -> Result<WarmStart, Ca
     Ok(warm)
 }
 
+/// Below this many directory entries, one thread looks at them all.
+const ENTRIES_PER_THREAD: usize = 4096;
+
+/// What looking at one directory entry found.
+enum Seen {
+    Nothing,
+    Trusted(usize),
+    Journal(u64),
+    Found(FoundEntry),
+    RemovedTemp,
+    RemovedDamaged,
+    Skipped,
+    /// Its header was read, and it is not an entry this store can use.
+    SkippedAfterReading,
+}
+
 fn list(dir: &Path, snapshot: Option<&Snapshot>) -> io::Result<Listing> {
     let mut listing = Listing {
         trusted: vec![false; snapshot.map_or(0, |snapshot| snapshot.records().len())],
         ..Listing::default()
     };
+    let mut dir_entries = Vec::new();
     for dir_entry in fs::read_dir(dir)? {
-        let dir_entry = match dir_entry {
-            Ok(dir_entry) => dir_entry,
+        match dir_entry {
+            Ok(dir_entry) => dir_entries.push(dir_entry),
             Err(error) => {
                 tracing::warn!(dir = %dir.display(), %error, "cache warm start: skipping an unreadable directory entry");
                 listing.skipped_files += 1;
-                continue;
             }
-        };
-        let file_name = dir_entry.file_name();
-        match naming::classify(&file_name) {
-            FileKind::Lock | FileKind::Snapshot => {}
-            FileKind::Journal(generation) => listing.journals.push(generation),
-            FileKind::Temp => {
-                // A write or deletion that a crash interrupted; never part of the index.
-                let path = dir_entry.path();
-                match fs::remove_file(&path) {
-                    Ok(()) => listing.removed_temp_files += 1,
-                    Err(error) => {
-                        tracing::warn!(path = %path.display(), %error, "cache warm start: cannot remove a temporary file")
-                    }
-                }
+        }
+    }
+    // One `stat` per entry (and a header read per changed one): spread over a few threads,
+    // as a million of them take most of a large warm start.
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, 4)
+        .min(dir_entries.len().div_ceil(ENTRIES_PER_THREAD).max(1));
+    let chunk = dir_entries.len().div_ceil(threads).max(1);
+    let seen: Vec<Vec<Seen>> = if threads == 1 {
+        vec![dir_entries.iter().map(|dir_entry| look_at(dir_entry, snapshot)).collect()]
+    } else {
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = dir_entries
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || part.iter().map(|dir_entry| look_at(dir_entry, snapshot)).collect())
+                })
+                .collect();
+            workers.into_iter().map(|worker| worker.join().expect("warm start worker")).collect()
+        })
+    };
+    for seen in seen.into_iter().flatten() {
+        match seen {
+            Seen::Nothing => {}
+            Seen::Trusted(at) => listing.trusted[at] = true,
+            Seen::Journal(generation) => listing.journals.push(generation),
+            Seen::Found(entry) => {
+                listing.inspected += 1;
+                listing.found.push(entry);
             }
-            FileKind::Foreign => {
-                tracing::warn!(path = %dir_entry.path().display(), "cache warm start: skipping a file that is not a cache entry");
+            Seen::RemovedTemp => listing.removed_temp_files += 1,
+            Seen::RemovedDamaged => {
+                listing.inspected += 1;
+                listing.removed_damaged_files += 1;
+            }
+            Seen::Skipped => listing.skipped_files += 1,
+            Seen::SkippedAfterReading => {
+                listing.inspected += 1;
                 listing.skipped_files += 1;
             }
-            FileKind::Entry => {
-                if let Some(snapshot) = snapshot
-                    && let Some(name) = file_name.to_str()
-                    && let Some((at, record)) = snapshot.find(name)
-                    && unchanged(&dir_entry, record)
-                {
-                    listing.trusted[at] = true;
-                    continue;
+        }
+    }
+    Ok(listing)
+}
+
+fn look_at(dir_entry: &DirEntry, snapshot: Option<&Snapshot>) -> Seen {
+    let file_name = dir_entry.file_name();
+    match naming::classify(&file_name) {
+        FileKind::Lock | FileKind::Snapshot => Seen::Nothing,
+        FileKind::Journal(generation) => Seen::Journal(generation),
+        FileKind::Temp => {
+            // A write or deletion that a crash interrupted; never part of the index.
+            let path = dir_entry.path();
+            match fs::remove_file(&path) {
+                Ok(()) => Seen::RemovedTemp,
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error, "cache warm start: cannot remove a temporary file");
+                    Seen::Nothing
                 }
-                match inspect(&dir_entry) {
-                    Inspection::Found(entry) => listing.found.push(entry),
-                    Inspection::Skip(reason) => {
-                        tracing::warn!(path = %dir_entry.path().display(), reason, "cache warm start: skipping file");
-                        listing.skipped_files += 1;
-                    }
-                    Inspection::Damaged(reason) => {
-                        let path = dir_entry.path();
-                        tracing::warn!(path = %path.display(), reason, "cache warm start: removing a damaged entry");
-                        match fs::remove_file(&path) {
-                            Ok(()) => listing.removed_damaged_files += 1,
-                            Err(error) => {
-                                tracing::warn!(path = %path.display(), %error, "cache warm start: cannot remove a damaged entry");
-                                listing.skipped_files += 1;
-                            }
+            }
+        }
+        FileKind::Foreign => {
+            tracing::warn!(path = %dir_entry.path().display(), "cache warm start: skipping a file that is not a cache entry");
+            Seen::Skipped
+        }
+        FileKind::Entry => {
+            if let Some(snapshot) = snapshot
+                && let Some(name) = file_name.to_str()
+                && let Some((at, record)) = snapshot.find(name)
+                && unchanged(dir_entry, record)
+            {
+                return Seen::Trusted(at);
+            }
+            match inspect(dir_entry) {
+                Inspection::Found(entry) => Seen::Found(entry),
+                Inspection::Skip(reason) => {
+                    tracing::warn!(path = %dir_entry.path().display(), reason, "cache warm start: skipping file");
+                    Seen::SkippedAfterReading
+                }
+                Inspection::Damaged(reason) => {
+                    let path = dir_entry.path();
+                    tracing::warn!(path = %path.display(), reason, "cache warm start: removing a damaged entry");
+                    match fs::remove_file(&path) {
+                        Ok(()) => Seen::RemovedDamaged,
+                        Err(error) => {
+                            tracing::warn!(path = %path.display(), %error, "cache warm start: cannot remove a damaged entry");
+                            Seen::SkippedAfterReading
                         }
                     }
                 }
             }
         }
     }
-    Ok(listing)
 }
 
 /// Whether the file is a regular file with the size and modification time `record` saved.
