@@ -105,7 +105,8 @@ impl LruIndex {
         self.slots.reserve(additional.saturating_sub(self.free.len()));
     }
 
-    fn publish(&self) {
+    /// Brings the gauges up to date (after [`LruIndex::insert_new`]s, which leave them).
+    pub(crate) fn publish(&self) {
         self.gauges.entries.store(self.map.len() as u64, Ordering::Relaxed);
         self.gauges.bytes.store(self.total_bytes, Ordering::Relaxed);
     }
@@ -146,6 +147,15 @@ impl LruIndex {
     /// Adds or replaces `tag` as the most recently used entry; returns its generation.
     pub(crate) fn insert(&mut self, tag: &str, meta: EntryMeta) -> u64 {
         self.remove(tag);
+        let generation = self.insert_new(tag, meta);
+        self.publish();
+        generation
+    }
+
+    /// [`LruIndex::insert`] of a tag known not to be in the index (a warm start's), without
+    /// looking for it first and without updating the gauges (call [`LruIndex::publish`]).
+    pub(crate) fn insert_new(&mut self, tag: &str, meta: EntryMeta) -> u64 {
+        debug_assert!(!self.map.contains_key(tag), "{tag:?} is already indexed");
         self.next_generation += 1;
         let entry = IndexEntry {
             size: meta.size,
@@ -168,7 +178,6 @@ impl LruIndex {
         self.link_last(slot);
         self.map.insert(tag, slot);
         self.total_bytes += meta.size;
-        self.publish();
         entry.generation
     }
 

@@ -27,7 +27,7 @@ use super::format::{self, PrefixError};
 use super::index::{EntryMeta, Gauges, LruIndex};
 use super::journal::Replay;
 use super::naming::{self, FileKind};
-use super::snapshot::{Record, Snapshot};
+use super::snapshot::{Keyed, Record, Snapshot};
 use crate::CacheError;
 
 /// What a warm start found.
@@ -151,9 +151,10 @@ pub(crate) fn load(dir: &Path, options: LoadOptions<'_>) -> Result<WarmStart, Ca
                 }
             },
         };
+        // Every tag comes once: one file per tag, taken either from the snapshot or read.
         if take_found {
             let entry = found.next().expect("peeked");
-            index.insert(&entry.tag, entry.meta);
+            index.insert_new(&entry.tag, entry.meta);
         } else {
             let record = trusted.next().expect("peeked");
             let snapshot = snapshot.as_ref().expect("trusted records come from a snapshot");
@@ -163,9 +164,10 @@ pub(crate) fn load(dir: &Path, options: LoadOptions<'_>) -> Result<WarmStart, Ca
                 mtime_ns: record.mtime_ns,
                 digest: record.digest,
             };
-            index.insert(snapshot.tag(record), meta);
+            index.insert_new(snapshot.tag(record), meta);
         }
     }
+    index.publish();
 
     // A restart with a smaller budget (or files copied in) must not leave the store over it.
     for tag in index.evict_to_fit(0, options.budget) {
@@ -184,17 +186,13 @@ pub(crate) fn load(dir: &Path, options: LoadOptions<'_>) -> Result<WarmStart, Ca
 /// Below this many directory entries, one thread looks at them all.
 const ENTRIES_PER_THREAD: usize = 4096;
 
-/// What looking at one directory entry found.
-enum Seen {
-    Nothing,
-    Trusted(usize),
-    Journal(u64),
-    Found(FoundEntry),
-    RemovedTemp,
-    RemovedDamaged,
-    Skipped,
-    /// Its header was read, and it is not an entry this store can use.
-    SkippedAfterReading,
+/// An entry file of the listing, and the snapshot record of the same name, if any.
+struct Candidate {
+    dir_entry: DirEntry,
+    name: String,
+    digest: Option<u64>,
+    /// Where the snapshot's records of the same digest start in [`Snapshot::by_digest`].
+    record: Option<usize>,
 }
 
 fn list(dir: &Path, snapshot: Option<&Snapshot>) -> io::Result<Listing> {
@@ -202,31 +200,62 @@ fn list(dir: &Path, snapshot: Option<&Snapshot>) -> io::Result<Listing> {
         trusted: vec![false; snapshot.map_or(0, |snapshot| snapshot.records().len())],
         ..Listing::default()
     };
-    let mut dir_entries = Vec::new();
+    let mut candidates = Vec::new();
     for dir_entry in fs::read_dir(dir)? {
-        match dir_entry {
-            Ok(dir_entry) => dir_entries.push(dir_entry),
+        let dir_entry = match dir_entry {
+            Ok(dir_entry) => dir_entry,
             Err(error) => {
                 tracing::warn!(dir = %dir.display(), %error, "cache warm start: skipping an unreadable directory entry");
                 listing.skipped_files += 1;
+                continue;
+            }
+        };
+        let file_name = dir_entry.file_name();
+        match naming::classify(&file_name) {
+            FileKind::Lock | FileKind::Snapshot => {}
+            FileKind::Journal(generation) => listing.journals.push(generation),
+            FileKind::Temp => {
+                // A write or deletion that a crash interrupted; never part of the index.
+                let path = dir_entry.path();
+                match fs::remove_file(&path) {
+                    Ok(()) => listing.removed_temp_files += 1,
+                    Err(error) => {
+                        tracing::warn!(path = %path.display(), %error, "cache warm start: cannot remove a temporary file")
+                    }
+                }
+            }
+            FileKind::Foreign => {
+                tracing::warn!(path = %dir_entry.path().display(), "cache warm start: skipping a file that is not a cache entry");
+                listing.skipped_files += 1;
+            }
+            FileKind::Entry => {
+                // Entry names are UTF-8 (ASCII, even); one that is not cannot be ours, but is
+                // inspected and skipped like any other stranger.
+                let name = file_name.into_string().unwrap_or_else(|name| name.to_string_lossy().into_owned());
+                let digest = naming::digest_of_name(&name);
+                candidates.push(Candidate { dir_entry, name, digest, record: None });
             }
         }
     }
+    if let Some(snapshot) = snapshot {
+        match_records(&mut candidates, snapshot);
+    }
+
     // One `stat` per entry (and a header read per changed one): spread over a few threads,
     // as a million of them take most of a large warm start.
     let threads = std::thread::available_parallelism()
         .map_or(1, usize::from)
         .clamp(1, 4)
-        .min(dir_entries.len().div_ceil(ENTRIES_PER_THREAD).max(1));
-    let chunk = dir_entries.len().div_ceil(threads).max(1);
+        .min(candidates.len().div_ceil(ENTRIES_PER_THREAD).max(1));
+    let chunk = candidates.len().div_ceil(threads).max(1);
     let seen: Vec<Vec<Seen>> = if threads == 1 {
-        vec![dir_entries.iter().map(|dir_entry| look_at(dir_entry, snapshot)).collect()]
+        vec![candidates.iter().map(|candidate| look_at(candidate, snapshot)).collect()]
     } else {
         std::thread::scope(|scope| {
-            let workers: Vec<_> = dir_entries
+            let workers: Vec<_> = candidates
                 .chunks(chunk)
                 .map(|part| {
-                    scope.spawn(move || part.iter().map(|dir_entry| look_at(dir_entry, snapshot)).collect())
+                    scope.spawn(move || part.iter().map(|candidate| look_at(candidate, snapshot)).collect())
                 })
                 .collect();
             workers.into_iter().map(|worker| worker.join().expect("warm start worker")).collect()
@@ -234,20 +263,16 @@ fn list(dir: &Path, snapshot: Option<&Snapshot>) -> io::Result<Listing> {
     };
     for seen in seen.into_iter().flatten() {
         match seen {
-            Seen::Nothing => {}
             Seen::Trusted(at) => listing.trusted[at] = true,
-            Seen::Journal(generation) => listing.journals.push(generation),
             Seen::Found(entry) => {
                 listing.inspected += 1;
                 listing.found.push(entry);
             }
-            Seen::RemovedTemp => listing.removed_temp_files += 1,
             Seen::RemovedDamaged => {
                 listing.inspected += 1;
                 listing.removed_damaged_files += 1;
             }
-            Seen::Skipped => listing.skipped_files += 1,
-            Seen::SkippedAfterReading => {
+            Seen::Skipped => {
                 listing.inspected += 1;
                 listing.skipped_files += 1;
             }
@@ -256,50 +281,69 @@ fn list(dir: &Path, snapshot: Option<&Snapshot>) -> io::Result<Listing> {
     Ok(listing)
 }
 
-fn look_at(dir_entry: &DirEntry, snapshot: Option<&Snapshot>) -> Seen {
-    let file_name = dir_entry.file_name();
-    match naming::classify(&file_name) {
-        FileKind::Lock | FileKind::Snapshot => Seen::Nothing,
-        FileKind::Journal(generation) => Seen::Journal(generation),
-        FileKind::Temp => {
-            // A write or deletion that a crash interrupted; never part of the index.
-            let path = dir_entry.path();
-            match fs::remove_file(&path) {
-                Ok(()) => Seen::RemovedTemp,
-                Err(error) => {
-                    tracing::warn!(path = %path.display(), %error, "cache warm start: cannot remove a temporary file");
-                    Seen::Nothing
-                }
-            }
+/// Gives each candidate the snapshot records of its digest (the first; `look_at` checks the
+/// name and tries the others of a collision): both sorted by digest, then matched in one pass.
+fn match_records(candidates: &mut [Candidate], snapshot: &Snapshot) {
+    // Sorting (digest, position) pairs moves far less memory than sorting the candidates.
+    let mut order: Vec<(u64, u32)> = candidates
+        .iter()
+        .enumerate()
+        .filter_map(|(at, candidate)| Some((candidate.digest?, at as u32)))
+        .collect();
+    order.sort_unstable();
+    let records = snapshot.by_digest();
+    let mut next = 0;
+    for (digest, at) in order {
+        while next < records.len() && records[next].digest < digest {
+            next += 1;
         }
-        FileKind::Foreign => {
-            tracing::warn!(path = %dir_entry.path().display(), "cache warm start: skipping a file that is not a cache entry");
+        if records.get(next).is_some_and(|keyed| keyed.digest == digest) {
+            candidates[at as usize].record = Some(next);
+        }
+    }
+}
+
+/// What looking at one entry file found.
+enum Seen {
+    Trusted(usize),
+    Found(FoundEntry),
+    RemovedDamaged,
+    /// Its header was read, and it is not an entry this store can use.
+    Skipped,
+}
+
+fn look_at(candidate: &Candidate, snapshot: Option<&Snapshot>) -> Seen {
+    let dir_entry = &candidate.dir_entry;
+    if let (Some(snapshot), Some(first), Some(digest)) = (snapshot, candidate.record, candidate.digest) {
+        // Two tags whose digests collide share a run; the name tells them apart.
+        let record =
+            snapshot.by_digest()[first..].iter().take_while(|keyed| keyed.digest == digest).find(|keyed| {
+                naming::is_name_of(
+                    &candidate.name,
+                    snapshot.tag(&snapshot.records()[keyed.index as usize]),
+                    digest,
+                )
+            });
+        if let Some(record) = record
+            && unchanged(dir_entry, record)
+        {
+            return Seen::Trusted(record.index as usize);
+        }
+    }
+    match inspect(dir_entry) {
+        Inspection::Found(entry) => Seen::Found(entry),
+        Inspection::Skip(reason) => {
+            tracing::warn!(path = %dir_entry.path().display(), reason, "cache warm start: skipping file");
             Seen::Skipped
         }
-        FileKind::Entry => {
-            if let Some(snapshot) = snapshot
-                && let Some(name) = file_name.to_str()
-                && let Some((at, record)) = snapshot.find(name)
-                && unchanged(dir_entry, record)
-            {
-                return Seen::Trusted(at);
-            }
-            match inspect(dir_entry) {
-                Inspection::Found(entry) => Seen::Found(entry),
-                Inspection::Skip(reason) => {
-                    tracing::warn!(path = %dir_entry.path().display(), reason, "cache warm start: skipping file");
-                    Seen::SkippedAfterReading
-                }
-                Inspection::Damaged(reason) => {
-                    let path = dir_entry.path();
-                    tracing::warn!(path = %path.display(), reason, "cache warm start: removing a damaged entry");
-                    match fs::remove_file(&path) {
-                        Ok(()) => Seen::RemovedDamaged,
-                        Err(error) => {
-                            tracing::warn!(path = %path.display(), %error, "cache warm start: cannot remove a damaged entry");
-                            Seen::SkippedAfterReading
-                        }
-                    }
+        Inspection::Damaged(reason) => {
+            let path = dir_entry.path();
+            tracing::warn!(path = %path.display(), reason, "cache warm start: removing a damaged entry");
+            match fs::remove_file(&path) {
+                Ok(()) => Seen::RemovedDamaged,
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error, "cache warm start: cannot remove a damaged entry");
+                    Seen::Skipped
                 }
             }
         }
@@ -307,7 +351,7 @@ fn look_at(dir_entry: &DirEntry, snapshot: Option<&Snapshot>) -> Seen {
 }
 
 /// Whether the file is a regular file with the size and modification time `record` saved.
-fn unchanged(dir_entry: &DirEntry, record: &Record) -> bool {
+fn unchanged(dir_entry: &DirEntry, record: &Keyed) -> bool {
     dir_entry.metadata().is_ok_and(|metadata| {
         metadata.is_file()
             && metadata.len() == record.size
