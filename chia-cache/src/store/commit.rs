@@ -6,7 +6,8 @@ use std::fs;
 use std::io::{self, IoSlice};
 use std::mem;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::thread::{self, Thread};
 
 use super::index::EntryMeta;
 use super::journal::{self, JournalFile, Kind};
@@ -51,15 +52,17 @@ impl Outcome {
     }
 }
 
+/// Writers wait parked, not on a condition variable: a leader wakes exactly the writers of its
+/// batch and the first writer of the next one (to lead it), instead of every waiting thread
+/// at every batch.
 pub(crate) struct GroupCommit {
     state: Mutex<State>,
-    /// Signalled when a batch is done (its ops' outcomes are known) and leadership is free.
-    turn: Condvar,
     checkpoint_bytes: u64,
 }
 
 struct State {
-    queue: Vec<(u64, Op)>,
+    /// Ops waiting for a leader, each with its writer's thread.
+    queue: Vec<(u64, Op, Thread)>,
     /// The sequence number of the last op queued.
     last_queued: u64,
     /// Every op numbered up to this one is done.
@@ -114,7 +117,6 @@ impl GroupCommit {
                 touched: Vec::new(),
                 checkpointing: false,
             }),
-            turn: Condvar::new(),
             checkpoint_bytes,
         })
     }
@@ -128,50 +130,68 @@ impl GroupCommit {
         let mut state = self.lock();
         state.last_queued += 1;
         let seq = state.last_queued;
-        state.queue.push((seq, op));
+        state.queue.push((seq, op, thread::current()));
         loop {
             if state.done_through >= seq {
                 return state.outcomes.remove(&seq).unwrap_or(Outcome::Put(Ok(())));
             }
-            if state.leading {
-                state = self.turn.wait(state).unwrap_or_else(PoisonError::into_inner);
-                continue;
+            if !state.leading {
+                // Leadership is free, so this op is still queued: lead its batch.
+                break;
             }
-            state.leading = true;
-            let batch = mem::take(&mut state.queue);
-            let last = batch.last().map_or(state.done_through, |(seq, _)| *seq);
-            let journal = state.journal.take();
-            let generation = state.next_generation;
             drop(state);
-
-            let mut guard = LeaderGuard {
-                commit: self,
-                seqs: batch.iter().map(|(seq, _)| *seq).collect(),
-                last,
-                journal: journal.as_ref().map(|journal| journal.path().to_owned()),
-                armed: true,
-            };
-            let end = self.run_batch(store, batch, journal, generation);
-            guard.armed = false;
-
+            // A token left by an unpark since the check makes this return at once.
+            thread::park();
             state = self.lock();
-            if end.journal.as_ref().is_some_and(|journal| journal.generation() >= generation) {
-                state.next_generation = generation + 1;
-            }
-            state.outcomes.extend(end.outcomes);
-            state.retired.extend(end.retired);
-            state.touched.extend(end.touched);
-            state.journal = end.journal;
-            state.done_through = last;
-            let checkpoint = self.rotate_if_full(store, &mut state);
-            state.leading = false;
-            self.turn.notify_all();
-            if checkpoint {
-                drop(state);
-                self.checkpoint(store);
-                state = self.lock();
-            }
         }
+
+        state.leading = true;
+        let queued = mem::take(&mut state.queue);
+        let last = queued.last().map_or(state.done_through, |(seq, _, _)| *seq);
+        let journal = state.journal.take();
+        let generation = state.next_generation;
+        drop(state);
+        let mut waiters = Vec::with_capacity(queued.len());
+        let mut batch = Vec::with_capacity(queued.len());
+        for (queued_seq, op, thread) in queued {
+            if queued_seq != seq {
+                waiters.push(thread);
+            }
+            batch.push((queued_seq, op));
+        }
+
+        let mut guard = LeaderGuard {
+            commit: self,
+            seqs: batch.iter().map(|(seq, _)| *seq).collect(),
+            last,
+            journal: journal.as_ref().map(|journal| journal.path().to_owned()),
+            waiters,
+            armed: true,
+        };
+        let end = self.run_batch(store, batch, journal, generation);
+        guard.armed = false;
+
+        let mut state = self.lock();
+        if end.journal.as_ref().is_some_and(|journal| journal.generation() >= generation) {
+            state.next_generation = generation + 1;
+        }
+        state.outcomes.extend(end.outcomes);
+        state.retired.extend(end.retired);
+        state.touched.extend(end.touched);
+        state.journal = end.journal;
+        state.done_through = last;
+        let checkpoint = self.rotate_if_full(store, &mut state);
+        state.leading = false;
+        let outcome = state.outcomes.remove(&seq).unwrap_or(Outcome::Put(Ok(())));
+        let next_leader = state.queue.first().map(|(_, _, thread)| thread.clone());
+        drop(state);
+        for waiter in mem::take(&mut guard.waiters).into_iter().chain(next_leader) {
+            waiter.unpark();
+        }
+        if checkpoint {
+            self.checkpoint(store);
+        }
+        outcome
     }
 
     /// Writes and syncs the batch's journal records, then installs its ops in order.
@@ -366,6 +386,8 @@ struct LeaderGuard<'a> {
     seqs: Vec<u64>,
     last: u64,
     journal: Option<PathBuf>,
+    /// The batch's other writers.
+    waiters: Vec<Thread>,
     armed: bool,
 }
 
@@ -384,7 +406,11 @@ impl Drop for LeaderGuard<'_> {
         state.retired.extend(self.journal.take());
         state.done_through = state.done_through.max(self.last);
         state.leading = false;
-        self.commit.turn.notify_all();
+        let next_leader = state.queue.first().map(|(_, _, thread)| thread.clone());
+        drop(state);
+        for waiter in mem::take(&mut self.waiters).into_iter().chain(next_leader) {
+            waiter.unpark();
+        }
     }
 }
 
