@@ -25,6 +25,15 @@ pub enum CacheError {
         choices: Vec<&'static str>,
     },
 
+    /// A duration is not a number of seconds, or a number and one of `s`, `m`, `h`, `d`.
+    #[error(
+        "invalid duration {text:?}: write a number of seconds, or a number and s, m, h or d (30s, 15m, 12h, 7d)"
+    )]
+    InvalidDuration {
+        /// The duration as given.
+        text: String,
+    },
+
     /// `size × units` does not fit in 64 bits.
     #[error("cache size {size} {units} is more than {max} bytes", max = u64::MAX)]
     SizeOverflow {
@@ -68,6 +77,26 @@ pub enum CacheError {
         /// The file that was being written.
         path: PathBuf,
         /// Why the write failed.
+        source: io::Error,
+    },
+
+    /// The index snapshot cannot be saved ([`crate::CacheStore::save_index`]). The store
+    /// works on; the next open reads more headers.
+    #[error("cannot save the cache index snapshot {path}: {source}")]
+    SaveIndex {
+        /// The snapshot file.
+        path: PathBuf,
+        /// Why the file system refused.
+        source: io::Error,
+    },
+
+    /// Closing the store could not make its entries durable and retire its journal
+    /// ([`crate::CacheStore::close`]). Nothing is lost: the next open replays the journal.
+    #[error("cannot sync the cache directory {dir} at close: {source}")]
+    Close {
+        /// The cache directory.
+        dir: PathBuf,
+        /// Why the file system refused.
         source: io::Error,
     },
 }

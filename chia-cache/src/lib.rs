@@ -3,10 +3,14 @@
 //!
 //! - [`CacheStore`]: an LRU, byte-budgeted, on-disk key/value store of opaque serialized values
 //!   (bytes in, bytes out; values are never decoded), one checksummed file per tag, with
-//!   crash-consistent writes and a warm start from the files a previous run left.
+//!   crash-consistent writes (group-committed under [`Durability::Full`]), expiry, statistics,
+//!   verification, and a warm start from the files a previous run left (and the index
+//!   snapshot it saved).
 //! - [`CacheConfig`]: the `cache:` section of the bypass/cache YAML, which says which
-//!   functions' outputs are written to the cache, and for which call tags.
-//! - [`parse_budget`]: a budget given as a number and units (`4`, `"GB"`) in bytes.
+//!   functions' outputs are written to the cache, for which call tags, under what key
+//!   ([`KeyFrom`]), for how long and with or without single flight ([`CacheRule`]).
+//! - [`parse_budget`]: a budget given as a number and units (`4`, `"GB"`) in bytes;
+//!   [`units::parse_duration`]: a duration such as `7d`.
 //!
 //! Serving the store as a named, head-pinned service is a layer above this crate.
 //!
@@ -35,9 +39,10 @@ mod store;
 pub mod units;
 
 pub use config::section::SectionError;
-pub use config::{CacheConfig, CacheRule, InvalidPattern, TagPatterns};
+pub use config::{CacheConfig, CacheRule, InvalidPattern, KeyFrom, TagPatterns};
 pub use error::CacheError;
 pub use store::{
-    CacheStore, Durability, ENTRY_EXTENSION, MAX_TAG_LEN, StoreOptions, StoreStats, entry_file_name,
+    BadEntry, CacheStore, Clock, Durability, ENTRY_EXTENSION, EntryInfo, MAX_TAG_LEN, ManualClock,
+    OpenReport, StoreOptions, StoreStats, VerifyReport, WriteOptions, entry_file_name,
 };
 pub use units::parse_budget;

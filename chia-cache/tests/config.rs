@@ -3,7 +3,9 @@
 
 use chia_cache::config::section;
 use chia_cache::config::yaml_value::YamlValue;
-use chia_cache::{CacheConfig, CacheError, CacheRule, SectionError, TagPatterns, parse_budget};
+use std::time::Duration;
+
+use chia_cache::{CacheConfig, CacheError, CacheRule, KeyFrom, SectionError, TagPatterns, parse_budget};
 
 const ORIGIN: &str = "loop.yaml";
 
@@ -19,8 +21,8 @@ fn load_error(yaml: &str) -> SectionError {
 }
 
 fn patterns(config: &CacheConfig, function: &str) -> Vec<String> {
-    match config.rule(function) {
-        Some(CacheRule::Tags(patterns)) => patterns.patterns().to_vec(),
+    match config.rule(function).map(|rule| &rule.tags) {
+        Some(Some(patterns)) => patterns.patterns().to_vec(),
         other => panic!("{function}: expected tag patterns, got {other:?}"),
     }
 }
@@ -89,7 +91,7 @@ cache:
 "#,
     );
     assert_eq!(config.len(), 2);
-    assert_eq!(config.rule("build_megaboom"), Some(&CacheRule::All));
+    assert_eq!(config.rule("build_megaboom"), Some(&CacheRule::all()));
     assert_eq!(patterns(&config, "run_verilator_test"), ["iter.*"]);
 }
 
@@ -286,13 +288,134 @@ fn config_round_trips_through_serde_as_pattern_strings() {
 #[test]
 fn deserializing_an_invalid_pattern_fails() {
     let mut config = CacheConfig::new();
-    config.insert("f", CacheRule::Tags(TagPatterns::new(["ok"]).expect("valid")));
+    config.insert("f", CacheRule::tagged(TagPatterns::new(["ok"]).expect("valid")));
     let mut bytes = rmp_serde::to_vec_named(&config).expect("encode");
     // Turn the pattern "ok" into "o(" on the wire.
     let at = bytes.windows(2).position(|window| window == b"ok").expect("pattern bytes");
     bytes[at + 1] = b'(';
     let error = rmp_serde::from_slice::<CacheConfig>(&bytes).expect_err("invalid pattern");
     assert!(error.to_string().contains("o("), "{error}");
+}
+
+// ---------------------------------------------------------------------------- ttl, key, single flight
+
+#[test]
+fn ttl_key_and_single_flight_are_read_per_function() {
+    let config = load(
+        r#"
+cache:
+  weekly:
+    cache: true
+    tags: ["iter.*"]
+    ttl: 7d
+  by_inputs:
+    cache: true
+    key: inputs
+    single_flight: yes
+  seconds:
+    cache: true
+    ttl: 90
+  fractional:
+    cache: true
+    ttl: "1.5h"
+  explicit_defaults:
+    cache: true
+    key: tag
+    single_flight: false
+    ttl: ~
+  shorthand: true
+"#,
+    );
+    let rule = |function: &str| config.rule(function).unwrap_or_else(|| panic!("{function}")).clone();
+    assert_eq!(rule("weekly").ttl, Some(Duration::from_secs(7 * 86_400)));
+    assert_eq!(patterns(&config, "weekly"), ["iter.*"]);
+    assert_eq!(rule("by_inputs"), CacheRule::all().with_key(KeyFrom::Inputs).with_single_flight(true));
+    assert_eq!(rule("seconds").ttl, Some(Duration::from_secs(90)));
+    assert_eq!(rule("fractional").ttl, Some(Duration::from_secs(5400)));
+    assert_eq!(rule("explicit_defaults"), CacheRule::all());
+    assert_eq!(rule("shorthand"), CacheRule::all());
+    assert_eq!(rule("shorthand").key, KeyFrom::Tag);
+    assert!(!rule("shorthand").single_flight);
+    assert_eq!(rule("weekly").write_options().ttl, Some(Duration::from_secs(7 * 86_400)));
+    assert_eq!(rule("shorthand").write_options().ttl, None);
+}
+
+#[test]
+fn an_input_key_caches_untagged_calls_that_tags_do_not_exclude() {
+    let config = load(
+        "cache:
+  f:
+    cache: true
+    key: inputs
+  g:
+    cache: true
+    key: inputs
+    tags: ['iter.*']
+  h:
+    cache: true
+    tags: ['iter.*']
+",
+    );
+    // No tag needed for a key from the inputs; a tag, if any, must still match `tags:`.
+    assert!(config.is_cached("f", None));
+    assert!(config.is_cached("g", None));
+    assert!(config.is_cached("g", Some("iter3")));
+    assert!(!config.is_cached("g", Some("final")));
+    // Keyed by tag, an untagged call has no key.
+    assert!(!config.is_cached("h", None));
+}
+
+#[test]
+fn bad_ttl_key_and_single_flight_values_name_the_function() {
+    for (yaml, expected) in [
+        ("ttl: 7w", "invalid duration \"7w\""),
+        ("ttl: 0", "longer than zero"),
+        ("ttl: 0s", "longer than zero"),
+        ("ttl: -5", "positive number of seconds"),
+        ("ttl: [1]", "`ttl:` must be a duration"),
+        ("ttl: true", "`ttl:` must be a duration"),
+        ("key: input", "`key:` must be `tag` or `inputs`, not \"input\" — did you mean `inputs`?"),
+        ("key: name", "`key:` must be `tag` or `inputs`, not \"name\""),
+        ("key: 1", "`key:` must be `tag` or `inputs`, not a number (1)"),
+        ("single_flight: 1", "`single_flight:` must be true or false, not a number (1)"),
+    ] {
+        let error = load_error(&format!("cache:\n  run:\n    cache: true\n    {yaml}\n"));
+        assert!(
+            matches!(&error, SectionError::Shape { function: Some(function), .. } if function == "run"),
+            "{yaml}: {error:?}"
+        );
+        let message = error.to_string();
+        assert!(message.starts_with("cache config loop.yaml: function \"run\": "), "{message}");
+        assert!(message.contains(expected), "{yaml}: {message}");
+    }
+}
+
+#[test]
+fn misspelt_new_fields_are_errors_with_the_closest_known_field() {
+    for (field, suggestion) in [
+        ("tll", "ttl"),
+        ("keys", "key"),
+        ("single_fligth", "single_flight"),
+        ("singleflight", "single_flight"),
+    ] {
+        let (found, message) = unknown_field(&format!("cache:\n  f:\n    cache: true\n    {field}: x\n"));
+        assert_eq!(found, (Some(4), "f".into(), field.into(), Some(suggestion)), "{message}");
+    }
+}
+
+#[test]
+fn the_new_settings_round_trip_through_serde() {
+    let config = load(
+        "cache:\n  f:\n    cache: true\n    tags: [a]\n    ttl: 12h\n    key: inputs\n    single_flight: true\n  g: true\n",
+    );
+    let bytes = rmp_serde::to_vec_named(&config).expect("encode");
+    let decoded: CacheConfig = rmp_serde::from_slice(&bytes).expect("decode");
+    assert_eq!(decoded, config);
+    let rule = decoded.rule("f").expect("f");
+    assert_eq!(
+        (rule.ttl, rule.key, rule.single_flight),
+        (Some(Duration::from_secs(43_200)), KeyFrom::Inputs, true)
+    );
 }
 
 // ---------------------------------------------------------------------------- strictness
@@ -338,7 +461,12 @@ fn a_misspelt_flag_is_an_error_even_though_it_leaves_the_function_off() {
 fn a_field_near_no_known_field_lists_the_known_ones() {
     let (found, message) = unknown_field("cache:\n  f:\n    cache: true\n    data: perf.md\n");
     assert_eq!(found, (Some(4), "f".into(), "data".into(), None));
-    assert!(message.ends_with("unknown field `data:` (the known fields are `cache:`, `tags:`)"), "{message}");
+    assert!(
+        message.ends_with(
+            "unknown field `data:` (the known fields are `cache:`, `tags:`, `ttl:`, `key:`, `single_flight:`)"
+        ),
+        "{message}"
+    );
     // A key that is not a name is unknown too, and shown as written.
     let (found, _) = unknown_field("cache:\n  f:\n    cache: true\n    3: x\n");
     assert_eq!(found, (Some(4), "f".into(), "3".into(), None));
@@ -389,7 +517,7 @@ fn a_top_level_key_near_cache_is_a_typo_and_other_sections_are_not() {
     );
     // A misspelt section is only warned about: the file still loads (with nothing cached).
     assert!(load(yaml).is_empty());
-    assert_eq!(load("cahce:\n  f: true\ncache:\n  g: true\n").rule("g"), Some(&CacheRule::All));
+    assert_eq!(load("cahce:\n  f: true\ncache:\n  g: true\n").rule("g"), Some(&CacheRule::all()));
 }
 
 #[test]
@@ -433,19 +561,26 @@ fn yaml_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 }
 
 /// What `body` logs, as the `fmt` subscriber prints it.
-fn capture_logs(body: impl FnOnce()) -> String {
-    let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
-    let writer = buffer.clone();
-    let subscriber =
-        tracing_subscriber::fmt().with_ansi(false).with_writer(move || SharedWriter(writer.clone())).finish();
-    tracing::subscriber::with_default(subscriber, || {
-        // Another test thread may have met the same log line first, with no subscriber, and
-        // cached that nobody listens to it: ask again now that this one does.
-        tracing::callsite::rebuild_interest_cache();
-        body()
-    });
-    let bytes = buffer.lock().expect("log buffer").clone();
-    String::from_utf8(bytes).expect("UTF-8 logs")
+fn capture_logs(body: impl Fn()) -> String {
+    // Another test thread may meet the same log line first, with no subscriber, and cache
+    // that nobody listens to it, even while this one asks again: a few tries.
+    for _ in 0..5 {
+        let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || SharedWriter(writer.clone()))
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::callsite::rebuild_interest_cache();
+            body()
+        });
+        let bytes = buffer.lock().expect("log buffer").clone();
+        if !bytes.is_empty() {
+            return String::from_utf8(bytes).expect("UTF-8 logs");
+        }
+    }
+    String::new()
 }
 
 struct SharedWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);

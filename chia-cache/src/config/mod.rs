@@ -1,12 +1,17 @@
-//! The `cache:` section of the bypass/cache YAML: which functions' outputs are cached, and for
-//! which call tags.
+//! The `cache:` section of the bypass/cache YAML: which functions' outputs are cached, for
+//! which call tags, under what key, for how long.
 //!
 //! ```yaml
 //! cache:
 //!   run_verilator_test:
 //!     cache: true
 //!     tags: ["iter.*"]      # optional: only calls whose whole tag matches one pattern
-//!   build_megaboom: true    # shorthand: cache every call
+//!     ttl: 7d               # optional: entries expire 7 days after their write
+//!   summarize:
+//!     cache: true
+//!     key: inputs           # optional: keyed by the call's inputs, not its tag
+//!     single_flight: true   # optional: concurrent identical calls run once
+//!   build_megaboom: true    # shorthand: cache every call, keyed by its tag, until evicted
 //! bypass:                   # other sections of the same file are not read here
 //!   simple_add: true
 //! ```
@@ -15,11 +20,15 @@
 //! - `fn: true` caches every call; `fn: {cache: true, tags: ...}` caches the calls whose tag
 //!   matches; `tags:` is one pattern or a list of them; `tags: []` caches nothing.
 //! - `fn: false`, `fn: {cache: false}` or a mapping without `cache:` leaves the function out.
-//! - Stricter than the original: a function's settings may hold only `cache:` and `tags:`; any
-//!   other field (`tag:`, `cahce:`) is an error naming the file, its line and the closest known
-//!   field, even in a function that is off (a misspelt `cache:` is what turns it off). Other
-//!   top-level sections are not read, but one within two edits of `cache` (`cahce:`) is warned
-//!   about.
+//! - New here, all optional (see [`CacheRule`]): `ttl:` is a number of seconds or a number and
+//!   one of `s`, `m`, `h`, `d` (`90`, `30s`, `1.5h`, `7d`), more than zero; `key:` is `tag` (the
+//!   default) or `inputs`; `single_flight:` is a boolean (default false). A value of another
+//!   shape is an error naming the function.
+//! - Stricter than the original: a function's settings may hold only `cache:`, `tags:`,
+//!   `ttl:`, `key:` and `single_flight:`; any other field (`tag:`, `cahce:`) is an error
+//!   naming the file, its line and the closest known field, even in a function that is off (a
+//!   misspelt `cache:` is what turns it off). Other top-level sections are not read, but one
+//!   within two edits of `cache` (`cahce:`) is warned about.
 //! - A spec of another type (a string, a number, a list) is ignored, as in the original, with
 //!   a warning.
 //! - A pattern must match the *whole* tag (Python's `re.fullmatch`). Patterns use Rust `regex`
@@ -32,6 +41,7 @@
 //!   guess. A `cache:` section that is empty (null) is an empty configuration (the original
 //!   crashed); one that is not a mapping is an error.
 
+mod rule;
 pub mod section;
 pub mod yaml_value;
 
@@ -42,25 +52,16 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use chia_core::tags::{InvalidPattern, TagPatterns};
+pub use rule::{CacheRule, KeyFrom};
 use section::{Section, SectionError};
 
-/// Which functions are cached, and for which tags. Serializes as a map from function name to
+/// Which functions are cached, and how. Serializes as a map from function name to
 /// [`CacheRule`], with patterns as their source strings (compiled again on deserialize), so it
 /// can be shipped to other processes.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct CacheConfig {
     functions: BTreeMap<String, CacheRule>,
-}
-
-/// How one configured function is cached.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CacheRule {
-    /// Every call (configured without `tags:`).
-    All,
-    /// Only calls with a tag that one of the patterns matches in full.
-    Tags(TagPatterns),
 }
 
 impl CacheConfig {
@@ -80,18 +81,22 @@ impl CacheConfig {
         for (function, settings) in
             section::enabled_functions(&section, Section::Cache, origin).map_err(problem)?
         {
-            let rule = match section::tag_patterns(function, settings.and_then(|s| s.get("tags")))
-                .map_err(problem)?
-            {
-                None => CacheRule::All,
-                Some(patterns) => CacheRule::Tags(patterns),
+            let setting = |key| settings.and_then(|s| s.get(key));
+            let rule = CacheRule {
+                tags: section::tag_patterns(function, setting("tags")).map_err(problem)?,
+                ttl: rule::ttl(function, setting("ttl")).map_err(problem)?,
+                key: rule::key(function, setting("key")).map_err(problem)?,
+                single_flight: rule::single_flight(function, setting("single_flight")).map_err(problem)?,
             };
-            match &rule {
-                CacheRule::All => tracing::info!(origin, function, "cache: every call"),
-                CacheRule::Tags(patterns) => {
-                    tracing::info!(origin, function, tags = ?patterns.patterns(), "cache: calls with matching tags")
-                }
-            }
+            tracing::info!(
+                origin,
+                function,
+                tags = ?rule.tags.as_ref().map(TagPatterns::patterns),
+                ttl = ?rule.ttl,
+                key = rule.key.name(),
+                single_flight = rule.single_flight,
+                "cache: configured"
+            );
             config.insert(function, rule);
         }
         Ok(config)
@@ -106,7 +111,8 @@ impl CacheConfig {
     }
 
     /// Should `function`'s output be cached on a call tagged `tag`? False for a function that is
-    /// not configured, and for an untagged call to a function configured with `tags:`.
+    /// not configured, and for an untagged call to a function configured with `tags:` and
+    /// keyed by its tag (see [`CacheRule::admits`]).
     pub fn is_cached(&self, function: &str, tag: Option<&str>) -> bool {
         self.functions.get(function).is_some_and(|rule| rule.admits(tag))
     }
@@ -134,16 +140,5 @@ impl CacheConfig {
     /// Whether no function is cached (no `cache:` section, or an empty one).
     pub fn is_empty(&self) -> bool {
         self.functions.is_empty()
-    }
-}
-
-impl CacheRule {
-    /// Whether a call tagged `tag` is cached under this rule.
-    pub fn admits(&self, tag: Option<&str>) -> bool {
-        match (self, tag) {
-            (CacheRule::All, _) => true,
-            (CacheRule::Tags(_), None) => false,
-            (CacheRule::Tags(patterns), Some(tag)) => patterns.matches(tag),
-        }
     }
 }

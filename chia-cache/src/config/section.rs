@@ -44,7 +44,7 @@ impl Section {
     /// The fields a function's settings may hold in this section, its flag first.
     pub const fn fields(self) -> &'static [&'static str] {
         match self {
-            Section::Cache => &["cache", "tags"],
+            Section::Cache => &["cache", "tags", "ttl", "key", "single_flight"],
             Section::Bypass => &["bypass", "tags", "data"],
         }
     }

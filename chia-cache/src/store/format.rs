@@ -1,10 +1,11 @@
-//! The entry file format (version 1). All integers are little-endian.
+//! The entry file formats. All integers are little-endian. Version 1, for entries that never
+//! expire:
 //!
 //! ```text
 //! offset  size  field
 //!      0     8  magic "CHIACHE\0"
 //!      8     2  format version (1)
-//!     10     2  flags, 0 in version 1
+//!     10     2  flags, 0
 //!     12     4  tag length in bytes (at most MAX_TAG_LEN)
 //!     16     8  payload length in bytes
 //!     24     4  header checksum: CRC-32 of bytes 0..24 and the tag
@@ -12,42 +13,67 @@
 //!     32        tag (UTF-8), then the payload
 //! ```
 //!
-//! The header checksum lets a warm start trust the tag and lengths while reading only the
-//! first `32 + tag length` bytes; the entry checksum is verified when the entry is read.
-//! A file's length must be exactly `32 + tag length + payload length`.
+//! Version 2, for entries written with a time to live, adds the expiry before the checksums:
+//!
+//! ```text
+//!      0    24  as in version 1, with format version 2
+//!     24     8  expires at: milliseconds since the Unix epoch (never 0)
+//!     32     4  header checksum: CRC-32 of bytes 0..32 and the tag
+//!     36     4  entry checksum: CRC-32 of bytes 0..32, the tag and the payload
+//!     40        tag (UTF-8), then the payload
+//! ```
+//!
+//! Entries without an expiry are still written as version 1, so a build that reads only
+//! version 1 still serves them (and skips, without deleting, the version-2 ones).
+//!
+//! The header checksum lets a warm start trust the tag, lengths and expiry while reading only
+//! the header and the tag; the entry checksum is verified when the entry is read. A file's
+//! length must be exactly `header length + tag length + payload length`.
 
 use std::io::{self, Read};
 
 pub(crate) const MAGIC: [u8; 8] = *b"CHIACHE\0";
-pub(crate) const FORMAT_VERSION: u16 = 1;
+/// Header length of version 1 (no expiry).
 pub(crate) const HEADER_LEN: usize = 32;
+/// Header length of version 2 (with an expiry).
+pub(crate) const HEADER_LEN_V2: usize = 40;
 /// Longest tag an entry can carry, in bytes. Tags are call labels; the bound keeps a damaged
 /// length field from asking for a huge allocation.
 pub const MAX_TAG_LEN: usize = 64 * 1024;
 
-/// Bytes an entry of this tag and payload occupies on disk.
-pub(crate) fn entry_file_len(tag_len: usize, payload_len: usize) -> u64 {
-    HEADER_LEN as u64 + tag_len as u64 + payload_len as u64
+/// The header length of an entry that expires at `expires_at` (0: never).
+pub(crate) fn header_len(expires_at: u64) -> usize {
+    if expires_at == 0 { HEADER_LEN } else { HEADER_LEN_V2 }
 }
 
-/// The header and tag bytes of an entry; the payload follows them in the file.
-pub(crate) fn encode_prefix(tag: &str, payload: &[u8]) -> Vec<u8> {
-    let mut header = [0u8; HEADER_LEN];
-    header[0..8].copy_from_slice(&MAGIC);
-    header[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-    // 10..12: flags stay 0.
-    header[12..16].copy_from_slice(&(tag.len() as u32).to_le_bytes());
-    header[16..24].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+/// Bytes an entry of this tag, payload and expiry (0: never) occupies on disk.
+pub(crate) fn entry_file_len(tag_len: usize, payload_len: usize, expires_at: u64) -> u64 {
+    header_len(expires_at) as u64 + tag_len as u64 + payload_len as u64
+}
+
+/// The header and tag bytes of an entry (version 1 if `expires_at` is 0, else version 2);
+/// the payload follows them in the file. `spare` more bytes of capacity are reserved, so the
+/// caller can append the payload without reallocating.
+pub(crate) fn encode_prefix(tag: &str, payload: &[u8], expires_at: u64, spare: usize) -> Vec<u8> {
+    let header_len = header_len(expires_at);
+    let mut prefix = Vec::with_capacity(header_len + tag.len() + spare);
+    prefix.extend_from_slice(&MAGIC);
+    let version: u16 = if expires_at == 0 { 1 } else { 2 };
+    prefix.extend_from_slice(&version.to_le_bytes());
+    prefix.extend_from_slice(&0u16.to_le_bytes());
+    prefix.extend_from_slice(&(tag.len() as u32).to_le_bytes());
+    prefix.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    if expires_at != 0 {
+        prefix.extend_from_slice(&expires_at.to_le_bytes());
+    }
+    let fields_end = prefix.len();
     let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&header[..24]);
+    hasher.update(&prefix[..fields_end]);
     hasher.update(tag.as_bytes());
     let header_checksum = hasher.clone().finalize();
     hasher.update(payload);
-    header[24..28].copy_from_slice(&header_checksum.to_le_bytes());
-    header[28..32].copy_from_slice(&hasher.finalize().to_le_bytes());
-
-    let mut prefix = Vec::with_capacity(HEADER_LEN + tag.len());
-    prefix.extend_from_slice(&header);
+    prefix.extend_from_slice(&header_checksum.to_le_bytes());
+    prefix.extend_from_slice(&hasher.finalize().to_le_bytes());
     prefix.extend_from_slice(tag.as_bytes());
     prefix
 }
@@ -56,14 +82,16 @@ pub(crate) fn encode_prefix(tag: &str, payload: &[u8]) -> Vec<u8> {
 pub(crate) struct EntryPrefix {
     pub tag: String,
     pub payload_len: u64,
+    /// Milliseconds since the Unix epoch; 0 for an entry that never expires (version 1).
+    pub expires_at: u64,
     checksum: u32,
-    /// CRC state after bytes 0..24 and the tag, so the payload check continues from it.
+    /// CRC state after the header fields and the tag, so the payload check continues from it.
     hasher_after_tag: crc32fast::Hasher,
 }
 
 impl EntryPrefix {
     pub(crate) fn file_len(&self) -> u64 {
-        entry_file_len(self.tag.len(), 0) + self.payload_len
+        entry_file_len(self.tag.len(), 0, self.expires_at) + self.payload_len
     }
 
     /// True if `payload` is the one the entry was written with.
@@ -79,16 +107,17 @@ impl EntryPrefix {
 pub(crate) enum PrefixError {
     /// Reading failed for a reason other than the file ending early.
     Io(io::Error),
-    /// Not a version-1 entry: another program's file, or a newer format. Leave it alone.
+    /// Not an entry this build reads: another program's file, or a newer format. Leave it
+    /// alone.
     NotOurs(String),
     /// One of our entries, damaged (truncated, checksum mismatch, ...).
     Damaged(String),
 }
 
-/// Reads and validates the header and tag: exactly `32 + tag length` bytes, never the payload.
+/// Reads and validates the header and tag: exactly the header and the tag, never the payload.
 pub(crate) fn read_prefix(reader: &mut impl Read) -> Result<EntryPrefix, PrefixError> {
-    let mut header = [0u8; HEADER_LEN];
-    let filled = read_up_to(reader, &mut header).map_err(PrefixError::Io)?;
+    let mut header = [0u8; HEADER_LEN_V2];
+    let filled = read_up_to(reader, &mut header[..HEADER_LEN]).map_err(PrefixError::Io)?;
     let magic_seen = filled.min(MAGIC.len());
     if header[..magic_seen] != MAGIC[..magic_seen] {
         return Err(PrefixError::NotOurs("no chia-cache magic".to_owned()));
@@ -97,20 +126,38 @@ pub(crate) fn read_prefix(reader: &mut impl Read) -> Result<EntryPrefix, PrefixE
         return Err(PrefixError::Damaged(format!("truncated: {filled} of {HEADER_LEN} header bytes")));
     }
     let version = u16::from_le_bytes([header[8], header[9]]);
-    if version != FORMAT_VERSION {
-        return Err(PrefixError::NotOurs(format!(
-            "format version {version}; this build reads version {FORMAT_VERSION}"
-        )));
-    }
+    let header_len = match version {
+        1 => HEADER_LEN,
+        2 => {
+            let filled = read_up_to(reader, &mut header[HEADER_LEN..]).map_err(PrefixError::Io)?;
+            if filled < HEADER_LEN_V2 - HEADER_LEN {
+                return Err(PrefixError::Damaged(format!(
+                    "truncated: {} of {HEADER_LEN_V2} header bytes",
+                    HEADER_LEN + filled
+                )));
+            }
+            HEADER_LEN_V2
+        }
+        _ => {
+            return Err(PrefixError::NotOurs(format!(
+                "format version {version}; this build reads versions 1 and 2"
+            )));
+        }
+    };
     let field_u32 =
         |at: usize| u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]]);
+    let field_u64 = |at: usize| {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&header[at..at + 8]);
+        u64::from_le_bytes(bytes)
+    };
     let flags = u16::from_le_bytes([header[10], header[11]]);
     let tag_len = field_u32(12) as usize;
-    let mut payload_len_bytes = [0u8; 8];
-    payload_len_bytes.copy_from_slice(&header[16..24]);
-    let payload_len = u64::from_le_bytes(payload_len_bytes);
-    let header_checksum = field_u32(24);
-    let checksum = field_u32(28);
+    let payload_len = field_u64(16);
+    let fields_end = header_len - 8;
+    let expires_at = if version == 2 { field_u64(24) } else { 0 };
+    let header_checksum = field_u32(fields_end);
+    let checksum = field_u32(fields_end + 4);
     if flags != 0 {
         return Err(PrefixError::Damaged(format!("unknown flags {flags:#06x}")));
     }
@@ -124,13 +171,16 @@ pub(crate) fn read_prefix(reader: &mut impl Read) -> Result<EntryPrefix, PrefixE
         _ => PrefixError::Io(error),
     })?;
     let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&header[..24]);
+    hasher.update(&header[..fields_end]);
     hasher.update(&tag);
     if hasher.clone().finalize() != header_checksum {
         return Err(PrefixError::Damaged("header checksum mismatch".to_owned()));
     }
+    if version == 2 && expires_at == 0 {
+        return Err(PrefixError::Damaged("version 2 entry without an expiry".to_owned()));
+    }
     let tag = String::from_utf8(tag).map_err(|_| PrefixError::Damaged("tag is not UTF-8".to_owned()))?;
-    Ok(EntryPrefix { tag, payload_len, checksum, hasher_after_tag: hasher })
+    Ok(EntryPrefix { tag, payload_len, expires_at, checksum, hasher_after_tag: hasher })
 }
 
 /// Fills `buf` as far as the reader allows; returns how many bytes were read (short only at
@@ -153,7 +203,11 @@ mod tests {
     use super::*;
 
     fn entry_bytes(tag: &str, payload: &[u8]) -> Vec<u8> {
-        let mut bytes = encode_prefix(tag, payload);
+        entry_bytes_expiring(tag, payload, 0)
+    }
+
+    fn entry_bytes_expiring(tag: &str, payload: &[u8], expires_at: u64) -> Vec<u8> {
+        let mut bytes = encode_prefix(tag, payload, expires_at, payload.len());
         bytes.extend_from_slice(payload);
         bytes
     }
@@ -176,7 +230,7 @@ mod tests {
     fn round_trip_validates_header_and_payload() {
         let payload = b"the payload";
         let bytes = entry_bytes("iter0", payload);
-        assert_eq!(bytes.len() as u64, entry_file_len(5, payload.len()));
+        assert_eq!(bytes.len() as u64, entry_file_len(5, payload.len(), 0));
         let prefix = read_prefix(&mut bytes.as_slice()).expect("valid prefix");
         assert_eq!(prefix.tag, "iter0");
         assert_eq!(prefix.payload_len, payload.len() as u64);
@@ -213,7 +267,7 @@ mod tests {
         assert!(matches!(error, Some(PrefixError::NotOurs(_))), "{error:?}");
 
         let mut newer = entry_bytes("t", b"p");
-        newer[8] = 2;
+        newer[8] = 3;
         let error = read_prefix(&mut newer.as_slice()).err();
         assert!(matches!(error, Some(PrefixError::NotOurs(_))), "{error:?}");
     }
@@ -225,5 +279,27 @@ mod tests {
             let error = read_prefix(&mut &bytes[..len]).err();
             assert!(matches!(error, Some(PrefixError::Damaged(_))), "length {len}: {error:?}");
         }
+    }
+
+    #[test]
+    fn version_2_carries_the_expiry_and_is_checked_like_version_1() {
+        let payload = b"expiring payload";
+        let bytes = entry_bytes_expiring("iter0", payload, 1_700_000_000_123);
+        assert_eq!(bytes.len() as u64, entry_file_len(5, payload.len(), 1));
+        assert_eq!(u16::from_le_bytes([bytes[8], bytes[9]]), 2);
+        let prefix = read_prefix(&mut bytes.as_slice()).expect("valid prefix");
+        assert_eq!((prefix.tag.as_str(), prefix.expires_at), ("iter0", 1_700_000_000_123));
+        assert_eq!(prefix.file_len(), bytes.len() as u64);
+        assert!(prefix.payload_matches(payload));
+        for at in [24, 30, 32, 36, HEADER_LEN_V2 + 1] {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 0x01;
+            let error = read_prefix(&mut damaged.as_slice()).err();
+            let caught = matches!(error, Some(PrefixError::Damaged(_)))
+                || read_prefix(&mut damaged.as_slice()).is_ok_and(|prefix| !prefix.payload_matches(payload));
+            assert!(caught, "byte {at}: {error:?}");
+        }
+        let error = read_prefix(&mut &bytes[..HEADER_LEN + 3]).err();
+        assert!(matches!(error, Some(PrefixError::Damaged(_))), "{error:?}");
     }
 }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 
 use super::naming::{self, FileKind};
-use super::{CacheStore, IoStage, StoreOptions};
+use super::{CacheStore, Durability, IoStage, StoreOptions};
 use crate::CacheError;
 
 pub(crate) type Hook = Arc<dyn Fn(IoStage, &str) -> io::Result<()> + Send + Sync>;
@@ -52,7 +52,12 @@ fn entry_files(store: &CacheStore) -> usize {
 /// A store with entries "a" and "b" (100-byte payloads, 32 + 1 + 100 bytes each) in a budget
 /// that has room for exactly two of them.
 fn store_with_two_entries(dir: &tempfile::TempDir) -> CacheStore {
-    let store = CacheStore::open(dir.path(), 2 * 133, StoreOptions::default()).expect("open");
+    store_with_two_entries_in(dir, Durability::Full)
+}
+
+fn store_with_two_entries_in(dir: &tempfile::TempDir, durability: Durability) -> CacheStore {
+    let options = StoreOptions::default().with_durability(durability);
+    let store = CacheStore::open(dir.path(), 2 * 133, options).expect("open");
     assert!(store.write("a", &[b'a'; 100]).expect("write a"));
     assert!(store.write("b", &[b'b'; 100]).expect("write b"));
     store
@@ -98,13 +103,29 @@ fn disk_full_in_the_middle_of_the_payload_leaves_nothing_behind() {
 
 #[test]
 fn a_failed_fsync_leaves_nothing_behind() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = store_with_two_entries(&dir);
-    store.set_test_hook(
-        |stage, _| if stage == IoStage::SyncTemp { Err(io::Error::other("EIO")) } else { Ok(()) },
-    );
-    let result = store.write("c", &[b'c'; 100]);
-    assert_unchanged_after_failed_write(&store, result);
+    // Under `Data` the temporary file's own sync fails; under `Full`, the journal's.
+    for (durability, stage) in
+        [(Durability::Data, IoStage::SyncTemp), (Durability::Full, IoStage::SyncJournal)]
+    {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store_with_two_entries_in(&dir, durability);
+        store.set_test_hook(move |at, _| if at == stage { Err(io::Error::other("EIO")) } else { Ok(()) });
+        let result = store.write("c", &[b'c'; 100]);
+        assert_unchanged_after_failed_write(&store, result);
+        // The overwrite of an existing entry too.
+        let result = store.write("a", &[b'x'; 100]);
+        assert_unchanged_after_failed_write(&store, result);
+        store.clear_test_hook();
+        assert!(store.write("c", &[b'c'; 100]).expect("write once the disk works"), "{durability:?}");
+        assert_eq!(store.keys(), ["b", "c"], "{durability:?}");
+        drop(store);
+        // Nothing of the failed writes comes back at the next open.
+        let store = CacheStore::open(dir.path(), 2 * 133, StoreOptions::default()).expect("reopen");
+        let mut keys = store.keys();
+        keys.sort();
+        assert_eq!(keys, ["b", "c"], "{durability:?}");
+        assert_eq!(store.read("b").as_deref(), Some(&[b'b'; 100][..]));
+    }
 }
 
 #[test]
@@ -213,4 +234,29 @@ fn a_damaged_read_does_not_drop_a_value_written_meanwhile() {
     pause.release.send(()).expect("reader waits");
     assert_eq!(reader.join().expect("reader thread"), None, "the damaged old file is a miss");
     assert_eq!(store.read("t").as_deref(), Some(&[2u8; 1000][..]), "the new value survives");
+}
+
+#[test]
+fn a_panicking_batch_leader_fails_its_batch_and_frees_the_queue() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(CacheStore::open(dir.path(), 1 << 20, StoreOptions::default()).expect("open"));
+    let armed = AtomicBool::new(true);
+    store.set_test_hook(move |stage, tag| {
+        if stage == IoStage::SyncJournal && tag == "boom" && armed.swap(false, Ordering::SeqCst) {
+            panic!("injected");
+        }
+        Ok(())
+    });
+    let leader = thread::spawn({
+        let store = Arc::clone(&store);
+        move || store.write("boom", b"x")
+    });
+    assert!(leader.join().is_err(), "the leader's panic reaches its caller");
+    // The queue is free again, and the next write starts a new journal.
+    assert!(store.write("after", b"y").expect("write after the panic"));
+    assert_eq!(store.keys(), ["after"]);
+    drop(store);
+    let store = CacheStore::open(dir.path(), 1 << 20, StoreOptions::default()).expect("reopen");
+    assert_eq!(store.keys(), ["after"]);
+    assert_eq!(temp_files(&store), Vec::<String>::new());
 }

@@ -108,18 +108,24 @@ fn writes_evict_least_recently_used_by_bytes() {
     assert_eq!(entry_files(dir.path()).len(), 2);
 }
 
+/// `(entries, bytes, evicted_for_room, evicted_explicitly)`.
+fn sizes_and_evictions(stats: StoreStats) -> (u64, u64, u64, u64) {
+    (stats.entries, stats.bytes, stats.evicted_for_room, stats.evicted_explicitly)
+}
+
 #[test]
-fn stats_count_evictions_made_for_room_and_not_those_asked_for() {
+fn stats_count_evictions_made_for_room_apart_from_those_asked_for() {
     let dir = tempfile::tempdir().expect("tempdir");
     let item = entry_size("a", 100);
     let store = open(dir.path(), 2 * item);
     for tag in ["a", "b", "c", "d"] {
         store.write(tag, &[0u8; 100]).expect("write");
     }
-    assert_eq!(store.stats(), StoreStats { entries: 2, bytes: 2 * item, evicted_for_room: 2 });
+    assert_eq!(sizes_and_evictions(store.stats()), (2, 2 * item, 2, 0));
     assert!(store.evict("d"));
+    assert!(!store.evict("d"));
     store.flush();
-    assert_eq!(store.stats(), StoreStats { entries: 0, bytes: 0, evicted_for_room: 2 });
+    assert_eq!(sizes_and_evictions(store.stats()), (0, 0, 2, 2));
     drop(store);
 
     // Entries over a smaller budget at a warm start are evicted for room too.
@@ -129,7 +135,28 @@ fn stats_count_evictions_made_for_room_and_not_those_asked_for() {
     }
     drop(store);
     let store = open(dir.path(), item);
-    assert_eq!(store.stats(), StoreStats { entries: 1, bytes: item, evicted_for_room: 2 });
+    assert_eq!(sizes_and_evictions(store.stats()), (1, item, 2, 0));
+}
+
+#[test]
+fn stats_count_hits_misses_writes_and_damage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path(), 1 << 20);
+    assert_eq!(store.stats(), StoreStats::default());
+    store.write("a", b"1").expect("write");
+    store.write("b", b"2").expect("write");
+    store.write("a", b"3").expect("overwrite");
+    // Too large for the budget: not a write.
+    assert!(!store.write("huge", &vec![0u8; 2 << 20]).expect("oversized"));
+    assert!(store.read("a").is_some());
+    assert!(store.read("a").is_some());
+    assert!(store.read("never").is_none());
+    assert!(store.has("b"), "has is not a read");
+    std::fs::write(store.entry_path("b"), b"garbage").expect("damage b");
+    assert!(store.read("b").is_none());
+    let stats = store.stats();
+    assert_eq!((stats.hits, stats.misses, stats.writes, stats.dropped_damaged), (2, 2, 3, 1));
+    assert_eq!((stats.entries, stats.bytes), (1, entry_size("a", 1)));
 }
 
 #[test]

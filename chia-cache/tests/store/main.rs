@@ -6,7 +6,12 @@ mod common;
 mod concurrency;
 mod crash;
 mod disk_full;
+mod expiry;
+#[cfg(unix)]
+mod group_commit;
 mod integrity;
+mod maintenance;
 #[cfg(unix)]
 mod modes;
+mod snapshot;
 mod warm_start;

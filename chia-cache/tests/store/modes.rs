@@ -62,8 +62,8 @@ fn a_new_cache_directory_is_0700_and_its_entries_0600() {
         assert_eq!(mode(&path), 0o600, "{}", path.display());
         files += 1;
     }
-    // Two entries and the lock file.
-    assert_eq!(files, 3);
+    // Two entries, the lock file and the journal.
+    assert_eq!(files, 4);
     assert_eq!(mode(&store.entry_path("iter0")), 0o600);
 }
 

@@ -144,7 +144,7 @@ fn entries_of_a_newer_format_are_left_alone() {
     }
     let path = dir.path().join(entry_file_name("future"));
     let mut bytes = fs::read(&path).expect("read");
-    bytes[8] = 2; // format version
+    bytes[8] = 3; // format version
     fs::write(&path, &bytes).expect("write");
     let store = open(dir.path(), 1 << 20);
     assert!(store.is_empty());

@@ -279,10 +279,7 @@ fn watch_rules(config: &CacheConfig) -> Vec<WatchRule> {
         .functions()
         .map(|(function, rule)| WatchRule {
             function: function.to_string(),
-            tags: match rule {
-                CacheRule::All => None,
-                CacheRule::Tags(patterns) => Some(patterns.patterns().to_vec()),
-            },
+            tags: rule.tags.as_ref().map(|patterns| patterns.patterns().to_vec()),
         })
         .collect()
 }
