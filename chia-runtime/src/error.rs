@@ -136,6 +136,22 @@ pub enum Error {
     /// the section, the file, and where known the line and function.
     #[error(transparent)]
     Config(Arc<chia_cache::SectionError>),
+    /// The `cache:` section sets, for `function`, a `field` that this version reads but does
+    /// not apply to automatic writes yet (`ttl`, `key`, `single_flight`): the cache is not
+    /// started, rather than started without it.
+    #[error(
+        "{}: `{field}:` of {function} in the cache: section is not applied by this version of chia yet \
+         (automatic writes would ignore it); remove it to start the cache",
+        path.display()
+    )]
+    CacheRuleNotApplied {
+        /// The YAML file.
+        path: PathBuf,
+        /// The function whose rule sets it.
+        function: String,
+        /// The setting.
+        field: &'static str,
+    },
     /// `start_cache` found a cache already running with another directory or budget.
     #[error(
         "a cache is already running in {} with a budget of {}; start_cache asked for {} with {}. \

@@ -98,6 +98,26 @@ async fn the_cache_is_found_by_name_from_workers_and_other_drivers_and_outlives_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_setting_the_automatic_writes_do_not_apply_yet_refuses_to_start() {
+    let (_cluster, cx) = cluster(&["CPU=1"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    for (line, field) in
+        [("ttl: 7d", "ttl"), ("key: inputs", "key"), ("single_flight: true", "single_flight")]
+    {
+        let yaml = dir.path().join(format!("{field}.yaml"));
+        std::fs::write(&yaml, format!("cache:\n  produce:\n    cache: true\n    {line}\n")).unwrap();
+        let options = CacheOptions::in_dir(dir.path().join("c")).size(1.0, "MiB").yaml_path(&yaml);
+        match start_cache(&cx, options).await {
+            Err(chia::Error::CacheRuleNotApplied { path, function, field: refused }) => {
+                assert_eq!((path, function.as_str(), refused), (yaml.clone(), "produce", field));
+            }
+            other => panic!("{line}: {other:?}"),
+        }
+    }
+    assert!(get_active_cache(&cx, None).await.unwrap().is_none(), "nothing was started");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_of_configured_tagged_calls_are_written_automatically() {
     let (_cluster, cx) = cluster(&["CPU=2"]).await;
     let dir = tempfile::tempdir().unwrap();
@@ -110,10 +130,12 @@ async fn results_of_configured_tagged_calls_are_written_automatically() {
     assert!(is_cached(&cx, "produce", Some("iter3")).await.unwrap());
     // The configuration read back is made of types a user names from `chia` alone.
     let config: chia::cache::CacheConfig = cache.get_config().await.unwrap();
-    let Some(chia::cache::CacheRule::Tags(patterns)) = config.rule("produce") else { panic!("{config:?}") };
+    let Some(chia::cache::CacheRule { tags: Some(patterns), .. }) = config.rule("produce") else {
+        panic!("{config:?}")
+    };
     let patterns: &chia::cache::TagPatterns = patterns;
     assert_eq!(patterns.patterns(), ["iter.*"]);
-    assert_eq!(config.rule("untagged_is_fine"), Some(&chia::cache::CacheRule::All));
+    assert_eq!(config.rule("untagged_is_fine"), Some(&chia::cache::CacheRule::all()));
     assert!(!is_cached(&cx, "produce", Some("other")).await.unwrap());
     assert!(!is_cached(&cx, "produce", None).await.unwrap());
 

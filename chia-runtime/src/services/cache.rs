@@ -378,10 +378,13 @@ impl CacheOptions {
 pub async fn start_cache(cx: &Context, options: CacheOptions) -> Result<Cache, Error> {
     let CacheOptions { dir: requested_dir, size, units, yaml_path, namespace, durability } = options;
     let budget = parse_budget(size, &units).map_err(cache_error)?;
-    let config = match yaml_path {
-        Some(path) => CacheConfig::from_file(&path).map_err(|e| Error::Config(Arc::new(e)))?,
+    let config = match &yaml_path {
+        Some(path) => CacheConfig::from_file(path).map_err(|e| Error::Config(Arc::new(e)))?,
         None => CacheConfig::default(),
     };
+    if let (Some(path), Some((function, field))) = (&yaml_path, not_applied_yet(&config)) {
+        return Err(Error::CacheRuleNotApplied { path: path.clone(), function, field });
+    }
     let mut service_options = ServiceOptions::named(CACHE_SERVICE_NAME).detached().get_if_exists().on_head();
     if let Some(namespace) = namespace {
         service_options = service_options.namespace(namespace);
@@ -402,6 +405,24 @@ pub async fn start_cache(cx: &Context, options: CacheOptions) -> Result<Cache, E
         });
     }
     Ok(Cache { service })
+}
+
+/// The first setting of `config` that the `cache:` section reads but the automatic writes do
+/// not apply yet (`ttl:`, `key: inputs`, `single_flight:`), by function name: refused at start
+/// rather than silently ignored.
+fn not_applied_yet(config: &CacheConfig) -> Option<(String, &'static str)> {
+    config.functions().find_map(|(function, rule)| {
+        let field = if rule.ttl.is_some() {
+            "ttl"
+        } else if rule.key != chia_cache::KeyFrom::Tag {
+            "key"
+        } else if rule.single_flight {
+            "single_flight"
+        } else {
+            return None;
+        };
+        Some((function.to_string(), field))
+    })
 }
 
 /// The running cache, looked up by name through the head every time; `None` if there is none.

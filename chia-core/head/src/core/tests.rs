@@ -466,7 +466,7 @@ fn calls_to_the_own_nodes_instances_are_handed_over_in_process_and_answered_as_i
     let head = env.open("head", Some(offer));
     let worker = env.worker("w", "CPU=1", &[]);
     let driver = env.driver();
-    let mut call_on = |env: &mut Env, seq: u64, pin: &str| {
+    let call_on = |env: &mut Env, seq: u64, pin: &str| {
         let start = TaskId::new(driver, seq);
         let pinned = ServiceStart {
             name: format!("counter-{seq}"),
