@@ -294,3 +294,62 @@ async fn a_cache_handle_passed_to_a_task_writes_to_the_same_cache() {
     assert_eq!(cache.read::<Vec<u64>>("from-a-task").await.unwrap(), Some(vec![7, 8]));
     assert!(stop_cache(&cx, None).await.unwrap());
 }
+
+/// Hits and misses, writes and evictions are counted; `evict_matching` removes what its
+/// pattern matches in full; `verify` finds an entry damaged behind the cache's back, reports
+/// it on a dry run and removes it otherwise. Through the library, then `chia cache`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_evict_matching_and_verify_from_the_library_and_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let head = common::HeadProcess::start(&state, &[]);
+    let credentials =
+        chia::internals::tls::ClusterCredentials::load(&state.join("cluster.yaml")).expect("the cluster file");
+    let (client, _) = chia::internals::Client::connect(&credentials, "driver", None).await.unwrap();
+    let cx = Context::from_client(client);
+    let store = dir.path().join("store");
+    let cache = start_cache(&cx, CacheOptions::in_dir(&store).size(1.0, "MiB")).await.unwrap();
+    for tag in ["iter1_a", "iter1_b", "iter2_a"] {
+        assert!(cache.write(tag, &tag.len()).await.unwrap());
+    }
+    assert_eq!(cache.read::<usize>("iter2_a").await.unwrap(), Some(7));
+    assert_eq!(cache.read::<usize>("absent").await.unwrap(), None);
+    let stats = cache.stats().await.unwrap();
+    assert_eq!((stats.entries, stats.writes, stats.hits, stats.misses), (3, 3, 1, 1), "{stats:?}");
+
+    assert_eq!(cache.evict_matching("iter1_.*").await.unwrap(), ["iter1_a", "iter1_b"]);
+    assert_eq!(cache.keys().await.unwrap(), ["iter2_a"]);
+    assert!(cache.evict_matching("(unclosed").await.is_err(), "an invalid pattern is refused");
+    assert_eq!(cache.stats().await.unwrap().evicted_explicitly, 2);
+
+    // Damage the one entry left: flip its last byte (the payload's).
+    let file = store.join(chia_cache::entry_file_name("iter2_a"));
+    let mut bytes = std::fs::read(&file).unwrap();
+    *bytes.last_mut().unwrap() ^= 0xff;
+    std::fs::write(&file, &bytes).unwrap();
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_chia"))
+            .arg("--cluster-file")
+            .arg(state.join("cluster.yaml"))
+            .args(args)
+            .output()
+            .expect("chia runs");
+        let text = |bytes: Vec<u8>| String::from_utf8(bytes).unwrap();
+        (output.status.success(), text(output.stdout), text(output.stderr))
+    };
+    let (ok, out, err) = cli(&["cache", "verify", "--dry-run"]);
+    assert!(!ok && out.contains("bad: iter2_a") && out.contains("1 bad, 0 removed"), "{out}{err}");
+    assert!(file.exists(), "a dry run removes nothing");
+    let (ok, out, err) = cli(&["--json", "cache", "verify"]);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    assert!(!ok && report["removed"] == 1 && report["bad"][0]["tag"] == "iter2_a", "{report}");
+    assert!(!file.exists(), "the bad entry is removed");
+
+    cache.write("iter3_a", &1u8).await.unwrap();
+    let (ok, out, err) = cli(&["cache", "evict", "--tags", "iter3_.*"]);
+    assert!(ok && out.trim() == "evicted 1 entry", "{out}{err}");
+    let (ok, out, err) = cli(&["--json", "cache", "stats"]);
+    let stats: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    assert!(ok && stats["entries"] == 0 && stats["writes"] == 4 && stats["dropped_damaged"] == 1, "{stats}");
+    drop(head);
+}

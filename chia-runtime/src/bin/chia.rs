@@ -75,6 +75,34 @@ enum Command {
         #[command(subcommand)]
         what: KvCommand,
     },
+    /// The result cache on the head (`chia::cache`): its statistics, invalidation by tag
+    /// pattern, and a check of every entry.
+    Cache {
+        /// The cache's namespace (default: the default namespace).
+        #[arg(long)]
+        namespace: Option<String>,
+        #[command(subcommand)]
+        what: CacheCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CacheCommand {
+    /// Entries, bytes, hits, misses, writes and evictions since the cache opened.
+    Stats,
+    /// Remove every entry whose whole tag the regex matches (as `tags:` patterns match).
+    Evict {
+        /// The tag pattern, e.g. 'iter1_.*'.
+        #[arg(long)]
+        tags: String,
+    },
+    /// Re-read every entry and check its checksums; remove the bad ones (exit status 1 when
+    /// there were any).
+    Verify {
+        /// Only report the bad entries.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -331,6 +359,9 @@ async fn execute(cx: &Context, command: &Command, json: bool) -> Result<ExitCode
             }
         }
         Command::Kv { what } => return kv_command(cx, what, json).await,
+        Command::Cache { namespace, what } => {
+            return cache_command(cx, namespace.as_deref(), what, json).await;
+        }
         Command::Cancel(args) => {
             let target = match (args.task, args.job) {
                 (Some(task), _) => CancelTarget::Task(task),
@@ -371,6 +402,75 @@ async fn execute(cx: &Context, command: &Command, json: bool) -> Result<ExitCode
                     CancelTarget::Job(job) => format!("the job driver-{} has no unfinished task", job.0),
                 };
                 eprintln!("{what}");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn cache_command(
+    cx: &Context,
+    namespace: Option<&str>,
+    command: &CacheCommand,
+    json: bool,
+) -> Result<ExitCode, String> {
+    let failed = |e: chia_runtime::Error| e.to_string();
+    let Some(cache) = chia_runtime::cache::get_active_cache(cx, namespace).await.map_err(failed)? else {
+        return Err(format!("no cache runs in namespace {:?}", namespace.unwrap_or("default")));
+    };
+    match command {
+        CacheCommand::Stats => {
+            let stats = cache.stats().await.map_err(failed)?;
+            if json {
+                return print_json(&stats).map(|()| ExitCode::SUCCESS);
+            }
+            let reads = stats.hits + stats.misses;
+            let rate = if reads == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.1} %", 100.0 * stats.hits as f64 / reads as f64)
+            };
+            let rows = vec![
+                vec!["entries".into(), stats.entries.to_string()],
+                vec!["bytes".into(), format!("{} of {}", bytes(stats.bytes), bytes(stats.budget))],
+                vec!["hits".into(), stats.hits.to_string()],
+                vec!["misses".into(), stats.misses.to_string()],
+                vec!["hit rate".into(), rate],
+                vec!["writes".into(), stats.writes.to_string()],
+                vec!["evicted for room".into(), stats.evicted_for_room.to_string()],
+                vec!["evicted on request".into(), stats.evicted_explicitly.to_string()],
+                vec!["expired".into(), stats.expired.to_string()],
+                vec!["dropped as damaged".into(), stats.dropped_damaged.to_string()],
+            ];
+            table(&["", "SINCE THE CACHE OPENED"], &rows);
+        }
+        CacheCommand::Evict { tags } => {
+            let evicted = cache.evict_matching(tags).await.map_err(failed)?;
+            if json {
+                print_json(&evicted)?;
+            } else {
+                println!("evicted {} entr{}", evicted.len(), if evicted.len() == 1 { "y" } else { "ies" });
+            }
+        }
+        CacheCommand::Verify { dry_run } => {
+            let report = cache.verify(*dry_run).await.map_err(failed)?;
+            if json {
+                print_json(&report)?;
+            } else {
+                for bad in &report.bad {
+                    println!("bad: {} ({}): {}", bad.tag, bad.path, bad.reason);
+                }
+                println!(
+                    "{} checked, {} ok, {} bad, {} removed, {} unreadable",
+                    report.checked,
+                    report.ok,
+                    report.bad.len(),
+                    report.removed,
+                    report.unreadable
+                );
+            }
+            if !report.bad.is_empty() {
                 return Ok(ExitCode::FAILURE);
             }
         }
