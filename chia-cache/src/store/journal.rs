@@ -15,7 +15,8 @@
 //! ```
 //!
 //! - **put**: the entry file of the tag must hold exactly this body.
-//! - **remove**: the tag's entry was evicted; its file must not be there.
+//! - **remove**: the tag's entry was removed on request (evict, evict_matching, flush); its
+//!   file must not be there.
 //! - **keep**: earlier records of the tag no longer say anything (a write that failed after
 //!   its put was logged): its file, whatever it holds, is left as it is.
 //!
