@@ -134,13 +134,25 @@ impl GroupCommit {
     /// Queues `op` and returns once its batch is done, leading batches while none is running
     /// and `op` waits.
     pub(crate) fn submit(&self, store: &CacheStore, op: Op) -> Outcome {
+        self.submit_many(store, vec![op]).pop().unwrap_or(Outcome::Put(Ok(())))
+    }
+
+    /// Queues `ops` one after the other and returns their outcomes, in order, once all are
+    /// done: they share batches (and syncs) with each other and with other writers'.
+    pub(crate) fn submit_many(&self, store: &CacheStore, ops: Vec<Op>) -> Vec<Outcome> {
         let mut state = self.lock();
-        state.last_queued += 1;
-        let seq = state.last_queued;
-        state.queue.push((seq, op, thread::current()));
+        let first = state.last_queued + 1;
+        for op in ops {
+            state.last_queued += 1;
+            let seq = state.last_queued;
+            state.queue.push((seq, op, thread::current()));
+        }
+        let last = state.last_queued;
         loop {
-            if state.done_through >= seq {
-                return state.outcomes.remove(&seq).unwrap_or(Outcome::Put(Ok(())));
+            if state.done_through >= last {
+                return (first..=last)
+                    .map(|seq| state.outcomes.remove(&seq).unwrap_or(Outcome::Put(Ok(()))))
+                    .collect();
             }
             if state.leading {
                 drop(state);

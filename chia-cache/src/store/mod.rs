@@ -453,6 +453,77 @@ impl CacheStore {
     /// # }
     /// ```
     pub fn write_with(&self, tag: &str, payload: &[u8], options: &WriteOptions) -> Result<bool, CacheError> {
+        self.write_many([(tag, payload, options)]).pop().unwrap_or(Ok(false))
+    }
+
+    /// Several writes at once, each as [`write_with`](Self::write_with) would make it; their
+    /// results in order. Under [`Durability::Full`] they share batches and syncs (with one
+    /// another and with other threads' writes), so a caller with many values at hand (a
+    /// pipelined driver, results arriving together) pays about one sync for all of them, from
+    /// one thread. Writes of the same tag land in order: the last one wins.
+    ///
+    /// ```
+    /// # use chia_cache::{CacheStore, StoreOptions, WriteOptions};
+    /// # fn main() -> Result<(), chia_cache::CacheError> {
+    /// # let dir = tempfile::tempdir().expect("temporary directory");
+    /// let store = CacheStore::open(dir.path(), 1 << 20, StoreOptions::default())?;
+    /// let options = WriteOptions::default();
+    /// let results = store.write_many([("a", &b"1"[..], &options), ("b", &b"2"[..], &options)]);
+    /// assert!(results.into_iter().all(|stored| stored.is_ok_and(|stored| stored)));
+    /// assert_eq!(store.keys(), ["a", "b"]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn write_many<'a>(
+        &self,
+        writes: impl IntoIterator<Item = (&'a str, &'a [u8], &'a WriteOptions)>,
+    ) -> Vec<Result<bool, CacheError>> {
+        let mut results: Vec<Option<Result<bool, CacheError>>> = Vec::new();
+        // The writes to make: where their result goes, their tag and file, and the op itself.
+        let mut ready: Vec<(usize, String, PathBuf)> = Vec::new();
+        let mut puts: Vec<PutOp> = Vec::new();
+        for (tag, payload, options) in writes {
+            match self.prepare_write(tag, payload, options) {
+                Ok(Some(put)) => {
+                    ready.push((results.len(), put.tag.clone(), put.final_path.clone()));
+                    puts.push(put);
+                    results.push(None);
+                }
+                Ok(None) => results.push(Some(Ok(false))),
+                Err(error) => results.push(Some(Err(error))),
+            }
+        }
+        let outcomes: Vec<io::Result<()>> = match &self.commit {
+            Some(commit) => commit
+                .submit_many(self, puts.into_iter().map(Op::Put).collect())
+                .into_iter()
+                .map(commit::Outcome::into_put)
+                .collect(),
+            None => puts
+                .into_iter()
+                .map(|put| self.install_now(&put.tag, &put.temp_path, &put.final_path, put.meta))
+                .collect(),
+        };
+        for ((at, tag, path), outcome) in ready.into_iter().zip(outcomes) {
+            results[at] = Some(match outcome {
+                Ok(()) => {
+                    Counters::add(&self.counters.writes, 1);
+                    self.maybe_save_index();
+                    Ok(true)
+                }
+                Err(source) => Err(CacheError::Write { tag, path, source }),
+            });
+        }
+        results.into_iter().map(|result| result.unwrap_or(Ok(false))).collect()
+    }
+
+    /// Checks a write and writes its temporary file; `None` if it is too large to store.
+    fn prepare_write(
+        &self,
+        tag: &str,
+        payload: &[u8],
+        options: &WriteOptions,
+    ) -> Result<Option<PutOp>, CacheError> {
         if tag.len() > MAX_TAG_LEN {
             return Err(CacheError::TagTooLong { len: tag.len(), max: MAX_TAG_LEN });
         }
@@ -469,11 +540,12 @@ impl CacheStore {
                 budget = self.budget,
                 "cache: entry is larger than the whole budget; not caching"
             );
-            return Ok(false);
+            return Ok(None);
         }
         let digest = naming::name_digest(tag);
         let final_path = self.dir.join(naming::name_with_digest(tag, digest));
         let temp_path = self.next_temp_path();
+        // The journal needs the entry's complete bytes; otherwise the payload is not copied.
         let journaled = self.commit.is_some();
         let mut entry =
             format::encode_prefix(tag, payload, expires_at, if journaled { payload.len() } else { 0 });
@@ -487,20 +559,11 @@ impl CacheStore {
             self.remove_quietly(&temp_path);
             return Err(CacheError::Write { tag: tag.to_owned(), path: temp_path, source });
         }
+        if !journaled {
+            entry = Vec::new();
+        }
         let meta = EntryMeta { size, expires_at, mtime_ns: warm_start::system_time_ns(modified), digest };
-
-        let outcome = match &self.commit {
-            Some(commit) => {
-                let op =
-                    PutOp { tag: tag.to_owned(), temp_path, final_path: final_path.clone(), entry, meta };
-                commit.submit(self, Op::Put(op)).into_put()
-            }
-            None => self.install_now(tag, &temp_path, &final_path, meta),
-        };
-        outcome.map_err(|source| CacheError::Write { tag: tag.to_owned(), path: final_path, source })?;
-        Counters::add(&self.counters.writes, 1);
-        self.maybe_save_index();
-        Ok(true)
+        Ok(Some(PutOp { tag: tag.to_owned(), temp_path, final_path, entry, meta }))
     }
 
     /// Renames a complete temporary file into place and indexes it (not under
