@@ -16,7 +16,7 @@ mod tests;
 
 use std::fmt;
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -948,12 +948,15 @@ impl CacheStore {
         modified: SystemTime,
     ) -> io::Result<()> {
         let mut file = permissions::private_file_options().write(true).create_new(true).open(temp_path)?;
-        file.write_all(prefix)?;
-        // Two writes rather than one only so that tests can fail a write half-way through.
         let (first_half, second_half) = payload.split_at(payload.len() / 2);
-        file.write_all(first_half)?;
-        self.run_hook(IoStage::PayloadHalfWritten, tag)?;
-        file.write_all(second_half)?;
+        if cfg!(test) {
+            // Two writes, so that unit tests can fail one half-way through the payload.
+            journal::write_all_vectored(&mut file, &[IoSlice::new(prefix), IoSlice::new(first_half)])?;
+            self.run_hook(IoStage::PayloadHalfWritten, tag)?;
+            file.write_all(second_half)?;
+        } else {
+            journal::write_all_vectored(&mut file, &[IoSlice::new(prefix), IoSlice::new(payload)])?;
+        }
         // The time the index records, to the nanosecond: a warm start trusts the snapshot's
         // record of a file only while the file still has it.
         file.set_modified(modified)?;
