@@ -25,6 +25,17 @@ fn timing_dir() -> tempfile::TempDir {
 /// The directory is kept until the caller drops it, so that its deletion does not slow the
 /// next timing down.
 fn writes_per_second(durability: Durability, threads: usize, seconds: f64) -> (f64, tempfile::TempDir) {
+    pipelined_writes_per_second(durability, threads, 1, seconds)
+}
+
+/// As [`writes_per_second`], each thread handing the store `pipelined` writes per call
+/// (`write_many`).
+fn pipelined_writes_per_second(
+    durability: Durability,
+    threads: usize,
+    pipelined: usize,
+    seconds: f64,
+) -> (f64, tempfile::TempDir) {
     let dir = timing_dir();
     let store = Arc::new(
         CacheStore::open(dir.path(), 1 << 34, StoreOptions::default().with_durability(durability))
@@ -40,10 +51,19 @@ fn writes_per_second(durability: Durability, threads: usize, seconds: f64) -> (f
                 start.wait();
                 let began = Instant::now();
                 let mut written = 0u64;
+                let options = chia_cache::WriteOptions::default();
                 while began.elapsed() < deadline {
-                    let tag = format!("t{thread_id}-{written}");
-                    assert!(store.write(&tag, &payload).expect("write"));
-                    written += 1;
+                    if pipelined == 1 {
+                        let tag = format!("t{thread_id}-{written}");
+                        assert!(store.write(&tag, &payload).expect("write"));
+                    } else {
+                        let tags: Vec<String> =
+                            (0..pipelined).map(|i| format!("t{thread_id}-{}", written + i as u64)).collect();
+                        let results = store
+                            .write_many(tags.iter().map(|tag| (tag.as_str(), payload.as_slice(), &options)));
+                        assert!(results.into_iter().all(|stored| stored.expect("write")));
+                    }
+                    written += pipelined as u64;
                 }
                 written
             })
@@ -65,6 +85,19 @@ fn full_durability_1k_writes_per_second() {
         let (rate, dir) = writes_per_second(Durability::Full, threads, 3.0);
         dirs.push(dir);
         println!("Durability::Full, 1 KiB, {threads:2} threads: {rate:8.0} writes/s");
+    }
+}
+
+#[test]
+#[ignore = "a timing, not a test"]
+fn full_durability_1k_pipelined_writes_per_second() {
+    let mut dirs = Vec::new();
+    for (threads, pipelined) in [(1, 16), (1, 64), (1, 256), (4, 64)] {
+        let (rate, dir) = pipelined_writes_per_second(Durability::Full, threads, pipelined, 3.0);
+        dirs.push(dir);
+        println!(
+            "Durability::Full, 1 KiB, {threads} threads x write_many of {pipelined:3}: {rate:8.0} writes/s"
+        );
     }
 }
 

@@ -121,43 +121,81 @@ impl GroupCommit {
         })
     }
 
+    /// How many ops wait for a leader.
+    #[cfg(test)]
+    pub(crate) fn queued(&self) -> usize {
+        self.lock().queue.len()
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues `op` and returns once its batch is done, leading a batch if none is running.
+    /// Queues `op` and returns once its batch is done, leading batches while none is running
+    /// and `op` waits.
     pub(crate) fn submit(&self, store: &CacheStore, op: Op) -> Outcome {
+        self.submit_many(store, vec![op]).pop().unwrap_or(Outcome::Put(Ok(())))
+    }
+
+    /// Queues `ops` one after the other and returns their outcomes, in order, once all are
+    /// done: they share batches (and syncs) with each other and with other writers'.
+    pub(crate) fn submit_many(&self, store: &CacheStore, ops: Vec<Op>) -> Vec<Outcome> {
         let mut state = self.lock();
-        state.last_queued += 1;
-        let seq = state.last_queued;
-        state.queue.push((seq, op, thread::current()));
+        let first = state.last_queued + 1;
+        for op in ops {
+            state.last_queued += 1;
+            let seq = state.last_queued;
+            state.queue.push((seq, op, thread::current()));
+        }
+        let last = state.last_queued;
         loop {
-            if state.done_through >= seq {
-                return state.outcomes.remove(&seq).unwrap_or(Outcome::Put(Ok(())));
+            if state.done_through >= last {
+                return (first..=last)
+                    .map(|seq| state.outcomes.remove(&seq).unwrap_or(Outcome::Put(Ok(()))))
+                    .collect();
             }
-            if !state.leading {
-                // Leadership is free, so this op is still queued: lead its batch.
-                break;
+            if state.leading {
+                drop(state);
+                // A token left by an unpark since the check makes this return at once.
+                thread::park();
+                state = self.lock();
+                continue;
             }
             drop(state);
-            // A token left by an unpark since the check makes this return at once.
-            thread::park();
+            self.lead_one_batch(store);
             state = self.lock();
         }
+    }
 
+    /// Takes the next batch from the queue, runs it, and wakes its writers and the next
+    /// leader. A batch is either writes or explicit removals, never both: a removal's journal
+    /// records are known only once it has run, so writes queued after it must wait for them to
+    /// be in the journal (or a replay would apply the removal after the write).
+    fn lead_one_batch(&self, store: &CacheStore) {
+        let mut state = self.lock();
+        if state.leading || state.queue.is_empty() {
+            return;
+        }
         state.leading = true;
-        let queued = mem::take(&mut state.queue);
+        let removals = matches!(state.queue.first(), Some((_, Op::Remove(_), _)));
+        let split = state
+            .queue
+            .iter()
+            .position(|(_, op, _)| matches!(op, Op::Remove(_)) != removals)
+            .unwrap_or(state.queue.len());
+        let queued: Vec<(u64, Op, Thread)> = state.queue.drain(..split).collect();
         let last = queued.last().map_or(state.done_through, |(seq, _, _)| *seq);
         let journal = state.journal.take();
         let generation = state.next_generation;
         drop(state);
+        let me = thread::current().id();
         let mut waiters = Vec::with_capacity(queued.len());
         let mut batch = Vec::with_capacity(queued.len());
-        for (queued_seq, op, thread) in queued {
-            if queued_seq != seq {
+        for (seq, op, thread) in queued {
+            if thread.id() != me {
                 waiters.push(thread);
             }
-            batch.push((queued_seq, op));
+            batch.push((seq, op));
         }
 
         let mut guard = LeaderGuard {
@@ -182,8 +220,8 @@ impl GroupCommit {
         state.done_through = last;
         let checkpoint = self.rotate_if_full(store, &mut state);
         state.leading = false;
-        let outcome = state.outcomes.remove(&seq).unwrap_or(Outcome::Put(Ok(())));
-        let next_leader = state.queue.first().map(|(_, _, thread)| thread.clone());
+        let next_leader =
+            state.queue.first().map(|(_, _, thread)| thread.clone()).filter(|next| next.id() != me);
         drop(state);
         for waiter in mem::take(&mut guard.waiters).into_iter().chain(next_leader) {
             waiter.unpark();
@@ -191,7 +229,6 @@ impl GroupCommit {
         if checkpoint {
             self.checkpoint(store);
         }
-        outcome
     }
 
     /// Writes and syncs the batch's journal records, then installs its ops in order.
@@ -248,9 +285,12 @@ impl GroupCommit {
         // Install in queue order, under one hold of the index lock.
         let mut after: Vec<Vec<u8>> = Vec::new();
         let mut detached = Vec::new();
+        // Writes whose rename failed, by position, and the last write of each tag installed.
+        let mut voided: Vec<(usize, String)> = Vec::new();
+        let mut installed: HashMap<String, usize> = HashMap::new();
         {
             let mut index = store.lock_index();
-            for (seq, op) in batch {
+            for (position, (seq, op)) in batch.into_iter().enumerate() {
                 match op {
                     Op::Put(put) => {
                         if let Some(error) = &failure {
@@ -258,19 +298,23 @@ impl GroupCommit {
                             end.outcomes.push((seq, Outcome::Put(Err(copy_error(error)))));
                             continue;
                         }
-                        let installed = store
+                        let renamed = store
                             .run_hook(IoStage::Commit, &put.tag)
                             .and_then(|()| fs::rename(&put.temp_path, &put.final_path));
-                        if let Err(error) = installed {
+                        if let Err(error) = renamed {
                             store.remove_quietly(&put.temp_path);
-                            // Its put is in the journal: a replay must not install it.
-                            after.push(journal::tag_record(Kind::Keep, &put.tag));
+                            voided.push((position, put.tag));
                             end.outcomes.push((seq, Outcome::Put(Err(error))));
                             continue;
                         }
-                        let (evicted, files) = store.index_installed(&mut index, &put.tag, put.meta);
-                        after.extend(evicted.iter().map(|tag| journal::tag_record(Kind::Remove, tag)));
+                        // Entries evicted to make room are not journaled: a replay that brings
+                        // one back (its put still in the journal) restores a value the cache
+                        // held, and the open evicts again if the budget is exceeded. A record
+                        // written after this batch's puts could remove a tag put again later in
+                        // the batch.
+                        let (_evicted, files) = store.index_installed(&mut index, &put.tag, put.meta);
                         detached.extend(files);
+                        installed.insert(put.tag, position);
                         if journal::SYNC_NEEDS_FILE_LIST {
                             end.touched.push(put.final_path);
                         }
@@ -285,10 +329,17 @@ impl GroupCommit {
             }
         }
         store.delete_detached(detached);
+        // A put whose rename failed is in the journal: a replay must not install it, unless a
+        // later write of the same tag in this batch was installed (its put comes after).
+        for (position, tag) in voided {
+            if installed.get(&tag).is_none_or(|&last| last < position) {
+                after.push(journal::tag_record(Kind::Keep, &tag));
+            }
+        }
 
-        // Evictions and voided puts, in the journal before anyone hears of them (a kill
-        // cannot lose them; a power loss can, which only brings back entries the cache may
-        // hold anyway, or keeps the file as it is). Synced with the next batch.
+        // Removals and voided puts, in the journal before anyone hears of them and before the
+        // next batch's records (a kill cannot lose them; a power loss can, which only brings
+        // back entries the cache held, or keeps a file as it is). Synced with the next batch.
         if !after.is_empty() {
             let appended = (|| {
                 if journal.is_none() {

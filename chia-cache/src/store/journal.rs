@@ -15,7 +15,8 @@
 //! ```
 //!
 //! - **put**: the entry file of the tag must hold exactly this body.
-//! - **remove**: the tag's entry was evicted; its file must not be there.
+//! - **remove**: the tag's entry was removed on request (evict, evict_matching, flush); its
+//!   file must not be there.
 //! - **keep**: earlier records of the tag no longer say anything (a write that failed after
 //!   its put was logged): its file, whatever it holds, is left as it is.
 //!
@@ -168,19 +169,8 @@ impl JournalFile {
     pub(crate) fn append(&mut self, slices: &[IoSlice<'_>]) -> io::Result<()> {
         let total: usize = slices.iter().map(|slice| slice.len()).sum();
         let end = self.len + total as u64;
-        let mut owned: Vec<IoSlice<'_>> = slices.to_vec();
-        let mut remaining: &mut [IoSlice<'_>] = &mut owned;
         let outcome = (|| {
-            while !remaining.is_empty() {
-                match self.file.write_vectored(remaining) {
-                    Ok(0) => {
-                        return Err(io::Error::new(io::ErrorKind::WriteZero, "journal write wrote nothing"));
-                    }
-                    Ok(written) => IoSlice::advance_slices(&mut remaining, written),
-                    Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                    Err(error) => return Err(error),
-                }
-            }
+            write_all_vectored(&mut self.file, slices)?;
             if end > self.filled {
                 // Past the zeros: fill ahead again, so that the syncs after the next one
                 // write only data.
@@ -222,6 +212,21 @@ impl JournalFile {
             tracing::warn!(path = %self.path.display(), %error, "cache journal: cannot cut back a failed append");
         }
     }
+}
+
+/// Writes all of `slices` to `file`, in as few system calls as it takes.
+pub(crate) fn write_all_vectored(file: &mut File, slices: &[IoSlice<'_>]) -> io::Result<()> {
+    let mut owned: Vec<IoSlice<'_>> = slices.to_vec();
+    let mut remaining: &mut [IoSlice<'_>] = &mut owned;
+    while !remaining.is_empty() {
+        match file.write_vectored(remaining) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "a write wrote nothing")),
+            Ok(written) => IoSlice::advance_slices(&mut remaining, written),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(())
 }
 
 /// fsync of a directory: makes the names created, renamed and removed in it durable.

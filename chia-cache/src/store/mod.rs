@@ -16,7 +16,7 @@ mod tests;
 
 use std::fmt;
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -159,25 +159,31 @@ pub struct OpenReport {
 ///
 /// 1. Each writer writes its entry to a temporary file, without a sync, in parallel with the
 ///    others, and queues it.
-/// 2. The first writer to find no batch in progress leads one: it takes the whole queue,
+/// 2. The first writer to find no batch in progress leads one: it takes the queued writes,
 ///    appends every entry's complete bytes to the journal (one vectored write) and syncs the
-///    journal once (`fdatasync`). The other writers wait meanwhile, and queue up the next
-///    batch.
+///    journal once (`fdatasync`). The other writers wait meanwhile (parked), and queue up the
+///    next batch.
 /// 3. The leader then renames the batch's temporary files into place and updates the index,
-///    in queue order, under one hold of the index lock, appends a record for each entry
-///    evicted to make room (not synced), and wakes the batch's writers, whose entries are now
-///    durable (in the journal) and visible.
+///    in queue order, under one hold of the index lock, and wakes the batch's writers, whose
+///    entries are now durable (in the journal) and visible, and the first writer of the next
+///    batch, to lead it.
 /// 4. Once the journal holds [`StoreOptions::journal_checkpoint_bytes`], the leader starts a
 ///    new one and, after its batch, makes the entry files of the old one durable with one
 ///    `syncfs` and deletes it. [`close`] (and drop) does the same for the last one.
 ///
 /// An open after a crash replays the journals before anything else: an entry whose file is
-/// missing or differs from its last journal record is written again, an evicted one deleted.
+/// missing or differs from its last journal record is written again, a removed one deleted.
 /// A rename lost with the power is thereby redone; an unsynced one that survived needs
 /// nothing. The alternative, syncing each temporary file and the directory for every batch,
-/// still costs one sync per write; the journal costs one per batch. Explicit evictions
-/// ([`evict`], [`evict_matching`], [`flush`]) go through the same queue, so that the journal
-/// tells them in the order they happened and a replay cannot bring back an entry they removed.
+/// still costs one sync per write; the journal costs one per batch.
+///
+/// Explicit removals ([`evict`], [`evict_matching`], [`flush`]) go through the same queue, in
+/// batches of their own: they choose their entries when they run, then journal a record per
+/// entry (without a sync) before their callers or the next batch go on, so that the journal
+/// tells writes and removals in the order they happened, and a replay after a kill brings
+/// back no entry they removed (after a power loss it may: evictions are not made durable).
+/// Entries evicted to make room are not journaled at all: a replay may bring one back (with
+/// the value it had), and the open then evicts for the budget again.
 ///
 /// A batch whose journal write or sync fails fails all its writes, which leave the store as
 /// it was; the next batch starts a new journal.
@@ -447,6 +453,77 @@ impl CacheStore {
     /// # }
     /// ```
     pub fn write_with(&self, tag: &str, payload: &[u8], options: &WriteOptions) -> Result<bool, CacheError> {
+        self.write_many([(tag, payload, options)]).pop().unwrap_or(Ok(false))
+    }
+
+    /// Several writes at once, each as [`write_with`](Self::write_with) would make it; their
+    /// results in order. Under [`Durability::Full`] they share batches and syncs (with one
+    /// another and with other threads' writes), so a caller with many values at hand (a
+    /// pipelined driver, results arriving together) pays about one sync for all of them, from
+    /// one thread. Writes of the same tag land in order: the last one wins.
+    ///
+    /// ```
+    /// # use chia_cache::{CacheStore, StoreOptions, WriteOptions};
+    /// # fn main() -> Result<(), chia_cache::CacheError> {
+    /// # let dir = tempfile::tempdir().expect("temporary directory");
+    /// let store = CacheStore::open(dir.path(), 1 << 20, StoreOptions::default())?;
+    /// let options = WriteOptions::default();
+    /// let results = store.write_many([("a", &b"1"[..], &options), ("b", &b"2"[..], &options)]);
+    /// assert!(results.into_iter().all(|stored| stored.is_ok_and(|stored| stored)));
+    /// assert_eq!(store.keys(), ["a", "b"]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn write_many<'a>(
+        &self,
+        writes: impl IntoIterator<Item = (&'a str, &'a [u8], &'a WriteOptions)>,
+    ) -> Vec<Result<bool, CacheError>> {
+        let mut results: Vec<Option<Result<bool, CacheError>>> = Vec::new();
+        // The writes to make: where their result goes, their tag and file, and the op itself.
+        let mut ready: Vec<(usize, String, PathBuf)> = Vec::new();
+        let mut puts: Vec<PutOp> = Vec::new();
+        for (tag, payload, options) in writes {
+            match self.prepare_write(tag, payload, options) {
+                Ok(Some(put)) => {
+                    ready.push((results.len(), put.tag.clone(), put.final_path.clone()));
+                    puts.push(put);
+                    results.push(None);
+                }
+                Ok(None) => results.push(Some(Ok(false))),
+                Err(error) => results.push(Some(Err(error))),
+            }
+        }
+        let outcomes: Vec<io::Result<()>> = match &self.commit {
+            Some(commit) => commit
+                .submit_many(self, puts.into_iter().map(Op::Put).collect())
+                .into_iter()
+                .map(commit::Outcome::into_put)
+                .collect(),
+            None => puts
+                .into_iter()
+                .map(|put| self.install_now(&put.tag, &put.temp_path, &put.final_path, put.meta))
+                .collect(),
+        };
+        for ((at, tag, path), outcome) in ready.into_iter().zip(outcomes) {
+            results[at] = Some(match outcome {
+                Ok(()) => {
+                    Counters::add(&self.counters.writes, 1);
+                    self.maybe_save_index();
+                    Ok(true)
+                }
+                Err(source) => Err(CacheError::Write { tag, path, source }),
+            });
+        }
+        results.into_iter().map(|result| result.unwrap_or(Ok(false))).collect()
+    }
+
+    /// Checks a write and writes its temporary file; `None` if it is too large to store.
+    fn prepare_write(
+        &self,
+        tag: &str,
+        payload: &[u8],
+        options: &WriteOptions,
+    ) -> Result<Option<PutOp>, CacheError> {
         if tag.len() > MAX_TAG_LEN {
             return Err(CacheError::TagTooLong { len: tag.len(), max: MAX_TAG_LEN });
         }
@@ -463,11 +540,12 @@ impl CacheStore {
                 budget = self.budget,
                 "cache: entry is larger than the whole budget; not caching"
             );
-            return Ok(false);
+            return Ok(None);
         }
         let digest = naming::name_digest(tag);
         let final_path = self.dir.join(naming::name_with_digest(tag, digest));
         let temp_path = self.next_temp_path();
+        // The journal needs the entry's complete bytes; otherwise the payload is not copied.
         let journaled = self.commit.is_some();
         let mut entry =
             format::encode_prefix(tag, payload, expires_at, if journaled { payload.len() } else { 0 });
@@ -481,20 +559,11 @@ impl CacheStore {
             self.remove_quietly(&temp_path);
             return Err(CacheError::Write { tag: tag.to_owned(), path: temp_path, source });
         }
+        if !journaled {
+            entry = Vec::new();
+        }
         let meta = EntryMeta { size, expires_at, mtime_ns: warm_start::system_time_ns(modified), digest };
-
-        let outcome = match &self.commit {
-            Some(commit) => {
-                let op =
-                    PutOp { tag: tag.to_owned(), temp_path, final_path: final_path.clone(), entry, meta };
-                commit.submit(self, Op::Put(op)).into_put()
-            }
-            None => self.install_now(tag, &temp_path, &final_path, meta),
-        };
-        outcome.map_err(|source| CacheError::Write { tag: tag.to_owned(), path: final_path, source })?;
-        Counters::add(&self.counters.writes, 1);
-        self.maybe_save_index();
-        Ok(true)
+        Ok(Some(PutOp { tag: tag.to_owned(), temp_path, final_path, entry, meta }))
     }
 
     /// Renames a complete temporary file into place and indexes it (not under
@@ -879,12 +948,15 @@ impl CacheStore {
         modified: SystemTime,
     ) -> io::Result<()> {
         let mut file = permissions::private_file_options().write(true).create_new(true).open(temp_path)?;
-        file.write_all(prefix)?;
-        // Two writes rather than one only so that tests can fail a write half-way through.
         let (first_half, second_half) = payload.split_at(payload.len() / 2);
-        file.write_all(first_half)?;
-        self.run_hook(IoStage::PayloadHalfWritten, tag)?;
-        file.write_all(second_half)?;
+        if cfg!(test) {
+            // Two writes, so that unit tests can fail one half-way through the payload.
+            journal::write_all_vectored(&mut file, &[IoSlice::new(prefix), IoSlice::new(first_half)])?;
+            self.run_hook(IoStage::PayloadHalfWritten, tag)?;
+            file.write_all(second_half)?;
+        } else {
+            journal::write_all_vectored(&mut file, &[IoSlice::new(prefix), IoSlice::new(payload)])?;
+        }
         // The time the index records, to the nanosecond: a warm start trusts the snapshot's
         // record of a file only while the file still has it.
         file.set_modified(modified)?;

@@ -265,3 +265,34 @@ fn open_fails_when_the_directory_is_a_file() {
     assert!(matches!(error, CacheError::OpenDirectory { .. }), "{error:?}");
     assert!(error.to_string().contains("not_a_dir"), "{error}");
 }
+
+#[test]
+fn write_many_returns_each_writes_result_in_order() {
+    for durability in
+        [chia_cache::Durability::Full, chia_cache::Durability::Data, chia_cache::Durability::None]
+    {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = StoreOptions::default().with_durability(durability);
+        let store = CacheStore::open(dir.path(), 1000, options).expect("open");
+        let plain = chia_cache::WriteOptions::default();
+        let long_tag = "t".repeat(MAX_TAG_LEN + 1);
+        let (first, too_large, second) = (payload("a", 1, 100), vec![0u8; 1000], payload("a", 2, 100));
+        let results = store.write_many([
+            ("a", first.as_slice(), &plain),
+            ("big", too_large.as_slice(), &plain),
+            (long_tag.as_str(), b"v".as_slice(), &plain),
+            ("b", b"b".as_slice(), &plain),
+            ("a", second.as_slice(), &plain),
+        ]);
+        assert_eq!(results.len(), 5);
+        assert!(matches!(results[0], Ok(true)), "{durability:?}: {:?}", results[0]);
+        assert!(matches!(results[1], Ok(false)), "{:?}", results[1]);
+        assert!(matches!(results[2], Err(CacheError::TagTooLong { .. })), "{:?}", results[2]);
+        assert!(matches!(results[3], Ok(true)), "{:?}", results[3]);
+        assert!(matches!(results[4], Ok(true)), "{:?}", results[4]);
+        assert_eq!(store.keys(), ["b", "a"], "{durability:?}");
+        assert_eq!(verify_payload("a", &store.read("a").expect("a")), Ok(2), "the last write wins");
+        assert_eq!(store.stats().writes, 3);
+        assert_eq!(temp_files(dir.path()), Vec::<String>::new());
+    }
+}

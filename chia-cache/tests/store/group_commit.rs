@@ -84,7 +84,11 @@ fn sigkill_during_pipelined_writes_keeps_every_acknowledged_write() {
     assert!(names(dir.path()).iter().all(|name| !name.starts_with(".chia-tmp-")), "leftovers stay");
 }
 
+/// Writes per `write_many` call of the threads that pipeline.
+const PIPELINED: u64 = 25;
+
 /// The child: `THREADS` threads writing at once, each announcing a write once it returned.
+/// Half of them write one value per call, the other half `PIPELINED` per `write_many` call.
 fn write_until_killed(dir: &Path) {
     let store = CacheStore::open(dir, 1 << 30, StoreOptions::default().with_durability(Durability::Full))
         .expect("child opens the store");
@@ -93,12 +97,24 @@ fn write_until_killed(dir: &Path) {
         for thread_id in 0..THREADS {
             let (store, acks) = (&store, acks.clone());
             scope.spawn(move || {
-                for i in 0..WRITES_PER_THREAD {
-                    let tag = tag(thread_id, i);
-                    let value = payload(&tag, i, payload_len(i));
-                    assert!(store.write(&tag, &value).expect("child write"));
-                    if acks.send((tag, i)).is_err() {
-                        return;
+                let options = chia_cache::WriteOptions::default();
+                let step = if thread_id % 2 == 0 { 1 } else { PIPELINED };
+                for start in (0..WRITES_PER_THREAD).step_by(step as usize) {
+                    let writes: Vec<(String, u64, Vec<u8>)> = (start..(start + step).min(WRITES_PER_THREAD))
+                        .map(|i| {
+                            let tag = tag(thread_id, i);
+                            let value = payload(&tag, i, payload_len(i));
+                            (tag, i, value)
+                        })
+                        .collect();
+                    let results = store.write_many(
+                        writes.iter().map(|(tag, _, value)| (tag.as_str(), value.as_slice(), &options)),
+                    );
+                    for ((tag, i, _), result) in writes.into_iter().zip(results) {
+                        assert!(result.expect("child write"));
+                        if acks.send((tag, i)).is_err() {
+                            return;
+                        }
                     }
                 }
             });
