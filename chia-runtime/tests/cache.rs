@@ -303,8 +303,8 @@ async fn stats_evict_matching_and_verify_from_the_library_and_the_command_line()
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let head = common::HeadProcess::start(&state, &[]);
-    let credentials =
-        chia::internals::tls::ClusterCredentials::load(&state.join("cluster.yaml")).expect("the cluster file");
+    let credentials = chia::internals::tls::ClusterCredentials::load(&state.join("cluster.yaml"))
+        .expect("the cluster file");
     let (client, _) = chia::internals::Client::connect(&credentials, "driver", None).await.unwrap();
     let cx = Context::from_client(client);
     let store = dir.path().join("store");

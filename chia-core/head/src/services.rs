@@ -249,7 +249,7 @@ impl HeadCore {
         let id = ServiceId(self.services.next);
         let persist = self.persisted.as_ref().and_then(|_| PersistedService::of(&start));
         let restart = match (start.max_restarts, PersistedService::from_values(&start)) {
-            (Retries::Never, _) => None,
+            (left, _) if !left.allows_another(1) => None,
             (left, Some(spec)) => Some(Restart { spec, left }),
             (_, None) => {
                 tracing::warn!(

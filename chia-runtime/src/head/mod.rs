@@ -36,7 +36,8 @@ use crate::error::{Error, HeadStartError};
 use crate::net::tls::{ClusterCredentials, HeadCredentials};
 use crate::net::transport::{FrameReader, FrameSender};
 use chia_core::SessionId;
-use chia_core::protocol::{CloseCode, HeadToPeer, PeerToHead, decode_body};
+use chia_core::TaskError;
+use chia_core::protocol::{CloseCode, HeadToPeer, Outcome, PeerToHead, decode_body};
 use chia_head_core::{Action, CoreOptions, HeadCore, JournalEntry, OwnNodeCall, PersistedService};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -270,6 +271,8 @@ struct Shared {
     own_node: Mutex<Option<Weak<dyn OwnNode>>>,
     /// This, for the answers of calls handed to the own node.
     me: Weak<Shared>,
+    /// Where those answers are fed to the core.
+    runtime: tokio::runtime::Handle,
 }
 
 struct State {
@@ -348,6 +351,7 @@ impl Shared {
         let shared = Arc::new_cyclic(|me| Shared {
             own_node: Mutex::new(None),
             me: me.clone(),
+            runtime: tokio::runtime::Handle::current(),
             state: Mutex::new(State {
                 core,
                 peers: HashMap::new(),
@@ -452,26 +456,42 @@ impl Shared {
 
     /// Hands `call` to the own node in this process; without one (a head started alone), it
     /// goes as a frame on `session`'s connection like any other.
+    ///
+    /// Its answer is fed to the core as the own node's `Finished`, counted among that
+    /// session's frames although the node never sent it: harmless, as the own node never
+    /// takes up its session again (it dies with the head).
     fn call_own_node(&self, state: &mut State, session: SessionId, call: OwnNodeCall) {
-        let node = self.own_node.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(Weak::upgrade);
-        let Some(node) = node else {
-            match call.frame() {
-                Ok(frame) => self.act(state, Action::Send { to: session, frame }),
-                Err(e) => tracing::error!("the call {} cannot be sent to the head's node: {e}", call.task),
-            }
+        if !state.peers.contains_key(&session) {
+            // The node left: like a frame to a departed peer, the call goes nowhere (the core
+            // fails it with the node).
             return;
-        };
-        tracing::trace!(task = %call.task, "handed to the own node in process");
-        let (task, me) = (call.task, self.me.clone());
-        node.call(
-            call,
-            Box::new(move |outcome| {
+        }
+        let task = call.task;
+        // The answer may come at once, from inside `call` (a refused call), while this thread
+        // holds the state lock, or from the keeper's thread: the core hears it from a task of
+        // its own, never here.
+        let (me, runtime) = (self.me.clone(), self.runtime.clone());
+        let answer = move |outcome: Outcome| {
+            runtime.spawn(async move {
                 if let Some(shared) = me.upgrade() {
                     let finished = PeerToHead::Finished { task, attempt: 0, outcome };
                     shared.apply(|core| core.handle(Instant::now(), session, finished));
                 }
-            }),
-        );
+            });
+        };
+        let node = self.own_node.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(Weak::upgrade);
+        let Some(node) = node else {
+            match call.frame() {
+                Ok(frame) => self.act(state, Action::Send { to: session, frame }),
+                Err(e) => {
+                    let message = format!("its arguments cannot be sent: {e}");
+                    answer(Outcome::Failed(TaskError::InvalidCall { function: call.method, message }));
+                }
+            }
+            return;
+        };
+        tracing::trace!(task = %task, "handed to the own node in process");
+        node.call(call, Box::new(answer));
     }
 
     /// Once the journal has grown enough, the head's state (which includes everything kept so

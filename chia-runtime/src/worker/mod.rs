@@ -18,7 +18,7 @@ use crate::net::tls::ClusterCredentials;
 use crate::services::bypass::provide;
 use crate::util::{CatchUnwind, panic_message};
 use chia_core::HEAD_NODE_NAME;
-use chia_core::protocol::{ArgValue, Outcome, PeerToHead, Value, WorkerOffer};
+use chia_core::protocol::{ArgValue, MAX_FRAME_BYTES, Outcome, PeerToHead, Value, WorkerOffer};
 use chia_core::resources::{CPU, NODE_PREFIX};
 use chia_core::{FunctionKey, ResourceAmount, Resources, ServiceId, TaskError, TaskId};
 use dashmap::DashMap;
@@ -637,9 +637,15 @@ impl OwnNode for InProcessCalls {
 /// A call's outcome, to `reply` when the head handed the call over in process, else to the
 /// head over the connection.
 fn answer(client: &Client, reply: Option<OwnNodeReply>, lease: Lease, function: &str, outcome: Outcome) {
-    match reply {
-        Some(reply) => reply(outcome),
-        None => report(client, lease, function, outcome),
+    match (reply, outcome) {
+        // The same bound as over a connection: what the head keeps (its journal) stays within
+        // a frame's size.
+        (Some(reply), Outcome::Value(value)) if value.len() > MAX_FRAME_BYTES - 1024 => {
+            let message = format!("the result is {} bytes, more than a frame may carry", value.len());
+            reply(Outcome::Failed(TaskError::BadResult { function: function.to_string(), message }))
+        }
+        (Some(reply), outcome) => reply(outcome),
+        (None, outcome) => report(client, lease, function, outcome),
     }
 }
 
