@@ -34,8 +34,9 @@ pub use options::{Clock, Durability, ManualClock, StoreOptions, WriteOptions};
 
 /// What a store holds, and what it has done since it opened ([`CacheStore::stats`]). Every
 /// field is read from an atomic counter, without the index lock; the fields are read one by
-/// one, so under concurrent use they may be a few operations apart.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// one, so under concurrent use they may be a few operations apart. Serializable: the
+/// runtime's cache service returns it as it is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct StoreStats {
     /// Entries held (expired ones included until they are removed).
@@ -63,18 +64,19 @@ pub struct StoreStats {
 }
 
 /// One entry [`CacheStore::verify`] found bad.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BadEntry {
     /// The entry's tag.
     pub tag: String,
-    /// Its file.
+    /// Its file (serialized as text: a name that is not UTF-8 is shown lossily).
+    #[serde(with = "path_as_text")]
     pub path: PathBuf,
     /// What is wrong with it (a checksum mismatch, a truncation, a missing file, ...).
     pub reason: String,
 }
 
-/// What [`CacheStore::verify`] found.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// What [`CacheStore::verify`] found. Serializable, as [`StoreStats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct VerifyReport {
     /// Entries re-read.
@@ -88,6 +90,19 @@ pub struct VerifyReport {
     /// Entries that could not be read for a reason that says nothing about their file (an
     /// I/O error, no memory): neither ok nor bad, and kept.
     pub unreadable: u64,
+}
+
+/// A path as the text a report shows.
+mod path_as_text {
+    use std::path::{Path, PathBuf};
+
+    pub fn serialize<S: serde::Serializer>(path: &Path, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&path.to_string_lossy())
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<PathBuf, D::Error> {
+        <String as serde::Deserialize>::deserialize(deserializer).map(PathBuf::from)
+    }
 }
 
 /// One entry as [`CacheStore::entries`] lists it.

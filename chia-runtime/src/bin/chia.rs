@@ -422,8 +422,11 @@ async fn cache_command(
     match command {
         CacheCommand::Stats => {
             let stats = cache.stats().await.map_err(failed)?;
+            let budget = cache.budget().await.map_err(failed)?;
             if json {
-                return print_json(&stats).map(|()| ExitCode::SUCCESS);
+                let mut shown = serde_json::to_value(stats).map_err(|e| e.to_string())?;
+                shown["budget"] = budget.into();
+                return print_json(&shown).map(|()| ExitCode::SUCCESS);
             }
             let reads = stats.hits + stats.misses;
             let rate = if reads == 0 {
@@ -433,7 +436,7 @@ async fn cache_command(
             };
             let rows = vec![
                 vec!["entries".into(), stats.entries.to_string()],
-                vec!["bytes".into(), format!("{} of {}", bytes(stats.bytes), bytes(stats.budget))],
+                vec!["bytes".into(), format!("{} of {}", bytes(stats.bytes), bytes(budget))],
                 vec!["hits".into(), stats.hits.to_string()],
                 vec!["misses".into(), stats.misses.to_string()],
                 vec!["hit rate".into(), rate],
@@ -459,7 +462,7 @@ async fn cache_command(
                 print_json(&report)?;
             } else {
                 for bad in &report.bad {
-                    println!("bad: {} ({}): {}", bad.tag, bad.path, bad.reason);
+                    println!("bad: {} ({}): {}", bad.tag, bad.path.display(), bad.reason);
                 }
                 println!(
                     "{} checked, {} ok, {} bad, {} removed, {} unreadable",

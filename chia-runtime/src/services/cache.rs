@@ -39,7 +39,10 @@ pub use chia_cache::Durability;
 /// What [`Cache::get_config`] returns: the `cache:` section, one [`CacheRule`] per function,
 /// tags as [`TagPatterns`] (whole-tag regexes); the store's errors ([`CacheError`]) and the
 /// section's ([`SectionError`]).
-pub use chia_cache::{CacheConfig, CacheError, CacheRule, SectionError, TagPatterns};
+pub use chia_cache::{
+    BadEntry, CacheConfig, CacheError, CacheRule, KeyFrom, SectionError, StoreStats, TagPatterns,
+    VerifyReport,
+};
 
 /// The name the cache service is registered under (as in the original).
 pub const CACHE_SERVICE_NAME: &str = "ChiaCacheStore";
@@ -199,8 +202,8 @@ impl CacheService {
     }
 
     /// What the cache holds and has done since it opened.
-    pub fn stats(&self) -> CacheStats {
-        CacheStats::of(&self.store)
+    pub fn stats(&self) -> StoreStats {
+        self.store.stats()
     }
 
     /// Removes every entry whose whole tag one of `patterns` matches; the tags removed, in LRU
@@ -220,21 +223,7 @@ impl CacheService {
     pub fn verify(&self, dry_run: bool) -> VerifyReport {
         let report = self.store.verify(dry_run);
         self.figures.note_store(&self.store);
-        VerifyReport {
-            checked: report.checked,
-            ok: report.ok,
-            bad: report
-                .bad
-                .into_iter()
-                .map(|bad| BadEntry {
-                    tag: bad.tag,
-                    path: bad.path.display().to_string(),
-                    reason: bad.reason,
-                })
-                .collect(),
-            removed: report.removed,
-            unreadable: report.unreadable,
-        }
+        report
     }
 
     /// The directory and budget the cache was opened with, which a second [`start_cache`]
@@ -242,78 +231,6 @@ impl CacheService {
     pub fn settings(&self) -> CacheSettings {
         CacheSettings { dir: self.store.dir().to_path_buf(), budget: self.store.budget() }
     }
-}
-
-/// What the cache holds and has done since it opened ([`Cache::stats`], `chia cache stats`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct CacheStats {
-    /// Entries held (expired ones included until they are removed).
-    pub entries: u64,
-    /// Bytes of the entries' files together.
-    pub bytes: u64,
-    /// The most bytes the entries may take.
-    pub budget: u64,
-    /// Reads that found their tag.
-    pub hits: u64,
-    /// Reads that did not: the tag was absent, expired, or its file damaged.
-    pub misses: u64,
-    /// Values stored (automatic writes included).
-    pub writes: u64,
-    /// Entries evicted, least recently used first, to make room.
-    pub evicted_for_room: u64,
-    /// Entries removed because someone asked (`evict`, `evict_matching`, `flush`).
-    pub evicted_explicitly: u64,
-    /// Entries removed because their time to live was over.
-    pub expired: u64,
-    /// Entries dropped because their file was damaged or missing.
-    pub dropped_damaged: u64,
-}
-
-impl CacheStats {
-    fn of(store: &CacheStore) -> CacheStats {
-        let stats = store.stats();
-        CacheStats {
-            entries: stats.entries,
-            bytes: stats.bytes,
-            budget: store.budget(),
-            hits: stats.hits,
-            misses: stats.misses,
-            writes: stats.writes,
-            evicted_for_room: stats.evicted_for_room,
-            evicted_explicitly: stats.evicted_explicitly,
-            expired: stats.expired,
-            dropped_damaged: stats.dropped_damaged,
-        }
-    }
-}
-
-/// What [`Cache::verify`] (`chia cache verify`) found.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct VerifyReport {
-    /// Entries re-read.
-    pub checked: u64,
-    /// Entries whose file is complete and whose checksums match.
-    pub ok: u64,
-    /// Entries whose file is damaged or missing, in the order checked.
-    pub bad: Vec<BadEntry>,
-    /// Bad entries removed (none on a dry run).
-    pub removed: u64,
-    /// Entries that could not be read for a reason that says nothing of their file (an I/O
-    /// error): neither ok nor bad, and kept.
-    pub unreadable: u64,
-}
-
-/// One entry [`Cache::verify`] found bad.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BadEntry {
-    /// Its tag.
-    pub tag: String,
-    /// Its file, on the head node.
-    pub path: String,
-    /// What is wrong with it (a checksum mismatch, a truncation, a missing file ...).
-    pub reason: String,
 }
 
 /// Where a running cache keeps its entries (on the head node) and how many bytes it may hold.
@@ -602,9 +519,15 @@ impl Cache {
         self.service.keys().get().await
     }
 
-    /// Hits, misses, writes, evictions, entries and bytes since the cache opened.
-    pub async fn stats(&self) -> Result<CacheStats, Error> {
+    /// Hits, misses, writes, evictions, entries and bytes since the cache opened (the budget:
+    /// [`Cache::budget`]).
+    pub async fn stats(&self) -> Result<StoreStats, Error> {
         self.service.stats().get().await
+    }
+
+    /// The most bytes the entries may take.
+    pub async fn budget(&self) -> Result<u64, Error> {
+        Ok(self.service.settings().get().await?.budget)
     }
 
     /// Removes every entry whose whole tag `pattern` (a regex) matches, as `tags:` patterns
