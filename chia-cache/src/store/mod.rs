@@ -951,11 +951,11 @@ impl CacheStore {
         let (first_half, second_half) = payload.split_at(payload.len() / 2);
         if cfg!(test) {
             // Two writes, so that unit tests can fail one half-way through the payload.
-            journal::write_all_vectored(&mut file, &[IoSlice::new(prefix), IoSlice::new(first_half)])?;
+            journal::write_all_vectored(&file, &[IoSlice::new(prefix), IoSlice::new(first_half)])?;
             self.run_hook(IoStage::PayloadHalfWritten, tag)?;
             file.write_all(second_half)?;
         } else {
-            journal::write_all_vectored(&mut file, &[IoSlice::new(prefix), IoSlice::new(payload)])?;
+            journal::write_all_vectored(&file, &[IoSlice::new(prefix), IoSlice::new(payload)])?;
         }
         // The time the index records, to the nanosecond: a warm start trusts the snapshot's
         // record of a file only while the file still has it.
