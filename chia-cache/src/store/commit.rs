@@ -91,6 +91,10 @@ struct State {
     next_generation: u64,
     /// Journals no longer appended to whose entries are not yet known durable.
     retired: Vec<PathBuf>,
+    /// Journals a sync failed on: records appended to them after the failure may follow a
+    /// hole, which ends a replay, so batches that appended to them fail, whatever their own
+    /// sync said.
+    poisoned: Vec<u64>,
     /// Once the batches up to this one are installed, the retired journals can go.
     checkpoint_after: Option<u64>,
     /// Entry files installed since the last checkpoint, where syncing needs the list.
@@ -134,6 +138,7 @@ impl GroupCommit {
                 journal: Some(journal),
                 next_generation: generation + 1,
                 retired: Vec::new(),
+                poisoned: Vec::new(),
                 checkpoint_after: None,
                 touched: Vec::new(),
                 checkpointing: false,
@@ -146,6 +151,12 @@ impl GroupCommit {
     #[cfg(test)]
     pub(crate) fn queued(&self) -> usize {
         self.lock().queue.len()
+    }
+
+    /// How many batches are between their append and the end of their install.
+    #[cfg(test)]
+    pub(crate) fn in_flight(&self) -> usize {
+        self.lock().in_flight.len()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -272,8 +283,9 @@ impl GroupCommit {
                 }
                 let journal = journal.as_mut().expect("just created");
                 store.run_hook(IoStage::SyncJournal, first_tag.as_deref().unwrap_or_default())?;
+                let handle = journal.sync_handle()?;
                 journal.append(&slices)?;
-                Ok(journal.sync_handle())
+                Ok(handle)
             })();
             drop(slices);
             let sync_handle = match appended {
@@ -290,11 +302,12 @@ impl GroupCommit {
 
             // Sync while the next batch appends.
             if let Some(handle) = sync_handle
-                && let Err(error) = handle.sync_data()
+                && let Err(error) = store
+                    .run_hook(IoStage::JournalAppended, first_tag.as_deref().unwrap_or_default())
+                    .and_then(|()| handle.sync_data())
             {
-                // The journal may hold this batch's records or not: later batches go to a
-                // new one, and this one stays until a checkpoint.
                 let mut state = self.lock();
+                state.poisoned.extend(appended_to);
                 if state.journal.as_ref().map(JournalFile::generation) == appended_to
                     && let Some(broken) = state.journal.take()
                 {
@@ -304,10 +317,16 @@ impl GroupCommit {
                 drop(state);
                 failure = Some(error);
             }
+            self.wait_for_turn(id);
+            if failure.is_none()
+                && let Some(generation) = appended_to
+                && self.lock().poisoned.contains(&generation)
+            {
+                failure = Some(io::Error::other("a sync of the cache journal failed before this batch's"));
+            }
             if let Some(error) = &failure {
                 tracing::warn!(dir = %store.dir().display(), %error, "cache: journal write failed; failing its batch");
             }
-            self.wait_for_turn(id);
             self.install_puts(store, batch, failure.as_ref(), &mut outcomes, &mut touched);
         }
         guard.armed = false;
@@ -326,6 +345,11 @@ impl GroupCommit {
         let mut state = self.lock();
         if journal.as_ref().is_some_and(|journal| journal.generation() >= generation) {
             state.next_generation = generation + 1;
+        }
+        let mut journal = journal;
+        let mut retired = retired;
+        if let Some(poisoned) = journal.take_if(|journal| state.poisoned.contains(&journal.generation())) {
+            retired.push(poisoned.path().to_owned());
         }
         if !retired.is_empty() {
             state.retired.extend(retired);

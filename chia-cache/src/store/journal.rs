@@ -37,7 +37,6 @@ use std::fs::{self, File};
 use std::io::{self, IoSlice, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use super::format;
 use super::naming;
@@ -88,8 +87,7 @@ pub(crate) fn tag_record(kind: Kind, tag: &str) -> Vec<u8> {
 /// The journal being appended to.
 #[derive(Debug)]
 pub(crate) struct JournalFile {
-    /// Shared with batches syncing what they appended while the next batch appends.
-    file: Arc<File>,
+    file: File,
     path: PathBuf,
     generation: u64,
     /// Bytes of records written so far, the header included: where the next record goes.
@@ -104,9 +102,9 @@ impl JournalFile {
     pub(crate) fn create(dir: &Path, generation: u64) -> io::Result<JournalFile> {
         let path = dir.join(naming::journal_file_name(generation));
         let file = super::permissions::private_file_options().write(true).create_new(true).open(&path)?;
-        let mut journal = JournalFile { file: Arc::new(file), path, generation, len: 0, filled: 0 };
+        let mut journal = JournalFile { file, path, generation, len: 0, filled: 0 };
         let created = (|| {
-            (&*journal.file).write_all(&HEADER)?;
+            (&journal.file).write_all(&HEADER)?;
             journal.len = HEADER.len() as u64;
             journal.filled = journal.len;
             journal.fill_ahead();
@@ -205,10 +203,13 @@ impl JournalFile {
         self.file.sync_data()
     }
 
-    /// A handle to sync what was appended so far (`fdatasync`), usable while later records
-    /// are appended.
-    pub(crate) fn sync_handle(&self) -> Arc<File> {
-        Arc::clone(&self.file)
+    /// A handle of its own to sync a batch's records with (`fdatasync`), while later batches
+    /// append. Opened before the batch appends: a write-back error is reported to every file
+    /// handle opened before it happened, whereas handles sharing one open file would see it
+    /// only once (whichever syncs first), and another batch could take its lost records for
+    /// durable.
+    pub(crate) fn sync_handle(&self) -> io::Result<File> {
+        std::fs::OpenOptions::new().write(true).open(&self.path)
     }
 
     /// Zeroes whatever was written past the last successful append (best effort), so that a
@@ -218,7 +219,7 @@ impl JournalFile {
         let end = self.filled;
         self.filled = self.len;
         if let Err(error) =
-            self.fill_zeros(end).and_then(|()| (&*self.file).seek(io::SeekFrom::Start(self.len)).map(drop))
+            self.fill_zeros(end).and_then(|()| (&self.file).seek(io::SeekFrom::Start(self.len)).map(drop))
         {
             tracing::warn!(path = %self.path.display(), %error, "cache journal: cannot cut back a failed append");
         }

@@ -302,6 +302,8 @@ pub(crate) enum IoStage {
     /// Before a batch's journal records are written and synced (under [`Durability::Full`]);
     /// the tag is the batch's first write's.
     SyncJournal,
+    /// After a batch's records are appended, before the journal is synced for them.
+    JournalAppended,
     /// Under the index lock, before the temporary file is renamed into place.
     Commit,
     /// A read has its file open and the index lock released.
