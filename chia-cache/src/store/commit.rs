@@ -1,7 +1,13 @@
-//! Group commit under [`crate::Durability::Full`]: the write queue, its leader, and the
+//! Group commit under [`crate::Durability::Full`]: the write queue, its leaders, and the
 //! journal checkpoints (see the [`crate::CacheStore`] documentation for the protocol).
+//!
+//! A batch goes through three stages: its leader appends its records to the journal (one
+//! batch at a time: the append token), syncs them (several batches at once: a device serves
+//! concurrent syncs in parallel), then installs them (one batch at a time, in the order they
+//! were taken). A removal batch runs alone: its records are known only once it has chosen its
+//! entries, and they must be in the journal before any later batch's.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs;
 use std::io::{self, IoSlice};
 use std::mem;
@@ -52,9 +58,12 @@ impl Outcome {
     }
 }
 
+/// Batches between their append and the end of their install, at most.
+const MAX_IN_FLIGHT: usize = 4;
+
 /// Writers wait parked, not on a condition variable: a leader wakes exactly the writers of its
-/// batch and the first writer of the next one (to lead it), instead of every waiting thread
-/// at every batch.
+/// batch, the leader next in line to install, and the first queued writer (to lead the next
+/// batch), instead of every waiting thread at every batch.
 pub(crate) struct GroupCommit {
     state: Mutex<State>,
     checkpoint_bytes: u64,
@@ -65,30 +74,42 @@ struct State {
     queue: Vec<(u64, Op, Thread)>,
     /// The sequence number of the last op queued.
     last_queued: u64,
-    /// Every op numbered up to this one is done.
+    /// Every op numbered up to this one is done (batches finish in the order they were taken).
     done_through: u64,
-    /// Whether a leader is running a batch (it holds the journal meanwhile).
-    leading: bool,
     /// Outcomes of ops that did not simply succeed: failed writes, and removals.
     outcomes: HashMap<u64, Outcome>,
-    /// The journal appended to; `None` while a leader holds it, or after a failure left it
+    /// Whether a leader holds the journal to append to it.
+    appending: bool,
+    /// Batches taken and not installed yet, oldest first.
+    in_flight: VecDeque<InFlight>,
+    /// The number of the next batch (from 1), and of the last one installed.
+    next_batch: u64,
+    installed: u64,
+    /// The journal appended to; `None` while a leader appends, or after a failure left it
     /// unusable (the next batch starts a new generation).
     journal: Option<JournalFile>,
     next_generation: u64,
     /// Journals no longer appended to whose entries are not yet known durable.
     retired: Vec<PathBuf>,
+    /// Journals a sync failed on: records appended to them after the failure may follow a
+    /// hole, which ends a replay, so batches that appended to them fail, whatever their own
+    /// sync said.
+    poisoned: Vec<u64>,
+    /// Once the batches up to this one are installed, the retired journals can go.
+    checkpoint_after: Option<u64>,
     /// Entry files installed since the last checkpoint, where syncing needs the list.
     touched: Vec<PathBuf>,
     /// Whether a checkpoint is syncing.
     checkpointing: bool,
 }
 
-/// What a leader hands back after its batch.
-struct BatchEnd {
-    outcomes: Vec<(u64, Outcome)>,
-    journal: Option<JournalFile>,
-    retired: Vec<PathBuf>,
-    touched: Vec<PathBuf>,
+struct InFlight {
+    id: u64,
+    last_seq: u64,
+    leader: Thread,
+    removal: bool,
+    /// Its leader panicked: skipped when its turn to install comes.
+    abandoned: bool,
 }
 
 impl GroupCommit {
@@ -109,11 +130,16 @@ impl GroupCommit {
                 queue: Vec::new(),
                 last_queued: 0,
                 done_through: 0,
-                leading: false,
                 outcomes: HashMap::new(),
+                appending: false,
+                in_flight: VecDeque::new(),
+                next_batch: 1,
+                installed: 0,
                 journal: Some(journal),
                 next_generation: generation + 1,
                 retired: Vec::new(),
+                poisoned: Vec::new(),
+                checkpoint_after: None,
                 touched: Vec::new(),
                 checkpointing: false,
             }),
@@ -127,12 +153,17 @@ impl GroupCommit {
         self.lock().queue.len()
     }
 
+    /// How many batches are between their append and the end of their install.
+    #[cfg(test)]
+    pub(crate) fn in_flight(&self) -> usize {
+        self.lock().in_flight.len()
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues `op` and returns once its batch is done, leading batches while none is running
-    /// and `op` waits.
+    /// Queues `op` and returns once its batch is done, leading batches meanwhile when it can.
     pub(crate) fn submit(&self, store: &CacheStore, op: Op) -> Outcome {
         self.submit_many(store, vec![op]).pop().unwrap_or(Outcome::Put(Ok(())))
     }
@@ -154,244 +185,300 @@ impl GroupCommit {
                     .map(|seq| state.outcomes.remove(&seq).unwrap_or(Outcome::Put(Ok(()))))
                     .collect();
             }
-            if state.leading {
+            if can_lead(&state) {
+                drop(state);
+                self.lead_one_batch(store);
+            } else {
                 drop(state);
                 // A token left by an unpark since the check makes this return at once.
                 thread::park();
-                state = self.lock();
-                continue;
             }
-            drop(state);
-            self.lead_one_batch(store);
             state = self.lock();
         }
     }
 
-    /// Takes the next batch from the queue, runs it, and wakes its writers and the next
-    /// leader. A batch is either writes or explicit removals, never both: a removal's journal
-    /// records are known only once it has run, so writes queued after it must wait for them to
-    /// be in the journal (or a replay would apply the removal after the write).
+    /// Takes the next batch from the queue and sees it through: append, sync, install.
     fn lead_one_batch(&self, store: &CacheStore) {
         let mut state = self.lock();
-        if state.leading || state.queue.is_empty() {
+        if !can_lead(&state) {
             return;
         }
-        state.leading = true;
-        let removals = matches!(state.queue.first(), Some((_, Op::Remove(_), _)));
+        let removal = matches!(state.queue.first(), Some((_, Op::Remove(_), _)));
         let split = state
             .queue
             .iter()
-            .position(|(_, op, _)| matches!(op, Op::Remove(_)) != removals)
+            .position(|(_, op, _)| matches!(op, Op::Remove(_)) != removal)
             .unwrap_or(state.queue.len());
         let queued: Vec<(u64, Op, Thread)> = state.queue.drain(..split).collect();
-        let last = queued.last().map_or(state.done_through, |(seq, _, _)| *seq);
-        let journal = state.journal.take();
+        let id = state.next_batch;
+        state.next_batch += 1;
+        let last_seq = queued.last().map_or(state.last_queued, |(seq, _, _)| *seq);
+        let me = thread::current();
+        state.in_flight.push_back(InFlight { id, last_seq, leader: me.clone(), removal, abandoned: false });
+        state.appending = true;
+        let mut journal = state.journal.take();
         let generation = state.next_generation;
         drop(state);
-        let me = thread::current().id();
+
         let mut waiters = Vec::with_capacity(queued.len());
         let mut batch = Vec::with_capacity(queued.len());
         for (seq, op, thread) in queued {
-            if thread.id() != me {
+            if thread.id() != me.id() {
                 waiters.push(thread);
             }
             batch.push((seq, op));
         }
-
         let mut guard = LeaderGuard {
             commit: self,
+            id,
             seqs: batch.iter().map(|(seq, _)| *seq).collect(),
-            last,
-            journal: journal.as_ref().map(|journal| journal.path().to_owned()),
             waiters,
+            appending: true,
+            journal: journal.as_ref().map(|journal| journal.path().to_owned()),
             armed: true,
         };
-        let end = self.run_batch(store, batch, journal, generation);
-        guard.armed = false;
 
-        let mut state = self.lock();
-        if end.journal.as_ref().is_some_and(|journal| journal.generation() >= generation) {
-            state.next_generation = generation + 1;
-        }
-        state.outcomes.extend(end.outcomes);
-        state.retired.extend(end.retired);
-        state.touched.extend(end.touched);
-        state.journal = end.journal;
-        state.done_through = last;
-        let checkpoint = self.rotate_if_full(store, &mut state);
-        state.leading = false;
-        let next_leader =
-            state.queue.first().map(|(_, _, thread)| thread.clone()).filter(|next| next.id() != me);
-        drop(state);
-        for waiter in mem::take(&mut guard.waiters).into_iter().chain(next_leader) {
-            waiter.unpark();
-        }
-        if checkpoint {
-            self.checkpoint(store);
-        }
-    }
-
-    /// Writes and syncs the batch's journal records, then installs its ops in order.
-    fn run_batch(
-        &self,
-        store: &CacheStore,
-        batch: Vec<(u64, Op)>,
-        mut journal: Option<JournalFile>,
-        generation: u64,
-    ) -> BatchEnd {
-        let mut end =
-            BatchEnd { outcomes: Vec::new(), journal: None, retired: Vec::new(), touched: Vec::new() };
-        let first_put = batch.iter().find_map(|(_, op)| match op {
-            Op::Put(put) => Some(put.tag.as_str()),
-            Op::Remove(_) => None,
-        });
-        let mut failure: Option<io::Error> = None;
-        if let Some(first_tag) = first_put {
-            let synced = (|| {
-                if journal.is_none() {
-                    journal = Some(JournalFile::create(store.dir(), generation)?);
+        let mut outcomes = Vec::new();
+        let mut touched = Vec::new();
+        if removal {
+            // Alone in flight: its turn to install is now, and it appends after choosing.
+            let records = self.install_removals(store, batch, &mut outcomes);
+            let (journal, retired) = append_or_retire(store, journal, generation, &records);
+            self.put_journal_back(journal, retired, generation, &mut guard);
+        } else {
+            let mut failure = None;
+            let mut retired = None;
+            let first_tag = batch.iter().find_map(|(_, op)| match op {
+                Op::Put(put) => Some(put.tag.clone()),
+                Op::Remove(_) => None,
+            });
+            // A full journal gives way to a new one before this batch appends.
+            if journal.as_ref().is_some_and(|journal| journal.len() >= self.checkpoint_bytes) {
+                match JournalFile::create(store.dir(), generation) {
+                    Ok(fresh) => retired = journal.replace(fresh).map(|old| old.path().to_owned()),
+                    Err(error) => {
+                        tracing::warn!(dir = %store.dir().display(), %error, "cache: cannot start a new journal; the current one grows on");
+                    }
                 }
-                let journal = journal.as_mut().expect("just created");
-                store.run_hook(IoStage::SyncJournal, first_tag)?;
-                let frames: Vec<[u8; journal::FRAME_LEN]> = batch
-                    .iter()
-                    .filter_map(|(_, op)| match op {
-                        Op::Put(put) => Some(journal::frame(Kind::Put, &put.entry)),
-                        Op::Remove(_) => None,
-                    })
-                    .collect();
-                let mut slices = Vec::with_capacity(2 * frames.len());
-                let puts = batch.iter().filter_map(|(_, op)| match op {
-                    Op::Put(put) => Some(put),
+            }
+            let records: Vec<[u8; journal::FRAME_LEN]> = batch
+                .iter()
+                .filter_map(|(_, op)| match op {
+                    Op::Put(put) => Some(journal::frame(Kind::Put, &put.entry, put.meta.mtime_ns)),
                     Op::Remove(_) => None,
-                });
-                for (frame, put) in frames.iter().zip(puts) {
-                    slices.push(IoSlice::new(frame));
-                    slices.push(IoSlice::new(&put.entry));
-                }
-                journal.append(&slices)?;
-                journal.sync()
-            })();
-            if let Err(error) = synced {
-                tracing::warn!(dir = %store.dir().display(), %error, "cache: journal write failed; failing its batch");
-                // The journal may end in a torn record: later records go to a new one.
-                if let Some(broken) = journal.take() {
-                    end.retired.push(broken.path().to_owned());
-                }
-                failure = Some(error);
+                })
+                .collect();
+            let mut slices = Vec::with_capacity(2 * records.len());
+            let puts = batch.iter().filter_map(|(_, op)| match op {
+                Op::Put(put) => Some(put),
+                Op::Remove(_) => None,
+            });
+            for (frame, put) in records.iter().zip(puts) {
+                slices.push(IoSlice::new(frame));
+                slices.push(IoSlice::new(&put.entry));
             }
-        }
-
-        // Install in queue order, under one hold of the index lock.
-        let mut after: Vec<Vec<u8>> = Vec::new();
-        let mut detached = Vec::new();
-        // Writes whose rename failed, by position, and the last write of each tag installed.
-        let mut voided: Vec<(usize, String)> = Vec::new();
-        let mut installed: HashMap<String, usize> = HashMap::new();
-        {
-            let mut index = store.lock_index();
-            for (position, (seq, op)) in batch.into_iter().enumerate() {
-                match op {
-                    Op::Put(put) => {
-                        if let Some(error) = &failure {
-                            store.remove_quietly(&put.temp_path);
-                            end.outcomes.push((seq, Outcome::Put(Err(copy_error(error)))));
-                            continue;
-                        }
-                        let renamed = store
-                            .run_hook(IoStage::Commit, &put.tag)
-                            .and_then(|()| fs::rename(&put.temp_path, &put.final_path));
-                        if let Err(error) = renamed {
-                            store.remove_quietly(&put.temp_path);
-                            voided.push((position, put.tag));
-                            end.outcomes.push((seq, Outcome::Put(Err(error))));
-                            continue;
-                        }
-                        // Entries evicted to make room are not journaled: a replay that brings
-                        // one back (its put still in the journal) restores a value the cache
-                        // held, and the open evicts again if the budget is exceeded. A record
-                        // written after this batch's puts could remove a tag put again later in
-                        // the batch.
-                        let (_evicted, files) = store.index_installed(&mut index, &put.tag, put.meta);
-                        detached.extend(files);
-                        installed.insert(put.tag, position);
-                        if journal::SYNC_NEEDS_FILE_LIST {
-                            end.touched.push(put.final_path);
-                        }
-                    }
-                    Op::Remove(select) => {
-                        let removed = select(&index);
-                        detached.extend(store.remove_locked(&mut index, &removed));
-                        after.extend(removed.iter().map(|tag| journal::tag_record(Kind::Remove, tag)));
-                        end.outcomes.push((seq, Outcome::Removed(removed)));
-                    }
-                }
-            }
-        }
-        store.delete_detached(detached);
-        // A put whose rename failed is in the journal: a replay must not install it, unless a
-        // later write of the same tag in this batch was installed (its put comes after).
-        for (position, tag) in voided {
-            if installed.get(&tag).is_none_or(|&last| last < position) {
-                after.push(journal::tag_record(Kind::Keep, &tag));
-            }
-        }
-
-        // Removals and voided puts, in the journal before anyone hears of them and before the
-        // next batch's records (a kill cannot lose them; a power loss can, which only brings
-        // back entries the cache held, or keeps a file as it is). Synced with the next batch.
-        if !after.is_empty() {
             let appended = (|| {
                 if journal.is_none() {
                     journal = Some(JournalFile::create(store.dir(), generation)?);
                 }
-                let slices: Vec<IoSlice<'_>> = after.iter().map(|record| IoSlice::new(record)).collect();
-                journal.as_mut().expect("just created").append(&slices)
+                let journal = journal.as_mut().expect("just created");
+                store.run_hook(IoStage::SyncJournal, first_tag.as_deref().unwrap_or_default())?;
+                let handle = journal.sync_handle()?;
+                journal.append(&slices)?;
+                Ok(handle)
             })();
-            if let Err(error) = appended {
-                tracing::warn!(dir = %store.dir().display(), %error, "cache: cannot journal evictions; a crash may bring them back");
-                if let Some(broken) = journal.take() {
-                    end.retired.push(broken.path().to_owned());
+            drop(slices);
+            let sync_handle = match appended {
+                Ok(handle) => Some(handle),
+                Err(error) => {
+                    failure = Some(error);
+                    None
                 }
+            };
+            let broken = if failure.is_some() { journal.take() } else { None };
+            let retired = retired.into_iter().chain(broken.map(|broken| broken.path().to_owned())).collect();
+            let appended_to = journal.as_ref().map(JournalFile::generation);
+            self.put_journal_back(journal, retired, generation, &mut guard);
+
+            // Sync while the next batch appends.
+            if let Some(handle) = sync_handle
+                && let Err(error) = store
+                    .run_hook(IoStage::JournalAppended, first_tag.as_deref().unwrap_or_default())
+                    .and_then(|()| handle.sync_data())
+            {
+                let mut state = self.lock();
+                state.poisoned.extend(appended_to);
+                if state.journal.as_ref().map(JournalFile::generation) == appended_to
+                    && let Some(broken) = state.journal.take()
+                {
+                    state.retired.push(broken.path().to_owned());
+                }
+                state.checkpoint_after = Some(state.next_batch - 1);
+                drop(state);
+                failure = Some(error);
             }
+            self.wait_for_turn(id);
+            if failure.is_none()
+                && let Some(generation) = appended_to
+                && self.lock().poisoned.contains(&generation)
+            {
+                failure = Some(io::Error::other("a sync of the cache journal failed before this batch's"));
+            }
+            if let Some(error) = &failure {
+                tracing::warn!(dir = %store.dir().display(), %error, "cache: journal write failed; failing its batch");
+            }
+            self.install_puts(store, batch, failure.as_ref(), &mut outcomes, &mut touched);
         }
-        end.journal = journal;
-        end
+        guard.armed = false;
+        self.finish(id, outcomes, touched, mem::take(&mut guard.waiters), store);
     }
 
-    /// Under the state lock, after a batch: starts a new journal if this one is full and no
-    /// checkpoint is running. Returns whether the caller must now run the checkpoint.
-    fn rotate_if_full(&self, store: &CacheStore, state: &mut State) -> bool {
-        let full = state.journal.as_ref().is_some_and(|journal| journal.len() >= self.checkpoint_bytes);
-        if state.checkpointing || (!full && state.retired.is_empty()) {
-            return false;
+    /// Hands the journal back after an append, with the journals to retire, and frees the
+    /// append token for the next batch's leader.
+    fn put_journal_back(
+        &self,
+        journal: Option<JournalFile>,
+        retired: Vec<PathBuf>,
+        generation: u64,
+        guard: &mut LeaderGuard<'_>,
+    ) {
+        let mut state = self.lock();
+        if journal.as_ref().is_some_and(|journal| journal.generation() >= generation) {
+            state.next_generation = generation + 1;
         }
-        if full {
-            match JournalFile::create(store.dir(), state.next_generation) {
-                Ok(fresh) => {
-                    state.next_generation += 1;
-                    let old = state.journal.replace(fresh).expect("full journal");
-                    state.retired.push(old.path().to_owned());
+        let mut journal = journal;
+        let mut retired = retired;
+        if let Some(poisoned) = journal.take_if(|journal| state.poisoned.contains(&journal.generation())) {
+            retired.push(poisoned.path().to_owned());
+        }
+        if !retired.is_empty() {
+            state.retired.extend(retired);
+            // Every batch taken so far may have appended to them.
+            state.checkpoint_after = Some(state.next_batch - 1);
+        }
+        state.journal = journal;
+        state.appending = false;
+        guard.appending = false;
+        let next_leader = state.queue.first().map(|(_, _, thread)| thread.clone());
+        drop(state);
+        if let Some(next_leader) = next_leader {
+            next_leader.unpark();
+        }
+    }
+
+    /// Parks until every batch taken before `id` is installed.
+    fn wait_for_turn(&self, id: u64) {
+        let mut state = self.lock();
+        while state.installed + 1 < id {
+            drop(state);
+            thread::park();
+            state = self.lock();
+        }
+    }
+
+    /// Installs a batch of writes in queue order, under one hold of the index lock.
+    fn install_puts(
+        &self,
+        store: &CacheStore,
+        batch: Vec<(u64, Op)>,
+        failure: Option<&io::Error>,
+        outcomes: &mut Vec<(u64, Outcome)>,
+        touched: &mut Vec<PathBuf>,
+    ) {
+        let mut detached = Vec::new();
+        {
+            let mut index = store.lock_index();
+            for (seq, op) in batch {
+                let Op::Put(put) = op else { continue };
+                if let Some(error) = failure {
+                    store.remove_quietly(&put.temp_path);
+                    outcomes.push((seq, Outcome::Put(Err(copy_error(error)))));
+                    continue;
                 }
-                Err(error) => {
-                    tracing::warn!(dir = %store.dir().display(), %error, "cache: cannot start a new journal; the current one grows on");
-                    return false;
+                let renamed = store
+                    .run_hook(IoStage::Commit, &put.tag)
+                    .and_then(|()| fs::rename(&put.temp_path, &put.final_path));
+                if let Err(error) = renamed {
+                    // Its put is in the journal: after a crash, a replay may still install it
+                    // (its value complete and right), as it may for a batch whose sync failed.
+                    store.remove_quietly(&put.temp_path);
+                    outcomes.push((seq, Outcome::Put(Err(error))));
+                    continue;
+                }
+                // Entries evicted to make room are not journaled: a replay that brings one
+                // back (its put still in the journal) restores a value the cache held, and the
+                // open evicts again if the budget is exceeded.
+                let (_evicted, files) = store.index_installed(&mut index, &put.tag, put.meta);
+                detached.extend(files);
+                if journal::SYNC_NEEDS_FILE_LIST {
+                    touched.push(put.final_path);
                 }
             }
         }
-        state.checkpointing = true;
-        true
+        store.delete_detached(detached);
+    }
+
+    /// Runs a batch of removals; returns their journal records.
+    fn install_removals(
+        &self,
+        store: &CacheStore,
+        batch: Vec<(u64, Op)>,
+        outcomes: &mut Vec<(u64, Outcome)>,
+    ) -> Vec<Vec<u8>> {
+        let mut records = Vec::new();
+        let mut detached = Vec::new();
+        {
+            let mut index = store.lock_index();
+            for (seq, op) in batch {
+                let Op::Remove(select) = op else { continue };
+                let removed = select(&index);
+                detached.extend(store.remove_locked(&mut index, &removed));
+                records.extend(removed.iter().map(|tag| journal::tag_record(Kind::Remove, tag)));
+                outcomes.push((seq, Outcome::Removed(removed)));
+            }
+        }
+        store.delete_detached(detached);
+        records
+    }
+
+    /// After a batch's install: records its outcomes, hands the turn on, wakes its writers,
+    /// and runs a checkpoint if one is due.
+    fn finish(
+        &self,
+        id: u64,
+        outcomes: Vec<(u64, Outcome)>,
+        touched: Vec<PathBuf>,
+        waiters: Vec<Thread>,
+        store: &CacheStore,
+    ) {
+        let mut state = self.lock();
+        state.outcomes.extend(outcomes);
+        state.touched.extend(touched);
+        let finished = state.in_flight.pop_front();
+        debug_assert_eq!(finished.as_ref().map(|batch| batch.id), Some(id), "batches install in order");
+        if let Some(finished) = finished {
+            state.installed = finished.id;
+            state.done_through = state.done_through.max(finished.last_seq);
+        }
+        let (next_turn, next_leader, checkpoint) = hand_on(&mut state);
+        drop(state);
+        for thread in waiters.into_iter().chain(next_turn).chain(next_leader) {
+            thread.unpark();
+        }
+        if let Some((retired, touched)) = checkpoint {
+            self.checkpoint(store, retired, touched);
+        }
     }
 
     /// Makes every installed entry durable, then deletes the retired journals.
-    fn checkpoint(&self, store: &CacheStore) {
-        let (retired, touched) = {
-            let mut state = self.lock();
-            (mem::take(&mut state.retired), mem::take(&mut state.touched))
-        };
+    fn checkpoint(&self, store: &CacheStore, retired: Vec<PathBuf>, touched: Vec<PathBuf>) {
         let outcome = journal::sync_entries(store.dir(), &touched).and_then(|()| {
             for path in &retired {
-                fs::remove_file(path)?;
+                match fs::remove_file(path) {
+                    Ok(()) => {}
+                    Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                    Err(error) => return Err(error),
+                }
             }
             Ok(())
         });
@@ -400,6 +487,7 @@ impl GroupCommit {
             tracing::warn!(dir = %store.dir().display(), %error, "cache: journal checkpoint failed; keeping the journals");
             state.retired.extend(retired.into_iter().filter(|path| path.exists()));
             state.touched.extend(touched);
+            state.checkpoint_after = Some(state.installed);
         }
         state.checkpointing = false;
     }
@@ -430,15 +518,77 @@ impl GroupCommit {
     }
 }
 
-/// Should a leader panic (a bug), fails its batch and frees the leadership, so that the other
+/// Whether a writer may lead the next batch now: nobody is appending, there is room in flight,
+/// and removals run alone.
+fn can_lead(state: &State) -> bool {
+    if state.appending || state.in_flight.len() >= MAX_IN_FLIGHT {
+        return false;
+    }
+    match state.queue.first() {
+        None => false,
+        Some((_, Op::Remove(_), _)) => state.in_flight.is_empty(),
+        Some((_, Op::Put(_), _)) => !state.in_flight.iter().any(|batch| batch.removal),
+    }
+}
+
+/// After a batch left the front of the line: skips abandoned batches, and says who installs
+/// next, who may lead the next batch, and what a due checkpoint must retire.
+#[allow(clippy::type_complexity)]
+fn hand_on(state: &mut State) -> (Option<Thread>, Option<Thread>, Option<(Vec<PathBuf>, Vec<PathBuf>)>) {
+    while state.in_flight.front().is_some_and(|batch| batch.abandoned) {
+        let abandoned = state.in_flight.pop_front().expect("front");
+        state.installed = abandoned.id;
+        state.done_through = state.done_through.max(abandoned.last_seq);
+    }
+    let next_turn = state.in_flight.front().map(|batch| batch.leader.clone());
+    let next_leader = state.queue.first().map(|(_, _, thread)| thread.clone());
+    let due = state.checkpoint_after.is_some_and(|after| state.installed >= after);
+    let checkpoint = (due && !state.checkpointing).then(|| {
+        state.checkpointing = true;
+        state.checkpoint_after = None;
+        (mem::take(&mut state.retired), mem::take(&mut state.touched))
+    });
+    (next_turn, next_leader, checkpoint)
+}
+
+/// Appends `records` (removals, known once they ran) to the journal, without a sync; a
+/// journal that fails is retired. Returns the journal to hand back and the retired ones.
+fn append_or_retire(
+    store: &CacheStore,
+    mut journal: Option<JournalFile>,
+    generation: u64,
+    records: &[Vec<u8>],
+) -> (Option<JournalFile>, Vec<PathBuf>) {
+    if records.is_empty() {
+        return (journal, Vec::new());
+    }
+    let appended = (|| {
+        if journal.is_none() {
+            journal = Some(JournalFile::create(store.dir(), generation)?);
+        }
+        let slices: Vec<IoSlice<'_>> = records.iter().map(|record| IoSlice::new(record)).collect();
+        journal.as_mut().expect("just created").append(&slices)
+    })();
+    match appended {
+        Ok(()) => (journal, Vec::new()),
+        Err(error) => {
+            tracing::warn!(dir = %store.dir().display(), %error, "cache: cannot journal removals; a crash may bring them back");
+            (None, journal.map(|broken| broken.path().to_owned()).into_iter().collect())
+        }
+    }
+}
+
+/// Should a leader panic (a bug), fails its batch and keeps the line moving, so that the other
 /// writers get an error instead of waiting forever.
 struct LeaderGuard<'a> {
     commit: &'a GroupCommit,
+    id: u64,
     seqs: Vec<u64>,
-    last: u64,
-    journal: Option<PathBuf>,
     /// The batch's other writers.
     waiters: Vec<Thread>,
+    /// Whether it still holds the append token (and the journal).
+    appending: bool,
+    journal: Option<PathBuf>,
     armed: bool,
 }
 
@@ -452,15 +602,24 @@ impl Drop for LeaderGuard<'_> {
             let error = io::Error::other("the batch's leader panicked");
             state.outcomes.insert(seq, Outcome::Put(Err(error)));
         }
-        // The journal it held is gone with it: a new one is started, this one kept for
-        // the next checkpoint or close.
-        state.retired.extend(self.journal.take());
-        state.done_through = state.done_through.max(self.last);
-        state.leading = false;
-        let next_leader = state.queue.first().map(|(_, _, thread)| thread.clone());
+        if self.appending {
+            // The journal it held is gone with it: a new one is started, this one kept for
+            // the next checkpoint or close.
+            state.appending = false;
+            state.retired.extend(self.journal.take());
+            state.checkpoint_after = Some(state.next_batch - 1);
+        }
+        if let Some(batch) = state.in_flight.iter_mut().find(|batch| batch.id == self.id) {
+            batch.abandoned = true;
+        }
+        let (next_turn, next_leader, _) = if state.installed + 1 == self.id {
+            hand_on(&mut state)
+        } else {
+            (None, state.queue.first().map(|(_, _, thread)| thread.clone()), None)
+        };
         drop(state);
-        for waiter in mem::take(&mut self.waiters).into_iter().chain(next_leader) {
-            waiter.unpark();
+        for thread in mem::take(&mut self.waiters).into_iter().chain(next_turn).chain(next_leader) {
+            thread.unpark();
         }
     }
 }

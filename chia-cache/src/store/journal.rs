@@ -2,23 +2,24 @@
 //! makes durable with one data sync per batch, and that an open replays after a crash.
 //!
 //! A journal is `.chia-journal-<generation>.log`: a 16-byte header (`"CHIAJRNL"`, version 1 as
-//! a little-endian `u16`, six zero bytes), then records, each a 16-byte frame and a body:
+//! a little-endian `u16`, six zero bytes), then records, each a 24-byte frame and a body:
 //!
 //! ```text
 //! offset  size  field
-//!      0     1  kind: 1 put, 2 remove, 3 keep
+//!      0     1  kind: 1 put, 2 remove
 //!      1     3  zero
-//!      4     4  CRC-32 of bytes 0..4 and 8..16, and of the body unless the kind is put
+//!      4     4  CRC-32 of bytes 0..4 and 8..24, and of the body unless the kind is put
 //!      8     8  body length in bytes
-//!     16        body: put, the entry's complete file (which checks itself); remove and keep,
-//!               the tag
+//!     16     8  put: the entry file's modification time, nanoseconds since the Unix epoch
+//!               (little-endian i64); remove: 0
+//!     24        body: put, the entry's complete file (which checks itself); remove, the tag
 //! ```
 //!
-//! - **put**: the entry file of the tag must hold exactly this body.
+//! - **put**: the entry file of the tag must hold exactly this body. A replay that writes it
+//!   again gives it the recorded modification time, so that it keeps its place in the LRU
+//!   order (an entry since evicted to make room comes back as old as it was).
 //! - **remove**: the tag's entry was removed on request (evict, evict_matching, flush); its
 //!   file must not be there.
-//! - **keep**: earlier records of the tag no longer say anything (a write that failed after
-//!   its put was logged): its file, whatever it holds, is left as it is.
 //!
 //! The file is filled with zeros ahead of the records, 4 MiB at a time, so that the sync of
 //! a batch writes only the batch's data: appending into blocks already written changes no
@@ -42,7 +43,7 @@ use super::naming;
 
 pub(crate) const HEADER_LEN: usize = 16;
 const HEADER: [u8; HEADER_LEN] = *b"CHIAJRNL\x01\0\0\0\0\0\0\0";
-pub(crate) const FRAME_LEN: usize = 16;
+pub(crate) const FRAME_LEN: usize = 24;
 /// How far ahead of the records the file is filled with zeros.
 const ZERO_FILL_CHUNK: u64 = 4 << 20;
 
@@ -52,14 +53,14 @@ const ZERO_FILL_CHUNK: u64 = 4 << 20;
 pub(crate) enum Kind {
     Put = 1,
     Remove = 2,
-    Keep = 3,
 }
 
-/// The frame of a record of `kind` whose body is `body`.
-pub(crate) fn frame(kind: Kind, body: &[u8]) -> [u8; FRAME_LEN] {
+/// The frame of a record of `kind` whose body is `body`; `mtime_ns` is a put's file time.
+pub(crate) fn frame(kind: Kind, body: &[u8], mtime_ns: i64) -> [u8; FRAME_LEN] {
     let mut frame = [0u8; FRAME_LEN];
     frame[0] = kind as u8;
     frame[8..16].copy_from_slice(&(body.len() as u64).to_le_bytes());
+    frame[16..24].copy_from_slice(&mtime_ns.to_le_bytes());
     let checksum = frame_checksum(&frame, kind, body);
     frame[4..8].copy_from_slice(&checksum.to_le_bytes());
     frame
@@ -68,17 +69,17 @@ pub(crate) fn frame(kind: Kind, body: &[u8]) -> [u8; FRAME_LEN] {
 fn frame_checksum(frame: &[u8; FRAME_LEN], kind: Kind, body: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&frame[0..4]);
-    hasher.update(&frame[8..16]);
+    hasher.update(&frame[8..24]);
     if kind != Kind::Put {
         hasher.update(body);
     }
     hasher.finalize()
 }
 
-/// A remove or keep record, frame and body.
+/// A remove record, frame and body.
 pub(crate) fn tag_record(kind: Kind, tag: &str) -> Vec<u8> {
     let mut record = Vec::with_capacity(FRAME_LEN + tag.len());
-    record.extend_from_slice(&frame(kind, tag.as_bytes()));
+    record.extend_from_slice(&frame(kind, tag.as_bytes(), 0));
     record.extend_from_slice(tag.as_bytes());
     record
 }
@@ -103,7 +104,7 @@ impl JournalFile {
         let file = super::permissions::private_file_options().write(true).create_new(true).open(&path)?;
         let mut journal = JournalFile { file, path, generation, len: 0, filled: 0 };
         let created = (|| {
-            journal.file.write_all(&HEADER)?;
+            (&journal.file).write_all(&HEADER)?;
             journal.len = HEADER.len() as u64;
             journal.filled = journal.len;
             journal.fill_ahead();
@@ -136,18 +137,19 @@ impl JournalFile {
         if end <= self.filled {
             return Ok(());
         }
-        self.file.seek(io::SeekFrom::Start(self.filled))?;
+        let mut file: &File = &self.file;
+        file.seek(io::SeekFrom::Start(self.filled))?;
         let mut remaining = end - self.filled;
         let outcome = (|| {
             while remaining > 0 {
                 let chunk = remaining.min(ZEROS.len() as u64) as usize;
-                self.file.write_all(&ZEROS[..chunk])?;
+                file.write_all(&ZEROS[..chunk])?;
                 remaining -= chunk as u64;
             }
             Ok(())
         })();
         self.filled = end - remaining;
-        self.file.seek(io::SeekFrom::Start(self.len))?;
+        file.seek(io::SeekFrom::Start(self.len))?;
         outcome
     }
 
@@ -170,7 +172,7 @@ impl JournalFile {
         let total: usize = slices.iter().map(|slice| slice.len()).sum();
         let end = self.len + total as u64;
         let outcome = (|| {
-            write_all_vectored(&mut self.file, slices)?;
+            write_all_vectored(&self.file, slices)?;
             if end > self.filled {
                 // Past the zeros: fill ahead again, so that the syncs after the next one
                 // write only data.
@@ -196,8 +198,18 @@ impl JournalFile {
     }
 
     /// Forces what was appended to stable storage.
-    pub(crate) fn sync(&mut self) -> io::Result<()> {
-        self.file.sync_data().inspect_err(|_| self.cut_back())
+    #[cfg(test)]
+    pub(crate) fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// A handle of its own to sync a batch's records with (`fdatasync`), while later batches
+    /// append. Opened before the batch appends: a write-back error is reported to every file
+    /// handle opened before it happened, whereas handles sharing one open file would see it
+    /// only once (whichever syncs first), and another batch could take its lost records for
+    /// durable.
+    pub(crate) fn sync_handle(&self) -> io::Result<File> {
+        std::fs::OpenOptions::new().write(true).open(&self.path)
     }
 
     /// Zeroes whatever was written past the last successful append (best effort), so that a
@@ -207,7 +219,7 @@ impl JournalFile {
         let end = self.filled;
         self.filled = self.len;
         if let Err(error) =
-            self.fill_zeros(end).and_then(|()| self.file.seek(io::SeekFrom::Start(self.len)).map(drop))
+            self.fill_zeros(end).and_then(|()| (&self.file).seek(io::SeekFrom::Start(self.len)).map(drop))
         {
             tracing::warn!(path = %self.path.display(), %error, "cache journal: cannot cut back a failed append");
         }
@@ -215,7 +227,7 @@ impl JournalFile {
 }
 
 /// Writes all of `slices` to `file`, in as few system calls as it takes.
-pub(crate) fn write_all_vectored(file: &mut File, slices: &[IoSlice<'_>]) -> io::Result<()> {
+pub(crate) fn write_all_vectored(mut file: &File, slices: &[IoSlice<'_>]) -> io::Result<()> {
     let mut owned: Vec<IoSlice<'_>> = slices.to_vec();
     let mut remaining: &mut [IoSlice<'_>] = &mut owned;
     while !remaining.is_empty() {
@@ -262,10 +274,10 @@ pub(crate) const SYNC_NEEDS_FILE_LIST: bool = !cfg!(target_os = "linux");
 /// What a tag's last record says.
 #[derive(Debug)]
 enum Last {
-    /// `(journal, range)`: the body within that journal's bytes.
-    Put(usize, Range<usize>),
+    /// `(journal, range, mtime_ns)`: the body within that journal's bytes, and the file's
+    /// modification time.
+    Put(usize, Range<usize>, i64),
     Remove,
-    Keep,
 }
 
 /// What the journals of a directory hold, read at open.
@@ -295,11 +307,10 @@ impl Replay {
             let path = dir.join(naming::journal_file_name(generation));
             let bytes = fs::read(&path)?;
             let journal = replay.contents.len();
-            let (records, complete) = parse(&bytes, |kind, tag, body| {
+            let (records, complete) = parse(&bytes, |kind, tag, body, mtime_ns| {
                 let last = match kind {
-                    Kind::Put => Last::Put(journal, body),
+                    Kind::Put => Last::Put(journal, body, mtime_ns),
                     Kind::Remove => Last::Remove,
-                    Kind::Keep => Last::Keep,
                 };
                 replay.last.insert(tag, last);
             });
@@ -322,7 +333,7 @@ impl Replay {
         for (tag, last) in &self.last {
             let path = dir.join(naming::entry_file_name(tag));
             match last {
-                Last::Put(journal, range) => {
+                Last::Put(journal, range, mtime_ns) => {
                     let body = &self.contents[*journal][range.clone()];
                     match fs::read(&path) {
                         Ok(existing) if existing == body => continue,
@@ -335,7 +346,10 @@ impl Replay {
                         .write(true)
                         .create_new(true)
                         .open(&temp)
-                        .and_then(|mut file| file.write_all(body))
+                        .and_then(|mut file| {
+                            file.write_all(body)?;
+                            file.set_modified(time_from_ns(*mtime_ns))
+                        })
                         .and_then(|()| fs::rename(&temp, &path));
                     if let Err(error) = written {
                         let _ = fs::remove_file(&temp);
@@ -349,7 +363,6 @@ impl Replay {
                     Err(error) if error.kind() == io::ErrorKind::NotFound => {}
                     Err(error) => return Err(error),
                 },
-                Last::Keep => {}
             }
         }
         if !self.journals.is_empty() {
@@ -363,10 +376,17 @@ impl Replay {
     }
 }
 
-/// Calls `record` with each complete, valid record of a journal's `bytes` (its kind, tag and,
-/// for a put, the body's range), in order. Returns how many there were and whether the
+/// `nanos` since the Unix epoch (negative before it) as a time.
+fn time_from_ns(nanos: i64) -> std::time::SystemTime {
+    let epoch = std::time::UNIX_EPOCH;
+    let magnitude = std::time::Duration::from_nanos(nanos.unsigned_abs());
+    if nanos >= 0 { epoch + magnitude } else { epoch - magnitude }
+}
+
+/// Calls `record` with each complete, valid record of a journal's `bytes` (its kind, tag, the
+/// body's range and the frame's modification time), in order. Returns how many there were and whether the
 /// journal ended cleanly after the last one.
-fn parse(bytes: &[u8], mut record: impl FnMut(Kind, String, Range<usize>)) -> (usize, bool) {
+fn parse(bytes: &[u8], mut record: impl FnMut(Kind, String, Range<usize>, i64)) -> (usize, bool) {
     if bytes.len() < HEADER.len() || bytes[..HEADER.len()] != HEADER {
         return (0, bytes.is_empty());
     }
@@ -383,7 +403,6 @@ fn parse(bytes: &[u8], mut record: impl FnMut(Kind, String, Range<usize>)) -> (u
         let kind = match frame_bytes[0] {
             1 => Kind::Put,
             2 => Kind::Remove,
-            3 => Kind::Keep,
             _ => return (count, false),
         };
         let mut len_bytes = [0u8; 8];
@@ -403,12 +422,14 @@ fn parse(bytes: &[u8], mut record: impl FnMut(Kind, String, Range<usize>)) -> (u
                 Some(tag) => tag,
                 None => return (count, false),
             },
-            Kind::Remove | Kind::Keep => match String::from_utf8(body.to_vec()) {
+            Kind::Remove => match String::from_utf8(body.to_vec()) {
                 Ok(tag) => tag,
                 Err(_) => return (count, false),
             },
         };
-        record(kind, tag, body_start..body_end);
+        let mut mtime = [0u8; 8];
+        mtime.copy_from_slice(&frame_bytes[16..24]);
+        record(kind, tag, body_start..body_end, i64::from_le_bytes(mtime));
         count += 1;
         at = body_end;
     }
@@ -429,7 +450,7 @@ mod tests {
     fn put_record(tag: &str, payload: &[u8]) -> Vec<u8> {
         let mut body = format::encode_prefix(tag, payload, 0, payload.len());
         body.extend_from_slice(payload);
-        let mut record = frame(Kind::Put, &body).to_vec();
+        let mut record = frame(Kind::Put, &body, 1_700_000_000_000_000_000).to_vec();
         record.extend_from_slice(&body);
         record
     }
@@ -444,21 +465,23 @@ mod tests {
 
     fn parsed(bytes: &[u8]) -> (Vec<(Kind, String)>, bool) {
         let mut found = Vec::new();
-        let (count, complete) = parse(bytes, |kind, tag, _| found.push((kind, tag)));
+        let (count, complete) = parse(bytes, |kind, tag, _, _| found.push((kind, tag)));
         assert_eq!(count, found.len());
         (found, complete)
     }
 
     #[test]
     fn records_parse_in_order() {
-        let bytes =
-            journal(&[put_record("a", b"1"), tag_record(Kind::Remove, "a"), tag_record(Kind::Keep, "b")]);
+        let bytes = journal(&[put_record("a", b"1"), tag_record(Kind::Remove, "a"), put_record("b", b"2")]);
         let (found, complete) = parsed(&bytes);
         assert!(complete);
         assert_eq!(
             found,
-            [(Kind::Put, "a".to_owned()), (Kind::Remove, "a".to_owned()), (Kind::Keep, "b".to_owned())]
+            [(Kind::Put, "a".to_owned()), (Kind::Remove, "a".to_owned()), (Kind::Put, "b".to_owned())]
         );
+        let mut times = Vec::new();
+        parse(&bytes, |_, _, _, mtime| times.push(mtime));
+        assert_eq!(times, [1_700_000_000_000_000_000, 0, 1_700_000_000_000_000_000]);
     }
 
     #[test]

@@ -174,17 +174,19 @@ pub struct OpenReport {
 ///
 /// 1. Each writer writes its entry to a temporary file, without a sync, in parallel with the
 ///    others, and queues it.
-/// 2. The first writer to find no batch in progress leads one: it takes the queued writes,
-///    appends every entry's complete bytes to the journal (one vectored write) and syncs the
-///    journal once (`fdatasync`). The other writers wait meanwhile (parked), and queue up the
-///    next batch.
-/// 3. The leader then renames the batch's temporary files into place and updates the index,
-///    in queue order, under one hold of the index lock, and wakes the batch's writers, whose
-///    entries are now durable (in the journal) and visible, and the first writer of the next
-///    batch, to lead it.
-/// 4. Once the journal holds [`StoreOptions::journal_checkpoint_bytes`], the leader starts a
-///    new one and, after its batch, makes the entry files of the old one durable with one
-///    `syncfs` and deletes it. [`close`] (and drop) does the same for the last one.
+/// 2. A writer that finds nobody appending to the journal leads the next batch: it takes the
+///    queued writes and appends every entry's complete bytes to the journal (one vectored
+///    write). The other writers wait meanwhile (parked), and queue up the next batch.
+/// 3. The leader syncs the journal once (`fdatasync`), which makes the whole batch durable.
+///    The next batch's leader appends and syncs meanwhile: up to four batches sync at once,
+///    as a disk serves concurrent syncs in parallel.
+/// 4. In the order the batches were taken, each leader renames its batch's temporary files
+///    into place and updates the index, in queue order, under one hold of the index lock,
+///    then wakes its writers, whose entries are now durable (in the journal) and visible.
+/// 5. Once the journal holds [`StoreOptions::journal_checkpoint_bytes`], the next leader
+///    starts a new one; once every batch of the old one is installed, one `syncfs` makes
+///    their files durable and the old journal is deleted. [`close`] (and drop) does the same
+///    for the last one.
 ///
 /// An open after a crash replays the journals before anything else: an entry whose file is
 /// missing or differs from its last journal record is written again, a removed one deleted.
@@ -193,15 +195,17 @@ pub struct OpenReport {
 /// still costs one sync per write; the journal costs one per batch.
 ///
 /// Explicit removals ([`evict`], [`evict_matching`], [`flush`]) go through the same queue, in
-/// batches of their own: they choose their entries when they run, then journal a record per
-/// entry (without a sync) before their callers or the next batch go on, so that the journal
-/// tells writes and removals in the order they happened, and a replay after a kill brings
-/// back no entry they removed (after a power loss it may: evictions are not made durable).
-/// Entries evicted to make room are not journaled at all: a replay may bring one back (with
-/// the value it had), and the open then evicts for the budget again.
+/// batches of their own that run alone: they choose their entries when they run, then
+/// journal a record per entry (without a sync) before their callers or the next batch go on,
+/// so that the journal tells writes and removals in the order they happened, and a replay
+/// after a kill brings back no entry they removed (after a power loss it may: evictions are
+/// not made durable). Entries evicted to make room are not journaled at all: a replay may
+/// bring one back, with the value and the modification time it had, and the open then evicts
+/// for the budget again, oldest first.
 ///
-/// A batch whose journal write or sync fails fails all its writes, which leave the store as
-/// it was; the next batch starts a new journal.
+/// A batch whose journal write or sync fails fails all its writes, which leave the running
+/// store as it was; the next batch starts a new journal. (After a crash, a replay may still
+/// install such a write, complete and right, if its records did reach the disk.)
 ///
 /// # Concurrency
 ///
@@ -313,6 +317,8 @@ pub(crate) enum IoStage {
     /// Before a batch's journal records are written and synced (under [`Durability::Full`]);
     /// the tag is the batch's first write's.
     SyncJournal,
+    /// After a batch's records are appended, before the journal is synced for them.
+    JournalAppended,
     /// Under the index lock, before the temporary file is renamed into place.
     Commit,
     /// A read has its file open and the index lock released.
@@ -966,11 +972,11 @@ impl CacheStore {
         let (first_half, second_half) = payload.split_at(payload.len() / 2);
         if cfg!(test) {
             // Two writes, so that unit tests can fail one half-way through the payload.
-            journal::write_all_vectored(&mut file, &[IoSlice::new(prefix), IoSlice::new(first_half)])?;
+            journal::write_all_vectored(&file, &[IoSlice::new(prefix), IoSlice::new(first_half)])?;
             self.run_hook(IoStage::PayloadHalfWritten, tag)?;
             file.write_all(second_half)?;
         } else {
-            journal::write_all_vectored(&mut file, &[IoSlice::new(prefix), IoSlice::new(payload)])?;
+            journal::write_all_vectored(&file, &[IoSlice::new(prefix), IoSlice::new(payload)])?;
         }
         // The time the index records, to the nanosecond: a warm start trusts the snapshot's
         // record of a file only while the file still has it.

@@ -269,14 +269,36 @@ fn wait_until_queued(store: &CacheStore, count: usize) {
     }
 }
 
-/// What a power loss right now could leave: the journal as it is, replayed at the next open
-/// over the entry files as a clean close leaves them.
+/// What a power loss right now could leave: the journals as they are, replayed at the next
+/// open over the entry files as a clean close leaves them.
 fn reopen_replaying_the_journal(store: Arc<CacheStore>, budget: u64) -> CacheStore {
+    reopen_replaying_the_journal_of(store, budget, Some(1))
+}
+
+/// The same with the journal of `generation`, or every journal there is.
+fn reopen_replaying_the_journal_of(
+    store: Arc<CacheStore>,
+    budget: u64,
+    generation: Option<u64>,
+) -> CacheStore {
     let dir = store.dir().to_owned();
-    let journal_path = dir.join(naming::journal_file_name(1));
-    let journal = std::fs::read(&journal_path).expect("read the journal");
+    let journals: Vec<(std::path::PathBuf, Vec<u8>)> = std::fs::read_dir(&dir)
+        .expect("list")
+        .map(|entry| entry.expect("entry").path())
+        .filter(|path| match naming::classify(path.file_name().expect("name")) {
+            FileKind::Journal(found) => generation.is_none_or(|wanted| wanted == found),
+            _ => false,
+        })
+        .map(|path| {
+            let bytes = std::fs::read(&path).expect("read a journal");
+            (path, bytes)
+        })
+        .collect();
+    assert!(generation.is_none() || !journals.is_empty(), "no journal {generation:?}");
     drop(Arc::into_inner(store).expect("the only handle"));
-    std::fs::write(&journal_path, journal).expect("put the journal back");
+    for (path, bytes) in journals {
+        std::fs::write(path, bytes).expect("put the journal back");
+    }
     CacheStore::open(&dir, budget, StoreOptions::default()).expect("reopen")
 }
 
@@ -338,4 +360,51 @@ fn a_removal_then_a_write_of_the_same_tag_keep_their_order_in_the_journal() {
 
     let store = reopen_replaying_the_journal(store, 1 << 20);
     assert_eq!(store.read("t").as_deref(), Some(&[2u8; 100][..]), "the write after the removal");
+}
+
+#[test]
+fn a_failed_journal_sync_fails_the_batches_that_appended_after_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(CacheStore::open(dir.path(), 1 << 20, StoreOptions::default()).expect("open"));
+    assert!(store.write("before", b"kept").expect("write"));
+    // The batch of "bad" has appended; its sync waits, then fails.
+    let (parked_tx, parked_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let release_rx = Mutex::new(release_rx);
+    store.set_test_hook(move |stage, tag| {
+        if stage == IoStage::JournalAppended && tag == "bad" {
+            parked_tx.send(()).expect("test is waiting");
+            release_rx.lock().unwrap_or_else(PoisonError::into_inner).recv().expect("test releases");
+            return Err(io::Error::other("EIO"));
+        }
+        Ok(())
+    });
+    let bad = thread::spawn({
+        let store = Arc::clone(&store);
+        move || store.write("bad", b"x")
+    });
+    parked_rx.recv().expect("the bad batch is syncing");
+    // The next batch appends to the same journal, and its own sync succeeds meanwhile.
+    let good = thread::spawn({
+        let store = Arc::clone(&store);
+        move || store.write("good", b"y")
+    });
+    let commit = store.commit.as_ref().expect("a Full store");
+    while commit.in_flight() < 2 {
+        thread::yield_now();
+    }
+    release_tx.send(()).expect("the bad batch waits");
+    assert!(matches!(bad.join().expect("writer"), Err(CacheError::Write { .. })));
+    let good = good.join().expect("writer");
+    assert!(matches!(good, Err(CacheError::Write { .. })), "appended after a failed sync: {good:?}");
+    assert_eq!(store.keys(), ["before"]);
+    assert_eq!(temp_files(&store), Vec::<String>::new());
+
+    // Later writes go to a new journal and work.
+    store.clear_test_hook();
+    assert!(store.write("after", b"z").expect("write"));
+    let store = reopen_replaying_the_journal_of(store, 1 << 20, None);
+    let mut keys = store.keys();
+    keys.sort();
+    assert_eq!(keys, ["after", "before"]);
 }

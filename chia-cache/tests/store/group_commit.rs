@@ -154,6 +154,7 @@ fn the_journal_redoes_writes_and_evictions_a_power_loss_undid() {
     // The power loss: the journal survives, the rest of the directory is older.
     fs::write(dir.path().join(journal_name), &journal).expect("restore the journal");
     let path = |tag: &str| dir.path().join(chia_cache::entry_file_name(tag));
+    let lost_mtime = fs::metadata(path("lost")).and_then(|metadata| metadata.modified()).expect("mtime");
     fs::remove_file(path("lost")).expect("lose a rename");
     let mut torn = fs::read(path("torn")).expect("read");
     torn.truncate(1500);
@@ -161,6 +162,9 @@ fn the_journal_redoes_writes_and_evictions_a_power_loss_undid() {
     fs::write(path("evicted"), &evicted_file).expect("lose an unlink");
 
     let store = CacheStore::open(dir.path(), 1 << 20, StoreOptions::default()).expect("reopen");
+    // The rewritten entry keeps its place in the LRU order: the time it was written at.
+    let replayed_mtime = fs::metadata(path("lost")).and_then(|metadata| metadata.modified()).expect("mtime");
+    assert_eq!(replayed_mtime, lost_mtime);
     let mut keys = store.keys();
     keys.sort();
     assert_eq!(keys, ["later", "lost", "torn"]);
