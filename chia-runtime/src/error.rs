@@ -136,6 +136,17 @@ pub enum Error {
     /// the section, the file, and where known the line and function.
     #[error(transparent)]
     Config(Arc<chia_cache::SectionError>),
+    /// `start_cache` was given a YAML file whose `cache:` section differs from the one the
+    /// running cache follows (its automatic writes would not follow the file).
+    #[error(
+        "a cache is already running with another cache: section than {}; stop it (stop_cache) to start it \
+         with this one, or start without a YAML file to use it as it is",
+        path.display()
+    )]
+    CacheConfigConflict {
+        /// The YAML file given to `start_cache`.
+        path: PathBuf,
+    },
     /// The `cache:` section sets, for `function`, a `field` that this version reads but does
     /// not apply to automatic writes yet (`ttl`, `key`, `single_flight`): the cache is not
     /// started, rather than started without it.

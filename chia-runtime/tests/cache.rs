@@ -226,6 +226,12 @@ async fn a_second_start_with_another_directory_or_budget_is_an_error_naming_both
     let same_dir = format!("{}/", first_dir.display());
     let again = start_cache(&cx, CacheOptions::in_dir(&same_dir).size(1024.0, "KiB")).await.unwrap();
     assert_eq!(again.service().id(), cache.service().id());
+    // A YAML whose rules the running cache does not follow is refused, naming the file.
+    let yaml = config_file(dir.path());
+    match start_cache(&cx, CacheOptions::in_dir(&first_dir).size(1.0, "MiB").yaml_path(&yaml)).await {
+        Err(chia::Error::CacheConfigConflict { path }) => assert_eq!(path, yaml),
+        other => panic!("expected CacheConfigConflict, got {:?}", other.map(|cache| cache.service().id())),
+    }
 
     // Another directory, from another driver: an error naming both directories.
     let other_driver = cluster.driver().await.unwrap();
