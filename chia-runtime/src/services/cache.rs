@@ -418,7 +418,8 @@ pub async fn start_cache(cx: &Context, options: CacheOptions) -> Result<Cache, E
         service_options = service_options.namespace(namespace);
     }
     let dir = CacheDir(requested_dir.clone());
-    let service = CacheServiceHandle::start(cx, service_options, dir, budget, config.clone(), durability).await?;
+    let service =
+        CacheServiceHandle::start(cx, service_options, dir, budget, config.clone(), durability).await?;
     // `get_if_exists` may have found a cache started by anyone, with anything: compare. Paths
     // compare as `Path`s, by components of bytes (`/data/cache/` is `/data/cache`; a name that
     // is not UTF-8 equals only itself), not through the file system, which is the head's and
