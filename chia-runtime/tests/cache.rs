@@ -309,10 +309,7 @@ async fn stats_evict_matching_and_verify_from_the_library_and_the_command_line()
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let head = common::HeadProcess::start(&state, &[]);
-    let credentials = chia::internals::tls::ClusterCredentials::load(&state.join("cluster.yaml"))
-        .expect("the cluster file");
-    let (client, _) = chia::internals::Client::connect(&credentials, "driver", None).await.unwrap();
-    let cx = Context::from_client(client);
+    let cx = common::driver_of_process(&state).await;
     let store = dir.path().join("store");
     let cache = start_cache(&cx, CacheOptions::in_dir(&store).size(1.0, "MiB")).await.unwrap();
     for tag in ["iter1_a", "iter1_b", "iter2_a"] {
@@ -333,16 +330,7 @@ async fn stats_evict_matching_and_verify_from_the_library_and_the_command_line()
     let mut bytes = std::fs::read(&file).unwrap();
     *bytes.last_mut().unwrap() ^= 0xff;
     std::fs::write(&file, &bytes).unwrap();
-    let cli = |args: &[&str]| {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_chia"))
-            .arg("--cluster-file")
-            .arg(state.join("cluster.yaml"))
-            .args(args)
-            .output()
-            .expect("chia runs");
-        let text = |bytes: Vec<u8>| String::from_utf8(bytes).unwrap();
-        (output.status.success(), text(output.stdout), text(output.stderr))
-    };
+    let cli = |args: &[&str]| common::chia_cli(&state, args);
     let (ok, out, err) = cli(&["cache", "verify", "--dry-run"]);
     assert!(!ok && out.contains("bad: iter2_a") && out.contains("1 bad, 0 removed"), "{out}{err}");
     assert!(file.exists(), "a dry run removes nothing");

@@ -9,10 +9,10 @@ mod common;
 use chia::internals::Client;
 use chia::internals::HeadOptions;
 use chia::internals::HeadWithNode;
-use chia::internals::tls::{ClusterCredentials, HeadCredentials};
+use chia::internals::tls::HeadCredentials;
 use chia::kv::{self, Change, KvError};
 use chia::{Context, Error, LocalCluster};
-use common::{BOUND, HeadProcess, cluster};
+use common::{BOUND, HeadProcess, chia_cli, cluster, driver_of_process};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -290,23 +290,6 @@ async fn a_damaged_store_file_is_an_error_naming_it_and_is_left_as_it_was() {
         assert!(text.contains(&file.display().to_string()) && text.contains("cannot be used"), "{text}");
     }
     assert_eq!(std::fs::read(&file).unwrap(), b"not a kv store", "the file is not replaced");
-}
-
-fn chia_cli(state_dir: &Path, args: &[&str]) -> (bool, String, String) {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_chia"))
-        .arg("--cluster-file")
-        .arg(state_dir.join("cluster.yaml"))
-        .args(args)
-        .output()
-        .expect("chia runs");
-    let text = |bytes: Vec<u8>| String::from_utf8(bytes).unwrap();
-    (output.status.success(), text(output.stdout), text(output.stderr))
-}
-
-async fn driver_of_process(state_dir: &Path) -> Context {
-    let credentials = ClusterCredentials::load(&state_dir.join("cluster.yaml")).unwrap();
-    let (client, _) = Client::connect(&credentials, "driver", None).await.unwrap();
-    Context::from_client(client)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

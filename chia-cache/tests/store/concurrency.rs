@@ -57,22 +57,27 @@ fn hammer(store: &CacheStore, thread_id: u64) -> u64 {
     hits
 }
 
-#[test]
-fn threads_hammering_overlapping_tags_only_ever_see_complete_values() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    // Room for a few large values: writes keep evicting each other.
-    let store = Arc::new(open_fast(dir.path(), 2 << 20));
+/// [`hammer`] from `THREADS` threads started together; each thread's hits.
+fn hammer_from_every_thread(store: &Arc<CacheStore>) -> Vec<u64> {
     let start = Arc::new(Barrier::new(THREADS as usize));
     let workers: Vec<_> = (0..THREADS)
         .map(|thread_id| {
-            let (store, start) = (Arc::clone(&store), Arc::clone(&start));
+            let (store, start) = (Arc::clone(store), Arc::clone(&start));
             thread::spawn(move || {
                 start.wait();
                 hammer(&store, thread_id)
             })
         })
         .collect();
-    let hits: u64 = workers.into_iter().map(|worker| worker.join().expect("worker thread")).sum();
+    workers.into_iter().map(|worker| worker.join().expect("worker thread")).collect()
+}
+
+#[test]
+fn threads_hammering_overlapping_tags_only_ever_see_complete_values() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Room for a few large values: writes keep evicting each other.
+    let store = Arc::new(open_fast(dir.path(), 2 << 20));
+    let hits: u64 = hammer_from_every_thread(&store).into_iter().sum();
     assert!(hits > 0, "no read ever hit");
 
     // The index, the accounting and the directory agree.
@@ -109,19 +114,7 @@ fn threads_hammering_overlapping_tags_only_ever_see_complete_values() {
 fn threads_hammering_a_group_committed_store_only_ever_see_complete_values() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(crate::common::open(dir.path(), 2 << 20));
-    let start = Arc::new(Barrier::new(THREADS as usize));
-    let workers: Vec<_> = (0..THREADS)
-        .map(|thread_id| {
-            let (store, start) = (Arc::clone(&store), Arc::clone(&start));
-            thread::spawn(move || {
-                start.wait();
-                hammer(&store, thread_id)
-            })
-        })
-        .collect();
-    for worker in workers {
-        worker.join().expect("worker thread");
-    }
+    hammer_from_every_thread(&store);
     assert!(store.size_bytes() <= store.budget());
     let mut keys = store.keys();
     for tag in &keys {

@@ -109,3 +109,27 @@ impl Drop for HeadProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Runs the `chia` command against the cluster whose files are in `state_dir`: whether it
+/// succeeded, its stdout and its stderr.
+pub fn chia_cli(state_dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_chia"))
+        .arg("--cluster-file")
+        .arg(state_dir.join("cluster.yaml"))
+        .args(args)
+        .output()
+        .expect("chia runs");
+    let text = |bytes: Vec<u8>| String::from_utf8(bytes).expect("chia prints UTF-8");
+    (output.status.success(), text(output.stdout), text(output.stderr))
+}
+
+/// A driver of the cluster whose files are in `state_dir` (a `chia-head` process).
+pub async fn driver_of_process(state_dir: &std::path::Path) -> Context {
+    let file = state_dir.join("cluster.yaml");
+    let credentials =
+        chia_runtime::internals::tls::ClusterCredentials::load(&file).expect("the cluster file");
+    let (client, _) = chia_runtime::internals::Client::connect(&credentials, "driver", None)
+        .await
+        .expect("the driver joins");
+    Context::from_client(client)
+}
